@@ -1,0 +1,23 @@
+//! Pure logic of nixbuild: the Nix formats and the serve protocol, with no I/O.
+//!
+//! Everything here works over bytes handed in by the caller (sans-IO), so the store, the
+//! network layer, the fuzzers and the benchmarks all drive the same code:
+//!
+//! - [`wire`]: the primitives of the Nix wire format (u64, padded strings, lists), bounded.
+//! - [`nixbase32`] and [`hash`]: Nix's base-32 and the hash types with their string forms.
+//! - [`store_path`] and [`content_address`]: store path syntax and computation.
+//! - [`nar`]: the streaming NAR reader and the canonical NAR writer.
+//! - [`derivation`]: ATerm `.drv` files, `hashDerivationModulo`, output paths.
+//! - [`refscan`]: the streaming reference scanner.
+//! - [`serve`]: the `nix-store --serve` protocol, typed requests and responses.
+#![forbid(unsafe_code)]
+
+pub mod content_address;
+pub mod derivation;
+pub mod hash;
+pub mod nar;
+pub mod nixbase32;
+pub mod refscan;
+pub mod serve;
+pub mod store_path;
+pub mod wire;
