@@ -54,6 +54,29 @@ pub fn complete<T, E>(r: ReadResult<T, E>) -> Result<Option<T>, E> {
     }
 }
 
+/// Runs a whole-message decoder `f` over `buf` and advances `buf` past the message only when
+/// it is complete: `Ok(Some(value))`, `Ok(None)` (need more bytes; nothing consumed) or the
+/// error.
+///
+/// Only the first chunk of `buf` is decoded, so the buffer must be contiguous (`BytesMut`,
+/// `Bytes`, `&[u8]`), as drivers keep it; a chained buffer whose first chunk ends mid-message
+/// reads as incomplete.
+pub fn decode_buf<B, T, E>(
+    buf: &mut B,
+    f: impl FnOnce(&mut Reader<'_>) -> ReadResult<T, E>,
+) -> Result<Option<T>, E>
+where
+    B: bytes::Buf + ?Sized,
+{
+    let mut r = Reader::new(buf.chunk());
+    let out = complete(f(&mut r));
+    let n = r.position();
+    if let Ok(Some(_)) = out {
+        buf.advance(n);
+    }
+    out
+}
+
 /// Malformed wire data. Each variant names the field and the byte offset of the bad item,
 /// counted from the start of the slice given to the [`Reader`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -482,6 +505,15 @@ mod tests {
                 offset: 0
             }))
         );
+    }
+
+    #[test]
+    fn decode_buf_advances_only_on_a_complete_value() {
+        let mut b: &[u8] = &[1, 0, 0, 0, 0, 0, 0, 0, 9];
+        assert_eq!(decode_buf(&mut b, |r| r.u64()), Ok(Some(1)));
+        assert_eq!(b, &[9]);
+        assert_eq!(decode_buf(&mut b, |r| r.u64()), Ok(None));
+        assert_eq!(b, &[9]);
     }
 
     #[test]
