@@ -196,3 +196,6 @@ pub type ReadResult<T> = wire::ReadResult<T, ServeError>;
 
 #[cfg(any(test, feature = "test"))]
 pub mod strategies;
+
+#[cfg(test)]
+mod tests;
