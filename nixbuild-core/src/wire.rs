@@ -391,6 +391,7 @@ pub mod strategies {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
     use proptest::prelude::*;
