@@ -52,7 +52,7 @@ impl BasicDerivation {
     /// hashDerivationModulo of a derivation with no inputDrvs, as the real server computes it
     /// for builtOutputs keys (spec §5.4, §8.6).
     pub fn hash_modulo(&self) -> Hash {
-        modulo(self, BTreeMap::<String, BTreeSet<String>>::new())
+        modulo(self, BTreeMap::<String, BTreeSet<String>>::new(), true)
     }
 
     /// The derivation name, from the `name` environment variable.
@@ -96,7 +96,11 @@ fn check_path(
 }
 
 /// hashDerivationModulo given the input derivations already replaced by their hashes.
-fn modulo(basic: &BasicDerivation, inputs: BTreeMap<String, BTreeSet<String>>) -> Hash {
+fn modulo(
+    basic: &BasicDerivation,
+    inputs: BTreeMap<String, BTreeSet<String>>,
+    mask_outputs: bool,
+) -> Hash {
     if let Some((path, ca)) = basic.fixed_output() {
         let s = format!(
             "fixed:out:{}:{}:{}",
@@ -107,7 +111,7 @@ fn modulo(basic: &BasicDerivation, inputs: BTreeMap<String, BTreeSet<String>>) -
         return Hash::compute(HashAlgo::Sha256, s.as_bytes());
     }
     let mut text = Vec::new();
-    aterm::write(&mut text, basic, &inputs, true);
+    aterm::write(&mut text, basic, &inputs, mask_outputs);
     Hash::compute(HashAlgo::Sha256, &text)
 }
 
@@ -122,11 +126,17 @@ impl Derivation {
         aterm::print(self)
     }
 
-    /// `hashDerivationModulo` (spec §8.6). `resolve` gives the modulo hash of each input
-    /// derivation (for a fixed-output input, its `out` hash), typically by parsing the input
-    /// `.drv` and calling this function on it, memoised.
+    /// `hashDerivationModulo` (spec §8.6).
+    ///
+    /// With `mask_outputs`, output paths and the env variables named after outputs are
+    /// blanked: that is the hash output paths are computed from. Without, it is the hash a
+    /// dependent uses for this derivation: `resolve` must give, for each input derivation,
+    /// `hash_modulo(false, ..)` of that input (Nix's `pathDerivationModulo`; for a
+    /// fixed-output input both are its `fixed:out:` hash), typically by parsing the input
+    /// `.drv` and recursing, memoised.
     pub fn hash_modulo(
         &self,
+        mask_outputs: bool,
         mut resolve: impl FnMut(&StorePath) -> Option<Hash>,
     ) -> Result<Hash, DerivationError> {
         let mut inputs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -138,12 +148,12 @@ impl Derivation {
                 .or_default()
                 .extend(outputs.iter().cloned());
         }
-        Ok(modulo(&self.basic, inputs))
+        Ok(modulo(&self.basic, inputs, mask_outputs))
     }
 
     /// The output paths Nix computes for the outputs whose paths are known in advance
-    /// (input-addressed and fixed), by output name. `resolve` is as for
-    /// [`Derivation::hash_modulo`].
+    /// (input-addressed and fixed), by output name. `resolve` gives the unmasked modulo hash
+    /// of each input derivation, as for [`Derivation::hash_modulo`].
     pub fn compute_output_paths(
         &self,
         drv_name: &str,
@@ -155,7 +165,7 @@ impl Derivation {
             .values()
             .any(|o| matches!(o, DerivationOutput::InputAddressed(_)));
         let modulo = if needs_modulo {
-            Some(self.hash_modulo(resolve)?)
+            Some(self.hash_modulo(true, resolve)?)
         } else {
             None
         };

@@ -51,7 +51,7 @@ fn fixed_output_bar() {
         crate::content_address::ContentAddressMethod::Recursive
     );
     assert_eq!(ca.hash.to_base16(), BAR_HASH);
-    let h = bar.hash_modulo(|_| None).expect("no inputs");
+    let h = bar.hash_modulo(true, |_| None).expect("no inputs");
     assert_eq!(
         h.to_base16(),
         "724f3e3634fce4cbbbd3483287b8798588e80280660b9a63fd13a1bc90485b33"
@@ -69,7 +69,7 @@ fn input_addressed_foo() {
     let resolve = |p: &StorePath| (p == &sp(BAR_DRV)).then(|| bar.basic.hash_modulo());
 
     let masked = "Derive([(\"out\",\"\",\"\",\"\")],[(\"724f3e3634fce4cbbbd3483287b8798588e80280660b9a63fd13a1bc90485b33\",[\"out\"])],[],\":\",\":\",[],[(\"bar\",\"/nix/store/4q0pg5zpfmznxscq3avycvf9xdvx50n3-bar\"),(\"builder\",\":\"),(\"name\",\"foo\"),(\"out\",\"\"),(\"system\",\":\")])";
-    let h = foo.hash_modulo(resolve).expect("resolves");
+    let h = foo.hash_modulo(true, resolve).expect("resolves");
     assert_eq!(h, Hash::compute(HashAlgo::Sha256, masked.as_bytes()));
     assert_eq!(
         h.to_base16(),
@@ -82,7 +82,7 @@ fn input_addressed_foo() {
     assert_eq!(foo.drv_path("foo").expect("valid").to_string(), FOO_DRV);
 
     assert_eq!(
-        foo.hash_modulo(|_| None),
+        foo.hash_modulo(true, |_| None),
         Err(DerivationError::UnresolvedInput(sp(BAR_DRV)))
     );
     let mut wrong = foo.clone();
@@ -396,4 +396,41 @@ proptest! {
         prop_assume!(changed && basic.fixed_output().is_none());
         prop_assert_eq!(basic.hash_modulo(), other.hash_modulo());
     }
+}
+
+const MULTI_DRV: &str = "/nix/store/f501hk8mnfz1vw0v4lm8zdj0dh6zmnhq-multi.drv";
+const USER_DRV: &str = "/nix/store/9ryssm2mnlp3mpl27zh0c7cjcwwgqy77-user.drv";
+
+#[test]
+fn input_derivation_hash_is_unmasked() {
+    // Written by nix-instantiate 2.8 (see testdata/). A dependent replaces an input .drv by
+    // the hash of the input's *unmasked* ATerm (Nix's pathDerivationModulo); the masked hash
+    // gives other output paths.
+    let multi = parse_round_trip(include_str!(
+        "testdata/f501hk8mnfz1vw0v4lm8zdj0dh6zmnhq-multi.drv"
+    ));
+    let user = parse_round_trip(include_str!(
+        "testdata/9ryssm2mnlp3mpl27zh0c7cjcwwgqy77-user.drv"
+    ));
+    assert_eq!(multi.drv_path("multi").expect("valid"), sp(MULTI_DRV));
+    assert_eq!(user.drv_path("user").expect("valid"), sp(USER_DRV));
+    multi
+        .verify_output_paths("multi", |_| None)
+        .expect("multi verifies");
+
+    let unmasked = multi.hash_modulo(false, |_| None).expect("no inputs");
+    let masked = multi.hash_modulo(true, |_| None).expect("no inputs");
+    assert_ne!(unmasked, masked);
+    let with = |h: Hash| move |p: &StorePath| (p == &sp(MULTI_DRV)).then_some(h);
+    user.verify_output_paths("user", with(unmasked))
+        .expect("user verifies with the unmasked input hash");
+    assert!(matches!(
+        user.verify_output_paths("user", with(masked)),
+        Err(DerivationError::OutputPathMismatch { ref output, .. }) if output == "out"
+    ));
+    assert_eq!(
+        user.compute_output_paths("user", with(unmasked))
+            .expect("computes")["out"],
+        sp("/nix/store/a03v29k793nirapx9df48v4f1rzizms0-user")
+    );
 }
