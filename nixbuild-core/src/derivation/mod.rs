@@ -7,6 +7,12 @@ use crate::content_address::{ContentAddress, ContentAddressError, ContentAddress
 use crate::hash::{Hash, HashAlgo, HashError};
 use crate::store_path::{StorePath, StorePathError};
 
+pub mod aterm;
+mod paths;
+
+pub use aterm::AtermError;
+pub use paths::{hash_placeholder, output_path_name};
+
 /// What a derivation declares for one output (spec §5.1 table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DerivationOutput {
@@ -58,6 +64,36 @@ pub enum DerivationError {
         hash_algo: String,
         /// The hash field.
         hash: String,
+    },
+    /// An output path could not be computed (e.g. the name is not a valid store path name).
+    #[error("cannot compute the path of output {output:?}: {source}")]
+    PathComputation {
+        /// The output.
+        output: String,
+        /// What was wrong.
+        source: StorePathError,
+    },
+    /// The `.drv` path could not be computed.
+    #[error("cannot compute the .drv path: {0}")]
+    DrvPath(#[source] StorePathError),
+    /// The derivation has no UTF-8 `name` environment variable.
+    #[error("derivation has no UTF-8 \"name\" environment variable")]
+    MissingName,
+    /// A fixed output that is not the derivation's only output, named `out`.
+    #[error("fixed output {0:?} must be the only output and be named \"out\"")]
+    FixedOutputNotAlone(String),
+    /// The resolver gave no hash for an input derivation.
+    #[error("no hashDerivationModulo for input derivation {0}")]
+    UnresolvedInput(StorePath),
+    /// A declared output path differs from the computed one.
+    #[error("output {output:?} is declared as {declared} but its path is {computed}")]
+    OutputPathMismatch {
+        /// The output.
+        output: String,
+        /// The path in the derivation.
+        declared: String,
+        /// The path Nix computes.
+        computed: String,
     },
 }
 
@@ -200,7 +236,8 @@ pub mod strategies {
     use super::*;
     use crate::content_address::strategies::content_address;
     use crate::hash::strategies::hash_algo;
-    use crate::store_path::strategies::store_path;
+    use crate::store_path::strategies::{drv_path, store_path};
+    use proptest::collection::{btree_map, btree_set, vec};
     use proptest::prelude::*;
 
     fn method() -> impl Strategy<Value = ContentAddressMethod> {
@@ -223,10 +260,64 @@ pub mod strategies {
                 .prop_map(|(method, algo)| DerivationOutput::Impure { method, algo }),
         ]
     }
+
+    /// An output name (Nix's output names are store path name characters).
+    pub fn output_name() -> impl Strategy<Value = String> {
+        "[a-z][a-zA-Z0-9_-]{0,10}"
+    }
+
+    /// Arbitrary bytes, biased towards the ones the ATerm printer escapes.
+    pub fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        vec(
+            prop_oneof![
+                any::<u8>(),
+                prop::sample::select(b"\"\\\n\r\t()[],".to_vec()),
+            ],
+            0..24,
+        )
+    }
+
+    /// Any BasicDerivation whose ATerm Nix could write: `platform` is written unescaped, so it
+    /// holds no `"` or `\`.
+    pub fn basic_derivation() -> impl Strategy<Value = BasicDerivation> {
+        (
+            btree_map(output_name(), derivation_output(), 0..4),
+            btree_set(store_path(), 0..4),
+            vec(
+                any::<u8>().prop_filter("unescaped", |&c| c != b'"' && c != b'\\'),
+                0..16,
+            ),
+            bytes(),
+            vec(bytes(), 0..4),
+            btree_map(bytes(), bytes(), 0..6),
+        )
+            .prop_map(|(outputs, input_srcs, platform, builder, args, env)| {
+                BasicDerivation {
+                    outputs,
+                    input_srcs,
+                    platform,
+                    builder,
+                    args,
+                    env,
+                }
+            })
+    }
+
+    /// Any derivation whose ATerm Nix could write.
+    pub fn derivation() -> impl Strategy<Value = Derivation> {
+        (
+            btree_map(drv_path(), btree_set(output_name(), 1..3), 0..4),
+            basic_derivation(),
+        )
+            .prop_map(|(input_drvs, basic)| Derivation { input_drvs, basic })
+    }
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod output_tests {
     use super::strategies::*;
     use super::*;
     use proptest::prelude::*;
