@@ -169,6 +169,16 @@ fn every_trace_decodes_exactly_and_re_encodes() {
             ],
         };
         assert_eq!(ops, expected, "{name}");
+        // Session 1 finds the input missing and uploads it; session 2 finds it valid.
+        let Answer::Fixed(Response::ValidPaths(valid)) = &t.exchanges[0].response else {
+            panic!("{name}: QueryValidPaths answer")
+        };
+        let expected_valid = if name.ends_with('2') {
+            BTreeSet::from([sp(TINYDIR)])
+        } else {
+            BTreeSet::new()
+        };
+        assert_eq!(*valid, expected_valid, "{name}");
 
         let client = name.split('-').next().unwrap();
         let number: u32 = name[name.len() - 1..].parse().unwrap();
