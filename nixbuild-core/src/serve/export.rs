@@ -60,7 +60,7 @@ pub struct ExportTrailer {
     /// Its deriver, if any.
     pub deriver: Option<StorePath>,
     /// A legacy signature (flag 1 and a string; upstream ignores it), kept so that the
-    /// trailer re-encodes byte for byte.
+    /// trailer re-encodes byte for byte. Any other flag value means none, as upstream.
     pub legacy_signature: Option<Vec<u8>>,
 }
 
@@ -80,7 +80,8 @@ impl ExportTrailer {
         let path = store_path(r, "export path", limits)?;
         let references = store_path_set(r, "export references", limits)?;
         let deriver = opt_store_path(r, "export deriver", limits)?;
-        let legacy_signature = if r.bool("export signature flag")? {
+        // Upstream reads the flag with readInt and takes only 1 to mean "a string follows".
+        let legacy_signature = if r.int("export signature flag")? == 1 {
             Some(r.bytes("export signature", limits.max_string_len)?.to_vec())
         } else {
             None
