@@ -528,3 +528,66 @@ fn responses_out_of_turn_are_refused() {
         .unwrap();
     assert_eq!(h.send(W::default()).len(), 1);
 }
+
+#[test]
+fn import_paths_fed_byte_by_byte_delimits_each_nar_exactly() {
+    let nar = hello_nar();
+    let stream = W::default()
+        .u(4)
+        .u(1)
+        .raw(&nar)
+        .u(0x4558494e)
+        .s(TINYDIR)
+        .u(0)
+        .s("")
+        .u(1)
+        .s("legacy")
+        .u(0)
+        .0;
+    let mut h = Harness::new(true);
+    h.handshake(0x206);
+    let mut events: Vec<Event> = Vec::new();
+    for b in stream {
+        for e in h.send(W::default().raw(&[b])) {
+            // Merge consecutive NAR chunks: how the NAR is split is the driver's business.
+            match (events.last_mut(), e) {
+                (Some(Event::NarChunk(prev)), Event::NarChunk(next)) => {
+                    *prev = [&prev[..], &next[..]].concat().into();
+                }
+                (_, e) => events.push(e),
+            }
+        }
+    }
+    assert_eq!(
+        events,
+        [
+            Event::Request(Request::ImportPaths),
+            Event::NarChunk(nar.into()),
+            Event::NarEnd,
+            Event::ImportEntry(ExportTrailer {
+                path: sp(TINYDIR),
+                references: BTreeSet::new(),
+                deriver: None,
+                legacy_signature: Some(b"legacy".to_vec()),
+            }),
+            Event::ImportEnd,
+        ]
+    );
+    assert_eq!(h.respond(Response::Imported), W::default().u(1).0);
+}
+
+#[test]
+fn import_paths_with_a_broken_nar_is_an_error() {
+    let mut h = Harness::new(true);
+    h.handshake(0x206);
+    h.input
+        .extend_from_slice(&W::default().u(4).u(1).s("nix-archive-2").0);
+    assert!(matches!(
+        h.session.poll(&mut h.input),
+        Ok(Some(Event::Request(Request::ImportPaths)))
+    ));
+    assert!(matches!(
+        h.session.poll(&mut h.input),
+        Err(ServeError::ImportNar(_))
+    ));
+}
