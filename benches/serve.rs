@@ -1,9 +1,12 @@
 //! Serve request decoding, as the server does it: QueryValidPaths of 10,000 paths (a NixOS
 //! closure check), the BuildDerivation of `shared/traces/host-1`, and its AddToStoreNar header.
-//! Each is measured twice, in bytes/s and in requests/s.
+//! Each is measured twice, in bytes/s and in requests/s. Also the whole server path for the
+//! 10,000-path request: handshake and request through [`ServerSession`], in 32 KiB pieces (an
+//! SSH channel's packet size).
 
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use nixbuild_core::serve::{Limits, Opcode, ProtocolVersion, Request};
+use nixbuild_core::serve::{Event, Limits, Opcode, ProtocolVersion, Request, ServerSession};
 use nixbuild_core::store_path::StorePath;
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -85,5 +88,30 @@ fn decode(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, decode);
+fn session(c: &mut Criterion) {
+    let reqs = requests();
+    let (_, qvp) = &reqs[0];
+    let mut hello = Vec::new();
+    nixbuild_core::serve::ClientHello { version: V }.encode(&mut hello);
+    let mut g = c.benchmark_group("serve_session");
+    g.throughput(Throughput::Bytes(qvp.len() as u64));
+    g.bench_function("query_valid_paths_10000_in_32k_pieces", |b| {
+        b.iter(|| {
+            let mut s = ServerSession::new(true, Limits::default());
+            let mut input = BytesMut::from(&hello[..]);
+            assert!(matches!(s.poll(&mut input), Ok(Some(Event::Hello { .. }))));
+            let mut got = None;
+            for piece in qvp.chunks(32 << 10) {
+                input.extend_from_slice(piece);
+                if let Some(e) = s.poll(&mut input).expect("valid") {
+                    got = Some(e);
+                }
+            }
+            black_box(got.expect("request"))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode, session);
 criterion_main!(benches);

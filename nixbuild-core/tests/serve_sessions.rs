@@ -591,3 +591,32 @@ fn import_paths_with_a_broken_nar_is_an_error() {
         Err(ServeError::ImportNar(_))
     ));
 }
+
+#[test]
+fn a_12_000_path_request_in_100_byte_pieces_decodes_once_complete() {
+    let paths: BTreeSet<StorePath> = (0..12_000u32)
+        .map(|i| {
+            let mut d = [0u8; 20];
+            d[..4].copy_from_slice(&i.to_le_bytes());
+            StorePath::from_digest(d, &format!("p-{i}")).unwrap()
+        })
+        .collect();
+    let mut w = W::default().u(1).u(0).u(0).u(paths.len() as u64);
+    for p in &paths {
+        w = w.s(p.to_absolute());
+    }
+    let mut h = Harness::new(true);
+    h.handshake(0x207);
+    let mut events = Vec::new();
+    for piece in w.0.chunks(100) {
+        events.extend(h.send(W::default().raw(piece)));
+    }
+    assert_eq!(
+        events,
+        [Event::Request(Request::QueryValidPaths {
+            lock: false,
+            substitute: false,
+            paths
+        })]
+    );
+}

@@ -16,6 +16,7 @@ pub mod build;
 pub mod derivation;
 pub mod export;
 mod fields;
+mod framing;
 pub mod handshake;
 pub mod request;
 pub mod response;
