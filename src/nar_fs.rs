@@ -1,6 +1,6 @@
 //! Serialising a file system tree as a canonical NAR, streaming through the core
-//! [`NarWriter`](nixbuild_core::nar::NarWriter): file contents are read in chunks and never
-//! held whole in memory.
+//! [`nixbuild_core::nar::NarWriter`]: file contents are read in chunks and never held whole in
+//! memory.
 
 use nixbuild_core::nar::{NarWriteError, NarWriter};
 use std::fs::{self, File};

@@ -1,8 +1,7 @@
 use super::strategies::arb_nar_node;
 use super::*;
-use md5::Md5;
+use crate::hash::{Hash, HashAlgo};
 use proptest::prelude::*;
-use sha2::{Digest, Sha256};
 
 /// A NAR built from its string tokens (every NAR token, contents included, is a string).
 fn nar_of(tokens: &[&[u8]]) -> Vec<u8> {
@@ -87,12 +86,8 @@ fn read_all(input: &[u8]) -> Result<(Vec<Owned>, usize), NarError> {
     read_chunked(input, &[input.len().max(1)])
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn sha256(bytes: &[u8]) -> Hash {
+    Hash::compute(HashAlgo::Sha256, bytes)
 }
 
 fn validate(nar: &[u8]) -> NarSummary {
@@ -149,11 +144,14 @@ fn golden_hello_file() {
     );
     assert_eq!(file(false, b"hello").to_nar().expect("writes"), nar);
     let summary = validate(&nar);
-    assert_eq!(summary.size, 120);
-    // nix32 0sg9f58l1jj88w6pdrfdpj5x9b1zrwszk84j81zvby36q9whhhqa
+    assert_eq!(summary.nar_size, 120);
     assert_eq!(
-        hex(&summary.sha256),
+        summary.nar_hash.to_base16(),
         "0a430879c266f8b57f4092a0f935cf3facd48bbccde5760d4748ca405171e969"
+    );
+    assert_eq!(
+        summary.nar_hash.to_string(),
+        "sha256:0sg9f58l1jj88w6pdrfdpj5x9b1zrwszk84j81zvby36q9whhhqa"
     );
 }
 
@@ -162,10 +160,9 @@ fn golden_hello_executable_and_empty_directory() {
     let exe = file(true, b"hello").to_nar().expect("writes");
     assert_eq!(exe, file_nar(true, b"hello"));
     assert_eq!(exe.len(), 152);
-    // nix32 1pm3sl0kwg6q94zcndf65j7zh0j368wjfw27v9kx96pb2bwi9y4w
     assert_eq!(
-        hex(&validate(&exe).sha256),
-        "9cf814f912eb9ad467da47702739324302f88f2cc635cb3e49d83c3e01d5a3de"
+        validate(&exe).nar_hash.to_nix32(),
+        "1pm3sl0kwg6q94zcndf65j7zh0j368wjfw27v9kx96pb2bwi9y4w"
     );
     assert_eq!(NarNode::from_nar(&exe), Ok(file(true, b"hello")));
 
@@ -175,10 +172,9 @@ fn golden_hello_executable_and_empty_directory() {
         nar_of(&[b"nix-archive-1", b"(", b"type", b"directory", b")"])
     );
     assert_eq!(empty.len(), 96);
-    // nix32 0sjjj9z1dhilhpc8pq4154czrb79z9cm044jvn75kxcjv6v5l2m5
     assert_eq!(
-        sha256_hex(&empty),
-        "a50a5ab6d992f5598edd92105059fae9acfc192981e08bd88534c2167e92526a"
+        sha256(&empty).to_nix32(),
+        "0sjjj9z1dhilhpc8pq4154czrb79z9cm044jvn75kxcjv6v5l2m5"
     );
     assert_eq!(NarNode::from_nar(&empty), Ok(dir([])));
 }
@@ -190,18 +186,18 @@ fn golden_hash_path_vectors() {
     let sha = |node: &NarNode| {
         let nar = node.to_nar().expect("writes");
         assert_eq!(NarNode::from_nar(&nar).as_ref(), Ok(node));
-        assert_eq!(hex(&validate(&nar).sha256), sha256_hex(&nar));
-        sha256_hex(&nar)
+        let summary = validate(&nar);
+        assert_eq!(summary.nar_hash, sha256(&nar));
+        summary.nar_hash.to_nix32()
     };
     let md5 = |node: &NarNode| {
         let nar = node.to_nar().expect("writes");
         assert_eq!(NarNode::from_nar(&nar).as_ref(), Ok(node));
-        hex(&Md5::digest(&nar))
+        Hash::compute(HashAlgo::Md5, &nar).to_base16()
     };
-    // nix32 1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h
     assert_eq!(
         sha(&file(false, b"hi\n")),
-        "10551daed7fa467d0b58826e7eb9a0f2af7d693de319f2ef775fffcda244b9f6"
+        "1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"
     );
     assert_eq!(
         md5(&dir([(b"hello", file(false, b"Hello World\n"))])),
@@ -215,15 +211,13 @@ fn golden_hash_path_vectors() {
         md5(&dir([(b"hello", symlink(b"x"))])),
         "f78b733a68f5edbdf9413899339eaa4a"
     );
-    // nix32 1bl5ry3x1fcbwgr5c2x50bn572iixh4j1p6ax5isxly2ddgn8pbp
     assert_eq!(
         sha(&symlink(b"/non-existent-48cujwe8ndf4as0bne")),
-        "775d645f6bc2d3ae63e9cadc2009ec318a53ec02a50b56f2e38bb9d087cf85ae"
+        "1bl5ry3x1fcbwgr5c2x50bn572iixh4j1p6ax5isxly2ddgn8pbp"
     );
-    // nix32 0z2mdmkd43l0ijdxfbj1y8vzli15yh9b09n3a3rrygmjshbyypsw
     assert_eq!(
         sha(&symlink(b"/bin")),
-        "5c5fef17d4b23e9ff350c326b012f42544fa37f2412ed79b8c800ed2666d557c"
+        "0z2mdmkd43l0ijdxfbj1y8vzli15yh9b09n3a3rrygmjshbyypsw"
     );
 }
 
@@ -264,7 +258,7 @@ fn stops_at_the_end_of_the_nar() {
     let mut v = NarValidator::new();
     assert_eq!(v.feed(&stream), Ok(len));
     assert_eq!(v.feed(b"more"), Ok(0));
-    assert_eq!(v.finish().expect("complete").size, len as u64);
+    assert_eq!(v.finish().expect("complete").nar_size, len as u64);
     assert_eq!(
         NarNode::from_nar(&stream),
         Err(NarError::TrailingData {
@@ -760,8 +754,8 @@ proptest! {
         prop_assert_eq!(read_chunked(&nar, &sizes).expect("parses"), whole);
         prop_assert_eq!(rewrite(&nar, &sizes), nar.clone());
         let summary = validate(&nar);
-        prop_assert_eq!(summary.size, nar.len() as u64);
-        prop_assert_eq!(hex(&summary.sha256), sha256_hex(&nar));
+        prop_assert_eq!(summary.nar_size, nar.len() as u64);
+        prop_assert_eq!(summary.nar_hash, sha256(&nar));
     }
 
     #[test]

@@ -1,31 +1,40 @@
 //! Reading a NAR while hashing it: the path every import takes.
 
 use super::{NarError, NarEvent, NarReader};
-use sha2::{Digest, Sha256};
+use crate::hash::{Hash, HashAlgo, Hasher};
 
 /// What a complete, valid NAR hashed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NarSummary {
     /// sha256 of the NAR bytes (the `narHash`).
-    pub sha256: [u8; 32],
+    pub nar_hash: Hash,
     /// Length of the NAR in bytes (the `narSize`).
-    pub size: u64,
+    pub nar_size: u64,
 }
 
 /// Validates a NAR fed in chunks while computing its sha256 and size.
 ///
 /// Each chunk is hashed once, in one piece, after the reader has walked it, so large file
 /// contents cost the reader nothing but a bounds check.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NarValidator {
     reader: NarReader,
-    hasher: Sha256,
+    hasher: Hasher,
+}
+
+impl Default for NarValidator {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl NarValidator {
     /// A validator expecting the start of a NAR.
     pub fn new() -> NarValidator {
-        NarValidator::default()
+        NarValidator {
+            reader: NarReader::new(),
+            hasher: Hasher::new(HashAlgo::Sha256),
+        }
     }
 
     /// Feeds a chunk. Returns how many bytes belong to the NAR: all of `input` unless the NAR
@@ -76,8 +85,8 @@ impl NarValidator {
             });
         }
         Ok(NarSummary {
-            sha256: self.hasher.finalize().into(),
-            size: self.reader.offset(),
+            nar_size: self.reader.offset(),
+            nar_hash: self.hasher.finish(),
         })
     }
 }
