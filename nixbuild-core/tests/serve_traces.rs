@@ -50,8 +50,8 @@ fn nar_at(bytes: &[u8]) -> (Hash, usize) {
     let mut v = NarValidator::new();
     let n = v.feed(bytes).expect("valid NAR");
     let summary = v.finish().expect("complete NAR");
-    assert_eq!(summary.size, n as u64);
-    (Hash::new(HashAlgo::Sha256, &summary.sha256).unwrap(), n)
+    assert_eq!(summary.nar_size, n as u64);
+    (summary.nar_hash, n)
 }
 
 /// Decodes a whole session with the codec, checking exact consumption and re-encoding.
