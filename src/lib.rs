@@ -6,3 +6,5 @@
 #![forbid(unsafe_code)]
 
 pub use nixbuild_core as core;
+
+pub mod nar_fs;
