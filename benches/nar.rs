@@ -1,5 +1,6 @@
 //! NAR throughput: read + sha256 through [`NarValidator`] (the store's import path), write
-//! through [`NarWriter`], and sha256 alone over the same bytes as the baseline.
+//! through [`NarWriter`], sha256 alone over the same bytes as the baseline, and the reference
+//! scan of the NAR for 1000 absent candidates (the worst case: nothing stops it early).
 //!
 //! Two in-memory NARs of 1 GiB each (set `NAR_BENCH_MIB` for a smaller quick run): one of
 //! 1 MiB files and one of 4 KiB files, 1024 files per directory. Input is fed in 64 KiB chunks,
@@ -7,6 +8,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use nixbuild_core::nar::{NarValidator, NarWriter};
+use nixbuild_core::nixbase32;
+use nixbuild_core::refscan::RefScanner;
 use sha2::{Digest, Sha256};
 use std::hint::black_box;
 use std::time::Duration;
@@ -75,6 +78,18 @@ fn bench_tree(c: &mut Criterion, label: &str, file_size: usize) {
                 h.update(chunk);
             }
             black_box(h.finalize())
+        })
+    });
+    let candidates: Vec<String> = (0u32..1000)
+        .map(|i| nixbase32::encode(&Sha256::digest(i.to_le_bytes())[..20]))
+        .collect();
+    group.bench_function("refscan", |b| {
+        b.iter(|| {
+            let mut scanner = RefScanner::new(&candidates).expect("valid hash parts");
+            for chunk in nar.chunks(FEED_CHUNK) {
+                scanner.feed(chunk);
+            }
+            black_box(scanner.found().len())
         })
     });
     let mut out = Vec::with_capacity(nar.len());
