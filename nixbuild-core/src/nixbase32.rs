@@ -54,18 +54,16 @@ fn decoded_len(len: usize) -> Option<usize> {
 /// Encodes `bytes` in nix32.
 pub fn encode(bytes: &[u8]) -> String {
     let len = encoded_len(bytes.len());
-    let mut out = String::with_capacity(len);
-    for k in (0..len).rev() {
-        let b = k * 5;
+    let mut out = vec![0u8; len];
+    for (n, slot) in out.iter_mut().enumerate() {
+        let b = (len - 1 - n) * 5;
         let (i, j) = (b / 8, b % 8);
-        let low = bytes[i] >> j;
-        // `checked_shl` because `j == 0` would shift a u8 by 8.
-        let high = bytes
-            .get(i + 1)
-            .map_or(0, |&next| next.checked_shl(8 - j as u32).unwrap_or(0));
-        out.push(ALPHABET[usize::from((low | high) & 31)] as char);
+        // The digit may straddle two bytes; past the end the value is zero.
+        let pair = u16::from(bytes[i]) | u16::from(bytes.get(i + 1).copied().unwrap_or(0)) << 8;
+        *slot = ALPHABET[usize::from((pair >> j) & 31)];
     }
-    out
+    // Only ALPHABET bytes were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Decodes `s` into `out`, whose length must be the decoded length of `s`.

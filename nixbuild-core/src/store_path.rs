@@ -75,8 +75,8 @@ pub enum StorePathError {
     BadTextHash(String),
 }
 
-/// Checks a store path name (spec §8.1, as Nix ≥ 2.21 does).
-pub fn validate_name(name: &[u8]) -> Result<&str, StorePathError> {
+/// Checks a store path name (spec §8.1, as Nix ≥ 2.21 does) and returns it as a string.
+pub fn validate_name(name: &[u8]) -> Result<String, StorePathError> {
     if name.is_empty() {
         return Err(StorePathError::EmptyName);
     }
@@ -90,10 +90,10 @@ pub fn validate_name(name: &[u8]) -> Result<&str, StorePathError> {
             pos,
         });
     }
-    // Only ASCII passed the check above.
-    let name = std::str::from_utf8(name).map_err(|_| StorePathError::EmptyName)?;
+    // All ASCII from here on, so the lossy conversion is exact.
+    let name = String::from_utf8_lossy(name).into_owned();
     if name == "." || name == ".." || name.starts_with(".-") || name.starts_with("..-") {
-        return Err(StorePathError::ReservedName(name.to_owned()));
+        return Err(StorePathError::ReservedName(name));
     }
     Ok(name)
 }
@@ -132,13 +132,13 @@ impl StorePath {
         if s[HASH_PART_LEN] != b'-' {
             return Err(StorePathError::MissingDash(lossy()));
         }
-        let name = validate_name(&s[HASH_PART_LEN + 1..])?.to_owned();
+        let name = validate_name(&s[HASH_PART_LEN + 1..])?;
         Ok(StorePath { hash_part, name })
     }
 
     /// A store path from its digest and name.
     pub fn from_digest(digest: [u8; 20], name: &str) -> Result<StorePath, StorePathError> {
-        let name = validate_name(name.as_bytes())?.to_owned();
+        let name = validate_name(name.as_bytes())?;
         let mut hash_part = [0u8; HASH_PART_LEN];
         hash_part.copy_from_slice(nixbase32::encode(&digest).as_bytes());
         Ok(StorePath { hash_part, name })

@@ -22,7 +22,7 @@ pub fn hash_placeholder(output: &str) -> String {
     format!("/{}", h.to_nix32())
 }
 
-/// The path of a fixed output named `output_name` with content address `ca`.
+/// The path of fixed output `output` of derivation `drv_name`, with content address `ca`.
 fn fixed_output_path(
     drv_name: &str,
     output: &str,
@@ -50,7 +50,9 @@ impl BasicDerivation {
     }
 
     /// hashDerivationModulo of a derivation with no inputDrvs, as the real server computes it
-    /// for builtOutputs keys (spec §5.4, §8.6).
+    /// for builtOutputs keys (spec §5.4, §8.6). For a fixed-output derivation this uses the
+    /// declared `out` path (Nix recomputes it; the two agree whenever
+    /// [`BasicDerivation::verify_fixed_output`] passes).
     pub fn hash_modulo(&self) -> Hash {
         modulo(self, BTreeMap::<String, BTreeSet<String>>::new(), true)
     }
