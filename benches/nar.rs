@@ -1,5 +1,6 @@
 //! NAR throughput: read + sha256 through [`NarValidator`] (the store's import path), write
-//! through [`NarWriter`], and sha256 alone over the same bytes as the baseline.
+//! through [`NarWriter`], sha256 alone over the same bytes as the baseline, and the reference
+//! scan of the NAR for 1000 absent candidates (the worst case: nothing stops it early).
 //!
 //! Two in-memory NARs of 1 GiB each (set `NAR_BENCH_MIB` for a smaller quick run): one of
 //! 1 MiB files and one of 4 KiB files, 1024 files per directory. Input is fed in 64 KiB chunks,
@@ -7,6 +8,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use nixbuild_core::nar::{NarValidator, NarWriter};
+use nixbuild_core::nixbase32;
+use nixbuild_core::refscan::RefScanner;
 use sha2::{Digest, Sha256};
 use std::hint::black_box;
 use std::time::Duration;
@@ -77,6 +80,16 @@ fn bench_tree(c: &mut Criterion, label: &str, file_size: usize) {
             black_box(h.finalize())
         })
     });
+    let candidates: Vec<String> = hash_parts(0..1000).collect();
+    group.bench_function("refscan", |b| {
+        b.iter(|| {
+            let mut scanner = RefScanner::new(&candidates).expect("valid hash parts");
+            for chunk in nar.chunks(FEED_CHUNK) {
+                scanner.feed(chunk);
+            }
+            black_box(scanner.found().len())
+        })
+    });
     let mut out = Vec::with_capacity(nar.len());
     group.bench_function("write", |b| {
         b.iter(|| {
@@ -88,9 +101,42 @@ fn bench_tree(c: &mut Criterion, label: &str, file_size: usize) {
     group.finish();
 }
 
+/// Hash parts made from the digests of these numbers.
+fn hash_parts(range: std::ops::Range<u32>) -> impl Iterator<Item = String> {
+    range.map(|i| nixbase32::encode(&Sha256::digest(i.to_le_bytes())[..20]))
+}
+
+/// The scanner's worst realistic input: 64 MiB of store-path lines (like a closure listing),
+/// none of them a candidate, so every hash part in it is looked up.
+fn bench_refscan_text(c: &mut Criterion) {
+    let candidates: Vec<String> = hash_parts(0..1000).collect();
+    let mut text = Vec::with_capacity(64 << 20);
+    for part in hash_parts(1000..u32::MAX) {
+        if text.len() >= 64 << 20 {
+            break;
+        }
+        text.extend_from_slice(format!("/nix/store/{part}-some-package-1.0\n").as_bytes());
+    }
+    let mut group = c.benchmark_group("refscan_store_path_text");
+    group
+        .sample_size(10)
+        .throughput(Throughput::Bytes(text.len() as u64));
+    group.bench_function("scan", |b| {
+        b.iter(|| {
+            let mut scanner = RefScanner::new(&candidates).expect("valid hash parts");
+            for chunk in text.chunks(FEED_CHUNK) {
+                scanner.feed(chunk);
+            }
+            black_box(scanner.found().len())
+        })
+    });
+    group.finish();
+}
+
 fn nar_benches(c: &mut Criterion) {
     bench_tree(c, "1MiB_files", 1 << 20);
     bench_tree(c, "4KiB_files", 4 << 10);
+    bench_refscan_text(c);
 }
 
 criterion_group!(benches, nar_benches);

@@ -3,6 +3,7 @@
 
 use crate::nixbase32::ALPHABET;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Length of a store path's hash part.
 pub const HASH_PART_LEN: usize = 32;
@@ -29,11 +30,43 @@ const IS_NIX32: [bool; 256] = {
     table
 };
 
+/// Hashes a candidate by its first eight characters, mixed: hash parts are digests, so those
+/// carry 40 random bits, and the lookup runs at every position of a long nix32 run (a file
+/// listing store paths has many), where SipHash over 32 bytes would dominate.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        // The murmur3 64-bit finaliser: every input bit reaches the low bits (the bucket
+        // index) and the high bits (the tag).
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // The map hashes `[u8; 32]` keys, which arrive here in one call; the length prefix
+        // arrives through `write_usize` and is ignored.
+        let mut prefix = [0u8; 8];
+        let n = bytes.len().min(8);
+        prefix[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(prefix);
+    }
+
+    fn write_usize(&mut self, _len: usize) {}
+}
+
+type CandidateMap = HashMap<[u8; HASH_PART_LEN], usize, BuildHasherDefault<PrefixHasher>>;
+
 /// Finds which of a set of hash parts occur in a stream fed in chunks of any size.
 #[derive(Debug, Clone)]
 pub struct RefScanner {
     /// Candidate → its index in `found`.
-    candidates: HashMap<[u8; HASH_PART_LEN], usize>,
+    candidates: CandidateMap,
     found: Vec<bool>,
     remaining: usize,
     /// The last `HASH_PART_LEN - 1` bytes seen (fewer at the start), for matches that span
@@ -48,7 +81,7 @@ impl RefScanner {
         I: IntoIterator<Item = S>,
         S: AsRef<[u8]>,
     {
-        let mut candidates = HashMap::new();
+        let mut candidates = CandidateMap::default();
         for part in hash_parts {
             let part = part.as_ref();
             let key: [u8; HASH_PART_LEN] = match part.try_into() {
