@@ -10,4 +10,7 @@
 pub use nixbuild_core as core;
 
 pub mod config;
+pub mod daemon;
+pub mod session;
+pub mod store;
 pub mod nar_fs;
