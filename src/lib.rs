@@ -8,3 +8,4 @@
 pub use nixbuild_core as core;
 
 pub mod nar_fs;
+pub mod store;
