@@ -840,3 +840,30 @@ fn closure_includes_valid_outputs_of_derivations() {
         set(&[&drv_path, &lib.path()])
     );
 }
+
+#[test]
+fn an_abandoned_import_leaves_nothing() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let store = open(state.path());
+    let up = input_addressed("abandoned", "abandoned", &tree(), &[]);
+    let mut import = store.begin_import("alice").expect("begin");
+    feed(&mut import, &up.nar[..up.nar.len() / 2]).expect("feed");
+    assert_eq!(entries(&state.path().join("tmp")).len(), 1);
+    drop(import);
+    assert_eq!(object_count(state.path()), 0);
+    assert_eq!(
+        store.query_path_info("alice", &up.path()).expect("query"),
+        None
+    );
+    assert_consistent(state.path(), &store);
+}
+
+/// The daemon shares the store between tasks and moves imports into blocking threads.
+#[test]
+fn store_and_import_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Store>();
+    send::<Import>();
+    send_sync::<StoreError>();
+}
