@@ -1,8 +1,8 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
-//! This root package composes the workspace crates into the service. So far it re-exports the
-//! pure core ([`nixbuild_core`]); the store, the daemon and the serve-session driver arrive with
-//! the store issue (see ARCHITECTURE.md).
+//! This root package composes the workspace crates into the service: it re-exports the pure
+//! core ([`nixbuild_core`]), dumps file trees as NARs ([`nar_fs`]) and keeps the store
+//! ([`store`]: objects on disk, metadata in SQLite, one view per account). See ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub use nixbuild_core as core;
