@@ -31,8 +31,16 @@ const BUF: usize = 256 * 1024;
 const DEFAULT_STATE_DIR: &str = "/var/lib/nixbuild";
 /// nix-store options that take a value (`--option` takes two), skipped with it.
 const VALUE_OPTIONS: &[&str] = &[
-    "--store", "--builders", "--max-jobs", "-j", "--cores", "--log-format", "--max-silent-time",
-    "--timeout", "--eval-store", "--include",
+    "--store",
+    "--builders",
+    "--max-jobs",
+    "-j",
+    "--cores",
+    "--log-format",
+    "--max-silent-time",
+    "--timeout",
+    "--eval-store",
+    "--include",
 ];
 
 struct Mode {
@@ -163,9 +171,9 @@ fn demultiplex(stream: UnixStream) -> io::Result<u32> {
         let mut header = [0u8; 5];
         if let Err(e) = frames.read_exact(&mut header) {
             return Err(match e.kind() {
-                io::ErrorKind::UnexpectedEof => io::Error::other(
-                    "the daemon closed the connection without an exit status",
-                ),
+                io::ErrorKind::UnexpectedEof => {
+                    io::Error::other("the daemon closed the connection without an exit status")
+                }
                 _ => e,
             });
         }
@@ -193,7 +201,9 @@ fn copy_exact(frames: &mut BufReader<UnixStream>, out: &mut File, len: u32) -> i
     while left > 0 {
         let chunk = frames.fill_buf()?;
         if chunk.is_empty() {
-            return Err(io::Error::other("the daemon closed the connection mid-frame"));
+            return Err(io::Error::other(
+                "the daemon closed the connection mid-frame",
+            ));
         }
         let n = chunk.len().min(left);
         out.write_all(&chunk[..n])?;

@@ -224,7 +224,10 @@ impl Config {
             }
         }
         set(&mut self.store.max_nar_size, &o.max_nar_size);
-        set(&mut self.store.max_paths_per_request, &o.max_paths_per_request);
+        set(
+            &mut self.store.max_paths_per_request,
+            &o.max_paths_per_request,
+        );
         set(&mut self.store.disk_reserve, &o.disk_reserve);
         set(&mut self.timeouts.handshake, &o.handshake_timeout);
         set(&mut self.timeouts.idle, &o.idle_timeout);
@@ -349,7 +352,10 @@ mod tests {
         let msg = Config::for_daemon(dir.path(), None, &bad)
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("command line") && msg.contains("timeouts.idle"), "{msg}");
+        assert!(
+            msg.contains("command line") && msg.contains("timeouts.idle"),
+            "{msg}"
+        );
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(
             Config::for_daemon(empty.path(), None, &Overrides::default()).unwrap(),

@@ -79,7 +79,9 @@ pub enum DaemonError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelayHeaderError {
     /// Not of the form `nixbuild-relay 1 account=<name> write=<0|1>`.
-    #[error("malformed relay header {0:?}: expected \"nixbuild-relay 1 account=<name> write=<0|1>\"")]
+    #[error(
+        "malformed relay header {0:?}: expected \"nixbuild-relay 1 account=<name> write=<0|1>\""
+    )]
     Malformed(String),
     /// An account name outside `[A-Za-z0-9._@+-]{1,64}`.
     #[error("invalid account name {0:?}: expected 1 to 64 of A-Z a-z 0-9 . _ @ + -")]
@@ -308,10 +310,13 @@ async fn admit(
     let limit = u64::try_from(MAX_HEADER).unwrap_or(u64::MAX);
     let mut limited = input.take(limit);
     let secs = config.timeouts.handshake;
-    tokio::time::timeout(config.timeouts.handshake(), limited.read_until(b'\n', &mut line))
-        .await
-        .map_err(|_| format!("no relay header within {secs} s"))?
-        .map_err(|e| format!("reading the relay header: {e}"))?;
+    tokio::time::timeout(
+        config.timeouts.handshake(),
+        limited.read_until(b'\n', &mut line),
+    )
+    .await
+    .map_err(|_| format!("no relay header within {secs} s"))?
+    .map_err(|e| format!("reading the relay header: {e}"))?;
     let Some(line) = line.strip_suffix(b"\n") else {
         return Err(format!(
             "the relay header is missing or longer than {MAX_HEADER} bytes"
@@ -381,10 +386,7 @@ mod tests {
         };
         let line = h.encode();
         assert_eq!(line, "nixbuild-relay 1 account=alice@laptop write=1\n");
-        assert_eq!(
-            RelayHeader::parse(line.trim_end().as_bytes()).unwrap(),
-            h
-        );
+        assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), h);
         for bad in [
             "nixbuild-relay 2 account=a write=1",
             "nixbuild-relay 1 account=a write=2",
@@ -393,7 +395,10 @@ mod tests {
             "nixbuild-relay 1 account=a",
         ] {
             assert!(
-                matches!(RelayHeader::parse(bad.as_bytes()), Err(RelayHeaderError::Malformed(_))),
+                matches!(
+                    RelayHeader::parse(bad.as_bytes()),
+                    Err(RelayHeaderError::Malformed(_))
+                ),
                 "{bad}"
             );
         }
@@ -408,7 +413,9 @@ mod tests {
     async fn frames_are_tagged_and_split() {
         let mut buf = Vec::new();
         let mut out = RelayOutput::new(&mut buf);
-        out.stdout(Bytes::from(vec![7u8; MAX_FRAME + 3])).await.unwrap();
+        out.stdout(Bytes::from(vec![7u8; MAX_FRAME + 3]))
+            .await
+            .unwrap();
         out.stderr(b"hi").await.unwrap();
         out.exit(1).await.unwrap();
         let mut frames = Vec::new();
@@ -419,10 +426,7 @@ mod tests {
             rest = &rest[5 + len..];
         }
         let shape: Vec<(u8, usize)> = frames.iter().map(|(t, p)| (*t, p.len())).collect();
-        assert_eq!(
-            shape,
-            vec![(1, MAX_FRAME), (1, 3), (2, 2), (3, 4)]
-        );
+        assert_eq!(shape, vec![(1, MAX_FRAME), (1, 3), (2, 2), (3, 4)]);
         assert_eq!(frames[3].1, 1u32.to_le_bytes());
     }
 }

@@ -18,6 +18,7 @@ use std::io;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use nixbuild_core::content_address::ContentAddress;
 use nixbuild_core::serve::{
     self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, Event, ExportMarker,
     ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
@@ -312,7 +313,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Request::ExportPaths { paths, .. } => self.export_paths(paths).await,
             Request::AddToStoreNar(header) => {
-                self.start_upload();
+                self.start_upload(header.ca.clone());
                 self.pending_add = Some(header);
                 Ok(())
             }
@@ -392,13 +393,17 @@ impl<O: SessionOutput> Driver<'_, O> {
             })
     }
 
-    /// Starts the blocking task that feeds the NAR about to arrive to a new [`Import`].
-    fn start_upload(&mut self) {
+    /// Starts the blocking task that feeds the NAR about to arrive to a new [`Import`];
+    /// `ca` is the content address the claim will carry, when known before the NAR.
+    fn start_upload(&mut self, ca: Option<ContentAddress>) {
         let (chunks, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let store = self.store.clone();
         let account = self.settings.account.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut import = store.begin_import(&account)?;
+            if let Some(ca) = &ca {
+                import.expect_ca(ca);
+            }
             while let Some(chunk) = rx.blocking_recv() {
                 import.write(&chunk)?;
             }
@@ -412,7 +417,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             // ImportPaths: the first chunk of an entry's NAR.
             self.import_entries += 1;
             self.check_count("ImportPaths", self.import_entries)?;
-            self.start_upload();
+            self.start_upload(None);
         }
         let Some(upload) = &self.upload else {
             return Err(ServeError::Misuse("NAR data without an upload").into());
