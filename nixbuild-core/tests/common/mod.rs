@@ -17,11 +17,19 @@ impl Nix {
     /// Writes a private `nix.conf`: no substituters, `nix-command` enabled, and explicit
     /// sandbox and build-user settings (the cross-checks build nothing).
     pub fn new() -> Nix {
+        Nix::with_conf("")
+    }
+
+    /// Like [`Nix::new`], with `extra` lines appended to `nix.conf` (e.g.
+    /// `require-sigs = false` for copying unsigned paths from a remote store).
+    pub fn with_conf(extra: &str) -> Nix {
         let conf_dir = tempfile::tempdir().expect("create NIX_CONF_DIR");
         std::fs::write(
             conf_dir.path().join("nix.conf"),
-            "experimental-features = nix-command\nsubstituters =\nsandbox = false\n\
-             build-users-group =\n",
+            format!(
+                "experimental-features = nix-command\nsubstituters =\nsandbox = false\n\
+                 build-users-group =\n{extra}"
+            ),
         )
         .expect("write nix.conf");
         let nix = Nix { conf_dir };

@@ -1,0 +1,374 @@
+//! Runs `nixbuild-server` on a temporary state directory for one test, and talks to it
+//! through `nixbuild-serve` (the relay): with the real Nix client, or with scripted bytes
+//! from the serve codec of `nixbuild_core`.
+//!
+//! The binaries are the examples next to this test binary (`target/<profile>/examples/`),
+//! built by `cargo build --examples` before the tests (scripts/test does).
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BufMut;
+use nixbuild::store::{Store, StoreLimits};
+use nixbuild_core::hash::{Hash, HashAlgo};
+use nixbuild_core::serve::handshake::ServerHello;
+use nixbuild_core::serve::{
+    AddToStoreNar, ClientHello, Limits, Opcode, ProtocolVersion, Request, Response,
+};
+use nixbuild_core::store_path::StorePath;
+use nixbuild_core::wire::BufMutExt;
+
+/// The path of an example binary built for this profile.
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the examples before the tests (`cargo build --examples`; \
+         scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The store URI that makes Nix run our relay as its remote program.
+pub fn store_uri() -> String {
+    format!(
+        "ssh://localhost?remote-program={}",
+        example_bin("nixbuild-serve").display()
+    )
+}
+
+/// A running daemon with its own state directory and log file.
+pub struct Daemon {
+    child: Option<Process>,
+    dir: tempfile::TempDir,
+}
+
+/// A child process killed when dropped (a failing test must not leave a daemon behind).
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What a relayed session gave back.
+#[derive(Debug)]
+pub struct Reply {
+    /// The relay's exit status.
+    pub status: i32,
+    /// Its stdout: the serve protocol.
+    pub stdout: Vec<u8>,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl Daemon {
+    /// Starts `nixbuild-server` with extra arguments and waits until it accepts connections.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let child = Command::new(example_bin("nixbuild-server"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nixbuild-server");
+        let mut d = Daemon {
+            child: Some(Process(child)),
+            dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        // Start-up is quick; the bound only turns a hang into a failure with the log.
+        let until = Instant::now() + Duration::from_secs(60);
+        let sock = self.state_dir().join("serve.sock");
+        loop {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                return;
+            }
+            let child = self.child.as_mut().expect("running");
+            if let Ok(Some(status)) = child.0.try_wait() {
+                panic!("nixbuild-server exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < until, "daemon not ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").0.id()
+    }
+
+    /// Peak resident memory of the daemon so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// Points a Nix command's relay at this daemon, as `account` (Nix runs the relay with
+    /// its own environment).
+    pub fn point(&self, mut cmd: Command, account: &str) -> Command {
+        cmd.env("NIXBUILD_STATE_DIR", self.state_dir())
+            .env("NIXBUILD_ACCOUNT", account);
+        cmd
+    }
+
+    /// Runs the relay as `account` with `input` on its stdin.
+    pub fn relay(&self, account: &str, write: bool, input: &[u8]) -> Reply {
+        let mut cmd = Command::new(example_bin("nixbuild-serve"));
+        cmd.arg("--serve");
+        if write {
+            cmd.arg("--write");
+        }
+        let mut child = cmd
+            .env("NIXBUILD_STATE_DIR", self.state_dir())
+            .env("NIXBUILD_ACCOUNT", account)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nixbuild-serve");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        // The daemon may end the session before reading everything: ignore a broken pipe.
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("wait for nixbuild-serve");
+        writer.join().expect("stdin writer");
+        Reply {
+            status: out.status.code().unwrap_or(-1),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and checks that it exited cleanly, left no import in
+    /// progress behind, and that re-hashing every object matches the recorded hashes.
+    /// Returns the store (opened read-only in spirit: the tests only query it) and the log.
+    pub fn stop(mut self) -> Stopped {
+        let mut process = self.child.take().expect("running");
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(process.0.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+        let status = process.0.wait().expect("wait for the daemon");
+        let log = self.log();
+        assert!(status.success(), "daemon exited with {status}:\n{log}");
+        let state = self.state_dir();
+        assert!(!state.join("serve.sock").exists(), "socket left behind");
+        let leftovers: Vec<_> = std::fs::read_dir(state.join("tmp"))
+            .expect("read tmp/")
+            .collect();
+        assert!(leftovers.is_empty(), "imports left in tmp/: {leftovers:?}");
+        let store = Store::open(
+            &state,
+            StoreLimits {
+                max_nar_size: 1 << 40,
+                disk_reserve: 0,
+            },
+        )
+        .expect("open the store after the daemon stopped");
+        let problems = store.verify().expect("verify");
+        assert!(problems.is_empty(), "store problems: {problems:?}");
+        Stopped {
+            store,
+            log,
+            _dir: self.dir,
+        }
+    }
+}
+
+/// A stopped daemon's store and log.
+pub struct Stopped {
+    /// The store, re-opened and verified.
+    pub store: Store,
+    /// The daemon's whole log.
+    pub log: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Stopped {
+    /// Whether `path` is valid for `account`.
+    pub fn valid(&self, account: &str, path: &StorePath) -> bool {
+        let set = BTreeSet::from([path.clone()]);
+        !self
+            .store
+            .query_valid_paths(account, &set)
+            .expect("query")
+            .is_empty()
+    }
+
+    /// Whether the log shows an import of `path` registered for `account`.
+    pub fn registered(&self, account: &str, path: &StorePath) -> bool {
+        registered_in(&self.log, account, path)
+    }
+}
+
+/// Whether `log` shows an import of `path` registered for `account`.
+pub fn registered_in(log: &str, account: &str, path: &StorePath) -> bool {
+    log.lines().any(|l| {
+        l.contains("registered import")
+            && l.contains(&format!("account={account} "))
+            && l.contains(&format!("path={path}"))
+    })
+}
+
+/// Client bytes for a scripted session: the hello, then requests and raw bytes.
+pub struct Script {
+    /// Everything to send.
+    pub bytes: Vec<u8>,
+    /// The opcodes whose fixed-shape responses to expect, in order.
+    pub ops: Vec<Opcode>,
+}
+
+/// The version scripted clients speak.
+pub const VERSION: ProtocolVersion = ProtocolVersion::V2_7;
+
+impl Script {
+    /// A session that has sent its hello.
+    pub fn new() -> Script {
+        let mut bytes = Vec::new();
+        ClientHello { version: VERSION }.encode(&mut bytes);
+        Script {
+            bytes,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Appends a request.
+    pub fn request(mut self, req: &Request) -> Script {
+        req.encode(VERSION, &mut self.bytes);
+        self.ops.push(req.opcode());
+        self
+    }
+
+    /// Appends raw bytes.
+    pub fn raw(mut self, bytes: &[u8]) -> Script {
+        self.bytes.extend_from_slice(bytes);
+        self
+    }
+
+    /// Appends an AddToStoreNar of `nar` claiming `hash` and `size` for `path`.
+    pub fn add(self, path: &StorePath, nar: &[u8], hash: Hash, size: u64) -> Script {
+        let header = AddToStoreNar {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: hash,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            nar_size: size,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        };
+        self.request(&Request::AddToStoreNar(Box::new(header)))
+            .raw(nar)
+    }
+
+    /// Appends an honest AddToStoreNar of `nar` for `path`.
+    pub fn add_honest(self, path: &StorePath, nar: &[u8]) -> Script {
+        self.add(path, nar, sha256(nar), nar.len() as u64)
+    }
+}
+
+impl Reply {
+    /// Decodes the server hello and the fixed-shape responses to `ops` from stdout, checking
+    /// that nothing is left over.
+    pub fn responses(&self, ops: &[Opcode]) -> Vec<Response> {
+        let (hello, mut pos) = ServerHello::decode(&self.stdout)
+            .expect("server hello")
+            .expect("complete server hello");
+        assert_eq!(hello.version, ProtocolVersion::SERVER);
+        let mut out = Vec::new();
+        for &op in ops {
+            let (r, n) = Response::decode(op, &self.stdout[pos..], VERSION, &Limits::default())
+                .expect("valid response")
+                .unwrap_or_else(|| panic!("incomplete response to {op:?}: {self:?}"));
+            out.push(r);
+            pos += n;
+        }
+        assert_eq!(
+            pos,
+            self.stdout.len(),
+            "unexpected bytes after the responses"
+        );
+        out
+    }
+
+    /// Asserts that the session failed with `error: ` and `needle` on stderr.
+    pub fn assert_error(&self, needle: &str) {
+        assert_ne!(self.status, 0, "session succeeded: {self:?}");
+        assert!(
+            self.stderr.starts_with("error: ") && self.stderr.contains(needle),
+            "expected 'error: ...{needle}...' on stderr, got {:?}",
+            self.stderr
+        );
+    }
+}
+
+/// The sha256 of `data`.
+pub fn sha256(data: &[u8]) -> Hash {
+    Hash::compute(HashAlgo::Sha256, data)
+}
+
+/// A store path named `name` whose hash part comes from `seed` (unique per run with a salt).
+pub fn test_path(seed: &str, name: &str) -> StorePath {
+    let digest = sha256(seed.as_bytes());
+    let mut d = [0u8; 20];
+    d.copy_from_slice(&digest.digest()[..20]);
+    StorePath::from_digest(d, name).expect("valid store path")
+}
+
+/// NAR bytes from raw tokens, each written as a wire string: for NARs the writer refuses.
+pub fn raw_nar(tokens: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for t in tokens {
+        out.put_wire_bytes(t);
+    }
+    out
+}
+
+/// A wire `u64`, for hand-made requests.
+pub fn wire_u64(n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.put_u64_le(n);
+    out
+}

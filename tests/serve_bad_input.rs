@@ -1,0 +1,265 @@
+//! Bad input through the relay, with scripted client bytes: each case ends its session with
+//! `error: ...` on stderr and a non-zero status, registers nothing, leaves the store
+//! consistent (checked when the daemon stops), and the daemon goes on serving.
+
+mod harness;
+
+use std::collections::BTreeSet;
+
+use harness::{raw_nar, sha256, test_path, wire_u64, Daemon, Reply, Script};
+use nixbuild_core::nar::NarNode;
+use nixbuild_core::serve::{
+    BuildOptions, BuildStatus, ExportMarker, ExportTrailer, Opcode, Request, Response,
+};
+use nixbuild_core::store_path::StorePath;
+
+/// A salt unique to this run.
+fn salt(case: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{case}-{nanos:x}-{:x}", std::process::id())
+}
+
+fn file_nar(contents: &[u8]) -> Vec<u8> {
+    NarNode::File {
+        executable: false,
+        contents: contents.to_vec(),
+    }
+    .to_nar()
+    .expect("nar")
+}
+
+/// A directory NAR with one entry named `name`, which the NAR writer would refuse.
+fn nar_with_entry(name: &[u8]) -> Vec<u8> {
+    raw_nar(&[
+        b"nix-archive-1",
+        b"(",
+        b"type",
+        b"directory",
+        b"entry",
+        b"(",
+        b"name",
+        name,
+        b"node",
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        b"x",
+        b")",
+        b")",
+        b")",
+    ])
+}
+
+fn query_valid(paths: &[&StorePath]) -> Request {
+    Request::QueryValidPaths {
+        lock: false,
+        substitute: false,
+        paths: paths.iter().map(|p| (*p).clone()).collect(),
+    }
+}
+
+/// Runs a bad session as account `a`, checks its error, then checks that a normal session
+/// still works and that `path` (the one the bad session tried to add) is nowhere.
+fn check_bad(script: Script, write: bool, needle: &str, path: &StorePath) {
+    let daemon = Daemon::start(&[]);
+    let reply = daemon.relay("a", write, &script.bytes);
+    reply.assert_error(needle);
+    let next = daemon.relay(
+        "a",
+        true,
+        &Script::new().request(&query_valid(&[path])).bytes,
+    );
+    assert_eq!(next.status, 0, "{next:?}");
+    assert_eq!(
+        next.responses(&[Opcode::QueryValidPaths]),
+        vec![Response::ValidPaths(BTreeSet::new())]
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("status=1"),
+        "the daemon logged no failed session:\n{log}"
+    );
+    let stopped = daemon.stop();
+    assert!(!stopped.valid("a", path));
+    assert!(!stopped.registered("a", path), "{}", stopped.log);
+}
+
+#[test]
+fn nar_hash_differs_from_claim() {
+    let s = salt("hash");
+    let path = test_path(&s, "hash-mismatch");
+    let nar = file_nar(s.as_bytes());
+    let lie = sha256(b"other bytes");
+    let script = Script::new().add(&path, &nar, lie, nar.len() as u64);
+    check_bad(script, true, "NAR hash mismatch", &path);
+}
+
+#[test]
+fn nar_longer_than_claimed_size() {
+    let s = salt("short");
+    let path = test_path(&s, "size-short");
+    let nar = file_nar(s.as_bytes());
+    // The claim stops 8 bytes before the NAR does: the store gets an incomplete NAR.
+    let script = Script::new().add(&path, &nar, sha256(&nar), nar.len() as u64 - 8);
+    check_bad(script, true, "NAR is incomplete", &path);
+}
+
+#[test]
+fn nar_shorter_than_claimed_size() {
+    let s = salt("long");
+    let path = test_path(&s, "size-long");
+    let mut nar = file_nar(s.as_bytes());
+    let hash = sha256(&nar);
+    // The claim covers 8 bytes after the NAR's end.
+    nar.extend_from_slice(&[0; 8]);
+    let script = Script::new().add(&path, &nar, hash, nar.len() as u64);
+    check_bad(script, true, "more bytes follow", &path);
+}
+
+#[test]
+fn truncated_stream_client_disconnects_mid_nar() {
+    let s = salt("cut");
+    let path = test_path(&s, "truncated");
+    let nar = file_nar(&[7u8; 100_000]);
+    let full = Script::new().add_honest(&path, &nar);
+    let cut = full.bytes.len() - 50_000;
+    let script = Script::new().raw(&full.bytes[16..cut]);
+    check_bad(script, true, "unexpected end of input in a NAR", &path);
+}
+
+#[test]
+fn entry_named_dot_dot() {
+    let s = salt("dotdot");
+    let path = test_path(&s, "dotdot");
+    let nar = nar_with_entry(b"..");
+    check_bad(
+        Script::new().add_honest(&path, &nar),
+        true,
+        "invalid entry name",
+        &path,
+    );
+}
+
+#[test]
+fn entry_name_with_slash() {
+    let s = salt("slash");
+    let path = test_path(&s, "slash");
+    let nar = nar_with_entry(b"a/b");
+    check_bad(
+        Script::new().add_honest(&path, &nar),
+        true,
+        "invalid entry name",
+        &path,
+    );
+}
+
+#[test]
+fn entry_named_dot_dot_in_import_paths() {
+    let s = salt("import-dotdot");
+    let path = test_path(&s, "import-dotdot");
+    let mut stream = Vec::new();
+    ExportMarker::Entry.encode(&mut stream);
+    stream.extend_from_slice(&nar_with_entry(b".."));
+    ExportTrailer {
+        path: path.clone(),
+        references: BTreeSet::new(),
+        deriver: None,
+        legacy_signature: None,
+    }
+    .encode(&mut stream);
+    ExportMarker::End.encode(&mut stream);
+    let script = Script::new().request(&Request::ImportPaths).raw(&stream);
+    check_bad(script, true, "invalid entry name", &path);
+}
+
+#[test]
+fn over_long_string() {
+    let s = salt("long-string");
+    let path = test_path(&s, "never-sent");
+    // QueryValidPaths with one path whose length prefix claims 2^40 bytes.
+    let script = Script::new()
+        .raw(&wire_u64(Opcode::QueryValidPaths.to_wire()))
+        .raw(&wire_u64(0))
+        .raw(&wire_u64(0))
+        .raw(&wire_u64(1))
+        .raw(&wire_u64(1 << 40));
+    check_bad(script, false, "exceeds the limit", &path);
+}
+
+#[test]
+fn unknown_opcode() {
+    let s = salt("opcode");
+    let path = test_path(&s, "never-sent");
+    let script = Script::new().raw(&wire_u64(42));
+    check_bad(script, true, "unknown serve command 42", &path);
+}
+
+#[test]
+fn write_command_without_write() {
+    let s = salt("readonly");
+    let path = test_path(&s, "read-only");
+    let nar = file_nar(s.as_bytes());
+    let script = Script::new().add_honest(&path, &nar);
+    check_bad(script, false, "importing paths is not allowed", &path);
+}
+
+#[test]
+fn too_many_paths_per_request() {
+    let s = salt("many");
+    let paths: Vec<StorePath> = (0..4)
+        .map(|i| test_path(&format!("{s}-{i}"), "many"))
+        .collect();
+    let daemon = Daemon::start(&["--max-paths-per-request", "3"]);
+    let refs: Vec<&StorePath> = paths.iter().collect();
+    let ok = daemon.relay(
+        "a",
+        false,
+        &Script::new().request(&query_valid(&refs[..3])).bytes,
+    );
+    assert_eq!(ok.status, 0, "{ok:?}");
+    let reply: Reply = daemon.relay(
+        "a",
+        false,
+        &Script::new().request(&query_valid(&refs)).bytes,
+    );
+    reply.assert_error("QueryValidPaths names 4 paths; this server accepts at most 3");
+    assert!(reply.stderr.contains("max_paths_per_request"), "{reply:?}");
+    daemon.stop();
+}
+
+#[test]
+fn build_derivation_fails_with_a_clear_build_result() {
+    let s = salt("build");
+    let drv_path = test_path(&s, "hello.drv");
+    let drv = nixbuild_core::derivation::BasicDerivation {
+        outputs: Default::default(),
+        input_srcs: BTreeSet::new(),
+        platform: "x86_64-linux".into(),
+        builder: "/bin/sh".into(),
+        args: vec![],
+        env: Default::default(),
+    };
+    let daemon = Daemon::start(&[]);
+    let req = Request::BuildDerivation {
+        drv_path: drv_path.clone(),
+        drv: Box::new(drv),
+        options: BuildOptions::default(),
+    };
+    let script = Script::new().request(&req);
+    let reply = daemon.relay("a", true, &script.bytes);
+    assert_eq!(reply.status, 0, "{reply:?}");
+    let [Response::Build(result)] = &reply.responses(&script.ops)[..] else {
+        panic!("not a BuildResult: {reply:?}");
+    };
+    assert_eq!(result.status, BuildStatus::MiscFailure);
+    let msg = String::from_utf8_lossy(&result.error_msg);
+    assert!(
+        msg.contains(&drv_path.to_string()) && msg.contains("building is not supported"),
+        "{msg}"
+    );
+    daemon.stop();
+}
