@@ -48,8 +48,8 @@ pub enum SessionError {
     Store {
         /// What the session was doing.
         what: String,
-        /// The store's error.
-        source: StoreError,
+        /// The store's error (boxed: it is large, and errors are rare).
+        source: Box<StoreError>,
     },
     /// ExportPaths names a path the account cannot see (the real server's message).
     #[error("path '{0}' is not valid")]
@@ -313,7 +313,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Request::ExportPaths { paths, .. } => self.export_paths(paths).await,
             Request::AddToStoreNar(header) => {
-                self.start_upload(header.ca.clone());
+                self.start_upload(header.ca);
                 self.pending_add = Some(header);
                 Ok(())
             }
@@ -389,7 +389,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             .await?
             .map_err(|source| SessionError::Store {
                 what: what.to_owned(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -441,8 +441,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             Some(h) => format!("receiving {}", h.path),
             None => "receiving a NAR in ImportPaths".to_owned(),
         };
-        task.await?
-            .map_err(|source| SessionError::Store { what, source })
+        task.await?.map_err(|source| SessionError::Store {
+            what,
+            source: Box::new(source),
+        })
     }
 
     async fn commit_add(&mut self, h: AddToStoreNar, import: Import) -> Result<(), SessionError> {
@@ -507,8 +509,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.session.send_stream(&chunk)?;
             self.out.stdout(self.session.take_output()).await?;
         }
-        task.await?
-            .map_err(|source| SessionError::Store { what, source })
+        task.await?.map_err(|source| SessionError::Store {
+            what,
+            source: Box::new(source),
+        })
     }
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
