@@ -130,9 +130,11 @@ fn run() -> Result<u32, String> {
             sock.display()
         )
     })?;
-    stream
-        .write_all(header.encode().as_bytes())
-        .map_err(|e| format!("sending to the daemon: {e}"))?;
+    if let Err(e) = stream.write_all(header.encode().as_bytes()) {
+        // The daemon may have refused the connection before reading the header: its
+        // frames say why.
+        return demultiplex(stream).map_err(|_| format!("sending to the daemon: {e}"));
+    }
     let upstream = stream
         .try_clone()
         .map_err(|e| format!("duplicating the socket: {e}"))?;
