@@ -24,7 +24,7 @@ use nixbuild_core::serve::{
     ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -126,35 +126,6 @@ pub trait SessionOutput: Send {
     fn stderr(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     /// Pushes everything written so far to the client.
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-}
-
-/// A [`SessionOutput`] over two byte streams, as a process's stdout and stderr (or an SSH
-/// channel's data and extended data).
-#[derive(Debug)]
-pub struct Stdio<O, E> {
-    /// Protocol bytes go here.
-    pub out: O,
-    /// Messages go here.
-    pub err: E,
-}
-
-impl<O, E> SessionOutput for Stdio<O, E>
-where
-    O: AsyncWrite + Unpin + Send,
-    E: AsyncWrite + Unpin + Send,
-{
-    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
-        self.out.write_all(&bytes).await
-    }
-
-    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.err.write_all(bytes).await?;
-        self.err.flush().await
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        self.out.flush().await
-    }
 }
 
 /// Runs one session to its end: `Ok` when the client closed its side at a command boundary,
