@@ -1,10 +1,17 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
-//! This root package composes the workspace crates into the service. So far it re-exports the
-//! pure core ([`nixbuild_core`]); the store, the daemon and the serve-session driver arrive with
-//! the store issue (see ARCHITECTURE.md).
+//! This root package composes the workspace crates into the service: [`config`] (the TOML
+//! configuration), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
+//! async driver of one `nix-store --serve` session over the sans-IO codec of
+//! [`nixbuild_core::serve`]) and [`daemon`] (the Unix socket server and its relay wire). It also dumps file
+//! trees as NARs ([`nar_fs`]). The binaries in `examples/` are thin wrappers around them; see
+//! ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub use nixbuild_core as core;
 
+pub mod config;
+pub mod daemon;
 pub mod nar_fs;
+pub mod session;
+pub mod store;

@@ -1,0 +1,101 @@
+//! `nixbuild-server`: the daemon. It owns the state directory and serves `nix-store --serve`
+//! sessions relayed by `nixbuild-serve` over `<state-dir>/serve.sock`.
+//!
+//! ```text
+//! cargo run --release --example nixbuild-server -- --state-dir /var/lib/nixbuild
+//! ```
+//!
+//! Logs go to stderr (`RUST_LOG` filters them; default `info`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nixbuild::config::{Config, Overrides};
+
+/// The nixbuild daemon.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The state directory: store, database, socket (created if missing).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// The configuration file (default: <state-dir>/nixbuild.toml when it exists).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Overrides store.max_nar_size (bytes).
+    #[arg(long, value_name = "BYTES")]
+    max_nar_size: Option<u64>,
+    /// Overrides store.max_paths_per_request.
+    #[arg(long, value_name = "N")]
+    max_paths_per_request: Option<usize>,
+    /// Overrides store.disk_reserve (bytes).
+    #[arg(long, value_name = "BYTES")]
+    disk_reserve: Option<u64>,
+    /// Overrides timeouts.handshake (seconds).
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Overrides timeouts.idle (seconds).
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Overrides timeouts.shutdown (seconds).
+    #[arg(long, value_name = "SECS")]
+    shutdown_timeout: Option<u64>,
+    /// Overrides relay.trusted_uids (repeat for several).
+    #[arg(long = "trusted-uid", value_name = "UID")]
+    trusted_uids: Option<Vec<u32>>,
+    /// Overrides relay.trusted_gids (repeat for several).
+    #[arg(long = "trusted-gid", value_name = "GID")]
+    trusted_gids: Option<Vec<u32>>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let overrides = Overrides {
+        max_nar_size: args.max_nar_size,
+        max_paths_per_request: args.max_paths_per_request,
+        disk_reserve: args.disk_reserve,
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+        trusted_uids: args.trusted_uids,
+        trusted_gids: args.trusted_gids,
+    };
+    let config = match Config::for_daemon(&args.state_dir, args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nixbuild-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nixbuild-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = nixbuild::daemon::shutdown_signal()
+            .map_err(|e| format!("cannot watch for SIGTERM and SIGINT: {e}"))?;
+        nixbuild::daemon::run(&args.state_dir, config, shutdown)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The daemon's configuration: one TOML file (DESIGN.md, Configuration), read from
+//! `nixbuild-server --config FILE` or, when it exists, `<state-dir>/nixbuild.toml`. Every key is
+//! optional and has a documented default; unknown keys are errors, so a typo never silently
+//! falls back to a default. Command-line flags override the file through [`Overrides`].
+//!
+//! `nixbuild.example.toml` at the repository root lists every key with its default and is
+//! parsed by a test, so it cannot drift from this schema.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Largest value `max_paths_per_request` may take: the serve codec's own bound on the
+/// elements of one list, which it applies before the daemon sees a request.
+pub const MAX_PATHS_PER_REQUEST_CEILING: usize = 1 << 20;
+
+/// Why the configuration could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message names the key, line and
+    /// column).
+    #[error("invalid configuration {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key has a value outside its range.
+    #[error("invalid configuration {source_name}: {key}: {reason}")]
+    Invalid {
+        /// The file, or `command line` for an override.
+        source_name: String,
+        /// The key, as `section.key`.
+        key: &'static str,
+        /// What is wrong with the value.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[store]`: limits of the store and of requests.
+    pub store: StoreConfig,
+    /// `[timeouts]`: server-side timeouts.
+    pub timeouts: TimeoutConfig,
+    /// `[relay]`: who may relay sessions over `serve.sock`.
+    pub relay: RelayConfig,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Largest NAR accepted for one path, in bytes. Default 64 GiB: far above the largest
+    /// paths of a NixOS system, low enough to stop a runaway upload early.
+    pub max_nar_size: u64,
+    /// Most store paths in one request (QueryValidPaths, QueryPathInfos, QueryClosure,
+    /// ExportPaths, BuildPaths) or in one ImportPaths stream. Default 100,000: a NixOS closure
+    /// of over 10,000 paths goes in one request. At most 1,048,576.
+    pub max_paths_per_request: usize,
+    /// Uploads are refused while the state directory's file system has less free space than
+    /// this, in bytes. Default 1 GiB.
+    pub disk_reserve: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_nar_size: 64 << 30,
+            max_paths_per_request: 100_000,
+            disk_reserve: 1 << 30,
+        }
+    }
+}
+
+/// `[timeouts]`, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// From connection to the end of the protocol handshake (relay header included).
+    /// Default 60.
+    pub handshake: u64,
+    /// Longest wait for the client's next bytes, between requests or inside an upload.
+    /// Default 1800: clients compute closures and serialise large paths between requests.
+    pub idle: u64,
+    /// On SIGTERM or SIGINT, how long running sessions may take to finish before they are
+    /// cut off (their unfinished imports are discarded). Default 30.
+    pub shutdown: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            handshake: 60,
+            idle: 1800,
+            shutdown: 30,
+        }
+    }
+}
+
+impl TimeoutConfig {
+    /// [`TimeoutConfig::handshake`] as a duration.
+    pub fn handshake(&self) -> Duration {
+        Duration::from_secs(self.handshake)
+    }
+
+    /// [`TimeoutConfig::idle`] as a duration.
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle)
+    }
+
+    /// [`TimeoutConfig::shutdown`] as a duration.
+    pub fn shutdown(&self) -> Duration {
+        Duration::from_secs(self.shutdown)
+    }
+}
+
+/// `[relay]`: peers of `serve.sock` allowed to name the account of a session. Root always
+/// may. The check uses the peer's uid and primary gid from SO_PEERCRED; supplementary groups
+/// are not considered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// User ids trusted to relay. Default none.
+    pub trusted_uids: Vec<u32>,
+    /// Primary group ids trusted to relay. Default none.
+    pub trusted_gids: Vec<u32>,
+}
+
+impl RelayConfig {
+    /// Whether a peer with this uid and primary gid may relay sessions.
+    pub fn trusts(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || self.trusted_uids.contains(&uid) || self.trusted_gids.contains(&gid)
+    }
+}
+
+/// Command-line values that replace the file's; `None` keeps the file's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `store.max_nar_size`.
+    pub max_nar_size: Option<u64>,
+    /// `store.max_paths_per_request`.
+    pub max_paths_per_request: Option<usize>,
+    /// `store.disk_reserve`.
+    pub disk_reserve: Option<u64>,
+    /// `timeouts.handshake`.
+    pub handshake_timeout: Option<u64>,
+    /// `timeouts.idle`.
+    pub idle_timeout: Option<u64>,
+    /// `timeouts.shutdown`.
+    pub shutdown_timeout: Option<u64>,
+    /// `relay.trusted_uids`, replaced as a whole when given.
+    pub trusted_uids: Option<Vec<u32>>,
+    /// `relay.trusted_gids`, replaced as a whole when given.
+    pub trusted_gids: Option<Vec<u32>>,
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ConfigError::Invalid { key, reason, .. } => ConfigError::Invalid {
+                source_name: path.display().to_string(),
+                key,
+                reason,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// The configuration for a daemon: `explicit` (`--config`) when given, else
+    /// `<state_dir>/nixbuild.toml` when it exists, else the defaults; then `overrides`.
+    pub fn for_daemon(
+        state_dir: &Path,
+        explicit: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let default_file = state_dir.join("nixbuild.toml");
+        let mut config = match explicit {
+            Some(path) => Config::load(path)?,
+            None if default_file.exists() => Config::load(&default_file)?,
+            None => Config::default(),
+        };
+        config.apply(overrides)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (errors name `<text>` as the file).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        config.check("<text>")?;
+        Ok(config)
+    }
+
+    /// Replaces values with the command line's and checks the result.
+    pub fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        set(&mut self.store.max_nar_size, &o.max_nar_size);
+        set(
+            &mut self.store.max_paths_per_request,
+            &o.max_paths_per_request,
+        );
+        set(&mut self.store.disk_reserve, &o.disk_reserve);
+        set(&mut self.timeouts.handshake, &o.handshake_timeout);
+        set(&mut self.timeouts.idle, &o.idle_timeout);
+        set(&mut self.timeouts.shutdown, &o.shutdown_timeout);
+        set(&mut self.relay.trusted_uids, &o.trusted_uids);
+        set(&mut self.relay.trusted_gids, &o.trusted_gids);
+        self.check("command line")
+    }
+
+    fn check(&self, source_name: &str) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid {
+            source_name: source_name.to_owned(),
+            key,
+            reason,
+        };
+        if self.store.max_nar_size == 0 {
+            return Err(invalid("store.max_nar_size", "must be at least 1".into()));
+        }
+        let paths = self.store.max_paths_per_request;
+        if !(1..=MAX_PATHS_PER_REQUEST_CEILING).contains(&paths) {
+            return Err(invalid(
+                "store.max_paths_per_request",
+                format!("{paths} is not in 1..={MAX_PATHS_PER_REQUEST_CEILING}"),
+            ));
+        }
+        for (key, secs) in [
+            ("timeouts.handshake", self.timeouts.handshake),
+            ("timeouts.idle", self.timeouts.idle),
+        ] {
+            if secs == 0 {
+                return Err(invalid(key, "must be at least 1 second".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixbuild.example.toml");
+        assert_eq!(Config::load(&path).unwrap(), Config::default());
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::parse(
+            "[store]\nmax_nar_size = 1000\n[timeouts]\nidle = 5\n\
+             [relay]\ntrusted_uids = [1000]\ntrusted_gids = [30000]\n",
+        )
+        .unwrap();
+        assert_eq!(c.store.max_nar_size, 1000);
+        assert_eq!(c.store.disk_reserve, StoreConfig::default().disk_reserve);
+        assert_eq!(c.timeouts.idle(), Duration::from_secs(5));
+        assert!(c.relay.trusts(0, 0));
+        assert!(c.relay.trusts(1000, 1));
+        assert!(c.relay.trusts(5, 30000));
+        assert!(!c.relay.trusts(5, 5));
+    }
+
+    #[test]
+    fn unknown_key_error_names_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nixbuild.toml");
+        std::fs::write(&path, "[store]\nmax_nar_sise = 5\n").unwrap();
+        let msg = Config::load(&path).unwrap_err().to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("max_nar_sise"), "{msg}");
+        std::fs::write(&path, "[stor]\n").unwrap();
+        let msg = Config::load(&path).unwrap_err().to_string();
+        assert!(msg.contains("stor"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_and_range_errors_name_the_key() {
+        let msg = Config::parse("[timeouts]\nidle = \"long\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("idle"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[store]\nmax_paths_per_request = 0\n").unwrap();
+        let msg = Config::load(&path).unwrap_err().to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("store.max_paths_per_request"), "{msg}");
+    }
+
+    #[test]
+    fn missing_file_error_names_it() {
+        let msg = Config::load(Path::new("/nonexistent/nixbuild.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("/nonexistent/nixbuild.toml"), "{msg}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_default_file_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("nixbuild.toml"),
+            "[store]\nmax_nar_size = 1000\ndisk_reserve = 7\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            max_nar_size: Some(2000),
+            trusted_gids: Some(vec![42]),
+            ..Overrides::default()
+        };
+        let c = Config::for_daemon(dir.path(), None, &o).unwrap();
+        assert_eq!(c.store.max_nar_size, 2000);
+        assert_eq!(c.store.disk_reserve, 7);
+        assert_eq!(c.relay.trusted_gids, vec![42]);
+        let bad = Overrides {
+            idle_timeout: Some(0),
+            ..Overrides::default()
+        };
+        let msg = Config::for_daemon(dir.path(), None, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("command line") && msg.contains("timeouts.idle"),
+            "{msg}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Config::for_daemon(empty.path(), None, &Overrides::default()).unwrap(),
+            Config::default()
+        );
+    }
+}

@@ -1,0 +1,432 @@
+//! The daemon's Unix socket, `<state-dir>/serve.sock`, and the relay wire spoken on it
+//! (DESIGN.md, Processes): `nixbuild-serve` connects, names the account in a header line and
+//! copies the client's stdin; the daemon runs one serve [`session`](crate::session) per
+//! connection and answers in frames that the relay demultiplexes onto its stdout and stderr.
+//!
+//! ```text
+//! relay → daemon:  "nixbuild-relay 1 account=<name> write=<0|1>\n", then stdin bytes raw;
+//!                  the relay shuts down its write half at stdin EOF
+//! daemon → relay:  frames [u8 tag][u32 LE len][len bytes]
+//!                  tag 1: stdout bytes, tag 2: stderr bytes, tag 3: exit status (u32 LE), end
+//! ```
+//!
+//! Only trusted peers may name an account: root, or the uids and primary gids of `[relay]`
+//! in the configuration, checked with SO_PEERCRED.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::session::{self, SessionOutput, SessionSettings};
+use crate::store::{Store, StoreError, StoreLimits};
+
+/// Frame tag: bytes for the relay's stdout (the serve protocol).
+pub const FRAME_STDOUT: u8 = 1;
+/// Frame tag: bytes for the relay's stderr (messages).
+pub const FRAME_STDERR: u8 = 2;
+/// Frame tag: the exit status (4 bytes, u32 LE); the last frame.
+pub const FRAME_EXIT: u8 = 3;
+/// Largest payload of one frame the daemon sends (the wire allows up to `u32::MAX`).
+pub const MAX_FRAME: usize = 1 << 20;
+/// Longest relay header line accepted, newline included.
+pub const MAX_HEADER: usize = 256;
+/// Version of the relay wire named in the header.
+const RELAY_VERSION: &str = "1";
+
+/// What can stop the daemon (errors of single sessions only end those sessions).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another daemon answers on the socket.
+    #[error("another nixbuild-server is already serving {0}")]
+    AlreadyRunning(PathBuf),
+    /// The store could not be opened.
+    #[error("cannot open the store in {path}: {source}")]
+    Store {
+        /// The state directory.
+        path: PathBuf,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// The socket could not be set up.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket's path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Accepting a connection failed.
+    #[error("accepting a connection on {path}: {source}")]
+    Accept {
+        /// The socket's path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The store's start-up task failed.
+    #[error("internal error opening the store: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why a relay header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayHeaderError {
+    /// Not of the form `nixbuild-relay 1 account=<name> write=<0|1>`.
+    #[error(
+        "malformed relay header {0:?}: expected \"nixbuild-relay 1 account=<name> write=<0|1>\""
+    )]
+    Malformed(String),
+    /// An account name outside `[A-Za-z0-9._@+-]{1,64}`.
+    #[error("invalid account name {0:?}: expected 1 to 64 of A-Z a-z 0-9 . _ @ + -")]
+    BadAccount(String),
+}
+
+/// The header line a relay sends first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayHeader {
+    /// The account the session runs as.
+    pub account: String,
+    /// Whether the client asked for `--write`.
+    pub write: bool,
+}
+
+impl RelayHeader {
+    /// Parses the line, without its newline.
+    pub fn parse(line: &[u8]) -> Result<RelayHeader, RelayHeaderError> {
+        let text = String::from_utf8_lossy(line);
+        let malformed = || RelayHeaderError::Malformed(text.clone().into_owned());
+        let mut words = text.split(' ');
+        let (Some("nixbuild-relay"), Some(RELAY_VERSION), Some(account), Some(write), None) = (
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+        ) else {
+            return Err(malformed());
+        };
+        let account = account.strip_prefix("account=").ok_or_else(malformed)?;
+        let write = match write {
+            "write=0" => false,
+            "write=1" => true,
+            _ => return Err(malformed()),
+        };
+        check_account_name(account)?;
+        Ok(RelayHeader {
+            account: account.to_owned(),
+            write,
+        })
+    }
+
+    /// The line, newline included.
+    pub fn encode(&self) -> String {
+        format!(
+            "nixbuild-relay {RELAY_VERSION} account={} write={}\n",
+            self.account,
+            u8::from(self.write)
+        )
+    }
+}
+
+/// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (DESIGN.md, Accounts).
+pub fn check_account_name(name: &str) -> Result<(), RelayHeaderError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._@+-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(RelayHeaderError::BadAccount(name.to_owned()))
+    }
+}
+
+/// The socket of the daemon serving `state_dir`.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("serve.sock")
+}
+
+/// Installs handlers for SIGTERM and SIGINT (inside a tokio runtime) and returns a future
+/// that resolves on the first of them.
+pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
+}
+
+/// Runs the daemon on `state_dir` until `shutdown` resolves: opens the store (which cleans
+/// leftovers of earlier runs), listens on `serve.sock` and serves each connection in its own
+/// task. At shutdown it stops accepting, gives running sessions `timeouts.shutdown` to end,
+/// then cuts off the rest (their unfinished imports are discarded) and removes the socket.
+pub async fn run(
+    state_dir: &Path,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let sock = socket_path(state_dir);
+    // A live daemon must not have its imports in progress cleaned away under it.
+    if UnixStream::connect(&sock).await.is_ok() {
+        return Err(DaemonError::AlreadyRunning(sock));
+    }
+    let store = {
+        let dir = state_dir.to_owned();
+        let limits = StoreLimits {
+            max_nar_size: config.store.max_nar_size,
+            disk_reserve: config.store.disk_reserve,
+        };
+        tokio::task::spawn_blocking(move || Store::open(&dir, limits))
+            .await?
+            .map_err(|source| DaemonError::Store {
+                path: state_dir.to_owned(),
+                source,
+            })?
+    };
+    let listener = listen(&sock).map_err(|source| DaemonError::Listen {
+        path: sock.clone(),
+        source,
+    })?;
+    tracing::info!(socket = %sock.display(), "listening");
+    let config = Arc::new(config);
+    let mut sessions = JoinSet::new();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    sessions.spawn(connection(stream, store.clone(), config.clone()));
+                }
+                Err(source) => break Err(DaemonError::Accept { path: sock.clone(), source }),
+            },
+            Some(ended) = sessions.join_next() => {
+                if let Err(e) = ended {
+                    tracing::error!("a session task failed: {e}");
+                }
+            }
+            () = &mut shutdown => break Ok(()),
+        }
+    };
+    drop(listener);
+    if let Err(e) = std::fs::remove_file(&sock) {
+        tracing::warn!(socket = %sock.display(), "cannot remove the socket: {e}");
+    }
+    let running = sessions.len();
+    if running > 0 {
+        tracing::info!(running, "waiting for running sessions to end");
+        let all_done = async { while sessions.join_next().await.is_some() {} };
+        if tokio::time::timeout(config.timeouts.shutdown(), all_done)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                cut_off = sessions.len(),
+                "sessions still running at the shutdown timeout are cut off"
+            );
+            sessions.shutdown().await;
+        }
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Binds the socket with mode 0660: bound under a temporary name, restricted, then renamed
+/// into place, so it is never reachable with the wider mode the umask may give. A stale
+/// socket of a dead daemon is replaced by the rename.
+fn listen(sock: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = sock.with_extension("sock.new");
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::rename(&tmp, sock)?;
+    Ok(listener)
+}
+
+/// Serves one connection: checks the peer, reads the header, runs the session, sends the
+/// exit status.
+async fn connection(stream: UnixStream, store: Store, config: Arc<Config>) {
+    let cred = stream.peer_cred();
+    let (read, write) = stream.into_split();
+    let mut out = RelayOutput::new(write);
+    let mut input = BufReader::new(read);
+    let status = match admit(cred, &mut input, &config).await {
+        Err(msg) => {
+            tracing::warn!("refused a connection: {msg}");
+            let _ = out.stderr(format!("error: {msg}\n").as_bytes()).await;
+            1
+        }
+        Ok(header) => {
+            let account = header.account.as_str();
+            tracing::info!(%account, write = header.write, "session start");
+            let settings = SessionSettings::new(&config, account, header.write);
+            match session::serve(&store, &settings, &mut input, &mut out).await {
+                Ok(()) => {
+                    tracing::info!(%account, status = 0, "session end");
+                    0
+                }
+                Err(e) => {
+                    tracing::info!(%account, status = 1, error = %e, "session end");
+                    1
+                }
+            }
+        }
+    };
+    if let Err(e) = out.exit(status).await {
+        tracing::debug!("cannot send the exit status to the relay: {e}");
+    }
+}
+
+/// Checks the peer's credentials and reads its header.
+async fn admit(
+    cred: io::Result<tokio::net::unix::UCred>,
+    input: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    config: &Config,
+) -> Result<RelayHeader, String> {
+    let cred = cred.map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    if !config.relay.trusts(uid, gid) {
+        return Err(format!(
+            "uid {uid} (gid {gid}) may not relay sessions to the nixbuild daemon; \
+             allow it with relay.trusted_uids or relay.trusted_gids"
+        ));
+    }
+    let mut line = Vec::new();
+    let limit = u64::try_from(MAX_HEADER).unwrap_or(u64::MAX);
+    let mut limited = input.take(limit);
+    let secs = config.timeouts.handshake;
+    tokio::time::timeout(
+        config.timeouts.handshake(),
+        limited.read_until(b'\n', &mut line),
+    )
+    .await
+    .map_err(|_| format!("no relay header within {secs} s"))?
+    .map_err(|e| format!("reading the relay header: {e}"))?;
+    let Some(line) = line.strip_suffix(b"\n") else {
+        return Err(format!(
+            "the relay header is missing or longer than {MAX_HEADER} bytes"
+        ));
+    };
+    RelayHeader::parse(line).map_err(|e| e.to_string())
+}
+
+/// A [`SessionOutput`] that frames stdout and stderr bytes onto the relay connection.
+pub struct RelayOutput<W> {
+    w: BufWriter<W>,
+}
+
+impl<W: AsyncWrite + Unpin + Send> RelayOutput<W> {
+    /// Frames onto `w`.
+    pub fn new(w: W) -> Self {
+        RelayOutput {
+            w: BufWriter::with_capacity(64 * 1024, w),
+        }
+    }
+
+    async fn frame(&mut self, tag: u8, payload: &[u8]) -> io::Result<()> {
+        for piece in payload.chunks(MAX_FRAME) {
+            let len = u32::try_from(piece.len()).map_err(io::Error::other)?;
+            let mut header = [0u8; 5];
+            header[0] = tag;
+            header[1..].copy_from_slice(&len.to_le_bytes());
+            self.w.write_all(&header).await?;
+            self.w.write_all(piece).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the exit status, the last frame, and shuts the connection down.
+    pub async fn exit(&mut self, status: u32) -> io::Result<()> {
+        self.frame(FRAME_EXIT, &status.to_le_bytes()).await?;
+        self.w.flush().await?;
+        self.w.shutdown().await
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send> SessionOutput for RelayOutput<W> {
+    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.frame(FRAME_STDOUT, &bytes).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.frame(FRAME_STDERR, bytes).await?;
+        self.w.flush().await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.w.flush().await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_rejects_bad_lines() {
+        let h = RelayHeader {
+            account: "alice@laptop".into(),
+            write: true,
+        };
+        let line = h.encode();
+        assert_eq!(line, "nixbuild-relay 1 account=alice@laptop write=1\n");
+        assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), h);
+        for bad in [
+            "nixbuild-relay 2 account=a write=1",
+            "nixbuild-relay 1 account=a write=2",
+            "nixbuild-relay 1 user=a write=1",
+            "nixbuild-relay 1 account=a write=1 extra",
+            "nixbuild-relay 1 account=a",
+        ] {
+            assert!(
+                matches!(
+                    RelayHeader::parse(bad.as_bytes()),
+                    Err(RelayHeaderError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+        for bad in ["", "a/b", "a b", &"x".repeat(65), "é"] {
+            let line = format!("nixbuild-relay 1 account={bad} write=0");
+            assert!(RelayHeader::parse(line.as_bytes()).is_err(), "{bad:?}");
+        }
+        check_account_name(&"x".repeat(64)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn frames_are_tagged_and_split() {
+        let mut buf = Vec::new();
+        let mut out = RelayOutput::new(&mut buf);
+        out.stdout(Bytes::from(vec![7u8; MAX_FRAME + 3]))
+            .await
+            .unwrap();
+        out.stderr(b"hi").await.unwrap();
+        out.exit(1).await.unwrap();
+        let mut frames = Vec::new();
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(rest[1..5].try_into().unwrap()) as usize;
+            frames.push((rest[0], rest[5..5 + len].to_vec()));
+            rest = &rest[5 + len..];
+        }
+        let shape: Vec<(u8, usize)> = frames.iter().map(|(t, p)| (*t, p.len())).collect();
+        assert_eq!(shape, vec![(1, MAX_FRAME), (1, 3), (2, 2), (3, 4)]);
+        assert_eq!(frames[3].1, 1u32.to_le_bytes());
+    }
+}

@@ -1,0 +1,644 @@
+//! The async driver of one `nix-store --serve` session: it feeds the client's bytes to the
+//! sans-IO [`ServerSession`], carries out each request against the [`Store`] for one account,
+//! and writes the answers to a [`SessionOutput`] (the protocol bytes, flushed after each
+//! response, and human-readable messages on a separate stderr sink).
+//!
+//! Store calls block, so they run in `spawn_blocking`. NAR data never piles up in memory:
+//! uploads go to the store's [`Import`] through a bounded channel (a slow disk slows the
+//! client down), and downloads come from [`Store::export_nar`] through another, in chunks of
+//! [`CHUNK`] bytes.
+//!
+//! Any error ends the session as the real server does (spec §12): `error: <msg>` on stderr,
+//! and the caller ends the process (or relay) with a non-zero status. An unfinished import is
+//! dropped, which removes its temporary files; nothing is registered half-way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use nixbuild_core::content_address::ContentAddress;
+use nixbuild_core::serve::{
+    self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, Event, ExportMarker,
+    ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
+};
+use nixbuild_core::store_path::StorePath;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::store::{Import, PathClaim, Store, StoreError};
+
+/// Size of the pieces NAR data moves in, from the client and to it.
+pub const CHUNK: usize = 256 * 1024;
+
+/// How many chunks may wait between the session and a blocking store task.
+const CHANNEL_DEPTH: usize = 4;
+
+/// Why a session ended with an error. The message is what the client sees after `error: `.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The client's bytes broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] ServeError),
+    /// The store refused or failed.
+    #[error("{what}: {source}")]
+    Store {
+        /// What the session was doing.
+        what: String,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// ExportPaths names a path the account cannot see (the real server's message).
+    #[error("path '{0}' is not valid")]
+    NotValid(StorePath),
+    /// A request names more paths than the configuration allows.
+    #[error(
+        "{request} names {count} paths; this server accepts at most {max} per request \
+         (max_paths_per_request in [store] of the server's configuration)"
+    )]
+    TooManyPaths {
+        /// The request.
+        request: &'static str,
+        /// How many paths it names.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The client sent nothing for too long.
+    #[error("timed out after {secs} s waiting for the client {phase}")]
+    Timeout {
+        /// What the session was waiting for.
+        phase: &'static str,
+        /// The timeout.
+        secs: u64,
+    },
+    /// Reading from or writing to the client failed.
+    #[error("connection to the client: {0}")]
+    Io(#[from] io::Error),
+    /// A blocking store task panicked or was cancelled (a bug, not bad input).
+    #[error("internal error in a store task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What one session may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// The account whose paths the session sees and adds to.
+    pub account: String,
+    /// `--write`: ImportPaths, AddToStoreNar, BuildPaths and BuildDerivation are allowed.
+    pub write_allowed: bool,
+    /// Bounds for the protocol decoder.
+    pub limits: serve::Limits,
+    /// Most paths in one request or ImportPaths stream.
+    pub max_paths_per_request: usize,
+    /// From the start of the session to the end of the handshake.
+    pub handshake_timeout: Duration,
+    /// Longest wait for the client's next bytes after the handshake.
+    pub idle_timeout: Duration,
+}
+
+impl SessionSettings {
+    /// The settings for `account` under `config`.
+    pub fn new(config: &Config, account: &str, write_allowed: bool) -> Self {
+        SessionSettings {
+            account: account.to_owned(),
+            write_allowed,
+            limits: serve::Limits {
+                max_nar_size: config.store.max_nar_size,
+                ..serve::Limits::default()
+            },
+            max_paths_per_request: config.store.max_paths_per_request,
+            handshake_timeout: config.timeouts.handshake(),
+            idle_timeout: config.timeouts.idle(),
+        }
+    }
+}
+
+/// Where a session's answers go: the protocol stream (stdout of `nix-store --serve`) and
+/// human-readable messages (its stderr).
+pub trait SessionOutput: Send {
+    /// Writes protocol bytes.
+    fn stdout(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes a message for the user.
+    fn stderr(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Pushes everything written so far to the client.
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A [`SessionOutput`] over two byte streams, as a process's stdout and stderr (or an SSH
+/// channel's data and extended data).
+#[derive(Debug)]
+pub struct Stdio<O, E> {
+    /// Protocol bytes go here.
+    pub out: O,
+    /// Messages go here.
+    pub err: E,
+}
+
+impl<O, E> SessionOutput for Stdio<O, E>
+where
+    O: AsyncWrite + Unpin + Send,
+    E: AsyncWrite + Unpin + Send,
+{
+    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.out.write_all(&bytes).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.err.write_all(bytes).await?;
+        self.err.flush().await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.out.flush().await
+    }
+}
+
+/// Runs one session to its end: `Ok` when the client closed its side at a command boundary,
+/// otherwise the error, which has already been written to `out`'s stderr as `error: <msg>`.
+pub async fn serve<R, O>(
+    store: &Store,
+    settings: &SessionSettings,
+    input: R,
+    out: &mut O,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    O: SessionOutput,
+{
+    let mut driver = Driver {
+        store,
+        settings,
+        session: ServerSession::new(settings.write_allowed, settings.limits),
+        out,
+        upload: None,
+        pending_add: None,
+        received: None,
+        import_entries: 0,
+    };
+    let result = driver.run(input).await;
+    if let Err(e) = &result {
+        // The client may already be gone; the caller logs the error either way.
+        let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
+    }
+    result
+}
+
+/// A NAR on its way to the store: a blocking task writes the chunks it receives to an
+/// [`Import`] and hands the import back when the channel closes.
+struct Upload {
+    chunks: mpsc::Sender<Bytes>,
+    task: JoinHandle<Result<Import, StoreError>>,
+}
+
+struct Driver<'a, O> {
+    store: &'a Store,
+    settings: &'a SessionSettings,
+    session: ServerSession,
+    out: &'a mut O,
+    /// The NAR being received, if any.
+    upload: Option<Upload>,
+    /// AddToStoreNar: the header whose NAR is being received.
+    pending_add: Option<Box<AddToStoreNar>>,
+    /// ImportPaths: the entry whose NAR is complete and whose trailer comes next.
+    received: Option<Import>,
+    /// ImportPaths: entries received so far in the current stream.
+    import_entries: usize,
+}
+
+impl<O: SessionOutput> Driver<'_, O> {
+    async fn run<R: AsyncRead + Unpin>(&mut self, mut input: R) -> Result<(), SessionError> {
+        let mut buf = BytesMut::new();
+        let handshake_deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
+        let mut handshake_done = false;
+        loop {
+            while let Some(event) = self.session.poll(&mut buf)? {
+                handshake_done |= matches!(event, Event::Hello { .. });
+                self.handle(event).await?;
+            }
+            let output = self.session.take_output();
+            if !output.is_empty() {
+                self.out.stdout(output).await?;
+                self.out.flush().await?;
+            }
+            buf.reserve(CHUNK);
+            let (deadline, phase, secs) = if handshake_done {
+                let t = self.settings.idle_timeout;
+                (tokio::time::Instant::now() + t, "to send more", t.as_secs())
+            } else {
+                let t = self.settings.handshake_timeout;
+                (handshake_deadline, "to complete the handshake", t.as_secs())
+            };
+            let n = tokio::time::timeout_at(deadline, input.read_buf(&mut buf))
+                .await
+                .map_err(|_| SessionError::Timeout { phase, secs })??;
+            if n == 0 {
+                return Ok(self.session.end_of_input(&buf)?);
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: Event) -> Result<(), SessionError> {
+        match event {
+            Event::Hello { client, negotiated } => {
+                tracing::debug!(
+                    account = %self.settings.account,
+                    client = format_args!("{:#x}", client.to_wire()),
+                    negotiated = format_args!("{:#x}", negotiated.to_wire()),
+                    "handshake"
+                );
+                Ok(())
+            }
+            Event::Request(req) => self.request(req).await,
+            Event::NarChunk(chunk) => self.nar_chunk(chunk).await,
+            Event::NarEnd => {
+                let import = self.finish_upload().await?;
+                match self.pending_add.take() {
+                    Some(h) => self.commit_add(*h, import).await,
+                    None => {
+                        // ImportPaths: the trailer that names the path comes next.
+                        self.received = Some(import);
+                        Ok(())
+                    }
+                }
+            }
+            Event::ImportEntry(trailer) => self.commit_import_entry(trailer).await,
+            Event::ImportEnd => {
+                self.import_entries = 0;
+                Ok(self.session.respond(&Response::Imported)?)
+            }
+        }
+    }
+
+    async fn request(&mut self, req: Request) -> Result<(), SessionError> {
+        let account = &self.settings.account;
+        match req {
+            Request::QueryValidPaths { paths, .. } => {
+                // `lock` and `substitute` need GC roots and substituters, which this server
+                // does not have: nothing it stores is collected, and it substitutes nothing.
+                self.check_count("QueryValidPaths", paths.len())?;
+                let valid = self
+                    .blocking("querying valid paths", move |s, a| {
+                        s.query_valid_paths(a, &paths)
+                    })
+                    .await?;
+                Ok(self.session.respond(&Response::ValidPaths(valid))?)
+            }
+            Request::QueryPathInfos { paths } => {
+                self.check_count("QueryPathInfos", paths.len())?;
+                let infos = self
+                    .blocking("querying path infos", move |s, a| path_infos(s, a, paths))
+                    .await?;
+                Ok(self.session.respond(&Response::PathInfos(infos))?)
+            }
+            Request::QueryClosure {
+                include_outputs,
+                paths,
+            } => {
+                self.check_count("QueryClosure", paths.len())?;
+                let closure = self
+                    .blocking("computing a closure", move |s, a| {
+                        s.query_closure(a, &paths, include_outputs)
+                    })
+                    .await?;
+                Ok(self.session.respond(&Response::Closure(closure))?)
+            }
+            Request::DumpStorePath { path } => {
+                self.stream_nar(path).await?;
+                self.session.end_stream()?;
+                Ok(self.out.flush().await?)
+            }
+            Request::ExportPaths { paths, .. } => self.export_paths(paths).await,
+            Request::AddToStoreNar(header) => {
+                self.start_upload(header.ca.clone());
+                self.pending_add = Some(header);
+                Ok(())
+            }
+            Request::ImportPaths => Ok(()),
+            Request::BuildDerivation { drv_path, .. } => {
+                // The protocol's only way to fail a BuildDerivation without breaking the
+                // session is a failed BuildResult, and the client shows its message as
+                // "build of '<drv>' on '<store>' failed: <msg>", which says exactly what
+                // happened. `error:` on stderr and EOF instead would reach the build hook's
+                // log and end in "unexpected end-of-file". MiscFailure rather than
+                // PermanentFailure: the derivation itself did not fail, so Hydra must not
+                // cache it as failed.
+                tracing::info!(%account, drv = %drv_path, "refused BuildDerivation: building is not supported");
+                let result = BuildResult {
+                    status: BuildStatus::MiscFailure,
+                    error_msg: unsupported_build(&drv_path).into_bytes(),
+                    times_built: 0,
+                    is_non_deterministic: false,
+                    start_time: 0,
+                    stop_time: 0,
+                    built_outputs: BTreeMap::new(),
+                };
+                Ok(self.session.respond(&Response::Build(Box::new(result)))?)
+            }
+            Request::BuildPaths { paths, .. } => {
+                self.check_count("BuildPaths", paths.len())?;
+                // Realising paths that are already valid needs no build (newer clients send
+                // BuildPaths for `nix copy --from`); anything else would.
+                let wanted: BTreeSet<StorePath> = paths.iter().map(|p| p.path.clone()).collect();
+                let needs_build = paths.iter().find(|p| p.path.is_derivation()).cloned();
+                let valid = self
+                    .blocking("querying valid paths", {
+                        let wanted = wanted.clone();
+                        move |s, a| s.query_valid_paths(a, &wanted)
+                    })
+                    .await?;
+                let missing = wanted.difference(&valid).next().cloned();
+                let response = match needs_build.map(|p| p.path).or(missing) {
+                    None => BuildPathsResult::Success,
+                    Some(p) => BuildPathsResult::Failure {
+                        // An exit code, not a status: 100 is the real server's "build
+                        // failure", and codes below 3 desynchronise old clients (spec §4.6).
+                        code: 100,
+                        msg: unsupported_build(&p).into_bytes(),
+                    },
+                };
+                Ok(self.session.respond(&Response::BuildPaths(response))?)
+            }
+        }
+    }
+
+    fn check_count(&self, request: &'static str, count: usize) -> Result<(), SessionError> {
+        let max = self.settings.max_paths_per_request;
+        if count > max {
+            return Err(SessionError::TooManyPaths {
+                request,
+                count,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs a store call for this session's account in a blocking task.
+    async fn blocking<T, F>(&self, what: &str, f: F) -> Result<T, SessionError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let account = self.settings.account.clone();
+        tokio::task::spawn_blocking(move || f(&store, &account))
+            .await?
+            .map_err(|source| SessionError::Store {
+                what: what.to_owned(),
+                source,
+            })
+    }
+
+    /// Starts the blocking task that feeds the NAR about to arrive to a new [`Import`];
+    /// `ca` is the content address the claim will carry, when known before the NAR.
+    fn start_upload(&mut self, ca: Option<ContentAddress>) {
+        let (chunks, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let store = self.store.clone();
+        let account = self.settings.account.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut import = store.begin_import(&account)?;
+            if let Some(ca) = &ca {
+                import.expect_ca(ca);
+            }
+            while let Some(chunk) = rx.blocking_recv() {
+                import.write(&chunk)?;
+            }
+            Ok(import)
+        });
+        self.upload = Some(Upload { chunks, task });
+    }
+
+    async fn nar_chunk(&mut self, chunk: Bytes) -> Result<(), SessionError> {
+        if self.upload.is_none() {
+            // ImportPaths: the first chunk of an entry's NAR.
+            self.import_entries += 1;
+            self.check_count("ImportPaths", self.import_entries)?;
+            self.start_upload(None);
+        }
+        let Some(upload) = &self.upload else {
+            return Err(ServeError::Misuse("NAR data without an upload").into());
+        };
+        if upload.chunks.send(chunk).await.is_err() {
+            // The task stopped early, which it does only on an error: its result says why.
+            self.finish_upload().await?;
+            return Err(ServeError::Misuse("the import task stopped without an error").into());
+        }
+        Ok(())
+    }
+
+    /// Closes the channel and waits for the import task: the import with the whole NAR, or
+    /// the store's error.
+    async fn finish_upload(&mut self) -> Result<Import, SessionError> {
+        let Some(Upload { chunks, task }) = self.upload.take() else {
+            return Err(ServeError::Misuse("end of a NAR without an upload").into());
+        };
+        drop(chunks);
+        let what = match &self.pending_add {
+            Some(h) => format!("receiving {}", h.path),
+            None => "receiving a NAR in ImportPaths".to_owned(),
+        };
+        task.await?
+            .map_err(|source| SessionError::Store { what, source })
+    }
+
+    async fn commit_add(&mut self, h: AddToStoreNar, import: Import) -> Result<(), SessionError> {
+        let claim = PathClaim {
+            path: h.path,
+            deriver: h.deriver,
+            nar_hash: Some(h.nar_hash),
+            nar_size: Some(h.nar_size),
+            references: h.references,
+            registration_time: registration_time(h.registration_time),
+            ca: h.ca,
+            sigs: h.sigs,
+        };
+        self.commit(import, claim).await?;
+        Ok(self.session.respond(&Response::Added)?)
+    }
+
+    async fn commit_import_entry(&mut self, t: ExportTrailer) -> Result<(), SessionError> {
+        let Some(import) = self.received.take() else {
+            return Err(ServeError::Misuse("export trailer without a NAR").into());
+        };
+        // ImportPaths claims no hash or size (the NAR is its own) and, as upstream, records
+        // no ca and no signatures (spec §4.5).
+        let claim = PathClaim {
+            path: t.path,
+            deriver: t.deriver,
+            nar_hash: None,
+            nar_size: None,
+            references: t.references,
+            registration_time: registration_time(0),
+            ca: None,
+            sigs: BTreeSet::new(),
+        };
+        self.commit(import, claim).await
+    }
+
+    async fn commit(&mut self, import: Import, claim: PathClaim) -> Result<(), SessionError> {
+        let path = claim.path.clone();
+        self.blocking(&format!("adding {path}"), move |_, _| import.commit(claim))
+            .await?;
+        tracing::info!(account = %self.settings.account, path = %path, "registered import");
+        Ok(())
+    }
+
+    /// Sends the NAR of `path` as it comes off the disk.
+    async fn stream_nar(&mut self, path: StorePath) -> Result<(), SessionError> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let store = self.store.clone();
+        let account = self.settings.account.clone();
+        let what = format!("sending {path}");
+        let task = tokio::task::spawn_blocking(move || {
+            let mut writer = ChunkWriter {
+                tx,
+                buf: BytesMut::new(),
+            };
+            store.export_nar(&account, &path, &mut writer)?;
+            // This fails only when the session has gone, and then nobody waits for the result.
+            let _ = writer.send_buffered();
+            Ok(())
+        });
+        while let Some(chunk) = rx.recv().await {
+            self.session.send_stream(&chunk)?;
+            self.out.stdout(self.session.take_output()).await?;
+        }
+        task.await?
+            .map_err(|source| SessionError::Store { what, source })
+    }
+
+    /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
+    async fn export_paths(&mut self, paths: BTreeSet<StorePath>) -> Result<(), SessionError> {
+        self.check_count("ExportPaths", paths.len())?;
+        let infos = self
+            .blocking("querying path infos", {
+                let paths = paths.clone();
+                move |s, a| path_infos(s, a, paths)
+            })
+            .await?;
+        if let Some(p) = paths.iter().find(|p| !infos.contains_key(p)) {
+            return Err(SessionError::NotValid(p.clone()));
+        }
+        let mut header = Vec::new();
+        for path in dependencies_first(&infos) {
+            let info = &infos[&path];
+            header.clear();
+            ExportMarker::Entry.encode(&mut header);
+            self.session.send_stream(&header)?;
+            self.stream_nar(path.clone()).await?;
+            let mut trailer = Vec::new();
+            ExportTrailer {
+                path: path.clone(),
+                references: info.references.clone(),
+                deriver: info.deriver.clone(),
+                legacy_signature: None,
+            }
+            .encode(&mut trailer);
+            self.session.send_stream(&trailer)?;
+        }
+        header.clear();
+        ExportMarker::End.encode(&mut header);
+        self.session.send_stream(&header)?;
+        self.out.stdout(self.session.take_output()).await?;
+        self.session.end_stream()?;
+        Ok(self.out.flush().await?)
+    }
+}
+
+/// The infos of the paths among `paths` that are valid for the account.
+fn path_infos(
+    store: &Store,
+    account: &str,
+    paths: BTreeSet<StorePath>,
+) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
+    let mut infos = BTreeMap::new();
+    for path in paths {
+        if let Some(info) = store.query_path_info(account, &path)? {
+            infos.insert(path, info);
+        }
+    }
+    Ok(infos)
+}
+
+/// The keys of `infos` ordered so that each comes after those of its references that are
+/// among them (references outside the set are the client's business, as upstream).
+fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePath> {
+    let mut order = Vec::with_capacity(infos.len());
+    let mut visited = BTreeSet::new();
+    for root in infos.keys() {
+        // Iterative depth-first post-order: a long reference chain cannot overflow the stack.
+        let mut stack = vec![(root, false)];
+        while let Some((path, children_done)) = stack.pop() {
+            if children_done {
+                order.push(path.clone());
+                continue;
+            }
+            if !visited.insert(path) {
+                continue;
+            }
+            stack.push((path, true));
+            for r in &infos[path].references {
+                if r != path && infos.contains_key(r) && !visited.contains(r) {
+                    stack.push((r, false));
+                }
+            }
+        }
+    }
+    order
+}
+
+/// The message for anything that would need a build.
+fn unsupported_build(path: &StorePath) -> String {
+    format!("cannot build '{path}': building is not supported by this nixbuild server yet")
+}
+
+/// The registration time to record: the client's, or now when it sent 0 (spec §4.4).
+fn registration_time(claimed: u64) -> u64 {
+    if claimed != 0 {
+        return claimed;
+    }
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An `io::Write` for [`Store::export_nar`] in a blocking task: gathers the output into
+/// chunks of [`CHUNK`] bytes and hands them to the session through a bounded channel, so
+/// the export runs at the pace of the client.
+struct ChunkWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: BytesMut,
+}
+
+impl ChunkWriter {
+    fn send_buffered(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .blocking_send(self.buf.split().freeze())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the session has ended"))
+    }
+}
+
+impl io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(CHUNK);
+        }
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send_buffered()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buffered()
+    }
+}

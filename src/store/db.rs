@@ -1,0 +1,340 @@
+//! The SQLite metadata: schema and queries.
+//!
+//! ```sql
+//! schema_version(version)                         -- one row: SCHEMA_VERSION
+//! objects(key PK, nar_hash, nar_size)             -- one row per directory under objects/
+//! paths(id PK, account, path, object -> objects, deriver, ca, registration_time)
+//!                                                 -- UNIQUE(account, path): the account's view
+//! refs(referrer -> paths, reference -> paths)     -- both rows of the same account
+//! sigs(path -> paths, sig)
+//! ```
+//!
+//! Store paths are stored as base names (`<hash>-<name>`), hashes and content addresses in
+//! their Nix string forms. A reference points at the row of the same account, so a closure
+//! walk never leaves the account.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+
+use nixbuild_core::content_address::ContentAddress;
+use nixbuild_core::hash::Hash;
+use nixbuild_core::serve::ValidPathInfo;
+use nixbuild_core::store_path::StorePath;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use super::error::{db_err, StoreError};
+
+/// The schema this code reads and writes.
+pub(super) const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE objects (
+    key TEXT PRIMARY KEY NOT NULL,
+    nar_hash TEXT NOT NULL,
+    nar_size INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE paths (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    path TEXT NOT NULL,
+    object TEXT NOT NULL REFERENCES objects(key),
+    deriver TEXT,
+    ca TEXT,
+    registration_time INTEGER NOT NULL,
+    UNIQUE (account, path)
+);
+CREATE INDEX paths_object ON paths(object);
+CREATE TABLE refs (
+    referrer INTEGER NOT NULL REFERENCES paths(id),
+    reference INTEGER NOT NULL REFERENCES paths(id),
+    PRIMARY KEY (referrer, reference)
+) WITHOUT ROWID;
+CREATE TABLE sigs (
+    path INTEGER NOT NULL REFERENCES paths(id),
+    sig TEXT NOT NULL,
+    PRIMARY KEY (path, sig)
+) WITHOUT ROWID;
+";
+
+/// Opens (creating if needed) the database at `file`, in WAL mode, at [`SCHEMA_VERSION`].
+pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open(file).map_err(db_err("open"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(db_err("enable WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt {
+            field: "journal mode (WAL refused)",
+            value: mode,
+        });
+    }
+    // With WAL, NORMAL keeps the database consistent across crashes (like Nix's default).
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+        .map_err(db_err("set pragmas"))?;
+    let tx = conn.transaction().map_err(db_err("begin migration"))?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .map_err(db_err("create schema_version"))?;
+    let found: Option<i64> = tx
+        .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+        .optional()
+        .map_err(db_err("read schema version"))?;
+    match found {
+        None => {
+            tx.execute_batch(SCHEMA).map_err(db_err("create schema"))?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(db_err("record schema version"))?;
+        }
+        Some(SCHEMA_VERSION) => {}
+        Some(found) => {
+            return Err(StoreError::SchemaVersion {
+                found,
+                supported: SCHEMA_VERSION,
+            })
+        }
+    }
+    tx.commit().map_err(db_err("commit migration"))?;
+    Ok(conn)
+}
+
+/// An object as the database records it.
+#[derive(Debug, Clone)]
+pub(super) struct ObjectRow {
+    /// Directory name under `objects/`.
+    pub key: String,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+}
+
+fn parse_hash(s: String) -> Result<Hash, StoreError> {
+    Hash::parse_any(&s, None).map_err(|_| StoreError::Corrupt {
+        field: "nar_hash",
+        value: s,
+    })
+}
+
+fn parse_path(field: &'static str, s: String) -> Result<StorePath, StoreError> {
+    StorePath::from_base_name(s.as_bytes()).map_err(|_| StoreError::Corrupt { field, value: s })
+}
+
+fn size(field: &'static str, n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt {
+        field,
+        value: n.to_string(),
+    })
+}
+
+/// SQLite integers are signed; sizes and times above `i64::MAX` cannot occur in practice and
+/// are clamped rather than wrapped.
+fn to_sql_int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The row id of `path` for `account`, if valid.
+pub(super) fn path_id(
+    conn: &Connection,
+    account: &str,
+    path: &StorePath,
+) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT id FROM paths WHERE account = ?1 AND path = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![account, path.base_name()], |row| row.get(0))
+                .optional()
+        })
+        .map_err(db_err("look up path"))
+}
+
+/// The object behind `path` for `account`, if valid.
+pub(super) fn path_object(
+    conn: &Connection,
+    account: &str,
+    path: &StorePath,
+) -> Result<Option<ObjectRow>, StoreError> {
+    let row: Option<(String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT o.key, o.nar_hash, o.nar_size FROM paths p JOIN objects o ON o.key = p.object
+             WHERE p.account = ?1 AND p.path = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![account, path.base_name()], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()
+        })
+        .map_err(db_err("look up object of path"))?;
+    row.map(|(key, hash, size_)| {
+        Ok(ObjectRow {
+            key,
+            nar_hash: parse_hash(hash)?,
+            nar_size: size("nar_size", size_)?,
+        })
+    })
+    .transpose()
+}
+
+/// Whether an object with this key is registered.
+pub(super) fn object_exists(conn: &Connection, key: &str) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT 1 FROM objects WHERE key = ?1")
+        .and_then(|mut st| st.exists([key]))
+        .map_err(db_err("look up object"))
+}
+
+/// The references of row `id`, with their row ids.
+pub(super) fn references(conn: &Connection, id: i64) -> Result<Vec<(i64, StorePath)>, StoreError> {
+    let rows: Vec<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT p.id, p.path FROM refs r JOIN paths p ON p.id = r.reference
+             WHERE r.referrer = ?1",
+        )
+        .and_then(|mut st| {
+            st.query_map([id], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(db_err("read references"))?;
+    rows.into_iter()
+        .map(|(id, p)| Ok((id, parse_path("reference", p)?)))
+        .collect()
+}
+
+/// The metadata of `path` for `account`, if valid.
+pub(super) fn path_info(
+    conn: &Connection,
+    account: &str,
+    path: &StorePath,
+) -> Result<Option<ValidPathInfo>, StoreError> {
+    type Row = (i64, String, i64, Option<String>, Option<String>);
+    let row: Option<Row> = conn
+        .prepare_cached(
+            "SELECT p.id, o.nar_hash, o.nar_size, p.deriver, p.ca
+             FROM paths p JOIN objects o ON o.key = p.object
+             WHERE p.account = ?1 AND p.path = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![account, path.base_name()], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(db_err("read path info"))?;
+    let Some((id, nar_hash, nar_size, deriver, ca)) = row else {
+        return Ok(None);
+    };
+    let nar_size = size("nar_size", nar_size)?;
+    let sigs: BTreeSet<String> = conn
+        .prepare_cached("SELECT sig FROM sigs WHERE path = ?1")
+        .and_then(|mut st| st.query_map([id], |row| row.get(0))?.collect())
+        .map_err(db_err("read signatures"))?;
+    Ok(Some(ValidPathInfo {
+        deriver: deriver.map(|d| parse_path("deriver", d)).transpose()?,
+        references: references(conn, id)?.into_iter().map(|(_, p)| p).collect(),
+        download_size: nar_size,
+        nar_size,
+        nar_hash: Some(parse_hash(nar_hash)?),
+        ca: ca
+            .map(|c| {
+                ContentAddress::parse(&c).map_err(|_| StoreError::Corrupt {
+                    field: "ca",
+                    value: c,
+                })
+            })
+            .transpose()?,
+        sigs,
+    }))
+}
+
+/// What one registration writes.
+pub(super) struct NewPath<'a> {
+    pub account: &'a str,
+    pub path: &'a StorePath,
+    pub object: &'a ObjectRow,
+    pub deriver: Option<&'a StorePath>,
+    pub ca: Option<&'a ContentAddress>,
+    pub registration_time: u64,
+    /// Row ids of the references other than the path itself.
+    pub reference_ids: &'a [i64],
+    pub self_reference: bool,
+    pub sigs: &'a BTreeSet<String>,
+}
+
+/// Registers a path (and its object, if new) in one transaction.
+pub(super) fn insert_path(conn: &mut Connection, new: &NewPath<'_>) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(db_err("begin registration"))?;
+    insert_rows(&tx, new).map_err(db_err("register path"))?;
+    tx.commit().map_err(db_err("commit registration"))
+}
+
+fn insert_rows(tx: &Transaction<'_>, new: &NewPath<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO objects (key, nar_hash, nar_size) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO NOTHING",
+    )?
+    .execute(params![
+        new.object.key,
+        new.object.nar_hash.to_string(),
+        to_sql_int(new.object.nar_size)
+    ])?;
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO paths (account, path, object, deriver, ca, registration_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        )?
+        .query_row(
+            params![
+                new.account,
+                new.path.base_name(),
+                new.object.key,
+                new.deriver.map(StorePath::base_name),
+                new.ca.map(ContentAddress::to_string),
+                to_sql_int(new.registration_time)
+            ],
+            |row| row.get(0),
+        )?;
+    let mut add_ref =
+        tx.prepare_cached("INSERT INTO refs (referrer, reference) VALUES (?1, ?2)")?;
+    for reference in new.reference_ids {
+        add_ref.execute([id, *reference])?;
+    }
+    if new.self_reference {
+        add_ref.execute([id, id])?;
+    }
+    let mut add_sig = tx.prepare_cached("INSERT INTO sigs (path, sig) VALUES (?1, ?2)")?;
+    for sig in new.sigs {
+        add_sig.execute(params![id, sig])?;
+    }
+    Ok(())
+}
+
+/// The keys of all registered objects.
+pub(super) fn object_keys(conn: &Connection) -> Result<HashSet<String>, StoreError> {
+    conn.prepare("SELECT key FROM objects")
+        .and_then(|mut st| st.query_map([], |row| row.get(0))?.collect())
+        .map_err(db_err("list objects"))
+}
+
+/// All registered objects.
+pub(super) fn objects(conn: &Connection) -> Result<Vec<ObjectRow>, StoreError> {
+    let rows: Vec<(String, String, i64)> = conn
+        .prepare("SELECT key, nar_hash, nar_size FROM objects ORDER BY key")
+        .and_then(|mut st| {
+            st.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect()
+        })
+        .map_err(db_err("list objects"))?;
+    rows.into_iter()
+        .map(|(key, hash, n)| {
+            Ok(ObjectRow {
+                key,
+                nar_hash: parse_hash(hash)?,
+                nar_size: size("nar_size", n)?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,343 @@
+//! The store: objects on disk, metadata in SQLite, one view per account.
+//!
+//! Layout of the state directory:
+//!
+//! ```text
+//! <state>/db.sqlite       metadata (see the db module for the schema), WAL mode
+//! <state>/objects/<key>   one path's contents (file, directory or symlink), canonical:
+//!                         files 0444/0555, directories 0555, mtime 1
+//! <state>/tmp/<unique>/   imports in progress; emptied by Store::open
+//! ```
+//!
+//! An object's key is `nix32(sha256("<base name>:<NAR sha256 in base16>"))`: the same path
+//! name with different contents from two accounts gives two objects, identical contents one.
+//! Each account has its own rows mapping a path to an object, with its own deriver,
+//! references, signatures, registration time and content address. A row is only written after
+//! that account's own bytes were received and checked, and only after the object is in place,
+//! so no row ever points at missing files; an object left without a row by a crash is removed
+//! by [`Store::open`].
+//!
+//! All calls block; the async daemon calls them with `spawn_blocking`.
+
+mod db;
+mod error;
+mod fsutil;
+mod import;
+
+pub use error::{StoreError, StoreProblem};
+pub use import::{Import, PathClaim};
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nixbuild_core::derivation::Derivation;
+use nixbuild_core::hash::{Hash, HashAlgo};
+use nixbuild_core::nixbase32;
+use nixbuild_core::serve::ValidPathInfo;
+use nixbuild_core::store_path::StorePath;
+use rusqlite::Connection;
+
+use crate::nar_fs::dump_path;
+use error::io_err;
+use fsutil::HashingWriter;
+
+/// The largest `.drv` file [`Store::query_closure`] reads to find a derivation's outputs.
+const MAX_DERIVATION_SIZE: u64 = 64 << 20;
+
+/// Limits the store enforces, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Largest NAR an import accepts, in bytes.
+    pub max_nar_size: u64,
+    /// Imports are refused while the state directory's file system has less free space.
+    pub disk_reserve: u64,
+}
+
+/// The store of one state directory. Cheap to clone (shared inside), `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state_dir: PathBuf,
+    objects: PathBuf,
+    tmp: PathBuf,
+    limits: StoreLimits,
+    /// The connection; holding it is also the commit lock, so that checking for an object,
+    /// moving it into place and inserting its rows is one step for concurrent commits.
+    db: Mutex<Connection>,
+    next_tmp: AtomicU64,
+}
+
+impl Inner {
+    fn lock_db(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no open transaction (rusqlite rolls back on
+        // drop), so the connection is still usable.
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The directory name of the object holding `path` with NAR hash `nar_hash`.
+fn object_key(path: &StorePath, nar_hash: &Hash) -> String {
+    let id = format!("{}:{}", path.base_name(), nar_hash.to_base16());
+    nixbase32::encode(Hash::compute(HashAlgo::Sha256, id.as_bytes()).digest())
+}
+
+fn create_dir(path: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(path).map_err(io_err("create directory", path))
+}
+
+/// Removes every entry of `dir` for which `keep` is false.
+fn remove_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(), StoreError> {
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let entry = entry.map_err(io_err("list", dir))?;
+        if !entry.file_name().to_str().is_some_and(&keep) {
+            let path = entry.path();
+            fsutil::remove_tree(&path).map_err(io_err("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the store in `state_dir`, creating the layout if missing, and cleans leftovers:
+    /// empties `tmp/` and removes objects that have no row (a crash between publishing an
+    /// object and registering it). Only the daemon calls this, at start, so no live import
+    /// is disturbed.
+    pub fn open(state_dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
+        let objects = state_dir.join("objects");
+        let tmp = state_dir.join("tmp");
+        create_dir(&objects)?;
+        create_dir(&tmp)?;
+        remove_entries(&tmp, |_| false)?;
+        let conn = db::open(&state_dir.join("db.sqlite"))?;
+        let keys = db::object_keys(&conn)?;
+        remove_entries(&objects, |name| keys.contains(name))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                state_dir: state_dir.to_owned(),
+                objects,
+                tmp,
+                limits,
+                db: Mutex::new(conn),
+                next_tmp: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The limits this store was opened with.
+    pub fn limits(&self) -> StoreLimits {
+        self.inner.limits
+    }
+
+    /// The subset of `paths` valid for `account`.
+    pub fn query_valid_paths(
+        &self,
+        account: &str,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
+        let conn = self.inner.lock_db();
+        let mut valid = BTreeSet::new();
+        for path in paths {
+            if db::path_id(&conn, account, path)?.is_some() {
+                valid.insert(path.clone());
+            }
+        }
+        Ok(valid)
+    }
+
+    /// The metadata of `path` as `account` registered it, or `None` if not valid for it.
+    pub fn query_path_info(
+        &self,
+        account: &str,
+        path: &StorePath,
+    ) -> Result<Option<ValidPathInfo>, StoreError> {
+        db::path_info(&self.inner.lock_db(), account, path)
+    }
+
+    /// The reference closure of `paths` as `account` sees it. With `include_outputs`, the
+    /// outputs of every `.drv` in the closure that are valid for the account (with their
+    /// closures) are included too, as `nix-store --query --requisites --include-outputs`
+    /// does. Err([`StoreError::NotValid`]) if a starting path is not valid for the account.
+    pub fn query_closure(
+        &self,
+        account: &str,
+        paths: &BTreeSet<StorePath>,
+        include_outputs: bool,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
+        let conn = self.inner.lock_db();
+        let mut seen = HashSet::new();
+        let mut queue = Vec::new();
+        for path in paths {
+            let id = db::path_id(&conn, account, path)?.ok_or_else(|| StoreError::NotValid {
+                path: path.clone(),
+                account: account.to_owned(),
+            })?;
+            if seen.insert(id) {
+                queue.push((id, path.clone()));
+            }
+        }
+        // Every row enters the queue at most once, so this ends after at most as many steps
+        // as the account has rows.
+        let mut closure = BTreeSet::new();
+        while let Some((id, path)) = queue.pop() {
+            for (ref_id, reference) in db::references(&conn, id)? {
+                if seen.insert(ref_id) {
+                    queue.push((ref_id, reference));
+                }
+            }
+            if include_outputs && path.is_derivation() {
+                for output in self.derivation_outputs(&conn, account, &path)? {
+                    if let Some(out_id) = db::path_id(&conn, account, &output)? {
+                        if seen.insert(out_id) {
+                            queue.push((out_id, output));
+                        }
+                    }
+                }
+            }
+            closure.insert(path);
+        }
+        Ok(closure)
+    }
+
+    /// The output paths known in advance (input-addressed and fixed) of the derivation
+    /// stored at `drv_path` for `account`.
+    fn derivation_outputs(
+        &self,
+        conn: &Connection,
+        account: &str,
+        drv_path: &StorePath,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        let object = self.object_of(conn, account, drv_path)?;
+        if object.nar_size > MAX_DERIVATION_SIZE {
+            return Err(StoreError::DerivationTooLarge {
+                path: drv_path.clone(),
+                size: object.nar_size,
+                limit: MAX_DERIVATION_SIZE,
+            });
+        }
+        let file = self.inner.objects.join(&object.key);
+        let mut text = Vec::new();
+        File::open(&file)
+            .and_then(|f| f.take(MAX_DERIVATION_SIZE).read_to_end(&mut text))
+            .map_err(io_err("read derivation", &file))?;
+        let drv = Derivation::from_aterm(&text).map_err(|source| StoreError::Derivation {
+            path: drv_path.clone(),
+            source: Box::new(source),
+        })?;
+        Ok(drv
+            .basic
+            .outputs
+            .values()
+            .filter_map(|o| o.path().cloned())
+            .collect())
+    }
+
+    fn object_of(
+        &self,
+        conn: &Connection,
+        account: &str,
+        path: &StorePath,
+    ) -> Result<db::ObjectRow, StoreError> {
+        db::path_object(conn, account, path)?.ok_or_else(|| StoreError::NotValid {
+            path: path.clone(),
+            account: account.to_owned(),
+        })
+    }
+
+    /// Refuses with [`StoreError::DiskReserve`] when free space is below the reserve;
+    /// otherwise starts an import into a fresh directory under `tmp/`.
+    pub fn begin_import(&self, account: &str) -> Result<Import, StoreError> {
+        self.check_disk_reserve()?;
+        loop {
+            let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
+            let dir = self.inner.tmp.join(format!("{}-{n}", std::process::id()));
+            match fs::create_dir(&dir) {
+                Ok(()) => return Ok(Import::new(self.clone(), account, dir)),
+                // Left by an earlier process with the same pid: take the next number.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("create directory", &dir)(e)),
+            }
+        }
+    }
+
+    fn check_disk_reserve(&self) -> Result<(), StoreError> {
+        let dir = &self.inner.state_dir;
+        let free = fsutil::free_space(dir)?;
+        let reserve = self.inner.limits.disk_reserve;
+        if free < reserve {
+            return Err(StoreError::DiskReserve {
+                dir: dir.clone(),
+                free,
+                reserve,
+            });
+        }
+        Ok(())
+    }
+
+    /// Streams the canonical NAR of a path the account can see into `out`, in chunks,
+    /// never holding a whole file in memory, and returns its size.
+    /// Err([`StoreError::NotValid`]) for paths the account can't see.
+    pub fn export_nar(
+        &self,
+        account: &str,
+        path: &StorePath,
+        mut out: &mut dyn Write,
+    ) -> Result<u64, StoreError> {
+        let object = self.object_of(&self.inner.lock_db(), account, path)?;
+        let size =
+            dump_path(&self.inner.objects.join(&object.key), &mut out).map_err(|source| {
+                StoreError::Dump {
+                    path: path.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        if size != object.nar_size {
+            return Err(StoreError::ExportSize {
+                path: path.clone(),
+                recorded: object.nar_size,
+                actual: size,
+            });
+        }
+        Ok(size)
+    }
+
+    /// Re-hashes every object and compares with the recorded NAR hash and size (tests,
+    /// fsck). Returns the problems found, empty when the store is consistent.
+    pub fn verify(&self) -> Result<Vec<StoreProblem>, StoreError> {
+        let objects = db::objects(&self.inner.lock_db())?;
+        let mut problems = Vec::new();
+        for object in objects {
+            let file = self.inner.objects.join(&object.key);
+            if fs::symlink_metadata(&file).is_err() {
+                problems.push(StoreProblem::Missing { object: object.key });
+                continue;
+            }
+            let mut w = HashingWriter::new(HashAlgo::Sha256);
+            if let Err(error) = dump_path(&file, &mut w) {
+                problems.push(StoreProblem::Unreadable {
+                    object: object.key,
+                    error,
+                });
+                continue;
+            }
+            let (actual_hash, actual_size) = w.finish();
+            if actual_hash != object.nar_hash || actual_size != object.nar_size {
+                problems.push(StoreProblem::Mismatch {
+                    object: object.key,
+                    recorded_hash: object.nar_hash,
+                    actual_hash,
+                    recorded_size: object.nar_size,
+                    actual_size,
+                });
+            }
+        }
+        Ok(problems)
+    }
+}
