@@ -863,7 +863,7 @@ def report(workload, dataset, samples, reps):
         }
     flag = "--to" if workload.direction == "upload" else "--from"
     lines = [
-        f"### {workload.name}: nix copy {flag}, {dataset.title} (median of {reps} runs each)",
+        f"### {workload.name}: nix copy {flag}, {dataset.title} (median of {reps} run{'s' if reps > 1 else ''} per side)",
         "",
         "| | wall time (s) | server CPU (s) | server peak RSS (MiB) | server cgroup memory peak (MiB) |",
         "|---|---:|---:|---:|---:|",
@@ -1074,7 +1074,7 @@ def bench_main(bench, args):
         f"- client and reference: {' '.join(bench.client.nix_store_version())}; nixbuild: {git_commit(repo)} (release build)",
         f"- server CPU: {cpu_src}; server peak RSS: GNU time maxrss per server process, summed; "
         f"cgroup memory peak: {mem_src} (includes page cache)",
-        f"- {args.reps} runs per side, alternating, the first side switching every repetition",
+        f"- {args.reps} run(s) per side and workload, alternating sides, the side that goes first switching every repetition",
     ]
     for line in header:
         log(line)
