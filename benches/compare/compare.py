@@ -1,0 +1,1125 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: nixbuild against Nix's own `nix-store --serve`.
+
+Both servers are driven by the same real Nix client (`nix copy`) over the stdio transport
+(`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no sshd). Runs
+alternate between the two sides, every run does the full work (fresh server store for
+uploads, client copies deleted before downloads), and every run is checked: the paths must
+be valid on the destination with the narHash the client recorded, and the bytes on the
+destination's disk must hash to it.
+
+Measured per run, for the server process tree only (the client is never in the cgroup):
+wall time of the client command, server CPU (user+sys) from a fresh cgroup per run, server
+peak RSS (GNU time's maxrss of every server process, summed), and the cgroup's memory
+high-water mark, which also counts the page cache of the files the server wrote.
+
+See README.md next to this file. Run through `benches/compare/run` (installs what is
+missing and builds the examples), as root.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+PREFIX = "nixbuild-compare"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+GNU_TIME = "/usr/bin/time"
+NIX32_CHARS = "0123456789abcdfghijklmnpqrsvwxyz"
+# How long a server gets to finish after the client returned, and a daemon to start.
+SETTLE_TIMEOUT = 120.0
+START_TIMEOUT = 60.0
+
+
+class BenchError(Exception):
+    """A failed step, with what was being done and the tail of its log."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM/SIGHUP: unwind so that the cleanup runs."""
+
+
+# ---------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Client-side test paths: `top` is what `nix copy` is given, `paths` its whole closure."""
+
+    key: str
+    title: str
+    top: str
+    paths: tuple
+    nar_hashes: dict  # store path -> "sha256:<nix32>" as the client's Nix recorded it
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    direction: str  # "upload" (nix copy --to) or "download" (nix copy --from)
+    dataset: str  # key of the Dataset
+    cpu_target: float  # server CPU ratio nixbuild / reference must be at most this
+    rss_target_mib: float | None  # nixbuild peak RSS must stay under this, when set
+
+
+WORKLOADS = [
+    Workload("upload-closure", "upload", "closure", 1 / 2, None),
+    Workload("download-closure", "download", "closure", 1 / 3, None),
+    Workload("upload-1g", "upload", "big", 1 / 2, 64),
+    Workload("download-1g", "download", "big", 1 / 3, 64),
+]
+
+SIDES = ("reference", "nixbuild")
+SIDE_LABEL = {"reference": "reference (nix-store --serve)", "nixbuild": "nixbuild"}
+
+
+# ---------------------------------------------------------------------------------------
+# Processes and logs
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def tail(path, lines=20):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()[-8192:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def run(cmd, env, logfile, what, stdin=None):
+    """Runs a command to completion, its output appended to `logfile`; raises on failure."""
+    with open(logfile, "ab") as out:
+        out.write(("$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        proc = subprocess.run(cmd, env=env, stdin=stdin, stdout=out, stderr=out)
+    if proc.returncode != 0:
+        raise BenchError(f"{what} failed (exit {proc.returncode}):\n{tail(logfile)}")
+
+
+def capture(cmd, env, logfile, what):
+    """Runs a command and returns its stdout lines; stderr goes to `logfile`."""
+    with open(logfile, "ab") as err:
+        err.write(("$ " + " ".join(cmd) + "\n").encode())
+        err.flush()
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
+    if proc.returncode != 0:
+        raise BenchError(f"{what} failed (exit {proc.returncode}):\n{tail(logfile)}")
+    return proc.stdout.decode().split()
+
+
+def kill_pid(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def rm_tree(path):
+    """Removes a tree even where Nix or nixbuild made it read-only (0555 directories)."""
+    if not os.path.lexists(path):
+        return
+
+    def make_writable(func, p, _exc):
+        parent = os.path.dirname(p)
+        try:
+            os.chmod(parent, 0o755)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o755)
+        except OSError:
+            pass
+        func(p)
+
+    shutil.rmtree(path, onerror=make_writable)
+
+
+# ---------------------------------------------------------------------------------------
+# Cgroups
+
+
+class Cgroups:
+    """Per-run cgroups for CPU and memory accounting, v1 or v2 detected per controller.
+
+    v1 (`cpuacct`, `memory` hierarchies): the harness's top cgroup is created under the
+    cgroup the harness itself is in, so it stays inside whatever limits apply to it. v2:
+    under the root of the unified hierarchy (a non-root cgroup with processes in it cannot
+    hand controllers down), with `+memory` enabled for the children when available.
+    """
+
+    def __init__(self, top_name):
+        mounts = []
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and fields[2] in ("cgroup", "cgroup2"):
+                    mounts.append((fields[1], fields[2], fields[3].split(",")))
+        own = {}
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _id, controllers, path = line.rstrip("\n").split(":", 2)
+                for c in controllers.split(",") if controllers else [""]:
+                    own[c] = path
+        v1 = {}
+        v2_mount = None
+        for mnt, fstype, opts in mounts:
+            if fstype == "cgroup2":
+                v2_mount = mnt
+            else:
+                for c in ("cpuacct", "memory"):
+                    if c in opts:
+                        v1[c] = mnt
+        self.tops = []  # top cgroup directories, removed at the end
+        self.cpu = None  # ("v1"|"v2", top dir)
+        self.mem = None
+        v2_top = None
+        if v2_mount is not None and ("cpuacct" not in v1 or "memory" not in v1):
+            v2_top = os.path.join(v2_mount, top_name)
+        if "cpuacct" in v1:
+            self.cpu = ("v1", self._make_top(v1["cpuacct"], own.get("cpuacct", "/"), top_name))
+        elif v2_top is not None:
+            self.cpu = ("v2", self._make_top(v2_mount, "/", top_name))
+        else:
+            raise BenchError("no cgroup CPU accounting found (neither v1 cpuacct nor cgroup2)")
+        if "memory" in v1:
+            self.mem = ("v1", self._make_top(v1["memory"], own.get("memory", "/"), top_name))
+        elif v2_top is not None:
+            top = self._make_top(v2_mount, "/", top_name)
+            if self._enable_v2(top, "memory"):
+                self.mem = ("v2", top)
+
+    def _make_top(self, mount, own_path, top_name):
+        top = os.path.join(mount, own_path.lstrip("/"), top_name)
+        if top not in self.tops:
+            os.makedirs(top, exist_ok=True)
+            self.tops.append(top)
+        return top
+
+    @staticmethod
+    def _enable_v2(top, controller):
+        try:
+            with open(os.path.join(top, "cgroup.controllers")) as f:
+                if controller not in f.read().split():
+                    return False
+            with open(os.path.join(top, "cgroup.subtree_control"), "w") as f:
+                f.write("+" + controller)
+            return True
+        except OSError:
+            return False
+
+    def describe(self):
+        cpu = f"cgroup {self.cpu[0]} " + (
+            "cpuacct.usage" if self.cpu[0] == "v1" else "cpu.stat usage_usec"
+        )
+        if self.mem is None:
+            mem = "no memory cgroup available"
+        else:
+            mem = f"cgroup {self.mem[0]} " + (
+                "memory.max_usage_in_bytes" if self.mem[0] == "v1" else "memory.peak"
+            )
+        return cpu, mem
+
+    def new_group(self, name):
+        return Group(self, name)
+
+    def destroy(self):
+        for top in reversed(self.tops):
+            destroy_tree(top)
+
+
+class Group:
+    """One fresh cgroup (a directory per hierarchy in use) for one run's server tree."""
+
+    def __init__(self, cgroups, name):
+        self.cgroups = cgroups
+        self.cpu_dir = os.path.join(cgroups.cpu[1], name)
+        self.mem_dir = os.path.join(cgroups.mem[1], name) if cgroups.mem else None
+        self.dirs = [d for d in dict.fromkeys([self.cpu_dir, self.mem_dir]) if d]
+        for d in self.dirs:
+            if os.path.isdir(d):
+                destroy_tree(d)
+            os.mkdir(d)
+
+    def procs_files(self):
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs]
+
+    def pids(self):
+        try:
+            with open(os.path.join(self.cpu_dir, "cgroup.procs")) as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def cpu_ns(self):
+        if self.cgroups.cpu[0] == "v1":
+            with open(os.path.join(self.cpu_dir, "cpuacct.usage")) as f:
+                return int(f.read())
+        with open(os.path.join(self.cpu_dir, "cpu.stat")) as f:
+            for line in f:
+                k, v = line.split()
+                if k == "usage_usec":
+                    return int(v) * 1000
+        raise BenchError(f"no usage_usec in {self.cpu_dir}/cpu.stat")
+
+    def mem_peak(self):
+        if self.mem_dir is None:
+            return None
+        name = "memory.max_usage_in_bytes" if self.cgroups.mem[0] == "v1" else "memory.peak"
+        try:
+            with open(os.path.join(self.mem_dir, name)) as f:
+                return int(f.read().split()[0])
+        except OSError:
+            return None
+
+    def wait_empty(self, timeout):
+        deadline = time.monotonic() + timeout
+        while self.pids():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def destroy(self):
+        for d in self.dirs:
+            destroy_tree(d)
+
+
+def destroy_tree(top):
+    """Kills every process in a cgroup directory tree, then removes the directories."""
+    if not os.path.isdir(top):
+        return
+    dirs = [root for root, _subdirs, _files in os.walk(top)]
+    for _attempt in range(100):
+        pids = []
+        for d in dirs:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        if not pids:
+            break
+        for pid in pids:
+            kill_pid(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    for d in sorted(dirs, key=len, reverse=True):
+        try:
+            os.rmdir(d)
+        except OSError as e:
+            log(f"warning: could not remove cgroup {d}: {e}")
+
+
+# ---------------------------------------------------------------------------------------
+# Nix client side
+
+
+class Client:
+    """The real Nix client with a private configuration, and the test paths it owns."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        conf_dir = os.path.join(tmp, "nix-conf")
+        os.mkdir(conf_dir)
+        with open(os.path.join(conf_dir, "nix.conf"), "w") as f:
+            f.write(
+                "experimental-features = nix-command\n"
+                "substituters =\n"
+                "sandbox = false\n"
+                "build-users-group =\n"
+                # The generated paths carry no signatures.
+                "require-sigs = false\n"
+            )
+        empty = os.path.join(tmp, "empty.conf")
+        open(empty, "w").close()
+        self.env = dict(os.environ)
+        self.env.pop("NIX_REMOTE", None)
+        self.env.pop("NIX_PATH", None)
+        self.env["NIX_CONF_DIR"] = conf_dir
+        self.env["NIX_USER_CONF_FILES"] = empty
+        self.log = os.path.join(tmp, "client.log")
+        self.owned = set()  # client store paths this run created, deleted at the end
+
+    def nix_store_version(self):
+        return capture(["nix-store", "--version"], self.env, self.log, "nix-store --version")
+
+    def store_dir(self):
+        return "/nix/store"
+
+    def hashes(self, store, paths, what):
+        """narHash of each path as `store` records it (fails if one is not valid there)."""
+        cmd = ["nix-store"] + (["--store", store] if store else []) + ["-q", "--hash"]
+        out = capture(cmd + list(paths), self.env, self.log, what)
+        if len(out) != len(paths):
+            raise BenchError(f"{what}: {len(out)} hashes for {len(paths)} paths")
+        return dict(zip(paths, out))
+
+    def disk_hashes(self, files, what):
+        """NAR hashes of files on disk, computed by Nix's `nix-hash`, as "sha256:<nix32>"."""
+        out = []
+        files = list(files)
+        for i in range(0, len(files), 100):
+            chunk = files[i : i + 100]
+            out += capture(
+                ["nix-hash", "--type", "sha256", "--base32"] + chunk, self.env, self.log, what
+            )
+        if len(out) != len(files):
+            raise BenchError(f"{what}: {len(out)} hashes for {len(files)} files")
+        return ["sha256:" + h for h in out]
+
+    def delete(self, paths, what):
+        run(["nix-store", "--delete"] + list(paths), self.env, self.log, what)
+        valid = subprocess.run(
+            ["nix-store", "--check-validity", "--print-invalid"] + list(paths),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        still = set(paths) - set(valid.stdout.decode().split())
+        if still:
+            raise BenchError(f"{what}: still valid after nix-store --delete: {sorted(still)[:3]}")
+
+    def delete_owned(self):
+        if not self.owned:
+            return
+        subprocess.run(
+            ["nix-store", "--delete"] + sorted(self.owned),
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.owned.clear()
+
+    def make_closure(self, salt, count, size):
+        """Imports `count` paths of `size` bytes each, path i referring to i-1 and i/2.
+
+        Written as an export stream for `nix-store --import` (the only way to give paths
+        references without building); the contents are random bytes after the text of the
+        referenced paths, so a reference scanner finds exactly the declared references.
+        """
+        paths = []
+        for i in range(count):
+            digest = "".join(secrets.choice(NIX32_CHARS) for _ in range(32))
+            paths.append(f"{self.store_dir()}/{digest}-{PREFIX}-{salt}-{i:03d}")
+        proc = subprocess.Popen(
+            ["nix-store", "--import"],
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),
+        )
+        try:
+            for i, path in enumerate(paths):
+                refs = sorted({paths[j] for j in (i - 1, i // 2) if 0 <= j < i})
+                head = "".join(r + "\n" for r in refs).encode()
+                contents = head + os.urandom(size - len(head))
+                entry = [u64(1), nar_regular_file(contents), u64(0x4558494E), wire_str(path)]
+                entry += [u64(len(refs))] + [wire_str(r) for r in refs]
+                entry += [wire_str(""), u64(0)]
+                proc.stdin.write(b"".join(entry))
+            proc.stdin.write(u64(0))
+            proc.stdin.close()
+        finally:
+            rc = proc.wait()
+        self.owned.update(paths)
+        if rc != 0:
+            raise BenchError(f"nix-store --import of the closure failed:\n{tail(self.log)}")
+        return Dataset(
+            "closure",
+            f"closure of {count} paths x {size // MIB} MiB",
+            paths[-1],
+            tuple(paths),
+            self.hashes(None, paths, "client narHash of the closure"),
+        )
+
+    def make_big(self, salt, size):
+        """Adds one regular file of `size` random bytes with `nix-store --add`."""
+        src = os.path.join(self.tmp, f"{PREFIX}-{salt}-big")
+        with open(src, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 8 * MIB)
+                f.write(os.urandom(n))
+                left -= n
+        try:
+            (path,) = capture(["nix-store", "--add", src], self.env, self.log, "nix-store --add")
+        finally:
+            os.unlink(src)
+        self.owned.add(path)
+        return Dataset(
+            "big",
+            f"one path of {size // MIB} MiB",
+            path,
+            (path,),
+            self.hashes(None, [path], "client narHash of the big path"),
+        )
+
+
+def u64(n):
+    return struct.pack("<Q", n)
+
+
+def wire_str(s):
+    b = s.encode() if isinstance(s, str) else s
+    return u64(len(b)) + b + b"\0" * (-len(b) % 8)
+
+
+def nar_regular_file(contents):
+    parts = ["nix-archive-1", "(", "type", "regular", "contents"]
+    return b"".join(wire_str(p) for p in parts) + wire_str(contents) + wire_str(")")
+
+
+# ---------------------------------------------------------------------------------------
+# Servers
+
+
+def wrapper_script(path, group, stats_dir, label, env, program, foreground=False):
+    """Writes the remote program: join the run's cgroups, run the server under GNU time.
+
+    Nix's client SIGKILLs the process it started when it disconnects, so for sessions the
+    server runs under `time` in the background of this shell: the shell dies, `time`
+    waits for the server and writes its maxrss. The daemon, stopped by the harness, gets
+    `exec time` instead.
+    """
+    lines = ["#!/bin/sh", "set -e"]
+    if group is not None:
+        lines += [f"echo $$ > {shq(f)}" for f in group.procs_files()]
+    envs = " ".join(f"{k}={shq(v)}" for k, v in env.items())
+    timed = (
+        f"{GNU_TIME} -o {shq(stats_dir)}/{label}.$$ -f '%M %U %S' "
+        f"{'env ' + envs + ' ' if envs else ''}{shq(program)} \"$@\""
+    )
+    if stats_dir is None:
+        lines.append(f"exec {'env ' + envs + ' ' if envs else ''}{shq(program)} \"$@\"")
+    elif foreground:
+        lines.append("exec " + timed)
+    else:
+        # A background list's stdin would be /dev/null unless redirected explicitly.
+        lines += ["exec 3<&0", f"{timed} <&3 3<&- &", "exec 3<&-", "wait $!"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def shq(s):
+    return "'" + str(s).replace("'", "'\\''") + "'"
+
+
+def read_stats(stats_dir):
+    """Per server process: (label, maxrss bytes, user+sys seconds) from GNU time's files."""
+    out = []
+    for name in sorted(os.listdir(stats_dir)):
+        with open(os.path.join(stats_dir, name)) as f:
+            lines = [x for x in f.read().splitlines() if x.strip()]
+        # A process killed by a signal gets a "Command terminated by signal" line first.
+        fields = lines[-1].split() if lines else []
+        if len(fields) != 3:
+            raise BenchError(f"unreadable GNU time output in {name}: {lines}")
+        out.append((name.split(".")[0], int(fields[0]) * 1024, float(fields[1]) + float(fields[2])))
+    return out
+
+
+class Reference:
+    """Nix's `nix-store --serve` on a chroot store of its own (`remote-store=`)."""
+
+    name = "reference"
+
+    def __init__(self, root):
+        self.root = root
+        self.store = None
+
+    def fresh_store(self, n):
+        if self.store:
+            rm_tree(self.store)
+        self.store = os.path.join(self.root, f"ref-store-{n}")
+
+    def start(self, rundir, group, stats_dir):
+        prog = shutil.which("nix-store")
+        script = wrapper_script(
+            os.path.join(rundir, "ref-serve.sh"), group, stats_dir, "nix-store", {}, prog
+        )
+        return f"ssh://localhost?remote-program={script}&remote-store={self.store}"
+
+    def stop(self, _group=None):
+        """Nothing to stop: each session's `nix-store --serve` ends with its client."""
+
+    def verify_upload(self, client, dataset):
+        got = client.hashes(self.store, dataset.paths, "reference: narHash on the server")
+        check_hashes("reference store", dataset, got)
+        disk = client.disk_hashes(
+            [self.store + p for p in dataset.paths], "reference: re-hash of the stored files"
+        )
+        missing = set(dataset.nar_hashes.values()) - set(disk)
+        if missing:
+            raise BenchError(f"reference store: files on disk do not hash to {len(missing)} narHashes")
+
+
+class Nixbuild:
+    """`nixbuild-server` on a temporary state directory, reached through `nixbuild-serve`."""
+
+    name = "nixbuild"
+
+    def __init__(self, root, bin_dir, client):
+        self.root = root
+        self.server_bin = os.path.join(bin_dir, "nixbuild-server")
+        self.serve_bin = os.path.join(bin_dir, "nixbuild-serve")
+        for b in (self.server_bin, self.serve_bin):
+            if not os.access(b, os.X_OK):
+                raise BenchError(f"{b} is missing: build the examples (benches/compare/run does)")
+        self.client = client
+        self.state = None
+        self.daemon = None
+        self.daemon_log = None
+
+    def fresh_store(self, n):
+        if self.state:
+            rm_tree(self.state)
+        self.state = os.path.join(self.root, f"nixbuild-state-{n}")
+        os.mkdir(self.state)
+
+    def relay_env(self):
+        return {"NIXBUILD_STATE_DIR": self.state, "NIXBUILD_ACCOUNT": "bench"}
+
+    def start(self, rundir, group, stats_dir):
+        self.start_daemon(rundir, group, stats_dir)
+        script = wrapper_script(
+            os.path.join(rundir, "nixbuild-serve.sh"),
+            group,
+            stats_dir,
+            "relay",
+            self.relay_env(),
+            self.serve_bin,
+        )
+        return f"ssh://localhost?remote-program={script}"
+
+    def start_daemon(self, rundir, group, stats_dir):
+        script = wrapper_script(
+            os.path.join(rundir, "nixbuild-server.sh"),
+            group,
+            stats_dir,
+            "daemon",
+            {},
+            self.server_bin,
+            foreground=True,
+        )
+        self.daemon_log = os.path.join(rundir, "daemon.log")
+        self.daemon = subprocess.Popen(
+            [script, "--state-dir", self.state],
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.daemon_log, "ab"),
+            stderr=subprocess.STDOUT,
+            env=self.client.env,
+        )
+        sock = os.path.join(self.state, "serve.sock")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.daemon.poll() is not None:
+                raise BenchError(f"nixbuild-server exited at start:\n{tail(self.daemon_log)}")
+            if os.path.exists(sock):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(sock)
+                    break
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            if time.monotonic() > deadline:
+                raise BenchError(f"nixbuild-server did not listen:\n{tail(self.daemon_log)}")
+            time.sleep(0.02)
+
+    def daemon_pids(self, group):
+        """The server itself, not the `time` that waits for it."""
+        return [p for p in group.pids() if comm(p) not in ("time", None)] if group else []
+
+    def stop(self, group=None):
+        """SIGTERM to the daemon (not to `time`, which must survive to report)."""
+        if self.daemon is None:
+            return
+        targets = self.daemon_pids(group) if group else [self.daemon.pid]
+        for pid in targets:
+            kill_pid(pid, signal.SIGTERM)
+        try:
+            self.daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_pid(self.daemon.pid, signal.SIGKILL)
+            for pid in targets:
+                kill_pid(pid, signal.SIGKILL)
+            self.daemon.wait()
+        self.daemon = None
+
+    def verify_upload(self, client, dataset):
+        # A separate, unmeasured daemon answers the protocol-level check.
+        rundir = tempfile.mkdtemp(prefix="verify-", dir=self.root)
+        self.start_daemon(rundir, None, None)
+        try:
+            script = wrapper_script(
+                os.path.join(rundir, "plain-serve.sh"), None, None, "", self.relay_env(), self.serve_bin
+            )
+            got = client.hashes(
+                f"ssh://localhost?remote-program={script}", dataset.paths, "nixbuild: narHash on the server"
+            )
+        finally:
+            self.stop()
+        check_hashes("nixbuild store", dataset, got)
+        objects = os.path.join(self.state, "objects")
+        files = [os.path.join(objects, n) for n in sorted(os.listdir(objects))]
+        disk = client.disk_hashes(files, "nixbuild: re-hash of the stored objects")
+        missing = set(dataset.nar_hashes.values()) - set(disk)
+        if missing:
+            raise BenchError(f"nixbuild store: no object hashes to {len(missing)} of the narHashes")
+
+
+def check_hashes(where, dataset, got):
+    bad = [p for p in dataset.paths if got.get(p) != dataset.nar_hashes[p]]
+    if bad:
+        p = bad[0]
+        raise BenchError(
+            f"{where}: {len(bad)} paths with the wrong narHash, e.g. {p}: "
+            f"{got.get(p)} instead of {dataset.nar_hashes[p]}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclasses.dataclass
+class Sample:
+    wall: float  # seconds, client command
+    cpu: float  # seconds, user+sys of the server cgroup
+    rss: int  # bytes, sum of the server processes' maxrss
+    cg_mem: int | None  # bytes, memory cgroup high-water mark (includes page cache)
+    procs: list  # (label, maxrss, cpu) per server process
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix=f"{PREFIX}.{os.getpid()}.", dir=args.tmp_dir)
+        self.cgroups = Cgroups(f"{PREFIX}.{os.getpid()}")
+        self.client = Client(self.tmp)
+        self.reference = Reference(self.tmp)
+        self.nixbuild = (
+            Nixbuild(self.tmp, args.bin_dir, self.client) if "nixbuild" in args.sides else None
+        )
+        self.salt = secrets.token_hex(4)
+        self.counter = 0
+        self.active_group = None
+
+    def cleanup(self):
+        if self.nixbuild is not None:
+            try:
+                self.nixbuild.stop(self.active_group)
+            except (OSError, subprocess.SubprocessError) as e:
+                log(f"warning: stopping nixbuild-server: {e}")
+        self.cgroups.destroy()
+        self.client.delete_owned()
+        rm_tree(self.tmp)
+
+    def side(self, name):
+        return self.reference if name == "reference" else self.nixbuild
+
+    def dataset(self, key):
+        if key == "closure":
+            return self.client.make_closure(self.salt, self.args.closure_paths, MIB)
+        return self.client.make_big(self.salt, self.args.big_mib * MIB)
+
+    def populate(self, side, dataset):
+        """Fills a fresh server store for downloads (an upload, not measured)."""
+        self.counter += 1
+        side.fresh_store(self.counter)
+        rundir = self.rundir("populate")
+        group = self.cgroups.new_group(f"populate-{self.counter}")
+        self.active_group = group
+        try:
+            url = side.start(rundir, group, None)
+            run(
+                ["nix", "copy", "--to", url, dataset.top],
+                self.client.env,
+                self.client.log,
+                f"{side.name}: populating the store",
+            )
+            side.stop(group)
+        finally:
+            group.destroy()
+            self.active_group = None
+        side.verify_upload(self.client, dataset)
+
+    def rundir(self, what):
+        d = os.path.join(self.tmp, f"run-{self.counter:03d}-{what}")
+        os.mkdir(d)
+        return d
+
+    def measure(self, side, workload, dataset):
+        self.counter += 1
+        if workload.direction == "upload":
+            side.fresh_store(self.counter)
+        else:
+            self.client.delete(dataset.paths, "deleting the client copies")
+        rundir = self.rundir(f"{side.name}-{workload.name}")
+        stats_dir = os.path.join(rundir, "stats")
+        os.mkdir(stats_dir)
+        os.sync()  # start from clean page cache writeback, not the previous run's
+        group = self.cgroups.new_group(f"run-{self.counter}")
+        self.active_group = group
+        try:
+            url = side.start(rundir, group, stats_dir)
+            flag = "--to" if workload.direction == "upload" else "--from"
+            cmd = ["nix", "copy", flag, url, dataset.top]
+            cpu0 = group.cpu_ns()
+            t0 = time.monotonic()
+            run(cmd, self.client.env, self.client.log, f"{side.name}: {workload.name}")
+            wall = time.monotonic() - t0
+            # The sessions end once the client is gone; then the daemon is stopped, so any
+            # work the server does after the client returned is counted too.
+            if side is self.nixbuild:
+                deadline = time.monotonic() + SETTLE_TIMEOUT
+                while len(group.pids()) > 2:
+                    if time.monotonic() > deadline:
+                        raise BenchError("nixbuild: sessions still running after the client exited")
+                    time.sleep(0.02)
+                side.stop(group)
+            if not group.wait_empty(SETTLE_TIMEOUT):
+                raise BenchError(f"{side.name}: server processes still running: {group.pids()}")
+            cpu = (group.cpu_ns() - cpu0) / 1e9
+            cg_mem = group.mem_peak()
+        finally:
+            group.destroy()
+            self.active_group = None
+        procs = read_stats(stats_dir)
+        if not procs:
+            raise BenchError(f"{side.name}: no server process statistics in {stats_dir}")
+        # Checked after the measurement: the work was really done.
+        if workload.direction == "upload":
+            side.verify_upload(self.client, dataset)
+        else:
+            got = self.client.hashes(None, dataset.paths, "client narHash after download")
+            check_hashes("client store", dataset, got)
+            disk = self.client.disk_hashes(dataset.paths, "client: re-hash of the downloaded paths")
+            if disk != [dataset.nar_hashes[p] for p in dataset.paths]:
+                raise BenchError("client store: downloaded files do not hash to their narHash")
+        return Sample(wall, cpu, sum(p[1] for p in procs), cg_mem, procs)
+
+
+def fmt_mib(b):
+    return "n/a" if b is None else f"{b / MIB:.1f}"
+
+
+def fmt_ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def report(workload, dataset, samples, reps):
+    sides = [s for s in SIDES if samples[s]]
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "wall": median([s.wall for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "rss": median([s.rss for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+        }
+    flag = "--to" if workload.direction == "upload" else "--from"
+    lines = [
+        f"### {workload.name}: nix copy {flag}, {dataset.title} (median of {reps} run{'s' if reps > 1 else ''} per side)",
+        "",
+        "| | wall time (s) | server CPU (s) | server peak RSS (MiB) | server cgroup memory peak (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for side in sides:
+        m = med[side]
+        lines.append(
+            f"| {SIDE_LABEL[side]} | {m['wall']:.3f} | {m['cpu']:.3f} | {fmt_mib(m['rss'])} | {fmt_mib(m['cg'])} |"
+        )
+    lines += ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            detail = ", ".join(f"{lbl} {rss / MIB:.1f} MiB" for lbl, rss, _cpu in s.procs)
+            lines.append(
+                f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  cpu {s.cpu:7.3f} s  "
+                f"rss {s.rss / MIB:7.1f} MiB  cgroup {fmt_mib(s.cg_mem):>7} MiB  [{detail}]"
+            )
+    lines.append("```")
+    if len(sides) < 2:
+        return "\n".join(lines)
+    r, n = med["reference"], med["nixbuild"]
+    lines.insert(
+        4 + len(sides),
+        f"| nixbuild / reference | {fmt_ratio(n['wall'], r['wall'])} | {fmt_ratio(n['cpu'], r['cpu'])} "
+        f"| {fmt_ratio(n['rss'], r['rss'])} | {fmt_ratio(n['cg'], r['cg'])} |",
+    )
+    targets = [""]
+    cpu_ratio = n["cpu"] / r["cpu"] if r["cpu"] else None
+    wall_ratio = n["wall"] / r["wall"] if r["wall"] else None
+    frac = "1/2" if workload.cpu_target == 1 / 2 else "1/3"
+    targets.append(
+        f"- target server CPU <= {frac} of the reference: "
+        + met(cpu_ratio is not None and cpu_ratio <= workload.cpu_target)
+        + f" ({fmt_ratio(n['cpu'], r['cpu'])})"
+    )
+    if workload.rss_target_mib is not None:
+        targets.append(
+            f"- target server peak RSS < {workload.rss_target_mib} MiB: "
+            + met(n["rss"] < workload.rss_target_mib * MIB)
+            + f" ({fmt_mib(n['rss'])} MiB)"
+        )
+    targets.append(
+        "- target wall time no worse than the reference: "
+        + met(wall_ratio is not None and wall_ratio <= 1.0)
+        + f" ({fmt_ratio(n['wall'], r['wall'])})"
+    )
+    at = 5 + len(sides)
+    return "\n".join(lines[:at] + targets + lines[at:])
+
+
+def met(ok):
+    return "met" if ok else "NOT met"
+
+
+def machine_description(client):
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) // 1024} MiB RAM"
+    return f"{cpu}, {os.cpu_count()} CPUs, {mem}, Linux {platform.release()}"
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def git_commit(repo):
+    try:
+        out = subprocess.run(
+            ["git", "-C", repo, "describe", "--always", "--dirty"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        return out.stdout.decode().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# Leftovers of an interrupted run
+
+
+def sweep():
+    """Removes cgroups, temp dirs and client paths left by harness runs that are gone."""
+
+    def dead_owner(name):
+        rest = name[len(PREFIX) + 1 :].split(".")[0]
+        return rest.isdigit() and not pid_alive(int(rest))
+
+    roots = set()
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
+                roots.add(fields[1])
+    for root in roots:
+        for dirpath, dirnames, _files in os.walk(root):
+            for d in list(dirnames):
+                if d.startswith(PREFIX + "."):
+                    dirnames.remove(d)
+                    if dead_owner(d):
+                        destroy_tree(os.path.join(dirpath, d))
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if name.startswith(PREFIX + ".") and dead_owner(name):
+            rm_tree(os.path.join(tmp, name))
+
+
+def sweep_client_paths(client):
+    """Deletes generated paths from earlier, interrupted runs (nothing else uses them)."""
+    stale = [
+        os.path.join("/nix/store", n)
+        for n in os.listdir("/nix/store")
+        if f"-{PREFIX}-" in n and not n.endswith(".lock")
+    ]
+    if stale:
+        subprocess.run(
+            ["nix-store", "--delete"] + stale,
+            env=client.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    names = [w.name for w in WORKLOADS]
+    p = argparse.ArgumentParser(
+        description="nixbuild against nix-store --serve, side by side (see README.md)."
+    )
+    p.add_argument("--reps", type=int, default=5, help="repetitions per side (default 5)")
+    p.add_argument(
+        "--workloads",
+        default=",".join(names),
+        help="comma-separated, from: " + ", ".join(names) + " (default: all)",
+    )
+    p.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help="comma-separated subset of reference,nixbuild (default both; ratios need both)",
+    )
+    p.add_argument("--bin-dir", required=True, help="where nixbuild-server and nixbuild-serve are")
+    p.add_argument("--closure-paths", type=int, default=200, help="paths in the closure (200)")
+    p.add_argument("--big-mib", type=int, default=1024, help="size of the big path in MiB (1024)")
+    p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(chosen) - set(names)
+    if unknown or not chosen:
+        p.error(f"unknown workloads {sorted(unknown)}; choose from {names}")
+    args.workloads = [w for w in WORKLOADS if w.name in chosen]
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not args.sides or set(args.sides) - set(SIDES):
+        p.error("--sides takes reference, nixbuild or both")
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    return args
+
+
+def main(argv):
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        raise BenchError("run as root: the harness creates cgroups and uses the root Nix store")
+
+    def interrupted(signum, _frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupted)
+
+    sweep()
+    bench = None
+    try:
+        bench = Bench(args)
+        sweep_client_paths(bench.client)
+        return bench_main(bench, args)
+    finally:
+        # No interruption while cleaning up.
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        if bench is not None:
+            bench.cleanup()
+
+
+def bench_main(bench, args):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cpu_src, mem_src = bench.cgroups.describe()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    header = [
+        f"benches/compare, {started:%Y-%m-%d %H:%M} UTC",
+        f"- command: {args.command or ' '.join(sys.argv)}",
+        f"- machine: {machine_description(bench.client)}",
+        f"- load average at start: {loadavg()}",
+        f"- client and reference: {' '.join(bench.client.nix_store_version())}; nixbuild: {git_commit(repo)} (release build)",
+        f"- server CPU: {cpu_src}; server peak RSS: GNU time maxrss per server process, summed; "
+        f"cgroup memory peak: {mem_src} (includes page cache)",
+        f"- {args.reps} run(s) per side and workload, alternating sides, the side that goes first switching every repetition",
+    ]
+    for line in header:
+        log(line)
+    log("")
+    datasets = {}
+    sections = []
+    for workload in args.workloads:
+        if workload.dataset not in datasets:
+            log(f"generating the {workload.dataset} dataset on the client...")
+            datasets[workload.dataset] = bench.dataset(workload.dataset)
+        dataset = datasets[workload.dataset]
+        if workload.direction == "download":
+            for name in args.sides:
+                log(f"{workload.name}: filling the {name} store (not measured)...")
+                bench.populate(bench.side(name), dataset)
+        samples = {s: [] for s in SIDES}
+        for rep in range(args.reps):
+            order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
+            for name in order:
+                s = bench.measure(bench.side(name), workload, dataset)
+                samples[name].append(s)
+                log(
+                    f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s, "
+                    f"peak RSS {s.rss / MIB:.1f} MiB, cgroup memory {fmt_mib(s.cg_mem)} MiB"
+                )
+        sections.append(report(workload, dataset, samples, args.reps))
+    header.append(f"- load average at end: {loadavg()}")
+    log("")
+    log("=" * 30 + " results " + "=" * 30)
+    log("")
+    for line in header:
+        log(line)
+    log("")
+    for sec in sections:
+        log(sec)
+        log("")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"interrupted ({e}); cleaned up", file=sys.stderr)
+        sys.exit(130)
