@@ -1,4 +1,115 @@
-//! nixbuild's Linux namespace sandbox: a pure, tested plan and a small executor.
+//! nixbuild's Linux namespace build sandbox.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace until the sandbox issue.
-//! It is the only crate of the workspace allowed to contain `unsafe` code.
+//! A derivation built by nixbuild must not be able to tell that it was not built by Nix's own
+//! sandbox (`spec/sandbox.md`, current-Nix behaviour), and must not be able to reach anything
+//! outside its input closure, its outputs and its scratch space.
+//!
+//! # Plan and executor
+//!
+//! The crate is split the way youki splits its container set-up:
+//!
+//! - **The plan** (this code, all of it so far): [`plan()`] takes what a build needs
+//!   ([`BuildRequest`]) and what the host allocated for it ([`HostSetup`]) and returns a
+//!   [`SandboxPlan`]: namespaces, uid/gid maps, the host-side files to create
+//!   ([`HostOp`]), the ordered mount sequence ([`MountOp`]), hostname, environment, working
+//!   directory, rlimits, no_new_privs, personality and the seccomp table as data. It performs no
+//!   system call, so every piece is unit-tested against the spec without root.
+//! - **The executor** (planned): runs in the helper mode of the daemon's own executable
+//!   (`maybe_run_helper()`, called first in `main`; the daemon re-executes `/proc/self/exe`), a
+//!   small single-threaded process, like bubblewrap. It performs the plan's [`HostOp`]s as
+//!   root, `clone`s the child with the plan's namespaces, writes the id maps, and the child
+//!   performs the [`MountOp`]s, loads the filter and `execve`s the builder. Nothing forks
+//!   inside the tokio process. The executor will be the only `unsafe` code of the workspace.
+//!
+//! # Threat model
+//!
+//! Builders are untrusted code from untrusted accounts. What the plan provides against them:
+//!
+//! - **Isolation by namespaces**: user, mount, pid, ipc, uts and (except fixed-output
+//!   derivations) network. If any cannot be created the build fails; there is no unsandboxed
+//!   fallback. The builder is PID 1 of its namespace, so nothing outlives it.
+//! - **Identity**: a per-build host uid/gid, never 0, mapped to 1000/100 with `setgroups`
+//!   denied; the builder holds no capability on the host.
+//! - **Filesystem**: the new root is a directory of the build's own scratch directory, made
+//!   read-only after set-up. Only three host directories are writable inside, all of them the
+//!   build's own: `/build`, `/tmp` and `/nix/store` (where the outputs are created). Every
+//!   input path, device node and resolver file is a bind mount remounted read-only, and inputs
+//!   come only from the store's objects directory. The host root is detached after
+//!   `pivot_root`.
+//! - **Kernel surface**: `no_new_privs`; seccomp refuses setuid/setgid bits and extended
+//!   attributes on the x86_64, i386 and x32 ABIs and kills any other ABI; Landlock scopes
+//!   abstract unix sockets (fixed-output builds share the host network namespace); no core
+//!   dumps.
+//!
+//! Fixed-output derivations are trusted with the network because their output is checked
+//! against a hash the client declared; they still get every other restriction.
+//!
+//! Out of scope for the plan: CPU and memory limits (cgroups), timeouts and log limits, which
+//! the build service enforces around the executor.
+
+pub mod env;
+mod error;
+pub mod files;
+mod plan;
+mod request;
+pub mod seccomp;
+
+pub use error::PlanError;
+pub use plan::{
+    plan, Exec, HostOp, IdMap, IdMaps, MountOp, Namespaces, Personality, Rlimit, RlimitResource,
+    RlimitValue, SandboxPlan, DEV_NODES, DEV_SYMLINKS, PUT_OLD,
+};
+pub use request::{BuildRequest, HostSetup, InputKind, InputPath, ResolverFiles, ScratchLayout};
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Sample inputs shared by the unit tests.
+
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The spec's environment-recording derivation, roughly: bash as builder, one output.
+    pub(crate) fn sample_request() -> BuildRequest {
+        let out = "/nix/store/7fgb0vvbd7ymwx8rwmgc5vhw1yfw3yhm-env-dump";
+        let bash = "/nix/store/0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1/bin/bash";
+        let env: BTreeMap<Vec<u8>, Vec<u8>> = [
+            ("builder", bash),
+            ("name", "env-dump"),
+            ("out", out),
+            ("system", "x86_64-linux"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+        BuildRequest {
+            builder: bash.into(),
+            args: vec![b"-c".to_vec(), b"env | sort > $out".to_vec()],
+            env,
+            system: "x86_64-linux".into(),
+            inputs: vec![InputPath {
+                base_name: "0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1".into(),
+                host_path: "/var/lib/nixbuild/objects/k1".into(),
+                kind: InputKind::Directory,
+            }],
+            outputs: [("out".to_string(), out.to_string())].into(),
+            fixed_output: false,
+            required_features: BTreeSet::new(),
+            cores: 2,
+        }
+    }
+
+    /// A host with a build uid/gid allocated and nothing unusual.
+    pub(crate) fn sample_host() -> HostSetup {
+        HostSetup {
+            host_system: "x86_64-linux".into(),
+            build_uid: 30001,
+            build_gid: 30001,
+            scratch_dir: "/var/lib/nixbuild/builds/b1".into(),
+            objects_dir: "/var/lib/nixbuild/objects".into(),
+            has_dev_kvm: false,
+            resolver: ResolverFiles::default(),
+            impure_env: BTreeMap::new(),
+            dev_shm_size: "50%".into(),
+        }
+    }
+}

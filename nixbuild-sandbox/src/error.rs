@@ -1,0 +1,107 @@
+//! Why a [`BuildRequest`](crate::BuildRequest) could not be turned into a plan.
+
+use std::path::PathBuf;
+
+use nixbuild_core::store_path::StorePathError;
+
+/// An input to [`plan`](crate::plan()) that the sandbox refuses. Each variant names the field
+/// and the offending value, so the daemon can report it as the build's failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// An input of the closure has a base name that is not `<32 nix32 chars>-<name>` (this
+    /// includes any `/`, so it can never escape `/nix/store`).
+    #[error("input store path base name {base_name:?} is invalid: {source}")]
+    BadInputName {
+        /// The base name as given.
+        base_name: String,
+        /// What is wrong with it.
+        source: StorePathError,
+    },
+    /// An output path is not `/nix/store/<valid base name>`.
+    #[error("output {output:?} has an invalid store path {path:?}: {source}")]
+    BadOutputPath {
+        /// The output name.
+        output: String,
+        /// The path as given.
+        path: String,
+        /// What is wrong with it.
+        source: StorePathError,
+    },
+    /// An output name is empty or contains a byte that cannot be part of an environment name.
+    #[error("output name {0:?} is invalid")]
+    BadOutputName(String),
+    /// The derivation has no outputs.
+    #[error("the derivation has no outputs")]
+    NoOutputs,
+    /// The same input base name appears twice in the closure.
+    #[error("input {0:?} is listed twice in the closure")]
+    DuplicateInput(String),
+    /// An input's host path is not a direct child of the store's objects directory.
+    #[error("input {base_name:?} maps to {path:?}, which is not an entry of {objects_dir:?}")]
+    InputOutsideObjects {
+        /// The input's base name.
+        base_name: String,
+        /// The host path given for it.
+        path: PathBuf,
+        /// The objects directory every input must come from.
+        objects_dir: PathBuf,
+    },
+    /// A host path that must be absolute and normal (no `.`, `..`) is not.
+    #[error("{what} {path:?} must be an absolute path without '.' or '..' components")]
+    BadHostPath {
+        /// Which field.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// A symlink input has an empty target or a target containing a NUL byte.
+    #[error("symlink input {0:?} has an empty or NUL-containing target")]
+    BadSymlinkTarget(String),
+    /// The build would run as host uid 0.
+    #[error("the build uid must not be 0 (root)")]
+    RootBuildUid,
+    /// The build would run as host gid 0.
+    #[error("the build gid must not be 0 (root)")]
+    RootBuildGid,
+    /// No cores were granted.
+    #[error("a build needs at least one core; 0 were granted")]
+    NoCores,
+    /// The builder is not an absolute path (this includes Nix's `builtin:` builders, which do not
+    /// run in the sandbox).
+    #[error("builder {0:?} is not an absolute path")]
+    BuilderNotAbsolute(String),
+    /// The builder, an argument, or an environment name or value contains a NUL byte, which
+    /// `execve` cannot carry.
+    #[error("{what} contains a NUL byte: {value:?}")]
+    NulByte {
+        /// Which field (`builder`, `argument`, `environment name`, `environment value`).
+        what: &'static str,
+        /// The value, lossily decoded.
+        value: String,
+    },
+    /// The host is not one the plan has a seccomp table and personality rules for.
+    #[error("host system {0:?} is not supported by the sandbox (only x86_64-linux)")]
+    UnsupportedHost(String),
+    /// The derivation's platform cannot run on this host.
+    #[error("derivation system {system:?} cannot be built on host {host:?}")]
+    UnsupportedPlatform {
+        /// The derivation's `system`.
+        system: String,
+        /// The host's system.
+        host: String,
+    },
+    /// The derivation requires a system feature the host cannot provide.
+    #[error("the derivation requires feature {0:?}, which this host does not provide")]
+    MissingFeature(String),
+    /// The derivation uses structured attributes (`__json`), whose `.attrs.json`/`.attrs.sh`
+    /// rendering is not implemented yet. Refused rather than built with a wrong environment.
+    #[error("structured attributes (__json) are not supported yet")]
+    StructuredAttrsUnsupported,
+    /// The derivation uses `exportReferencesGraph`, whose files need reference information the
+    /// plan does not have yet. Refused rather than built without them.
+    #[error("exportReferencesGraph is not supported yet")]
+    ExportReferencesGraphUnsupported,
+    /// A tmpfs size would inject extra mount options.
+    #[error("tmpfs size {0:?} must be a non-empty size such as 50% or 64m (no ',' or '=')")]
+    BadTmpfsSize(String),
+}
