@@ -18,6 +18,9 @@ pub const PATH: &str = "/path-not-set";
 /// `TERM`.
 pub const TERM: &str = "xterm-256color";
 
+/// Environment variables as `(name, value)` pairs, sorted by name: the `envp` of `execve`.
+pub type EnvVars = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A file the plan writes into the build directory before the builder starts: `passAsFile`
 /// attributes (spec C.9). Owned by the build user, mode 0644.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +57,7 @@ fn check_nul(what: &'static str, value: &[u8]) -> Result<(), PlanError> {
 pub fn build_env(
     req: &BuildRequest,
     host: &HostSetup,
-) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Vec<BuildDirFile>), PlanError> {
+) -> Result<(EnvVars, Vec<BuildDirFile>), PlanError> {
     for (k, v) in &req.env {
         check_nul("environment name", k)?;
         check_nul("environment value", v)?;

@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 
 use nixbuild_core::store_path::StorePath;
 
-use crate::env::{build_env, BuildDirFile};
+use crate::env::{build_env, BuildDirFile, EnvVars};
 use crate::files::{
     ETC_GROUP, ETC_HOSTS, ETC_NSSWITCH_FOD, ETC_PASSWD, SANDBOX_BUILD_DIR, SANDBOX_GID, SANDBOX_UID,
 };
@@ -234,7 +234,7 @@ pub struct Exec {
     /// `argv`: the builder's base name, then the derivation's args.
     pub argv: Vec<Vec<u8>>,
     /// `envp` as `(name, value)` pairs, sorted by name (spec C.8).
-    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub env: EnvVars,
 }
 
 /// Everything the executor does for one build, in the order of spec C.12: host set-up, clone
@@ -661,4 +661,520 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
         },
         outputs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::{sample_host, sample_request};
+    use crate::{InputPath, ResolverFiles};
+
+    const BASH: &str = "0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1";
+
+    fn p(s: &str) -> PathBuf {
+        PathBuf::from(s)
+    }
+
+    fn bind(source: &str, target: &str, recursive: bool) -> MountOp {
+        MountOp::Bind {
+            source: p(source),
+            target: p(target),
+            recursive,
+        }
+    }
+
+    fn ro(target: &str) -> MountOp {
+        MountOp::RemountReadOnly { target: p(target) }
+    }
+
+    #[test]
+    fn sample_mount_sequence_is_exactly_the_spec_layout() {
+        let plan = plan(&sample_request(), &sample_host()).expect("plan");
+        let s = "/var/lib/nixbuild/builds/b1";
+        let r = "/var/lib/nixbuild/builds/b1/root";
+        let mut expected = vec![
+            MountOp::MakeRootPrivate,
+            bind(r, r, false),
+            bind(&format!("{s}/store"), &format!("{r}/nix/store"), false),
+            bind(&format!("{s}/build"), &format!("{r}/build"), false),
+            bind(&format!("{s}/tmp"), &format!("{r}/tmp"), false),
+        ];
+        for node in ["full", "null", "random", "tty", "urandom", "zero"] {
+            expected.push(bind(
+                &format!("/dev/{node}"),
+                &format!("{r}/dev/{node}"),
+                false,
+            ));
+            expected.push(ro(&format!("{r}/dev/{node}")));
+        }
+        expected.extend([
+            MountOp::Tmpfs {
+                target: p(&format!("{r}/dev/shm")),
+                options: "size=50%".into(),
+            },
+            MountOp::Devpts {
+                target: p(&format!("{r}/dev/pts")),
+                options: "newinstance,mode=0620".into(),
+            },
+            MountOp::Chmod {
+                path: p(&format!("{r}/dev/pts/ptmx")),
+                mode: 0o666,
+            },
+            bind(
+                "/var/lib/nixbuild/objects/k1",
+                &format!("{r}/nix/store/{BASH}"),
+                true,
+            ),
+            ro(&format!("{r}/nix/store/{BASH}")),
+            MountOp::Proc {
+                target: p(&format!("{r}/proc")),
+            },
+            MountOp::PivotRoot {
+                new_root: p(r),
+                put_old: p("real-root"),
+            },
+            MountOp::DetachOldRoot {
+                path: p("/real-root"),
+            },
+            ro("/"),
+        ]);
+        assert_eq!(plan.mounts, expected);
+    }
+
+    #[test]
+    fn sample_host_ops_build_the_spec_tree() {
+        let plan = plan(&sample_request(), &sample_host()).expect("plan");
+        let r = p("/var/lib/nixbuild/builds/b1/root");
+        let created: Vec<String> = plan
+            .host_ops
+            .iter()
+            .filter_map(|op| op.path().strip_prefix(&r).ok())
+            .map(|rel| rel.display().to_string())
+            .collect();
+        let mut top: Vec<&str> = created
+            .iter()
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+            .map(String::as_str)
+            .collect();
+        top.sort_unstable();
+        // `ls /` under Nix: build dev etc nix proc tmp.
+        assert_eq!(top, ["build", "dev", "etc", "nix", "proc", "tmp"]);
+        let mut dev: Vec<&str> = created
+            .iter()
+            .filter_map(|c| c.strip_prefix("dev/"))
+            .collect();
+        dev.sort_unstable();
+        // `ls /dev` under Nix, without kvm.
+        assert_eq!(
+            dev,
+            [
+                "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout",
+                "tty", "urandom", "zero"
+            ]
+        );
+        let mut etc: Vec<&str> = created
+            .iter()
+            .filter_map(|c| c.strip_prefix("etc/"))
+            .collect();
+        etc.sort_unstable();
+        assert_eq!(etc, ["group", "hosts", "passwd"]);
+        let contents = |name: &str| {
+            plan.host_ops.iter().find_map(|op| match op {
+                HostOp::CreateFile { path, contents, .. } if *path == r.join(name) => {
+                    Some(contents.clone())
+                }
+                _ => None,
+            })
+        };
+        assert_eq!(contents("etc/passwd").as_deref(), Some(ETC_PASSWD));
+        assert_eq!(contents("etc/group").as_deref(), Some(ETC_GROUP));
+        assert_eq!(
+            contents("etc/hosts").as_deref(),
+            Some(&b"127.0.0.1 localhost\n::1 localhost\n"[..])
+        );
+        // The store directory: sticky, group-writable by the build group, like Nix's.
+        assert!(plan.host_ops.contains(&HostOp::CreateDir {
+            path: p("/var/lib/nixbuild/builds/b1/store"),
+            mode: 0o1775,
+            uid: 0,
+            gid: 30001,
+        }));
+        assert!(plan.host_ops.contains(&HostOp::CreateDir {
+            path: p("/var/lib/nixbuild/builds/b1/tmp"),
+            mode: 0o1777,
+            uid: 0,
+            gid: 0,
+        }));
+        assert!(plan.host_ops.contains(&HostOp::CreateDir {
+            path: p("/var/lib/nixbuild/builds/b1/build"),
+            mode: 0o700,
+            uid: 30001,
+            gid: 30001,
+        }));
+        assert!(plan.host_ops.contains(&HostOp::Symlink {
+            path: r.join("dev/ptmx"),
+            target: p("/dev/pts/ptmx"),
+        }));
+    }
+
+    #[test]
+    fn namespaces_have_net_unless_fixed_output() {
+        let plan_s = plan(&sample_request(), &sample_host()).expect("plan");
+        let all = Namespaces {
+            user: true,
+            mount: true,
+            pid: true,
+            ipc: true,
+            uts: true,
+            net: true,
+        };
+        assert_eq!(plan_s.namespaces, all);
+        assert!(plan_s.loopback_up);
+        assert_eq!(plan_s.namespaces.clone_flags(), 0x7c02_0000);
+
+        let mut fod = sample_request();
+        fod.fixed_output = true;
+        let plan_f = plan(&fod, &sample_host()).expect("plan");
+        assert_eq!(plan_f.namespaces, Namespaces { net: false, ..all });
+        assert!(!plan_f.loopback_up);
+        assert_eq!(plan_f.namespaces.clone_flags(), 0x3c02_0000);
+        for plan in [plan_s, plan_f] {
+            assert_eq!(plan.hostname, "localhost");
+            assert_eq!(plan.domainname, "(none)");
+        }
+    }
+
+    #[test]
+    fn id_maps_map_1000_and_100_to_the_build_ids() {
+        let mut host = sample_host();
+        host.build_uid = 30007;
+        host.build_gid = 30100;
+        let plan = plan(&sample_request(), &host).expect("plan");
+        assert_eq!(plan.id_maps.uid_map.line(), "1000 30007 1");
+        assert_eq!(plan.id_maps.setgroups, "deny");
+        assert_eq!(plan.id_maps.gid_map.line(), "100 30100 1");
+        assert_eq!((plan.uid, plan.gid), (1000, 100));
+    }
+
+    #[test]
+    fn process_settings() {
+        let plan = plan(&sample_request(), &sample_host()).expect("plan");
+        assert_eq!(plan.cwd, "/build");
+        assert!(plan.no_new_privs);
+        assert_eq!(plan.umask, 0o022);
+        assert_eq!(
+            plan.rlimits,
+            [Rlimit {
+                resource: RlimitResource::Core,
+                soft: RlimitValue::Value(0),
+                hard: RlimitValue::Infinity,
+            }]
+        );
+        assert_eq!(
+            plan.personality,
+            Personality {
+                linux32: false,
+                addr_no_randomize: true
+            }
+        );
+        assert_eq!(plan.seccomp, SeccompPlan::x86_64_host());
+        assert_eq!(plan.exec.argv[0], b"bash");
+        assert_eq!(&plan.exec.argv[1..], sample_request().args.as_slice());
+        assert_eq!(
+            plan.outputs,
+            [(
+                "out".to_string(),
+                p("/var/lib/nixbuild/builds/b1/store/7fgb0vvbd7ymwx8rwmgc5vhw1yfw3yhm-env-dump")
+            )]
+        );
+    }
+
+    #[test]
+    fn i686_on_x86_64_runs_as_linux32() {
+        let mut req = sample_request();
+        req.system = "i686-linux".into();
+        let plan = plan(&req, &sample_host()).expect("plan");
+        assert!(plan.personality.linux32);
+    }
+
+    fn binds(plan: &SandboxPlan) -> Vec<(PathBuf, PathBuf)> {
+        plan.mounts
+            .iter()
+            .filter_map(|m| match m {
+                MountOp::Bind { source, target, .. } => Some((source.clone(), target.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn resolver_host() -> HostSetup {
+        let mut host = sample_host();
+        host.resolver = ResolverFiles {
+            resolv_conf: Some(p("/run/systemd/resolve/stub-resolv.conf")),
+            services: Some(p("/etc/services")),
+            hosts: Some(p("/etc/hosts")),
+            ca_bundle: Some(p("/etc/ssl/certs/ca-certificates.crt")),
+        };
+        host
+    }
+
+    #[test]
+    fn resolver_files_only_for_fixed_output() {
+        let r = p("/var/lib/nixbuild/builds/b1/root");
+        let plan_s = plan(&sample_request(), &resolver_host()).expect("plan");
+        assert!(binds(&plan_s)
+            .iter()
+            .all(|(s, _)| !s.starts_with("/etc") && !s.starts_with("/run")));
+        assert!(!plan_s
+            .host_ops
+            .iter()
+            .any(|op| op.path() == r.join("etc/nsswitch.conf")));
+
+        let mut fod = sample_request();
+        fod.fixed_output = true;
+        let plan_f = plan(&fod, &resolver_host()).expect("plan");
+        for (source, at) in [
+            ("/run/systemd/resolve/stub-resolv.conf", "etc/resolv.conf"),
+            ("/etc/services", "etc/services"),
+            ("/etc/hosts", "etc/hosts"),
+            (
+                "/etc/ssl/certs/ca-certificates.crt",
+                "etc/ssl/certs/ca-certificates.crt",
+            ),
+        ] {
+            let target = r.join(at);
+            let i = plan_f
+                .mounts
+                .iter()
+                .position(|m| {
+                    *m == MountOp::Bind {
+                        source: p(source),
+                        target: target.clone(),
+                        recursive: false,
+                    }
+                })
+                .expect("resolver bind");
+            assert_eq!(plan_f.mounts[i + 1], MountOp::RemountReadOnly { target });
+        }
+        // The FOD's /etc/hosts is the host's (a mount point), not the sandbox's contents.
+        assert!(plan_f.host_ops.contains(&HostOp::CreateFile {
+            path: r.join("etc/hosts"),
+            contents: Vec::new(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }));
+        assert!(plan_f.host_ops.contains(&HostOp::CreateFile {
+            path: r.join("etc/nsswitch.conf"),
+            contents: b"hosts: files dns\nservices: files\n".to_vec(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }));
+
+        // A host without the files: nothing mounted, nothing to mount onto.
+        let plan_none = plan(&fod, &sample_host()).expect("plan");
+        assert!(binds(&plan_none)
+            .iter()
+            .all(|(s, _)| !s.starts_with("/etc")));
+        assert!(!plan_none
+            .host_ops
+            .iter()
+            .any(|op| op.path() == r.join("etc/hosts")));
+    }
+
+    #[test]
+    fn dev_kvm_only_when_required_and_present() {
+        let kvm = (p("/dev/kvm"), p("/var/lib/nixbuild/builds/b1/root/dev/kvm"));
+        let mut host = sample_host();
+        host.has_dev_kvm = true;
+        // Present, not required.
+        let plan_p = plan(&sample_request(), &host).expect("plan");
+        assert!(!binds(&plan_p).contains(&kvm));
+        // Present and required.
+        let mut req = sample_request();
+        req.required_features.insert("kvm".into());
+        let plan_k = plan(&req, &host).expect("plan");
+        assert!(binds(&plan_k).contains(&kvm));
+        assert!(plan_k
+            .mounts
+            .contains(&MountOp::RemountReadOnly { target: kvm.1 }));
+        // Required, absent: refused rather than built without it.
+        assert_eq!(
+            plan(&req, &sample_host()),
+            Err(PlanError::MissingFeature("kvm".into()))
+        );
+    }
+
+    #[test]
+    fn outputs_in_the_closure_are_not_mounted() {
+        let mut req = sample_request();
+        req.inputs.push(InputPath {
+            base_name: "7fgb0vvbd7ymwx8rwmgc5vhw1yfw3yhm-env-dump".into(),
+            host_path: p("/var/lib/nixbuild/objects/k2"),
+            kind: InputKind::Directory,
+        });
+        let plan = plan(&req, &sample_host()).expect("plan");
+        assert!(binds(&plan)
+            .iter()
+            .all(|(s, _)| s != Path::new("/var/lib/nixbuild/objects/k2")));
+    }
+
+    #[test]
+    fn file_and_symlink_inputs() {
+        let mut req = sample_request();
+        req.inputs.push(InputPath {
+            base_name: "1b9p07z77phvv2hf6gm9f28syp39f1ag-link".into(),
+            host_path: p("/var/lib/nixbuild/objects/k3"),
+            kind: InputKind::Symlink {
+                target: p("/nix/store/0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1"),
+            },
+        });
+        req.inputs.push(InputPath {
+            base_name: "2b9p07z77phvv2hf6gm9f28syp39f1ag-file".into(),
+            host_path: p("/var/lib/nixbuild/objects/k4"),
+            kind: InputKind::File,
+        });
+        let plan = plan(&req, &sample_host()).expect("plan");
+        let store = p("/var/lib/nixbuild/builds/b1/store");
+        assert!(plan.host_ops.contains(&HostOp::Symlink {
+            path: store.join("1b9p07z77phvv2hf6gm9f28syp39f1ag-link"),
+            target: p("/nix/store/0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1"),
+        }));
+        assert!(binds(&plan)
+            .iter()
+            .all(|(s, _)| s != Path::new("/var/lib/nixbuild/objects/k3")));
+        assert!(plan.host_ops.contains(&HostOp::CreateFile {
+            path: store.join("2b9p07z77phvv2hf6gm9f28syp39f1ag-file"),
+            contents: Vec::new(),
+            mode: 0o444,
+            uid: 0,
+            gid: 0,
+        }));
+        assert!(binds(&plan).contains(&(
+            p("/var/lib/nixbuild/objects/k4"),
+            p("/var/lib/nixbuild/builds/b1/root/nix/store/2b9p07z77phvv2hf6gm9f28syp39f1ag-file")
+        )));
+    }
+
+    #[test]
+    fn pass_as_file_is_written_into_the_build_dir_as_the_build_user() {
+        let mut req = sample_request();
+        req.env.insert(b"passAsFile".to_vec(), b"text".to_vec());
+        req.env.insert(b"text".to_vec(), b"hi".to_vec());
+        let plan = plan(&req, &sample_host()).expect("plan");
+        assert!(plan.host_ops.contains(&HostOp::CreateFile {
+            path: p("/var/lib/nixbuild/builds/b1/build")
+                .join(crate::env::pass_as_file_name(b"text")),
+            contents: b"hi".to_vec(),
+            mode: 0o644,
+            uid: 30001,
+            gid: 30001,
+        }));
+    }
+
+    #[test]
+    fn invalid_inputs_are_refused_with_context() {
+        let host = sample_host();
+        let mut h = host.clone();
+        h.build_uid = 0;
+        assert_eq!(plan(&sample_request(), &h), Err(PlanError::RootBuildUid));
+        let mut h = host.clone();
+        h.build_gid = 0;
+        assert_eq!(plan(&sample_request(), &h), Err(PlanError::RootBuildGid));
+        let mut h = host.clone();
+        h.host_system = "aarch64-linux".into();
+        assert!(matches!(
+            plan(&sample_request(), &h),
+            Err(PlanError::UnsupportedHost(_))
+        ));
+        let mut h = host.clone();
+        h.dev_shm_size = "50%,exec".into();
+        assert!(matches!(
+            plan(&sample_request(), &h),
+            Err(PlanError::BadTmpfsSize(_))
+        ));
+        let mut h = host.clone();
+        h.scratch_dir = p("/var/lib/nixbuild/builds/../b1");
+        assert!(matches!(
+            plan(&sample_request(), &h),
+            Err(PlanError::BadHostPath { .. })
+        ));
+
+        let with_input = |base_name: &str, host_path: &str| {
+            let mut req = sample_request();
+            req.inputs.push(InputPath {
+                base_name: base_name.into(),
+                host_path: p(host_path),
+                kind: InputKind::Directory,
+            });
+            plan(&req, &host)
+        };
+        assert!(matches!(
+            with_input(
+                "0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-a/b",
+                "/var/lib/nixbuild/objects/x"
+            ),
+            Err(PlanError::BadInputName { .. })
+        ));
+        assert!(matches!(
+            with_input("..", "/var/lib/nixbuild/objects/x"),
+            Err(PlanError::BadInputName { .. })
+        ));
+        assert_eq!(
+            with_input(BASH, "/var/lib/nixbuild/objects/x"),
+            Err(PlanError::DuplicateInput(BASH.into()))
+        );
+        for outside in [
+            "/etc",
+            "/var/lib/nixbuild/objects",
+            "/var/lib/nixbuild/objects/a/b",
+            "/var/lib/nixbuild/objects/..",
+            "objects/x",
+        ] {
+            assert!(
+                matches!(
+                    with_input("1b9p07z77phvv2hf6gm9f28syp39f1ag-x", outside),
+                    Err(PlanError::InputOutsideObjects { .. })
+                ),
+                "{outside}"
+            );
+        }
+
+        let mut req = sample_request();
+        req.builder = b"builtin:fetchurl".to_vec();
+        assert!(matches!(
+            plan(&req, &host),
+            Err(PlanError::BuilderNotAbsolute(_))
+        ));
+        let mut req = sample_request();
+        req.system = "aarch64-linux".into();
+        assert!(matches!(
+            plan(&req, &host),
+            Err(PlanError::UnsupportedPlatform { .. })
+        ));
+        let mut req = sample_request();
+        req.outputs.insert("dev".into(), "/tmp/x".into());
+        assert!(matches!(
+            plan(&req, &host),
+            Err(PlanError::BadOutputPath { .. })
+        ));
+        let mut req = sample_request();
+        req.outputs.clear();
+        assert_eq!(plan(&req, &host), Err(PlanError::NoOutputs));
+        let mut req = sample_request();
+        req.args.push(b"a\0b".to_vec());
+        assert!(matches!(plan(&req, &host), Err(PlanError::NulByte { .. })));
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        let e = PlanError::InputOutsideObjects {
+            base_name: BASH.into(),
+            path: p("/etc"),
+            objects_dir: p("/var/lib/nixbuild/objects"),
+        };
+        let text = e.to_string();
+        assert!(text.contains(BASH) && text.contains("/etc") && text.contains("objects"));
+    }
 }
