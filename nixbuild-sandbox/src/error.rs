@@ -54,6 +54,15 @@ pub enum PlanError {
         /// The path as given.
         path: PathBuf,
     },
+    /// The scratch directory and the objects directory overlap (one contains the other), so a
+    /// build's writable directories could reach store objects or the reverse.
+    #[error("scratch directory {scratch_dir:?} and objects directory {objects_dir:?} overlap")]
+    OverlappingDirs {
+        /// The build's scratch directory.
+        scratch_dir: PathBuf,
+        /// The store's objects directory.
+        objects_dir: PathBuf,
+    },
     /// A symlink input has an empty target or a target containing a NUL byte.
     #[error("symlink input {0:?} has an empty or NUL-containing target")]
     BadSymlinkTarget(String),

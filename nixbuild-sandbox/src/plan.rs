@@ -351,6 +351,14 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
     }
     check_host_path("scratch directory", &host.scratch_dir)?;
     check_host_path("objects directory", &host.objects_dir)?;
+    if host.scratch_dir.starts_with(&host.objects_dir)
+        || host.objects_dir.starts_with(&host.scratch_dir)
+    {
+        return Err(PlanError::OverlappingDirs {
+            scratch_dir: host.scratch_dir.clone(),
+            objects_dir: host.objects_dir.clone(),
+        });
+    }
     check_size(&host.dev_shm_size)?;
     let linux32 = platform(&req.system, &host.host_system)?;
 
@@ -1089,6 +1097,18 @@ mod tests {
             Err(PlanError::UnsupportedHost(_))
         ));
         let mut h = host.clone();
+        h.scratch_dir = p("/var/lib/nixbuild/objects/b1");
+        assert!(matches!(
+            plan(&sample_request(), &h),
+            Err(PlanError::OverlappingDirs { .. })
+        ));
+        let mut h = host.clone();
+        h.scratch_dir = p("/");
+        assert!(matches!(
+            plan(&sample_request(), &h),
+            Err(PlanError::OverlappingDirs { .. })
+        ));
+        let mut h = host.clone();
         h.dev_shm_size = "50%,exec".into();
         assert!(matches!(
             plan(&sample_request(), &h),
@@ -1176,5 +1196,192 @@ mod tests {
         };
         let text = e.to_string();
         assert!(text.contains(BASH) && text.contains("/etc") && text.contains("objects"));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::{InputPath, ResolverFiles};
+    use nixbuild_core::store_path::strategies::store_path;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn host_dir() -> impl Strategy<Value = PathBuf> {
+        "(/[a-z0-9_]{1,8}){1,4}".prop_map(PathBuf::from)
+    }
+
+    fn kind() -> impl Strategy<Value = InputKind> {
+        prop_oneof![
+            Just(InputKind::Directory),
+            Just(InputKind::File),
+            "(/nix/store/)?[a-z0-9./-]{1,30}".prop_map(|t| InputKind::Symlink {
+                target: PathBuf::from(t)
+            }),
+        ]
+    }
+
+    prop_compose! {
+        fn valid_inputs()(
+            scratch in host_dir(),
+            objects in host_dir(),
+            inputs in proptest::collection::vec((store_path(), kind()), 0..12),
+            out in store_path(),
+            dev in proptest::option::of(store_path()),
+            fixed_output: bool,
+            need_kvm: bool,
+            has_kvm: bool,
+            i686: bool,
+            uid in 1..=u32::MAX,
+            gid in 1..=u32::MAX,
+            cores in 1..=512u32,
+            resolver in proptest::collection::vec(proptest::option::of(host_dir()), 4),
+        ) -> (BuildRequest, HostSetup) {
+            let mut seen = BTreeSet::new();
+            let inputs = inputs
+                .into_iter()
+                .filter(|(sp, _)| seen.insert(sp.base_name()))
+                .enumerate()
+                .map(|(i, (sp, kind))| InputPath {
+                    base_name: sp.base_name(),
+                    host_path: objects.join(format!("key{i}")),
+                    kind,
+                })
+                .collect();
+            let mut outputs = BTreeMap::from([("out".to_string(), out.to_absolute())]);
+            if let Some(dev) = dev {
+                outputs.insert("dev".into(), dev.to_absolute());
+            }
+            let req = BuildRequest {
+                builder: b"/nix/store/0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1/bin/bash".to_vec(),
+                args: vec![b"-e".to_vec()],
+                env: BTreeMap::new(),
+                system: if i686 { "i686-linux" } else { "x86_64-linux" }.into(),
+                inputs,
+                outputs,
+                fixed_output,
+                required_features: if need_kvm { BTreeSet::from(["kvm".to_string()]) } else { BTreeSet::new() },
+                cores,
+            };
+            let host = HostSetup {
+                host_system: "x86_64-linux".into(),
+                build_uid: uid,
+                build_gid: gid,
+                scratch_dir: scratch,
+                objects_dir: objects,
+                has_dev_kvm: has_kvm || need_kvm,
+                resolver: ResolverFiles {
+                    resolv_conf: resolver[0].clone(),
+                    services: resolver[1].clone(),
+                    hosts: resolver[2].clone(),
+                    ca_bundle: resolver[3].clone(),
+                },
+                impure_env: BTreeMap::new(),
+                dev_shm_size: "50%".into(),
+            };
+            (req, host)
+        }
+    }
+
+    fn target(op: &MountOp) -> Option<&Path> {
+        match op {
+            MountOp::MakeRootPrivate | MountOp::PivotRoot { .. } => None,
+            MountOp::Bind { target, .. }
+            | MountOp::RemountReadOnly { target }
+            | MountOp::Tmpfs { target, .. }
+            | MountOp::Devpts { target, .. }
+            | MountOp::Proc { target } => Some(target),
+            MountOp::Chmod { path, .. } | MountOp::DetachOldRoot { path } => Some(path),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn mounts_stay_in_the_new_root_and_only_scratch_dirs_are_writable(
+            (req, host) in valid_inputs()
+        ) {
+            prop_assume!(
+                !host.scratch_dir.starts_with(&host.objects_dir)
+                    && !host.objects_dir.starts_with(&host.scratch_dir)
+            );
+            let plan = plan(&req, &host).expect("valid inputs give a plan");
+            let layout = &plan.layout;
+            let pivot = plan
+                .mounts
+                .iter()
+                .position(|m| matches!(m, MountOp::PivotRoot { .. }))
+                .expect("a pivot");
+            prop_assert_eq!(&plan.mounts[0], &MountOp::MakeRootPrivate);
+            prop_assert_eq!(
+                &plan.mounts[pivot],
+                &MountOp::PivotRoot { new_root: layout.root.clone(), put_old: PUT_OLD.into() }
+            );
+            for op in &plan.mounts[..pivot] {
+                if let Some(t) = target(op) {
+                    prop_assert!(t.starts_with(&layout.root), "{:?} outside the new root", op);
+                }
+            }
+            // After the pivot: the old root goes, then the new root becomes read-only.
+            prop_assert_eq!(
+                &plan.mounts[pivot + 1..],
+                &[
+                    MountOp::DetachOldRoot { path: "/real-root".into() },
+                    MountOp::RemountReadOnly { target: "/".into() },
+                ][..]
+            );
+
+            let writable = [&layout.build, &layout.store, &layout.tmp];
+            for (i, op) in plan.mounts.iter().enumerate() {
+                if let MountOp::Bind { source, target, .. } = op {
+                    if writable.contains(&source) || *source == layout.root {
+                        // The build's own directories; the root is made read-only above.
+                        continue;
+                    }
+                    prop_assert!(!source.starts_with(&host.scratch_dir));
+                    prop_assert_eq!(
+                        plan.mounts.get(i + 1),
+                        Some(&MountOp::RemountReadOnly { target: target.clone() }),
+                        "bind of {:?} left writable", source
+                    );
+                }
+            }
+            for op in &plan.host_ops {
+                prop_assert!(op.path().starts_with(&host.scratch_dir));
+            }
+            for (_, out) in &plan.outputs {
+                prop_assert_eq!(out.parent(), Some(layout.store.as_path()));
+            }
+
+            // Every input that is not an output is present exactly once, from the objects dir.
+            let outputs: BTreeSet<String> = req
+                .outputs
+                .values()
+                .map(|p| p.trim_start_matches("/nix/store/").to_string())
+                .collect();
+            for input in &req.inputs {
+                let at = layout.root.join("nix/store").join(&input.base_name);
+                let mounted = plan
+                    .mounts
+                    .iter()
+                    .filter(|m| matches!(m, MountOp::Bind { source, target, .. }
+                        if *source == input.host_path && *target == at))
+                    .count();
+                let expected = match input.kind {
+                    _ if outputs.contains(&input.base_name) => 0,
+                    InputKind::Symlink { .. } => 0,
+                    _ => 1,
+                };
+                prop_assert_eq!(mounted, expected, "input {}", &input.base_name);
+            }
+
+            let kvm = plan.mounts.iter().any(|m| matches!(m, MountOp::Bind { source, .. }
+                if source == Path::new("/dev/kvm")));
+            prop_assert_eq!(kvm, req.required_features.contains("kvm"));
+            prop_assert_eq!(plan.namespaces.net, !req.fixed_output);
+            let etc_binds = plan.mounts.iter().any(|m| matches!(m, MountOp::Bind { target, .. }
+                if target.starts_with(layout.root.join("etc"))));
+            let has_resolver = host.resolver != ResolverFiles::default();
+            prop_assert_eq!(etc_binds, req.fixed_output && has_resolver);
+        }
     }
 }
