@@ -57,7 +57,7 @@ pub mod seccomp;
 pub use error::PlanError;
 pub use plan::{
     plan, Exec, HostOp, IdMap, IdMaps, MountOp, Namespaces, Personality, Rlimit, RlimitResource,
-    RlimitValue, SandboxPlan, DEV_NODES, DEV_SYMLINKS, PUT_OLD,
+    RlimitValue, SandboxPlan, Step, DEV_NODES, DEV_SYMLINKS, PUT_OLD, SETUP_DONE,
 };
 pub use request::{BuildRequest, HostSetup, InputKind, InputPath, ResolverFiles, ScratchLayout};
 

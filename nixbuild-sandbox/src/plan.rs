@@ -237,12 +237,62 @@ pub struct Exec {
     pub env: EnvVars,
 }
 
-/// Everything the executor does for one build, in the order of spec C.12: host set-up, clone
-/// with [`Self::namespaces`], id maps by the parent; then in the child loopback and hostname,
-/// [`Self::mounts`], no_new_privs, seccomp, Landlock, personality, `chdir`, rlimits, umask,
-/// `setgid`/`setuid`, and `execve`.
+/// One step of the executor, in the order [`SandboxPlan::steps`] lists them (spec C.2, C.7,
+/// C.12). The order matters for security: `no_new_privs` before the filter, the filter after
+/// the pivot, `setuid` last before the marker and `execve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Helper, before `clone`: perform [`SandboxPlan::host_ops`].
+    HostOps,
+    /// Helper: `setgroups(0, NULL)`, dropping supplementary groups.
+    DropSupplementaryGroups,
+    /// Helper: `clone` with [`SandboxPlan::namespaces`] (plus `SIGCHLD`); fail if refused.
+    Clone,
+    /// Helper: write [`SandboxPlan::id_maps`], then release the child through a pipe.
+    WriteIdMaps,
+    /// Child: `setsid`; stdin from `/dev/null`, stderr to the log pty's slave in raw mode,
+    /// stdout a copy of stderr.
+    Stdio,
+    /// Child: bring up `lo` (only in a new network namespace).
+    LoopbackUp,
+    /// Child: [`SandboxPlan::hostname`] and [`SandboxPlan::domainname`].
+    Hostname,
+    /// Child: perform [`SandboxPlan::mounts`].
+    Mounts,
+    /// Child: `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+    NoNewPrivs,
+    /// Child: load [`SandboxPlan::seccomp`].
+    Seccomp,
+    /// Child: the Landlock scope, if the kernel supports it.
+    Landlock,
+    /// Child: [`SandboxPlan::personality`].
+    Personality,
+    /// Child: `chdir(`[`SandboxPlan::cwd`]`)`.
+    Chdir,
+    /// Child: close every fd but 0, 1, 2 (and the set-up error channel, close-on-exec).
+    CloseFds,
+    /// Child: [`SandboxPlan::rlimits`].
+    Rlimits,
+    /// Child: [`SandboxPlan::umask`].
+    Umask,
+    /// Child: `setgid(`[`SandboxPlan::gid`]`)`.
+    SetGid,
+    /// Child: `setuid(`[`SandboxPlan::uid`]`)`; the capabilities go with the `execve`.
+    SetUid,
+    /// Child: write [`SETUP_DONE`] to stderr.
+    SetupDone,
+    /// Child: `execve` [`SandboxPlan::exec`].
+    Exec,
+}
+
+/// What the child writes to stderr once set-up succeeded, just before `execve`.
+pub const SETUP_DONE: &[u8] = b"\x02\n";
+
+/// Everything the executor does for one build; [`Self::steps`] gives the order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPlan {
+    /// The executor's steps, in order.
+    pub steps: Vec<Step>,
     /// Host directories used by this build.
     pub layout: ScratchLayout,
     /// Filesystem steps before `clone`.
@@ -625,7 +675,33 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
         uts: true,
         net: !req.fixed_output,
     };
+    let steps = [
+        Step::HostOps,
+        Step::DropSupplementaryGroups,
+        Step::Clone,
+        Step::WriteIdMaps,
+        Step::Stdio,
+        Step::LoopbackUp,
+        Step::Hostname,
+        Step::Mounts,
+        Step::NoNewPrivs,
+        Step::Seccomp,
+        Step::Landlock,
+        Step::Personality,
+        Step::Chdir,
+        Step::CloseFds,
+        Step::Rlimits,
+        Step::Umask,
+        Step::SetGid,
+        Step::SetUid,
+        Step::SetupDone,
+        Step::Exec,
+    ]
+    .into_iter()
+    .filter(|s| *s != Step::LoopbackUp || namespaces.net)
+    .collect();
     Ok(SandboxPlan {
+        steps,
         layout,
         host_ops,
         namespaces,
@@ -850,6 +926,44 @@ mod tests {
             assert_eq!(plan.hostname, "localhost");
             assert_eq!(plan.domainname, "(none)");
         }
+    }
+
+    #[test]
+    fn steps_follow_the_spec_order() {
+        let plan_s = plan(&sample_request(), &sample_host()).expect("plan");
+        let pos = |plan: &SandboxPlan, s: Step| plan.steps.iter().position(|x| *x == s);
+        let before = |plan: &SandboxPlan, a: Step, b: Step| {
+            assert!(
+                pos(plan, a).expect("a") < pos(plan, b).expect("b"),
+                "{a:?} {b:?}"
+            )
+        };
+        for (a, b) in [
+            (Step::HostOps, Step::Clone),
+            (Step::DropSupplementaryGroups, Step::Clone),
+            (Step::Clone, Step::WriteIdMaps),
+            (Step::WriteIdMaps, Step::Mounts),
+            (Step::LoopbackUp, Step::Mounts),
+            (Step::Mounts, Step::NoNewPrivs),
+            (Step::NoNewPrivs, Step::Seccomp),
+            (Step::Seccomp, Step::Landlock),
+            (Step::Landlock, Step::Personality),
+            (Step::Chdir, Step::SetGid),
+            (Step::Rlimits, Step::SetGid),
+            (Step::Umask, Step::SetGid),
+            (Step::SetGid, Step::SetUid),
+            (Step::SetUid, Step::SetupDone),
+        ] {
+            before(&plan_s, a, b);
+        }
+        assert_eq!(plan_s.steps.last(), Some(&Step::Exec));
+        assert_eq!(plan_s.steps.len(), 20);
+        assert_eq!(SETUP_DONE, b"\x02\n");
+        let mut fod = sample_request();
+        fod.fixed_output = true;
+        let plan_f = plan(&fod, &sample_host()).expect("plan");
+        assert_eq!(pos(&plan_f, Step::LoopbackUp), None);
+        assert_eq!(plan_f.steps.len(), 19);
     }
 
     #[test]
@@ -1345,8 +1459,26 @@ mod proptests {
                     );
                 }
             }
+            let mut created: BTreeSet<PathBuf> = BTreeSet::from([host.scratch_dir.clone()]);
             for op in &plan.host_ops {
                 prop_assert!(op.path().starts_with(&host.scratch_dir));
+                let parent = op.path().parent().expect("a parent").to_owned();
+                prop_assert!(created.contains(&parent), "{:?} before its parent", op);
+                prop_assert!(created.insert(op.path().to_owned()), "{:?} twice", op);
+            }
+            // Every mount point before the pivot exists: made by a host op (through the
+            // /nix/store bind for inputs), or the root itself, or made by the devpts mount.
+            let store_in_root = layout.root.join("nix/store");
+            for op in &plan.mounts[..pivot] {
+                let at = match op {
+                    MountOp::Chmod { .. } => continue,
+                    _ => match target(op) { Some(t) => t, None => continue },
+                };
+                let on_host = match at.strip_prefix(&store_in_root) {
+                    Ok(rest) if !rest.as_os_str().is_empty() => layout.store.join(rest),
+                    _ => at.to_owned(),
+                };
+                prop_assert!(created.contains(&on_host), "no mount point for {:?}", op);
             }
             for (_, out) in &plan.outputs {
                 prop_assert_eq!(out.parent(), Some(layout.store.as_path()));
