@@ -30,6 +30,9 @@ pub enum PlanError {
     /// An output name is empty or contains a byte that cannot be part of an environment name.
     #[error("output name {0:?} is invalid")]
     BadOutputName(String),
+    /// Two outputs have the same store path.
+    #[error("store path {0:?} is given for two outputs")]
+    DuplicateOutputPath(String),
     /// The derivation has no outputs.
     #[error("the derivation has no outputs")]
     NoOutputs,

@@ -80,7 +80,11 @@ pub struct IdMaps {
 
 /// A filesystem step the helper performs on the host **before** `clone`, as root in the
 /// initial namespaces. Every path is inside the build's scratch directory; none exists yet.
-/// The executor must create them without following symlinks.
+/// The executor must create them in order (parents come first) and without following symlinks.
+///
+/// They run before `clone` rather than in the child because some belong to the build user
+/// (`/build`, `passAsFile` files), and once inside its user namespace the child can no longer
+/// `chown` a root-owned file: root is not mapped there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostOp {
     /// `mkdir(path, mode)` then `chown(uid, gid)`.
@@ -368,7 +372,7 @@ fn check_host_path(what: &'static str, path: &Path) -> Result<(), PlanError> {
     }
 }
 
-/// The Nix system a build for `system` runs as on `host`, and whether it needs `PER_LINUX32`.
+/// Whether a build for `system` can run on `host`: `Ok(true)` if it needs `PER_LINUX32`.
 fn platform(system: &str, host: &str) -> Result<bool, PlanError> {
     if host != "x86_64-linux" {
         return Err(PlanError::UnsupportedHost(host.to_owned()));
@@ -457,7 +461,9 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
         })?;
         let base = sp.base_name();
         outputs.push((name.clone(), layout.store.join(&base)));
-        output_names.insert(base);
+        if !output_names.insert(base) {
+            return Err(PlanError::DuplicateOutputPath(path.clone()));
+        }
     }
 
     // Inputs.
@@ -1293,6 +1299,19 @@ mod tests {
             plan(&req, &host),
             Err(PlanError::BadOutputPath { .. })
         ));
+        let mut req = sample_request();
+        let out = req.outputs["out"].clone();
+        req.outputs.insert("dev".into(), out.clone());
+        assert_eq!(plan(&req, &host), Err(PlanError::DuplicateOutputPath(out)));
+        let mut req = sample_request();
+        req.outputs.insert(
+            "a=b".into(),
+            "/nix/store/1b9p07z77phvv2hf6gm9f28syp39f1ag-x".into(),
+        );
+        assert_eq!(
+            plan(&req, &host),
+            Err(PlanError::BadOutputName("a=b".into()))
+        );
         let mut req = sample_request();
         req.outputs.clear();
         assert_eq!(plan(&req, &host), Err(PlanError::NoOutputs));
