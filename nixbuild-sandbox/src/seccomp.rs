@@ -178,7 +178,7 @@ impl SeccompPlan {
     }
 
     /// The action for `call` with arguments `args`, as the filter would decide it; used by tests
-    /// and by the executor's self-check of its compiled filter.
+    /// and meant as the reference model for tests of the filter the executor compiles.
     pub fn decide(&self, call: Syscall, args: &[u64; 6]) -> Action {
         self.rules
             .iter()
