@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// elements of one list, which it applies before the daemon sees a request.
 pub const MAX_PATHS_PER_REQUEST_CEILING: usize = 1 << 20;
 
+/// Smallest `max_request_bytes`: room for any request that names a single path.
+pub const MIN_REQUEST_BYTES: usize = 64 << 10;
+
 /// Why the configuration could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -73,6 +76,10 @@ pub struct StoreConfig {
     /// Uploads are refused while the state directory's file system has less free space than
     /// this, in bytes. Default 1 GiB.
     pub disk_reserve: u64,
+    /// Most bytes a session holds of one request (or ImportPaths trailer) before it is
+    /// complete; NAR data does not count, it streams to disk. Also the longest string a
+    /// request may carry. Default 64 MiB: a request naming 100,000 paths takes about 8 MiB.
+    pub max_request_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -81,6 +88,7 @@ impl Default for StoreConfig {
             max_nar_size: 64 << 30,
             max_paths_per_request: 100_000,
             disk_reserve: 1 << 30,
+            max_request_bytes: 64 << 20,
         }
     }
 }
@@ -251,6 +259,12 @@ impl Config {
             return Err(invalid(
                 "store.max_paths_per_request",
                 format!("{paths} is not in 1..={MAX_PATHS_PER_REQUEST_CEILING}"),
+            ));
+        }
+        if self.store.max_request_bytes < MIN_REQUEST_BYTES {
+            return Err(invalid(
+                "store.max_request_bytes",
+                format!("must be at least {MIN_REQUEST_BYTES}"),
             ));
         }
         for (key, secs) in [

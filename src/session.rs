@@ -24,6 +24,7 @@ use nixbuild_core::serve::{
     ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
+use nixbuild_core::wire::{self, WireError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -54,6 +55,19 @@ pub enum SessionError {
     /// ExportPaths names a path the account cannot see (the real server's message).
     #[error("path '{0}' is not valid")]
     NotValid(StorePath),
+    /// A list in a request is longer than the configuration allows (the codec stops at the
+    /// count, before the elements arrive).
+    #[error("{0} (max_paths_per_request in [store] of the server's configuration)")]
+    ListTooLong(ServeError),
+    /// An unfinished request grew past the configured cap.
+    #[error(
+        "a request of more than {max} bytes (max_request_bytes in [store] of the server's \
+         configuration)"
+    )]
+    RequestTooLarge {
+        /// The cap.
+        max: usize,
+    },
     /// A request names more paths than the configuration allows.
     #[error(
         "{request} names {count} paths; this server accepts at most {max} per request \
@@ -94,6 +108,8 @@ pub struct SessionSettings {
     pub limits: serve::Limits,
     /// Most paths in one request or ImportPaths stream.
     pub max_paths_per_request: usize,
+    /// Most bytes held of one unfinished request or ImportPaths trailer.
+    pub max_request_bytes: usize,
     /// From the start of the session to the end of the handshake.
     pub handshake_timeout: Duration,
     /// Longest wait for the client's next bytes after the handshake.
@@ -103,14 +119,20 @@ pub struct SessionSettings {
 impl SessionSettings {
     /// The settings for `account` under `config`.
     pub fn new(config: &Config, account: &str, write_allowed: bool) -> Self {
+        let defaults = wire::Limits::default();
         SessionSettings {
             account: account.to_owned(),
             write_allowed,
             limits: serve::Limits {
                 max_nar_size: config.store.max_nar_size,
-                ..serve::Limits::default()
+                wire: wire::Limits {
+                    max_list_len: config.store.max_paths_per_request,
+                    max_string_len: config.store.max_request_bytes.min(defaults.max_string_len),
+                    ..defaults
+                },
             },
             max_paths_per_request: config.store.max_paths_per_request,
+            max_request_bytes: config.store.max_request_bytes,
             handshake_timeout: config.timeouts.handshake(),
             idle_timeout: config.timeouts.idle(),
         }
@@ -186,9 +208,15 @@ impl<O: SessionOutput> Driver<'_, O> {
         let handshake_deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
         let mut handshake_done = false;
         loop {
-            while let Some(event) = self.session.poll(&mut buf)? {
+            while let Some(event) = self.session.poll(&mut buf).map_err(|e| self.protocol(e))? {
                 handshake_done |= matches!(event, Event::Hello { .. });
                 self.handle(event).await?;
+            }
+            // What is left is the start of one request or trailer the session waits to
+            // complete (NAR data never stays in `buf`).
+            let max = self.settings.max_request_bytes;
+            if buf.len() > max {
+                return Err(SessionError::RequestTooLarge { max });
             }
             let output = self.session.take_output();
             if !output.is_empty() {
@@ -209,6 +237,18 @@ impl<O: SessionOutput> Driver<'_, O> {
             if n == 0 {
                 return Ok(self.session.end_of_input(&buf)?);
             }
+        }
+    }
+
+    /// A protocol error, with the configuration key to raise when a list hit its limit.
+    fn protocol(&self, e: ServeError) -> SessionError {
+        match e {
+            ServeError::Wire(WireError::TooManyElements { max, .. })
+                if max == self.settings.max_paths_per_request =>
+            {
+                SessionError::ListTooLong(e)
+            }
+            e => SessionError::Protocol(e),
         }
     }
 

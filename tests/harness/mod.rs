@@ -77,11 +77,21 @@ pub struct Reply {
 impl Daemon {
     /// Starts `nixbuild-server` with extra arguments and waits until it accepts connections.
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::start_with_config("", args)
+    }
+
+    /// Starts `nixbuild-server` with `config` (TOML) as its configuration file and extra
+    /// arguments, and waits until it accepts connections.
+    pub fn start_with_config(config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let config_file = dir.path().join("nixbuild.toml");
+        std::fs::write(&config_file, config).expect("write the configuration");
         let child = Command::new(example_bin("nixbuild-server"))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .arg("--config")
+            .arg(&config_file)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
