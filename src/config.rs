@@ -137,7 +137,8 @@ impl TimeoutConfig {
 
 /// `[relay]`: peers of `serve.sock` allowed to name the account of a session. Root always
 /// may. The check uses the peer's uid and primary gid from SO_PEERCRED; supplementary groups
-/// are not considered.
+/// are not considered: a relay user trusted through `trusted_gids` must have that group as
+/// its primary group (the one in /etc/passwd, or the one `sg`/`newgrp`/setgid gives it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
@@ -145,6 +146,56 @@ pub struct RelayConfig {
     pub trusted_uids: Vec<u32>,
     /// Primary group ids trusted to relay. Default none.
     pub trusted_gids: Vec<u32>,
+    /// The group `serve.sock` belongs to (mode 0660), by name (looked up in /etc/group) or
+    /// by gid. Relay users that are not root need to be in it (for the connect itself any of
+    /// their groups counts, supplementary ones too) as well as trusted above. Default none:
+    /// the socket stays root:root, reachable by root only.
+    pub socket_group: Option<GroupRef>,
+}
+
+/// A group, by name or by id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupRef {
+    /// A numeric gid.
+    Id(u32),
+    /// A group name, resolved through /etc/group.
+    Name(String),
+}
+
+/// The file group names are resolved in.
+const GROUP_FILE: &str = "/etc/group";
+
+impl GroupRef {
+    /// The gid: the number itself, or the name's entry in /etc/group.
+    pub fn resolve(&self) -> Result<u32, ConfigError> {
+        let invalid = |reason| ConfigError::Invalid {
+            source_name: GROUP_FILE.to_owned(),
+            key: "relay.socket_group",
+            reason,
+        };
+        match self {
+            GroupRef::Id(gid) if *gid == u32::MAX => Err(invalid(format!("{gid} is not a gid"))),
+            GroupRef::Id(gid) => Ok(*gid),
+            GroupRef::Name(name) => {
+                let text = std::fs::read_to_string(GROUP_FILE)
+                    .map_err(|e| invalid(format!("cannot read {GROUP_FILE}: {e}")))?;
+                gid_of(&text, name)
+                    .ok_or_else(|| invalid(format!("no group {name:?} in {GROUP_FILE}")))
+            }
+        }
+    }
+}
+
+/// The gid of group `name` in the text of a group file (`name:password:gid:members`).
+fn gid_of(group_file: &str, name: &str) -> Option<u32> {
+    group_file.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != name {
+            return None;
+        }
+        fields.nth(1)?.parse().ok().filter(|gid| *gid != u32::MAX)
+    })
 }
 
 impl RelayConfig {
@@ -332,6 +383,28 @@ mod tests {
         let msg = Config::load(&path).unwrap_err().to_string();
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains("store.max_paths_per_request"), "{msg}");
+    }
+
+    #[test]
+    fn socket_group_by_name_or_id() {
+        let c = Config::parse("[relay]\nsocket_group = \"nixbuild\"\n").unwrap();
+        assert_eq!(
+            c.relay.socket_group,
+            Some(GroupRef::Name("nixbuild".into()))
+        );
+        let c = Config::parse("[relay]\nsocket_group = 30000\n").unwrap();
+        assert_eq!(c.relay.socket_group.unwrap().resolve().unwrap(), 30000);
+        let file = "root:x:0:\n# comment\nnix:x:30000:alice,bob\nbad:x:notanumber:\n";
+        assert_eq!(gid_of(file, "root"), Some(0));
+        assert_eq!(gid_of(file, "nix"), Some(30000));
+        assert_eq!(gid_of(file, "ni"), None);
+        assert_eq!(gid_of(file, "bad"), None);
+        assert_eq!(GroupRef::Name("root".into()).resolve().unwrap(), 0);
+        let msg = GroupRef::Name("no-such-group-here".into())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("relay.socket_group") && msg.contains("no-such-group-here"));
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub enum DaemonError {
         /// The underlying error.
         source: io::Error,
     },
+    /// The configuration names something that does not exist.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The store's start-up task failed.
     #[error("internal error opening the store: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -195,7 +198,11 @@ pub async fn run(
                 source,
             })?
     };
-    let listener = listen(&sock).map_err(|source| DaemonError::Listen {
+    let socket_gid = match &config.relay.socket_group {
+        Some(group) => Some(group.resolve()?),
+        None => None,
+    };
+    let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
         path: sock.clone(),
         source,
     })?;
@@ -242,10 +249,10 @@ pub async fn run(
     result
 }
 
-/// Binds the socket with mode 0660: bound under a temporary name, restricted, then renamed
-/// into place, so it is never reachable with the wider mode the umask may give. A stale
-/// socket of a dead daemon is replaced by the rename.
-fn listen(sock: &Path) -> io::Result<UnixListener> {
+/// Binds the socket with mode 0660 and group `gid` (root's when `None`): bound under a
+/// temporary name, restricted, then renamed into place, so it is never reachable with the
+/// wider mode the umask may give. A stale socket of a dead daemon is replaced by the rename.
+fn listen(sock: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let tmp = sock.with_extension("sock.new");
     match std::fs::remove_file(&tmp) {
@@ -254,6 +261,9 @@ fn listen(sock: &Path) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = gid {
+        rustix::fs::chown(&tmp, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+    }
     std::fs::rename(&tmp, sock)?;
     Ok(listener)
 }

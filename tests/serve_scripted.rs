@@ -6,7 +6,7 @@ mod harness;
 
 use std::collections::BTreeSet;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 
 use harness::{example_bin, test_path, Daemon, Script};
@@ -85,20 +85,20 @@ fn import_paths_then_export_paths_give_back_the_same_stream() {
     assert!(stopped.valid("hydra", &top) && !stopped.valid("other", &top));
 }
 
-/// Runs the relay as uid and gid 65534 (nobody) against `daemon`, whose socket is opened
-/// up for the test so that the daemon's own check is what decides.
+/// The configuration that gives the socket to group `nogroup` (gid 65534, nobody's), so
+/// that the relay run by [`relay_as_nobody`] can connect and the daemon's own check decides.
+const NOGROUP_SOCKET: &str = "[relay]\nsocket_group = \"nogroup\"\n";
+
+/// Runs the relay as uid and gid 65534 (nobody) against `daemon`. Only the test's own
+/// temporary directory above the state directory is opened up: the state directory and the
+/// socket keep the modes and group the daemon gave them.
 fn relay_as_nobody(daemon: &Daemon, input: &[u8]) -> std::process::Output {
     let mut stdin = tempfile::tempfile().expect("temp file");
     stdin.write_all(input).expect("write stdin");
     stdin.seek(SeekFrom::Start(0)).expect("rewind");
     let state = daemon.state_dir();
-    for (p, mode) in [
-        (state.parent().expect("parent").to_owned(), 0o755),
-        (state.clone(), 0o755),
-        (state.join("serve.sock"), 0o666),
-    ] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    }
+    let parent = state.parent().expect("parent");
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).expect("chmod");
     Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(example_bin("nixbuild-serve"))
@@ -110,8 +110,22 @@ fn relay_as_nobody(daemon: &Daemon, input: &[u8]) -> std::process::Output {
 }
 
 #[test]
-fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
+fn socket_is_root_only_without_socket_group() {
     let daemon = Daemon::start(&[]);
+    let out = relay_as_nobody(&daemon, &Script::new().bytes);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    let sock = std::fs::metadata(daemon.state_dir().join("serve.sock")).expect("stat socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 0));
+    daemon.stop();
+}
+
+#[test]
+fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
+    let daemon = Daemon::start_with_config(NOGROUP_SOCKET, &[]);
+    let sock = std::fs::metadata(daemon.state_dir().join("serve.sock")).expect("stat socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 65534));
     let out = relay_as_nobody(&daemon, &Script::new().bytes);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -122,7 +136,7 @@ fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
     let stopped = daemon.stop();
     assert!(!stopped.log.contains("account=mallory"), "{}", stopped.log);
 
-    let daemon = Daemon::start(&["--trusted-uid", "65534"]);
+    let daemon = Daemon::start_with_config(NOGROUP_SOCKET, &["--trusted-uid", "65534"]);
     let out = relay_as_nobody(&daemon, &Script::new().bytes);
     // Admitted: the handshake is answered, and the session ends cleanly at EOF.
     assert_eq!(out.stdout.len(), 16, "no server hello");
