@@ -60,6 +60,23 @@ pub struct Config {
     pub timeouts: TimeoutConfig,
     /// `[relay]`: who may relay sessions over `serve.sock`.
     pub relay: RelayConfig,
+    /// `[limits]`: bounds on the daemon as a whole.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most sessions served at once; a connection beyond it gets `error: ...` and exit
+    /// status 1. Default 1024.
+    pub max_sessions: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_sessions: 1024 }
+    }
 }
 
 /// `[store]`.
@@ -311,6 +328,9 @@ impl Config {
                 "store.max_paths_per_request",
                 format!("{paths} is not in 1..={MAX_PATHS_PER_REQUEST_CEILING}"),
             ));
+        }
+        if self.limits.max_sessions == 0 {
+            return Err(invalid("limits.max_sessions", "must be at least 1".into()));
         }
         if self.store.max_request_bytes < MIN_REQUEST_BYTES {
             return Err(invalid(

@@ -37,6 +37,8 @@ pub const FRAME_EXIT: u8 = 3;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest relay header line accepted, newline included.
 pub const MAX_HEADER: usize = 256;
+/// How long the daemon waits after a failed `accept` before accepting again.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 /// Version of the relay wire named in the header.
 const RELAY_VERSION: &str = "1";
 
@@ -62,7 +64,7 @@ pub enum DaemonError {
         /// The underlying error.
         source: io::Error,
     },
-    /// Accepting a connection failed.
+    /// Accepting a connection failed (logged; the daemon backs off and accepts again).
     #[error("accepting a connection on {path}: {source}")]
     Accept {
         /// The socket's path.
@@ -213,10 +215,19 @@ pub async fn run(
     let result = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if sessions.len() >= config.limits.max_sessions => {
+                    refuse_busy(&stream, config.limits.max_sessions);
+                }
                 Ok((stream, _)) => {
                     sessions.spawn(connection(stream, store.clone(), config.clone()));
                 }
-                Err(source) => break Err(DaemonError::Accept { path: sock.clone(), source }),
+                Err(source) => {
+                    // Out of file descriptors or memory, or a connection that went away
+                    // before it was accepted: other sessions go on, and so does accepting.
+                    let e = DaemonError::Accept { path: sock.clone(), source };
+                    tracing::error!("{e}; retrying in {} ms", ACCEPT_BACKOFF.as_millis());
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             Some(ended) = sessions.join_next() => {
                 if let Err(e) = ended {
@@ -266,6 +277,28 @@ fn listen(sock: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
     }
     std::fs::rename(&tmp, sock)?;
     Ok(listener)
+}
+
+/// Tells a connection beyond `limits.max_sessions` why it is refused, without waiting: the
+/// two frames fit in an empty socket buffer, and a peer that does not read loses them.
+fn refuse_busy(stream: &UnixStream, max: usize) {
+    tracing::warn!(max, "refused a connection: too many sessions");
+    let msg = format!(
+        "error: the nixbuild daemon is serving its maximum of {max} sessions; try again \
+         later (max_sessions in [limits] of the server's configuration)\n"
+    );
+    let mut frames = Vec::new();
+    for (tag, payload) in [
+        (FRAME_STDERR, msg.as_bytes()),
+        (FRAME_EXIT, &1u32.to_le_bytes()),
+    ] {
+        frames.push(tag);
+        frames.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frames.extend_from_slice(payload);
+    }
+    if let Err(e) = stream.try_write(&frames) {
+        tracing::debug!("cannot tell a refused connection why: {e}");
+    }
 }
 
 /// Serves one connection: checks the peer, reads the header, runs the session, sends the

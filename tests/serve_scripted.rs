@@ -5,9 +5,9 @@
 mod harness;
 
 use std::collections::BTreeSet;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use harness::{example_bin, test_path, Daemon, Script};
 use nixbuild_core::nar::NarNode;
@@ -149,6 +149,105 @@ fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
     let stopped = daemon.stop();
     assert!(
         stopped.log.contains("session start account=mallory"),
+        "{}",
+        stopped.log
+    );
+}
+
+/// A relayed session kept open: its hello is answered, and it ends when dropped.
+struct HeldSession {
+    child: std::process::Child,
+}
+
+impl HeldSession {
+    fn open(daemon: &Daemon) -> HeldSession {
+        let mut child = Command::new(example_bin("nixbuild-serve"))
+            .arg("--serve")
+            .env("NIXBUILD_STATE_DIR", daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", "held")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn nixbuild-serve");
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin.write_all(&Script::new().bytes).expect("send hello");
+        let mut hello = [0u8; 16];
+        child
+            .stdout
+            .as_mut()
+            .expect("stdout")
+            .read_exact(&mut hello)
+            .expect("server hello");
+        HeldSession { child }
+    }
+
+    /// Ends the session at a command boundary and checks that it ended cleanly.
+    fn close(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().expect("wait for nixbuild-serve");
+        assert!(status.success(), "{status}");
+    }
+}
+
+#[test]
+fn sessions_beyond_max_sessions_are_refused() {
+    let daemon = Daemon::start_with_config("[limits]\nmax_sessions = 1\n", &[]);
+    let held = HeldSession::open(&daemon);
+    let refused = daemon.relay("b", false, &Script::new().bytes);
+    refused.assert_error("serving its maximum of 1 sessions");
+    assert!(refused.stderr.contains("max_sessions"), "{refused:?}");
+    held.close();
+    let ok = daemon.relay("b", false, &Script::new().bytes);
+    assert_eq!(ok.status, 0, "{ok:?}");
+    daemon.stop();
+}
+
+#[test]
+fn failed_accept_does_not_stop_the_daemon() {
+    let daemon = Daemon::start(&[]);
+    let held_before = HeldSession::open(&daemon);
+    // Let the daemon keep exactly the descriptors it has: the next accept fails (EMFILE).
+    let fd_dir = format!("/proc/{}/fd", daemon.pid());
+    let open_fds = std::fs::read_dir(&fd_dir).expect("list fds").count();
+    let limit = open_fds.to_string();
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", daemon.pid()))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success());
+    let waiting = std::thread::spawn({
+        let input = Script::new().bytes;
+        let state = daemon.state_dir();
+        move || {
+            Command::new(example_bin("nixbuild-serve"))
+                .arg("--serve")
+                .env("NIXBUILD_STATE_DIR", state)
+                .env("NIXBUILD_ACCOUNT", "waiting")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    c.stdin.take().expect("stdin").write_all(&input)?;
+                    c.wait_with_output()
+                })
+                .expect("run nixbuild-serve")
+        }
+    });
+    // Bounded only to turn a hang into a failure with the log.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !daemon.log().contains("accepting a connection") {
+        assert!(std::time::Instant::now() < until, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Freeing a descriptor lets the waiting connection in.
+    held_before.close();
+    let out = waiting.join().expect("relay thread");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.len(), 16, "no server hello");
+    let stopped = daemon.stop();
+    assert!(
+        stopped.log.contains("retrying in 100 ms"),
         "{}",
         stopped.log
     );

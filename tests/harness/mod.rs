@@ -112,7 +112,9 @@ impl Daemon {
         let until = Instant::now() + Duration::from_secs(60);
         let sock = self.state_dir().join("serve.sock");
         loop {
-            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            // The daemon renames the socket into place once it listens. Not probed with a
+            // connection: that would leave a short-lived session behind in the daemon.
+            if sock.exists() {
                 return;
             }
             let child = self.child.as_mut().expect("running");
