@@ -927,3 +927,41 @@ fn store_and_import_cross_threads() {
     send::<Import>();
     send_sync::<StoreError>();
 }
+
+#[test]
+fn state_directory_modes_do_not_follow_the_umask() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = tempfile::tempdir().expect("tempdir");
+    let state = parent.path().join("state");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    {
+        let store = open(&state);
+        import(&store, "alice", &source("m", &file(b"modes"), &[])).expect("import");
+        // The store is open, so the WAL and its index exist.
+        for (name, want) in [
+            ("", 0o711),
+            ("objects", 0o700),
+            ("tmp", 0o700),
+            ("db.sqlite", 0o600),
+            ("db.sqlite-wal", 0o600),
+            ("db.sqlite-shm", 0o600),
+        ] {
+            assert_eq!(mode(&state.join(name)), want, "{name}");
+        }
+    }
+    // An existing layout made with a wide mode is restricted when the store opens.
+    let wide = parent.path().join("wide");
+    fs::DirBuilder::new()
+        .mode(0o777)
+        .create(&wide)
+        .expect("mkdir");
+    fs::set_permissions(&wide, fs::Permissions::from_mode(0o777)).expect("chmod");
+    fs::create_dir(wide.join("objects")).expect("mkdir objects");
+    fs::set_permissions(wide.join("objects"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(wide.join("db.sqlite"), b"").expect("db file");
+    fs::set_permissions(wide.join("db.sqlite"), fs::Permissions::from_mode(0o644)).expect("chmod");
+    drop(open(&wide));
+    assert_eq!(mode(&wide), 0o711);
+    assert_eq!(mode(&wide.join("objects")), 0o700);
+    assert_eq!(mode(&wide.join("db.sqlite")), 0o600);
+}

@@ -89,8 +89,53 @@ fn object_key(path: &StorePath, nar_hash: &Hash) -> String {
     nixbase32::encode(Hash::compute(HashAlgo::Sha256, id.as_bytes()).digest())
 }
 
-fn create_dir(path: &Path) -> Result<(), StoreError> {
-    fs::create_dir_all(path).map_err(io_err("create directory", path))
+/// Mode of the state directory: relays must reach `serve.sock` in it, nobody may list it.
+pub const STATE_DIR_MODE: u32 = 0o711;
+/// Mode of `objects/` and `tmp/`: the daemon's alone (the sandbox bind-mounts objects as
+/// root, and builds see them through the mount, not through this directory).
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of the database and its `-wal` and `-shm` files (SQLite gives those the database's).
+const DB_MODE: u32 = 0o600;
+
+/// Creates `path` (and missing parents) if needed and gives it exactly `mode`, whatever
+/// the umask.
+fn create_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(io_err("create directory", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+}
+
+/// Creates the state directory with [`STATE_DIR_MODE`] if needed (the daemon locks it
+/// before opening the store).
+pub fn create_state_dir(state_dir: &Path) -> Result<(), StoreError> {
+    create_dir(state_dir, STATE_DIR_MODE)
+}
+
+/// Creates the database file with [`DB_MODE`] before SQLite opens it, and restricts an
+/// existing one and its `-wal` and `-shm` files.
+fn restrict_db_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(DB_MODE)
+        .open(db)
+        .map_err(io_err("create", db))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        match fs::set_permissions(&file, fs::Permissions::from_mode(DB_MODE)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.map_err(io_err("chmod", &file))?,
+        }
+    }
+    Ok(())
 }
 
 /// Removes every entry of `dir` for which `keep` is false.
@@ -106,17 +151,21 @@ fn remove_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(), StoreEr
 }
 
 impl Store {
-    /// Opens the store in `state_dir`, creating the layout if missing, and cleans leftovers:
+    /// Opens the store in `state_dir`, creating the layout if missing (state directory 0711,
+    /// `objects/` and `tmp/` 0700, database 0600), and cleans leftovers:
     /// empties `tmp/` and removes objects that have no row (a crash between publishing an
     /// object and registering it). Only the daemon calls this, at start, so no live import
     /// is disturbed.
     pub fn open(state_dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
         let objects = state_dir.join("objects");
         let tmp = state_dir.join("tmp");
-        create_dir(&objects)?;
-        create_dir(&tmp)?;
+        create_state_dir(state_dir)?;
+        create_dir(&objects, PRIVATE_DIR_MODE)?;
+        create_dir(&tmp, PRIVATE_DIR_MODE)?;
         remove_entries(&tmp, |_| false)?;
-        let conn = db::open(&state_dir.join("db.sqlite"))?;
+        let db_file = state_dir.join("db.sqlite");
+        restrict_db_files(&db_file)?;
+        let conn = db::open(&db_file)?;
         let keys = db::object_keys(&conn)?;
         remove_entries(&objects, |name| keys.contains(name))?;
         Ok(Store {
