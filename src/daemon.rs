@@ -45,16 +45,24 @@ const RELAY_VERSION: &str = "1";
 /// What can stop the daemon (errors of single sessions only end those sessions).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// Another daemon answers on the socket.
-    #[error("another nixbuild-server is already serving {0}")]
+    /// Another daemon holds the state directory's lock.
+    #[error("another nixbuild-server is already running on the state directory {0}")]
     AlreadyRunning(PathBuf),
+    /// The state directory's lock could not be taken.
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
         /// The state directory.
         path: PathBuf,
-        /// The store's error.
-        source: StoreError,
+        /// The store's error (boxed: it is large).
+        source: Box<StoreError>,
     },
     /// The socket could not be set up.
     #[error("cannot listen on {path}: {source}")]
@@ -183,10 +191,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let sock = socket_path(state_dir);
-    // A live daemon must not have its imports in progress cleaned away under it.
-    if UnixStream::connect(&sock).await.is_ok() {
-        return Err(DaemonError::AlreadyRunning(sock));
-    }
+    // A live daemon must not have its imports in progress cleaned away under it: held until
+    // the daemon returns.
+    let _lock = lock_state_dir(state_dir)?;
     let store = {
         let dir = state_dir.to_owned();
         let limits = StoreLimits {
@@ -197,7 +204,7 @@ pub async fn run(
             .await?
             .map_err(|source| DaemonError::Store {
                 path: state_dir.to_owned(),
-                source,
+                source: Box::new(source),
             })?
     };
     let socket_gid = match &config.relay.socket_group {
@@ -258,6 +265,35 @@ pub async fn run(
     }
     tracing::info!("stopped");
     result
+}
+
+/// Creates the state directory if needed and takes an exclusive lock on `<state>/lock`,
+/// held as long as the returned file is open. Err([`DaemonError::AlreadyRunning`]) at once
+/// when another process holds it.
+pub fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let store_err = |source| DaemonError::Store {
+        path: state_dir.to_owned(),
+        source: Box::new(source),
+    };
+    crate::store::create_state_dir(state_dir).map_err(store_err)?;
+    let path = state_dir.join("lock");
+    let lock_err = |source: io::Error| DaemonError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(lock_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(DaemonError::AlreadyRunning(state_dir.into())),
+        Err(e) => Err(lock_err(e.into())),
+    }
 }
 
 /// Binds the socket with mode 0660 and group `gid` (root's when `None`): bound under a
@@ -450,6 +486,21 @@ mod tests {
             assert!(RelayHeader::parse(line.as_bytes()).is_err(), "{bad:?}");
         }
         check_account_name(&"x".repeat(64)).unwrap();
+    }
+
+    #[test]
+    fn a_second_lock_on_the_state_dir_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let first = lock_state_dir(&state).unwrap();
+        let second = lock_state_dir(&state).unwrap_err();
+        assert!(
+            matches!(&second, DaemonError::AlreadyRunning(p) if *p == state),
+            "{second}"
+        );
+        assert!(second.to_string().contains("already running"), "{second}");
+        drop(first);
+        lock_state_dir(&state).unwrap();
     }
 
     #[tokio::test]

@@ -252,3 +252,20 @@ fn failed_accept_does_not_stop_the_daemon() {
         stopped.log
     );
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_fails_at_once() {
+    let daemon = Daemon::start(&[]);
+    let second = Command::new(example_bin("nixbuild-server"))
+        .arg("--state-dir")
+        .arg(daemon.state_dir())
+        .output()
+        .expect("run nixbuild-server");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    // The first daemon still serves.
+    let ok = daemon.relay("a", false, &Script::new().bytes);
+    assert_eq!(ok.status, 0, "{ok:?}");
+    daemon.stop();
+}
