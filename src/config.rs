@@ -123,6 +123,9 @@ pub struct TimeoutConfig {
     /// On SIGTERM or SIGINT, how long running sessions may take to finish before they are
     /// cut off (their unfinished imports are discarded). Default 30.
     pub shutdown: u64,
+    /// Longest wait for the client to take the server's next bytes: a client that stops
+    /// reading ends its session after this. Default 300.
+    pub write: u64,
 }
 
 impl Default for TimeoutConfig {
@@ -131,6 +134,7 @@ impl Default for TimeoutConfig {
             handshake: 60,
             idle: 1800,
             shutdown: 30,
+            write: 300,
         }
     }
 }
@@ -144,6 +148,11 @@ impl TimeoutConfig {
     /// [`TimeoutConfig::idle`] as a duration.
     pub fn idle(&self) -> Duration {
         Duration::from_secs(self.idle)
+    }
+
+    /// [`TimeoutConfig::write`] as a duration.
+    pub fn write(&self) -> Duration {
+        Duration::from_secs(self.write)
     }
 
     /// [`TimeoutConfig::shutdown`] as a duration.
@@ -341,6 +350,7 @@ impl Config {
         for (key, secs) in [
             ("timeouts.handshake", self.timeouts.handshake),
             ("timeouts.idle", self.timeouts.idle),
+            ("timeouts.write", self.timeouts.write),
         ] {
             if secs == 0 {
                 return Err(invalid(key, "must be at least 1 second".into()));

@@ -114,6 +114,8 @@ pub struct SessionSettings {
     pub handshake_timeout: Duration,
     /// Longest wait for the client's next bytes after the handshake.
     pub idle_timeout: Duration,
+    /// Longest wait for one write or flush to the client.
+    pub write_timeout: Duration,
 }
 
 impl SessionSettings {
@@ -135,6 +137,7 @@ impl SessionSettings {
             max_request_bytes: config.store.max_request_bytes,
             handshake_timeout: config.timeouts.handshake(),
             idle_timeout: config.timeouts.idle(),
+            write_timeout: config.timeouts.write(),
         }
     }
 }
@@ -162,11 +165,15 @@ where
     R: AsyncRead + Unpin + Send,
     O: SessionOutput,
 {
+    let mut out = WriteTimeout {
+        inner: out,
+        limit: settings.write_timeout,
+    };
     let mut driver = Driver {
         store,
         settings,
         session: ServerSession::new(settings.write_allowed, settings.limits),
-        out,
+        out: &mut out,
         upload: None,
         pending_add: None,
         received: None,
@@ -178,6 +185,45 @@ where
         let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
     }
     result
+}
+
+/// A [`SessionOutput`] whose every write and flush fails with `TimedOut` after `limit`: a
+/// client that stops reading cannot hold its session (and an export task feeding it)
+/// forever.
+struct WriteTimeout<'a, O> {
+    inner: &'a mut O,
+    limit: Duration,
+}
+
+impl<O: SessionOutput> WriteTimeout<'_, O> {
+    async fn within<T>(
+        limit: Duration,
+        f: impl Future<Output = io::Result<T>> + Send,
+    ) -> io::Result<T> {
+        tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "timed out after {} s waiting for the client to read (timeouts.write)",
+                    limit.as_secs()
+                ),
+            ))
+        })
+    }
+}
+
+impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
+    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
+        Self::within(self.limit, self.inner.stdout(bytes)).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        Self::within(self.limit, self.inner.stderr(bytes)).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Self::within(self.limit, self.inner.flush()).await
+    }
 }
 
 /// A NAR on its way to the store: a blocking task writes the chunks it receives to an
@@ -655,5 +701,53 @@ impl io::Write for ChunkWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.send_buffered()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+    use crate::store::StoreLimits;
+
+    /// A client that never reads: every write waits forever.
+    struct Stuck;
+
+    impl SessionOutput for Stuck {
+        async fn stdout(&mut self, _: Bytes) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn stderr(&mut self, _: &[u8]) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn flush(&mut self) -> io::Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits {
+            max_nar_size: 1 << 20,
+            disk_reserve: 0,
+        };
+        let store = Store::open(dir.path(), limits).unwrap();
+        let mut settings = SessionSettings::new(&Config::default(), "a", false);
+        settings.write_timeout = Duration::from_millis(20);
+        let mut hello = Vec::new();
+        serve::ClientHello {
+            version: serve::ProtocolVersion::V2_7,
+        }
+        .encode(&mut hello);
+        // The server hello cannot be written: the session ends instead of hanging.
+        let err = serve(&store, &settings, &hello[..], &mut Stuck)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SessionError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(err.to_string().contains("timeouts.write"), "{err}");
     }
 }
