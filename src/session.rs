@@ -181,7 +181,13 @@ where
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
-        // The client may already be gone; the caller logs the error either way.
+        // The client may already be gone; the caller logs the error either way. What was
+        // answered before the error (the server hello, earlier pipelined responses) goes
+        // out first, as the real server's buffered stdout does.
+        let pending = driver.session.take_output();
+        if !pending.is_empty() && driver.out.stdout(pending).await.is_ok() {
+            let _ = driver.out.flush().await;
+        }
         let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
     }
     result

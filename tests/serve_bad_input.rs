@@ -199,6 +199,29 @@ fn unknown_opcode() {
 }
 
 #[test]
+fn answers_queued_before_an_error_are_still_sent() {
+    // Hello, a QueryValidPaths and an unknown opcode in one write: the client gets the
+    // server hello and the answer, then the error and EOF.
+    let s = salt("queued");
+    let path = test_path(&s, "never-sent");
+    let script = Script::new()
+        .request(&query_valid(&[&path]))
+        .raw(&wire_u64(42));
+    let daemon = Daemon::start(&[]);
+    let reply = daemon.relay("a", false, &script.bytes);
+    reply.assert_error("unknown serve command 42");
+    assert_eq!(
+        reply.responses(&script.ops),
+        vec![Response::ValidPaths(BTreeSet::new())]
+    );
+    // Only the hello was due when the error came.
+    let reply = daemon.relay("a", false, &Script::new().raw(&wire_u64(42)).bytes);
+    reply.assert_error("unknown serve command 42");
+    assert_eq!(reply.responses(&[]), vec![]);
+    daemon.stop();
+}
+
+#[test]
 fn write_command_without_write() {
     let s = salt("readonly");
     let path = test_path(&s, "read-only");
