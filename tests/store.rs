@@ -858,7 +858,7 @@ fn closure_includes_valid_outputs_of_derivations() {
         store.query_closure("bob", &start, true).expect("closure"),
         set(&[&drv_path, &lib.path()])
     );
-    // A `.drv` that is not a derivation cannot give its outputs.
+    // A `.drv` that is not a derivation has no outputs, and does not fail the request.
     let bogus = fixed(
         "bogus.drv",
         ContentAddressMethod::Text,
@@ -873,10 +873,30 @@ fn closure_includes_valid_outputs_of_derivations() {
             .expect("closure"),
         start
     );
-    assert!(matches!(
-        store.query_closure("alice", &start, true),
-        Err(StoreError::Derivation { path, .. }) if path == bogus.path()
-    ));
+    assert_eq!(
+        store.query_closure("alice", &start, true).expect("closure"),
+        start
+    );
+    // Next to a real derivation, whose outputs are still found.
+    let both = set(&[&bogus.path(), &drv_path]);
+    assert_eq!(
+        store.query_closure("alice", &both, true).expect("closure"),
+        set(&[
+            &bogus.path(),
+            &drv_path,
+            &lib.path(),
+            &out_path,
+            &runtime.path()
+        ])
+    );
+    // A `.drv` that is a directory is no derivation either.
+    let dir_drv = input_addressed("dir.drv", "dir-drv", &dir([("x", file(b"x"))]), &[]);
+    import(&store, "alice", &dir_drv).expect("import");
+    let start = set(&[&dir_drv.path()]);
+    assert_eq!(
+        store.query_closure("alice", &start, true).expect("closure"),
+        start
+    );
 }
 
 proptest::proptest! {

@@ -4,7 +4,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nixbuild_core::content_address::ContentAddress;
-use nixbuild_core::derivation::AtermError;
 use nixbuild_core::hash::Hash;
 use nixbuild_core::nar::NarError;
 use nixbuild_core::store_path::{StorePath, StorePathError};
@@ -151,24 +150,6 @@ pub enum StoreError {
         path: StorePath,
         /// The account.
         account: String,
-    },
-    /// A `.drv` path whose contents are not a derivation (`query_closure` with outputs).
-    #[error("{path} is not a derivation: {source}")]
-    Derivation {
-        /// The `.drv` path.
-        path: StorePath,
-        /// Why it did not parse.
-        source: Box<AtermError>,
-    },
-    /// A `.drv` object too large to be read as a derivation.
-    #[error("{path} is {size} bytes, larger than the {limit} bytes a derivation may have")]
-    DerivationTooLarge {
-        /// The `.drv` path.
-        path: StorePath,
-        /// Its size.
-        size: u64,
-        /// The limit.
-        limit: u64,
     },
     /// Serialising a path's files as a NAR failed (export, or re-hashing at import).
     #[error("reading {path} as a NAR: {source}")]

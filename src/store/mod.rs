@@ -45,7 +45,8 @@ use crate::nar_fs::dump_path;
 use error::io_err;
 use fsutil::HashingWriter;
 
-/// The largest `.drv` file [`Store::query_closure`] reads to find a derivation's outputs.
+/// The largest `.drv` file [`Store::query_closure`] reads to find a derivation's outputs;
+/// a larger one is taken to be no derivation.
 const MAX_DERIVATION_SIZE: u64 = 64 << 20;
 
 /// Limits the store enforces, from the configuration.
@@ -213,79 +214,94 @@ impl Store {
     /// The reference closure of `paths` as `account` sees it. With `include_outputs`, the
     /// outputs of every `.drv` in the closure that are valid for the account (with their
     /// closures) are included too, as `nix-store --query --requisites --include-outputs`
-    /// does. Err([`StoreError::NotValid`]) if a starting path is not valid for the account.
+    /// does; a `.drv` whose contents are not a derivation has no outputs (as upstream).
+    /// Err([`StoreError::NotValid`]) if a starting path is not valid for the account.
+    ///
+    /// The `.drv` files are read with the store lock released: the walk takes the lock for
+    /// each round of references, then reads the derivations it reached without it.
     pub fn query_closure(
         &self,
         account: &str,
         paths: &BTreeSet<StorePath>,
         include_outputs: bool,
     ) -> Result<BTreeSet<StorePath>, StoreError> {
-        let conn = self.inner.lock_db();
         let mut seen = HashSet::new();
         let mut queue = Vec::new();
-        for path in paths {
-            let id = db::path_id(&conn, account, path)?.ok_or_else(|| StoreError::NotValid {
-                path: path.clone(),
-                account: account.to_owned(),
-            })?;
-            if seen.insert(id) {
-                queue.push((id, path.clone()));
+        let mut closure = BTreeSet::new();
+        // Outputs named by the derivations read in the last round, not yet looked up.
+        let mut outputs = Vec::new();
+        {
+            let conn = self.inner.lock_db();
+            for path in paths {
+                let id =
+                    db::path_id(&conn, account, path)?.ok_or_else(|| StoreError::NotValid {
+                        path: path.clone(),
+                        account: account.to_owned(),
+                    })?;
+                if seen.insert(id) {
+                    queue.push((id, path.clone()));
+                }
             }
         }
         // Every row enters the queue at most once, so this ends after at most as many steps
-        // as the account has rows.
-        let mut closure = BTreeSet::new();
-        while let Some((id, path)) = queue.pop() {
-            for (ref_id, reference) in db::references(&conn, id)? {
-                if seen.insert(ref_id) {
-                    queue.push((ref_id, reference));
-                }
-            }
-            if include_outputs && path.is_derivation() {
-                for output in self.derivation_outputs(&conn, account, &path)? {
-                    if let Some(out_id) = db::path_id(&conn, account, &output)? {
-                        if seen.insert(out_id) {
-                            queue.push((out_id, output));
+        // (and rounds) as the account has rows.
+        loop {
+            let mut derivations = Vec::new();
+            {
+                let conn = self.inner.lock_db();
+                for output in outputs.drain(..) {
+                    if let Some(id) = db::path_id(&conn, account, &output)? {
+                        if seen.insert(id) {
+                            queue.push((id, output));
                         }
                     }
                 }
+                while let Some((id, path)) = queue.pop() {
+                    for (ref_id, reference) in db::references(&conn, id)? {
+                        if seen.insert(ref_id) {
+                            queue.push((ref_id, reference));
+                        }
+                    }
+                    if include_outputs && path.is_derivation() {
+                        derivations.push(self.object_of(&conn, account, &path)?);
+                    }
+                    closure.insert(path);
+                }
             }
-            closure.insert(path);
+            if derivations.is_empty() {
+                return Ok(closure);
+            }
+            for object in &derivations {
+                outputs.extend(self.derivation_outputs(object)?);
+            }
         }
-        Ok(closure)
     }
 
-    /// The output paths known in advance (input-addressed and fixed) of the derivation
-    /// stored at `drv_path` for `account`.
-    fn derivation_outputs(
-        &self,
-        conn: &Connection,
-        account: &str,
-        drv_path: &StorePath,
-    ) -> Result<Vec<StorePath>, StoreError> {
-        let object = self.object_of(conn, account, drv_path)?;
-        if object.nar_size > MAX_DERIVATION_SIZE {
-            return Err(StoreError::DerivationTooLarge {
-                path: drv_path.clone(),
-                size: object.nar_size,
-                limit: MAX_DERIVATION_SIZE,
-            });
-        }
+    /// The output paths known in advance (input-addressed and fixed) of the derivation in
+    /// `object`; none when it is not a derivation (not a regular file, too large, or not
+    /// parsable).
+    fn derivation_outputs(&self, object: &db::ObjectRow) -> Result<Vec<StorePath>, StoreError> {
         let file = self.inner.objects.join(&object.key);
+        let meta = fs::symlink_metadata(&file).map_err(io_err("stat", &file))?;
+        if !meta.is_file() || object.nar_size > MAX_DERIVATION_SIZE {
+            return Ok(Vec::new());
+        }
         let mut text = Vec::new();
         File::open(&file)
             .and_then(|f| f.take(MAX_DERIVATION_SIZE).read_to_end(&mut text))
             .map_err(io_err("read derivation", &file))?;
-        let drv = Derivation::from_aterm(&text).map_err(|source| StoreError::Derivation {
-            path: drv_path.clone(),
-            source: Box::new(source),
-        })?;
-        Ok(drv
-            .basic
-            .outputs
-            .values()
-            .filter_map(|o| o.path().cloned())
-            .collect())
+        match Derivation::from_aterm(&text) {
+            Ok(drv) => Ok(drv
+                .basic
+                .outputs
+                .values()
+                .filter_map(|o| o.path().cloned())
+                .collect()),
+            Err(e) => {
+                tracing::debug!(object = %object.key, "a .drv path that is not a derivation: {e}");
+                Ok(Vec::new())
+            }
+        }
     }
 
     fn object_of(
