@@ -60,6 +60,19 @@ pub enum StoreError {
         /// The configured reserve.
         reserve: u64,
     },
+    /// Free inodes fell below the inode reserve.
+    #[error(
+        "uploads are refused: {free} inodes free in {dir}, below the reserve of {reserve} \
+         (the server is running out of inodes)"
+    )]
+    InodeReserve {
+        /// The state directory.
+        dir: PathBuf,
+        /// Inodes available to the daemon.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
+    },
     /// The NAR grew past `max_nar_size`.
     #[error("NAR exceeds the limit of {limit} bytes ({received} bytes received)")]
     NarTooLarge {

@@ -49,6 +49,10 @@ use fsutil::HashingWriter;
 /// a larger one is taken to be no derivation.
 const MAX_DERIVATION_SIZE: u64 = 64 << 20;
 
+/// Free inodes below which uploads are refused, like the free-space reserve (and only when
+/// that reserve is not zero): more than an import creates between two checks.
+pub const INODE_RESERVE: u64 = 65_536;
+
 /// Limits the store enforces, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -332,18 +336,29 @@ impl Store {
         }
     }
 
+    /// Refuses when free space is below the reserve, or (with a non-zero reserve) free
+    /// inodes below [`INODE_RESERVE`].
     fn check_disk_reserve(&self) -> Result<(), StoreError> {
         let dir = &self.inner.state_dir;
         let free = fsutil::free_space(dir)?;
         let reserve = self.inner.limits.disk_reserve;
-        if free < reserve {
+        if free.bytes < reserve {
             return Err(StoreError::DiskReserve {
                 dir: dir.clone(),
-                free,
+                free: free.bytes,
                 reserve,
             });
         }
-        Ok(())
+        match free.inodes {
+            Some(inodes) if reserve > 0 && inodes < INODE_RESERVE => {
+                Err(StoreError::InodeReserve {
+                    dir: dir.clone(),
+                    free: inodes,
+                    reserve: INODE_RESERVE,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Streams the canonical NAR of a path the account can see into `out`, in chunks,
