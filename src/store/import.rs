@@ -295,11 +295,13 @@ impl Import {
         }
         let fresh = !db::object_exists(&conn, &object.key)?;
         let target = inner.objects.join(&object.key);
-        if fresh {
+        let placed = if fresh {
             fsutil::rename_noreplace(root, &target)?;
             // A directory moved to a new parent may get a new mtime on some file systems.
-            fsutil::set_canonical_mtime(&target)?;
-        }
+            fsutil::set_canonical_mtime(&target)
+        } else {
+            Ok(())
+        };
         let new = NewPath {
             account: &self.account,
             path: &claim.path,
@@ -311,9 +313,10 @@ impl Import {
             self_reference: claim.references.contains(&claim.path),
             sigs: &claim.sigs,
         };
-        let inserted = db::insert_path(&mut conn, &new);
+        let inserted = placed.and_then(|()| db::insert_path(&mut conn, &new));
         if inserted.is_err() && fresh {
-            // Best effort: Store::open removes an object without a row anyway.
+            // Anything failing once the object is in place (its mtime, the insert) takes it
+            // out again; best effort: Store::open removes an object without a row anyway.
             let _ = fsutil::remove_tree(&target);
         }
         inserted
