@@ -210,6 +210,9 @@ impl Daemon {
             .expect("read tmp/")
             .collect();
         assert!(leftovers.is_empty(), "imports left in tmp/: {leftovers:?}");
+        // Store::open removes orphan objects, so look for them before it runs.
+        let orphans = orphan_objects(&state);
+        assert!(orphans.is_empty(), "objects without a row: {orphans:?}");
         let store = Store::open(
             &state,
             StoreLimits {
@@ -226,6 +229,25 @@ impl Daemon {
             _dir: self.dir,
         }
     }
+}
+
+/// The entries of `<state>/objects` that no row of the database names, read without
+/// changing anything.
+fn orphan_objects(state: &Path) -> Vec<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        state.join("db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database read-only");
+    let keys: BTreeSet<String> = db
+        .prepare("SELECT key FROM objects")
+        .and_then(|mut st| st.query_map([], |row| row.get(0))?.collect())
+        .expect("list the objects' keys");
+    std::fs::read_dir(state.join("objects"))
+        .expect("read objects/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| !keys.contains(name))
+        .collect()
 }
 
 /// A stopped daemon's store and log.
