@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// elements of one list, which it applies before the daemon sees a request.
 pub const MAX_PATHS_PER_REQUEST_CEILING: usize = 1 << 20;
 
+/// Smallest `max_request_bytes`: room for any request that names a single path.
+pub const MIN_REQUEST_BYTES: usize = 64 << 10;
+
 /// Why the configuration could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,6 +60,23 @@ pub struct Config {
     pub timeouts: TimeoutConfig,
     /// `[relay]`: who may relay sessions over `serve.sock`.
     pub relay: RelayConfig,
+    /// `[limits]`: bounds on the daemon as a whole.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most sessions served at once; a connection beyond it gets `error: ...` and exit
+    /// status 1. Default 1024.
+    pub max_sessions: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_sessions: 1024 }
+    }
 }
 
 /// `[store]`.
@@ -73,6 +93,10 @@ pub struct StoreConfig {
     /// Uploads are refused while the state directory's file system has less free space than
     /// this, in bytes. Default 1 GiB.
     pub disk_reserve: u64,
+    /// Most bytes a session holds of one request (or ImportPaths trailer) before it is
+    /// complete; NAR data does not count, it streams to disk. Also the longest string a
+    /// request may carry. Default 64 MiB: a request naming 100,000 paths takes about 8 MiB.
+    pub max_request_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -81,6 +105,7 @@ impl Default for StoreConfig {
             max_nar_size: 64 << 30,
             max_paths_per_request: 100_000,
             disk_reserve: 1 << 30,
+            max_request_bytes: 64 << 20,
         }
     }
 }
@@ -98,6 +123,9 @@ pub struct TimeoutConfig {
     /// On SIGTERM or SIGINT, how long running sessions may take to finish before they are
     /// cut off (their unfinished imports are discarded). Default 30.
     pub shutdown: u64,
+    /// Longest wait for the client to take the server's next bytes: a client that stops
+    /// reading ends its session after this. Default 300.
+    pub write: u64,
 }
 
 impl Default for TimeoutConfig {
@@ -106,6 +134,7 @@ impl Default for TimeoutConfig {
             handshake: 60,
             idle: 1800,
             shutdown: 30,
+            write: 300,
         }
     }
 }
@@ -121,6 +150,11 @@ impl TimeoutConfig {
         Duration::from_secs(self.idle)
     }
 
+    /// [`TimeoutConfig::write`] as a duration.
+    pub fn write(&self) -> Duration {
+        Duration::from_secs(self.write)
+    }
+
     /// [`TimeoutConfig::shutdown`] as a duration.
     pub fn shutdown(&self) -> Duration {
         Duration::from_secs(self.shutdown)
@@ -129,7 +163,8 @@ impl TimeoutConfig {
 
 /// `[relay]`: peers of `serve.sock` allowed to name the account of a session. Root always
 /// may. The check uses the peer's uid and primary gid from SO_PEERCRED; supplementary groups
-/// are not considered.
+/// are not considered: a relay user trusted through `trusted_gids` must have that group as
+/// its primary group (the one in /etc/passwd, or the one `sg`/`newgrp`/setgid gives it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
@@ -137,6 +172,56 @@ pub struct RelayConfig {
     pub trusted_uids: Vec<u32>,
     /// Primary group ids trusted to relay. Default none.
     pub trusted_gids: Vec<u32>,
+    /// The group `serve.sock` belongs to (mode 0660), by name (looked up in /etc/group) or
+    /// by gid. Relay users that are not root need to be in it (for the connect itself any of
+    /// their groups counts, supplementary ones too) as well as trusted above. Default none:
+    /// the socket stays root:root, reachable by root only.
+    pub socket_group: Option<GroupRef>,
+}
+
+/// A group, by name or by id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupRef {
+    /// A numeric gid.
+    Id(u32),
+    /// A group name, resolved through /etc/group.
+    Name(String),
+}
+
+/// The file group names are resolved in.
+const GROUP_FILE: &str = "/etc/group";
+
+impl GroupRef {
+    /// The gid: the number itself, or the name's entry in /etc/group.
+    pub fn resolve(&self) -> Result<u32, ConfigError> {
+        let invalid = |reason| ConfigError::Invalid {
+            source_name: GROUP_FILE.to_owned(),
+            key: "relay.socket_group",
+            reason,
+        };
+        match self {
+            GroupRef::Id(gid) if *gid == u32::MAX => Err(invalid(format!("{gid} is not a gid"))),
+            GroupRef::Id(gid) => Ok(*gid),
+            GroupRef::Name(name) => {
+                let text = std::fs::read_to_string(GROUP_FILE)
+                    .map_err(|e| invalid(format!("cannot read {GROUP_FILE}: {e}")))?;
+                gid_of(&text, name)
+                    .ok_or_else(|| invalid(format!("no group {name:?} in {GROUP_FILE}")))
+            }
+        }
+    }
+}
+
+/// The gid of group `name` in the text of a group file (`name:password:gid:members`).
+fn gid_of(group_file: &str, name: &str) -> Option<u32> {
+    group_file.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != name {
+            return None;
+        }
+        fields.nth(1)?.parse().ok().filter(|gid| *gid != u32::MAX)
+    })
 }
 
 impl RelayConfig {
@@ -253,9 +338,19 @@ impl Config {
                 format!("{paths} is not in 1..={MAX_PATHS_PER_REQUEST_CEILING}"),
             ));
         }
+        if self.limits.max_sessions == 0 {
+            return Err(invalid("limits.max_sessions", "must be at least 1".into()));
+        }
+        if self.store.max_request_bytes < MIN_REQUEST_BYTES {
+            return Err(invalid(
+                "store.max_request_bytes",
+                format!("must be at least {MIN_REQUEST_BYTES}"),
+            ));
+        }
         for (key, secs) in [
             ("timeouts.handshake", self.timeouts.handshake),
             ("timeouts.idle", self.timeouts.idle),
+            ("timeouts.write", self.timeouts.write),
         ] {
             if secs == 0 {
                 return Err(invalid(key, "must be at least 1 second".into()));
@@ -318,6 +413,28 @@ mod tests {
         let msg = Config::load(&path).unwrap_err().to_string();
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains("store.max_paths_per_request"), "{msg}");
+    }
+
+    #[test]
+    fn socket_group_by_name_or_id() {
+        let c = Config::parse("[relay]\nsocket_group = \"nixbuild\"\n").unwrap();
+        assert_eq!(
+            c.relay.socket_group,
+            Some(GroupRef::Name("nixbuild".into()))
+        );
+        let c = Config::parse("[relay]\nsocket_group = 30000\n").unwrap();
+        assert_eq!(c.relay.socket_group.unwrap().resolve().unwrap(), 30000);
+        let file = "root:x:0:\n# comment\nnix:x:30000:alice,bob\nbad:x:notanumber:\n";
+        assert_eq!(gid_of(file, "root"), Some(0));
+        assert_eq!(gid_of(file, "nix"), Some(30000));
+        assert_eq!(gid_of(file, "ni"), None);
+        assert_eq!(gid_of(file, "bad"), None);
+        assert_eq!(GroupRef::Name("root".into()).resolve().unwrap(), 0);
+        let msg = GroupRef::Name("no-such-group-here".into())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("relay.socket_group") && msg.contains("no-such-group-here"));
     }
 
     #[test]

@@ -37,22 +37,32 @@ pub const FRAME_EXIT: u8 = 3;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest relay header line accepted, newline included.
 pub const MAX_HEADER: usize = 256;
+/// How long the daemon waits after a failed `accept` before accepting again.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 /// Version of the relay wire named in the header.
 const RELAY_VERSION: &str = "1";
 
 /// What can stop the daemon (errors of single sessions only end those sessions).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// Another daemon answers on the socket.
-    #[error("another nixbuild-server is already serving {0}")]
+    /// Another daemon holds the state directory's lock.
+    #[error("another nixbuild-server is already running on the state directory {0}")]
     AlreadyRunning(PathBuf),
+    /// The state directory's lock could not be taken.
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
         /// The state directory.
         path: PathBuf,
-        /// The store's error.
-        source: StoreError,
+        /// The store's error (boxed: it is large).
+        source: Box<StoreError>,
     },
     /// The socket could not be set up.
     #[error("cannot listen on {path}: {source}")]
@@ -62,7 +72,7 @@ pub enum DaemonError {
         /// The underlying error.
         source: io::Error,
     },
-    /// Accepting a connection failed.
+    /// Accepting a connection failed (logged; the daemon backs off and accepts again).
     #[error("accepting a connection on {path}: {source}")]
     Accept {
         /// The socket's path.
@@ -70,6 +80,9 @@ pub enum DaemonError {
         /// The underlying error.
         source: io::Error,
     },
+    /// The configuration names something that does not exist.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The store's start-up task failed.
     #[error("internal error opening the store: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -178,10 +191,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let sock = socket_path(state_dir);
-    // A live daemon must not have its imports in progress cleaned away under it.
-    if UnixStream::connect(&sock).await.is_ok() {
-        return Err(DaemonError::AlreadyRunning(sock));
-    }
+    // A live daemon must not have its imports in progress cleaned away under it: held until
+    // the daemon returns.
+    let _lock = lock_state_dir(state_dir)?;
     let store = {
         let dir = state_dir.to_owned();
         let limits = StoreLimits {
@@ -192,10 +204,14 @@ pub async fn run(
             .await?
             .map_err(|source| DaemonError::Store {
                 path: state_dir.to_owned(),
-                source,
+                source: Box::new(source),
             })?
     };
-    let listener = listen(&sock).map_err(|source| DaemonError::Listen {
+    let socket_gid = match &config.relay.socket_group {
+        Some(group) => Some(group.resolve()?),
+        None => None,
+    };
+    let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
         path: sock.clone(),
         source,
     })?;
@@ -206,10 +222,19 @@ pub async fn run(
     let result = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if sessions.len() >= config.limits.max_sessions => {
+                    refuse_busy(&stream, config.limits.max_sessions);
+                }
                 Ok((stream, _)) => {
                     sessions.spawn(connection(stream, store.clone(), config.clone()));
                 }
-                Err(source) => break Err(DaemonError::Accept { path: sock.clone(), source }),
+                Err(source) => {
+                    // Out of file descriptors or memory, or a connection that went away
+                    // before it was accepted: other sessions go on, and so does accepting.
+                    let e = DaemonError::Accept { path: sock.clone(), source };
+                    tracing::error!("{e}; retrying in {} ms", ACCEPT_BACKOFF.as_millis());
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             Some(ended) = sessions.join_next() => {
                 if let Err(e) = ended {
@@ -242,10 +267,39 @@ pub async fn run(
     result
 }
 
-/// Binds the socket with mode 0660: bound under a temporary name, restricted, then renamed
-/// into place, so it is never reachable with the wider mode the umask may give. A stale
-/// socket of a dead daemon is replaced by the rename.
-fn listen(sock: &Path) -> io::Result<UnixListener> {
+/// Creates the state directory if needed and takes an exclusive lock on `<state>/lock`,
+/// held as long as the returned file is open. Err([`DaemonError::AlreadyRunning`]) at once
+/// when another process holds it.
+pub fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let store_err = |source| DaemonError::Store {
+        path: state_dir.to_owned(),
+        source: Box::new(source),
+    };
+    crate::store::create_state_dir(state_dir).map_err(store_err)?;
+    let path = state_dir.join("lock");
+    let lock_err = |source: io::Error| DaemonError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(lock_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(DaemonError::AlreadyRunning(state_dir.into())),
+        Err(e) => Err(lock_err(e.into())),
+    }
+}
+
+/// Binds the socket with mode 0660 and group `gid` (root's when `None`): bound under a
+/// temporary name, restricted, then renamed into place, so it is never reachable with the
+/// wider mode the umask may give. A stale socket of a dead daemon is replaced by the rename.
+fn listen(sock: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let tmp = sock.with_extension("sock.new");
     match std::fs::remove_file(&tmp) {
@@ -254,8 +308,33 @@ fn listen(sock: &Path) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = gid {
+        rustix::fs::chown(&tmp, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+    }
     std::fs::rename(&tmp, sock)?;
     Ok(listener)
+}
+
+/// Tells a connection beyond `limits.max_sessions` why it is refused, without waiting: the
+/// two frames fit in an empty socket buffer, and a peer that does not read loses them.
+fn refuse_busy(stream: &UnixStream, max: usize) {
+    tracing::warn!(max, "refused a connection: too many sessions");
+    let msg = format!(
+        "error: the nixbuild daemon is serving its maximum of {max} sessions; try again \
+         later (max_sessions in [limits] of the server's configuration)\n"
+    );
+    let mut frames = Vec::new();
+    for (tag, payload) in [
+        (FRAME_STDERR, msg.as_bytes()),
+        (FRAME_EXIT, &1u32.to_le_bytes()),
+    ] {
+        frames.push(tag);
+        frames.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frames.extend_from_slice(payload);
+    }
+    if let Err(e) = stream.try_write(&frames) {
+        tracing::debug!("cannot tell a refused connection why: {e}");
+    }
 }
 
 /// Serves one connection: checks the peer, reads the header, runs the session, sends the
@@ -407,6 +486,21 @@ mod tests {
             assert!(RelayHeader::parse(line.as_bytes()).is_err(), "{bad:?}");
         }
         check_account_name(&"x".repeat(64)).unwrap();
+    }
+
+    #[test]
+    fn a_second_lock_on_the_state_dir_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let first = lock_state_dir(&state).unwrap();
+        let second = lock_state_dir(&state).unwrap_err();
+        assert!(
+            matches!(&second, DaemonError::AlreadyRunning(p) if *p == state),
+            "{second}"
+        );
+        assert!(second.to_string().contains("already running"), "{second}");
+        drop(first);
+        lock_state_dir(&state).unwrap();
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use nixbuild_core::serve::{
     ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
+use nixbuild_core::wire::{self, WireError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -54,6 +55,19 @@ pub enum SessionError {
     /// ExportPaths names a path the account cannot see (the real server's message).
     #[error("path '{0}' is not valid")]
     NotValid(StorePath),
+    /// A list in a request is longer than the configuration allows (the codec stops at the
+    /// count, before the elements arrive).
+    #[error("{0} (max_paths_per_request in [store] of the server's configuration)")]
+    ListTooLong(ServeError),
+    /// An unfinished request grew past the configured cap.
+    #[error(
+        "a request of more than {max} bytes (max_request_bytes in [store] of the server's \
+         configuration)"
+    )]
+    RequestTooLarge {
+        /// The cap.
+        max: usize,
+    },
     /// A request names more paths than the configuration allows.
     #[error(
         "{request} names {count} paths; this server accepts at most {max} per request \
@@ -94,25 +108,36 @@ pub struct SessionSettings {
     pub limits: serve::Limits,
     /// Most paths in one request or ImportPaths stream.
     pub max_paths_per_request: usize,
+    /// Most bytes held of one unfinished request or ImportPaths trailer.
+    pub max_request_bytes: usize,
     /// From the start of the session to the end of the handshake.
     pub handshake_timeout: Duration,
     /// Longest wait for the client's next bytes after the handshake.
     pub idle_timeout: Duration,
+    /// Longest wait for one write or flush to the client.
+    pub write_timeout: Duration,
 }
 
 impl SessionSettings {
     /// The settings for `account` under `config`.
     pub fn new(config: &Config, account: &str, write_allowed: bool) -> Self {
+        let defaults = wire::Limits::default();
         SessionSettings {
             account: account.to_owned(),
             write_allowed,
             limits: serve::Limits {
                 max_nar_size: config.store.max_nar_size,
-                ..serve::Limits::default()
+                wire: wire::Limits {
+                    max_list_len: config.store.max_paths_per_request,
+                    max_string_len: config.store.max_request_bytes.min(defaults.max_string_len),
+                    ..defaults
+                },
             },
             max_paths_per_request: config.store.max_paths_per_request,
+            max_request_bytes: config.store.max_request_bytes,
             handshake_timeout: config.timeouts.handshake(),
             idle_timeout: config.timeouts.idle(),
+            write_timeout: config.timeouts.write(),
         }
     }
 }
@@ -140,11 +165,15 @@ where
     R: AsyncRead + Unpin + Send,
     O: SessionOutput,
 {
+    let mut out = WriteTimeout {
+        inner: out,
+        limit: settings.write_timeout,
+    };
     let mut driver = Driver {
         store,
         settings,
         session: ServerSession::new(settings.write_allowed, settings.limits),
-        out,
+        out: &mut out,
         upload: None,
         pending_add: None,
         received: None,
@@ -152,10 +181,55 @@ where
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
-        // The client may already be gone; the caller logs the error either way.
+        // The client may already be gone; the caller logs the error either way. What was
+        // answered before the error (the server hello, earlier pipelined responses) goes
+        // out first, as the real server's buffered stdout does.
+        let pending = driver.session.take_output();
+        if !pending.is_empty() && driver.out.stdout(pending).await.is_ok() {
+            let _ = driver.out.flush().await;
+        }
         let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
     }
     result
+}
+
+/// A [`SessionOutput`] whose every write and flush fails with `TimedOut` after `limit`: a
+/// client that stops reading cannot hold its session (and an export task feeding it)
+/// forever.
+struct WriteTimeout<'a, O> {
+    inner: &'a mut O,
+    limit: Duration,
+}
+
+impl<O: SessionOutput> WriteTimeout<'_, O> {
+    async fn within<T>(
+        limit: Duration,
+        f: impl Future<Output = io::Result<T>> + Send,
+    ) -> io::Result<T> {
+        tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "timed out after {} s waiting for the client to read (timeouts.write)",
+                    limit.as_secs()
+                ),
+            ))
+        })
+    }
+}
+
+impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
+    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
+        Self::within(self.limit, self.inner.stdout(bytes)).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        Self::within(self.limit, self.inner.stderr(bytes)).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Self::within(self.limit, self.inner.flush()).await
+    }
 }
 
 /// A NAR on its way to the store: a blocking task writes the chunks it receives to an
@@ -186,9 +260,15 @@ impl<O: SessionOutput> Driver<'_, O> {
         let handshake_deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
         let mut handshake_done = false;
         loop {
-            while let Some(event) = self.session.poll(&mut buf)? {
+            while let Some(event) = self.session.poll(&mut buf).map_err(|e| self.protocol(e))? {
                 handshake_done |= matches!(event, Event::Hello { .. });
                 self.handle(event).await?;
+            }
+            // What is left is the start of one request or trailer the session waits to
+            // complete (NAR data never stays in `buf`).
+            let max = self.settings.max_request_bytes;
+            if buf.len() > max {
+                return Err(SessionError::RequestTooLarge { max });
             }
             let output = self.session.take_output();
             if !output.is_empty() {
@@ -209,6 +289,18 @@ impl<O: SessionOutput> Driver<'_, O> {
             if n == 0 {
                 return Ok(self.session.end_of_input(&buf)?);
             }
+        }
+    }
+
+    /// A protocol error, with the configuration key to raise when a list hit its limit.
+    fn protocol(&self, e: ServeError) -> SessionError {
+        match e {
+            ServeError::Wire(WireError::TooManyElements { max, .. })
+                if max == self.settings.max_paths_per_request =>
+            {
+                SessionError::ListTooLong(e)
+            }
+            e => SessionError::Protocol(e),
         }
     }
 
@@ -615,5 +707,53 @@ impl io::Write for ChunkWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.send_buffered()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+    use crate::store::StoreLimits;
+
+    /// A client that never reads: every write waits forever.
+    struct Stuck;
+
+    impl SessionOutput for Stuck {
+        async fn stdout(&mut self, _: Bytes) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn stderr(&mut self, _: &[u8]) -> io::Result<()> {
+            std::future::pending().await
+        }
+        async fn flush(&mut self) -> io::Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits {
+            max_nar_size: 1 << 20,
+            disk_reserve: 0,
+        };
+        let store = Store::open(dir.path(), limits).unwrap();
+        let mut settings = SessionSettings::new(&Config::default(), "a", false);
+        settings.write_timeout = Duration::from_millis(20);
+        let mut hello = Vec::new();
+        serve::ClientHello {
+            version: serve::ProtocolVersion::V2_7,
+        }
+        .encode(&mut hello);
+        // The server hello cannot be written: the session ends instead of hanging.
+        let err = serve(&store, &settings, &hello[..], &mut Stuck)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SessionError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(err.to_string().contains("timeouts.write"), "{err}");
     }
 }

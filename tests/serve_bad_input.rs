@@ -199,6 +199,29 @@ fn unknown_opcode() {
 }
 
 #[test]
+fn answers_queued_before_an_error_are_still_sent() {
+    // Hello, a QueryValidPaths and an unknown opcode in one write: the client gets the
+    // server hello and the answer, then the error and EOF.
+    let s = salt("queued");
+    let path = test_path(&s, "never-sent");
+    let script = Script::new()
+        .request(&query_valid(&[&path]))
+        .raw(&wire_u64(42));
+    let daemon = Daemon::start(&[]);
+    let reply = daemon.relay("a", false, &script.bytes);
+    reply.assert_error("unknown serve command 42");
+    assert_eq!(
+        reply.responses(&script.ops),
+        vec![Response::ValidPaths(BTreeSet::new())]
+    );
+    // Only the hello was due when the error came.
+    let reply = daemon.relay("a", false, &Script::new().raw(&wire_u64(42)).bytes);
+    reply.assert_error("unknown serve command 42");
+    assert_eq!(reply.responses(&[]), vec![]);
+    daemon.stop();
+}
+
+#[test]
 fn write_command_without_write() {
     let s = salt("readonly");
     let path = test_path(&s, "read-only");
@@ -226,8 +249,71 @@ fn too_many_paths_per_request() {
         false,
         &Script::new().request(&query_valid(&refs)).bytes,
     );
-    reply.assert_error("QueryValidPaths names 4 paths; this server accepts at most 3");
+    reply.assert_error("4 elements exceed the limit of 3");
     assert!(reply.stderr.contains("max_paths_per_request"), "{reply:?}");
+    daemon.stop();
+}
+
+#[test]
+fn too_many_paths_fail_as_soon_as_the_count_is_read() {
+    let s = salt("count");
+    let path = test_path(&s, "never-sent");
+    // QueryValidPaths announcing 4 paths, and none of them: the count alone is refused, not
+    // "unexpected end of input" after the session waited for the paths.
+    let script = Script::new()
+        .raw(&wire_u64(Opcode::QueryValidPaths.to_wire()))
+        .raw(&wire_u64(0))
+        .raw(&wire_u64(0))
+        .raw(&wire_u64(4));
+    let daemon = Daemon::start(&["--max-paths-per-request", "3"]);
+    let reply = daemon.relay("a", false, &script.bytes);
+    reply.assert_error("paths at offset 24: 4 elements exceed the limit of 3");
+    assert!(reply.stderr.contains("max_paths_per_request"), "{reply:?}");
+    assert!(!daemon.stop().valid("a", &path));
+}
+
+#[test]
+fn oversized_path_string_fails_after_its_length_prefix() {
+    let s = salt("big-path");
+    let path = test_path(&s, "never-sent");
+    // DumpStorePath whose "path" claims 16 MiB, of which nothing follows: refused at the
+    // prefix (paths are short strings), without waiting for or buffering the 16 MiB.
+    let script = Script::new()
+        .raw(&wire_u64(Opcode::DumpStorePath.to_wire()))
+        .raw(&wire_u64(16 << 20));
+    check_bad(
+        script,
+        false,
+        "string of 16777216 bytes exceeds the limit of 4096",
+        &path,
+    );
+}
+
+#[test]
+fn request_over_the_byte_cap_fails() {
+    let s = salt("cap");
+    let paths: BTreeSet<StorePath> = (0..2000)
+        .map(|i| test_path(&format!("{s}-{i}"), "capped"))
+        .collect();
+    // 2,000 paths take about 150 KiB on the wire; the cap is 64 KiB. The request is cut
+    // short so that only the cap, not the end of input, can end it.
+    let daemon = Daemon::start_with_config("[store]\nmax_request_bytes = 65536\n", &[]);
+    let mut script = Script::new().request(&Request::QueryValidPaths {
+        lock: false,
+        substitute: false,
+        paths: paths.clone(),
+    });
+    script.bytes.truncate(script.bytes.len() - 100);
+    let reply = daemon.relay("a", false, &script.bytes);
+    reply.assert_error("a request of more than 65536 bytes (max_request_bytes");
+    let ok = daemon.relay(
+        "a",
+        false,
+        &Script::new()
+            .request(&query_valid(&paths.iter().take(500).collect::<Vec<_>>()))
+            .bytes,
+    );
+    assert_eq!(ok.status, 0, "{ok:?}");
     daemon.stop();
 }
 

@@ -307,12 +307,21 @@ fn accounts_are_isolated() {
 
     // QueryPathInfos, through Nix: b does not see it.
     assert!(infos(&nix, Some((&daemon, "b")), false, &[&path]).is_empty());
-    // DumpStorePath, through Nix: b cannot fetch it.
+    // Fetching through Nix: b cannot. Nix first asks which of the paths the remote has and
+    // stops at the empty answer, so DumpStorePath is not reached here; the scripted
+    // requests below send it.
     let fetch = remote(&nix, &daemon, "b", "nix")
         .args(["copy", "--from", &store_uri(), &path])
         .output()
         .expect("nix copy");
+    let stderr = String::from_utf8_lossy(&fetch.stderr);
     assert!(!fetch.status.success(), "b fetched a's path");
+    assert!(
+        stderr.contains(&format!(
+            "path '{path}' is required, but there is no substituter that can build it"
+        )),
+        "{stderr}"
+    );
     // The same three requests, scripted.
     let one = BTreeSet::from([sp.clone()]);
     let script = Script::new()

@@ -5,9 +5,9 @@
 mod harness;
 
 use std::collections::BTreeSet;
-use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::{Command, Stdio};
 
 use harness::{example_bin, test_path, Daemon, Script};
 use nixbuild_core::nar::NarNode;
@@ -85,20 +85,20 @@ fn import_paths_then_export_paths_give_back_the_same_stream() {
     assert!(stopped.valid("hydra", &top) && !stopped.valid("other", &top));
 }
 
-/// Runs the relay as uid and gid 65534 (nobody) against `daemon`, whose socket is opened
-/// up for the test so that the daemon's own check is what decides.
+/// The configuration that gives the socket to group `nogroup` (gid 65534, nobody's), so
+/// that the relay run by [`relay_as_nobody`] can connect and the daemon's own check decides.
+const NOGROUP_SOCKET: &str = "[relay]\nsocket_group = \"nogroup\"\n";
+
+/// Runs the relay as uid and gid 65534 (nobody) against `daemon`. Only the test's own
+/// temporary directory above the state directory is opened up: the state directory and the
+/// socket keep the modes and group the daemon gave them.
 fn relay_as_nobody(daemon: &Daemon, input: &[u8]) -> std::process::Output {
     let mut stdin = tempfile::tempfile().expect("temp file");
     stdin.write_all(input).expect("write stdin");
     stdin.seek(SeekFrom::Start(0)).expect("rewind");
     let state = daemon.state_dir();
-    for (p, mode) in [
-        (state.parent().expect("parent").to_owned(), 0o755),
-        (state.clone(), 0o755),
-        (state.join("serve.sock"), 0o666),
-    ] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    }
+    let parent = state.parent().expect("parent");
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).expect("chmod");
     Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(example_bin("nixbuild-serve"))
@@ -110,8 +110,22 @@ fn relay_as_nobody(daemon: &Daemon, input: &[u8]) -> std::process::Output {
 }
 
 #[test]
-fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
+fn socket_is_root_only_without_socket_group() {
     let daemon = Daemon::start(&[]);
+    let out = relay_as_nobody(&daemon, &Script::new().bytes);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    let sock = std::fs::metadata(daemon.state_dir().join("serve.sock")).expect("stat socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 0));
+    daemon.stop();
+}
+
+#[test]
+fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
+    let daemon = Daemon::start_with_config(NOGROUP_SOCKET, &[]);
+    let sock = std::fs::metadata(daemon.state_dir().join("serve.sock")).expect("stat socket");
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, 65534));
     let out = relay_as_nobody(&daemon, &Script::new().bytes);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -122,7 +136,7 @@ fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
     let stopped = daemon.stop();
     assert!(!stopped.log.contains("account=mallory"), "{}", stopped.log);
 
-    let daemon = Daemon::start(&["--trusted-uid", "65534"]);
+    let daemon = Daemon::start_with_config(NOGROUP_SOCKET, &["--trusted-uid", "65534"]);
     let out = relay_as_nobody(&daemon, &Script::new().bytes);
     // Admitted: the handshake is answered, and the session ends cleanly at EOF.
     assert_eq!(out.stdout.len(), 16, "no server hello");
@@ -138,4 +152,120 @@ fn untrusted_peer_is_refused_and_trusted_uid_is_admitted() {
         "{}",
         stopped.log
     );
+}
+
+/// A relayed session kept open: its hello is answered, and it ends when dropped.
+struct HeldSession {
+    child: std::process::Child,
+}
+
+impl HeldSession {
+    fn open(daemon: &Daemon) -> HeldSession {
+        let mut child = Command::new(example_bin("nixbuild-serve"))
+            .arg("--serve")
+            .env("NIXBUILD_STATE_DIR", daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", "held")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn nixbuild-serve");
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin.write_all(&Script::new().bytes).expect("send hello");
+        let mut hello = [0u8; 16];
+        child
+            .stdout
+            .as_mut()
+            .expect("stdout")
+            .read_exact(&mut hello)
+            .expect("server hello");
+        HeldSession { child }
+    }
+
+    /// Ends the session at a command boundary and checks that it ended cleanly.
+    fn close(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().expect("wait for nixbuild-serve");
+        assert!(status.success(), "{status}");
+    }
+}
+
+#[test]
+fn sessions_beyond_max_sessions_are_refused() {
+    let daemon = Daemon::start_with_config("[limits]\nmax_sessions = 1\n", &[]);
+    let held = HeldSession::open(&daemon);
+    let refused = daemon.relay("b", false, &Script::new().bytes);
+    refused.assert_error("serving its maximum of 1 sessions");
+    assert!(refused.stderr.contains("max_sessions"), "{refused:?}");
+    held.close();
+    let ok = daemon.relay("b", false, &Script::new().bytes);
+    assert_eq!(ok.status, 0, "{ok:?}");
+    daemon.stop();
+}
+
+#[test]
+fn failed_accept_does_not_stop_the_daemon() {
+    let daemon = Daemon::start(&[]);
+    let held_before = HeldSession::open(&daemon);
+    // Let the daemon keep exactly the descriptors it has: the next accept fails (EMFILE).
+    let fd_dir = format!("/proc/{}/fd", daemon.pid());
+    let open_fds = std::fs::read_dir(&fd_dir).expect("list fds").count();
+    let limit = open_fds.to_string();
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", daemon.pid()))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success());
+    let waiting = std::thread::spawn({
+        let input = Script::new().bytes;
+        let state = daemon.state_dir();
+        move || {
+            Command::new(example_bin("nixbuild-serve"))
+                .arg("--serve")
+                .env("NIXBUILD_STATE_DIR", state)
+                .env("NIXBUILD_ACCOUNT", "waiting")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    c.stdin.take().expect("stdin").write_all(&input)?;
+                    c.wait_with_output()
+                })
+                .expect("run nixbuild-serve")
+        }
+    });
+    // Bounded only to turn a hang into a failure with the log.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !daemon.log().contains("accepting a connection") {
+        assert!(std::time::Instant::now() < until, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Freeing a descriptor lets the waiting connection in.
+    held_before.close();
+    let out = waiting.join().expect("relay thread");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.len(), 16, "no server hello");
+    let stopped = daemon.stop();
+    assert!(
+        stopped.log.contains("retrying in 100 ms"),
+        "{}",
+        stopped.log
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_fails_at_once() {
+    let daemon = Daemon::start(&[]);
+    let second = Command::new(example_bin("nixbuild-server"))
+        .arg("--state-dir")
+        .arg(daemon.state_dir())
+        .output()
+        .expect("run nixbuild-server");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    // The first daemon still serves.
+    let ok = daemon.relay("a", false, &Script::new().bytes);
+    assert_eq!(ok.status, 0, "{ok:?}");
+    daemon.stop();
 }

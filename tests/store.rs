@@ -858,7 +858,7 @@ fn closure_includes_valid_outputs_of_derivations() {
         store.query_closure("bob", &start, true).expect("closure"),
         set(&[&drv_path, &lib.path()])
     );
-    // A `.drv` that is not a derivation cannot give its outputs.
+    // A `.drv` that is not a derivation has no outputs, and does not fail the request.
     let bogus = fixed(
         "bogus.drv",
         ContentAddressMethod::Text,
@@ -873,10 +873,30 @@ fn closure_includes_valid_outputs_of_derivations() {
             .expect("closure"),
         start
     );
-    assert!(matches!(
-        store.query_closure("alice", &start, true),
-        Err(StoreError::Derivation { path, .. }) if path == bogus.path()
-    ));
+    assert_eq!(
+        store.query_closure("alice", &start, true).expect("closure"),
+        start
+    );
+    // Next to a real derivation, whose outputs are still found.
+    let both = set(&[&bogus.path(), &drv_path]);
+    assert_eq!(
+        store.query_closure("alice", &both, true).expect("closure"),
+        set(&[
+            &bogus.path(),
+            &drv_path,
+            &lib.path(),
+            &out_path,
+            &runtime.path()
+        ])
+    );
+    // A `.drv` that is a directory is no derivation either.
+    let dir_drv = input_addressed("dir.drv", "dir-drv", &dir([("x", file(b"x"))]), &[]);
+    import(&store, "alice", &dir_drv).expect("import");
+    let start = set(&[&dir_drv.path()]);
+    assert_eq!(
+        store.query_closure("alice", &start, true).expect("closure"),
+        start
+    );
 }
 
 proptest::proptest! {
@@ -926,4 +946,96 @@ fn store_and_import_cross_threads() {
     send_sync::<Store>();
     send::<Import>();
     send_sync::<StoreError>();
+}
+
+#[test]
+fn state_directory_modes_do_not_follow_the_umask() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = tempfile::tempdir().expect("tempdir");
+    let state = parent.path().join("state");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    {
+        let store = open(&state);
+        import(&store, "alice", &source("m", &file(b"modes"), &[])).expect("import");
+        // The store is open, so the WAL and its index exist.
+        for (name, want) in [
+            ("", 0o711),
+            ("objects", 0o700),
+            ("tmp", 0o700),
+            ("db.sqlite", 0o600),
+            ("db.sqlite-wal", 0o600),
+            ("db.sqlite-shm", 0o600),
+        ] {
+            assert_eq!(mode(&state.join(name)), want, "{name}");
+        }
+    }
+    // An existing layout made with a wide mode is restricted when the store opens.
+    let wide = parent.path().join("wide");
+    fs::DirBuilder::new()
+        .mode(0o777)
+        .create(&wide)
+        .expect("mkdir");
+    fs::set_permissions(&wide, fs::Permissions::from_mode(0o777)).expect("chmod");
+    fs::create_dir(wide.join("objects")).expect("mkdir objects");
+    fs::set_permissions(wide.join("objects"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(wide.join("db.sqlite"), b"").expect("db file");
+    fs::set_permissions(wide.join("db.sqlite"), fs::Permissions::from_mode(0o644)).expect("chmod");
+    drop(open(&wide));
+    assert_eq!(mode(&wide), 0o711);
+    assert_eq!(mode(&wide.join("objects")), 0o700);
+    assert_eq!(mode(&wide.join("db.sqlite")), 0o600);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(options: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount (the tests run as root)");
+        assert!(status.success(), "mount tmpfs");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn many_small_files_hit_the_inode_reserve_within_one_import() {
+    // Room for the layout and the start of the import, but not for 10,001 more inodes
+    // above the reserve: the NAR is far below 64 MiB, so only the node count can trigger
+    // the check.
+    let nr_inodes = nixbuild::store::INODE_RESERVE + 8_000;
+    let fs = Tmpfs::mount(&format!("size=256m,nr_inodes={nr_inodes}"));
+    let state = fs.0.path().join("state");
+    let limits = StoreLimits {
+        max_nar_size: 1 << 30,
+        disk_reserve: 1,
+    };
+    let store = Store::open(&state, limits).expect("open");
+    let files: BTreeMap<Vec<u8>, NarNode> = (0..10_001)
+        .map(|i| (format!("f{i:05}").into_bytes(), file(b"")))
+        .collect();
+    let nar = NarNode::Directory(files).to_nar().expect("nar");
+    let mut import = store
+        .begin_import("alice")
+        .expect("begin: inodes are free yet");
+    match feed(&mut import, &nar) {
+        Err(StoreError::InodeReserve { free, reserve, .. }) => {
+            assert!(free < reserve, "{free} {reserve}");
+        }
+        other => panic!("expected InodeReserve, got {other:?}"),
+    }
+    drop(import);
+    assert_eq!(entries(&state.join("tmp")), Vec::<PathBuf>::new());
 }

@@ -4,7 +4,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nixbuild_core::content_address::ContentAddress;
-use nixbuild_core::derivation::AtermError;
 use nixbuild_core::hash::Hash;
 use nixbuild_core::nar::NarError;
 use nixbuild_core::store_path::{StorePath, StorePathError};
@@ -59,6 +58,19 @@ pub enum StoreError {
         /// Bytes available to the daemon.
         free: u64,
         /// The configured reserve.
+        reserve: u64,
+    },
+    /// Free inodes fell below the inode reserve.
+    #[error(
+        "uploads are refused: {free} inodes free in {dir}, below the reserve of {reserve} \
+         (the server is running out of inodes)"
+    )]
+    InodeReserve {
+        /// The state directory.
+        dir: PathBuf,
+        /// Inodes available to the daemon.
+        free: u64,
+        /// The reserve.
         reserve: u64,
     },
     /// The NAR grew past `max_nar_size`.
@@ -151,24 +163,6 @@ pub enum StoreError {
         path: StorePath,
         /// The account.
         account: String,
-    },
-    /// A `.drv` path whose contents are not a derivation (`query_closure` with outputs).
-    #[error("{path} is not a derivation: {source}")]
-    Derivation {
-        /// The `.drv` path.
-        path: StorePath,
-        /// Why it did not parse.
-        source: Box<AtermError>,
-    },
-    /// A `.drv` object too large to be read as a derivation.
-    #[error("{path} is {size} bytes, larger than the {limit} bytes a derivation may have")]
-    DerivationTooLarge {
-        /// The `.drv` path.
-        path: StorePath,
-        /// Its size.
-        size: u64,
-        /// The limit.
-        limit: u64,
     },
     /// Serialising a path's files as a NAR failed (export, or re-hashing at import).
     #[error("reading {path} as a NAR: {source}")]

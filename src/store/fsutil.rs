@@ -77,10 +77,22 @@ fn make_dirs_writable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Bytes available to unprivileged users on the file system holding `path`.
-pub(super) fn free_space(path: &Path) -> Result<u64, StoreError> {
+/// What is free on a file system.
+pub(super) struct Free {
+    /// Bytes available to unprivileged users.
+    pub(super) bytes: u64,
+    /// Inodes available to unprivileged users; `None` on file systems without a fixed
+    /// number of inodes (they report zero in total, e.g. btrfs).
+    pub(super) inodes: Option<u64>,
+}
+
+/// What is free on the file system holding `path`.
+pub(super) fn free_space(path: &Path) -> Result<Free, StoreError> {
     let st = rustix::fs::statvfs(path).map_err(|e| io_err("statvfs", path)(e.into()))?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    Ok(Free {
+        bytes: st.f_bavail.saturating_mul(st.f_frsize),
+        inodes: (st.f_files > 0).then_some(st.f_favail),
+    })
 }
 
 /// A writer that only hashes and counts what it is given.

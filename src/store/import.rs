@@ -21,8 +21,11 @@ use super::fsutil::{self, HashingWriter, CHUNK};
 use super::Store;
 use crate::nar_fs::dump_path;
 
-/// How often, in bytes received, an import re-checks the free disk space.
+/// How often, in bytes received, an import re-checks the free disk space and inodes.
 const DISK_CHECK_INTERVAL: u64 = 64 << 20;
+/// How often, in files, directories and symlinks created, an import re-checks them too:
+/// many small files use up inodes and blocks long before 64 MiB of NAR.
+const NODE_CHECK_INTERVAL: u64 = 10_000;
 
 /// What the client claims about the path an import carries, checked by [`Import::commit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub struct Import {
     ca_hasher: Option<CaHasher>,
     received: u64,
     since_disk_check: u64,
+    /// Nodes the unpacker had created at the last disk check.
+    nodes_at_disk_check: u64,
 }
 
 /// The extra hash a content address needs, computed while the bytes arrive when the ca is
@@ -82,6 +87,7 @@ impl Import {
             ca_hasher: None,
             received: 0,
             since_disk_check: 0,
+            nodes_at_disk_check: 0,
         }
     }
 
@@ -143,8 +149,10 @@ impl Import {
             .into());
         }
         self.since_disk_check += n as u64;
-        if self.since_disk_check >= DISK_CHECK_INTERVAL {
+        let nodes = self.unpacker.nodes - self.nodes_at_disk_check;
+        if self.since_disk_check >= DISK_CHECK_INTERVAL || nodes >= NODE_CHECK_INTERVAL {
             self.since_disk_check = 0;
+            self.nodes_at_disk_check = self.unpacker.nodes;
             self.store.check_disk_reserve()?;
         }
         Ok(())
@@ -287,11 +295,13 @@ impl Import {
         }
         let fresh = !db::object_exists(&conn, &object.key)?;
         let target = inner.objects.join(&object.key);
-        if fresh {
+        let placed = if fresh {
             fsutil::rename_noreplace(root, &target)?;
             // A directory moved to a new parent may get a new mtime on some file systems.
-            fsutil::set_canonical_mtime(&target)?;
-        }
+            fsutil::set_canonical_mtime(&target)
+        } else {
+            Ok(())
+        };
         let new = NewPath {
             account: &self.account,
             path: &claim.path,
@@ -303,9 +313,10 @@ impl Import {
             self_reference: claim.references.contains(&claim.path),
             sigs: &claim.sigs,
         };
-        let inserted = db::insert_path(&mut conn, &new);
+        let inserted = placed.and_then(|()| db::insert_path(&mut conn, &new));
         if inserted.is_err() && fresh {
-            // Best effort: Store::open removes an object without a row anyway.
+            // Anything failing once the object is in place (its mtime, the insert) takes it
+            // out again; best effort: Store::open removes an object without a row anyway.
             let _ = fsutil::remove_tree(&target);
         }
         inserted
@@ -362,6 +373,8 @@ struct Unpacker {
     open: Vec<Open>,
     /// Whether the root is a non-executable regular file (what flat and text addresses need).
     root_is_plain_file: bool,
+    /// Files, directories and symlinks created so far.
+    nodes: u64,
 }
 
 impl Unpacker {
@@ -371,6 +384,7 @@ impl Unpacker {
             root,
             open: Vec::new(),
             root_is_plain_file: false,
+            nodes: 0,
         }
     }
 
@@ -382,6 +396,7 @@ impl Unpacker {
     ) -> Result<(), StoreError> {
         match event {
             NarEvent::Directory => {
+                self.nodes += 1;
                 fs::create_dir(&self.next).map_err(io_err("create directory", &self.next))?;
                 self.open.push(Open::Directory(self.next.clone()));
             }
@@ -391,6 +406,7 @@ impl Unpacker {
                 }
             }
             NarEvent::File { executable, .. } => {
+                self.nodes += 1;
                 if self.open.is_empty() {
                     self.root_is_plain_file = !executable;
                 }
@@ -416,6 +432,7 @@ impl Unpacker {
                 }
             }
             NarEvent::Symlink { target } => {
+                self.nodes += 1;
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &self.next)
                     .map_err(io_err("create symlink", &self.next))?;
                 self.open.push(Open::Symlink);

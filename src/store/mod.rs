@@ -45,8 +45,13 @@ use crate::nar_fs::dump_path;
 use error::io_err;
 use fsutil::HashingWriter;
 
-/// The largest `.drv` file [`Store::query_closure`] reads to find a derivation's outputs.
+/// The largest `.drv` file [`Store::query_closure`] reads to find a derivation's outputs;
+/// a larger one is taken to be no derivation.
 const MAX_DERIVATION_SIZE: u64 = 64 << 20;
+
+/// Free inodes below which uploads are refused, like the free-space reserve (and only when
+/// that reserve is not zero): more than an import creates between two checks.
+pub const INODE_RESERVE: u64 = 65_536;
 
 /// Limits the store enforces, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +94,53 @@ fn object_key(path: &StorePath, nar_hash: &Hash) -> String {
     nixbase32::encode(Hash::compute(HashAlgo::Sha256, id.as_bytes()).digest())
 }
 
-fn create_dir(path: &Path) -> Result<(), StoreError> {
-    fs::create_dir_all(path).map_err(io_err("create directory", path))
+/// Mode of the state directory: relays must reach `serve.sock` in it, nobody may list it.
+pub const STATE_DIR_MODE: u32 = 0o711;
+/// Mode of `objects/` and `tmp/`: the daemon's alone (the sandbox bind-mounts objects as
+/// root, and builds see them through the mount, not through this directory).
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of the database and its `-wal` and `-shm` files (SQLite gives those the database's).
+const DB_MODE: u32 = 0o600;
+
+/// Creates `path` (and missing parents) if needed and gives it exactly `mode`, whatever
+/// the umask.
+fn create_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(io_err("create directory", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+}
+
+/// Creates the state directory with [`STATE_DIR_MODE`] if needed (the daemon locks it
+/// before opening the store).
+pub fn create_state_dir(state_dir: &Path) -> Result<(), StoreError> {
+    create_dir(state_dir, STATE_DIR_MODE)
+}
+
+/// Creates the database file with [`DB_MODE`] before SQLite opens it, and restricts an
+/// existing one and its `-wal` and `-shm` files.
+fn restrict_db_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(DB_MODE)
+        .open(db)
+        .map_err(io_err("create", db))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        match fs::set_permissions(&file, fs::Permissions::from_mode(DB_MODE)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.map_err(io_err("chmod", &file))?,
+        }
+    }
+    Ok(())
 }
 
 /// Removes every entry of `dir` for which `keep` is false.
@@ -106,17 +156,21 @@ fn remove_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(), StoreEr
 }
 
 impl Store {
-    /// Opens the store in `state_dir`, creating the layout if missing, and cleans leftovers:
+    /// Opens the store in `state_dir`, creating the layout if missing (state directory 0711,
+    /// `objects/` and `tmp/` 0700, database 0600), and cleans leftovers:
     /// empties `tmp/` and removes objects that have no row (a crash between publishing an
     /// object and registering it). Only the daemon calls this, at start, so no live import
     /// is disturbed.
     pub fn open(state_dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
         let objects = state_dir.join("objects");
         let tmp = state_dir.join("tmp");
-        create_dir(&objects)?;
-        create_dir(&tmp)?;
+        create_state_dir(state_dir)?;
+        create_dir(&objects, PRIVATE_DIR_MODE)?;
+        create_dir(&tmp, PRIVATE_DIR_MODE)?;
         remove_entries(&tmp, |_| false)?;
-        let conn = db::open(&state_dir.join("db.sqlite"))?;
+        let db_file = state_dir.join("db.sqlite");
+        restrict_db_files(&db_file)?;
+        let conn = db::open(&db_file)?;
         let keys = db::object_keys(&conn)?;
         remove_entries(&objects, |name| keys.contains(name))?;
         Ok(Store {
@@ -164,79 +218,94 @@ impl Store {
     /// The reference closure of `paths` as `account` sees it. With `include_outputs`, the
     /// outputs of every `.drv` in the closure that are valid for the account (with their
     /// closures) are included too, as `nix-store --query --requisites --include-outputs`
-    /// does. Err([`StoreError::NotValid`]) if a starting path is not valid for the account.
+    /// does; a `.drv` whose contents are not a derivation has no outputs (as upstream).
+    /// Err([`StoreError::NotValid`]) if a starting path is not valid for the account.
+    ///
+    /// The `.drv` files are read with the store lock released: the walk takes the lock for
+    /// each round of references, then reads the derivations it reached without it.
     pub fn query_closure(
         &self,
         account: &str,
         paths: &BTreeSet<StorePath>,
         include_outputs: bool,
     ) -> Result<BTreeSet<StorePath>, StoreError> {
-        let conn = self.inner.lock_db();
         let mut seen = HashSet::new();
         let mut queue = Vec::new();
-        for path in paths {
-            let id = db::path_id(&conn, account, path)?.ok_or_else(|| StoreError::NotValid {
-                path: path.clone(),
-                account: account.to_owned(),
-            })?;
-            if seen.insert(id) {
-                queue.push((id, path.clone()));
+        let mut closure = BTreeSet::new();
+        // Outputs named by the derivations read in the last round, not yet looked up.
+        let mut outputs = Vec::new();
+        {
+            let conn = self.inner.lock_db();
+            for path in paths {
+                let id =
+                    db::path_id(&conn, account, path)?.ok_or_else(|| StoreError::NotValid {
+                        path: path.clone(),
+                        account: account.to_owned(),
+                    })?;
+                if seen.insert(id) {
+                    queue.push((id, path.clone()));
+                }
             }
         }
         // Every row enters the queue at most once, so this ends after at most as many steps
-        // as the account has rows.
-        let mut closure = BTreeSet::new();
-        while let Some((id, path)) = queue.pop() {
-            for (ref_id, reference) in db::references(&conn, id)? {
-                if seen.insert(ref_id) {
-                    queue.push((ref_id, reference));
-                }
-            }
-            if include_outputs && path.is_derivation() {
-                for output in self.derivation_outputs(&conn, account, &path)? {
-                    if let Some(out_id) = db::path_id(&conn, account, &output)? {
-                        if seen.insert(out_id) {
-                            queue.push((out_id, output));
+        // (and rounds) as the account has rows.
+        loop {
+            let mut derivations = Vec::new();
+            {
+                let conn = self.inner.lock_db();
+                for output in outputs.drain(..) {
+                    if let Some(id) = db::path_id(&conn, account, &output)? {
+                        if seen.insert(id) {
+                            queue.push((id, output));
                         }
                     }
                 }
+                while let Some((id, path)) = queue.pop() {
+                    for (ref_id, reference) in db::references(&conn, id)? {
+                        if seen.insert(ref_id) {
+                            queue.push((ref_id, reference));
+                        }
+                    }
+                    if include_outputs && path.is_derivation() {
+                        derivations.push(self.object_of(&conn, account, &path)?);
+                    }
+                    closure.insert(path);
+                }
             }
-            closure.insert(path);
+            if derivations.is_empty() {
+                return Ok(closure);
+            }
+            for object in &derivations {
+                outputs.extend(self.derivation_outputs(object)?);
+            }
         }
-        Ok(closure)
     }
 
-    /// The output paths known in advance (input-addressed and fixed) of the derivation
-    /// stored at `drv_path` for `account`.
-    fn derivation_outputs(
-        &self,
-        conn: &Connection,
-        account: &str,
-        drv_path: &StorePath,
-    ) -> Result<Vec<StorePath>, StoreError> {
-        let object = self.object_of(conn, account, drv_path)?;
-        if object.nar_size > MAX_DERIVATION_SIZE {
-            return Err(StoreError::DerivationTooLarge {
-                path: drv_path.clone(),
-                size: object.nar_size,
-                limit: MAX_DERIVATION_SIZE,
-            });
-        }
+    /// The output paths known in advance (input-addressed and fixed) of the derivation in
+    /// `object`; none when it is not a derivation (not a regular file, too large, or not
+    /// parsable).
+    fn derivation_outputs(&self, object: &db::ObjectRow) -> Result<Vec<StorePath>, StoreError> {
         let file = self.inner.objects.join(&object.key);
+        let meta = fs::symlink_metadata(&file).map_err(io_err("stat", &file))?;
+        if !meta.is_file() || object.nar_size > MAX_DERIVATION_SIZE {
+            return Ok(Vec::new());
+        }
         let mut text = Vec::new();
         File::open(&file)
             .and_then(|f| f.take(MAX_DERIVATION_SIZE).read_to_end(&mut text))
             .map_err(io_err("read derivation", &file))?;
-        let drv = Derivation::from_aterm(&text).map_err(|source| StoreError::Derivation {
-            path: drv_path.clone(),
-            source: Box::new(source),
-        })?;
-        Ok(drv
-            .basic
-            .outputs
-            .values()
-            .filter_map(|o| o.path().cloned())
-            .collect())
+        match Derivation::from_aterm(&text) {
+            Ok(drv) => Ok(drv
+                .basic
+                .outputs
+                .values()
+                .filter_map(|o| o.path().cloned())
+                .collect()),
+            Err(e) => {
+                tracing::debug!(object = %object.key, "a .drv path that is not a derivation: {e}");
+                Ok(Vec::new())
+            }
+        }
     }
 
     fn object_of(
@@ -267,18 +336,29 @@ impl Store {
         }
     }
 
+    /// Refuses when free space is below the reserve, or (with a non-zero reserve) free
+    /// inodes below [`INODE_RESERVE`].
     fn check_disk_reserve(&self) -> Result<(), StoreError> {
         let dir = &self.inner.state_dir;
         let free = fsutil::free_space(dir)?;
         let reserve = self.inner.limits.disk_reserve;
-        if free < reserve {
+        if free.bytes < reserve {
             return Err(StoreError::DiskReserve {
                 dir: dir.clone(),
-                free,
+                free: free.bytes,
                 reserve,
             });
         }
-        Ok(())
+        match free.inodes {
+            Some(inodes) if reserve > 0 && inodes < INODE_RESERVE => {
+                Err(StoreError::InodeReserve {
+                    dir: dir.clone(),
+                    free: inodes,
+                    reserve: INODE_RESERVE,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Streams the canonical NAR of a path the account can see into `out`, in chunks,

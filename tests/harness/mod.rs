@@ -77,11 +77,21 @@ pub struct Reply {
 impl Daemon {
     /// Starts `nixbuild-server` with extra arguments and waits until it accepts connections.
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::start_with_config("", args)
+    }
+
+    /// Starts `nixbuild-server` with `config` (TOML) as its configuration file and extra
+    /// arguments, and waits until it accepts connections.
+    pub fn start_with_config(config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let config_file = dir.path().join("nixbuild.toml");
+        std::fs::write(&config_file, config).expect("write the configuration");
         let child = Command::new(example_bin("nixbuild-server"))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .arg("--config")
+            .arg(&config_file)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -102,7 +112,9 @@ impl Daemon {
         let until = Instant::now() + Duration::from_secs(60);
         let sock = self.state_dir().join("serve.sock");
         loop {
-            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            // The daemon renames the socket into place once it listens. Not probed with a
+            // connection: that would leave a short-lived session behind in the daemon.
+            if sock.exists() {
                 return;
             }
             let child = self.child.as_mut().expect("running");
@@ -198,6 +210,9 @@ impl Daemon {
             .expect("read tmp/")
             .collect();
         assert!(leftovers.is_empty(), "imports left in tmp/: {leftovers:?}");
+        // Store::open removes orphan objects, so look for them before it runs.
+        let orphans = orphan_objects(&state);
+        assert!(orphans.is_empty(), "objects without a row: {orphans:?}");
         let store = Store::open(
             &state,
             StoreLimits {
@@ -214,6 +229,25 @@ impl Daemon {
             _dir: self.dir,
         }
     }
+}
+
+/// The entries of `<state>/objects` that no row of the database names, read without
+/// changing anything.
+fn orphan_objects(state: &Path) -> Vec<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        state.join("db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database read-only");
+    let keys: BTreeSet<String> = db
+        .prepare("SELECT key FROM objects")
+        .and_then(|mut st| st.query_map([], |row| row.get(0))?.collect())
+        .expect("list the objects' keys");
+    std::fs::read_dir(state.join("objects"))
+        .expect("read objects/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| !keys.contains(name))
+        .collect()
 }
 
 /// A stopped daemon's store and log.

@@ -4,7 +4,11 @@
 //! A request's layout is a short list of [`Field`]s: enough to step over it by its length
 //! prefixes. [`Framer::advance`] remembers how far it got, so each input byte is looked at
 //! once. Anything it cannot step over (an unknown opcode, a command refused without `--write`,
-//! a length or count over the limits) ends the scan early and leaves the error to the decoder.
+//! a length or count over the limits) ends the scan early and leaves the error to the decoder,
+//! as soon as the offending length or count is in: strings that are short by nature (store
+//! paths, output names, hashes, content addresses, signatures) are held to
+//! `max_short_string_len`, so a bogus multi-MiB "path" is refused after its 8-byte prefix.
+//! The trailer of an ImportPaths entry is framed the same way ([`Framer::trailer`]).
 
 use super::request::Opcode;
 use super::{Limits, ProtocolVersion};
@@ -18,26 +22,58 @@ enum Field {
     /// The BuildOptions, whose length depends on the version.
     Options,
     /// One string.
-    Str,
+    Str(Len),
     /// A count, then `count × n` strings (a list, a set, or a map with `n - 1` values).
-    List(u64),
+    List(u64, Len),
+    /// The legacy signature of an export trailer: a flag, and a string when it is 1.
+    Signature,
 }
 
-use Field::{List, Options, Str, U64s};
+/// Which limit a string is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Len {
+    /// `max_short_string_len`: store paths, names, hashes, content addresses, signatures.
+    Short,
+    /// `max_string_len`: builder, arguments, environment.
+    Long,
+}
+
+use Field::{List, Options, Signature, Str, U64s};
+use Len::{Long, Short};
+
+/// An ImportPaths entry's trailer after its NAR: magic, path, references, deriver, signature.
+const TRAILER: &[Field] = &[U64s(1), Str(Short), List(1, Short), Str(Short), Signature];
 
 /// The fields after the opcode, in wire order (spec §4, §5.1).
 fn layout(op: Opcode) -> &'static [Field] {
     match op {
-        Opcode::QueryValidPaths => &[U64s(2), List(1)],
-        Opcode::QueryPathInfos => &[List(1)],
-        Opcode::DumpStorePath => &[Str],
+        Opcode::QueryValidPaths => &[U64s(2), List(1, Short)],
+        Opcode::QueryPathInfos => &[List(1, Short)],
+        Opcode::DumpStorePath => &[Str(Short)],
         Opcode::ImportPaths => &[],
-        Opcode::ExportPaths | Opcode::QueryClosure => &[U64s(1), List(1)],
-        Opcode::BuildPaths => &[List(1), Options],
+        Opcode::ExportPaths | Opcode::QueryClosure => &[U64s(1), List(1, Short)],
+        Opcode::BuildPaths => &[List(1, Short), Options],
         // drvPath, outputs, inputSrcs, platform, builder, args, env, options
-        Opcode::BuildDerivation => &[Str, List(4), List(1), Str, Str, List(1), List(2), Options],
+        Opcode::BuildDerivation => &[
+            Str(Short),
+            List(4, Short),
+            List(1, Short),
+            Str(Short),
+            Str(Long),
+            List(1, Long),
+            List(2, Long),
+            Options,
+        ],
         // path, deriver, narHash, references, registrationTime, narSize, ultimate, sigs, ca
-        Opcode::AddToStoreNar => &[Str, Str, Str, List(1), U64s(3), List(1), Str],
+        Opcode::AddToStoreNar => &[
+            Str(Short),
+            Str(Short),
+            Str(Short),
+            List(1, Short),
+            U64s(3),
+            List(1, Short),
+            Str(Short),
+        ],
     }
 }
 
@@ -62,6 +98,14 @@ pub(crate) struct Framer {
 }
 
 impl Framer {
+    /// A scan for the end of an export trailer (ImportPaths), from its first byte.
+    pub(crate) fn trailer() -> Self {
+        Framer {
+            fields: Some(TRAILER),
+            ..Framer::default()
+        }
+    }
+
     /// Steps over what `input` (the request's bytes so far, from its first byte) allows.
     /// Returns true when the whole request is present, or when the decoder should run anyway
     /// because it will fail; false when more bytes are needed.
@@ -90,13 +134,21 @@ impl Framer {
             let step = match field {
                 U64s(n) => Step::Skip(8 * n),
                 Options => Step::Skip(8 * options_len(v)),
-                Str => string_len(input, self.pos, limits),
-                List(per_item) => match self.left {
+                Str(len) => string_len(input, self.pos, len, limits),
+                Signature => match u64_at(input, self.pos) {
+                    None => Step::Wait,
+                    Some(1) => match string_len(input, self.pos + 8, Long, limits) {
+                        Step::Skip(n) => Step::Skip(8 + n),
+                        other => other,
+                    },
+                    Some(_) => Step::Skip(8),
+                },
+                List(per_item, len) => match self.left {
                     Some(0) => {
                         self.left = None;
                         Step::Skip(0)
                     }
-                    Some(left) => match string_len(input, self.pos, limits) {
+                    Some(left) => match string_len(input, self.pos, len, limits) {
                         Step::Skip(n) if self.pos + n <= input.len() => {
                             self.pos += n;
                             self.left = Some(left - 1);
@@ -143,12 +195,16 @@ fn u64_at(input: &[u8], pos: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
-/// The wire length of the string at `pos`.
-fn string_len(input: &[u8], pos: usize, limits: &Limits) -> Step {
+/// The wire length of the string at `pos`, held to the limit of its kind.
+fn string_len(input: &[u8], pos: usize, kind: Len, limits: &Limits) -> Step {
+    let max = match kind {
+        Short => limits.wire.max_short_string_len,
+        Long => limits.wire.max_string_len,
+    };
     match u64_at(input, pos) {
         None => Step::Wait,
         Some(len) => match usize::try_from(len) {
-            Ok(n) if n <= limits.wire.max_string_len => Step::Skip(8 + n + padding(n)),
+            Ok(n) if n <= max => Step::Skip(8 + n + padding(n)),
             _ => Step::Fail,
         },
     }
@@ -158,7 +214,7 @@ fn string_len(input: &[u8], pos: usize, limits: &Limits) -> Step {
 #[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
-    use crate::serve::strategies::{request, version};
+    use crate::serve::strategies::{export_trailer, request, version};
     use crate::serve::Request;
     use proptest::prelude::*;
 
@@ -180,6 +236,87 @@ mod tests {
             prop_assert_eq!(end, b.len());
             prop_assert_eq!(f.pos, b.len());
         }
+    }
+
+    proptest! {
+        #[test]
+        fn framer_finds_the_end_of_every_trailer_fed_in_any_pieces(
+            t in export_trailer(),
+            piece in 1usize..64,
+        ) {
+            let mut b = Vec::new();
+            t.encode(&mut b);
+            let (v, limits) = (ProtocolVersion::V2_7, Limits::default());
+            let mut f = Framer::trailer();
+            let mut end = 0;
+            while !f.advance(&b[..end], v, &limits, false) {
+                prop_assert!(end < b.len(), "not done at the end of the trailer");
+                end = (end + piece).min(b.len());
+            }
+            prop_assert_eq!(end, b.len());
+            prop_assert_eq!(f.pos, b.len());
+        }
+    }
+
+    /// `op`, then a string prefix claiming `len` bytes, and nothing of the string itself.
+    fn claim(op: u64, len: u64) -> Vec<u8> {
+        let mut b = op.to_le_bytes().to_vec();
+        b.extend_from_slice(&len.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn an_oversized_path_fails_after_its_length_prefix() {
+        let limits = Limits::default();
+        let v = ProtocolVersion::V2_7;
+        // DumpStorePath (3) with a 16 MiB "path": refused with 16 bytes in, not 16 MiB.
+        let b = claim(3, 16 << 20);
+        assert!(Framer::default().advance(&b, v, &limits, false));
+        let err = Request::decode(&b, v, &limits).unwrap_err().to_string();
+        assert!(err.contains("path"), "{err}");
+        // AddToStoreNar (9): the path, then a deriver over the short limit.
+        let mut b = 9u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&(limits.wire.max_short_string_len as u64 + 1).to_le_bytes());
+        assert!(Framer::default().advance(&b, v, &limits, true));
+        assert!(Request::decode(&b, v, &limits).is_err());
+        // A string at exactly the short limit is waited for, not refused.
+        let b = claim(3, limits.wire.max_short_string_len as u64);
+        assert!(!Framer::default().advance(&b, v, &limits, false));
+        // BuildDerivation (8): the builder may be long, and is waited for.
+        let mut b = claim(8, 0);
+        for _ in 0..2 {
+            b.extend_from_slice(&0u64.to_le_bytes()); // no outputs, no inputSrcs
+        }
+        b.extend_from_slice(&0u64.to_le_bytes()); // platform ""
+        b.extend_from_slice(&(16u64 << 20).to_le_bytes()); // builder: 16 MiB to come
+        assert!(!Framer::default().advance(&b, v, &limits, true));
+    }
+
+    #[test]
+    fn a_count_over_the_list_limit_fails_as_soon_as_it_is_read() {
+        let mut limits = Limits::default();
+        limits.wire.max_list_len = 10;
+        let v = ProtocolVersion::V2_7;
+        // QueryValidPaths (1): lock, substitute, then a count of 11 and no paths.
+        let mut b = 1u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; 16]);
+        b.extend_from_slice(&11u64.to_le_bytes());
+        assert!(Framer::default().advance(&b, v, &limits, false));
+        assert!(Request::decode(&b, v, &limits).is_err());
+        let mut b = b[..24].to_vec();
+        b.extend_from_slice(&10u64.to_le_bytes());
+        assert!(!Framer::default().advance(&b, v, &limits, false));
+    }
+
+    #[test]
+    fn an_oversized_trailer_path_fails_after_its_length_prefix() {
+        let limits = Limits::default();
+        let mut b = crate::serve::export::EXPORT_MAGIC.to_le_bytes().to_vec();
+        b.extend_from_slice(&(16u64 << 20).to_le_bytes());
+        let v = ProtocolVersion::V2_7;
+        assert!(Framer::trailer().advance(&b, v, &limits, false));
+        assert!(crate::serve::ExportTrailer::decode(&b, &limits.wire).is_err());
     }
 
     #[test]

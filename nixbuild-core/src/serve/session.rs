@@ -16,9 +16,12 @@
 //!   DumpStorePath, ExportPaths: Request, then send_stream…, end_stream
 //! ```
 //!
-//! A request is decoded once, when all of it is in: until then the session only steps over
-//! its length prefixes, resuming where it stopped, so a 10,000-path request arriving in many
-//! small pieces costs no more than one arriving whole.
+//! A request (and an ImportPaths trailer) is decoded once, when all of it is in: until then
+//! the session only steps over its length prefixes, resuming where it stopped, so a
+//! 10,000-path request arriving in many small pieces costs no more than one arriving whole.
+//! A length or count over the limits fails as soon as it is read. What the session leaves in
+//! the input while it waits is at most one unfinished request or trailer; the driver bounds
+//! that with its own byte cap.
 //!
 //! The session does not read ahead: while a response is due, `poll` returns `Ok(None)`.
 //! After an error the session is dead and `poll` repeats the error; the real server prints it
@@ -198,6 +201,7 @@ impl ServerSession {
             State::ImportNar(reader) => {
                 if reader.is_complete() {
                     self.state = State::ImportTrailer;
+                    self.framer = Framer::trailer();
                     return Ok(Some(Event::NarEnd));
                 }
                 // Run the reader only to find where the NAR ends; the store validates and
@@ -213,10 +217,17 @@ impl ServerSession {
                 Ok(Some(Event::NarChunk(input.split_to(used).freeze())))
             }
             State::ImportTrailer => {
-                let limits = self.limits.wire;
-                let Some(t) = wire::decode_buf(input, |r| ExportTrailer::read(r, &limits))? else {
+                // Framed like a request: a trailer with many references arriving in small
+                // pieces is decoded once, not once per piece.
+                let (v, limits, write) = (self.version, self.limits, self.write_allowed);
+                if !self.framer.advance(input, v, &limits, write) {
+                    return Ok(None);
+                }
+                let Some(t) = wire::decode_buf(input, |r| ExportTrailer::read(r, &limits.wire))?
+                else {
                     return Ok(None);
                 };
+                self.framer = Framer::default();
                 self.state = State::ImportMarker;
                 Ok(Some(Event::ImportEntry(t)))
             }
