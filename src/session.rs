@@ -202,7 +202,13 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.out.stdout(output).await?;
                 self.out.flush().await?;
             }
-            buf.reserve(CHUNK);
+            if buf.is_empty() {
+                // Everything so far went out as events: read into a pooled buffer, so that
+                // an upload's chunks (views of it) come back to the pool once imported.
+                buf = self.pool.take();
+            } else {
+                buf.reserve(CHUNK);
+            }
             let (deadline, phase, secs) = if handshake_done {
                 let t = self.settings.idle_timeout;
                 (tokio::time::Instant::now() + t, "to send more", t.as_secs())
@@ -377,6 +383,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         let (chunks, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let store = self.store.clone();
         let account = self.settings.account.clone();
+        let pool = self.pool.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut import = store.begin_import(&account)?;
             if let Some(ca) = &ca {
@@ -384,6 +391,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             while let Some(chunk) = rx.blocking_recv() {
                 import.write(&chunk)?;
+                pool.give(chunk);
             }
             Ok(import)
         });
@@ -593,9 +601,10 @@ fn registration_time(claimed: u64) -> u64 {
 }
 
 /// Buffers of [`CHUNK`] bytes that go round between the session and its blocking store
-/// tasks, so that a session allocates a few of them once instead of one per chunk: a fresh
-/// allocation of this size is page-faulted in and handed back to the kernel every time,
-/// which measured as about a third of the server CPU of a download.
+/// tasks (the client's bytes read into them, export chunks written into them), so that a
+/// session allocates a few of them once instead of one per chunk: a fresh allocation of
+/// this size is page-faulted in and handed back to the kernel every time, which measured as
+/// about a third of the server CPU of a download.
 #[derive(Debug, Clone, Default)]
 struct BufferPool(Arc<Mutex<Vec<BytesMut>>>);
 
