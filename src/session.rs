@@ -495,9 +495,16 @@ impl<O: SessionOutput> Driver<'_, O> {
             Ok(())
         });
         while let Some(chunk) = rx.recv().await {
-            self.session.send_stream(&chunk)?;
+            // The empty send checks that a stream is in progress; the chunk then goes out
+            // as it is, after what the session still holds (ExportPaths' entry header),
+            // rather than copied into the session's output first.
+            self.session.send_stream(&[])?;
+            let queued = self.session.take_output();
+            if !queued.is_empty() {
+                self.out.stdout(queued).await?;
+            }
+            self.out.stdout(chunk.clone()).await?;
             self.pool.give(chunk);
-            self.out.stdout(self.session.take_output()).await?;
         }
         task.await?.map_err(|source| SessionError::Store {
             what,
