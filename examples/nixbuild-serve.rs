@@ -11,21 +11,26 @@
 //! `--serve` and `--write` are taken from the client's command in `SSH_ORIGINAL_COMMAND`;
 //! the account and state directory never are.
 //!
-//! It copies stdin to the daemon's socket and the daemon's frames to stdout and stderr, and
-//! exits with the daemon's status. It sits in the data path of every transfer, so it copies
-//! through two fixed buffers and does nothing else.
+//! It hands its stdin and stdout to the daemon over the socket (SCM_RIGHTS), so the daemon
+//! reads and writes the client's pipes itself and the relay stays out of the data path; it
+//! writes the daemon's messages to stderr and exits with the daemon's status. When stdin or
+//! stdout is neither a pipe nor a socket (a file, a terminal), the relay puts a pipe in
+//! between and copies.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::thread::JoinHandle;
 
-use nixbuild::daemon::{self, RelayHeader, FRAME_EXIT, FRAME_STDERR, FRAME_STDOUT};
+use nixbuild::daemon::{self, RelayHeader, FRAME_EXIT, FRAME_STDERR, RELAY_FDS};
+use rustix::fs::FileType;
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
-/// Size of the copy buffers.
+/// Size of the copy buffers (frames, and the copies through an interposed pipe).
 const BUF: usize = 256 * 1024;
 /// Default state directory, as in the README.
 const DEFAULT_STATE_DIR: &str = "/var/lib/nixbuild";
@@ -124,49 +129,116 @@ fn run() -> Result<u32, String> {
     };
     daemon::check_account_name(&header.account).map_err(|e| e.to_string())?;
     let sock = daemon::socket_path(&state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
-    let mut stream = UnixStream::connect(&sock).map_err(|e| {
+    let stream = UnixStream::connect(&sock).map_err(|e| {
         format!(
             "cannot connect to the nixbuild daemon at {}: {e}; is nixbuild-server running?",
             sock.display()
         )
     })?;
-    if let Err(e) = stream.write_all(header.encode().as_bytes()) {
+    let stdin = io::stdin();
+    let stdout = io::stdout();
+    let input = Handover::input(stdin.as_fd()).map_err(|e| format!("stdin: {e}"))?;
+    let output = Handover::output(stdout.as_fd()).map_err(|e| format!("stdout: {e}"))?;
+    let sent = send_header(&stream, &header, [input.fd(), output.fd()]);
+    // The daemon holds the descriptors now (or has refused): without our copy of an
+    // interposed pipe's write end, its copier sees EOF when the daemon closes its own.
+    let output_copier = output.into_copier();
+    drop(input);
+    if let Err(e) = sent {
         // The daemon may have refused the connection before reading the header: its
         // frames say why.
         return demultiplex(stream).map_err(|_| format!("sending to the daemon: {e}"));
     }
-    let upstream = stream
-        .try_clone()
-        .map_err(|e| format!("duplicating the socket: {e}"))?;
-    std::thread::spawn(move || copy_stdin(upstream));
-    demultiplex(stream).map_err(|e| format!("relaying the daemon's answer: {e}"))
+    let status = demultiplex(stream).map_err(|e| format!("relaying the daemon's answer: {e}"))?;
+    if let Some(copier) = output_copier {
+        copier
+            .join()
+            .map_err(|_| "the stdout copier panicked".to_owned())?
+            .map_err(|e| format!("copying to stdout: {e}"))?;
+    }
+    Ok(status)
 }
 
-/// Copies stdin to the daemon until EOF, then shuts down the write half. A write error
-/// means the daemon ended the session; its frames say why.
-fn copy_stdin(mut upstream: UnixStream) {
-    let Ok(mut stdin) = raw(&io::stdin()) else {
-        return;
-    };
-    let mut buf = vec![0u8; BUF];
-    loop {
-        match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if upstream.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+/// Sends the header line with the client's stdin and stdout attached.
+fn send_header(
+    stream: &UnixStream,
+    header: &RelayHeader,
+    fds: [BorrowedFd<'_>; RELAY_FDS],
+) -> io::Result<()> {
+    let line = header.encode();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(RELAY_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("no room for the descriptors"));
+    }
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[io::IoSlice::new(line.as_bytes())],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    // The descriptors went with the first byte; the rest of a short write follows plainly.
+    (&*stream).write_all(&line.as_bytes()[sent..])
+}
+
+/// One standard stream as handed to the daemon: the stream itself when it is a pipe or a
+/// socket, otherwise our end of a pipe whose other end a thread copies from or to it.
+enum Handover<'a> {
+    Direct(BorrowedFd<'a>),
+    Interposed {
+        end: OwnedFd,
+        copier: JoinHandle<io::Result<()>>,
+    },
+}
+
+impl<'a> Handover<'a> {
+    fn direct(fd: BorrowedFd<'a>) -> io::Result<bool> {
+        let ty = FileType::from_raw_mode(rustix::fs::fstat(fd)?.st_mode);
+        Ok(matches!(ty, FileType::Fifo | FileType::Socket))
+    }
+
+    /// Stdin: the daemon gets the read end of a pipe that a thread fills from `fd`.
+    fn input(fd: BorrowedFd<'a>) -> io::Result<Handover<'a>> {
+        if Self::direct(fd)? {
+            return Ok(Handover::Direct(fd));
+        }
+        let (read, write) = rustix::pipe::pipe()?;
+        let mut from = File::from(fd.try_clone_to_owned()?);
+        let mut to = File::from(write);
+        let copier = std::thread::spawn(move || io::copy(&mut from, &mut to).map(drop));
+        Ok(Handover::Interposed { end: read, copier })
+    }
+
+    /// Stdout: the daemon gets the write end of a pipe that a thread drains into `fd`.
+    fn output(fd: BorrowedFd<'a>) -> io::Result<Handover<'a>> {
+        if Self::direct(fd)? {
+            return Ok(Handover::Direct(fd));
+        }
+        let (read, write) = rustix::pipe::pipe()?;
+        let mut from = File::from(read);
+        let mut to = File::from(fd.try_clone_to_owned()?);
+        let copier = std::thread::spawn(move || io::copy(&mut from, &mut to).map(drop));
+        Ok(Handover::Interposed { end: write, copier })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Handover::Direct(fd) => *fd,
+            Handover::Interposed { end, .. } => end.as_fd(),
         }
     }
-    let _ = upstream.shutdown(Shutdown::Write);
+
+    /// Drops our end of the pipe, if any, and returns the copier to wait for.
+    fn into_copier(self) -> Option<JoinHandle<io::Result<()>>> {
+        match self {
+            Handover::Direct(_) => None,
+            Handover::Interposed { copier, .. } => Some(copier),
+        }
+    }
 }
 
 /// Writes the daemon's frames to stdout and stderr and returns the exit status.
 fn demultiplex(stream: UnixStream) -> io::Result<u32> {
-    let mut stdout = raw(&io::stdout())?;
     let mut stderr = raw(&io::stderr())?;
     let mut frames = BufReader::with_capacity(BUF, stream);
     loop {
@@ -181,7 +253,6 @@ fn demultiplex(stream: UnixStream) -> io::Result<u32> {
         }
         let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
         match header[0] {
-            FRAME_STDOUT => copy_exact(&mut frames, &mut stdout, len)?,
             FRAME_STDERR => copy_exact(&mut frames, &mut stderr, len)?,
             FRAME_EXIT if len == 4 => {
                 let mut status = [0u8; 4];

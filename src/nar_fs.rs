@@ -10,7 +10,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Size of the pieces files are read in, and of the output buffer.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
+
+std::thread_local! {
+    /// The buffers of the last dump on this thread (output, file reads), kept for the next:
+    /// the store's exports run one path after another on the same few blocking threads, and
+    /// fresh buffers of this size cost page faults on every path.
+    static BUFFERS: std::cell::Cell<(Vec<u8>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
 
 /// Why a path could not be dumped. Every variant names the path concerned.
 #[derive(Debug, thiserror::Error)]
@@ -51,17 +58,22 @@ pub enum NarFsError {
 /// Writes the canonical NAR of the tree at `path` (not following a symlink at `path` itself)
 /// to `out`, and returns its size in bytes.
 pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<u64, NarFsError> {
+    let (mut buf, mut read_buf) = BUFFERS.take();
+    buf.clear();
+    buf.reserve(2 * CHUNK);
+    read_buf.resize(CHUNK, 0);
     let mut dumper = Dumper {
         writer: NarWriter::new(),
-        buf: Vec::with_capacity(2 * CHUNK),
-        read_buf: vec![0; CHUNK],
+        buf,
+        read_buf,
         written: 0,
         root: path,
         out,
     };
-    dumper.node(path)?;
-    dumper.flush()?;
-    Ok(dumper.written)
+    let result = dumper.node(path).and_then(|()| dumper.flush());
+    let written = dumper.written;
+    BUFFERS.set((dumper.buf, dumper.read_buf));
+    result.map(|()| written)
 }
 
 struct Dumper<'a, W: Write> {
