@@ -450,6 +450,13 @@ async fn read_header(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)>
                         fds.extend(received);
                     }
                 }
+                if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+                    // The kernel dropped descriptors it could not install here.
+                    return Err(io::Error::other(
+                        "the relay's descriptors were dropped: the daemon is out of file \
+                         descriptors (RLIMIT_NOFILE)",
+                    ));
+                }
                 Ok(got.bytes)
             })
             .await?;

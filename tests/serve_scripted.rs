@@ -206,13 +206,11 @@ fn sessions_beyond_max_sessions_are_refused() {
 fn failed_accept_does_not_stop_the_daemon() {
     let daemon = Daemon::start(&[]);
     let held_before = HeldSession::open(&daemon);
-    // Let the daemon keep exactly the descriptors it has: the next accept fails (EMFILE).
-    let fd_dir = format!("/proc/{}/fd", daemon.pid());
-    let open_fds = std::fs::read_dir(&fd_dir).expect("list fds").count();
-    let limit = open_fds.to_string();
+    // A soft limit of 0 descriptors: the daemon keeps those it has, and every new one (the
+    // next accept) fails with EMFILE until the limit is raised again.
     let status = Command::new("prlimit")
         .arg(format!("--pid={}", daemon.pid()))
-        .arg(format!("--nofile={limit}:{limit}"))
+        .arg("--nofile=0:")
         .status()
         .expect("run prlimit (util-linux)");
     assert!(status.success());
@@ -240,7 +238,14 @@ fn failed_accept_does_not_stop_the_daemon() {
         assert!(std::time::Instant::now() < until, "{}", daemon.log());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // Freeing a descriptor lets the waiting connection in.
+    // Raising the limit again lets the waiting connection in: it needs a descriptor for the
+    // connection and two for the client's stdin and stdout that the relay passes.
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", daemon.pid()))
+        .arg("--nofile=1024:")
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success());
     held_before.close();
     let out = waiting.join().expect("relay thread");
     assert!(out.status.success(), "{out:?}");
