@@ -6,11 +6,9 @@ mod harness;
 
 use std::collections::BTreeSet;
 
-use harness::{raw_nar, sha256, test_path, wire_u64, Daemon, Reply, Script};
+use harness::{export_stream, raw_nar, sha256, test_path, wire_u64, Daemon, Reply, Script};
 use nixbuild_core::nar::NarNode;
-use nixbuild_core::serve::{
-    BuildOptions, BuildStatus, ExportMarker, ExportTrailer, Opcode, Request, Response,
-};
+use nixbuild_core::serve::{BuildOptions, BuildStatus, Opcode, Request, Response};
 use nixbuild_core::store_path::StorePath;
 
 /// A salt unique to this run.
@@ -161,17 +159,7 @@ fn entry_name_with_slash() {
 fn entry_named_dot_dot_in_import_paths() {
     let s = salt("import-dotdot");
     let path = test_path(&s, "import-dotdot");
-    let mut stream = Vec::new();
-    ExportMarker::Entry.encode(&mut stream);
-    stream.extend_from_slice(&nar_with_entry(b".."));
-    ExportTrailer {
-        path: path.clone(),
-        references: BTreeSet::new(),
-        deriver: None,
-        legacy_signature: None,
-    }
-    .encode(&mut stream);
-    ExportMarker::End.encode(&mut stream);
+    let stream = export_stream(&[(path.clone(), nar_with_entry(b".."), BTreeSet::new())]);
     let script = Script::new().request(&Request::ImportPaths).raw(&stream);
     check_bad(script, true, "invalid entry name", &path);
 }

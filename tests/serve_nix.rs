@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use common::Nix;
 use harness::{store_uri, Daemon, Script};
 use nixbuild_core::nar::NarNode;
-use nixbuild_core::serve::{ExportMarker, ExportTrailer, Opcode, Request, Response};
+use nixbuild_core::serve::{Opcode, Request, Response};
 use nixbuild_core::store_path::StorePath;
 
 /// narHash, narSize and references of one path, as `nix path-info --json` shows them.
@@ -158,34 +158,29 @@ fn import_closure(nix: &Nix, salt: &str, n: usize) -> Vec<StorePath> {
     let paths: Vec<StorePath> = (0..n)
         .map(|i| harness::test_path(&format!("{salt}-{i}"), &format!("closure-{i}")))
         .collect();
-    let mut stream = Vec::new();
-    for (i, path) in paths.iter().enumerate() {
-        let refs: BTreeSet<StorePath> = if i == 0 {
-            BTreeSet::new()
-        } else {
-            [paths[i - 1].clone(), paths[i / 2].clone()].into()
-        };
-        let mut contents = format!("{salt} {i}\n");
-        for r in &refs {
-            contents.push_str(&format!("{r}\n"));
-        }
-        ExportMarker::Entry.encode(&mut stream);
-        let nar = NarNode::File {
-            executable: false,
-            contents: contents.into_bytes(),
-        }
-        .to_nar()
-        .expect("nar");
-        stream.extend_from_slice(&nar);
-        ExportTrailer {
-            path: path.clone(),
-            references: refs,
-            deriver: None,
-            legacy_signature: None,
-        }
-        .encode(&mut stream);
-    }
-    ExportMarker::End.encode(&mut stream);
+    let entries: Vec<_> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let refs: BTreeSet<StorePath> = if i == 0 {
+                BTreeSet::new()
+            } else {
+                [paths[i - 1].clone(), paths[i / 2].clone()].into()
+            };
+            let mut contents = format!("{salt} {i}\n");
+            for r in &refs {
+                contents.push_str(&format!("{r}\n"));
+            }
+            let nar = NarNode::File {
+                executable: false,
+                contents: contents.into_bytes(),
+            }
+            .to_nar()
+            .expect("nar");
+            (path.clone(), nar, refs)
+        })
+        .collect();
+    let stream = harness::export_stream(&entries);
     let mut child = nix
         .command("nix-store")
         .arg("--import")

@@ -9,9 +9,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 
-use harness::{example_bin, test_path, Daemon, Script};
+use harness::{example_bin, export_stream, test_path, Daemon, Script};
 use nixbuild_core::nar::NarNode;
-use nixbuild_core::serve::{ExportMarker, ExportTrailer, Opcode, Request, Response};
+use nixbuild_core::serve::{Opcode, Request, Response};
 
 fn salt() -> String {
     let nanos = std::time::SystemTime::now()
@@ -26,16 +26,16 @@ fn import_paths_then_export_paths_give_back_the_same_stream() {
     let s = salt();
     let dep = test_path(&format!("{s}-dep"), "dep");
     let top = test_path(&format!("{s}-top"), "top");
-    let mut stream = Vec::new();
-    for (path, refs, contents) in [
+    let entries: Vec<_> = [
         (&dep, BTreeSet::new(), format!("dep {s}")),
         (
             &top,
             BTreeSet::from([dep.clone(), top.clone()]),
             format!("top {s} {dep}"),
         ),
-    ] {
-        ExportMarker::Entry.encode(&mut stream);
+    ]
+    .into_iter()
+    .map(|(path, refs, contents)| {
         let nar = NarNode::Directory(
             [(
                 b"file".to_vec(),
@@ -48,16 +48,10 @@ fn import_paths_then_export_paths_give_back_the_same_stream() {
         )
         .to_nar()
         .expect("nar");
-        stream.extend_from_slice(&nar);
-        ExportTrailer {
-            path: path.clone(),
-            references: refs,
-            deriver: None,
-            legacy_signature: None,
-        }
-        .encode(&mut stream);
-    }
-    ExportMarker::End.encode(&mut stream);
+        (path.clone(), nar, refs)
+    })
+    .collect();
+    let stream = export_stream(&entries);
 
     let daemon = Daemon::start(&[]);
     let import = Script::new().request(&Request::ImportPaths).raw(&stream);

@@ -17,7 +17,8 @@ use nixbuild::store::{Store, StoreLimits};
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::serve::handshake::ServerHello;
 use nixbuild_core::serve::{
-    AddToStoreNar, ClientHello, Limits, Opcode, ProtocolVersion, Request, Response,
+    AddToStoreNar, ClientHello, ExportMarker, ExportTrailer, Limits, Opcode, ProtocolVersion,
+    Request, Response,
 };
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::BufMutExt;
@@ -398,6 +399,25 @@ pub fn raw_nar(tokens: &[&[u8]]) -> Vec<u8> {
         out.put_wire_bytes(t);
     }
     out
+}
+
+/// An export ("NIXE") stream of `(path, NAR, references)` entries, in the given order, as
+/// ImportPaths and `nix-store --import` take it.
+pub fn export_stream(entries: &[(StorePath, Vec<u8>, BTreeSet<StorePath>)]) -> Vec<u8> {
+    let mut stream = Vec::new();
+    for (path, nar, references) in entries {
+        ExportMarker::Entry.encode(&mut stream);
+        stream.extend_from_slice(nar);
+        ExportTrailer {
+            path: path.clone(),
+            references: references.clone(),
+            deriver: None,
+            legacy_signature: None,
+        }
+        .encode(&mut stream);
+    }
+    ExportMarker::End.encode(&mut stream);
+    stream
 }
 
 /// A wire `u64`, for hand-made requests.
