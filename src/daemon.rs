@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use std::mem::MaybeUninit;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -361,11 +361,14 @@ async fn connection(stream: UnixStream, store: Store, config: Arc<Config>) {
             let _ = frames.stderr(format!("error: {msg}\n").as_bytes()).await;
             frames.exit(1).await
         }
-        Ok((header, input, stdout)) => {
+        Ok((header, input, (stdout, pipe))) => {
             let account = header.account.as_str();
             tracing::info!(%account, write = header.write, "session start");
             let settings = SessionSettings::new(&config, account, header.write);
             let mut out = RelayOutput::new(stdout, stream);
+            if let Some(pipe) = pipe {
+                out = out.with_pipe(pipe);
+            }
             let status = match session::serve(&store, &settings, input, &mut out).await {
                 Ok(()) => {
                     tracing::info!(%account, status = 0, "session end");
@@ -393,7 +396,7 @@ pub type ClientWriter = Pin<Box<dyn AsyncWrite + Send + Sync>>;
 async fn admit(
     stream: &UnixStream,
     config: &Config,
-) -> Result<(RelayHeader, ClientReader, ClientWriter), String> {
+) -> Result<(RelayHeader, ClientReader, (ClientWriter, Option<OwnedFd>)), String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
@@ -507,14 +510,16 @@ fn client_reader(fd: OwnedFd) -> io::Result<ClientReader> {
     }
 }
 
-/// The client's stdout: a pipe or a socket.
-fn client_writer(fd: OwnedFd) -> io::Result<ClientWriter> {
+/// The client's stdout (a pipe or a socket), and for a pipe a second descriptor of it, for
+/// moving file contents into it with `splice`.
+fn client_writer(fd: OwnedFd) -> io::Result<(ClientWriter, Option<OwnedFd>)> {
     match kind(&fd)? {
         FileType::Fifo => {
             enlarge_pipe(&fd);
-            Ok(Box::pin(pipe::Sender::from_owned_fd(fd)?))
+            let dup = fd.try_clone()?;
+            Ok((Box::pin(pipe::Sender::from_owned_fd(fd)?), Some(dup)))
         }
-        FileType::Socket => Ok(Box::pin(socket(fd)?)),
+        FileType::Socket => Ok((Box::pin(socket(fd)?), None)),
         other => Err(not_a_pipe(other)),
     }
 }
@@ -562,6 +567,8 @@ impl<W: AsyncWrite + Unpin + Send> RelayFrames<W> {
 /// messages onto the relay connection.
 pub struct RelayOutput<S, W> {
     stdout: BufWriter<S>,
+    /// The client's stdout again, when it is a pipe.
+    pipe: Option<OwnedFd>,
     frames: RelayFrames<W>,
 }
 
@@ -570,8 +577,16 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> RelayOutput<S, 
     pub fn new(stdout: S, relay: W) -> Self {
         RelayOutput {
             stdout: BufWriter::with_capacity(64 * 1024, stdout),
+            pipe: None,
             frames: RelayFrames::new(relay),
         }
+    }
+
+    /// Tells the session that `stdout` is the pipe `pipe` (another descriptor of it), which
+    /// NAR exports may then write to directly from their blocking task.
+    pub fn with_pipe(mut self, pipe: OwnedFd) -> Self {
+        self.pipe = Some(pipe);
+        self
     }
 
     /// Flushes and closes the client's stdout (so the client has everything before the relay
@@ -597,6 +612,10 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> SessionOutput
 
     async fn flush(&mut self) -> io::Result<()> {
         self.stdout.flush().await
+    }
+
+    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
+        self.pipe.as_ref().map(|fd| fd.as_fd())
     }
 }
 

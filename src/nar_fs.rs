@@ -1,6 +1,7 @@
 //! Serialising a file system tree as a canonical NAR, streaming through the core
 //! [`nixbuild_core::nar::NarWriter`]: file contents are read in chunks and never held whole in
-//! memory.
+//! memory. The walk is shared by every output; a [`NarSink`] may move regular files'
+//! contents to the output itself (the daemon splices them into the client's pipe).
 
 use nixbuild_core::nar::{NarWriteError, NarWriter};
 use std::fs::{self, File};
@@ -55,9 +56,45 @@ pub enum NarFsError {
     },
 }
 
+/// Where [`dump_to`] writes a NAR: an `io::Write` that may also take regular files' contents
+/// straight from the file, without the dumper reading them.
+pub trait NarSink: Write {
+    /// Whether to offer a file of `size` bytes to [`NarSink::send_file`]; before the offer,
+    /// the dumper writes out all the NAR bytes it holds. By default, never.
+    fn takes_file(&self, _size: u64) -> bool {
+        false
+    }
+
+    /// Writes up to `size` bytes of `file`, from its current offset, to the output, and
+    /// returns how many; the dumper reads and writes the rest itself.
+    fn send_file(&mut self, _file: &File, _size: u64) -> io::Result<u64> {
+        Ok(0)
+    }
+}
+
+/// A plain `io::Write` as a [`NarSink`] that takes no files.
+pub struct Plain<W>(pub W);
+
+impl<W: Write> Write for Plain<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0.write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write> NarSink for Plain<W> {}
+
 /// Writes the canonical NAR of the tree at `path` (not following a symlink at `path` itself)
 /// to `out`, and returns its size in bytes.
 pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<u64, NarFsError> {
+    dump_to(path, &mut Plain(out))
+}
+
+/// [`dump_path`] into a [`NarSink`], which may move files' contents itself.
+pub fn dump_to(path: &Path, out: &mut (impl NarSink + ?Sized)) -> Result<u64, NarFsError> {
     let (mut buf, mut read_buf) = BUFFERS.take();
     buf.clear();
     buf.reserve(2 * CHUNK);
@@ -76,7 +113,7 @@ pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<u64, NarFsError> {
     result.map(|()| written)
 }
 
-struct Dumper<'a, W: Write> {
+struct Dumper<'a, W: NarSink + ?Sized> {
     writer: NarWriter,
     /// NAR bytes not yet written to `out`.
     buf: Vec<u8>,
@@ -100,7 +137,7 @@ fn nar_err(path: &Path) -> impl FnOnce(NarWriteError) -> NarFsError + '_ {
     }
 }
 
-impl<W: Write> Dumper<'_, W> {
+impl<W: NarSink + ?Sized> Dumper<'_, W> {
     fn flush(&mut self) -> Result<(), NarFsError> {
         self.out.write_all(&self.buf).map_err(io_err(self.root))?;
         self.written += self.buf.len() as u64;
@@ -147,6 +184,15 @@ impl<W: Write> Dumper<'_, W> {
             expected: size,
         };
         let mut left = size;
+        if self.out.takes_file(size) {
+            self.flush()?;
+            let sent = self.out.send_file(&file, size).map_err(io_err(path))?;
+            self.writer
+                .contents_written_elsewhere(sent)
+                .map_err(nar_err(path))?;
+            self.written += sent;
+            left -= sent;
+        }
         while left > 0 {
             // At most CHUNK, so the cast cannot truncate.
             let want = left.min(CHUNK as u64) as usize;

@@ -6,15 +6,19 @@
 //! Store calls block, so they run in `spawn_blocking`. NAR data never piles up in memory:
 //! uploads go to the store's [`Import`] through a bounded channel (a slow disk slows the
 //! client down), and downloads come from [`Store::export_nar`] through another, in chunks of
-//! [`CHUNK`] bytes.
+//! [`CHUNK`] bytes. When the client's stdout is a pipe, a download is written to it by the
+//! blocking task itself instead, with large files' contents moved by `splice`, never copied
+//! through this process.
 //!
 //! Any error ends the session as the real server does (spec §12): `error: <msg>` on stderr,
 //! and the caller ends the process (or relay) with a non-zero status. An unfinished import is
 //! dropped, which removes its temporary files; nothing is registered half-way.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,11 +30,15 @@ use nixbuild_core::serve::{
 };
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::{self, WireError};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::pipe::{splice, SpliceFlags};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::nar_fs::NarSink;
 use crate::store::{Import, PathClaim, Store, StoreError};
 
 /// Size of the pieces NAR data moves in, from the client and to it.
@@ -155,6 +163,11 @@ pub trait SessionOutput: Send {
     fn stderr(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     /// Pushes everything written so far to the client.
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// The client's stdout when it is a pipe that NAR data may be written to directly (after
+    /// a flush, while nothing else is written). By default, none.
+    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// Runs one session to its end: `Ok` when the client closed its side at a command boundary,
@@ -211,16 +224,21 @@ impl<O: SessionOutput> WriteTimeout<'_, O> {
         limit: Duration,
         f: impl Future<Output = io::Result<T>> + Send,
     ) -> io::Result<T> {
-        tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "timed out after {} s waiting for the client to read (timeouts.write)",
-                    limit.as_secs()
-                ),
-            ))
-        })
+        tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or_else(|_| Err(write_timed_out(limit)))
     }
+}
+
+/// The error of a write that waited `limit` for the client to read.
+fn write_timed_out(limit: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "timed out after {} s waiting for the client to read (timeouts.write)",
+            limit.as_secs()
+        ),
+    )
 }
 
 impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
@@ -234,6 +252,10 @@ impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
 
     async fn flush(&mut self) -> io::Result<()> {
         Self::within(self.limit, self.inner.flush()).await
+    }
+
+    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
+        self.inner.stdout_pipe()
     }
 }
 
@@ -569,10 +591,34 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     /// Sends the NAR of `path` as it comes off the disk.
     async fn stream_nar(&mut self, path: StorePath) -> Result<(), SessionError> {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let store = self.store.clone();
         let account = self.settings.account.clone();
         let what = format!("sending {path}");
+        let store_error = |source| SessionError::Store {
+            what,
+            source: Box::new(source),
+        };
+        if let Some(pipe) = self.out.stdout_pipe() {
+            let fd = pipe.try_clone_to_owned()?;
+            // What the session holds (ExportPaths' entry header) goes out first; the empty
+            // send checks that a stream is in progress.
+            self.session.send_stream(&[])?;
+            let queued = self.session.take_output();
+            if !queued.is_empty() {
+                self.out.stdout(queued).await?;
+            }
+            self.out.flush().await?;
+            let mut sink = PipeSink {
+                fd,
+                timeout: self.settings.write_timeout,
+                splice: true,
+            };
+            let task = tokio::task::spawn_blocking(move || {
+                store.export_nar_to(&account, &path, &mut sink)
+            });
+            return task.await?.map(drop).map_err(store_error);
+        }
+        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let pool = self.pool.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut writer = ChunkWriter {
@@ -598,10 +644,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.out.stdout(chunk.clone()).await?;
             self.pool.give(chunk);
         }
-        task.await?.map_err(|source| SessionError::Store {
-            what,
-            source: Box::new(source),
-        })
+        task.await?.map_err(store_error)
     }
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
@@ -773,6 +816,77 @@ impl io::Write for ChunkWriter {
     }
 }
 
+/// Smallest file whose contents a [`PipeSink`] splices: below this, reading the file into the
+/// NAR buffer costs less than writing out the buffer first.
+const SPLICE_MIN: u64 = 64 * 1024;
+
+/// The client's stdout pipe as a [`NarSink`] for an export in a blocking task: NAR framing
+/// goes out with plain writes, and large files' contents are spliced from the page cache
+/// into the pipe. The pipe is non-blocking (tokio's); a full pipe is waited for at most the
+/// write timeout.
+struct PipeSink {
+    fd: OwnedFd,
+    timeout: Duration,
+    /// Cleared when the kernel cannot splice from a file (the dumper then reads it).
+    splice: bool,
+}
+
+impl PipeSink {
+    /// Waits until the pipe has room, or fails after the write timeout.
+    fn wait(&self) -> io::Result<()> {
+        let timeout = Timespec::try_from(self.timeout).map_err(io::Error::other)?;
+        let mut fds = [PollFd::new(&self.fd, PollFlags::OUT)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) => Err(write_timed_out(self.timeout)),
+            Ok(_) | Err(Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl io::Write for PipeSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            match rustix::io::write(&self.fd, data) {
+                Ok(n) => return Ok(n),
+                Err(Errno::AGAIN) => self.wait()?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NarSink for PipeSink {
+    fn takes_file(&self, size: u64) -> bool {
+        self.splice && size >= SPLICE_MIN
+    }
+
+    fn send_file(&mut self, file: &File, size: u64) -> io::Result<u64> {
+        let mut sent = 0;
+        while sent < size {
+            let want = usize::try_from(size - sent).unwrap_or(usize::MAX);
+            match splice(file, None, &self.fd, None, want, SpliceFlags::NONBLOCK) {
+                // The file is shorter than it was: the dumper finds out and says so.
+                Ok(0) => break,
+                Ok(n) => sent += n as u64,
+                Err(Errno::AGAIN) => self.wait()?,
+                Err(Errno::INTR) => {}
+                Err(Errno::INVAL) if sent == 0 => {
+                    self.splice = false;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(sent)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
@@ -791,6 +905,67 @@ mod tests {
         }
         async fn flush(&mut self) -> io::Result<()> {
             std::future::pending().await
+        }
+    }
+
+    /// A non-blocking pipe, as tokio leaves the client's stdout: (read end, write end).
+    fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
+        let (read, write) = rustix::pipe::pipe().unwrap();
+        rustix::fs::fcntl_setfl(&write, rustix::fs::OFlags::NONBLOCK).unwrap();
+        (read, write)
+    }
+
+    fn pipe_sink(fd: OwnedFd, timeout: Duration) -> PipeSink {
+        PipeSink {
+            fd,
+            timeout,
+            splice: true,
+        }
+    }
+
+    #[test]
+    fn splicing_into_a_pipe_gives_the_same_nar() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("t");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let big: Vec<u8> = (0..(3 << 20) + 5).map(|i: u32| (i % 251) as u8).collect();
+        std::fs::write(root.join("big"), &big).unwrap();
+        std::fs::write(root.join("sub/spliced"), &big[..SPLICE_MIN as usize + 3]).unwrap();
+        std::fs::write(root.join("sub/small"), b"small").unwrap();
+        std::fs::write(root.join("empty"), b"").unwrap();
+        std::fs::set_permissions(root.join("big"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        std::os::unix::fs::symlink("sub/small", root.join("link")).unwrap();
+        let mut want = Vec::new();
+        crate::nar_fs::dump_path(&root, &mut want).unwrap();
+
+        let (read, write) = nonblocking_pipe();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            io::Read::read_to_end(&mut File::from(read), &mut got).unwrap();
+            got
+        });
+        let mut sink = pipe_sink(write, Duration::from_secs(60));
+        let size = crate::nar_fs::dump_to(&root, &mut sink).unwrap();
+        assert!(sink.splice, "splice from a file into a pipe works");
+        drop(sink);
+        let got = reader.join().unwrap();
+        assert_eq!(size, want.len() as u64);
+        assert!(got == want, "the spliced NAR differs from dump_path's");
+    }
+
+    #[test]
+    fn a_pipe_nobody_reads_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
+        let (_read, write) = nonblocking_pipe();
+        let mut sink = pipe_sink(write, Duration::from_millis(20));
+        match crate::nar_fs::dump_to(&file, &mut sink) {
+            Err(crate::nar_fs::NarFsError::Io { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut)
+            }
+            other => panic!("expected a timeout, got {other:?}"),
         }
     }
 

@@ -41,7 +41,7 @@ use nixbuild_core::serve::ValidPathInfo;
 use nixbuild_core::store_path::StorePath;
 use rusqlite::Connection;
 
-use crate::nar_fs::dump_path;
+use crate::nar_fs::{dump_path, dump_to, NarSink, Plain};
 use error::io_err;
 use fsutil::HashingWriter;
 
@@ -368,16 +368,25 @@ impl Store {
         &self,
         account: &str,
         path: &StorePath,
-        mut out: &mut dyn Write,
+        out: &mut dyn Write,
+    ) -> Result<u64, StoreError> {
+        self.export_nar_to(account, path, &mut Plain(out))
+    }
+
+    /// [`Store::export_nar`] into a [`NarSink`], which may move files' contents itself.
+    pub fn export_nar_to(
+        &self,
+        account: &str,
+        path: &StorePath,
+        out: &mut dyn NarSink,
     ) -> Result<u64, StoreError> {
         let object = self.object_of(&self.inner.lock_db(), account, path)?;
-        let size =
-            dump_path(&self.inner.objects.join(&object.key), &mut out).map_err(|source| {
-                StoreError::Dump {
-                    path: path.clone(),
-                    source: Box::new(source),
-                }
-            })?;
+        let size = dump_to(&self.inner.objects.join(&object.key), out).map_err(|source| {
+            StoreError::Dump {
+                path: path.clone(),
+                source: Box::new(source),
+            }
+        })?;
         if size != object.nar_size {
             return Err(StoreError::ExportSize {
                 path: path.clone(),

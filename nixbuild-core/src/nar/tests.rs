@@ -643,6 +643,40 @@ fn errors_are_sticky() {
 // ---- writer -----------------------------------------------------------------------------
 
 #[test]
+fn contents_written_elsewhere_are_checked_and_padded() {
+    let mut w = NarWriter::new();
+    let mut out = Vec::new();
+    assert!(matches!(
+        w.contents_written_elsewhere(1),
+        Err(NarWriteError::OutOfOrder { .. })
+    ));
+    w.file(true, 5, &mut out).expect("ok");
+    w.contents(b"he", &mut out).expect("ok");
+    // The caller puts the rest of the contents in the output itself.
+    w.contents_written_elsewhere(2).expect("ok");
+    out.extend_from_slice(b"ll");
+    assert_eq!(
+        w.contents_written_elsewhere(2),
+        Err(NarWriteError::SizeMismatch {
+            size: 5,
+            written: 6
+        })
+    );
+    assert_eq!(
+        w.end(&mut out),
+        Err(NarWriteError::SizeMismatch {
+            size: 5,
+            written: 4
+        })
+    );
+    w.contents_written_elsewhere(1).expect("ok");
+    out.push(b'o');
+    w.end(&mut out).expect("ok");
+    assert!(w.is_complete());
+    assert_eq!(out, file_nar(true, b"hello"));
+}
+
+#[test]
 fn writer_refuses_non_canonical_output() {
     let mut out = Vec::new();
     let mut w = NarWriter::new();

@@ -205,14 +205,22 @@ impl NarWriter {
 
     /// Writes a piece of the current file's contents.
     pub fn contents(&mut self, chunk: &[u8], out: &mut impl BufMut) -> Result<(), NarWriteError> {
+        self.contents_written_elsewhere(chunk.len() as u64)?;
+        out.put_slice(chunk);
+        Ok(())
+    }
+
+    /// Accounts for `len` bytes of the current file's contents that the caller wrote to the
+    /// output itself, right after what this writer produced (say, moved with `splice`), with
+    /// the same checks as [`NarWriter::contents`]; [`NarWriter::end`] then adds the padding.
+    pub fn contents_written_elsewhere(&mut self, len: u64) -> Result<(), NarWriteError> {
         let State::File { size, written } = self.state else {
             return Err(self.out_of_order("write file contents"));
         };
-        let written = written.saturating_add(chunk.len() as u64);
+        let written = written.saturating_add(len);
         if written > size {
             return Err(NarWriteError::SizeMismatch { size, written });
         }
-        out.put_slice(chunk);
         self.state = State::File { size, written };
         Ok(())
     }
