@@ -66,6 +66,15 @@ pub enum PlanError {
         /// The store's objects directory.
         objects_dir: PathBuf,
     },
+    /// A resolver file lies in the build's scratch directory, which the build can write: a
+    /// fixed-output build would see (and could have planted) its own resolver configuration.
+    #[error("resolver file {path:?} lies in the build's scratch directory {scratch_dir:?}")]
+    ResolverInScratch {
+        /// The resolver file as given.
+        path: PathBuf,
+        /// The build's scratch directory.
+        scratch_dir: PathBuf,
+    },
     /// A symlink input has an empty target or a target containing a NUL byte.
     #[error("symlink input {0:?} has an empty or NUL-containing target")]
     BadSymlinkTarget(String),

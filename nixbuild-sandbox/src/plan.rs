@@ -518,6 +518,12 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
     };
     for (_, p) in &resolver {
         check_host_path("resolver file", p)?;
+        if p.starts_with(&host.scratch_dir) {
+            return Err(PlanError::ResolverInScratch {
+                path: p.to_path_buf(),
+                scratch_dir: host.scratch_dir.clone(),
+            });
+        }
     }
 
     let (env, build_files) = build_env(req, host)?;
@@ -1228,6 +1234,14 @@ mod tests {
             plan(&sample_request(), &h),
             Err(PlanError::OverlappingDirs { .. })
         ));
+        let mut fod = sample_request();
+        fod.fixed_output = true;
+        let mut h = host.clone();
+        h.resolver.ca_bundle = Some(h.scratch_dir.join("build/ca.crt"));
+        assert!(matches!(
+            plan(&fod, &h),
+            Err(PlanError::ResolverInScratch { .. })
+        ));
         let mut h = host.clone();
         h.dev_shm_size = "50%,exec".into();
         assert!(matches!(
@@ -1437,6 +1451,12 @@ mod proptests {
                 !host.scratch_dir.starts_with(&host.objects_dir)
                     && !host.objects_dir.starts_with(&host.scratch_dir)
             );
+            // Resolver files inside the scratch directory are refused (ResolverInScratch).
+            let r = &host.resolver;
+            prop_assume!([&r.resolv_conf, &r.services, &r.hosts, &r.ca_bundle]
+                .into_iter()
+                .flatten()
+                .all(|f| !f.starts_with(&host.scratch_dir)));
             let plan = plan(&req, &host).expect("valid inputs give a plan");
             let layout = &plan.layout;
             let pivot = plan
