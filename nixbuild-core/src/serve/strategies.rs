@@ -13,8 +13,7 @@ use super::handshake::ProtocolVersion;
 use super::request::{AddToStoreNar, PathWithOutputs, Request};
 use super::response::{BuildPathsResult, Response, ValidPathInfo};
 use crate::content_address::strategies::content_address;
-use crate::derivation::strategies::derivation_output;
-use crate::derivation::BasicDerivation;
+use crate::derivation::strategies::basic_derivation;
 use crate::hash::strategies::{hash, hash_of};
 use crate::hash::HashAlgo;
 use crate::store_path::strategies::{drv_path, store_path};
@@ -138,28 +137,6 @@ pub fn valid_path_info(v: ProtocolVersion) -> impl Strategy<Value = ValidPathInf
                     ca: ca.filter(|_| v24),
                     sigs: if v24 { sigs } else { BTreeSet::new() },
                 }
-            },
-        )
-}
-
-/// A BasicDerivation.
-pub fn basic_derivation() -> impl Strategy<Value = BasicDerivation> {
-    (
-        btree_map(output_name(), derivation_output(), 0..3),
-        path_set(),
-        bytes(),
-        bytes(),
-        vec(bytes(), 0..4),
-        btree_map(bytes(), bytes(), 0..4),
-    )
-        .prop_map(
-            |(outputs, input_srcs, platform, builder, args, env)| BasicDerivation {
-                outputs,
-                input_srcs,
-                platform,
-                builder,
-                args,
-                env,
             },
         )
 }
