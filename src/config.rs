@@ -62,6 +62,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// `[limits]`: bounds on the daemon as a whole.
     pub limits: LimitsConfig,
+    /// `[builds]`.
+    pub builds: BuildsConfig,
 }
 
 /// `[limits]`.
@@ -158,6 +160,43 @@ impl TimeoutConfig {
     /// [`TimeoutConfig::shutdown`] as a duration.
     pub fn shutdown(&self) -> Duration {
         Duration::from_secs(self.shutdown)
+    }
+}
+
+/// `[builds]`: how builds run. Time limits are in seconds, sizes in bytes; 0 means no limit.
+/// A client's own `--max-silent-time`, `--timeout` and `--max-log-size` apply too: the
+/// smaller non-zero value wins.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildsConfig {
+    /// The first host uid (and gid) given to builds. Default 2000000000, far above the ids
+    /// of users and system accounts.
+    pub uid_base: u32,
+    /// How many host uids builds may use: the most builds that run at once. Default 1024.
+    pub uid_count: u32,
+    /// Seconds without log output before a build is killed. Default 0 (no limit).
+    pub max_silent_time: u64,
+    /// Seconds a build may run. Default 86400 (a day).
+    pub build_timeout: u64,
+    /// Bytes of log a build may write. Default 268435456 (256 MiB).
+    pub max_log_size: u64,
+    /// Cores a build gets (`NIX_BUILD_CORES`). Default 1.
+    pub cores_per_build: u32,
+    /// `size=` of each build's `/dev/shm` tmpfs. Default "50%", like Nix.
+    pub dev_shm_size: String,
+}
+
+impl Default for BuildsConfig {
+    fn default() -> Self {
+        BuildsConfig {
+            uid_base: 2_000_000_000,
+            uid_count: 1024,
+            max_silent_time: 0,
+            build_timeout: 86_400,
+            max_log_size: 256 << 20,
+            cores_per_build: 1,
+            dev_shm_size: "50%".into(),
+        }
     }
 }
 
@@ -346,6 +385,19 @@ impl Config {
                 "store.max_request_bytes",
                 format!("must be at least {MIN_REQUEST_BYTES}"),
             ));
+        }
+        let b = &self.builds;
+        if b.uid_base == 0 || b.uid_count == 0 || b.uid_base.checked_add(b.uid_count).is_none_or(|end| end > u32::MAX - 1) {
+            return Err(invalid(
+                "builds.uid_base",
+                format!(
+                    "{} uids from {} must be at least one, non-zero and below 4294967295",
+                    b.uid_count, b.uid_base
+                ),
+            ));
+        }
+        if b.cores_per_build == 0 {
+            return Err(invalid("builds.cores_per_build", "must be at least 1".into()));
         }
         for (key, secs) in [
             ("timeouts.handshake", self.timeouts.handshake),

@@ -37,6 +37,7 @@ use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 
+use crate::build::{BuildError, BuildService};
 use crate::config::Config;
 use crate::session::{self, SessionOutput, SessionSettings};
 use crate::store::{Store, StoreError, StoreLimits};
@@ -93,6 +94,14 @@ pub enum DaemonError {
         path: PathBuf,
         /// The underlying error.
         source: io::Error,
+    },
+    /// The build service could not start.
+    #[error("cannot start the build service in {path}: {source}")]
+    Builds {
+        /// The state directory.
+        path: PathBuf,
+        /// The build service's error.
+        source: Box<BuildError>,
     },
     /// The configuration names something that does not exist.
     #[error(transparent)]
@@ -221,6 +230,17 @@ pub async fn run(
                 source: Box::new(source),
             })?
     };
+    let builds = {
+        let (dir, store, builds) = (state_dir.to_owned(), store.clone(), config.builds.clone());
+        tokio::task::spawn_blocking(move || {
+            BuildService::new(store, &dir, &builds, PathBuf::from("/proc/self/exe"))
+        })
+        .await?
+        .map_err(|source| DaemonError::Builds {
+            path: state_dir.to_owned(),
+            source: Box::new(source),
+        })?
+    };
     let socket_gid = match &config.relay.socket_group {
         Some(group) => Some(group.resolve()?),
         None => None,
@@ -240,7 +260,7 @@ pub async fn run(
                     refuse_busy(&stream, config.limits.max_sessions);
                 }
                 Ok((stream, _)) => {
-                    sessions.spawn(connection(stream, store.clone(), config.clone()));
+                    sessions.spawn(connection(stream, store.clone(), builds.clone(), config.clone()));
                 }
                 Err(source) => {
                     // Out of file descriptors or memory, or a connection that went away
@@ -353,7 +373,7 @@ fn refuse_busy(stream: &UnixStream, max: usize) {
 
 /// Serves one connection: checks the peer, reads the header and the client's descriptors,
 /// runs the session, sends the exit status.
-async fn connection(stream: UnixStream, store: Store, config: Arc<Config>) {
+async fn connection(stream: UnixStream, store: Store, builds: BuildService, config: Arc<Config>) {
     let status = match admit(&stream, &config).await {
         Err(msg) => {
             tracing::warn!("refused a connection: {msg}");
@@ -369,7 +389,7 @@ async fn connection(stream: UnixStream, store: Store, config: Arc<Config>) {
             if let Some(pipe) = pipe {
                 out = out.with_pipe(pipe);
             }
-            let status = match session::serve(&store, &settings, input, &mut out).await {
+            let status = match session::serve(&store, &builds, &settings, input, &mut out).await {
                 Ok(()) => {
                     tracing::info!(%account, status = 0, "session end");
                     0

@@ -10,6 +10,7 @@
 
 pub use nixbuild_core as core;
 
+pub mod build;
 pub mod config;
 pub mod daemon;
 pub mod nar_fs;

@@ -25,7 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use nixbuild_core::content_address::ContentAddress;
 use nixbuild_core::serve::{
-    self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, Event, ExportMarker,
+    self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event,
+    ExportMarker,
     ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
@@ -37,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::build::{BuildJob, BuildService, Outcome, WaitEvent};
 use crate::config::Config;
 use crate::nar_fs::NarSink;
 use crate::store::{Import, PathClaim, Store, StoreError};
@@ -104,6 +106,9 @@ pub enum SessionError {
     /// Reading from or writing to the client failed.
     #[error("connection to the client: {0}")]
     Io(#[from] io::Error),
+    /// The client went away while a build it asked for was running.
+    #[error("the client disconnected during the build of '{0}'")]
+    GoneDuringBuild(StorePath),
     /// A blocking store task panicked or was cancelled (a bug, not bad input).
     #[error("internal error in a store task: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -174,6 +179,7 @@ pub trait SessionOutput: Send {
 /// otherwise the error, which has already been written to `out`'s stderr as `error: <msg>`.
 pub async fn serve<R, O>(
     store: &Store,
+    builds: &BuildService,
     settings: &SessionSettings,
     input: R,
     out: &mut O,
@@ -188,6 +194,7 @@ where
     };
     let mut driver = Driver {
         store,
+        builds,
         settings,
         session: ServerSession::new(settings.write_allowed, settings.limits),
         out: &mut out,
@@ -196,6 +203,7 @@ where
         received: None,
         import_entries: 0,
         pool: BufferPool::default(),
+        pending_build: None,
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
@@ -266,8 +274,17 @@ struct Upload {
     task: JoinHandle<Result<Import, StoreError>>,
 }
 
+/// A build request whose answer waits for builds to finish.
+enum PendingBuild {
+    /// BuildDerivation: answered with a BuildResult.
+    Derivation(Box<BuildJob>),
+    /// BuildPaths: the derivations to build in order, answered with 0 or a failure code.
+    Paths(Vec<BuildJob>),
+}
+
 struct Driver<'a, O> {
     store: &'a Store,
+    builds: &'a BuildService,
     settings: &'a SessionSettings,
     session: ServerSession,
     out: &'a mut O,
@@ -281,6 +298,8 @@ struct Driver<'a, O> {
     import_entries: usize,
     /// Chunk buffers shared with the blocking tasks, reused for the whole session.
     pool: BufferPool,
+    /// The build request just decoded, run before the next event.
+    pending_build: Option<PendingBuild>,
 }
 
 impl<O: SessionOutput> Driver<'_, O> {
@@ -292,6 +311,9 @@ impl<O: SessionOutput> Driver<'_, O> {
             while let Some(event) = self.session.poll(&mut buf).map_err(|e| self.protocol(e))? {
                 handshake_done |= matches!(event, Event::Hello { .. });
                 self.handle(event).await?;
+                if let Some(pending) = self.pending_build.take() {
+                    self.run_build(pending, &mut input, &mut buf).await?;
+                }
             }
             // What is left is the start of one request or trailer the session waits to
             // complete (NAR data never stays in `buf`).
@@ -416,49 +438,146 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Ok(())
             }
             Request::ImportPaths => Ok(()),
-            Request::BuildDerivation { drv_path, .. } => {
-                // The protocol's only way to fail a BuildDerivation without breaking the
-                // session is a failed BuildResult, and the client shows its message as
-                // "build of '<drv>' on '<store>' failed: <msg>", which says exactly what
-                // happened. `error:` on stderr and EOF instead would reach the build hook's
-                // log and end in "unexpected end-of-file". MiscFailure rather than
-                // PermanentFailure: the derivation itself did not fail, so Hydra must not
-                // cache it as failed.
-                tracing::info!(%account, drv = %drv_path, "refused BuildDerivation: building is not supported");
+            Request::BuildDerivation {
+                drv_path,
+                drv,
+                options,
+            } => {
+                self.pending_build = Some(PendingBuild::Derivation(Box::new(BuildJob {
+                    account: account.clone(),
+                    drv_path,
+                    drv: *drv,
+                    options,
+                })));
+                Ok(())
+            }
+            Request::BuildPaths { paths, options } => {
+                self.check_count("BuildPaths", paths.len())?;
+                // Paths that are not derivations must be valid already (newer clients send
+                // BuildPaths for `nix copy --from`); derivations are built, one after the
+                // other, when their inputs are all here.
+                let plain: BTreeSet<StorePath> = paths
+                    .iter()
+                    .filter(|p| !p.path.is_derivation())
+                    .map(|p| p.path.clone())
+                    .collect();
+                let valid = self
+                    .blocking("querying valid paths", {
+                        let plain = plain.clone();
+                        move |s, a| s.query_valid_paths(a, &plain)
+                    })
+                    .await?;
+                if let Some(p) = plain.difference(&valid).next() {
+                    let msg = format!("path '{p}' is not valid on this server and is not a derivation");
+                    return self.build_paths_failed(100, msg);
+                }
+                let mut jobs = Vec::new();
+                for p in paths.iter().filter(|p| p.path.is_derivation()) {
+                    match self.builds.job_for_drv(account, &p.path, options).await {
+                        Ok(job) => jobs.push(job),
+                        Err(msg) => return self.build_paths_failed(100, msg),
+                    }
+                }
+                self.pending_build = Some(PendingBuild::Paths(jobs));
+                Ok(())
+            }
+        }
+    }
+
+    /// Answers BuildPaths with a failure: an exit code, not a status (100 is the real
+    /// server's "build failure", 101 its timeout; codes below 3 desynchronise old clients,
+    /// spec §4.6).
+    fn build_paths_failed(&mut self, code: u64, msg: String) -> Result<(), SessionError> {
+        tracing::info!(account = %self.settings.account, "BuildPaths failed: {msg}");
+        let response = BuildPathsResult::Failure {
+            code,
+            msg: msg.into_bytes(),
+        };
+        Ok(self.session.respond(&Response::BuildPaths(response))?)
+    }
+
+    /// Runs the builds of a BuildDerivation or BuildPaths request and answers it. Meanwhile
+    /// the builds' logs go to the client's stderr, and the client's input is watched: if it
+    /// ends, the client is gone, and so is this session's interest in the build.
+    async fn run_build<R: AsyncRead + Unpin>(
+        &mut self,
+        pending: PendingBuild,
+        input: &mut R,
+        buf: &mut BytesMut,
+    ) -> Result<(), SessionError> {
+        match pending {
+            PendingBuild::Derivation(job) => {
+                let drv_hash = job.drv.hash_modulo();
+                let outcome = self.wait_for(*job, input, buf).await?;
+                let built_outputs = if outcome.status.is_success() {
+                    outcome
+                        .outputs
+                        .iter()
+                        .map(|(name, path)| {
+                            let out = BuiltOutput {
+                                drv_hash: Some(drv_hash),
+                                out_path: path.clone(),
+                                signatures: BTreeSet::new(),
+                            };
+                            (name.clone(), out)
+                        })
+                        .collect()
+                } else {
+                    BTreeMap::new()
+                };
                 let result = BuildResult {
-                    status: BuildStatus::MiscFailure,
-                    error_msg: unsupported_build(&drv_path).into_bytes(),
-                    times_built: 0,
+                    status: outcome.status,
+                    error_msg: outcome.message.clone().into_bytes(),
+                    times_built: outcome.times_built,
                     is_non_deterministic: false,
-                    start_time: 0,
-                    stop_time: 0,
-                    built_outputs: BTreeMap::new(),
+                    start_time: outcome.start_time,
+                    stop_time: outcome.stop_time,
+                    built_outputs,
                 };
                 Ok(self.session.respond(&Response::Build(Box::new(result)))?)
             }
-            Request::BuildPaths { paths, .. } => {
-                self.check_count("BuildPaths", paths.len())?;
-                // Realising paths that are already valid needs no build (newer clients send
-                // BuildPaths for `nix copy --from`); anything else would.
-                let wanted: BTreeSet<StorePath> = paths.iter().map(|p| p.path.clone()).collect();
-                let needs_build = paths.iter().find(|p| p.path.is_derivation()).cloned();
-                let valid = self
-                    .blocking("querying valid paths", {
-                        let wanted = wanted.clone();
-                        move |s, a| s.query_valid_paths(a, &wanted)
-                    })
-                    .await?;
-                let missing = wanted.difference(&valid).next().cloned();
-                let response = match needs_build.map(|p| p.path).or(missing) {
-                    None => BuildPathsResult::Success,
-                    Some(p) => BuildPathsResult::Failure {
-                        // An exit code, not a status: 100 is the real server's "build
-                        // failure", and codes below 3 desynchronise old clients (spec §4.6).
-                        code: 100,
-                        msg: unsupported_build(&p).into_bytes(),
-                    },
-                };
-                Ok(self.session.respond(&Response::BuildPaths(response))?)
+            PendingBuild::Paths(jobs) => {
+                for job in jobs {
+                    let outcome = self.wait_for(job, input, buf).await?;
+                    if !outcome.status.is_success() {
+                        let code = if outcome.status == BuildStatus::TimedOut {
+                            101
+                        } else {
+                            100
+                        };
+                        return self.build_paths_failed(code, outcome.message.clone());
+                    }
+                }
+                Ok(self
+                    .session
+                    .respond(&Response::BuildPaths(BuildPathsResult::Success))?)
+            }
+        }
+    }
+
+    /// Submits `job` and waits for its outcome, forwarding its log.
+    async fn wait_for<R: AsyncRead + Unpin>(
+        &mut self,
+        job: BuildJob,
+        input: &mut R,
+        buf: &mut BytesMut,
+    ) -> Result<Arc<Outcome>, SessionError> {
+        let drv_path = job.drv_path.clone();
+        let mut waiter = self.builds.submit(job).await;
+        // Pipelined requests are kept (up to the request cap) for after the build.
+        let max = self.settings.max_request_bytes;
+        loop {
+            buf.reserve(4096);
+            tokio::select! {
+                event = waiter.next() => match event {
+                    WaitEvent::Log(chunk) => self.out.stderr(&chunk).await?,
+                    WaitEvent::Done(outcome) => return Ok(outcome),
+                },
+                read = input.read_buf(buf), if buf.len() < max => {
+                    if read? == 0 {
+                        return Err(SessionError::GoneDuringBuild(drv_path));
+                    }
+                }
             }
         }
     }
@@ -728,10 +847,6 @@ fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePa
 }
 
 /// The message for anything that would need a build.
-fn unsupported_build(path: &StorePath) -> String {
-    format!("cannot build '{path}': building is not supported by this nixbuild server yet")
-}
-
 /// The registration time to record: the client's, or now when it sent 0 (spec §4.4).
 fn registration_time(claimed: u64) -> u64 {
     if claimed != 0 {
@@ -977,6 +1092,13 @@ mod tests {
             disk_reserve: 0,
         };
         let store = Store::open(dir.path(), limits).unwrap();
+        let builds = BuildService::new(
+            store.clone(),
+            dir.path(),
+            &Config::default().builds,
+            "/proc/self/exe".into(),
+        )
+        .unwrap();
         let mut settings = SessionSettings::new(&Config::default(), "a", false);
         settings.write_timeout = Duration::from_millis(20);
         let mut hello = Vec::new();
@@ -985,7 +1107,7 @@ mod tests {
         }
         .encode(&mut hello);
         // The server hello cannot be written: the session ends instead of hanging.
-        let err = serve(&store, &settings, &hello[..], &mut Stuck)
+        let err = serve(&store, &builds, &settings, &hello[..], &mut Stuck)
             .await
             .unwrap_err();
         assert!(

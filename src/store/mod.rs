@@ -53,6 +53,17 @@ const MAX_DERIVATION_SIZE: u64 = 64 << 20;
 /// that reserve is not zero): more than an import creates between two checks.
 pub const INODE_RESERVE: u64 = 65_536;
 
+/// One input path of a build, as the store holds it for an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputObject {
+    /// The store path.
+    pub path: StorePath,
+    /// Its contents: `<state>/objects/<key>` (the root of the path itself).
+    pub object: PathBuf,
+    /// Its NAR hash.
+    pub nar_hash: Hash,
+}
+
 /// Limits the store enforces, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -318,6 +329,50 @@ impl Store {
             path: path.clone(),
             account: account.to_owned(),
         })
+    }
+
+    /// The `objects/` directory, whose entries builds see as their inputs.
+    pub fn objects_dir(&self) -> &Path {
+        &self.inner.objects
+    }
+
+    /// Where each of `paths` is stored for `account`, with its NAR hash: what a build's
+    /// sandbox mounts, and what identifies its inputs. Err([`StoreError::NotValid`]) for a
+    /// path the account cannot see.
+    pub fn input_objects(
+        &self,
+        account: &str,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<InputObject>, StoreError> {
+        let conn = self.inner.lock_db();
+        paths
+            .iter()
+            .map(|path| {
+                let row = self.object_of(&conn, account, path)?;
+                Ok(InputObject {
+                    path: path.clone(),
+                    object: self.inner.objects.join(&row.key),
+                    nar_hash: row.nar_hash,
+                })
+            })
+            .collect()
+    }
+
+    /// The contents of `path` (valid for `account`) when it is a regular file of at most
+    /// `max` bytes: how `.drv` files are read. `Ok(None)` when it is something else.
+    pub fn read_small_file(
+        &self,
+        account: &str,
+        path: &StorePath,
+        max: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = self.object_of(&self.inner.lock_db(), account, path)?;
+        let file = self.inner.objects.join(&row.key);
+        let meta = fs::symlink_metadata(&file).map_err(io_err("stat", &file))?;
+        if !meta.is_file() || meta.len() > max {
+            return Ok(None);
+        }
+        fs::read(&file).map(Some).map_err(io_err("read", &file))
     }
 
     /// Refuses with [`StoreError::DiskReserve`] when free space is below the reserve;
