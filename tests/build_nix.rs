@@ -1,0 +1,414 @@
+//! Builds end to end with the real Nix 2.8 client as a remote builder:
+//! `nix-build --max-jobs 0 --builders 'ssh://localhost?remote-program=<nixbuild-serve> …'`.
+//! Nix runs the relay itself (no ssh); the relay reaches a daemon on a temporary state
+//! directory. Every derivation is salted for the run, so no output is valid anywhere before,
+//! and the daemon's log shows that each build ran there. Where an output's bytes matter, a
+//! local `nix-build --check` in Nix's own sandbox must reproduce them exactly.
+
+#[path = "../nixbuild-core/tests/common/mod.rs"]
+mod common;
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::Nix;
+use harness::{store_uri, Daemon};
+
+/// A test's Nix, its salt, and a static busybox added to the local store as the builders'
+/// shell (`<bb>/bin/sh`, with every applet built in).
+struct Lab {
+    nix: Nix,
+    salt: String,
+    expr_file: PathBuf,
+}
+
+/// The builders line for the daemon.
+fn builders() -> String {
+    format!("{} x86_64-linux - 100 1 big-parallel,benchmark", store_uri())
+}
+
+impl Lab {
+    /// `body` is a Nix expression over `mk` (name → script → extra attributes → derivation),
+    /// `salt` and `bb`.
+    fn new(body: &str) -> Lab {
+        let nix = Nix::with_conf("");
+        let salt = Nix::salt();
+        let bb = nix.scratch().join("bb");
+        std::fs::create_dir_all(bb.join("bin")).expect("mkdir bb/bin");
+        std::fs::copy("/bin/busybox", bb.join("bin/busybox")).expect(
+            "copy /bin/busybox (Debian's busybox-static; the README's test command installs it)",
+        );
+        std::os::unix::fs::symlink("busybox", bb.join("bin/sh")).expect("symlink sh");
+        let expr_file = nix.scratch().join("default.nix");
+        std::fs::write(
+            &expr_file,
+            format!(
+                r#"let
+  salt = "{salt}";
+  bb = builtins.path {{ path = {bb}; name = "busybox-static"; }};
+  mk = name: script: extra: derivation ({{
+    name = "${{name}}-${{salt}}";
+    system = "x86_64-linux";
+    builder = "${{bb}}/bin/sh";
+    args = [ "-c" script ];
+    PATH = "${{bb}}/bin";
+  }} // extra);
+in
+{body}
+"#,
+                bb = bb.display()
+            ),
+        )
+        .expect("write default.nix");
+        Lab {
+            nix,
+            salt,
+            expr_file,
+        }
+    }
+
+    /// `nix-instantiate`: the `.drv` paths of the expression's derivations (by attribute).
+    fn instantiate(&self, attrs: &[&str]) -> Vec<String> {
+        let mut cmd = self.nix.command("nix-instantiate");
+        cmd.arg(&self.expr_file);
+        for a in attrs {
+            cmd.args(["-A", a]);
+        }
+        let out = run_ok(&mut cmd);
+        lines(&out.stdout)
+    }
+
+    /// `nix-build` of `drvs` on the daemon only (`--max-jobs 0`), as `account`.
+    fn remote_build(&self, d: &Daemon, account: &str, drvs: &[String], extra: &[&str]) -> Output {
+        let mut cmd = d.point(self.nix.command("nix-build"), account);
+        cmd.args(["--max-jobs", "0", "--no-out-link", "--builders", &builders()])
+            .args(extra)
+            .args(drvs);
+        cmd.output().expect("run nix-build")
+    }
+
+    /// Like [`Lab::remote_build`], and it must succeed: the output paths.
+    fn remote_build_ok(&self, d: &Daemon, account: &str, drvs: &[String]) -> Vec<String> {
+        let out = self.remote_build(d, account, drvs, &[]);
+        assert!(
+            out.status.success(),
+            "nix-build failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.log()
+        );
+        lines(&out.stdout)
+    }
+
+    /// Rebuilds `drv` locally in Nix's own sandbox with `--check`: Nix fails unless every
+    /// output's NAR equals the one it has (the one nixbuild built).
+    fn check_locally(&self, drv: &str) {
+        let mut cmd = self.nix.command("nix-build");
+        cmd.args([
+            "--check",
+            "--no-out-link",
+            "--max-jobs",
+            "1",
+            "--builders",
+            "",
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "build-users-group",
+            "nixbld",
+            drv,
+        ]);
+        run_ok(&mut cmd);
+    }
+
+    /// The NAR hash the client recorded for `path`.
+    fn local_nar_hash(&self, path: &str) -> String {
+        let out = run_ok(self.nix.command("nix").args(["path-info", "--json", path]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        v[0]["narHash"].as_str().expect("narHash").to_owned()
+    }
+
+    /// The NAR hash the server recorded for `path` for `account`.
+    fn server_nar_hash(&self, d: &Daemon, account: &str, path: &str) -> String {
+        let mut cmd = d.point(self.nix.command("nix"), account);
+        cmd.args(["path-info", "--json", "--store", &store_uri(), path]);
+        let out = run_ok(&mut cmd);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        v[0]["narHash"].as_str().expect("narHash").to_owned()
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run a Nix command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How many times the daemon's log shows a build of `drv` starting in the sandbox.
+fn builds_of(log: &str, drv: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(" building") && l.contains(&format!("drv={drv} ")))
+        .count()
+}
+
+/// Asserts that each of `drvs` was built exactly once on the daemon.
+fn assert_built_once(d: &Daemon, drvs: &[String]) {
+    let log = d.log();
+    for drv in drvs {
+        assert_eq!(builds_of(&log, drv), 1, "{drv} in the daemon log:\n{log}");
+    }
+}
+
+#[test]
+fn trivial_build_matches_nix_sandbox_and_registers_on_the_server() {
+    let lab = Lab::new(r#"{ t = mk "trivial" "echo hello $SALT > $out" { SALT = salt; }; }"#);
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["t"]);
+    let outs = lab.remote_build_ok(&d, "alice", &drvs);
+    assert_built_once(&d, &drvs);
+    assert_eq!(
+        std::fs::read_to_string(&outs[0]).expect("read the output"),
+        format!("hello {}\n", lab.salt)
+    );
+    assert_eq!(
+        lab.local_nar_hash(&outs[0]),
+        lab.server_nar_hash(&d, "alice", &outs[0])
+    );
+    lab.check_locally(&drvs[0]);
+    // Another account does not see alice's output.
+    let mut cmd = d.point(lab.nix.command("nix"), "bob");
+    cmd.args(["path-info", "--store", &store_uri(), &outs[0]]);
+    assert!(!cmd.output().expect("nix path-info").status.success());
+}
+
+#[test]
+fn fifty_independent_builds_in_one_invocation() {
+    let lab = Lab::new(
+        r#"builtins.listToAttrs (map (i: { name = "d${toString i}"; value = mk "indep-${toString i}" "echo ${toString i} > $out" {}; }) (builtins.genList (i: i) 50))"#,
+    );
+    let d = Daemon::start(&[]);
+    let attrs: Vec<String> = (0..50).map(|i| format!("d{i}")).collect();
+    let attrs: Vec<&str> = attrs.iter().map(String::as_str).collect();
+    let drvs = lab.instantiate(&attrs);
+    assert_eq!(drvs.len(), 50);
+    let outs = lab.remote_build_ok(&d, "a", &drvs);
+    assert_eq!(outs.len(), 50);
+    assert_built_once(&d, &drvs);
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(std::fs::read_to_string(out).expect("read"), format!("{i}\n"));
+    }
+}
+
+#[test]
+fn chain_of_twenty_dependent_builds() {
+    let lab = Lab::new(
+        r#"let step = n: if n == 0 then mk "chain-0" "echo 0 > $out" {} else let prev = step (n - 1); in mk "chain-${toString n}" "cat ${prev} > $out; echo ${toString n} >> $out" {}; in { top = step 19; }"#,
+    );
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["top"]);
+    let outs = lab.remote_build_ok(&d, "a", &drvs);
+    let expected: String = (0..20).map(|i| format!("{i}\n")).collect();
+    assert_eq!(std::fs::read_to_string(&outs[0]).expect("read"), expected);
+    // Every link of the chain ran on the server.
+    let log = d.log();
+    let built = log
+        .lines()
+        .filter(|l| l.contains(" building") && l.contains(&format!("-{}.drv ", lab.salt)))
+        .count();
+    assert_eq!(built, 20, "{log}");
+    lab.check_locally(&drvs[0]);
+}
+
+#[test]
+fn outputs_referencing_each_other_symlinks_and_executables() {
+    let lab = Lab::new(
+        r#"{
+  multi = mk "multi" ''
+    mkdir -p $lib/lib $dev $out/bin
+    echo "lib of $SALT" > $lib/lib/data
+    echo "$lib/lib/data" > $out/bin/where
+    printf '#!/bin/sh\necho run\n' > $out/bin/run
+    chmod +x $out/bin/run
+    ln -s run $out/bin/link
+    ln -s /nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-dangling $out/dangling
+    echo "$out" > $dev/out-path
+  '' { outputs = [ "out" "dev" "lib" ]; SALT = salt; };
+}"#,
+    );
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["multi"]);
+    let drv_outputs = lines(&run_ok(
+        lab.nix
+            .command("nix-store")
+            .args(["--query", "--outputs", &drvs[0]]),
+    )
+    .stdout);
+    lab.remote_build_ok(&d, "a", &drvs);
+    assert_built_once(&d, &drvs);
+    let out = drv_outputs
+        .iter()
+        .find(|p| !p.ends_with("-dev") && !p.ends_with("-lib"))
+        .expect("out");
+    let dev = drv_outputs.iter().find(|p| p.ends_with("-dev")).expect("dev");
+    let lib = drv_outputs.iter().find(|p| p.ends_with("-lib")).expect("lib");
+    let refs = |p: &str| {
+        lines(&run_ok(lab.nix.command("nix-store").args(["--query", "--references", p])).stdout)
+    };
+    assert_eq!(refs(out), vec![lib.clone()]);
+    assert_eq!(refs(dev), vec![out.clone()]);
+    assert!(refs(lib).is_empty());
+    let out = Path::new(out);
+    assert_eq!(
+        std::fs::read_link(out.join("bin/link")).expect("link"),
+        Path::new("run")
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("bin/run")).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o555);
+    }
+    for p in &drv_outputs {
+        assert_eq!(lab.local_nar_hash(p), lab.server_nar_hash(&d, "a", p), "{p}");
+    }
+    lab.check_locally(&drvs[0]);
+}
+
+#[test]
+fn fixed_output_derivations_flat_and_recursive() {
+    // The expected hashes are computed here from the salted contents.
+    let nix = Nix::new();
+    let salt = Nix::salt();
+    let flat = format!("flat {salt}\n");
+    let flat_sha256 = sha256_hex(flat.as_bytes());
+    let tree = nix.scratch().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+    std::fs::write(tree.join("sub/file"), format!("rec {salt}\n")).expect("write");
+    let rec_sha256 = nix.run_line("nix-hash", [std::ffi::OsStr::new("--type"), "sha256".as_ref(), "--base32".as_ref(), tree.as_os_str()]);
+    let rec_sha1 = nix.run_line("nix-hash", [std::ffi::OsStr::new("--type"), "sha1".as_ref(), "--base32".as_ref(), tree.as_os_str()]);
+    let flat_sha512 = nix.run_line(
+        "nix-hash",
+        [std::ffi::OsStr::new("--type"), "sha512".as_ref(), "--flat".as_ref(), "--base32".as_ref(), write_tmp(&nix, "flat512", &flat).as_os_str()],
+    );
+    let body = format!(
+        r#"{{
+  flat = mk "fod-flat" "printf 'flat {salt}\n' > $out" {{ outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "{flat_sha256}"; }};
+  flat512 = mk "fod-flat512" "printf 'flat {salt}\n' > $out" {{ outputHashMode = "flat"; outputHashAlgo = "sha512"; outputHash = "{flat_sha512}"; }};
+  rec = mk "fod-rec" "mkdir -p $out/sub; printf 'rec {salt}\n' > $out/sub/file" {{ outputHashMode = "recursive"; outputHashAlgo = "sha256"; outputHash = "{rec_sha256}"; }};
+  rec1 = mk "fod-rec1" "mkdir -p $out/sub; printf 'rec {salt}\n' > $out/sub/file" {{ outputHashMode = "recursive"; outputHashAlgo = "sha1"; outputHash = "{rec_sha1}"; }};
+  wrong = mk "fod-wrong" "printf 'not it {salt}\n' > $out" {{ outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "{flat_sha256}"; }};
+}}"#
+    );
+    let lab = Lab::new(&body);
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["flat", "flat512", "rec", "rec1"]);
+    let outs = lab.remote_build_ok(&d, "a", &drvs);
+    assert_built_once(&d, &drvs);
+    assert_eq!(std::fs::read_to_string(&outs[0]).expect("read"), flat);
+    for out in &outs {
+        assert_eq!(lab.local_nar_hash(out), lab.server_nar_hash(&d, "a", out), "{out}");
+    }
+    // The server records the content address of each fixed output.
+    let mut cmd = d.point(lab.nix.command("nix"), "a");
+    cmd.args(["path-info", "--json", "--store", &store_uri()]).args(&outs);
+    let v: serde_json::Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).expect("JSON");
+    let cas: Vec<&str> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["ca"].as_str().unwrap_or(""))
+        .collect();
+    assert!(cas.iter().all(|ca| ca.starts_with("fixed:")), "{cas:?}");
+    for drv in &drvs {
+        lab.check_locally(drv);
+    }
+    // A wrong hash is the client's OutputRejected, with both hashes.
+    let wrong = lab.instantiate(&["wrong"]);
+    let out = lab.remote_build(&d, "a", &wrong, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("hash mismatch in fixed-output derivation"), "{stderr}");
+    assert_built_once(&d, &wrong);
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn write_tmp(nix: &Nix, name: &str, contents: &str) -> PathBuf {
+    let p = nix.scratch().join(name);
+    std::fs::write(&p, contents).expect("write");
+    p
+}
+
+#[test]
+fn pass_as_file() {
+    let lab = Lab::new(
+        r#"{ p = mk "pass-as-file" "cp $contentsPath $out; echo $contentsPath >> $out" { passAsFile = [ "contents" ]; contents = "passed ${salt}"; }; }"#,
+    );
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["p"]);
+    let outs = lab.remote_build_ok(&d, "a", &drvs);
+    assert_built_once(&d, &drvs);
+    let text = std::fs::read_to_string(&outs[0]).expect("read");
+    assert!(text.starts_with(&format!("passed {}/build/.attr-", lab.salt)), "{text}");
+    lab.check_locally(&drvs[0]);
+}
+
+#[test]
+fn failing_builder_shows_its_log() {
+    let lab = Lab::new(
+        r#"{ f = mk "failing" "echo the builder of $SALT says goodbye; exit 3" { SALT = salt; }; }"#,
+    );
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["f"]);
+    let out = lab.remote_build(&d, "a", &drvs, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("the builder of {} says goodbye", lab.salt)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("failed with exit code 3"), "{stderr}");
+    assert_built_once(&d, &drvs);
+}
+
+#[test]
+fn server_side_time_limits_are_reported_to_the_client() {
+    // The server's own limits (the client sets none, so nothing races them on its side).
+    let lab = Lab::new(
+        r#"{ ticking = mk "ticking" "while true; do echo tick; sleep 1; done" { SALT = salt; }; quiet = mk "quiet" "echo started; sleep 600" { SALT = salt; }; }"#,
+    );
+    let d = Daemon::start_with_config("[builds]\nbuild_timeout = 5\nmax_silent_time = 3\n", &[]);
+    let ticking = lab.instantiate(&["ticking"]);
+    let out = lab.remote_build(&d, "a", &ticking, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("tick"), "{stderr}");
+    assert!(stderr.contains("timed out after 5 seconds"), "{stderr}");
+    let quiet = lab.instantiate(&["quiet"]);
+    let out = lab.remote_build(&d, "a", &quiet, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("timed out after 3 seconds of silence"), "{stderr}");
+    assert_built_once(&d, &ticking);
+    assert_built_once(&d, &quiet);
+    let log = d.log();
+    assert_eq!(log.matches("status=TimedOut").count(), 2, "{log}");
+}
