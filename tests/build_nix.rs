@@ -412,3 +412,104 @@ fn server_side_time_limits_are_reported_to_the_client() {
     let log = d.log();
     assert_eq!(log.matches("status=TimedOut").count(), 2, "{log}");
 }
+
+/// What a builder can see of its sandbox (spec/sandbox.md's environment-recording derivation).
+const RECORD_SCRIPT: &str = r#"
+{
+echo "== id"; id
+echo "== hostname"; hostname
+echo "== ls /"; ls /
+echo "== ls /dev"; ls /dev
+echo "== ls /dev/pts /dev/shm"; ls /dev/pts /dev/shm
+echo "== passwd"; cat /etc/passwd
+echo "== group"; cat /etc/group
+echo "== hosts"; cat /etc/hosts
+echo "== uid_map"; cat /proc/self/uid_map
+echo "== gid_map"; cat /proc/self/gid_map
+echo "== net"; cut -d: -f1 /proc/net/dev
+echo "== pid"; echo $$
+echo "== umask"; umask
+echo "== cwd"; pwd
+echo "== chmod u+s"; touch f; chmod u+s f; echo "rc=$?"
+echo "== stdin"; cat; echo "rc=$?"
+echo "== env"; env | sort
+} > $out 2>&1
+"#;
+
+/// Replaces what the sandbox parity test allows to differ (each with its reason) by a fixed
+/// marker.
+fn normalise_record(record: &str) -> String {
+    let mut out = Vec::new();
+    let mut section = "";
+    for line in record.lines() {
+        if let Some(name) = line.strip_prefix("== ") {
+            section = name;
+            out.push(line.to_owned());
+            continue;
+        }
+        match section {
+            // The host side of the id maps: each build has its own host uid and gid
+            // (DESIGN.md, Builds), Nix uses its build users.
+            "uid_map" | "gid_map" => {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                out.push(format!("{} <host> {}", fields[0], fields[2]));
+            }
+            // /dev/kvm: Nix 2.8 adds it whenever the host has it; nixbuild only for builds
+            // that require the kvm feature.
+            "ls /dev" if line == "kvm" => {}
+            "env" if line.starts_with("NIX_BUILD_CORES=") => {
+                // The cores the scheduler granted, where Nix gives its `cores` setting.
+                out.push("NIX_BUILD_CORES=<cores>".to_owned());
+            }
+            _ => out.push(line.to_owned()),
+        }
+    }
+    out.join("\n")
+}
+
+#[test]
+fn sandbox_parity_with_nix() {
+    let lab = Lab::new(&format!(
+        "{{ rec = mk \"env-record\" ''{RECORD_SCRIPT}'' {{ SALT = salt; }}; }}"
+    ));
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["rec"]);
+    let outs = lab.remote_build_ok(&d, "a", &drvs);
+    assert_built_once(&d, &drvs);
+    let ours = std::fs::read_to_string(&outs[0]).expect("read the record");
+    // Nix's own sandbox: `--check -K` keeps a differing result next to ours as `<out>.check`.
+    let check = format!("{}.check", outs[0]);
+    let _ = std::fs::remove_file(&check);
+    let out = lab
+        .nix
+        .command("nix-build")
+        .args([
+            "--check",
+            "-K",
+            "--no-out-link",
+            "--max-jobs",
+            "1",
+            "--builders",
+            "",
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "build-users-group",
+            "nixbld",
+            &drvs[0],
+        ])
+        .output()
+        .expect("nix-build --check");
+    let theirs = if out.status.success() {
+        ours.clone()
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("may not be deterministic"), "{stderr}");
+        std::fs::read_to_string(&check).expect("read Nix's record")
+    };
+    let _ = Command::new("rm").args(["-rf", &check]).status();
+    assert_eq!(normalise_record(&ours), normalise_record(&theirs), "\nours:\n{ours}\nNix's:\n{theirs}");
+    assert!(ours.contains("uid=1000(nixbld) gid=100(nixbld)"), "{ours}");
+    assert!(ours.contains("== chmod u+s\nchmod: f: Operation not permitted\nrc=1"), "{ours}");
+}
