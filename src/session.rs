@@ -26,8 +26,7 @@ use bytes::{Bytes, BytesMut};
 use nixbuild_core::content_address::ContentAddress;
 use nixbuild_core::serve::{
     self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event,
-    ExportMarker,
-    ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
+    ExportMarker, ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::{self, WireError};
@@ -468,7 +467,8 @@ impl<O: SessionOutput> Driver<'_, O> {
                     })
                     .await?;
                 if let Some(p) = plain.difference(&valid).next() {
-                    let msg = format!("path '{p}' is not valid on this server and is not a derivation");
+                    let msg =
+                        format!("path '{p}' is not valid on this server and is not a derivation");
                     return self.build_paths_failed(100, msg);
                 }
                 let mut jobs = Vec::new();

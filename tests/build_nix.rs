@@ -25,7 +25,10 @@ struct Lab {
 
 /// The builders line for the daemon.
 fn builders() -> String {
-    format!("{} x86_64-linux - 100 1 big-parallel,benchmark", store_uri())
+    format!(
+        "{} x86_64-linux - 100 1 big-parallel,benchmark",
+        store_uri()
+    )
 }
 
 impl Lab {
@@ -82,9 +85,15 @@ in
     /// `nix-build` of `drvs` on the daemon only (`--max-jobs 0`), as `account`.
     fn remote_build(&self, d: &Daemon, account: &str, drvs: &[String], extra: &[&str]) -> Output {
         let mut cmd = d.point(self.nix.command("nix-build"), account);
-        cmd.args(["--max-jobs", "0", "--no-out-link", "--builders", &builders()])
-            .args(extra)
-            .args(drvs);
+        cmd.args([
+            "--max-jobs",
+            "0",
+            "--no-out-link",
+            "--builders",
+            &builders(),
+        ])
+        .args(extra)
+        .args(drvs);
         cmd.output().expect("run nix-build")
     }
 
@@ -208,7 +217,10 @@ fn fifty_independent_builds_in_one_invocation() {
     assert_eq!(outs.len(), 50);
     assert_built_once(&d, &drvs);
     for (i, out) in outs.iter().enumerate() {
-        assert_eq!(std::fs::read_to_string(out).expect("read"), format!("{i}\n"));
+        assert_eq!(
+            std::fs::read_to_string(out).expect("read"),
+            format!("{i}\n")
+        );
     }
 }
 
@@ -250,22 +262,37 @@ fn outputs_referencing_each_other_symlinks_and_executables() {
     );
     let d = Daemon::start(&[]);
     let drvs = lab.instantiate(&["multi"]);
-    let drv_outputs = lines(&run_ok(
-        lab.nix
-            .command("nix-store")
-            .args(["--query", "--outputs", &drvs[0]]),
-    )
-    .stdout);
+    let drv_outputs = lines(
+        &run_ok(
+            lab.nix
+                .command("nix-store")
+                .args(["--query", "--outputs", &drvs[0]]),
+        )
+        .stdout,
+    );
     lab.remote_build_ok(&d, "a", &drvs);
     assert_built_once(&d, &drvs);
     let out = drv_outputs
         .iter()
         .find(|p| !p.ends_with("-dev") && !p.ends_with("-lib"))
         .expect("out");
-    let dev = drv_outputs.iter().find(|p| p.ends_with("-dev")).expect("dev");
-    let lib = drv_outputs.iter().find(|p| p.ends_with("-lib")).expect("lib");
+    let dev = drv_outputs
+        .iter()
+        .find(|p| p.ends_with("-dev"))
+        .expect("dev");
+    let lib = drv_outputs
+        .iter()
+        .find(|p| p.ends_with("-lib"))
+        .expect("lib");
     let refs = |p: &str| {
-        lines(&run_ok(lab.nix.command("nix-store").args(["--query", "--references", p])).stdout)
+        lines(
+            &run_ok(
+                lab.nix
+                    .command("nix-store")
+                    .args(["--query", "--references", p]),
+            )
+            .stdout,
+        )
     };
     assert_eq!(refs(out), vec![lib.clone()]);
     assert_eq!(refs(dev), vec![out.clone()]);
@@ -277,11 +304,18 @@ fn outputs_referencing_each_other_symlinks_and_executables() {
     );
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(out.join("bin/run")).expect("stat").permissions().mode();
+        let mode = std::fs::metadata(out.join("bin/run"))
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o555);
     }
     for p in &drv_outputs {
-        assert_eq!(lab.local_nar_hash(p), lab.server_nar_hash(&d, "a", p), "{p}");
+        assert_eq!(
+            lab.local_nar_hash(p),
+            lab.server_nar_hash(&d, "a", p),
+            "{p}"
+        );
     }
     lab.check_locally(&drvs[0]);
 }
@@ -296,11 +330,33 @@ fn fixed_output_derivations_flat_and_recursive() {
     let tree = nix.scratch().join("tree");
     std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
     std::fs::write(tree.join("sub/file"), format!("rec {salt}\n")).expect("write");
-    let rec_sha256 = nix.run_line("nix-hash", [std::ffi::OsStr::new("--type"), "sha256".as_ref(), "--base32".as_ref(), tree.as_os_str()]);
-    let rec_sha1 = nix.run_line("nix-hash", [std::ffi::OsStr::new("--type"), "sha1".as_ref(), "--base32".as_ref(), tree.as_os_str()]);
+    let rec_sha256 = nix.run_line(
+        "nix-hash",
+        [
+            std::ffi::OsStr::new("--type"),
+            "sha256".as_ref(),
+            "--base32".as_ref(),
+            tree.as_os_str(),
+        ],
+    );
+    let rec_sha1 = nix.run_line(
+        "nix-hash",
+        [
+            std::ffi::OsStr::new("--type"),
+            "sha1".as_ref(),
+            "--base32".as_ref(),
+            tree.as_os_str(),
+        ],
+    );
     let flat_sha512 = nix.run_line(
         "nix-hash",
-        [std::ffi::OsStr::new("--type"), "sha512".as_ref(), "--flat".as_ref(), "--base32".as_ref(), write_tmp(&nix, "flat512", &flat).as_os_str()],
+        [
+            std::ffi::OsStr::new("--type"),
+            "sha512".as_ref(),
+            "--flat".as_ref(),
+            "--base32".as_ref(),
+            write_tmp(&nix, "flat512", &flat).as_os_str(),
+        ],
     );
     let body = format!(
         r#"{{
@@ -318,11 +374,16 @@ fn fixed_output_derivations_flat_and_recursive() {
     assert_built_once(&d, &drvs);
     assert_eq!(std::fs::read_to_string(&outs[0]).expect("read"), flat);
     for out in &outs {
-        assert_eq!(lab.local_nar_hash(out), lab.server_nar_hash(&d, "a", out), "{out}");
+        assert_eq!(
+            lab.local_nar_hash(out),
+            lab.server_nar_hash(&d, "a", out),
+            "{out}"
+        );
     }
     // The server records the content address of each fixed output.
     let mut cmd = d.point(lab.nix.command("nix"), "a");
-    cmd.args(["path-info", "--json", "--store", &store_uri()]).args(&outs);
+    cmd.args(["path-info", "--json", "--store", &store_uri()])
+        .args(&outs);
     let v: serde_json::Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).expect("JSON");
     let cas: Vec<&str> = v
         .as_array()
@@ -339,7 +400,10 @@ fn fixed_output_derivations_flat_and_recursive() {
     let out = lab.remote_build(&d, "a", &wrong, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("hash mismatch in fixed-output derivation"), "{stderr}");
+    assert!(
+        stderr.contains("hash mismatch in fixed-output derivation"),
+        "{stderr}"
+    );
     assert_built_once(&d, &wrong);
 }
 
@@ -367,7 +431,10 @@ fn pass_as_file() {
     let outs = lab.remote_build_ok(&d, "a", &drvs);
     assert_built_once(&d, &drvs);
     let text = std::fs::read_to_string(&outs[0]).expect("read");
-    assert!(text.starts_with(&format!("passed {}/build/.attr-", lab.salt)), "{text}");
+    assert!(
+        text.starts_with(&format!("passed {}/build/.attr-", lab.salt)),
+        "{text}"
+    );
     lab.check_locally(&drvs[0]);
 }
 
@@ -406,7 +473,10 @@ fn server_side_time_limits_are_reported_to_the_client() {
     let out = lab.remote_build(&d, "a", &quiet, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("timed out after 3 seconds of silence"), "{stderr}");
+    assert!(
+        stderr.contains("timed out after 3 seconds of silence"),
+        "{stderr}"
+    );
     assert_built_once(&d, &ticking);
     assert_built_once(&d, &quiet);
     let log = d.log();
@@ -509,7 +579,14 @@ fn sandbox_parity_with_nix() {
         std::fs::read_to_string(&check).expect("read Nix's record")
     };
     let _ = Command::new("rm").args(["-rf", &check]).status();
-    assert_eq!(normalise_record(&ours), normalise_record(&theirs), "\nours:\n{ours}\nNix's:\n{theirs}");
+    assert_eq!(
+        normalise_record(&ours),
+        normalise_record(&theirs),
+        "\nours:\n{ours}\nNix's:\n{theirs}"
+    );
     assert!(ours.contains("uid=1000(nixbld) gid=100(nixbld)"), "{ours}");
-    assert!(ours.contains("== chmod u+s\nchmod: f: Operation not permitted\nrc=1"), "{ours}");
+    assert!(
+        ours.contains("== chmod u+s\nchmod: f: Operation not permitted\nrc=1"),
+        "{ours}"
+    );
 }

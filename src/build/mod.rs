@@ -34,7 +34,9 @@ use nixbuild_core::derivation::{BasicDerivation, Derivation, DerivationOutput};
 use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
 use nixbuild_core::serve::{BuildOptions, BuildStatus};
 use nixbuild_core::store_path::StorePath;
-use nixbuild_sandbox::{BuildRequest, HelperReport, HostSetup, InputKind, InputPath, ResolverFiles};
+use nixbuild_sandbox::{
+    BuildRequest, HelperReport, HostSetup, InputKind, InputPath, ResolverFiles,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -222,7 +224,10 @@ impl Drop for Waiter {
             if *waiters == 0 && build.done.borrow().is_none() {
                 tracing::info!(drv = %build.drv_path, "no client waits for the build any more: killing it");
                 let _ = build.cancel.send(true);
-                if inflight.get(&build.key).is_some_and(|b| Arc::ptr_eq(b, build)) {
+                if inflight
+                    .get(&build.key)
+                    .is_some_and(|b| Arc::ptr_eq(b, build))
+                {
                     inflight.remove(&build.key);
                 }
             }
@@ -390,7 +395,8 @@ impl BuildService {
         use std::os::unix::fs::PermissionsExt;
         let dir = builds_dir(state_dir);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io_err("remove leftovers of earlier builds in", &dir))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(io_err("remove leftovers of earlier builds in", &dir))?;
         }
         std::fs::create_dir(&dir).map_err(io_err("create", &dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -468,7 +474,10 @@ impl BuildService {
             );
             {
                 let mut inflight = inner.lock_inflight();
-                if inflight.get(&build.key).is_some_and(|b| Arc::ptr_eq(b, &build)) {
+                if inflight
+                    .get(&build.key)
+                    .is_some_and(|b| Arc::ptr_eq(b, &build))
+                {
                     inflight.remove(&build.key);
                 }
             }
@@ -670,7 +679,9 @@ fn modulo_of(
         return Ok(*h);
     }
     if depth > MAX_DEPTH {
-        return Err(format!("derivation graph deeper than {MAX_DEPTH} at '{path}'"));
+        return Err(format!(
+            "derivation graph deeper than {MAX_DEPTH} at '{path}'"
+        ));
     }
     let drv = read_drv(store, account, path)?;
     for input in drv.input_drvs.keys() {
@@ -734,7 +745,8 @@ impl Tail {
 
     fn add(&mut self, bytes: &[u8]) {
         let room = Self::MAX_LINE.saturating_sub(self.partial.len());
-        self.partial.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.partial
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
     /// `;\nlast N log lines:\n> ...` as Nix appends it, or nothing for an empty log.
@@ -779,8 +791,12 @@ async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepa
     };
     match cleanup {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}"),
-        Err(e) => tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}"),
+        Ok(Err(e)) => {
+            tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}")
+        }
+        Err(e) => {
+            tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}")
+        }
     }
     drop(uid);
     outcome
@@ -850,7 +866,8 @@ async fn run_in(
             ))
         }
     };
-    let mut cmd = tokio::process::Command::from(nixbuild_sandbox::helper_command(&inner.helper_exe));
+    let mut cmd =
+        tokio::process::Command::from(nixbuild_sandbox::helper_command(&inner.helper_exe));
     cmd.kill_on_drop(true);
     let mut child = cmd.spawn().map_err(BuildError::Helper)?;
     let start_time = unix_now();
@@ -976,7 +993,9 @@ async fn run_in(
         ),
         Stop::LogLimit(max) => failed(
             BuildStatus::LogLimitExceeded,
-            format!("building of '{drv_path}' killed after writing more than {max} bytes of log output"),
+            format!(
+                "building of '{drv_path}' killed after writing more than {max} bytes of log output"
+            ),
         ),
         Stop::Cancelled => failed(
             BuildStatus::MiscFailure,

@@ -191,6 +191,41 @@ impl Daemon {
         }
     }
 
+    /// Runs the relay as `account` (with `--write`), sends `input`, and keeps its stdin open
+    /// until stdout holds the server hello and complete responses to `ops`: a client that
+    /// waits for its answers, as Nix does (the end of its input means it is gone).
+    pub fn relay_waiting(&self, account: &str, input: &[u8], ops: &[Opcode]) -> Reply {
+        use std::io::Read;
+        let mut child = Command::new(example_bin("nixbuild-serve"))
+            .args(["--serve", "--write"])
+            .env("NIXBUILD_STATE_DIR", self.state_dir())
+            .env("NIXBUILD_ACCOUNT", account)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nixbuild-serve");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("write the requests");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut received = Vec::new();
+        let mut buf = [0u8; 65536];
+        while !complete(&received, ops) {
+            match stdout.read(&mut buf).expect("read the relay's stdout") {
+                0 => break,
+                n => received.extend_from_slice(&buf[..n]),
+            }
+        }
+        drop(stdin);
+        stdout.read_to_end(&mut received).expect("read the rest");
+        let out = child.wait_with_output().expect("wait for nixbuild-serve");
+        Reply {
+            status: out.status.code().unwrap_or(-1),
+            stdout: received,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Stops the daemon with SIGTERM and checks that it exited cleanly, left no import in
     /// progress behind, and that re-hashing every object matches the recorded hashes.
     /// Returns the store (opened read-only in spirit: the tests only query it) and the log.
@@ -377,6 +412,20 @@ impl Reply {
             self.stderr
         );
     }
+}
+
+/// Whether `stdout` holds the server hello and complete responses to `ops`.
+fn complete(stdout: &[u8], ops: &[Opcode]) -> bool {
+    let Ok(Some((_, mut pos))) = ServerHello::decode(stdout) else {
+        return false;
+    };
+    for &op in ops {
+        match Response::decode(op, &stdout[pos..], VERSION, &Limits::default()) {
+            Ok(Some((_, n))) => pos += n,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// The sha256 of `data`.

@@ -1,0 +1,414 @@
+//! BuildDerivation and BuildPaths from scripted clients (the serve codec of `nixbuild_core`)
+//! through the relay: the client's build options, shared in-flight builds, a client that
+//! goes away mid-build, and BuildPaths of uploaded `.drv` files. The builder is a static
+//! busybox uploaded with the real Nix (`nix copy --to`).
+
+#[path = "../nixbuild-core/tests/common/mod.rs"]
+mod common;
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::Nix;
+use harness::{store_uri, test_path, Daemon, Reply, Script};
+use nixbuild_core::derivation::{BasicDerivation, DerivationOutput};
+use nixbuild_core::serve::{
+    BuildOptions, BuildPathsResult, BuildResult, BuildStatus, PathWithOutputs, Request, Response,
+};
+use nixbuild_core::store_path::StorePath;
+
+/// A daemon whose account `a` has a static busybox (`<bb>/bin/sh`) uploaded.
+struct Setup {
+    nix: Nix,
+    daemon: Daemon,
+    bb: StorePath,
+    salt: String,
+}
+
+impl Setup {
+    fn new(config: &str) -> Setup {
+        let nix = Nix::with_conf("");
+        let salt = Nix::salt();
+        let dir = nix.scratch().join("bb");
+        std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("copy /bin/busybox");
+        std::os::unix::fs::symlink("busybox", dir.join("bin/sh")).expect("symlink");
+        let bb = nix.run_line(
+            "nix-store",
+            [std::ffi::OsStr::new("--add"), dir.as_os_str()],
+        );
+        let daemon = Daemon::start_with_config(config, &[]);
+        let out = daemon
+            .point(nix.command("nix"), "a")
+            .args(["copy", "--to", &store_uri(), &bb])
+            .output()
+            .expect("nix copy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Setup {
+            nix,
+            daemon,
+            bb: StorePath::from_absolute_path(bb.as_bytes()).expect("store path"),
+            salt,
+        }
+    }
+
+    /// A derivation running `script` with busybox's sh, with one salted output.
+    fn derivation(&self, name: &str, script: &str) -> (StorePath, BasicDerivation) {
+        let out = test_path(&format!("{}-{name}-out", self.salt), name);
+        let drv_path = test_path(&format!("{}-{name}-drv", self.salt), &format!("{name}.drv"));
+        let sh = format!("{}/bin/sh", self.bb);
+        let env: BTreeMap<Vec<u8>, Vec<u8>> = [
+            ("builder", sh.as_str()),
+            ("name", name),
+            ("out", &out.to_absolute()),
+            ("system", "x86_64-linux"),
+            ("PATH", &format!("{}/bin", self.bb)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+        let drv = BasicDerivation {
+            outputs: [("out".to_owned(), DerivationOutput::InputAddressed(out))].into(),
+            input_srcs: [self.bb.clone()].into(),
+            platform: b"x86_64-linux".to_vec(),
+            builder: sh.into_bytes(),
+            args: vec![b"-c".to_vec(), script.as_bytes().to_vec()],
+            env,
+        };
+        (drv_path, drv)
+    }
+
+    /// Sends BuildDerivation and waits for its BuildResult.
+    fn build(
+        &self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        options: BuildOptions,
+    ) -> (BuildResult, Reply) {
+        let req = Request::BuildDerivation {
+            drv_path: drv_path.clone(),
+            drv: Box::new(drv.clone()),
+            options,
+        };
+        let script = Script::new().request(&req);
+        let reply = self.daemon.relay_waiting("a", &script.bytes, &script.ops);
+        let responses = reply.responses(&script.ops);
+        match responses.into_iter().next() {
+            Some(Response::Build(r)) => (*r, reply),
+            other => panic!("expected a BuildResult, got {other:?}"),
+        }
+    }
+}
+
+fn output_of(drv: &BasicDerivation) -> StorePath {
+    drv.outputs["out"].path().expect("output path").clone()
+}
+
+#[test]
+fn built_result_lists_the_output_and_registers_it() {
+    let s = Setup::new("");
+    let (drv_path, drv) = s.derivation("hello", "echo building now; echo hi > $out");
+    let (result, reply) = s.build(&drv_path, &drv, BuildOptions::default());
+    assert_eq!(
+        result.status,
+        BuildStatus::Built,
+        "{}",
+        String::from_utf8_lossy(&result.error_msg)
+    );
+    assert_eq!(result.times_built, 1);
+    assert!(result.start_time > 0 && result.stop_time >= result.start_time);
+    let out = output_of(&drv);
+    assert_eq!(result.built_outputs["out"].out_path, out);
+    assert_eq!(
+        result.built_outputs["out"].drv_hash,
+        Some(drv.hash_modulo())
+    );
+    assert!(reply.stderr.contains("building now"), "{}", reply.stderr);
+    // Again: already valid, nothing built.
+    let (again, _) = s.build(&drv_path, &drv, BuildOptions::default());
+    assert_eq!(again.status, BuildStatus::AlreadyValid);
+    assert_eq!(again.times_built, 0);
+    assert_eq!(again.built_outputs["out"].out_path, out);
+    let stopped = s.daemon.stop();
+    assert!(stopped.valid("a", &out));
+    assert!(!stopped.valid("b", &out));
+    let builds = stopped
+        .log
+        .lines()
+        .filter(|l| l.contains(" building") && l.contains(&drv_path.to_absolute()))
+        .count();
+    assert_eq!(builds, 1, "{}", stopped.log);
+}
+
+#[test]
+fn client_limits_end_the_build_with_the_right_status() {
+    let s = Setup::new("");
+    let (p, d) = s.derivation("slow", "sleep 600");
+    let timeout = BuildOptions {
+        build_timeout: 1,
+        ..Default::default()
+    };
+    let (r, _) = s.build(&p, &d, timeout);
+    assert_eq!(r.status, BuildStatus::TimedOut);
+    assert!(String::from_utf8_lossy(&r.error_msg).contains("timed out after 1 seconds"));
+    assert!(r.built_outputs.is_empty());
+
+    let (p, d) = s.derivation("quiet", "echo one line; sleep 600");
+    let silent = BuildOptions {
+        max_silent_time: 1,
+        ..Default::default()
+    };
+    let (r, reply) = s.build(&p, &d, silent);
+    assert_eq!(r.status, BuildStatus::TimedOut);
+    assert!(String::from_utf8_lossy(&r.error_msg).contains("seconds of silence"));
+    assert!(reply.stderr.contains("one line"), "{}", reply.stderr);
+
+    let (p, d) = s.derivation(
+        "chatty",
+        "while true; do echo aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; done",
+    );
+    let log = BuildOptions {
+        max_log_size: 10_000,
+        ..Default::default()
+    };
+    let (r, reply) = s.build(&p, &d, log);
+    assert_eq!(r.status, BuildStatus::LogLimitExceeded);
+    assert!(
+        reply.stderr.len() < 200_000,
+        "{} bytes of log",
+        reply.stderr.len()
+    );
+
+    let (p, d) = s.derivation("fails", "echo about to fail; exit 7");
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::PermanentFailure);
+    let msg = String::from_utf8_lossy(&r.error_msg);
+    assert!(
+        msg.contains("failed with exit code 7") && msg.contains("> about to fail"),
+        "{msg}"
+    );
+    assert!(!s.daemon.log().contains("ERROR"), "{}", s.daemon.log());
+    assert_no_build_processes(&s.daemon);
+}
+
+/// No process runs as a build uid (the default range) once the builds are over.
+fn assert_no_build_processes(d: &Daemon) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|e| {
+                let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+                let uid: u32 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                (2_000_000_000..2_000_001_024)
+                    .contains(&uid)
+                    .then(|| status)
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "build processes left: {left:?}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let builds = d.state_dir().join("builds");
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&builds)
+        .expect("builds dir")
+        .next()
+        .is_some()
+    {
+        assert!(
+            Instant::now() < until,
+            "build directories left in {}",
+            builds.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_clients_share_one_build() {
+    let s = Setup::new("");
+    let (p, d) = s.derivation("shared", "echo started; sleep 3; echo shared > $out");
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
+        // The second client asks once the first build is running.
+        let until = Instant::now() + Duration::from_secs(60);
+        while !s
+            .daemon
+            .log()
+            .contains(&format!("drv={} ", p.to_absolute()))
+        {
+            assert!(Instant::now() < until, "{}", s.daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let second = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
+        let (r1, _) = first.join().expect("first client");
+        let (r2, reply2) = second.join().expect("second client");
+        assert_eq!(r1.status, BuildStatus::Built);
+        assert_eq!(r2.status, BuildStatus::Built);
+        assert_eq!(r1.built_outputs, r2.built_outputs);
+        assert!(
+            reply2.stderr.contains("joining the build"),
+            "{}",
+            reply2.stderr
+        );
+    });
+    let log = s.daemon.log();
+    let builds = log
+        .lines()
+        .filter(|l| l.contains(" building") && l.contains(&format!("drv={} ", p.to_absolute())))
+        .count();
+    assert_eq!(builds, 1, "{log}");
+    assert!(log.contains("joining the same build in flight"), "{log}");
+}
+
+#[test]
+fn a_build_whose_client_went_away_is_killed() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let s = Setup::new("");
+    let (p, d) = s.derivation("abandoned", "echo started; sleep 600; echo never > $out");
+    let req = Request::BuildDerivation {
+        drv_path: p.clone(),
+        drv: Box::new(d.clone()),
+        options: BuildOptions::default(),
+    };
+    let script = Script::new().request(&req);
+    let mut relay = Command::new(harness::example_bin("nixbuild-serve"))
+        .args(["--serve", "--write"])
+        .env("NIXBUILD_STATE_DIR", s.daemon.state_dir())
+        .env("NIXBUILD_ACCOUNT", "a")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let mut stdin = relay.stdin.take().expect("stdin");
+    stdin.write_all(&script.bytes).expect("write");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !s
+        .daemon
+        .log()
+        .contains(&format!("drv={} ", p.to_absolute()))
+    {
+        assert!(Instant::now() < until, "{}", s.daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The client goes away.
+    drop(stdin);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert_no_build_processes(&s.daemon);
+    let log = s.daemon.log();
+    assert!(
+        log.contains("no client waits for the build any more"),
+        "{log}"
+    );
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &output_of(&d)));
+}
+
+#[test]
+fn build_paths_builds_an_uploaded_derivation() {
+    let s = Setup::new("");
+    let expr = s.nix.scratch().join("bp.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            r#"let bb = builtins.storePath "{bb}"; in
+            rec {{
+              dep = derivation {{ name = "bp-dep-{salt}"; system = "x86_64-linux"; builder = "${{bb}}/bin/sh"; args = [ "-c" "echo dep > $out" ]; }};
+              top = derivation {{ name = "bp-top-{salt}"; system = "x86_64-linux"; builder = "${{bb}}/bin/sh"; args = [ "-c" "cat ${{dep}} > $out; echo top >> $out" ]; }};
+            }}"#,
+            bb = s.bb,
+            salt = s.salt
+        ),
+    )
+    .expect("write");
+    let inst = |attr: &str| {
+        s.nix.run_line(
+            "nix-instantiate",
+            [expr.as_os_str(), "-A".as_ref(), attr.as_ref()],
+        )
+    };
+    let dep = StorePath::from_absolute_path(inst("dep").as_bytes()).expect("drv");
+    let top = StorePath::from_absolute_path(inst("top").as_bytes()).expect("drv");
+    // Upload both .drv files (nix copy of a .drv copies its closure: sources and input .drvs).
+    let out = s
+        .daemon
+        .point(s.nix.command("nix"), "a")
+        .args(["copy", "--to", &store_uri(), &top.to_absolute()])
+        .output()
+        .expect("nix copy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let build_paths = |drv: &StorePath| {
+        let req = Request::BuildPaths {
+            paths: vec![PathWithOutputs {
+                path: drv.clone(),
+                outputs: BTreeSet::new(),
+            }],
+            options: BuildOptions::default(),
+        };
+        let script = Script::new().request(&req);
+        let reply = s.daemon.relay_waiting("a", &script.bytes, &script.ops);
+        match reply.responses(&script.ops).into_iter().next() {
+            Some(Response::BuildPaths(r)) => r,
+            other => panic!("expected a BuildPaths answer, got {other:?}"),
+        }
+    };
+    // top's input (dep's output) is not on the server yet.
+    match build_paths(&top) {
+        BuildPathsResult::Failure { code, msg } => {
+            assert_eq!(code, 100);
+            let msg = String::from_utf8_lossy(&msg);
+            assert!(msg.contains("is not valid on this server"), "{msg}");
+        }
+        BuildPathsResult::Success => panic!("top built without its input"),
+    }
+    assert_eq!(build_paths(&dep), BuildPathsResult::Success);
+    assert_eq!(build_paths(&top), BuildPathsResult::Success);
+    let log = s.daemon.log();
+    for drv in [&dep, &top] {
+        assert!(
+            log.contains(&format!("drv={} ", drv.to_absolute())),
+            "{log}"
+        );
+    }
+    let outputs = s
+        .nix
+        .run("nix-store", ["--query", "--outputs", &top.to_absolute()]);
+    let top_out = String::from_utf8_lossy(&outputs).trim().to_owned();
+    let stopped = s.daemon.stop();
+    assert!(stopped.valid(
+        "a",
+        &StorePath::from_absolute_path(top_out.as_bytes()).expect("out")
+    ));
+}
