@@ -387,7 +387,12 @@ impl Config {
             ));
         }
         let b = &self.builds;
-        if b.uid_base == 0 || b.uid_count == 0 || b.uid_base.checked_add(b.uid_count).is_none_or(|end| end > u32::MAX - 1) {
+        if b.uid_base == 0
+            || b.uid_count == 0
+            || b.uid_base
+                .checked_add(b.uid_count)
+                .is_none_or(|end| end > u32::MAX - 1)
+        {
             return Err(invalid(
                 "builds.uid_base",
                 format!(
@@ -397,7 +402,10 @@ impl Config {
             ));
         }
         if b.cores_per_build == 0 {
-            return Err(invalid("builds.cores_per_build", "must be at least 1".into()));
+            return Err(invalid(
+                "builds.cores_per_build",
+                "must be at least 1".into(),
+            ));
         }
         for (key, secs) in [
             ("timeouts.handshake", self.timeouts.handshake),
