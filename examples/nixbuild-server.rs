@@ -51,6 +51,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Builds re-execute this binary as their sandbox helper: that mode must start before
+    // anything else (no threads, no runtime).
+    nixbuild_sandbox::maybe_run_helper();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
