@@ -507,7 +507,9 @@ impl<O: SessionOutput> Driver<'_, O> {
     ) -> Result<(), SessionError> {
         match pending {
             PendingBuild::Derivation(job) => {
+                let received = std::time::Instant::now();
                 let drv_hash = job.drv.hash_modulo();
+                let drv_path = job.drv_path.clone();
                 let outcome = self.wait_for(*job, input, buf).await?;
                 let built_outputs = if outcome.status.is_success() {
                     outcome
@@ -534,7 +536,16 @@ impl<O: SessionOutput> Driver<'_, O> {
                     stop_time: outcome.stop_time,
                     built_outputs,
                 };
-                Ok(self.session.respond(&Response::Build(Box::new(result)))?)
+                self.session.respond(&Response::Build(Box::new(result)))?;
+                // What benches/compare reads: BuildDerivation received → BuildResult ready.
+                tracing::info!(
+                    account = %self.settings.account,
+                    drv = %drv_path,
+                    status = ?outcome.status,
+                    micros = received.elapsed().as_micros() as u64,
+                    "answered BuildDerivation"
+                );
+                Ok(())
             }
             PendingBuild::Paths(jobs) => {
                 for job in jobs {
