@@ -27,7 +27,7 @@ pub(crate) fn canonicalise(path: &Path, mode: u32) -> Result<(), StoreError> {
 
 /// Sets the canonical mtime of `path`, not following a symlink (whose own time does not
 /// matter to Nix), leaving the access time alone.
-pub(super) fn set_canonical_mtime(path: &Path) -> Result<(), StoreError> {
+pub(crate) fn set_canonical_mtime(path: &Path) -> Result<(), StoreError> {
     let times = Timestamps {
         last_access: Timespec {
             tv_sec: 0,

@@ -1,0 +1,3 @@
+//! The build service: what happens around a sandboxed build.
+
+pub mod outputs;
