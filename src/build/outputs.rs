@@ -409,12 +409,12 @@ pub fn process_outputs(
         .outputs
         .iter()
         .map(|o| {
-            let info = store.query_path_info(request.account, &o.path)?.ok_or_else(|| {
-                StoreError::NotValid {
+            let info = store
+                .query_path_info(request.account, &o.path)?
+                .ok_or_else(|| StoreError::NotValid {
                     path: o.path.clone(),
                     account: request.account.to_owned(),
-                }
-            })?;
+                })?;
             Ok(ProcessedOutput {
                 name: o.name.clone(),
                 path: o.path.clone(),

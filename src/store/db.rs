@@ -311,8 +311,7 @@ fn insert_rows(tx: &Transaction<'_>, new: &[NewPath<'_>]) -> rusqlite::Result<()
     let mut add_ref =
         tx.prepare_cached("INSERT INTO refs (referrer, reference) VALUES (?1, ?2)")?;
     let mut add_sig = tx.prepare_cached("INSERT INTO sigs (path, sig) VALUES (?1, ?2)")?;
-    let mut new_id =
-        tx.prepare_cached("SELECT id FROM paths WHERE account = ?1 AND path = ?2")?;
+    let mut new_id = tx.prepare_cached("SELECT id FROM paths WHERE account = ?1 AND path = ?2")?;
     for (p, &id) in new.iter().zip(&ids) {
         for reference in &p.references {
             let target = match *reference {
