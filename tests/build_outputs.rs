@@ -759,6 +759,9 @@ fn fixed_outputs_are_checked_against_their_hash() {
     }
 }
 
+/// Makes an output's tree at the path it is given.
+type MakeTree = Box<dyn FnOnce(&Path)>;
+
 #[test]
 fn flat_fixed_outputs_must_be_plain_files_without_references() {
     let nix = Nix::new();
@@ -767,7 +770,7 @@ fn flat_fixed_outputs_must_be_plain_files_without_references() {
     let staging = env.dir.path().join("staging");
     fs::create_dir(&staging).expect("mkdir");
     let flat = ContentAddressMethod::Flat;
-    let cases: [(&str, Box<dyn FnOnce(&Path)>); 2] = [
+    let cases: [(&str, MakeTree); 2] = [
         (
             "executable",
             Box::new(|root: &Path| write(root, "#!/bin/sh\n", 0o755)),
@@ -867,79 +870,61 @@ fn checks(var: &str, value: &str) -> OutputCheckSpec {
     OutputCheckSpec::from_env(&env)
 }
 
+/// Reference checks: the variable, its value (`A`, `B`, `C` stand for the inputs' paths),
+/// and the paths the refusal lists (`OUT` for the output itself), none when accepted.
+const REFERENCE_CASES: &[(&str, &str, &[&str])] = &[
+    ("allowedReferences", "A out", &[]),
+    // A self-reference is a reference: it must be allowed too.
+    ("allowedReferences", "A", &["OUT"]),
+    ("allowedReferences", "B\tout\nC", &["A"]),
+    // Requisites ignore the output itself.
+    ("allowedRequisites", "A B", &[]),
+    ("allowedRequisites", "A", &["B"]),
+    // An empty list is a check too.
+    ("allowedRequisites", "", &["A", "B"]),
+    ("disallowedReferences", "B", &[]),
+    ("disallowedReferences", "C A", &["A"]),
+    ("disallowedRequisites", "C out", &[]),
+    ("disallowedRequisites", "B A", &["A", "B"]),
+];
+
 #[test]
 fn reference_checks_accept_and_reject_like_nix() {
-    // `out` refers to `a` (which refers to `b`) and to itself.
-    let cases: &[(
-        &str,
-        &dyn Fn(&Inputs) -> String,
-        Option<&dyn Fn(&Inputs) -> Vec<StorePath>>,
-    )] = &[
-        ("allowedReferences", &|i| format!("{} out", i.a), None),
-        // Self-references are references: they must be allowed too.
-        ("allowedReferences", &|i| i.a.to_string(), Some(&|_| vec![])),
-        (
-            "allowedReferences",
-            &|i| format!("{}\tout\n{}", i.b, i.c),
-            Some(&|i| vec![i.a.clone()]),
-        ),
-        ("allowedRequisites", &|i| format!("{} {}", i.a, i.b), None),
-        (
-            "allowedRequisites",
-            &|i| i.a.to_string(),
-            Some(&|i| vec![i.b.clone()]),
-        ),
-        ("disallowedReferences", &|i| i.b.to_string(), None),
-        (
-            "disallowedReferences",
-            &|i| format!("{} {}", i.c, i.a),
-            Some(&|i| vec![i.a.clone()]),
-        ),
-        ("disallowedRequisites", &|i| i.c.to_string(), None),
-        (
-            "disallowedRequisites",
-            &|i| format!("{} {}", i.b, i.a),
-            Some(&|i| vec![i.a.clone(), i.b.clone()]),
-        ),
-        // An empty list is a check too.
-        (
-            "allowedRequisites",
-            &|_| String::new(),
-            Some(&|i| vec![i.a.clone(), i.b.clone()]),
-        ),
-    ];
-    for (var, value, bad) in cases {
+    for &(var, value, bad) in REFERENCE_CASES {
         let mut env = Env::new();
         let inputs = Inputs::upload(&env);
         let scratch = env.scratch();
         let out = path("thing", "out");
+        // `out` refers to `a` (which refers to `b`) and to itself.
         file_output(&scratch, &out, format!("{} {out}", inputs.a));
-        let spec = checks(var, &value(&inputs));
+        // Store paths are lowercase, so replacing one letter cannot touch another's path.
+        let value = value
+            .replace('A', &inputs.a.to_string())
+            .replace('B', &inputs.b.to_string())
+            .replace('C', &inputs.c.to_string());
+        let spec = checks(var, &value);
         let outputs = [output("out", &out)];
-        match bad {
-            None => {
-                env.process(&scratch, &outputs, &inputs.closure(), &spec)
-                    .unwrap_or_else(|e| panic!("{var} = {:?}: {e}", value(&inputs)));
-            }
-            Some(bad) => {
-                let mut bad = bad(&inputs);
-                if bad.is_empty() {
-                    bad.push(out.clone());
-                }
-                bad.sort();
-                let err = refused(&env, &scratch, &outputs, &inputs.closure(), &spec);
-                let listed: String = bad.iter().map(|p| format!("\n  {p}")).collect();
-                assert_eq!(
-                    err.to_string(),
-                    format!(
-                        "output '{out}' is not allowed to refer to the following paths:{listed}"
-                    ),
-                    "{var} = {:?}",
-                    value(&inputs)
-                );
-                assert_eq!(err.build_status(), BuildStatus::OutputRejected);
-            }
+        if bad.is_empty() {
+            env.process(&scratch, &outputs, &inputs.closure(), &spec)
+                .unwrap_or_else(|e| panic!("{var} = {value:?}: {e}"));
+            continue;
         }
+        let bad: BTreeSet<&StorePath> = bad
+            .iter()
+            .map(|token| match *token {
+                "A" => &inputs.a,
+                "B" => &inputs.b,
+                _ => &out,
+            })
+            .collect();
+        let err = refused(&env, &scratch, &outputs, &inputs.closure(), &spec);
+        let listed: String = bad.iter().map(|p| format!("\n  {p}")).collect();
+        assert_eq!(
+            err.to_string(),
+            format!("output '{out}' is not allowed to refer to the following paths:{listed}"),
+            "{var} = {value:?}"
+        );
+        assert_eq!(err.build_status(), BuildStatus::OutputRejected);
     }
 }
 

@@ -197,11 +197,11 @@ pub enum OutputError {
     #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
     Missing {
         /// The derivation.
-        drv: StorePath,
+        drv: Box<StorePath>,
         /// The output's name.
         output: String,
         /// Where it should be.
-        path: StorePath,
+        path: Box<StorePath>,
     },
     /// The root of an output is group- or world-writable (and not a symlink), or not owned
     /// by the build's uid.
@@ -211,7 +211,7 @@ pub enum OutputError {
     )]
     Suspicious {
         /// The output's path.
-        path: StorePath,
+        path: Box<StorePath>,
         /// The output's name.
         output: String,
     },
@@ -244,7 +244,7 @@ pub enum OutputError {
     )]
     Cycle {
         /// The derivation.
-        drv: StorePath,
+        drv: Box<StorePath>,
         /// The output reached again.
         output: String,
         /// The output whose reference closed the cycle.
@@ -257,7 +257,7 @@ pub enum OutputError {
     )]
     NotAFlatFile {
         /// The output's path.
-        path: StorePath,
+        path: Box<StorePath>,
     },
     /// A fixed output whose contents do not have the declared hash.
     #[error(
@@ -267,7 +267,7 @@ pub enum OutputError {
     )]
     HashMismatch {
         /// The derivation.
-        drv: StorePath,
+        drv: Box<StorePath>,
         /// The declared hash.
         specified: Box<Hash>,
         /// The contents' hash, with the declared method and algorithm.
@@ -280,11 +280,11 @@ pub enum OutputError {
     )]
     FixedReferences {
         /// The derivation.
-        drv: StorePath,
+        drv: Box<StorePath>,
         /// How many paths it refers to.
         count: usize,
         /// The first of them.
-        example: StorePath,
+        example: Box<StorePath>,
     },
     /// A reference check names something that is neither a store path nor an output.
     #[error("derivation contains an illegal reference specifier '{spec}'")]
@@ -299,7 +299,7 @@ pub enum OutputError {
     )]
     NotAllowed {
         /// The output's path.
-        path: StorePath,
+        path: Box<StorePath>,
         /// The forbidden paths it refers to, in order.
         bad: BTreeSet<StorePath>,
     },
@@ -317,7 +317,7 @@ pub enum OutputError {
     #[error("reading output '{path}' as a NAR: {source}")]
     Dump {
         /// The output.
-        path: StorePath,
+        path: Box<StorePath>,
         /// What went wrong.
         source: Box<NarFsError>,
     },
@@ -470,9 +470,9 @@ fn scan_output<'a>(
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(OutputError::Missing {
-                drv: request.drv_path.clone(),
+                drv: Box::new(request.drv_path.clone()),
                 output: expected.name.clone(),
-                path: path.clone(),
+                path: Box::new(path.clone()),
             })
         }
         Err(e) => return Err(io_err("stat", &files)(e)),
@@ -481,7 +481,7 @@ fn scan_output<'a>(
         || meta.uid() != request.build_uid
     {
         return Err(OutputError::Suspicious {
-            path: path.clone(),
+            path: Box::new(path.clone()),
             output: expected.name.clone(),
         });
     }
@@ -502,7 +502,7 @@ fn scan_output<'a>(
         scanner: candidates.scanner.clone(),
     };
     let nar_size = dump_path(&files, &mut sink).map_err(|source| OutputError::Dump {
-        path: path.clone(),
+        path: Box::new(path.clone()),
         source: Box::new(source),
     })?;
     let references = sink
@@ -689,7 +689,7 @@ fn check_cycles(drv: &StorePath, outputs: &[Scanned<'_>]) -> Result<(), OutputEr
             match marks[child] {
                 Mark::OnPath => {
                     return Err(OutputError::Cycle {
-                        drv: drv.clone(),
+                        drv: Box::new(drv.clone()),
                         output: outputs[child].expected.name.clone(),
                         parent: outputs[node].expected.name.clone(),
                     })
@@ -715,7 +715,7 @@ fn check_fixed(drv: &StorePath, out: &Scanned<'_>) -> Result<(), OutputError> {
         ContentAddressMethod::Flat | ContentAddressMethod::Text => {
             if !out.plain_file {
                 return Err(OutputError::NotAFlatFile {
-                    path: out.expected.path.clone(),
+                    path: Box::new(out.expected.path.clone()),
                 });
             }
             fsutil::hash_file(&out.files, ca.hash.algo())?
@@ -724,16 +724,16 @@ fn check_fixed(drv: &StorePath, out: &Scanned<'_>) -> Result<(), OutputError> {
     };
     if got != ca.hash {
         return Err(OutputError::HashMismatch {
-            drv: drv.clone(),
+            drv: Box::new(drv.clone()),
             specified: Box::new(ca.hash),
             got: Box::new(got),
         });
     }
     if let Some(example) = out.references.first() {
         return Err(OutputError::FixedReferences {
-            drv: drv.clone(),
+            drv: Box::new(drv.clone()),
             count: out.references.len(),
-            example: example.clone(),
+            example: Box::new(example.clone()),
         });
     }
     Ok(())
@@ -785,7 +785,7 @@ fn check_references(
                 .collect();
             if !bad.is_empty() {
                 return Err(OutputError::NotAllowed {
-                    path: path.clone(),
+                    path: Box::new(path.clone()),
                     bad,
                 });
             }
