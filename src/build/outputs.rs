@@ -16,7 +16,7 @@
 //!    build already canonicalised (`invalid ownership`); files 0444, or 0555 when the owner
 //!    could execute them, directories 0555 (setuid, setgid and sticky bits are dropped, as
 //!    Nix does, rather than refused); mtime 1; owner root:root. A tree deeper than a NAR may
-//!    be ([`nixbuild_core::nar::MAX_DEPTH`]) is refused here;
+//!    be ([`nixbuild_core::nar::MAX_DEPTH`], current Nix's bound) is refused here;
 //! 3. dumps it once as a NAR ([`crate::nar_fs::dump_path`]), computing the NAR's sha256 and
 //!    size and scanning it for references ([`nixbuild_core::refscan`]) to the input closure
 //!    and to every output of the build, itself included;
@@ -228,11 +228,8 @@ pub enum OutputError {
         /// The node, as the build saw it.
         path: PathBuf,
     },
-    /// A node nested deeper than a NAR may hold.
-    #[error(
-        "file '{}' is nested {MAX_DEPTH} or more directories deep, more than a NAR may hold",
-        path.display()
-    )]
+    /// A node nested deeper than a NAR may hold (current Nix's bound and message).
+    #[error("path '{}' exceeds maximum NAR directory depth of {MAX_DEPTH}", path.display())]
     TooDeep {
         /// The first node found too deep, as the build saw it.
         path: PathBuf,
