@@ -355,6 +355,8 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 /// `request.outputs`, in that order, as now valid for the account. On error nothing is
 /// registered and no object is added; the trees stay in the scratch directory (perhaps
 /// canonicalised) for the caller to remove with the rest of it.
+///
+/// Blocks (file system and store); the async daemon calls it with `spawn_blocking`.
 pub fn process_outputs(
     store: &Store,
     request: &OutputsRequest<'_>,
