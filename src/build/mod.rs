@@ -42,6 +42,7 @@ use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BuildsConfig;
 use crate::store::{InputObject, Store, StoreError};
+use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
 
 /// Largest `.drv` file BuildPaths reads.
 const MAX_DRV_SIZE: u64 = 16 << 20;
@@ -1021,7 +1022,7 @@ async fn run_in(
                 ),
             ),
             HelperReport::Exited(_) => {
-                finish_outputs(inner, job, prepared, scratch, start_time, stop_time).await?
+                finish_outputs(inner, job, prepared, (scratch, uid), start_time, stop_time).await?
             }
         },
     })
@@ -1032,35 +1033,51 @@ async fn finish_outputs(
     inner: &Arc<Inner>,
     job: &BuildJob,
     prepared: &Prepared,
-    scratch: &Path,
+    (scratch, uid): (&Path, u32),
     start_time: u64,
     stop_time: u64,
 ) -> Result<Outcome, BuildError> {
     let store = inner.store.clone();
-    let job2 = job.clone();
+    let job = job.clone();
     let scratch_store = nixbuild_sandbox::ScratchLayout::new(scratch).store;
     let closure: BTreeSet<StorePath> = prepared.inputs.iter().map(|i| i.path.clone()).collect();
     let result = tokio::task::spawn_blocking(move || {
-        outputs::process_outputs(&store, &job2, &scratch_store, &closure)
+        let expected: Vec<ExpectedOutput> = job
+            .drv
+            .outputs
+            .iter()
+            .filter_map(|(name, output)| ExpectedOutput::from_derivation(name, output))
+            .collect();
+        let checks = OutputCheckSpec::from_env(&job.drv.env);
+        outputs::process_outputs(
+            &store,
+            &OutputsRequest {
+                account: &job.account,
+                drv_path: &job.drv_path,
+                scratch_store: &scratch_store,
+                build_uid: uid,
+                outputs: &expected,
+                input_closure: &closure,
+                checks: &checks,
+            },
+        )
     })
     .await?;
-    Ok(match result {
-        Ok(registered) => Outcome {
-            status: BuildStatus::Built,
-            message: String::new(),
-            times_built: 1,
-            start_time,
-            stop_time,
-            outputs: registered,
-        },
-        Err(e) => Outcome {
-            status: e.status(),
-            message: e.to_string(),
-            times_built: 1,
-            start_time,
-            stop_time,
-            outputs: BTreeMap::new(),
-        },
+    let (status, message, outputs) = match result {
+        Ok(done) => (
+            BuildStatus::Built,
+            String::new(),
+            done.into_iter().map(|o| (o.name, o.path)).collect(),
+        ),
+        Err(e) => (e.build_status(), e.to_string(), BTreeMap::new()),
+    };
+    Ok(Outcome {
+        status,
+        message,
+        times_built: 1,
+        start_time,
+        stop_time,
+        outputs,
     })
 }
 

@@ -250,6 +250,15 @@ pub(super) fn path_info(
     }))
 }
 
+/// Where a reference of a path being registered points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RefTarget<'a> {
+    /// A row already in the database (of the same account).
+    Row(i64),
+    /// A path registered by the same [`insert_paths`] call (itself, for a self-reference).
+    New(&'a StorePath),
+}
+
 /// What one registration writes.
 pub(super) struct NewPath<'a> {
     pub account: &'a str,
@@ -258,56 +267,65 @@ pub(super) struct NewPath<'a> {
     pub deriver: Option<&'a StorePath>,
     pub ca: Option<&'a ContentAddress>,
     pub registration_time: u64,
-    /// Row ids of the references other than the path itself.
-    pub reference_ids: &'a [i64],
-    pub self_reference: bool,
+    pub references: Vec<RefTarget<'a>>,
     pub sigs: &'a BTreeSet<String>,
 }
 
-/// Registers a path (and its object, if new) in one transaction.
-pub(super) fn insert_path(conn: &mut Connection, new: &NewPath<'_>) -> Result<(), StoreError> {
+/// Registers paths (and their objects, if new) in one transaction: all of them or none.
+/// References may point at other paths of the same call, in any order.
+pub(super) fn insert_paths(conn: &mut Connection, new: &[NewPath<'_>]) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(db_err("begin registration"))?;
-    insert_rows(&tx, new).map_err(db_err("register path"))?;
+    insert_rows(&tx, new).map_err(db_err("register paths"))?;
     tx.commit().map_err(db_err("commit registration"))
 }
 
-fn insert_rows(tx: &Transaction<'_>, new: &NewPath<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+fn insert_rows(tx: &Transaction<'_>, new: &[NewPath<'_>]) -> rusqlite::Result<()> {
+    let mut add_object = tx.prepare_cached(
         "INSERT INTO objects (key, nar_hash, nar_size) VALUES (?1, ?2, ?3)
          ON CONFLICT (key) DO NOTHING",
-    )?
-    .execute(params![
-        new.object.key,
-        new.object.nar_hash.to_string(),
-        to_sql_int(new.object.nar_size)
-    ])?;
-    let id: i64 = tx
-        .prepare_cached(
-            "INSERT INTO paths (account, path, object, deriver, ca, registration_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
-        )?
-        .query_row(
+    )?;
+    let mut add_path = tx.prepare_cached(
+        "INSERT INTO paths (account, path, object, deriver, ca, registration_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+    )?;
+    let mut ids = Vec::with_capacity(new.len());
+    for p in new {
+        add_object.execute(params![
+            p.object.key,
+            p.object.nar_hash.to_string(),
+            to_sql_int(p.object.nar_size)
+        ])?;
+        let id: i64 = add_path.query_row(
             params![
-                new.account,
-                new.path.base_name(),
-                new.object.key,
-                new.deriver.map(StorePath::base_name),
-                new.ca.map(ContentAddress::to_string),
-                to_sql_int(new.registration_time)
+                p.account,
+                p.path.base_name(),
+                p.object.key,
+                p.deriver.map(StorePath::base_name),
+                p.ca.map(ContentAddress::to_string),
+                to_sql_int(p.registration_time)
             ],
             |row| row.get(0),
         )?;
+        ids.push(id);
+    }
     let mut add_ref =
         tx.prepare_cached("INSERT INTO refs (referrer, reference) VALUES (?1, ?2)")?;
-    for reference in new.reference_ids {
-        add_ref.execute([id, *reference])?;
-    }
-    if new.self_reference {
-        add_ref.execute([id, id])?;
-    }
     let mut add_sig = tx.prepare_cached("INSERT INTO sigs (path, sig) VALUES (?1, ?2)")?;
-    for sig in new.sigs {
-        add_sig.execute(params![id, sig])?;
+    let mut new_id = tx.prepare_cached("SELECT id FROM paths WHERE account = ?1 AND path = ?2")?;
+    for (p, &id) in new.iter().zip(&ids) {
+        for reference in &p.references {
+            let target = match *reference {
+                RefTarget::Row(row) => row,
+                // Inserted above, so the row exists (or the transaction fails).
+                RefTarget::New(path) => {
+                    new_id.query_row(params![p.account, path.base_name()], |row| row.get(0))?
+                }
+            };
+            add_ref.execute([id, target])?;
+        }
+        for sig in p.sigs {
+            add_sig.execute(params![id, sig])?;
+        }
     }
     Ok(())
 }

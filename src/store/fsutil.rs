@@ -1,8 +1,10 @@
 //! File system helpers of the store: canonical metadata, atomic publication, removal of
-//! read-only trees, free space, hashing a NAR stream.
+//! read-only trees, free space, hashing a file or a NAR stream. The build service
+//! ([`crate::build::outputs`]) uses the canonical-metadata helpers too, so that built
+//! outputs and imported paths get exactly the same form.
 
-use std::fs;
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
 use std::path::Path;
 
 use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
@@ -11,13 +13,13 @@ use rustix::fs::{AtFlags, Mode, RenameFlags, Timespec, Timestamps, CWD, UTIME_OM
 use super::error::{io_err, StoreError};
 
 /// Size of the pieces files are read and written in.
-pub(super) const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// The modification time of every file and directory in the store, as in Nix.
 const CANONICAL_MTIME: i64 = 1;
 
 /// Sets the mode and the canonical mtime of a file or directory (never a symlink).
-pub(super) fn canonicalise(path: &Path, mode: u32) -> Result<(), StoreError> {
+pub(crate) fn canonicalise(path: &Path, mode: u32) -> Result<(), StoreError> {
     rustix::fs::chmod(path, Mode::from_raw_mode(mode))
         .map_err(|e| io_err("chmod", path)(e.into()))?;
     set_canonical_mtime(path)
@@ -25,7 +27,7 @@ pub(super) fn canonicalise(path: &Path, mode: u32) -> Result<(), StoreError> {
 
 /// Sets the canonical mtime of `path`, not following a symlink (whose own time does not
 /// matter to Nix), leaving the access time alone.
-pub(super) fn set_canonical_mtime(path: &Path) -> Result<(), StoreError> {
+pub(crate) fn set_canonical_mtime(path: &Path) -> Result<(), StoreError> {
     let times = Timestamps {
         last_access: Timespec {
             tv_sec: 0,
@@ -48,7 +50,7 @@ pub(super) fn rename_noreplace(from: &Path, to: &Path) -> Result<(), StoreError>
 
 /// Removes a file, symlink or whole tree, including read-only (0555) directories. A missing
 /// path is not an error.
-pub(super) fn remove_tree(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
     let meta = match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         other => other?,
@@ -93,6 +95,20 @@ pub(super) fn free_space(path: &Path) -> Result<Free, StoreError> {
         bytes: st.f_bavail.saturating_mul(st.f_frsize),
         inodes: (st.f_files > 0).then_some(st.f_favail),
     })
+}
+
+/// Hashes a regular file's contents in chunks.
+pub(crate) fn hash_file(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
+    let mut file = File::open(path).map_err(io_err("open", path))?;
+    let mut hasher = Hasher::new(algo);
+    let mut buf = vec![0; CHUNK];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err("read", path))?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 /// A writer that only hashes and counts what it is given.

@@ -1,11 +1,10 @@
 //! One import: a NAR unpacked into `<state>/tmp/<unique>/root` as it arrives, then checked
 //! against the client's claim and published under `objects/<key>`.
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -13,11 +12,11 @@ use std::path::{Path, PathBuf};
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
 use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
 use nixbuild_core::nar::{NarError, NarEvent, NarSummary, NarValidator};
-use nixbuild_core::store_path::{make_fixed_output_path, StorePath};
+use nixbuild_core::store_path::StorePath;
 
-use super::db::{self, NewPath, ObjectRow};
 use super::error::{io_err, StoreError};
-use super::fsutil::{self, HashingWriter, CHUNK};
+use super::fsutil::{self, hash_file, HashingWriter, CHUNK};
+use super::publish::Publication;
 use super::Store;
 use crate::nar_fs::dump_path;
 
@@ -237,89 +236,28 @@ impl Import {
                 actual: Box::new(actual),
             });
         }
-        let self_reference = claim.references.contains(&claim.path);
-        let others = if self_reference {
-            let mut others = claim.references.clone();
-            others.remove(&claim.path);
-            Cow::Owned(others)
-        } else {
-            Cow::Borrowed(&claim.references)
-        };
-        let expected = make_fixed_output_path(claim.path.name(), &ca, &others, self_reference)
-            .map_err(|source| StoreError::CaPath {
-                path: claim.path.clone(),
-                ca: Box::new(ca),
-                source,
-            })?;
-        if expected != claim.path {
-            return Err(StoreError::PathMismatch {
-                path: claim.path.clone(),
-                ca: Box::new(ca),
-                expected,
-            });
-        }
         Ok(())
     }
 
-    /// Moves the files to `objects/<key>` (unless an identical object exists) and inserts the
-    /// rows, all under the store lock so that existence checks, rename and insert are one
-    /// step for other commits.
+    /// Registers the path with the files under `root` (see [`Store::publish`]).
     fn publish(
         &self,
         claim: &PathClaim,
         summary: &NarSummary,
         root: &Path,
     ) -> Result<(), StoreError> {
-        let inner = &self.store.inner;
-        let object = ObjectRow {
-            key: super::object_key(&claim.path, &summary.nar_hash),
+        let publication = Publication {
+            path: &claim.path,
+            files: root,
             nar_hash: summary.nar_hash,
             nar_size: summary.nar_size,
-        };
-        let mut conn = inner.lock_db();
-        if db::path_id(&conn, &self.account, &claim.path)?.is_some() {
-            return Ok(());
-        }
-        let mut reference_ids = Vec::with_capacity(claim.references.len());
-        for reference in claim.references.iter().filter(|r| **r != claim.path) {
-            match db::path_id(&conn, &self.account, reference)? {
-                Some(id) => reference_ids.push(id),
-                None => {
-                    return Err(StoreError::MissingReference {
-                        path: claim.path.clone(),
-                        reference: Box::new(reference.clone()),
-                        account: self.account.clone(),
-                    })
-                }
-            }
-        }
-        let fresh = !db::object_exists(&conn, &object.key)?;
-        let target = inner.objects.join(&object.key);
-        let placed = if fresh {
-            fsutil::rename_noreplace(root, &target)?;
-            // A directory moved to a new parent may get a new mtime on some file systems.
-            fsutil::set_canonical_mtime(&target)
-        } else {
-            Ok(())
-        };
-        let new = NewPath {
-            account: &self.account,
-            path: &claim.path,
-            object: &object,
             deriver: claim.deriver.as_ref(),
             ca: claim.ca.as_ref(),
+            references: &claim.references,
             registration_time: claim.registration_time,
-            reference_ids: &reference_ids,
-            self_reference: claim.references.contains(&claim.path),
             sigs: &claim.sigs,
         };
-        let inserted = placed.and_then(|()| db::insert_path(&mut conn, &new));
-        if inserted.is_err() && fresh {
-            // Anything failing once the object is in place (its mtime, the insert) takes it
-            // out again; best effort: Store::open removes an object without a row anyway.
-            let _ = fsutil::remove_tree(&target);
-        }
-        inserted
+        self.store.publish(&self.account, &[publication]).map(drop)
     }
 
     fn discard(&mut self) {
@@ -334,20 +272,6 @@ impl Import {
 impl Drop for Import {
     fn drop(&mut self) {
         self.discard();
-    }
-}
-
-/// Hashes a regular file's contents in chunks.
-fn hash_file(path: &Path, algo: HashAlgo) -> Result<Hash, StoreError> {
-    let mut file = File::open(path).map_err(io_err("open", path))?;
-    let mut hasher = Hasher::new(algo);
-    let mut buf = vec![0; CHUNK];
-    loop {
-        let n = file.read(&mut buf).map_err(io_err("read", path))?;
-        if n == 0 {
-            return Ok(hasher.finish());
-        }
-        hasher.update(&buf[..n]);
     }
 }
 

@@ -21,11 +21,13 @@
 
 mod db;
 mod error;
-mod fsutil;
+pub(crate) mod fsutil;
 mod import;
+mod publish;
 
 pub use error::{StoreError, StoreProblem};
 pub use import::{Import, PathClaim};
+pub use publish::BuiltPath;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};

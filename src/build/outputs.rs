@@ -1,0 +1,841 @@
+//! What happens to a build's outputs once the builder has exited: Nix's
+//! `LocalDerivationGoal::registerOutputs` and `checkOutputs` for a sandboxed build whose
+//! output paths are known in advance (input-addressed and fixed-output derivations).
+//!
+//! [`process_outputs`] takes the trees the builder left at `<scratch>/store/<base name>`,
+//! owned by the build's host uid, and for every output not yet valid for the account, in the
+//! order Nix does it:
+//!
+//! 1. requires the output to exist (`failed to produce output path`), not to be group- or
+//!    world-writable unless it is a symlink, and to be owned by the build's uid (`suspicious
+//!    ownership or permission`);
+//! 2. canonicalises it in place like Nix's `canonicalisePathMetaData`: only regular files,
+//!    directories and symlinks (`unsupported type`); extended attributes and ACLs removed
+//!    (except `security.selinux`, `system.nfs4_acl` and `security.csm`, Nix's default
+//!    `ignored-acls`); every node owned by the build's uid, or a hard link to a file of this
+//!    build already canonicalised (`invalid ownership`); files 0444, or 0555 when the owner
+//!    could execute them, directories 0555 (setuid, setgid and sticky bits are dropped, as
+//!    Nix does, rather than refused); mtime 1; owner root:root. A tree deeper than a NAR may
+//!    be ([`nixbuild_core::nar::MAX_DEPTH`], current Nix's bound) is refused here;
+//! 3. dumps it once as a NAR ([`crate::nar_fs::dump_path`]), computing the NAR's sha256 and
+//!    size and scanning it for references ([`nixbuild_core::refscan`]) to the input closure
+//!    and to every output of the build, itself included;
+//!
+//! then refuses reference cycles between the new outputs, checks fixed outputs (flat: a
+//! non-executable regular file hashed flat; recursive: the NAR hashed with the given
+//! algorithm; no references at all, as current Nix requires), applies the derivation's
+//! `allowedReferences`, `allowedRequisites`, `disallowedReferences` and
+//! `disallowedRequisites`, and registers all new outputs for the account in one transaction
+//! ([`Store::register_built`]), with the `.drv` as deriver and a content address on fixed
+//! outputs. Any refusal registers nothing.
+//!
+//! Preconditions (the build service's side): every process of the build is gone (its pid
+//! namespace has died), so nothing changes the trees while they are checked; the scratch
+//! directory is on the state directory's file system, since registration renames the trees
+//! into `objects/`; the build's uid is not 0.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
+use nixbuild_core::derivation::DerivationOutput;
+use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
+use nixbuild_core::nar::MAX_DEPTH;
+use nixbuild_core::refscan::RefScanner;
+use nixbuild_core::serve::{BuildStatus, ValidPathInfo};
+use nixbuild_core::store_path::StorePath;
+use rustix::fs::{AtFlags, Gid, Uid, CWD};
+use rustix::io::Errno;
+
+use crate::nar_fs::{dump_path, NarFsError};
+use crate::store::{fsutil, BuiltPath, Store, StoreError};
+
+/// The environment variables of the four reference checks, as Nix names them.
+const ALLOWED_REFERENCES: &[u8] = b"allowedReferences";
+const ALLOWED_REQUISITES: &[u8] = b"allowedRequisites";
+const DISALLOWED_REFERENCES: &[u8] = b"disallowedReferences";
+const DISALLOWED_REQUISITES: &[u8] = b"disallowedRequisites";
+
+/// Extended attributes left in place, as Nix's default `ignored-acls` setting.
+const IGNORED_XATTRS: [&[u8]; 3] = [b"security.selinux", b"system.nfs4_acl", b"security.csm"];
+
+/// One element of a reference check: a store path, or the name of one of the derivation's
+/// outputs (standing for that output's path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefSpec {
+    /// An absolute store path.
+    Path(StorePath),
+    /// Anything else: an output name, or an illegal specifier (refused when applied).
+    Name(Vec<u8>),
+}
+
+/// The reference checks a derivation asks for on each of its outputs, from its environment
+/// (the non-structured-attributes form; structured attributes are refused before a build
+/// starts). `None` means no check; `Some(vec![])` is a check too (for example
+/// `allowedReferences = []`: no references at all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputCheckSpec {
+    /// `allowedReferences`: every direct reference must be listed.
+    pub allowed_references: Option<Vec<RefSpec>>,
+    /// `allowedRequisites`: every path of the closure, the output itself excepted, must be
+    /// listed.
+    pub allowed_requisites: Option<Vec<RefSpec>>,
+    /// `disallowedReferences`: no direct reference may be listed.
+    pub disallowed_references: Option<Vec<RefSpec>>,
+    /// `disallowedRequisites`: no path of the closure, the output itself excepted, may be
+    /// listed.
+    pub disallowed_requisites: Option<Vec<RefSpec>>,
+}
+
+impl OutputCheckSpec {
+    /// Reads the four checks from a derivation's environment: each variable, when present,
+    /// is a list separated by spaces, tabs and newlines (Nix's `tokenizeString`), each
+    /// element an absolute store path or an output name.
+    pub fn from_env(env: &BTreeMap<Vec<u8>, Vec<u8>>) -> OutputCheckSpec {
+        let get = |key: &[u8]| {
+            env.get(key).map(|value| {
+                value
+                    .split(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                    .filter(|token| !token.is_empty())
+                    .map(|token| match StorePath::from_absolute_path(token) {
+                        Ok(path) => RefSpec::Path(path),
+                        Err(_) => RefSpec::Name(token.to_vec()),
+                    })
+                    .collect()
+            })
+        };
+        OutputCheckSpec {
+            allowed_references: get(ALLOWED_REFERENCES),
+            allowed_requisites: get(ALLOWED_REQUISITES),
+            disallowed_references: get(DISALLOWED_REFERENCES),
+            disallowed_requisites: get(DISALLOWED_REQUISITES),
+        }
+    }
+}
+
+/// An output the build must produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedOutput {
+    /// The output's name (`out`, `dev`, ...).
+    pub name: String,
+    /// Its store path, known in advance.
+    pub path: StorePath,
+    /// For a fixed output: the method and the hash the contents must have (the path was
+    /// already checked against it with the derivation). The hash's algorithm is the one
+    /// the output is hashed with.
+    pub fixed: Option<ContentAddress>,
+}
+
+impl ExpectedOutput {
+    /// The expectation for a derivation's output; `None` for outputs whose path is not
+    /// known before the build (floating content-addressed, deferred, impure).
+    pub fn from_derivation(name: &str, output: &DerivationOutput) -> Option<ExpectedOutput> {
+        let (path, fixed) = match output {
+            DerivationOutput::InputAddressed(path) => (path, None),
+            DerivationOutput::Fixed { path, ca } => (path, Some(*ca)),
+            DerivationOutput::Floating { .. }
+            | DerivationOutput::Deferred
+            | DerivationOutput::Impure { .. } => return None,
+        };
+        Some(ExpectedOutput {
+            name: name.to_owned(),
+            path: path.clone(),
+            fixed,
+        })
+    }
+}
+
+/// Everything [`process_outputs`] needs to know about one finished build.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputsRequest<'a> {
+    /// The account the build ran for: the outputs are registered in its view, and the input
+    /// closure must be valid in it.
+    pub account: &'a str,
+    /// The derivation, recorded as the outputs' deriver and named in messages.
+    pub drv_path: &'a StorePath,
+    /// The directory the sandbox showed as `/nix/store`: output `p` is at
+    /// `<scratch_store>/<base name of p>`.
+    pub scratch_store: &'a Path,
+    /// The host uid the builder ran as; every file of an output must be owned by it.
+    pub build_uid: u32,
+    /// The outputs, with distinct names and paths.
+    pub outputs: &'a [ExpectedOutput],
+    /// The input closure the sandbox showed: with the outputs, the paths an output may
+    /// refer to.
+    pub input_closure: &'a BTreeSet<StorePath>,
+    /// The reference checks of the derivation.
+    pub checks: &'a OutputCheckSpec,
+}
+
+/// One output after [`process_outputs`]: valid for the account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessedOutput {
+    /// The output's name.
+    pub name: String,
+    /// Its store path.
+    pub path: StorePath,
+    /// Its metadata as the account's view of the store now holds it (NAR hash and size,
+    /// references, deriver, content address).
+    pub info: ValidPathInfo,
+    /// Whether this build registered it; `false` when it was valid for the account already
+    /// (its new files were then left in the scratch directory, unexamined, as Nix does).
+    pub registered: bool,
+}
+
+/// Why the outputs of a build were refused or could not be registered. The messages of the
+/// refusals are Nix's (with paths as the build saw them, under `/nix/store`), so the client
+/// shows what it would show for a local build; [`OutputError::build_status`] gives the
+/// status for the BuildResult.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// An output the builder did not create.
+    #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
+    Missing {
+        /// The derivation.
+        drv: Box<StorePath>,
+        /// The output's name.
+        output: String,
+        /// Where it should be.
+        path: Box<StorePath>,
+    },
+    /// The root of an output is group- or world-writable (and not a symlink), or not owned
+    /// by the build's uid.
+    #[error(
+        "suspicious ownership or permission on '{path}' for output '{output}'; rejecting this \
+         build output"
+    )]
+    Suspicious {
+        /// The output's path.
+        path: Box<StorePath>,
+        /// The output's name.
+        output: String,
+    },
+    /// A node that is not a regular file, directory or symlink (a fifo, socket or device).
+    #[error("file '{}' has an unsupported type", path.display())]
+    UnsupportedType {
+        /// The node, as the build saw it.
+        path: PathBuf,
+    },
+    /// A node not owned by the build's uid that is not a hard link to a file of this build
+    /// (say, a hard link to a file the build did not create).
+    #[error("invalid ownership on file '{}'", path.display())]
+    InvalidOwnership {
+        /// The node, as the build saw it.
+        path: PathBuf,
+    },
+    /// A node nested deeper than a NAR may hold (current Nix's bound and message).
+    #[error("path '{}' exceeds maximum NAR directory depth of {MAX_DEPTH}", path.display())]
+    TooDeep {
+        /// The first node found too deep, as the build saw it.
+        path: PathBuf,
+    },
+    /// Two outputs refer to each other, directly or through other outputs.
+    #[error(
+        "cycle detected in build of '{drv}' in the references of output '{output}' from \
+         output '{parent}'"
+    )]
+    Cycle {
+        /// The derivation.
+        drv: Box<StorePath>,
+        /// The output reached again.
+        output: String,
+        /// The output whose reference closed the cycle.
+        parent: String,
+    },
+    /// A flat (or text) fixed output that is not a single non-executable regular file.
+    #[error(
+        "output path '{path}' should be a non-executable regular file since recursive \
+         hashing is not enabled (outputHashMode=flat)"
+    )]
+    NotAFlatFile {
+        /// The output's path.
+        path: Box<StorePath>,
+    },
+    /// A fixed output whose contents do not have the declared hash.
+    #[error(
+        "hash mismatch in fixed-output derivation '{drv}':\n  specified: {}\n     got:    {}",
+        specified.to_sri(),
+        got.to_sri()
+    )]
+    HashMismatch {
+        /// The derivation.
+        drv: Box<StorePath>,
+        /// The declared hash.
+        specified: Box<Hash>,
+        /// The contents' hash, with the declared method and algorithm.
+        got: Box<Hash>,
+    },
+    /// A fixed output that refers to store paths (itself included).
+    #[error(
+        "fixed-output derivations must not reference store paths: '{drv}' references {count} \
+         distinct paths, e.g. '{example}'"
+    )]
+    FixedReferences {
+        /// The derivation.
+        drv: Box<StorePath>,
+        /// How many paths it refers to.
+        count: usize,
+        /// The first of them.
+        example: Box<StorePath>,
+    },
+    /// A reference check names something that is neither a store path nor an output.
+    #[error("derivation contains an illegal reference specifier '{spec}'")]
+    IllegalSpecifier {
+        /// The element, lossily decoded.
+        spec: String,
+    },
+    /// An output refers (directly or through its closure) to paths a check forbids.
+    #[error(
+        "output '{path}' is not allowed to refer to the following paths:{}",
+        list_paths(bad)
+    )]
+    NotAllowed {
+        /// The output's path.
+        path: Box<StorePath>,
+        /// The forbidden paths it refers to, in order.
+        bad: BTreeSet<StorePath>,
+    },
+    /// Reading, changing or dumping the output trees failed on the server's side.
+    #[error("{action} '{}': {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The host path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Serialising an output as a NAR failed.
+    #[error("reading output '{path}' as a NAR: {source}")]
+    Dump {
+        /// The output.
+        path: Box<StorePath>,
+        /// What went wrong.
+        source: Box<NarFsError>,
+    },
+    /// The store refused the registration or failed (an input not valid for the account,
+    /// the database, moving the files into place).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn list_paths(paths: &BTreeSet<StorePath>) -> String {
+    paths.iter().map(|p| format!("\n  {p}")).collect()
+}
+
+impl OutputError {
+    /// The BuildResult status for this error: OutputRejected (5) for the refusals of what
+    /// the builder produced (what Nix reports for a builder that exited successfully), and
+    /// MiscFailure (9) for the server's own failures.
+    pub fn build_status(&self) -> BuildStatus {
+        match self {
+            OutputError::Io { .. } | OutputError::Dump { .. } | OutputError::Store(_) => {
+                BuildStatus::MiscFailure
+            }
+            _ => BuildStatus::OutputRejected,
+        }
+    }
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
+    move |source| OutputError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Checks, canonicalises, hashes and registers the outputs of a finished build (see the
+/// module documentation for the steps and the preconditions). Returns every output of
+/// `request.outputs`, in that order, as now valid for the account. On error nothing is
+/// registered and no object is added; the trees stay in the scratch directory (perhaps
+/// canonicalised) for the caller to remove with the rest of it.
+///
+/// Blocks (file system and store); the async daemon calls it with `spawn_blocking`.
+pub fn process_outputs(
+    store: &Store,
+    request: &OutputsRequest<'_>,
+) -> Result<Vec<ProcessedOutput>, OutputError> {
+    let all: BTreeSet<StorePath> = request.outputs.iter().map(|o| o.path.clone()).collect();
+    let valid = store.query_valid_paths(request.account, &all)?;
+    let mut todo: Vec<&ExpectedOutput> = request
+        .outputs
+        .iter()
+        .filter(|o| !valid.contains(&o.path))
+        .collect();
+    todo.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let candidates = Candidates::new(request.input_closure.iter().chain(&all));
+    let mut canon = Canonicaliser {
+        build_uid: request.build_uid,
+        seen: HashSet::new(),
+    };
+    let mut scanned = Vec::with_capacity(todo.len());
+    for output in &todo {
+        scanned.push(scan_output(request, output, &mut canon, &candidates)?);
+    }
+    check_cycles(request.drv_path, &scanned)?;
+    for out in &scanned {
+        check_fixed(request.drv_path, out)?;
+    }
+    check_references(store, request, &scanned)?;
+
+    let built: Vec<BuiltPath> = scanned
+        .into_iter()
+        .map(|out| BuiltPath {
+            path: out.expected.path.clone(),
+            files: out.files,
+            nar_hash: out.nar_hash,
+            nar_size: out.nar_size,
+            references: out.references,
+            deriver: Some(request.drv_path.clone()),
+            ca: out.expected.fixed,
+        })
+        .collect();
+    let registered = store.register_built(request.account, &built)?;
+    let newly: HashSet<&StorePath> = built
+        .iter()
+        .zip(registered)
+        .filter(|(_, fresh)| *fresh)
+        .map(|(b, _)| &b.path)
+        .collect();
+    request
+        .outputs
+        .iter()
+        .map(|o| {
+            let info = store
+                .query_path_info(request.account, &o.path)?
+                .ok_or_else(|| StoreError::NotValid {
+                    path: o.path.clone(),
+                    account: request.account.to_owned(),
+                })?;
+            Ok(ProcessedOutput {
+                name: o.name.clone(),
+                path: o.path.clone(),
+                info,
+                registered: newly.contains(&o.path),
+            })
+        })
+        .collect()
+}
+
+/// The paths an output may refer to, by hash part.
+struct Candidates {
+    by_hash: HashMap<String, StorePath>,
+    scanner: RefScanner,
+}
+
+impl Candidates {
+    fn new<'a>(paths: impl Iterator<Item = &'a StorePath>) -> Candidates {
+        let by_hash: HashMap<String, StorePath> = paths
+            .map(|p| (p.hash_part().to_owned(), p.clone()))
+            .collect();
+        let scanner = RefScanner::new(by_hash.keys())
+            // Store paths' hash parts are 32 nix32 characters by construction.
+            .unwrap_or_else(|e| unreachable!("a store path's hash part is refused: {e}"));
+        Candidates { by_hash, scanner }
+    }
+}
+
+/// One new output after its tree was checked, canonicalised and dumped.
+struct Scanned<'a> {
+    expected: &'a ExpectedOutput,
+    /// The host path of its tree.
+    files: PathBuf,
+    /// Whether the root is a regular file without the owner-execute bit.
+    plain_file: bool,
+    nar_hash: Hash,
+    nar_size: u64,
+    /// The hash the fixed output's content address needs, when it is not `nar_hash`.
+    ca_hash: Option<Hash>,
+    references: BTreeSet<StorePath>,
+}
+
+/// Steps 1 to 3 of the module documentation for one output.
+fn scan_output<'a>(
+    request: &OutputsRequest<'_>,
+    expected: &'a ExpectedOutput,
+    canon: &mut Canonicaliser,
+    candidates: &Candidates,
+) -> Result<Scanned<'a>, OutputError> {
+    let path = &expected.path;
+    let files = request.scratch_store.join(path.base_name());
+    let meta = match fs::symlink_metadata(&files) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(OutputError::Missing {
+                drv: Box::new(request.drv_path.clone()),
+                output: expected.name.clone(),
+                path: Box::new(path.clone()),
+            })
+        }
+        Err(e) => return Err(io_err("stat", &files)(e)),
+    };
+    if (!meta.file_type().is_symlink() && meta.mode() & 0o022 != 0)
+        || meta.uid() != request.build_uid
+    {
+        return Err(OutputError::Suspicious {
+            path: Box::new(path.clone()),
+            output: expected.name.clone(),
+        });
+    }
+    let plain_file = meta.file_type().is_file() && meta.mode() & 0o100 == 0;
+    canon.tree(&files, Path::new(&path.to_absolute()), 0)?;
+
+    let mut sink = ScanSink {
+        nar: Hasher::new(HashAlgo::Sha256),
+        ca: match expected.fixed {
+            Some(ca)
+                if ca.method == ContentAddressMethod::Recursive
+                    && ca.hash.algo() != HashAlgo::Sha256 =>
+            {
+                Some(Hasher::new(ca.hash.algo()))
+            }
+            _ => None,
+        },
+        scanner: candidates.scanner.clone(),
+    };
+    let nar_size = dump_path(&files, &mut sink).map_err(|source| OutputError::Dump {
+        path: Box::new(path.clone()),
+        source: Box::new(source),
+    })?;
+    let references = sink
+        .scanner
+        .found()
+        .into_iter()
+        .filter_map(|part| {
+            let part = std::str::from_utf8(part).ok()?;
+            candidates.by_hash.get(part).cloned()
+        })
+        .collect();
+    Ok(Scanned {
+        expected,
+        files,
+        plain_file,
+        nar_hash: sink.nar.finish(),
+        nar_size,
+        ca_hash: sink.ca.map(Hasher::finish),
+        references,
+    })
+}
+
+/// Where an output's NAR goes: hashed (sha256, and the fixed output's algorithm when
+/// different) and scanned for references in one pass.
+struct ScanSink {
+    nar: Hasher,
+    ca: Option<Hasher>,
+    scanner: RefScanner,
+}
+
+impl Write for ScanSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.nar.update(buf);
+        if let Some(h) = &mut self.ca {
+            h.update(buf);
+        }
+        self.scanner.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Nix's `canonicalisePathMetaData` with the build's uid, over all outputs of one build
+/// (hard links between outputs are allowed, as in Nix).
+struct Canonicaliser {
+    build_uid: u32,
+    /// (device, inode) of the files canonicalised so far.
+    seen: HashSet<(u64, u64)>,
+}
+
+impl Canonicaliser {
+    /// Canonicalises the node at `host`, shown in messages as `shown`, `depth` directories
+    /// below an output's root.
+    fn tree(&mut self, host: &Path, shown: &Path, depth: usize) -> Result<(), OutputError> {
+        if depth >= MAX_DEPTH {
+            return Err(OutputError::TooDeep {
+                path: shown.to_owned(),
+            });
+        }
+        let meta = fs::symlink_metadata(host).map_err(io_err("stat", host))?;
+        let ty = meta.file_type();
+        if !(ty.is_file() || ty.is_dir() || ty.is_symlink()) {
+            return Err(OutputError::UnsupportedType {
+                path: shown.to_owned(),
+            });
+        }
+        strip_xattrs(host)?;
+        if meta.uid() != self.build_uid {
+            // Only a second link to a file canonicalised above (now root's) may be.
+            if ty.is_dir() || !self.seen.contains(&(meta.dev(), meta.ino())) {
+                return Err(OutputError::InvalidOwnership {
+                    path: shown.to_owned(),
+                });
+            }
+            return Ok(());
+        }
+        self.seen.insert((meta.dev(), meta.ino()));
+        if ty.is_symlink() {
+            fsutil::set_canonical_mtime(host)?;
+        } else {
+            let executable = ty.is_dir() || meta.mode() & 0o100 != 0;
+            fsutil::canonicalise(host, if executable { 0o555 } else { 0o444 })?;
+        }
+        rustix::fs::chownat(
+            CWD,
+            host,
+            Some(Uid::ROOT),
+            Some(Gid::ROOT),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err("change owner of", host)(e.into()))?;
+        if ty.is_dir() {
+            let mut names: Vec<OsString> = Vec::new();
+            for entry in fs::read_dir(host).map_err(io_err("list", host))? {
+                names.push(entry.map_err(io_err("list", host))?.file_name());
+            }
+            names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for name in names {
+                self.tree(&host.join(&name), &shown.join(&name), depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes the extended attributes (ACLs included) of `path`, not following a symlink,
+/// except those Nix leaves by default.
+fn strip_xattrs(path: &Path) -> Result<(), OutputError> {
+    let failed = |e: Errno| io_err("list extended attributes of", path)(e.into());
+    let len = match rustix::fs::llistxattr_query(path) {
+        Ok(len) => len,
+        Err(Errno::NOTSUP | Errno::NODATA) => return Ok(()),
+        Err(e) => return Err(failed(e)),
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    // The kernel bounds a list at 64 KiB (XATTR_LIST_MAX).
+    let mut names = vec![0u8; len];
+    let len = rustix::fs::llistxattr(path, &mut names[..]).map_err(failed)?;
+    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if IGNORED_XATTRS.contains(&name) {
+            continue;
+        }
+        rustix::fs::lremovexattr(path, name)
+            .map_err(|e| io_err("remove an extended attribute of", path)(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Where the cycle check's walk stands with an output.
+#[derive(Clone, Copy, PartialEq)]
+enum Mark {
+    New,
+    OnPath,
+    Done,
+}
+
+/// Refuses references that make the new outputs a cycle, with Nix's message: a depth-first
+/// walk over the outputs by name, each output's referenced outputs by name, reporting the
+/// first output reached again while on the walk's path. Self-references do not count.
+fn check_cycles(drv: &StorePath, outputs: &[Scanned<'_>]) -> Result<(), OutputError> {
+    let index: BTreeMap<&StorePath, usize> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (&o.expected.path, i))
+        .collect();
+    // Indices follow the names' order, so sorted indices visit children by name.
+    let children: Vec<Vec<usize>> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let mut c: Vec<usize> = o
+                .references
+                .iter()
+                .filter_map(|r| index.get(r).copied())
+                .filter(|&j| j != i)
+                .collect();
+            c.sort_unstable();
+            c
+        })
+        .collect();
+    let mut marks = vec![Mark::New; outputs.len()];
+    // `outputs` is sorted by name, so the roots are taken in Nix's order.
+    for root in 0..outputs.len() {
+        if marks[root] != Mark::New {
+            continue;
+        }
+        marks[root] = Mark::OnPath;
+        // (node, index of the next child to visit); iterative, so no output count can
+        // exhaust the stack.
+        let mut path = vec![(root, 0usize)];
+        while let Some((node, next)) = path.last_mut() {
+            let node = *node;
+            let Some(&child) = children[node].get(*next) else {
+                marks[node] = Mark::Done;
+                path.pop();
+                continue;
+            };
+            *next += 1;
+            match marks[child] {
+                Mark::OnPath => {
+                    return Err(OutputError::Cycle {
+                        drv: Box::new(drv.clone()),
+                        output: outputs[child].expected.name.clone(),
+                        parent: outputs[node].expected.name.clone(),
+                    })
+                }
+                Mark::Done => {}
+                Mark::New => {
+                    marks[child] = Mark::OnPath;
+                    path.push((child, 0));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a fixed output against its content address: the flat form's file type, the
+/// hash, and the absence of references.
+fn check_fixed(drv: &StorePath, out: &Scanned<'_>) -> Result<(), OutputError> {
+    let Some(ca) = out.expected.fixed else {
+        return Ok(());
+    };
+    let got = match ca.method {
+        ContentAddressMethod::Flat | ContentAddressMethod::Text => {
+            if !out.plain_file {
+                return Err(OutputError::NotAFlatFile {
+                    path: Box::new(out.expected.path.clone()),
+                });
+            }
+            fsutil::hash_file(&out.files, ca.hash.algo())?
+        }
+        ContentAddressMethod::Recursive => out.ca_hash.unwrap_or(out.nar_hash),
+    };
+    if got != ca.hash {
+        return Err(OutputError::HashMismatch {
+            drv: Box::new(drv.clone()),
+            specified: Box::new(ca.hash),
+            got: Box::new(got),
+        });
+    }
+    if let Some(example) = out.references.first() {
+        return Err(OutputError::FixedReferences {
+            drv: Box::new(drv.clone()),
+            count: out.references.len(),
+            example: Box::new(example.clone()),
+        });
+    }
+    Ok(())
+}
+
+/// Applies the derivation's reference checks to each new output, by name, as Nix's
+/// `checkOutputs` does for derivations without structured attributes (self-references
+/// are ignored in requisites, not in references).
+fn check_references(
+    store: &Store,
+    request: &OutputsRequest<'_>,
+    outputs: &[Scanned<'_>],
+) -> Result<(), OutputError> {
+    let checks = request.checks;
+    let lists = [
+        (&checks.allowed_references, true, false),
+        (&checks.allowed_requisites, true, true),
+        (&checks.disallowed_references, false, false),
+        (&checks.disallowed_requisites, false, true),
+    ];
+    if lists.iter().all(|(list, _, _)| list.is_none()) {
+        return Ok(());
+    }
+    let new_refs: HashMap<&StorePath, &BTreeSet<StorePath>> = outputs
+        .iter()
+        .map(|o| (&o.expected.path, &o.references))
+        .collect();
+    for out in outputs {
+        let path = &out.expected.path;
+        let mut closure = None;
+        for (list, allowed, recursive) in lists {
+            let Some(list) = list else {
+                continue;
+            };
+            let spec = resolve_specs(list, request.outputs)?;
+            if recursive && closure.is_none() {
+                let mut c = output_closure(store, request.account, path, &new_refs)?;
+                c.remove(path);
+                closure = Some(c);
+            }
+            let used = match &closure {
+                Some(c) if recursive => c,
+                _ => &out.references,
+            };
+            let bad: BTreeSet<StorePath> = used
+                .iter()
+                .filter(|p| spec.contains(*p) != allowed)
+                .cloned()
+                .collect();
+            if !bad.is_empty() {
+                return Err(OutputError::NotAllowed {
+                    path: Box::new(path.clone()),
+                    bad,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The paths a check names: store paths as they are, output names as their paths.
+fn resolve_specs(
+    list: &[RefSpec],
+    outputs: &[ExpectedOutput],
+) -> Result<BTreeSet<StorePath>, OutputError> {
+    list.iter()
+        .map(|spec| match spec {
+            RefSpec::Path(path) => Ok(path.clone()),
+            RefSpec::Name(name) => outputs
+                .iter()
+                .find(|o| o.name.as_bytes() == name.as_slice())
+                .map(|o| o.path.clone())
+                .ok_or_else(|| OutputError::IllegalSpecifier {
+                    spec: String::from_utf8_lossy(name).into_owned(),
+                }),
+        })
+        .collect()
+}
+
+/// The closure of a new output: through the new outputs' scanned references, then through
+/// the account's view of the store for everything else (inputs, outputs already valid).
+fn output_closure(
+    store: &Store,
+    account: &str,
+    start: &StorePath,
+    new_refs: &HashMap<&StorePath, &BTreeSet<StorePath>>,
+) -> Result<BTreeSet<StorePath>, OutputError> {
+    let mut closure = BTreeSet::new();
+    let mut outside = BTreeSet::new();
+    let mut queue = vec![start];
+    while let Some(path) = queue.pop() {
+        if !closure.insert(path.clone()) {
+            continue;
+        }
+        match new_refs.get(path) {
+            Some(refs) => queue.extend(refs.iter()),
+            None => {
+                outside.insert(path.clone());
+            }
+        }
+    }
+    if !outside.is_empty() {
+        closure.extend(store.query_closure(account, &outside, false)?);
+    }
+    Ok(closure)
+}
