@@ -49,17 +49,21 @@
 
 pub mod env;
 mod error;
+mod exec;
 pub mod files;
 mod plan;
 mod request;
 pub mod seccomp;
+mod wire;
 
 pub use error::PlanError;
+pub use exec::{helper_command, maybe_run_helper, ExecError, HELPER_ARG};
 pub use plan::{
     plan, Exec, HostOp, IdMap, IdMaps, MountOp, Namespaces, Personality, Rlimit, RlimitResource,
     RlimitValue, SandboxPlan, Step, DEV_NODES, DEV_SYMLINKS, PUT_OLD, SETUP_DONE,
 };
 pub use request::{BuildRequest, HostSetup, InputKind, InputPath, ResolverFiles, ScratchLayout};
+pub use wire::{decode_plan, encode_plan, parse_report, HelperReport, WireError};
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -1,0 +1,1 @@
+fn main() { nixbuild_sandbox::maybe_run_helper(); }
