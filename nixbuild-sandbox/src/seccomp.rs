@@ -475,7 +475,16 @@ mod tests {
     fn compiled_filter_decides_like_the_table_on_every_abi() {
         let f = SeccompPlan::x86_64_host();
         let prog = f.to_bpf().expect("compiles");
-        let modes = [0, 0o755, 0o4755, 0o2755, 0o6000, 0o1777, 0o4000 | (1 << 40), 1 << 40];
+        let modes = [
+            0,
+            0o755,
+            0o4755,
+            0o2755,
+            0o6000,
+            0o1777,
+            0o4000 | (1 << 40),
+            1 << 40,
+        ];
         for arch in [Arch::X86_64, Arch::X86, Arch::X32] {
             for call in ALL {
                 let nr = arch.syscall_nr(call).expect("numbered");
@@ -492,8 +501,15 @@ mod tests {
             }
             // Calls without a rule (read, write, open on x86_64) are allowed.
             for nr in [0, 1, 2, 59] {
-                let nr = if arch == Arch::X32 { nr | X32_SYSCALL_BIT } else { nr };
-                assert_eq!(run_bpf(&prog, arch.audit_arch(), nr, &[0; 6]), bpf::RET_ALLOW);
+                let nr = if arch == Arch::X32 {
+                    nr | X32_SYSCALL_BIT
+                } else {
+                    nr
+                };
+                assert_eq!(
+                    run_bpf(&prog, arch.audit_arch(), nr, &[0; 6]),
+                    bpf::RET_ALLOW
+                );
             }
         }
         // An ABI not in the table (aarch64) is killed.

@@ -214,9 +214,7 @@ pub(crate) mod bytes {
     }
 
     /// Deserialises through the wire form.
-    pub(crate) fn deserialize<'de, T: WireForm, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
+    pub(crate) fn deserialize<'de, T: WireForm, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
         T::Repr::deserialize(d).map(T::from_repr)
     }
 }
@@ -248,7 +246,10 @@ mod tests {
         assert_eq!(decode_plan(&bytes).expect("decodes"), plan);
         // Readable where it can be.
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.contains("\"/var/lib/nixbuild/builds/b1/root\""), "{text}");
+        assert!(
+            text.contains("\"/var/lib/nixbuild/builds/b1/root\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -85,7 +85,9 @@ impl Child<'_> {
         for &step in self.steps {
             self.step(step)?;
         }
-        Err(ExecError::StepOrder("the child steps do not end with Exec".into()))
+        Err(ExecError::StepOrder(
+            "the child steps do not end with Exec".into(),
+        ))
     }
 
     /// `PR_SET_PDEATHSIG`, then a check that the helper did not die before it was armed (the
@@ -130,7 +132,9 @@ impl Child<'_> {
                 }
                 Ok(())
             }
-            Step::Seccomp => sys::load_seccomp(self.filter).map_err(io_err("loading the seccomp filter")),
+            Step::Seccomp => {
+                sys::load_seccomp(self.filter).map_err(io_err("loading the seccomp filter"))
+            }
             Step::Landlock => {
                 if !plan.landlock_scope_abstract_unix_sockets {
                     return Ok(());
@@ -148,12 +152,23 @@ impl Child<'_> {
             Step::Personality => {
                 let p = plan.personality;
                 let persona = if p.linux32 { sys::PER_LINUX32 } else { 0 }
-                    | if p.addr_no_randomize { sys::ADDR_NO_RANDOMIZE } else { 0 };
+                    | if p.addr_no_randomize {
+                        sys::ADDR_NO_RANDOMIZE
+                    } else {
+                        0
+                    };
                 sys::personality(persona).map_err(io_err(format!("personality({persona:#x})")))
             }
-            Step::Chdir => rustix::process::chdir(plan.cwd).map_err(sys_err(format!("chdir({:?})", plan.cwd))),
-            Step::CloseFds => sys::cloexec_from(3).map_err(io_err("close_range(3.., CLOSE_RANGE_CLOEXEC)")),
-            Step::Rlimits => plan.rlimits.iter().try_for_each(|r| set_rlimit(r.resource, r.soft, r.hard)),
+            Step::Chdir => {
+                rustix::process::chdir(plan.cwd).map_err(sys_err(format!("chdir({:?})", plan.cwd)))
+            }
+            Step::CloseFds => {
+                sys::cloexec_from(3).map_err(io_err("close_range(3.., CLOSE_RANGE_CLOEXEC)"))
+            }
+            Step::Rlimits => plan
+                .rlimits
+                .iter()
+                .try_for_each(|r| set_rlimit(r.resource, r.soft, r.hard)),
             Step::Umask => {
                 rustix::process::umask(Mode::from_raw_mode(plan.umask));
                 Ok(())
@@ -191,8 +206,13 @@ impl Child<'_> {
     /// A new session; stdin `/dev/null`; stdout and stderr the log pty's slave.
     fn stdio(&mut self) -> Result<(), ExecError> {
         rustix::process::setsid().map_err(sys_err("setsid"))?;
-        let null = openat(CWD, "/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(sys_err("opening /dev/null"))?;
+        let null = openat(
+            CWD,
+            "/dev/null",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(sys_err("opening /dev/null"))?;
         let slave = self
             .slave
             .take()
@@ -209,8 +229,8 @@ fn path_str(p: &Path) -> std::borrow::Cow<'_, str> {
 
 /// The flags a remount must keep: the kernel locks them on mounts a user namespace inherited.
 fn locked_flags(target: &Path) -> Result<MountFlags, ExecError> {
-    let st = rustix::fs::statvfs(target)
-        .map_err(sys_err(format!("statvfs({})", path_str(target))))?;
+    let st =
+        rustix::fs::statvfs(target).map_err(sys_err(format!("statvfs({})", path_str(target))))?;
     let mut flags = MountFlags::empty();
     for (st_flag, flag) in [
         (StatVfsMountFlags::NOSUID, MountFlags::NOSUID),
@@ -232,10 +252,13 @@ fn mount_data(options: &str) -> Result<CString, ExecError> {
 }
 
 fn mount_op(op: &MountOp) -> Result<(), ExecError> {
-    use rustix::mount::{mount, mount_bind, mount_change, mount_bind_recursive, mount_remount};
+    use rustix::mount::{mount, mount_bind, mount_bind_recursive, mount_change, mount_remount};
     match op {
-        MountOp::MakeRootPrivate => mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
-            .map_err(sys_err("mount: making / private (MS_PRIVATE | MS_REC)")),
+        MountOp::MakeRootPrivate => mount_change(
+            "/",
+            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+        )
+        .map_err(sys_err("mount: making / private (MS_PRIVATE | MS_REC)")),
         MountOp::Bind {
             source,
             target,
@@ -250,17 +273,33 @@ fn mount_op(op: &MountOp) -> Result<(), ExecError> {
         }
         MountOp::RemountReadOnly { target } => {
             let flags = MountFlags::BIND | MountFlags::RDONLY | locked_flags(target)?;
-            mount_remount(target, flags, "")
-                .map_err(sys_err(format!("mount: remount {} read-only", path_str(target))))
+            mount_remount(target, flags, "").map_err(sys_err(format!(
+                "mount: remount {} read-only",
+                path_str(target)
+            )))
         }
-        MountOp::Tmpfs { target, options } => {
-            mount("tmpfs", target, "tmpfs", MountFlags::empty(), Some(&*mount_data(options)?))
-                .map_err(sys_err(format!("mount: tmpfs ({options}) on {}", path_str(target))))
-        }
-        MountOp::Devpts { target, options } => {
-            mount("devpts", target, "devpts", MountFlags::empty(), Some(&*mount_data(options)?))
-                .map_err(sys_err(format!("mount: devpts ({options}) on {}", path_str(target))))
-        }
+        MountOp::Tmpfs { target, options } => mount(
+            "tmpfs",
+            target,
+            "tmpfs",
+            MountFlags::empty(),
+            Some(&*mount_data(options)?),
+        )
+        .map_err(sys_err(format!(
+            "mount: tmpfs ({options}) on {}",
+            path_str(target)
+        ))),
+        MountOp::Devpts { target, options } => mount(
+            "devpts",
+            target,
+            "devpts",
+            MountFlags::empty(),
+            Some(&*mount_data(options)?),
+        )
+        .map_err(sys_err(format!(
+            "mount: devpts ({options}) on {}",
+            path_str(target)
+        ))),
         MountOp::Proc { target } => mount("proc", target, "proc", MountFlags::empty(), None)
             .map_err(sys_err(format!("mount: proc on {}", path_str(target)))),
         MountOp::Chmod { path, mode } => rustix::fs::chmod(path, Mode::from_raw_mode(*mode))
@@ -283,7 +322,11 @@ fn mount_op(op: &MountOp) -> Result<(), ExecError> {
     }
 }
 
-fn set_rlimit(resource: RlimitResource, soft: RlimitValue, hard: RlimitValue) -> Result<(), ExecError> {
+fn set_rlimit(
+    resource: RlimitResource,
+    soft: RlimitValue,
+    hard: RlimitValue,
+) -> Result<(), ExecError> {
     let value = |v| match v {
         RlimitValue::Value(n) => Some(n),
         RlimitValue::Infinity => None,

@@ -31,7 +31,9 @@ use std::process::{Command, Stdio};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{fchmod, fchown, mkdirat, openat, symlinkat, Mode, OFlags, CWD};
 use rustix::io::Errno;
-use rustix::process::{pidfd_open, pidfd_send_signal, Gid, Pid, PidfdFlags, Signal, Uid, WaitOptions};
+use rustix::process::{
+    pidfd_open, pidfd_send_signal, Gid, Pid, PidfdFlags, Signal, Uid, WaitOptions,
+};
 
 use crate::seccomp::SeccompError;
 use crate::wire::{decode_plan, HelperReport, WireError};
@@ -152,13 +154,19 @@ impl<'a> StepOrder<'a> {
         let (before_clone, rest) = (&steps[..at], &steps[at + 1..]);
         let helper_after = rest.iter().take_while(|s| runs_in_helper(**s)).count();
         let (after_clone, child) = rest.split_at(helper_after);
-        if before_clone.iter().chain(after_clone).any(|s| *s == Step::Clone) {
+        if before_clone
+            .iter()
+            .chain(after_clone)
+            .any(|s| *s == Step::Clone)
+        {
             return err("more than one Clone step");
         }
         if child.iter().any(|s| runs_in_helper(*s)) {
             return err("a helper step among the child steps");
         }
-        if child.last() != Some(&Step::Exec) || child.iter().filter(|s| **s == Step::Exec).count() != 1 {
+        if child.last() != Some(&Step::Exec)
+            || child.iter().filter(|s| **s == Step::Exec).count() != 1
+        {
             return err("the child steps must end with the only Exec");
         }
         if before_clone.iter().any(|s| !runs_in_helper(*s)) {
@@ -211,10 +219,13 @@ fn exec_args(plan: &SandboxPlan) -> Result<ExecArgs, ExecError> {
 /// The owner is set before the mode, because `chown` clears set-id bits.
 fn host_op(op: &HostOp) -> Result<(), ExecError> {
     let owner = |fd: &OwnedFd, path: &Path, mode: u32, uid: u32, gid: u32| {
-        fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-            .map_err(sys_err(format!("host: chown({}, {uid}, {gid})", path.display())))?;
-        fchmod(fd, Mode::from_raw_mode(mode))
-            .map_err(sys_err(format!("host: chmod({}, {mode:o})", path.display())))
+        fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(sys_err(
+            format!("host: chown({}, {uid}, {gid})", path.display()),
+        ))?;
+        fchmod(fd, Mode::from_raw_mode(mode)).map_err(sys_err(format!(
+            "host: chmod({}, {mode:o})",
+            path.display()
+        )))
     };
     match op {
         HostOp::CreateDir {
@@ -383,7 +394,9 @@ fn pump(master: OwnedFd, child: &ChildProcess) -> Result<bool, ExecError> {
         if *stdout_open && !data.is_empty() {
             if let Err(e) = stdout.write_all(&data).and_then(|()| stdout.flush()) {
                 // Nobody reads the log any more: the daemon is gone or gave up on the build.
-                eprintln!("nixbuild-sandbox: writing the build log failed ({e}); killing the build");
+                eprintln!(
+                    "nixbuild-sandbox: writing the build log failed ({e}); killing the build"
+                );
                 *stdout_open = false;
                 child.kill();
             }
@@ -467,7 +480,10 @@ fn run_helper() -> Result<HelperReport, ExecError> {
     // SAFETY: the helper is single-threaded: it runs first in main, before anything that could
     // start a thread.
     let forked = unsafe { sys::clone_process(flags) }.map_err(|source| ExecError::Sys {
-        what: format!("clone with namespaces {:?} (flags {flags:#x})", plan.namespaces),
+        what: format!(
+            "clone with namespaces {:?} (flags {flags:#x})",
+            plan.namespaces
+        ),
         source,
     })?;
     let pid = match forked {
@@ -484,7 +500,8 @@ fn run_helper() -> Result<HelperReport, ExecError> {
         sys::Forked::Parent(pid) => pid,
     };
     drop((slave, err_w, sync_r));
-    let pid = Pid::from_raw(pid).ok_or_else(|| ExecError::ChildDied(format!("clone returned pid {pid}")))?;
+    let pid = Pid::from_raw(pid)
+        .ok_or_else(|| ExecError::ChildDied(format!("clone returned pid {pid}")))?;
     let pidfd = pidfd_open(pid, PidfdFlags::empty()).map_err(sys_err("pidfd_open"))?;
     let mut child = ChildProcess {
         pid,
@@ -509,7 +526,9 @@ fn run_helper() -> Result<HelperReport, ExecError> {
             source,
         })?;
     if !message.is_empty() {
-        return Err(ExecError::Child(String::from_utf8_lossy(&message).into_owned()));
+        return Err(ExecError::Child(
+            String::from_utf8_lossy(&message).into_owned(),
+        ));
     }
 
     let marker_seen = pump(master, &child)?;
@@ -535,7 +554,10 @@ mod tests {
     fn the_plan_steps_split_at_clone() {
         let plan = plan(&sample_request(), &sample_host()).expect("plan");
         let order = StepOrder::split(&plan.steps).expect("valid order");
-        assert_eq!(order.before_clone, [Step::HostOps, Step::DropSupplementaryGroups]);
+        assert_eq!(
+            order.before_clone,
+            [Step::HostOps, Step::DropSupplementaryGroups]
+        );
         assert_eq!(order.after_clone, [Step::WriteIdMaps]);
         assert_eq!(order.child.first(), Some(&Step::Stdio));
         assert_eq!(order.child.last(), Some(&Step::Exec));
@@ -545,8 +567,16 @@ mod tests {
     fn misordered_steps_are_refused() {
         let plan = plan(&sample_request(), &sample_host()).expect("plan");
         let bad: Vec<Vec<Step>> = vec![
-            plan.steps.iter().copied().filter(|s| *s != Step::Clone).collect(),
-            plan.steps.iter().copied().filter(|s| *s != Step::Exec).collect(),
+            plan.steps
+                .iter()
+                .copied()
+                .filter(|s| *s != Step::Clone)
+                .collect(),
+            plan.steps
+                .iter()
+                .copied()
+                .filter(|s| *s != Step::Exec)
+                .collect(),
             [&[Step::Seccomp][..], &plan.steps].concat(),
             [&plan.steps[..], &[Step::HostOps]].concat(),
             [&plan.steps[..], &[Step::Exec]].concat(),
@@ -567,11 +597,17 @@ mod tests {
                 head: Vec::new(),
                 seen: None,
             };
-            let out: Vec<u8> = chunks.iter().flat_map(|c| m.strip(c).into_owned()).collect();
+            let out: Vec<u8> = chunks
+                .iter()
+                .flat_map(|c| m.strip(c).into_owned())
+                .collect();
             (out, m.seen)
         };
         assert_eq!(feed(&[b"\x02\nhello"]), (b"hello".to_vec(), Some(true)));
-        assert_eq!(feed(&[b"\x02", b"\nhi", b"\x02\n"]), (b"hi\x02\n".to_vec(), Some(true)));
+        assert_eq!(
+            feed(&[b"\x02", b"\nhi", b"\x02\n"]),
+            (b"hi\x02\n".to_vec(), Some(true))
+        );
         assert_eq!(feed(&[b"\x02", b"x"]), (b"\x02x".to_vec(), Some(false)));
         assert_eq!(feed(&[b"oops"]), (b"oops".to_vec(), Some(false)));
         assert_eq!(feed(&[b"\x02"]), (Vec::new(), None));

@@ -160,9 +160,16 @@ pub(super) fn loopback_up() -> io::Result<()> {
     for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo") {
         *d = *s as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads an ifreq, which we pass.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq) };
+    let ret = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFFLAGS,
+            &ifr as *const libc::ifreq,
+        )
+    };
     check(ret.into()).map(drop)
 }
 
