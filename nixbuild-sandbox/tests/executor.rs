@@ -475,7 +475,10 @@ fn identity_inside() {
     let fx = Fixture::new();
     let script = "{ id -u; id -g; hostname; pwd; echo $$; umask; \
         cat /proc/self/uid_map /proc/self/gid_map; echo $(ls /); echo $(ls /dev); ls /dev/pts; \
-        ip link; cat /etc/passwd /etc/group /etc/hosts; echo ENV; env; } > $out 2>&1";
+        ip link; cat /etc/passwd /etc/group /etc/hosts; \
+        grep -E '^(NoNewPrivs|Seccomp|CapPrm|CapEff|CapBnd|Groups):' /proc/self/status; \
+        echo stdin $(stat -L -c %t:%T /proc/self/fd/0); echo core $(ulimit -c); \
+        echo ENV; env; } > $out 2>&1";
     let plan = fx.plan(script);
     let out = run(&plan);
     assert_eq!(out.report, HelperReport::Exited(0), "{}", out.stderr);
@@ -506,6 +509,19 @@ fn identity_inside() {
     assert!(text.contains("nixbld:x:1000:100:Nix build user:/build:/noshell\n"));
     assert!(text.contains("nixbld:!:100:\n"));
     assert!(text.contains("127.0.0.1 localhost\n::1 localhost\n"));
+    // No capability left after execve, no new privileges, the filter loaded, no groups.
+    for line in [
+        "NoNewPrivs:\t1\n",
+        "Seccomp:\t2\n",
+        "CapPrm:\t0000000000000000\n",
+        "CapEff:\t0000000000000000\n",
+        // stdin is /dev/null (character device 1:3), no core dumps.
+        "stdin 1:3\n",
+        "core 0\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+    assert!(text.lines().any(|l| l.trim_end() == "Groups:"), "{text}");
 
     let env: BTreeMap<&str, &str> = env.lines().filter_map(|l| l.split_once('=')).collect();
     for (k, v) in &plan.exec.env {
