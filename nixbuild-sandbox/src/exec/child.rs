@@ -14,7 +14,7 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::{set_thread_gid, set_thread_uid};
 
-use super::{sys, ExecError};
+use super::{io_err, sys, sys_err, ExecError};
 use crate::seccomp::BpfInsn;
 use crate::{MountOp, RlimitResource, RlimitValue, SandboxPlan, Step, SETUP_DONE};
 
@@ -39,19 +39,6 @@ pub(super) struct Child<'a> {
     /// The helper writes one byte once the id maps are in place; after that, the pipe hangs up
     /// only when the helper is gone.
     pub(super) sync_r: OwnedFd,
-}
-
-fn sys_err(what: impl Into<String>) -> impl FnOnce(rustix::io::Errno) -> ExecError {
-    let what = what.into();
-    move |e| ExecError::Sys {
-        what,
-        source: e.into(),
-    }
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecError {
-    let what = what.into();
-    move |source| ExecError::Sys { what, source }
 }
 
 impl Child<'_> {
@@ -223,14 +210,10 @@ impl Child<'_> {
     }
 }
 
-fn path_str(p: &Path) -> std::borrow::Cow<'_, str> {
-    p.to_string_lossy()
-}
-
 /// The flags a remount must keep: the kernel locks them on mounts a user namespace inherited.
 fn locked_flags(target: &Path) -> Result<MountFlags, ExecError> {
     let st =
-        rustix::fs::statvfs(target).map_err(sys_err(format!("statvfs({})", path_str(target))))?;
+        rustix::fs::statvfs(target).map_err(sys_err(format!("statvfs({})", target.display())))?;
     let mut flags = MountFlags::empty();
     for (st_flag, flag) in [
         (StatVfsMountFlags::NOSUID, MountFlags::NOSUID),
@@ -264,7 +247,7 @@ fn mount_op(op: &MountOp) -> Result<(), ExecError> {
             target,
             recursive,
         } => {
-            let what = format!("mount: bind {} onto {}", path_str(source), path_str(target));
+            let what = format!("mount: bind {} onto {}", source.display(), target.display());
             if *recursive {
                 mount_bind_recursive(source, target).map_err(sys_err(what))
             } else {
@@ -275,7 +258,7 @@ fn mount_op(op: &MountOp) -> Result<(), ExecError> {
             let flags = MountFlags::BIND | MountFlags::RDONLY | locked_flags(target)?;
             mount_remount(target, flags, "").map_err(sys_err(format!(
                 "mount: remount {} read-only",
-                path_str(target)
+                target.display()
             )))
         }
         MountOp::Tmpfs { target, options } => mount(
@@ -287,7 +270,7 @@ fn mount_op(op: &MountOp) -> Result<(), ExecError> {
         )
         .map_err(sys_err(format!(
             "mount: tmpfs ({options}) on {}",
-            path_str(target)
+            target.display()
         ))),
         MountOp::Devpts { target, options } => mount(
             "devpts",
@@ -298,26 +281,26 @@ fn mount_op(op: &MountOp) -> Result<(), ExecError> {
         )
         .map_err(sys_err(format!(
             "mount: devpts ({options}) on {}",
-            path_str(target)
+            target.display()
         ))),
         MountOp::Proc { target } => mount("proc", target, "proc", MountFlags::empty(), None)
-            .map_err(sys_err(format!("mount: proc on {}", path_str(target)))),
+            .map_err(sys_err(format!("mount: proc on {}", target.display()))),
         MountOp::Chmod { path, mode } => rustix::fs::chmod(path, Mode::from_raw_mode(*mode))
-            .map_err(sys_err(format!("chmod({}, {mode:o})", path_str(path)))),
+            .map_err(sys_err(format!("chmod({}, {mode:o})", path.display()))),
         MountOp::PivotRoot { new_root, put_old } => {
             rustix::process::chdir(new_root)
-                .map_err(sys_err(format!("pivot: chdir({})", path_str(new_root))))?;
+                .map_err(sys_err(format!("pivot: chdir({})", new_root.display())))?;
             rustix::fs::mkdirat(CWD, put_old, Mode::from_raw_mode(0o500))
-                .map_err(sys_err(format!("pivot: mkdir({})", path_str(put_old))))?;
+                .map_err(sys_err(format!("pivot: mkdir({})", put_old.display())))?;
             rustix::process::pivot_root(".", put_old)
-                .map_err(sys_err(format!("pivot_root(., {})", path_str(put_old))))?;
+                .map_err(sys_err(format!("pivot_root(., {})", put_old.display())))?;
             rustix::process::chroot(".").map_err(sys_err("pivot: chroot(.)"))
         }
         MountOp::DetachOldRoot { path } => {
             rustix::mount::unmount(path, UnmountFlags::DETACH)
-                .map_err(sys_err(format!("umount2({}, MNT_DETACH)", path_str(path))))?;
+                .map_err(sys_err(format!("umount2({}, MNT_DETACH)", path.display())))?;
             rustix::fs::unlinkat(CWD, path, rustix::fs::AtFlags::REMOVEDIR)
-                .map_err(sys_err(format!("rmdir({})", path_str(path))))
+                .map_err(sys_err(format!("rmdir({})", path.display())))
         }
     }
 }

@@ -89,12 +89,19 @@ pub enum ExecError {
     HelperGone,
 }
 
+/// Names a failed system call (rustix's errors).
 fn sys_err(what: impl Into<String>) -> impl FnOnce(Errno) -> ExecError {
     let what = what.into();
     move |e| ExecError::Sys {
         what,
         source: e.into(),
     }
+}
+
+/// Names a failed system call (std's errors).
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecError {
+    let what = what.into();
+    move |source| ExecError::Sys { what, source }
 }
 
 /// The first line of `main()` of every binary that may build. Returns at once unless
@@ -260,10 +267,8 @@ fn host_op(op: &HostOp) -> Result<(), ExecError> {
             )
             .map_err(sys_err(format!("host: create({})", path.display())))?;
             let mut file = std::fs::File::from(fd);
-            file.write_all(contents).map_err(|source| ExecError::Sys {
-                what: format!("host: write({})", path.display()),
-                source,
-            })?;
+            file.write_all(contents)
+                .map_err(io_err(format!("host: write({})", path.display())))?;
             owner(&OwnedFd::from(file), path, *mode, *uid, *gid)
         }
         HostOp::Symlink { path, target } => symlinkat(target, CWD, path).map_err(sys_err(format!(
@@ -281,10 +286,7 @@ fn write_id_maps(pid: i32, maps: &IdMaps) -> Result<(), ExecError> {
         ("gid_map", maps.gid_map.line()),
     ] {
         let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, &text).map_err(|source| ExecError::Sys {
-            what: format!("writing {text:?} to {path}"),
-            source,
-        })?;
+        std::fs::write(&path, &text).map_err(io_err(format!("writing {text:?} to {path}")))?;
     }
     Ok(())
 }
@@ -479,13 +481,10 @@ fn run_helper() -> Result<HelperReport, ExecError> {
     let flags = plan.namespaces.clone_flags();
     // SAFETY: the helper is single-threaded: it runs first in main, before anything that could
     // start a thread.
-    let forked = unsafe { sys::clone_process(flags) }.map_err(|source| ExecError::Sys {
-        what: format!(
-            "clone with namespaces {:?} (flags {flags:#x})",
-            plan.namespaces
-        ),
-        source,
-    })?;
+    let forked = unsafe { sys::clone_process(flags) }.map_err(io_err(format!(
+        "clone with namespaces {:?} (flags {flags:#x})",
+        plan.namespaces
+    )))?;
     let pid = match forked {
         sys::Forked::Child => Child {
             plan: &plan,
@@ -521,10 +520,7 @@ fn run_helper() -> Result<HelperReport, ExecError> {
     std::fs::File::from(err_r)
         .take(MAX_SETUP_ERROR_LEN)
         .read_to_end(&mut message)
-        .map_err(|source| ExecError::Sys {
-            what: "reading the set-up error pipe".into(),
-            source,
-        })?;
+        .map_err(io_err("reading the set-up error pipe"))?;
     if !message.is_empty() {
         return Err(ExecError::Child(
             String::from_utf8_lossy(&message).into_owned(),
