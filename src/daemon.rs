@@ -164,11 +164,7 @@ impl RelayHeader {
 
 /// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (DESIGN.md, Accounts).
 pub fn check_account_name(name: &str) -> Result<(), RelayHeaderError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"._@+-".contains(&c));
-    if ok {
+    if nixbuild_core::account::is_valid_account_name(name) {
         Ok(())
     } else {
         Err(RelayHeaderError::BadAccount(name.to_owned()))
