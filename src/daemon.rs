@@ -97,6 +97,9 @@ pub enum DaemonError {
     /// The configuration names something that does not exist.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The SSH front door could not start.
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
     /// The store's start-up task failed.
     #[error("internal error opening the store: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -192,9 +195,10 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
 }
 
 /// Runs the daemon on `state_dir` until `shutdown` resolves: opens the store (which cleans
-/// leftovers of earlier runs), listens on `serve.sock` and serves each connection in its own
-/// task. At shutdown it stops accepting, gives running sessions `timeouts.shutdown` to end,
-/// then cuts off the rest (their unfinished imports are discarded) and removes the socket.
+/// leftovers of earlier runs), listens on `serve.sock` (and for SSH when `ssh.listen` is set,
+/// see [`crate::ssh`]) and serves each connection in its own task. At shutdown it stops
+/// accepting, gives running sessions `timeouts.shutdown` to end, then cuts off the rest (their
+/// unfinished imports are discarded) and removes the socket.
 pub async fn run(
     state_dir: &Path,
     config: Config,
@@ -221,11 +225,20 @@ pub async fn run(
         Some(group) => Some(group.resolve()?),
         None => None,
     };
+    let front_door = crate::ssh::bind(state_dir, &config, store.clone()).await?;
     let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
         path: sock.clone(),
         source,
     })?;
     tracing::info!(socket = %sock.display(), "listening");
+    // The SSH side drains on its own, at the same time as the relayed sessions below.
+    let (stop_ssh, ssh_stop) = tokio::sync::watch::channel(false);
+    let ssh = front_door.map(|door| {
+        let mut stop = ssh_stop;
+        tokio::spawn(door.run(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }))
+    });
     let config = Arc::new(config);
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
@@ -255,6 +268,7 @@ pub async fn run(
         }
     };
     drop(listener);
+    let _ = stop_ssh.send(true);
     if let Err(e) = std::fs::remove_file(&sock) {
         tracing::warn!(socket = %sock.display(), "cannot remove the socket: {e}");
     }
@@ -271,6 +285,11 @@ pub async fn run(
                 "sessions still running at the shutdown timeout are cut off"
             );
             sessions.shutdown().await;
+        }
+    }
+    if let Some(ssh) = ssh {
+        if let Err(e) = ssh.await {
+            tracing::error!("the SSH server task failed: {e}");
         }
     }
     tracing::info!("stopped");

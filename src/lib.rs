@@ -3,8 +3,9 @@
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
 //! configuration), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
-//! [`nixbuild_core::serve`]) and [`daemon`] (the Unix socket server and its relay wire). It also dumps file
-//! trees as NARs ([`nar_fs`]). The binaries in `examples/` are thin wrappers around them; see
+//! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire) and
+//! [`ssh`] (its SSH front door, on `nixbuild_ssh`). It also dumps file trees as NARs
+//! ([`nar_fs`]). The binaries in `examples/` are thin wrappers around them; see
 //! ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
@@ -14,4 +15,5 @@ pub mod config;
 pub mod daemon;
 pub mod nar_fs;
 pub mod session;
+pub mod ssh;
 pub mod store;

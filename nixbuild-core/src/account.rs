@@ -21,7 +21,13 @@ mod tests {
 
     #[test]
     fn examples() {
-        for ok in ["a", "alice@laptop", "ci+nightly", "A.B_C-9", &"x".repeat(64)] {
+        for ok in [
+            "a",
+            "alice@laptop",
+            "ci+nightly",
+            "A.B_C-9",
+            &"x".repeat(64),
+        ] {
             assert!(is_valid_account_name(ok), "{ok:?}");
         }
         for bad in ["", "a b", "a/b", "é", "a\n", "a:b", &"x".repeat(65)] {

@@ -206,7 +206,9 @@ pub fn parse_line(line: &[u8]) -> Result<Option<KeyLine>, LineError> {
     let (key_type, rest) = next_field(rest);
     let (base64, comment) = next_field(rest);
     if base64.is_empty() {
-        return Err(LineError::Malformed("no base64 key data after the key type"));
+        return Err(LineError::Malformed(
+            "no base64 key data after the key type",
+        ));
     }
     let key = PublicKey::from_openssh(&format!("{key_type} {base64} {comment}")).map_err(|e| {
         LineError::BadKey {
@@ -410,7 +412,11 @@ mod tests {
     fn rsa() -> String {
         use base64::Engine;
         let mut blob = Vec::new();
-        for field in [&b"ssh-rsa"[..], &[1, 0, 1], &[&[0u8, 0xc5][..], &[0x5a; 255]].concat()] {
+        for field in [
+            &b"ssh-rsa"[..],
+            &[1, 0, 1],
+            &[&[0u8, 0xc5][..], &[0x5a; 255]].concat(),
+        ] {
             blob.extend_from_slice(&(field.len() as u32).to_be_bytes());
             blob.extend_from_slice(field);
         }
@@ -445,12 +451,22 @@ mod tests {
             account_of(&format!("{k} {}", "x".repeat(65))),
             Err(LineError::BadAccount("x".repeat(65)))
         );
-        assert_eq!(account_of(&format!("{k} alice\r")).unwrap().unwrap(), "alice");
+        assert_eq!(
+            account_of(&format!("{k} alice\r")).unwrap().unwrap(),
+            "alice"
+        );
     }
 
     #[test]
     fn blank_and_comment_lines_are_nothing() {
-        for line in ["", "   ", "\t", "# a comment", "   # indented comment", "\r"] {
+        for line in [
+            "",
+            "   ",
+            "\t",
+            "# a comment",
+            "   # indented comment",
+            "\r",
+        ] {
             assert_eq!(parse_line(line.as_bytes()), Ok(None), "{line:?}");
         }
     }
@@ -553,7 +569,9 @@ mod tests {
                 account: "alice".into()
             }
         );
-        assert!(keys.skipped[0].to_string().starts_with("line 4 skipped: option command="));
+        assert!(keys.skipped[0]
+            .to_string()
+            .starts_with("line 4 skipped: option command="));
     }
 
     #[test]

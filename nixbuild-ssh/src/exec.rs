@@ -172,7 +172,10 @@ mod tests {
             serve(true)
         );
         assert_eq!(parse_exec(b"  nix-store\t--serve  "), serve(false));
-        assert_eq!(parse_exec(b"nix-store --store --write --serve"), serve(false));
+        assert_eq!(
+            parse_exec(b"nix-store --store --write --serve"),
+            serve(false)
+        );
     }
 
     #[test]
@@ -188,8 +191,14 @@ mod tests {
             ("nix-store --serve; sh", ExecRefusal::ShellSyntax(';')),
             ("nix-store --serve | sh", ExecRefusal::ShellSyntax('|')),
             ("nix-store --serve > /tmp/x", ExecRefusal::ShellSyntax('>')),
-            ("nix-store --serve --store $HOME", ExecRefusal::ShellSyntax('$')),
-            ("nix-store --serve --store \"$HOME\"", ExecRefusal::ShellSyntax('$')),
+            (
+                "nix-store --serve --store $HOME",
+                ExecRefusal::ShellSyntax('$'),
+            ),
+            (
+                "nix-store --serve --store \"$HOME\"",
+                ExecRefusal::ShellSyntax('$'),
+            ),
             ("nix-store --serve `id`", ExecRefusal::ShellSyntax('`')),
             ("# nix-store --serve", ExecRefusal::ShellSyntax('#')),
             ("nix-store --serve 'unterminated", ExecRefusal::Unterminated),

@@ -202,7 +202,10 @@ mod tests {
         load_or_create(dir.path()).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = load_or_create(dir.path()).unwrap_err();
-        assert!(matches!(e, HostKeyError::TooOpen { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(e, HostKeyError::TooOpen { mode: 0o644, .. }),
+            "{e}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "not a key").unwrap();
         let e = load_or_create(dir.path()).unwrap_err();
@@ -221,7 +224,10 @@ mod tests {
             known_hosts_line("127.0.0.1", 2222, public),
             format!("[127.0.0.1]:2222 {line}")
         );
-        assert_eq!(known_hosts_line("build", 22, public), format!("build {line}"));
+        assert_eq!(
+            known_hosts_line("build", 22, public),
+            format!("build {line}")
+        );
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(machines_host_key(public))
             .unwrap();

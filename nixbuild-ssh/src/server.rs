@@ -38,6 +38,11 @@ use crate::authorized_keys::{AuthorizedKeys, KeyTypes, MAX_FILE_SIZE};
 use crate::exec::{parse_exec, ExecRefusal, SERVED};
 use crate::host_key::fingerprint;
 
+/// What a client that asks for a terminal is told.
+const PTY_REFUSED: &str = "terminals are not served (run ssh without -t): this server runs only \
+                           `nix-store --serve [--write]`, the remote end of Nix's ssh:// stores \
+                           and remote builders";
+
 /// How long every refused authentication takes, whatever was refused (unknown key, key type
 /// not enabled, bad signature), so timing tells nothing about which keys exist.
 pub const AUTH_REJECTION_TIME: Duration = Duration::from_millis(500);
@@ -139,8 +144,8 @@ pub trait SessionService: Send + Sync + 'static {
     ) -> impl Future<Output = u32> + Send
     where
         R: AsyncRead + Unpin + Send,
-        W: AsyncWrite + Unpin + Send,
-        E: AsyncWrite + Unpin + Send;
+        W: AsyncWrite + Unpin + Send + Sync,
+        E: AsyncWrite + Unpin + Send + Sync;
 }
 
 /// Where the server is in its life.
@@ -167,12 +172,11 @@ impl KeyRing {
     /// Reads the file; an error when it cannot be read (at start a server without keys is a
     /// mistake, not a state to run in).
     fn load(path: &Path, types: KeyTypes) -> Result<KeyRing, ServerError> {
-        let (keys, stamp) = read_keys(path, &types).map_err(|reason| {
-            ServerError::AuthorizedKeys {
+        let (keys, stamp) =
+            read_keys(path, &types).map_err(|reason| ServerError::AuthorizedKeys {
                 path: path.to_owned(),
                 reason,
-            }
-        })?;
+            })?;
         log_loaded(path, &keys, "loaded");
         Ok(KeyRing {
             path: path.to_owned(),
@@ -441,7 +445,6 @@ async fn next_signal(signal: &mut Option<Signal>) {
         }
     }
     std::future::pending().await
-
 }
 
 /// Closes a connection beyond `max_connections` at once, with a line a person using `nc`
@@ -572,8 +575,7 @@ async fn watchdog(
     loop {
         let now = *status.borrow_and_update();
         let p = *phase.borrow_and_update();
-        if (now.authenticated && !last.authenticated) || (now.sessions == 0 && last.sessions > 0)
-        {
+        if (now.authenticated && !last.authenticated) || (now.sessions == 0 && last.sessions > 0) {
             idle_since = Instant::now();
         }
         last = now;
@@ -643,7 +645,8 @@ struct SessionGuard(Arc<watch::Sender<ConnStatus>>);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.0.send_modify(|s| s.sessions = s.sessions.saturating_sub(1));
+        self.0
+            .send_modify(|s| s.sessions = s.sessions.saturating_sub(1));
     }
 }
 
@@ -889,7 +892,9 @@ impl<S: SessionService> Handler for Connection<S> {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse_forwarding("an X11 channel");
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -906,7 +911,9 @@ impl<S: SessionService> Handler for Connection<S> {
         self.refuse_forwarding(&format!(
             "port forwarding to {host_to_connect}:{port_to_connect}"
         ));
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -921,7 +928,9 @@ impl<S: SessionService> Handler for Connection<S> {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse_forwarding("a forwarded-tcpip channel");
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -933,7 +942,9 @@ impl<S: SessionService> Handler for Connection<S> {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse_forwarding(&format!("forwarding to the socket {socket_path}"));
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -987,7 +998,11 @@ impl<S: SessionService> Handler for Connection<S> {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         // Clients send LANG and LC_* by default; nothing here reads the environment.
-        tracing::debug!(conn = self.id, variable_name, "ignored an environment variable");
+        tracing::debug!(
+            conn = self.id,
+            variable_name,
+            "ignored an environment variable"
+        );
         session.channel_failure(channel)?;
         Ok(())
     }
@@ -1011,6 +1026,9 @@ impl<S: SessionService> Handler for Connection<S> {
         if let Some(pending) = self.channels.get_mut(&channel) {
             pending.pty = true;
         }
+        // OpenSSH's `ssh -t` closes the channel when the terminal is refused, so the message
+        // goes first, or the user would only see "PTY allocation request failed".
+        session.extended_data(channel, 1, format!("error: {}\n", PTY_REFUSED))?;
         session.channel_failure(channel)?;
         Ok(())
     }
@@ -1056,11 +1074,7 @@ impl<S: SessionService> Handler for Connection<S> {
             return Ok(());
         };
         if pending.pty {
-            return self.refuse_channel(
-                channel,
-                session,
-                &format!("terminals (ssh -t) are not served; {SERVED}; run ssh without -t"),
-            );
+            return self.refuse_channel(channel, session, PTY_REFUSED);
         }
         let exec = match parse_exec(data) {
             Ok(exec) => exec,

@@ -68,7 +68,10 @@ mod tests {
         };
         assert_eq!(scan("--serve --write"), rw);
         assert_eq!(scan("--serve --write --store /x"), rw);
-        assert_eq!(ServeArgs::scan(["--serve", "--write", "--builders", ""]), rw);
+        assert_eq!(
+            ServeArgs::scan(["--serve", "--write", "--builders", ""]),
+            rw
+        );
         assert_eq!(
             scan("--serve"),
             ServeArgs {

@@ -24,8 +24,8 @@ pub mod request;
 pub mod response;
 pub mod session;
 
-pub use command::ServeArgs;
 pub use build::{BuildOptions, BuildResult, BuildStatus, BuiltOutput};
+pub use command::ServeArgs;
 pub use export::{ExportMarker, ExportTrailer};
 pub use handshake::{ClientHello, ProtocolVersion, ServerHello};
 pub use request::{AddToStoreNar, Opcode, PathWithOutputs, Request};
