@@ -53,6 +53,9 @@ pub const KEYS_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Unanswered keepalives before a connection is considered dead.
 pub const KEEPALIVE_MAX: usize = 4;
+/// At shutdown, how long a connection whose last session just ended is left for its client
+/// to close.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 /// After the server closed a connection, how long it waits for the client to go.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After the grace period, how long cut-off sessions get to send their message and end.
@@ -505,6 +508,31 @@ async fn connection<S: SessionService>(
     id: u64,
 ) {
     let _ = tcp.set_nodelay(true);
+    // A second descriptor of the socket, to cut it off from here: russh's session task
+    // cannot be aborted, and a client stuck in the key exchange never gets the disconnect
+    // message (russh sends nothing else until the exchange completes).
+    let (tcp, cut) = match tcp.into_std().and_then(|std| {
+        let cut = std.try_clone()?;
+        Ok((TcpStream::from_std(std)?, cut))
+    }) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::error!(conn = id, %peer, "cannot set up the connection: {e}");
+            return;
+        }
+    };
+    serve_connection(shared, tcp, peer, id).await;
+    // Whatever happened, the connection is over for the client too.
+    let _ = cut.shutdown(std::net::Shutdown::Both);
+}
+
+/// The body of [`connection`], which closes the socket when it returns.
+async fn serve_connection<S: SessionService>(
+    shared: Arc<Shared<S>>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) {
     let (status, status_rx) = watch::channel(ConnStatus::default());
     let handler = Connection {
         shared: shared.clone(),
@@ -579,10 +607,11 @@ async fn watchdog(
             idle_since = Instant::now();
         }
         last = now;
-        if p != Phase::Running && now.sessions == 0 {
-            return Closing::Shutdown;
-        }
-        let deadline = if !now.authenticated {
+        let deadline = if p != Phase::Running && now.sessions == 0 {
+            // A client whose last session just ended closes the connection itself, having
+            // read the exit status; closing it first would make ssh exit with 255.
+            Some((idle_since + SHUTDOWN_LINGER, Closing::Shutdown))
+        } else if !now.authenticated {
             Some((auth_deadline, Closing::AuthTimeout))
         } else if now.sessions == 0 {
             Some((idle_since + idle, Closing::Idle))
@@ -1021,15 +1050,16 @@ impl<S: SessionService> Handler for Connection<S> {
         tracing::info!(
             conn = self.id,
             peer = %self.peer,
-            "refused a terminal (pty); the channel's command will be refused too"
+            "refused a terminal (pty): the channel's command is refused"
         );
+        // No terminal is allocated, ever. The request is answered with success all the same:
+        // `ssh -t` closes the channel on a failure before it prints anything the server sent,
+        // so the user would only see "PTY allocation request failed". This way the command
+        // that follows is refused with PTY_REFUSED on its stderr.
         if let Some(pending) = self.channels.get_mut(&channel) {
             pending.pty = true;
         }
-        // OpenSSH's `ssh -t` closes the channel when the terminal is refused, so the message
-        // goes first, or the user would only see "PTY allocation request failed".
-        session.extended_data(channel, 1, format!("error: {}\n", PTY_REFUSED))?;
-        session.channel_failure(channel)?;
+        session.channel_success(channel)?;
         Ok(())
     }
 
