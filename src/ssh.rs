@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use nixbuild_ssh::host_key::{self, HostKeyError, HOST_KEY_FILE};
@@ -53,7 +53,7 @@ impl SessionService for SshSessions {
         let account = request.account.as_str();
         let conn = request.connection;
         let settings = SessionSettings::new(&self.config, account, request.write);
-        tracing::info!(%account, write = request.write, conn, "session start");
+        tracing::info!(%account, write = request.write, conn, peer = %request.peer, "session start");
         match session::serve_streams(&self.store, &settings, stdin, stdout, stderr).await {
             Ok(()) => {
                 tracing::info!(%account, conn, status = 0, "session end");
@@ -163,7 +163,7 @@ fn host_for(addr: SocketAddr) -> String {
 }
 
 /// Prints on stdout the lines users pin the host key with (README, "SSH").
-fn print_pins(addr: SocketAddr, key: &PublicKey, pub_file: &PathBuf) {
+fn print_pins(addr: SocketAddr, key: &PublicKey, pub_file: &Path) {
     let host = host_for(addr);
     let port = addr.port();
     let config = host_key::ssh_config("nixbuild", &host, port, "~/.ssh/id_ed25519");

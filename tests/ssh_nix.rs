@@ -28,7 +28,7 @@ fn nix_conf() -> Nix {
 fn server() -> (SshServer, Key) {
     let client = tempfile::tempdir().expect("temp dir");
     let key = SshServer::key(client.path(), "id_alice", "ed25519", ACCOUNT);
-    let server = SshServer::start("", client, &[key.public.clone()]);
+    let server = SshServer::start("", client, &[&key]);
     (server, key)
 }
 
@@ -153,7 +153,10 @@ fn restart_keeps_the_host_key_and_clients_connect_without_a_warning() {
     let pub_before = std::fs::read(key_file.with_extension("pub")).expect("the .pub file");
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&key_file).expect("stat").permissions().mode();
+        let mode = std::fs::metadata(&key_file)
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     ok(over_ssh(&nix, &config, "nix").args(["store", "ping", "--store", "ssh://nixbuild-test"]));
@@ -162,7 +165,10 @@ fn restart_keeps_the_host_key_and_clients_connect_without_a_warning() {
     let server = server.restart();
     assert_eq!(server.pins, pins, "the printed pins changed");
     assert_eq!(std::fs::read(&key_file).expect("key"), before);
-    assert_eq!(std::fs::read(key_file.with_extension("pub")).expect("pub"), pub_before);
+    assert_eq!(
+        std::fs::read(key_file.with_extension("pub")).expect("pub"),
+        pub_before
+    );
     let ping = ok(over_ssh(&nix, &config, "nix").args([
         "store",
         "ping",
@@ -188,7 +194,14 @@ fn several_sessions_share_one_connection() {
     let mut master = Command::new("ssh")
         .arg("-F")
         .arg(&config)
-        .args(["-N", "-o", "ControlMaster=yes", "-o", &control_opt, "nixbuild-test"])
+        .args([
+            "-N",
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            &control_opt,
+            "nixbuild-test",
+        ])
         .stdin(std::process::Stdio::null())
         .spawn()
         .expect("spawn the ssh master");
@@ -196,7 +209,10 @@ fn several_sessions_share_one_connection() {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !control.exists() {
         assert!(std::time::Instant::now() < until, "no control socket");
-        assert!(master.try_wait().expect("poll").is_none(), "the master exited");
+        assert!(
+            master.try_wait().expect("poll").is_none(),
+            "the master exited"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let through_master = ["-o", "ControlMaster=no", "-o", &control_opt];
@@ -225,7 +241,10 @@ fn several_sessions_share_one_connection() {
         .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("conn=")))
         .collect();
     assert_eq!(conns.len(), 2, "{}", stopped.log);
-    assert_eq!(conns[0], conns[1], "the sessions came on different connections");
+    assert_eq!(
+        conns[0], conns[1],
+        "the sessions came on different connections"
+    );
     assert_eq!(stopped.log.matches("authenticated").count(), 1);
 }
 
@@ -280,9 +299,13 @@ fn build_hook_reaches_the_server_through_both_builder_forms() {
     let (server, key) = server();
     let expr = salted_derivation(&nix, &salt);
     for (config, builders) in builders(&server, &key) {
-        let out = run(over_ssh(&nix, &config, "nix-build")
-            .arg(&expr)
-            .args(["--no-out-link", "--max-jobs", "0", "--builders", &builders]));
+        let out = run(over_ssh(&nix, &config, "nix-build").arg(&expr).args([
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--builders",
+            &builders,
+        ]));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{builders}: built?\n{stderr}");
         assert!(
@@ -297,9 +320,16 @@ fn build_hook_reaches_the_server_through_both_builder_forms() {
         .lines()
         .filter(|l| l.contains("registered import") && l.contains(&format!("bb-{salt}")))
         .count();
-    assert_eq!(uploads, 1, "the builder's input was not uploaded once:\n{}", stopped.log);
     assert_eq!(
-        stopped.log.matches(&format!("account={ACCOUNT} write=true")).count(),
+        uploads, 1,
+        "the builder's input was not uploaded once:\n{}",
+        stopped.log
+    );
+    assert_eq!(
+        stopped
+            .log
+            .matches(&format!("account={ACCOUNT} write=true"))
+            .count(),
         2,
         "{}",
         stopped.log
@@ -318,9 +348,13 @@ fn builds_through_both_builder_forms() {
         // A fresh salt per form, so the second build is not already valid locally.
         let salt = Nix::salt();
         let expr = salted_derivation(&nix, &salt);
-        let out = ok(over_ssh(&nix, &config, "nix-build")
-            .arg(&expr)
-            .args(["--no-out-link", "--max-jobs", "0", "--builders", &builders]));
+        let out = ok(over_ssh(&nix, &config, "nix-build").arg(&expr).args([
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--builders",
+            &builders,
+        ]));
         let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert_eq!(
             std::fs::read_to_string(&path).expect("read the output"),

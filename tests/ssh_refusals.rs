@@ -58,7 +58,7 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
     let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
     let rsa = SshServer::key(client.path(), "id_rsa", "rsa", "carol");
     let unknown = SshServer::key(client.path(), "id_unknown", "ed25519", "mallory");
-    let server = SshServer::start("", client, &[alice.public.clone(), rsa.public.clone()]);
+    let server = SshServer::start("", client, &[&alice, &rsa]);
     server
         .daemon
         .wait_for_log(&["line 2 skipped", "key type ssh-rsa is not enabled"]);
@@ -67,7 +67,11 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
 
     // Keys: unknown, and listed but of a type not enabled.
     for (key, alias, reason) in [
-        (&unknown, "unknown-host", "the key is not in the authorized keys file"),
+        (
+            &unknown,
+            "unknown-host",
+            "the key is not in the authorized keys file",
+        ),
         (&rsa, "rsa-host", "key type ssh-rsa is not enabled"),
     ] {
         let cfg = server.ssh_config(alias, key);
@@ -80,8 +84,14 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
     for (args, needle) in [
         (&["sh"][..], "error: `sh` is not served"),
         (&["ls", "-la", "/"], "error: `ls` is not served"),
-        (&["nix-store", "--export", "/nix/store/x"], "without --serve is not served"),
-        (&["nix-daemon", "--stdio"], "`nix-daemon --stdio` (Nix's ssh-ng:// store) is not supported"),
+        (
+            &["nix-store", "--export", "/nix/store/x"],
+            "without --serve is not served",
+        ),
+        (
+            &["nix-daemon", "--stdio"],
+            "`nix-daemon --stdio` (Nix's ssh-ng:// store) is not supported",
+        ),
         (&["nix-store --serve; sh"], "no shell runs here"),
     ] {
         let out = ssh(&config, args);
@@ -92,11 +102,25 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
     assert_refused(&ssh(&config, &[]), 1, "error: no shell is served");
     // A terminal: OpenSSH closes the channel itself when -tt's terminal is refused, after
     // printing the server's message.
-    let out = run(&mut SshServer::ssh_with(&config, &["-tt"], ALIAS, &["nix-store", "--serve"]));
+    let out = run(&mut SshServer::ssh_with(
+        &config,
+        &["-tt"],
+        ALIAS,
+        &["nix-store", "--serve"],
+    ));
     assert!(!out.status.success());
-    assert_refused(&out, out.status.code().unwrap_or(-1), "error: terminals are not served");
+    assert_refused(
+        &out,
+        out.status.code().unwrap_or(-1),
+        "error: terminals are not served",
+    );
     // Forwarding: stdio forwarding opens a direct-tcpip channel.
-    let out = run(&mut SshServer::ssh_with(&config, &["-W", "127.0.0.1:1"], ALIAS, &[]));
+    let out = run(&mut SshServer::ssh_with(
+        &config,
+        &["-W", "127.0.0.1:1"],
+        ALIAS,
+        &[],
+    ));
     assert_refused(&out, 255, "administratively prohibited");
     // Random bytes into a serve session end that session with an error only.
     let mut random = Command::new("ssh")
@@ -134,7 +158,11 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
         "refused port forwarding to 127.0.0.1:1",
         "refused: the command uses shell syntax",
     ] {
-        assert!(stopped.log.contains(reason), "{reason} not logged:\n{}", stopped.log);
+        assert!(
+            stopped.log.contains(reason),
+            "{reason} not logged:\n{}",
+            stopped.log
+        );
     }
 }
 
@@ -152,7 +180,7 @@ fn authorized_keys_are_reread_on_change_and_sighup_without_dropping_sessions() {
     let client = tempfile::tempdir().expect("temp dir");
     let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
     let bob = SshServer::key(client.path(), "id_bob", "ed25519", "bob");
-    let server = SshServer::start("", client, &[alice.public.clone()]);
+    let server = SshServer::start("", client, &[&alice]);
     let as_alice = server.ssh_config("alice-host", &alice);
     let as_bob = server.ssh_config("bob-host", &bob);
     let serve = |config: &Path, alias: &str| {
@@ -161,7 +189,11 @@ fn authorized_keys_are_reread_on_change_and_sighup_without_dropping_sessions() {
         s.close().0
     };
     let refused = |config: &Path, alias: &str| {
-        let out = run(&mut SshServer::ssh(config, alias, &["nix-store", "--serve"]));
+        let out = run(&mut SshServer::ssh(
+            config,
+            alias,
+            &["nix-store", "--serve"],
+        ));
         assert_refused(&out, 255, "Permission denied (publickey)");
     };
     let mut open = SshSession::open(&as_alice, "alice-host");
@@ -205,7 +237,7 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     let server = SshServer::start(
         "[timeouts]\nauth = 2\nidle = 3\n[ssh]\nmax_connections_per_account = 1\n",
         client,
-        &[alice.public.clone()],
+        &[&alice],
     );
     let config = server.ssh_config(ALIAS, &alice);
 
@@ -256,11 +288,7 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
 fn sigterm_lets_sessions_finish_then_cuts_off_the_rest() {
     let client = tempfile::tempdir().expect("temp dir");
     let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
-    let server = SshServer::start(
-        "[timeouts]\nshutdown = 3\n",
-        client,
-        &[alice.public.clone()],
-    );
+    let server = SshServer::start("[timeouts]\nshutdown = 3\n", client, &[&alice]);
     let config = server.ssh_config(ALIAS, &alice);
     let mut finishing = SshSession::open(&config, ALIAS);
     let lingering = SshSession::open(&config, ALIAS);

@@ -441,7 +441,7 @@ mod tests {
             account_of(&format!("  {k}\tbob+ci  some words after")).unwrap(),
             Some("bob+ci".into())
         );
-        assert_eq!(account_of(&format!("{k}")), Err(LineError::NoAccount));
+        assert_eq!(account_of(&k), Err(LineError::NoAccount));
         assert_eq!(account_of(&format!("{k}   ")), Err(LineError::NoAccount));
         assert_eq!(
             account_of(&format!("{k} a/b")),

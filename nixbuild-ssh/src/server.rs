@@ -167,8 +167,8 @@ struct KeyRing {
     path: PathBuf,
     types: KeyTypes,
     keys: RwLock<Arc<AuthorizedKeys>>,
-    /// (device, inode, size, mtime, ctime) of the file as last read.
-    stamp: Mutex<Option<(u64, u64, u64, i64, i64, i64)>>,
+    /// The file as last read.
+    stamp: Mutex<Option<FileStamp>>,
 }
 
 impl KeyRing {
@@ -221,21 +221,29 @@ impl KeyRing {
     }
 }
 
-type Stamp = Option<(u64, u64, u64, i64, i64, i64)>;
-
-fn file_stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime_nsec() ^ m.ctime(),
-    ))
+/// What tells one version of the keys file from another: a rewrite in place changes the
+/// times, a new file renamed into place the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
 }
 
-fn read_keys(path: &Path, types: &KeyTypes) -> Result<(AuthorizedKeys, Stamp), String> {
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+fn read_keys(path: &Path, types: &KeyTypes) -> Result<(AuthorizedKeys, Option<FileStamp>), String> {
     use std::io::Read;
     let stamp = file_stamp(path);
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
@@ -1156,5 +1164,131 @@ impl<S> Connection<S> {
             account = self.account.as_ref().map_or("", |a| a.name.as_str()),
             "refused {what}: no forwarding is served"
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+
+    const AUTH: Duration = Duration::from_secs(60);
+    const IDLE: Duration = Duration::from_secs(1800);
+
+    struct Watched {
+        status: watch::Sender<ConnStatus>,
+        phase: watch::Sender<Phase>,
+        task: tokio::task::JoinHandle<(Closing, Instant)>,
+        start: Instant,
+    }
+
+    /// Starts a watchdog on a fresh connection, with the clock paused.
+    fn watch_connection() -> Watched {
+        let start = Instant::now();
+        let (status, status_rx) = watch::channel(ConnStatus::default());
+        let (phase, phase_rx) = watch::channel(Phase::Running);
+        let task = tokio::spawn(async move {
+            let why = watchdog(status_rx, phase_rx, start + AUTH, IDLE).await;
+            (why, Instant::now())
+        });
+        Watched {
+            status,
+            phase,
+            task,
+            start,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unauthenticated_connection_ends_at_the_auth_timeout() {
+        let w = watch_connection();
+        let (why, at) = w.task.await.unwrap();
+        assert_eq!(why, Closing::AuthTimeout);
+        assert_eq!(at - w.start, AUTH);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idleness_counts_from_the_last_session() {
+        let w = watch_connection();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        w.status.send_modify(|s| s.authenticated = true);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        w.status.send_modify(|s| s.sessions = 1);
+        // A session running far longer than the idle timeout keeps the connection.
+        tokio::time::sleep(IDLE * 3).await;
+        assert!(!w.task.is_finished());
+        let ended = Instant::now();
+        w.status.send_modify(|s| s.sessions = 0);
+        let (why, at) = w.task.await.unwrap();
+        assert_eq!(why, Closing::Idle);
+        assert_eq!(at - ended, IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_sessions_then_lets_the_client_leave_first() {
+        let w = watch_connection();
+        w.status.send_modify(|s| {
+            s.authenticated = true;
+            s.sessions = 2;
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        w.phase.send_replace(Phase::Draining);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        w.status.send_modify(|s| s.sessions = 1);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!w.task.is_finished());
+        let ended = Instant::now();
+        w.status.send_modify(|s| s.sessions = 0);
+        let (why, at) = w.task.await.unwrap();
+        assert_eq!(why, Closing::Shutdown);
+        assert_eq!(at - ended, SHUTDOWN_LINGER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_soon_after_shutdown_starts() {
+        let w = watch_connection();
+        w.status.send_modify(|s| s.authenticated = true);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let draining = Instant::now();
+        w.phase.send_replace(Phase::Draining);
+        let (why, at) = w.task.await.unwrap();
+        assert_eq!(why, Closing::Shutdown);
+        assert_eq!(at, draining, "idle for long: closed at once");
+    }
+
+    #[test]
+    fn account_slots_are_counted_and_given_back() {
+        let counts = Arc::new(AccountCounts::default());
+        let a1 = counts.acquire("a", 2).unwrap();
+        let a2 = counts.acquire("a", 2).unwrap();
+        assert!(counts.acquire("a", 2).is_none());
+        let b = counts.acquire("b", 2).unwrap();
+        drop(a1);
+        let a3 = counts.acquire("a", 2).unwrap();
+        drop((a2, a3, b));
+        assert!(counts.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_key_ring_keeps_its_keys_when_the_file_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_keys");
+        let key = russh::keys::ssh_key::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[1; 32]),
+        );
+        let line = format!("{} alice\n", key.public_key().to_openssh().unwrap());
+        std::fs::write(&path, &line).unwrap();
+        let ring = KeyRing::load(&path, KeyTypes::default()).unwrap();
+        assert_eq!(ring.current().len(), 1);
+        std::fs::remove_file(&path).unwrap();
+        ring.reload_if_changed();
+        assert_eq!(ring.current().len(), 1, "a missing file keeps the old keys");
+        std::fs::write(&path, "").unwrap();
+        ring.reload_if_changed();
+        assert_eq!(ring.current().len(), 0);
+        assert!(matches!(
+            KeyRing::load(&dir.path().join("nope"), KeyTypes::default()),
+            Err(ServerError::AuthorizedKeys { .. })
+        ));
     }
 }

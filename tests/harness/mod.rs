@@ -196,7 +196,11 @@ impl Daemon {
     fn wait_exit(&mut self) {
         let mut process = self.child.take().expect("running");
         let status = process.0.wait().expect("wait for the daemon");
-        assert!(status.success(), "daemon exited with {status}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "daemon exited with {status}:\n{}",
+            self.log()
+        );
     }
 
     /// The daemon's process id.

@@ -56,9 +56,12 @@ impl Pins {
     /// Reads the pins from the last start's lines in the daemon's stdout.
     pub fn of(daemon: &Daemon) -> Pins {
         let out = daemon.stdout();
-        let start = out
-            .rfind("nixbuild-server: SSH on ")
-            .unwrap_or_else(|| panic!("no SSH pins on the daemon's stdout:\n{out}\n{}", daemon.log()));
+        let start = out.rfind("nixbuild-server: SSH on ").unwrap_or_else(|| {
+            panic!(
+                "no SSH pins on the daemon's stdout:\n{out}\n{}",
+                daemon.log()
+            )
+        });
         let text = &out[start..];
         let value = |label: &str| {
             text.lines()
@@ -95,10 +98,11 @@ pub struct SshServer {
 
 impl SshServer {
     /// Starts a daemon with `config` (TOML) listening on a free port of 127.0.0.1, with an
-    /// `authorized_keys` file holding `lines` (use [`SshServer::key`] first to make keys).
-    pub fn start(config: &str, client: tempfile::TempDir, lines: &[String]) -> SshServer {
+    /// `authorized_keys` file listing `keys` (made with [`SshServer::key`] in `client`).
+    pub fn start(config: &str, client: tempfile::TempDir, keys: &[&Key]) -> SshServer {
         let authorized_keys = client.path().join("authorized_keys");
-        std::fs::write(&authorized_keys, lines.join("\n") + "\n").expect("write authorized_keys");
+        let lines: String = keys.iter().map(|k| format!("{}\n", k.public)).collect();
+        std::fs::write(&authorized_keys, lines).expect("write authorized_keys");
         let daemon = Daemon::start_with_config(
             config,
             &[
@@ -127,7 +131,11 @@ impl SshServer {
             self.authorized_keys.to_str().expect("UTF-8 temp path"),
         ]);
         let pins = Pins::of(&daemon);
-        SshServer { daemon, pins, ..self }
+        SshServer {
+            daemon,
+            pins,
+            ..self
+        }
     }
 
     /// Writes an ssh config for host `alias` with `key` that pins the host key through a
@@ -207,7 +215,10 @@ pub fn assert_refused(out: &Output, status: i32, needle: &str) {
         Some(status),
         "expected exit status {status}; stderr: {stderr}"
     );
-    assert!(stderr.contains(needle), "expected {needle:?} in stderr: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "expected {needle:?} in stderr: {stderr}"
+    );
 }
 
 /// A `nix-store --serve` session over ssh, driven by the test: the hello is exchanged at

@@ -79,8 +79,8 @@ mod tests {
                 write: false
             }
         );
-        assert_eq!(scan("--option foo --write --serve").write, false);
-        assert_eq!(scan("--store --write --serve").write, false);
+        assert!(!scan("--option foo --write --serve").write);
+        assert!(!scan("--store --write --serve").write);
         assert_eq!(scan("--export /nix/store/x"), ServeArgs::default());
     }
 }
