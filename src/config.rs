@@ -107,8 +107,8 @@ impl Default for SshConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Most sessions served at once; a connection beyond it gets `error: ...` and exit
-    /// status 1. Default 1024.
+    /// Most sessions relayed over `serve.sock` at once; a connection beyond it gets
+    /// `error: ...` and exit status 1. Default 1024. (SSH has its own limits in `[ssh]`.)
     pub max_sessions: usize,
 }
 

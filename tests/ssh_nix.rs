@@ -26,9 +26,14 @@ fn nix_conf() -> Nix {
 
 /// A server with one ed25519 key for [`ACCOUNT`].
 fn server() -> (SshServer, Key) {
+    server_with("")
+}
+
+/// Like [`server`], with `config` (TOML) as the configuration.
+fn server_with(config: &str) -> (SshServer, Key) {
     let client = tempfile::tempdir().expect("temp dir");
     let key = SshServer::key(client.path(), "id_alice", "ed25519", ACCOUNT);
-    let server = SshServer::start("", client, &[&key]);
+    let server = SshServer::start(config, client, &[&key]);
     (server, key)
 }
 
@@ -186,8 +191,8 @@ fn restart_keeps_the_host_key_and_clients_connect_without_a_warning() {
 }
 
 #[test]
-fn several_sessions_share_one_connection() {
-    let (server, key) = server();
+fn several_sessions_share_one_connection_up_to_the_limit() {
+    let (server, key) = server_with("[ssh]\nmax_sessions_per_connection = 2\n");
     let config = server.ssh_config("nixbuild-test", &key);
     let control = server.client.path().join("control");
     let control_opt = format!("ControlPath={}", control.display());
@@ -228,6 +233,16 @@ fn several_sessions_share_one_connection() {
     // Both sessions are open at once and each answers (an empty set: count 0).
     assert_eq!(first.exchange(&query, 8), vec![0; 8]);
     assert_eq!(second.exchange(&query, 8), vec![0; 8]);
+    // A third at once is over the limit: the master's channel is refused (ssh then falls
+    // back to a connection of its own, where its empty stdin ends the session).
+    let third = run(&mut SshServer::ssh_with(
+        &config,
+        &through_master,
+        "nixbuild-test",
+        &["nix-store", "--serve"],
+    ));
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(stderr.contains("Session open refused by peer"), "{stderr}");
     assert_eq!(first.close().0, 0);
     assert_eq!(second.close().0, 0);
     let _ = master.kill();
@@ -240,12 +255,15 @@ fn several_sessions_share_one_connection() {
         .filter(|l| l.contains("session start"))
         .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("conn=")))
         .collect();
-    assert_eq!(conns.len(), 2, "{}", stopped.log);
+    assert_eq!(conns.len(), 3, "{}", stopped.log);
     assert_eq!(
         conns[0], conns[1],
         "the sessions came on different connections"
     );
-    assert_eq!(stopped.log.matches("authenticated").count(), 1);
+    assert_ne!(conns[1], conns[2], "the fallback came through the master");
+    assert!(stopped
+        .log
+        .contains("refused a session channel: 2 are open on this connection"));
 }
 
 /// Writes a salted derivation built by busybox's `sh` (a copy named `sh`, so it runs as the
