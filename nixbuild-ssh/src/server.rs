@@ -716,7 +716,8 @@ impl<S: SessionService> Connection<S> {
     }
 
     /// Refuses a channel's request with `error: <message>` on its stderr, exit status 1, and
-    /// closes the channel, the way a shell reports a command it cannot run.
+    /// closes the channel, the way a shell reports a command it cannot run. On a channel
+    /// that already runs a session, the request alone fails.
     fn refuse_channel(
         &mut self,
         id: ChannelId,
@@ -729,7 +730,10 @@ impl<S: SessionService> Connection<S> {
             account = self.account.as_ref().map_or("", |a| a.name.as_str()),
             "refused: {message}"
         );
-        self.channels.remove(&id);
+        if self.channels.remove(&id).is_none() {
+            session.channel_failure(id)?;
+            return Ok(());
+        }
         session.channel_success(id)?;
         session.extended_data(id, 1, format!("error: {message}\n"))?;
         session.exit_status_request(id, 1)?;
@@ -1064,10 +1068,14 @@ impl<S: SessionService> Handler for Connection<S> {
         // `ssh -t` closes the channel on a failure before it prints anything the server sent,
         // so the user would only see "PTY allocation request failed". This way the command
         // that follows is refused with PTY_REFUSED on its stderr.
-        if let Some(pending) = self.channels.get_mut(&channel) {
-            pending.pty = true;
+        match self.channels.get_mut(&channel) {
+            Some(pending) => {
+                pending.pty = true;
+                session.channel_success(channel)?;
+            }
+            // A channel already running its command gets no terminal either.
+            None => session.channel_failure(channel)?,
         }
-        session.channel_success(channel)?;
         Ok(())
     }
 
@@ -1101,7 +1109,7 @@ impl<S: SessionService> Handler for Connection<S> {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let command = String::from_utf8_lossy(&data[..data.len().min(200)]).into_owned();
-        let Some(pending) = self.channels.remove(&channel) else {
+        let Some(pending) = self.channels.get(&channel) else {
             tracing::info!(
                 conn = self.id,
                 peer = %self.peer,
@@ -1143,7 +1151,10 @@ impl<S: SessionService> Handler for Connection<S> {
             );
         }
         tracing::debug!(conn = self.id, command, "exec");
-        self.start_session(channel, pending.channel, exec.write, session)
+        match self.channels.remove(&channel) {
+            Some(pending) => self.start_session(channel, pending.channel, exec.write, session),
+            None => Ok(()),
+        }
     }
 
     async fn channel_close(
