@@ -234,12 +234,15 @@ fn authorized_keys_are_reread_on_change_and_sighup_without_dropping_sessions() {
 fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     let client = tempfile::tempdir().expect("temp dir");
     let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
+    let bob = SshServer::key(client.path(), "id_bob", "ed25519", "bob");
     let server = SshServer::start(
-        "[timeouts]\nauth = 2\nidle = 3\n[ssh]\nmax_connections_per_account = 1\n",
+        "[timeouts]\nauth = 2\nidle = 3\n\
+         [ssh]\nmax_connections_per_account = 1\nmax_connections = 2\n",
         client,
-        &[&alice],
+        &[&alice, &bob],
     );
     let config = server.ssh_config(ALIAS, &alice);
+    let as_bob = server.ssh_config("bob-host", &bob);
 
     // A client that sends nothing, and one that says hello and stops: both are closed after
     // the authentication timeout (bounds ten times looser than the timeout).
@@ -275,6 +278,28 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     let mut first = SshSession::open(&config, ALIAS);
     let out = ssh(&config, &["nix-store", "--serve", "--write"]);
     assert_refused(&out, 1, "maximum of 1 connections");
+    // Two connections in all (once the refused one is closed): a third is closed at once.
+    let over = server
+        .daemon
+        .wait_for_log(&["its commands on this one are refused"]);
+    let conn = over
+        .split_whitespace()
+        .find(|w| w.starts_with("conn="))
+        .expect("a conn= field")
+        .to_owned();
+    server
+        .daemon
+        .wait_for_log(&["SSH connection closed", &format!("{conn} ")]);
+    let mut second = SshSession::open(&as_bob, "bob-host");
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.pins.port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    tcp.read_to_end(&mut got)
+        .expect("the server closes the connection");
+    assert_eq!(got, b"nixbuild: too many connections, try again later\r\n");
+    still_serves(&mut second);
+    assert_eq!(second.close().0, 0);
     still_serves(&mut first);
     assert_eq!(first.close().0, 0);
     let mut again = SshSession::open(&config, ALIAS);
@@ -282,6 +307,9 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     assert_eq!(again.close().0, 0);
     let stopped = server.daemon.stop();
     assert!(stopped.log.contains("ssh.max_connections_per_account"));
+    assert!(stopped
+        .log
+        .contains("refused a connection: the server has its maximum of 2 SSH connections"));
 }
 
 #[test]

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -313,6 +314,8 @@ struct Shared<S> {
     keys: KeyRing,
     limits: Limits,
     accounts: Arc<AccountCounts>,
+    /// Connections being served; a connection counts until its socket is shut down.
+    open: AtomicUsize,
     phase: watch::Receiver<Phase>,
 }
 
@@ -360,6 +363,7 @@ impl<S: SessionService> Server<S> {
                 keys,
                 limits: config.limits,
                 accounts: Arc::default(),
+                open: AtomicUsize::new(0),
                 phase: phase_rx,
             }),
             phase,
@@ -391,9 +395,11 @@ impl<S: SessionService> Server<S> {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         next_id += 1;
-                        if connections.len() >= shared.limits.max_connections {
+                        let open = shared.open.load(Ordering::Acquire);
+                        if open >= shared.limits.max_connections {
                             refuse_connection(tcp, peer, next_id, shared.limits.max_connections);
                         } else {
+                            shared.open.fetch_add(1, Ordering::AcqRel);
                             connections.spawn(connection(shared.clone(), tcp, peer, next_id));
                         }
                     }
@@ -529,9 +535,11 @@ async fn connection<S: SessionService>(
             return;
         }
     };
-    serve_connection(shared, tcp, peer, id).await;
+    serve_connection(shared.clone(), tcp, peer, id).await;
     // Whatever happened, the connection is over for the client too.
     let _ = cut.shutdown(std::net::Shutdown::Both);
+    shared.open.fetch_sub(1, Ordering::AcqRel);
+    tracing::info!(conn = id, %peer, "SSH connection closed");
 }
 
 /// The body of [`connection`], which closes the socket when it returns.
@@ -578,7 +586,7 @@ async fn serve_connection<S: SessionService>(
     let closing = tokio::select! {
         ended = &mut running => {
             match ended {
-                Ok(()) => tracing::debug!(conn = id, %peer, "SSH connection closed"),
+                Ok(()) => tracing::debug!(conn = id, %peer, "the client closed the connection"),
                 Err(e) => tracing::info!(conn = id, %peer, "SSH connection ended: {e}"),
             }
             return;
