@@ -219,7 +219,7 @@ pub struct StreamOutput<W, E> {
     stderr: E,
 }
 
-impl<W: AsyncWrite + Unpin + Send + Sync, E: AsyncWrite + Unpin + Send> StreamOutput<W, E> {
+impl<W: AsyncWrite + Unpin + Send, E: AsyncWrite + Unpin + Send> StreamOutput<W, E> {
     /// Protocol bytes to `stdout`, messages to `stderr`.
     pub fn new(stdout: W, stderr: E) -> Self {
         StreamOutput {
@@ -229,7 +229,7 @@ impl<W: AsyncWrite + Unpin + Send + Sync, E: AsyncWrite + Unpin + Send> StreamOu
     }
 }
 
-impl<W: AsyncWrite + Unpin + Send + Sync, E: AsyncWrite + Unpin + Send> SessionOutput
+impl<W: AsyncWrite + Unpin + Send, E: AsyncWrite + Unpin + Send> SessionOutput
     for StreamOutput<W, E>
 {
     async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
@@ -248,6 +248,8 @@ impl<W: AsyncWrite + Unpin + Send + Sync, E: AsyncWrite + Unpin + Send> SessionO
 
 /// Runs one session for `settings.account` over plain streams (see [`serve`]), flushing
 /// `stdout` at the end: what the SSH front door calls for each `nix-store --serve` channel.
+/// (The streams are `Sync` because the session's future holds references to its output
+/// across awaits and must be `Send`.)
 pub async fn serve_streams<R, W, E>(
     store: &Store,
     settings: &SessionSettings,
