@@ -220,7 +220,7 @@ fn assert_no_build_processes(d: &Daemon) {
                     .ok()?;
                 (2_000_000_000..2_000_001_024)
                     .contains(&uid)
-                    .then(|| status)
+                    .then_some(status)
             })
             .collect();
         if left.is_empty() {
