@@ -50,6 +50,15 @@ pub fn store_uri() -> String {
 
 pub mod ssh;
 
+/// How many build uids each test daemon has.
+pub const BUILD_UIDS: u32 = 64;
+
+/// The first build uid of this test process's daemons: distinct for test processes running
+/// at once (nextest runs each test in its own process).
+pub fn build_uid_base() -> u32 {
+    2_000_000_000 + (std::process::id() % 100_000) * BUILD_UIDS
+}
+
 /// A running daemon with its own state directory and log file.
 pub struct Daemon {
     child: Option<Process>,
@@ -87,6 +96,17 @@ impl Daemon {
     /// arguments, and waits until it accepts connections.
     pub fn start_with_config(config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
+        // Daemons of tests running at once get distinct build uids (tests check that no
+        // process of their builds is left).
+        let uids = format!(
+            "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
+            build_uid_base()
+        );
+        let config = if config.contains("[builds]\n") {
+            config.replacen("[builds]\n", &uids, 1)
+        } else {
+            format!("{config}\n{uids}")
+        };
         std::fs::write(dir.path().join("nixbuild.toml"), config).expect("write the configuration");
         let mut d = Daemon { child: None, dir };
         d.spawn(args);
