@@ -185,7 +185,16 @@ fn client_limits_end_the_build_with_the_right_status() {
     );
 
     let (p, d) = s.derivation("fails", "echo about to fail; exit 7");
-    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let keep = BuildOptions {
+        keep_failed: true,
+        ..Default::default()
+    };
+    let (r, reply) = s.build(&p, &d, keep);
+    assert!(
+        reply.stderr.contains("keep-failed is not honoured"),
+        "{}",
+        reply.stderr
+    );
     assert_eq!(r.status, BuildStatus::PermanentFailure);
     let msg = String::from_utf8_lossy(&r.error_msg);
     assert!(
