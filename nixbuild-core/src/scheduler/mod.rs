@@ -1,0 +1,1119 @@
+//! The build scheduler: which waiting build starts next, on which machine, with which cores
+//! and how much memory.
+//!
+//! A deterministic state machine with no I/O and no clock: every event carries the time as a
+//! [`Duration`] since an origin of the caller's choosing (times that go backwards count as
+//! the latest time seen). The server feeds it events — [`Scheduler::submit`],
+//! [`Scheduler::complete`], [`Scheduler::cancel`], [`Scheduler::set_capacity`] — and after
+//! each one asks [`Scheduler::decide`] which builds to start.
+//!
+//! # Policies
+//!
+//! - **No over-commit.** A build gets its own cores (a set of core indices of one machine,
+//!   for a cpuset) and its own memory; a machine never runs more cores, memory or builds than
+//!   it has. A capacity change never stops running builds, but nothing starts on a machine
+//!   until its running builds fit the new capacity.
+//! - **Requests.** A build asks for explicit cores and memory, or takes the defaults:
+//!   [`SchedulerConfig::default_cores`] (at most the machine's cores), or for a build that
+//!   requires `big-parallel`, [`SchedulerConfig::big_parallel_percent`] of the machine's
+//!   cores (default all of them); and [`SchedulerConfig::default_memory`] (at most the
+//!   machine's), or when unset the machine's memory in proportion to the cores granted.
+//! - **Refusal.** A build that no machine could ever run — system or features not offered in
+//!   Nix's meaning ([`Machine`]), more cores or memory than any suitable machine has — is
+//!   refused at once by [`Scheduler::submit`] with a [`Refusal`] saying why.
+//! - **Fair share.** Accounts share by weight ([`SchedulerConfig::weights`], default 1). An
+//!   account's usage counts core-seconds and halves every [`SchedulerConfig::half_life`]
+//!   (default one hour). The next build comes from the account whose usage, plus a charge
+//!   for each running build of its cores times the expected build duration (a moving average
+//!   of completed builds), divided by its weight, is lowest (details in `fairshare.rs`).
+//!   Ties go to the earlier build.
+//! - **FIFO within an account, with priority.** An account's builds go by priority (higher
+//!   first), then by arrival.
+//! - **No head-of-line blocking.** A build that does not fit now is passed over for the next
+//!   one that does, in the same account or another (backfilling), with one exception:
+//!
+//! # The anti-starvation rule
+//!
+//! A waiting build is *bypassed* when a build that comes after it in the scheduling order
+//! (a later or lower-priority build of its account, or a build of an account that stands
+//! behind its own in fair share) starts on a machine that could run it while it does not fit
+//! there. Only a larger build (more cores or memory) can be bypassed: had it asked for no
+//! more, it would have fitted too. Once the first build of an account's queue for one kind of
+//! build (same system, features and request) has been bypassed for
+//! [`SchedulerConfig::starvation_after`] (default 5 minutes) since the first time, and fits on
+//! no machine, it gets a *reservation*: of the machines it could run on that are not reserved
+//! already, the one closest to fitting it (smallest missing share of cores plus memory, then
+//! lowest index) starts nothing else until the build starts, there or elsewhere, or is
+//! cancelled. The next build of that queue starts its own count. Reservations go out longest
+//! bypassed first, one per machine. This is the only case in which a machine with room for a
+//! waiting build leaves it waiting.
+//!
+//! # Waiting builds
+//!
+//! [`Scheduler::waiting_status`] says what a waiting build waits for and its estimated
+//! position, for lines such as `nixbuild: waiting for 4 cores (position 3 of 7; 2 builds
+//! running)`.
+
+mod fairshare;
+mod machine;
+mod refusal;
+mod request;
+mod status;
+#[cfg(test)]
+mod tests;
+
+pub use machine::Machine;
+pub use refusal::Refusal;
+pub use status::{Bytes, WaitReason, WaitStatus};
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use fairshare::{Clock, DurationEstimate, Usage};
+use request::{Need, ShapeKey};
+
+/// Misuse of the scheduler's API, or an invalid configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedError {
+    /// A configuration value is out of range.
+    #[error("invalid scheduler configuration: {field}: {reason}")]
+    Config {
+        /// The field, as named in [`SchedulerConfig`].
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No waiting or running build has this id.
+    #[error("no waiting or running build {0}")]
+    UnknownBuild(BuildId),
+    /// The build runs, so it cannot be cancelled: kill it, then [`Scheduler::complete`] it.
+    #[error("build {0} is running, not waiting")]
+    Running(BuildId),
+    /// The build waits, so it cannot complete: [`Scheduler::cancel`] it.
+    #[error("build {0} is waiting, not running")]
+    Waiting(BuildId),
+    /// No machine has this id.
+    #[error("no machine {0}")]
+    UnknownMachine(MachineId),
+    /// More machines than machine ids.
+    #[error("too many machines")]
+    TooManyMachines,
+}
+
+/// The scheduler's policy settings (the `[scheduler]` section of the server's configuration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// How fast past usage is forgotten: an account's usage halves in this time. Default one
+    /// hour. Must not be zero.
+    pub half_life: Duration,
+    /// Cores a build gets unless it asks for a number (at most the machine's). Default 1.
+    pub default_cores: u32,
+    /// Memory in bytes a build gets unless it asks (at most the machine's). Default `None`:
+    /// the machine's memory in proportion to the cores granted.
+    pub default_memory: Option<u64>,
+    /// Share of a machine's cores, in percent rounded up, that a build requiring
+    /// `big-parallel` gets unless it asks for a number. Default 100 (all of them); 1..=100.
+    pub big_parallel_percent: u32,
+    /// How long a build may be bypassed by later, smaller builds before a machine is kept
+    /// free for it (the anti-starvation rule). Default 5 minutes.
+    pub starvation_after: Duration,
+    /// Fair-share weights by account name; an account not listed weighs 1. At least 1.
+    pub weights: BTreeMap<String, u32>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            half_life: Duration::from_secs(3600),
+            default_cores: 1,
+            default_memory: None,
+            big_parallel_percent: 100,
+            starvation_after: Duration::from_secs(300),
+            weights: BTreeMap::new(),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Checks every value's range.
+    pub fn check(&self) -> Result<(), SchedError> {
+        let invalid = |field, reason: &str| {
+            Err(SchedError::Config {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.half_life.is_zero() {
+            return invalid("half_life", "must be longer than zero");
+        }
+        if self.default_cores == 0 {
+            return invalid("default_cores", "must be at least 1");
+        }
+        if self.default_memory == Some(0) {
+            return invalid("default_memory", "must be at least 1 byte");
+        }
+        if !(1..=100).contains(&self.big_parallel_percent) {
+            return invalid("big_parallel_percent", "must be in 1..=100");
+        }
+        if let Some((account, _)) = self.weights.iter().find(|(_, w)| **w == 0) {
+            return Err(SchedError::Config {
+                field: "weights",
+                reason: format!("the weight of {account:?} must be at least 1"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A build as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildSpec {
+    /// The account it is built for.
+    pub account: String,
+    /// The derivation's system.
+    pub system: String,
+    /// The derivation's `requiredSystemFeatures`.
+    pub required_features: Vec<String>,
+    /// Cores asked for; `None`: the configured default.
+    pub cores: Option<u32>,
+    /// Memory asked for, in bytes; `None`: the configured default.
+    pub memory: Option<u64>,
+    /// Higher goes first among the account's builds. Default 0.
+    pub priority: i32,
+}
+
+/// A build's id, unique for the scheduler's lifetime; ids grow with arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BuildId(u64);
+
+impl BuildId {
+    /// The id as a number, for logs.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for BuildId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A machine's id: its index in the list given to [`Scheduler::new`], then in the order of
+/// [`Scheduler::add_machine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MachineId(pub u32);
+
+impl fmt::Display for MachineId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "machine {}", self.0)
+    }
+}
+
+/// A decision: start this build now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    /// The build.
+    pub id: BuildId,
+    /// The machine it runs on.
+    pub machine: MachineId,
+    /// Its cores: indices in `0..cores` of the machine, ascending, held by no other build.
+    pub cores: Vec<u32>,
+    /// Its memory in bytes.
+    pub memory: u64,
+    /// Whether it starts on a machine that was kept free for it (anti-starvation rule).
+    pub reserved: bool,
+}
+
+/// Where a build is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildState {
+    /// In the queue.
+    Waiting,
+    /// Running on this machine.
+    Running(MachineId),
+}
+
+/// The scheduler. See the module documentation for its policies.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    clock: Clock,
+    /// The latest time seen, in seconds.
+    now: f64,
+    /// `clock.growth(now)`.
+    growth: f64,
+    /// Expected build duration, for fair-share charges.
+    estimate: DurationEstimate,
+    specs: Vec<Machine>,
+    slots: Vec<Slot>,
+    accounts: Vec<Account>,
+    account_ids: HashMap<String, u32>,
+    /// Accounts with waiting builds.
+    active: Vec<u32>,
+    builds: HashMap<u64, Build>,
+    shapes: Vec<Option<Shape>>,
+    shape_ids: HashMap<ShapeKey, usize>,
+    free_shapes: Vec<usize>,
+    /// Queues, as (account, shape), whose first build has been bypassed.
+    bypassed: BTreeSet<(u32, usize)>,
+    /// Reserved machine by build.
+    reservations: BTreeMap<u64, u32>,
+    next_id: u64,
+    waiting: usize,
+}
+
+/// Order of an account's builds: higher priority first, then earlier arrival.
+type Order = (Reverse<i32>, u64);
+
+#[derive(Debug)]
+struct Build {
+    account: u32,
+    priority: i32,
+    /// Its shape while it waits.
+    shape: usize,
+    /// Its resources once it runs.
+    run: Option<Alloc>,
+}
+
+#[derive(Debug)]
+struct Alloc {
+    machine: u32,
+    cores: Vec<u32>,
+    memory: u64,
+    /// Start time, in seconds.
+    started: f64,
+    /// Its fair-share charge, in core-seconds.
+    charge: f64,
+}
+
+#[derive(Debug)]
+struct Account {
+    weight: f64,
+    usage: Usage,
+    /// Waiting builds by shape.
+    queues: Vec<Queue>,
+    /// All waiting builds.
+    waiting: BTreeSet<Order>,
+    /// Index in `Scheduler::active` while it has waiting builds.
+    active_at: Option<usize>,
+}
+
+#[derive(Debug)]
+struct Queue {
+    shape: usize,
+    builds: BTreeSet<Order>,
+    /// When its first build was first bypassed.
+    bypassed_since: Option<f64>,
+}
+
+/// Where builds of a shape fit now, remembered until a machine's free resources change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    Unknown,
+    On(u32),
+    Nowhere,
+}
+
+/// Waiting builds with the same [`ShapeKey`].
+#[derive(Debug)]
+struct Shape {
+    key: ShapeKey,
+    /// Machines that could ever run it and what it takes on each, by machine index.
+    needs: Vec<Need>,
+    /// Its waiting builds.
+    waiting: BTreeSet<u64>,
+    /// A machine, neither reserved nor full, where it fits now.
+    fit: Fit,
+}
+
+impl Shape {
+    fn need_on(&self, machine: u32) -> Option<Need> {
+        self.needs
+            .binary_search_by_key(&machine, |n| n.machine)
+            .ok()
+            .map(|i| self.needs[i])
+    }
+}
+
+/// A machine's running state.
+#[derive(Debug)]
+struct Slot {
+    cores: u32,
+    memory: u64,
+    max_jobs: u32,
+    /// Cores in use, one bit per index.
+    used: Vec<u64>,
+    /// Unused indices below `cores`.
+    free_cores: u32,
+    used_memory: u64,
+    jobs: u32,
+    reserved_for: Option<u64>,
+    /// Live shapes with a need on this machine.
+    shapes: Vec<usize>,
+}
+
+impl Slot {
+    fn new(spec: &Machine) -> Slot {
+        let mut slot = Slot {
+            cores: 0,
+            memory: 0,
+            max_jobs: 0,
+            used: Vec::new(),
+            free_cores: 0,
+            used_memory: 0,
+            jobs: 0,
+            reserved_for: None,
+            shapes: Vec::new(),
+        };
+        slot.set_capacity(spec);
+        slot
+    }
+
+    fn set_capacity(&mut self, spec: &Machine) {
+        self.cores = spec.cores;
+        self.memory = spec.memory;
+        self.max_jobs = spec.max_jobs;
+        let words = spec.cores.div_ceil(64) as usize;
+        if self.used.len() < words {
+            self.used.resize(words, 0);
+        }
+        self.free_cores = (0..spec.cores).filter(|&i| !self.is_used(i)).count() as u32;
+    }
+
+    fn is_used(&self, core: u32) -> bool {
+        self.used
+            .get((core / 64) as usize)
+            .is_some_and(|w| w & (1 << (core % 64)) != 0)
+    }
+
+    fn free_memory(&self) -> u64 {
+        self.memory.saturating_sub(self.used_memory)
+    }
+
+    fn fits(&self, need: &Need) -> bool {
+        self.free_cores >= need.cores
+            && self.free_memory() >= need.memory
+            && self.jobs < self.max_jobs
+    }
+
+    /// Takes the `n` lowest free cores (the caller checked that there are `n`).
+    fn take_cores(&mut self, n: u32) -> Vec<u32> {
+        let mut taken = Vec::with_capacity(n as usize);
+        for (w, word) in self.used.iter_mut().enumerate() {
+            while taken.len() < n as usize && *word != u64::MAX {
+                let bit = (!*word).trailing_zeros();
+                let core = w as u32 * 64 + bit;
+                if core >= self.cores {
+                    break;
+                }
+                *word |= 1 << bit;
+                taken.push(core);
+            }
+            if taken.len() == n as usize {
+                break;
+            }
+        }
+        self.free_cores -= taken.len() as u32;
+        taken
+    }
+
+    fn release(&mut self, alloc: &Alloc) {
+        for &core in &alloc.cores {
+            if let Some(word) = self.used.get_mut((core / 64) as usize) {
+                *word &= !(1 << (core % 64));
+            }
+            if core < self.cores {
+                self.free_cores += 1;
+            }
+        }
+        self.used_memory = self.used_memory.saturating_sub(alloc.memory);
+        self.jobs = self.jobs.saturating_sub(1);
+    }
+}
+
+/// The remembered fit of shape `s`, computing it when unknown.
+fn fit(shapes: &mut [Option<Shape>], slots: &[Slot], s: usize) -> Option<u32> {
+    let shape = shapes.get_mut(s)?.as_mut()?;
+    match shape.fit {
+        Fit::On(m) => Some(m),
+        Fit::Nowhere => None,
+        Fit::Unknown => {
+            let found = shape
+                .needs
+                .iter()
+                .find(|n| {
+                    let slot = &slots[n.machine as usize];
+                    slot.reserved_for.is_none() && slot.fits(n)
+                })
+                .map(|n| n.machine);
+            shape.fit = found.map_or(Fit::Nowhere, Fit::On);
+            found
+        }
+    }
+}
+
+impl Scheduler {
+    /// A scheduler for these machines (their indices are their [`MachineId`]s).
+    pub fn new(config: SchedulerConfig, machines: Vec<Machine>) -> Result<Scheduler, SchedError> {
+        config.check()?;
+        if u32::try_from(machines.len()).is_err() {
+            return Err(SchedError::TooManyMachines);
+        }
+        let clock = Clock::new(config.half_life.as_secs_f64());
+        let growth = clock.growth(0.0);
+        Ok(Scheduler {
+            config,
+            clock,
+            now: 0.0,
+            growth,
+            estimate: DurationEstimate::new(),
+            slots: machines.iter().map(Slot::new).collect(),
+            specs: machines,
+            accounts: Vec::new(),
+            account_ids: HashMap::new(),
+            active: Vec::new(),
+            builds: HashMap::new(),
+            shapes: Vec::new(),
+            shape_ids: HashMap::new(),
+            free_shapes: Vec::new(),
+            bypassed: BTreeSet::new(),
+            reservations: BTreeMap::new(),
+            next_id: 1,
+            waiting: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The machines, by [`MachineId`].
+    pub fn machines(&self) -> &[Machine] {
+        &self.specs
+    }
+
+    /// Builds waiting.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting
+    }
+
+    /// Builds running.
+    pub fn running_count(&self) -> usize {
+        self.builds.len() - self.waiting
+    }
+
+    /// Whether a build waits or runs; `None` once it completed, was cancelled or refused.
+    pub fn build_state(&self, id: BuildId) -> Option<BuildState> {
+        let build = self.builds.get(&id.0)?;
+        Some(match &build.run {
+            None => BuildState::Waiting,
+            Some(run) => BuildState::Running(MachineId(run.machine)),
+        })
+    }
+
+    /// The machines kept free for starving builds (the anti-starvation rule), by build.
+    pub fn reservations(&self) -> impl Iterator<Item = (BuildId, MachineId)> + '_ {
+        self.reservations
+            .iter()
+            .map(|(&b, &m)| (BuildId(b), MachineId(m)))
+    }
+
+    /// An account's decayed usage in core-seconds at the latest time seen (0 for an account
+    /// never seen).
+    pub fn account_usage(&self, account: &str) -> f64 {
+        self.account_ids.get(account).map_or(0.0, |&a| {
+            self.accounts[a as usize]
+                .usage
+                .usage(&self.clock, self.growth)
+        })
+    }
+
+    /// Moves the clock to `now` (never backwards) and returns it in seconds.
+    fn advance(&mut self, now: Duration) -> f64 {
+        let t = now.as_secs_f64().max(self.now);
+        if self.clock.needs_rebase(t) {
+            let factor = self.clock.rebase(t);
+            for account in &mut self.accounts {
+                account.usage.rebase(factor);
+            }
+        }
+        self.now = t;
+        self.growth = self.clock.growth(t);
+        t
+    }
+
+    /// Queues a build, or refuses it at once when no machine could ever run it.
+    pub fn submit(&mut self, spec: BuildSpec, now: Duration) -> Result<BuildId, Refusal> {
+        self.advance(now);
+        let key = ShapeKey::new(
+            &spec.system,
+            &spec.required_features,
+            spec.cores,
+            spec.memory,
+        )?;
+        let shape = match self.shape_ids.get(&key) {
+            Some(&s) => s,
+            None => {
+                let needs = key.placements(&self.specs, &self.config)?;
+                self.add_shape(key, needs)
+            }
+        };
+        let account = self.account(&spec.account);
+        let id = self.next_id;
+        self.next_id += 1;
+        let order = (Reverse(spec.priority), id);
+        let acc = &mut self.accounts[account as usize];
+        match acc.queues.iter_mut().find(|q| q.shape == shape) {
+            Some(q) => {
+                q.builds.insert(order);
+            }
+            None => acc.queues.push(Queue {
+                shape,
+                builds: BTreeSet::from([order]),
+                bypassed_since: None,
+            }),
+        }
+        acc.waiting.insert(order);
+        if acc.active_at.is_none() {
+            acc.active_at = Some(self.active.len());
+            self.active.push(account);
+        }
+        if let Some(s) = self.shapes[shape].as_mut() {
+            s.waiting.insert(id);
+        }
+        self.builds.insert(
+            id,
+            Build {
+                account,
+                priority: spec.priority,
+                shape,
+                run: None,
+            },
+        );
+        self.waiting += 1;
+        Ok(BuildId(id))
+    }
+
+    fn account(&mut self, name: &str) -> u32 {
+        if let Some(&a) = self.account_ids.get(name) {
+            return a;
+        }
+        let a = self.accounts.len() as u32;
+        let weight = self.config.weights.get(name).copied().unwrap_or(1);
+        self.accounts.push(Account {
+            weight: f64::from(weight),
+            usage: Usage::default(),
+            queues: Vec::new(),
+            waiting: BTreeSet::new(),
+            active_at: None,
+        });
+        self.account_ids.insert(name.to_owned(), a);
+        a
+    }
+
+    fn add_shape(&mut self, key: ShapeKey, needs: Vec<Need>) -> usize {
+        let shape = Shape {
+            key: key.clone(),
+            needs,
+            waiting: BTreeSet::new(),
+            fit: Fit::Unknown,
+        };
+        let s = match self.free_shapes.pop() {
+            Some(s) => {
+                self.shapes[s] = Some(shape);
+                s
+            }
+            None => {
+                self.shapes.push(Some(shape));
+                self.shapes.len() - 1
+            }
+        };
+        if let Some(shape) = &self.shapes[s] {
+            for n in &shape.needs {
+                self.slots[n.machine as usize].shapes.push(s);
+            }
+        }
+        self.shape_ids.insert(key, s);
+        s
+    }
+
+    fn remove_shape(&mut self, s: usize) {
+        let Some(shape) = self.shapes[s].take() else {
+            return;
+        };
+        for n in &shape.needs {
+            self.slots[n.machine as usize].shapes.retain(|&x| x != s);
+        }
+        self.shape_ids.remove(&shape.key);
+        self.free_shapes.push(s);
+    }
+
+    /// Takes a waiting build out of the queues (it starts, is cancelled or refused) and
+    /// gives up its reservation.
+    fn unqueue(&mut self, id: u64) {
+        let Some(build) = self.builds.get(&id) else {
+            return;
+        };
+        let (a, s, order) = (
+            build.account as usize,
+            build.shape,
+            (Reverse(build.priority), id),
+        );
+        let acc = &mut self.accounts[a];
+        if let Some(i) = acc.queues.iter().position(|q| q.shape == s) {
+            let queue = &mut acc.queues[i];
+            if queue.builds.first() == Some(&order) {
+                // A new first build starts its own count.
+                queue.bypassed_since = None;
+                self.bypassed.remove(&(a as u32, s));
+            }
+            queue.builds.remove(&order);
+            if queue.builds.is_empty() {
+                acc.queues.swap_remove(i);
+            }
+        }
+        acc.waiting.remove(&order);
+        if acc.waiting.is_empty() {
+            if let Some(at) = acc.active_at.take() {
+                self.active.swap_remove(at);
+                if let Some(&moved) = self.active.get(at) {
+                    self.accounts[moved as usize].active_at = Some(at);
+                }
+            }
+        }
+        self.waiting -= 1;
+        if let Some(shape) = self.shapes[s].as_mut() {
+            shape.waiting.remove(&id);
+            if shape.waiting.is_empty() {
+                self.remove_shape(s);
+            }
+        }
+        if let Some(m) = self.reservations.remove(&id) {
+            self.slots[m as usize].reserved_for = None;
+            self.freed(m);
+        }
+    }
+
+    /// After resources on machine `m` grew: shapes that fitted nowhere may fit there now.
+    fn freed(&mut self, m: u32) {
+        let slot = &self.slots[m as usize];
+        if slot.reserved_for.is_some() {
+            return;
+        }
+        for &s in &slot.shapes {
+            if let Some(shape) = self.shapes[s].as_mut() {
+                if shape.fit == Fit::Nowhere && shape.need_on(m).is_some_and(|n| slot.fits(&n)) {
+                    shape.fit = Fit::On(m);
+                }
+            }
+        }
+    }
+
+    /// After resources on machine `m` shrank or it was reserved: forget fits there.
+    fn taken(&mut self, m: u32) {
+        for &s in &self.slots[m as usize].shapes {
+            if let Some(shape) = self.shapes[s].as_mut() {
+                if shape.fit == Fit::On(m) {
+                    shape.fit = Fit::Unknown;
+                }
+            }
+        }
+    }
+
+    /// A running build has ended (its processes are gone): its resources are free.
+    pub fn complete(&mut self, id: BuildId, now: Duration) -> Result<(), SchedError> {
+        let build = self.builds.get(&id.0).ok_or(SchedError::UnknownBuild(id))?;
+        if build.run.is_none() {
+            return Err(SchedError::Waiting(id));
+        }
+        let t = self.advance(now);
+        let Some(Build {
+            account,
+            run: Some(alloc),
+            ..
+        }) = self.builds.remove(&id.0)
+        else {
+            return Err(SchedError::UnknownBuild(id));
+        };
+        self.slots[alloc.machine as usize].release(&alloc);
+        self.estimate.observe(t - alloc.started);
+        self.accounts[account as usize].usage.end(
+            &self.clock,
+            self.growth,
+            alloc.cores.len() as u32,
+            alloc.charge,
+        );
+        self.freed(alloc.machine);
+        Ok(())
+    }
+
+    /// A waiting build is no longer wanted (its last waiter has gone).
+    pub fn cancel(&mut self, id: BuildId, now: Duration) -> Result<(), SchedError> {
+        let build = self.builds.get(&id.0).ok_or(SchedError::UnknownBuild(id))?;
+        if build.run.is_some() {
+            return Err(SchedError::Running(id));
+        }
+        self.advance(now);
+        self.unqueue(id.0);
+        self.builds.remove(&id.0);
+        Ok(())
+    }
+
+    /// Adds a machine; returns its id.
+    pub fn add_machine(&mut self, spec: Machine, now: Duration) -> Result<MachineId, SchedError> {
+        let id = u32::try_from(self.specs.len()).map_err(|_| SchedError::TooManyMachines)?;
+        self.advance(now);
+        self.slots.push(Slot::new(&spec));
+        self.specs.push(spec);
+        // Only grows what can run: nothing waiting is refused.
+        self.replan();
+        Ok(MachineId(id))
+    }
+
+    /// Changes what a machine offers. Running builds keep running; waiting builds that no
+    /// machine can run any more are refused and returned with the reason. A machine is taken
+    /// out of service with a job limit of 0.
+    pub fn set_capacity(
+        &mut self,
+        machine: MachineId,
+        spec: Machine,
+        now: Duration,
+    ) -> Result<Vec<(BuildId, Refusal)>, SchedError> {
+        if self.slots.len() <= machine.0 as usize {
+            return Err(SchedError::UnknownMachine(machine));
+        }
+        self.advance(now);
+        self.slots[machine.0 as usize].set_capacity(&spec);
+        self.specs[machine.0 as usize] = spec;
+        Ok(self.replan())
+    }
+
+    /// Recomputes every shape's placements after a capacity change; refuses what can no
+    /// longer run anywhere.
+    fn replan(&mut self) -> Vec<(BuildId, Refusal)> {
+        for slot in &mut self.slots {
+            slot.shapes.clear();
+        }
+        let mut refused = Vec::new();
+        for s in 0..self.shapes.len() {
+            let Some(shape) = self.shapes[s].as_mut() else {
+                continue;
+            };
+            shape.fit = Fit::Unknown;
+            match shape.key.placements(&self.specs, &self.config) {
+                Ok(needs) => {
+                    for n in &needs {
+                        self.slots[n.machine as usize].shapes.push(s);
+                    }
+                    shape.needs = needs;
+                }
+                Err(refusal) => {
+                    shape.needs.clear();
+                    refused.extend(shape.waiting.iter().map(|&id| (id, refusal.clone())));
+                }
+            }
+        }
+        for (id, _) in &refused {
+            self.unqueue(*id);
+            self.builds.remove(id);
+        }
+        let stale: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|(id, m)| {
+                let shape = self
+                    .builds
+                    .get(id)
+                    .and_then(|b| self.shapes[b.shape].as_ref());
+                shape.is_none_or(|s| s.need_on(**m).is_none())
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            if let Some(m) = self.reservations.remove(&id) {
+                self.slots[m as usize].reserved_for = None;
+            }
+        }
+        refused
+            .into_iter()
+            .map(|(id, r)| (BuildId(id), r))
+            .collect()
+    }
+
+    /// Every build to start now, in order: [`Scheduler::decide_one`] until it has none.
+    pub fn decide(&mut self, now: Duration) -> Vec<Start> {
+        let mut starts = Vec::new();
+        while let Some(start) = self.decide_one(now) {
+            starts.push(start);
+        }
+        starts
+    }
+
+    /// One decision: the next build to start now, or `None` when none can.
+    pub fn decide_one(&mut self, now: Duration) -> Option<Start> {
+        let t = self.advance(now);
+        self.reserve_for_starving(t);
+        if let Some((id, m)) = self.reserved_that_fits() {
+            return self.start(id, m, t, true);
+        }
+        let (standing, id, m) = self.fairest_that_fits()?;
+        self.record_bypasses(standing, id, m, t);
+        self.start(id, m, t, false)
+    }
+
+    /// A reserved build that fits on its machine now, oldest first.
+    fn reserved_that_fits(&self) -> Option<(u64, u32)> {
+        self.reservations
+            .iter()
+            .find(|(id, m)| {
+                self.builds
+                    .get(id)
+                    .and_then(|b| self.shapes[b.shape].as_ref())
+                    .and_then(|s| s.need_on(**m))
+                    .is_some_and(|n| self.slots[**m as usize].fits(&n))
+            })
+            .map(|(&id, &m)| (id, m))
+    }
+
+    /// The first build, in fair-share order, that fits on a machine that is not reserved:
+    /// its account's standing per weight, its id, the machine.
+    fn fairest_that_fits(&mut self) -> Option<(f64, u64, u32)> {
+        // (standing per weight, build id, machine)
+        let mut best: Option<(f64, u64, u32)> = None;
+        for &a in &self.active {
+            let acc = &self.accounts[a as usize];
+            let standing = acc.usage.standing(&self.clock, self.growth) / acc.weight;
+            if best.is_some_and(|(b, _, _)| standing > b) {
+                continue;
+            }
+            let mut first: Option<(Order, u32)> = None;
+            for q in &acc.queues {
+                let Some(&head) = q.builds.first() else {
+                    continue;
+                };
+                if first.is_some_and(|(o, _)| o <= head) {
+                    continue;
+                }
+                if let Some(m) = fit(&mut self.shapes, &self.slots, q.shape) {
+                    first = Some((head, m));
+                }
+            }
+            if let Some(((_, id), m)) = first {
+                if best.is_none_or(|(b, bid, _)| standing < b || (standing == b && id < bid)) {
+                    best = Some((standing, id, m));
+                }
+            }
+        }
+        best
+    }
+
+    /// Starts waiting build `id` on machine `m` (where it fits).
+    fn start(&mut self, id: u64, m: u32, t: f64, reserved: bool) -> Option<Start> {
+        let build = self.builds.get(&id)?;
+        let (account, own_shape) = (build.account, build.shape);
+        let need = self.shapes[own_shape].as_ref()?.need_on(m)?;
+        self.unqueue(id);
+        let slot = &mut self.slots[m as usize];
+        let cores = slot.take_cores(need.cores);
+        slot.used_memory += need.memory;
+        slot.jobs += 1;
+        self.taken(m);
+        let charge = f64::from(need.cores) * self.estimate.seconds();
+        self.accounts[account as usize]
+            .usage
+            .start(&self.clock, self.growth, need.cores, charge);
+        if let Some(build) = self.builds.get_mut(&id) {
+            build.run = Some(Alloc {
+                machine: m,
+                cores: cores.clone(),
+                memory: need.memory,
+                started: t,
+                charge,
+            });
+        }
+        Some(Start {
+            id: BuildId(id),
+            machine: MachineId(m),
+            cores,
+            memory: need.memory,
+            reserved,
+        })
+    }
+
+    /// Build `id`, of an account standing at `standing` per weight, is about to start on
+    /// machine `m`: the first builds of the queues before it in the scheduling order that
+    /// could run on `m` but do not fit there now are bypassed.
+    fn record_bypasses(&mut self, standing: f64, id: u64, m: u32, t: f64) {
+        let Some(build) = self.builds.get(&id) else {
+            return;
+        };
+        let (own, order) = (build.account, (Reverse(build.priority), id));
+        let slot = &self.slots[m as usize];
+        for &a in &self.active {
+            let acc = &mut self.accounts[a as usize];
+            let acc_standing = acc.usage.standing(&self.clock, self.growth) / acc.weight;
+            if a != own && acc_standing > standing {
+                continue;
+            }
+            for queue in &mut acc.queues {
+                let Some(&head) = queue.builds.first() else {
+                    continue;
+                };
+                let before = if a == own {
+                    head < order
+                } else {
+                    acc_standing < standing || head.1 < id
+                };
+                if !before || queue.bypassed_since.is_some() {
+                    continue;
+                }
+                let need = self.shapes[queue.shape].as_ref().and_then(|s| s.need_on(m));
+                if need.is_some_and(|n| !slot.fits(&n)) {
+                    queue.bypassed_since = Some(t);
+                    self.bypassed.insert((a, queue.shape));
+                }
+            }
+        }
+    }
+
+    /// Gives reservations to first builds of queues bypassed for `starvation_after` or longer
+    /// that fit nowhere now.
+    fn reserve_for_starving(&mut self, t: f64) {
+        if self.bypassed.is_empty() {
+            return;
+        }
+        let after = self.config.starvation_after.as_secs_f64();
+        // (bypassed since, build, shape)
+        let mut due: Vec<(f64, u64, usize)> = Vec::new();
+        for &(a, s) in &self.bypassed {
+            let queue = self.accounts[a as usize]
+                .queues
+                .iter()
+                .find(|q| q.shape == s);
+            let Some((Some(since), Some(&(_, head)))) =
+                queue.map(|q| (q.bypassed_since, q.builds.first()))
+            else {
+                continue;
+            };
+            if t - since >= after && !self.reservations.contains_key(&head) {
+                due.push((since, head, s));
+            }
+        }
+        due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (_, id, s) in due {
+            if fit(&mut self.shapes, &self.slots, s).is_some() {
+                continue;
+            }
+            let Some(shape) = self.shapes[s].as_ref() else {
+                continue;
+            };
+            let closest = shape
+                .needs
+                .iter()
+                .filter(|n| self.slots[n.machine as usize].reserved_for.is_none())
+                .map(|n| (missing_share(&self.slots[n.machine as usize], n), n.machine))
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            if let Some((_, m)) = closest {
+                self.reservations.insert(id, m);
+                self.slots[m as usize].reserved_for = Some(id);
+                self.taken(m);
+            }
+        }
+    }
+
+    /// What a waiting build waits for and where it stands; `None` unless it waits.
+    pub fn waiting_status(&self, id: BuildId) -> Option<WaitStatus> {
+        let build = self.builds.get(&id.0)?;
+        if build.run.is_some() {
+            return None;
+        }
+        let shape = self.shapes[build.shape].as_ref()?;
+        let reason = self.wait_reason(id.0, shape);
+        let running = shape
+            .needs
+            .iter()
+            .map(|n| self.slots[n.machine as usize].jobs as usize)
+            .sum();
+        // Replays the fair-share order with no build ending: every start adds its charge to
+        // its account's standing. The build goes when its account's standing, after the
+        // builds of its own that go first, is the lowest.
+        let charge = |b: u64| {
+            let cores = self
+                .builds
+                .get(&b)
+                .and_then(|b| self.shapes[b.shape].as_ref())
+                .and_then(|s| s.needs.first())
+                .map_or(1, |n| n.cores);
+            f64::from(cores) * self.estimate.seconds()
+        };
+        let acc = &self.accounts[build.account as usize];
+        let order = (Reverse(build.priority), id.0);
+        let own_ahead: Vec<u64> = acc.waiting.range(..order).map(|o| o.1).collect();
+        let turn = (acc.usage.standing(&self.clock, self.growth)
+            + own_ahead.iter().map(|&b| charge(b)).sum::<f64>())
+            / acc.weight;
+        let mut ahead = own_ahead.len();
+        for &a in self.active.iter().filter(|&&a| a != build.account) {
+            let other = &self.accounts[a as usize];
+            let mut standing = other.usage.standing(&self.clock, self.growth) / other.weight;
+            for &(_, b) in &other.waiting {
+                if standing > turn || (standing == turn && b > id.0) {
+                    break;
+                }
+                ahead += 1;
+                standing += charge(b) / other.weight;
+            }
+        }
+        Some(WaitStatus {
+            reason,
+            position: ahead + 1,
+            waiting: self.waiting,
+            running,
+        })
+    }
+
+    fn wait_reason(&self, id: u64, shape: &Shape) -> WaitReason {
+        let mut fits_reserved = false;
+        // The fewest cores it needs on a machine, the least memory on one with the cores.
+        let mut cores_needed: Option<u32> = None;
+        let mut memory_needed: Option<u64> = None;
+        let mut memory_ok = false;
+        for n in &shape.needs {
+            let slot = &self.slots[n.machine as usize];
+            if slot.fits(n) {
+                if slot.reserved_for.is_none_or(|r| r == id) {
+                    return WaitReason::Turn;
+                }
+                fits_reserved = true;
+            }
+            if slot.free_cores < n.cores {
+                cores_needed = Some(cores_needed.map_or(n.cores, |c| c.min(n.cores)));
+            } else if slot.free_memory() < n.memory {
+                memory_needed = Some(memory_needed.map_or(n.memory, |b| b.min(n.memory)));
+            } else {
+                memory_ok = true;
+            }
+        }
+        if fits_reserved {
+            WaitReason::Reserved
+        } else if memory_ok {
+            WaitReason::JobSlot
+        } else if let Some(b) = memory_needed {
+            WaitReason::Memory(b)
+        } else {
+            WaitReason::Cores(cores_needed.unwrap_or(0))
+        }
+    }
+}
+
+/// How far a machine is from fitting a need: the missing share of cores plus that of memory
+/// (0 when it fits but for the job limit, which one completion clears).
+fn missing_share(slot: &Slot, need: &Need) -> f64 {
+    let cores = f64::from(need.cores.saturating_sub(slot.free_cores)) / f64::from(need.cores);
+    let memory = need.memory.saturating_sub(slot.free_memory()) as f64 / need.memory.max(1) as f64;
+    cores + memory
+}
