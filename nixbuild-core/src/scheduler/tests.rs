@@ -674,31 +674,41 @@ fn pick<'a>(names: &[&'a str], mask: u8) -> Vec<String> {
 }
 
 fn machine_strategy() -> impl Strategy<Value = Machine> {
-    (1u8..4, 0u8..8, 0u8..8, 0u32..7, 0u64..9, 0u32..5).prop_map(
-        |(systems, supported, mandatory, cores, gib, jobs)| Machine {
-            // x86_64 and/or i686 only: aarch64 builds are always refused.
-            systems: pick(&[SYSTEMS[0], SYSTEMS[2]], systems),
-            supported_features: pick(&FEATURES, supported),
-            // Mandatory features are rare, or most builds would be refused.
-            mandatory_features: if mandatory == 7 {
-                pick(&FEATURES, 4)
-            } else {
-                vec![]
-            },
-            cores,
-            memory: gib * GIB / 2,
-            max_jobs: jobs,
-        },
+    // Mostly usable machines; now and then one with nothing of something.
+    let rarely_zero = |range: std::ops::Range<u32>| prop_oneof![19 => range, 1 => Just(0u32)];
+    (
+        prop::sample::select(vec![1u8, 1, 3, 2]),
+        0u8..8,
+        0u8..8,
+        rarely_zero(1..7),
+        rarely_zero(1..9),
+        rarely_zero(1..5),
     )
+        .prop_map(
+            |(systems, supported, mandatory, cores, halves, jobs)| Machine {
+                // x86_64 and/or i686 only: aarch64 builds are always refused.
+                systems: pick(&[SYSTEMS[0], SYSTEMS[2]], systems),
+                supported_features: pick(&FEATURES, supported | 1),
+                // Mandatory features are rare, or most builds would be refused.
+                mandatory_features: if mandatory == 7 {
+                    pick(&FEATURES, 4)
+                } else {
+                    vec![]
+                },
+                cores,
+                memory: u64::from(halves) * GIB / 2,
+                max_jobs: jobs,
+            },
+        )
 }
 
 fn spec_strategy() -> impl Strategy<Value = BuildSpec> {
     (
         0u8..3,
-        prop::sample::select(vec![0usize, 0, 0, 2, 1]),
+        prop::sample::select(vec![0usize, 0, 0, 0, 0, 2, 2, 1]),
         0u8..8,
-        prop::option::of(1u32..8),
-        prop::option::of(1u64..10),
+        prop::option::of(1u32..5),
+        prop::option::of(1u64..7),
         -1i32..2,
     )
         .prop_map(
@@ -815,8 +825,9 @@ impl Oracle {
             .any(|m| oracle_need(spec, m, &self.cfg).is_some())
     }
 
-    /// Checks one start against the state before it, then records it.
-    fn start(&mut self, sc: &Scheduler, start: &Start) {
+    /// Checks one start against the state before it, then records it. `reserved` holds the
+    /// machines reserved when it started.
+    fn start(&mut self, start: &Start, reserved: &BTreeSet<usize>) {
         let m = start.machine.0 as usize;
         assert!(self.waiting.remove(&start.id), "{start:?} was not waiting");
         let spec = &self.specs[&start.id];
@@ -838,7 +849,6 @@ impl Oracle {
         // FIFO with priority within the account: an earlier build of the same account that
         // fits on a machine nobody reserved should have gone first.
         if !start.reserved {
-            let reserved: BTreeSet<usize> = sc.reservations().map(|(_, m)| m.0 as usize).collect();
             let order = |id: &BuildId| (Reverse(self.specs[id].priority), *id);
             for &other in &self.waiting {
                 let o = &self.specs[&other];
@@ -893,8 +903,18 @@ fn run_ops(machines: Vec<Machine>, ops: Vec<Op>, cfg: SchedulerConfig) {
     let mut cancelled = 0usize;
     let mut refused_later = 0usize;
     let decide = |sc: &mut Scheduler, o: &mut Oracle, t: u64, started: &mut usize| {
-        for start in sc.decide(secs(t)) {
-            o.start(sc, &start);
+        let reserved = |sc: &Scheduler| -> BTreeSet<usize> {
+            sc.reservations().map(|(_, m)| m.0 as usize).collect()
+        };
+        loop {
+            // Reservations made during the decision hold at the start, and only the started
+            // build's own ends with it: the machines reserved then are those before and after.
+            let mut then = reserved(sc);
+            let Some(start) = sc.decide_one(secs(t)) else {
+                break;
+            };
+            then.extend(reserved(sc));
+            o.start(&start, &then);
             *started += 1;
         }
         o.check_conserving(sc);
@@ -968,12 +988,12 @@ fn run_ops(machines: Vec<Machine>, ops: Vec<Op>, cfg: SchedulerConfig) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
     fn never_over_commits_conserves_work_and_starts_everything(
-        machines in prop::collection::vec(machine_strategy(), 1..4),
-        ops in prop::collection::vec(op_strategy(), 1..120),
+        machines in prop::collection::vec(machine_strategy(), 1..5),
+        ops in prop::collection::vec(op_strategy(), 20..150),
         starvation in 0u64..400,
         percent in 1u32..=100,
         default_cores in 1u32..4,
