@@ -1,7 +1,7 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
-//! configuration), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
+//! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
 //! [`nixbuild_core::serve`]) and [`daemon`] (the Unix socket server and its relay wire). It also dumps file
 //! trees as NARs ([`nar_fs`]). The binaries in `examples/` are thin wrappers around them; see
@@ -10,6 +10,7 @@
 
 pub use nixbuild_core as core;
 
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod nar_fs;
