@@ -664,7 +664,7 @@ fn time_never_goes_backwards() {
 const SYSTEMS: [&str; 3] = ["x86_64-linux", "aarch64-linux", "i686-linux"];
 const FEATURES: [&str; 3] = ["big-parallel", "kvm", "benchmark"];
 
-fn pick<'a>(names: &[&'a str], mask: u8) -> Vec<String> {
+fn pick(names: &[&str], mask: u8) -> Vec<String> {
     names
         .iter()
         .enumerate()
