@@ -26,7 +26,7 @@
 //!   (default one hour). The next build comes from the account whose usage, plus a charge
 //!   for each running build of its cores times the expected build duration (a moving average
 //!   of completed builds), divided by its weight, is lowest (details in `fairshare.rs`).
-//!   Ties go to the earlier build.
+//!   Ties go to the higher priority, then to the earlier build.
 //! - **FIFO within an account, with priority.** An account's builds go by priority (higher
 //!   first), then by arrival.
 //! - **No head-of-line blocking.** A build that does not fit now is passed over for the next
@@ -249,20 +249,34 @@ pub struct Scheduler {
     estimate: DurationEstimate,
     specs: Vec<Machine>,
     slots: Vec<Slot>,
+    /// Machines whose free resources grew since the last decision that started nothing.
+    /// Invariant: no waiting build fits on an unreserved machine outside this list, so a
+    /// decision looks at these machines only.
+    dirty: Vec<u32>,
     accounts: Vec<Account>,
     account_ids: HashMap<String, u32>,
     /// Accounts with waiting builds.
     active: Vec<u32>,
     builds: HashMap<u64, Build>,
     shapes: Vec<Option<Shape>>,
+    /// Generation of each shape slot, bumped when the slot is freed.
+    shape_gen: Vec<u32>,
     shape_ids: HashMap<ShapeKey, usize>,
     free_shapes: Vec<usize>,
+    /// Shapes with bypasses by other accounts' builds not yet attributed to queues.
+    pending_bypass: Vec<usize>,
     /// Queues, as (account, shape), whose first build has been bypassed.
     bypassed: BTreeSet<(u32, usize)>,
     /// Reserved machine by build.
     reservations: BTreeMap<u64, u32>,
+    /// When bypasses were last attributed and reservations handed out.
+    last_sweep: f64,
     next_id: u64,
     waiting: usize,
+    /// Number of the current decision, to visit each shape once.
+    stamp: u64,
+    /// Scratch list of the current decision: shapes that fit, with a machine.
+    fitting: Vec<(usize, u32)>,
 }
 
 /// Order of an account's builds: higher priority first, then earlier arrival.
@@ -301,20 +315,28 @@ struct Account {
     active_at: Option<usize>,
 }
 
+impl Account {
+    fn queue_mut(&mut self, shape: usize) -> Option<&mut Queue> {
+        self.queues.iter_mut().find(|q| q.shape == shape)
+    }
+}
+
+/// An account's waiting builds of one shape.
 #[derive(Debug)]
 struct Queue {
     shape: usize,
     builds: BTreeSet<Order>,
+    /// Index of the account in the shape's `members`.
+    member_at: usize,
     /// When its first build was first bypassed.
     bypassed_since: Option<f64>,
 }
 
-/// Where builds of a shape fit now, remembered until a machine's free resources change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fit {
-    Unknown,
-    On(u32),
-    Nowhere,
+/// An account with waiting builds of a shape, and the first of them.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    account: u32,
+    head: Order,
 }
 
 /// Waiting builds with the same [`ShapeKey`].
@@ -325,8 +347,13 @@ struct Shape {
     needs: Vec<Need>,
     /// Its waiting builds.
     waiting: BTreeSet<u64>,
-    /// A machine, neither reserved nor full, where it fits now.
-    fit: Fit,
+    /// The accounts with waiting builds of this shape.
+    members: Vec<Member>,
+    /// Bypasses by builds of other accounts since the last sweep: the first time, and the
+    /// highest standing per weight among the accounts of the builds that went first.
+    pending_bypass: Option<(f64, f64)>,
+    /// The last decision that found it fitting.
+    seen: u64,
 }
 
 impl Shape {
@@ -336,6 +363,16 @@ impl Shape {
             .ok()
             .map(|i| self.needs[i])
     }
+}
+
+/// A shape that could run on a machine, as the machine lists it.
+#[derive(Debug, Clone, Copy)]
+struct SlotShape {
+    shape: usize,
+    /// The shape slot's generation when listed: entries of freed shapes are skipped, and
+    /// dropped in bulk.
+    generation: u32,
+    need: Need,
 }
 
 /// A machine's running state.
@@ -351,8 +388,12 @@ struct Slot {
     used_memory: u64,
     jobs: u32,
     reserved_for: Option<u64>,
-    /// Live shapes with a need on this machine.
-    shapes: Vec<usize>,
+    /// Whether it is in `Scheduler::dirty`.
+    dirty: bool,
+    /// Shapes that could run here.
+    shapes: Vec<SlotShape>,
+    /// Entries of `shapes` whose shape has been freed.
+    stale: usize,
 }
 
 impl Slot {
@@ -366,7 +407,9 @@ impl Slot {
             used_memory: 0,
             jobs: 0,
             reserved_for: None,
+            dirty: false,
             shapes: Vec::new(),
+            stale: 0,
         };
         slot.set_capacity(spec);
         slot
@@ -434,24 +477,12 @@ impl Slot {
     }
 }
 
-/// The remembered fit of shape `s`, computing it when unknown.
-fn fit(shapes: &mut [Option<Shape>], slots: &[Slot], s: usize) -> Option<u32> {
-    let shape = shapes.get_mut(s)?.as_mut()?;
-    match shape.fit {
-        Fit::On(m) => Some(m),
-        Fit::Nowhere => None,
-        Fit::Unknown => {
-            let found = shape
-                .needs
-                .iter()
-                .find(|n| {
-                    let slot = &slots[n.machine as usize];
-                    slot.reserved_for.is_none() && slot.fits(n)
-                })
-                .map(|n| n.machine);
-            shape.fit = found.map_or(Fit::Nowhere, Fit::On);
-            found
-        }
+/// Adds machine `m` to the dirty list.
+fn mark_dirty(slots: &mut [Slot], dirty: &mut Vec<u32>, m: u32) {
+    let slot = &mut slots[m as usize];
+    if !slot.dirty {
+        slot.dirty = true;
+        dirty.push(m);
     }
 }
 
@@ -472,17 +503,23 @@ impl Scheduler {
             estimate: DurationEstimate::new(),
             slots: machines.iter().map(Slot::new).collect(),
             specs: machines,
+            dirty: Vec::new(),
             accounts: Vec::new(),
             account_ids: HashMap::new(),
             active: Vec::new(),
             builds: HashMap::new(),
             shapes: Vec::new(),
+            shape_gen: Vec::new(),
             shape_ids: HashMap::new(),
             free_shapes: Vec::new(),
+            pending_bypass: Vec::new(),
             bypassed: BTreeSet::new(),
             reservations: BTreeMap::new(),
+            last_sweep: f64::NEG_INFINITY,
             next_id: 1,
             waiting: 0,
+            stamp: 0,
+            fitting: Vec::new(),
         })
     }
 
@@ -532,6 +569,12 @@ impl Scheduler {
         })
     }
 
+    /// An account's fair-share standing per weight now: lower goes first.
+    fn standing(&self, account: u32) -> f64 {
+        let acc = &self.accounts[account as usize];
+        acc.usage.standing(&self.clock, self.growth) / acc.weight
+    }
+
     /// Moves the clock to `now` (never backwards) and returns it in seconds.
     fn advance(&mut self, now: Duration) -> f64 {
         let t = now.as_secs_f64().max(self.now);
@@ -555,35 +598,58 @@ impl Scheduler {
             spec.cores,
             spec.memory,
         )?;
-        let shape = match self.shape_ids.get(&key) {
-            Some(&s) => s,
+        let (shape, new_shape) = match self.shape_ids.get(&key) {
+            Some(&s) => (s, false),
             None => {
                 let needs = key.placements(&self.specs, &self.config)?;
-                self.add_shape(key, needs)
+                (self.add_shape(key, needs), true)
             }
         };
         let account = self.account(&spec.account);
         let id = self.next_id;
         self.next_id += 1;
         let order = (Reverse(spec.priority), id);
+        let Some(sh) = self.shapes[shape].as_mut() else {
+            return Err(Refusal::NoCapacity {
+                system: spec.system,
+            });
+        };
         let acc = &mut self.accounts[account as usize];
-        match acc.queues.iter_mut().find(|q| q.shape == shape) {
+        match acc.queue_mut(shape) {
             Some(q) => {
                 q.builds.insert(order);
+                if q.builds.first() == Some(&order) {
+                    sh.members[q.member_at].head = order;
+                }
             }
-            None => acc.queues.push(Queue {
-                shape,
-                builds: BTreeSet::from([order]),
-                bypassed_since: None,
-            }),
+            None => {
+                acc.queues.push(Queue {
+                    shape,
+                    builds: BTreeSet::from([order]),
+                    member_at: sh.members.len(),
+                    bypassed_since: None,
+                });
+                sh.members.push(Member {
+                    account,
+                    head: order,
+                });
+            }
         }
         acc.waiting.insert(order);
         if acc.active_at.is_none() {
             acc.active_at = Some(self.active.len());
             self.active.push(account);
         }
-        if let Some(s) = self.shapes[shape].as_mut() {
-            s.waiting.insert(id);
+        sh.waiting.insert(id);
+        if new_shape {
+            // Builds of a shape that was already waiting fit on no clean machine; a new one
+            // may fit anywhere.
+            for n in &sh.needs {
+                let slot = &self.slots[n.machine as usize];
+                if slot.reserved_for.is_none() && slot.fits(n) {
+                    mark_dirty(&mut self.slots, &mut self.dirty, n.machine);
+                }
+            }
         }
         self.builds.insert(
             id,
@@ -616,28 +682,30 @@ impl Scheduler {
     }
 
     fn add_shape(&mut self, key: ShapeKey, needs: Vec<Need>) -> usize {
-        let shape = Shape {
-            key: key.clone(),
-            needs,
-            waiting: BTreeSet::new(),
-            fit: Fit::Unknown,
-        };
         let s = match self.free_shapes.pop() {
-            Some(s) => {
-                self.shapes[s] = Some(shape);
-                s
-            }
+            Some(s) => s,
             None => {
-                self.shapes.push(Some(shape));
+                self.shapes.push(None);
+                self.shape_gen.push(0);
                 self.shapes.len() - 1
             }
         };
-        if let Some(shape) = &self.shapes[s] {
-            for n in &shape.needs {
-                self.slots[n.machine as usize].shapes.push(s);
-            }
+        for n in &needs {
+            self.slots[n.machine as usize].shapes.push(SlotShape {
+                shape: s,
+                generation: self.shape_gen[s],
+                need: *n,
+            });
         }
-        self.shape_ids.insert(key, s);
+        self.shape_ids.insert(key.clone(), s);
+        self.shapes[s] = Some(Shape {
+            key,
+            needs,
+            waiting: BTreeSet::new(),
+            members: Vec::new(),
+            pending_bypass: None,
+            seen: 0,
+        });
         s
     }
 
@@ -645,8 +713,16 @@ impl Scheduler {
         let Some(shape) = self.shapes[s].take() else {
             return;
         };
+        self.shape_gen[s] = self.shape_gen[s].wrapping_add(1);
         for n in &shape.needs {
-            self.slots[n.machine as usize].shapes.retain(|&x| x != s);
+            let slot = &mut self.slots[n.machine as usize];
+            slot.stale += 1;
+            if slot.stale * 2 > slot.shapes.len() {
+                let (shapes, generations) = (&self.shapes, &self.shape_gen);
+                slot.shapes
+                    .retain(|e| shapes[e.shape].is_some() && generations[e.shape] == e.generation);
+                slot.stale = 0;
+            }
         }
         self.shape_ids.remove(&shape.key);
         self.free_shapes.push(s);
@@ -658,21 +734,31 @@ impl Scheduler {
         let Some(build) = self.builds.get(&id) else {
             return;
         };
-        let (a, s, order) = (
-            build.account as usize,
-            build.shape,
-            (Reverse(build.priority), id),
-        );
-        let acc = &mut self.accounts[a];
+        let (a, s, order) = (build.account, build.shape, (Reverse(build.priority), id));
+        let acc = &mut self.accounts[a as usize];
+        // The account whose queue of shape `s` must learn its new index in `members`.
+        let mut moved_member = None;
         if let Some(i) = acc.queues.iter().position(|q| q.shape == s) {
             let queue = &mut acc.queues[i];
-            if queue.builds.first() == Some(&order) {
+            let was_head = queue.builds.first() == Some(&order);
+            queue.builds.remove(&order);
+            if was_head {
                 // A new first build starts its own count.
                 queue.bypassed_since = None;
-                self.bypassed.remove(&(a as u32, s));
+                self.bypassed.remove(&(a, s));
             }
-            queue.builds.remove(&order);
-            if queue.builds.is_empty() {
+            let member_at = queue.member_at;
+            let next = queue.builds.first().copied();
+            if let Some(shape) = self.shapes[s].as_mut() {
+                match next {
+                    Some(head) => shape.members[member_at].head = head,
+                    None => {
+                        shape.members.swap_remove(member_at);
+                        moved_member = shape.members.get(member_at).map(|m| (m.account, member_at));
+                    }
+                }
+            }
+            if next.is_none() {
                 acc.queues.swap_remove(i);
             }
         }
@@ -685,6 +771,11 @@ impl Scheduler {
                 }
             }
         }
+        if let Some((account, member_at)) = moved_member {
+            if let Some(q) = self.accounts[account as usize].queue_mut(s) {
+                q.member_at = member_at;
+            }
+        }
         self.waiting -= 1;
         if let Some(shape) = self.shapes[s].as_mut() {
             shape.waiting.remove(&id);
@@ -694,33 +785,7 @@ impl Scheduler {
         }
         if let Some(m) = self.reservations.remove(&id) {
             self.slots[m as usize].reserved_for = None;
-            self.freed(m);
-        }
-    }
-
-    /// After resources on machine `m` grew: shapes that fitted nowhere may fit there now.
-    fn freed(&mut self, m: u32) {
-        let slot = &self.slots[m as usize];
-        if slot.reserved_for.is_some() {
-            return;
-        }
-        for &s in &slot.shapes {
-            if let Some(shape) = self.shapes[s].as_mut() {
-                if shape.fit == Fit::Nowhere && shape.need_on(m).is_some_and(|n| slot.fits(&n)) {
-                    shape.fit = Fit::On(m);
-                }
-            }
-        }
-    }
-
-    /// After resources on machine `m` shrank or it was reserved: forget fits there.
-    fn taken(&mut self, m: u32) {
-        for &s in &self.slots[m as usize].shapes {
-            if let Some(shape) = self.shapes[s].as_mut() {
-                if shape.fit == Fit::On(m) {
-                    shape.fit = Fit::Unknown;
-                }
-            }
+            mark_dirty(&mut self.slots, &mut self.dirty, m);
         }
     }
 
@@ -740,6 +805,7 @@ impl Scheduler {
             return Err(SchedError::UnknownBuild(id));
         };
         self.slots[alloc.machine as usize].release(&alloc);
+        mark_dirty(&mut self.slots, &mut self.dirty, alloc.machine);
         self.estimate.observe(t - alloc.started);
         self.accounts[account as usize].usage.end(
             &self.clock,
@@ -747,7 +813,6 @@ impl Scheduler {
             alloc.cores.len() as u32,
             alloc.charge,
         );
-        self.freed(alloc.machine);
         Ok(())
     }
 
@@ -797,17 +862,21 @@ impl Scheduler {
     fn replan(&mut self) -> Vec<(BuildId, Refusal)> {
         for slot in &mut self.slots {
             slot.shapes.clear();
+            slot.stale = 0;
         }
         let mut refused = Vec::new();
         for s in 0..self.shapes.len() {
             let Some(shape) = self.shapes[s].as_mut() else {
                 continue;
             };
-            shape.fit = Fit::Unknown;
             match shape.key.placements(&self.specs, &self.config) {
                 Ok(needs) => {
                     for n in &needs {
-                        self.slots[n.machine as usize].shapes.push(s);
+                        self.slots[n.machine as usize].shapes.push(SlotShape {
+                            shape: s,
+                            generation: self.shape_gen[s],
+                            need: *n,
+                        });
                     }
                     shape.needs = needs;
                 }
@@ -838,6 +907,9 @@ impl Scheduler {
                 self.slots[m as usize].reserved_for = None;
             }
         }
+        for m in 0..self.slots.len() as u32 {
+            mark_dirty(&mut self.slots, &mut self.dirty, m);
+        }
         refused
             .into_iter()
             .map(|(id, r)| (BuildId(id), r))
@@ -856,7 +928,7 @@ impl Scheduler {
     /// One decision: the next build to start now, or `None` when none can.
     pub fn decide_one(&mut self, now: Duration) -> Option<Start> {
         let t = self.advance(now);
-        self.reserve_for_starving(t);
+        self.sweep(t);
         if let Some((id, m)) = self.reserved_that_fits() {
             return self.start(id, m, t, true);
         }
@@ -880,35 +952,51 @@ impl Scheduler {
     }
 
     /// The first build, in fair-share order, that fits on a machine that is not reserved:
-    /// its account's standing per weight, its id, the machine.
+    /// its account's standing per weight, its id, the machine. With none, the dirty list is
+    /// emptied (nothing fits on those machines any more).
     fn fairest_that_fits(&mut self) -> Option<(f64, u64, u32)> {
-        // (standing per weight, build id, machine)
-        let mut best: Option<(f64, u64, u32)> = None;
-        for &a in &self.active {
-            let acc = &self.accounts[a as usize];
-            let standing = acc.usage.standing(&self.clock, self.growth) / acc.weight;
-            if best.is_some_and(|(b, _, _)| standing > b) {
+        self.stamp += 1;
+        self.fitting.clear();
+        for &m in &self.dirty {
+            let slot = &self.slots[m as usize];
+            if slot.reserved_for.is_some() {
                 continue;
             }
-            let mut first: Option<(Order, u32)> = None;
-            for q in &acc.queues {
-                let Some(&head) = q.builds.first() else {
-                    continue;
-                };
-                if first.is_some_and(|(o, _)| o <= head) {
+            for e in &slot.shapes {
+                if self.shape_gen[e.shape] != e.generation || !slot.fits(&e.need) {
                     continue;
                 }
-                if let Some(m) = fit(&mut self.shapes, &self.slots, q.shape) {
-                    first = Some((head, m));
-                }
-            }
-            if let Some(((_, id), m)) = first {
-                if best.is_none_or(|(b, bid, _)| standing < b || (standing == b && id < bid)) {
-                    best = Some((standing, id, m));
+                if let Some(shape) = self.shapes[e.shape].as_mut() {
+                    if shape.seen != self.stamp {
+                        shape.seen = self.stamp;
+                        self.fitting.push((e.shape, m));
+                    }
                 }
             }
         }
-        best
+        if self.fitting.is_empty() {
+            for m in self.dirty.drain(..) {
+                self.slots[m as usize].dirty = false;
+            }
+            return None;
+        }
+        // (standing per weight, first build, machine); ties go to the higher priority, then
+        // the earlier build.
+        let mut best: Option<(f64, Order, u32)> = None;
+        for &(s, m) in &self.fitting {
+            let Some(shape) = self.shapes[s].as_ref() else {
+                continue;
+            };
+            for member in &shape.members {
+                let standing = self.standing(member.account);
+                if best.is_none_or(|(b, order, _)| {
+                    standing < b || (standing == b && member.head < order)
+                }) {
+                    best = Some((standing, member.head, m));
+                }
+            }
+        }
+        best.map(|(standing, (_, id), m)| (standing, id, m))
     }
 
     /// Starts waiting build `id` on machine `m` (where it fits).
@@ -921,7 +1009,6 @@ impl Scheduler {
         let cores = slot.take_cores(need.cores);
         slot.used_memory += need.memory;
         slot.jobs += 1;
-        self.taken(m);
         let charge = f64::from(need.cores) * self.estimate.seconds();
         self.accounts[account as usize]
             .usage
@@ -945,39 +1032,73 @@ impl Scheduler {
     }
 
     /// Build `id`, of an account standing at `standing` per weight, is about to start on
-    /// machine `m`: the first builds of the queues before it in the scheduling order that
-    /// could run on `m` but do not fit there now are bypassed.
+    /// machine `m`: waiting builds before it that could run on `m` but do not fit there now
+    /// are bypassed. Its own account's are marked now; other accounts' at the next sweep.
     fn record_bypasses(&mut self, standing: f64, id: u64, m: u32, t: f64) {
         let Some(build) = self.builds.get(&id) else {
             return;
         };
         let (own, order) = (build.account, (Reverse(build.priority), id));
         let slot = &self.slots[m as usize];
-        for &a in &self.active {
-            let acc = &mut self.accounts[a as usize];
-            let acc_standing = acc.usage.standing(&self.clock, self.growth) / acc.weight;
-            if a != own && acc_standing > standing {
+        for queue in &mut self.accounts[own as usize].queues {
+            if queue.bypassed_since.is_some() || queue.builds.first().is_none_or(|h| *h >= order) {
                 continue;
             }
-            for queue in &mut acc.queues {
-                let Some(&head) = queue.builds.first() else {
-                    continue;
-                };
-                let before = if a == own {
-                    head < order
-                } else {
-                    acc_standing < standing || head.1 < id
-                };
-                if !before || queue.bypassed_since.is_some() {
-                    continue;
-                }
-                let need = self.shapes[queue.shape].as_ref().and_then(|s| s.need_on(m));
-                if need.is_some_and(|n| !slot.fits(&n)) {
-                    queue.bypassed_since = Some(t);
-                    self.bypassed.insert((a, queue.shape));
+            let need = self.shapes[queue.shape].as_ref().and_then(|s| s.need_on(m));
+            if need.is_some_and(|n| !slot.fits(&n)) {
+                queue.bypassed_since = Some(t);
+                self.bypassed.insert((own, queue.shape));
+            }
+        }
+        for e in &slot.shapes {
+            if self.shape_gen[e.shape] != e.generation || slot.fits(&e.need) {
+                continue;
+            }
+            if let Some(shape) = self.shapes[e.shape].as_mut() {
+                match &mut shape.pending_bypass {
+                    Some((_, highest)) => *highest = highest.max(standing),
+                    None => {
+                        shape.pending_bypass = Some((t, standing));
+                        self.pending_bypass.push(e.shape);
+                    }
                 }
             }
         }
+    }
+
+    /// At most once a second of scheduler time (or every `starvation_after` if shorter):
+    /// attributes bypasses by other accounts to the queues of accounts that stand before
+    /// them now, and hands out reservations that are due.
+    fn sweep(&mut self, t: f64) {
+        let interval = self.config.starvation_after.as_secs_f64().min(1.0);
+        if t - self.last_sweep < interval {
+            return;
+        }
+        self.last_sweep = t;
+        for s in std::mem::take(&mut self.pending_bypass) {
+            let Some((since, highest)) = self.shapes[s]
+                .as_mut()
+                .and_then(|sh| sh.pending_bypass.take())
+            else {
+                continue;
+            };
+            let Some(shape) = self.shapes[s].as_ref() else {
+                continue;
+            };
+            for member in &shape.members {
+                let acc = &mut self.accounts[member.account as usize];
+                if acc.usage.standing(&self.clock, self.growth) / acc.weight >= highest {
+                    continue;
+                }
+                if let Some(q) = acc.queue_mut(s) {
+                    if q.bypassed_since.is_none() {
+                        q.bypassed_since = Some(since);
+                        self.bypassed.insert((member.account, s));
+                    }
+                }
+            }
+        }
+        self.reserve_for_starving(t);
     }
 
     /// Gives reservations to first builds of queues bypassed for `starvation_after` or longer
@@ -1005,12 +1126,17 @@ impl Scheduler {
         }
         due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         for (_, id, s) in due {
-            if fit(&mut self.shapes, &self.slots, s).is_some() {
-                continue;
-            }
             let Some(shape) = self.shapes[s].as_ref() else {
                 continue;
             };
+            // By the invariant, it can only fit on a dirty machine.
+            let fits_now = self.dirty.iter().any(|&m| {
+                let slot = &self.slots[m as usize];
+                slot.reserved_for.is_none() && shape.need_on(m).is_some_and(|n| slot.fits(&n))
+            });
+            if fits_now {
+                continue;
+            }
             let closest = shape
                 .needs
                 .iter()
@@ -1020,7 +1146,6 @@ impl Scheduler {
             if let Some((_, m)) = closest {
                 self.reservations.insert(id, m);
                 self.slots[m as usize].reserved_for = Some(id);
-                self.taken(m);
             }
         }
     }

@@ -739,6 +739,8 @@ enum Op {
     Wait(u64),
     /// Replaces machine n's capacity.
     Capacity(usize, Machine),
+    /// Starts what can start.
+    Decide,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -748,6 +750,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Cancel),
         2 => (1u64..200).prop_map(Op::Wait),
         1 => (any::<usize>(), machine_strategy()).prop_map(|(i, m)| Op::Capacity(i, m)),
+        6 => Just(Op::Decide),
     ]
 }
 
@@ -960,8 +963,8 @@ fn run_ops(machines: Vec<Machine>, ops: Vec<Op>, cfg: SchedulerConfig) {
                     assert!(o.runnable_somewhere(&o.specs[&id]), "{id} kept");
                 }
             }
+            Op::Decide => decide(&mut sc, &mut o, t, &mut started),
         }
-        decide(&mut sc, &mut o, t, &mut started);
         for &id in &o.waiting {
             let status = sc.waiting_status(id).unwrap();
             assert!(status.position >= 1 && status.position <= status.waiting);
@@ -970,7 +973,11 @@ fn run_ops(machines: Vec<Machine>, ops: Vec<Op>, cfg: SchedulerConfig) {
     }
     // Drain: everything still waiting starts as running builds complete.
     let mut rounds = 0;
-    while !o.running.is_empty() || !o.waiting.is_empty() {
+    loop {
+        decide(&mut sc, &mut o, t, &mut started);
+        if o.running.is_empty() && o.waiting.is_empty() {
+            break;
+        }
         rounds += 1;
         assert!(rounds < 10_000, "stuck: {:?} wait", o.waiting);
         assert!(
@@ -982,7 +989,6 @@ fn run_ops(machines: Vec<Machine>, ops: Vec<Op>, cfg: SchedulerConfig) {
         let id = *o.running.keys().next().unwrap();
         sc.complete(id, secs(t)).unwrap();
         o.running.remove(&id);
-        decide(&mut sc, &mut o, t, &mut started);
     }
     assert_eq!(accepted, started + cancelled + refused_later);
 }
