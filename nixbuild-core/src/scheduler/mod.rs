@@ -45,7 +45,11 @@
 //! already, the one closest to fitting it (smallest missing share of cores plus memory, then
 //! lowest index) starts nothing else until the build starts, there or elsewhere, or is
 //! cancelled. The next build of that queue starts its own count. Reservations go out longest
-//! bypassed first, one per machine. This is the only case in which a machine with room for a
+//! bypassed first, one per machine and one per kind of build at a time (builds of a kind are
+//! interchangeable: one drained machine serves them in turn, and starving builds cannot
+//! drain every machine at once). Bypasses by other accounts' builds are attributed, with the
+//! accounts' standings then, at most once a second of scheduler time (or every
+//! `starvation_after`, if shorter). This is the only case in which a machine with room for a
 //! waiting build leaves it waiting.
 //!
 //! # Waiting builds
@@ -254,6 +258,17 @@ pub struct Scheduler {
     /// decision looks at these machines only.
     dirty: Vec<u32>,
     accounts: Vec<Account>,
+    /// Fair-share state by account.
+    fair: Vec<Fair>,
+    /// Standing per weight by account, as of `standings_time` and the builds started or
+    /// ended since (updated with them).
+    standings: Vec<f64>,
+    standings_time: f64,
+    /// Accounts with waiting builds, nearly sorted by standing: sorted again (insertion sort,
+    /// cheap when little moved) before a decision walks it. May hold inactive accounts,
+    /// dropped when sorting.
+    order: Vec<u32>,
+    order_sorted: bool,
     account_ids: HashMap<String, u32>,
     /// Accounts with waiting builds.
     active: Vec<u32>,
@@ -305,14 +320,26 @@ struct Alloc {
 
 #[derive(Debug)]
 struct Account {
-    weight: f64,
-    usage: Usage,
     /// Waiting builds by shape.
     queues: Vec<Queue>,
     /// All waiting builds.
     waiting: BTreeSet<Order>,
     /// Index in `Scheduler::active` while it has waiting builds.
     active_at: Option<usize>,
+}
+
+/// An account's fair-share state, kept apart from its queues so that comparing accounts
+/// reads one small array.
+#[derive(Debug, Clone, Default)]
+struct Fair {
+    usage: Usage,
+    weight: f64,
+}
+
+impl Fair {
+    fn standing(&self, clock: &Clock, growth: f64) -> f64 {
+        self.usage.standing(clock, growth) / self.weight
+    }
 }
 
 impl Account {
@@ -352,8 +379,9 @@ struct Shape {
     /// Bypasses by builds of other accounts since the last sweep: the first time, and the
     /// highest standing per weight among the accounts of the builds that went first.
     pending_bypass: Option<(f64, f64)>,
-    /// The last decision that found it fitting.
+    /// The last decision that found it fitting, and on which machine.
     seen: u64,
+    fit_machine: u32,
 }
 
 impl Shape {
@@ -505,6 +533,11 @@ impl Scheduler {
             specs: machines,
             dirty: Vec::new(),
             accounts: Vec::new(),
+            fair: Vec::new(),
+            standings: Vec::new(),
+            standings_time: f64::NAN,
+            order: Vec::new(),
+            order_sorted: true,
             account_ids: HashMap::new(),
             active: Vec::new(),
             builds: HashMap::new(),
@@ -563,16 +596,51 @@ impl Scheduler {
     /// never seen).
     pub fn account_usage(&self, account: &str) -> f64 {
         self.account_ids.get(account).map_or(0.0, |&a| {
-            self.accounts[a as usize]
-                .usage
-                .usage(&self.clock, self.growth)
+            self.fair[a as usize].usage.usage(&self.clock, self.growth)
         })
     }
 
     /// An account's fair-share standing per weight now: lower goes first.
     fn standing(&self, account: u32) -> f64 {
-        let acc = &self.accounts[account as usize];
-        acc.usage.standing(&self.clock, self.growth) / acc.weight
+        self.fair[account as usize].standing(&self.clock, self.growth)
+    }
+
+    /// Brings `standings` to the current time and sorts `order` by them.
+    fn refresh_order(&mut self) {
+        if self.standings_time != self.now {
+            self.standings_time = self.now;
+            for &a in &self.active {
+                self.standings[a as usize] =
+                    self.fair[a as usize].standing(&self.clock, self.growth);
+            }
+            self.order_sorted = false;
+        }
+        if self.order_sorted {
+            return;
+        }
+        let accounts = &self.accounts;
+        self.order
+            .retain(|&a| accounts[a as usize].active_at.is_some());
+        // Insertion sort: between decisions few accounts move, and not far.
+        let standings = &self.standings;
+        for i in 1..self.order.len() {
+            let a = self.order[i];
+            let mut j = i;
+            while j > 0 && standings[self.order[j - 1] as usize] > standings[a as usize] {
+                self.order[j] = self.order[j - 1];
+                j -= 1;
+            }
+            self.order[j] = a;
+        }
+        self.order_sorted = true;
+    }
+
+    /// Records that an account's running builds changed: its standing moves.
+    fn restand(&mut self, account: u32) {
+        if self.standings_time == self.now {
+            self.standings[account as usize] = self.standing(account);
+            self.order_sorted = false;
+        }
     }
 
     /// Moves the clock to `now` (never backwards) and returns it in seconds.
@@ -580,8 +648,8 @@ impl Scheduler {
         let t = now.as_secs_f64().max(self.now);
         if self.clock.needs_rebase(t) {
             let factor = self.clock.rebase(t);
-            for account in &mut self.accounts {
-                account.usage.rebase(factor);
+            for fair in &mut self.fair {
+                fair.usage.rebase(factor);
             }
         }
         self.now = t;
@@ -639,6 +707,12 @@ impl Scheduler {
         if acc.active_at.is_none() {
             acc.active_at = Some(self.active.len());
             self.active.push(account);
+            if !self.order.contains(&account) {
+                self.order.push(account);
+            }
+            self.standings[account as usize] =
+                self.fair[account as usize].standing(&self.clock, self.growth);
+            self.order_sorted = false;
         }
         sh.waiting.insert(id);
         if new_shape {
@@ -670,9 +744,12 @@ impl Scheduler {
         }
         let a = self.accounts.len() as u32;
         let weight = self.config.weights.get(name).copied().unwrap_or(1);
-        self.accounts.push(Account {
-            weight: f64::from(weight),
+        self.fair.push(Fair {
             usage: Usage::default(),
+            weight: f64::from(weight),
+        });
+        self.standings.push(0.0);
+        self.accounts.push(Account {
             queues: Vec::new(),
             waiting: BTreeSet::new(),
             active_at: None,
@@ -705,6 +782,7 @@ impl Scheduler {
             members: Vec::new(),
             pending_bypass: None,
             seen: 0,
+            fit_machine: 0,
         });
         s
     }
@@ -807,12 +885,13 @@ impl Scheduler {
         self.slots[alloc.machine as usize].release(&alloc);
         mark_dirty(&mut self.slots, &mut self.dirty, alloc.machine);
         self.estimate.observe(t - alloc.started);
-        self.accounts[account as usize].usage.end(
+        self.fair[account as usize].usage.end(
             &self.clock,
             self.growth,
             alloc.cores.len() as u32,
             alloc.charge,
         );
+        self.restand(account);
         Ok(())
     }
 
@@ -969,6 +1048,7 @@ impl Scheduler {
                 if let Some(shape) = self.shapes[e.shape].as_mut() {
                     if shape.seen != self.stamp {
                         shape.seen = self.stamp;
+                        shape.fit_machine = m;
                         self.fitting.push((e.shape, m));
                     }
                 }
@@ -980,19 +1060,50 @@ impl Scheduler {
             }
             return None;
         }
+        self.refresh_order();
         // (standing per weight, first build, machine); ties go to the higher priority, then
         // the earlier build.
         let mut best: Option<(f64, Order, u32)> = None;
-        for &(s, m) in &self.fitting {
-            let Some(shape) = self.shapes[s].as_ref() else {
-                continue;
-            };
-            for member in &shape.members {
-                let standing = self.standing(member.account);
-                if best.is_none_or(|(b, order, _)| {
-                    standing < b || (standing == b && member.head < order)
-                }) {
-                    best = Some((standing, member.head, m));
+        let better = |best: &Option<(f64, Order, u32)>, standing: f64, head: Order| {
+            best.is_none_or(|(b, order, _)| standing < b || (standing == b && head < order))
+        };
+        let members: usize = self
+            .fitting
+            .iter()
+            .filter_map(|&(s, _)| self.shapes[s].as_ref())
+            .map(|shape| shape.members.len())
+            .sum();
+        if members <= 2 * self.order.len() {
+            // Few accounts have builds that fit: look at each.
+            for &(s, m) in &self.fitting {
+                let Some(shape) = self.shapes[s].as_ref() else {
+                    continue;
+                };
+                for member in &shape.members {
+                    let standing = self.standings[member.account as usize];
+                    if better(&best, standing, member.head) {
+                        best = Some((standing, member.head, m));
+                    }
+                }
+            }
+        } else {
+            // Many do: walk the accounts from the lowest standing up; the first with a build
+            // that fits, and those standing as low, decide.
+            for &a in &self.order {
+                let standing = self.standings[a as usize];
+                if best.is_some_and(|(b, _, _)| standing > b) {
+                    break;
+                }
+                for queue in &self.accounts[a as usize].queues {
+                    let Some(shape) = self.shapes[queue.shape].as_ref() else {
+                        continue;
+                    };
+                    let Some(&head) = queue.builds.first() else {
+                        continue;
+                    };
+                    if shape.seen == self.stamp && better(&best, standing, head) {
+                        best = Some((standing, head, shape.fit_machine));
+                    }
                 }
             }
         }
@@ -1010,9 +1121,10 @@ impl Scheduler {
         slot.used_memory += need.memory;
         slot.jobs += 1;
         let charge = f64::from(need.cores) * self.estimate.seconds();
-        self.accounts[account as usize]
+        self.fair[account as usize]
             .usage
             .start(&self.clock, self.growth, need.cores, charge);
+        self.restand(account);
         if let Some(build) = self.builds.get_mut(&id) {
             build.run = Some(Alloc {
                 machine: m,
@@ -1086,11 +1198,11 @@ impl Scheduler {
                 continue;
             };
             for member in &shape.members {
-                let acc = &mut self.accounts[member.account as usize];
-                if acc.usage.standing(&self.clock, self.growth) / acc.weight >= highest {
+                if self.fair[member.account as usize].standing(&self.clock, self.growth) >= highest
+                {
                     continue;
                 }
-                if let Some(q) = acc.queue_mut(s) {
+                if let Some(q) = self.accounts[member.account as usize].queue_mut(s) {
                     if q.bypassed_since.is_none() {
                         q.bypassed_since = Some(since);
                         self.bypassed.insert((member.account, s));
@@ -1125,7 +1237,17 @@ impl Scheduler {
             }
         }
         due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // One reservation per shape at a time: its builds are interchangeable, so one machine
+        // drained for them serves them in turn, and starving builds cannot drain every machine.
+        let mut reserved_shapes: BTreeSet<usize> = self
+            .reservations
+            .keys()
+            .filter_map(|id| self.builds.get(id).map(|b| b.shape))
+            .collect();
         for (_, id, s) in due {
+            if !reserved_shapes.insert(s) {
+                continue;
+            }
             let Some(shape) = self.shapes[s].as_ref() else {
                 continue;
             };
@@ -1178,19 +1300,21 @@ impl Scheduler {
         let acc = &self.accounts[build.account as usize];
         let order = (Reverse(build.priority), id.0);
         let own_ahead: Vec<u64> = acc.waiting.range(..order).map(|o| o.1).collect();
-        let turn = (acc.usage.standing(&self.clock, self.growth)
+        let fair = &self.fair[build.account as usize];
+        let turn = (fair.usage.standing(&self.clock, self.growth)
             + own_ahead.iter().map(|&b| charge(b)).sum::<f64>())
-            / acc.weight;
+            / fair.weight;
         let mut ahead = own_ahead.len();
         for &a in self.active.iter().filter(|&&a| a != build.account) {
             let other = &self.accounts[a as usize];
-            let mut standing = other.usage.standing(&self.clock, self.growth) / other.weight;
+            let weight = self.fair[a as usize].weight;
+            let mut standing = self.standing(a);
             for &(_, b) in &other.waiting {
                 if standing > turn || (standing == turn && b > id.0) {
                     break;
                 }
                 ahead += 1;
-                standing += charge(b) / other.weight;
+                standing += charge(b) / weight;
             }
         }
         Some(WaitStatus {
