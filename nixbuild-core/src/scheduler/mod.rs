@@ -254,9 +254,11 @@ pub struct Scheduler {
     specs: Vec<Machine>,
     slots: Vec<Slot>,
     /// Machines whose free resources grew since the last decision that started nothing.
-    /// Invariant: no waiting build fits on an unreserved machine outside this list, so a
-    /// decision looks at these machines only.
     dirty: Vec<u32>,
+    /// Shapes that arrived fitting on a machine, with that machine and the shape's
+    /// generation. Invariant: a waiting build fits on an unreserved machine only if the
+    /// machine is dirty or its shape is here, so a decision looks at these only.
+    fresh: Vec<(usize, u32, u32)>,
     accounts: Vec<Account>,
     /// Fair-share state by account.
     fair: Vec<Fair>,
@@ -532,6 +534,7 @@ impl Scheduler {
             slots: machines.iter().map(Slot::new).collect(),
             specs: machines,
             dirty: Vec::new(),
+            fresh: Vec::new(),
             accounts: Vec::new(),
             fair: Vec::new(),
             standings: Vec::new(),
@@ -718,11 +721,13 @@ impl Scheduler {
         if new_shape {
             // Builds of a shape that was already waiting fit on no clean machine; a new one
             // may fit anywhere.
-            for n in &sh.needs {
-                let slot = &self.slots[n.machine as usize];
-                if slot.reserved_for.is_none() && slot.fits(n) {
-                    mark_dirty(&mut self.slots, &mut self.dirty, n.machine);
-                }
+            let slots = &self.slots;
+            let fits = sh.needs.iter().find(|n| {
+                let slot = &slots[n.machine as usize];
+                slot.reserved_for.is_none() && slot.fits(n)
+            });
+            if let Some(n) = fits {
+                self.fresh.push((shape, n.machine, self.shape_gen[shape]));
             }
         }
         self.builds.insert(
@@ -1054,6 +1059,37 @@ impl Scheduler {
                 }
             }
         }
+        // Fresh shapes: where they fitted, or else anywhere.
+        let (slots, shapes, generations) = (&self.slots, &mut self.shapes, &self.shape_gen);
+        let (fitting, stamp) = (&mut self.fitting, self.stamp);
+        self.fresh.retain_mut(|(s, m, generation)| {
+            let Some(shape) = shapes[*s]
+                .as_mut()
+                .filter(|_| generations[*s] == *generation)
+            else {
+                return false;
+            };
+            if shape.seen == stamp {
+                return true;
+            }
+            let usable = |n: &Need| {
+                let slot = &slots[n.machine as usize];
+                slot.reserved_for.is_none() && slot.fits(n)
+            };
+            let here = shape.need_on(*m).is_some_and(|n| usable(&n));
+            let Some(machine) = (if here {
+                Some(*m)
+            } else {
+                shape.needs.iter().find(|n| usable(n)).map(|n| n.machine)
+            }) else {
+                return false;
+            };
+            *m = machine;
+            shape.seen = stamp;
+            shape.fit_machine = machine;
+            fitting.push((*s, machine));
+            true
+        });
         if self.fitting.is_empty() {
             for m in self.dirty.drain(..) {
                 self.slots[m as usize].dirty = false;
@@ -1251,10 +1287,9 @@ impl Scheduler {
             let Some(shape) = self.shapes[s].as_ref() else {
                 continue;
             };
-            // By the invariant, it can only fit on a dirty machine.
-            let fits_now = self.dirty.iter().any(|&m| {
-                let slot = &self.slots[m as usize];
-                slot.reserved_for.is_none() && shape.need_on(m).is_some_and(|n| slot.fits(&n))
+            let fits_now = shape.needs.iter().any(|n| {
+                let slot = &self.slots[n.machine as usize];
+                slot.reserved_for.is_none() && slot.fits(n)
             });
             if fits_now {
                 continue;
