@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nixbuild::config::{Config, Overrides};
+use nixbuild::config::{parse_size, Config, Overrides};
 
 /// The nixbuild daemon.
 #[derive(Debug, Parser)]
@@ -58,6 +58,12 @@ struct Args {
     /// Overrides relay.trusted_gids (repeat for several).
     #[arg(long = "trusted-gid", value_name = "GID")]
     trusted_gids: Option<Vec<u32>>,
+    /// Overrides capacity.cores: cores builds may use.
+    #[arg(long, value_name = "N")]
+    cores: Option<u32>,
+    /// Overrides capacity.memory: memory builds may use, such as 16G or 512M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +90,8 @@ fn main() -> ExitCode {
         trusted_gids: args.trusted_gids,
         listen: args.listen,
         authorized_keys: args.authorized_keys,
+        cores: args.cores,
+        memory: args.memory,
     };
     let config = match Config::for_daemon(&args.state_dir, args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -6,11 +6,13 @@
 //! `nixbuild.example.toml` at the repository root lists every key with its default and is
 //! parsed by a test, so it cannot drift from this schema.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use nixbuild_core::scheduler::{Machine, SchedulerConfig};
+use serde::{Deserialize, Deserializer};
 
 /// Largest value `max_paths_per_request` may take: the serve codec's own bound on the
 /// elements of one list, which it applies before the daemon sees a request.
@@ -67,6 +69,10 @@ pub struct Config {
     pub builds: BuildsConfig,
     /// `[ssh]`: the embedded SSH server.
     pub ssh: SshConfig,
+    /// `[capacity]`: what this server offers to builds.
+    pub capacity: CapacityConfig,
+    /// `[scheduler]`: how builds share the capacity.
+    pub scheduler: SchedulerSection,
 }
 
 /// `[ssh]`: the embedded SSH server (nixbuild-ssh). Off unless `listen` is set.
@@ -102,6 +108,213 @@ impl Default for SshConfig {
             max_connections_per_account: 64,
             max_sessions_per_connection: 10,
         }
+    }
+}
+
+/// `[capacity]`: the cores, memory, systems and features builds run on. Unset values come
+/// from the host ([`HostFacts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// Cores builds may use. Default: every CPU this daemon may run on (its cpuset). At most
+    /// that many unless `allow_unenforced_limits`.
+    pub cores: Option<u32>,
+    /// Memory builds may use, in bytes, or a size such as `"16G"` (see [`parse_size`]).
+    /// Default: the host's total memory (`MemTotal`).
+    #[serde(deserialize_with = "size_opt")]
+    pub memory: Option<u64>,
+    /// Systems builds may be for. Default: the host's (`x86_64-linux` and `i686-linux` on
+    /// x86_64).
+    pub systems: Option<Vec<String>>,
+    /// Features offered to derivations that require them. Default, like Nix:
+    /// `benchmark`, `big-parallel`, `nixos-test`, and `kvm` when `/dev/kvm` exists.
+    pub features: Option<Vec<String>>,
+    /// Features only derivations that require them may use (Nix's mandatory features).
+    /// Default none.
+    pub mandatory_features: Vec<String>,
+    /// Most builds running at once. Default: `cores` (each build holds at least one core).
+    pub max_jobs: Option<u32>,
+    /// Most processes and threads of one build at once (cgroup `pids.max`). Default 16384.
+    pub pids_per_build: u64,
+    /// Start even when a limit (cores, memory, processes, swap) cannot be enforced with
+    /// cgroups, with a warning. Default false: the daemon refuses to start.
+    pub allow_unenforced_limits: bool,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            cores: None,
+            memory: None,
+            systems: None,
+            features: None,
+            mandatory_features: Vec::new(),
+            max_jobs: None,
+            pids_per_build: 16384,
+            allow_unenforced_limits: false,
+        }
+    }
+}
+
+/// What the host offers, for the values `[capacity]` leaves unset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// CPUs this daemon may give builds (from `nixbuild::cgroup::Report::cpus`).
+    pub cpus: u32,
+    /// Total memory in bytes.
+    pub memory: u64,
+    /// The host's systems, its own first.
+    pub systems: Vec<String>,
+    /// Whether `/dev/kvm` exists.
+    pub kvm: bool,
+}
+
+impl HostFacts {
+    /// Reads the host's memory (`/proc/meminfo`), system and `/dev/kvm`; `cpus` comes from
+    /// the cgroup report.
+    pub fn detect(cpus: u32) -> Result<HostFacts, ConfigError> {
+        let invalid = |reason| ConfigError::Invalid {
+            source_name: "/proc/meminfo".to_owned(),
+            key: "capacity.memory",
+            reason,
+        };
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .map_err(|e| invalid(format!("cannot read it: {e}")))?;
+        let memory = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(|kib| kib.checked_mul(1024))
+            .ok_or_else(|| invalid("no MemTotal in kB: set capacity.memory".to_owned()))?;
+        let arch = std::env::consts::ARCH;
+        let mut systems = vec![format!("{arch}-linux")];
+        if arch == "x86_64" {
+            // As Nix's default extra-platforms.
+            systems.push("i686-linux".to_owned());
+        }
+        Ok(HostFacts {
+            cpus,
+            memory,
+            systems,
+            kvm: Path::new("/dev/kvm").exists(),
+        })
+    }
+}
+
+impl CapacityConfig {
+    /// The machine the scheduler places this server's builds on: configured values, else
+    /// the host's.
+    pub fn machine(&self, host: &HostFacts) -> Machine {
+        let cores = self.cores.unwrap_or(host.cpus);
+        let default_features = || {
+            let mut features: Vec<String> = ["benchmark", "big-parallel", "nixos-test"]
+                .map(str::to_owned)
+                .into();
+            if host.kvm {
+                features.push("kvm".to_owned());
+            }
+            features
+        };
+        Machine {
+            systems: self.systems.clone().unwrap_or_else(|| host.systems.clone()),
+            supported_features: self.features.clone().unwrap_or_else(default_features),
+            mandatory_features: self.mandatory_features.clone(),
+            cores,
+            memory: self.memory.unwrap_or(host.memory),
+            max_jobs: self.max_jobs.unwrap_or(cores),
+        }
+    }
+}
+
+/// `[scheduler]`: fair share and the defaults of build requests.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSection {
+    /// Seconds in which an account's past usage (core-seconds) halves. Default 3600.
+    pub half_life: u64,
+    /// Cores a build gets unless it asks. Default 1.
+    pub default_cores: u32,
+    /// Memory a build gets unless it asks, in bytes or a size such as `"2G"`. Default unset:
+    /// the machine's memory in proportion to the cores granted.
+    #[serde(deserialize_with = "size_opt")]
+    pub default_memory: Option<u64>,
+    /// Percent of the machine's cores (rounded up) a `big-parallel` build gets unless it
+    /// asks. Default 100: all of them. 1 to 100.
+    pub big_parallel_percent: u32,
+    /// Seconds a build may be bypassed by later, smaller builds before a machine is kept
+    /// free for it (the anti-starvation rule; see `nixbuild_core::scheduler`). Default 300.
+    pub starvation_after: u64,
+    /// Fair-share weight by account name; unlisted accounts weigh 1. Default none.
+    pub weights: BTreeMap<String, u32>,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            half_life: 3600,
+            default_cores: 1,
+            default_memory: None,
+            big_parallel_percent: 100,
+            starvation_after: 300,
+            weights: BTreeMap::new(),
+        }
+    }
+}
+
+impl SchedulerSection {
+    /// The scheduler's configuration.
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            half_life: Duration::from_secs(self.half_life),
+            default_cores: self.default_cores,
+            default_memory: self.default_memory,
+            big_parallel_percent: self.big_parallel_percent,
+            starvation_after: Duration::from_secs(self.starvation_after),
+            weights: self.weights.clone(),
+        }
+    }
+}
+
+/// Parses a size in bytes: a number, optionally followed by `K`, `M`, `G` or `T` (powers of
+/// 1024; `KiB`, `MiB`, `GiB`, `TiB` too), such as `16G` or `512M`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 16G or 512M"))?;
+    let shift = match unit.trim() {
+        "" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => {
+            return Err(format!(
+                "{other:?} in {text:?} is not a unit: use K, M, G or T (powers of 1024)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Deserializes an optional size given as a number of bytes or as a [`parse_size`] string.
+fn size_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(deserializer)? {
+        Size::Bytes(n) => Ok(Some(n)),
+        Size::Text(t) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
     }
 }
 
@@ -228,8 +441,10 @@ pub struct BuildsConfig {
     pub build_timeout: u64,
     /// Bytes of log a build may write. Default 268435456 (256 MiB).
     pub max_log_size: u64,
-    /// Cores a build gets (`NIX_BUILD_CORES`). Default 1.
-    pub cores_per_build: u32,
+    /// Whether a derivation may ask for its cores and memory with the attributes
+    /// `NIXBUILD_CORES` (a number) and `NIXBUILD_MEMORY` (bytes or a size such as `4G`).
+    /// Default false: builds get `[scheduler]`'s defaults.
+    pub derivation_requests: bool,
     /// `size=` of each build's `/dev/shm` tmpfs. Default "50%", like Nix.
     pub dev_shm_size: String,
 }
@@ -242,7 +457,7 @@ impl Default for BuildsConfig {
             max_silent_time: 0,
             build_timeout: 86_400,
             max_log_size: 256 << 20,
-            cores_per_build: 1,
+            derivation_requests: false,
             dev_shm_size: "50%".into(),
         }
     }
@@ -341,6 +556,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `ssh.authorized_keys`.
     pub authorized_keys: Option<PathBuf>,
+    /// `capacity.cores`.
+    pub cores: Option<u32>,
+    /// `capacity.memory`, in bytes.
+    pub memory: Option<u64>,
 }
 
 impl Config {
@@ -410,6 +629,12 @@ impl Config {
         set(&mut self.timeouts.shutdown, &o.shutdown_timeout);
         set(&mut self.relay.trusted_uids, &o.trusted_uids);
         set(&mut self.relay.trusted_gids, &o.trusted_gids);
+        if o.cores.is_some() {
+            self.capacity.cores = o.cores;
+        }
+        if o.memory.is_some() {
+            self.capacity.memory = o.memory;
+        }
         if o.listen.is_some() {
             self.ssh.listen = o.listen;
         }
@@ -481,12 +706,6 @@ impl Config {
                 ),
             ));
         }
-        if b.cores_per_build == 0 {
-            return Err(invalid(
-                "builds.cores_per_build",
-                "must be at least 1".into(),
-            ));
-        }
         if let Err(e) = nixbuild_ssh::KeyTypes::from_names(&self.ssh.key_types) {
             return Err(invalid("ssh.key_types", e.to_string()));
         }
@@ -504,6 +723,46 @@ impl Config {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
             }
+        }
+        let capacity = &self.capacity;
+        for (key, value) in [
+            ("capacity.cores", capacity.cores.map(u64::from)),
+            ("capacity.memory", capacity.memory),
+            ("capacity.max_jobs", capacity.max_jobs.map(u64::from)),
+            ("capacity.pids_per_build", Some(capacity.pids_per_build)),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if capacity.systems.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                "capacity.systems",
+                "must name at least one system".into(),
+            ));
+        }
+        if let Some(account) = self
+            .scheduler
+            .weights
+            .keys()
+            .find(|a| !nixbuild_core::account::is_valid_account_name(a))
+        {
+            return Err(invalid(
+                "scheduler.weights",
+                format!("{account:?} is not an account name ([A-Za-z0-9._@+-]{{1,64}})"),
+            ));
+        }
+        if let Err(nixbuild_core::scheduler::SchedError::Config { field, reason }) =
+            self.scheduler.scheduler_config().check()
+        {
+            let key = match field {
+                "half_life" => "scheduler.half_life",
+                "default_cores" => "scheduler.default_cores",
+                "default_memory" => "scheduler.default_memory",
+                "big_parallel_percent" => "scheduler.big_parallel_percent",
+                _ => "scheduler.weights",
+            };
+            return Err(invalid(key, reason));
         }
         for (key, secs) in [
             ("timeouts.auth", self.timeouts.auth),
@@ -640,6 +899,119 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("ssh.listen"), "{msg}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16G"), Ok(16 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("3 K"), Ok(3 << 10));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        for bad in [
+            "",
+            "G",
+            "16X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999",
+            "20000000T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn capacity_and_scheduler_sections() {
+        let c = Config::parse(
+            "[capacity]\ncores = 2\nmemory = \"8G\"\nfeatures = [\"kvm\"]\n\
+             mandatory_features = [\"benchmark\"]\nallow_unenforced_limits = true\n\
+             [scheduler]\nhalf_life = 60\ndefault_memory = 1073741824\n\
+             big_parallel_percent = 50\nstarvation_after = 10\n\
+             [scheduler.weights]\n\"alice@laptop\" = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.capacity.cores, Some(2));
+        assert_eq!(c.capacity.memory, Some(8 << 30));
+        assert!(c.capacity.allow_unenforced_limits);
+        let host = HostFacts {
+            cpus: 4,
+            memory: 32 << 30,
+            systems: vec!["x86_64-linux".into(), "i686-linux".into()],
+            kvm: true,
+        };
+        let m = c.capacity.machine(&host);
+        assert_eq!((m.cores, m.memory, m.max_jobs), (2, 8 << 30, 2));
+        assert_eq!(m.systems, host.systems);
+        assert_eq!(m.supported_features, vec!["kvm".to_owned()]);
+        assert_eq!(m.mandatory_features, vec!["benchmark".to_owned()]);
+        let s = c.scheduler.scheduler_config();
+        assert_eq!(s.half_life, Duration::from_secs(60));
+        assert_eq!(s.default_memory, Some(1 << 30));
+        assert_eq!(s.big_parallel_percent, 50);
+        assert_eq!(s.starvation_after, Duration::from_secs(10));
+        assert_eq!(s.weights.get("alice@laptop"), Some(&3));
+
+        // Defaults come from the host, with Nix's default features.
+        let m = Config::default()
+            .capacity
+            .machine(&HostFacts { kvm: false, ..host });
+        assert_eq!((m.cores, m.memory, m.max_jobs), (4, 32 << 30, 4));
+        assert_eq!(
+            m.supported_features,
+            vec!["benchmark", "big-parallel", "nixos-test"]
+        );
+        assert_eq!(
+            Config::default().scheduler.scheduler_config(),
+            SchedulerConfig::default()
+        );
+        let real = HostFacts::detect(1).unwrap();
+        assert!(real.memory > 0 && real.systems[0].ends_with("-linux"));
+    }
+
+    #[test]
+    fn capacity_and_scheduler_errors_name_the_key() {
+        for (text, key) in [
+            ("[capacity]\ncores = 0\n", "capacity.cores"),
+            ("[capacity]\nsystems = []\n", "capacity.systems"),
+            (
+                "[scheduler]\nbig_parallel_percent = 0\n",
+                "scheduler.big_parallel_percent",
+            ),
+            ("[scheduler]\nhalf_life = 0\n", "scheduler.half_life"),
+            ("[scheduler.weights]\nbob = 0\n", "scheduler.weights"),
+            ("[scheduler.weights]\n\"a b\" = 1\n", "scheduler.weights"),
+        ] {
+            let msg = Config::parse(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+        let msg = Config::parse("[capacity]\nmemory = \"16X\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("memory") && msg.contains("16X"), "{msg}");
+        let mut c = Config::default();
+        c.apply(&Overrides {
+            cores: Some(3),
+            memory: Some(1 << 30),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.capacity.cores, c.capacity.memory),
+            (Some(3), Some(1 << 30))
+        );
+        let msg = c
+            .apply(&Overrides {
+                cores: Some(0),
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("command line") && msg.contains("capacity.cores"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -231,9 +231,9 @@ pub async fn run(
             })?
     };
     let builds = {
-        let (dir, store, builds) = (state_dir.to_owned(), store.clone(), config.builds.clone());
+        let (dir, store, config) = (state_dir.to_owned(), store.clone(), config.clone());
         tokio::task::spawn_blocking(move || {
-            BuildService::new(store, &dir, &builds, PathBuf::from("/proc/self/exe"))
+            BuildService::new(store, &dir, &config, PathBuf::from("/proc/self/exe"))
         })
         .await?
         .map_err(|source| DaemonError::Builds {

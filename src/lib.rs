@@ -1,7 +1,7 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
-//! configuration), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
+//! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
 //! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire),
 //! [`build`] (what happens around a sandboxed build) and [`ssh`] (its SSH front door, on
@@ -12,6 +12,7 @@
 pub use nixbuild_core as core;
 
 pub mod build;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod nar_fs;

@@ -638,6 +638,8 @@ impl<O: SessionOutput> Driver<'_, O> {
         loop {
             buf.reserve(4096);
             tokio::select! {
+                // An outcome already there wins over the end of the client's input.
+                biased;
                 event = waiter.next() => match event {
                     WaitEvent::Log(chunk) => self.out.stderr(&chunk).await?,
                     WaitEvent::Done(outcome) => return Ok(outcome),
@@ -1165,7 +1167,7 @@ mod tests {
         let builds = BuildService::new(
             store.clone(),
             dir.path(),
-            &Config::default().builds,
+            &Config::default(),
             "/proc/self/exe".into(),
         )
         .unwrap();

@@ -28,7 +28,8 @@ struct Setup {
 
 impl Setup {
     fn new(config: &str) -> Setup {
-        let nix = Nix::with_conf("");
+        // Outputs fetched back carry no signatures.
+        let nix = Nix::with_conf("require-sigs = false\n");
         let salt = Nix::salt();
         let dir = nix.scratch().join("bb");
         std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
@@ -59,6 +60,16 @@ impl Setup {
 
     /// A derivation running `script` with busybox's sh, with one salted output.
     fn derivation(&self, name: &str, script: &str) -> (StorePath, BasicDerivation) {
+        self.derivation_with(name, script, &[])
+    }
+
+    /// Like [`Setup::derivation`], with `extra` environment variables (derivation attributes).
+    fn derivation_with(
+        &self,
+        name: &str,
+        script: &str,
+        extra: &[(&str, &str)],
+    ) -> (StorePath, BasicDerivation) {
         let out = test_path(&format!("{}-{name}-out", self.salt), name);
         let drv_path = test_path(&format!("{}-{name}-drv", self.salt), &format!("{name}.drv"));
         let sh = format!("{}/bin/sh", self.bb);
@@ -70,6 +81,7 @@ impl Setup {
             ("PATH", &format!("{}/bin", self.bb)),
         ]
         .into_iter()
+        .chain(extra.iter().copied())
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
         let drv = BasicDerivation {
@@ -429,4 +441,146 @@ fn build_paths_builds_an_uploaded_derivation() {
         "a",
         &StorePath::from_absolute_path(top_out.as_bytes()).expect("out")
     ));
+}
+
+/// The builder's view of its CPU and memory grant, as lines of its output.
+const GRANT_SCRIPT: &str = "echo cores=$NIX_BUILD_CORES > $out; \
+     grep Cpus_allowed_list /proc/self/status >> $out";
+
+fn output_text(s: &Setup, drv: &BasicDerivation) -> String {
+    let path = output_of(drv).to_absolute();
+    let mut cmd = s.daemon.point(s.nix.command("nix"), "a");
+    cmd.args(["copy", "--from", &store_uri(), &path]);
+    let out = cmd.output().expect("nix copy --from");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&path).expect("read the output")
+}
+
+#[test]
+fn builds_get_their_granted_cores_and_big_parallel_gets_all() {
+    let s = Setup::new("[capacity]\ncores = 2\n");
+    let (p, d) = s.derivation("one-core", GRANT_SCRIPT);
+    let (r, reply) = s.build(&p, &d, BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::Built, "{}", reply.stderr);
+    assert!(reply.stderr.contains("on 1 cores"), "{}", reply.stderr);
+    let text = output_text(&s, &d);
+    assert!(text.starts_with("cores=1\n"), "{text}");
+    let cpus = text
+        .lines()
+        .nth(1)
+        .expect("Cpus_allowed_list")
+        .split_whitespace()
+        .last()
+        .expect("list")
+        .to_owned();
+    assert!(cpus.parse::<u32>().is_ok(), "one CPU, not {cpus}");
+
+    let (p, d) = s.derivation_with(
+        "all-cores",
+        GRANT_SCRIPT,
+        &[("requiredSystemFeatures", "big-parallel")],
+    );
+    let (r, reply) = s.build(&p, &d, BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::Built, "{}", reply.stderr);
+    let text = output_text(&s, &d);
+    assert!(text.starts_with("cores=2\n"), "{text}");
+    assert!(text.contains("0-1"), "{text}");
+}
+
+#[test]
+fn a_build_waits_for_cores_and_is_told_so() {
+    let s = Setup::new("[capacity]\ncores = 1\n");
+    let (p1, d1) = s.derivation("first", "sleep 3; echo 1 > $out");
+    let (p2, d2) = s.derivation("second", "echo 2 > $out");
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| s.build(&p1, &d1, BuildOptions::default()));
+        let until = Instant::now() + Duration::from_secs(60);
+        while !s
+            .daemon
+            .log()
+            .contains(&format!("drv={} ", p1.to_absolute()))
+        {
+            assert!(Instant::now() < until, "{}", s.daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (r2, reply2) = s.build(&p2, &d2, BuildOptions::default());
+        let (r1, _) = first.join().expect("first client");
+        assert_eq!(r1.status, BuildStatus::Built);
+        assert_eq!(r2.status, BuildStatus::Built);
+        assert!(
+            reply2
+                .stderr
+                .contains("nixbuild: waiting for 1 core (position 1 of 1; 1 build running)"),
+            "{}",
+            reply2.stderr
+        );
+        assert!(
+            reply2.stderr.contains("nixbuild: building '"),
+            "{}",
+            reply2.stderr
+        );
+        // The second started only after the first ended.
+        assert!(r2.start_time >= r1.stop_time, "{r1:?} {r2:?}");
+    });
+}
+
+#[test]
+fn out_of_memory_fails_that_build_only() {
+    let s = Setup::new("[capacity]\ncores = 2\n[scheduler]\ndefault_memory = \"64M\"\n");
+    let (p1, d1) = s.derivation(
+        "hog",
+        "head -c 400m /dev/zero | tail > /dev/null; echo survived > $out",
+    );
+    let (p2, d2) = s.derivation("small", "sleep 1; echo fine > $out");
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| s.build(&p2, &d2, BuildOptions::default()));
+        let (r, _) = s.build(&p1, &d1, BuildOptions::default());
+        assert_eq!(r.status, BuildStatus::PermanentFailure);
+        let msg = String::from_utf8_lossy(&r.error_msg);
+        assert!(msg.contains("out of memory (limit 64 MiB)"), "{msg}");
+        let (r2, _) = other.join().expect("other client");
+        assert_eq!(r2.status, BuildStatus::Built);
+    });
+    assert_no_build_processes(&s.daemon);
+}
+
+#[test]
+fn builds_that_can_never_run_here_are_refused_at_once() {
+    let s = Setup::new("");
+    let (p, d) = s.derivation_with(
+        "needs-gpu",
+        "echo > $out",
+        &[("requiredSystemFeatures", "gpu")],
+    );
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    assert!(!r.status.is_success());
+    let msg = String::from_utf8_lossy(&r.error_msg);
+    assert!(
+        msg.contains("on this server") && msg.contains("gpu"),
+        "{msg}"
+    );
+    let (p, mut d) = s.derivation("arm", "echo > $out");
+    d.platform = b"aarch64-linux".to_vec();
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r.error_msg);
+    assert!(msg.contains("aarch64-linux"), "{msg}");
+    assert!(!s.daemon.log().contains("nixbuild::build: building "));
+}
+
+#[test]
+fn derivation_attributes_ask_for_cores_when_allowed() {
+    let s = Setup::new("[builds]\nderivation_requests = true\n[capacity]\ncores = 2\n");
+    let (p, d) = s.derivation_with("asks-two", GRANT_SCRIPT, &[("NIXBUILD_CORES", "2")]);
+    let (r, reply) = s.build(&p, &d, BuildOptions::default());
+    assert_eq!(r.status, BuildStatus::Built, "{}", reply.stderr);
+    assert!(output_text(&s, &d).starts_with("cores=2\n"));
+    let (p, d) = s.derivation_with("asks-three", GRANT_SCRIPT, &[("NIXBUILD_CORES", "3")]);
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    assert!(!r.status.is_success());
+    let msg = String::from_utf8_lossy(&r.error_msg);
+    assert!(msg.contains("3"), "{msg}");
 }

@@ -325,7 +325,7 @@ fn an_invalid_derivation_is_rejected_with_a_clear_build_result() {
         options: BuildOptions::default(),
     };
     let script = Script::new().request(&req);
-    let reply = daemon.relay("a", true, &script.bytes);
+    let reply = daemon.relay_waiting("a", &script.bytes, &script.ops);
     assert_eq!(reply.status, 0, "{reply:?}");
     let [Response::Build(result)] = &reply.responses(&script.ops)[..] else {
         panic!("not a BuildResult: {reply:?}");

@@ -11,6 +11,7 @@
 //! - [`derivation`]: ATerm `.drv` files, `hashDerivationModulo`, output paths.
 //! - [`refscan`]: the streaming reference scanner.
 //! - [`serve`]: the `nix-store --serve` protocol, typed requests and responses.
+//! - [`scheduler`]: which build starts next, where, with which cores and memory.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -20,6 +21,7 @@ pub mod hash;
 pub mod nar;
 pub mod nixbase32;
 pub mod refscan;
+pub mod scheduler;
 pub mod serve;
 pub mod store_path;
 pub mod wire;

@@ -21,6 +21,7 @@
 //!    registers the outputs; then the scratch directory is removed and the uid released.
 
 pub mod outputs;
+pub mod placement;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -40,9 +41,10 @@ use nixbuild_sandbox::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::BuildsConfig;
+use crate::config::{BuildsConfig, Config};
 use crate::store::{InputObject, Store, StoreError};
 use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
+use placement::{Grant, Placement, PlacementError};
 
 /// Largest `.drv` file BuildPaths reads.
 const MAX_DRV_SIZE: u64 = 16 << 20;
@@ -79,6 +81,12 @@ pub enum BuildError {
     /// The sandbox helper could not be started or talked to.
     #[error("sandbox helper: {0}")]
     Helper(io::Error),
+    /// The scheduler or the cgroups could not be set up.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    /// A build's cgroup could not be made, joined or removed.
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// A blocking task panicked.
     #[error("internal error in a build task: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -268,6 +276,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// A `nixbuild:` line for every waiter's log.
+    fn note(&self, line: String) {
+        let _ = self.log.send(Bytes::from(line));
+    }
+
     fn lock_waiters(&self) -> MutexGuard<'_, usize> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -288,17 +301,17 @@ impl Shared {
 
 /// What the host offers every build, found once at start.
 #[derive(Debug, Clone)]
-struct HostFacts {
+struct SandboxHost {
     has_dev_kvm: bool,
     resolver: ResolverFiles,
     impure_env: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
-impl HostFacts {
-    fn detect() -> HostFacts {
+impl SandboxHost {
+    fn detect() -> SandboxHost {
         use std::os::unix::ffi::OsStrExt;
         let canonical = |p: &str| std::fs::canonicalize(p).ok();
-        HostFacts {
+        SandboxHost {
             has_dev_kvm: Path::new("/dev/kvm").exists(),
             resolver: ResolverFiles {
                 resolv_conf: canonical("/etc/resolv.conf"),
@@ -380,7 +393,8 @@ struct Inner {
     builds_dir: PathBuf,
     helper_exe: PathBuf,
     config: BuildsConfig,
-    host: HostFacts,
+    host: SandboxHost,
+    placement: Arc<Placement>,
     uids: UidPool,
     inflight: Mutex<HashMap<BuildKey, Arc<Shared>>>,
     next_id: AtomicU64,
@@ -392,6 +406,15 @@ impl Inner {
     }
 }
 
+/// The name of the daemon's cgroup (under its own): one per state directory, so that the
+/// daemons of different state directories never touch each other's builds.
+fn cgroup_name(state_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let digest = Hash::compute(HashAlgo::Sha256, dir.as_os_str().as_bytes());
+    format!("nixbuild-{}", &digest.to_base16()[..12])
+}
+
 /// The directory of the builds' scratch directories.
 pub fn builds_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("builds")
@@ -399,15 +422,17 @@ pub fn builds_dir(state_dir: &Path) -> PathBuf {
 
 impl BuildService {
     /// The build service for `store` in `state_dir`. Removes what builds of an earlier daemon
-    /// left in `<state>/builds` (call it only from the daemon, at start). `helper_exe` is the
-    /// executable re-executed in helper mode, normally `/proc/self/exe`.
+    /// left in `<state>/builds` and in its cgroups (call it only from the daemon, at start),
+    /// and refuses to start when a `[capacity]` limit cannot be enforced (unless allowed).
+    /// `helper_exe` is the executable re-executed in helper mode, normally `/proc/self/exe`.
     pub fn new(
         store: Store,
         state_dir: &Path,
-        config: &BuildsConfig,
+        config: &Config,
         helper_exe: PathBuf,
     ) -> Result<BuildService, BuildError> {
         use std::os::unix::fs::PermissionsExt;
+        let placement = Placement::new(config, &cgroup_name(state_dir))?;
         let dir = builds_dir(state_dir);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -421,9 +446,10 @@ impl BuildService {
                 store,
                 builds_dir: dir,
                 helper_exe,
-                config: config.clone(),
-                host: HostFacts::detect(),
-                uids: UidPool::new(config.uid_base, config.uid_count),
+                config: config.builds.clone(),
+                host: SandboxHost::detect(),
+                placement: Arc::new(placement),
+                uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
             }),
@@ -786,10 +812,51 @@ impl Tail {
 
 /// Runs a prepared build to its outcome, leaving nothing behind.
 async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepared) -> Outcome {
+    let refused = |message: String| Outcome::without_build(BuildStatus::MiscFailure, message);
+    let spec = match build_spec(&inner.config, job) {
+        Ok(spec) => spec,
+        Err(msg) => return refused(format!("nixbuild cannot build '{}': {msg}", job.drv_path)),
+    };
+    let ticket = match inner.placement.submit(spec) {
+        Ok(t) => t,
+        Err(msg) => {
+            return refused(format!(
+                "nixbuild cannot build '{}' on this server: {msg}",
+                job.drv_path
+            ))
+        }
+    };
+    let mut cancel = build.cancel.subscribe();
+    let waited = tokio::select! {
+        placed = ticket.wait(|line| build.note(format!("nixbuild: {line}\n"))) => Some(placed),
+        _ = cancel.wait_for(|c| *c) => None,
+    };
+    let Some((grant, _running)) = waited else {
+        return refused(format!(
+            "building of '{}' was cancelled while it waited: no client waits for it",
+            job.drv_path
+        ));
+    };
+    build.note(format!(
+        "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",
+        job.drv_path,
+        grant.cpus.len(),
+        crate::cgroup::format_cpu_list(&grant.cpus),
+        grant.memory >> 20
+    ));
     let uid = inner.uids.take().await;
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let scratch = inner.builds_dir.join(id.to_string());
-    let outcome = match run_in(inner, build, job, &prepared, uid.uid, &scratch).await {
+    let outcome = match run_in(
+        inner,
+        build,
+        job,
+        &prepared,
+        (uid.uid, &grant, id),
+        &scratch,
+    )
+    .await
+    {
         Ok(o) => o,
         Err(e) => Outcome::without_build(
             BuildStatus::MiscFailure,
@@ -822,7 +889,7 @@ async fn run_in(
     build: &Shared,
     job: &BuildJob,
     prepared: &Prepared,
-    uid: u32,
+    (uid, grant, id): (u32, &Grant, u64),
     scratch: &Path,
 ) -> Result<Outcome, BuildError> {
     let drv = &job.drv;
@@ -859,7 +926,7 @@ async fn run_in(
                     .collect()
             })
             .unwrap_or_default(),
-        cores: inner.config.cores_per_build,
+        cores: u32::try_from(grant.cpus.len()).unwrap_or(u32::MAX),
     };
     let host = HostSetup {
         host_system: "x86_64-linux".into(),
@@ -884,7 +951,18 @@ async fn run_in(
     let mut cmd =
         tokio::process::Command::from(nixbuild_sandbox::helper_command(&inner.helper_exe));
     cmd.kill_on_drop(true);
+    let cgroup = {
+        let placement = inner.placement.clone();
+        let grant = grant.clone();
+        tokio::task::spawn_blocking(move || placement.cgroup(&format!("build-{id}"), &grant))
+            .await??
+    };
+    let cgroup = CgroupGuard(Some(cgroup));
     let mut child = cmd.spawn().map_err(BuildError::Helper)?;
+    // Into the cgroup before the helper reads its plan: the sandbox inherits it.
+    if let Some(pid) = child.id() {
+        cgroup.get().add_pid(pid)?;
+    }
     let start_time = unix_now();
     tracing::info!(account = %job.account, drv = %job.drv_path, uid, dir = %scratch.display(), "building");
     if let Some(mut stdin) = child.stdin.take() {
@@ -955,6 +1033,7 @@ async fn run_in(
     let status = match stop {
         Stop::Exited(status) => status,
         _ => {
+            let _ = cgroup.get().kill_all();
             // SIGKILL to the helper; the sandbox's init dies with it (PR_SET_PDEATHSIG), and
             // every other process of the build with the init.
             let _ = child.kill().await;
@@ -991,6 +1070,9 @@ async fn run_in(
         outputs: BTreeMap::new(),
     };
     let report = nixbuild_sandbox::parse_report(&diagnostics, status);
+    let oom = cgroup.get().oom_killed().unwrap_or(false);
+    let memory_limit = cgroup.get().memory_limit();
+    cgroup.remove().await;
     let fixed = drv.fixed_output().is_some();
     let builder_failed = if fixed {
         BuildStatus::TransientFailure
@@ -1015,6 +1097,15 @@ async fn run_in(
         Stop::Cancelled => failed(
             BuildStatus::MiscFailure,
             format!("building of '{drv_path}' was cancelled: no client waits for it"),
+        ),
+        // As DESIGN.md says: a permanent failure, which clients do not retry.
+        _ if oom => failed(
+            BuildStatus::PermanentFailure,
+            format!(
+                "builder for '{drv_path}' failed: out of memory (limit {} MiB){}",
+                memory_limit >> 20,
+                tail.render()
+            ),
         ),
         Stop::Exited(_) => match report {
             HelperReport::SetupFailed(msg) => Outcome::without_build(
@@ -1131,6 +1222,72 @@ fn input_paths(objects: &[InputObject]) -> Result<Vec<InputPath>, BuildError> {
             })
         })
         .collect()
+}
+
+/// A build's cgroup, removed (its processes killed first) on every path out of the build.
+struct CgroupGuard(Option<crate::cgroup::BuildCgroup>);
+
+impl CgroupGuard {
+    #[allow(clippy::expect_used)]
+    fn get(&self) -> &crate::cgroup::BuildCgroup {
+        // `remove` consumes the guard; before that the cgroup is always there.
+        self.0.as_ref().expect("the cgroup lives until removed")
+    }
+
+    /// Kills what is left in the cgroup and removes it, off the async threads.
+    async fn remove(mut self) {
+        if let Some(cgroup) = self.0.take() {
+            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+            match removed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("cannot remove a build's cgroup: {e}"),
+                Err(e) => tracing::error!("cannot remove a build's cgroup: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        // An early return (an error) drops it here; BuildCgroup's own Drop kills and removes.
+        drop(self.0.take());
+    }
+}
+
+/// The scheduler's view of `job`: account, system, features, and the cores and memory the
+/// derivation asks for when `[builds] derivation_requests` allows it.
+fn build_spec(
+    config: &BuildsConfig,
+    job: &BuildJob,
+) -> Result<nixbuild_core::scheduler::BuildSpec, String> {
+    let env = &job.drv.env;
+    let attr = |name: &str| {
+        env.get(name.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).trim().to_owned())
+    };
+    let (mut cores, mut memory) = (None, None);
+    if config.derivation_requests {
+        if let Some(v) = attr("NIXBUILD_CORES") {
+            cores = Some(
+                v.parse::<u32>()
+                    .map_err(|_| format!("NIXBUILD_CORES = {v:?} is not a number of cores"))?,
+            );
+        }
+        if let Some(v) = attr("NIXBUILD_MEMORY") {
+            memory =
+                Some(crate::config::parse_size(&v).map_err(|e| format!("NIXBUILD_MEMORY: {e}"))?);
+        }
+    }
+    Ok(nixbuild_core::scheduler::BuildSpec {
+        account: job.account.clone(),
+        system: String::from_utf8_lossy(&job.drv.platform).into_owned(),
+        required_features: attr("requiredSystemFeatures")
+            .map(|v| v.split_ascii_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default(),
+        cores,
+        memory,
+        priority: 0,
+    })
 }
 
 #[cfg(test)]
