@@ -8,58 +8,77 @@
 //!
 //! The crate is split the way youki splits its container set-up:
 //!
-//! - **The plan** (this code, all of it so far): [`plan()`] takes what a build needs
-//!   ([`BuildRequest`]) and what the host allocated for it ([`HostSetup`]) and returns a
-//!   [`SandboxPlan`]: namespaces, uid/gid maps, the host-side files to create
-//!   ([`HostOp`]), the ordered mount sequence ([`MountOp`]), hostname, environment, working
-//!   directory, rlimits, no_new_privs, personality and the seccomp table as data. It performs no
-//!   system call, so every piece is unit-tested against the spec without root.
-//! - **The executor** (planned): runs in the helper mode of the daemon's own executable
-//!   (`maybe_run_helper()`, called first in `main`; the daemon re-executes `/proc/self/exe`), a
-//!   small single-threaded process, like bubblewrap. It performs the plan's [`HostOp`]s as
-//!   root, `clone`s the child with the plan's namespaces, writes the id maps, and the child
-//!   performs the [`MountOp`]s, loads the filter and `execve`s the builder. Nothing forks
-//!   inside the tokio process. The executor will be the only `unsafe` code of the workspace.
+//! - **The plan**: [`plan()`] takes what a build needs ([`BuildRequest`]) and what the host
+//!   allocated for it ([`HostSetup`]) and returns a [`SandboxPlan`]: namespaces, uid/gid maps,
+//!   the host-side files to create ([`HostOp`]), the ordered mount sequence ([`MountOp`]),
+//!   hostname, environment, working directory, rlimits, no_new_privs, personality and the
+//!   seccomp table as data, and the order of the executor's [`Step`]s. It performs no system
+//!   call, so every piece is unit-tested against the spec without root.
+//! - **The executor**: runs in the helper mode of the daemon's own executable
+//!   ([`maybe_run_helper()`], called first in `main`; the daemon spawns [`helper_command()`],
+//!   normally on `/proc/self/exe`, and writes [`encode_plan()`] to its stdin). The helper is a
+//!   small single-threaded process, like bubblewrap: it performs the plan's [`HostOp`]s as
+//!   root, `clone`s the child with the plan's namespaces and writes the id maps; the child arms
+//!   `PR_SET_PDEATHSIG` (SIGKILL), performs the [`MountOp`]s, loads the seccomp filter (the
+//!   table compiled to BPF by [`seccomp::SeccompPlan::to_bpf`]), drops to uid 1000/gid 100 and
+//!   `execve`s the builder as PID 1 of its PID namespace. The helper's stdout carries only the
+//!   builder's output (stdout and stderr through a raw-mode pty, the [`SETUP_DONE`] marker
+//!   removed); its stderr ends with a report line that [`parse_report()`] reads as a
+//!   [`HelperReport`]. Nothing forks inside the tokio process. The executor's system calls
+//!   are the only `unsafe` code of the workspace (`exec/sys.rs`).
 //!
 //! # Threat model
 //!
-//! Builders are untrusted code from untrusted accounts. What the plan provides against them:
+//! Builders are untrusted code from untrusted accounts. What the sandbox enforces against them
+//! (the executor's tests probe each point from inside a real sandbox, with a positive control):
 //!
 //! - **Isolation by namespaces**: user, mount, pid, ipc, uts and (except fixed-output
-//!   derivations) network. If any cannot be created the build fails; there is no unsandboxed
-//!   fallback. The builder is PID 1 of its namespace, so nothing outlives it.
+//!   derivations) network. If any cannot be created, or any later set-up step fails, the build
+//!   fails with [`HelperReport::SetupFailed`] naming the step and the errno; there is no
+//!   unsandboxed fallback. The builder is PID 1 of its namespace, so nothing outlives it: when
+//!   it exits the kernel kills the rest, and when the helper is killed the parent-death signal
+//!   kills the builder (armed again after each uid/gid change, which clears it). The mounts
+//!   exist only in the child's private mount namespace.
 //! - **Identity**: a per-build host uid/gid, never 0, mapped to 1000/100 with `setgroups`
-//!   denied; the builder holds no capability on the host.
+//!   denied and supplementary groups dropped; after `execve` the builder holds no capability.
+//!   Device nodes cannot be created and nothing can be mounted.
 //! - **Filesystem**: the new root is a directory of the build's own scratch directory, made
 //!   read-only after set-up. Only three host directories are writable inside, all of them the
 //!   build's own: `/build`, `/tmp` and `/nix/store` (where the outputs are created). Every
-//!   input path, device node and resolver file is a bind mount remounted read-only, and inputs
-//!   come only from the store's objects directory. The host root is detached after
-//!   `pivot_root`.
-//! - **Kernel surface**: `no_new_privs`; seccomp refuses setuid/setgid bits and extended
-//!   attributes on the x86_64, i386 and x32 ABIs and kills any other ABI; Landlock scopes
-//!   abstract unix sockets (fixed-output builds share the host network namespace); no core
-//!   dumps.
+//!   input path, device node and resolver file is a bind mount remounted read-only (keeping
+//!   the flags the kernel locked), and inputs come only from the store's objects directory.
+//!   The host root is detached after `pivot_root`. Every descriptor but stdin (`/dev/null`),
+//!   stdout and stderr (the log pty) is closed on `execve`, and every signal is reset.
+//! - **Kernel surface**: `no_new_privs`; seccomp refuses setuid/setgid bits (`EPERM`) and
+//!   extended attributes (`ENOTSUP`) on the x86_64, i386 and x32 ABIs and kills any other ABI;
+//!   Landlock scopes abstract unix sockets where the kernel's ABI has it (6 and later: the
+//!   helper logs when it does not), since fixed-output builds share the host network
+//!   namespace; no core dumps.
 //!
 //! Fixed-output derivations are trusted with the network because their output is checked
 //! against a hash the client declared; they still get every other restriction.
 //!
-//! Out of scope for the plan: CPU and memory limits (cgroups), timeouts and log limits, which
-//! the build service enforces around the executor.
+//! Out of scope here: CPU and memory limits (cgroups), timeouts and log limits, which the
+//! build service enforces around the helper; output checks and canonicalisation, which the
+//! build service does on `<scratch>/store` after the builder exits.
 
 pub mod env;
 mod error;
+mod exec;
 pub mod files;
 mod plan;
 mod request;
 pub mod seccomp;
+mod wire;
 
 pub use error::PlanError;
+pub use exec::{helper_command, maybe_run_helper, ExecError, HELPER_ARG};
 pub use plan::{
     plan, Exec, HostOp, IdMap, IdMaps, MountOp, Namespaces, Personality, Rlimit, RlimitResource,
     RlimitValue, SandboxPlan, Step, DEV_NODES, DEV_SYMLINKS, PUT_OLD, SETUP_DONE,
 };
 pub use request::{BuildRequest, HostSetup, InputKind, InputPath, ResolverFiles, ScratchLayout};
+pub use wire::{decode_plan, encode_plan, parse_report, HelperReport, WireError};
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 
 use nixbuild_core::store_path::StorePath;
+use serde::{Deserialize, Serialize};
 
 use crate::env::{build_env, BuildDirFile, EnvVars};
 use crate::files::{
@@ -13,9 +14,13 @@ use crate::files::{
 use crate::seccomp::SeccompPlan;
 use crate::{BuildRequest, HostSetup, InputKind, PlanError, ScratchLayout};
 
+/// `&'static str`, spelled through an alias so that serde does not borrow it from the input
+/// (the helper decodes these with `wire::leak_str`).
+type FixedStr = &'static str;
+
 /// The namespaces the helper creates with `clone` (spec C.2). There is no unsandboxed fallback:
 /// if any of them cannot be created, the build fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespaces {
     /// `CLONE_NEWUSER`: always.
     pub user: bool,
@@ -49,7 +54,7 @@ impl Namespaces {
 }
 
 /// One line of `/proc/<pid>/uid_map` or `gid_map`: `count` ids from `inside` map to `outside`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdMap {
     /// The first id inside the namespace.
     pub inside: u32,
@@ -68,12 +73,13 @@ impl IdMap {
 
 /// What the parent writes for the child's user namespace (spec C.3), in this order:
 /// `uid_map`, then `setgroups`, then `gid_map`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdMaps {
     /// `/proc/<pid>/uid_map`: 1000 → the build uid.
     pub uid_map: IdMap,
     /// `/proc/<pid>/setgroups`: `deny`, so the builder cannot drop gid 100 with `setgroups`.
-    pub setgroups: &'static str,
+    #[serde(deserialize_with = "crate::wire::leak_str")]
+    pub setgroups: FixedStr,
     /// `/proc/<pid>/gid_map`: 100 → the build gid.
     pub gid_map: IdMap,
 }
@@ -85,11 +91,12 @@ pub struct IdMaps {
 /// They run before `clone` rather than in the child because some belong to the build user
 /// (`/build`, `passAsFile` files), and once inside its user namespace the child can no longer
 /// `chown` a root-owned file: root is not mapped there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostOp {
     /// `mkdir(path, mode)` then `chown(uid, gid)`.
     CreateDir {
         /// Where.
+        #[serde(with = "crate::wire::bytes")]
         path: PathBuf,
         /// Permission bits (including sticky).
         mode: u32,
@@ -101,8 +108,10 @@ pub enum HostOp {
     /// Create a regular file with these contents (empty for a mount point), mode and owner.
     CreateFile {
         /// Where.
+        #[serde(with = "crate::wire::bytes")]
         path: PathBuf,
         /// Contents.
+        #[serde(with = "crate::wire::bytes")]
         contents: Vec<u8>,
         /// Permission bits.
         mode: u32,
@@ -114,8 +123,10 @@ pub enum HostOp {
     /// `symlink(target, path)`, owned by root.
     Symlink {
         /// Where.
+        #[serde(with = "crate::wire::bytes")]
         path: PathBuf,
         /// What it points to.
+        #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
     },
 }
@@ -133,15 +144,17 @@ impl HostOp {
 
 /// A mount step the child performs inside its namespaces, in order (spec C.4, C.5). Until
 /// [`MountOp::PivotRoot`], paths are host paths under the new root; after it, sandbox paths.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MountOp {
     /// `mount(NULL, "/", NULL, MS_PRIVATE | MS_REC)`: nothing propagates back to the host.
     MakeRootPrivate,
     /// `mount(source, target, NULL, MS_BIND [| MS_REC])`.
     Bind {
         /// The host path.
+        #[serde(with = "crate::wire::bytes")]
         source: PathBuf,
         /// The mount point.
+        #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
         /// `MS_REC`.
         recursive: bool,
@@ -151,11 +164,13 @@ pub enum MountOp {
     /// clear.
     RemountReadOnly {
         /// The mount point.
+        #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
     },
     /// A new `tmpfs`.
     Tmpfs {
         /// The mount point.
+        #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
         /// The mount data, e.g. `size=50%`.
         options: String,
@@ -164,6 +179,7 @@ pub enum MountOp {
     /// fallback to the host's `/dev/pts`).
     Devpts {
         /// The mount point.
+        #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
         /// The mount data: `newinstance,mode=0620`.
         options: String,
@@ -171,11 +187,13 @@ pub enum MountOp {
     /// A new `proc`, which shows only the sandbox's PID namespace.
     Proc {
         /// The mount point.
+        #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
     },
     /// `chmod(path, mode)` on a file of a freshly mounted filesystem (`/dev/pts/ptmx`).
     Chmod {
         /// The file.
+        #[serde(with = "crate::wire::bytes")]
         path: PathBuf,
         /// The new mode.
         mode: u32,
@@ -183,19 +201,22 @@ pub enum MountOp {
     /// `chdir(new_root)`, `mkdir(put_old, 0500)`, `pivot_root(".", put_old)`, `chroot(".")`.
     PivotRoot {
         /// The new root (a mount point: it was bind-mounted onto itself).
+        #[serde(with = "crate::wire::bytes")]
         new_root: PathBuf,
         /// The old root's mount point, relative to the new root.
+        #[serde(with = "crate::wire::bytes")]
         put_old: PathBuf,
     },
     /// `umount2(path, MNT_DETACH)` then `rmdir(path)`: the host's tree becomes unreachable.
     DetachOldRoot {
         /// The old root's mount point inside the sandbox.
+        #[serde(with = "crate::wire::bytes")]
         path: PathBuf,
     },
 }
 
 /// A resource limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rlimit {
     /// Which limit.
     pub resource: RlimitResource,
@@ -206,14 +227,14 @@ pub struct Rlimit {
 }
 
 /// The limits the plan sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RlimitResource {
     /// `RLIMIT_CORE`.
     Core,
 }
 
 /// A limit value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RlimitValue {
     /// A number.
     Value(u64),
@@ -222,7 +243,7 @@ pub enum RlimitValue {
 }
 
 /// `personality(2)` flags (spec C.7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Personality {
     /// `PER_LINUX32`: a 32-bit platform on a 64-bit host (`uname -m` says `i686`).
     pub linux32: bool,
@@ -231,20 +252,23 @@ pub struct Personality {
 }
 
 /// What `execve` gets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
     /// The builder's path inside the sandbox.
+    #[serde(with = "crate::wire::bytes")]
     pub path: Vec<u8>,
     /// `argv`: the builder's base name, then the derivation's args.
+    #[serde(with = "crate::wire::bytes")]
     pub argv: Vec<Vec<u8>>,
     /// `envp` as `(name, value)` pairs, sorted by name (spec C.8).
+    #[serde(with = "crate::wire::bytes")]
     pub env: EnvVars,
 }
 
 /// One step of the executor, in the order [`SandboxPlan::steps`] lists them (spec C.2, C.7,
 /// C.12). The order matters for security: `no_new_privs` before the filter, the filter after
 /// the pivot, `setuid` last before the marker and `execve`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
     /// Helper, before `clone`: perform [`SandboxPlan::host_ops`].
     HostOps,
@@ -293,7 +317,7 @@ pub enum Step {
 pub const SETUP_DONE: &[u8] = b"\x02\n";
 
 /// Everything the executor does for one build; [`Self::steps`] gives the order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxPlan {
     /// The executor's steps, in order.
     pub steps: Vec<Step>,
@@ -308,9 +332,11 @@ pub struct SandboxPlan {
     /// Bring `lo` up (`IFF_UP | IFF_LOOPBACK | IFF_RUNNING`): only in a new network namespace.
     pub loopback_up: bool,
     /// `sethostname`.
-    pub hostname: &'static str,
+    #[serde(deserialize_with = "crate::wire::leak_str")]
+    pub hostname: FixedStr,
     /// `setdomainname`.
-    pub domainname: &'static str,
+    #[serde(deserialize_with = "crate::wire::leak_str")]
+    pub domainname: FixedStr,
     /// The mount steps, ending with the pivot and the root made read-only.
     pub mounts: Vec<MountOp>,
     /// `PR_SET_NO_NEW_PRIVS`, set before the seccomp filter is loaded.
@@ -323,7 +349,8 @@ pub struct SandboxPlan {
     /// `personality(2)`.
     pub personality: Personality,
     /// The working directory of the builder.
-    pub cwd: &'static str,
+    #[serde(deserialize_with = "crate::wire::leak_str")]
+    pub cwd: FixedStr,
     /// Resource limits.
     pub rlimits: Vec<Rlimit>,
     /// The umask of the builder.
@@ -335,6 +362,7 @@ pub struct SandboxPlan {
     /// The builder.
     pub exec: Exec,
     /// Output name → host path where the builder's output appears when it succeeds.
+    #[serde(with = "crate::wire::bytes")]
     pub outputs: Vec<(String, PathBuf)>,
 }
 

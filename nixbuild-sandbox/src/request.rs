@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 /// The derivation side of a build: what the client asked to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildRequest {
@@ -100,15 +102,19 @@ pub struct ResolverFiles {
 }
 
 /// The fixed names of the directories the plan creates under [`HostSetup::scratch_dir`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScratchLayout {
     /// `<scratch>/root`: the new root; bind-mounted onto itself, read-only once set up.
+    #[serde(with = "crate::wire::bytes")]
     pub root: PathBuf,
     /// `<scratch>/build`: the build directory, `/build` inside, owned by the build uid.
+    #[serde(with = "crate::wire::bytes")]
     pub build: PathBuf,
     /// `<scratch>/store`: `/nix/store` inside, where outputs are created (mode 01775).
+    #[serde(with = "crate::wire::bytes")]
     pub store: PathBuf,
     /// `<scratch>/tmp`: `/tmp` inside (mode 01777), on disk like Nix's.
+    #[serde(with = "crate::wire::bytes")]
     pub tmp: PathBuf,
 }
 
