@@ -140,7 +140,7 @@ fn built_result_lists_the_output_and_registers_it() {
     let builds = stopped
         .log
         .lines()
-        .filter(|l| l.contains(" building") && l.contains(&drv_path.to_absolute()))
+        .filter(|l| l.contains("nixbuild::build: building ") && l.contains(&drv_path.to_absolute()))
         .count();
     assert_eq!(builds, 1, "{}", stopped.log);
 }
@@ -280,7 +280,10 @@ fn two_clients_share_one_build() {
     let log = s.daemon.log();
     let builds = log
         .lines()
-        .filter(|l| l.contains(" building") && l.contains(&format!("drv={} ", p.to_absolute())))
+        .filter(|l| {
+            l.contains("nixbuild::build: building ")
+                && l.contains(&format!("drv={} ", p.to_absolute()))
+        })
         .count();
     assert_eq!(builds, 1, "{log}");
     assert!(log.contains("joining the same build in flight"), "{log}");
@@ -361,7 +364,13 @@ fn build_paths_builds_an_uploaded_derivation() {
     let out = s
         .daemon
         .point(s.nix.command("nix"), "a")
-        .args(["copy", "--to", &store_uri(), &top.to_absolute()])
+        .args([
+            "copy",
+            "--derivation",
+            "--to",
+            &store_uri(),
+            &top.to_absolute(),
+        ])
         .output()
         .expect("nix copy");
     assert!(

@@ -190,30 +190,44 @@ impl Waiter {
                     return WaitEvent::Log(note);
                 }
                 loop {
-                    match log.recv().await {
-                        Ok(chunk) => return WaitEvent::Log(chunk),
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            return WaitEvent::Log(Bytes::from(format!(
-                                "nixbuild: {n} chunks of log skipped (the client read too slowly)\n"
-                            )))
-                        }
-                        // The log ends before the outcome is published.
-                        Err(broadcast::error::RecvError::Closed) => {
-                            if done.borrow().is_none() && done.changed().await.is_err() {
-                                return WaitEvent::Done(Arc::new(Outcome::without_build(
-                                    BuildStatus::MiscFailure,
-                                    "nixbuild: the build ended without an outcome".into(),
-                                )));
+                    // The log is complete once the outcome is out: drain what is left of it.
+                    let outcome = done.borrow_and_update().clone();
+                    if let Some(outcome) = outcome {
+                        return match log.try_recv() {
+                            Ok(chunk) => WaitEvent::Log(chunk),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => skipped(n),
+                            Err(_) => WaitEvent::Done(outcome),
+                        };
+                    }
+                    tokio::select! {
+                        biased;
+                        received = log.recv() => match received {
+                            Ok(chunk) => return WaitEvent::Log(chunk),
+                            Err(broadcast::error::RecvError::Lagged(n)) => return skipped(n),
+                            // Only when the build is gone; its outcome decides.
+                            Err(broadcast::error::RecvError::Closed) => {
+                                if done.changed().await.is_err() && done.borrow().is_none() {
+                                    return WaitEvent::Done(Arc::new(Outcome::without_build(
+                                        BuildStatus::MiscFailure,
+                                        "nixbuild: the build ended without an outcome".into(),
+                                    )));
+                                }
                             }
-                            if let Some(o) = done.borrow().clone() {
-                                return WaitEvent::Done(o);
-                            }
-                        }
+                        },
+                        // Either way the next round looks at the outcome.
+                        _ = done.changed() => {}
                     }
                 }
             }
         }
     }
+}
+
+/// The log line of a waiter that fell `n` chunks behind.
+fn skipped(n: u64) -> WaitEvent {
+    WaitEvent::Log(Bytes::from(format!(
+        "nixbuild: {n} chunks of log skipped (the client read too slowly)\n"
+    )))
 }
 
 impl Drop for Waiter {
