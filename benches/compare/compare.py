@@ -405,6 +405,10 @@ class Client:
                 "build-users-group =\n"
                 # The generated paths carry no signatures.
                 "require-sigs = false\n"
+                # A build postponed for want of a free builder slot is retried whenever
+                # the client's worker wakes (a build ended), not after Nix's 5 s poll,
+                # which would dominate wall time whenever builds outnumber slots.
+                "build-poll-interval = 0\n"
             )
         empty = os.path.join(tmp, "empty.conf")
         open(empty, "w").close()
@@ -743,6 +747,8 @@ class Reference:
                 "max-jobs = 1\n"
                 "cores = 1\n"
                 "builders =\n"
+                # Nix's default again: the client's 0 above is a client-side choice.
+                "build-poll-interval = 5\n"
             )
 
     def fresh_store(self, n):
@@ -1154,9 +1160,10 @@ class Bench:
 
     def nix_builds(self, side, rundir, urls, clients, tag):
         """Runs one nix-build per client, all at once; the output paths each printed."""
+        slots = build_slots(self.args, len(clients))
         procs = []
         for k, (url, builds) in enumerate(zip(urls, clients)):
-            cmd = self.client.build_command(url, self.args.jobs, [b.drv for b in builds])
+            cmd = self.client.build_command(url, slots, [b.drv for b in builds])
             out = os.path.join(rundir, f"client-{k}-{tag}.out")
             err = os.path.join(rundir, f"client-{k}-{tag}.log")
             with open(out, "wb") as o, open(err, "wb") as e:
@@ -1506,8 +1513,14 @@ def parse_args(argv):
     p.add_argument(
         "--jobs",
         type=int,
+        default=8,
+        help="build slots in the builders line for one client, both sides (8)",
+    )
+    p.add_argument(
+        "--parallel-jobs",
+        type=int,
         default=1,
-        help="build slots per client in the builders line, the same for both sides (1)",
+        help="build slots per client in build-parallel, both sides (1: 8 clients x 1)",
     )
     p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
@@ -1517,8 +1530,8 @@ def parse_args(argv):
     if unknown or not chosen:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {names}")
     args.workloads = [w for w in WORKLOADS if w.name in chosen]
-    if args.build_one_count < 1 or args.jobs < 1:
-        p.error("--build-one-count and --jobs must be at least 1")
+    if min(args.build_one_count, args.jobs, args.parallel_jobs) < 1:
+        p.error("--build-one-count, --jobs and --parallel-jobs must be at least 1")
     args.workloads = [
         dataclasses.replace(w, count=args.build_one_count)
         if w.kind == "build" and w.shape == "one"
@@ -1558,6 +1571,11 @@ def main(argv):
             bench.cleanup()
 
 
+def build_slots(args, clients):
+    """Build slots in each client's builders line: --jobs alone, --parallel-jobs when many."""
+    return args.jobs if clients == 1 else args.parallel_jobs
+
+
 def check_build_users(needed):
     """The reference needs a free nixbld user per build running at once: without one, Nix
     2.8 polls for a free user every 5 seconds, which would measure the pool, not the server."""
@@ -1568,7 +1586,7 @@ def check_build_users(needed):
     if len(users) < needed:
         raise BenchError(
             f"the reference needs {needed} nixbld users for the builds running at once "
-            f"(clients x --jobs), the group has {len(users)}: lower --jobs"
+            f"(--jobs, or 8 x --parallel-jobs), the group has {len(users)}: lower them"
         )
 
 
@@ -1589,12 +1607,13 @@ def bench_main(bench, args):
     builds = [w for w in args.workloads if w.kind == "build"]
     if builds:
         header.append(
-            f"- builds: nix-build --max-jobs 0 --builders '<side's URL> {BUILDER_SYSTEM} - {args.jobs} 1 "
-            f"{BUILDER_FEATURES}' ({args.jobs} build slot(s) per client, both sides); the reference "
-            "builds in Nix's sandbox as nixbld users"
+            f"- builds: nix-build --max-jobs 0 --builders '<side's URL> {BUILDER_SYSTEM} - <slots> 1 "
+            f"{BUILDER_FEATURES}', both sides alike: {args.jobs} slots for one client, "
+            f"{args.parallel_jobs} per client when 8 run at once; client build-poll-interval = 0; "
+            "the reference builds in Nix's sandbox as nixbld users"
         )
         if "reference" in args.sides:
-            check_build_users(max(w.clients for w in builds) * args.jobs)
+            check_build_users(max(w.clients * build_slots(args, w.clients) for w in builds))
     for line in header:
         log(line)
     log("")
@@ -1616,7 +1635,8 @@ def bench_main(bench, args):
                         f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s "
                         f"({s.cpu / s.builds * 1000:.1f} ms per build), cgroup memory {fmt_mib(s.cg_mem)} MiB"
                     )
-            sections.append(report_build(workload, samples, args.reps, args.jobs, builder_ms))
+            slots = build_slots(args, workload.clients)
+            sections.append(report_build(workload, samples, args.reps, slots, builder_ms))
             continue
         if workload.dataset not in datasets:
             log(f"generating the {workload.dataset} dataset on the client...")
