@@ -26,6 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
+use nixbuild::core::serve::ServeArgs;
 use nixbuild::daemon::{self, RelayHeader, FRAME_EXIT, FRAME_STDERR, RELAY_FDS};
 use rustix::fs::FileType;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
@@ -34,51 +35,6 @@ use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 const BUF: usize = 256 * 1024;
 /// Default state directory, as in the README.
 const DEFAULT_STATE_DIR: &str = "/var/lib/nixbuild";
-/// nix-store options that take a value (`--option` takes two), skipped with it.
-const VALUE_OPTIONS: &[&str] = &[
-    "--store",
-    "--builders",
-    "--max-jobs",
-    "-j",
-    "--cores",
-    "--log-format",
-    "--max-silent-time",
-    "--timeout",
-    "--eval-store",
-    "--include",
-];
-
-struct Mode {
-    serve: bool,
-    write: bool,
-}
-
-impl Mode {
-    /// Scans nix-store arguments for `--serve` and `--write`, skipping option values.
-    fn scan<'a>(args: impl IntoIterator<Item = &'a str>) -> Mode {
-        let mut mode = Mode {
-            serve: false,
-            write: false,
-        };
-        let mut args = args.into_iter();
-        while let Some(a) = args.next() {
-            match a {
-                "--serve" => mode.serve = true,
-                "--write" => mode.write = true,
-                "--option" => {
-                    args.next();
-                    args.next();
-                }
-                _ if VALUE_OPTIONS.contains(&a) => {
-                    args.next();
-                }
-                _ => {}
-            }
-        }
-        mode
-    }
-}
-
 fn main() {
     match run() {
         Ok(status) => std::process::exit(i32::try_from(status).unwrap_or(1)),
@@ -113,11 +69,11 @@ fn run() -> Result<u32, String> {
             _ => rest.push(a.as_str()),
         }
     }
-    let mut mode = Mode::scan(rest);
+    let mut mode = ServeArgs::scan(rest);
     if !mode.serve {
         // A forced command: the client's own command line says what it wants.
         if let Ok(original) = std::env::var("SSH_ORIGINAL_COMMAND") {
-            mode = Mode::scan(original.split_whitespace().skip(1));
+            mode = ServeArgs::scan(original.split_whitespace().skip(1));
         }
     }
     if !mode.serve {

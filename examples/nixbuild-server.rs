@@ -1,11 +1,14 @@
 //! `nixbuild-server`: the daemon. It owns the state directory and serves `nix-store --serve`
-//! sessions relayed by `nixbuild-serve` over `<state-dir>/serve.sock`.
+//! sessions over SSH (`--listen`, keys from `--authorized-keys`) and relayed by
+//! `nixbuild-serve` over `<state-dir>/serve.sock`.
 //!
 //! ```text
-//! cargo run --release --example nixbuild-server -- --state-dir /var/lib/nixbuild
+//! cargo run --release --example nixbuild-server -- --listen 127.0.0.1:2222 \
+//!     --state-dir /var/lib/nixbuild --authorized-keys /var/lib/nixbuild/authorized_keys
 //! ```
 //!
-//! Logs go to stderr (`RUST_LOG` filters them; default `info`).
+//! Logs go to stderr (`RUST_LOG` filters them; default `info`). At start, with `--listen`, the
+//! lines users pin the SSH host key with go to stdout.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,6 +24,13 @@ struct Args {
     /// The state directory: store, database, socket (created if missing).
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
+    /// Listen for SSH on this address, e.g. 127.0.0.1:2222 (overrides ssh.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// The keys allowed in over SSH, OpenSSH authorized_keys format; the first word of each
+    /// key's comment is its account (overrides ssh.authorized_keys).
+    #[arg(long, value_name = "FILE")]
+    authorized_keys: Option<PathBuf>,
     /// The configuration file (default: <state-dir>/nixbuild.toml when it exists).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -72,6 +82,8 @@ fn main() -> ExitCode {
         shutdown_timeout: args.shutdown_timeout,
         trusted_uids: args.trusted_uids,
         trusted_gids: args.trusted_gids,
+        listen: args.listen,
+        authorized_keys: args.authorized_keys,
     };
     let config = match Config::for_daemon(&args.state_dir, args.config.as_deref(), &overrides) {
         Ok(c) => c,

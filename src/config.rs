@@ -6,6 +6,7 @@
 //! `nixbuild.example.toml` at the repository root lists every key with its default and is
 //! parsed by a test, so it cannot drift from this schema.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -64,14 +65,52 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[builds]`.
     pub builds: BuildsConfig,
+    /// `[ssh]`: the embedded SSH server.
+    pub ssh: SshConfig,
+}
+
+/// `[ssh]`: the embedded SSH server (nixbuild-ssh). Off unless `listen` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfig {
+    /// Where to listen for SSH, e.g. `127.0.0.1:2222` (port 0 picks a free port, which the
+    /// server prints). Default none: no SSH, only `serve.sock`. Requires `authorized_keys`.
+    pub listen: Option<SocketAddr>,
+    /// The keys allowed in, in OpenSSH `authorized_keys` format; the first word of a key's
+    /// comment names its account. Re-read when it changes and on SIGHUP. Default none.
+    pub authorized_keys: Option<PathBuf>,
+    /// Key types accepted, by OpenSSH name: `ssh-ed25519`, `ecdsa-sha2-nistp256`,
+    /// `ecdsa-sha2-nistp384`, `ecdsa-sha2-nistp521`. Default `["ssh-ed25519"]`.
+    pub key_types: Vec<String>,
+    /// Connections at once, authenticated or not; more are closed at once. Default 256.
+    pub max_connections: usize,
+    /// Connections of one account at once; commands on more are refused. Default 64 (the
+    /// build hook opens one connection per remote build).
+    pub max_connections_per_account: usize,
+    /// Sessions (channels) open at once on one connection (ssh ControlMaster). Default 10,
+    /// like OpenSSH's MaxSessions.
+    pub max_sessions_per_connection: usize,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            listen: None,
+            authorized_keys: None,
+            key_types: vec![nixbuild_ssh::authorized_keys::DEFAULT_KEY_TYPE.to_owned()],
+            max_connections: 256,
+            max_connections_per_account: 64,
+            max_sessions_per_connection: 10,
+        }
+    }
 }
 
 /// `[limits]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Most sessions served at once; a connection beyond it gets `error: ...` and exit
-    /// status 1. Default 1024.
+    /// Most sessions relayed over `serve.sock` at once; a connection beyond it gets
+    /// `error: ...` and exit status 1. Default 1024. (SSH has its own limits in `[ssh]`.)
     pub max_sessions: usize,
 }
 
@@ -116,11 +155,14 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutConfig {
+    /// SSH: from TCP connection to successful authentication. Default 60.
+    pub auth: u64,
     /// From connection to the end of the protocol handshake (relay header included).
     /// Default 60.
     pub handshake: u64,
-    /// Longest wait for the client's next bytes, between requests or inside an upload.
-    /// Default 1800: clients compute closures and serialise large paths between requests.
+    /// Longest wait for the client's next bytes, between requests or inside an upload; also
+    /// how long an SSH connection may stay open with no session. Default 1800: clients
+    /// compute closures and serialise large paths between requests.
     pub idle: u64,
     /// On SIGTERM or SIGINT, how long running sessions may take to finish before they are
     /// cut off (their unfinished imports are discarded). Default 30.
@@ -133,6 +175,7 @@ pub struct TimeoutConfig {
 impl Default for TimeoutConfig {
     fn default() -> Self {
         TimeoutConfig {
+            auth: 60,
             handshake: 60,
             idle: 1800,
             shutdown: 30,
@@ -142,6 +185,11 @@ impl Default for TimeoutConfig {
 }
 
 impl TimeoutConfig {
+    /// [`TimeoutConfig::auth`] as a duration.
+    pub fn auth(&self) -> Duration {
+        Duration::from_secs(self.auth)
+    }
+
     /// [`TimeoutConfig::handshake`] as a duration.
     pub fn handshake(&self) -> Duration {
         Duration::from_secs(self.handshake)
@@ -289,6 +337,10 @@ pub struct Overrides {
     pub trusted_uids: Option<Vec<u32>>,
     /// `relay.trusted_gids`, replaced as a whole when given.
     pub trusted_gids: Option<Vec<u32>>,
+    /// `ssh.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `ssh.authorized_keys`.
+    pub authorized_keys: Option<PathBuf>,
 }
 
 impl Config {
@@ -358,7 +410,35 @@ impl Config {
         set(&mut self.timeouts.shutdown, &o.shutdown_timeout);
         set(&mut self.relay.trusted_uids, &o.trusted_uids);
         set(&mut self.relay.trusted_gids, &o.trusted_gids);
-        self.check("command line")
+        if o.listen.is_some() {
+            self.ssh.listen = o.listen;
+        }
+        if o.authorized_keys.is_some() {
+            self.ssh.authorized_keys.clone_from(&o.authorized_keys);
+        }
+        self.check("command line")?;
+        self.check_ssh_pair()
+    }
+
+    /// `ssh.listen` and `ssh.authorized_keys` go together (checked once the command line is
+    /// applied, since either may come from it).
+    fn check_ssh_pair(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            source_name: "configuration and command line".to_owned(),
+            key,
+            reason: reason.to_owned(),
+        };
+        match (&self.ssh.listen, &self.ssh.authorized_keys) {
+            (Some(_), None) => Err(invalid(
+                "ssh.authorized_keys",
+                "required when ssh.listen is set (--authorized-keys FILE)",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "ssh.listen",
+                "required when ssh.authorized_keys is set (--listen ADDR)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn check(&self, source_name: &str) -> Result<(), ConfigError> {
@@ -407,7 +487,26 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if let Err(e) = nixbuild_ssh::KeyTypes::from_names(&self.ssh.key_types) {
+            return Err(invalid("ssh.key_types", e.to_string()));
+        }
+        for (key, n) in [
+            ("ssh.max_connections", self.ssh.max_connections),
+            (
+                "ssh.max_connections_per_account",
+                self.ssh.max_connections_per_account,
+            ),
+            (
+                "ssh.max_sessions_per_connection",
+                self.ssh.max_sessions_per_connection,
+            ),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
         for (key, secs) in [
+            ("timeouts.auth", self.timeouts.auth),
             ("timeouts.handshake", self.timeouts.handshake),
             ("timeouts.idle", self.timeouts.idle),
             ("timeouts.write", self.timeouts.write),
@@ -495,6 +594,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("relay.socket_group") && msg.contains("no-such-group-here"));
+    }
+
+    #[test]
+    fn ssh_settings_are_read_and_checked() {
+        let c = Config::parse(
+            "[ssh]\nlisten = \"127.0.0.1:2222\"\nauthorized_keys = \"/etc/keys\"\n\
+             key_types = [\"ssh-ed25519\", \"ecdsa-sha2-nistp256\"]\n[timeouts]\nauth = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.ssh.listen, Some("127.0.0.1:2222".parse().unwrap()));
+        assert_eq!(c.ssh.authorized_keys, Some(PathBuf::from("/etc/keys")));
+        assert_eq!(c.timeouts.auth(), Duration::from_secs(5));
+        let msg = Config::parse("[ssh]\nkey_types = [\"ssh-rsa\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("ssh.key_types") && msg.contains("ssh-rsa"),
+            "{msg}"
+        );
+        let msg = Config::parse("[ssh]\nlisten = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("listen"), "{msg}");
+
+        // Either half may come from the command line; one alone is an error.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("nixbuild.toml"),
+            "[ssh]\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
+        let msg = Config::for_daemon(dir.path(), None, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("ssh.authorized_keys"), "{msg}");
+        let keys = Overrides {
+            authorized_keys: Some("/k".into()),
+            ..Overrides::default()
+        };
+        let c = Config::for_daemon(dir.path(), None, &keys).unwrap();
+        assert_eq!(c.ssh.authorized_keys, Some(PathBuf::from("/k")));
+        let empty = tempfile::tempdir().unwrap();
+        let msg = Config::for_daemon(empty.path(), None, &keys)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("ssh.listen"), "{msg}");
     }
 
     #[test]

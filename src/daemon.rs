@@ -106,6 +106,9 @@ pub enum DaemonError {
     /// The configuration names something that does not exist.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The SSH front door could not start.
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
     /// The store's start-up task failed.
     #[error("internal error opening the store: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -173,11 +176,7 @@ impl RelayHeader {
 
 /// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (DESIGN.md, Accounts).
 pub fn check_account_name(name: &str) -> Result<(), RelayHeaderError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"._@+-".contains(&c));
-    if ok {
+    if nixbuild_core::account::is_valid_account_name(name) {
         Ok(())
     } else {
         Err(RelayHeaderError::BadAccount(name.to_owned()))
@@ -205,9 +204,10 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
 }
 
 /// Runs the daemon on `state_dir` until `shutdown` resolves: opens the store (which cleans
-/// leftovers of earlier runs), listens on `serve.sock` and serves each connection in its own
-/// task. At shutdown it stops accepting, gives running sessions `timeouts.shutdown` to end,
-/// then cuts off the rest (their unfinished imports are discarded) and removes the socket.
+/// leftovers of earlier runs), listens on `serve.sock` (and for SSH when `ssh.listen` is set,
+/// see [`crate::ssh`]) and serves each connection in its own task. At shutdown it stops
+/// accepting, gives running sessions `timeouts.shutdown` to end, then cuts off the rest (their
+/// unfinished imports are discarded) and removes the socket.
 pub async fn run(
     state_dir: &Path,
     config: Config,
@@ -245,11 +245,20 @@ pub async fn run(
         Some(group) => Some(group.resolve()?),
         None => None,
     };
+    let front_door = crate::ssh::bind(state_dir, &config, store.clone(), builds.clone()).await?;
     let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
         path: sock.clone(),
         source,
     })?;
     tracing::info!(socket = %sock.display(), "listening");
+    // The SSH side drains on its own, at the same time as the relayed sessions below.
+    let (stop_ssh, ssh_stop) = tokio::sync::watch::channel(false);
+    let ssh = front_door.map(|door| {
+        let mut stop = ssh_stop;
+        tokio::spawn(door.run(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }))
+    });
     let config = Arc::new(config);
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
@@ -279,6 +288,7 @@ pub async fn run(
         }
     };
     drop(listener);
+    let _ = stop_ssh.send(true);
     if let Err(e) = std::fs::remove_file(&sock) {
         tracing::warn!(socket = %sock.display(), "cannot remove the socket: {e}");
     }
@@ -295,6 +305,11 @@ pub async fn run(
                 "sessions still running at the shutdown timeout are cut off"
             );
             sessions.shutdown().await;
+        }
+    }
+    if let Some(ssh) = ssh {
+        if let Err(e) = ssh.await {
+            tracing::error!("the SSH server task failed: {e}");
         }
     }
     tracing::info!("stopped");

@@ -3,10 +3,10 @@
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
 //! configuration), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
-//! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire) and
-//! [`build`] (what happens around a sandboxed build: checking and registering its outputs).
-//! It also dumps file trees as NARs ([`nar_fs`]). The binaries in `examples/` are thin
-//! wrappers around them; see ARCHITECTURE.md.
+//! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire),
+//! [`build`] (what happens around a sandboxed build) and [`ssh`] (its SSH front door, on
+//! `nixbuild_ssh`). It also dumps file trees as NARs ([`nar_fs`]). The binaries in
+//! `examples/` are thin wrappers around them; see ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub use nixbuild_core as core;
@@ -16,4 +16,5 @@ pub mod config;
 pub mod daemon;
 pub mod nar_fs;
 pub mod session;
+pub mod ssh;
 pub mod store;

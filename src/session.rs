@@ -33,7 +33,7 @@ use nixbuild_core::wire::{self, WireError};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use rustix::pipe::{splice, SpliceFlags};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -216,6 +216,64 @@ where
         let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
     }
     result
+}
+
+/// A [`SessionOutput`] over two byte streams: the protocol to `stdout` (buffered, flushed
+/// after each response), messages to `stderr`. The SSH front door runs sessions over one: its
+/// channel's data and extended data.
+pub struct StreamOutput<W, E> {
+    stdout: BufWriter<W>,
+    stderr: E,
+}
+
+impl<W: AsyncWrite + Unpin + Send, E: AsyncWrite + Unpin + Send> StreamOutput<W, E> {
+    /// Protocol bytes to `stdout`, messages to `stderr`.
+    pub fn new(stdout: W, stderr: E) -> Self {
+        StreamOutput {
+            stdout: BufWriter::with_capacity(64 * 1024, stdout),
+            stderr,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send, E: AsyncWrite + Unpin + Send> SessionOutput
+    for StreamOutput<W, E>
+{
+    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.stdout.write_all(&bytes).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stderr.write_all(bytes).await?;
+        self.stderr.flush().await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.stdout.flush().await
+    }
+}
+
+/// Runs one session for `settings.account` over plain streams (see [`serve`]), flushing
+/// `stdout` at the end: what the SSH front door calls for each `nix-store --serve` channel.
+/// (The streams are `Sync` because the session's future holds references to its output
+/// across awaits and must be `Send`.)
+pub async fn serve_streams<R, W, E>(
+    store: &Store,
+    builds: &BuildService,
+    settings: &SessionSettings,
+    input: R,
+    stdout: W,
+    stderr: E,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + Sync,
+    E: AsyncWrite + Unpin + Send + Sync,
+{
+    let mut out = StreamOutput::new(stdout, stderr);
+    let result = serve(store, builds, settings, input, &mut out).await;
+    let flushed = out.flush().await;
+    result.and(flushed.map_err(SessionError::Io))
 }
 
 /// A [`SessionOutput`] whose every write and flush fails with `TimedOut` after `limit`: a
@@ -1095,8 +1153,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_client_that_stops_reading_times_out() {
+    /// A store and build service on a temporary state directory (no build runs in these
+    /// tests, so the helper executable is never started).
+    fn store_and_builds() -> (tempfile::TempDir, Store, BuildService) {
         let dir = tempfile::tempdir().unwrap();
         let limits = StoreLimits {
             max_nar_size: 1 << 20,
@@ -1110,6 +1169,12 @@ mod tests {
             "/proc/self/exe".into(),
         )
         .unwrap();
+        (dir, store, builds)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_times_out() {
+        let (_dir, store, builds) = store_and_builds();
         let mut settings = SessionSettings::new(&Config::default(), "a", false);
         settings.write_timeout = Duration::from_millis(20);
         let mut hello = Vec::new();
@@ -1126,6 +1191,49 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("timeouts.write"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn streams_carry_the_protocol_and_the_error_message() {
+        let (_dir, store, builds) = store_and_builds();
+        let settings = SessionSettings::new(&Config::default(), "a", false);
+        let mut input = Vec::new();
+        serve::ClientHello {
+            version: serve::ProtocolVersion::V2_7,
+        }
+        .encode(&mut input);
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        serve_streams(
+            &store,
+            &builds,
+            &settings,
+            &input[..],
+            &mut stdout,
+            &mut stderr,
+        )
+        .await
+        .unwrap();
+        let (hello, used) = serve::ServerHello::decode(&stdout).unwrap().unwrap();
+        assert_eq!(hello.version, serve::ProtocolVersion::SERVER);
+        assert_eq!(used, stdout.len());
+        assert!(stderr.is_empty());
+
+        input.extend_from_slice(&[0xff; 8]);
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let err = serve_streams(
+            &store,
+            &builds,
+            &settings,
+            &input[..],
+            &mut stdout,
+            &mut stderr,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, SessionError::Protocol(_)), "{err}");
+        assert!(!stdout.is_empty(), "the hello went out before the error");
+        let stderr = String::from_utf8(stderr).unwrap();
+        assert_eq!(stderr, format!("error: {err}\n"));
     }
 
     #[test]

@@ -185,7 +185,16 @@ fn client_limits_end_the_build_with_the_right_status() {
     );
 
     let (p, d) = s.derivation("fails", "echo about to fail; exit 7");
-    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let keep = BuildOptions {
+        keep_failed: true,
+        ..Default::default()
+    };
+    let (r, reply) = s.build(&p, &d, keep);
+    assert!(
+        reply.stderr.contains("keep-failed is not honoured"),
+        "{}",
+        reply.stderr
+    );
     assert_eq!(r.status, BuildStatus::PermanentFailure);
     let msg = String::from_utf8_lossy(&r.error_msg);
     assert!(
@@ -196,7 +205,7 @@ fn client_limits_end_the_build_with_the_right_status() {
     assert_no_build_processes(&s.daemon);
 }
 
-/// No process runs as a build uid (the default range) once the builds are over.
+/// No process runs as one of the daemon's build uids once the builds are over.
 fn assert_no_build_processes(d: &Daemon) {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
@@ -218,9 +227,9 @@ fn assert_no_build_processes(d: &Daemon) {
                     .next()?
                     .parse()
                     .ok()?;
-                (2_000_000_000..2_000_001_024)
+                (harness::build_uid_base()..harness::build_uid_base() + harness::BUILD_UIDS)
                     .contains(&uid)
-                    .then(|| status)
+                    .then_some(status)
             })
             .collect();
         if left.is_empty() {

@@ -306,7 +306,8 @@ fn request_over_the_byte_cap_fails() {
 }
 
 #[test]
-fn build_derivation_fails_with_a_clear_build_result() {
+fn an_invalid_derivation_is_rejected_with_a_clear_build_result() {
+    // No `name` in its environment: nothing to build, and the session goes on.
     let s = salt("build");
     let drv_path = test_path(&s, "hello.drv");
     let drv = nixbuild_core::derivation::BasicDerivation {
@@ -329,11 +330,12 @@ fn build_derivation_fails_with_a_clear_build_result() {
     let [Response::Build(result)] = &reply.responses(&script.ops)[..] else {
         panic!("not a BuildResult: {reply:?}");
     };
-    assert_eq!(result.status, BuildStatus::MiscFailure);
+    assert_eq!(result.status, BuildStatus::InputRejected);
     let msg = String::from_utf8_lossy(&result.error_msg);
     assert!(
-        msg.contains(&drv_path.to_string()) && msg.contains("building is not supported"),
+        msg.contains(&drv_path.to_string()) && msg.contains("no UTF-8 \"name\""),
         "{msg}"
     );
+    assert!(!daemon.log().contains("nixbuild::build: building "));
     daemon.stop();
 }

@@ -3,6 +3,7 @@
 //! Everything here works over bytes handed in by the caller (sans-IO), so the store, the
 //! network layer, the fuzzers and the benchmarks all drive the same code:
 //!
+//! - [`account`]: the grammar of account names.
 //! - [`wire`]: the primitives of the Nix wire format (u64, padded strings, lists), bounded.
 //! - [`nixbase32`] and [`hash`]: Nix's base-32 and the hash types with their string forms.
 //! - [`store_path`] and [`content_address`]: store path syntax and computation.
@@ -12,6 +13,7 @@
 //! - [`serve`]: the `nix-store --serve` protocol, typed requests and responses.
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod content_address;
 pub mod derivation;
 pub mod hash;

@@ -1,5 +1,19 @@
 //! nixbuild's embedded SSH front door (russh): public keys mapped to accounts, `nix-store
-//! --serve` exec requests mapped to serve sessions.
+//! --serve` exec requests mapped to serve sessions, everything else refused.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace until the SSH issue.
+//! - [`authorized_keys`]: the `--authorized-keys` file, parsed (pure).
+//! - [`exec`]: which exec requests are served (pure).
+//! - [`host_key`]: the host key kept in the state directory, and the strings users pin it with.
+//! - [`server`]: the server itself, generic over the [`SessionService`] that runs sessions.
+//!
+//! Keys are `ssh-key` types as russh re-exports them ([`russh::keys::ssh_key`]).
 #![forbid(unsafe_code)]
+
+pub mod authorized_keys;
+pub mod exec;
+pub mod host_key;
+pub mod server;
+
+pub use authorized_keys::{AuthorizedKeys, KeyTypes};
+pub use russh::keys::ssh_key;
+pub use server::{Limits, Server, ServerConfig, ServerError, SessionRequest, SessionService};

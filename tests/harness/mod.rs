@@ -48,6 +48,17 @@ pub fn store_uri() -> String {
     )
 }
 
+pub mod ssh;
+
+/// How many build uids each test daemon has.
+pub const BUILD_UIDS: u32 = 64;
+
+/// The first build uid of this test process's daemons: distinct for test processes running
+/// at once (nextest runs each test in its own process).
+pub fn build_uid_base() -> u32 {
+    2_000_000_000 + (std::process::id() % 100_000) * BUILD_UIDS
+}
+
 /// A running daemon with its own state directory and log file.
 pub struct Daemon {
     child: Option<Process>,
@@ -85,27 +96,56 @@ impl Daemon {
     /// arguments, and waits until it accepts connections.
     pub fn start_with_config(config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
-        let config_file = dir.path().join("nixbuild.toml");
-        std::fs::write(&config_file, config).expect("write the configuration");
+        // Daemons of tests running at once get distinct build uids (tests check that no
+        // process of their builds is left).
+        let uids = format!(
+            "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
+            build_uid_base()
+        );
+        let config = if config.contains("[builds]\n") {
+            config.replacen("[builds]\n", &uids, 1)
+        } else {
+            format!("{config}\n{uids}")
+        };
+        std::fs::write(dir.path().join("nixbuild.toml"), config).expect("write the configuration");
+        let mut d = Daemon { child: None, dir };
+        d.spawn(args);
+        d
+    }
+
+    /// Starts the daemon process on this state directory (its log and stdout are appended
+    /// to the files of earlier runs) and waits until it accepts connections.
+    fn spawn(&mut self, args: &[&str]) {
+        let append = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(name))
+                .expect("open a daemon output file")
+        };
         let child = Command::new(example_bin("nixbuild-server"))
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(self.state_dir())
             .arg("--config")
-            .arg(&config_file)
+            .arg(self.dir.path().join("nixbuild.toml"))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
+            .stdout(append("daemon.out"))
+            .stderr(append("daemon.log"))
             .spawn()
             .expect("spawn nixbuild-server");
-        let mut d = Daemon {
-            child: Some(Process(child)),
-            dir,
-        };
-        d.wait_ready();
-        d
+        self.child = Some(Process(child));
+        self.wait_ready();
+    }
+
+    /// Stops the daemon with SIGTERM (checking that it exits cleanly) and starts it again on
+    /// the same state directory with `args`.
+    pub fn restart(mut self, args: &[&str]) -> Daemon {
+        self.terminate();
+        self.wait_exit();
+        self.spawn(args);
+        self
     }
 
     fn wait_ready(&mut self) {
@@ -113,8 +153,9 @@ impl Daemon {
         let until = Instant::now() + Duration::from_secs(60);
         let sock = self.state_dir().join("serve.sock");
         loop {
-            // The daemon renames the socket into place once it listens. Not probed with a
-            // connection: that would leave a short-lived session behind in the daemon.
+            // The daemon renames the socket into place once it listens (after the SSH
+            // listener, when there is one). Not probed with a connection: that would leave a
+            // short-lived session behind in the daemon.
             if sock.exists() {
                 return;
             }
@@ -135,6 +176,51 @@ impl Daemon {
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// What the daemon printed on stdout so far (the SSH host key's pins).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.out")).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing every one of `needles`, and returns it.
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        // The events looked for come within a second or two; the bound only turns a hang
+        // into a failure with the log.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < until,
+                "no log line with {needles:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM to the daemon (without waiting for it).
+    pub fn terminate(&self) {
+        let pid = self.child.as_ref().expect("running").0.id();
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+    }
+
+    /// Waits for the daemon to exit and checks that it exited successfully.
+    fn wait_exit(&mut self) {
+        let mut process = self.child.take().expect("running");
+        let status = process.0.wait().expect("wait for the daemon");
+        assert!(
+            status.success(),
+            "daemon exited with {status}:\n{}",
+            self.log()
+        );
     }
 
     /// The daemon's process id.
@@ -229,17 +315,15 @@ impl Daemon {
     /// Stops the daemon with SIGTERM and checks that it exited cleanly, left no import in
     /// progress behind, and that re-hashing every object matches the recorded hashes.
     /// Returns the store (opened read-only in spirit: the tests only query it) and the log.
-    pub fn stop(mut self) -> Stopped {
-        let mut process = self.child.take().expect("running");
-        let killed = Command::new("kill")
-            .arg("-TERM")
-            .arg(process.0.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(killed.success());
-        let status = process.0.wait().expect("wait for the daemon");
+    pub fn stop(self) -> Stopped {
+        self.terminate();
+        self.stopped()
+    }
+
+    /// Like [`Daemon::stop`], for a daemon already sent SIGTERM.
+    pub fn stopped(mut self) -> Stopped {
+        self.wait_exit();
         let log = self.log();
-        assert!(status.success(), "daemon exited with {status}:\n{log}");
         let state = self.state_dir();
         assert!(!state.join("serve.sock").exists(), "socket left behind");
         let leftovers: Vec<_> = std::fs::read_dir(state.join("tmp"))

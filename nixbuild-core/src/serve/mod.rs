@@ -5,6 +5,7 @@
 //! - [`response`]: [`Response`] and [`ValidPathInfo`].
 //! - [`build`]: [`BuildOptions`], [`BuildResult`], [`BuildStatus`] and `builtOutputs`.
 //! - [`export`]: the trailer and markers of the NIXE export stream (ImportPaths, ExportPaths).
+//! - [`command`]: [`ServeArgs`], what a `nix-store` command line asks for.
 //! - [`session`]: [`ServerSession`], the server's state machine a driver feeds with bytes.
 //!
 //! Every message is encodable and decodable in both directions, gated on the negotiated
@@ -13,6 +14,7 @@
 //! for "need more bytes", or a [`ServeError`] naming the field and offset.
 
 pub mod build;
+pub mod command;
 pub mod derivation;
 pub mod export;
 mod fields;
@@ -23,6 +25,7 @@ pub mod response;
 pub mod session;
 
 pub use build::{BuildOptions, BuildResult, BuildStatus, BuiltOutput};
+pub use command::ServeArgs;
 pub use export::{ExportMarker, ExportTrailer};
 pub use handshake::{ClientHello, ProtocolVersion, ServerHello};
 pub use request::{AddToStoreNar, Opcode, PathWithOutputs, Request};

@@ -1,0 +1,196 @@
+//! The daemon's SSH front door: [`nixbuild_ssh`]'s server, configured from `[ssh]`, with the
+//! host key in the state directory, running each `nix-store --serve` channel as a serve
+//! [`session`](crate::session) of the key's account on the daemon's store.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use nixbuild_ssh::host_key::{self, HostKeyError, HOST_KEY_FILE};
+use nixbuild_ssh::server::{Limits, ServerError};
+use nixbuild_ssh::ssh_key::PublicKey;
+use nixbuild_ssh::{KeyTypes, Server, ServerConfig, SessionRequest, SessionService};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::build::BuildService;
+use crate::config::Config;
+use crate::session::{self, SessionSettings};
+use crate::store::Store;
+
+/// Why the SSH front door could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// The host key could not be loaded or created.
+    #[error("SSH host key: {0}")]
+    HostKey(#[from] HostKeyError),
+    /// The server could not start (keys file, listening socket).
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The configuration is inconsistent (normally caught when it is loaded).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Runs SSH sessions on the daemon's store.
+pub struct SshSessions {
+    store: Store,
+    builds: BuildService,
+    config: Arc<Config>,
+}
+
+impl SessionService for SshSessions {
+    async fn serve<R, W, E>(
+        &self,
+        request: &SessionRequest,
+        stdin: R,
+        stdout: &mut W,
+        stderr: &mut E,
+    ) -> u32
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send + Sync,
+        E: AsyncWrite + Unpin + Send + Sync,
+    {
+        let account = request.account.as_str();
+        let conn = request.connection;
+        let settings = SessionSettings::new(&self.config, account, request.write);
+        tracing::info!(%account, write = request.write, conn, peer = %request.peer, "session start");
+        match session::serve_streams(&self.store, &self.builds, &settings, stdin, stdout, stderr)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(%account, conn, status = 0, "session end");
+                0
+            }
+            Err(e) => {
+                tracing::info!(%account, conn, status = 1, error = %e, "session end");
+                1
+            }
+        }
+    }
+}
+
+/// A bound SSH server, ready to run.
+pub struct FrontDoor {
+    server: Server<SshSessions>,
+}
+
+/// Starts listening for SSH when `ssh.listen` is set (`None` otherwise): loads or creates the
+/// host key in `state_dir`, reads the authorized keys, binds, and prints on stdout what users
+/// pin the host key with.
+pub async fn bind(
+    state_dir: &Path,
+    config: &Config,
+    store: Store,
+    builds: BuildService,
+) -> Result<Option<FrontDoor>, SshError> {
+    let Some(listen) = config.ssh.listen else {
+        return Ok(None);
+    };
+    let authorized_keys = config.ssh.authorized_keys.clone().ok_or_else(|| {
+        SshError::Config("ssh.listen is set but ssh.authorized_keys is not".into())
+    })?;
+    let key_types =
+        KeyTypes::from_names(&config.ssh.key_types).map_err(|e| SshError::Config(e.to_string()))?;
+    let (host_key, created) = host_key::load_or_create(state_dir)?;
+    let key_file = state_dir.join(HOST_KEY_FILE);
+    if created {
+        tracing::info!(file = %key_file.display(), "generated a new SSH host key");
+    }
+    let public = host_key.public_key().clone();
+    let limits = Limits {
+        auth_timeout: config.timeouts.auth(),
+        idle_timeout: config.timeouts.idle(),
+        max_connections: config.ssh.max_connections,
+        max_connections_per_account: config.ssh.max_connections_per_account,
+        max_sessions_per_connection: config.ssh.max_sessions_per_connection,
+        shutdown_grace: config.timeouts.shutdown(),
+    };
+    let sessions = SshSessions {
+        store,
+        builds,
+        config: Arc::new(config.clone()),
+    };
+    let server = Server::bind(
+        ServerConfig {
+            listen,
+            host_key,
+            authorized_keys,
+            key_types,
+            limits,
+        },
+        sessions,
+    )
+    .await?;
+    let addr = server.local_addr().map_err(|e| {
+        SshError::Server(ServerError::Listen {
+            addr: listen,
+            source: e,
+        })
+    })?;
+    tracing::info!(
+        %addr,
+        host_key = %host_key::fingerprint(&public),
+        "listening for SSH"
+    );
+    print_pins(addr, &public, &key_file.with_extension("pub"));
+    Ok(Some(FrontDoor { server }))
+}
+
+impl FrontDoor {
+    /// Serves until `shutdown` resolves, re-reading the authorized keys on SIGHUP too, then
+    /// drains (see [`Server::run`]).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot watch for SIGHUP ({e}); the authorized keys are still re-read when the file changes");
+                None
+            }
+        };
+        self.server.run(shutdown, hangup).await;
+    }
+}
+
+/// The host to name in a `known_hosts` line for `addr`: the address itself, or this
+/// machine's name when it listens on all addresses.
+fn host_for(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "HOST".to_owned())
+    } else {
+        addr.ip().to_string()
+    }
+}
+
+/// Prints on stdout the lines users pin the host key with (README, "SSH").
+fn print_pins(addr: SocketAddr, key: &PublicKey, pub_file: &Path) {
+    let host = host_for(addr);
+    let port = addr.port();
+    let config = host_key::ssh_config("nixbuild", &host, port, "~/.ssh/id_ed25519");
+    let text = format!(
+        "nixbuild-server: SSH on {addr}\n\
+         \x20 host key: {fingerprint} ({pub_file})\n\
+         \x20 known_hosts line: {known_hosts}\n\
+         \x20 machines file host key (8th field): {machines}\n\
+         \x20 for that field to work on this port, and to pin the key as \"nixbuild {line}\"\n\
+         \x20 in known_hosts instead, use HostKeyAlias in ~/.ssh/config:\n{config}",
+        fingerprint = host_key::fingerprint(key),
+        pub_file = pub_file.display(),
+        known_hosts = host_key::known_hosts_line(&host, port, key),
+        machines = host_key::machines_host_key(key),
+        line = host_key::public_line(key),
+        config = config
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>(),
+    );
+    // A closed stdout must not stop the daemon: the log has the fingerprint too.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
