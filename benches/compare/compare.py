@@ -678,7 +678,8 @@ def wrapper_script(path, group, stats_dir, label, env, program, foreground=False
     waits for the server and writes its maxrss. `time` runs in a session of its own
     (`setsid`): a remote build's hook is killed as a whole process group once the build is
     done, which would take `time` with it. The server ends as it would anyway, at the end
-    of its input. The daemon, stopped by the harness, gets `exec time` instead.
+    of its input. The daemon, stopped by the harness, gets `exec time` instead. Without a
+    `stats_dir` the shell joins the cgroup and execs the server, nothing else.
     """
     lines = ["#!/bin/sh", "set -e"]
     if group is not None:
