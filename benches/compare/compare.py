@@ -20,8 +20,10 @@ missing and builds the examples), as root.
 import argparse
 import dataclasses
 import datetime
+import grp
 import os
 import platform
+import resource
 import secrets
 import shutil
 import signal
@@ -37,6 +39,8 @@ PREFIX = "nixbuild-compare"
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 GNU_TIME = "/usr/bin/time"
+SETSID = "/usr/bin/setsid"
+BUSYBOX = "/bin/busybox"
 NIX32_CHARS = "0123456789abcdfghijklmnpqrsvwxyz"
 # How long a server gets to finish after the client returned, and a daemon to start.
 SETTLE_TIMEOUT = 120.0
@@ -68,11 +72,38 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
+    """A `nix copy` of a dataset to (upload) or from (download) the server."""
+
     name: str
     direction: str  # "upload" (nix copy --to) or "download" (nix copy --from)
     dataset: str  # key of the Dataset
     cpu_target: float  # server CPU ratio nixbuild / reference must be at most this
     rss_target_mib: float | None  # nixbuild peak RSS must stay under this, when set
+    kind = "copy"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildWorkload:
+    """Fresh trivial derivations built on the server by `nix-build --max-jobs 0 --builders`."""
+
+    name: str
+    shape: str  # "one": a nix-build per derivation; "independent", "chain": one nix-build
+    count: int  # derivations per client
+    clients: int  # nix-build processes running at once, each on its own derivations
+    wall_target: float | None  # nixbuild wall time / reference's must be at most this
+    kind = "build"
+
+    def title(self):
+        if self.shape == "one":
+            return f"one fresh trivial derivation per nix-build, {self.count} nix-builds in a row"
+        what = (
+            f"{self.count} independent trivial derivations"
+            if self.shape == "independent"
+            else f"a chain of {self.count} dependent derivations"
+        )
+        if self.clients == 1:
+            return f"{what} in one nix-build"
+        return f"{self.clients} nix-builds at once, each of {what}"
 
 
 WORKLOADS = [
@@ -80,7 +111,19 @@ WORKLOADS = [
     Workload("download-closure", "download", "closure", 1 / 3, None),
     Workload("upload-1g", "upload", "big", 1 / 2, 64),
     Workload("download-1g", "download", "big", 1 / 3, 64),
+    # Issue 4: server-side time per build; issue 8: workloads 1, 2 and 5.
+    BuildWorkload("build-one", "one", 20, 1, None),
+    BuildWorkload("build-50", "independent", 50, 1, 1 / 2),
+    BuildWorkload("build-chain", "chain", 20, 1, 1 / 2),
+    BuildWorkload("build-parallel", "independent", 50, 8, 1 / 2),
 ]
+# Issue 4: BuildDerivation received -> BuildResult sent, median, for a fresh trivial build.
+BUILD_ONE_TARGET_MS = 20
+# Issue 8: server memory throughout, for the build workloads.
+BUILD_MEM_TARGET_MIB = 100
+# The system and features every build is offered with (the issue's builders line).
+BUILDER_SYSTEM = "x86_64-linux"
+BUILDER_FEATURES = "big-parallel,benchmark"
 
 SIDES = ("reference", "nixbuild")
 SIDE_LABEL = {"reference": "reference (nix-store --serve)", "nixbuild": "nixbuild"}
@@ -353,7 +396,8 @@ class Client:
         self.tmp = tmp
         conf_dir = os.path.join(tmp, "nix-conf")
         os.mkdir(conf_dir)
-        with open(os.path.join(conf_dir, "nix.conf"), "w") as f:
+        self.conf_file = os.path.join(conf_dir, "nix.conf")
+        with open(self.conf_file, "w") as f:
             f.write(
                 "experimental-features = nix-command\n"
                 "substituters =\n"
@@ -361,6 +405,10 @@ class Client:
                 "build-users-group =\n"
                 # The generated paths carry no signatures.
                 "require-sigs = false\n"
+                # A build postponed for want of a free builder slot is retried whenever
+                # the client's worker wakes (a build ended), not after Nix's 5 s poll,
+                # which would dominate wall time whenever builds outnumber slots.
+                "build-poll-interval = 0\n"
             )
         empty = os.path.join(tmp, "empty.conf")
         open(empty, "w").close()
@@ -486,6 +534,123 @@ class Client:
             self.hashes(None, [path], "client narHash of the big path"),
         )
 
+    def make_busybox(self):
+        """The builders' shell: a static busybox (`bin/sh` links to it) added to the store.
+
+        Every build derivation takes it as an input source; before each measured run it is
+        copied to the server's fresh store (not measured), so the runs time builds only.
+        """
+        if not os.access(BUSYBOX, os.X_OK):
+            raise BenchError(f"{BUSYBOX} is missing: install busybox-static")
+        src = os.path.join(self.tmp, f"{PREFIX}-busybox")
+        os.makedirs(os.path.join(src, "bin"))
+        shutil.copy(BUSYBOX, os.path.join(src, "bin", "busybox"))
+        os.symlink("busybox", os.path.join(src, "bin", "sh"))
+        (path,) = capture(["nix-store", "--add", src], self.env, self.log, "nix-store --add busybox")
+        self.owned.add(path)
+        self.busybox_src = src
+        return Dataset(
+            "busybox",
+            "static busybox",
+            path,
+            (path,),
+            self.hashes(None, [path], "client narHash of busybox"),
+        )
+
+    def make_builds(self, rundir, workload, salt):
+        """Writes and instantiates the run's derivations: one list of `Build`s per client.
+
+        Each derivation's name carries the run's salt, so neither its outputs nor the .drv
+        exist anywhere before the run. Independent builds write one line naming themselves;
+        in a chain, build i also writes the path of build i-1 (a reference) and the first
+        line of its contents (read in the sandbox).
+        """
+        lines = [
+            "let",
+            f'  bb = builtins.path {{ path = {self.busybox_src}; name = "{PREFIX}-busybox"; }};',
+            "  mk = name: script: derivation {",
+            f'    name = "{PREFIX}-{salt}-${{name}}";',
+            f'    system = "{BUILDER_SYSTEM}";',
+            '    builder = "${bb}/bin/sh";',
+            '    args = [ "-c" script ];',
+            '    PATH = "${bb}/bin";',
+            "  };",
+        ]
+        attrs = []
+        for k in range(workload.clients):
+            names = []
+            for i in range(workload.count):
+                name = f"c{k}-{i}"
+                first = f"{PREFIX} {salt} {name}"
+                if workload.shape == "chain" and i > 0:
+                    prev = f"d{k}_{i - 1}"
+                    script = f"{{ echo {first}; echo ${{{prev}}}; head -n 1 ${{{prev}}}; }} > $out"
+                else:
+                    script = f"echo {first} > $out"
+                lines.append(f'  d{k}_{i} = mk "{name}" "{script}";')
+                names.append(f"d{k}_{i}")
+            attrs.append(f"  c{k} = [ {' '.join(names)} ];")
+        lines += ["in {"] + attrs + ["}"]
+        expr = os.path.join(rundir, "builds.nix")
+        with open(expr, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        cmd = ["nix-instantiate", expr]
+        for k in range(workload.clients):
+            cmd += ["-A", f"c{k}"]
+        drvs = capture(cmd, self.env, self.log, "nix-instantiate of the build derivations")
+        total = workload.clients * workload.count
+        if len(drvs) != total:
+            raise BenchError(f"nix-instantiate gave {len(drvs)} derivations instead of {total}")
+        self.owned.update(drvs)
+        outs = capture(
+            ["nix-store", "-q", "--outputs"] + drvs, self.env, self.log, "nix-store -q --outputs"
+        )
+        if len(outs) != total:
+            raise BenchError(f"{len(outs)} outputs for {total} derivations")
+        self.owned.update(outs)
+        clients = []
+        for k in range(workload.clients):
+            builds = []
+            for i in range(workload.count):
+                n = k * workload.count + i
+                text = f"{PREFIX} {salt} c{k}-{i}\n"
+                if workload.shape == "chain" and i > 0:
+                    text += f"{outs[n - 1]}\n{PREFIX} {salt} c{k}-{i - 1}\n"
+                builds.append(Build(drvs[n], outs[n], text))
+            clients.append(builds)
+        return clients
+
+    def build_command(self, url, jobs, drvs):
+        """`nix-build` of `drvs` on the server only: no local build slots."""
+        builders = f"{url} {BUILDER_SYSTEM} - {jobs} 1 {BUILDER_FEATURES}"
+        return ["nix-build", "--max-jobs", "0", "--no-out-link", "--builders", builders] + drvs
+
+    def check_built(self, builds, printed, what):
+        """The outputs nix-build printed are the expected ones, valid, with the expected bytes."""
+        want = [b.out for b in builds]
+        if sorted(printed) != sorted(want):
+            raise BenchError(f"{what}: nix-build printed {len(printed)} paths, not the {len(want)} outputs")
+        capture(["nix-store", "--check-validity"] + want, self.env, self.log, f"{what}: validity")
+        for b in builds:
+            with open(b.out) as f:
+                got = f.read()
+            if got != b.text:
+                raise BenchError(f"{what}: {b.out} holds {got!r} instead of {b.text!r}")
+
+    def forget(self, paths):
+        """Deletes a run's derivations and outputs from the client store (not measured)."""
+        self.delete(paths, "deleting the run's derivations and outputs")
+        self.owned.difference_update(paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """One derivation of a run: its .drv, its output path and the output's expected bytes."""
+
+    drv: str
+    out: str
+    text: str
+
 
 def u64(n):
     return struct.pack("<Q", n)
@@ -510,19 +675,23 @@ def wrapper_script(path, group, stats_dir, label, env, program, foreground=False
 
     Nix's client SIGKILLs the process it started when it disconnects, so for sessions the
     server runs under `time` in the background of this shell: the shell dies, `time`
-    waits for the server and writes its maxrss. The daemon, stopped by the harness, gets
-    `exec time` instead.
+    waits for the server and writes its maxrss. `time` runs in a session of its own
+    (`setsid`): a remote build's hook is killed as a whole process group once the build is
+    done, which would take `time` with it. The server ends as it would anyway, at the end
+    of its input. The daemon, stopped by the harness, gets `exec time` instead. Without a
+    `stats_dir` the shell joins the cgroup and execs the server, nothing else.
     """
     lines = ["#!/bin/sh", "set -e"]
     if group is not None:
         lines += [f"echo $$ > {shq(f)}" for f in group.procs_files()]
-    envs = " ".join(f"{k}={shq(v)}" for k, v in env.items())
+    # Exported by the shell itself: an `env` process would cost each session a millisecond.
+    lines += [f"export {k}={shq(v)}" for k, v in env.items()]
     timed = (
-        f"{GNU_TIME} -o {shq(stats_dir)}/{label}.$$ -f '%M %U %S' "
-        f"{'env ' + envs + ' ' if envs else ''}{shq(program)} \"$@\""
+        f"{'' if foreground else SETSID + ' -w '}{GNU_TIME} -o {shq(stats_dir)}/{label}.$$ -f '%M %U %S' "
+        f"{shq(program)} \"$@\""
     )
     if stats_dir is None:
-        lines.append(f"exec {'env ' + envs + ' ' if envs else ''}{shq(program)} \"$@\"")
+        lines.append(f"exec {shq(program)} \"$@\"")
     elif foreground:
         lines.append("exec " + timed)
     else:
@@ -553,25 +722,74 @@ def read_stats(stats_dir):
 
 
 class Reference:
-    """Nix's `nix-store --serve` on a chroot store of its own (`remote-store=`)."""
+    """Nix's `nix-store --serve` on a chroot store of its own (`remote-store=`).
+
+    Its configuration is the client's plus what building needs: Nix's sandbox (a chroot
+    store always builds in it on Linux; `sandbox = true` and no fallback make that
+    explicit), the `nixbld` build users (we are root), one local build slot per
+    `nix-store --serve` process (each builds the one derivation it is sent), one core per
+    build as nixbuild gives, and no builders or substituters of its own.
+    """
 
     name = "reference"
 
-    def __init__(self, root):
+    def __init__(self, root, client_conf):
         self.root = root
         self.store = None
+        self.conf_dir = os.path.join(root, "ref-nix-conf")
+        os.mkdir(self.conf_dir)
+        with open(client_conf) as f:
+            conf = f.read()
+        with open(os.path.join(self.conf_dir, "nix.conf"), "w") as f:
+            f.write(
+                conf
+                + "sandbox = true\n"
+                "sandbox-fallback = false\n"
+                "build-users-group = nixbld\n"
+                "max-jobs = 1\n"
+                "cores = 1\n"
+                "builders =\n"
+                # Nix's default again: the client's 0 above is a client-side choice.
+                "build-poll-interval = 5\n"
+            )
 
     def fresh_store(self, n):
         if self.store:
             rm_tree(self.store)
         self.store = os.path.join(self.root, f"ref-store-{n}")
 
-    def start(self, rundir, group, stats_dir):
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """The store URL for each client, each with a remote program of its own.
+
+        Nix's client keeps its build-slot locks per builder URL, so clients running at
+        once need distinct URLs to get their own slots. Without `timed_sessions` the
+        sessions run without GNU time (no maxrss, and no CPU spent on measuring it).
+        """
         prog = shutil.which("nix-store")
-        script = wrapper_script(
-            os.path.join(rundir, "ref-serve.sh"), group, stats_dir, "nix-store", {}, prog
+        env = {"NIX_CONF_DIR": self.conf_dir}
+        stats = stats_dir if timed_sessions else None
+        urls = []
+        for k in range(clients):
+            script = wrapper_script(
+                os.path.join(rundir, f"ref-serve-{k}.sh"), group, stats, "nix-store", env, prog
+            )
+            urls.append(f"ssh://localhost?remote-program={script}&remote-store={self.store}")
+        return urls
+
+    def verify_builds(self, client, builds, _rundir):
+        """Every output is valid in the reference's store and holds the expected bytes."""
+        outs = [b.out for b in builds]
+        capture(
+            ["nix-store", "--store", self.store, "--check-validity"] + outs,
+            client.env,
+            client.log,
+            "reference: outputs valid in its store",
         )
-        return f"ssh://localhost?remote-program={script}&remote-store={self.store}"
+        for b in builds:
+            with open(self.store + b.out) as f:
+                if f.read() != b.text:
+                    raise BenchError(f"reference store: {b.out} does not hold the expected bytes")
+        return None
 
     def stop(self, _group=None):
         """Nothing to stop: each session's `nix-store --serve` ends with its client."""
@@ -613,17 +831,22 @@ class Nixbuild:
     def relay_env(self):
         return {"NIXBUILD_STATE_DIR": self.state, "NIXBUILD_ACCOUNT": "bench"}
 
-    def start(self, rundir, group, stats_dir):
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """Starts the daemon (always under GNU time); the store URL for each client (see
+        `Reference.start`)."""
         self.start_daemon(rundir, group, stats_dir)
-        script = wrapper_script(
-            os.path.join(rundir, "nixbuild-serve.sh"),
-            group,
-            stats_dir,
-            "relay",
-            self.relay_env(),
-            self.serve_bin,
-        )
-        return f"ssh://localhost?remote-program={script}"
+        urls = []
+        for k in range(clients):
+            script = wrapper_script(
+                os.path.join(rundir, f"nixbuild-serve-{k}.sh"),
+                group,
+                stats_dir if timed_sessions else None,
+                "relay",
+                self.relay_env(),
+                self.serve_bin,
+            )
+            urls.append(f"ssh://localhost?remote-program={script}")
+        return urls
 
     def start_daemon(self, rundir, group, stats_dir):
         script = wrapper_script(
@@ -703,6 +926,47 @@ class Nixbuild:
             raise BenchError(f"nixbuild store: no object hashes to {len(missing)} of the narHashes")
 
 
+    def verify_builds(self, _client, builds, rundir):
+        """The daemon's log shows each derivation built once and answered as Built.
+
+        Returns the server-side time of each BuildDerivation in seconds (the log's
+        `micros=`, from receiving the request to sending the BuildResult).
+        """
+        with open(os.path.join(rundir, "daemon.log"), errors="replace") as f:
+            lines = f.read().splitlines()
+        started = {}
+        answered = {}
+        for line in lines:
+            drv = field(line, "drv")
+            if drv is None:
+                continue
+            if " building " in line:
+                started[drv] = started.get(drv, 0) + 1
+            elif "answered BuildDerivation" in line:
+                micros = field(line, "micros")
+                if field(line, "status") != "Built" or micros is None or not micros.isdigit():
+                    raise BenchError(f"nixbuild: unexpected answer in the daemon log: {line}")
+                answered.setdefault(drv, []).append(int(micros) / 1e6)
+        times = []
+        for b in builds:
+            if started.get(b.drv) != 1:
+                raise BenchError(
+                    f"nixbuild: the daemon log shows {started.get(b.drv, 0)} builds of {b.drv}, not 1"
+                )
+            if len(answered.get(b.drv, [])) != 1:
+                raise BenchError(f"nixbuild: {b.drv} not answered once as Built in the daemon log")
+            times += answered[b.drv]
+        return times
+
+
+def field(line, key):
+    """The value of ` key=value` in a log line, or None."""
+    at = line.find(f" {key}=")
+    if at < 0:
+        return None
+    return line[at + len(key) + 2 :].split(" ", 1)[0]
+
+
 def check_hashes(where, dataset, got):
     bad = [p for p in dataset.paths if got.get(p) != dataset.nar_hashes[p]]
     if bad:
@@ -726,13 +990,24 @@ class Sample:
     procs: list  # (label, maxrss, cpu) per server process
 
 
+@dataclasses.dataclass
+class BuildSample:
+    wall: float  # seconds: the nix-build (all clients'), or the sum of build-one's nix-builds
+    cpu: float  # seconds, user+sys of the server cgroup, builds included
+    cg_mem: int | None  # bytes, memory cgroup high-water mark
+    procs: list  # (label, maxrss, cpu) per server process
+    builds: int  # derivations built
+    per_build: list  # build-one: (wall, server CPU) of each nix-build, seconds
+    server_times: list | None  # nixbuild: BuildDerivation -> BuildResult per build, seconds
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
         self.tmp = tempfile.mkdtemp(prefix=f"{PREFIX}.{os.getpid()}.", dir=args.tmp_dir)
         self.cgroups = Cgroups(f"{PREFIX}.{os.getpid()}")
         self.client = Client(self.tmp)
-        self.reference = Reference(self.tmp)
+        self.reference = Reference(self.tmp, self.client.conf_file)
         self.nixbuild = (
             Nixbuild(self.tmp, args.bin_dir, self.client) if "nixbuild" in args.sides else None
         )
@@ -748,7 +1023,10 @@ class Bench:
                 log(f"warning: stopping nixbuild-server: {e}")
         self.cgroups.destroy()
         self.client.delete_owned()
-        rm_tree(self.tmp)
+        if self.args.keep_tmp:
+            log(f"kept {self.tmp} (the next run removes it)")
+        else:
+            rm_tree(self.tmp)
 
     def side(self, name):
         return self.reference if name == "reference" else self.nixbuild
@@ -766,7 +1044,7 @@ class Bench:
         group = self.cgroups.new_group(f"populate-{self.counter}")
         self.active_group = group
         try:
-            url = side.start(rundir, group, None)
+            (url,) = side.start(rundir, group, None)
             run(
                 ["nix", "copy", "--to", url, dataset.top],
                 self.client.env,
@@ -797,26 +1075,14 @@ class Bench:
         group = self.cgroups.new_group(f"run-{self.counter}")
         self.active_group = group
         try:
-            url = side.start(rundir, group, stats_dir)
+            (url,) = side.start(rundir, group, stats_dir)
             flag = "--to" if workload.direction == "upload" else "--from"
             cmd = ["nix", "copy", flag, url, dataset.top]
             cpu0 = group.cpu_ns()
             t0 = time.monotonic()
             run(cmd, self.client.env, self.client.log, f"{side.name}: {workload.name}")
             wall = time.monotonic() - t0
-            # The sessions end once the client is gone; then the daemon is stopped, so any
-            # work the server does after the client returned is counted too.
-            if side is self.nixbuild:
-                deadline = time.monotonic() + SETTLE_TIMEOUT
-                while len(group.pids()) > 2:
-                    if time.monotonic() > deadline:
-                        raise BenchError("nixbuild: sessions still running after the client exited")
-                    time.sleep(0.02)
-                side.stop(group)
-            if not group.wait_empty(SETTLE_TIMEOUT):
-                raise BenchError(f"{side.name}: server processes still running: {group.pids()}")
-            cpu = (group.cpu_ns() - cpu0) / 1e9
-            cg_mem = group.mem_peak()
+            cpu, cg_mem = self.finish(side, group, cpu0)
         finally:
             group.destroy()
             self.active_group = None
@@ -833,6 +1099,128 @@ class Bench:
             if disk != [dataset.nar_hashes[p] for p in dataset.paths]:
                 raise BenchError("client store: downloaded files do not hash to their narHash")
         return Sample(wall, cpu, sum(p[1] for p in procs), cg_mem, procs)
+
+    def sessions_ended(self, side, group):
+        """Waits for the run's sessions to end: nothing left but the daemon and its `time`."""
+        keep = 2 if side is self.nixbuild else 0
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while len(group.pids()) > keep:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{side.name}: sessions still running after the client exited")
+            time.sleep(0.01)
+
+    def finish(self, side, group, cpu0):
+        """Ends a run: sessions over, the daemon stopped (so any work it does after the
+        client returned is counted too), every server process gone. Returns the server CPU
+        seconds since `cpu0` and the memory cgroup's peak."""
+        self.sessions_ended(side, group)
+        if side is self.nixbuild:
+            side.stop(group)
+        if not group.wait_empty(SETTLE_TIMEOUT):
+            raise BenchError(f"{side.name}: server processes still running: {group.pids()}")
+        return (group.cpu_ns() - cpu0) / 1e9, group.mem_peak()
+
+    def measure_build(self, side, workload, busybox):
+        """One run of a build workload, on a fresh server store that holds only busybox."""
+        self.populate(side, busybox)
+        self.counter += 1
+        rundir = self.rundir(f"{side.name}-{workload.name}")
+        clients = self.client.make_builds(rundir, workload, secrets.token_hex(4))
+        builds = [b for c in clients for b in c]
+        stats_dir = os.path.join(rundir, "stats")
+        os.mkdir(stats_dir)
+        os.sync()
+        group = self.cgroups.new_group(f"run-{self.counter}")
+        self.active_group = group
+        per_build = []  # build-one: (wall, server CPU) of each nix-build
+        try:
+            # Sessions without GNU time: each build is a session, and timing it would add
+            # milliseconds of wrapper CPU to every build on both sides.
+            urls = side.start(rundir, group, stats_dir, workload.clients, timed_sessions=False)
+            cpu0 = group.cpu_ns()
+            if workload.shape == "one":
+                printed = [[]]
+                for i, b in enumerate(clients[0]):
+                    c0 = group.cpu_ns()
+                    t0 = time.monotonic()
+                    (out,) = self.nix_builds(side, rundir, urls, [[b]], f"{i}")
+                    w = time.monotonic() - t0
+                    # Its session over before the next build: its CPU is all counted.
+                    self.sessions_ended(side, group)
+                    per_build.append((w, (group.cpu_ns() - c0) / 1e9))
+                    printed[0] += out
+                wall = sum(w for w, _ in per_build)
+            else:
+                t0 = time.monotonic()
+                printed = self.nix_builds(side, rundir, urls, clients, "all")
+                wall = time.monotonic() - t0
+            cpu, cg_mem = self.finish(side, group, cpu0)
+        finally:
+            group.destroy()
+            self.active_group = None
+        procs = read_stats(stats_dir)  # the daemon's; sessions were not timed
+        # Checked after the measurement: every derivation was built, on the server.
+        for k, (c, out) in enumerate(zip(clients, printed)):
+            self.client.check_built(c, out, f"{side.name}: client {k}")
+        server_times = side.verify_builds(self.client, builds, rundir)
+        self.client.forget([b.drv for b in builds] + [b.out for b in builds])
+        return BuildSample(wall, cpu, cg_mem, procs, len(builds), per_build, server_times)
+
+    def nix_builds(self, side, rundir, urls, clients, tag):
+        """Runs one nix-build per client, all at once; the output paths each printed."""
+        slots = build_slots(self.args, len(clients))
+        procs = []
+        for k, (url, builds) in enumerate(zip(urls, clients)):
+            cmd = self.client.build_command(url, slots, [b.drv for b in builds])
+            out = os.path.join(rundir, f"client-{k}-{tag}.out")
+            err = os.path.join(rundir, f"client-{k}-{tag}.log")
+            with open(out, "wb") as o, open(err, "wb") as e:
+                procs.append(
+                    (subprocess.Popen(cmd, env=self.client.env, stdout=o, stderr=e), out, err)
+                )
+        failed = []
+        for p, _out, err in procs:
+            if p.wait() != 0:
+                failed.append(f"exit {p.returncode}:\n{tail(err)}")
+        if failed:
+            raise BenchError(f"{side.name}: nix-build failed ({len(failed)} of {len(procs)}), {failed[0]}")
+        printed = []
+        for _p, out, _err in procs:
+            with open(out) as f:
+                printed.append(f.read().split())
+        return printed
+
+
+def wrapper_cpu_ms(cgroups, tmp, n=20):
+    """CPU milliseconds the harness's build-session wrapper (a shell that joins the cgroup
+    and execs the server) costs per session, measured with `/bin/true` as the server.
+    Counted on both sides: each build is one session on either."""
+    d = os.path.join(tmp, "wrapper-probe")
+    os.mkdir(d)
+    group = cgroups.new_group("wrapper-probe")
+    try:
+        script = wrapper_script(os.path.join(d, "probe.sh"), group, None, "probe", {"X": "1"}, "/bin/true")
+        for _ in range(n):
+            subprocess.run([script], stdin=subprocess.DEVNULL, check=True)
+        if not group.wait_empty(SETTLE_TIMEOUT):
+            raise BenchError("the wrapper probe did not end")
+        return group.cpu_ns() / n / 1e6
+    finally:
+        group.destroy()
+
+
+def builder_cpu_ms(busybox_src, tmp, n=50):
+    """CPU milliseconds of the builder alone: busybox sh writing a trivial output, outside
+    any sandbox. What both sides' figures include per build besides the server's work."""
+    target = os.path.join(tmp, "builder-probe")
+    sh = os.path.join(busybox_src, "bin", "sh")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for i in range(n):
+        subprocess.run([sh, "-c", f"echo {PREFIX} probe {i} > {target}"], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    os.unlink(target)
+    return used / n * 1000
 
 
 def fmt_mib(b):
@@ -912,6 +1300,121 @@ def report(workload, dataset, samples, reps):
     )
     at = 5 + len(sides)
     return "\n".join(lines[:at] + targets + lines[at:])
+
+
+def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
+    sides = [s for s in SIDES if samples[s]]
+    one = workload.shape == "one"
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "wall": median([s.wall for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cpu_per_build": median([s.cpu / s.builds for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+            "rss": median([max((p[1] for p in s.procs), default=None) for s in ss]),
+            # build-one: medians over every nix-build of every run
+            "build_wall": median([w for s in ss for w, _ in s.per_build]),
+            "build_cpu": median([c for s in ss for _, c in s.per_build]),
+            "server_time": median([t for s in ss for t in s.server_times or []]),
+        }
+    slots = "" if one else f"; {jobs} build slot{'s' if jobs > 1 else ''} per client"
+    lines = [
+        f"### {workload.name}: {workload.title()} (median of {reps} run{'s' if reps > 1 else ''} per side{slots})",
+        "",
+    ]
+    if one:
+        lines += [
+            "| | wall per nix-build (ms) | server CPU per build (ms) | server time per build (ms) "
+            "| total wall (s) | total server CPU (s) | server memory peak (MiB) | daemon peak RSS (MiB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += [
+            "| | wall time (s) | server CPU (s) | server CPU per build (ms) "
+            "| server memory peak (MiB) | daemon peak RSS (MiB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+
+    def ms(x):
+        return "n/a" if x is None else f"{x * 1000:.1f}"
+
+    def row(label, m):
+        common = f"| {fmt_mib(m['cg'])} | {fmt_mib(m['rss'])} |"
+        if one:
+            return (
+                f"| {label} | {ms(m['build_wall'])} | {ms(m['build_cpu'])} | {ms(m['server_time'])} "
+                f"| {m['wall']:.3f} | {m['cpu']:.3f} " + common
+            )
+        return f"| {label} | {m['wall']:.3f} | {m['cpu']:.3f} | {ms(m['cpu_per_build'])} " + common
+
+    for side in sides:
+        lines.append(row(SIDE_LABEL[side], med[side]))
+    if len(sides) == 2:
+        r, n = med["reference"], med["nixbuild"]
+        keys = (
+            ["build_wall", "build_cpu", "server_time", "wall", "cpu", "cg", "rss"]
+            if one
+            else ["wall", "cpu", "cpu_per_build", "cg", "rss"]
+        )
+        lines.append(
+            "| nixbuild / reference | " + " | ".join(fmt_ratio(n[k], r[k]) for k in keys) + " |"
+        )
+    notes = [""]
+    if "nixbuild" in med:
+        n = med["nixbuild"]
+        if one:
+            t = n["server_time"]
+            notes.append(
+                f"- target nixbuild server time per build (BuildDerivation received -> BuildResult "
+                f"sent, median) <= {BUILD_ONE_TARGET_MS} ms: "
+                + met(t is not None and t * 1000 <= BUILD_ONE_TARGET_MS)
+                + f" ({ms(t)} ms)"
+            )
+        if workload.wall_target is not None and "reference" in med:
+            r = med["reference"]
+            ratio = n["wall"] / r["wall"] if r["wall"] else None
+            notes.append(
+                "- target wall time <= 1/2 of the reference: "
+                + met(ratio is not None and ratio <= workload.wall_target)
+                + f" ({fmt_ratio(n['wall'], r['wall'])})"
+            )
+        peak = max((s.cg_mem for s in samples["nixbuild"] if s.cg_mem is not None), default=None)
+        notes.append(
+            f"- target server memory < {BUILD_MEM_TARGET_MIB} MiB (memory cgroup peak of all server "
+            "processes and builds together, highest run): "
+            + ("n/a" if peak is None else met(peak < BUILD_MEM_TARGET_MIB * MIB))
+            + f" ({fmt_mib(peak)} MiB)"
+        )
+    if "reference" in med and one:
+        notes.append(
+            f"- reference server CPU per build: {ms(med['reference']['build_cpu'])} ms "
+            "(issue 4 expects about 45 ms)"
+        )
+    notes.append(
+        "- counted in the server CPU on both sides alike, per build: the builder itself (it runs "
+        f"in the server's cgroup), about {builder_ms:.1f} ms alone; the harness's session wrapper "
+        f"(a shell joining the cgroup), about {wrapper_ms:.1f} ms"
+    )
+    lines += notes + ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            detail = ", ".join(f"{lbl} {rss / MIB:.1f} MiB" for lbl, rss, _cpu in s.procs)
+            extra = ""
+            if one:
+                extra = (
+                    f"  per build: wall {ms(median([w for w, _ in s.per_build]))} ms"
+                    f" cpu {ms(median([c for _, c in s.per_build]))} ms"
+                )
+                if s.server_times:
+                    extra += f" server {ms(median(s.server_times))} ms"
+            lines.append(
+                f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  cpu {s.cpu:7.3f} s  "
+                f"cgroup {fmt_mib(s.cg_mem):>7} MiB{extra}" + (f"  [{detail}]" if detail else "")
+            )
+    lines.append("```")
+    return "\n".join(lines)
 
 
 def met(ok):
@@ -1021,7 +1524,27 @@ def parse_args(argv):
     p.add_argument("--bin-dir", required=True, help="where nixbuild-server and nixbuild-serve are")
     p.add_argument("--closure-paths", type=int, default=200, help="paths in the closure (200)")
     p.add_argument("--big-mib", type=int, default=1024, help="size of the big path in MiB (1024)")
+    p.add_argument(
+        "--build-one-count", type=int, default=20, help="nix-builds per build-one run (20)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=8,
+        help="build slots in the builders line for one client, both sides (8)",
+    )
+    p.add_argument(
+        "--parallel-jobs",
+        type=int,
+        default=1,
+        help="build slots per client in build-parallel, both sides (1: 8 clients x 1)",
+    )
     p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
+    p.add_argument(
+        "--keep-tmp",
+        action="store_true",
+        help="keep the temporary directory (logs, stores) for inspection",
+    )
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -1029,6 +1552,14 @@ def parse_args(argv):
     if unknown or not chosen:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {names}")
     args.workloads = [w for w in WORKLOADS if w.name in chosen]
+    if min(args.build_one_count, args.jobs, args.parallel_jobs) < 1:
+        p.error("--build-one-count, --jobs and --parallel-jobs must be at least 1")
+    args.workloads = [
+        dataclasses.replace(w, count=args.build_one_count)
+        if w.kind == "build" and w.shape == "one"
+        else w
+        for w in args.workloads
+    ]
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not args.sides or set(args.sides) - set(SIDES):
         p.error("--sides takes reference, nixbuild or both")
@@ -1062,6 +1593,25 @@ def main(argv):
             bench.cleanup()
 
 
+def build_slots(args, clients):
+    """Build slots in each client's builders line: --jobs alone, --parallel-jobs when many."""
+    return args.jobs if clients == 1 else args.parallel_jobs
+
+
+def check_build_users(needed):
+    """The reference needs a free nixbld user per build running at once: without one, Nix
+    2.8 polls for a free user every 5 seconds, which would measure the pool, not the server."""
+    try:
+        users = grp.getgrnam("nixbld").gr_mem
+    except KeyError:
+        raise BenchError("the reference builds as nixbld users: no group nixbld") from None
+    if len(users) < needed:
+        raise BenchError(
+            f"the reference needs {needed} nixbld users for the builds running at once "
+            f"(--jobs, or 8 x --parallel-jobs), the group has {len(users)}: lower them"
+        )
+
+
 def bench_main(bench, args):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cpu_src, mem_src = bench.cgroups.describe()
@@ -1072,16 +1622,48 @@ def bench_main(bench, args):
         f"- machine: {machine_description(bench.client)}",
         f"- load average at start: {loadavg()}",
         f"- client and reference: {' '.join(bench.client.nix_store_version())}; nixbuild: {git_commit(repo)} (release build)",
-        f"- server CPU: {cpu_src}; server peak RSS: GNU time maxrss per server process, summed; "
-        f"cgroup memory peak: {mem_src} (includes page cache)",
+        f"- server CPU: {cpu_src}; server peak RSS: GNU time maxrss per server process, summed "
+        f"(copies; builds: the daemon's alone, sessions untimed); cgroup memory peak: {mem_src} "
+        "(includes page cache)",
         f"- {args.reps} run(s) per side and workload, alternating sides, the side that goes first switching every repetition",
     ]
+    builds = [w for w in args.workloads if w.kind == "build"]
+    if builds:
+        header.append(
+            f"- builds: nix-build --max-jobs 0 --builders '<side's URL> {BUILDER_SYSTEM} - <slots> 1 "
+            f"{BUILDER_FEATURES}', both sides alike: {args.jobs} slots for one client, "
+            f"{args.parallel_jobs} per client when 8 run at once; client build-poll-interval = 0; "
+            "the reference builds in Nix's sandbox as nixbld users"
+        )
+        if "reference" in args.sides:
+            check_build_users(max(w.clients * build_slots(args, w.clients) for w in builds))
     for line in header:
         log(line)
     log("")
     datasets = {}
     sections = []
+    builder_ms = wrapper_ms = None
     for workload in args.workloads:
+        if workload.kind == "build":
+            if "busybox" not in datasets:
+                datasets["busybox"] = bench.client.make_busybox()
+                builder_ms = builder_cpu_ms(bench.client.busybox_src, bench.tmp)
+                wrapper_ms = wrapper_cpu_ms(bench.cgroups, bench.tmp)
+            samples = {s: [] for s in SIDES}
+            for rep in range(args.reps):
+                order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
+                for name in order:
+                    s = bench.measure_build(bench.side(name), workload, datasets["busybox"])
+                    samples[name].append(s)
+                    log(
+                        f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s "
+                        f"({s.cpu / s.builds * 1000:.1f} ms per build), cgroup memory {fmt_mib(s.cg_mem)} MiB"
+                    )
+            slots = build_slots(args, workload.clients)
+            sections.append(
+                report_build(workload, samples, args.reps, slots, builder_ms, wrapper_ms)
+            )
+            continue
         if workload.dataset not in datasets:
             log(f"generating the {workload.dataset} dataset on the client...")
             datasets[workload.dataset] = bench.dataset(workload.dataset)
