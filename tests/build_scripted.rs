@@ -95,9 +95,35 @@ impl Setup {
         (drv_path, drv)
     }
 
+    /// Uploads the busybox for `account` too.
+    fn upload_for(&self, account: &str) {
+        let out = self
+            .daemon
+            .point(self.nix.command("nix"), account)
+            .args(["copy", "--to", &store_uri(), &self.bb.to_absolute()])
+            .output()
+            .expect("nix copy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Sends BuildDerivation and waits for its BuildResult.
     fn build(
         &self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        options: BuildOptions,
+    ) -> (BuildResult, Reply) {
+        self.build_as("a", drv_path, drv, options)
+    }
+
+    /// Sends BuildDerivation as `account` and waits for its BuildResult.
+    fn build_as(
+        &self,
+        account: &str,
         drv_path: &StorePath,
         drv: &BasicDerivation,
         options: BuildOptions,
@@ -108,7 +134,9 @@ impl Setup {
             options,
         };
         let script = Script::new().request(&req);
-        let reply = self.daemon.relay_waiting("a", &script.bytes, &script.ops);
+        let reply = self
+            .daemon
+            .relay_waiting(account, &script.bytes, &script.ops);
         let responses = reply.responses(&script.ops);
         match responses.into_iter().next() {
             Some(Response::Build(r)) => (*r, reply),
@@ -583,4 +611,49 @@ fn derivation_attributes_ask_for_cores_when_allowed() {
     assert!(!r.status.is_success());
     let msg = String::from_utf8_lossy(&r.error_msg);
     assert!(msg.contains("3"), "{msg}");
+}
+
+#[test]
+fn accounts_with_identical_inputs_share_one_build() {
+    let s = Setup::new("");
+    s.upload_for("b");
+    let (p, d) = s.derivation("cross", "echo started; sleep 3; echo cross > $out");
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| s.build_as("a", &p, &d, BuildOptions::default()));
+        let until = Instant::now() + Duration::from_secs(60);
+        while !s
+            .daemon
+            .log()
+            .contains(&format!("drv={} ", p.to_absolute()))
+        {
+            assert!(Instant::now() < until, "{}", s.daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (r2, reply2) = s.build_as("b", &p, &d, BuildOptions::default());
+        let (r1, _) = first.join().expect("first client");
+        assert_eq!(r1.status, BuildStatus::Built);
+        assert_eq!(r2.status, BuildStatus::Built);
+        assert!(
+            reply2.stderr.contains("joining the build"),
+            "{}",
+            reply2.stderr
+        );
+    });
+    let log = s.daemon.log();
+    let builds = log
+        .lines()
+        .filter(|l| {
+            l.contains("nixbuild::build: building ")
+                && l.contains(&format!("drv={} ", p.to_absolute()))
+        })
+        .count();
+    assert_eq!(builds, 1, "{log}");
+    // An account with different inputs does not join: c has none, so its request fails
+    // on its own.
+    let (r3, _) = s.build_as("c", &p, &d, BuildOptions::default());
+    assert_eq!(r3.status, BuildStatus::MiscFailure);
+    let stopped = s.daemon.stop();
+    let out = output_of(&d);
+    assert!(stopped.valid("a", &out) && stopped.valid("b", &out));
+    assert!(!stopped.valid("c", &out));
 }

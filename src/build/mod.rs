@@ -258,8 +258,10 @@ impl Drop for Waiter {
     }
 }
 
-/// What identifies a build for sharing: a digest of the account, the derivation path, its
-/// modulo hash, its output paths and the NAR hashes of its input closure.
+/// What identifies a build for sharing: a digest of the derivation path, its modulo hash,
+/// its output paths and the paths and NAR hashes of its input closure as the requesting
+/// account sees it. Accounts whose closures are identical share a build (DESIGN.md, Builds);
+/// its outputs are then registered for each of them.
 type BuildKey = Hash;
 
 /// A build in flight, shared by its waiters.
@@ -269,6 +271,8 @@ struct Shared {
     drv_path: StorePath,
     /// How many [`Waiter`]s hold it; changed with the in-flight map locked.
     waiters: Mutex<usize>,
+    /// The accounts of every waiter that joined: the outputs are registered for each.
+    accounts: Mutex<BTreeSet<String>>,
     log: broadcast::Sender<Bytes>,
     done: watch::Sender<Option<Arc<Outcome>>>,
     /// Set to `true` when the last waiter went.
@@ -285,8 +289,17 @@ impl Shared {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn subscribe(self: &Arc<Self>, service: &Arc<Inner>, notes: VecDeque<Bytes>) -> Waiter {
+    fn subscribe(
+        self: &Arc<Self>,
+        service: &Arc<Inner>,
+        account: &str,
+        notes: VecDeque<Bytes>,
+    ) -> Waiter {
         *self.lock_waiters() += 1;
+        self.accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(account.to_owned());
         Waiter {
             state: WaiterState::Shared {
                 service: service.clone(),
@@ -489,19 +502,20 @@ impl BuildService {
                 "nixbuild: joining the build of '{}' already in progress\n",
                 job.drv_path
             )));
-            return build.subscribe(&self.inner, notes);
+            return build.subscribe(&self.inner, &job.account, notes);
         }
         let (log, _) = broadcast::channel(LOG_BACKLOG);
         let build = Arc::new(Shared {
             key: prepared.key,
             drv_path: job.drv_path.clone(),
             waiters: Mutex::new(0),
+            accounts: Mutex::new(BTreeSet::new()),
             log,
             done: watch::channel(None).0,
             cancel: watch::channel(false).0,
         });
         inflight.insert(prepared.key, build.clone());
-        let waiter = build.subscribe(&self.inner, notes);
+        let waiter = build.subscribe(&self.inner, &job.account, notes);
         drop(inflight);
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -623,7 +637,6 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         key.update(&(bytes.len() as u64).to_le_bytes());
         key.update(bytes);
     };
-    field(job.account.as_bytes());
     field(job.drv_path.to_absolute().as_bytes());
     field(drv.hash_modulo().digest());
     for (name, path) in &outputs {
@@ -1127,21 +1140,48 @@ async fn run_in(
                 ),
             ),
             HelperReport::Exited(_) => {
-                finish_outputs(inner, job, prepared, (scratch, uid), start_time, stop_time).await?
+                finish_outputs(
+                    inner,
+                    build,
+                    job,
+                    prepared,
+                    (scratch, uid),
+                    (start_time, stop_time),
+                )
+                .await?
             }
         },
     })
 }
 
-/// Registers the outputs of a builder that exited 0.
+/// Registers the outputs of a builder that exited 0 for the build's account, then for the
+/// other accounts that share the build. The build leaves the in-flight map first: whoever
+/// asks from now on starts afresh (and finds the outputs valid once they are registered).
 async fn finish_outputs(
     inner: &Arc<Inner>,
+    build: &Shared,
     job: &BuildJob,
     prepared: &Prepared,
     (scratch, uid): (&Path, u32),
-    start_time: u64,
-    stop_time: u64,
+    (start_time, stop_time): (u64, u64),
 ) -> Result<Outcome, BuildError> {
+    {
+        let mut inflight = inner.lock_inflight();
+        if inflight
+            .get(&build.key)
+            .is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), build))
+        {
+            inflight.remove(&build.key);
+        }
+    }
+    let others: Vec<String> = build
+        .accounts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|a| **a != job.account)
+        .cloned()
+        .collect();
     let store = inner.store.clone();
     let job = job.clone();
     let scratch_store = nixbuild_sandbox::ScratchLayout::new(scratch).store;
@@ -1154,7 +1194,7 @@ async fn finish_outputs(
             .filter_map(|(name, output)| ExpectedOutput::from_derivation(name, output))
             .collect();
         let checks = OutputCheckSpec::from_env(&job.drv.env);
-        outputs::process_outputs(
+        let done = outputs::process_outputs(
             &store,
             &OutputsRequest {
                 account: &job.account,
@@ -1165,7 +1205,9 @@ async fn finish_outputs(
                 input_closure: &closure,
                 checks: &checks,
             },
-        )
+        )?;
+        grant_to_sharers(&store, &others, &done, &scratch_store);
+        Ok::<_, outputs::OutputError>(done)
     })
     .await?;
     let (status, message, outputs) = match result {
@@ -1184,6 +1226,42 @@ async fn finish_outputs(
         stop_time,
         outputs,
     })
+}
+
+/// Registers the outputs `done` (now objects of the store) for the other accounts of a shared
+/// build: their objects exist, so nothing is moved; each account gets its own rows. A
+/// failure is logged: that account's client then finds the outputs missing, as after a
+/// failed copy.
+fn grant_to_sharers(
+    store: &Store,
+    accounts: &[String],
+    done: &[outputs::ProcessedOutput],
+    scratch_store: &Path,
+) {
+    let paths: Vec<crate::store::BuiltPath> = done
+        .iter()
+        .filter_map(|o| {
+            Some(crate::store::BuiltPath {
+                path: o.path.clone(),
+                files: scratch_store.join(o.path.base_name()),
+                nar_hash: o.info.nar_hash?,
+                nar_size: o.info.nar_size,
+                references: o.info.references.clone(),
+                deriver: o.info.deriver.clone(),
+                ca: o.info.ca,
+            })
+        })
+        .collect();
+    for account in accounts {
+        match store.register_built(account, &paths) {
+            Ok(_) => {
+                tracing::info!(%account, outputs = paths.len(), "registered the outputs of a shared build")
+            }
+            Err(e) => {
+                tracing::error!(%account, "cannot register the outputs of a shared build: {e}")
+            }
+        }
+    }
 }
 
 async fn sleep_for(d: Option<u64>) {
