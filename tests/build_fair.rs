@@ -13,6 +13,7 @@ mod lab;
 
 use std::fs::File;
 use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use harness::Daemon;
 use lab::{builds_of, lines, run_ok, Lab};
@@ -71,6 +72,25 @@ fn starts(log: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits until the daemon's log shows `n` builds of `account` queued.
+fn wait_until_queued(d: &Daemon, account: &str, n: usize) {
+    // The clients submit their builds within seconds; the bound only turns a hang into a
+    // failure with the log.
+    let until = Instant::now() + Duration::from_secs(60);
+    let needle = format!("nixbuild::build: queued account={account} ");
+    loop {
+        let log = d.log();
+        if log.lines().filter(|l| l.contains(&needle)).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "not {n} builds of {account} queued:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_later_account_starts_before_the_busy_account_drains() {
     // 20 builds of account a and 2 of b, 3 seconds each, on 2 cores of 1 core each.
@@ -99,8 +119,9 @@ in builtins.listToAttrs (map job (builtins.genList (i: "a${toString i}") 20 ++ [
             (name, child)
         })
         .collect();
-    // b arrives once a's builds have started.
+    // b arrives once all of a's builds are queued on the server and some have started.
     d.wait_for_log(&["nixbuild::build: building account=a "]);
+    wait_until_queued(&d, "a", a_drvs.len());
     let b_client = spawn_client(&lab, &d, ("b", "b-client"), &b_machine, &b_drvs);
 
     let mut a_stderr = String::new();
@@ -123,7 +144,8 @@ in builtins.listToAttrs (map job (builtins.genList (i: "a${toString i}") 20 ++ [
     let first_b = order.iter().position(|(a, _)| a == "b").expect("b started");
     let (last_a, last_b) = (last_of("a"), last_of("b"));
     let sequence: String = order.iter().map(|(a, _)| a.as_str()).collect();
-    // A first-come-first-served server would start b's builds after all of a's queued ones.
+    // b's builds were queued behind all of a's: a first-come-first-served server would start
+    // them after a's last.
     assert!(
         last_b < last_a,
         "b's builds started after a's queue drained: start order {sequence}\n\
