@@ -831,7 +831,10 @@ async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepa
         Err(msg) => return refused(format!("nixbuild cannot build '{}': {msg}", job.drv_path)),
     };
     let ticket = match inner.placement.submit(spec) {
-        Ok(t) => t,
+        Ok(t) => {
+            tracing::info!(account = %job.account, drv = %job.drv_path, "queued");
+            t
+        }
         Err(msg) => {
             return refused(format!(
                 "nixbuild cannot build '{}' on this server: {msg}",
