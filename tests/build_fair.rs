@@ -15,8 +15,9 @@ use std::fs::File;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::run_ok;
 use harness::Daemon;
-use lab::{builds_of, lines, run_ok, Lab};
+use lab::{builds_of, lines, Lab};
 
 /// The client's `nix.conf` for clients with many builds in flight: Nix 2.8 retries a
 /// derivation that found every slot busy only when its poll interval has passed (5 s by

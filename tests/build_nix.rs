@@ -13,9 +13,10 @@ mod lab;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::run_ok;
 use common::Nix;
 use harness::{store_uri, Daemon};
-use lab::{assert_built_once, lines, run_ok, Lab};
+use lab::{assert_built_once, lines, Lab};
 
 #[test]
 fn trivial_build_matches_nix_sandbox_and_registers_on_the_server() {
@@ -393,24 +394,7 @@ fn sandbox_parity_with_nix() {
     let check = format!("{}.check", outs[0]);
     let _ = std::fs::remove_file(&check);
     let out = lab
-        .nix
-        .command("nix-build")
-        .args([
-            "--check",
-            "-K",
-            "--no-out-link",
-            "--max-jobs",
-            "1",
-            "--builders",
-            "",
-            "--option",
-            "sandbox",
-            "true",
-            "--option",
-            "build-users-group",
-            "nixbld",
-            &drvs[0],
-        ])
+        .check_command(&drvs[0], true)
         .output()
         .expect("nix-build --check");
     let theirs = if out.status.success() {

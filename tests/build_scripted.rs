@@ -6,6 +6,7 @@
 #[path = "../nixbuild-core/tests/common/mod.rs"]
 mod common;
 mod harness;
+mod lab;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -17,6 +18,14 @@ use nixbuild_core::serve::{
     BuildOptions, BuildPathsResult, BuildResult, BuildStatus, PathWithOutputs, Request, Response,
 };
 use nixbuild_core::store_path::StorePath;
+
+/// Waits until the daemon's log shows the build of `drv` started.
+fn wait_for_start(d: &Daemon, drv: &StorePath) {
+    d.wait_for_log(&[
+        "nixbuild::build: building ",
+        &format!("drv={} ", drv.to_absolute()),
+    ]);
+}
 
 /// A daemon whose account `a` has a static busybox (`<bb>/bin/sh`) uploaded.
 struct Setup {
@@ -177,11 +186,7 @@ fn built_result_lists_the_output_and_registers_it() {
     let stopped = s.daemon.stop();
     assert!(stopped.valid("a", &out));
     assert!(!stopped.valid("b", &out));
-    let builds = stopped
-        .log
-        .lines()
-        .filter(|l| l.contains("nixbuild::build: building ") && l.contains(&drv_path.to_absolute()))
-        .count();
+    let builds = lab::builds_of(&stopped.log, &drv_path.to_absolute());
     assert_eq!(builds, 1, "{}", stopped.log);
 }
 
@@ -305,15 +310,7 @@ fn two_clients_share_one_build() {
     std::thread::scope(|scope| {
         let first = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
         // The second client asks once the first build is running.
-        let until = Instant::now() + Duration::from_secs(60);
-        while !s
-            .daemon
-            .log()
-            .contains(&format!("drv={} ", p.to_absolute()))
-        {
-            assert!(Instant::now() < until, "{}", s.daemon.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_start(&s.daemon, &p);
         let second = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
         let (r1, _) = first.join().expect("first client");
         let (r2, reply2) = second.join().expect("second client");
@@ -327,13 +324,7 @@ fn two_clients_share_one_build() {
         );
     });
     let log = s.daemon.log();
-    let builds = log
-        .lines()
-        .filter(|l| {
-            l.contains("nixbuild::build: building ")
-                && l.contains(&format!("drv={} ", p.to_absolute()))
-        })
-        .count();
+    let builds = lab::builds_of(&log, &p.to_absolute());
     assert_eq!(builds, 1, "{log}");
     assert!(log.contains("joining the same build in flight"), "{log}");
 }
@@ -361,15 +352,7 @@ fn a_build_whose_client_went_away_is_killed() {
         .expect("relay");
     let mut stdin = relay.stdin.take().expect("stdin");
     stdin.write_all(&script.bytes).expect("write");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !s
-        .daemon
-        .log()
-        .contains(&format!("drv={} ", p.to_absolute()))
-    {
-        assert!(Instant::now() < until, "{}", s.daemon.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_start(&s.daemon, &p);
     // The client goes away.
     drop(stdin);
     let _ = relay.kill();
@@ -526,15 +509,7 @@ fn a_build_waits_for_cores_and_is_told_so() {
     let (p2, d2) = s.derivation("second", "echo 2 > $out");
     std::thread::scope(|scope| {
         let first = scope.spawn(|| s.build(&p1, &d1, BuildOptions::default()));
-        let until = Instant::now() + Duration::from_secs(60);
-        while !s
-            .daemon
-            .log()
-            .contains(&format!("drv={} ", p1.to_absolute()))
-        {
-            assert!(Instant::now() < until, "{}", s.daemon.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_start(&s.daemon, &p1);
         let (r2, reply2) = s.build(&p2, &d2, BuildOptions::default());
         let (r1, _) = first.join().expect("first client");
         assert_eq!(r1.status, BuildStatus::Built);
@@ -620,15 +595,7 @@ fn accounts_with_identical_inputs_share_one_build() {
     let (p, d) = s.derivation("cross", "echo started; sleep 3; echo cross > $out");
     std::thread::scope(|scope| {
         let first = scope.spawn(|| s.build_as("a", &p, &d, BuildOptions::default()));
-        let until = Instant::now() + Duration::from_secs(60);
-        while !s
-            .daemon
-            .log()
-            .contains(&format!("drv={} ", p.to_absolute()))
-        {
-            assert!(Instant::now() < until, "{}", s.daemon.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_start(&s.daemon, &p);
         let (r2, reply2) = s.build_as("b", &p, &d, BuildOptions::default());
         let (r1, _) = first.join().expect("first client");
         assert_eq!(r1.status, BuildStatus::Built);
@@ -640,13 +607,7 @@ fn accounts_with_identical_inputs_share_one_build() {
         );
     });
     let log = s.daemon.log();
-    let builds = log
-        .lines()
-        .filter(|l| {
-            l.contains("nixbuild::build: building ")
-                && l.contains(&format!("drv={} ", p.to_absolute()))
-        })
-        .count();
+    let builds = lab::builds_of(&log, &p.to_absolute());
     assert_eq!(builds, 1, "{log}");
     // An account with different inputs does not join: c has none, so its request fails
     // on its own.

@@ -36,15 +36,7 @@ fn nix_conf() -> Nix {
     Nix::with_conf("require-sigs = false\n")
 }
 
-fn output(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().expect("run a Nix command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use common::run_ok as output;
 
 /// Parses `nix path-info --json` output; invalid paths are left out.
 fn parse_infos(json: &[u8]) -> BTreeMap<String, Info> {

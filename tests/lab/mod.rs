@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use crate::common::Nix;
+use crate::common::{run_ok, Nix};
 use crate::harness::{example_bin, store_uri, Daemon};
 
 /// A test's Nix, its salt, and a static busybox added to the local store as the builders'
@@ -135,7 +135,16 @@ in
     /// Rebuilds `drv` locally in Nix's own sandbox with `--check`: Nix fails unless every
     /// output's NAR equals the one it has (the one nixbuild built).
     pub fn check_locally(&self, drv: &str) {
+        run_ok(&mut self.check_command(drv, false));
+    }
+
+    /// `nix-build --check` of `drv` in Nix's own sandbox (as root, with the nixbld build
+    /// users); with `keep`, a differing result is kept as `<out>.check` (`-K`).
+    pub fn check_command(&self, drv: &str, keep: bool) -> Command {
         let mut cmd = self.nix.command("nix-build");
+        if keep {
+            cmd.arg("-K");
+        }
         cmd.args([
             "--check",
             "--no-out-link",
@@ -151,7 +160,7 @@ in
             "nixbld",
             drv,
         ]);
-        run_ok(&mut cmd);
+        cmd
     }
 
     /// The NAR hash the client recorded for `path`.
@@ -169,16 +178,6 @@ in
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         v[0]["narHash"].as_str().expect("narHash").to_owned()
     }
-}
-
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run a Nix command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 pub fn lines(bytes: &[u8]) -> Vec<String> {

@@ -103,3 +103,14 @@ impl Nix {
         self.conf_dir.path().to_path_buf()
     }
 }
+
+/// Runs `cmd` and returns its output, panicking with its stderr unless it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
