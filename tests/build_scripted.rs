@@ -304,32 +304,6 @@ fn assert_no_build_processes(d: &Daemon) {
 }
 
 #[test]
-fn two_clients_share_one_build() {
-    let s = Setup::new("");
-    let (p, d) = s.derivation("shared", "echo started; sleep 3; echo shared > $out");
-    std::thread::scope(|scope| {
-        let first = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
-        // The second client asks once the first build is running.
-        wait_for_start(&s.daemon, &p);
-        let second = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
-        let (r1, _) = first.join().expect("first client");
-        let (r2, reply2) = second.join().expect("second client");
-        assert_eq!(r1.status, BuildStatus::Built);
-        assert_eq!(r2.status, BuildStatus::Built);
-        assert_eq!(r1.built_outputs, r2.built_outputs);
-        assert!(
-            reply2.stderr.contains("joining the build"),
-            "{}",
-            reply2.stderr
-        );
-    });
-    let log = s.daemon.log();
-    let builds = lab::builds_of(&log, &p.to_absolute());
-    assert_eq!(builds, 1, "{log}");
-    assert!(log.contains("joining the same build in flight"), "{log}");
-}
-
-#[test]
 fn a_build_whose_client_went_away_is_killed() {
     use std::io::Write;
     use std::process::{Command, Stdio};
@@ -588,18 +562,17 @@ fn derivation_attributes_ask_for_cores_when_allowed() {
     assert!(msg.contains("3"), "{msg}");
 }
 
-#[test]
-fn accounts_with_identical_inputs_share_one_build() {
-    let s = Setup::new("");
-    s.upload_for("b");
-    let (p, d) = s.derivation("cross", "echo started; sleep 3; echo cross > $out");
+/// Builds `d` as `first`, then, once that build runs, as `second`: both must get the one
+/// build's outputs, the second joining it.
+fn shared_build(s: &Setup, (first, second): (&str, &str), p: &StorePath, d: &BasicDerivation) {
     std::thread::scope(|scope| {
-        let first = scope.spawn(|| s.build_as("a", &p, &d, BuildOptions::default()));
-        wait_for_start(&s.daemon, &p);
-        let (r2, reply2) = s.build_as("b", &p, &d, BuildOptions::default());
-        let (r1, _) = first.join().expect("first client");
+        let one = scope.spawn(|| s.build_as(first, p, d, BuildOptions::default()));
+        wait_for_start(&s.daemon, p);
+        let (r2, reply2) = s.build_as(second, p, d, BuildOptions::default());
+        let (r1, _) = one.join().expect("first client");
         assert_eq!(r1.status, BuildStatus::Built);
         assert_eq!(r2.status, BuildStatus::Built);
+        assert_eq!(r1.built_outputs, r2.built_outputs);
         assert!(
             reply2.stderr.contains("joining the build"),
             "{}",
@@ -607,8 +580,23 @@ fn accounts_with_identical_inputs_share_one_build() {
         );
     });
     let log = s.daemon.log();
-    let builds = lab::builds_of(&log, &p.to_absolute());
-    assert_eq!(builds, 1, "{log}");
+    assert_eq!(lab::builds_of(&log, &p.to_absolute()), 1, "{log}");
+    assert!(log.contains("joining the same build in flight"), "{log}");
+}
+
+#[test]
+fn two_clients_share_one_build() {
+    let s = Setup::new("");
+    let (p, d) = s.derivation("shared", "echo started; sleep 3; echo shared > $out");
+    shared_build(&s, ("a", "a"), &p, &d);
+}
+
+#[test]
+fn accounts_with_identical_inputs_share_one_build() {
+    let s = Setup::new("");
+    s.upload_for("b");
+    let (p, d) = s.derivation("cross", "echo started; sleep 3; echo cross > $out");
+    shared_build(&s, ("a", "b"), &p, &d);
     // An account with different inputs does not join: c has none, so its request fails
     // on its own.
     let (r3, _) = s.build_as("c", &p, &d, BuildOptions::default());

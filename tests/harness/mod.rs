@@ -247,21 +247,25 @@ impl Daemon {
         cmd
     }
 
-    /// Runs the relay as `account` with `input` on its stdin.
-    pub fn relay(&self, account: &str, write: bool, input: &[u8]) -> Reply {
+    /// Starts the relay as `account` with its stdio piped.
+    fn spawn_relay(&self, account: &str, write: bool) -> Child {
         let mut cmd = Command::new(example_bin("nixbuild-serve"));
         cmd.arg("--serve");
         if write {
             cmd.arg("--write");
         }
-        let mut child = cmd
-            .env("NIXBUILD_STATE_DIR", self.state_dir())
+        cmd.env("NIXBUILD_STATE_DIR", self.state_dir())
             .env("NIXBUILD_ACCOUNT", account)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn nixbuild-serve");
+            .expect("spawn nixbuild-serve")
+    }
+
+    /// Runs the relay as `account` with `input` on its stdin.
+    pub fn relay(&self, account: &str, write: bool, input: &[u8]) -> Reply {
+        let mut child = self.spawn_relay(account, write);
         let mut stdin = child.stdin.take().expect("stdin");
         let input = input.to_vec();
         // The daemon may end the session before reading everything: ignore a broken pipe.
@@ -282,15 +286,7 @@ impl Daemon {
     /// waits for its answers, as Nix does (the end of its input means it is gone).
     pub fn relay_waiting(&self, account: &str, input: &[u8], ops: &[Opcode]) -> Reply {
         use std::io::Read;
-        let mut child = Command::new(example_bin("nixbuild-serve"))
-            .args(["--serve", "--write"])
-            .env("NIXBUILD_STATE_DIR", self.state_dir())
-            .env("NIXBUILD_ACCOUNT", account)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nixbuild-serve");
+        let mut child = self.spawn_relay(account, true);
         let mut stdin = child.stdin.take().expect("stdin");
         stdin.write_all(input).expect("write the requests");
         let mut stdout = child.stdout.take().expect("stdout");
