@@ -762,10 +762,10 @@ class Reference:
     # No process of its own outlives a session.
     resident = 0
 
-    def __init__(self, root, client_conf):
+    def __init__(self, root, client_conf, conf_name="ref-nix-conf"):
         self.root = root
         self.store = None
-        self.conf_dir = os.path.join(root, "ref-nix-conf")
+        self.conf_dir = os.path.join(root, conf_name)
         os.mkdir(self.conf_dir)
         with open(client_conf) as f:
             conf = f.read()
@@ -1066,7 +1066,7 @@ class SshReference(Daemon, Reference):
     resident = Daemon.resident
 
     def __init__(self, root, client_conf, ssh, client):
-        Reference.__init__(self, root, client_conf)
+        Reference.__init__(self, root, client_conf, "ref-ssh-nix-conf")
         if not os.access(SSHD, os.X_OK):
             raise BenchError(f"{SSHD} is missing: install openssh-server")
         self.ssh = ssh
@@ -1080,7 +1080,7 @@ class SshReference(Daemon, Reference):
         )
         with open(self.host_key + ".pub") as f:
             self.host_pub = " ".join(f.read().split()[:2])
-        self.empty = os.path.join(root, "empty-bashrc")
+        self.empty = os.path.join(root, "ref-ssh-empty-file")
         open(self.empty, "w").close()
         # sshd's privilege separation directory.
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
