@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: nixbuild against Nix's own `nix-store --serve`.
 
-Both servers are driven by the same real Nix client (`nix copy`) over the stdio transport
-(`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no sshd). Runs
+Both servers are driven by the same real Nix client (`nix copy`, `nix-build`) over the
+stdio transport (`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no
+sshd), or, for the `ssh-` workloads, over SSH: OpenSSH's sshd running `nix-store --serve`
+in a private mount namespace with its own `/nix`, against nixbuild-server's own SSH. Runs
 alternate between the two sides, every run does the full work (fresh server store for
 uploads, client copies deleted before downloads), and every run is checked: the paths must
 be valid on the destination with the narHash the client recorded, and the bytes on the
@@ -1065,8 +1067,9 @@ class SshReference(Daemon, Reference):
     alias = "reference-ssh"
     resident = Daemon.resident
 
-    def __init__(self, root, client_conf, ssh, client):
+    def __init__(self, root, client_conf, ssh, client, kex=None):
         Reference.__init__(self, root, client_conf, "ref-ssh-nix-conf")
+        self.kex = kex  # sshd's KexAlgorithms, or None for OpenSSH's default
         if not os.access(SSHD, os.X_OK):
             raise BenchError(f"{SSHD} is missing: install openssh-server")
         self.ssh = ssh
@@ -1125,7 +1128,8 @@ class SshReference(Daemon, Reference):
                 "AllowAgentForwarding no\n"
                 "PermitTTY no\n"
                 "LogLevel ERROR\n"
-                f"SetEnv NIX_CONF_DIR={self.conf_dir} NIX_USER_CONF_FILES={self.empty}\n"
+                + (f"KexAlgorithms {self.kex}\n" if self.kex else "")
+                + f"SetEnv NIX_CONF_DIR={self.conf_dir} NIX_USER_CONF_FILES={self.empty}\n"
             )
         bashrc = os.path.expanduser("~root/.bashrc")
         inner = [f"mount --bind {shq(self.store + '/nix')} /nix"]
@@ -1261,7 +1265,9 @@ class Bench:
         self.ssh_reference = self.ssh_nixbuild = None
         if any(w.transport == "ssh" for w in args.workloads):
             ssh = SshClient(self.tmp, self.client)
-            self.ssh_reference = SshReference(self.tmp, self.client.conf_file, ssh, self.client)
+            self.ssh_reference = SshReference(
+                self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex
+            )
             if want_nixbuild:
                 self.ssh_nixbuild = SshNixbuild(self.tmp, args.bin_dir, self.client, ssh)
         self.salt = secrets.token_hex(4)
@@ -1900,6 +1906,12 @@ def parse_args(argv):
         default=1,
         help="build slots per client in build-parallel, both sides (1: 8 clients x 1)",
     )
+    p.add_argument(
+        "--sshd-kex",
+        default=None,
+        help="KexAlgorithms of the reference's sshd (default: OpenSSH's own, which puts "
+        "sntrup761x25519-sha512 first; nixbuild negotiates curve25519-sha256)",
+    )
     p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
     p.add_argument(
         "--keep-tmp",
@@ -1993,7 +2005,8 @@ def bench_main(bench, args):
     ]
     if any(w.transport == "ssh" for w in args.workloads):
         header.append(
-            f"- SSH: {ssh_version()}; the reference is sshd (no PAM) running nix-store --serve --write "
+            f"- SSH: {ssh_version()}; sshd KexAlgorithms: {args.sshd_kex or 'OpenSSH default'}; "
+            "the reference is sshd (no PAM) running nix-store --serve --write "
             "in a private mount namespace with its own /nix; nixbuild is nixbuild-server --listen; "
             "one client ssh config (NIX_SSHOPTS=-F), ed25519 client key, host keys pinned"
         )
