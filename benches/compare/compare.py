@@ -1065,7 +1065,6 @@ class SshReference(Daemon, Reference):
 
     label = SSH_SIDE_LABEL["reference"]
     alias = "reference-ssh"
-    resident = Daemon.resident
 
     def __init__(self, root, client_conf, ssh, client, kex=None):
         Reference.__init__(self, root, client_conf, "ref-ssh-nix-conf")
