@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: nixbuild against Nix's own `nix-store --serve`.
 
-Both servers are driven by the same real Nix client (`nix copy`) over the stdio transport
-(`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no sshd). Runs
+Both servers are driven by the same real Nix client (`nix copy`, `nix-build`) over the
+stdio transport (`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no
+sshd), or, for the `ssh-` workloads, over SSH: OpenSSH's sshd running `nix-store --serve`
+in a private mount namespace with its own `/nix`, against nixbuild-server's own SSH. Runs
 alternate between the two sides, every run does the full work (fresh server store for
 uploads, client copies deleted before downloads), and every run is checked: the paths must
 be valid on the destination with the narHash the client recorded, and the bytes on the
@@ -77,8 +79,9 @@ class Workload:
     name: str
     direction: str  # "upload" (nix copy --to) or "download" (nix copy --from)
     dataset: str  # key of the Dataset
-    cpu_target: float  # server CPU ratio nixbuild / reference must be at most this
+    cpu_target: float | None  # server CPU ratio nixbuild / reference must be at most this
     rss_target_mib: float | None  # nixbuild peak RSS must stay under this, when set
+    transport: str = "stdio"  # "stdio" (remote-program) or "ssh" (sshd / nixbuild's SSH)
     kind = "copy"
 
 
@@ -91,6 +94,7 @@ class BuildWorkload:
     count: int  # derivations per client
     clients: int  # nix-build processes running at once, each on its own derivations
     wall_target: float | None  # nixbuild wall time / reference's must be at most this
+    transport: str = "stdio"
     kind = "build"
 
     def title(self):
@@ -106,6 +110,18 @@ class BuildWorkload:
         return f"{self.clients} nix-builds at once, each of {what}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ConnectWorkload:
+    """`count` times `nix store ping --store ssh://<alias>`: connection, SSH handshake,
+    authentication, exec of `nix-store --serve --write` and the serve handshake."""
+
+    name: str
+    count: int
+    cpu_target: float  # server CPU per connection, nixbuild / reference, at most this
+    transport: str = "ssh"
+    kind = "connect"
+
+
 WORKLOADS = [
     Workload("upload-closure", "upload", "closure", 1 / 2, None),
     Workload("download-closure", "download", "closure", 1 / 3, None),
@@ -116,7 +132,14 @@ WORKLOADS = [
     BuildWorkload("build-50", "independent", 50, 1, 1 / 2),
     BuildWorkload("build-chain", "chain", 20, 1, 1 / 2),
     BuildWorkload("build-parallel", "independent", 50, 8, 1 / 2),
+    # Issue 5: the SSH transport, against OpenSSH's sshd running nix-store --serve.
+    ConnectWorkload("ssh-connect", 20, 1 / 10),
+    BuildWorkload("ssh-build-20", "independent", 20, 1, 1 / 2, transport="ssh"),
+    Workload("ssh-upload-1g", "upload", "big", None, None, transport="ssh"),
+    Workload("ssh-download-1g", "download", "big", None, None, transport="ssh"),
 ]
+# Names that stand for several workloads in --workloads.
+WORKLOAD_GROUPS = {"ssh-1g": ["ssh-upload-1g", "ssh-download-1g"]}
 # Issue 4: BuildDerivation received -> BuildResult sent, median, for a fresh trivial build.
 BUILD_ONE_TARGET_MS = 20
 # Issue 8: server memory throughout, for the build workloads.
@@ -127,6 +150,11 @@ BUILDER_FEATURES = "big-parallel,benchmark"
 
 SIDES = ("reference", "nixbuild")
 SIDE_LABEL = {"reference": "reference (nix-store --serve)", "nixbuild": "nixbuild"}
+SSH_SIDE_LABEL = {"reference": "reference (sshd + nix-store --serve)", "nixbuild": "nixbuild (SSH)"}
+SSHD = "/usr/sbin/sshd"
+UNSHARE = "/usr/bin/unshare"
+# The account of the benchmark's client key (the first word of its comment).
+ACCOUNT = "bench"
 
 
 # ---------------------------------------------------------------------------------------
@@ -732,11 +760,14 @@ class Reference:
     """
 
     name = "reference"
+    label = SIDE_LABEL["reference"]
+    # No process of its own outlives a session.
+    resident = 0
 
-    def __init__(self, root, client_conf):
+    def __init__(self, root, client_conf, conf_name="ref-nix-conf"):
         self.root = root
         self.store = None
-        self.conf_dir = os.path.join(root, "ref-nix-conf")
+        self.conf_dir = os.path.join(root, conf_name)
         os.mkdir(self.conf_dir)
         with open(client_conf) as f:
             conf = f.read()
@@ -805,10 +836,49 @@ class Reference:
             raise BenchError(f"reference store: files on disk do not hash to {len(missing)} narHashes")
 
 
-class Nixbuild:
+class Daemon:
+    """A server the harness starts for each run through a foreground wrapper (`exec time`),
+    and stops with SIGTERM to the server itself, not to `time`, which must survive to
+    report. While no session runs, the run's cgroup holds exactly these two processes."""
+
+    resident = 2
+    daemon = None
+
+    def launch(self, cmd, logfile, env):
+        self.daemon = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=open(logfile, "ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def daemon_pids(self, group):
+        """The server itself, not the `time` that waits for it."""
+        return [p for p in group.pids() if comm(p) not in ("time", None)] if group else []
+
+    def stop(self, group=None):
+        """SIGTERM to the server (not to `time`); SIGKILL after 30 s."""
+        if self.daemon is None:
+            return
+        targets = self.daemon_pids(group) if group else [self.daemon.pid]
+        for pid in targets:
+            kill_pid(pid, signal.SIGTERM)
+        try:
+            self.daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_pid(self.daemon.pid, signal.SIGKILL)
+            for pid in targets:
+                kill_pid(pid, signal.SIGKILL)
+            self.daemon.wait()
+        self.daemon = None
+
+
+class Nixbuild(Daemon):
     """`nixbuild-server` on a temporary state directory, reached through `nixbuild-serve`."""
 
     name = "nixbuild"
+    label = SIDE_LABEL["nixbuild"]
 
     def __init__(self, root, bin_dir, client):
         self.root = root
@@ -848,7 +918,7 @@ class Nixbuild:
             urls.append(f"ssh://localhost?remote-program={script}")
         return urls
 
-    def start_daemon(self, rundir, group, stats_dir):
+    def start_daemon(self, rundir, group, stats_dir, extra_args=()):
         script = wrapper_script(
             os.path.join(rundir, "nixbuild-server.sh"),
             group,
@@ -859,13 +929,7 @@ class Nixbuild:
             foreground=True,
         )
         self.daemon_log = os.path.join(rundir, "daemon.log")
-        self.daemon = subprocess.Popen(
-            [script, "--state-dir", self.state],
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.daemon_log, "ab"),
-            stderr=subprocess.STDOUT,
-            env=self.client.env,
-        )
+        self.launch([script, "--state-dir", self.state, *extra_args], self.daemon_log, self.client.env)
         sock = os.path.join(self.state, "serve.sock")
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -883,26 +947,6 @@ class Nixbuild:
             if time.monotonic() > deadline:
                 raise BenchError(f"nixbuild-server did not listen:\n{tail(self.daemon_log)}")
             time.sleep(0.02)
-
-    def daemon_pids(self, group):
-        """The server itself, not the `time` that waits for it."""
-        return [p for p in group.pids() if comm(p) not in ("time", None)] if group else []
-
-    def stop(self, group=None):
-        """SIGTERM to the daemon (not to `time`, which must survive to report)."""
-        if self.daemon is None:
-            return
-        targets = self.daemon_pids(group) if group else [self.daemon.pid]
-        for pid in targets:
-            kill_pid(pid, signal.SIGTERM)
-        try:
-            self.daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            kill_pid(self.daemon.pid, signal.SIGKILL)
-            for pid in targets:
-                kill_pid(pid, signal.SIGKILL)
-            self.daemon.wait()
-        self.daemon = None
 
     def verify_upload(self, client, dataset):
         # A separate, unmeasured daemon answers the protocol-level check.
@@ -959,6 +1003,205 @@ class Nixbuild:
         return times
 
 
+class SshClient:
+    """The client's side of SSH: one ed25519 key (account `bench`), and an ssh config with
+    an alias per server that pins the host key that server has now (`StrictHostKeyChecking
+    yes`, a known_hosts file per alias, never host key checking off). Nix gets the config
+    through `NIX_SSHOPTS=-F <config>`, in the client's environment."""
+
+    def __init__(self, tmp, client):
+        self.dir = os.path.join(tmp, "ssh")
+        os.mkdir(self.dir, 0o700)
+        self.key = os.path.join(self.dir, "id_ed25519")
+        run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", ACCOUNT, "-f", self.key],
+            client.env,
+            client.log,
+            "ssh-keygen of the client key",
+        )
+        self.authorized_keys = os.path.join(self.dir, "authorized_keys")
+        shutil.copy(self.key + ".pub", self.authorized_keys)
+        self.config = os.path.join(self.dir, "ssh_config")
+        self.hosts = {}  # alias -> port
+        client.env["NIX_SSHOPTS"] = f"-F {self.config}"
+
+    def pin(self, alias, port, known_hosts_line):
+        """Points `alias` at 127.0.0.1:`port`, trusting only `known_hosts_line`."""
+        with open(os.path.join(self.dir, f"known_hosts-{alias}"), "w") as f:
+            f.write(known_hosts_line + "\n")
+        self.hosts[alias] = port
+        blocks = []
+        for a, p in sorted(self.hosts.items()):
+            blocks.append(
+                f"Host {a}\n  HostName 127.0.0.1\n  Port {p}\n  User root\n"
+                f"  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {os.path.join(self.dir, f'known_hosts-{a}')}\n"
+                "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
+                "  BatchMode yes\n  ControlMaster no\n  ControlPath none\n"
+            )
+        with open(self.config, "w") as f:
+            f.write("".join(blocks))
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 free a moment ago (for sshd, which cannot report one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SshReference(Daemon, Reference):
+    """OpenSSH's sshd running `nix-store --serve --write` in a private mount namespace
+    (`unshare -m`) where `<store>/nix` is bind-mounted over `/nix`: the reference's store is
+    the ordinary local store `/nix/store` of that namespace, with its own database, built in
+    Nix's sandbox with the same settings as the stdio reference (`Reference`). From outside
+    it is the chroot store `<store>`, which is how it is checked.
+
+    sshd: its own host key and configuration, public-key authentication of root with the
+    client's key only, no PAM, `SetEnv` for Nix's configuration. In the namespace an empty
+    file is bind-mounted over root's `~/.bashrc`, which bash reads for every command sshd
+    runs: this machine's (pyenv set-up) would otherwise be charged to the reference.
+    """
+
+    label = SSH_SIDE_LABEL["reference"]
+    alias = "reference-ssh"
+
+    def __init__(self, root, client_conf, ssh, client, kex=None):
+        Reference.__init__(self, root, client_conf, "ref-ssh-nix-conf")
+        self.kex = kex  # sshd's KexAlgorithms, or None for OpenSSH's default
+        if not os.access(SSHD, os.X_OK):
+            raise BenchError(f"{SSHD} is missing: install openssh-server")
+        self.ssh = ssh
+        self.client = client
+        self.host_key = os.path.join(root, "sshd_host_ed25519_key")
+        run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "reference", "-f", self.host_key],
+            client.env,
+            client.log,
+            "ssh-keygen of sshd's host key",
+        )
+        with open(self.host_key + ".pub") as f:
+            self.host_pub = " ".join(f.read().split()[:2])
+        self.empty = os.path.join(root, "ref-ssh-empty-file")
+        open(self.empty, "w").close()
+        # sshd's privilege separation directory.
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    def fresh_store(self, n):
+        if self.store:
+            rm_tree(self.store)
+        self.store = os.path.join(self.root, f"ref-ssh-store-{n}")
+        os.makedirs(os.path.join(self.store, "nix"))
+        # Its database exists before the runs: the first connection does not create it.
+        run(
+            ["nix-store", "--store", self.store, "--init"],
+            self.client.env,
+            self.client.log,
+            "nix-store --init of the reference's store",
+        )
+
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """Starts sshd in its namespace on a free port; the URL (`clients` must be 1)."""
+        if clients != 1:
+            raise BenchError("the SSH workloads run one client")
+        port = free_port()
+        conf = os.path.join(rundir, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(
+                f"ListenAddress 127.0.0.1:{port}\n"
+                f"HostKey {self.host_key}\n"
+                f"AuthorizedKeysFile {self.ssh.authorized_keys}\n"
+                "AuthenticationMethods publickey\n"
+                "PubkeyAuthentication yes\n"
+                "PasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\n"
+                "PermitRootLogin prohibit-password\n"
+                "UsePAM no\n"
+                # The key and its directories live under the world-writable $TMPDIR.
+                "StrictModes no\n"
+                "PidFile none\n"
+                "UseDNS no\n"
+                "PrintMotd no\n"
+                "X11Forwarding no\n"
+                "AllowTcpForwarding no\n"
+                "AllowAgentForwarding no\n"
+                "PermitTTY no\n"
+                "LogLevel ERROR\n"
+                + (f"KexAlgorithms {self.kex}\n" if self.kex else "")
+                + f"SetEnv NIX_CONF_DIR={self.conf_dir} NIX_USER_CONF_FILES={self.empty}\n"
+            )
+        bashrc = os.path.expanduser("~root/.bashrc")
+        inner = [f"mount --bind {shq(self.store + '/nix')} /nix"]
+        if os.path.exists(bashrc):
+            inner.append(f"mount --bind {shq(self.empty)} {shq(bashrc)}")
+        inner.append(f"exec {SSHD} -D -e -f {shq(conf)}")
+        script = wrapper_script(
+            os.path.join(rundir, "sshd.sh"), group, stats_dir, "sshd", {}, UNSHARE, foreground=True
+        )
+        log_file = os.path.join(rundir, "sshd.log")
+        self.launch(
+            [script, "--mount", "--propagation", "private", "/bin/sh", "-c", " && ".join(inner)],
+            log_file,
+            self.client.env,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.daemon.poll() is not None:
+                raise BenchError(f"sshd exited at start:\n{tail(log_file)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"sshd did not listen:\n{tail(log_file)}")
+            time.sleep(0.02)
+        self.ssh.pin(self.alias, port, f"[127.0.0.1]:{port} {self.host_pub}")
+        return [f"ssh://{self.alias}"]
+
+
+class SshNixbuild(Nixbuild):
+    """`nixbuild-server` with its SSH front door on a free port (`--listen 127.0.0.1:0`),
+    the client's key in its `--authorized-keys`; the host key it generates in each fresh
+    state directory is pinned from the lines it prints at start."""
+
+    label = SSH_SIDE_LABEL["nixbuild"]
+    alias = "nixbuild-ssh"
+
+    def __init__(self, root, bin_dir, client, ssh):
+        super().__init__(root, bin_dir, client)
+        self.ssh = ssh
+
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        if clients != 1:
+            raise BenchError("the SSH workloads run one client")
+        args = ["--listen", "127.0.0.1:0", "--authorized-keys", self.ssh.authorized_keys]
+        self.start_daemon(rundir, group, stats_dir, args)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with open(self.daemon_log, errors="replace") as f:
+                text = f.read()
+            at = text.rfind("nixbuild-server: SSH on ")
+            line = None
+            if at >= 0:
+                line = next(
+                    (
+                        x.split("known_hosts line:", 1)[1].strip()
+                        for x in text[at:].splitlines()
+                        if "known_hosts line:" in x
+                    ),
+                    None,
+                )
+            if line:
+                break
+            if time.monotonic() > deadline or self.daemon.poll() is not None:
+                raise BenchError(f"nixbuild-server printed no known_hosts line:\n{tail(self.daemon_log)}")
+            time.sleep(0.02)
+        port = int(line.split()[0].rsplit(":", 1)[1])
+        self.ssh.pin(self.alias, port, line)
+        return [f"ssh://{self.alias}"]
+
+
 def field(line, key):
     """The value of ` key=value` in a log line, or None."""
     at = line.find(f" {key}=")
@@ -1001,6 +1244,14 @@ class BuildSample:
     server_times: list | None  # nixbuild: BuildDerivation -> BuildResult per build, seconds
 
 
+@dataclasses.dataclass
+class ConnectSample:
+    walls: list  # seconds, each nix store ping
+    cpu: float  # seconds, user+sys of the server cgroup over all connections
+    cg_mem: int | None  # bytes, memory cgroup high-water mark
+    procs: list  # (label, maxrss, cpu): the listening server under GNU time
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -1008,19 +1259,28 @@ class Bench:
         self.cgroups = Cgroups(f"{PREFIX}.{os.getpid()}")
         self.client = Client(self.tmp)
         self.reference = Reference(self.tmp, self.client.conf_file)
-        self.nixbuild = (
-            Nixbuild(self.tmp, args.bin_dir, self.client) if "nixbuild" in args.sides else None
-        )
+        want_nixbuild = "nixbuild" in args.sides
+        self.nixbuild = Nixbuild(self.tmp, args.bin_dir, self.client) if want_nixbuild else None
+        self.ssh_reference = self.ssh_nixbuild = None
+        if any(w.transport == "ssh" for w in args.workloads):
+            ssh = SshClient(self.tmp, self.client)
+            self.ssh_reference = SshReference(
+                self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex
+            )
+            if want_nixbuild:
+                self.ssh_nixbuild = SshNixbuild(self.tmp, args.bin_dir, self.client, ssh)
         self.salt = secrets.token_hex(4)
         self.counter = 0
         self.active_group = None
 
     def cleanup(self):
-        if self.nixbuild is not None:
+        for side in (self.nixbuild, self.ssh_nixbuild, self.ssh_reference):
+            if side is None:
+                continue
             try:
-                self.nixbuild.stop(self.active_group)
+                side.stop(self.active_group)
             except (OSError, subprocess.SubprocessError) as e:
-                log(f"warning: stopping nixbuild-server: {e}")
+                log(f"warning: stopping the {side.label} server: {e}")
         self.cgroups.destroy()
         self.client.delete_owned()
         if self.args.keep_tmp:
@@ -1028,7 +1288,9 @@ class Bench:
         else:
             rm_tree(self.tmp)
 
-    def side(self, name):
+    def side(self, name, transport):
+        if transport == "ssh":
+            return self.ssh_reference if name == "reference" else self.ssh_nixbuild
         return self.reference if name == "reference" else self.nixbuild
 
     def dataset(self, key):
@@ -1102,7 +1364,7 @@ class Bench:
 
     def sessions_ended(self, side, group):
         """Waits for the run's sessions to end: nothing left but the daemon and its `time`."""
-        keep = 2 if side is self.nixbuild else 0
+        keep = side.resident
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while len(group.pids()) > keep:
             if time.monotonic() > deadline:
@@ -1114,8 +1376,7 @@ class Bench:
         client returned is counted too), every server process gone. Returns the server CPU
         seconds since `cpu0` and the memory cgroup's peak."""
         self.sessions_ended(side, group)
-        if side is self.nixbuild:
-            side.stop(group)
+        side.stop(group)
         if not group.wait_empty(SETTLE_TIMEOUT):
             raise BenchError(f"{side.name}: server processes still running: {group.pids()}")
         return (group.cpu_ns() - cpu0) / 1e9, group.mem_peak()
@@ -1165,6 +1426,35 @@ class Bench:
         server_times = side.verify_builds(self.client, builds, rundir)
         self.client.forget([b.drv for b in builds] + [b.out for b in builds])
         return BuildSample(wall, cpu, cg_mem, procs, len(builds), per_build, server_times)
+
+    def measure_connect(self, side, workload):
+        """`workload.count` connections in a row, each `nix store ping`, to a server
+        started on a fresh store (its start-up not measured)."""
+        self.counter += 1
+        side.fresh_store(self.counter)
+        rundir = self.rundir(f"{side.name}-{workload.name}")
+        stats_dir = os.path.join(rundir, "stats")
+        os.mkdir(stats_dir)
+        group = self.cgroups.new_group(f"run-{self.counter}")
+        self.active_group = group
+        walls = []
+        try:
+            (url,) = side.start(rundir, group, stats_dir)
+            cpu0 = group.cpu_ns()
+            for i in range(workload.count):
+                t0 = time.monotonic()
+                run(
+                    ["nix", "store", "ping", "--store", url],
+                    self.client.env,
+                    self.client.log,
+                    f"{side.name}: {workload.name} #{i + 1}",
+                )
+                walls.append(time.monotonic() - t0)
+            cpu, cg_mem = self.finish(side, group, cpu0)
+        finally:
+            group.destroy()
+            self.active_group = None
+        return ConnectSample(walls, cpu, cg_mem, read_stats(stats_dir))
 
     def nix_builds(self, side, rundir, urls, clients, tag):
         """Runs one nix-build per client, all at once; the output paths each printed."""
@@ -1238,8 +1528,13 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def labels(workload):
+    return SSH_SIDE_LABEL if workload.transport == "ssh" else SIDE_LABEL
+
+
 def report(workload, dataset, samples, reps):
     sides = [s for s in SIDES if samples[s]]
+    label = labels(workload)
     med = {}
     for side in sides:
         ss = samples[side]
@@ -1250,8 +1545,9 @@ def report(workload, dataset, samples, reps):
             "cg": median([s.cg_mem for s in ss]),
         }
     flag = "--to" if workload.direction == "upload" else "--from"
+    over = " over SSH" if workload.transport == "ssh" else ""
     lines = [
-        f"### {workload.name}: nix copy {flag}, {dataset.title} (median of {reps} run{'s' if reps > 1 else ''} per side)",
+        f"### {workload.name}: nix copy {flag}{over}, {dataset.title} (median of {reps} run{'s' if reps > 1 else ''} per side)",
         "",
         "| | wall time (s) | server CPU (s) | server peak RSS (MiB) | server cgroup memory peak (MiB) |",
         "|---|---:|---:|---:|---:|",
@@ -1259,7 +1555,7 @@ def report(workload, dataset, samples, reps):
     for side in sides:
         m = med[side]
         lines.append(
-            f"| {SIDE_LABEL[side]} | {m['wall']:.3f} | {m['cpu']:.3f} | {fmt_mib(m['rss'])} | {fmt_mib(m['cg'])} |"
+            f"| {label[side]} | {m['wall']:.3f} | {m['cpu']:.3f} | {fmt_mib(m['rss'])} | {fmt_mib(m['cg'])} |"
         )
     lines += ["", "Runs, in the order each side ran them:", "", "```"]
     for side in sides:
@@ -1278,6 +1574,10 @@ def report(workload, dataset, samples, reps):
         f"| nixbuild / reference | {fmt_ratio(n['wall'], r['wall'])} | {fmt_ratio(n['cpu'], r['cpu'])} "
         f"| {fmt_ratio(n['rss'], r['rss'])} | {fmt_ratio(n['cg'], r['cg'])} |",
     )
+    at = 5 + len(sides)
+    if workload.cpu_target is None:
+        note = ["", "- no target for this workload (issue 5 sets none for moving the big path over SSH)"]
+        return "\n".join(lines[:at] + note + lines[at:])
     targets = [""]
     cpu_ratio = n["cpu"] / r["cpu"] if r["cpu"] else None
     wall_ratio = n["wall"] / r["wall"] if r["wall"] else None
@@ -1298,12 +1598,12 @@ def report(workload, dataset, samples, reps):
         + met(wall_ratio is not None and wall_ratio <= 1.0)
         + f" ({fmt_ratio(n['wall'], r['wall'])})"
     )
-    at = 5 + len(sides)
     return "\n".join(lines[:at] + targets + lines[at:])
 
 
 def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
     sides = [s for s in SIDES if samples[s]]
+    label = labels(workload)
     one = workload.shape == "one"
     med = {}
     for side in sides:
@@ -1321,7 +1621,7 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
         }
     slots = "" if one else f"; {jobs} build slot{'s' if jobs > 1 else ''} per client"
     lines = [
-        f"### {workload.name}: {workload.title()} (median of {reps} run{'s' if reps > 1 else ''} per side{slots})",
+        f"### {workload.name}: {workload.title()}{' over SSH' if workload.transport == 'ssh' else ''} (median of {reps} run{'s' if reps > 1 else ''} per side{slots})",
         "",
     ]
     if one:
@@ -1350,7 +1650,7 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
         return f"| {label} | {m['wall']:.3f} | {m['cpu']:.3f} | {ms(m['cpu_per_build'])} " + common
 
     for side in sides:
-        lines.append(row(SIDE_LABEL[side], med[side]))
+        lines.append(row(label[side], med[side]))
     if len(sides) == 2:
         r, n = med["reference"], med["nixbuild"]
         keys = (
@@ -1392,10 +1692,14 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
             f"- reference server CPU per build: {ms(med['reference']['build_cpu'])} ms "
             "(issue 4 expects about 45 ms)"
         )
+    wrapper = (
+        "; no harness wrapper (the servers start their sessions)"
+        if workload.transport == "ssh"
+        else f"; the harness's session wrapper (a shell joining the cgroup), about {wrapper_ms:.1f} ms"
+    )
     notes.append(
         "- counted in the server CPU on both sides alike, per build: the builder itself (it runs "
-        f"in the server's cgroup), about {builder_ms:.1f} ms alone; the harness's session wrapper "
-        f"(a shell joining the cgroup), about {wrapper_ms:.1f} ms"
+        f"in the server's cgroup), about {builder_ms:.1f} ms alone" + wrapper
     )
     lines += notes + ["", "Runs, in the order each side ran them:", "", "```"]
     for side in sides:
@@ -1412,6 +1716,61 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
             lines.append(
                 f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  cpu {s.cpu:7.3f} s  "
                 f"cgroup {fmt_mib(s.cg_mem):>7} MiB{extra}" + (f"  [{detail}]" if detail else "")
+            )
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def report_connect(workload, samples, reps):
+    sides = [s for s in SIDES if samples[s]]
+    label = labels(workload)
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "conn_wall": median([w for s in ss for w in s.walls]),
+            "conn_cpu": median([s.cpu / len(s.walls) for s in ss]),
+            "wall": median([sum(s.walls) for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+            "rss": median([max((p[1] for p in s.procs), default=None) for s in ss]),
+        }
+    keys = ["conn_wall", "conn_cpu", "wall", "cpu", "cg", "rss"]
+
+    def cell(k, x):
+        if x is None:
+            return "n/a"
+        if k.startswith("conn_"):
+            return f"{x * 1000:.1f}"
+        return f"{x:.3f}" if k in ("wall", "cpu") else fmt_mib(x)
+
+    lines = [
+        f"### {workload.name}: {workload.count} x nix store ping --store ssh://<alias>, one connection "
+        f"each (median of {reps} run{'s' if reps > 1 else ''} per side)",
+        "",
+        "| | wall per connection (ms) | server CPU per connection (ms) | total wall (s) "
+        "| total server CPU (s) | server memory peak (MiB) | largest server process RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in sides:
+        lines.append(f"| {label[side]} | " + " | ".join(cell(k, med[side][k]) for k in keys) + " |")
+    if len(sides) == 2:
+        r, n = med["reference"], med["nixbuild"]
+        lines.append("| nixbuild / reference | " + " | ".join(fmt_ratio(n[k], r[k]) for k in keys) + " |")
+        ratio = n["conn_cpu"] / r["conn_cpu"] if r["conn_cpu"] else None
+        lines += [
+            "",
+            "- target server CPU per connection < 1/10 of sshd plus nix-store: "
+            + met(ratio is not None and ratio < workload.cpu_target)
+            + f" ({fmt_ratio(n['conn_cpu'], r['conn_cpu'])})",
+        ]
+    lines += ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            lines.append(
+                f"{side:9} #{i + 1}: wall {sum(s.walls):7.3f} s  cpu {s.cpu:7.3f} s  "
+                f"per connection: wall {median(s.walls) * 1000:.1f} ms cpu {s.cpu / len(s.walls) * 1000:.1f} ms  "
+                f"cgroup {fmt_mib(s.cg_mem):>7} MiB"
             )
     lines.append("```")
     return "\n".join(lines)
@@ -1437,6 +1796,11 @@ def machine_description(client):
             if line.startswith("MemTotal"):
                 mem = f"{int(line.split()[1]) // 1024} MiB RAM"
     return f"{cpu}, {os.cpu_count()} CPUs, {mem}, Linux {platform.release()}"
+
+
+def ssh_version():
+    out = subprocess.run(["ssh", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return out.stdout.decode().strip().split(",")[0] or "unknown ssh"
 
 
 def loadavg():
@@ -1514,7 +1878,9 @@ def parse_args(argv):
     p.add_argument(
         "--workloads",
         default=",".join(names),
-        help="comma-separated, from: " + ", ".join(names) + " (default: all)",
+        help="comma-separated, from: "
+        + ", ".join(names + list(WORKLOAD_GROUPS))
+        + " (default: all)",
     )
     p.add_argument(
         "--sides",
@@ -1539,6 +1905,12 @@ def parse_args(argv):
         default=1,
         help="build slots per client in build-parallel, both sides (1: 8 clients x 1)",
     )
+    p.add_argument(
+        "--sshd-kex",
+        default=None,
+        help="KexAlgorithms of the reference's sshd (default: OpenSSH's own, which puts "
+        "sntrup761x25519-sha512 first; nixbuild negotiates curve25519-sha256)",
+    )
     p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
     p.add_argument(
         "--keep-tmp",
@@ -1547,7 +1919,10 @@ def parse_args(argv):
     )
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    chosen = []
+    for w in (w.strip() for w in args.workloads.split(",")):
+        if w:
+            chosen += WORKLOAD_GROUPS.get(w, [w])
     unknown = set(chosen) - set(names)
     if unknown or not chosen:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {names}")
@@ -1627,6 +2002,13 @@ def bench_main(bench, args):
         "(includes page cache)",
         f"- {args.reps} run(s) per side and workload, alternating sides, the side that goes first switching every repetition",
     ]
+    if any(w.transport == "ssh" for w in args.workloads):
+        header.append(
+            f"- SSH: {ssh_version()}; sshd KexAlgorithms: {args.sshd_kex or 'OpenSSH default'}; "
+            "the reference is sshd (no PAM) running nix-store --serve --write "
+            "in a private mount namespace with its own /nix; nixbuild is nixbuild-server --listen; "
+            "one client ssh config (NIX_SSHOPTS=-F), ed25519 client key, host keys pinned"
+        )
     builds = [w for w in args.workloads if w.kind == "build"]
     if builds:
         header.append(
@@ -1644,6 +2026,19 @@ def bench_main(bench, args):
     sections = []
     builder_ms = wrapper_ms = None
     for workload in args.workloads:
+        if workload.kind == "connect":
+            samples = {s: [] for s in SIDES}
+            for rep in range(args.reps):
+                order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
+                for name in order:
+                    s = bench.measure_connect(bench.side(name, workload.transport), workload)
+                    samples[name].append(s)
+                    log(
+                        f"{workload.name} {name:9} #{rep + 1}: wall {sum(s.walls):.3f} s, server CPU {s.cpu:.3f} s "
+                        f"({s.cpu / len(s.walls) * 1000:.1f} ms per connection), cgroup memory {fmt_mib(s.cg_mem)} MiB"
+                    )
+            sections.append(report_connect(workload, samples, args.reps))
+            continue
         if workload.kind == "build":
             if "busybox" not in datasets:
                 datasets["busybox"] = bench.client.make_busybox()
@@ -1653,7 +2048,8 @@ def bench_main(bench, args):
             for rep in range(args.reps):
                 order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
                 for name in order:
-                    s = bench.measure_build(bench.side(name), workload, datasets["busybox"])
+                    side = bench.side(name, workload.transport)
+                    s = bench.measure_build(side, workload, datasets["busybox"])
                     samples[name].append(s)
                     log(
                         f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s "
@@ -1671,12 +2067,12 @@ def bench_main(bench, args):
         if workload.direction == "download":
             for name in args.sides:
                 log(f"{workload.name}: filling the {name} store (not measured)...")
-                bench.populate(bench.side(name), dataset)
+                bench.populate(bench.side(name, workload.transport), dataset)
         samples = {s: [] for s in SIDES}
         for rep in range(args.reps):
             order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
             for name in order:
-                s = bench.measure(bench.side(name), workload, dataset)
+                s = bench.measure(bench.side(name, workload.transport), workload, dataset)
                 samples[name].append(s)
                 log(
                     f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s, "
