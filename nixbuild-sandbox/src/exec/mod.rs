@@ -31,6 +31,7 @@ use std::process::{Command, Stdio};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{fchmod, fchown, mkdirat, openat, symlinkat, Mode, OFlags, CWD};
 use rustix::io::Errno;
+use rustix::mount::{MountFlags, MountPropagationFlags};
 use rustix::process::{
     pidfd_open, pidfd_send_signal, Gid, Pid, PidfdFlags, Signal, Uid, WaitOptions,
 };
@@ -147,7 +148,11 @@ struct StepOrder<'a> {
 fn runs_in_helper(step: Step) -> bool {
     matches!(
         step,
-        Step::HostOps | Step::DropSupplementaryGroups | Step::Clone | Step::WriteIdMaps
+        Step::PrivateMounts
+            | Step::HostOps
+            | Step::DropSupplementaryGroups
+            | Step::Clone
+            | Step::WriteIdMaps
     )
 }
 
@@ -223,8 +228,9 @@ fn exec_args(plan: &SandboxPlan) -> Result<ExecArgs, ExecError> {
 
 /// A host-side step, as root, creating exactly the path named (never following a symlink at
 /// it: `mkdir`, `O_CREAT | O_EXCL | O_NOFOLLOW` and `symlink` all fail on an existing entry).
-/// The owner is set before the mode, because `chown` clears set-id bits.
-fn host_op(op: &HostOp) -> Result<(), ExecError> {
+/// The owner is set before the mode, because `chown` clears set-id bits. A `tmpfs` is
+/// mounted only in a mount namespace of the helper's own (`private_mounts`).
+fn host_op(op: &HostOp, private_mounts: bool) -> Result<(), ExecError> {
     let owner = |fd: &OwnedFd, path: &Path, mode: u32, uid: u32, gid: u32| {
         fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(sys_err(
             format!("host: chown({}, {uid}, {gid})", path.display()),
@@ -276,7 +282,36 @@ fn host_op(op: &HostOp) -> Result<(), ExecError> {
             path.display(),
             target.display()
         ))),
+        HostOp::Tmpfs { path, .. } if !private_mounts => Err(ExecError::StepOrder(format!(
+            "a tmpfs on {} before the helper's private mount namespace",
+            path.display()
+        ))),
+        HostOp::Tmpfs { path, options } => {
+            let data = child::mount_data(options)?;
+            rustix::mount::mount(
+                "tmpfs",
+                path,
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                Some(&*data),
+            )
+            .map_err(sys_err(format!(
+                "host: mount tmpfs ({options}) on {}",
+                path.display()
+            )))
+        }
     }
+}
+
+/// [`Step::PrivateMounts`]: a mount namespace of the helper's own, with nothing propagating
+/// to or from the host.
+fn private_mounts() -> Result<(), ExecError> {
+    sys::unshare_mount_namespace().map_err(io_err("unshare(CLONE_NEWNS)"))?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .map_err(sys_err("host: making / private (MS_PRIVATE | MS_REC)"))
 }
 
 fn write_id_maps(pid: i32, maps: &IdMaps) -> Result<(), ExecError> {
@@ -450,9 +485,17 @@ fn pump(master: OwnedFd, child: &ChildProcess) -> Result<bool, ExecError> {
 fn run_helper() -> Result<HelperReport, ExecError> {
     let plan = read_plan()?;
     let order = StepOrder::split(&plan.steps)?;
+    let mut private = false;
     for &step in order.before_clone {
         match step {
-            Step::HostOps => plan.host_ops.iter().try_for_each(host_op)?,
+            Step::PrivateMounts if !private => {
+                private_mounts()?;
+                private = true;
+            }
+            Step::HostOps => plan
+                .host_ops
+                .iter()
+                .try_for_each(|op| host_op(op, private))?,
             Step::DropSupplementaryGroups => {
                 rustix::thread::set_thread_groups(&[]).map_err(sys_err("setgroups(0, NULL)"))?
             }
@@ -552,7 +595,11 @@ mod tests {
         let order = StepOrder::split(&plan.steps).expect("valid order");
         assert_eq!(
             order.before_clone,
-            [Step::HostOps, Step::DropSupplementaryGroups]
+            [
+                Step::PrivateMounts,
+                Step::HostOps,
+                Step::DropSupplementaryGroups
+            ]
         );
         assert_eq!(order.after_clone, [Step::WriteIdMaps]);
         assert_eq!(order.child.first(), Some(&Step::Stdio));
