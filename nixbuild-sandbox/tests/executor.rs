@@ -567,7 +567,11 @@ fn root_in_tmpfs() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
     }
-    assert_ne!(disk.trim(), "tmpfs", "the positive control needs a disk: {disk}");
+    assert_ne!(
+        disk.trim(),
+        "tmpfs",
+        "the positive control needs a disk: {disk}"
+    );
     for f in ["/new", "/etc/new", "/dev/new"] {
         assert!(text.contains(&format!("refused {f}")), "{f}: {text}");
     }
