@@ -4,8 +4,9 @@
 //! The daemon spawns [`helper_command`], writes [`encode_plan`](crate::encode_plan) to its
 //! stdin and closes it. The helper, a fresh single-threaded process, then:
 //!
-//! 1. performs the plan's helper steps before `clone` ([`Step::HostOps`],
-//!    [`Step::DropSupplementaryGroups`]) as root on the host;
+//! 1. performs the plan's helper steps before `clone` ([`Step::PrivateMounts`],
+//!    [`Step::HostOps`], [`Step::DropSupplementaryGroups`]) as root on the host, in a mount
+//!    namespace of its own (the root's tmpfs is mounted there);
 //! 2. opens the log pty (raw mode), the set-up error pipe and the sync pipe, and `clone`s the
 //!    child with the plan's namespaces ([`Step::Clone`]);
 //! 3. writes the id maps ([`Step::WriteIdMaps`]) and releases the child through the sync pipe;
@@ -15,8 +16,8 @@
 //!    builder exits, then writes the report line on stderr and exits.
 //!
 //! Killing the helper (SIGKILL) kills the builder through the parent-death signal, and the
-//! kernel kills everything else in its PID namespace. The mounts exist only in the child's
-//! mount namespace, so they go with its last process. The helper never removes the scratch
+//! kernel kills everything else in its PID namespace. The mounts exist only in the helper's
+//! and the child's mount namespaces, so they go with their last process. The helper never removes the scratch
 //! directory: the daemon takes the outputs out of `<scratch>/store` first.
 
 mod child;
