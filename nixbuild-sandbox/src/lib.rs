@@ -38,12 +38,13 @@
 //!   unsandboxed fallback. The builder is PID 1 of its namespace, so nothing outlives it: when
 //!   it exits the kernel kills the rest, and when the helper is killed the parent-death signal
 //!   kills the builder (armed again after each uid/gid change, which clears it). The mounts
-//!   exist only in the child's private mount namespace.
+//!   exist only in the helper's and the child's private mount namespaces.
 //! - **Identity**: a per-build host uid/gid, never 0, mapped to 1000/100 with `setgroups`
 //!   denied and supplementary groups dropped; after `execve` the builder holds no capability.
 //!   Device nodes cannot be created and nothing can be mounted.
-//! - **Filesystem**: the new root is a directory of the build's own scratch directory, made
-//!   read-only after set-up. Only three host directories are writable inside, all of them the
+//! - **Filesystem**: the new root is a tmpfs (at most 1 MiB and 256 inodes; nosuid, nodev,
+//!   noexec) mounted on a directory of the build's own scratch directory, made read-only
+//!   after set-up. Only three host directories are writable inside, all of them the
 //!   build's own: `/build`, `/tmp` and `/nix/store` (where the outputs are created). Every
 //!   input path, device node and resolver file is a bind mount remounted read-only (keeping
 //!   the flags the kernel locked), and inputs come only from the store's objects directory.

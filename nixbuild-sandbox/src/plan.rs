@@ -129,6 +129,17 @@ pub enum HostOp {
         #[serde(with = "crate::wire::bytes")]
         target: PathBuf,
     },
+    /// Mount a new `tmpfs` (`nosuid`, `nodev`, `noexec`) on the directory `path`, made by an
+    /// earlier step, in the helper's own mount namespace ([`Step::PrivateMounts`] must come
+    /// first, or the executor refuses): what later steps create under it lives in memory,
+    /// and the host never sees it.
+    Tmpfs {
+        /// The mount point.
+        #[serde(with = "crate::wire::bytes")]
+        path: PathBuf,
+        /// The mount data: size and inode limits, and the root directory's mode and owner.
+        options: String,
+    },
 }
 
 impl HostOp {
@@ -137,7 +148,8 @@ impl HostOp {
         match self {
             HostOp::CreateDir { path, .. }
             | HostOp::CreateFile { path, .. }
-            | HostOp::Symlink { path, .. } => path,
+            | HostOp::Symlink { path, .. }
+            | HostOp::Tmpfs { path, .. } => path,
         }
     }
 }
@@ -270,6 +282,10 @@ pub struct Exec {
 /// the pivot, `setuid` last before the marker and `execve`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
+    /// Helper, before `clone`: `unshare(CLONE_NEWNS)`, then make `/` private recursively,
+    /// so that the mounts of [`Step::HostOps`] stay out of the host's namespace. The child's
+    /// mount namespace is a copy of this one.
+    PrivateMounts,
     /// Helper, before `clone`: perform [`SandboxPlan::host_ops`].
     HostOps,
     /// Helper: `setgroups(0, NULL)`, dropping supplementary groups.
@@ -377,6 +393,11 @@ pub const DEV_SYMLINKS: [(&str, &str); 5] = [
     ("stderr", "/proc/self/fd/2"),
     ("ptmx", "/dev/pts/ptmx"),
 ];
+
+/// The size and inode limits of the sandbox root's `tmpfs` ([`HostOp::Tmpfs`]): it holds only
+/// the skeleton (about 30 entries and the small `/etc` files), is read-only once set up, and
+/// every build, input and output directory is a bind mount from the host.
+pub const ROOT_TMPFS_LIMITS: &str = "size=1m,nr_inodes=256";
 
 /// The name of the old root's mount point during the pivot.
 pub const PUT_OLD: &str = "real-root";
@@ -577,6 +598,12 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
     host_ops.push(dir(layout.store.clone(), 0o1775, 0, gid));
     host_ops.push(dir(layout.tmp.clone(), 0o1777, 0, 0));
     host_ops.push(dir(root.clone(), 0o750, 0, gid));
+    // The skeleton below the root lives in memory: creating it on the state directory's
+    // file system cost most of the helper's time (inode allocation).
+    host_ops.push(HostOp::Tmpfs {
+        path: root.clone(),
+        options: format!("{ROOT_TMPFS_LIMITS},mode=0750,uid=0,gid={gid}"),
+    });
     for (sub, mode) in [
         ("nix", 0o755),
         ("nix/store", 0o755),
@@ -716,6 +743,7 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
         net: !req.fixed_output,
     };
     let steps = [
+        Step::PrivateMounts,
         Step::HostOps,
         Step::DropSupplementaryGroups,
         Step::Clone,
@@ -939,6 +967,40 @@ mod tests {
             path: r.join("dev/ptmx"),
             target: p("/dev/pts/ptmx"),
         }));
+        // The root is a size-limited tmpfs mounted on its directory before anything is made
+        // in it; the build's own directories stay on the state directory's file system.
+        let at = |path: &Path| plan.host_ops.iter().position(|op| op.path() == path);
+        let tmpfs = plan
+            .host_ops
+            .iter()
+            .position(|op| matches!(op, HostOp::Tmpfs { .. }))
+            .expect("a tmpfs");
+        assert_eq!(
+            plan.host_ops[tmpfs],
+            HostOp::Tmpfs {
+                path: r.clone(),
+                options: "size=1m,nr_inodes=256,mode=0750,uid=0,gid=30001".into(),
+            }
+        );
+        assert_eq!(
+            plan.host_ops
+                .iter()
+                .filter(|op| matches!(op, HostOp::Tmpfs { .. }))
+                .count(),
+            1
+        );
+        assert!(
+            matches!(plan.host_ops[tmpfs - 1], HostOp::CreateDir { ref path, .. } if *path == r)
+        );
+        for (i, op) in plan.host_ops.iter().enumerate() {
+            if op.path().starts_with(&r) && op.path() != r {
+                assert!(i > tmpfs, "{op:?} before the tmpfs");
+            }
+        }
+        for dir in ["build", "store", "tmp"] {
+            let path = p("/var/lib/nixbuild/builds/b1").join(dir);
+            assert!(at(&path).expect("made") < tmpfs, "{dir}");
+        }
     }
 
     #[test]
@@ -979,6 +1041,7 @@ mod tests {
             )
         };
         for (a, b) in [
+            (Step::PrivateMounts, Step::HostOps),
             (Step::HostOps, Step::Clone),
             (Step::DropSupplementaryGroups, Step::Clone),
             (Step::Clone, Step::WriteIdMaps),
@@ -997,13 +1060,13 @@ mod tests {
             before(&plan_s, a, b);
         }
         assert_eq!(plan_s.steps.last(), Some(&Step::Exec));
-        assert_eq!(plan_s.steps.len(), 20);
+        assert_eq!(plan_s.steps.len(), 21);
         assert_eq!(SETUP_DONE, b"\x02\n");
         let mut fod = sample_request();
         fod.fixed_output = true;
         let plan_f = plan(&fod, &sample_host()).expect("plan");
         assert_eq!(pos(&plan_f, Step::LoopbackUp), None);
-        assert_eq!(plan_f.steps.len(), 19);
+        assert_eq!(plan_f.steps.len(), 20);
     }
 
     #[test]
@@ -1527,8 +1590,16 @@ mod proptests {
                 }
             }
             let mut created: BTreeSet<PathBuf> = BTreeSet::from([host.scratch_dir.clone()]);
+            let mut tmpfs_on = Vec::new();
             for op in &plan.host_ops {
                 prop_assert!(op.path().starts_with(&host.scratch_dir));
+                if let HostOp::Tmpfs { path, options } = op {
+                    // On a directory made before, and bounded.
+                    prop_assert!(created.contains(path), "{:?} on nothing", op);
+                    prop_assert!(options.starts_with(ROOT_TMPFS_LIMITS), "{:?}", op);
+                    tmpfs_on.push(path.clone());
+                    continue;
+                }
                 let parent = op.path().parent().expect("a parent").to_owned();
                 prop_assert!(created.contains(&parent), "{:?} before its parent", op);
                 prop_assert!(created.insert(op.path().to_owned()), "{:?} twice", op);
@@ -1550,6 +1621,10 @@ mod proptests {
             for (_, out) in &plan.outputs {
                 prop_assert_eq!(out.parent(), Some(layout.store.as_path()));
             }
+            // Only the root is in memory: what the builder writes (outputs, /build, /tmp) is
+            // on the state directory's file system, where the outputs are renamed from.
+            prop_assert_eq!(tmpfs_on, vec![layout.root.clone()]);
+            prop_assert_eq!(plan.steps.first(), Some(&Step::PrivateMounts));
 
             // Every input that is not an output is present exactly once, from the objects dir.
             let outputs: BTreeSet<String> = req

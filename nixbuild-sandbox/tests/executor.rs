@@ -71,6 +71,10 @@ fn main() {
         ("setuid_and_setgid_bits_are_refused", no_setid_bits),
         ("extended_attributes_are_refused", no_xattrs),
         ("dev_kvm_only_when_required", kvm_only_when_required),
+        (
+            "the_root_is_a_read_only_tmpfs_the_host_never_sees",
+            root_in_tmpfs,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -540,6 +544,46 @@ fn identity_inside() {
     assert!(!env.contains_key("NIXBUILD_TEST_LEAK"));
     assert_eq!(env.get("HOME"), Some(&"/homeless-shelter"));
     assert_eq!(env.get("NIX_BUILD_TOP"), Some(&"/build"));
+}
+
+fn root_in_tmpfs() {
+    let fx = Fixture::new();
+    let script = "{ for d in / /etc /dev /build /tmp /nix/store; do \
+        echo $d $(stat -f -c %T $d); done; \
+        for f in /new /etc/new /dev/new; do touch $f 2>&1 || echo refused $f; done; \
+        touch /build/new /tmp/new && echo writable; } > $out 2>&1";
+    let plan = fx.plan(script);
+    let out = run(&plan);
+    assert_eq!(out.report, HelperReport::Exited(0), "{}", out.stderr);
+    let text = std::fs::read_to_string(output_path(&plan)).expect("output");
+    let disk = host_sh(&format!("stat -f -c %T {}", plan.layout.build.display()));
+    for line in [
+        "/ tmpfs".to_owned(),
+        "/etc tmpfs".to_owned(),
+        "/dev tmpfs".to_owned(),
+        format!("/build {}", disk.trim()),
+        format!("/tmp {}", disk.trim()),
+        format!("/nix/store {}", disk.trim()),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
+    }
+    assert_ne!(
+        disk.trim(),
+        "tmpfs",
+        "the positive control needs a disk: {disk}"
+    );
+    for f in ["/new", "/etc/new", "/dev/new"] {
+        assert!(text.contains(&format!("refused {f}")), "{f}: {text}");
+    }
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert!(text.contains("writable\n"), "{text}");
+    // The skeleton was made in memory: on the host, the root is an empty directory, and the
+    // tmpfs is gone with the build.
+    let on_host: Vec<_> = std::fs::read_dir(&plan.layout.root)
+        .expect("the root's directory")
+        .collect();
+    assert!(on_host.is_empty(), "{on_host:?}");
+    assert_no_mounts_under(&plan.layout.root);
 }
 
 fn exit_and_signal() {

@@ -44,7 +44,7 @@ use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 use crate::config::{BuildsConfig, Config};
 use crate::store::{InputObject, Store, StoreError};
 use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
-use placement::{Grant, Placement, PlacementError};
+use placement::{Grant, Placement, PlacementError, Running};
 
 /// Largest `.drv` file BuildPaths reads.
 const MAX_DRV_SIZE: u64 = 16 << 20;
@@ -519,7 +519,7 @@ impl BuildService {
         drop(inflight);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let outcome = run(&inner, &build, &job, prepared).await;
+            let (outcome, leftovers) = run(&inner, &build, &job, prepared).await;
             tracing::info!(
                 account = %job.account,
                 drv = %job.drv_path,
@@ -537,6 +537,10 @@ impl BuildService {
                 }
             }
             build.done.send_replace(Some(Arc::new(outcome)));
+            // The waiters have the outcome; what the build leaves goes now, off their path.
+            if let Some(leftovers) = leftovers {
+                leftovers.remove().await;
+            }
         });
         waiter
     }
@@ -823,12 +827,68 @@ impl Tail {
     }
 }
 
-/// Runs a prepared build to its outcome, leaving nothing behind.
-async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepared) -> Outcome {
+/// What a build leaves once its outcome is known: its cgroup, its scratch directory, and
+/// the scheduler's slot and the uid, held until both are gone.
+struct Leftovers<'a> {
+    scratch: PathBuf,
+    cgroup: Option<crate::cgroup::BuildCgroup>,
+    _running: Running,
+    _uid: UidLease<'a>,
+}
+
+impl Leftovers<'_> {
+    /// Kills what is left in the cgroup, removes it and the scratch directory (one blocking
+    /// task), then frees the slot and the uid.
+    async fn remove(self) {
+        let Leftovers {
+            scratch,
+            cgroup,
+            _running,
+            _uid,
+        } = self;
+        let dir = scratch.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let cgroup = cgroup.map(|c| c.remove());
+            let dir = match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+            (cgroup, dir)
+        })
+        .await;
+        match removed {
+            Ok((cgroup, dir)) => {
+                if let Some(Err(e)) = cgroup {
+                    tracing::error!("cannot remove a build's cgroup: {e}");
+                }
+                if let Err(e) = dir {
+                    tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::error!(dir = %scratch.display(), "cannot remove a build's cgroup and directory: {e}")
+            }
+        }
+    }
+}
+
+/// Runs a prepared build to its outcome, and returns what it left, for the caller to remove
+/// once it has passed the outcome on.
+async fn run<'a>(
+    inner: &'a Arc<Inner>,
+    build: &Shared,
+    job: &BuildJob,
+    prepared: Prepared,
+) -> (Outcome, Option<Leftovers<'a>>) {
     let refused = |message: String| Outcome::without_build(BuildStatus::MiscFailure, message);
     let spec = match build_spec(&inner.config, job) {
         Ok(spec) => spec,
-        Err(msg) => return refused(format!("nixbuild cannot build '{}': {msg}", job.drv_path)),
+        Err(msg) => {
+            return (
+                refused(format!("nixbuild cannot build '{}': {msg}", job.drv_path)),
+                None,
+            )
+        }
     };
     let ticket = match inner.placement.submit(spec) {
         Ok(t) => {
@@ -836,10 +896,13 @@ async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepa
             t
         }
         Err(msg) => {
-            return refused(format!(
-                "nixbuild cannot build '{}' on this server: {msg}",
-                job.drv_path
-            ))
+            return (
+                refused(format!(
+                    "nixbuild cannot build '{}' on this server: {msg}",
+                    job.drv_path
+                )),
+                None,
+            )
         }
     };
     let mut cancel = build.cancel.subscribe();
@@ -847,11 +910,14 @@ async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepa
         placed = ticket.wait(|line| build.note(format!("nixbuild: {line}\n"))) => Some(placed),
         _ = cancel.wait_for(|c| *c) => None,
     };
-    let Some((grant, _running)) = waited else {
-        return refused(format!(
-            "building of '{}' was cancelled while it waited: no client waits for it",
-            job.drv_path
-        ));
+    let Some((grant, running)) = waited else {
+        return (
+            refused(format!(
+                "building of '{}' was cancelled while it waited: no client waits for it",
+                job.drv_path
+            )),
+            None,
+        );
     };
     build.note(format!(
         "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",
@@ -863,13 +929,14 @@ async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepa
     let uid = inner.uids.take().await;
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let scratch = inner.builds_dir.join(id.to_string());
+    let mut cgroup = None;
     let outcome = match run_in(
         inner,
         build,
         job,
         &prepared,
         (uid.uid, &grant, id),
-        &scratch,
+        (&scratch, &mut cgroup),
     )
     .await
     {
@@ -879,25 +946,13 @@ async fn run(inner: &Arc<Inner>, build: &Shared, job: &BuildJob, prepared: Prepa
             format!("nixbuild: building '{}': {e}", job.drv_path),
         ),
     };
-    let cleanup = {
-        let scratch = scratch.clone();
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&scratch) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        })
-        .await
+    let leftovers = Leftovers {
+        scratch,
+        cgroup,
+        _running: running,
+        _uid: uid,
     };
-    match cleanup {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}")
-        }
-        Err(e) => {
-            tracing::error!(dir = %scratch.display(), "cannot remove a build's directory: {e}")
-        }
-    }
-    drop(uid);
-    outcome
+    (outcome, Some(leftovers))
 }
 
 async fn run_in(
@@ -906,20 +961,29 @@ async fn run_in(
     job: &BuildJob,
     prepared: &Prepared,
     (uid, grant, id): (u32, &Grant, u64),
-    scratch: &Path,
+    (scratch, cgroup_slot): (&Path, &mut Option<crate::cgroup::BuildCgroup>),
 ) -> Result<Outcome, BuildError> {
     let drv = &job.drv;
-    let inputs = {
+    // One blocking task for the file-system set-up: the inputs' kinds, the scratch
+    // directory and the cgroup (the caller removes the last two, whatever happens here).
+    let (inputs, cgroup) = {
         let objects = prepared.inputs.clone();
-        tokio::task::spawn_blocking(move || input_paths(&objects)).await??
+        let placement = inner.placement.clone();
+        let grant = grant.clone();
+        let scratch = scratch.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<_, BuildError> {
+            use std::os::unix::fs::DirBuilderExt;
+            let inputs = input_paths(&objects)?;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&scratch)
+                .map_err(io_err("create", &scratch))?;
+            let cgroup = placement.cgroup(&format!("build-{id}"), &grant)?;
+            Ok((inputs, cgroup))
+        })
+        .await??
     };
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(scratch)
-            .map_err(io_err("create", scratch))?;
-    }
+    let cgroup: &crate::cgroup::BuildCgroup = cgroup_slot.insert(cgroup);
     let request = BuildRequest {
         builder: drv.builder.clone(),
         args: drv.args.clone(),
@@ -967,17 +1031,10 @@ async fn run_in(
     let mut cmd =
         tokio::process::Command::from(nixbuild_sandbox::helper_command(&inner.helper_exe));
     cmd.kill_on_drop(true);
-    let cgroup = {
-        let placement = inner.placement.clone();
-        let grant = grant.clone();
-        tokio::task::spawn_blocking(move || placement.cgroup(&format!("build-{id}"), &grant))
-            .await??
-    };
-    let cgroup = CgroupGuard(Some(cgroup));
     let mut child = cmd.spawn().map_err(BuildError::Helper)?;
     // Into the cgroup before the helper reads its plan: the sandbox inherits it.
     if let Some(pid) = child.id() {
-        cgroup.get().add_pid(pid)?;
+        cgroup.add_pid(pid)?;
     }
     let start_time = unix_now();
     tracing::info!(account = %job.account, drv = %job.drv_path, uid, dir = %scratch.display(), "building");
@@ -1049,7 +1106,7 @@ async fn run_in(
     let status = match stop {
         Stop::Exited(status) => status,
         _ => {
-            let _ = cgroup.get().kill_all();
+            let _ = cgroup.kill_all();
             // SIGKILL to the helper; the sandbox's init dies with it (PR_SET_PDEATHSIG), and
             // every other process of the build with the init.
             let _ = child.kill().await;
@@ -1086,9 +1143,8 @@ async fn run_in(
         outputs: BTreeMap::new(),
     };
     let report = nixbuild_sandbox::parse_report(&diagnostics, status);
-    let oom = cgroup.get().oom_killed().unwrap_or(false);
-    let memory_limit = cgroup.get().memory_limit();
-    cgroup.remove().await;
+    let oom = cgroup.oom_killed().unwrap_or(false);
+    let memory_limit = cgroup.memory_limit();
     let fixed = drv.fixed_output().is_some();
     let builder_failed = if fixed {
         BuildStatus::TransientFailure
@@ -1303,36 +1359,6 @@ fn input_paths(objects: &[InputObject]) -> Result<Vec<InputPath>, BuildError> {
             })
         })
         .collect()
-}
-
-/// A build's cgroup, removed (its processes killed first) on every path out of the build.
-struct CgroupGuard(Option<crate::cgroup::BuildCgroup>);
-
-impl CgroupGuard {
-    #[allow(clippy::expect_used)]
-    fn get(&self) -> &crate::cgroup::BuildCgroup {
-        // `remove` consumes the guard; before that the cgroup is always there.
-        self.0.as_ref().expect("the cgroup lives until removed")
-    }
-
-    /// Kills what is left in the cgroup and removes it, off the async threads.
-    async fn remove(mut self) {
-        if let Some(cgroup) = self.0.take() {
-            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
-            match removed {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!("cannot remove a build's cgroup: {e}"),
-                Err(e) => tracing::error!("cannot remove a build's cgroup: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        // An early return (an error) drops it here; BuildCgroup's own Drop kills and removes.
-        drop(self.0.take());
-    }
 }
 
 /// The scheduler's view of `job`: account, system, features, and the cores and memory the

@@ -184,9 +184,11 @@ impl Child<'_> {
                 );
                 sys::exit_now(1)
             }
-            Step::HostOps | Step::DropSupplementaryGroups | Step::Clone | Step::WriteIdMaps => {
-                Err(ExecError::StepOrder(format!("{step:?} in the child")))
-            }
+            Step::PrivateMounts
+            | Step::HostOps
+            | Step::DropSupplementaryGroups
+            | Step::Clone
+            | Step::WriteIdMaps => Err(ExecError::StepOrder(format!("{step:?} in the child"))),
         }
     }
 
@@ -230,7 +232,7 @@ fn locked_flags(target: &Path) -> Result<MountFlags, ExecError> {
     Ok(flags)
 }
 
-fn mount_data(options: &str) -> Result<CString, ExecError> {
+pub(super) fn mount_data(options: &str) -> Result<CString, ExecError> {
     CString::new(options).map_err(|_| ExecError::Nul("mount options"))
 }
 

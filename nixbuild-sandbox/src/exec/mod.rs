@@ -4,8 +4,9 @@
 //! The daemon spawns [`helper_command`], writes [`encode_plan`](crate::encode_plan) to its
 //! stdin and closes it. The helper, a fresh single-threaded process, then:
 //!
-//! 1. performs the plan's helper steps before `clone` ([`Step::HostOps`],
-//!    [`Step::DropSupplementaryGroups`]) as root on the host;
+//! 1. performs the plan's helper steps before `clone` ([`Step::PrivateMounts`],
+//!    [`Step::HostOps`], [`Step::DropSupplementaryGroups`]) as root on the host, in a mount
+//!    namespace of its own (the root's tmpfs is mounted there);
 //! 2. opens the log pty (raw mode), the set-up error pipe and the sync pipe, and `clone`s the
 //!    child with the plan's namespaces ([`Step::Clone`]);
 //! 3. writes the id maps ([`Step::WriteIdMaps`]) and releases the child through the sync pipe;
@@ -15,8 +16,8 @@
 //!    builder exits, then writes the report line on stderr and exits.
 //!
 //! Killing the helper (SIGKILL) kills the builder through the parent-death signal, and the
-//! kernel kills everything else in its PID namespace. The mounts exist only in the child's
-//! mount namespace, so they go with its last process. The helper never removes the scratch
+//! kernel kills everything else in its PID namespace. The mounts exist only in the helper's
+//! and the child's mount namespaces, so they go with their last process. The helper never removes the scratch
 //! directory: the daemon takes the outputs out of `<scratch>/store` first.
 
 mod child;
@@ -31,6 +32,7 @@ use std::process::{Command, Stdio};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{fchmod, fchown, mkdirat, openat, symlinkat, Mode, OFlags, CWD};
 use rustix::io::Errno;
+use rustix::mount::{MountFlags, MountPropagationFlags};
 use rustix::process::{
     pidfd_open, pidfd_send_signal, Gid, Pid, PidfdFlags, Signal, Uid, WaitOptions,
 };
@@ -147,7 +149,11 @@ struct StepOrder<'a> {
 fn runs_in_helper(step: Step) -> bool {
     matches!(
         step,
-        Step::HostOps | Step::DropSupplementaryGroups | Step::Clone | Step::WriteIdMaps
+        Step::PrivateMounts
+            | Step::HostOps
+            | Step::DropSupplementaryGroups
+            | Step::Clone
+            | Step::WriteIdMaps
     )
 }
 
@@ -223,8 +229,9 @@ fn exec_args(plan: &SandboxPlan) -> Result<ExecArgs, ExecError> {
 
 /// A host-side step, as root, creating exactly the path named (never following a symlink at
 /// it: `mkdir`, `O_CREAT | O_EXCL | O_NOFOLLOW` and `symlink` all fail on an existing entry).
-/// The owner is set before the mode, because `chown` clears set-id bits.
-fn host_op(op: &HostOp) -> Result<(), ExecError> {
+/// The owner is set before the mode, because `chown` clears set-id bits. A `tmpfs` is
+/// mounted only in a mount namespace of the helper's own (`private_mounts`).
+fn host_op(op: &HostOp, private_mounts: bool) -> Result<(), ExecError> {
     let owner = |fd: &OwnedFd, path: &Path, mode: u32, uid: u32, gid: u32| {
         fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(sys_err(
             format!("host: chown({}, {uid}, {gid})", path.display()),
@@ -276,7 +283,36 @@ fn host_op(op: &HostOp) -> Result<(), ExecError> {
             path.display(),
             target.display()
         ))),
+        HostOp::Tmpfs { path, .. } if !private_mounts => Err(ExecError::StepOrder(format!(
+            "a tmpfs on {} before the helper's private mount namespace",
+            path.display()
+        ))),
+        HostOp::Tmpfs { path, options } => {
+            let data = child::mount_data(options)?;
+            rustix::mount::mount(
+                "tmpfs",
+                path,
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                Some(&*data),
+            )
+            .map_err(sys_err(format!(
+                "host: mount tmpfs ({options}) on {}",
+                path.display()
+            )))
+        }
     }
+}
+
+/// [`Step::PrivateMounts`]: a mount namespace of the helper's own, with nothing propagating
+/// to or from the host.
+fn private_mounts() -> Result<(), ExecError> {
+    sys::unshare_mount_namespace().map_err(io_err("unshare(CLONE_NEWNS)"))?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .map_err(sys_err("host: making / private (MS_PRIVATE | MS_REC)"))
 }
 
 fn write_id_maps(pid: i32, maps: &IdMaps) -> Result<(), ExecError> {
@@ -450,9 +486,17 @@ fn pump(master: OwnedFd, child: &ChildProcess) -> Result<bool, ExecError> {
 fn run_helper() -> Result<HelperReport, ExecError> {
     let plan = read_plan()?;
     let order = StepOrder::split(&plan.steps)?;
+    let mut private = false;
     for &step in order.before_clone {
         match step {
-            Step::HostOps => plan.host_ops.iter().try_for_each(host_op)?,
+            Step::PrivateMounts if !private => {
+                private_mounts()?;
+                private = true;
+            }
+            Step::HostOps => plan
+                .host_ops
+                .iter()
+                .try_for_each(|op| host_op(op, private))?,
             Step::DropSupplementaryGroups => {
                 rustix::thread::set_thread_groups(&[]).map_err(sys_err("setgroups(0, NULL)"))?
             }
@@ -552,7 +596,11 @@ mod tests {
         let order = StepOrder::split(&plan.steps).expect("valid order");
         assert_eq!(
             order.before_clone,
-            [Step::HostOps, Step::DropSupplementaryGroups]
+            [
+                Step::PrivateMounts,
+                Step::HostOps,
+                Step::DropSupplementaryGroups
+            ]
         );
         assert_eq!(order.after_clone, [Step::WriteIdMaps]);
         assert_eq!(order.child.first(), Some(&Step::Stdio));

@@ -51,6 +51,14 @@ pub(super) unsafe fn clone_process(namespace_flags: u64) -> io::Result<Forked> {
     }
 }
 
+/// `unshare(CLONE_NEWNS)`: the calling process gets a mount namespace of its own.
+pub(super) fn unshare_mount_namespace() -> io::Result<()> {
+    // SAFETY: the only flag is CLONE_NEWNS, which leaves the file descriptor table (the
+    // reason `unshare` is unsafe: CLONE_FILES) alone.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+        .map_err(io::Error::from)
+}
+
 /// `_exit(code)`: leaves the child without running the parent's atexit handlers or unwinding
 /// into the helper's code.
 pub(super) fn exit_now(code: i32) -> ! {
