@@ -325,11 +325,25 @@ pub struct LimitsConfig {
     /// Most sessions relayed over `serve.sock` at once; a connection beyond it gets
     /// `error: ...` and exit status 1. Default 1024. (SSH has its own limits in `[ssh]`.)
     pub max_sessions: usize,
+    /// Most sessions of one account relayed at once; more are refused with `error: ...`.
+    /// Default 64. (SSH connections per account: `[ssh] max_connections_per_account`.)
+    pub max_sessions_per_account: usize,
+    /// Most builds of one account queued or running at once; more fail at once with a
+    /// message saying so. Default 1024.
+    pub max_builds_per_account: usize,
+    /// Most NAR bytes one session may upload (AddToStoreNar and ImportPaths together); the
+    /// session ends with an error past it. Default 1 TiB.
+    pub max_upload_bytes_per_session: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_sessions: 1024 }
+        LimitsConfig {
+            max_sessions: 1024,
+            max_sessions_per_account: 64,
+            max_builds_per_account: 1024,
+            max_upload_bytes_per_session: 1 << 40,
+        }
     }
 }
 
@@ -682,8 +696,24 @@ impl Config {
                 format!("{paths} is not in 1..={MAX_PATHS_PER_REQUEST_CEILING}"),
             ));
         }
-        if self.limits.max_sessions == 0 {
-            return Err(invalid("limits.max_sessions", "must be at least 1".into()));
+        for (key, n) in [
+            ("limits.max_sessions", self.limits.max_sessions as u64),
+            (
+                "limits.max_sessions_per_account",
+                self.limits.max_sessions_per_account as u64,
+            ),
+            (
+                "limits.max_builds_per_account",
+                self.limits.max_builds_per_account as u64,
+            ),
+            (
+                "limits.max_upload_bytes_per_session",
+                self.limits.max_upload_bytes_per_session,
+            ),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
         }
         if self.store.max_request_bytes < MIN_REQUEST_BYTES {
             return Err(invalid(

@@ -41,6 +41,7 @@ use crate::build::{BuildError, BuildService};
 use crate::config::Config;
 use crate::session::{self, SessionOutput, SessionSettings};
 use crate::store::{Store, StoreError, StoreLimits};
+use nixbuild_core::account::{AccountCounts, AccountSlot};
 
 /// Frame tag: bytes for the relay's stderr (messages).
 pub const FRAME_STDERR: u8 = 2;
@@ -260,6 +261,7 @@ pub async fn run(
         }))
     });
     let config = Arc::new(config);
+    let accounts = Arc::new(AccountCounts::default());
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
     let result = loop {
@@ -269,7 +271,13 @@ pub async fn run(
                     refuse_busy(&stream, config.limits.max_sessions);
                 }
                 Ok((stream, _)) => {
-                    sessions.spawn(connection(stream, store.clone(), builds.clone(), config.clone()));
+                    sessions.spawn(connection(
+                        stream,
+                        store.clone(),
+                        builds.clone(),
+                        config.clone(),
+                        accounts.clone(),
+                    ));
                 }
                 Err(source) => {
                     // Out of file descriptors or memory, or a connection that went away
@@ -388,15 +396,26 @@ fn refuse_busy(stream: &UnixStream, max: usize) {
 
 /// Serves one connection: checks the peer, reads the header and the client's descriptors,
 /// runs the session, sends the exit status.
-async fn connection(stream: UnixStream, store: Store, builds: BuildService, config: Arc<Config>) {
-    let status = match admit(&stream, &config).await {
+async fn connection(
+    stream: UnixStream,
+    store: Store,
+    builds: BuildService,
+    config: Arc<Config>,
+    accounts: Arc<AccountCounts>,
+) {
+    let status = match admit(&stream, &config, &accounts).await {
         Err(msg) => {
             tracing::warn!("refused a connection: {msg}");
             let mut frames = RelayFrames::new(stream);
             let _ = frames.stderr(format!("error: {msg}\n").as_bytes()).await;
             frames.exit(1).await
         }
-        Ok((header, input, (stdout, pipe))) => {
+        Ok(Admitted {
+            header,
+            input,
+            output: (stdout, pipe),
+            slot: _slot,
+        }) => {
             let account = header.account.as_str();
             tracing::info!(%account, write = header.write, "session start");
             let settings = SessionSettings::new(&config, account, header.write);
@@ -428,10 +447,20 @@ pub type ClientReader = Pin<Box<dyn AsyncRead + Send + Sync>>;
 pub type ClientWriter = Pin<Box<dyn AsyncWrite + Send + Sync>>;
 
 /// Checks the peer's credentials, reads its header and takes the client's stdin and stdout.
+/// A relayed session let in: its header, the client's streams, and the account's session slot
+/// (held for the session's life).
+struct Admitted {
+    header: RelayHeader,
+    input: ClientReader,
+    output: (ClientWriter, Option<OwnedFd>),
+    slot: AccountSlot,
+}
+
 async fn admit(
     stream: &UnixStream,
     config: &Config,
-) -> Result<(RelayHeader, ClientReader, (ClientWriter, Option<OwnedFd>)), String> {
+    accounts: &Arc<AccountCounts>,
+) -> Result<Admitted, String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
@@ -453,6 +482,14 @@ async fn admit(
         ));
     };
     let header = RelayHeader::parse(line).map_err(|e| e.to_string())?;
+    let max = config.limits.max_sessions_per_account;
+    let slot = accounts.acquire(&header.account, max).ok_or_else(|| {
+        format!(
+            "account {} already has {max} sessions, the most this server allows at once \
+             (max_sessions_per_account in [limits] of the server's configuration)",
+            header.account
+        )
+    })?;
     let [stdin, stdout]: [OwnedFd; RELAY_FDS] = fds.try_into().map_err(|fds: Vec<OwnedFd>| {
         format!(
             "the relay sent {} descriptors with its header, expected {RELAY_FDS} (stdin, stdout)",
@@ -461,7 +498,12 @@ async fn admit(
     })?;
     let input = client_reader(stdin).map_err(|e| format!("the relay's stdin: {e}"))?;
     let output = client_writer(stdout).map_err(|e| format!("the relay's stdout: {e}"))?;
-    Ok((header, input, output))
+    Ok(Admitted {
+        header,
+        input,
+        output,
+        slot,
+    })
 }
 
 /// Reads the header line (up to [`MAX_HEADER`] bytes, stopping at a newline) and the

@@ -105,6 +105,16 @@ pub enum SessionError {
     /// Reading from or writing to the client failed.
     #[error("connection to the client: {0}")]
     Io(#[from] io::Error),
+    /// The session uploaded more NAR bytes than the configuration allows.
+    #[error(
+        "this session uploaded more than {max} bytes of NAR data, the most this server \
+         accepts in one session (max_upload_bytes_per_session in [limits] of the server's \
+         configuration)"
+    )]
+    UploadLimit {
+        /// The limit.
+        max: u64,
+    },
     /// The client went away while a build it asked for was running.
     #[error("the client disconnected during the build of '{0}'")]
     GoneDuringBuild(StorePath),
@@ -132,6 +142,8 @@ pub struct SessionSettings {
     pub idle_timeout: Duration,
     /// Longest wait for one write or flush to the client.
     pub write_timeout: Duration,
+    /// Most NAR bytes the session may upload.
+    pub max_upload_bytes: u64,
 }
 
 impl SessionSettings {
@@ -154,6 +166,7 @@ impl SessionSettings {
             handshake_timeout: config.timeouts.handshake(),
             idle_timeout: config.timeouts.idle(),
             write_timeout: config.timeouts.write(),
+            max_upload_bytes: config.limits.max_upload_bytes_per_session,
         }
     }
 }
@@ -203,6 +216,7 @@ where
         import_entries: 0,
         pool: BufferPool::default(),
         pending_build: None,
+        uploaded: 0,
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
@@ -357,6 +371,8 @@ struct Driver<'a, O> {
     pool: BufferPool,
     /// The build request just decoded, run before the next event.
     pending_build: Option<PendingBuild>,
+    /// NAR bytes uploaded so far in this session.
+    uploaded: u64,
 }
 
 impl<O: SessionOutput> Driver<'_, O> {
@@ -703,6 +719,11 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     async fn nar_chunk(&mut self, chunk: Bytes) -> Result<(), SessionError> {
+        self.uploaded += chunk.len() as u64;
+        let max = self.settings.max_upload_bytes;
+        if self.uploaded > max {
+            return Err(SessionError::UploadLimit { max });
+        }
         if self.upload.is_none() {
             // ImportPaths: the first chunk of an entry's NAR.
             self.import_entries += 1;

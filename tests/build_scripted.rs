@@ -606,3 +606,77 @@ fn accounts_with_identical_inputs_share_one_build() {
     assert!(stopped.valid("a", &out) && stopped.valid("b", &out));
     assert!(!stopped.valid("c", &out));
 }
+
+#[test]
+fn per_account_limits_refuse_with_a_clear_error() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let s = Setup::new(
+        "[limits]\nmax_sessions_per_account = 2\nmax_builds_per_account = 1\n\
+         max_upload_bytes_per_session = 4194304\n",
+    );
+    // Builds: a's second concurrent build is refused; b is not affected by a's.
+    s.upload_for("b");
+    let (p1, d1) = s.derivation("limit-first", "sleep 2; echo 1 > $out");
+    let (p2, d2) = s.derivation("limit-second", "echo 2 > $out");
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| s.build(&p1, &d1, BuildOptions::default()));
+        wait_for_start(&s.daemon, &p1);
+        let (r2, _) = s.build(&p2, &d2, BuildOptions::default());
+        let msg = String::from_utf8_lossy(&r2.error_msg);
+        assert_eq!(r2.status, BuildStatus::MiscFailure, "{msg}");
+        assert!(
+            msg.contains("already has 1 builds queued or running"),
+            "{msg}"
+        );
+        let (rb, _) = s.build_as("b", &p2, &d2, BuildOptions::default());
+        assert_eq!(rb.status, BuildStatus::Built);
+        assert_eq!(first.join().expect("first").0.status, BuildStatus::Built);
+    });
+
+    // Sessions: while two sessions of a are open, a third is refused; b's goes on.
+    let open = |n: usize| {
+        let mut relay = Command::new(harness::example_bin("nixbuild-serve"))
+            .arg("--serve")
+            .env("NIXBUILD_STATE_DIR", s.daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", "a")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("relay");
+        let mut stdin = relay.stdin.take().expect("stdin");
+        stdin.write_all(&Script::new().bytes).expect("hello");
+        let until = Instant::now() + Duration::from_secs(60);
+        while s.daemon.log().matches("session start account=a ").count() < n {
+            assert!(Instant::now() < until, "{}", s.daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (relay, stdin)
+    };
+    let started = s.daemon.log().matches("session start account=a ").count();
+    let sessions = [open(started + 1), open(started + 2)];
+    s.daemon
+        .relay("a", false, &Script::new().bytes)
+        .assert_error("already has 2 sessions");
+    assert_eq!(s.daemon.relay("b", false, &Script::new().bytes).status, 0);
+    for (mut relay, stdin) in sessions {
+        drop(stdin);
+        let _ = relay.wait();
+    }
+
+    // Uploads: more than 4 MiB of NAR in one session end it (busybox, about 2 MiB, fits).
+    let nar = nixbuild_core::nar::NarNode::File {
+        executable: false,
+        contents: vec![b'x'; 5 << 20],
+    }
+    .to_nar()
+    .expect("nar");
+    let path = test_path(&format!("{}-big", s.salt), "big");
+    let script = Script::new().add_honest(&path, &nar);
+    s.daemon
+        .relay("a", true, &script.bytes)
+        .assert_error("uploaded more than 4194304 bytes of NAR data");
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &path));
+}

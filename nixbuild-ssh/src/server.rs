@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::authorized_keys::{AuthorizedKeys, KeyTypes, MAX_FILE_SIZE};
 use crate::exec::{parse_exec, ExecRefusal, SERVED};
 use crate::host_key::fingerprint;
+use nixbuild_core::account::{AccountCounts, AccountSlot};
 
 /// What a client that asks for a terminal is told.
 const PTY_REFUSED: &str = "terminals are not served (run ssh without -t): this server runs only \
@@ -268,43 +269,6 @@ fn log_loaded(path: &Path, keys: &AuthorizedKeys, why: &str) {
         skipped = keys.skipped.len(),
         "authorized keys {why}"
     );
-}
-
-/// Authenticated connections per account.
-#[derive(Default)]
-struct AccountCounts(Mutex<HashMap<String, usize>>);
-
-/// One of an account's connection slots, given back when dropped.
-struct AccountSlot {
-    counts: Arc<AccountCounts>,
-    account: String,
-}
-
-impl AccountCounts {
-    fn acquire(self: &Arc<Self>, account: &str, max: usize) -> Option<AccountSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(account.to_owned()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(AccountSlot {
-            counts: self.clone(),
-            account: account.to_owned(),
-        })
-    }
-}
-
-impl Drop for AccountSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.account) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.account);
-            }
-        }
-    }
 }
 
 /// What the whole server shares with its connections.
@@ -1273,19 +1237,6 @@ mod tests {
         let (why, at) = w.task.await.unwrap();
         assert_eq!(why, Closing::Shutdown);
         assert_eq!(at, draining, "idle for long: closed at once");
-    }
-
-    #[test]
-    fn account_slots_are_counted_and_given_back() {
-        let counts = Arc::new(AccountCounts::default());
-        let a1 = counts.acquire("a", 2).unwrap();
-        let a2 = counts.acquire("a", 2).unwrap();
-        assert!(counts.acquire("a", 2).is_none());
-        let b = counts.acquire("b", 2).unwrap();
-        drop(a1);
-        let a3 = counts.acquire("a", 2).unwrap();
-        drop((a2, a3, b));
-        assert!(counts.0.lock().unwrap().is_empty());
     }
 
     #[test]

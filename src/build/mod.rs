@@ -408,6 +408,9 @@ struct Inner {
     config: BuildsConfig,
     host: SandboxHost,
     placement: Arc<Placement>,
+    /// Builds queued or running per account, and the most each may have.
+    account_builds: Arc<nixbuild_core::account::AccountCounts>,
+    max_builds_per_account: usize,
     uids: UidPool,
     inflight: Mutex<HashMap<BuildKey, Arc<Shared>>>,
     next_id: AtomicU64,
@@ -462,6 +465,8 @@ impl BuildService {
                 config: config.builds.clone(),
                 host: SandboxHost::detect(),
                 placement: Arc::new(placement),
+                account_builds: Arc::default(),
+                max_builds_per_account: config.limits.max_builds_per_account,
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
@@ -504,6 +509,18 @@ impl BuildService {
             )));
             return build.subscribe(&self.inner, &job.account, notes);
         }
+        let max = self.inner.max_builds_per_account;
+        let Some(slot) = self.inner.account_builds.acquire(&job.account, max) else {
+            return Waiter::ready(Outcome::without_build(
+                BuildStatus::MiscFailure,
+                format!(
+                    "account {} already has {max} builds queued or running, the most this \
+                     server allows (max_builds_per_account in [limits] of the server's \
+                     configuration)",
+                    job.account
+                ),
+            ));
+        };
         let (log, _) = broadcast::channel(LOG_BACKLOG);
         let build = Arc::new(Shared {
             key: prepared.key,
@@ -519,6 +536,8 @@ impl BuildService {
         drop(inflight);
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            // The account's build slot, held until the build is over.
+            let _slot = slot;
             let (outcome, leftovers) = run(&inner, &build, &job, prepared).await;
             tracing::info!(
                 account = %job.account,
