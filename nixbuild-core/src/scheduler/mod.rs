@@ -1021,18 +1021,22 @@ impl Scheduler {
         self.start(id, m, t, false)
     }
 
-    /// A reserved build that fits on its machine now, oldest first.
+    /// A reserved build that fits on its machine now, oldest first. Only dirty machines are
+    /// looked at: a machine is reserved where its build does not fit, its free resources
+    /// grow only when it is marked dirty, and the dirty list is emptied only after this found
+    /// nothing.
     fn reserved_that_fits(&self) -> Option<(u64, u32)> {
-        self.reservations
+        self.dirty
             .iter()
-            .find(|(id, m)| {
+            .filter_map(|&m| Some((self.slots[m as usize].reserved_for?, m)))
+            .filter(|&(id, m)| {
                 self.builds
-                    .get(id)
+                    .get(&id)
                     .and_then(|b| self.shapes[b.shape].as_ref())
-                    .and_then(|s| s.need_on(**m))
-                    .is_some_and(|n| self.slots[**m as usize].fits(&n))
+                    .and_then(|s| s.need_on(m))
+                    .is_some_and(|n| self.slots[m as usize].fits(&n))
             })
-            .map(|(&id, &m)| (id, m))
+            .min()
     }
 
     /// The first build, in fair-share order, that fits on a machine that is not reserved:
