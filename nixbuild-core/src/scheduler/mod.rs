@@ -282,8 +282,8 @@ pub struct Scheduler {
     free_shapes: Vec<usize>,
     /// Shapes with bypasses by other accounts' builds not yet attributed to queues.
     pending_bypass: Vec<usize>,
-    /// Queues, as (account, shape), whose first build has been bypassed.
-    bypassed: BTreeSet<(u32, usize)>,
+    /// Queues whose first build has been bypassed (members with `bypassed_since`).
+    bypassed: usize,
     /// Reserved machine by build.
     reservations: BTreeMap<u64, u32>,
     /// When bypasses were last attributed and reservations handed out.
@@ -357,15 +357,15 @@ struct Queue {
     builds: BTreeSet<Order>,
     /// Index of the account in the shape's `members`.
     member_at: usize,
-    /// When its first build was first bypassed.
-    bypassed_since: Option<f64>,
 }
 
-/// An account with waiting builds of a shape, and the first of them.
+/// An account with waiting builds of a shape (a queue), and the first of them.
 #[derive(Debug, Clone, Copy)]
 struct Member {
     account: u32,
     head: Order,
+    /// When the queue's first build was first bypassed.
+    bypassed_since: Option<f64>,
 }
 
 /// Waiting builds with the same [`ShapeKey`].
@@ -378,6 +378,8 @@ struct Shape {
     waiting: BTreeSet<u64>,
     /// The accounts with waiting builds of this shape.
     members: Vec<Member>,
+    /// Members with `bypassed_since`.
+    bypassed: usize,
     /// Bypasses by builds of other accounts since the last sweep: the first time, and the
     /// highest standing per weight among the accounts of the builds that went first.
     pending_bypass: Option<(f64, f64)>,
@@ -549,7 +551,7 @@ impl Scheduler {
             shape_ids: HashMap::new(),
             free_shapes: Vec::new(),
             pending_bypass: Vec::new(),
-            bypassed: BTreeSet::new(),
+            bypassed: 0,
             reservations: BTreeMap::new(),
             last_sweep: f64::NEG_INFINITY,
             next_id: 1,
@@ -698,11 +700,11 @@ impl Scheduler {
                     shape,
                     builds: BTreeSet::from([order]),
                     member_at: sh.members.len(),
-                    bypassed_since: None,
                 });
                 sh.members.push(Member {
                     account,
                     head: order,
+                    bypassed_since: None,
                 });
             }
         }
@@ -785,6 +787,7 @@ impl Scheduler {
             needs,
             waiting: BTreeSet::new(),
             members: Vec::new(),
+            bypassed: 0,
             pending_bypass: None,
             seen: 0,
             fit_machine: 0,
@@ -825,14 +828,14 @@ impl Scheduler {
             let queue = &mut acc.queues[i];
             let was_head = queue.builds.first() == Some(&order);
             queue.builds.remove(&order);
-            if was_head {
-                // A new first build starts its own count.
-                queue.bypassed_since = None;
-                self.bypassed.remove(&(a, s));
-            }
             let member_at = queue.member_at;
             let next = queue.builds.first().copied();
             if let Some(shape) = self.shapes[s].as_mut() {
+                // A new first build starts its own count.
+                if was_head && shape.members[member_at].bypassed_since.take().is_some() {
+                    shape.bypassed -= 1;
+                    self.bypassed -= 1;
+                }
                 match next {
                     Some(head) => shape.members[member_at].head = head,
                     None => {
@@ -1192,14 +1195,20 @@ impl Scheduler {
         };
         let (own, order) = (build.account, (Reverse(build.priority), id));
         let slot = &self.slots[m as usize];
-        for queue in &mut self.accounts[own as usize].queues {
-            if queue.bypassed_since.is_some() || queue.builds.first().is_none_or(|h| *h >= order) {
+        for queue in &self.accounts[own as usize].queues {
+            if queue.builds.first().is_none_or(|h| *h >= order) {
                 continue;
             }
-            let need = self.shapes[queue.shape].as_ref().and_then(|s| s.need_on(m));
-            if need.is_some_and(|n| !slot.fits(&n)) {
-                queue.bypassed_since = Some(t);
-                self.bypassed.insert((own, queue.shape));
+            let Some(shape) = self.shapes[queue.shape].as_mut() else {
+                continue;
+            };
+            if shape.members[queue.member_at].bypassed_since.is_some() {
+                continue;
+            }
+            if shape.need_on(m).is_some_and(|n| !slot.fits(&n)) {
+                shape.members[queue.member_at].bypassed_since = Some(t);
+                shape.bypassed += 1;
+                self.bypassed += 1;
             }
         }
         for e in &slot.shapes {
@@ -1234,20 +1243,19 @@ impl Scheduler {
             else {
                 continue;
             };
-            let Some(shape) = self.shapes[s].as_ref() else {
+            let Some(shape) = self.shapes[s].as_mut() else {
                 continue;
             };
-            for member in &shape.members {
-                if self.fair[member.account as usize].standing(&self.clock, self.growth) >= highest
+            for member in &mut shape.members {
+                if member.bypassed_since.is_some()
+                    || self.fair[member.account as usize].standing(&self.clock, self.growth)
+                        >= highest
                 {
                     continue;
                 }
-                if let Some(q) = self.accounts[member.account as usize].queue_mut(s) {
-                    if q.bypassed_since.is_none() {
-                        q.bypassed_since = Some(since);
-                        self.bypassed.insert((member.account, s));
-                    }
-                }
+                member.bypassed_since = Some(since);
+                shape.bypassed += 1;
+                self.bypassed += 1;
             }
         }
         self.reserve_for_starving(t);
@@ -1256,38 +1264,40 @@ impl Scheduler {
     /// Gives reservations to first builds of queues bypassed for `starvation_after` or longer
     /// that fit nowhere now.
     fn reserve_for_starving(&mut self, t: f64) {
-        if self.bypassed.is_empty() {
+        if self.bypassed == 0 {
             return;
         }
         let after = self.config.starvation_after.as_secs_f64();
-        // (bypassed since, build, shape)
+        // One reservation per shape at a time: its builds are interchangeable, so one machine
+        // drained for them serves them in turn, and starving builds cannot drain every machine.
+        let mut reserved_shapes = vec![false; self.shapes.len()];
+        for id in self.reservations.keys() {
+            if let Some(b) = self.builds.get(id) {
+                reserved_shapes[b.shape] = true;
+            }
+        }
+        // For each other shape, its longest bypassed first build that is due:
+        // (bypassed since, build, shape).
         let mut due: Vec<(f64, u64, usize)> = Vec::new();
-        for &(a, s) in &self.bypassed {
-            let queue = self.accounts[a as usize]
-                .queues
-                .iter()
-                .find(|q| q.shape == s);
-            let Some((Some(since), Some(&(_, head)))) =
-                queue.map(|q| (q.bypassed_since, q.builds.first()))
-            else {
+        for (s, shape) in self.shapes.iter().enumerate() {
+            let Some(shape) = shape.as_ref().filter(|sh| sh.bypassed > 0) else {
                 continue;
             };
-            if t - since >= after && !self.reservations.contains_key(&head) {
+            if reserved_shapes[s] {
+                continue;
+            }
+            let first = shape
+                .members
+                .iter()
+                .filter_map(|m| Some((m.bypassed_since?, m.head.1)))
+                .filter(|&(since, _)| t - since >= after)
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            if let Some((since, head)) = first {
                 due.push((since, head, s));
             }
         }
         due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        // One reservation per shape at a time: its builds are interchangeable, so one machine
-        // drained for them serves them in turn, and starving builds cannot drain every machine.
-        let mut reserved_shapes: BTreeSet<usize> = self
-            .reservations
-            .keys()
-            .filter_map(|id| self.builds.get(id).map(|b| b.shape))
-            .collect();
         for (_, id, s) in due {
-            if !reserved_shapes.insert(s) {
-                continue;
-            }
             let Some(shape) = self.shapes[s].as_ref() else {
                 continue;
             };
