@@ -385,6 +385,9 @@ struct Shape {
     pending_bypass: Option<(f64, f64)>,
     /// The last decision that found it fitting, and on which machine.
     seen: u64,
+    /// The last decision whose build started on a machine that could run this shape but
+    /// has no room for it (see `record_bypasses`).
+    unfit: u64,
     fit_machine: u32,
 }
 
@@ -790,6 +793,7 @@ impl Scheduler {
             bypassed: 0,
             pending_bypass: None,
             seen: 0,
+            unfit: 0,
             fit_machine: 0,
         });
         s
@@ -1141,10 +1145,11 @@ impl Scheduler {
                     let Some(shape) = self.shapes[queue.shape].as_ref() else {
                         continue;
                     };
-                    let Some(&head) = queue.builds.first() else {
+                    if shape.seen != self.stamp {
                         continue;
-                    };
-                    if shape.seen == self.stamp && better(&best, standing, head) {
+                    }
+                    let head = shape.members[queue.member_at].head;
+                    if better(&best, standing, head) {
                         best = Some((standing, head, shape.fit_machine));
                     }
                 }
@@ -1195,27 +1200,12 @@ impl Scheduler {
         };
         let (own, order) = (build.account, (Reverse(build.priority), id));
         let slot = &self.slots[m as usize];
-        for queue in &self.accounts[own as usize].queues {
-            if queue.builds.first().is_none_or(|h| *h >= order) {
-                continue;
-            }
-            let Some(shape) = self.shapes[queue.shape].as_mut() else {
-                continue;
-            };
-            if shape.members[queue.member_at].bypassed_since.is_some() {
-                continue;
-            }
-            if shape.need_on(m).is_some_and(|n| !slot.fits(&n)) {
-                shape.members[queue.member_at].bypassed_since = Some(t);
-                shape.bypassed += 1;
-                self.bypassed += 1;
-            }
-        }
         for e in &slot.shapes {
             if self.shape_gen[e.shape] != e.generation || slot.fits(&e.need) {
                 continue;
             }
             if let Some(shape) = self.shapes[e.shape].as_mut() {
+                shape.unfit = self.stamp;
                 match &mut shape.pending_bypass {
                     Some((_, highest)) => *highest = highest.max(standing),
                     None => {
@@ -1224,6 +1214,19 @@ impl Scheduler {
                     }
                 }
             }
+        }
+        for queue in &self.accounts[own as usize].queues {
+            let Some(shape) = self.shapes[queue.shape].as_mut() else {
+                continue;
+            };
+            let member = &mut shape.members[queue.member_at];
+            if shape.unfit != self.stamp || member.bypassed_since.is_some() || member.head >= order
+            {
+                continue;
+            }
+            member.bypassed_since = Some(t);
+            shape.bypassed += 1;
+            self.bypassed += 1;
         }
     }
 
