@@ -807,7 +807,8 @@ impl Scheduler {
         for n in &shape.needs {
             let slot = &mut self.slots[n.machine as usize];
             slot.stale += 1;
-            if slot.stale * 2 > slot.shapes.len() {
+            // Decisions walk these lists: keep at most a quarter stale.
+            if slot.stale * 4 > slot.shapes.len() {
                 let (shapes, generations) = (&self.shapes, &self.shape_gen);
                 slot.shapes
                     .retain(|e| shapes[e.shape].is_some() && generations[e.shape] == e.generation);
@@ -1054,7 +1055,8 @@ impl Scheduler {
         self.fitting.clear();
         for &m in &self.dirty {
             let slot = &self.slots[m as usize];
-            if slot.reserved_for.is_some() {
+            // At its job limit, nothing fits.
+            if slot.reserved_for.is_some() || slot.jobs >= slot.max_jobs {
                 continue;
             }
             for e in &slot.shapes {
