@@ -262,10 +262,10 @@ pub struct Scheduler {
     accounts: Vec<Account>,
     /// Fair-share state by account.
     fair: Vec<Fair>,
-    /// Standing per weight by account, as of `standings_time` and the builds started or
-    /// ended since (updated with them).
-    standings: Vec<f64>,
-    standings_time: f64,
+    /// Standing per weight by account, computed when needed.
+    standings: Standings,
+    /// The time `order` was last sorted at.
+    order_time: f64,
     /// Accounts with waiting builds, nearly sorted by standing: sorted again (insertion sort,
     /// cheap when little moved) before a decision walks it. May hold inactive accounts,
     /// dropped when sorting.
@@ -341,6 +341,30 @@ struct Fair {
 impl Fair {
     fn standing(&self, clock: &Clock, growth: f64) -> f64 {
         self.usage.standing(clock, growth) / self.weight
+    }
+}
+
+/// Standings per weight by account, each computed at most once per time and change of the
+/// account's running builds.
+#[derive(Debug, Default)]
+struct Standings {
+    values: Vec<f64>,
+    /// The time each value is for; NaN when the account's running builds changed since.
+    at: Vec<f64>,
+}
+
+impl Standings {
+    fn get(&mut self, a: u32, fair: &[Fair], clock: &Clock, growth: f64, now: f64) -> f64 {
+        let a = a as usize;
+        if self.at[a] != now {
+            self.at[a] = now;
+            self.values[a] = fair[a].standing(clock, growth);
+        }
+        self.values[a]
+    }
+
+    fn forget(&mut self, a: u32) {
+        self.at[a as usize] = f64::NAN;
     }
 }
 
@@ -542,8 +566,8 @@ impl Scheduler {
             fresh: Vec::new(),
             accounts: Vec::new(),
             fair: Vec::new(),
-            standings: Vec::new(),
-            standings_time: f64::NAN,
+            standings: Standings::default(),
+            order_time: f64::NAN,
             order: Vec::new(),
             order_sorted: true,
             account_ids: HashMap::new(),
@@ -613,14 +637,10 @@ impl Scheduler {
         self.fair[account as usize].standing(&self.clock, self.growth)
     }
 
-    /// Brings `standings` to the current time and sorts `order` by them.
+    /// Sorts `order` by the standings now.
     fn refresh_order(&mut self) {
-        if self.standings_time != self.now {
-            self.standings_time = self.now;
-            for &a in &self.active {
-                self.standings[a as usize] =
-                    self.fair[a as usize].standing(&self.clock, self.growth);
-            }
+        if self.order_time != self.now {
+            self.order_time = self.now;
             self.order_sorted = false;
         }
         if self.order_sorted {
@@ -629,8 +649,12 @@ impl Scheduler {
         let accounts = &self.accounts;
         self.order
             .retain(|&a| accounts[a as usize].active_at.is_some());
+        for &a in &self.order {
+            self.standings
+                .get(a, &self.fair, &self.clock, self.growth, self.now);
+        }
         // Insertion sort: between decisions few accounts move, and not far.
-        let standings = &self.standings;
+        let standings = &self.standings.values;
         for i in 1..self.order.len() {
             let a = self.order[i];
             let mut j = i;
@@ -645,10 +669,8 @@ impl Scheduler {
 
     /// Records that an account's running builds changed: its standing moves.
     fn restand(&mut self, account: u32) {
-        if self.standings_time == self.now {
-            self.standings[account as usize] = self.standing(account);
-            self.order_sorted = false;
-        }
+        self.standings.forget(account);
+        self.order_sorted = false;
     }
 
     /// Moves the clock to `now` (never backwards) and returns it in seconds.
@@ -718,8 +740,7 @@ impl Scheduler {
             if !self.order.contains(&account) {
                 self.order.push(account);
             }
-            self.standings[account as usize] =
-                self.fair[account as usize].standing(&self.clock, self.growth);
+            self.standings.forget(account);
             self.order_sorted = false;
         }
         sh.waiting.insert(id);
@@ -758,7 +779,8 @@ impl Scheduler {
             usage: Usage::default(),
             weight: f64::from(weight),
         });
-        self.standings.push(0.0);
+        self.standings.values.push(f64::NAN);
+        self.standings.at.push(f64::NAN);
         self.accounts.push(Account {
             queues: Vec::new(),
             waiting: BTreeSet::new(),
@@ -1109,7 +1131,6 @@ impl Scheduler {
             }
             return None;
         }
-        self.refresh_order();
         // (standing per weight, first build, machine); ties go to the higher priority, then
         // the earlier build.
         let mut best: Option<(f64, Order, u32)> = None;
@@ -1122,14 +1143,20 @@ impl Scheduler {
             .filter_map(|&(s, _)| self.shapes[s].as_ref())
             .map(|shape| shape.members.len())
             .sum();
-        if members <= 2 * self.order.len() {
+        if members <= 2 * self.active.len() {
             // Few accounts have builds that fit: look at each.
             for &(s, m) in &self.fitting {
                 let Some(shape) = self.shapes[s].as_ref() else {
                     continue;
                 };
                 for member in &shape.members {
-                    let standing = self.standings[member.account as usize];
+                    let standing = self.standings.get(
+                        member.account,
+                        &self.fair,
+                        &self.clock,
+                        self.growth,
+                        self.now,
+                    );
                     if better(&best, standing, member.head) {
                         best = Some((standing, member.head, m));
                     }
@@ -1138,8 +1165,9 @@ impl Scheduler {
         } else {
             // Many do: walk the accounts from the lowest standing up; the first with a build
             // that fits, and those standing as low, decide.
+            self.refresh_order();
             for &a in &self.order {
-                let standing = self.standings[a as usize];
+                let standing = self.standings.values[a as usize];
                 if best.is_some_and(|(b, _, _)| standing > b) {
                     break;
                 }
