@@ -15,7 +15,9 @@
 //!   is one `decide_one` call, the last one of a step (which starts nothing) included.
 //!
 //! Besides criterion's figure, the bench prints the throughput and the latency percentiles
-//! of 100,000 steps from a histogram of every decision (`SCHED_STEPS` changes the count).
+//! of 100,000 steps from a histogram of every decision (`SCHED_STEPS` changes the count), and
+//! a digest of every start (build, machine, cores, memory, reserved): a change meant only to
+//! make the scheduler faster must leave it as it was for the same step count.
 
 use std::time::{Duration, Instant};
 
@@ -126,6 +128,8 @@ struct Workload {
     sched: Scheduler,
     running: Vec<BuildId>,
     now: Duration,
+    /// FNV-1a over the starts since the machines were filled.
+    digest: u64,
 }
 
 impl Workload {
@@ -150,6 +154,7 @@ impl Workload {
             sched,
             running,
             now,
+            digest: 0xcbf2_9ce4_8422_2325,
         }
     }
 
@@ -172,7 +177,21 @@ impl Workload {
             let started = self.sched.decide_one(self.now);
             decision(start.elapsed());
             match started {
-                Some(s) => self.running.push(s.id),
+                Some(s) => {
+                    let words = [
+                        s.id.get(),
+                        u64::from(s.machine.0),
+                        s.memory,
+                        u64::from(s.reserved),
+                    ];
+                    for word in words
+                        .into_iter()
+                        .chain(s.cores.iter().map(|&c| u64::from(c)))
+                    {
+                        self.digest = (self.digest ^ word).wrapping_mul(0x0100_0000_01b3);
+                    }
+                    self.running.push(s.id);
+                }
                 None => break,
             }
         }
@@ -199,7 +218,8 @@ fn report() {
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     println!(
         "scheduler: {} decisions in {:.3} s: {:.0} decisions/s; latency p50 {:.1} µs, \
-         p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs; {} queued, {} running at the end",
+         p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs; {} queued, {} running at the end; \
+         decision digest {:016x}",
         latencies.len(),
         total as f64 / 1e9,
         latencies.len() as f64 / (total as f64 / 1e9),
@@ -209,6 +229,7 @@ fn report() {
         latencies[latencies.len() - 1] as f64 / 1e3,
         w.sched.waiting_count(),
         w.sched.running_count(),
+        w.digest,
     );
 }
 

@@ -262,10 +262,10 @@ pub struct Scheduler {
     accounts: Vec<Account>,
     /// Fair-share state by account.
     fair: Vec<Fair>,
-    /// Standing per weight by account, as of `standings_time` and the builds started or
-    /// ended since (updated with them).
-    standings: Vec<f64>,
-    standings_time: f64,
+    /// Standing per weight by account, computed when needed.
+    standings: Standings,
+    /// The time `order` was last sorted at.
+    order_time: f64,
     /// Accounts with waiting builds, nearly sorted by standing: sorted again (insertion sort,
     /// cheap when little moved) before a decision walks it. May hold inactive accounts,
     /// dropped when sorting.
@@ -282,8 +282,8 @@ pub struct Scheduler {
     free_shapes: Vec<usize>,
     /// Shapes with bypasses by other accounts' builds not yet attributed to queues.
     pending_bypass: Vec<usize>,
-    /// Queues, as (account, shape), whose first build has been bypassed.
-    bypassed: BTreeSet<(u32, usize)>,
+    /// Queues whose first build has been bypassed (members with `bypassed_since`).
+    bypassed: usize,
     /// Reserved machine by build.
     reservations: BTreeMap<u64, u32>,
     /// When bypasses were last attributed and reservations handed out.
@@ -344,6 +344,30 @@ impl Fair {
     }
 }
 
+/// Standings per weight by account, each computed at most once per time and change of the
+/// account's running builds.
+#[derive(Debug, Default)]
+struct Standings {
+    values: Vec<f64>,
+    /// The time each value is for; NaN when the account's running builds changed since.
+    at: Vec<f64>,
+}
+
+impl Standings {
+    fn get(&mut self, a: u32, fair: &[Fair], clock: &Clock, growth: f64, now: f64) -> f64 {
+        let a = a as usize;
+        if self.at[a] != now {
+            self.at[a] = now;
+            self.values[a] = fair[a].standing(clock, growth);
+        }
+        self.values[a]
+    }
+
+    fn forget(&mut self, a: u32) {
+        self.at[a as usize] = f64::NAN;
+    }
+}
+
 impl Account {
     fn queue_mut(&mut self, shape: usize) -> Option<&mut Queue> {
         self.queues.iter_mut().find(|q| q.shape == shape)
@@ -357,15 +381,15 @@ struct Queue {
     builds: BTreeSet<Order>,
     /// Index of the account in the shape's `members`.
     member_at: usize,
-    /// When its first build was first bypassed.
-    bypassed_since: Option<f64>,
 }
 
-/// An account with waiting builds of a shape, and the first of them.
+/// An account with waiting builds of a shape (a queue), and the first of them.
 #[derive(Debug, Clone, Copy)]
 struct Member {
     account: u32,
     head: Order,
+    /// When the queue's first build was first bypassed.
+    bypassed_since: Option<f64>,
 }
 
 /// Waiting builds with the same [`ShapeKey`].
@@ -378,11 +402,16 @@ struct Shape {
     waiting: BTreeSet<u64>,
     /// The accounts with waiting builds of this shape.
     members: Vec<Member>,
+    /// Members with `bypassed_since`.
+    bypassed: usize,
     /// Bypasses by builds of other accounts since the last sweep: the first time, and the
     /// highest standing per weight among the accounts of the builds that went first.
     pending_bypass: Option<(f64, f64)>,
     /// The last decision that found it fitting, and on which machine.
     seen: u64,
+    /// The last decision whose build started on a machine that could run this shape but
+    /// has no room for it (see `record_bypasses`).
+    unfit: u64,
     fit_machine: u32,
 }
 
@@ -537,8 +566,8 @@ impl Scheduler {
             fresh: Vec::new(),
             accounts: Vec::new(),
             fair: Vec::new(),
-            standings: Vec::new(),
-            standings_time: f64::NAN,
+            standings: Standings::default(),
+            order_time: f64::NAN,
             order: Vec::new(),
             order_sorted: true,
             account_ids: HashMap::new(),
@@ -549,7 +578,7 @@ impl Scheduler {
             shape_ids: HashMap::new(),
             free_shapes: Vec::new(),
             pending_bypass: Vec::new(),
-            bypassed: BTreeSet::new(),
+            bypassed: 0,
             reservations: BTreeMap::new(),
             last_sweep: f64::NEG_INFINITY,
             next_id: 1,
@@ -608,14 +637,10 @@ impl Scheduler {
         self.fair[account as usize].standing(&self.clock, self.growth)
     }
 
-    /// Brings `standings` to the current time and sorts `order` by them.
+    /// Sorts `order` by the standings now.
     fn refresh_order(&mut self) {
-        if self.standings_time != self.now {
-            self.standings_time = self.now;
-            for &a in &self.active {
-                self.standings[a as usize] =
-                    self.fair[a as usize].standing(&self.clock, self.growth);
-            }
+        if self.order_time != self.now {
+            self.order_time = self.now;
             self.order_sorted = false;
         }
         if self.order_sorted {
@@ -624,8 +649,12 @@ impl Scheduler {
         let accounts = &self.accounts;
         self.order
             .retain(|&a| accounts[a as usize].active_at.is_some());
+        for &a in &self.order {
+            self.standings
+                .get(a, &self.fair, &self.clock, self.growth, self.now);
+        }
         // Insertion sort: between decisions few accounts move, and not far.
-        let standings = &self.standings;
+        let standings = &self.standings.values;
         for i in 1..self.order.len() {
             let a = self.order[i];
             let mut j = i;
@@ -640,10 +669,8 @@ impl Scheduler {
 
     /// Records that an account's running builds changed: its standing moves.
     fn restand(&mut self, account: u32) {
-        if self.standings_time == self.now {
-            self.standings[account as usize] = self.standing(account);
-            self.order_sorted = false;
-        }
+        self.standings.forget(account);
+        self.order_sorted = false;
     }
 
     /// Moves the clock to `now` (never backwards) and returns it in seconds.
@@ -698,11 +725,11 @@ impl Scheduler {
                     shape,
                     builds: BTreeSet::from([order]),
                     member_at: sh.members.len(),
-                    bypassed_since: None,
                 });
                 sh.members.push(Member {
                     account,
                     head: order,
+                    bypassed_since: None,
                 });
             }
         }
@@ -713,8 +740,7 @@ impl Scheduler {
             if !self.order.contains(&account) {
                 self.order.push(account);
             }
-            self.standings[account as usize] =
-                self.fair[account as usize].standing(&self.clock, self.growth);
+            self.standings.forget(account);
             self.order_sorted = false;
         }
         sh.waiting.insert(id);
@@ -753,7 +779,8 @@ impl Scheduler {
             usage: Usage::default(),
             weight: f64::from(weight),
         });
-        self.standings.push(0.0);
+        self.standings.values.push(f64::NAN);
+        self.standings.at.push(f64::NAN);
         self.accounts.push(Account {
             queues: Vec::new(),
             waiting: BTreeSet::new(),
@@ -785,8 +812,10 @@ impl Scheduler {
             needs,
             waiting: BTreeSet::new(),
             members: Vec::new(),
+            bypassed: 0,
             pending_bypass: None,
             seen: 0,
+            unfit: 0,
             fit_machine: 0,
         });
         s
@@ -800,7 +829,8 @@ impl Scheduler {
         for n in &shape.needs {
             let slot = &mut self.slots[n.machine as usize];
             slot.stale += 1;
-            if slot.stale * 2 > slot.shapes.len() {
+            // Decisions walk these lists: keep at most a quarter stale.
+            if slot.stale * 4 > slot.shapes.len() {
                 let (shapes, generations) = (&self.shapes, &self.shape_gen);
                 slot.shapes
                     .retain(|e| shapes[e.shape].is_some() && generations[e.shape] == e.generation);
@@ -825,14 +855,14 @@ impl Scheduler {
             let queue = &mut acc.queues[i];
             let was_head = queue.builds.first() == Some(&order);
             queue.builds.remove(&order);
-            if was_head {
-                // A new first build starts its own count.
-                queue.bypassed_since = None;
-                self.bypassed.remove(&(a, s));
-            }
             let member_at = queue.member_at;
             let next = queue.builds.first().copied();
             if let Some(shape) = self.shapes[s].as_mut() {
+                // A new first build starts its own count.
+                if was_head && shape.members[member_at].bypassed_since.take().is_some() {
+                    shape.bypassed -= 1;
+                    self.bypassed -= 1;
+                }
                 match next {
                     Some(head) => shape.members[member_at].head = head,
                     None => {
@@ -1021,18 +1051,22 @@ impl Scheduler {
         self.start(id, m, t, false)
     }
 
-    /// A reserved build that fits on its machine now, oldest first.
+    /// A reserved build that fits on its machine now, oldest first. Only dirty machines are
+    /// looked at: a machine is reserved where its build does not fit, its free resources
+    /// grow only when it is marked dirty, and the dirty list is emptied only after this found
+    /// nothing.
     fn reserved_that_fits(&self) -> Option<(u64, u32)> {
-        self.reservations
+        self.dirty
             .iter()
-            .find(|(id, m)| {
+            .filter_map(|&m| Some((self.slots[m as usize].reserved_for?, m)))
+            .filter(|&(id, m)| {
                 self.builds
-                    .get(id)
+                    .get(&id)
                     .and_then(|b| self.shapes[b.shape].as_ref())
-                    .and_then(|s| s.need_on(**m))
-                    .is_some_and(|n| self.slots[**m as usize].fits(&n))
+                    .and_then(|s| s.need_on(m))
+                    .is_some_and(|n| self.slots[m as usize].fits(&n))
             })
-            .map(|(&id, &m)| (id, m))
+            .min()
     }
 
     /// The first build, in fair-share order, that fits on a machine that is not reserved:
@@ -1043,7 +1077,8 @@ impl Scheduler {
         self.fitting.clear();
         for &m in &self.dirty {
             let slot = &self.slots[m as usize];
-            if slot.reserved_for.is_some() {
+            // At its job limit, nothing fits.
+            if slot.reserved_for.is_some() || slot.jobs >= slot.max_jobs {
                 continue;
             }
             for e in &slot.shapes {
@@ -1096,7 +1131,6 @@ impl Scheduler {
             }
             return None;
         }
-        self.refresh_order();
         // (standing per weight, first build, machine); ties go to the higher priority, then
         // the earlier build.
         let mut best: Option<(f64, Order, u32)> = None;
@@ -1109,14 +1143,20 @@ impl Scheduler {
             .filter_map(|&(s, _)| self.shapes[s].as_ref())
             .map(|shape| shape.members.len())
             .sum();
-        if members <= 2 * self.order.len() {
+        if members <= 2 * self.active.len() {
             // Few accounts have builds that fit: look at each.
             for &(s, m) in &self.fitting {
                 let Some(shape) = self.shapes[s].as_ref() else {
                     continue;
                 };
                 for member in &shape.members {
-                    let standing = self.standings[member.account as usize];
+                    let standing = self.standings.get(
+                        member.account,
+                        &self.fair,
+                        &self.clock,
+                        self.growth,
+                        self.now,
+                    );
                     if better(&best, standing, member.head) {
                         best = Some((standing, member.head, m));
                     }
@@ -1125,8 +1165,9 @@ impl Scheduler {
         } else {
             // Many do: walk the accounts from the lowest standing up; the first with a build
             // that fits, and those standing as low, decide.
+            self.refresh_order();
             for &a in &self.order {
-                let standing = self.standings[a as usize];
+                let standing = self.standings.values[a as usize];
                 if best.is_some_and(|(b, _, _)| standing > b) {
                     break;
                 }
@@ -1134,10 +1175,11 @@ impl Scheduler {
                     let Some(shape) = self.shapes[queue.shape].as_ref() else {
                         continue;
                     };
-                    let Some(&head) = queue.builds.first() else {
+                    if shape.seen != self.stamp {
                         continue;
-                    };
-                    if shape.seen == self.stamp && better(&best, standing, head) {
+                    }
+                    let head = shape.members[queue.member_at].head;
+                    if better(&best, standing, head) {
                         best = Some((standing, head, shape.fit_machine));
                     }
                 }
@@ -1188,21 +1230,12 @@ impl Scheduler {
         };
         let (own, order) = (build.account, (Reverse(build.priority), id));
         let slot = &self.slots[m as usize];
-        for queue in &mut self.accounts[own as usize].queues {
-            if queue.bypassed_since.is_some() || queue.builds.first().is_none_or(|h| *h >= order) {
-                continue;
-            }
-            let need = self.shapes[queue.shape].as_ref().and_then(|s| s.need_on(m));
-            if need.is_some_and(|n| !slot.fits(&n)) {
-                queue.bypassed_since = Some(t);
-                self.bypassed.insert((own, queue.shape));
-            }
-        }
         for e in &slot.shapes {
             if self.shape_gen[e.shape] != e.generation || slot.fits(&e.need) {
                 continue;
             }
             if let Some(shape) = self.shapes[e.shape].as_mut() {
+                shape.unfit = self.stamp;
                 match &mut shape.pending_bypass {
                     Some((_, highest)) => *highest = highest.max(standing),
                     None => {
@@ -1211,6 +1244,19 @@ impl Scheduler {
                     }
                 }
             }
+        }
+        for queue in &self.accounts[own as usize].queues {
+            let Some(shape) = self.shapes[queue.shape].as_mut() else {
+                continue;
+            };
+            let member = &mut shape.members[queue.member_at];
+            if shape.unfit != self.stamp || member.bypassed_since.is_some() || member.head >= order
+            {
+                continue;
+            }
+            member.bypassed_since = Some(t);
+            shape.bypassed += 1;
+            self.bypassed += 1;
         }
     }
 
@@ -1230,20 +1276,19 @@ impl Scheduler {
             else {
                 continue;
             };
-            let Some(shape) = self.shapes[s].as_ref() else {
+            let Some(shape) = self.shapes[s].as_mut() else {
                 continue;
             };
-            for member in &shape.members {
-                if self.fair[member.account as usize].standing(&self.clock, self.growth) >= highest
+            for member in &mut shape.members {
+                if member.bypassed_since.is_some()
+                    || self.fair[member.account as usize].standing(&self.clock, self.growth)
+                        >= highest
                 {
                     continue;
                 }
-                if let Some(q) = self.accounts[member.account as usize].queue_mut(s) {
-                    if q.bypassed_since.is_none() {
-                        q.bypassed_since = Some(since);
-                        self.bypassed.insert((member.account, s));
-                    }
-                }
+                member.bypassed_since = Some(since);
+                shape.bypassed += 1;
+                self.bypassed += 1;
             }
         }
         self.reserve_for_starving(t);
@@ -1252,38 +1297,40 @@ impl Scheduler {
     /// Gives reservations to first builds of queues bypassed for `starvation_after` or longer
     /// that fit nowhere now.
     fn reserve_for_starving(&mut self, t: f64) {
-        if self.bypassed.is_empty() {
+        if self.bypassed == 0 {
             return;
         }
         let after = self.config.starvation_after.as_secs_f64();
-        // (bypassed since, build, shape)
+        // One reservation per shape at a time: its builds are interchangeable, so one machine
+        // drained for them serves them in turn, and starving builds cannot drain every machine.
+        let mut reserved_shapes = vec![false; self.shapes.len()];
+        for id in self.reservations.keys() {
+            if let Some(b) = self.builds.get(id) {
+                reserved_shapes[b.shape] = true;
+            }
+        }
+        // For each other shape, its longest bypassed first build that is due:
+        // (bypassed since, build, shape).
         let mut due: Vec<(f64, u64, usize)> = Vec::new();
-        for &(a, s) in &self.bypassed {
-            let queue = self.accounts[a as usize]
-                .queues
-                .iter()
-                .find(|q| q.shape == s);
-            let Some((Some(since), Some(&(_, head)))) =
-                queue.map(|q| (q.bypassed_since, q.builds.first()))
-            else {
+        for (s, shape) in self.shapes.iter().enumerate() {
+            let Some(shape) = shape.as_ref().filter(|sh| sh.bypassed > 0) else {
                 continue;
             };
-            if t - since >= after && !self.reservations.contains_key(&head) {
+            if reserved_shapes[s] {
+                continue;
+            }
+            let first = shape
+                .members
+                .iter()
+                .filter_map(|m| Some((m.bypassed_since?, m.head.1)))
+                .filter(|&(since, _)| t - since >= after)
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            if let Some((since, head)) = first {
                 due.push((since, head, s));
             }
         }
         due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        // One reservation per shape at a time: its builds are interchangeable, so one machine
-        // drained for them serves them in turn, and starving builds cannot drain every machine.
-        let mut reserved_shapes: BTreeSet<usize> = self
-            .reservations
-            .keys()
-            .filter_map(|id| self.builds.get(id).map(|b| b.shape))
-            .collect();
         for (_, id, s) in due {
-            if !reserved_shapes.insert(s) {
-                continue;
-            }
             let Some(shape) = self.shapes[s].as_ref() else {
                 continue;
             };
