@@ -1170,6 +1170,26 @@ mod tests {
     }
 
     #[test]
+    fn the_drain_pause_follows_how_full_the_pipe_is() {
+        let (read, write) = nonblocking_pipe();
+        let mut sink = PipeSink::new(write, Duration::from_secs(60));
+        // Found empty after the pause: the reader may have waited, so the pause shrinks.
+        sink.let_drain().unwrap();
+        assert_eq!(sink.pause, PAUSE_START / 2);
+        // Found still nearly full after the reader took 4 KiB: the pause grows.
+        let chunk = vec![0u8; 4096];
+        while rustix::io::write(&sink.fd, &chunk).is_ok() {}
+        let reader = std::thread::spawn(move || {
+            let mut got = [0u8; 4096];
+            rustix::io::read(&read, &mut got).unwrap();
+            read
+        });
+        sink.let_drain().unwrap();
+        assert_eq!(sink.pause, PAUSE_START);
+        drop(reader.join().unwrap());
+    }
+
+    #[test]
     fn a_pipe_nobody_reads_times_out() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
