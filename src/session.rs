@@ -1015,7 +1015,9 @@ const PAUSE_START: Duration = Duration::from_micros(200);
 /// A reader that takes small reads from a full pipe (Nix reads 32 KiB at a time) wakes the
 /// writer for each one, and those wake-ups cost more than the splices. So when a splice
 /// finds the pipe full, the sink first pauses to let the reader drain part of it, then
-/// fills it again with one splice. The pause adapts: shorter when the pipe was found empty
+/// fills it again with one splice (only while more than half a pipe remains to be sent: a
+/// short remainder, such as the tail of a file that nearly fit, just waits for room, so
+/// small paths pay no pause). The pause adapts: shorter when the pipe was found empty
 /// (the reader may have waited), longer when it was still more than half full.
 struct PipeSink {
     fd: OwnedFd,
@@ -1097,7 +1099,9 @@ impl NarSink for PipeSink {
                 // The file is shorter than it was: the dumper finds out and says so.
                 Ok(0) => break,
                 Ok(n) => sent += n as u64,
-                Err(Errno::AGAIN) => self.let_drain()?,
+                // Only a long remainder is worth pausing for; a short one waits for room.
+                Err(Errno::AGAIN) if size - sent > self.capacity / 2 => self.let_drain()?,
+                Err(Errno::AGAIN) => self.wait()?,
                 Err(Errno::INTR) => {}
                 Err(Errno::INVAL) if sent == 0 => {
                     self.splice = false;
