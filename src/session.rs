@@ -819,11 +819,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.out.stdout(queued).await?;
             }
             self.out.flush().await?;
-            let mut sink = PipeSink {
-                fd,
-                timeout: self.settings.write_timeout,
-                splice: true,
-            };
+            let mut sink = PipeSink::new(fd, self.settings.write_timeout);
             let task = tokio::task::spawn_blocking(move || {
                 store.export_nar_to(&account, &path, &mut sink)
             });
@@ -1027,18 +1023,61 @@ impl io::Write for ChunkWriter {
 /// NAR buffer costs less than writing out the buffer first.
 const SPLICE_MIN: u64 = 64 * 1024;
 
+/// Bounds of [`PipeSink`]'s drain pause, and where it starts.
+const PAUSE_MIN: Duration = Duration::from_micros(50);
+const PAUSE_MAX: Duration = Duration::from_millis(4);
+const PAUSE_START: Duration = Duration::from_micros(200);
+
 /// The client's stdout pipe as a [`NarSink`] for an export in a blocking task: NAR framing
 /// goes out with plain writes, and large files' contents are spliced from the page cache
 /// into the pipe. The pipe is non-blocking (tokio's); a full pipe is waited for at most the
 /// write timeout.
+///
+/// A reader that takes small reads from a full pipe (Nix reads 32 KiB at a time) wakes the
+/// writer for each one, and those wake-ups cost more than the splices. So when a splice
+/// finds the pipe full, the sink first pauses to let the reader drain part of it, then
+/// fills it again with one splice (only while more than half a pipe remains to be sent: a
+/// short remainder, such as the tail of a file that nearly fit, just waits for room, so
+/// small paths pay no pause). The pause adapts: shorter when the pipe was found empty
+/// (the reader may have waited), longer when it was still more than half full.
 struct PipeSink {
     fd: OwnedFd,
     timeout: Duration,
     /// Cleared when the kernel cannot splice from a file (the dumper then reads it).
     splice: bool,
+    /// The pipe's capacity in bytes.
+    capacity: u64,
+    /// How long to let the reader drain a full pipe before filling it again.
+    pause: Duration,
 }
 
 impl PipeSink {
+    fn new(fd: OwnedFd, timeout: Duration) -> Self {
+        // A pipe's default capacity, should the kernel not say.
+        let capacity = rustix::pipe::fcntl_getpipe_size(&fd).unwrap_or(64 * 1024);
+        PipeSink {
+            fd,
+            timeout,
+            splice: true,
+            capacity: capacity as u64,
+            pause: PAUSE_START,
+        }
+    }
+
+    /// Lets the reader drain part of the full pipe (see the type's doc), then waits until
+    /// it has room, as [`Self::wait`] does.
+    fn let_drain(&mut self) -> io::Result<()> {
+        std::thread::sleep(self.pause);
+        self.wait()?;
+        let queued = rustix::io::ioctl_fionread(&self.fd)?;
+        if queued == 0 {
+            self.pause = (self.pause / 2).max(PAUSE_MIN);
+        } else if queued > self.capacity / 2 {
+            self.pause = (self.pause * 2).min(PAUSE_MAX);
+        }
+        Ok(())
+    }
+
     /// Waits until the pipe has room, or fails after the write timeout.
     fn wait(&self) -> io::Result<()> {
         let timeout = Timespec::try_from(self.timeout).map_err(io::Error::other)?;
@@ -1081,6 +1120,8 @@ impl NarSink for PipeSink {
                 // The file is shorter than it was: the dumper finds out and says so.
                 Ok(0) => break,
                 Ok(n) => sent += n as u64,
+                // Only a long remainder is worth pausing for; a short one waits for room.
+                Err(Errno::AGAIN) if size - sent > self.capacity / 2 => self.let_drain()?,
                 Err(Errno::AGAIN) => self.wait()?,
                 Err(Errno::INTR) => {}
                 Err(Errno::INVAL) if sent == 0 => {
@@ -1122,14 +1163,6 @@ mod tests {
         (read, write)
     }
 
-    fn pipe_sink(fd: OwnedFd, timeout: Duration) -> PipeSink {
-        PipeSink {
-            fd,
-            timeout,
-            splice: true,
-        }
-    }
-
     #[test]
     fn splicing_into_a_pipe_gives_the_same_nar() {
         use std::os::unix::fs::PermissionsExt;
@@ -1152,7 +1185,7 @@ mod tests {
             io::Read::read_to_end(&mut File::from(read), &mut got).unwrap();
             got
         });
-        let mut sink = pipe_sink(write, Duration::from_secs(60));
+        let mut sink = PipeSink::new(write, Duration::from_secs(60));
         let size = crate::nar_fs::dump_to(&root, &mut sink).unwrap();
         assert!(sink.splice, "splice from a file into a pipe works");
         drop(sink);
@@ -1162,12 +1195,32 @@ mod tests {
     }
 
     #[test]
+    fn the_drain_pause_follows_how_full_the_pipe_is() {
+        let (read, write) = nonblocking_pipe();
+        let mut sink = PipeSink::new(write, Duration::from_secs(60));
+        // Found empty after the pause: the reader may have waited, so the pause shrinks.
+        sink.let_drain().unwrap();
+        assert_eq!(sink.pause, PAUSE_START / 2);
+        // Found still nearly full after the reader took 4 KiB: the pause grows.
+        let chunk = vec![0u8; 4096];
+        while rustix::io::write(&sink.fd, &chunk).is_ok() {}
+        let reader = std::thread::spawn(move || {
+            let mut got = [0u8; 4096];
+            rustix::io::read(&read, &mut got).unwrap();
+            read
+        });
+        sink.let_drain().unwrap();
+        assert_eq!(sink.pause, PAUSE_START);
+        drop(reader.join().unwrap());
+    }
+
+    #[test]
     fn a_pipe_nobody_reads_times_out() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
         let (_read, write) = nonblocking_pipe();
-        let mut sink = pipe_sink(write, Duration::from_millis(20));
+        let mut sink = PipeSink::new(write, Duration::from_millis(20));
         match crate::nar_fs::dump_to(&file, &mut sink) {
             Err(crate::nar_fs::NarFsError::Io { source, .. }) => {
                 assert_eq!(source.kind(), io::ErrorKind::TimedOut)
