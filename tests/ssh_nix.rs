@@ -8,13 +8,11 @@
 mod common;
 mod harness;
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use common::Nix;
 use harness::ssh::{run, Key, SshServer, SshSession};
-use nixbuild_core::serve::Request;
 use nixbuild_core::store_path::StorePath;
 
 const ACCOUNT: &str = "alice@laptop";
@@ -223,16 +221,10 @@ fn several_sessions_share_one_connection_up_to_the_limit() {
     let through_master = ["-o", "ControlMaster=no", "-o", &control_opt];
     let mut first = SshSession::open_with(&config, "nixbuild-test", &through_master);
     let mut second = SshSession::open_with(&config, "nixbuild-test", &through_master);
-    let mut query = Vec::new();
-    Request::QueryValidPaths {
-        lock: false,
-        substitute: false,
-        paths: BTreeSet::new(),
-    }
-    .encode(harness::VERSION, &mut query);
+    let (query, len) = harness::ssh::empty_query();
     // Both sessions are open at once and each answers (an empty set: count 0).
-    assert_eq!(first.exchange(&query, 8), vec![0; 8]);
-    assert_eq!(second.exchange(&query, 8), vec![0; 8]);
+    assert_eq!(first.exchange(&query, len), vec![0; len]);
+    assert_eq!(second.exchange(&query, len), vec![0; len]);
     // A third at once is over the limit: the master's channel is refused (ssh then falls
     // back to a connection of its own, where its empty stdin ends the session).
     let third = run(&mut SshServer::ssh_with(

@@ -6,7 +6,6 @@
 mod common;
 mod harness;
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -14,25 +13,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::ssh::{assert_refused, run, Key, SshServer, SshSession};
-use nixbuild_core::serve::Request;
 
 const ALIAS: &str = "nixbuild-test";
 
-/// A QueryValidPaths of no paths, and the length of its answer (an empty set).
-fn empty_query() -> (Vec<u8>, usize) {
-    let mut query = Vec::new();
-    Request::QueryValidPaths {
-        lock: false,
-        substitute: false,
-        paths: BTreeSet::new(),
-    }
-    .encode(harness::VERSION, &mut query);
-    (query, 8)
-}
-
 /// Checks that `session` still answers.
 fn still_serves(session: &mut SshSession) {
-    let (query, len) = empty_query();
+    let (query, len) = harness::ssh::empty_query();
     assert_eq!(session.exchange(&query, len), vec![0; len]);
 }
 

@@ -3,12 +3,13 @@
 //! files that pin the host key the daemon printed (`StrictHostKeyChecking yes`, never off).
 //! Nix gets the config through `NIX_SSHOPTS=-F <config>`.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 
 use nixbuild_core::serve::handshake::ServerHello;
-use nixbuild_core::serve::ClientHello;
+use nixbuild_core::serve::{ClientHello, Request};
 
 use super::{Daemon, VERSION};
 
@@ -306,4 +307,16 @@ impl Drop for SshSession {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A QueryValidPaths of no paths, and the length of its answer (an empty set).
+pub fn empty_query() -> (Vec<u8>, usize) {
+    let mut query = Vec::new();
+    Request::QueryValidPaths {
+        lock: false,
+        substitute: false,
+        paths: BTreeSet::new(),
+    }
+    .encode(VERSION, &mut query);
+    (query, 8)
 }
