@@ -88,10 +88,15 @@ fn main() {
     libtest_mimic::run(&args, trials).exit();
 }
 
-/// Probe mode, run inside the sandbox: `__probe setxattr|getxattr|mount-tmpfs PATH` or
-/// `__probe abstract-connect NAME`. Prints `ok` or `errno N`.
+/// Probe mode, run inside the sandbox: `__probe setxattr|getxattr|mount-tmpfs PATH`,
+/// `__probe abstract-connect NAME`, `__probe ptrace PID`, `__probe setns NS-FILE`. Prints `ok`
+/// or `errno N`. `__probe unshare-user ro|rw PATH` prints a line per step.
 fn probe() -> ! {
     let args: Vec<String> = std::env::args().skip(2).collect();
+    if let ["unshare-user", flag, path] = args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        unshare_user(flag == "ro", path);
+        std::process::exit(0)
+    }
     let result: std::io::Result<()> = match args.iter().map(String::as_str).collect::<Vec<_>>()[..]
     {
         ["setxattr", path] => {
@@ -110,6 +115,12 @@ fn probe() -> ! {
             None,
         )
         .map_err(Into::into),
+        ["ptrace", pid] => ptrace_seize(pid.parse().unwrap_or(-1)),
+        ["setns", file] => std::fs::File::open(file).and_then(|f| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain system call on an open descriptor; this process is single-threaded.
+            libc_result(unsafe { libc::setns(f.as_raw_fd(), 0) }.into())
+        }),
         _ => {
             eprintln!("bad probe {args:?}");
             std::process::exit(2)
@@ -120,6 +131,64 @@ fn probe() -> ! {
         Err(e) => println!("errno {}", e.raw_os_error().unwrap_or(-1)),
     }
     std::process::exit(0)
+}
+
+fn libc_result(ret: i64) -> std::io::Result<()> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `PTRACE_SEIZE` of `pid`: attaching is the whole test (the tracer's exit detaches it).
+fn ptrace_seize(pid: i32) -> std::io::Result<()> {
+    // SAFETY: PTRACE_SEIZE takes no pointers (addr and data are 0).
+    libc_result(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    })
+}
+
+/// A new user namespace from inside the sandbox: created (as in Nix), but host root cannot be
+/// mapped into it; with its own uid mapped to root and a mount namespace of its own, a
+/// read-only mount stays read-only (`rw`) while adding the flag works (`ro`, the control).
+fn unshare_user(read_only: bool, path: &str) {
+    let step = |name: &str, r: std::io::Result<()>| {
+        match r {
+            Ok(()) => println!("{name} ok"),
+            Err(e) => println!("{name} errno {}", e.raw_os_error().unwrap_or(-1)),
+        }
+        std::io::stdout().flush().expect("flush");
+    };
+    // SAFETY: unshare takes no pointers; this process is single-threaded.
+    step("unshare", libc_result(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into()));
+    let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
+    let map_root = std::fs::write("/proc/self/uid_map", "0 0 1\n");
+    let mapped = map_root.is_ok();
+    step("map-host-root", map_root);
+    if !mapped {
+        step(
+            "map-own-uid",
+            std::fs::write("/proc/self/uid_map", format!("0 {} 1\n", uid.as_raw())),
+        );
+        let _ = std::fs::write("/proc/self/setgroups", "deny");
+        let _ = std::fs::write("/proc/self/gid_map", format!("0 {} 1\n", gid.as_raw()));
+    }
+    // SAFETY: as above.
+    step("unshare-mount", libc_result(unsafe { libc::unshare(libc::CLONE_NEWNS) }.into()));
+    let mut flags = rustix::mount::MountFlags::BIND;
+    if read_only {
+        flags |= rustix::mount::MountFlags::RDONLY;
+    }
+    step(
+        "remount",
+        rustix::mount::mount_remount(path, flags, "").map_err(Into::into),
+    );
 }
 
 fn connect_abstract(name: &str) -> std::io::Result<()> {
