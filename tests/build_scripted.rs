@@ -748,15 +748,23 @@ fn a_build_filling_the_disk_is_stopped_at_the_reserve_and_nothing_stored_is_dama
         .and_then(|t| t.split(' ').next())
         .and_then(|n| n.parse().ok())
         .expect("bytes held in the message");
-    assert!(held + (2 << 20) >= start_free - RESERVE, "{held} {start_free}");
-    s.daemon
-        .wait_for_log(&["stopping the build holding the most", "not enough disk space"]);
+    assert!(
+        held + (2 << 20) >= start_free - RESERVE,
+        "{held} {start_free}"
+    );
+    s.daemon.wait_for_log(&[
+        "stopping the build holding the most",
+        "not enough disk space",
+    ]);
     // Its directory and processes are gone, and with them the space.
     assert_no_build_processes(&s.daemon);
     assert!(s.daemon.tmpfs().free() > RESERVE + (32 << 20));
     // The server goes on building.
     let (p2, d2) = s.derivation("after-fill", "echo fine > $out");
-    assert_eq!(s.build(&p2, &d2, BuildOptions::default()).0.status, BuildStatus::Built);
+    assert_eq!(
+        s.build(&p2, &d2, BuildOptions::default()).0.status,
+        BuildStatus::Built
+    );
     // Stopping re-hashes every object, and finds no import or orphan left.
     let stopped = s.daemon.stop();
     assert!(!stopped.valid("a", &output_of(&d)));
@@ -779,7 +787,11 @@ fn below_the_reserve_builds_and_uploads_are_refused_and_an_upload_crossing_it_st
     assert_eq!(lab::builds_of(&s.daemon.log(), &p.to_absolute()), 0);
     let small = test_path(&format!("{}-small", s.salt), "small");
     s.daemon
-        .relay("a", true, &Script::new().add_honest(&small, &file_nar(100)).bytes)
+        .relay(
+            "a",
+            true,
+            &Script::new().add_honest(&small, &file_nar(100)).bytes,
+        )
         .assert_error("not enough disk space");
 
     // 8 MiB above the reserve, a 16 MiB upload starts and is stopped before it crosses.
@@ -789,7 +801,11 @@ fn below_the_reserve_builds_and_uploads_are_refused_and_an_upload_crossing_it_st
     s.daemon
         .relay("a", true, &Script::new().add_honest(&crossing, &big).bytes)
         .assert_error("not enough disk space");
-    assert!(s.daemon.tmpfs().free() >= RESERVE, "{}", s.daemon.tmpfs().free());
+    assert!(
+        s.daemon.tmpfs().free() >= RESERVE,
+        "{}",
+        s.daemon.tmpfs().free()
+    );
     // Positive control: with room, the same upload goes through.
     std::fs::remove_file(filler).expect("remove the filler");
     let control = test_path(&format!("{}-control", s.salt), "control");
@@ -815,16 +831,23 @@ fn build_processes() -> usize {
 #[test]
 fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
     let s = Setup::new("[capacity]\npids_per_build = 64\n");
+    // A shell whose fork fails exits, so each process forks one child and waits for it: the
+    // chains grow back as they die, and PID 1 (which never forks again) keeps the build up.
     let (p, d) = s.derivation(
         "fork-bomb",
-        "exec 2>/dev/null; b() { while true; do b & done; }; b",
+        "exec 2>/dev/null; b() { while true; do b & wait; done; }; b & \
+         while true; do wait; read -t 1 x < /dev/zero; done",
     );
     let (r, _) = std::thread::scope(|scope| {
         let bomb = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
         wait_for_start(&s.daemon, &p);
         let until = Instant::now() + Duration::from_secs(60);
         while build_processes() < 32 {
-            assert!(Instant::now() < until, "the bomb never grew: {}", s.daemon.log());
+            assert!(
+                Instant::now() < until,
+                "the bomb never grew: {}",
+                s.daemon.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         // The host can still start a process, and the daemon answers another client.
@@ -849,12 +872,30 @@ fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
     let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
     assert_eq!(r.status, BuildStatus::PermanentFailure, "{msg}");
     assert!(
-        msg.contains("was stopped: it kept hitting its limit of 64 processes (pids_per_build in [capacity]"),
+        msg.contains(
+            "was stopped: it kept hitting its limit of 64 processes (pids_per_build in [capacity]"
+        ),
         "{msg}"
     );
     s.daemon
         .wait_for_log(&["stopping a build that keeps forking at its process limit"]);
     assert_no_build_processes(&s.daemon);
+
+    // A bomb that gives up by itself (the shell exits when a fork fails) fails with the limit
+    // named too.
+    let (p2, d2) = s.derivation(
+        "fork-bomb-gives-up",
+        "exec 2>/dev/null; b() { while true; do b & done; }; b",
+    );
+    let (r2, _) = s.build(&p2, &d2, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r2.error_msg).into_owned();
+    assert_eq!(r2.status, BuildStatus::PermanentFailure, "{msg}");
+    assert!(
+        msg.contains("failed with exit code 2 after hitting its limit of 64 processes (")
+            && msg.contains("forks refused; pids_per_build in [capacity]"),
+        "{msg}"
+    );
+    assert_no_build_processes(&s.daemon);
     let stopped = s.daemon.stop();
-    assert!(!stopped.valid("a", &output_of(&d)));
+    assert!(!stopped.valid("a", &output_of(&d)) && !stopped.valid("a", &output_of(&d2)));
 }

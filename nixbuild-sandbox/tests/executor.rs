@@ -80,10 +80,7 @@ fn main() {
             ptrace_outside,
         ),
         ("host_proc_entries_are_out_of_reach", host_proc),
-        (
-            "setns_into_host_namespaces_is_refused",
-            setns_refused,
-        ),
+        ("setns_into_host_namespaces_is_refused", setns_refused),
         (
             "a_nested_user_namespace_maps_no_host_root_and_unlocks_no_mount",
             nested_user_namespace,
@@ -181,7 +178,10 @@ fn unshare_user(read_only: bool, path: &str) {
     // The ids outside, before the new namespace hides them.
     let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
     // SAFETY: unshare takes no pointers; this process is single-threaded.
-    step("unshare", libc_result(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into()));
+    step(
+        "unshare",
+        libc_result(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into()),
+    );
     let map_root = std::fs::write("/proc/self/uid_map", "0 0 1\n");
     let mapped = map_root.is_ok();
     step("map-host-root", map_root);
@@ -194,7 +194,10 @@ fn unshare_user(read_only: bool, path: &str) {
         let _ = std::fs::write("/proc/self/gid_map", format!("0 {} 1\n", gid.as_raw()));
     }
     // SAFETY: as above.
-    step("unshare-mount", libc_result(unsafe { libc::unshare(libc::CLONE_NEWNS) }.into()));
+    step(
+        "unshare-mount",
+        libc_result(unsafe { libc::unshare(libc::CLONE_NEWNS) }.into()),
+    );
     let mut flags = rustix::mount::MountFlags::BIND;
     if read_only {
         flags |= rustix::mount::MountFlags::RDONLY;
@@ -1173,14 +1176,21 @@ fn setns_refused() {
             fx.probe_cmd(&format!("setns /proc/{pid}/ns/mnt"))
         ),
     );
-    assert_eq!(out.log, "errno 1\nerrno 1\nerrno 2\nend\n", "{}", out.stderr);
+    assert_eq!(
+        out.log, "errno 1\nerrno 1\nerrno 2\nend\n",
+        "{}",
+        out.stderr
+    );
 }
 
 fn nested_user_namespace() {
     let fx = Fixture::new();
     // Positive control: root on the host maps root into a new user namespace.
     let control = host_probe(None, &["unshare-user", "ro", "/nonexistent"]);
-    assert!(control.starts_with("unshare ok\nmap-host-root ok\n"), "{control}");
+    assert!(
+        control.starts_with("unshare ok\nmap-host-root ok\n"),
+        "{control}"
+    );
     let input = store(BUSYBOX);
     let out = run_ok(
         &fx,

@@ -1196,6 +1196,17 @@ async fn run_in(
     };
     let report = nixbuild_sandbox::parse_report(&diagnostics, status);
     let oom = cgroup.oom_killed().unwrap_or(false);
+    // A builder that failed after forks were refused (a fork bomb whose shell gave up) says so.
+    let pids_note = cgroup
+        .fork_refusals()
+        .and_then(|f| Some((f.limit, f.count().ok()?)))
+        .filter(|&(_, refused)| refused > 0)
+        .map_or(String::new(), |(limit, refused)| {
+            format!(
+                " after hitting its limit of {limit} processes ({refused} forks refused; \
+                 pids_per_build in [capacity] of the server's configuration)"
+            )
+        });
     let memory_limit = cgroup.memory_limit();
     let fixed = drv.fixed_output().is_some();
     let builder_failed = if fixed {
@@ -1247,14 +1258,14 @@ async fn run_in(
             HelperReport::Signaled(sig) => failed(
                 builder_failed,
                 format!(
-                    "builder for '{drv_path}' failed due to signal {sig}{}",
+                    "builder for '{drv_path}' failed due to signal {sig}{pids_note}{}",
                     tail.render()
                 ),
             ),
             HelperReport::Exited(code) if code != 0 => failed(
                 builder_failed,
                 format!(
-                    "builder for '{drv_path}' failed with exit code {code}{}",
+                    "builder for '{drv_path}' failed with exit code {code}{pids_note}{}",
                     tail.render()
                 ),
             ),

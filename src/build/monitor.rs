@@ -58,7 +58,10 @@ impl std::fmt::Display for Overrun {
                 held,
                 inodes,
             } => {
-                write!(f, "{reason} (disk_reserve in [store] of the server's configuration); ")?;
+                write!(
+                    f,
+                    "{reason} (disk_reserve in [store] of the server's configuration); "
+                )?;
                 if *inodes {
                     write!(f, "its build directory held {} files", held.inodes)
                 } else {
@@ -93,7 +96,9 @@ pub fn usage(dir: &Path) -> Usage {
     let dev = root.dev();
     let mut stack = vec![(dir.to_owned(), root)];
     while let Some((path, meta)) = stack.pop() {
-        total.bytes = total.bytes.saturating_add(meta.blocks().saturating_mul(512));
+        total.bytes = total
+            .bytes
+            .saturating_add(meta.blocks().saturating_mul(512));
         total.inodes += 1;
         if !meta.is_dir() {
             continue;
@@ -264,7 +269,11 @@ impl Shared {
             }
             build.refused = count;
             if build.refusing_checks >= FORK_BOMB_CHECKS {
-                tracing::warn!(build = id, limit = probe.limit, "stopping a build that keeps forking at its process limit");
+                tracing::warn!(
+                    build = id,
+                    limit = probe.limit,
+                    "stopping a build that keeps forking at its process limit"
+                );
                 stop(build, Overrun::Processes { limit: probe.limit });
             }
         }
@@ -292,7 +301,12 @@ impl Shared {
         let Some((held, id)) = victim else { return };
         let mut state = self.lock();
         if let Some(build) = state.builds.get_mut(&id) {
-            tracing::warn!(build = id, bytes = held.bytes, files = held.inodes, "{reason}: stopping the build holding the most");
+            tracing::warn!(
+                build = id,
+                bytes = held.bytes,
+                files = held.inodes,
+                "{reason}: stopping the build holding the most"
+            );
             stop(
                 build,
                 Overrun::Disk {
@@ -346,6 +360,9 @@ mod tests {
         assert!(text.contains("disk_reserve in [store]"), "{text}");
         assert!(text.ends_with("held 7 bytes"), "{text}");
         let text = Overrun::Processes { limit: 64 }.to_string();
-        assert!(text.contains("limit of 64 processes (pids_per_build"), "{text}");
+        assert!(
+            text.contains("limit of 64 processes (pids_per_build"),
+            "{text}"
+        );
     }
 }

@@ -92,7 +92,13 @@ impl Tmpfs {
     pub fn mount(path: &Path, size: u64) -> Tmpfs {
         std::fs::create_dir_all(path).expect("create the mount point");
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0711"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0711"),
+                "tmpfs",
+            ])
             .arg(path)
             .status()
             .expect("run mount");
