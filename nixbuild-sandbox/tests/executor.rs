@@ -1142,7 +1142,7 @@ fn host_proc() {
     let expected = [
         // Its own /proc works: the builder is PID 1 of its namespace.
         "Name:\thead".to_owned(),
-        format!("sh -c head -n 1 /proc/self/status;"),
+        "sh -c head -n 1 /proc/self/status;".to_owned(),
         format!("cat: can't open '/proc/{pid}/environ': No such file or directory"),
         format!("ls: /proc/{pid}: No such file or directory"),
         "head: /proc/kmsg: Permission denied".to_owned(),
