@@ -346,6 +346,46 @@ mod tests {
         assert_eq!(usage(&dir.path().join("missing")), Usage::default());
     }
 
+    #[tokio::test]
+    async fn below_the_reserve_the_largest_build_is_stopped_and_then_the_next_once_it_is_gone() {
+        let state = tempfile::tempdir().unwrap();
+        // A reserve no disk has: always below it.
+        let store = Store::open(
+            state.path(),
+            crate::store::StoreLimits {
+                max_nar_size: 1 << 20,
+                disk_reserve: u64::MAX,
+            },
+        )
+        .unwrap();
+        let monitor = Monitor::new(store);
+        let (small, big) = (state.path().join("small"), state.path().join("big"));
+        std::fs::create_dir(&small).unwrap();
+        std::fs::create_dir(&big).unwrap();
+        std::fs::write(big.join("f"), vec![1u8; 1 << 20]).unwrap();
+        // The small one is newer: size decides before age.
+        let mut big_watch = monitor.watch(1, big, None);
+        let mut small_watch = monitor.watch(2, small, None);
+        let bound = Duration::from_secs(30);
+        match tokio::time::timeout(bound, big_watch.stopped())
+            .await
+            .unwrap()
+        {
+            Overrun::Disk { held, inodes, .. } => {
+                assert!(held.bytes >= 1 << 20 && !inodes, "{held:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // While the stopped build still holds its directory, no other is stopped.
+        let early = tokio::time::timeout(CHECK_EVERY * 4, small_watch.stopped()).await;
+        assert!(early.is_err(), "{early:?}");
+        drop(big_watch);
+        let next = tokio::time::timeout(bound, small_watch.stopped())
+            .await
+            .unwrap();
+        assert!(matches!(next, Overrun::Disk { .. }), "{next:?}");
+    }
+
     #[test]
     fn messages_name_the_setting() {
         let disk = Overrun::Disk {
