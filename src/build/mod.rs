@@ -16,7 +16,9 @@
 //!    scratch directory `<state>/builds/<n>`, plan the sandbox, and run the helper process
 //!    (`nixbuild_sandbox::helper_command`, a re-execution of this executable) with the plan on
 //!    its stdin. Its stdout is the builder's log, forwarded as it comes; the silence and total
-//!    time limits and the log size limit kill the helper (and with it the whole sandbox).
+//!    time limits and the log size limit kill the helper (and with it the whole sandbox), and
+//!    so does the [`monitor`] when the disk falls below its reserve or the build keeps forking
+//!    at its process limit. No build starts below the disk reserve.
 //! 4. **Finish**: on exit status 0, [`outputs::process_outputs`] checks, canonicalises and
 //!    registers the outputs; then the scratch directory is removed and the uid released.
 
