@@ -896,6 +896,26 @@ fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
         "{msg}"
     );
     assert_no_build_processes(&s.daemon);
+    let base = pids_base(&s.daemon.state_dir());
+    assert!(base.is_dir(), "{}", base.display());
     let stopped = s.daemon.stop();
     assert!(!stopped.valid("a", &output_of(&d)) && !stopped.valid("a", &output_of(&d2)));
+    // The daemon removed its cgroups when it stopped.
+    assert!(!base.exists(), "{} left behind", base.display());
+}
+
+/// The daemon's cgroup in the pids hierarchy: `nixbuild-<hash of its state directory>` under
+/// this process's own (v1 here).
+fn pids_base(state: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let own = own
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned()))
+        .expect("a v1 pids hierarchy");
+    let dir = std::fs::canonicalize(state).expect("state directory");
+    let digest = harness::sha256(dir.as_os_str().as_bytes()).to_base16();
+    std::path::Path::new("/sys/fs/cgroup/pids")
+        .join(own.trim_start_matches('/'))
+        .join(format!("nixbuild-{}", &digest[..12]))
 }
