@@ -40,11 +40,12 @@ impl Setup {
         Setup::with_daemon(|| Daemon::start_with_config(config, &[]))
     }
 
-    /// A daemon whose state directory is a tmpfs of [`TMPFS_SIZE`] with a [`RESERVE`].
-    fn on_tmpfs() -> Setup {
+    /// A daemon whose state directory is a tmpfs of [`TMPFS_SIZE`] (and other mount
+    /// `options`) with a [`RESERVE`].
+    fn on_tmpfs(options: &str) -> Setup {
         Setup::with_daemon(|| {
             Daemon::start_on_tmpfs(
-                TMPFS_SIZE,
+                &format!("size={TMPFS_SIZE}{options}"),
                 &format!("[store]\ndisk_reserve = {RESERVE}\n"),
                 &[],
             )
@@ -722,7 +723,7 @@ fn file_nar(len: usize) -> Vec<u8> {
 
 #[test]
 fn a_build_filling_the_disk_is_stopped_at_the_reserve_and_nothing_stored_is_damaged() {
-    let s = Setup::on_tmpfs();
+    let s = Setup::on_tmpfs("");
     let start_free = s.daemon.tmpfs().free();
     // Positive control: the build starts well above the reserve, so only its writes cross it.
     assert!(start_free > RESERVE + (32 << 20), "{start_free}");
@@ -772,8 +773,34 @@ fn a_build_filling_the_disk_is_stopped_at_the_reserve_and_nothing_stored_is_dama
 }
 
 #[test]
+fn a_build_using_up_the_inodes_is_stopped_at_the_inode_reserve() {
+    // 20,000 inodes above the reserve of 65,536 (the store's INODE_RESERVE).
+    let s = Setup::on_tmpfs(",nr_inodes=86000");
+    let start = s.daemon.tmpfs().free_inodes();
+    assert!(start > 65_536 + 10_000, "{start}");
+    let (p, d) = s.derivation(
+        "fill-inodes",
+        "cd /build; seq 100000 | xargs touch 2>/dev/null; \
+         while true; do read -t 1 x < /dev/zero; done",
+    );
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
+    assert_eq!(r.status, BuildStatus::PermanentFailure, "{msg}");
+    assert!(
+        msg.contains("was stopped: not enough inodes in ")
+            && msg.contains("the reserve is 65536")
+            && msg.contains("its build directory held "),
+        "{msg}"
+    );
+    assert_no_build_processes(&s.daemon);
+    assert!(s.daemon.tmpfs().free_inodes() > 65_536 + 10_000);
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &output_of(&d)));
+}
+
+#[test]
 fn below_the_reserve_builds_and_uploads_are_refused_and_an_upload_crossing_it_stops() {
-    let s = Setup::on_tmpfs();
+    let s = Setup::on_tmpfs("");
     let filler = fill_until_free(&s, RESERVE - (4 << 20));
     let (p, d) = s.derivation("below-reserve", "echo never > $out");
     let (r, _) = s.build(&p, &d, BuildOptions::default());

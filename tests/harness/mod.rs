@@ -87,21 +87,21 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` bytes (mode 0711, as the state directory) on `path`,
-    /// creating it.
-    pub fn mount(path: &Path, size: u64) -> Tmpfs {
+    /// Mounts a tmpfs with `options` (such as `size=96m`; mode 0711, as a state directory)
+    /// on `path`, creating it.
+    pub fn mount(path: &Path, options: &str) -> Tmpfs {
         std::fs::create_dir_all(path).expect("create the mount point");
         let status = Command::new("mount")
             .args([
                 "-t",
                 "tmpfs",
                 "-o",
-                &format!("size={size},mode=0711"),
+                &format!("{options},mode=0711"),
                 "tmpfs",
             ])
             .arg(path)
             .status()
-            .expect("run mount");
+            .expect("run mount (the tests run as root)");
         assert!(status.success(), "mount -t tmpfs on {}", path.display());
         Tmpfs {
             path: path.to_owned(),
@@ -112,6 +112,11 @@ impl Tmpfs {
     pub fn free(&self) -> u64 {
         let st = rustix::fs::statvfs(&self.path).expect("statvfs");
         st.f_bavail * st.f_frsize
+    }
+
+    /// Inodes available on it now.
+    pub fn free_inodes(&self) -> u64 {
+        rustix::fs::statvfs(&self.path).expect("statvfs").f_favail
     }
 }
 
@@ -163,11 +168,11 @@ impl Daemon {
         d
     }
 
-    /// Like [`Daemon::start_with_config`], with the state directory on a tmpfs of `size`
-    /// bytes of its own, for tests of the disk reserve.
-    pub fn start_on_tmpfs(size: u64, config: &str, args: &[&str]) -> Daemon {
+    /// Like [`Daemon::start_with_config`], with the state directory on a tmpfs of its own
+    /// mounted with `options` (such as `size=96m`), for tests of the disk reserve.
+    pub fn start_on_tmpfs(options: &str, config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let tmpfs = Tmpfs::mount(&dir.path().join("state"), size);
+        let tmpfs = Tmpfs::mount(&dir.path().join("state"), options);
         std::fs::write(dir.path().join("nixbuild.toml"), with_build_uids(config))
             .expect("write the configuration");
         let mut d = Daemon {
