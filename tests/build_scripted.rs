@@ -780,8 +780,7 @@ fn a_build_using_up_the_inodes_is_stopped_at_the_inode_reserve() {
     assert!(start > 65_536 + 10_000, "{start}");
     let (p, d) = s.derivation(
         "fill-inodes",
-        "cd /build; seq 100000 | xargs touch 2>/dev/null; \
-         while true; do read -t 1 x < /dev/zero; done",
+        "cd /build; seq 100000 | xargs touch 2>/dev/null; exec sleep 1000",
     );
     let (r, _) = s.build(&p, &d, BuildOptions::default());
     let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
@@ -859,11 +858,13 @@ fn build_processes() -> usize {
 fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
     let s = Setup::new("[capacity]\npids_per_build = 64\n");
     // A shell whose fork fails exits, so each process forks one child and waits for it: the
-    // chains grow back as they die, and PID 1 (which never forks again) keeps the build up.
+    // chains grow back as they die, and PID 1 (which never forks again: it waits on a fifo)
+    // keeps the build up.
     let (p, d) = s.derivation(
         "fork-bomb",
-        "exec 2>/dev/null; b() { while true; do b & wait; done; }; b & \
-         while true; do wait; read -t 1 x < /dev/zero; done",
+        "exec 2>/dev/null; mkfifo /build/idle; exec 3<>/build/idle; \
+         b() { while true; do b & wait; done; }; b & \
+         while true; do wait; read -t 1 x <&3; done",
     );
     let (r, _) = std::thread::scope(|scope| {
         let bomb = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
