@@ -592,6 +592,7 @@ impl Cgroups {
         let mut build = BuildCgroup {
             dirs: Vec::new(),
             memory_limit: limits.memory,
+            pids_limit: limits.pids,
             removed: false,
         };
         // Each directory is recorded as soon as it exists, so that a failure below removes
@@ -639,6 +640,7 @@ impl Cgroups {
             BuildCgroup {
                 dirs,
                 memory_limit: 0,
+                pids_limit: 0,
                 removed: false,
             }
             .remove()?;
@@ -821,7 +823,28 @@ struct Dir {
 pub struct BuildCgroup {
     dirs: Vec<Dir>,
     memory_limit: u64,
+    pids_limit: u64,
     removed: bool,
+}
+
+/// Where to read how many forks a build's cgroup refused at its process limit (`max` in
+/// `pids.events`, v1 and v2), for a watcher that outlives no [`BuildCgroup`] borrow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkRefusals {
+    file: PathBuf,
+    /// The build's process limit (`pids.max`).
+    pub limit: u64,
+}
+
+impl ForkRefusals {
+    /// Forks and clones refused so far because the build was at its limit.
+    pub fn count(&self) -> Result<u64, CgroupError> {
+        let text = read(&self.file)?;
+        keyed(&text, "max").ok_or_else(|| CgroupError::Parse {
+            path: self.file.clone(),
+            reason: format!("no 'max' count in {text:?}"),
+        })
+    }
 }
 
 impl BuildCgroup {
@@ -872,6 +895,16 @@ impl BuildCgroup {
     /// The memory limit set, in bytes (for `out of memory (limit N MiB)`).
     pub fn memory_limit(&self) -> u64 {
         self.memory_limit
+    }
+
+    /// How to count the forks refused at the process limit; `None` without the pids
+    /// controller or its `pids.events` (Linux < 4.7 on v1).
+    pub fn fork_refusals(&self) -> Option<ForkRefusals> {
+        let file = self.dir_with(Controller::Pids)?.path.join("pids.events");
+        file.exists().then_some(ForkRefusals {
+            file,
+            limit: self.pids_limit,
+        })
     }
 
     /// Whether the kernel killed a process of the build for going over its memory limit.

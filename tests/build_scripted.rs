@@ -37,6 +37,22 @@ struct Setup {
 
 impl Setup {
     fn new(config: &str) -> Setup {
+        Setup::with_daemon(|| Daemon::start_with_config(config, &[]))
+    }
+
+    /// A daemon whose state directory is a tmpfs of [`TMPFS_SIZE`] (and other mount
+    /// `options`) with a [`RESERVE`].
+    fn on_tmpfs(options: &str) -> Setup {
+        Setup::with_daemon(|| {
+            Daemon::start_on_tmpfs(
+                &format!("size={TMPFS_SIZE}{options}"),
+                &format!("[store]\ndisk_reserve = {RESERVE}\n"),
+                &[],
+            )
+        })
+    }
+
+    fn with_daemon(start: impl FnOnce() -> Daemon) -> Setup {
         // Outputs fetched back carry no signatures.
         let nix = Nix::with_conf("require-sigs = false\n");
         let salt = Nix::salt();
@@ -48,7 +64,7 @@ impl Setup {
             "nix-store",
             [std::ffi::OsStr::new("--add"), dir.as_os_str()],
         );
-        let daemon = Daemon::start_with_config(config, &[]);
+        let daemon = start();
         let out = daemon
             .point(nix.command("nix"), "a")
             .args(["copy", "--to", &store_uri(), &bb])
@@ -679,4 +695,255 @@ fn per_account_limits_refuse_with_a_clear_error() {
         .assert_error("uploaded more than 4194304 bytes of NAR data");
     let stopped = s.daemon.stop();
     assert!(!stopped.valid("a", &path));
+}
+
+/// The state directory's file system in the disk tests, and its reserve (busybox takes 2 MiB).
+const TMPFS_SIZE: u64 = 96 << 20;
+const RESERVE: u64 = 48 << 20;
+
+/// Writes `<state>/filler` (replacing an earlier one) so that `free` bytes stay free.
+fn fill_until_free(s: &Setup, free: u64) -> std::path::PathBuf {
+    let filler = s.daemon.state_dir().join("filler");
+    let _ = std::fs::remove_file(&filler);
+    let size = s.daemon.tmpfs().free() - free;
+    std::fs::write(&filler, vec![0u8; size as usize]).expect("write the filler");
+    filler
+}
+
+/// A NAR of one regular file with `len` bytes that do not compress to nothing.
+fn file_nar(len: usize) -> Vec<u8> {
+    let contents = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+    nixbuild_core::nar::NarNode::File {
+        executable: false,
+        contents,
+    }
+    .to_nar()
+    .expect("nar")
+}
+
+#[test]
+fn a_build_filling_the_disk_is_stopped_at_the_reserve_and_nothing_stored_is_damaged() {
+    let s = Setup::on_tmpfs("");
+    let start_free = s.daemon.tmpfs().free();
+    // Positive control: the build starts well above the reserve, so only its writes cross it.
+    assert!(start_free > RESERVE + (32 << 20), "{start_free}");
+    let (p, d) = s.derivation(
+        "fill-disk",
+        "i=0; while true; do dd if=/dev/zero of=/build/f$i bs=1M count=1 2>/dev/null; \
+         i=$((i+1)); usleep 20000; done",
+    );
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
+    assert_eq!(r.status, BuildStatus::PermanentFailure, "{msg}");
+    for needle in [
+        "was stopped: not enough disk space in ",
+        &format!("the reserve is {RESERVE} bytes (disk_reserve in [store]"),
+        "its build directory held ",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} in {msg}");
+    }
+    // It was this build's writes that crossed the reserve.
+    let held: u64 = msg
+        .split("held ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("bytes held in the message");
+    assert!(
+        held + (2 << 20) >= start_free - RESERVE,
+        "{held} {start_free}"
+    );
+    s.daemon.wait_for_log(&[
+        "stopping the build holding the most",
+        "not enough disk space",
+    ]);
+    // Its directory and processes are gone, and with them the space.
+    assert_no_build_processes(&s.daemon);
+    assert!(s.daemon.tmpfs().free() > RESERVE + (32 << 20));
+    // The server goes on building.
+    let (p2, d2) = s.derivation("after-fill", "echo fine > $out");
+    assert_eq!(
+        s.build(&p2, &d2, BuildOptions::default()).0.status,
+        BuildStatus::Built
+    );
+    // Stopping re-hashes every object, and finds no import or orphan left.
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &output_of(&d)));
+    assert!(stopped.valid("a", &output_of(&d2)) && stopped.valid("a", &s.bb));
+}
+
+#[test]
+fn a_build_using_up_the_inodes_is_stopped_at_the_inode_reserve() {
+    // 20,000 inodes above the reserve of 65,536 (the store's INODE_RESERVE).
+    let s = Setup::on_tmpfs(",nr_inodes=86000");
+    let start = s.daemon.tmpfs().free_inodes();
+    assert!(start > 65_536 + 10_000, "{start}");
+    let (p, d) = s.derivation(
+        "fill-inodes",
+        "cd /build; seq 100000 | xargs touch 2>/dev/null; exec sleep 1000",
+    );
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
+    assert_eq!(r.status, BuildStatus::PermanentFailure, "{msg}");
+    assert!(
+        msg.contains("was stopped: not enough inodes in ")
+            && msg.contains("the reserve is 65536")
+            && msg.contains("its build directory held "),
+        "{msg}"
+    );
+    assert_no_build_processes(&s.daemon);
+    assert!(s.daemon.tmpfs().free_inodes() > 65_536 + 10_000);
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &output_of(&d)));
+}
+
+#[test]
+fn below_the_reserve_builds_and_uploads_are_refused_and_an_upload_crossing_it_stops() {
+    let s = Setup::on_tmpfs("");
+    let filler = fill_until_free(&s, RESERVE - (4 << 20));
+    let (p, d) = s.derivation("below-reserve", "echo never > $out");
+    let (r, _) = s.build(&p, &d, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
+    assert_eq!(r.status, BuildStatus::MiscFailure, "{msg}");
+    assert!(
+        msg.contains("not starting the build of")
+            && msg.contains(&format!("bytes free, the reserve is {RESERVE} bytes")),
+        "{msg}"
+    );
+    assert_eq!(lab::builds_of(&s.daemon.log(), &p.to_absolute()), 0);
+    let small = test_path(&format!("{}-small", s.salt), "small");
+    s.daemon
+        .relay(
+            "a",
+            true,
+            &Script::new().add_honest(&small, &file_nar(100)).bytes,
+        )
+        .assert_error("not enough disk space");
+
+    // 8 MiB above the reserve, a 16 MiB upload starts and is stopped before it crosses.
+    fill_until_free(&s, RESERVE + (8 << 20));
+    let big = file_nar(16 << 20);
+    let crossing = test_path(&format!("{}-crossing", s.salt), "crossing");
+    s.daemon
+        .relay("a", true, &Script::new().add_honest(&crossing, &big).bytes)
+        .assert_error("not enough disk space");
+    assert!(
+        s.daemon.tmpfs().free() >= RESERVE,
+        "{}",
+        s.daemon.tmpfs().free()
+    );
+    // Positive control: with room, the same upload goes through.
+    std::fs::remove_file(filler).expect("remove the filler");
+    let control = test_path(&format!("{}-control", s.salt), "control");
+    let script = Script::new().add_honest(&control, &big);
+    let reply = s.daemon.relay_waiting("a", &script.bytes, &script.ops);
+    assert_eq!(reply.status, 0, "{reply:?}");
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &small) && !stopped.valid("a", &crossing));
+    assert!(stopped.valid("a", &control));
+}
+
+/// The processes running as one of the daemon's build uids.
+fn build_processes() -> usize {
+    let uids = harness::build_uid_base()..harness::build_uid_base() + harness::BUILD_UIDS;
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .filter(|m| uids.contains(&std::os::unix::fs::MetadataExt::uid(m)))
+        .count()
+}
+
+#[test]
+fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
+    let s = Setup::new("[capacity]\npids_per_build = 64\n");
+    // A shell whose fork fails exits, so each process forks one child and waits for it: the
+    // chains grow back as they die, and PID 1 (which never forks again: it waits on a fifo)
+    // keeps the build up.
+    let (p, d) = s.derivation(
+        "fork-bomb",
+        "exec 2>/dev/null; mkfifo /build/idle; exec 3<>/build/idle; \
+         b() { while true; do b & wait; done; }; b & \
+         while true; do wait; read -t 1 x <&3; done",
+    );
+    let (r, _) = std::thread::scope(|scope| {
+        let bomb = scope.spawn(|| s.build(&p, &d, BuildOptions::default()));
+        wait_for_start(&s.daemon, &p);
+        let until = Instant::now() + Duration::from_secs(60);
+        while build_processes() < 32 {
+            assert!(
+                Instant::now() < until,
+                "the bomb never grew: {}",
+                s.daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The host can still start a process, and the daemon answers another client.
+        let status = std::process::Command::new("/bin/busybox")
+            .arg("true")
+            .status()
+            .expect("spawn a process during the bomb");
+        assert!(status.success());
+        let query = Request::QueryValidPaths {
+            lock: false,
+            substitute: false,
+            paths: BTreeSet::from([s.bb.clone()]),
+        };
+        let script = Script::new().request(&query);
+        let reply = s.daemon.relay_waiting("a", &script.bytes, &script.ops);
+        assert!(
+            matches!(&reply.responses(&script.ops)[..], [Response::ValidPaths(p)] if p.contains(&s.bb)),
+            "{reply:?}"
+        );
+        bomb.join().expect("the bomb's client")
+    });
+    let msg = String::from_utf8_lossy(&r.error_msg).into_owned();
+    assert_eq!(r.status, BuildStatus::PermanentFailure, "{msg}");
+    assert!(
+        msg.contains(
+            "was stopped: it kept hitting its limit of 64 processes (pids_per_build in [capacity]"
+        ),
+        "{msg}"
+    );
+    s.daemon
+        .wait_for_log(&["stopping a build that keeps forking at its process limit"]);
+    assert_no_build_processes(&s.daemon);
+
+    // A bomb that gives up by itself (the shell exits when a fork fails) fails with the limit
+    // named too.
+    let (p2, d2) = s.derivation(
+        "fork-bomb-gives-up",
+        "exec 2>/dev/null; b() { while true; do b & done; }; b",
+    );
+    let (r2, _) = s.build(&p2, &d2, BuildOptions::default());
+    let msg = String::from_utf8_lossy(&r2.error_msg).into_owned();
+    assert_eq!(r2.status, BuildStatus::PermanentFailure, "{msg}");
+    assert!(
+        msg.contains("failed with exit code 2 after hitting its limit of 64 processes (")
+            && msg.contains("forks refused; pids_per_build in [capacity]"),
+        "{msg}"
+    );
+    assert_no_build_processes(&s.daemon);
+    let base = pids_base(&s.daemon.state_dir());
+    assert!(base.is_dir(), "{}", base.display());
+    let stopped = s.daemon.stop();
+    assert!(!stopped.valid("a", &output_of(&d)) && !stopped.valid("a", &output_of(&d2)));
+    // The daemon removed its cgroups when it stopped.
+    assert!(!base.exists(), "{} left behind", base.display());
+}
+
+/// The daemon's cgroup in the pids hierarchy: `nixbuild-<hash of its state directory>` under
+/// this process's own (v1 here).
+fn pids_base(state: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let own = own
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned()))
+        .expect("a v1 pids hierarchy");
+    let dir = std::fs::canonicalize(state).expect("state directory");
+    let digest = harness::sha256(dir.as_os_str().as_bytes()).to_base16();
+    std::path::Path::new("/sys/fs/cgroup/pids")
+        .join(own.trim_start_matches('/'))
+        .join(format!("nixbuild-{}", &digest[..12]))
 }

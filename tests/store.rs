@@ -1,6 +1,8 @@
 //! The store through its public API: imports checked against their claims, account
 //! isolation, deduplication, crash cleanup, canonical files, exports byte-identical.
 
+mod harness;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -986,38 +988,15 @@ fn state_directory_modes_do_not_follow_the_umask() {
     assert_eq!(mode(&wide.join("db.sqlite")), 0o600);
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(options: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .expect("run mount (the tests run as root)");
-        assert!(status.success(), "mount tmpfs");
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[test]
 fn many_small_files_hit_the_inode_reserve_within_one_import() {
     // Room for the layout and the start of the import, but not for 10,001 more inodes
     // above the reserve: the NAR is far below 64 MiB, so only the node count can trigger
     // the check.
     let nr_inodes = nixbuild::store::INODE_RESERVE + 8_000;
-    let fs = Tmpfs::mount(&format!("size=256m,nr_inodes={nr_inodes}"));
-    let state = fs.0.path().join("state");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _fs = harness::Tmpfs::mount(dir.path(), &format!("size=256m,nr_inodes={nr_inodes}"));
+    let state = dir.path().join("state");
     let limits = StoreLimits {
         max_nar_size: 1 << 30,
         disk_reserve: 1,

@@ -75,6 +75,16 @@ fn main() {
             "the_root_is_a_read_only_tmpfs_the_host_never_sees",
             root_in_tmpfs,
         ),
+        (
+            "ptrace_reaches_only_the_builds_own_processes",
+            ptrace_outside,
+        ),
+        ("host_proc_entries_are_out_of_reach", host_proc),
+        ("setns_into_host_namespaces_is_refused", setns_refused),
+        (
+            "a_nested_user_namespace_maps_no_host_root_and_unlocks_no_mount",
+            nested_user_namespace,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -88,10 +98,15 @@ fn main() {
     libtest_mimic::run(&args, trials).exit();
 }
 
-/// Probe mode, run inside the sandbox: `__probe setxattr|getxattr|mount-tmpfs PATH` or
-/// `__probe abstract-connect NAME`. Prints `ok` or `errno N`.
+/// Probe mode, run inside the sandbox: `__probe setxattr|getxattr|mount-tmpfs PATH`,
+/// `__probe abstract-connect NAME`, `__probe ptrace PID`, `__probe setns NS-FILE`. Prints `ok`
+/// or `errno N`. `__probe unshare-user ro|rw PATH` prints a line per step.
 fn probe() -> ! {
     let args: Vec<String> = std::env::args().skip(2).collect();
+    if let ["unshare-user", flag, path] = args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        unshare_user(flag == "ro", path);
+        std::process::exit(0)
+    }
     let result: std::io::Result<()> = match args.iter().map(String::as_str).collect::<Vec<_>>()[..]
     {
         ["setxattr", path] => {
@@ -110,6 +125,12 @@ fn probe() -> ! {
             None,
         )
         .map_err(Into::into),
+        ["ptrace", pid] => ptrace_seize(pid.parse().unwrap_or(-1)),
+        ["setns", file] => std::fs::File::open(file).and_then(|f| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain system call on an open descriptor; this process is single-threaded.
+            libc_result(unsafe { libc::setns(f.as_raw_fd(), 0) }.into())
+        }),
         _ => {
             eprintln!("bad probe {args:?}");
             std::process::exit(2)
@@ -120,6 +141,71 @@ fn probe() -> ! {
         Err(e) => println!("errno {}", e.raw_os_error().unwrap_or(-1)),
     }
     std::process::exit(0)
+}
+
+fn libc_result(ret: i64) -> std::io::Result<()> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `PTRACE_SEIZE` of `pid`: attaching is the whole test (the tracer's exit detaches it).
+fn ptrace_seize(pid: i32) -> std::io::Result<()> {
+    // SAFETY: PTRACE_SEIZE takes no pointers (addr and data are 0).
+    libc_result(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    })
+}
+
+/// A new user namespace from inside the sandbox: created (as in Nix), but host root cannot be
+/// mapped into it; with its own uid mapped to root and a mount namespace of its own, a
+/// read-only mount stays read-only (`rw`) while adding the flag works (`ro`, the control).
+fn unshare_user(read_only: bool, path: &str) {
+    let step = |name: &str, r: std::io::Result<()>| {
+        match r {
+            Ok(()) => println!("{name} ok"),
+            Err(e) => println!("{name} errno {}", e.raw_os_error().unwrap_or(-1)),
+        }
+        std::io::stdout().flush().expect("flush");
+    };
+    // The ids outside, before the new namespace hides them.
+    let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
+    // SAFETY: unshare takes no pointers; this process is single-threaded.
+    step(
+        "unshare",
+        libc_result(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into()),
+    );
+    let map_root = std::fs::write("/proc/self/uid_map", "0 0 1\n");
+    let mapped = map_root.is_ok();
+    step("map-host-root", map_root);
+    if !mapped {
+        step(
+            "map-own-uid",
+            std::fs::write("/proc/self/uid_map", format!("0 {} 1\n", uid.as_raw())),
+        );
+        let _ = std::fs::write("/proc/self/setgroups", "deny");
+        let _ = std::fs::write("/proc/self/gid_map", format!("0 {} 1\n", gid.as_raw()));
+    }
+    // SAFETY: as above.
+    step(
+        "unshare-mount",
+        libc_result(unsafe { libc::unshare(libc::CLONE_NEWNS) }.into()),
+    );
+    let mut flags = rustix::mount::MountFlags::BIND;
+    if read_only {
+        flags |= rustix::mount::MountFlags::RDONLY;
+    }
+    step(
+        "remount",
+        rustix::mount::mount_remount(path, flags, "").map_err(Into::into),
+    );
 }
 
 fn connect_abstract(name: &str) -> std::io::Result<()> {
@@ -964,4 +1050,166 @@ fn kvm_only_when_required() {
             Err(PlanError::MissingFeature("kvm".into()))
         );
     }
+}
+
+/// A process on the host running as the build's own uid, so that only the namespaces keep the
+/// build from it. Killed when dropped.
+struct HostSleeper(std::process::Child);
+
+impl HostSleeper {
+    fn start(uid: u32) -> HostSleeper {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("/bin/busybox")
+            .args(["sleep", "1000"])
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start a host process");
+        HostSleeper(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for HostSleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the probe binary on the host with `args`, as `uid` (root when `None`).
+fn host_probe(uid: Option<u32>, args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(std::env::current_exe().expect("exe"));
+    cmd.arg(PROBE_ARG).args(args).stdin(Stdio::null());
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("probe on the host");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ptrace_outside() {
+    let fx = Fixture::new();
+    let host = HostSleeper::start(fx.uid);
+    let pid = host.pid().to_string();
+    // Positive control: on the host, the same uid may trace it (no Yama restriction here).
+    assert_eq!(host_probe(Some(fx.uid), &["ptrace", &pid]), "ok\n");
+    // Inside, tracing its own child works, as under Nix (whose filter has no ptrace rule); the
+    // host process does not exist in the build's pid namespace.
+    let out = run_ok(
+        &fx,
+        &format!(
+            "sleep 1000 & {}; kill $!; {}; echo end",
+            fx.probe_cmd("ptrace $!"),
+            fx.probe_cmd(&format!("ptrace {pid}"))
+        ),
+    );
+    assert_eq!(out.log, "ok\nerrno 3\nend\n", "{}", out.stderr);
+}
+
+fn host_proc() {
+    let fx = Fixture::new();
+    let host = HostSleeper::start(fx.uid);
+    let pid = host.pid();
+    // Positive controls: root on the host opens all of these. (This kernel has neither
+    // /proc/kcore nor /proc/sysrq-trigger; /proc/kmsg is the root-only file read instead.)
+    assert!(std::fs::read(format!("/proc/{pid}/environ")).is_ok());
+    std::fs::File::open("/proc/kmsg").expect("open /proc/kmsg on the host");
+    for writable in ["/proc/sys/vm/drop_caches", "/proc/sys/kernel/hostname"] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(writable)
+            .unwrap_or_else(|e| panic!("{writable} on the host: {e}"));
+    }
+    let out = run_ok(
+        &fx,
+        &format!(
+            "head -n 1 /proc/self/status; tr '\\0' ' ' < /proc/1/cmdline; echo; \
+             cat /proc/{pid}/environ; ls /proc/{pid}; head -c 1 /proc/kmsg; \
+             echo 3 > /proc/sys/vm/drop_caches; \
+             echo evil > /proc/sys/kernel/hostname; hostname; echo end"
+        ),
+    );
+    let expected = [
+        // Its own /proc works: the builder is PID 1 of its namespace.
+        "Name:\thead".to_owned(),
+        "sh -c head -n 1 /proc/self/status;".to_owned(),
+        format!("cat: can't open '/proc/{pid}/environ': No such file or directory"),
+        format!("ls: /proc/{pid}: No such file or directory"),
+        "head: /proc/kmsg: Permission denied".to_owned(),
+        "sh: can't create /proc/sys/vm/drop_caches: Permission denied".to_owned(),
+        "sh: can't create /proc/sys/kernel/hostname: Permission denied".to_owned(),
+        "localhost".to_owned(),
+        "end".to_owned(),
+    ];
+    let lines: Vec<&str> = out.log.lines().collect();
+    assert_eq!(lines.len(), expected.len(), "{}", out.log);
+    for (line, want) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(want.as_str()), "{want:?} in {}", out.log);
+    }
+}
+
+fn setns_refused() {
+    let fx = Fixture::new();
+    let host = HostSleeper::start(fx.uid);
+    let pid = host.pid();
+    // Positive control: root on the host may enter the host process's mount namespace.
+    let host_ns = format!("/proc/{pid}/ns/mnt");
+    assert_eq!(host_probe(None, &["setns", &host_ns]), "ok\n");
+    // Inside, /proc/1 is the builder itself (no capability to enter even its own
+    // namespaces), and the host's processes and their namespace files do not exist.
+    let out = run_ok(
+        &fx,
+        &format!(
+            "{}; {}; {}; echo end",
+            fx.probe_cmd("setns /proc/1/ns/mnt"),
+            fx.probe_cmd("setns /proc/1/ns/net"),
+            fx.probe_cmd(&format!("setns /proc/{pid}/ns/mnt"))
+        ),
+    );
+    assert_eq!(
+        out.log, "errno 1\nerrno 1\nerrno 2\nend\n",
+        "{}",
+        out.stderr
+    );
+}
+
+fn nested_user_namespace() {
+    let fx = Fixture::new();
+    // Positive control: root on the host maps root into a new user namespace.
+    let control = host_probe(None, &["unshare-user", "ro", "/nonexistent"]);
+    assert!(
+        control.starts_with("unshare ok\nmap-host-root ok\n"),
+        "{control}"
+    );
+    let input = store(BUSYBOX);
+    let out = run_ok(
+        &fx,
+        &format!(
+            "{}; {}; echo end",
+            fx.probe_cmd("unshare-user ro /build"),
+            fx.probe_cmd(&format!("unshare-user rw {input}"))
+        ),
+    );
+    // Nix allows nested user namespaces too; within one, root is only the build's own uid, and
+    // the read-only flag of an input's mount is locked (EPERM), while adding it (the control,
+    // on /build) works.
+    let each = |remount: &str| {
+        format!("unshare ok\nmap-host-root errno 1\nmap-own-uid ok\nunshare-mount ok\nremount {remount}\n")
+    };
+    assert_eq!(
+        out.log,
+        format!("{}{}end\n", each("ok"), each("errno 1")),
+        "{}",
+        out.stderr
+    );
 }

@@ -16,10 +16,13 @@
 //!    scratch directory `<state>/builds/<n>`, plan the sandbox, and run the helper process
 //!    (`nixbuild_sandbox::helper_command`, a re-execution of this executable) with the plan on
 //!    its stdin. Its stdout is the builder's log, forwarded as it comes; the silence and total
-//!    time limits and the log size limit kill the helper (and with it the whole sandbox).
+//!    time limits and the log size limit kill the helper (and with it the whole sandbox), and
+//!    so does the [`monitor`] when the disk falls below its reserve or the build keeps forking
+//!    at its process limit. No build starts below the disk reserve.
 //! 4. **Finish**: on exit status 0, [`outputs::process_outputs`] checks, canonicalises and
 //!    registers the outputs; then the scratch directory is removed and the uid released.
 
+pub mod monitor;
 pub mod outputs;
 pub mod placement;
 
@@ -43,6 +46,7 @@ use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{BuildsConfig, Config};
 use crate::store::{InputObject, Store, StoreError};
+use monitor::{Monitor, Overrun, Watch};
 use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
 use placement::{Grant, Placement, PlacementError, Running};
 
@@ -408,6 +412,8 @@ struct Inner {
     config: BuildsConfig,
     host: SandboxHost,
     placement: Arc<Placement>,
+    /// Stops running builds that overrun the disk reserve or fork at their process limit.
+    monitor: Monitor,
     /// Builds queued or running per account, and the most each may have.
     account_builds: Arc<nixbuild_core::account::AccountCounts>,
     max_builds_per_account: usize,
@@ -459,6 +465,7 @@ impl BuildService {
             .map_err(io_err("chmod", &dir))?;
         Ok(BuildService {
             inner: Arc::new(Inner {
+                monitor: Monitor::new(store.clone()),
                 store,
                 builds_dir: dir,
                 helper_exe,
@@ -794,6 +801,8 @@ enum Stop {
     TimedOut(u64),
     LogLimit(u64),
     Cancelled,
+    /// The watcher stopped it (disk reserve, fork bomb).
+    Overrun(Overrun),
 }
 
 /// The last lines of a log, for the message of a failed build.
@@ -851,6 +860,8 @@ impl Tail {
 struct Leftovers<'a> {
     scratch: PathBuf,
     cgroup: Option<crate::cgroup::BuildCgroup>,
+    /// Watched until the directory is gone (the watcher waits for a stopped build's space).
+    _watch: Option<Watch>,
     _running: Running,
     _uid: UidLease<'a>,
 }
@@ -862,6 +873,7 @@ impl Leftovers<'_> {
         let Leftovers {
             scratch,
             cgroup,
+            _watch,
             _running,
             _uid,
         } = self;
@@ -948,14 +960,14 @@ async fn run<'a>(
     let uid = inner.uids.take().await;
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let scratch = inner.builds_dir.join(id.to_string());
-    let mut cgroup = None;
+    let (mut cgroup, mut watch) = (None, None);
     let outcome = match run_in(
         inner,
         build,
         job,
         &prepared,
         (uid.uid, &grant, id),
-        (&scratch, &mut cgroup),
+        (&scratch, &mut cgroup, &mut watch),
     )
     .await
     {
@@ -968,6 +980,7 @@ async fn run<'a>(
     let leftovers = Leftovers {
         scratch,
         cgroup,
+        _watch: watch,
         _running: running,
         _uid: uid,
     };
@@ -980,9 +993,25 @@ async fn run_in(
     job: &BuildJob,
     prepared: &Prepared,
     (uid, grant, id): (u32, &Grant, u64),
-    (scratch, cgroup_slot): (&Path, &mut Option<crate::cgroup::BuildCgroup>),
+    (scratch, cgroup_slot, watch_slot): (
+        &Path,
+        &mut Option<crate::cgroup::BuildCgroup>,
+        &mut Option<Watch>,
+    ),
 ) -> Result<Outcome, BuildError> {
     let drv = &job.drv;
+    // No new build below the disk reserve: it would only be stopped.
+    let store = inner.store.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || store.check_disk_reserve()).await? {
+        return Ok(Outcome::without_build(
+            BuildStatus::MiscFailure,
+            format!(
+                "nixbuild: not starting the build of '{}': {e} (disk_reserve in [store] of the \
+                 server's configuration)",
+                job.drv_path
+            ),
+        ));
+    }
     // One blocking task for the file-system set-up: the inputs' kinds, the scratch
     // directory and the cgroup (the caller removes the last two, whatever happens here).
     let (inputs, cgroup) = {
@@ -1003,6 +1032,11 @@ async fn run_in(
         .await??
     };
     let cgroup: &crate::cgroup::BuildCgroup = cgroup_slot.insert(cgroup);
+    let watch = watch_slot.insert(inner.monitor.watch(
+        id,
+        scratch.to_owned(),
+        cgroup.fork_refusals(),
+    ));
     let request = BuildRequest {
         builder: drv.builder.clone(),
         args: drv.args.clone(),
@@ -1120,6 +1154,7 @@ async fn run_in(
             changed = cancel.changed() => if changed.is_err() || *cancel.borrow() {
                 break Stop::Cancelled;
             },
+            overrun = watch.stopped() => break Stop::Overrun(overrun),
         }
     };
     let status = match stop {
@@ -1163,6 +1198,17 @@ async fn run_in(
     };
     let report = nixbuild_sandbox::parse_report(&diagnostics, status);
     let oom = cgroup.oom_killed().unwrap_or(false);
+    // A builder that failed after forks were refused (a fork bomb whose shell gave up) says so.
+    let pids_note = cgroup
+        .fork_refusals()
+        .and_then(|f| Some((f.limit, f.count().ok()?)))
+        .filter(|&(_, refused)| refused > 0)
+        .map_or(String::new(), |(limit, refused)| {
+            format!(
+                " after hitting its limit of {limit} processes ({refused} forks refused; \
+                 pids_per_build in [capacity] of the server's configuration)"
+            )
+        });
     let memory_limit = cgroup.memory_limit();
     let fixed = drv.fixed_output().is_some();
     let builder_failed = if fixed {
@@ -1189,6 +1235,14 @@ async fn run_in(
             BuildStatus::MiscFailure,
             format!("building of '{drv_path}' was cancelled: no client waits for it"),
         ),
+        // Like out of memory: the same build would overrun again.
+        Stop::Overrun(overrun) => failed(
+            BuildStatus::PermanentFailure,
+            format!(
+                "builder for '{drv_path}' was stopped: {overrun}{}",
+                tail.render()
+            ),
+        ),
         // As DESIGN.md says: a permanent failure, which clients do not retry.
         _ if oom => failed(
             BuildStatus::PermanentFailure,
@@ -1206,14 +1260,14 @@ async fn run_in(
             HelperReport::Signaled(sig) => failed(
                 builder_failed,
                 format!(
-                    "builder for '{drv_path}' failed due to signal {sig}{}",
+                    "builder for '{drv_path}' failed due to signal {sig}{pids_note}{}",
                     tail.render()
                 ),
             ),
             HelperReport::Exited(code) if code != 0 => failed(
                 builder_failed,
                 format!(
-                    "builder for '{drv_path}' failed with exit code {code}{}",
+                    "builder for '{drv_path}' failed with exit code {code}{pids_note}{}",
                     tail.render()
                 ),
             ),

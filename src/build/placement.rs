@@ -172,6 +172,16 @@ impl Placement {
     }
 }
 
+impl Drop for Placement {
+    /// The daemon is ending (every build's task, which holds the placement, is gone): its
+    /// cgroups go with it, so that daemons of many state directories leave none behind.
+    fn drop(&mut self) {
+        if let Err(e) = self.cgroups.remove_bases() {
+            tracing::warn!("leaving the daemon's cgroups behind: {e}");
+        }
+    }
+}
+
 /// A queued build. Dropped before it starts, the build leaves the queue.
 #[derive(Debug)]
 pub struct Ticket {

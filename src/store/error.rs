@@ -62,8 +62,8 @@ pub enum StoreError {
     },
     /// Free inodes fell below the inode reserve.
     #[error(
-        "uploads are refused: {free} inodes free in {dir}, below the reserve of {reserve} \
-         (the server is running out of inodes)"
+        "not enough inodes in {dir}: {free} inodes free, the reserve is {reserve} (the server \
+         is running out of inodes)"
     )]
     InodeReserve {
         /// The state directory.

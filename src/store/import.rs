@@ -20,8 +20,18 @@ use super::publish::Publication;
 use super::Store;
 use crate::nar_fs::dump_path;
 
-/// How often, in bytes received, an import re-checks the free disk space and inodes.
+/// How often, in bytes received, an import re-checks the free disk space and inodes, at most;
+/// nearer the reserve it checks after half the space left above it (so that an upload stops
+/// before crossing the reserve), but not more often than every [`MIN_DISK_CHECK_INTERVAL`].
 const DISK_CHECK_INTERVAL: u64 = 64 << 20;
+/// The shortest interval between two checks: one chunk of the session.
+const MIN_DISK_CHECK_INTERVAL: u64 = 256 << 10;
+
+/// Bytes an import may receive before its next disk check, given the bytes free above the
+/// reserve at the last one.
+fn next_disk_check(headroom: u64) -> u64 {
+    (headroom / 2).clamp(MIN_DISK_CHECK_INTERVAL, DISK_CHECK_INTERVAL)
+}
 /// How often, in files, directories and symlinks created, an import re-checks them too:
 /// many small files use up inodes and blocks long before 64 MiB of NAR.
 const NODE_CHECK_INTERVAL: u64 = 10_000;
@@ -60,6 +70,8 @@ pub struct Import {
     ca_hasher: Option<CaHasher>,
     received: u64,
     since_disk_check: u64,
+    /// Bytes after which the next disk check happens ([`next_disk_check`]).
+    disk_check_after: u64,
     /// Nodes the unpacker had created at the last disk check.
     nodes_at_disk_check: u64,
 }
@@ -75,7 +87,8 @@ enum CaHasher {
 }
 
 impl Import {
-    pub(super) fn new(store: Store, account: &str, dir: PathBuf) -> Import {
+    /// An import into `dir`; `headroom` is the space free above the reserve at its start.
+    pub(super) fn new(store: Store, account: &str, dir: PathBuf, headroom: u64) -> Import {
         let unpacker = Unpacker::new(dir.join("root"));
         Import {
             store,
@@ -86,6 +99,7 @@ impl Import {
             ca_hasher: None,
             received: 0,
             since_disk_check: 0,
+            disk_check_after: next_disk_check(headroom),
             nodes_at_disk_check: 0,
         }
     }
@@ -149,10 +163,10 @@ impl Import {
         }
         self.since_disk_check += n as u64;
         let nodes = self.unpacker.nodes - self.nodes_at_disk_check;
-        if self.since_disk_check >= DISK_CHECK_INTERVAL || nodes >= NODE_CHECK_INTERVAL {
+        if self.since_disk_check >= self.disk_check_after || nodes >= NODE_CHECK_INTERVAL {
             self.since_disk_check = 0;
             self.nodes_at_disk_check = self.unpacker.nodes;
-            self.store.check_disk_reserve()?;
+            self.disk_check_after = next_disk_check(self.store.disk_headroom()?);
         }
         Ok(())
     }
@@ -378,5 +392,17 @@ impl Unpacker {
             NarEvent::End => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_checks_come_sooner_near_the_reserve() {
+        assert_eq!(next_disk_check(u64::MAX), DISK_CHECK_INTERVAL);
+        assert_eq!(next_disk_check(20 << 20), 10 << 20);
+        assert_eq!(next_disk_check(0), MIN_DISK_CHECK_INTERVAL);
     }
 }

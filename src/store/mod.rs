@@ -380,12 +380,12 @@ impl Store {
     /// Refuses with [`StoreError::DiskReserve`] when free space is below the reserve;
     /// otherwise starts an import into a fresh directory under `tmp/`.
     pub fn begin_import(&self, account: &str) -> Result<Import, StoreError> {
-        self.check_disk_reserve()?;
+        let headroom = self.disk_headroom()?;
         loop {
             let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
             let dir = self.inner.tmp.join(format!("{}-{n}", std::process::id()));
             match fs::create_dir(&dir) {
-                Ok(()) => return Ok(Import::new(self.clone(), account, dir)),
+                Ok(()) => return Ok(Import::new(self.clone(), account, dir, headroom)),
                 // Left by an earlier process with the same pid: take the next number.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err("create directory", &dir)(e)),
@@ -393,9 +393,16 @@ impl Store {
         }
     }
 
-    /// Refuses when free space is below the reserve, or (with a non-zero reserve) free
-    /// inodes below [`INODE_RESERVE`].
-    fn check_disk_reserve(&self) -> Result<(), StoreError> {
+    /// Refuses ([`StoreError::DiskReserve`], [`StoreError::InodeReserve`]) when free space on
+    /// the state directory's file system is below the reserve, or (with a non-zero reserve)
+    /// free inodes below [`INODE_RESERVE`]. What new builds and the build service's disk
+    /// watcher check.
+    pub fn check_disk_reserve(&self) -> Result<(), StoreError> {
+        self.disk_headroom().map(drop)
+    }
+
+    /// Like [`Store::check_disk_reserve`], returning the bytes free above the reserve.
+    fn disk_headroom(&self) -> Result<u64, StoreError> {
         let dir = &self.inner.state_dir;
         let free = fsutil::free_space(dir)?;
         let reserve = self.inner.limits.disk_reserve;
@@ -414,7 +421,7 @@ impl Store {
                     reserve: INODE_RESERVE,
                 })
             }
-            _ => Ok(()),
+            _ => Ok(free.bytes - reserve),
         }
     }
 

@@ -59,10 +59,71 @@ pub fn build_uid_base() -> u32 {
     2_000_000_000 + (std::process::id() % 100_000) * BUILD_UIDS
 }
 
+/// `config` with this test process's build uids: daemons of tests running at once get
+/// distinct ones (tests check that no process of their builds is left).
+fn with_build_uids(config: &str) -> String {
+    let uids = format!(
+        "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
+        build_uid_base()
+    );
+    if config.contains("[builds]\n") {
+        config.replacen("[builds]\n", &uids, 1)
+    } else {
+        format!("{config}\n{uids}")
+    }
+}
+
 /// A running daemon with its own state directory and log file.
 pub struct Daemon {
     child: Option<Process>,
+    /// The state directory's own small file system, if any (unmounted after the daemon ended).
+    tmpfs: Option<Tmpfs>,
     dir: tempfile::TempDir,
+}
+
+/// A tmpfs mounted for one test (we are root in tests), lazily unmounted when dropped.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (such as `size=96m`; mode 0711, as a state directory)
+    /// on `path`, creating it.
+    pub fn mount(path: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("create the mount point");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("{options},mode=0711"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .expect("run mount (the tests run as root)");
+        assert!(status.success(), "mount -t tmpfs on {}", path.display());
+        Tmpfs {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Bytes available on it now.
+    pub fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.path).expect("statvfs");
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Inodes available on it now.
+    pub fn free_inodes(&self) -> u64 {
+        rustix::fs::statvfs(&self.path).expect("statvfs").f_favail
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }
 
 /// A child process killed when dropped (a failing test must not leave a daemon behind).
@@ -96,21 +157,36 @@ impl Daemon {
     /// arguments, and waits until it accepts connections.
     pub fn start_with_config(config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Daemons of tests running at once get distinct build uids (tests check that no
-        // process of their builds is left).
-        let uids = format!(
-            "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
-            build_uid_base()
-        );
-        let config = if config.contains("[builds]\n") {
-            config.replacen("[builds]\n", &uids, 1)
-        } else {
-            format!("{config}\n{uids}")
+        std::fs::write(dir.path().join("nixbuild.toml"), with_build_uids(config))
+            .expect("write the configuration");
+        let mut d = Daemon {
+            child: None,
+            tmpfs: None,
+            dir,
         };
-        std::fs::write(dir.path().join("nixbuild.toml"), config).expect("write the configuration");
-        let mut d = Daemon { child: None, dir };
         d.spawn(args);
         d
+    }
+
+    /// Like [`Daemon::start_with_config`], with the state directory on a tmpfs of its own
+    /// mounted with `options` (such as `size=96m`), for tests of the disk reserve.
+    pub fn start_on_tmpfs(options: &str, config: &str, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tmpfs = Tmpfs::mount(&dir.path().join("state"), options);
+        std::fs::write(dir.path().join("nixbuild.toml"), with_build_uids(config))
+            .expect("write the configuration");
+        let mut d = Daemon {
+            child: None,
+            tmpfs: Some(tmpfs),
+            dir,
+        };
+        d.spawn(args);
+        d
+    }
+
+    /// The state directory's tmpfs, when started with [`Daemon::start_on_tmpfs`].
+    pub fn tmpfs(&self) -> &Tmpfs {
+        self.tmpfs.as_ref().expect("a daemon started on a tmpfs")
     }
 
     /// Starts the daemon process on this state directory (its log and stdout are appended
@@ -342,6 +418,7 @@ impl Daemon {
         Stopped {
             store,
             log,
+            _tmpfs: self.tmpfs.take(),
             _dir: self.dir,
         }
     }
@@ -372,6 +449,7 @@ pub struct Stopped {
     pub store: Store,
     /// The daemon's whole log.
     pub log: String,
+    _tmpfs: Option<Tmpfs>,
     _dir: tempfile::TempDir,
 }
 
