@@ -917,7 +917,7 @@ async fn run_op(
             conn.send(&bytes).await?;
             let status = conn.finish().await?;
             let stderr = conn.stderr_text();
-            if status == Some(1) && stderr.contains("error: NAR hash mismatch") {
+            if status == Some(1) && stderr.contains("error: ") && stderr.contains("NAR hash mismatch") {
                 Ok(Outcome::SessionOver)
             } else {
                 Err(SoakError::Wrong(format!(
