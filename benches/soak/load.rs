@@ -283,7 +283,10 @@ struct Pinned(PublicKey);
 impl client::Handler for Pinned {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         Ok(matches!(key, PublicKeyOrCertificate::PublicKey { key, .. }
             if key.key_data() == self.0.key_data()))
     }
@@ -639,7 +642,11 @@ async fn upload_add(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakE
     for k in closure {
         match conn.call(&add_header(k, k.hash), &k.nar).await? {
             Response::Added => {}
-            other => return Err(SoakError::Wrong(format!("AddToStoreNar answered {other:?}"))),
+            other => {
+                return Err(SoakError::Wrong(format!(
+                    "AddToStoreNar answered {other:?}"
+                )))
+            }
         }
     }
     Ok(())
@@ -683,23 +690,21 @@ async fn session(shared: Arc<Shared>, index: usize, seed: u64) -> Stats {
     tokio::time::sleep(Duration::from_millis(rng.u64(0..1000))).await;
     while Instant::now() < shared.deadline {
         let started = Instant::now();
-        let mut conn = match tokio::time::timeout(
-            Op::Connect.timeout(),
-            Conn::open(&shared.target, &key),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                stats.unexpected(Op::Connect, &e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(_) => {
-                stats.unexpected(Op::Connect, &SoakError::Timeout(Op::Connect.timeout()));
-                continue;
-            }
-        };
+        let mut conn =
+            match tokio::time::timeout(Op::Connect.timeout(), Conn::open(&shared.target, &key))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    stats.unexpected(Op::Connect, &e);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(_) => {
+                    stats.unexpected(Op::Connect, &SoakError::Timeout(Op::Connect.timeout()));
+                    continue;
+                }
+            };
         stats.sessions_opened += 1;
         stats.ok(Op::Connect, started);
         let mut quota = rng.u32(10..60);
@@ -873,9 +878,7 @@ async fn run_op(
                 }
                 let nar = conn.nar().await?;
                 let limits = Limits::default().wire;
-                let trailer = conn
-                    .read_item(|r| ExportTrailer::read(r, &limits))
-                    .await?;
+                let trailer = conn.read_item(|r| ExportTrailer::read(r, &limits)).await?;
                 let Some(k) = by_path.get(&trailer.path) else {
                     return Err(SoakError::Wrong(format!(
                         "ExportPaths sent {}, not asked for",
@@ -917,7 +920,10 @@ async fn run_op(
             conn.send(&bytes).await?;
             let status = conn.finish().await?;
             let stderr = conn.stderr_text();
-            if status == Some(1) && stderr.contains("error: ") && stderr.contains("NAR hash mismatch") {
+            if status == Some(1)
+                && stderr.contains("error: ")
+                && stderr.contains("NAR hash mismatch")
+            {
                 Ok(Outcome::SessionOver)
             } else {
                 Err(SoakError::Wrong(format!(
@@ -965,7 +971,11 @@ async fn build(
     .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
     .collect();
     let drv = BasicDerivation {
-        outputs: [("out".to_owned(), DerivationOutput::InputAddressed(out.clone()))].into(),
+        outputs: [(
+            "out".to_owned(),
+            DerivationOutput::InputAddressed(out.clone()),
+        )]
+        .into(),
         input_srcs: [bb.clone()].into(),
         platform: b"x86_64-linux".to_vec(),
         builder: sh.into_bytes(),
@@ -1064,7 +1074,12 @@ fn cpu_seconds(pid: &str) -> f64 {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; the
     // kernel counts in USER_HZ, 100 on Linux.
     (ticks(11) + ticks(12)) / 100.0
@@ -1114,9 +1129,11 @@ pub struct Report {
     pub hwm_kib: u64,
     /// The server once the sessions had ended and its descriptors settled.
     pub after: Sample,
-    /// How long the descriptors took to come back to the baseline (None: they did not
-    /// within a minute).
+    /// How long the descriptors and threads took to come back to the baseline (None: they
+    /// did not within a minute).
     pub settled_in: Option<Duration>,
+    /// The server at ten points of the load (time since its start).
+    pub timeline: Vec<(Duration, Sample)>,
     /// Server CPU seconds during the load.
     pub server_cpu: f64,
     /// The load generator's CPU seconds during the load.
@@ -1150,17 +1167,22 @@ impl Report {
         }
         if self.settled_in.is_none() {
             p.push(format!(
-                "the server's descriptors did not come back to {} (now {})",
-                self.baseline.fds, self.after.fds
+                "the server's descriptors and threads did not come back to {} and {} (now {} \
+                 and {})",
+                self.baseline.fds, self.baseline.threads, self.after.fds, self.after.threads
             ));
         }
         if self.log_errors > 0 {
-            p.push(format!("{} ERROR lines in the server's log", self.log_errors));
+            p.push(format!(
+                "{} ERROR lines in the server's log",
+                self.log_errors
+            ));
         }
         p
     }
 
     /// The figures of one kind.
+    #[allow(dead_code)] // tests/soak.rs uses it, the bench does not
     pub fn op(&self, op: Op) -> &OpFigures {
         self.ops
             .iter()
@@ -1237,9 +1259,30 @@ impl fmt::Display for Report {
         )?;
         writeln!(f)?;
         match self.settled_in {
-            Some(d) => writeln!(f, "descriptors back to the baseline {:.1} s after the load", d.as_secs_f64())?,
-            None => writeln!(f, "descriptors NOT back to the baseline a minute after the load")?,
+            Some(d) => writeln!(
+                f,
+                "descriptors and threads back to the baseline {:.1} s after the load",
+                d.as_secs_f64()
+            )?,
+            None => writeln!(
+                f,
+                "descriptors or threads NOT back to the baseline a minute after the load"
+            )?,
         }
+        let points: Vec<String> = self
+            .timeline
+            .iter()
+            .map(|(t, s)| {
+                format!(
+                    "{:.0} s: {:.0} MiB, {} fds, {} threads",
+                    t.as_secs_f64(),
+                    s.rss_kib as f64 / 1024.0,
+                    s.fds,
+                    s.threads
+                )
+            })
+            .collect();
+        writeln!(f, "during the load: {}", points.join("; "))?;
         writeln!(
             f,
             "CPU seconds: server {:.1}, load generator {:.1}; load average before {}, after {}",
@@ -1280,7 +1323,9 @@ fn figures(op: Op, stats: &mut Stats) -> OpFigures {
         unexpected: stats.unexpected.get(&op).copied().unwrap_or(0),
         p50: at(50),
         p99: at(99),
-        max: v.last().map_or(Duration::ZERO, |&us| Duration::from_micros(u64::from(us))),
+        max: v
+            .last()
+            .map_or(Duration::ZERO, |&us| Duration::from_micros(u64::from(us))),
     }
 }
 
@@ -1392,23 +1437,35 @@ pub fn run(o: &Options) -> Report {
         deadline: started + o.duration,
         think: o.think,
     });
-    let (mut stats, peak) = runtime.block_on(async {
+    let (mut stats, peak, timeline) = runtime.block_on(async {
         let tasks: Vec<_> = (0..o.sessions)
             .map(|i| {
-                let seed = o.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i as u64);
+                let seed = o
+                    .seed
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .wrapping_add(i as u64);
                 tokio::spawn(session(shared.clone(), i, seed))
             })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = std::thread::spawn({
             let stop = stop.clone();
+            // Ten points of the run, to show whether memory grows or levels off.
+            let every = (o.duration / 10).max(Duration::from_secs(1));
             move || {
                 let mut peak = Sample::read(pid);
+                let mut timeline = Vec::new();
+                let mut next = started + every;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(250));
-                    peak = peak.max(Sample::read(pid));
+                    let now = Sample::read(pid);
+                    peak = peak.max(now);
+                    if Instant::now() >= next {
+                        timeline.push((started.elapsed(), now));
+                        next += every;
+                    }
                 }
-                peak
+                (peak, timeline)
             }
         });
         let mut stats = Stats::default();
@@ -1416,8 +1473,8 @@ pub fn run(o: &Options) -> Report {
             stats.merge(t.await.expect("a session task panicked"));
         }
         stop.store(true, Ordering::Relaxed);
-        let peak = sampler.join().expect("the sampler panicked");
-        (stats, peak)
+        let (peak, timeline) = sampler.join().expect("the sampler panicked");
+        (stats, peak, timeline)
     });
     let elapsed = started.elapsed();
     let cpu = (
@@ -1426,11 +1483,14 @@ pub fn run(o: &Options) -> Report {
     );
     let load_after = loadavg();
     let hwm_kib = server.daemon.peak_rss_kib();
-    let (settled_in, after) = settle(pid, Some(baseline.fds), Duration::from_secs(60));
+    let (settled_in, after) = settle(pid, Some(baseline), Duration::from_secs(60));
     let builds_left: Vec<_> = std::fs::read_dir(server.daemon.state_dir().join("builds"))
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(builds_left.is_empty(), "build directories left: {builds_left:?}");
+    assert!(
+        builds_left.is_empty(),
+        "build directories left: {builds_left:?}"
+    );
     // Stopping checks the store: no import left in tmp/, no object without a row, every
     // object re-hashed to its recorded hash.
     let stopped = server.daemon.stop();
@@ -1462,6 +1522,7 @@ pub fn run(o: &Options) -> Report {
         hwm_kib,
         after,
         settled_in,
+        timeline,
         server_cpu: cpu.0,
         client_cpu: cpu.1,
         loadavg: (load_before, load_after),
@@ -1479,17 +1540,22 @@ pub fn run(o: &Options) -> Report {
     }
 }
 
-/// Waits until the server's descriptors are at most `fds` (or, with `None`, for a quiet
-/// second), at most `limit`; returns how long that took and the last sample.
-fn settle(pid: u32, fds: Option<u64>, limit: Duration) -> (Option<Duration>, Sample) {
+/// Waits until the server's descriptors and threads are at most those of `baseline` (or,
+/// with `None`, for a quiet second), at most `limit`; returns how long that took and the last
+/// sample.
+fn settle(pid: u32, baseline: Option<Sample>, limit: Duration) -> (Option<Duration>, Sample) {
     let start = Instant::now();
     let mut last = Sample::read(pid);
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let now = Sample::read(pid);
-        let settled = match fds {
-            Some(n) => now.fds <= n,
-            None => now.fds == last.fds && start.elapsed() >= Duration::from_secs(1),
+        let settled = match baseline {
+            // Idle blocking threads of the runtime exit after 10 s.
+            Some(b) => now.fds <= b.fds && now.threads <= b.threads,
+            None => {
+                (now.fds, now.threads) == (last.fds, last.threads)
+                    && start.elapsed() >= Duration::from_secs(1)
+            }
         };
         if settled {
             return (Some(start.elapsed()), now);
