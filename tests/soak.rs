@@ -14,7 +14,7 @@ use load::{Op, Options};
 
 #[test]
 fn short_soak_has_no_unexpected_error_and_returns_to_baseline() {
-    let report = load::run(&Options {
+    let (report, _state) = load::run(&Options {
         sessions: 8,
         duration: Duration::from_secs(10),
         accounts: 4,

@@ -1343,10 +1343,14 @@ fn server_config(o: &Options) -> String {
     )
 }
 
+/// The stopped server's state directory, removed when dropped: that takes a while after a
+/// long run (every object is a file), so drop it after printing the report.
+pub struct StateDir(#[allow(dead_code)] crate::harness::Stopped);
+
 /// Runs the soak: starts the server, uploads each account's busybox, runs the sessions,
 /// samples the server, waits for it to settle, stops it (the harness verifies the store) and
 /// checks that every acknowledged path is there with its hash.
-pub fn run(o: &Options) -> Report {
+pub fn run(o: &Options) -> (Report, StateDir) {
     let accounts_n = o.accounts.clamp(1, o.sessions.max(1));
     let o = Options {
         accounts: accounts_n,
@@ -1512,7 +1516,7 @@ pub fn run(o: &Options) -> Report {
     }
     let log = &stopped.log;
     let ops = Op::ALL.iter().map(|&op| figures(op, &mut stats)).collect();
-    Report {
+    let report = Report {
         options: o,
         elapsed,
         ops,
@@ -1537,7 +1541,8 @@ pub fn run(o: &Options) -> Report {
             .lines()
             .filter(|l| l.contains("session end") && l.contains("status=1"))
             .count() as u64,
-    }
+    };
+    (report, StateDir(stopped))
 }
 
 /// Waits until the server's descriptors and threads are at most those of `baseline` (or,

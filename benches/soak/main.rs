@@ -56,8 +56,9 @@ fn main() -> ExitCode {
         think: Duration::from_millis(args.think_ms),
         seed: args.seed,
     };
-    let report = load::run(&options);
+    let (report, state) = load::run(&options);
     println!("{report}");
+    drop(state);
     let problems = report.problems();
     if problems.is_empty() {
         ExitCode::SUCCESS
