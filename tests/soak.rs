@@ -1,4 +1,4 @@
-//! The soak script (`benches/soak`) in short: a few SSH sessions from a few accounts for ten
+//! The soak script (`benches/soak`) in short: a few SSH sessions from a few accounts for six
 //! seconds, every kind of operation checked against what was uploaded, so that the script
 //! cannot rot. It asserts what the long run must show: no unexpected error, the server's
 //! descriptors back to their baseline, every acknowledged path in the store with its hash
@@ -16,7 +16,7 @@ use load::{Op, Options};
 fn short_soak_has_no_unexpected_error_and_returns_to_baseline() {
     let (report, _state) = load::run(&Options {
         sessions: 8,
-        duration: Duration::from_secs(10),
+        duration: Duration::from_secs(6),
         accounts: 4,
         keys_per_account: 2,
         think: Duration::from_millis(5),
