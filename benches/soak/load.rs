@@ -1419,9 +1419,15 @@ pub fn run(o: &Options) -> (Report, StateDir) {
             .map(|(a, ks)| {
                 let (target, key, bb) = (target.clone(), ks[0].clone(), a.busybox.clone());
                 tokio::spawn(async move {
-                    let mut conn = Conn::open(&target, &key).await?;
-                    upload_import(&mut conn, &[bb]).await?;
-                    conn.close().await
+                    let upload = async {
+                        let mut conn = Conn::open(&target, &key).await?;
+                        upload_import(&mut conn, &[bb]).await?;
+                        conn.close().await
+                    };
+                    let limit = Op::ImportPaths.timeout();
+                    tokio::time::timeout(limit, upload)
+                        .await
+                        .unwrap_or(Err(SoakError::Timeout(limit)))
                 })
             })
             .collect();
