@@ -1,0 +1,1579 @@
+//! The soak load generator: many concurrent SSH sessions from many accounts against one
+//! `nixbuild-server` on loopback, mixing queries, uploads of random closures, trivial and
+//! failing builds, and downloads checked against what was uploaded, while the server's
+//! memory, descriptors and threads are sampled from `/proc`.
+//!
+//! Shared by the `soak` bench (`benches/soak/main.rs`, the long run) and `tests/soak.rs` (a
+//! short run in the normal test suite), which both declare `mod harness` at their root: the
+//! server is the end-to-end fixture's `SshServer` (its printed host key pinned, keys made by
+//! `ssh-keygen`), the client is russh with the serve codec of `nixbuild_core`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nixbuild_core::derivation::{BasicDerivation, DerivationOutput};
+use nixbuild_core::hash::Hash;
+use nixbuild_core::nar::{NarError, NarEvent, NarNode, NarReader};
+use nixbuild_core::serve::handshake::ServerHello;
+use nixbuild_core::serve::{
+    AddToStoreNar, BuildOptions, BuildStatus, ClientHello, ExportMarker, ExportTrailer, Limits,
+    Opcode, Request, Response, ServeError, ValidPathInfo,
+};
+use nixbuild_core::store_path::StorePath;
+use nixbuild_core::wire::{self, Reader};
+use russh::client;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::ChannelMsg;
+
+use crate::harness::ssh::{keygen, SshServer};
+use crate::harness::{export_stream, sha256, VERSION};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Sessions open at once (one SSH connection each).
+    pub sessions: usize,
+    /// How long the sessions keep sending requests.
+    pub duration: Duration,
+    /// Accounts the sessions are spread over (at most `sessions`).
+    pub accounts: usize,
+    /// Keys per account in `authorized_keys`; the sessions of an account use them in turn.
+    pub keys_per_account: usize,
+    /// Mean pause of a session between two operations (uniform on 0 to twice this).
+    pub think: Duration,
+    /// Seed of the sessions' random choices.
+    pub seed: u64,
+}
+
+/// What went wrong in one operation, from the client's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum SoakError {
+    /// The SSH layer failed (connection, key exchange, channel).
+    #[error("ssh: {0}")]
+    Ssh(#[from] russh::Error),
+    /// The server refused the key.
+    #[error("public key authentication refused")]
+    AuthRefused,
+    /// The server refused `nix-store --serve --write`.
+    #[error("exec request refused")]
+    ExecRefused,
+    /// The server's bytes are not the protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ServeError),
+    /// A downloaded NAR is not a NAR.
+    #[error("downloaded NAR: {0}")]
+    Nar(#[from] NarError),
+    /// The session ended before the answer came.
+    #[error("the session ended (exit status {status:?}): {stderr}")]
+    Ended {
+        /// The exit status, if one came.
+        status: Option<u32>,
+        /// The end of the session's stderr.
+        stderr: String,
+    },
+    /// No answer within the operation's timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The answer is not what the server must say.
+    #[error("wrong answer: {0}")]
+    Wrong(String),
+}
+
+/// The kinds of operation, each with its own latency figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Op {
+    /// TCP connect, key exchange, authentication, exec, protocol hello.
+    Connect,
+    /// QueryValidPaths of known, unknown and other accounts' paths.
+    QueryValidPaths,
+    /// QueryPathInfos of known and unknown paths.
+    QueryPathInfos,
+    /// A random closure uploaded path by path with AddToStoreNar.
+    AddToStoreNar,
+    /// A random closure uploaded as one ImportPaths export stream.
+    ImportPaths,
+    /// DumpStorePath of a known path, compared with its NAR.
+    DumpStorePath,
+    /// ExportPaths of known paths, compared with their NARs and references.
+    ExportPaths,
+    /// A BuildDerivation that succeeds; its output joins the known paths.
+    Build,
+    /// A BuildDerivation whose builder exits 3 (expected: PermanentFailure).
+    FailingBuild,
+    /// An AddToStoreNar claiming a wrong hash (expected: the session ends with an error).
+    BadUpload,
+    /// Half an upload, then the connection is dropped (expected: nothing is registered).
+    Abandon,
+    /// The end of a session: EOF, exit status 0, disconnect.
+    Close,
+}
+
+impl Op {
+    /// Every kind, in report order.
+    pub const ALL: [Op; 12] = [
+        Op::Connect,
+        Op::QueryValidPaths,
+        Op::QueryPathInfos,
+        Op::AddToStoreNar,
+        Op::ImportPaths,
+        Op::DumpStorePath,
+        Op::ExportPaths,
+        Op::Build,
+        Op::FailingBuild,
+        Op::BadUpload,
+        Op::Abandon,
+        Op::Close,
+    ];
+
+    /// Relative weights of the operations a session picks between connect and close.
+    const MIX: [(Op, u32); 10] = [
+        (Op::QueryValidPaths, 28),
+        (Op::QueryPathInfos, 20),
+        (Op::AddToStoreNar, 14),
+        (Op::ImportPaths, 10),
+        (Op::DumpStorePath, 10),
+        (Op::ExportPaths, 6),
+        (Op::Build, 6),
+        (Op::FailingBuild, 3),
+        (Op::BadUpload, 1),
+        (Op::Abandon, 1),
+    ];
+
+    fn pick(rng: &mut fastrand::Rng) -> Op {
+        let total: u32 = Op::MIX.iter().map(|(_, w)| w).sum();
+        let mut x = rng.u32(0..total);
+        for (op, w) in Op::MIX {
+            if x < w {
+                return op;
+            }
+            x -= w;
+        }
+        unreachable!("x < total")
+    }
+
+    /// How long an answer may take: builds queue behind each other on a loaded server.
+    fn timeout(self) -> Duration {
+        match self {
+            Op::Build | Op::FailingBuild => Duration::from_secs(600),
+            _ => Duration::from_secs(120),
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A path an account has (acknowledged by the server), with what the server must say of it.
+#[derive(Debug)]
+struct Known {
+    path: StorePath,
+    nar: Bytes,
+    hash: Hash,
+    references: BTreeSet<StorePath>,
+    deriver: Option<StorePath>,
+}
+
+/// Most known paths a session draws from per account (newer ones replace random older ones).
+const KNOWN_SAMPLE: usize = 512;
+
+/// One account: its name, its busybox, and the paths the server acknowledged to it.
+struct Account {
+    name: String,
+    busybox: Arc<Known>,
+    /// A bounded sample, for queries and downloads.
+    sample: Mutex<Vec<Arc<Known>>>,
+    /// Every acknowledged path with its hash, checked in the store after the run.
+    all: Mutex<Vec<(StorePath, Hash)>>,
+}
+
+impl Account {
+    fn add(&self, known: Arc<Known>, rng: &mut fastrand::Rng) {
+        lock(&self.all).push((known.path.clone(), known.hash));
+        let mut sample = lock(&self.sample);
+        if sample.len() < KNOWN_SAMPLE {
+            sample.push(known);
+        } else {
+            let i = rng.usize(..sample.len());
+            sample[i] = known;
+        }
+    }
+
+    /// Up to a random number in `n` of the account's known paths (fewer on repeats).
+    fn pick(&self, rng: &mut fastrand::Rng, n: std::ops::Range<usize>) -> Vec<Arc<Known>> {
+        let n = rng.usize(n);
+        let sample = lock(&self.sample);
+        let mut picked: Vec<Arc<Known>> = Vec::new();
+        for _ in 0..n.min(sample.len()) {
+            let k = &sample[rng.usize(..sample.len())];
+            if !picked.iter().any(|p| p.path == k.path) {
+                picked.push(k.clone());
+            }
+        }
+        picked
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A session that panicked fails the run anyway; its data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Latencies and outcomes gathered by the sessions.
+#[derive(Debug, Default)]
+struct Stats {
+    /// Microseconds per successful (or expectedly failing) operation.
+    latencies: BTreeMap<Op, Vec<u32>>,
+    /// Expected failures by kind (failing builds, bad uploads, abandoned uploads).
+    expected: BTreeMap<Op, u64>,
+    /// Unexpected errors by kind.
+    unexpected: BTreeMap<Op, u64>,
+    /// Distinct unexpected error messages, with their counts.
+    messages: BTreeMap<String, u64>,
+    /// Sessions the server ran (exec requests that were accepted).
+    sessions_opened: u64,
+}
+
+impl Stats {
+    fn ok(&mut self, op: Op, started: Instant) {
+        let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        self.latencies.entry(op).or_default().push(us);
+    }
+
+    fn expected(&mut self, op: Op, started: Instant) {
+        *self.expected.entry(op).or_default() += 1;
+        self.ok(op, started);
+    }
+
+    fn unexpected(&mut self, op: Op, e: &SoakError) {
+        *self.unexpected.entry(op).or_default() += 1;
+        let msg = format!("{op}: {e}");
+        if self.messages.len() < 64 || self.messages.contains_key(&msg) {
+            *self.messages.entry(msg).or_default() += 1;
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        for (op, mut v) in other.latencies {
+            self.latencies.entry(op).or_default().append(&mut v);
+        }
+        for (op, n) in other.expected {
+            *self.expected.entry(op).or_default() += n;
+        }
+        for (op, n) in other.unexpected {
+            *self.unexpected.entry(op).or_default() += n;
+        }
+        for (m, n) in other.messages {
+            *self.messages.entry(m).or_default() += n;
+        }
+        self.sessions_opened += other.sessions_opened;
+    }
+}
+
+/// The client side of the SSH connection: accepts only the host key the server printed.
+struct Pinned(PublicKey);
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(matches!(key, PublicKeyOrCertificate::PublicKey { key, .. }
+            if key.key_data() == self.0.key_data()))
+    }
+}
+
+/// Where and how sessions connect.
+struct Target {
+    addr: SocketAddr,
+    host_key: PublicKey,
+    config: Arc<client::Config>,
+}
+
+/// One `nix-store --serve --write` session over its own SSH connection.
+struct Conn {
+    handle: client::Handle<Pinned>,
+    channel: russh::Channel<client::Msg>,
+    /// Protocol bytes received and not yet consumed.
+    buf: Vec<u8>,
+    /// The end of the session's stderr (build logs, error messages).
+    stderr: Vec<u8>,
+    status: Option<u32>,
+    ended: bool,
+}
+
+/// How much of a session's stderr is kept for messages.
+const STDERR_KEPT: usize = 4096;
+
+impl Conn {
+    async fn open(target: &Target, key: &Arc<PrivateKey>) -> Result<Conn, SoakError> {
+        let mut handle = client::connect(
+            target.config.clone(),
+            target.addr,
+            Pinned(target.host_key.clone()),
+        )
+        .await?;
+        let auth = handle
+            .authenticate_publickey("nix", PrivateKeyWithHashAlg::new(key.clone(), None))
+            .await?;
+        if !auth.success() {
+            return Err(SoakError::AuthRefused);
+        }
+        let channel = handle.channel_open_session().await?;
+        channel.exec(true, "nix-store --serve --write").await?;
+        let mut conn = Conn {
+            handle,
+            channel,
+            buf: Vec::new(),
+            stderr: Vec::new(),
+            status: None,
+            ended: false,
+        };
+        loop {
+            match conn.channel.wait().await {
+                Some(ChannelMsg::Success) => break,
+                Some(ChannelMsg::Failure) | None => return Err(SoakError::ExecRefused),
+                Some(msg) => conn.absorb(msg),
+            }
+        }
+        let mut hello = Vec::new();
+        ClientHello { version: VERSION }.encode(&mut hello);
+        conn.send(&hello).await?;
+        loop {
+            if let Some((hello, n)) = ServerHello::decode(&conn.buf)? {
+                if hello.version != nixbuild_core::serve::ProtocolVersion::SERVER {
+                    return Err(SoakError::Wrong(format!("server hello {hello:?}")));
+                }
+                conn.buf.drain(..n);
+                return Ok(conn);
+            }
+            conn.fill().await?;
+        }
+    }
+
+    async fn send(&self, bytes: &[u8]) -> Result<(), SoakError> {
+        Ok(self.channel.data(bytes).await?)
+    }
+
+    fn absorb(&mut self, msg: ChannelMsg) {
+        match msg {
+            ChannelMsg::Data { data } => self.buf.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, .. } => {
+                self.stderr.extend_from_slice(&data);
+                if self.stderr.len() > 2 * STDERR_KEPT {
+                    self.stderr.drain(..self.stderr.len() - STDERR_KEPT);
+                }
+            }
+            ChannelMsg::ExitStatus { exit_status } => self.status = Some(exit_status),
+            ChannelMsg::Eof | ChannelMsg::Close => self.ended = true,
+            _ => {}
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        let tail = &self.stderr[self.stderr.len().saturating_sub(STDERR_KEPT)..];
+        String::from_utf8_lossy(tail).trim().to_owned()
+    }
+
+    /// Waits for the next message from the server.
+    async fn fill(&mut self) -> Result<(), SoakError> {
+        if self.ended {
+            return Err(SoakError::Ended {
+                status: self.status,
+                stderr: self.stderr_text(),
+            });
+        }
+        match self.channel.wait().await {
+            Some(msg) => {
+                self.absorb(msg);
+                Ok(())
+            }
+            None => {
+                self.ended = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends `request` (and `then`, raw bytes such as a NAR) and reads its fixed-shape answer.
+    async fn call(&mut self, request: &Request, then: &[u8]) -> Result<Response, SoakError> {
+        let mut bytes = Vec::new();
+        request.encode(VERSION, &mut bytes);
+        bytes.extend_from_slice(then);
+        self.send(&bytes).await?;
+        self.response(request.opcode()).await
+    }
+
+    async fn response(&mut self, op: Opcode) -> Result<Response, SoakError> {
+        loop {
+            if let Some((r, n)) = Response::decode(op, &self.buf, VERSION, &Limits::default())? {
+                self.buf.drain(..n);
+                return Ok(r);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads one NAR from the stream (it delimits itself).
+    async fn nar(&mut self) -> Result<Vec<u8>, SoakError> {
+        let mut reader = NarReader::new();
+        let mut pos = 0;
+        loop {
+            let (n, event) = reader.feed(&self.buf[pos..])?;
+            pos += n;
+            match event {
+                Some(NarEvent::End) => return Ok(self.buf.drain(..pos).collect()),
+                Some(_) => {}
+                None => self.fill().await?,
+            }
+        }
+    }
+
+    /// Reads one fixed-shape item of an export stream.
+    async fn read_item<T>(
+        &mut self,
+        read: impl Fn(&mut Reader<'_>) -> wire::ReadResult<T, ServeError>,
+    ) -> Result<T, SoakError> {
+        loop {
+            let mut r = Reader::new(&self.buf);
+            if let Some((item, n)) = wire::complete(read(&mut r).map(|x| (x, r.position())))? {
+                self.buf.drain(..n);
+                return Ok(item);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Waits for the end of the session and returns its exit status.
+    async fn finish(&mut self) -> Result<Option<u32>, SoakError> {
+        while !self.ended || self.status.is_none() {
+            if self.ended {
+                // EOF came first; the exit status may still follow before the close.
+                match self.channel.wait().await {
+                    Some(msg) => self.absorb(msg),
+                    None => break,
+                }
+            } else {
+                self.fill().await?;
+            }
+        }
+        Ok(self.status)
+    }
+
+    /// Ends the session cleanly: EOF, exit status 0 expected, then disconnect.
+    async fn close(mut self) -> Result<(), SoakError> {
+        self.channel.eof().await?;
+        let status = self.finish().await?;
+        if !self.buf.is_empty() {
+            return Err(SoakError::Wrong(format!(
+                "{} unexpected bytes at the end",
+                self.buf.len()
+            )));
+        }
+        if status != Some(0) {
+            return Err(SoakError::Ended {
+                status,
+                stderr: self.stderr_text(),
+            });
+        }
+        self.disconnect().await;
+        Ok(())
+    }
+
+    async fn disconnect(self) {
+        // The connection is over either way; the server side is checked after the run.
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+/// A random store path named `name`.
+fn random_path(rng: &mut fastrand::Rng, name: &str) -> StorePath {
+    let mut digest = [0u8; 20];
+    rng.fill(&mut digest);
+    StorePath::from_digest(digest, name).expect("soak path names are valid")
+}
+
+/// Random bytes: mostly small, sometimes up to 1 MiB.
+fn random_contents(rng: &mut fastrand::Rng, refs: &[&StorePath]) -> Vec<u8> {
+    let len = match rng.u32(0..20) {
+        0 => rng.usize(64 << 10..1 << 20),
+        1..=4 => rng.usize(4096..64 << 10),
+        _ => rng.usize(0..4096),
+    };
+    let mut out = Vec::with_capacity(len + refs.len() * 80);
+    // References appear in the contents, as in real store paths.
+    for r in refs {
+        out.extend_from_slice(r.to_absolute().as_bytes());
+        out.push(b'\n');
+    }
+    let start = out.len();
+    out.resize(start + len, 0);
+    rng.fill(&mut out[start..]);
+    out
+}
+
+/// A random file tree that mentions `refs`.
+fn random_tree(rng: &mut fastrand::Rng, refs: &[&StorePath]) -> NarNode {
+    match rng.u32(0..3) {
+        0 => NarNode::File {
+            executable: rng.bool(),
+            contents: random_contents(rng, refs),
+        },
+        _ => {
+            let mut entries = BTreeMap::new();
+            entries.insert(
+                b"data".to_vec(),
+                NarNode::File {
+                    executable: false,
+                    contents: random_contents(rng, refs),
+                },
+            );
+            for i in 0..rng.usize(0..4) {
+                let node = match rng.u32(0..3) {
+                    0 => NarNode::Symlink {
+                        target: b"data".to_vec(),
+                    },
+                    1 => NarNode::Directory(BTreeMap::from([(
+                        b"inner".to_vec(),
+                        NarNode::File {
+                            executable: true,
+                            contents: random_contents(rng, &[]),
+                        },
+                    )])),
+                    _ => NarNode::File {
+                        executable: rng.bool(),
+                        contents: random_contents(rng, &[]),
+                    },
+                };
+                entries.insert(format!("entry-{i}").into_bytes(), node);
+            }
+            NarNode::Directory(entries)
+        }
+    }
+}
+
+fn known(path: StorePath, tree: &NarNode, refs: BTreeSet<StorePath>) -> Arc<Known> {
+    let nar = tree.to_nar().expect("soak trees are valid NARs");
+    Arc::new(Known {
+        path,
+        hash: sha256(&nar),
+        nar: nar.into(),
+        references: refs,
+        deriver: None,
+    })
+}
+
+/// A random closure of 1 to 4 new paths, dependencies first, referring to each other and to
+/// paths the account has.
+fn random_closure(rng: &mut fastrand::Rng, account: &Account) -> Vec<Arc<Known>> {
+    let existing = account.pick(rng, 0..3);
+    let mut closure: Vec<Arc<Known>> = Vec::new();
+    for i in 0..rng.usize(1..5) {
+        let path = random_path(rng, &format!("soak-{i}"));
+        let mut refs: BTreeSet<StorePath> = BTreeSet::new();
+        for k in closure.iter().chain(&existing) {
+            if rng.bool() {
+                refs.insert(k.path.clone());
+            }
+        }
+        let mentioned: Vec<&StorePath> = refs.iter().collect();
+        let tree = random_tree(rng, &mentioned);
+        closure.push(known(path, &tree, refs));
+    }
+    closure
+}
+
+/// The busybox every account uploads first, as `<bb>/bin/sh` for its builds.
+fn busybox() -> Arc<Known> {
+    let contents = std::fs::read("/bin/busybox").expect("read /bin/busybox (busybox-static)");
+    let tree = NarNode::Directory(BTreeMap::from([(
+        b"bin".to_vec(),
+        NarNode::Directory(BTreeMap::from([
+            (
+                b"busybox".to_vec(),
+                NarNode::File {
+                    executable: true,
+                    contents,
+                },
+            ),
+            (
+                b"sh".to_vec(),
+                NarNode::Symlink {
+                    target: b"busybox".to_vec(),
+                },
+            ),
+        ])),
+    )]));
+    let digest = sha256(b"nixbuild soak busybox");
+    let mut d = [0u8; 20];
+    d.copy_from_slice(&digest.digest()[..20]);
+    let path = StorePath::from_digest(d, "busybox-static").expect("valid name");
+    known(path, &tree, BTreeSet::new())
+}
+
+fn add_header(k: &Known, nar_hash: Hash) -> Request {
+    Request::AddToStoreNar(Box::new(AddToStoreNar {
+        path: k.path.clone(),
+        deriver: None,
+        nar_hash,
+        references: k.references.clone(),
+        registration_time: 0,
+        nar_size: k.nar.len() as u64,
+        ultimate: false,
+        sigs: BTreeSet::new(),
+        ca: None,
+    }))
+}
+
+/// Uploads `closure` path by path, each acknowledged before the next.
+async fn upload_add(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakError> {
+    for k in closure {
+        match conn.call(&add_header(k, k.hash), &k.nar).await? {
+            Response::Added => {}
+            other => {
+                return Err(SoakError::Wrong(format!(
+                    "AddToStoreNar answered {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Uploads `closure` as one ImportPaths stream.
+async fn upload_import(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakError> {
+    let entries: Vec<(StorePath, Vec<u8>, BTreeSet<StorePath>)> = closure
+        .iter()
+        .map(|k| (k.path.clone(), k.nar.to_vec(), k.references.clone()))
+        .collect();
+    match conn
+        .call(&Request::ImportPaths, &export_stream(&entries))
+        .await?
+    {
+        Response::Imported => Ok(()),
+        other => Err(SoakError::Wrong(format!("ImportPaths answered {other:?}"))),
+    }
+}
+
+/// The account-independent context of every session.
+struct Shared {
+    target: Arc<Target>,
+    accounts: Vec<Arc<Account>>,
+    /// Each account's keys.
+    keys: Vec<Vec<Arc<PrivateKey>>>,
+    deadline: Instant,
+    think: Duration,
+}
+
+/// One session's loop: connect, run a random number of operations, close, again, until the
+/// deadline.
+async fn session(shared: Arc<Shared>, index: usize, seed: u64) -> Stats {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut stats = Stats::default();
+    let a = index % shared.accounts.len();
+    let account = shared.accounts[a].clone();
+    let keys = &shared.keys[a];
+    let key = keys[(index / shared.accounts.len()) % keys.len()].clone();
+    // Sessions start spread over a second, as clients arrive.
+    tokio::time::sleep(Duration::from_millis(rng.u64(0..1000))).await;
+    while Instant::now() < shared.deadline {
+        let started = Instant::now();
+        let mut conn =
+            match tokio::time::timeout(Op::Connect.timeout(), Conn::open(&shared.target, &key))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    stats.unexpected(Op::Connect, &e);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(_) => {
+                    stats.unexpected(Op::Connect, &SoakError::Timeout(Op::Connect.timeout()));
+                    continue;
+                }
+            };
+        stats.sessions_opened += 1;
+        stats.ok(Op::Connect, started);
+        let mut quota = rng.u32(10..60);
+        let mut alive = true;
+        while quota > 0 && Instant::now() < shared.deadline {
+            quota -= 1;
+            if !shared.think.is_zero() {
+                let pause = rng.u64(0..2 * shared.think.as_micros() as u64 + 1);
+                tokio::time::sleep(Duration::from_micros(pause)).await;
+            }
+            let op = Op::pick(&mut rng);
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                op.timeout(),
+                run_op(op, &mut conn, &shared, &account, &mut rng),
+            )
+            .await
+            .unwrap_or(Err(SoakError::Timeout(op.timeout())));
+            match result {
+                Ok(Outcome::Done) => stats.ok(op, started),
+                Ok(Outcome::Failed) => stats.expected(op, started),
+                Ok(Outcome::SessionOver) => {
+                    stats.expected(op, started);
+                    alive = false;
+                    break;
+                }
+                Err(e) => {
+                    stats.unexpected(op, &e);
+                    alive = false;
+                    break;
+                }
+            }
+        }
+        if alive {
+            let started = Instant::now();
+            match tokio::time::timeout(Op::Close.timeout(), conn.close()).await {
+                Ok(Ok(())) => stats.ok(Op::Close, started),
+                Ok(Err(e)) => stats.unexpected(Op::Close, &e),
+                Err(_) => stats.unexpected(Op::Close, &SoakError::Timeout(Op::Close.timeout())),
+            }
+        } else {
+            conn.disconnect().await;
+        }
+    }
+    stats
+}
+
+/// How an operation ended, when it went as the server must behave.
+enum Outcome {
+    /// It succeeded.
+    Done,
+    /// It failed as it must (a failing build); the session goes on.
+    Failed,
+    /// It ended the session as it must (a bad upload, an abandoned upload).
+    SessionOver,
+}
+
+async fn run_op(
+    op: Op,
+    conn: &mut Conn,
+    shared: &Shared,
+    account: &Account,
+    rng: &mut fastrand::Rng,
+) -> Result<Outcome, SoakError> {
+    match op {
+        Op::QueryValidPaths => {
+            let known = account.pick(rng, 1..9);
+            let mut invisible: BTreeSet<StorePath> = (0..rng.usize(1..3))
+                .map(|_| random_path(rng, "soak-missing"))
+                .collect();
+            // A path of another account: never visible to this one.
+            if shared.accounts.len() > 1 {
+                let other = &shared.accounts[rng.usize(..shared.accounts.len())];
+                if other.name != account.name {
+                    if let Some(k) = other.pick(rng, 1..2).pop() {
+                        if k.path != account.busybox.path {
+                            invisible.insert(k.path.clone());
+                        }
+                    }
+                }
+            }
+            let expected: BTreeSet<StorePath> = known.iter().map(|k| k.path.clone()).collect();
+            let paths = expected.iter().chain(&invisible).cloned().collect();
+            let request = Request::QueryValidPaths {
+                lock: false,
+                substitute: false,
+                paths,
+            };
+            match conn.call(&request, &[]).await? {
+                Response::ValidPaths(valid) if valid == expected => Ok(Outcome::Done),
+                other => Err(SoakError::Wrong(format!(
+                    "QueryValidPaths answered {other:?}, expected {expected:?}"
+                ))),
+            }
+        }
+        Op::QueryPathInfos => {
+            let known = account.pick(rng, 1..7);
+            let missing = random_path(rng, "soak-missing");
+            let expected: BTreeMap<StorePath, ValidPathInfo> = known
+                .iter()
+                .map(|k| {
+                    let info = ValidPathInfo {
+                        deriver: k.deriver.clone(),
+                        references: k.references.clone(),
+                        download_size: k.nar.len() as u64,
+                        nar_size: k.nar.len() as u64,
+                        nar_hash: Some(k.hash),
+                        ca: None,
+                        sigs: BTreeSet::new(),
+                    };
+                    (k.path.clone(), info)
+                })
+                .collect();
+            let paths = expected.keys().cloned().chain([missing]).collect();
+            match conn.call(&Request::QueryPathInfos { paths }, &[]).await? {
+                Response::PathInfos(infos) if infos == expected => Ok(Outcome::Done),
+                other => Err(SoakError::Wrong(format!(
+                    "QueryPathInfos answered {other:?}, expected {expected:?}"
+                ))),
+            }
+        }
+        Op::AddToStoreNar | Op::ImportPaths => {
+            let closure = random_closure(rng, account);
+            if op == Op::AddToStoreNar {
+                upload_add(conn, &closure).await?;
+            } else {
+                upload_import(conn, &closure).await?;
+            }
+            for k in closure {
+                account.add(k, rng);
+            }
+            Ok(Outcome::Done)
+        }
+        Op::DumpStorePath => {
+            let Some(k) = account.pick(rng, 1..2).pop() else {
+                return Ok(Outcome::Done);
+            };
+            let mut bytes = Vec::new();
+            Request::DumpStorePath {
+                path: k.path.clone(),
+            }
+            .encode(VERSION, &mut bytes);
+            conn.send(&bytes).await?;
+            let nar = conn.nar().await?;
+            if nar != k.nar {
+                return Err(SoakError::Wrong(format!(
+                    "DumpStorePath {}: {} bytes differ from the {} uploaded",
+                    k.path,
+                    nar.len(),
+                    k.nar.len()
+                )));
+            }
+            Ok(Outcome::Done)
+        }
+        Op::ExportPaths => {
+            let known = account.pick(rng, 1..5);
+            let by_path: BTreeMap<&StorePath, &Known> =
+                known.iter().map(|k| (&k.path, k.as_ref())).collect();
+            let mut bytes = Vec::new();
+            Request::ExportPaths {
+                sign: 0,
+                paths: by_path.keys().map(|p| (*p).clone()).collect(),
+            }
+            .encode(VERSION, &mut bytes);
+            conn.send(&bytes).await?;
+            let mut seen: BTreeSet<StorePath> = BTreeSet::new();
+            loop {
+                match conn.read_item(ExportMarker::read).await? {
+                    ExportMarker::End => break,
+                    ExportMarker::Entry => {}
+                }
+                let nar = conn.nar().await?;
+                let limits = Limits::default().wire;
+                let trailer = conn.read_item(|r| ExportTrailer::read(r, &limits)).await?;
+                let Some(k) = by_path.get(&trailer.path) else {
+                    return Err(SoakError::Wrong(format!(
+                        "ExportPaths sent {}, not asked for",
+                        trailer.path
+                    )));
+                };
+                let wrong = nar != k.nar
+                    || trailer.references != k.references
+                    || trailer.deriver != k.deriver
+                    || !seen.insert(trailer.path.clone())
+                    || k.references
+                        .iter()
+                        .any(|r| by_path.contains_key(r) && !seen.contains(r));
+                if wrong {
+                    return Err(SoakError::Wrong(format!(
+                        "ExportPaths entry {} (NAR of {} bytes, trailer {trailer:?}) is not \
+                         what was uploaded, or comes before its references",
+                        trailer.path,
+                        nar.len()
+                    )));
+                }
+            }
+            if seen.len() != by_path.len() {
+                return Err(SoakError::Wrong(format!(
+                    "ExportPaths sent {} of {} paths",
+                    seen.len(),
+                    by_path.len()
+                )));
+            }
+            Ok(Outcome::Done)
+        }
+        Op::Build | Op::FailingBuild => build(op, conn, account, rng).await,
+        Op::BadUpload => {
+            let k = random_closure(rng, account).swap_remove(0);
+            let request = add_header(&k, sha256(b"not this NAR"));
+            let mut bytes = Vec::new();
+            request.encode(VERSION, &mut bytes);
+            bytes.extend_from_slice(&k.nar);
+            conn.send(&bytes).await?;
+            let status = conn.finish().await?;
+            let stderr = conn.stderr_text();
+            if status == Some(1)
+                && stderr.contains("error: ")
+                && stderr.contains("NAR hash mismatch")
+            {
+                Ok(Outcome::SessionOver)
+            } else {
+                Err(SoakError::Wrong(format!(
+                    "a wrong NAR hash gave exit status {status:?} and stderr {stderr:?}"
+                )))
+            }
+        }
+        Op::Abandon => {
+            let k = random_closure(rng, account).swap_remove(0);
+            let mut bytes = Vec::new();
+            add_header(&k, k.hash).encode(VERSION, &mut bytes);
+            bytes.extend_from_slice(&k.nar[..k.nar.len() / 2]);
+            conn.send(&bytes).await?;
+            Ok(Outcome::SessionOver)
+        }
+        Op::Connect | Op::Close => unreachable!("not in Op::MIX"),
+    }
+}
+
+/// A BuildDerivation with the account's busybox: `echo <salt> > $out`, or `exit 3`.
+async fn build(
+    op: Op,
+    conn: &mut Conn,
+    account: &Account,
+    rng: &mut fastrand::Rng,
+) -> Result<Outcome, SoakError> {
+    let bb = &account.busybox.path;
+    let salt = format!("{:016x}", rng.u64(..));
+    let out = random_path(rng, "soak-build");
+    let drv_path = random_path(rng, "soak-build.drv");
+    let script = if op == Op::Build {
+        format!("echo {salt} > $out")
+    } else {
+        "echo soak: failing on purpose; exit 3".to_owned()
+    };
+    let sh = format!("{bb}/bin/sh");
+    let env: BTreeMap<Vec<u8>, Vec<u8>> = [
+        ("builder", sh.as_str()),
+        ("name", "soak-build"),
+        ("out", &out.to_absolute()),
+        ("system", "x86_64-linux"),
+        ("PATH", &format!("{bb}/bin")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .collect();
+    let drv = BasicDerivation {
+        outputs: [(
+            "out".to_owned(),
+            DerivationOutput::InputAddressed(out.clone()),
+        )]
+        .into(),
+        input_srcs: [bb.clone()].into(),
+        platform: b"x86_64-linux".to_vec(),
+        builder: sh.into_bytes(),
+        args: vec![b"-c".to_vec(), script.into_bytes()],
+        env,
+    };
+    let request = Request::BuildDerivation {
+        drv_path: drv_path.clone(),
+        drv: Box::new(drv),
+        options: BuildOptions::default(),
+    };
+    let result = match conn.call(&request, &[]).await? {
+        Response::Build(r) => r,
+        other => {
+            return Err(SoakError::Wrong(format!(
+                "BuildDerivation answered {other:?}"
+            )))
+        }
+    };
+    let message = String::from_utf8_lossy(&result.error_msg).into_owned();
+    match (op, result.status) {
+        (Op::Build, BuildStatus::Built)
+            if result.built_outputs.get("out").map(|o| &o.out_path) == Some(&out) =>
+        {
+            let tree = NarNode::File {
+                executable: false,
+                contents: format!("{salt}\n").into_bytes(),
+            };
+            let nar = tree.to_nar().expect("a file is a valid NAR");
+            let k = Known {
+                path: out,
+                hash: sha256(&nar),
+                nar: nar.into(),
+                references: BTreeSet::new(),
+                deriver: Some(drv_path),
+            };
+            account.add(Arc::new(k), rng);
+            Ok(Outcome::Done)
+        }
+        (Op::FailingBuild, BuildStatus::PermanentFailure)
+            if message.contains("failed with exit code 3") =>
+        {
+            Ok(Outcome::Failed)
+        }
+        (_, status) => Err(SoakError::Wrong(format!(
+            "{op} ended {status:?}: {message} (outputs {:?})",
+            result.built_outputs
+        ))),
+    }
+}
+
+/// One reading of the server process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Resident memory, KiB (VmRSS).
+    pub rss_kib: u64,
+    /// Open file descriptors (entries of `/proc/<pid>/fd`).
+    pub fds: u64,
+    /// Threads.
+    pub threads: u64,
+}
+
+impl Sample {
+    /// Reads `/proc/<pid>`.
+    pub fn read(pid: u32) -> Sample {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        Sample {
+            rss_kib: field("VmRSS:"),
+            fds,
+            threads: field("Threads:"),
+        }
+    }
+
+    fn max(self, other: Sample) -> Sample {
+        Sample {
+            rss_kib: self.rss_kib.max(other.rss_kib),
+            fds: self.fds.max(other.fds),
+            threads: self.threads.max(other.threads),
+        }
+    }
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; the
+    // kernel counts in USER_HZ, 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Latency figures of one kind of operation.
+#[derive(Debug, Clone)]
+pub struct OpFigures {
+    /// The kind.
+    pub op: Op,
+    /// Operations that ended as the server must behave.
+    pub count: u64,
+    /// Of which expected failures.
+    pub expected_failures: u64,
+    /// Unexpected errors.
+    pub unexpected: u64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Slowest.
+    pub max: Duration,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The options it ran with.
+    pub options: Options,
+    /// From the first session's start to the last one's end.
+    pub elapsed: Duration,
+    /// Per kind of operation.
+    pub ops: Vec<OpFigures>,
+    /// Distinct unexpected error messages with their counts.
+    pub messages: BTreeMap<String, u64>,
+    /// The server before the load (after the accounts' busybox uploads).
+    pub baseline: Sample,
+    /// The highest values sampled during the load (every 250 ms).
+    pub peak: Sample,
+    /// The server's VmHWM at the end, KiB.
+    pub hwm_kib: u64,
+    /// The server once the sessions had ended and its descriptors settled.
+    pub after: Sample,
+    /// How long the descriptors and threads took to come back to the baseline (None: they
+    /// did not within a minute).
+    pub settled_in: Option<Duration>,
+    /// The server at ten points of the load (time since its start).
+    pub timeline: Vec<(Duration, Sample)>,
+    /// Server CPU seconds during the load.
+    pub server_cpu: f64,
+    /// The load generator's CPU seconds during the load.
+    pub client_cpu: f64,
+    /// `/proc/loadavg` before and after.
+    pub loadavg: (String, String),
+    /// Sessions (channels) the server accepted.
+    pub sessions_opened: u64,
+    /// Paths acknowledged to clients, all found with their hash in the store afterwards.
+    pub paths_acknowledged: u64,
+    /// Server log lines at WARN and ERROR level.
+    pub log_warnings: u64,
+    /// ... at ERROR level.
+    pub log_errors: u64,
+    /// Sessions the server logged as ended with status 1.
+    pub log_failed_sessions: u64,
+}
+
+impl Report {
+    /// All unexpected errors.
+    pub fn unexpected(&self) -> u64 {
+        self.ops.iter().map(|o| o.unexpected).sum()
+    }
+
+    /// What makes the run a failure: unexpected errors, descriptors that did not come back,
+    /// server errors in the log.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.unexpected() > 0 {
+            p.push(format!("{} unexpected errors", self.unexpected()));
+        }
+        if self.settled_in.is_none() {
+            p.push(format!(
+                "the server's descriptors and threads did not come back to {} and {} (now {} \
+                 and {})",
+                self.baseline.fds, self.baseline.threads, self.after.fds, self.after.threads
+            ));
+        }
+        if self.log_errors > 0 {
+            p.push(format!(
+                "{} ERROR lines in the server's log",
+                self.log_errors
+            ));
+        }
+        p
+    }
+
+    /// The figures of one kind.
+    #[allow(dead_code)] // tests/soak.rs uses it, the bench does not
+    pub fn op(&self, op: Op) -> &OpFigures {
+        self.ops
+            .iter()
+            .find(|o| o.op == op)
+            .expect("every kind is reported")
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.options;
+        let secs = self.elapsed.as_secs_f64();
+        writeln!(
+            f,
+            "{} sessions, {} accounts x {} keys, {:.0} s of load (elapsed {secs:.1} s), think {} ms",
+            o.sessions,
+            o.accounts,
+            o.keys_per_account,
+            o.duration.as_secs_f64(),
+            o.think.as_millis()
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "| operation | count | per s | expected failures | unexpected errors | p50 ms | p99 ms | max ms |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+        let mut total = 0;
+        for op in &self.ops {
+            total += op.count;
+            writeln!(
+                f,
+                "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+                op.op,
+                op.count,
+                op.count as f64 / secs,
+                op.expected_failures,
+                op.unexpected,
+                ms(op.p50),
+                ms(op.p99),
+                ms(op.max)
+            )?;
+        }
+        writeln!(
+            f,
+            "| all | {total} | {:.1} | | {} | | | |",
+            total as f64 / secs,
+            self.unexpected()
+        )?;
+        writeln!(f)?;
+        writeln!(f, "| server | baseline | peak | after |")?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        writeln!(
+            f,
+            "| RSS (MiB) | {:.1} | {:.1} (VmHWM {:.1}) | {:.1} |",
+            self.baseline.rss_kib as f64 / 1024.0,
+            self.peak.rss_kib as f64 / 1024.0,
+            self.hwm_kib as f64 / 1024.0,
+            self.after.rss_kib as f64 / 1024.0
+        )?;
+        writeln!(
+            f,
+            "| open fds | {} | {} | {} |",
+            self.baseline.fds, self.peak.fds, self.after.fds
+        )?;
+        writeln!(
+            f,
+            "| threads | {} | {} | {} |",
+            self.baseline.threads, self.peak.threads, self.after.threads
+        )?;
+        writeln!(f)?;
+        match self.settled_in {
+            Some(d) => writeln!(
+                f,
+                "descriptors and threads back to the baseline {:.1} s after the load",
+                d.as_secs_f64()
+            )?,
+            None => writeln!(
+                f,
+                "descriptors or threads NOT back to the baseline a minute after the load"
+            )?,
+        }
+        let points: Vec<String> = self
+            .timeline
+            .iter()
+            .map(|(t, s)| {
+                format!(
+                    "{:.0} s: {:.0} MiB, {} fds, {} threads",
+                    t.as_secs_f64(),
+                    s.rss_kib as f64 / 1024.0,
+                    s.fds,
+                    s.threads
+                )
+            })
+            .collect();
+        writeln!(f, "during the load: {}", points.join("; "))?;
+        writeln!(
+            f,
+            "CPU seconds: server {:.1}, load generator {:.1}; load average before {}, after {}",
+            self.server_cpu, self.client_cpu, self.loadavg.0, self.loadavg.1
+        )?;
+        writeln!(
+            f,
+            "sessions opened {}; paths acknowledged {} (all valid with their hash in the store \
+             afterwards); server log: {} WARN/ERROR lines ({} ERROR), {} sessions ended with status 1",
+            self.sessions_opened,
+            self.paths_acknowledged,
+            self.log_warnings,
+            self.log_errors,
+            self.log_failed_sessions
+        )?;
+        for (m, n) in &self.messages {
+            writeln!(f, "unexpected ({n}x): {m}")?;
+        }
+        Ok(())
+    }
+}
+
+fn figures(op: Op, stats: &mut Stats) -> OpFigures {
+    let mut v = stats.latencies.remove(&op).unwrap_or_default();
+    v.sort_unstable();
+    let at = |q: usize| -> Duration {
+        if v.is_empty() {
+            return Duration::ZERO;
+        }
+        // The smallest value with at least q % of the values at or below it.
+        let i = (v.len() * q).div_ceil(100).max(1) - 1;
+        Duration::from_micros(u64::from(v[i]))
+    };
+    OpFigures {
+        op,
+        count: v.len() as u64,
+        expected_failures: stats.expected.get(&op).copied().unwrap_or(0),
+        unexpected: stats.unexpected.get(&op).copied().unwrap_or(0),
+        p50: at(50),
+        p99: at(99),
+        max: v
+            .last()
+            .map_or(Duration::ZERO, |&us| Duration::from_micros(u64::from(us))),
+    }
+}
+
+/// The server configuration: room for every session, with per-account connection limits
+/// tight enough that a leaked count would show up as refusals.
+fn server_config(o: &Options) -> String {
+    let per_account = o.sessions.div_ceil(o.accounts);
+    format!(
+        "[ssh]\nmax_connections = {}\nmax_connections_per_account = {}\n\
+         [limits]\nmax_sessions = {}\nmax_sessions_per_account = {}\n",
+        2 * o.sessions + 16,
+        2 * per_account + 4,
+        2 * o.sessions + 16,
+        2 * per_account + 4,
+    )
+}
+
+/// The stopped server's state directory, removed when dropped: that takes a while after a
+/// long run (every object is a file), so drop it after printing the report.
+pub struct StateDir(#[allow(dead_code)] crate::harness::Stopped);
+
+/// Runs the soak: starts the server, uploads each account's busybox, runs the sessions,
+/// samples the server, waits for it to settle, stops it (the harness verifies the store) and
+/// checks that every acknowledged path is there with its hash.
+pub fn run(o: &Options) -> (Report, StateDir) {
+    let accounts_n = o.accounts.clamp(1, o.sessions.max(1));
+    let o = Options {
+        accounts: accounts_n,
+        ..o.clone()
+    };
+    let client_dir = tempfile::tempdir().expect("temp dir");
+    let mut key_files = Vec::new();
+    for a in 0..accounts_n {
+        let keys: Vec<_> = (0..o.keys_per_account.max(1))
+            .map(|k| {
+                keygen(
+                    client_dir.path(),
+                    &format!("soak{a}-{k}"),
+                    "ed25519",
+                    &format!("soak{a} key {k}"),
+                )
+            })
+            .collect();
+        key_files.push(keys);
+    }
+    let all_keys: Vec<&crate::harness::ssh::Key> = key_files.iter().flatten().collect();
+    let server = SshServer::start(&server_config(&o), client_dir, &all_keys);
+    let pid = server.daemon.pid();
+    let host_key = server
+        .pins
+        .known_hosts_line
+        .split_once(' ')
+        .and_then(|(_, k)| PublicKey::from_openssh(k).ok())
+        .expect("the printed known_hosts line holds a public key");
+    let keys: Vec<Vec<Arc<PrivateKey>>> = key_files
+        .iter()
+        .map(|ks| {
+            ks.iter()
+                .map(|k| {
+                    Arc::new(russh::keys::load_secret_key(&k.private, None).expect("load key"))
+                })
+                .collect()
+        })
+        .collect();
+    let busybox = busybox();
+    let accounts: Vec<Arc<Account>> = (0..accounts_n)
+        .map(|a| {
+            Arc::new(Account {
+                name: format!("soak{a}"),
+                busybox: busybox.clone(),
+                sample: Mutex::new(vec![busybox.clone()]),
+                all: Mutex::new(vec![(busybox.path.clone(), busybox.hash)]),
+            })
+        })
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let target = Target {
+        addr: SocketAddr::from(([127, 0, 0, 1], server.pins.port)),
+        host_key,
+        config: Arc::new(client::Config {
+            nodelay: true,
+            ..Default::default()
+        }),
+    };
+    let target = Arc::new(target);
+    // Each account uploads its busybox first: accounts see only their own uploads.
+    runtime.block_on(async {
+        let uploads: Vec<_> = accounts
+            .iter()
+            .zip(&keys)
+            .map(|(a, ks)| {
+                let (target, key, bb) = (target.clone(), ks[0].clone(), a.busybox.clone());
+                tokio::spawn(async move {
+                    let upload = async {
+                        let mut conn = Conn::open(&target, &key).await?;
+                        upload_import(&mut conn, &[bb]).await?;
+                        conn.close().await
+                    };
+                    let limit = Op::ImportPaths.timeout();
+                    tokio::time::timeout(limit, upload)
+                        .await
+                        .unwrap_or(Err(SoakError::Timeout(limit)))
+                })
+            })
+            .collect();
+        for u in uploads {
+            let r = u.await.expect("a busybox upload task panicked");
+            r.unwrap_or_else(|e| panic!("uploading busybox: {e}"));
+        }
+    });
+    let baseline = settle(pid, None, Duration::from_secs(10)).1;
+    let load_before = loadavg();
+    let cpu_before = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
+    let started = Instant::now();
+    let shared = Arc::new(Shared {
+        target,
+        accounts,
+        keys,
+        deadline: started + o.duration,
+        think: o.think,
+    });
+    let (mut stats, peak, timeline) = runtime.block_on(async {
+        let tasks: Vec<_> = (0..o.sessions)
+            .map(|i| {
+                let seed = o
+                    .seed
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .wrapping_add(i as u64);
+                tokio::spawn(session(shared.clone(), i, seed))
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = std::thread::spawn({
+            let stop = stop.clone();
+            // Ten points of the run, to show whether memory grows or levels off.
+            let every = (o.duration / 10).max(Duration::from_secs(1));
+            move || {
+                let mut peak = Sample::read(pid);
+                let mut timeline = Vec::new();
+                let mut next = started + every;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let now = Sample::read(pid);
+                    peak = peak.max(now);
+                    if Instant::now() >= next {
+                        timeline.push((started.elapsed(), now));
+                        next += every;
+                    }
+                }
+                (peak, timeline)
+            }
+        });
+        let mut stats = Stats::default();
+        for t in tasks {
+            stats.merge(t.await.expect("a session task panicked"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (peak, timeline) = sampler.join().expect("the sampler panicked");
+        (stats, peak, timeline)
+    });
+    let elapsed = started.elapsed();
+    let cpu = (
+        cpu_seconds(&pid.to_string()) - cpu_before.0,
+        cpu_seconds("self") - cpu_before.1,
+    );
+    let load_after = loadavg();
+    let hwm_kib = server.daemon.peak_rss_kib();
+    let (settled_in, after) = settle(pid, Some(baseline), Duration::from_secs(60));
+    let builds_left: Vec<_> = std::fs::read_dir(server.daemon.state_dir().join("builds"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        builds_left.is_empty(),
+        "build directories left: {builds_left:?}"
+    );
+    // Stopping checks the store: no import left in tmp/, no object without a row, every
+    // object re-hashed to its recorded hash.
+    let stopped = server.daemon.stop();
+    let mut paths_acknowledged = 0;
+    for a in &shared.accounts {
+        for (path, hash) in lock(&a.all).iter() {
+            let info = stopped
+                .store
+                .query_path_info(&a.name, path)
+                .expect("query the store");
+            assert_eq!(
+                info.and_then(|i| i.nar_hash),
+                Some(*hash),
+                "{path}, acknowledged to {}, is not in the store with its hash",
+                a.name
+            );
+            paths_acknowledged += 1;
+        }
+    }
+    let log = &stopped.log;
+    let ops = Op::ALL.iter().map(|&op| figures(op, &mut stats)).collect();
+    let report = Report {
+        options: o,
+        elapsed,
+        ops,
+        messages: std::mem::take(&mut stats.messages),
+        baseline,
+        peak: peak.max(baseline),
+        hwm_kib,
+        after,
+        settled_in,
+        timeline,
+        server_cpu: cpu.0,
+        client_cpu: cpu.1,
+        loadavg: (load_before, load_after),
+        sessions_opened: stats.sessions_opened,
+        paths_acknowledged,
+        log_warnings: log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .count() as u64,
+        log_errors: log.lines().filter(|l| l.contains(" ERROR ")).count() as u64,
+        log_failed_sessions: log
+            .lines()
+            .filter(|l| l.contains("session end") && l.contains("status=1"))
+            .count() as u64,
+    };
+    (report, StateDir(stopped))
+}
+
+/// Waits until the server's descriptors and threads are at most those of `baseline` (or,
+/// with `None`, for a quiet second), at most `limit`; returns how long that took and the last
+/// sample.
+fn settle(pid: u32, baseline: Option<Sample>, limit: Duration) -> (Option<Duration>, Sample) {
+    let start = Instant::now();
+    let mut last = Sample::read(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = Sample::read(pid);
+        let settled = match baseline {
+            // Idle blocking threads of the runtime exit after 10 s.
+            Some(b) => now.fds <= b.fds && now.threads <= b.threads,
+            None => {
+                (now.fds, now.threads) == (last.fds, last.threads)
+                    && start.elapsed() >= Duration::from_secs(1)
+            }
+        };
+        if settled {
+            return (Some(start.elapsed()), now);
+        }
+        if start.elapsed() >= limit {
+            return (None, now);
+        }
+        last = now;
+    }
+}
