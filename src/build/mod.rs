@@ -42,6 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{BuildsConfig, Config};
+use crate::failpoint::{failpoint, failpoint_async};
 use crate::store::{InputObject, Store, StoreError};
 use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
 use placement::{Grant, Placement, PlacementError, Running};
@@ -424,7 +425,7 @@ impl Inner {
 
 /// The name of the daemon's cgroup (under its own): one per state directory, so that the
 /// daemons of different state directories never touch each other's builds.
-fn cgroup_name(state_dir: &Path) -> String {
+pub fn cgroup_name(state_dir: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
     let digest = Hash::compute(HashAlgo::Sha256, dir.as_os_str().as_bytes());
@@ -998,6 +999,7 @@ async fn run_in(
                 .create(&scratch)
                 .map_err(io_err("create", &scratch))?;
             let cgroup = placement.cgroup(&format!("build-{id}"), &grant)?;
+            failpoint!("build-scratch-created");
             Ok((inputs, cgroup))
         })
         .await??
@@ -1109,6 +1111,7 @@ async fn run_in(
                     let chunk = buf.split().freeze();
                     tail.push(&chunk);
                     let _ = build.log.send(chunk);
+                    failpoint_async!("build-builder-running", log_bytes == n as u64);
                 }
             },
             status = child.wait() => match status {
