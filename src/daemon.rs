@@ -328,6 +328,14 @@ pub async fn run(
             tracing::error!("the SSH server task failed: {e}");
         }
     }
+    // No session is left, so no build has a waiter: the running ones are being killed.
+    // Their sandboxes, cgroups and scratch directories go before the daemon does.
+    if tokio::time::timeout(config.timeouts.shutdown(), builds.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("builds still being cleaned up at the shutdown timeout are left");
+    }
     tracing::info!("stopped");
     result
 }

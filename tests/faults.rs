@@ -329,7 +329,7 @@ fn assert_consistent(d: &Daemon) -> BTreeMap<(String, String), Hash> {
         .expect("read tmp/")
         .map(|e| e.expect("entry").path())
         .collect();
-    assert!(tmp.is_empty(), "temporary imports left: {tmp:?}");
+    assert!(tmp.is_empty(), "temporary imports left: {tmp:?}\n{}", d.log());
     let state_text = state.display().to_string();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let mounts: Vec<&str> = mountinfo

@@ -415,6 +415,24 @@ struct Inner {
     uids: UidPool,
     inflight: Mutex<HashMap<BuildKey, Arc<Shared>>>,
     next_id: AtomicU64,
+    /// How many build tasks have not ended yet (outcome given, leftovers removed).
+    active: watch::Sender<usize>,
+}
+
+/// Counts a build task as active until dropped (at its end, or when it is aborted).
+struct ActiveBuild(Arc<Inner>);
+
+impl ActiveBuild {
+    fn new(inner: &Arc<Inner>) -> ActiveBuild {
+        inner.active.send_modify(|n| *n += 1);
+        ActiveBuild(inner.clone())
+    }
+}
+
+impl Drop for ActiveBuild {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n -= 1);
+    }
 }
 
 impl Inner {
@@ -471,6 +489,7 @@ impl BuildService {
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                active: watch::channel(0).0,
             }),
         })
     }
@@ -536,9 +555,11 @@ impl BuildService {
         let waiter = build.subscribe(&self.inner, &job.account, notes);
         drop(inflight);
         let inner = self.inner.clone();
+        let active = ActiveBuild::new(&inner);
         tokio::spawn(async move {
             // The account's build slot, held until the build is over.
             let _slot = slot;
+            let _active = active;
             let (outcome, leftovers) = run(&inner, &build, &job, prepared).await;
             tracing::info!(
                 account = %job.account,
@@ -563,6 +584,15 @@ impl BuildService {
             }
         });
         waiter
+    }
+
+    /// Waits until every build task has ended, its outcome given and what it left (sandbox,
+    /// cgroup, scratch directory) removed. For the daemon's shutdown: once no session is
+    /// left, every build still running has lost its last waiter and is being killed.
+    pub async fn drain(&self) {
+        let mut active = self.inner.active.subscribe();
+        // The sender lives in `inner`, which this holds: it cannot close.
+        let _ = active.wait_for(|n| *n == 0).await;
     }
 
     /// The job that builds the `.drv` at `drv_path` (valid for `account`), as BuildPaths

@@ -59,6 +59,9 @@ pub fn build_uid_base() -> u32 {
     2_000_000_000 + (std::process::id() % 100_000) * BUILD_UIDS
 }
 
+/// What the daemon logs once it accepts connections on its socket.
+const LISTENING: &str = "nixbuild::daemon: listening socket=";
+
 /// A running daemon with its own state directory and log file.
 pub struct Daemon {
     child: Option<Process>,
@@ -129,6 +132,7 @@ impl Daemon {
 
     /// [`Daemon::spawn`] with `env` added to the daemon's environment.
     fn spawn_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        let started = self.log().matches(LISTENING).count();
         let append = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -150,7 +154,7 @@ impl Daemon {
             .spawn()
             .expect("spawn nixbuild-server");
         self.child = Some(Process(child));
-        self.wait_ready();
+        self.wait_ready(started);
     }
 
     /// Stops the daemon with SIGTERM (checking that it exits cleanly) and starts it again on
@@ -177,15 +181,17 @@ impl Daemon {
         self.spawn(args);
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the daemon just started says it listens: its log has more than
+    /// `started` lines saying so.
+    fn wait_ready(&mut self, started: usize) {
         // Start-up is quick; the bound only turns a hang into a failure with the log.
         let until = Instant::now() + Duration::from_secs(60);
-        let sock = self.state_dir().join("serve.sock");
         loop {
-            // The daemon renames the socket into place once it listens (after the SSH
-            // listener, when there is one). Not probed with a connection: that would leave a
-            // short-lived session behind in the daemon.
-            if sock.exists() {
+            // The daemon logs this once the socket is in place (after the SSH listener,
+            // when there is one). Neither probed with a connection, which would leave a
+            // short-lived session behind in the daemon, nor told by the socket's existence:
+            // a daemon killed with SIGKILL leaves its socket behind.
+            if self.log().matches(LISTENING).count() > started {
                 return;
             }
             let child = self.child.as_mut().expect("running");
