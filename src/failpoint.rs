@@ -236,7 +236,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::Path;
 
-    /// Every `failpoint!("name"` and `failpoint_async!("name"` in the Rust files under `dir`.
+    /// The names the two macros are invoked with in the Rust files under `dir`, with where.
     fn uses(dir: &Path, found: &mut BTreeMap<String, Vec<String>>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
