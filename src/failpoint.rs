@@ -180,10 +180,7 @@ mod armed {
     impl<'a> MidStream<'a> {
         /// Wraps `inner`.
         pub fn new(inner: &'a mut dyn NarSink) -> Self {
-            MidStream {
-                inner,
-                pieces: 0,
-            }
+            MidStream { inner, pieces: 0 }
         }
 
         fn next_piece(&mut self) {
@@ -220,11 +217,27 @@ mod armed {
 
         #[test]
         fn parses_a_name_and_a_hit_count() {
-            assert_eq!(parse("import-nar-written").ok(), Some(("import-nar-written", 1)));
-            assert_eq!(parse("export-mid-stream:3").ok(), Some(("export-mid-stream", 3)));
-            assert!(matches!(parse("no-such-point"), Err(FailpointError::Unknown(_))));
-            for bad in ["export-mid-stream:0", "export-mid-stream:x", "export-mid-stream:"] {
-                assert!(matches!(parse(bad), Err(FailpointError::BadCount(_))), "{bad}");
+            assert_eq!(
+                parse("import-nar-written").ok(),
+                Some(("import-nar-written", 1))
+            );
+            assert_eq!(
+                parse("export-mid-stream:3").ok(),
+                Some(("export-mid-stream", 3))
+            );
+            assert!(matches!(
+                parse("no-such-point"),
+                Err(FailpointError::Unknown(_))
+            ));
+            for bad in [
+                "export-mid-stream:0",
+                "export-mid-stream:x",
+                "export-mid-stream:",
+            ] {
+                assert!(
+                    matches!(parse(bad), Err(FailpointError::BadCount(_))),
+                    "{bad}"
+                );
             }
         }
     }
@@ -264,12 +277,18 @@ mod tests {
     #[test]
     fn every_listed_point_is_used_once_and_every_used_point_is_listed() {
         let mut found = BTreeMap::new();
-        uses(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut found);
+        uses(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
         for name in super::ALL {
             let places = found.remove(*name).unwrap_or_default();
             assert_eq!(places.len(), 1, "failpoint {name} is used at {places:?}");
         }
-        assert!(found.is_empty(), "failpoints used but not in ALL: {found:?}");
+        assert!(
+            found.is_empty(),
+            "failpoints used but not in ALL: {found:?}"
+        );
         let mut sorted = super::ALL.to_vec();
         sorted.sort_unstable();
         sorted.dedup();

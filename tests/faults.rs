@@ -61,7 +61,9 @@ fn registered_after_kill(point: &str, op: Op) -> bool {
         Op::Download => true,
         Op::Upload | Op::Build => matches!(
             point,
-            "publish-after-commit" | "import-before-ack" | "build-after-register"
+            "publish-after-commit"
+                | "import-before-ack"
+                | "build-after-register"
                 | "build-before-result"
         ),
     }
@@ -117,9 +119,10 @@ impl Fixture {
         contents.truncate(size);
         let file = self.lab.nix.scratch().join(name);
         std::fs::write(&file, contents).expect("write a file to add");
-        self.lab
-            .nix
-            .run_line("nix-store", [std::ffi::OsStr::new("--add"), file.as_os_str()])
+        self.lab.nix.run_line(
+            "nix-store",
+            [std::ffi::OsStr::new("--add"), file.as_os_str()],
+        )
     }
 
     /// `nix copy` to (`"--to"`) or from (`"--from"`) the daemon.
@@ -164,6 +167,15 @@ fn finish(child: Child) -> (bool, String) {
     )
 }
 
+/// What a case prepares: the path acknowledged to a client, the path of the operation that
+/// will stop, its hash on the client (when it has it), and the command of that operation.
+type Case<'a> = (
+    String,
+    String,
+    Option<Hash>,
+    Box<dyn Fn(&Daemon) -> Command + 'a>,
+);
+
 /// One case: the daemon on a seed copy with `point` armed for its second hit; the first
 /// operation completes (acknowledged to the client), the second stops at the point; `kill
 /// -9`; restart without the point; the checks; the stopped operation again.
@@ -171,49 +183,67 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
     let armed = format!("{point}:2");
     let mut d = f.daemon(&[], &[(ENV, &armed)]);
     assert!(
-        d.log().contains(&format!("failpoint {point} armed for hit 2")),
+        d.log()
+            .contains(&format!("failpoint {point} armed for hit 2")),
         "the daemon does not arm failpoints: build the examples with `--features failpoints`\n{}",
         d.log()
     );
-    // The acknowledged path, the path of the operation that stops, its hash on the client
-    // (when it has it), and the command of that operation.
-    let (acked, stopped, stopped_hash, again): (String, String, Option<Hash>, Box<dyn Fn(&Daemon) -> Command>) =
-        match op {
-            Op::Upload => {
-                let first = f.local_path(&format!("up-{case}-a"), 1 << 20);
-                let second = f.local_path(&format!("up-{case}-b"), 1 << 20);
-                run_ok(&mut f.copy(&d, "--to", &first));
-                let hash = f.local_hash(&second);
-                let path = second.clone();
-                (first, second, Some(hash), Box::new(move |d| f.copy(d, "--to", &path)))
-            }
-            Op::Build => {
-                let (ok, hang) = (format!("ok-{case}"), format!("hang-{case}"));
-                let out = f.lab.remote_build_ok(&d, ACCOUNT, &[f.drvs[&ok].clone()]);
-                let drv = f.drvs[&hang].clone();
-                let again =
-                    move |d: &Daemon| f.lab.remote_command(d, ACCOUNT, &lab::builders(), &[drv.clone()]);
-                (out[0].clone(), f.output(&hang), None, Box::new(again))
-            }
-            Op::Download => {
-                let first = f.local_path(&format!("down-{case}-a"), 1 << 20);
-                let second = f.local_path(&format!("down-{case}-b"), 1 << 20);
-                let hash = f.local_hash(&second);
-                let mut copy = f.copy(&d, "--to", &first);
-                run_ok(copy.arg(&second));
-                run_ok(f.lab.nix.command("nix-store").args(["--delete", &first, &second]));
-                run_ok(&mut f.copy(&d, "--from", &first));
-                let path = second.clone();
-                (first, second, Some(hash), Box::new(move |d| f.copy(d, "--from", &path)))
-            }
-        };
+    let (acked, stopped, stopped_hash, again): Case = match op {
+        Op::Upload => {
+            let first = f.local_path(&format!("up-{case}-a"), 1 << 20);
+            let second = f.local_path(&format!("up-{case}-b"), 1 << 20);
+            run_ok(&mut f.copy(&d, "--to", &first));
+            let hash = f.local_hash(&second);
+            let path = second.clone();
+            (
+                first,
+                second,
+                Some(hash),
+                Box::new(move |d| f.copy(d, "--to", &path)),
+            )
+        }
+        Op::Build => {
+            let (ok, hang) = (format!("ok-{case}"), format!("hang-{case}"));
+            let out = f.lab.remote_build_ok(&d, ACCOUNT, &[f.drvs[&ok].clone()]);
+            let drv = f.drvs[&hang].clone();
+            let again = move |d: &Daemon| {
+                f.lab
+                    .remote_command(d, ACCOUNT, &lab::builders(), std::slice::from_ref(&drv))
+            };
+            (out[0].clone(), f.output(&hang), None, Box::new(again))
+        }
+        Op::Download => {
+            let first = f.local_path(&format!("down-{case}-a"), 1 << 20);
+            let second = f.local_path(&format!("down-{case}-b"), 1 << 20);
+            let hash = f.local_hash(&second);
+            let mut copy = f.copy(&d, "--to", &first);
+            run_ok(copy.arg(&second));
+            run_ok(
+                f.lab
+                    .nix
+                    .command("nix-store")
+                    .args(["--delete", &first, &second]),
+            );
+            run_ok(&mut f.copy(&d, "--from", &first));
+            let path = second.clone();
+            (
+                first,
+                second,
+                Some(hash),
+                Box::new(move |d| f.copy(d, "--from", &path)),
+            )
+        }
+    };
     let acked_hash = f.local_hash(&acked);
     // The command that will succeed after the restart; now it stops at the point.
     let client = spawn(again(&d));
     d.wait_for_log(&[&format!("failpoint {point} reached")]);
     d.kill();
     let (ok, stderr) = finish(client);
-    assert!(!ok, "{op:?} at {point}: the client succeeded without an answer");
+    assert!(
+        !ok,
+        "{op:?} at {point}: the client succeeded without an answer"
+    );
     assert!(!stderr.is_empty());
 
     d.start_again(&[]);
@@ -231,7 +261,10 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
         "{op:?} at {point}: {stopped} registered: {registered:?}"
     );
     if let (Some(registered), Some(local)) = (registered, stopped_hash) {
-        assert_eq!(*registered, local, "{op:?} at {point}: {stopped} has another hash");
+        assert_eq!(
+            *registered, local,
+            "{op:?} at {point}: {stopped} has another hash"
+        );
     }
 
     // The daemon serves again: the stopped operation succeeds.
@@ -329,7 +362,11 @@ fn assert_consistent(d: &Daemon) -> BTreeMap<(String, String), Hash> {
         .expect("read tmp/")
         .map(|e| e.expect("entry").path())
         .collect();
-    assert!(tmp.is_empty(), "temporary imports left: {tmp:?}\n{}", d.log());
+    assert!(
+        tmp.is_empty(),
+        "temporary imports left: {tmp:?}\n{}",
+        d.log()
+    );
     let state_text = state.display().to_string();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let mounts: Vec<&str> = mountinfo
@@ -488,7 +525,9 @@ fn a_client_killed_mid_download_ends_its_session() {
         .expect("send the request");
     let mut stdout = relay.stdout.take().expect("stdout");
     let mut got = vec![0u8; 1 << 20];
-    stdout.read_exact(&mut got).expect("the first MiB of the NAR");
+    stdout
+        .read_exact(&mut got)
+        .expect("the first MiB of the NAR");
     relay.kill().expect("kill the client");
     drop(stdout);
     let _ = relay.wait();
@@ -496,7 +535,7 @@ fn a_client_killed_mid_download_ends_its_session() {
         d.log().matches("session end").count() > ended
     });
     let log = d.log();
-    let last = log.lines().filter(|l| l.contains("session end")).last();
+    let last = log.lines().rev().find(|l| l.contains("session end"));
     assert!(
         last.is_some_and(|l| l.contains("status=1")),
         "the cut-off download's session: {last:?}"
@@ -577,18 +616,17 @@ fn sigterm_under_load_finishes_what_it_can_and_loses_nothing() {
     // Two uploads half-way, one build whose builder runs a second, one that never ends.
     let finishing = start_half_upload(&d, &done_path, &nar_done);
     let abandoned = start_half_upload(&d, &cut_path, &nar_cut);
-    let quick = spawn(f.lab.remote_command(
-        &d,
-        ACCOUNT,
-        &lab::builders(),
-        &[f.drvs["hang-0"].clone()],
-    ));
+    let quick =
+        spawn(
+            f.lab
+                .remote_command(&d, ACCOUNT, &lab::builders(), &[f.drvs["hang-0"].clone()]),
+        );
     let endless_drv = f.drvs["endless"].clone();
     let endless = spawn(f.lab.remote_command(
         &d,
         ACCOUNT,
         &lab::builders(),
-        &[endless_drv.clone()],
+        std::slice::from_ref(&endless_drv),
     ));
     for drv in [&f.drvs["hang-0"], &endless_drv] {
         d.wait_for_log(&["nixbuild::build: building ", &format!("drv={drv} ")]);
@@ -622,7 +660,10 @@ fn sigterm_under_load_finishes_what_it_can_and_loses_nothing() {
         rows.get(&(ACCOUNT.to_owned(), done_path.base_name())),
         Some(&harness::sha256(&nar_done))
     );
-    assert!(!has(&cut_path.base_name()), "the cut-off upload is registered");
+    assert!(
+        !has(&cut_path.base_name()),
+        "the cut-off upload is registered"
+    );
     let quick_out = f.output("hang-0");
     assert!(has(&quick_out), "the finished build's output is gone");
     assert_eq!(
@@ -630,7 +671,10 @@ fn sigterm_under_load_finishes_what_it_can_and_loses_nothing() {
         f.local_hash(&quick_out)
     );
     let endless_out = f.output("endless");
-    assert!(!has(&endless_out), "the cut-off build's output is registered");
+    assert!(
+        !has(&endless_out),
+        "the cut-off build's output is registered"
+    );
     // It serves again.
     f.lab
         .remote_build_ok(&d, ACCOUNT, &[f.drvs["hang-1"].clone()]);

@@ -650,7 +650,12 @@ fn build_processes() -> Vec<String> {
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|e| {
             let status = std::fs::read_to_string(e.path().join("status")).ok()?;
             let uid: u32 = status
