@@ -238,6 +238,7 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
     // The command that will succeed after the restart; now it stops at the point.
     let client = spawn(again(&d));
     d.wait_for_log(&[&format!("failpoint {point} reached")]);
+    assert_in_progress(&d, point, op);
     d.kill();
     let (ok, stderr) = finish(client);
     assert!(
@@ -287,6 +288,46 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
     }
     drop(again);
     d.stop();
+}
+
+/// Checks that what the operation stopped at `point` has made is there at the kill, so that
+/// the checks after the restart find its cleanup: an import's files in `tmp/` until they
+/// are renamed, a build's scratch directory until its outputs are registered, the builder's
+/// processes while it runs.
+fn assert_in_progress(d: &Daemon, point: &str, op: Op) {
+    let entries = |dir: &str| {
+        std::fs::read_dir(d.state_dir().join(dir))
+            .expect("read a state subdirectory")
+            .count()
+    };
+    let before_rename = matches!(
+        point,
+        "import-stream-started"
+            | "import-nar-written"
+            | "import-hash-verified"
+            | "publish-before-rename"
+    );
+    if op == Op::Upload && before_rename {
+        assert_ne!(entries("tmp"), 0, "{point}: no import in tmp/");
+    }
+    let scratch = point.starts_with("publish-")
+        || matches!(
+            point,
+            "build-scratch-created"
+                | "build-builder-running"
+                | "build-outputs-canonicalised"
+                | "build-before-register"
+                | "build-after-register"
+        );
+    if op == Op::Build && scratch {
+        assert_ne!(entries("builds"), 0, "{point}: no scratch directory");
+    }
+    if point == "build-builder-running" {
+        assert!(
+            !harness::build_processes().is_empty(),
+            "{point}: the builder is not running"
+        );
+    }
 }
 
 fn base_name(path: &str) -> String {

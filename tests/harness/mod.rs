@@ -645,7 +645,7 @@ pub fn assert_no_build_left(d: &Daemon) {
 
 /// The `/proc/<pid>/status` of every process running as one of this test process's build
 /// uids.
-fn build_processes() -> Vec<String> {
+pub fn build_processes() -> Vec<String> {
     let uids = build_uid_base()..build_uid_base() + BUILD_UIDS;
     std::fs::read_dir("/proc")
         .expect("/proc")
