@@ -2,8 +2,8 @@
 //! registration and export code where a test can stop the daemon mid-operation and kill it.
 //!
 //! The points exist only with the cargo feature `failpoints` (off by default): without it
-//! [`failpoint!`] and [`failpoint_async!`] expand to nothing, so release builds hold no
-//! trace of them. With it, the daemon reads [`ENV`] once at start ([`arm_from_env`]):
+//! `failpoint!` and `failpoint_async!` expand to nothing, so release builds hold no
+//! trace of them. With it, the daemon reads [`ENV`] once at start (`arm_from_env`):
 //! `NIXBUILD_FAILPOINT=<name>` arms the point `<name>` (one of [`ALL`]) for its first hit,
 //! `<name>:<n>` for its `n`th (earlier hits pass, so that a test can first complete the same
 //! operation once). The armed hit logs `failpoint <name> reached` and then blocks that
