@@ -592,6 +592,33 @@ fn a_client_killed_mid_download_ends_its_session() {
     d.stop();
 }
 
+#[test]
+fn builds_die_with_a_killed_daemon() {
+    let f = Fixture::new(&[]);
+    let mut d = f.daemon(&[], &[]);
+    let endless = f.drvs["endless"].clone();
+    let client = spawn(f.lab.remote_command(
+        &d,
+        ACCOUNT,
+        &lab::builders(),
+        std::slice::from_ref(&endless),
+    ));
+    d.wait_for_log(&["nixbuild::build: building ", &format!("drv={endless} ")]);
+    wait_until("the builder runs", || {
+        !harness::build_processes().is_empty()
+    });
+    d.kill();
+    assert!(!finish(client).0);
+    // Before any restart: the sandbox helper finds the log's reader gone and kills the build,
+    // silent as it is.
+    wait_until("the build died with the daemon", || {
+        harness::build_processes().is_empty()
+    });
+    d.start_again(&[]);
+    assert_consistent(&d);
+    d.stop();
+}
+
 /// An AddToStoreNar through a relay that has sent only the first half of its NAR: the rest
 /// is sent by [`finish_upload`], or never.
 struct HalfUpload {
