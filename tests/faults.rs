@@ -531,6 +531,8 @@ fn a_client_killed_mid_upload_leaves_nothing() {
     let small = f.local_path("small-upload", 1000);
     run_ok(&mut f.copy(&d, "--to", &small));
     let stopped = d.stop();
+    // The big file goes from the client's store again (the store is the machine's).
+    run_ok(f.lab.nix.command("nix-store").args(["--delete", &big]));
     let big = StorePath::from_absolute_path(big.as_bytes()).expect("store path");
     assert!(!stopped.valid(ACCOUNT, &big));
     assert!(!stopped.registered(ACCOUNT, &big));
@@ -547,9 +549,15 @@ fn open_fds(pid: u32) -> usize {
 fn a_client_killed_mid_download_ends_its_session() {
     let f = Fixture::new(&[]);
     let d = f.daemon(&[], &[]);
-    let big = f.local_path("big-download", 64 << 20);
-    run_ok(&mut f.copy(&d, "--to", &big));
-    let path = StorePath::from_absolute_path(big.as_bytes()).expect("store path");
+    let nar = nixbuild_core::nar::NarNode::File {
+        executable: false,
+        contents: vec![b'x'; 64 << 20],
+    }
+    .to_nar()
+    .expect("nar");
+    let path = harness::test_path(&format!("{}-big", f.lab.salt), "big-download");
+    let upload = d.relay(ACCOUNT, true, &Script::new().add_honest(&path, &nar).bytes);
+    assert_eq!(upload.status, 0, "{}", upload.stderr);
     let dump = Script::new().request(&Request::DumpStorePath { path: path.clone() });
     // One complete download first, so that the session machinery has warmed up.
     let whole = d.relay(ACCOUNT, false, &dump.bytes);
