@@ -80,12 +80,12 @@ struct Fixture {
 }
 
 impl Fixture {
-    /// `cases` derivation pairs: `ok-<i>` (quick) and `hang-<i>` (the one a failpoint
-    /// stops; it sleeps a second after its first line when `slow[i]`).
-    fn new(slow: &[bool]) -> Fixture {
+    /// A pair of derivations per entry of `pauses`: `ok-<i>` (quick) and `hang-<i>` (the
+    /// one a failpoint stops), which sleeps `pauses[i]` seconds after its first line.
+    fn new(pauses: &[u32]) -> Fixture {
         let mut body = String::from("{\n  seed = mk \"seed\" \"echo seed > $out\" {};\n");
-        for (i, slow) in slow.iter().enumerate() {
-            let pause = if *slow { "sleep 1; " } else { "" };
+        for (i, pause) in pauses.iter().enumerate() {
+            let pause = format!("sleep {pause}; ");
             body.push_str(&format!(
                 "  ok-{i} = mk \"ok-{i}\" \"echo started; echo ok > $out\" {{}};\n  \
                  hang-{i} = mk \"hang-{i}\" \"echo started; {pause}echo hang > $out\" {{}};\n"
@@ -94,7 +94,7 @@ impl Fixture {
         body.push_str("  endless = mk \"endless\" \"echo started; sleep 600\" {};\n}");
         let lab = Lab::with_conf(&body, "require-sigs = false\n");
         let mut attrs = vec!["seed".to_owned(), "endless".to_owned()];
-        for i in 0..slow.len() {
+        for i in 0..pauses.len() {
             attrs.push(format!("ok-{i}"));
             attrs.push(format!("hang-{i}"));
         }
@@ -342,11 +342,12 @@ fn kill_at_every_point(op: Op) {
         .filter(|p| ops_for(p).contains(&op))
         .collect();
     assert!(!points.is_empty());
-    let slow: Vec<bool> = points
+    // The builder stopped while it runs must still run when the test looks at it.
+    let pauses: Vec<u32> = points
         .iter()
-        .map(|p| *p == "build-builder-running")
+        .map(|p| if *p == "build-builder-running" { 3 } else { 0 })
         .collect();
-    let f = Fixture::new(if op == Op::Build { &slow } else { &[] });
+    let f = Fixture::new(if op == Op::Build { &pauses } else { &[] });
     for (case, point) in points.iter().enumerate() {
         kill_at(&f, point, op, case);
     }
@@ -676,7 +677,7 @@ fn finish_upload(mut up: HalfUpload) -> Reply {
 
 #[test]
 fn sigterm_under_load_finishes_what_it_can_and_loses_nothing() {
-    let f = Fixture::new(&[true, false]);
+    let f = Fixture::new(&[1, 0]);
     let mut d = f.daemon(&["--shutdown-timeout", "5"], &[]);
     let nar_of = |byte: u8| {
         nixbuild_core::nar::NarNode::File {
