@@ -113,6 +113,10 @@ pub enum DaemonError {
     /// The store's start-up task failed.
     #[error("internal error opening the store: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The failpoint to arm is misnamed (a daemon built with the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    #[error(transparent)]
+    Failpoint(#[from] crate::failpoint::FailpointError),
 }
 
 /// Why a relay header was refused.
@@ -218,6 +222,10 @@ pub async fn run(
     // A live daemon must not have its imports in progress cleaned away under it: held until
     // the daemon returns.
     let _lock = lock_state_dir(state_dir)?;
+    #[cfg(feature = "failpoints")]
+    if let Some((name, hit)) = crate::failpoint::arm_from_env()? {
+        tracing::warn!("failpoint {name} armed for hit {hit}");
+    }
     let store = {
         let dir = state_dir.to_owned();
         let limits = StoreLimits {
@@ -319,6 +327,14 @@ pub async fn run(
         if let Err(e) = ssh.await {
             tracing::error!("the SSH server task failed: {e}");
         }
+    }
+    // No session is left, so no build has a waiter: the running ones are being killed.
+    // Their sandboxes, cgroups and scratch directories go before the daemon does.
+    if tokio::time::timeout(config.timeouts.shutdown(), builds.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("builds still being cleaned up at the shutdown timeout are left");
     }
     tracing::info!("stopped");
     result

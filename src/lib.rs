@@ -5,7 +5,8 @@
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
 //! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire),
 //! [`build`] (what happens around a sandboxed build) and [`ssh`] (its SSH front door, on
-//! `nixbuild_ssh`). It also dumps file trees as NARs ([`nar_fs`]). The binaries in
+//! `nixbuild_ssh`). It also dumps file trees as NARs ([`nar_fs`]), and has the crash tests' named
+//! failpoints ([`failpoint`], with the `failpoints` feature). The binaries in
 //! `examples/` are thin wrappers around them; see ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod build;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod failpoint;
 pub mod nar_fs;
 pub mod session;
 pub mod ssh;

@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 
 use crate::build::{BuildJob, BuildService, Outcome, WaitEvent};
 use crate::config::Config;
+use crate::failpoint::failpoint_async;
 use crate::nar_fs::NarSink;
 use crate::store::{Import, PathClaim, Store, StoreError};
 
@@ -610,6 +611,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                     stop_time: outcome.stop_time,
                     built_outputs,
                 };
+                failpoint_async!("build-before-result");
                 self.session.respond(&Response::Build(Box::new(result)))?;
                 // What benches/compare reads: BuildDerivation received → BuildResult ready.
                 tracing::info!(
@@ -770,6 +772,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             sigs: h.sigs,
         };
         self.commit(import, claim).await?;
+        failpoint_async!("import-before-ack");
         Ok(self.session.respond(&Response::Added)?)
     }
 
@@ -934,7 +937,6 @@ fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePa
     order
 }
 
-/// The message for anything that would need a build.
 /// The registration time to record: the client's, or now when it sent 0 (spec §4.4).
 fn registration_time(claimed: u64) -> u64 {
     if claimed != 0 {

@@ -263,60 +263,7 @@ fn client_limits_end_the_build_with_the_right_status() {
         "{msg}"
     );
     assert!(!s.daemon.log().contains("ERROR"), "{}", s.daemon.log());
-    assert_no_build_processes(&s.daemon);
-}
-
-/// No process runs as one of the daemon's build uids once the builds are over.
-fn assert_no_build_processes(d: &Daemon) {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left: Vec<String> = std::fs::read_dir("/proc")
-            .expect("/proc")
-            .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-            })
-            .filter_map(|e| {
-                let status = std::fs::read_to_string(e.path().join("status")).ok()?;
-                let uid: u32 = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()?;
-                (harness::build_uid_base()..harness::build_uid_base() + harness::BUILD_UIDS)
-                    .contains(&uid)
-                    .then_some(status)
-            })
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "build processes left: {left:?}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let builds = d.state_dir().join("builds");
-    let until = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&builds)
-        .expect("builds dir")
-        .next()
-        .is_some()
-    {
-        assert!(
-            Instant::now() < until,
-            "build directories left in {}",
-            builds.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    harness::assert_no_build_left(&s.daemon);
 }
 
 #[test]
@@ -347,7 +294,7 @@ fn a_build_whose_client_went_away_is_killed() {
     drop(stdin);
     let _ = relay.kill();
     let _ = relay.wait();
-    assert_no_build_processes(&s.daemon);
+    harness::assert_no_build_left(&s.daemon);
     let log = s.daemon.log();
     assert!(
         log.contains("no client waits for the build any more"),
@@ -538,7 +485,7 @@ fn out_of_memory_fails_that_build_only() {
         let (r2, _) = other.join().expect("other client");
         assert_eq!(r2.status, BuildStatus::Built);
     });
-    assert_no_build_processes(&s.daemon);
+    harness::assert_no_build_left(&s.daemon);
 }
 
 #[test]

@@ -45,6 +45,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{BuildsConfig, Config};
+use crate::failpoint::{failpoint, failpoint_async};
 use crate::store::{InputObject, Store, StoreError};
 use monitor::{Monitor, Overrun, Watch};
 use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
@@ -420,6 +421,24 @@ struct Inner {
     uids: UidPool,
     inflight: Mutex<HashMap<BuildKey, Arc<Shared>>>,
     next_id: AtomicU64,
+    /// How many build tasks have not ended yet (outcome given, leftovers removed).
+    active: watch::Sender<usize>,
+}
+
+/// Counts a build task as active until dropped (at its end, or when it is aborted).
+struct ActiveBuild(Arc<Inner>);
+
+impl ActiveBuild {
+    fn new(inner: &Arc<Inner>) -> ActiveBuild {
+        inner.active.send_modify(|n| *n += 1);
+        ActiveBuild(inner.clone())
+    }
+}
+
+impl Drop for ActiveBuild {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n -= 1);
+    }
 }
 
 impl Inner {
@@ -430,7 +449,7 @@ impl Inner {
 
 /// The name of the daemon's cgroup (under its own): one per state directory, so that the
 /// daemons of different state directories never touch each other's builds.
-fn cgroup_name(state_dir: &Path) -> String {
+pub fn cgroup_name(state_dir: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
     let digest = Hash::compute(HashAlgo::Sha256, dir.as_os_str().as_bytes());
@@ -477,6 +496,7 @@ impl BuildService {
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                active: watch::channel(0).0,
             }),
         })
     }
@@ -542,9 +562,11 @@ impl BuildService {
         let waiter = build.subscribe(&self.inner, &job.account, notes);
         drop(inflight);
         let inner = self.inner.clone();
+        let active = ActiveBuild::new(&inner);
         tokio::spawn(async move {
             // The account's build slot, held until the build is over.
             let _slot = slot;
+            let _active = active;
             let (outcome, leftovers) = run(&inner, &build, &job, prepared).await;
             tracing::info!(
                 account = %job.account,
@@ -569,6 +591,15 @@ impl BuildService {
             }
         });
         waiter
+    }
+
+    /// Waits until every build task has ended, its outcome given and what it left (sandbox,
+    /// cgroup, scratch directory) removed. For the daemon's shutdown: once no session is
+    /// left, every build still running has lost its last waiter and is being killed.
+    pub async fn drain(&self) {
+        let mut active = self.inner.active.subscribe();
+        // The sender lives in `inner`, which this holds: it cannot close.
+        let _ = active.wait_for(|n| *n == 0).await;
     }
 
     /// The job that builds the `.drv` at `drv_path` (valid for `account`), as BuildPaths
@@ -1027,6 +1058,7 @@ async fn run_in(
                 .create(&scratch)
                 .map_err(io_err("create", &scratch))?;
             let cgroup = placement.cgroup(&format!("build-{id}"), &grant)?;
+            failpoint!("build-scratch-created");
             Ok((inputs, cgroup))
         })
         .await??
@@ -1143,6 +1175,7 @@ async fn run_in(
                     let chunk = buf.split().freeze();
                     tail.push(&chunk);
                     let _ = build.log.send(chunk);
+                    failpoint_async!("build-builder-running", log_bytes == n as u64);
                 }
             },
             status = child.wait() => match status {

@@ -52,6 +52,7 @@ use nixbuild_core::store_path::StorePath;
 use rustix::fs::{AtFlags, Gid, Uid, CWD};
 use rustix::io::Errno;
 
+use crate::failpoint::failpoint;
 use crate::nar_fs::{dump_path, NarFsError};
 use crate::store::{fsutil, BuiltPath, Store, StoreError};
 
@@ -379,6 +380,7 @@ pub fn process_outputs(
     for output in &todo {
         scanned.push(scan_output(request, output, &mut canon, &candidates)?);
     }
+    failpoint!("build-outputs-canonicalised");
     check_cycles(request.drv_path, &scanned)?;
     for out in &scanned {
         check_fixed(request.drv_path, out)?;
@@ -397,7 +399,9 @@ pub fn process_outputs(
             ca: out.expected.fixed,
         })
         .collect();
+    failpoint!("build-before-register");
     let registered = store.register_built(request.account, &built)?;
+    failpoint!("build-after-register");
     let newly: HashSet<&StorePath> = built
         .iter()
         .zip(registered)

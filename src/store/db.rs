@@ -276,6 +276,7 @@ pub(super) struct NewPath<'a> {
 pub(super) fn insert_paths(conn: &mut Connection, new: &[NewPath<'_>]) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(db_err("begin registration"))?;
     insert_rows(&tx, new).map_err(db_err("register paths"))?;
+    crate::failpoint::failpoint!("publish-before-commit");
     tx.commit().map_err(db_err("commit registration"))
 }
 

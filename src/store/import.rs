@@ -18,6 +18,7 @@ use super::error::{io_err, StoreError};
 use super::fsutil::{self, hash_file, HashingWriter, CHUNK};
 use super::publish::Publication;
 use super::Store;
+use crate::failpoint::failpoint;
 use crate::nar_fs::dump_path;
 
 /// How often, in bytes received, an import re-checks the free disk space and inodes, at most;
@@ -153,6 +154,7 @@ impl Import {
         if let Some(CaHasher::Nar(h)) = &mut self.ca_hasher {
             h.update(&chunk[..n]);
         }
+        failpoint!("import-stream-started", self.received == 0 && n > 0);
         self.received += n as u64;
         if n < chunk.len() {
             return Err(NarError::TrailingData {
@@ -183,8 +185,10 @@ impl Import {
         };
         let validator = std::mem::take(&mut self.validator);
         let summary = validator.finish()?;
+        failpoint!("import-nar-written");
         self.check_claim(&claim, &summary)?;
         self.check_ca(&claim, &summary)?;
+        failpoint!("import-hash-verified");
         self.publish(&claim, &summary, &dir.join("root"))
         // Drop removes tmp/<unique>, now empty or holding a duplicate copy, outside the lock.
     }

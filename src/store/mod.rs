@@ -445,6 +445,8 @@ impl Store {
         out: &mut dyn NarSink,
     ) -> Result<u64, StoreError> {
         let object = self.object_of(&self.inner.lock_db(), account, path)?;
+        #[cfg(feature = "failpoints")]
+        let out = &mut crate::failpoint::MidStream::new(out);
         let size = dump_to(&self.inner.objects.join(&object.key), out).map_err(|source| {
             StoreError::Dump {
                 path: path.clone(),

@@ -16,6 +16,7 @@ use rusqlite::Connection;
 use super::db::{self, NewPath, ObjectRow, RefTarget};
 use super::error::StoreError;
 use super::{fsutil, object_key, Store};
+use crate::failpoint::failpoint;
 
 /// One path to register: its files, in their final canonical form, and its metadata.
 pub(super) struct Publication<'a> {
@@ -225,6 +226,7 @@ impl Store {
         files: &[&Path],
         placed: &mut Vec<PathBuf>,
     ) -> Result<(), StoreError> {
+        failpoint!("publish-before-rename");
         for (new, root) in news.iter().zip(files) {
             if db::object_exists(conn, &new.object.key)? {
                 continue;
@@ -235,6 +237,9 @@ impl Store {
             // A directory moved to a new parent may get a new mtime on some file systems.
             fsutil::set_canonical_mtime(&target)?;
         }
-        db::insert_paths(conn, news)
+        failpoint!("publish-after-rename");
+        db::insert_paths(conn, news)?;
+        failpoint!("publish-after-commit");
+        Ok(())
     }
 }

@@ -59,19 +59,8 @@ pub fn build_uid_base() -> u32 {
     2_000_000_000 + (std::process::id() % 100_000) * BUILD_UIDS
 }
 
-/// `config` with this test process's build uids: daemons of tests running at once get
-/// distinct ones (tests check that no process of their builds is left).
-fn with_build_uids(config: &str) -> String {
-    let uids = format!(
-        "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
-        build_uid_base()
-    );
-    if config.contains("[builds]\n") {
-        config.replacen("[builds]\n", &uids, 1)
-    } else {
-        format!("{config}\n{uids}")
-    }
-}
+/// What the daemon logs once it accepts connections on its socket.
+const LISTENING: &str = "nixbuild::daemon: listening socket=";
 
 /// A running daemon with its own state directory and log file.
 pub struct Daemon {
@@ -156,13 +145,10 @@ impl Daemon {
     /// Starts `nixbuild-server` with `config` (TOML) as its configuration file and extra
     /// arguments, and waits until it accepts connections.
     pub fn start_with_config(config: &str, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("nixbuild.toml"), with_build_uids(config))
-            .expect("write the configuration");
         let mut d = Daemon {
             child: None,
             tmpfs: None,
-            dir,
+            dir: config_dir(config),
         };
         d.spawn(args);
         d
@@ -171,10 +157,8 @@ impl Daemon {
     /// Like [`Daemon::start_with_config`], with the state directory on a tmpfs of its own
     /// mounted with `options` (such as `size=96m`), for tests of the disk reserve.
     pub fn start_on_tmpfs(options: &str, config: &str, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = config_dir(config);
         let tmpfs = Tmpfs::mount(&dir.path().join("state"), options);
-        std::fs::write(dir.path().join("nixbuild.toml"), with_build_uids(config))
-            .expect("write the configuration");
         let mut d = Daemon {
             child: None,
             tmpfs: Some(tmpfs),
@@ -189,9 +173,34 @@ impl Daemon {
         self.tmpfs.as_ref().expect("a daemon started on a tmpfs")
     }
 
+    /// Starts `nixbuild-server` as [`Daemon::start_with_config`] does, on a copy of the
+    /// state directory `seed` (of a stopped daemon), with `env` added to its environment.
+    pub fn start_seeded(config: &str, seed: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            tmpfs: None,
+            dir: config_dir(config),
+        };
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(seed)
+            .arg(d.state_dir())
+            .status()
+            .expect("run cp");
+        assert!(copied.success(), "cp -a {} failed", seed.display());
+        d.spawn_with(args, env);
+        d
+    }
+
     /// Starts the daemon process on this state directory (its log and stdout are appended
     /// to the files of earlier runs) and waits until it accepts connections.
     fn spawn(&mut self, args: &[&str]) {
+        self.spawn_with(args, &[]);
+    }
+
+    /// [`Daemon::spawn`] with `env` added to the daemon's environment.
+    fn spawn_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        let started = self.log().matches(LISTENING).count();
         let append = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -206,13 +215,14 @@ impl Daemon {
             .arg(self.dir.path().join("nixbuild.toml"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(append("daemon.out"))
             .stderr(append("daemon.log"))
             .spawn()
             .expect("spawn nixbuild-server");
         self.child = Some(Process(child));
-        self.wait_ready();
+        self.wait_ready(started);
     }
 
     /// Stops the daemon with SIGTERM (checking that it exits cleanly) and starts it again on
@@ -224,15 +234,32 @@ impl Daemon {
         self
     }
 
-    fn wait_ready(&mut self) {
+    /// Kills the daemon with SIGKILL (`kill -9`) and reaps it.
+    pub fn kill(&mut self) {
+        let mut process = self.child.take().expect("running");
+        process.0.kill().expect("kill -9 the daemon");
+        process.0.wait().expect("reap the daemon");
+    }
+
+    /// Starts the daemon again on its state directory after [`Daemon::kill`] or
+    /// [`Daemon::wait_exit`], with `args`
+    /// and the environment of the test (no `env` of an earlier start).
+    pub fn start_again(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn(args);
+    }
+
+    /// Waits until the daemon just started says it listens: its log has more than
+    /// `started` lines saying so.
+    fn wait_ready(&mut self, started: usize) {
         // Start-up is quick; the bound only turns a hang into a failure with the log.
         let until = Instant::now() + Duration::from_secs(60);
-        let sock = self.state_dir().join("serve.sock");
         loop {
-            // The daemon renames the socket into place once it listens (after the SSH
-            // listener, when there is one). Not probed with a connection: that would leave a
-            // short-lived session behind in the daemon.
-            if sock.exists() {
+            // The daemon logs this once the socket is in place (after the SSH listener,
+            // when there is one). Neither probed with a connection, which would leave a
+            // short-lived session behind in the daemon, nor told by the socket's existence:
+            // a daemon killed with SIGKILL leaves its socket behind.
+            if self.log().matches(LISTENING).count() > started {
                 return;
             }
             let child = self.child.as_mut().expect("running");
@@ -288,8 +315,9 @@ impl Daemon {
         assert!(killed.success());
     }
 
-    /// Waits for the daemon to exit and checks that it exited successfully.
-    fn wait_exit(&mut self) {
+    /// Waits for the daemon to exit and checks that it exited successfully; it may then be
+    /// started again with [`Daemon::start_again`].
+    pub fn wait_exit(&mut self) {
         let mut process = self.child.take().expect("running");
         let status = process.0.wait().expect("wait for the daemon");
         assert!(
@@ -324,7 +352,7 @@ impl Daemon {
     }
 
     /// Starts the relay as `account` with its stdio piped.
-    fn spawn_relay(&self, account: &str, write: bool) -> Child {
+    pub fn spawn_relay(&self, account: &str, write: bool) -> Child {
         let mut cmd = Command::new(example_bin("nixbuild-serve"));
         cmd.arg("--serve");
         if write {
@@ -424,9 +452,28 @@ impl Daemon {
     }
 }
 
+/// A temporary directory holding `nixbuild.toml` made of `config` and this test process's
+/// build uids.
+fn config_dir(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Daemons of tests running at once get distinct build uids (tests check that no
+    // process of their builds is left).
+    let uids = format!(
+        "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
+        build_uid_base()
+    );
+    let config = if config.contains("[builds]\n") {
+        config.replacen("[builds]\n", &uids, 1)
+    } else {
+        format!("{config}\n{uids}")
+    };
+    std::fs::write(dir.path().join("nixbuild.toml"), config).expect("write the configuration");
+    dir
+}
+
 /// The entries of `<state>/objects` that no row of the database names, read without
 /// changing anything.
-fn orphan_objects(state: &Path) -> Vec<String> {
+pub fn orphan_objects(state: &Path) -> Vec<String> {
     let db = rusqlite::Connection::open_with_flags(
         state.join("db.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -454,6 +501,11 @@ pub struct Stopped {
 }
 
 impl Stopped {
+    /// The state directory the daemon left.
+    pub fn state_dir(&self) -> PathBuf {
+        self._dir.path().join("state")
+    }
+
     /// Whether `path` is valid for `account`.
     pub fn valid(&self, account: &str, path: &StorePath) -> bool {
         let set = BTreeSet::from([path.clone()]);
@@ -573,7 +625,7 @@ impl Reply {
 }
 
 /// Whether `stdout` holds the server hello and complete responses to `ops`.
-fn complete(stdout: &[u8], ops: &[Opcode]) -> bool {
+pub fn complete(stdout: &[u8], ops: &[Opcode]) -> bool {
     let Ok(Some((_, mut pos))) = ServerHello::decode(stdout) else {
         return false;
     };
@@ -632,4 +684,102 @@ pub fn wire_u64(n: u64) -> Vec<u8> {
     let mut out = Vec::new();
     out.put_u64_le(n);
     out
+}
+
+/// Waits (at most 30 s) until nothing of the daemon's builds is left: no process runs as one
+/// of its build uids, `<state>/builds/` is empty, and no build cgroup is left under the
+/// daemon's cgroups (`nixbuild-<hash of the state directory>` in every hierarchy).
+pub fn assert_no_build_left(d: &Daemon) {
+    let state = d.state_dir();
+    let cgroup = nixbuild::build::cgroup_name(&state);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let processes = build_processes();
+        let builds: Vec<_> = std::fs::read_dir(state.join("builds"))
+            .expect("read builds/")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        let cgroups = build_cgroups(&cgroup);
+        if processes.is_empty() && builds.is_empty() && cgroups.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "left by builds: processes {processes:?}, directories {builds:?}, cgroups \
+             {cgroups:?}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `/proc/<pid>/status` of every process running as one of this test process's build
+/// uids.
+pub fn build_processes() -> Vec<String> {
+    let uids = build_uid_base()..build_uid_base() + BUILD_UIDS;
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let uid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            uids.contains(&uid).then_some(status)
+        })
+        .collect()
+}
+
+/// The cgroup directories below any directory named `name` in every cgroup hierarchy
+/// mounted here (a daemon's build cgroups live below its `nixbuild-<hash>`).
+fn build_cgroups(name: &str) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    let roots: BTreeSet<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let mount_point = left.split(' ').nth(4)?;
+            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .collect();
+    let mut found = Vec::new();
+    for root in roots {
+        // Depth-first, bounded: the daemon's cgroup sits a few levels down (its own cgroup).
+        let mut stack = vec![(root, 0)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let path = entry.path();
+                if entry.file_name().to_string_lossy() == name {
+                    found.extend(
+                        std::fs::read_dir(&path)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Result::ok)
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .map(|e| e.path()),
+                    );
+                } else if depth < 8 {
+                    stack.push((path, depth + 1));
+                }
+            }
+        }
+    }
+    found
 }

@@ -440,11 +440,17 @@ fn pump(master: OwnedFd, child: &ChildProcess) -> Result<bool, ExecError> {
             }
         }
     };
+    // The log pipe is watched too: when its reader (the daemon) is gone, even a silent
+    // build must not outlive it.
+    let log_pipe = std::io::stdout();
     loop {
-        let (exited, readable) = {
+        let (exited, reader_gone, readable) = {
             let mut fds = vec![PollFd::new(&child.pidfd, PollFlags::IN)];
             if master_open {
                 fds.push(PollFd::new(&master, PollFlags::IN));
+            }
+            if stdout_open {
+                fds.push(PollFd::new(&log_pipe, PollFlags::empty()));
             }
             match poll(&mut fds, None) {
                 Ok(_) | Err(Errno::INTR) => {}
@@ -452,9 +458,18 @@ fn pump(master: OwnedFd, child: &ChildProcess) -> Result<bool, ExecError> {
             }
             (
                 fds[0].revents().contains(PollFlags::IN),
-                fds.get(1).is_some_and(|f| !f.revents().is_empty()),
+                stdout_open
+                    && fds[fds.len() - 1]
+                        .revents()
+                        .intersects(PollFlags::ERR | PollFlags::HUP),
+                master_open && !fds[1].revents().is_empty(),
             )
         };
+        if reader_gone {
+            eprintln!("nixbuild-sandbox: nobody reads the build log any more; killing the build");
+            stdout_open = false;
+            child.kill();
+        }
         if readable {
             match rustix::io::read(&master, &mut buf) {
                 Ok(0) | Err(Errno::IO) => master_open = false,
