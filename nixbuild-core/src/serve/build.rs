@@ -43,10 +43,10 @@ impl BuildOptions {
         }
         if v >= ProtocolVersion::V2_3 {
             o.nr_repeats = r.int("nrRepeats")?;
-            o.enforce_determinism = r.int("enforceDeterminism")? != 0;
+            o.enforce_determinism = r.bool("enforceDeterminism")?;
         }
         if v >= ProtocolVersion::V2_7 {
-            o.keep_failed = r.int("keepFailed")? != 0;
+            o.keep_failed = r.bool("keepFailed")?;
         }
         Ok(o)
     }
