@@ -815,6 +815,16 @@ fn cases() -> Vec<Case> {
         ));
     }
     c.extend(truncations());
+    // More of the generated rows over SSH too.
+    const ALSO_OVER_SSH: [&str; 4] = [
+        "DumpStorePath: store-dir",
+        "BuildDerivation cut mid-way",
+        "ImportPaths cut in its NAR",
+        "output name with a space",
+    ];
+    for case in &mut c {
+        case.ssh |= ALSO_OVER_SSH.contains(&case.name.as_str());
+    }
     c
 }
 
@@ -1119,7 +1129,7 @@ fn hostile_sessions_over_ssh() {
     let config_good = server.ssh_config("abuse-good", &key_good);
     let mut bystander = SshSession::open(&config_good, "abuse-good");
     let cases: Vec<Case> = cases().into_iter().filter(|c| c.ssh).collect();
-    assert!(cases.len() >= 8, "only {} cases over SSH", cases.len());
+    assert_eq!(cases.len(), 12, "cases over SSH");
     for case in &cases {
         let Expect::Error(needle) = &case.expect else {
             panic!("{}: only error cases run over SSH", case.name);

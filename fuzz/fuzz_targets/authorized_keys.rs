@@ -3,11 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixbuild_ssh::authorized_keys::{parse_line, AuthorizedKeys, KeyTypes};
+use nixbuild_ssh::authorized_keys::{parse_line, AuthorizedKeys, KeyTypes, SUPPORTED_KEY_TYPES};
 
 fuzz_target!(|data: &[u8]| {
-    let types = KeyTypes::from_names(&["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256"])
-        .expect("supported key types");
+    let types = KeyTypes::from_names(SUPPORTED_KEY_TYPES).expect("supported key types");
     let keys = AuthorizedKeys::parse(data, &types);
     for line in data.split(|b| *b == b'\n') {
         if let Ok(Some(k)) = parse_line(line) {

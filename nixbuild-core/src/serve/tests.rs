@@ -397,7 +397,7 @@ fn build_derivation_output_names_are_checked() {
             Ok(Some(_)) => assert!(ok, "{name:?} accepted"),
             Err(ServeError::DerivationOutput { offset, source, .. }) => {
                 assert!(!ok, "{name:?} refused: {source}");
-                assert_eq!(offset, 72);
+                assert_eq!(offset, 80);
                 assert!(matches!(
                     source,
                     crate::derivation::DerivationError::OutputName { .. }
