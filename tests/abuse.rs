@@ -317,11 +317,14 @@ fn nixe() -> W {
     W::new().u(0x4558_494e)
 }
 
+/// An output as BuildDerivation sends it: name, path, hashAlgo, hash.
+type RawOutput<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8]);
+
 /// A BuildDerivation whose fields are given raw: outputs `(name, path, algo, hash)`,
 /// inputSrcs, and the six option words.
 fn raw_build(
     drv_path: &[u8],
-    outputs: &[(&[u8], &[u8], &[u8], &[u8])],
+    outputs: &[RawOutput<'_>],
     inputs: &[&[u8]],
     options: [u64; 6],
 ) -> Vec<u8> {
@@ -737,7 +740,7 @@ fn cases() -> Vec<Case> {
         let b = bad.clone();
         c.push(fails(
             format!("AddToStoreNar reference: {what}"),
-            format!("references at offset"),
+            format!("references at offset 152: {needle}"),
             Box::new(move |c| {
                 let nar = file_nar(b"x");
                 W::new()
@@ -778,7 +781,7 @@ fn cases() -> Vec<Case> {
         let b = bad.clone();
         c.push(fails(
             format!("BuildDerivation inputSrcs: {what}"),
-            format!("inputSrcs at offset"),
+            format!("inputSrcs at offset 88: {needle}"),
             Box::new(move |c| {
                 raw_build(
                     c.fresh("x.drv").to_absolute().as_bytes(),
