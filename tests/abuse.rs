@@ -917,6 +917,14 @@ fn truncations() -> Vec<Case> {
     let mut out = Vec::new();
     for (op, full) in requests {
         let full = std::sync::Arc::new(full);
+        // The error names the request: "in a QueryValidPaths request", "in an ExportPaths ...".
+        let name = op.split(' ').next().unwrap_or(op);
+        let article = if name.starts_with(['A', 'E', 'I']) {
+            "an"
+        } else {
+            "a"
+        };
+        let request = format!("{article} {name}");
         // After the opcode, inside a u64 or a string, and one byte short.
         for (at, cut) in [
             ("after the opcode", Cut::At(8)),
@@ -926,7 +934,7 @@ fn truncations() -> Vec<Case> {
             let full = full.clone();
             out.push(fails(
                 format!("{op} cut {at}"),
-                "unexpected end of input in a request",
+                format!("unexpected end of input in {request} request"),
                 Box::new(move |c| cut.apply(full(c))),
             ));
         }
