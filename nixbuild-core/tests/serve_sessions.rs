@@ -490,7 +490,7 @@ fn unknown_commands_and_cut_off_input_are_errors() {
     assert!(h.send(W::default().u(1).u(0)).is_empty());
     assert_eq!(
         h.session.end_of_input(&h.input),
-        Err(ServeError::UnexpectedEof("in a request"))
+        Err(ServeError::UnexpectedEof("in a QueryValidPaths request"))
     );
 
     let mut h = Harness::new(true);

@@ -412,6 +412,57 @@ impl Daemon {
         }
     }
 
+    /// Starts the relay as `account` for a session the test drives step by step.
+    pub fn open(&self, account: &str, write: bool) -> RelaySession {
+        let mut child = self.spawn_relay(account, write);
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        RelaySession {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        }
+    }
+
+    /// What the store holds now: every row of the database and every file of `objects/`,
+    /// with `tmp/` (imports in progress). Read while the daemon runs (WAL allows it).
+    pub fn snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot::of(&self.state_dir())
+    }
+
+    /// Waits until no import is left in `tmp/`, then checks that the store equals `before`
+    /// (a failed session's temporary files go when its task ends, just after its client
+    /// saw the error).
+    pub fn assert_unchanged(&self, before: &StoreSnapshot, case: &str) {
+        // Removal takes milliseconds; the bound only turns a leak into a failure.
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut now = self.snapshot();
+        while !now.tmp.is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+            now = self.snapshot();
+        }
+        assert!(
+            now.tmp.is_empty(),
+            "{case}: imports left in tmp/: {:?}",
+            now.tmp
+        );
+        let diff = |a: &[String], b: &[String]| -> (Vec<String>, Vec<String>) {
+            let gone = a.iter().filter(|x| !b.contains(x)).cloned().collect();
+            let new = b.iter().filter(|x| !a.contains(x)).cloned().collect();
+            (gone, new)
+        };
+        let (gone, new) = diff(&before.rows, &now.rows);
+        assert!(
+            gone.is_empty() && new.is_empty(),
+            "{case}: database rows changed; gone: {gone:#?}, new: {new:#?}"
+        );
+        let (gone, new) = diff(&before.objects, &now.objects);
+        assert!(
+            gone.is_empty() && new.is_empty(),
+            "{case}: objects/ changed; gone: {gone:#?}, new: {new:#?}"
+        );
+    }
+
     /// Stops the daemon with SIGTERM and checks that it exited cleanly, left no import in
     /// progress behind, and that re-hashing every object matches the recorded hashes.
     /// Returns the store (opened read-only in spirit: the tests only query it) and the log.
@@ -488,6 +539,143 @@ pub fn orphan_objects(state: &Path) -> Vec<String> {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .filter(|name| !keys.contains(name))
         .collect()
+}
+
+/// The contents of a state directory's store, for before/after comparisons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSnapshot {
+    /// Every row of every table, as `table: values`, sorted.
+    pub rows: Vec<String>,
+    /// Every file, directory and symlink under `objects/`: relative path, kind, size or
+    /// target; sorted.
+    pub objects: Vec<String>,
+    /// The entries of `tmp/`.
+    pub tmp: Vec<String>,
+}
+
+impl StoreSnapshot {
+    /// Reads the snapshot of the state directory `state` without changing anything.
+    pub fn of(state: &Path) -> StoreSnapshot {
+        let db = rusqlite::Connection::open_with_flags(
+            state.join("db.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the database read-only");
+        let tables: Vec<String> = db
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .and_then(|mut st| st.query_map([], |row| row.get(0))?.collect())
+            .expect("list the tables");
+        let mut rows = Vec::new();
+        for table in tables {
+            let mut st = db
+                .prepare(&format!("SELECT * FROM \"{table}\""))
+                .expect("select a table");
+            let columns = st.column_count();
+            let mut q = st.query([]).expect("query a table");
+            while let Some(row) = q.next().expect("read a row") {
+                let values: Vec<String> = (0..columns)
+                    .map(|i| match row.get_ref(i).expect("column") {
+                        rusqlite::types::ValueRef::Text(t) => {
+                            format!("{:?}", String::from_utf8_lossy(t))
+                        }
+                        other => format!("{other:?}"),
+                    })
+                    .collect();
+                rows.push(format!("{table}: {}", values.join(", ")));
+            }
+        }
+        rows.sort();
+        let mut objects = Vec::new();
+        list_tree(&state.join("objects"), Path::new(""), &mut objects);
+        objects.sort();
+        let mut tmp: Vec<String> = std::fs::read_dir(state.join("tmp"))
+            .expect("read tmp/")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        tmp.sort();
+        StoreSnapshot { rows, objects, tmp }
+    }
+}
+
+/// Appends one line per node under `dir` (named relative to it as `rel`), depth first.
+fn list_tree(dir: &Path, rel: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).expect("read a directory of objects/") {
+        let entry = entry.expect("entry");
+        let name = rel.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(entry.path()).expect("lstat");
+        if meta.is_dir() {
+            out.push(format!("{} dir", name.display()));
+            list_tree(&entry.path(), &name, out);
+        } else if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(entry.path()).expect("readlink");
+            out.push(format!("{} -> {}", name.display(), target.display()));
+        } else {
+            out.push(format!("{} file {}", name.display(), meta.len()));
+        }
+    }
+}
+
+/// A relayed session driven step by step (see [`Daemon::open`]).
+pub struct RelaySession {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::process::ChildStdout,
+}
+
+impl RelaySession {
+    /// Sends `bytes` (a write error means the daemon ended the session: ignored, the
+    /// reads and the final status tell).
+    pub fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stdin.as_mut().expect("open").write_all(bytes);
+    }
+
+    /// Reads exactly `n` bytes of the session's stdout.
+    pub fn read(&mut self, n: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut buf = vec![0u8; n];
+        self.stdout
+            .read_exact(&mut buf)
+            .expect("read the session's answer");
+        buf
+    }
+
+    /// Reads one NAR from stdout (as the client of DumpStorePath does, by parsing it).
+    pub fn read_nar(&mut self) -> Vec<u8> {
+        use std::io::Read;
+        let mut reader = nixbuild_core::nar::NarReader::new();
+        let mut nar = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reader.is_complete() {
+            self.stdout.read_exact(&mut byte).expect("read a NAR byte");
+            nar.push(byte[0]);
+            let mut pos = 0;
+            // Feed until the reader has taken the byte and given every event it completes.
+            loop {
+                match reader.feed(&byte[pos..]).expect("a valid NAR") {
+                    (_, None) => break,
+                    (n, Some(_)) => pos += n,
+                }
+            }
+        }
+        nar
+    }
+
+    /// Closes stdin and waits: the relay's exit status, the rest of stdout, and stderr.
+    pub fn finish(mut self) -> Reply {
+        use std::io::Read;
+        drop(self.stdin.take());
+        let mut rest = Vec::new();
+        let _ = self.stdout.read_to_end(&mut rest);
+        let out = self
+            .child
+            .wait_with_output()
+            .expect("wait for nixbuild-serve");
+        Reply {
+            status: out.status.code().unwrap_or(-1),
+            stdout: rest,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 /// A stopped daemon's store and log.

@@ -55,6 +55,15 @@ pub enum DerivationError {
     /// An output's `hash` is invalid (it must be lowercase base16, as Nix writes it).
     #[error("invalid hash in derivation output: {0}")]
     OutputHash(#[source] HashError),
+    /// An output name that cannot be part of a store path name (Nix puts it in the output
+    /// path's name and in `drv!out` strings).
+    #[error("invalid output name {name:?}: {source}")]
+    OutputName {
+        /// The name, lossily decoded.
+        name: String,
+        /// Why it is not a store path name.
+        source: StorePathError,
+    },
     /// An output's (path, hashAlgo, hash) triple fits none of the kinds of spec §5.1.
     #[error("derivation output ({path:?}, {hash_algo:?}, {hash:?}) is of no known kind")]
     OutputFields {
@@ -100,6 +109,15 @@ pub enum DerivationError {
 /// A field as text for an error message.
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// Checks an output name: it must be a valid store path name (`[0-9A-Za-z+-._?=]`, not
+/// empty, not reserved), since it becomes part of the output path's name.
+pub fn validate_output_name(name: &[u8]) -> Result<String, DerivationError> {
+    crate::store_path::validate_name(name).map_err(|source| DerivationError::OutputName {
+        name: lossy(name),
+        source,
+    })
 }
 
 impl DerivationOutput {

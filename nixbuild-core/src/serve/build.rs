@@ -43,10 +43,10 @@ impl BuildOptions {
         }
         if v >= ProtocolVersion::V2_3 {
             o.nr_repeats = r.int("nrRepeats")?;
-            o.enforce_determinism = r.int("enforceDeterminism")? != 0;
+            o.enforce_determinism = r.bool("enforceDeterminism")?;
         }
         if v >= ProtocolVersion::V2_7 {
-            o.keep_failed = r.int("keepFailed")? != 0;
+            o.keep_failed = r.bool("keepFailed")?;
         }
         Ok(o)
     }
@@ -595,13 +595,24 @@ mod tests {
     }
 
     #[test]
-    fn options_int_fields_reject_2_pow_32_and_read_nonzero_as_true() {
+    fn options_int_fields_reject_2_pow_32_and_bools_reject_2() {
         let mut b = Vec::new();
-        for n in [0u64, 0, 0, 0, 2, 7] {
+        for n in [0u64, 0, 0, 0, 1, 1] {
             b.put_wire_u64(n);
         }
         let o = BuildOptions::read(&mut Reader::new(&b), ProtocolVersion::V2_7).unwrap();
         assert!(o.enforce_determinism && o.keep_failed);
+        b[40..48].copy_from_slice(&7u64.to_le_bytes());
+        assert!(matches!(
+            BuildOptions::read(&mut Reader::new(&b), ProtocolVersion::V2_7),
+            Err(wire::Stop::Invalid(ServeError::Wire(
+                wire::WireError::BadBool {
+                    field: "keepFailed",
+                    value: 7,
+                    ..
+                }
+            )))
+        ));
         b[..8].copy_from_slice(&(1u64 << 32).to_le_bytes());
         assert!(matches!(
             BuildOptions::read(&mut Reader::new(&b), ProtocolVersion::V2_7),

@@ -6,7 +6,7 @@ use bytes::BufMut;
 
 use super::fields::store_path_set;
 use super::{ReadResult, ServeError};
-use crate::derivation::{BasicDerivation, DerivationOutput};
+use crate::derivation::{validate_output_name, BasicDerivation, DerivationOutput};
 use crate::wire::{self, BufMutExt, Reader};
 
 /// Reads a BasicDerivation: outputs, inputSrcs, platform, builder, args, env.
@@ -18,7 +18,13 @@ pub fn read_basic_derivation(
     let n = r.count("outputs", limits.max_list_len)?;
     let mut outputs = BTreeMap::new();
     for _ in 0..n {
-        let name = r.str("output name", short)?.to_owned();
+        let name_offset = r.position();
+        let name = r.bytes("output name", short)?;
+        let name = validate_output_name(name).map_err(|source| ServeError::DerivationOutput {
+            output: String::from_utf8_lossy(name).into_owned(),
+            offset: name_offset,
+            source,
+        })?;
         let offset = r.position();
         let path = r.bytes("output path", short)?;
         let algo = r.bytes("output hashAlgo", short)?;

@@ -60,7 +60,7 @@ pub struct ExportTrailer {
     /// Its deriver, if any.
     pub deriver: Option<StorePath>,
     /// A legacy signature (flag 1 and a string; upstream ignores it), kept so that the
-    /// trailer re-encodes byte for byte. Any other flag value means none, as upstream.
+    /// trailer re-encodes byte for byte.
     pub legacy_signature: Option<Vec<u8>>,
 }
 
@@ -80,8 +80,9 @@ impl ExportTrailer {
         let path = store_path(r, "export path", limits)?;
         let references = store_path_set(r, "export references", limits)?;
         let deriver = opt_store_path(r, "export deriver", limits)?;
-        // Upstream reads the flag with readInt and takes only 1 to mean "a string follows".
-        let legacy_signature = if r.int("export signature flag")? == 1 {
+        // Upstream reads the flag with readInt and takes only 1 to mean "a string follows";
+        // Nix writes 0, and like every boolean here anything but 0 or 1 is refused.
+        let legacy_signature = if r.bool("export signature flag")? {
             Some(r.bytes("export signature", limits.max_string_len)?.to_vec())
         } else {
             None

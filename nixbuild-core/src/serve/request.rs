@@ -316,8 +316,8 @@ impl Request {
         let w = &limits.wire;
         Ok(match op {
             Opcode::QueryValidPaths => Request::QueryValidPaths {
-                lock: r.int("lock")? != 0,
-                substitute: r.int("substitute")? != 0,
+                lock: r.bool("lock")?,
+                substitute: r.bool("substitute")?,
                 paths: store_path_set(r, "paths", w)?,
             },
             Opcode::QueryPathInfos => Request::QueryPathInfos {
@@ -345,7 +345,7 @@ impl Request {
                 }
             }
             Opcode::QueryClosure => Request::QueryClosure {
-                include_outputs: r.int("includeOutputs")? != 0,
+                include_outputs: r.bool("includeOutputs")?,
                 paths: store_path_set(r, "paths", w)?,
             },
             Opcode::BuildDerivation => Request::BuildDerivation {

@@ -94,6 +94,26 @@ pub struct ServerSession {
     framer: Framer,
 }
 
+/// Where the input ended, for a request cut short: named after its opcode when that much
+/// arrived, so that the client's error says which request was incomplete.
+fn cut_request(leftover: &[u8]) -> &'static str {
+    let op = leftover
+        .first_chunk::<8>()
+        .and_then(|b| Opcode::from_wire(u64::from_le_bytes(*b)).ok());
+    match op {
+        None => "in a request",
+        Some(Opcode::QueryValidPaths) => "in a QueryValidPaths request",
+        Some(Opcode::QueryPathInfos) => "in a QueryPathInfos request",
+        Some(Opcode::DumpStorePath) => "in a DumpStorePath request",
+        Some(Opcode::ImportPaths) => "in an ImportPaths request",
+        Some(Opcode::ExportPaths) => "in an ExportPaths request",
+        Some(Opcode::BuildPaths) => "in a BuildPaths request",
+        Some(Opcode::QueryClosure) => "in a QueryClosure request",
+        Some(Opcode::BuildDerivation) => "in a BuildDerivation request",
+        Some(Opcode::AddToStoreNar) => "in an AddToStoreNar request",
+    }
+}
+
 impl ServerSession {
     /// A session before the handshake. `write_allowed` is `--write`.
     pub fn new(write_allowed: bool, limits: Limits) -> Self {
@@ -284,7 +304,7 @@ impl ServerSession {
             }
             State::Failed(e) => return Err(e.clone()),
             State::Magic | State::Version => "in the handshake",
-            State::Idle | State::AwaitingResponse(_) | State::Streaming => "in a request",
+            State::Idle | State::AwaitingResponse(_) | State::Streaming => cut_request(leftover),
             State::NarBody { .. } | State::ImportNar(_) => "in a NAR",
             State::ImportMarker | State::ImportTrailer => "in an export stream",
         };

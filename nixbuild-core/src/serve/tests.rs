@@ -325,6 +325,89 @@ fn bool_fields_reject_2() {
     ));
 }
 
+/// A request's boolean fields refuse anything but 0 and 1, naming the field and offset (the
+/// abuse suite, tests/abuse.rs, sends each of them over real connections).
+#[test]
+fn request_bool_fields_reject_2() {
+    let opts = |at: usize| {
+        let mut o = vec![0u64; 6];
+        o[at] = 2;
+        o
+    };
+    let cases: Vec<(Vec<u64>, Vec<u8>, &str, usize)> = vec![
+        (vec![1, 2, 0, 0], vec![], "lock", 8),
+        (vec![1, 0, 2, 0], vec![], "substitute", 16),
+        (vec![7, 2, 0], vec![], "includeOutputs", 8),
+        (
+            [vec![6, 0], opts(4)].concat(),
+            vec![],
+            "enforceDeterminism",
+            48,
+        ),
+        ([vec![6, 0], opts(5)].concat(), vec![], "keepFailed", 56),
+    ];
+    for (words, rest, field, offset) in cases {
+        let mut b = Vec::new();
+        for w in words {
+            b.put_wire_u64(w);
+        }
+        b.extend_from_slice(&rest);
+        let e = Request::decode(&b, V, &Limits::default()).unwrap_err();
+        assert_eq!(
+            e,
+            ServeError::Wire(crate::wire::WireError::BadBool {
+                field,
+                offset,
+                value: 2
+            }),
+            "{field}"
+        );
+    }
+}
+
+/// BuildDerivation output names must be store path name characters: they end up in output
+/// path names and in `drv!out` strings.
+#[test]
+fn build_derivation_output_names_are_checked() {
+    for (name, ok) in [
+        (&b"out"[..], true),
+        (b"dev-2_x.y+z?=", true),
+        (b"", false),
+        (b"a b", false),
+        (b"out!x", false),
+        (b"a,b", false),
+        (b"..", false),
+        (b"\xff", false),
+    ] {
+        let mut b = Vec::new();
+        b.put_wire_u64(8);
+        b.put_wire_bytes(b"/nix/store/ffffffffffffffffffffffffffffffff-x.drv");
+        b.put_wire_u64(1);
+        b.put_wire_bytes(name);
+        b.put_wire_bytes(foo().to_absolute().as_bytes());
+        b.put_wire_bytes(b"");
+        b.put_wire_bytes(b"");
+        b.put_wire_u64(0);
+        b.put_wire_bytes(b"x86_64-linux");
+        b.put_wire_bytes(b"/bin/sh");
+        b.put_wire_u64(0);
+        b.put_wire_u64(0);
+        b.extend_from_slice(&[0; 48]);
+        match Request::decode(&b, V, &Limits::default()) {
+            Ok(Some(_)) => assert!(ok, "{name:?} accepted"),
+            Err(ServeError::DerivationOutput { offset, source, .. }) => {
+                assert!(!ok, "{name:?} refused: {source}");
+                assert_eq!(offset, 80);
+                assert!(matches!(
+                    source,
+                    crate::derivation::DerivationError::OutputName { .. }
+                ));
+            }
+            other => panic!("{name:?}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn built_outputs_2_8_form_has_full_paths_and_no_hash() {
     let r = BuildResult {
@@ -413,6 +496,19 @@ fn export_trailer_and_markers() {
             offset: 0,
             ..
         })
+    ));
+    // The legacy signature flag is a boolean too.
+    let mut flagged = b.clone();
+    flagged[0] = b'N';
+    let at = flagged.len() - 8;
+    flagged[at] = 2;
+    assert!(matches!(
+        ExportTrailer::decode(&flagged, &crate::wire::Limits::default()),
+        Err(ServeError::Wire(crate::wire::WireError::BadBool {
+            field: "export signature flag",
+            value: 2,
+            ..
+        }))
     ));
     assert_eq!(
         ExportMarker::read(&mut Reader::new(&2u64.to_le_bytes())),
