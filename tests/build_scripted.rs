@@ -705,7 +705,7 @@ fn a_build_filling_the_disk_is_stopped_at_the_reserve_and_nothing_stored_is_dama
         "not enough disk space",
     ]);
     // Its directory and processes are gone, and with them the space.
-    assert_no_build_processes(&s.daemon);
+    harness::assert_no_build_left(&s.daemon);
     assert!(s.daemon.tmpfs().free() > RESERVE + (32 << 20));
     // The server goes on building.
     let (p2, d2) = s.derivation("after-fill", "echo fine > $out");
@@ -738,7 +738,7 @@ fn a_build_using_up_the_inodes_is_stopped_at_the_inode_reserve() {
             && msg.contains("its build directory held "),
         "{msg}"
     );
-    assert_no_build_processes(&s.daemon);
+    harness::assert_no_build_left(&s.daemon);
     assert!(s.daemon.tmpfs().free_inodes() > 65_536 + 10_000);
     let stopped = s.daemon.stop();
     assert!(!stopped.valid("a", &output_of(&d)));
@@ -854,7 +854,7 @@ fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
     );
     s.daemon
         .wait_for_log(&["stopping a build that keeps forking at its process limit"]);
-    assert_no_build_processes(&s.daemon);
+    harness::assert_no_build_left(&s.daemon);
 
     // A bomb that gives up by itself (the shell exits when a fork fails) fails with the limit
     // named too.
@@ -870,7 +870,7 @@ fn a_fork_bomb_ends_at_its_process_limit_while_the_server_answers() {
             && msg.contains("forks refused; pids_per_build in [capacity]"),
         "{msg}"
     );
-    assert_no_build_processes(&s.daemon);
+    harness::assert_no_build_left(&s.daemon);
     let base = pids_base(&s.daemon.state_dir());
     assert!(base.is_dir(), "{}", base.display());
     let stopped = s.daemon.stop();
