@@ -412,7 +412,7 @@ async fn connection(
         }
         Ok(Admitted {
             header,
-            input,
+            input: (input, stdin_pipe),
             output: (stdout, pipe),
             slot: _slot,
         }) => {
@@ -422,6 +422,9 @@ async fn connection(
             let mut out = RelayOutput::new(stdout, stream);
             if let Some(pipe) = pipe {
                 out = out.with_pipe(pipe);
+            }
+            if let Some(pipe) = stdin_pipe {
+                out = out.with_stdin_pipe(pipe);
             }
             let status = match session::serve(&store, &builds, &settings, input, &mut out).await {
                 Ok(()) => {
@@ -451,7 +454,7 @@ pub type ClientWriter = Pin<Box<dyn AsyncWrite + Send + Sync>>;
 /// (held for the session's life).
 struct Admitted {
     header: RelayHeader,
-    input: ClientReader,
+    input: (ClientReader, Option<OwnedFd>),
     output: (ClientWriter, Option<OwnedFd>),
     slot: AccountSlot,
 }
@@ -575,14 +578,16 @@ fn enlarge_pipe(fd: &OwnedFd) {
     }
 }
 
-/// The client's stdin: a pipe or a socket.
-fn client_reader(fd: OwnedFd) -> io::Result<ClientReader> {
+/// The client's stdin (a pipe or a socket), and for a pipe a second descriptor of it, for
+/// reading uploads from a blocking task.
+fn client_reader(fd: OwnedFd) -> io::Result<(ClientReader, Option<OwnedFd>)> {
     match kind(&fd)? {
         FileType::Fifo => {
             enlarge_pipe(&fd);
-            Ok(Box::pin(pipe::Receiver::from_owned_fd(fd)?))
+            let dup = fd.try_clone()?;
+            Ok((Box::pin(pipe::Receiver::from_owned_fd(fd)?), Some(dup)))
         }
-        FileType::Socket => Ok(Box::pin(socket(fd)?)),
+        FileType::Socket => Ok((Box::pin(socket(fd)?), None)),
         other => Err(not_a_pipe(other)),
     }
 }
@@ -646,6 +651,8 @@ pub struct RelayOutput<S, W> {
     stdout: BufWriter<S>,
     /// The client's stdout again, when it is a pipe.
     pipe: Option<OwnedFd>,
+    /// The client's stdin again, when it is a pipe.
+    stdin_pipe: Option<OwnedFd>,
     frames: RelayFrames<W>,
 }
 
@@ -655,6 +662,7 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> RelayOutput<S, 
         RelayOutput {
             stdout: BufWriter::with_capacity(64 * 1024, stdout),
             pipe: None,
+            stdin_pipe: None,
             frames: RelayFrames::new(relay),
         }
     }
@@ -663,6 +671,13 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> RelayOutput<S, 
     /// NAR exports may then write to directly from their blocking task.
     pub fn with_pipe(mut self, pipe: OwnedFd) -> Self {
         self.pipe = Some(pipe);
+        self
+    }
+
+    /// Tells the session that the client's stdin is the pipe `pipe` (another descriptor of
+    /// it), which uploads may then read directly from their blocking task.
+    pub fn with_stdin_pipe(mut self, pipe: OwnedFd) -> Self {
+        self.stdin_pipe = Some(pipe);
         self
     }
 
@@ -693,6 +708,10 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> SessionOutput
 
     fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
         self.pipe.as_ref().map(|fd| fd.as_fd())
+    }
+
+    fn stdin_pipe(&self) -> Option<BorrowedFd<'_>> {
+        self.stdin_pipe.as_ref().map(|fd| fd.as_fd())
     }
 }
 

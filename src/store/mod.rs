@@ -198,6 +198,15 @@ impl Store {
         })
     }
 
+    /// Whether the store lock is free at this moment, so that a short query would not wait
+    /// for another session's commit (a hint: the lock may be taken right after).
+    pub fn is_idle(&self) -> bool {
+        matches!(
+            self.inner.db.try_lock(),
+            Ok(_) | Err(std::sync::TryLockError::Poisoned(_))
+        )
+    }
+
     /// The limits this store was opened with.
     pub fn limits(&self) -> StoreLimits {
         self.inner.limits
