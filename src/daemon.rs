@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -38,6 +38,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 
 use crate::build::{BuildError, BuildService};
+use crate::client_pipe::{PipeLoan, SharedPipe};
 use crate::config::Config;
 use crate::session::{self, SessionOutput, SessionSettings};
 use crate::store::{Store, StoreError, StoreLimits};
@@ -454,8 +455,8 @@ pub type ClientWriter = Pin<Box<dyn AsyncWrite + Send + Sync>>;
 /// (held for the session's life).
 struct Admitted {
     header: RelayHeader,
-    input: (ClientReader, Option<OwnedFd>),
-    output: (ClientWriter, Option<OwnedFd>),
+    input: (ClientReader, Option<SharedPipe<pipe::Receiver>>),
+    output: (ClientWriter, Option<SharedPipe<pipe::Sender>>),
     slot: AccountSlot,
 }
 
@@ -578,28 +579,28 @@ fn enlarge_pipe(fd: &OwnedFd) {
     }
 }
 
-/// The client's stdin (a pipe or a socket), and for a pipe a second descriptor of it, for
-/// reading uploads from a blocking task.
-fn client_reader(fd: OwnedFd) -> io::Result<(ClientReader, Option<OwnedFd>)> {
+/// The client's stdin (a pipe or a socket), and for a pipe another handle to it, to lend it
+/// to blocking tasks that read uploads.
+fn client_reader(fd: OwnedFd) -> io::Result<(ClientReader, Option<SharedPipe<pipe::Receiver>>)> {
     match kind(&fd)? {
         FileType::Fifo => {
             enlarge_pipe(&fd);
-            let dup = fd.try_clone()?;
-            Ok((Box::pin(pipe::Receiver::from_owned_fd(fd)?), Some(dup)))
+            let shared = SharedPipe::new(pipe::Receiver::from_owned_fd(fd)?);
+            Ok((Box::pin(shared.handle()), Some(shared)))
         }
         FileType::Socket => Ok((Box::pin(socket(fd)?), None)),
         other => Err(not_a_pipe(other)),
     }
 }
 
-/// The client's stdout (a pipe or a socket), and for a pipe a second descriptor of it, for
-/// moving file contents into it with `splice`.
-fn client_writer(fd: OwnedFd) -> io::Result<(ClientWriter, Option<OwnedFd>)> {
+/// The client's stdout (a pipe or a socket), and for a pipe another handle to it, to lend
+/// it to blocking tasks that move file contents into it with `splice`.
+fn client_writer(fd: OwnedFd) -> io::Result<(ClientWriter, Option<SharedPipe<pipe::Sender>>)> {
     match kind(&fd)? {
         FileType::Fifo => {
             enlarge_pipe(&fd);
-            let dup = fd.try_clone()?;
-            Ok((Box::pin(pipe::Sender::from_owned_fd(fd)?), Some(dup)))
+            let shared = SharedPipe::new(pipe::Sender::from_owned_fd(fd)?);
+            Ok((Box::pin(shared.handle()), Some(shared)))
         }
         FileType::Socket => Ok((Box::pin(socket(fd)?), None)),
         other => Err(not_a_pipe(other)),
@@ -650,9 +651,9 @@ impl<W: AsyncWrite + Unpin + Send> RelayFrames<W> {
 pub struct RelayOutput<S, W> {
     stdout: BufWriter<S>,
     /// The client's stdout again, when it is a pipe.
-    pipe: Option<OwnedFd>,
+    pipe: Option<SharedPipe<pipe::Sender>>,
     /// The client's stdin again, when it is a pipe.
-    stdin_pipe: Option<OwnedFd>,
+    stdin_pipe: Option<SharedPipe<pipe::Receiver>>,
     frames: RelayFrames<W>,
 }
 
@@ -667,16 +668,16 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> RelayOutput<S, 
         }
     }
 
-    /// Tells the session that `stdout` is the pipe `pipe` (another descriptor of it), which
-    /// NAR exports may then write to directly from their blocking task.
-    pub fn with_pipe(mut self, pipe: OwnedFd) -> Self {
+    /// Tells the session that `stdout` is the pipe `pipe` (another handle to it), which NAR
+    /// exports may then write to directly from their blocking task.
+    pub fn with_pipe(mut self, pipe: SharedPipe<pipe::Sender>) -> Self {
         self.pipe = Some(pipe);
         self
     }
 
-    /// Tells the session that the client's stdin is the pipe `pipe` (another descriptor of
-    /// it), which uploads may then read directly from their blocking task.
-    pub fn with_stdin_pipe(mut self, pipe: OwnedFd) -> Self {
+    /// Tells the session that the client's stdin is the pipe `pipe` (another handle to it),
+    /// which uploads may then read directly from their blocking task.
+    pub fn with_stdin_pipe(mut self, pipe: SharedPipe<pipe::Receiver>) -> Self {
         self.stdin_pipe = Some(pipe);
         self
     }
@@ -706,12 +707,16 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> SessionOutput
         self.stdout.flush().await
     }
 
-    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.pipe.as_ref().map(|fd| fd.as_fd())
+    fn stdout_is_pipe(&self) -> bool {
+        self.pipe.is_some()
     }
 
-    fn stdin_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.stdin_pipe.as_ref().map(|fd| fd.as_fd())
+    fn lend_stdout(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.pipe.as_ref().map(SharedPipe::lend)
+    }
+
+    fn lend_stdin(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.stdin_pipe.as_ref().map(SharedPipe::lend)
     }
 }
 

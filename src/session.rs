@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::build::{BuildJob, BuildService, Outcome, WaitEvent};
+use crate::client_pipe::PipeLoan;
 use crate::config::Config;
 use crate::nar_fs::NarSink;
 use crate::store::{Import, PathClaim, Store, StoreError};
@@ -184,14 +185,20 @@ pub trait SessionOutput: Send {
     fn stderr(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     /// Pushes everything written so far to the client.
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-    /// The client's stdout when it is a pipe that NAR data may be written to directly (after
-    /// a flush, while nothing else is written). By default, none.
-    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
+    /// Whether the client's stdout is a pipe that [`SessionOutput::lend_stdout`] lends.
+    fn stdout_is_pipe(&self) -> bool {
+        false
+    }
+    /// Lends the client's stdout pipe to a blocking task that writes NAR data to it
+    /// directly (after a flush; nothing else is written until the loan is dropped). `None`
+    /// when it is not a pipe (the default).
+    fn lend_stdout(&mut self) -> Option<io::Result<PipeLoan>> {
         None
     }
-    /// The client's stdin when it is a pipe that an upload's NAR may be read from directly
-    /// (by a blocking task, while the session reads nothing). By default, none.
-    fn stdin_pipe(&self) -> Option<BorrowedFd<'_>> {
+    /// Lends the client's stdin pipe to a blocking task that reads an upload's NAR from it
+    /// directly (the session reads nothing until the loan is dropped). `None` when it is not
+    /// a pipe (the default).
+    fn lend_stdin(&mut self) -> Option<io::Result<PipeLoan>> {
         None
     }
 }
@@ -343,12 +350,16 @@ impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
         Self::within(self.limit, self.inner.flush()).await
     }
 
-    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.stdout_pipe()
+    fn stdout_is_pipe(&self) -> bool {
+        self.inner.stdout_is_pipe()
     }
 
-    fn stdin_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.stdin_pipe()
+    fn lend_stdout(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.inner.lend_stdout()
+    }
+
+    fn lend_stdin(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.inner.lend_stdin()
     }
 }
 
@@ -378,8 +389,8 @@ struct Driver<'a, O> {
     /// AddToStoreNar: the header whose NAR is being received.
     pending_add: Option<Box<AddToStoreNar>>,
     /// AddToStoreNar just decoded, whose NAR is read straight from the client's stdin pipe
-    /// before the next event.
-    pipe_upload: Option<Box<AddToStoreNar>>,
+    /// (lent for it) before the next event.
+    pipe_upload: Option<(Box<AddToStoreNar>, PipeLoan)>,
     /// ImportPaths: the entry whose NAR is complete and whose trailer comes next.
     received: Option<Import>,
     /// ImportPaths: entries received so far in the current stream.
@@ -404,8 +415,8 @@ impl<O: SessionOutput> Driver<'_, O> {
                 if let Some(pending) = self.pending_build.take() {
                     self.run_build(pending, &mut input, &mut buf).await?;
                 }
-                if let Some(header) = self.pipe_upload.take() {
-                    self.upload_from_pipe(*header, &mut buf).await?;
+                if let Some((header, stdin)) = self.pipe_upload.take() {
+                    self.upload_from_pipe(*header, stdin, &mut buf).await?;
                 }
             }
             // What is left is the start of one request or trailer the session waits to
@@ -529,13 +540,14 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Ok(self.out.flush().await?)
             }
             Request::ExportPaths { paths, .. } => self.export_paths(paths).await,
-            Request::AddToStoreNar(header) if self.out.stdin_pipe().is_some() => {
-                self.pipe_upload = Some(header);
-                Ok(())
-            }
             Request::AddToStoreNar(header) => {
-                self.start_upload(header.ca);
-                self.pending_add = Some(header);
+                match self.out.lend_stdin() {
+                    Some(stdin) => self.pipe_upload = Some((header, stdin?)),
+                    None => {
+                        self.start_upload(header.ca);
+                        self.pending_add = Some(header);
+                    }
+                }
                 Ok(())
             }
             Request::ImportPaths => Ok(()),
@@ -813,6 +825,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     async fn upload_from_pipe(
         &mut self,
         h: AddToStoreNar,
+        stdin: PipeLoan,
         buf: &mut BytesMut,
     ) -> Result<(), SessionError> {
         let size = h.nar_size;
@@ -821,10 +834,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         if self.uploaded > max {
             return Err(SessionError::UploadLimit { max });
         }
-        let Some(pipe) = self.out.stdin_pipe() else {
-            return Err(ServeError::Misuse("a pipe upload without a pipe").into());
-        };
-        let source = PipeSource::new(pipe.try_clone_to_owned()?, self.settings.idle_timeout);
+        let source = PipeSource::new(stdin.fd()?, self.settings.idle_timeout);
         let head_len = usize::try_from(size).map_or(buf.len(), |s| s.min(buf.len()));
         let head = buf.split_to(head_len).freeze();
         let store = self.store.clone();
@@ -836,6 +846,8 @@ impl<O: SessionOutput> Driver<'_, O> {
             receive_from_pipe(&store, &account, claim, head, source, &pool)
         });
         task.await??;
+        // The session reads the client through tokio again.
+        drop(stdin);
         self.session.nar_body_taken(size)?;
         tracing::info!(account = %self.settings.account, path = %path, "registered import");
         Ok(self.session.respond(&Response::Added)?)
@@ -873,12 +885,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         let store = self.store.clone();
         let account = self.settings.account.clone();
         let what = format!("sending {path}");
-        let store_error = |source| SessionError::Store {
-            what,
-            source: Box::new(source),
-        };
-        if let Some(pipe) = self.out.stdout_pipe() {
-            let fd = pipe.try_clone_to_owned()?;
+        if self.out.stdout_is_pipe() {
             // What the session holds (ExportPaths' entry header) goes out first; the empty
             // send checks that a stream is in progress.
             self.session.send_stream(&[])?;
@@ -887,11 +894,18 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.out.stdout(queued).await?;
             }
             self.out.flush().await?;
-            let mut sink = PipeSink::new(fd, self.settings.write_timeout);
+            let stdout = match self.out.lend_stdout() {
+                Some(loan) => loan?,
+                None => return Err(ServeError::Misuse("a pipe that cannot be lent").into()),
+            };
+            let mut sink = PipeSink::new(stdout.fd()?, self.settings.write_timeout);
             let task = tokio::task::spawn_blocking(move || {
                 store.export_nar_to(&account, &path, &mut sink)
             });
-            return task.await?.map(drop).map_err(store_error);
+            let result = task.await?.map(drop).map_err(store_error(&what));
+            // The session writes to the client through tokio again.
+            drop(stdout);
+            return result;
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let pool = self.pool.clone();
@@ -919,7 +933,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.out.stdout(chunk.clone()).await?;
             self.pool.give(chunk);
         }
-        task.await?.map_err(store_error)
+        task.await?.map_err(store_error(&what))
     }
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
