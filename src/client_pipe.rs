@@ -182,7 +182,10 @@ mod tests {
 
         let loan = reader.lend().unwrap();
         let mut buf = [0u8; 3];
-        assert!(r.read_exact(&mut buf).await.is_err(), "the lent stream fails");
+        assert!(
+            r.read_exact(&mut buf).await.is_err(),
+            "the lent stream fails"
+        );
         rustix::io::read(loan.fd().unwrap(), &mut buf).unwrap();
         assert_eq!(&buf, b"one");
         drop(loan);

@@ -1615,7 +1615,10 @@ mod tests {
         assert!(left.is_empty());
         let claim = claim_for(&nar);
         let info = store.query_path_info("a", &claim.path).unwrap().unwrap();
-        assert_eq!((info.nar_hash, info.nar_size), (claim.nar_hash, nar.len() as u64));
+        assert_eq!(
+            (info.nar_hash, info.nar_size),
+            (claim.nar_hash, nar.len() as u64)
+        );
         let problems = store.verify().unwrap();
         assert!(problems.is_empty(), "{problems:?}");
     }
@@ -1630,14 +1633,19 @@ mod tests {
         });
         let err = result.unwrap_err();
         assert!(
-            matches!(err, SessionError::Protocol(ServeError::UnexpectedEof("in a NAR"))),
+            matches!(
+                err,
+                SessionError::Protocol(ServeError::UnexpectedEof("in a NAR"))
+            ),
             "{err}"
         );
         let claim = claim_for(&nar);
         assert_eq!(store.query_path_info("a", &claim.path).unwrap(), None);
         let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
         assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
-        let objects: Vec<_> = std::fs::read_dir(dir.path().join("objects")).unwrap().collect();
+        let objects: Vec<_> = std::fs::read_dir(dir.path().join("objects"))
+            .unwrap()
+            .collect();
         assert!(objects.is_empty(), "objects left: {objects:?}");
     }
 

@@ -648,7 +648,11 @@ fn a_nar_body_the_driver_reads_itself_ends_the_upload() {
         panic!("expected the request")
     };
     assert_eq!(h.session.nar_body_remaining(), Some(nar.len() as u64));
-    assert_eq!(&h.input[..], &nar[..10], "the NAR's start is left in the input");
+    assert_eq!(
+        &h.input[..],
+        &nar[..10],
+        "the NAR's start is left in the input"
+    );
     // The driver takes it, and reads the rest from the client itself.
     h.input.clear();
     // Taking more or less than what remains is refused, leaving the state as it was.
@@ -657,7 +661,8 @@ fn a_nar_body_the_driver_reads_itself_ends_the_upload() {
     h.session.nar_body_taken(nar.len() as u64).unwrap();
     assert_eq!(h.session.nar_body_remaining(), None);
     // No NarEnd: the session awaits the response at once, and nothing is read meanwhile.
-    h.input.extend_from_slice(&W::default().u(1).u(0).u(0).u(0).0);
+    h.input
+        .extend_from_slice(&W::default().u(1).u(0).u(0).u(0).0);
     assert_eq!(h.session.poll(&mut h.input).unwrap(), None);
     assert_eq!(h.respond(Response::Added), W::default().u(1).0);
     // Then the next request.
