@@ -1,4 +1,4 @@
-//! One import: a NAR unpacked into `<state>/tmp/<unique>/root` as it arrives, then checked
+//! One import: a NAR unpacked into `<state>/tmp/<unique>` (its root node) as it arrives, then checked
 //! against the client's claim and published under `objects/<key>`.
 
 use std::collections::BTreeSet;
@@ -53,7 +53,9 @@ pub struct PathClaim {
 pub struct Import {
     store: Store,
     account: String,
-    /// `tmp/<unique>`; `None` once the import failed and was cleaned up.
+    /// `tmp/<unique>`, where the root node goes (no directory is made for it: the unique
+    /// name is reserved by the counter, and `tmp/` is emptied at open); `None` once the
+    /// import failed and was cleaned up.
     dir: Option<PathBuf>,
     validator: NarValidator,
     unpacker: Unpacker,
@@ -76,7 +78,7 @@ enum CaHasher {
 
 impl Import {
     pub(super) fn new(store: Store, account: &str, dir: PathBuf) -> Import {
-        let unpacker = Unpacker::new(dir.join("root"));
+        let unpacker = Unpacker::new(dir.clone());
         Import {
             store,
             account: account.to_owned(),
@@ -171,8 +173,8 @@ impl Import {
         let summary = validator.finish()?;
         self.check_claim(&claim, &summary)?;
         self.check_ca(&claim, &summary)?;
-        self.publish(&claim, &summary, &dir.join("root"))
-        // Drop removes tmp/<unique>, now empty or holding a duplicate copy, outside the lock.
+        self.publish(&claim, &summary, &dir)
+        // Drop removes tmp/<unique> if it is still there (a duplicate copy), outside the lock.
     }
 
     fn check_claim(&self, claim: &PathClaim, summary: &NarSummary) -> Result<(), StoreError> {
