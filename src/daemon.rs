@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -38,6 +38,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 
 use crate::build::{BuildError, BuildService};
+use crate::client_pipe::{PipeLoan, SharedPipe};
 use crate::config::Config;
 use crate::session::{self, SessionOutput, SessionSettings};
 use crate::store::{Store, StoreError, StoreLimits};
@@ -428,7 +429,7 @@ async fn connection(
         }
         Ok(Admitted {
             header,
-            input,
+            input: (input, stdin_pipe),
             output: (stdout, pipe),
             slot: _slot,
         }) => {
@@ -438,6 +439,9 @@ async fn connection(
             let mut out = RelayOutput::new(stdout, stream);
             if let Some(pipe) = pipe {
                 out = out.with_pipe(pipe);
+            }
+            if let Some(pipe) = stdin_pipe {
+                out = out.with_stdin_pipe(pipe);
             }
             let status = match session::serve(&store, &builds, &settings, input, &mut out).await {
                 Ok(()) => {
@@ -467,8 +471,8 @@ pub type ClientWriter = Pin<Box<dyn AsyncWrite + Send + Sync>>;
 /// (held for the session's life).
 struct Admitted {
     header: RelayHeader,
-    input: ClientReader,
-    output: (ClientWriter, Option<OwnedFd>),
+    input: (ClientReader, Option<SharedPipe<pipe::Receiver>>),
+    output: (ClientWriter, Option<SharedPipe<pipe::Sender>>),
     slot: AccountSlot,
 }
 
@@ -591,26 +595,28 @@ fn enlarge_pipe(fd: &OwnedFd) {
     }
 }
 
-/// The client's stdin: a pipe or a socket.
-fn client_reader(fd: OwnedFd) -> io::Result<ClientReader> {
+/// The client's stdin (a pipe or a socket), and for a pipe another handle to it, to lend it
+/// to blocking tasks that read uploads.
+fn client_reader(fd: OwnedFd) -> io::Result<(ClientReader, Option<SharedPipe<pipe::Receiver>>)> {
     match kind(&fd)? {
         FileType::Fifo => {
             enlarge_pipe(&fd);
-            Ok(Box::pin(pipe::Receiver::from_owned_fd(fd)?))
+            let shared = SharedPipe::new(pipe::Receiver::from_owned_fd(fd)?);
+            Ok((Box::pin(shared.handle()), Some(shared)))
         }
-        FileType::Socket => Ok(Box::pin(socket(fd)?)),
+        FileType::Socket => Ok((Box::pin(socket(fd)?), None)),
         other => Err(not_a_pipe(other)),
     }
 }
 
-/// The client's stdout (a pipe or a socket), and for a pipe a second descriptor of it, for
-/// moving file contents into it with `splice`.
-fn client_writer(fd: OwnedFd) -> io::Result<(ClientWriter, Option<OwnedFd>)> {
+/// The client's stdout (a pipe or a socket), and for a pipe another handle to it, to lend
+/// it to blocking tasks that move file contents into it with `splice`.
+fn client_writer(fd: OwnedFd) -> io::Result<(ClientWriter, Option<SharedPipe<pipe::Sender>>)> {
     match kind(&fd)? {
         FileType::Fifo => {
             enlarge_pipe(&fd);
-            let dup = fd.try_clone()?;
-            Ok((Box::pin(pipe::Sender::from_owned_fd(fd)?), Some(dup)))
+            let shared = SharedPipe::new(pipe::Sender::from_owned_fd(fd)?);
+            Ok((Box::pin(shared.handle()), Some(shared)))
         }
         FileType::Socket => Ok((Box::pin(socket(fd)?), None)),
         other => Err(not_a_pipe(other)),
@@ -661,7 +667,9 @@ impl<W: AsyncWrite + Unpin + Send> RelayFrames<W> {
 pub struct RelayOutput<S, W> {
     stdout: BufWriter<S>,
     /// The client's stdout again, when it is a pipe.
-    pipe: Option<OwnedFd>,
+    pipe: Option<SharedPipe<pipe::Sender>>,
+    /// The client's stdin again, when it is a pipe.
+    stdin_pipe: Option<SharedPipe<pipe::Receiver>>,
     frames: RelayFrames<W>,
 }
 
@@ -671,14 +679,22 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> RelayOutput<S, 
         RelayOutput {
             stdout: BufWriter::with_capacity(64 * 1024, stdout),
             pipe: None,
+            stdin_pipe: None,
             frames: RelayFrames::new(relay),
         }
     }
 
-    /// Tells the session that `stdout` is the pipe `pipe` (another descriptor of it), which
-    /// NAR exports may then write to directly from their blocking task.
-    pub fn with_pipe(mut self, pipe: OwnedFd) -> Self {
+    /// Tells the session that `stdout` is the pipe `pipe` (another handle to it), which NAR
+    /// exports may then write to directly from their blocking task.
+    pub fn with_pipe(mut self, pipe: SharedPipe<pipe::Sender>) -> Self {
         self.pipe = Some(pipe);
+        self
+    }
+
+    /// Tells the session that the client's stdin is the pipe `pipe` (another handle to it),
+    /// which uploads may then read directly from their blocking task.
+    pub fn with_stdin_pipe(mut self, pipe: SharedPipe<pipe::Receiver>) -> Self {
+        self.stdin_pipe = Some(pipe);
         self
     }
 
@@ -707,8 +723,16 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> SessionOutput
         self.stdout.flush().await
     }
 
-    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.pipe.as_ref().map(|fd| fd.as_fd())
+    fn stdout_is_pipe(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    fn lend_stdout(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.pipe.as_ref().map(SharedPipe::lend)
+    }
+
+    fn lend_stdin(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.stdin_pipe.as_ref().map(SharedPipe::lend)
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::build::{BuildJob, BuildService, Outcome, WaitEvent};
+use crate::client_pipe::PipeLoan;
 use crate::config::Config;
 use crate::failpoint::failpoint_async;
 use crate::nar_fs::NarSink;
@@ -48,6 +49,10 @@ pub const CHUNK: usize = 256 * 1024;
 
 /// How many chunks may wait between the session and a blocking store task.
 const CHANNEL_DEPTH: usize = 4;
+
+/// Queries of at most this many paths run on the session's thread when the store is idle
+/// (see `Driver::query`).
+const INLINE_QUERY_PATHS: usize = 64;
 
 /// Most buffers a [`BufferPool`] keeps: every chunk that can be in flight at once.
 const POOL_SIZE: usize = CHANNEL_DEPTH + 2;
@@ -181,9 +186,20 @@ pub trait SessionOutput: Send {
     fn stderr(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     /// Pushes everything written so far to the client.
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-    /// The client's stdout when it is a pipe that NAR data may be written to directly (after
-    /// a flush, while nothing else is written). By default, none.
-    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
+    /// Whether the client's stdout is a pipe that [`SessionOutput::lend_stdout`] lends.
+    fn stdout_is_pipe(&self) -> bool {
+        false
+    }
+    /// Lends the client's stdout pipe to a blocking task that writes NAR data to it
+    /// directly (after a flush; nothing else is written until the loan is dropped). `None`
+    /// when it is not a pipe (the default).
+    fn lend_stdout(&mut self) -> Option<io::Result<PipeLoan>> {
+        None
+    }
+    /// Lends the client's stdin pipe to a blocking task that reads an upload's NAR from it
+    /// directly (the session reads nothing until the loan is dropped). `None` when it is not
+    /// a pipe (the default).
+    fn lend_stdin(&mut self) -> Option<io::Result<PipeLoan>> {
         None
     }
 }
@@ -213,6 +229,7 @@ where
         out: &mut out,
         upload: None,
         pending_add: None,
+        pipe_upload: None,
         received: None,
         import_entries: 0,
         pool: BufferPool::default(),
@@ -334,8 +351,16 @@ impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
         Self::within(self.limit, self.inner.flush()).await
     }
 
-    fn stdout_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.stdout_pipe()
+    fn stdout_is_pipe(&self) -> bool {
+        self.inner.stdout_is_pipe()
+    }
+
+    fn lend_stdout(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.inner.lend_stdout()
+    }
+
+    fn lend_stdin(&mut self) -> Option<io::Result<PipeLoan>> {
+        self.inner.lend_stdin()
     }
 }
 
@@ -364,6 +389,9 @@ struct Driver<'a, O> {
     upload: Option<Upload>,
     /// AddToStoreNar: the header whose NAR is being received.
     pending_add: Option<Box<AddToStoreNar>>,
+    /// AddToStoreNar just decoded, whose NAR is read straight from the client's stdin pipe
+    /// (lent for it) before the next event.
+    pipe_upload: Option<(Box<AddToStoreNar>, PipeLoan)>,
     /// ImportPaths: the entry whose NAR is complete and whose trailer comes next.
     received: Option<Import>,
     /// ImportPaths: entries received so far in the current stream.
@@ -387,6 +415,9 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.handle(event).await?;
                 if let Some(pending) = self.pending_build.take() {
                     self.run_build(pending, &mut input, &mut buf).await?;
+                }
+                if let Some((header, stdin)) = self.pipe_upload.take() {
+                    self.upload_from_pipe(*header, stdin, &mut buf).await?;
                 }
             }
             // What is left is the start of one request or trailer the session waits to
@@ -474,8 +505,9 @@ impl<O: SessionOutput> Driver<'_, O> {
                 // `lock` and `substitute` need GC roots and substituters, which this server
                 // does not have: nothing it stores is collected, and it substitutes nothing.
                 self.check_count("QueryValidPaths", paths.len())?;
+                let small = paths.len() <= INLINE_QUERY_PATHS;
                 let valid = self
-                    .blocking("querying valid paths", move |s, a| {
+                    .query("querying valid paths", small, move |s, a| {
                         s.query_valid_paths(a, &paths)
                     })
                     .await?;
@@ -483,8 +515,11 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Request::QueryPathInfos { paths } => {
                 self.check_count("QueryPathInfos", paths.len())?;
+                let small = paths.len() <= INLINE_QUERY_PATHS;
                 let infos = self
-                    .blocking("querying path infos", move |s, a| path_infos(s, a, paths))
+                    .query("querying path infos", small, move |s, a| {
+                        path_infos(s, a, paths)
+                    })
                     .await?;
                 Ok(self.session.respond(&Response::PathInfos(infos))?)
             }
@@ -507,8 +542,13 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Request::ExportPaths { paths, .. } => self.export_paths(paths).await,
             Request::AddToStoreNar(header) => {
-                self.start_upload(header.ca);
-                self.pending_add = Some(header);
+                match self.out.lend_stdin() {
+                    Some(stdin) => self.pipe_upload = Some((header, stdin?)),
+                    None => {
+                        self.start_upload(header.ca);
+                        self.pending_add = Some(header);
+                    }
+                }
                 Ok(())
             }
             Request::ImportPaths => Ok(()),
@@ -693,10 +733,23 @@ impl<O: SessionOutput> Driver<'_, O> {
         let account = self.settings.account.clone();
         tokio::task::spawn_blocking(move || f(&store, &account))
             .await?
-            .map_err(|source| SessionError::Store {
-                what: what.to_owned(),
-                source: Box::new(source),
-            })
+            .map_err(store_error(what))
+    }
+
+    /// Runs a store query for this session's account: on the session's own thread when it
+    /// is `small` and the store is idle, since handing a query of a few paths to a blocking
+    /// thread and back (two wake-ups) costs more than the query (a few indexed SQLite reads
+    /// from memory); otherwise in a blocking task. (Nix asks QueryPathInfos for one path at
+    /// a time before each download.)
+    async fn query<T, F>(&self, what: &str, small: bool, f: F) -> Result<T, SessionError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
+    {
+        if small && self.store.is_idle() {
+            return f(self.store, &self.settings.account).map_err(store_error(what));
+        }
+        self.blocking(what, f).await
     }
 
     /// Starts the blocking task that feeds the NAR about to arrive to a new [`Import`];
@@ -761,19 +814,51 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     async fn commit_add(&mut self, h: AddToStoreNar, import: Import) -> Result<(), SessionError> {
-        let claim = PathClaim {
-            path: h.path,
-            deriver: h.deriver,
-            nar_hash: Some(h.nar_hash),
-            nar_size: Some(h.nar_size),
-            references: h.references,
-            registration_time: registration_time(h.registration_time),
-            ca: h.ca,
-            sigs: h.sigs,
-        };
-        self.commit(import, claim).await?;
+        self.commit(import, add_claim(h)).await?;
+        self.acknowledge_add().await
+    }
+
+    /// Tells the client its AddToStoreNar path is registered.
+    async fn acknowledge_add(&mut self) -> Result<(), SessionError> {
         failpoint_async!("import-before-ack");
         Ok(self.session.respond(&Response::Added)?)
+    }
+
+    /// AddToStoreNar when the client's stdin is a pipe: one blocking task takes the NAR's
+    /// start from `buf`, reads the rest (exactly what remains, never a byte more) straight
+    /// from the pipe into a new [`Import`], and commits it. The NAR's bytes then cross no
+    /// channel, and the path costs one hand-over to a blocking thread and back instead of
+    /// one per chunk and another for the commit. The import itself is unchanged: verified
+    /// before it is published, and published before the client hears `Added`.
+    async fn upload_from_pipe(
+        &mut self,
+        h: AddToStoreNar,
+        stdin: PipeLoan,
+        buf: &mut BytesMut,
+    ) -> Result<(), SessionError> {
+        let size = h.nar_size;
+        self.uploaded = self.uploaded.saturating_add(size);
+        let max = self.settings.max_upload_bytes;
+        if self.uploaded > max {
+            return Err(SessionError::UploadLimit { max });
+        }
+        let source = PipeSource::new(stdin.fd()?, self.settings.idle_timeout);
+        let head_len = usize::try_from(size).map_or(buf.len(), |s| s.min(buf.len()));
+        let head = buf.split_to(head_len).freeze();
+        let store = self.store.clone();
+        let account = self.settings.account.clone();
+        let pool = self.pool.clone();
+        let path = h.path.clone();
+        let claim = add_claim(h);
+        let task = tokio::task::spawn_blocking(move || {
+            receive_from_pipe(&store, &account, claim, head, source, &pool)
+        });
+        task.await??;
+        // The session reads the client through tokio again.
+        drop(stdin);
+        self.session.nar_body_taken(size)?;
+        tracing::info!(account = %self.settings.account, path = %path, "registered import");
+        self.acknowledge_add().await
     }
 
     async fn commit_import_entry(&mut self, t: ExportTrailer) -> Result<(), SessionError> {
@@ -808,12 +893,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         let store = self.store.clone();
         let account = self.settings.account.clone();
         let what = format!("sending {path}");
-        let store_error = |source| SessionError::Store {
-            what,
-            source: Box::new(source),
-        };
-        if let Some(pipe) = self.out.stdout_pipe() {
-            let fd = pipe.try_clone_to_owned()?;
+        if self.out.stdout_is_pipe() {
             // What the session holds (ExportPaths' entry header) goes out first; the empty
             // send checks that a stream is in progress.
             self.session.send_stream(&[])?;
@@ -822,11 +902,18 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.out.stdout(queued).await?;
             }
             self.out.flush().await?;
-            let mut sink = PipeSink::new(fd, self.settings.write_timeout);
+            let stdout = match self.out.lend_stdout() {
+                Some(loan) => loan?,
+                None => return Err(ServeError::Misuse("a pipe that cannot be lent").into()),
+            };
+            let mut sink = PipeSink::new(stdout.fd()?, self.settings.write_timeout);
             let task = tokio::task::spawn_blocking(move || {
                 store.export_nar_to(&account, &path, &mut sink)
             });
-            return task.await?.map(drop).map_err(store_error);
+            let result = task.await?.map(drop).map_err(store_error(&what));
+            // The session writes to the client through tokio again.
+            drop(stdout);
+            return result;
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let pool = self.pool.clone();
@@ -854,7 +941,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.out.stdout(chunk.clone()).await?;
             self.pool.give(chunk);
         }
-        task.await?.map_err(store_error)
+        task.await?.map_err(store_error(&what))
     }
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
@@ -893,6 +980,56 @@ impl<O: SessionOutput> Driver<'_, O> {
         self.session.end_stream()?;
         Ok(self.out.flush().await?)
     }
+}
+
+/// A store error met while doing `what`.
+fn store_error(what: &str) -> impl FnOnce(StoreError) -> SessionError + '_ {
+    move |source| SessionError::Store {
+        what: what.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// What an AddToStoreNar request claims about its path.
+fn add_claim(h: AddToStoreNar) -> PathClaim {
+    PathClaim {
+        path: h.path,
+        deriver: h.deriver,
+        nar_hash: Some(h.nar_hash),
+        nar_size: Some(h.nar_size),
+        references: h.references,
+        registration_time: registration_time(h.registration_time),
+        ca: h.ca,
+        sigs: h.sigs,
+    }
+}
+
+/// The blocking half of [`Driver::upload_from_pipe`]: imports `head` and then the rest of
+/// the claimed NAR size from `source`, and commits.
+fn receive_from_pipe(
+    store: &Store,
+    account: &str,
+    claim: PathClaim,
+    head: Bytes,
+    mut source: PipeSource,
+    pool: &BufferPool,
+) -> Result<(), SessionError> {
+    let size = claim.nar_size.unwrap_or(0);
+    let receiving = format!("receiving {}", claim.path);
+    let adding = format!("adding {}", claim.path);
+    let mut import = store
+        .begin_import(account)
+        .map_err(store_error(&receiving))?;
+    if let Some(ca) = &claim.ca {
+        import.expect_ca(ca);
+    }
+    let rest = size.saturating_sub(head.len() as u64);
+    import.write(&head).map_err(store_error(&receiving))?;
+    pool.give(head);
+    source.read_exact(rest, |chunk| {
+        import.write(chunk).map_err(store_error(&receiving))
+    })?;
+    import.commit(claim).map_err(store_error(&adding))
 }
 
 /// The infos of the paths among `paths` that are valid for the account.
@@ -1025,10 +1162,147 @@ impl io::Write for ChunkWriter {
 /// NAR buffer costs less than writing out the buffer first.
 const SPLICE_MIN: u64 = 64 * 1024;
 
-/// Bounds of [`PipeSink`]'s drain pause, and where it starts.
+/// Bounds of the pause of [`PipeSink`] and [`PipeSource`], and where it starts.
 const PAUSE_MIN: Duration = Duration::from_micros(50);
 const PAUSE_MAX: Duration = Duration::from_millis(4);
 const PAUSE_START: Duration = Duration::from_micros(200);
+
+/// How long a blocking task that moves data through the client's pipe lets the client
+/// work before it moves the next batch, instead of waking for each of the client's small
+/// reads or writes (Nix reads and writes 32 KiB at a time). It adapts between
+/// [`PAUSE_MIN`] and [`PAUSE_MAX`]: shorter when the client may have waited for this side,
+/// longer when the client moved less than half a pipe meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pause(Duration);
+
+impl Pause {
+    fn new() -> Self {
+        Pause(PAUSE_START)
+    }
+
+    fn sleep(self) {
+        std::thread::sleep(self.0);
+    }
+
+    /// Adapts the pause to what the client did during the last one.
+    fn adapt(&mut self, client_waited: bool, client_slow: bool) {
+        if client_waited {
+            self.0 = (self.0 / 2).max(PAUSE_MIN);
+        } else if client_slow {
+            self.0 = (self.0 * 2).min(PAUSE_MAX);
+        }
+    }
+}
+
+/// The capacity of the pipe `fd` in bytes (a pipe's default, should the kernel not say).
+fn pipe_capacity(fd: &OwnedFd) -> u64 {
+    rustix::pipe::fcntl_getpipe_size(fd).unwrap_or(64 * 1024) as u64
+}
+
+/// Waits until `fd` is ready for `flags`; `Ok(false)` after `timeout`.
+fn poll_ready(fd: &OwnedFd, flags: PollFlags, timeout: Duration) -> io::Result<bool> {
+    let limit = Timespec::try_from(timeout).map_err(io::Error::other)?;
+    let mut fds = [PollFd::new(fd, flags)];
+    match rustix::event::poll(&mut fds, Some(&limit)) {
+        Ok(0) => Ok(false),
+        Ok(_) | Err(Errno::INTR) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+std::thread_local! {
+    /// The read buffer of [`PipeSource`], kept by each blocking thread for its next upload
+    /// (a fresh one per path would be page-faulted in every time).
+    static SOURCE_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The client's stdin pipe, read by a blocking task for the body of an upload: exactly the
+/// bytes asked for, so what follows the NAR stays in the pipe for the session. The pipe is
+/// non-blocking (tokio's); the client is waited for at most the idle timeout. When the pipe
+/// is empty and more than half a pipe is still to come, the task pauses (see [`Pause`]) so
+/// that one read takes what many of the client's writes put in.
+struct PipeSource {
+    fd: OwnedFd,
+    timeout: Duration,
+    capacity: u64,
+    pause: Pause,
+    /// Size of the reads (the thread's buffer is this long).
+    read_size: usize,
+}
+
+impl PipeSource {
+    fn new(fd: OwnedFd, timeout: Duration) -> Self {
+        PipeSource {
+            capacity: pipe_capacity(&fd),
+            fd,
+            timeout,
+            pause: Pause::new(),
+            read_size: CHUNK,
+        }
+    }
+
+    /// Reads exactly `len` bytes, handing each piece to `sink` as it arrives. The end of
+    /// the client's input before that is [`ServeError::UnexpectedEof`] "in a NAR".
+    fn read_exact(
+        &mut self,
+        len: u64,
+        mut sink: impl FnMut(&[u8]) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        let mut buf = SOURCE_BUF.take();
+        buf.resize(self.read_size, 0);
+        let result = self.read_into(&mut buf, len, &mut sink);
+        SOURCE_BUF.set(buf);
+        result
+    }
+
+    fn read_into(
+        &mut self,
+        buf: &mut [u8],
+        mut left: u64,
+        sink: &mut impl FnMut(&[u8]) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        while left > 0 {
+            // At most the buffer's length, so the cast cannot truncate.
+            let want = left.min(buf.len() as u64) as usize;
+            match rustix::io::read(&self.fd, &mut buf[..want]) {
+                Ok(0) => return Err(ServeError::UnexpectedEof("in a NAR").into()),
+                Ok(n) => {
+                    sink(&buf[..n])?;
+                    left -= n as u64;
+                }
+                // Only a long remainder is worth pausing for; a short one waits for data.
+                Err(Errno::AGAIN) if left > self.capacity / 2 => self.let_fill()?,
+                Err(Errno::AGAIN) => self.wait()?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(SessionError::Io(e.into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the client fill part of the empty pipe, then waits for data as
+    /// [`Self::wait`] does.
+    fn let_fill(&mut self) -> Result<(), SessionError> {
+        self.pause.sleep();
+        self.wait()?;
+        let queued = rustix::io::ioctl_fionread(&self.fd).map_err(io::Error::from)?;
+        self.pause
+            .adapt(queued >= self.capacity, queued < self.capacity / 2);
+        Ok(())
+    }
+
+    /// Waits until the pipe has data (or the client closed it), or fails after the idle
+    /// timeout.
+    fn wait(&self) -> Result<(), SessionError> {
+        if poll_ready(&self.fd, PollFlags::IN, self.timeout)? {
+            return Ok(());
+        }
+        Err(SessionError::Timeout {
+            phase: "to send more",
+            secs: self.timeout.as_secs(),
+        })
+    }
+}
 
 /// The client's stdout pipe as a [`NarSink`] for an export in a blocking task: NAR framing
 /// goes out with plain writes, and large files' contents are spliced from the page cache
@@ -1050,45 +1324,36 @@ struct PipeSink {
     /// The pipe's capacity in bytes.
     capacity: u64,
     /// How long to let the reader drain a full pipe before filling it again.
-    pause: Duration,
+    pause: Pause,
 }
 
 impl PipeSink {
     fn new(fd: OwnedFd, timeout: Duration) -> Self {
-        // A pipe's default capacity, should the kernel not say.
-        let capacity = rustix::pipe::fcntl_getpipe_size(&fd).unwrap_or(64 * 1024);
         PipeSink {
+            capacity: pipe_capacity(&fd),
             fd,
             timeout,
             splice: true,
-            capacity: capacity as u64,
-            pause: PAUSE_START,
+            pause: Pause::new(),
         }
     }
 
     /// Lets the reader drain part of the full pipe (see the type's doc), then waits until
     /// it has room, as [`Self::wait`] does.
     fn let_drain(&mut self) -> io::Result<()> {
-        std::thread::sleep(self.pause);
+        self.pause.sleep();
         self.wait()?;
         let queued = rustix::io::ioctl_fionread(&self.fd)?;
-        if queued == 0 {
-            self.pause = (self.pause / 2).max(PAUSE_MIN);
-        } else if queued > self.capacity / 2 {
-            self.pause = (self.pause * 2).min(PAUSE_MAX);
-        }
+        self.pause.adapt(queued == 0, queued > self.capacity / 2);
         Ok(())
     }
 
     /// Waits until the pipe has room, or fails after the write timeout.
     fn wait(&self) -> io::Result<()> {
-        let timeout = Timespec::try_from(self.timeout).map_err(io::Error::other)?;
-        let mut fds = [PollFd::new(&self.fd, PollFlags::OUT)];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(0) => Err(write_timed_out(self.timeout)),
-            Ok(_) | Err(Errno::INTR) => Ok(()),
-            Err(e) => Err(e.into()),
+        if poll_ready(&self.fd, PollFlags::OUT, self.timeout)? {
+            return Ok(());
         }
+        Err(write_timed_out(self.timeout))
     }
 }
 
@@ -1202,7 +1467,7 @@ mod tests {
         let mut sink = PipeSink::new(write, Duration::from_secs(60));
         // Found empty after the pause: the reader may have waited, so the pause shrinks.
         sink.let_drain().unwrap();
-        assert_eq!(sink.pause, PAUSE_START / 2);
+        assert_eq!(sink.pause.0, PAUSE_START / 2);
         // Found still nearly full after the reader took 4 KiB: the pause grows.
         let chunk = vec![0u8; 4096];
         while rustix::io::write(&sink.fd, &chunk).is_ok() {}
@@ -1212,7 +1477,7 @@ mod tests {
             read
         });
         sink.let_drain().unwrap();
-        assert_eq!(sink.pause, PAUSE_START);
+        assert_eq!(sink.pause.0, PAUSE_START);
         drop(reader.join().unwrap());
     }
 
@@ -1229,6 +1494,210 @@ mod tests {
             }
             other => panic!("expected a timeout, got {other:?}"),
         }
+    }
+
+    /// A NAR holding a directory with two files, and the offset where the first file's
+    /// contents end (they are 1000 bytes of 0xab, found by their pattern).
+    fn two_file_nar() -> (Vec<u8>, usize) {
+        use nixbuild_core::nar::NarNode;
+        let file = |byte: u8, len: usize| NarNode::File {
+            executable: false,
+            contents: vec![byte; len],
+        };
+        let tree = NarNode::Directory(BTreeMap::from([
+            (b"a".to_vec(), file(0xab, 1000)),
+            (b"b".to_vec(), file(0xcd, 300)),
+        ]));
+        let nar = tree.to_nar().unwrap();
+        let start = nar.windows(1000).position(|w| w == [0xab; 1000]).unwrap();
+        (nar, start + 1000)
+    }
+
+    fn claim_for(nar: &[u8]) -> PathClaim {
+        PathClaim {
+            path: StorePath::from_base_name(b"7rjj86a15146cq1d3qy068lml7n8ykzm-upload").unwrap(),
+            deriver: None,
+            nar_hash: Some(nixbuild_core::hash::Hash::compute(
+                nixbuild_core::hash::HashAlgo::Sha256,
+                nar,
+            )),
+            nar_size: Some(nar.len() as u64),
+            references: BTreeSet::new(),
+            registration_time: 1,
+            ca: None,
+            sigs: BTreeSet::new(),
+        }
+    }
+
+    /// Imports `nar` through [`receive_from_pipe`]: its first `head` bytes as the session's
+    /// buffer, the rest (followed by `after`) written to a pipe by `write`, read `read_size`
+    /// bytes at a time. Returns the result and what was left in the pipe.
+    fn upload_through_pipe(
+        store: &Store,
+        nar: &[u8],
+        head: usize,
+        read_size: usize,
+        after: &[u8],
+        write: impl FnOnce(OwnedFd, Vec<u8>) + Send + 'static,
+    ) -> (Result<(), SessionError>, Vec<u8>) {
+        let (read, write_end) = rustix::pipe::pipe().unwrap();
+        rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::NONBLOCK).unwrap();
+        let mut rest = nar[head..].to_vec();
+        rest.extend_from_slice(after);
+        let writer = std::thread::spawn(move || write(write_end, rest));
+        let mut source = PipeSource::new(read.try_clone().unwrap(), Duration::from_secs(60));
+        source.read_size = read_size;
+        let head = Bytes::copy_from_slice(&nar[..head]);
+        let pool = BufferPool::default();
+        let result = receive_from_pipe(store, "a", claim_for(nar), head, source, &pool);
+        writer.join().unwrap();
+        let mut left = Vec::new();
+        rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::empty()).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match rustix::io::read(&read, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left.extend_from_slice(&buf[..n]),
+            }
+        }
+        (result, left)
+    }
+
+    /// Writes all of `data` at once, then closes the pipe.
+    fn write_all_then_close(fd: OwnedFd, data: Vec<u8>) {
+        io::Write::write_all(&mut File::from(fd), &data).unwrap();
+    }
+
+    #[test]
+    fn a_pipe_upload_ending_a_file_on_a_read_boundary_is_registered_and_reads_no_further() {
+        let (nar, contents_end) = two_file_nar();
+        for head in [0, 1, 100, contents_end] {
+            let (_dir, store, _builds) = store_and_builds();
+            // The first read ends exactly where the first file's contents end (when the
+            // head does not already hold them); the padding and the rest come in the next.
+            let read_size = if head < contents_end {
+                contents_end - head
+            } else {
+                64
+            };
+            let (result, left) = upload_through_pipe(
+                &store,
+                &nar,
+                head,
+                read_size,
+                b"NEXT REQUEST",
+                write_all_then_close,
+            );
+            result.unwrap();
+            assert_eq!(left, b"NEXT REQUEST", "head {head}: read past the NAR");
+            let claim = claim_for(&nar);
+            let info = store.query_path_info("a", &claim.path).unwrap().unwrap();
+            assert_eq!(info.nar_hash, claim.nar_hash, "head {head}");
+            let problems = store.verify().unwrap();
+            assert!(problems.is_empty(), "head {head}: {problems:?}");
+        }
+    }
+
+    #[test]
+    fn a_pipe_upload_in_small_late_pieces_pauses_and_arrives_whole() {
+        use nixbuild_core::nar::NarNode;
+        // More than half of a default 64 KiB pipe remains, so the reader pauses on an empty
+        // pipe, and the writer's 4 KiB pieces arrive between and during the pauses.
+        let contents: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let nar = NarNode::File {
+            executable: true,
+            contents,
+        }
+        .to_nar()
+        .unwrap();
+        let (_dir, store, _builds) = store_and_builds();
+        let (result, left) = upload_through_pipe(&store, &nar, 10, CHUNK, b"", |fd, data| {
+            let mut out = File::from(fd);
+            for piece in data.chunks(4096) {
+                io::Write::write_all(&mut out, piece).unwrap();
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        result.unwrap();
+        assert!(left.is_empty());
+        let claim = claim_for(&nar);
+        let info = store.query_path_info("a", &claim.path).unwrap().unwrap();
+        assert_eq!(
+            (info.nar_hash, info.nar_size),
+            (claim.nar_hash, nar.len() as u64)
+        );
+        let problems = store.verify().unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn a_pipe_upload_cut_off_mid_file_registers_nothing_and_leaves_no_files() {
+        let (nar, contents_end) = two_file_nar();
+        let (dir, store, _builds) = store_and_builds();
+        let (result, _) = upload_through_pipe(&store, &nar, 50, 256, b"", move |fd, data| {
+            // The client goes away inside the first file's contents.
+            write_all_then_close(fd, data[..contents_end - 60].to_vec())
+        });
+        let err = result.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SessionError::Protocol(ServeError::UnexpectedEof("in a NAR"))
+            ),
+            "{err}"
+        );
+        let claim = claim_for(&nar);
+        assert_eq!(store.query_path_info("a", &claim.path).unwrap(), None);
+        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
+        let objects: Vec<_> = std::fs::read_dir(dir.path().join("objects"))
+            .unwrap()
+            .collect();
+        assert!(objects.is_empty(), "objects left: {objects:?}");
+    }
+
+    #[test]
+    fn a_pipe_upload_with_other_bytes_than_claimed_is_refused() {
+        let (mut nar, contents_end) = two_file_nar();
+        let claimed = claim_for(&nar);
+        // Same size, one content byte changed: valid NAR, wrong hash.
+        nar[contents_end - 1] = 0;
+        let (_dir, store, _builds) = store_and_builds();
+        let (read, write) = rustix::pipe::pipe().unwrap();
+        rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::NONBLOCK).unwrap();
+        write_all_then_close(write, nar.clone());
+        let source = PipeSource::new(read, Duration::from_secs(60));
+        let result = receive_from_pipe(
+            &store,
+            "a",
+            claimed.clone(),
+            Bytes::new(),
+            source,
+            &BufferPool::default(),
+        );
+        let err = result.unwrap_err();
+        assert!(err.to_string().starts_with("adding "), "{err}");
+        assert!(err.to_string().contains("hash"), "{err}");
+        assert_eq!(store.query_path_info("a", &claimed.path).unwrap(), None);
+    }
+
+    #[test]
+    fn a_pipe_upload_whose_client_stalls_times_out() {
+        let (nar, _) = two_file_nar();
+        let (_dir, store, _builds) = store_and_builds();
+        let (read, _write) = rustix::pipe::pipe().unwrap();
+        rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::NONBLOCK).unwrap();
+        let source = PipeSource::new(read, Duration::from_millis(20));
+        let result = receive_from_pipe(
+            &store,
+            "a",
+            claim_for(&nar),
+            Bytes::new(),
+            source,
+            &BufferPool::default(),
+        );
+        let err = result.unwrap_err();
+        assert!(matches!(err, SessionError::Timeout { .. }), "{err}");
     }
 
     /// A store and build service on a temporary state directory (no build runs in these

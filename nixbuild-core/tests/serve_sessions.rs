@@ -620,3 +620,57 @@ fn a_12_000_path_request_in_100_byte_pieces_decodes_once_complete() {
         })]
     );
 }
+
+#[test]
+fn a_nar_body_the_driver_reads_itself_ends_the_upload() {
+    let mut h = Harness::new(true);
+    h.handshake(0x207);
+    let nar = hello_nar();
+    let nar_hash = Hash::compute(HashAlgo::Sha256, &nar);
+    let header = W::default()
+        .u(9)
+        .s(TINYDIR)
+        .s("")
+        .s(nar_hash.to_base16())
+        .u(0)
+        .u(1795624573)
+        .u(nar.len() as u64)
+        .u(0)
+        .u(0)
+        .s("");
+    // The request and the first 10 bytes of the NAR arrive; the session hands those 10
+    // out as a chunk, as usual, and says what remains.
+    let mut first = header.0;
+    first.extend_from_slice(&nar[..10]);
+    h.input.extend_from_slice(&first);
+    let Some(Event::Request(Request::AddToStoreNar(_))) = h.session.poll(&mut h.input).unwrap()
+    else {
+        panic!("expected the request")
+    };
+    assert_eq!(h.session.nar_body_remaining(), Some(nar.len() as u64));
+    assert_eq!(
+        &h.input[..],
+        &nar[..10],
+        "the NAR's start is left in the input"
+    );
+    // The driver takes it, and reads the rest from the client itself.
+    h.input.clear();
+    // Taking more or less than what remains is refused, leaving the state as it was.
+    assert!(h.session.nar_body_taken(nar.len() as u64 + 1).is_err());
+    assert!(h.session.nar_body_taken(nar.len() as u64 - 1).is_err());
+    h.session.nar_body_taken(nar.len() as u64).unwrap();
+    assert_eq!(h.session.nar_body_remaining(), None);
+    // No NarEnd: the session awaits the response at once, and nothing is read meanwhile.
+    h.input
+        .extend_from_slice(&W::default().u(1).u(0).u(0).u(0).0);
+    assert_eq!(h.session.poll(&mut h.input).unwrap(), None);
+    assert_eq!(h.respond(Response::Added), W::default().u(1).0);
+    // Then the next request.
+    assert!(matches!(
+        h.session.poll(&mut h.input).unwrap(),
+        Some(Event::Request(Request::QueryValidPaths { .. }))
+    ));
+    // Outside a NAR body there is nothing to take.
+    assert_eq!(h.session.nar_body_remaining(), None);
+    assert!(h.session.nar_body_taken(0).is_err());
+}

@@ -1,4 +1,4 @@
-//! One import: a NAR unpacked into `<state>/tmp/<unique>/root` as it arrives, then checked
+//! One import: a NAR unpacked into `<state>/tmp/<unique>` (its root node) as it arrives, then checked
 //! against the client's claim and published under `objects/<key>`.
 
 use std::collections::BTreeSet;
@@ -64,7 +64,9 @@ pub struct PathClaim {
 pub struct Import {
     store: Store,
     account: String,
-    /// `tmp/<unique>`; `None` once the import failed and was cleaned up.
+    /// `tmp/<unique>`, where the root node goes (no directory is made for it: the unique
+    /// name is reserved by the counter, and `tmp/` is emptied at open); `None` once the
+    /// import failed and was cleaned up.
     dir: Option<PathBuf>,
     validator: NarValidator,
     unpacker: Unpacker,
@@ -88,9 +90,10 @@ enum CaHasher {
 }
 
 impl Import {
-    /// An import into `dir`; `headroom` is the space free above the reserve at its start.
+    /// An import whose root node goes at `dir`; `headroom` is the space free above the
+    /// reserve at its start.
     pub(super) fn new(store: Store, account: &str, dir: PathBuf, headroom: u64) -> Import {
-        let unpacker = Unpacker::new(dir.join("root"));
+        let unpacker = Unpacker::new(dir.clone());
         Import {
             store,
             account: account.to_owned(),
@@ -189,8 +192,8 @@ impl Import {
         self.check_claim(&claim, &summary)?;
         self.check_ca(&claim, &summary)?;
         failpoint!("import-hash-verified");
-        self.publish(&claim, &summary, &dir.join("root"))
-        // Drop removes tmp/<unique>, now empty or holding a duplicate copy, outside the lock.
+        self.publish(&claim, &summary, &dir)
+        // Drop removes tmp/<unique> if it is still there (a duplicate copy), outside the lock.
     }
 
     fn check_claim(&self, claim: &PathClaim, summary: &NarSummary) -> Result<(), StoreError> {

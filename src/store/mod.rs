@@ -6,7 +6,7 @@
 //! <state>/db.sqlite       metadata (see the db module for the schema), WAL mode
 //! <state>/objects/<key>   one path's contents (file, directory or symlink), canonical:
 //!                         files 0444/0555, directories 0555, mtime 1
-//! <state>/tmp/<unique>/   imports in progress; emptied by Store::open
+//! <state>/tmp/<unique>    the root of an import in progress; emptied by Store::open
 //! ```
 //!
 //! An object's key is `nix32(sha256("<base name>:<NAR sha256 in base16>"))`: the same path
@@ -198,6 +198,15 @@ impl Store {
         })
     }
 
+    /// Whether the store lock is free at this moment, so that a short query would not wait
+    /// for another session's commit (a hint: the lock may be taken right after).
+    pub fn is_idle(&self) -> bool {
+        matches!(
+            self.inner.db.try_lock(),
+            Ok(_) | Err(std::sync::TryLockError::Poisoned(_))
+        )
+    }
+
     /// The limits this store was opened with.
     pub fn limits(&self) -> StoreLimits {
         self.inner.limits
@@ -381,16 +390,12 @@ impl Store {
     /// otherwise starts an import into a fresh directory under `tmp/`.
     pub fn begin_import(&self, account: &str) -> Result<Import, StoreError> {
         let headroom = self.disk_headroom()?;
-        loop {
-            let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
-            let dir = self.inner.tmp.join(format!("{}-{n}", std::process::id()));
-            match fs::create_dir(&dir) {
-                Ok(()) => return Ok(Import::new(self.clone(), account, dir, headroom)),
-                // Left by an earlier process with the same pid: take the next number.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err("create directory", &dir)(e)),
-            }
-        }
+        // Unique among this store's imports; nothing else is in tmp/, which `open` empties.
+        // The import creates its root node there itself (a file, directory or symlink), so
+        // a path costs no directory of its own to make and remove.
+        let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let root = self.inner.tmp.join(format!("{}-{n}", std::process::id()));
+        Ok(Import::new(self.clone(), account, root, headroom))
     }
 
     /// Refuses ([`StoreError::DiskReserve`], [`StoreError::InodeReserve`]) when free space on

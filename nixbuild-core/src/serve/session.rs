@@ -10,7 +10,8 @@
 //! ```text
 //! start ─ magic ─▶ (server hello queued) ─ version ─▶ Hello ─▶ idle
 //! idle ─ opcode + args ─▶ Request ─▶ awaiting response ─ respond ─▶ idle
-//!   AddToStoreNar:  Request, NarChunk…, NarEnd, then respond(Added)
+//!   AddToStoreNar:  Request, NarChunk…, NarEnd, then respond(Added); or Request, the
+//!                   driver reads the NAR itself, nar_body_taken, then respond(Added)
 //!   ImportPaths:    Request, then per entry NarChunk…, NarEnd, ImportEntry; ImportEnd,
 //!                   then respond(Imported)
 //!   DumpStorePath, ExportPaths: Request, then send_stream…, end_stream
@@ -252,6 +253,30 @@ impl ServerSession {
                 Ok(Some(Event::ImportEntry(t)))
             }
             State::AwaitingResponse(_) | State::Streaming => Ok(None),
+        }
+    }
+
+    /// AddToStoreNar: how many bytes of the NAR are still to come, while its body is being
+    /// received; `None` otherwise.
+    pub fn nar_body_remaining(&self) -> Option<u64> {
+        match self.state {
+            State::NarBody { remaining } => Some(remaining),
+            _ => None,
+        }
+    }
+
+    /// AddToStoreNar: the driver took the rest of the NAR itself, `n` bytes (all that
+    /// remained: those in its input buffer, then the rest straight from the client), and
+    /// the session now awaits the response as after [`Event::NarEnd`].
+    pub fn nar_body_taken(&mut self, n: u64) -> Result<(), ServeError> {
+        match self.state {
+            State::NarBody { remaining } if remaining == n => {
+                self.state = State::AwaitingResponse(Opcode::AddToStoreNar);
+                Ok(())
+            }
+            _ => Err(ServeError::Misuse(
+                "the NAR taken is not what remains of an AddToStoreNar body",
+            )),
         }
     }
 
