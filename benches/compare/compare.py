@@ -26,6 +26,7 @@ import grp
 import hashlib
 import os
 import platform
+import re
 import resource
 import secrets
 import shutil
@@ -678,13 +679,13 @@ class Client:
         lines = [
             "let",
             f'  bb = builtins.path {{ path = {self.busybox_src}; name = "{PREFIX}-busybox"; }};',
-            "  mk = name: script: derivation {",
+            "  mk = name: script: extra: derivation ({",
             f'    name = "{PREFIX}-{salt}-${{name}}";',
             f'    system = "{BUILDER_SYSTEM}";',
             '    builder = "${bb}/bin/sh";',
             '    args = [ "-c" script ];',
             '    PATH = "${bb}/bin";',
-            "  };",
+            "  } // extra);",
         ]
         attrs = []
         for k in range(workload.clients):
@@ -696,10 +697,13 @@ class Client:
                     prev = f"d{k}_{i - 1}"
                     script = f"{{ echo {first}; echo ${{{prev}}}; head -n 1 ${{{prev}}}; }} > $out"
                 elif workload.shape == "big":
-                    script = f"{{ echo {first}; {big_builder(workload.size_mib)}; }} > $out"
+                    # The second output holds the builder's own CPU times (the shell's
+                    # `times`), so that the server's share can be told from the builder's.
+                    script = f"{{ echo {first}; {big_builder(workload.size_mib)}; }} > $out; times > $cpu"
                 else:
                     script = f"echo {first} > $out"
-                lines.append(f'  d{k}_{i} = mk "{name}" "{script}";')
+                extra = '{ outputs = [ "out" "cpu" ]; }' if workload.shape == "big" else "{ }"
+                lines.append(f'  d{k}_{i} = mk "{name}" "{script}" {extra};')
                 names.append(f"d{k}_{i}")
             attrs.append(f"  c{k} = [ {' '.join(names)} ];")
         lines += ["in {"] + attrs + ["}"]
@@ -717,9 +721,12 @@ class Client:
         outs = capture(
             ["nix-store", "-q", "--outputs"] + drvs, self.env, self.log, "nix-store -q --outputs"
         )
-        if len(outs) != total:
-            raise BenchError(f"{len(outs)} outputs for {total} derivations")
         self.owned.update(outs)
+        # The big build's `cpu` outputs (named `<name>-cpu`), in the order of their drvs.
+        cpu_outs = [o for o in outs if workload.shape == "big" and o.endswith("-cpu")]
+        outs = [o for o in outs if o not in cpu_outs]
+        if len(outs) != total or (workload.shape == "big" and len(cpu_outs) != total):
+            raise BenchError(f"{len(outs)} outputs for {total} derivations")
         clients = []
         for k in range(workload.clients):
             builds = []
@@ -730,7 +737,7 @@ class Client:
                     text += f"{outs[n - 1]}\n{PREFIX} {salt} c{k}-{i - 1}\n"
                 if workload.shape == "big":
                     nar_hash = big_output_nar_hash(text.encode(), workload.size_mib * MIB)
-                    builds.append(Build(drvs[n], outs[n], None, nar_hash))
+                    builds.append(Build(drvs[n], outs[n], None, nar_hash, cpu_outs[n]))
                 else:
                     builds.append(Build(drvs[n], outs[n], text))
             clients.append(builds)
@@ -742,10 +749,13 @@ class Client:
         return ["nix-build", "--max-jobs", "0", "--no-out-link", "--builders", builders] + drvs
 
     def check_built(self, builds, printed, what):
-        """The outputs nix-build printed are the expected ones, valid, with the expected bytes."""
+        """The outputs nix-build printed are the expected ones, valid, with the expected bytes.
+        Returns the CPU seconds the big builds' builders reported (0 without big builds)."""
         want = [b.out for b in builds]
         if sorted(printed) != sorted(want):
             raise BenchError(f"{what}: nix-build printed {len(printed)} paths, not the {len(want)} outputs")
+        # nix-build prints the `out` outputs; the big builds' `cpu` outputs came back too.
+        want += [b.cpu_out for b in builds if b.cpu_out]
         capture(["nix-store", "--check-validity"] + want, self.env, self.log, f"{what}: validity")
         big = [b for b in builds if b.nar_hash is not None]
         if big:
@@ -766,11 +776,22 @@ class Client:
                 got = f.read()
             if got != b.text:
                 raise BenchError(f"{what}: {b.out} holds {got!r} instead of {b.text!r}")
+        return sum(builder_times(b.cpu_out) for b in builds if b.cpu_out)
 
     def forget(self, paths):
         """Deletes a run's derivations and outputs from the client store (not measured)."""
         self.delete(paths, "deleting the run's derivations and outputs")
         self.owned.difference_update(paths)
+
+
+def builder_times(path):
+    """Seconds in a shell's `times` output (user and system, of the shell and its children)."""
+    with open(path) as f:
+        text = f.read()
+    found = re.findall(r"(\d+)m([\d.]+)s", text)
+    if len(found) != 4:
+        raise BenchError(f"{path}: not the output of `times`: {text!r}")
+    return sum(int(m) * 60 + float(sec) for m, sec in found)
 
 
 def big_builder(size_mib):
@@ -788,6 +809,7 @@ class Build:
     out: str
     text: str | None
     nar_hash: str | None = None
+    cpu_out: str | None = None  # the big build's second output: the builder's `times`
 
 
 def u64(n):
@@ -1161,7 +1183,8 @@ class SshClient:
     yes`, a known_hosts file per alias, never host key checking off). Nix gets the config
     through `NIX_SSHOPTS=-F <config>`, in the client's environment."""
 
-    def __init__(self, tmp, client):
+    def __init__(self, tmp, client, ciphers=None):
+        self.ciphers = ciphers  # the client's `Ciphers`, or None for OpenSSH's default
         self.dir = os.path.join(tmp, "ssh")
         os.mkdir(self.dir, 0o700)
         self.key = os.path.join(self.dir, "id_ed25519")
@@ -1194,6 +1217,7 @@ class SshClient:
                 f"  UserKnownHostsFile {os.path.join(self.dir, f'known_hosts-{a}')}\n"
                 "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
                 "  BatchMode yes\n  ControlMaster no\n  ControlPath none\n"
+                + (f"  Ciphers {self.ciphers}\n" if self.ciphers else "")
             )
         with open(self.config, "w") as f:
             f.write("".join(blocks))
@@ -1409,6 +1433,7 @@ class BuildSample:
     server_times: list | None  # nixbuild: BuildDerivation -> BuildResult per build, seconds
     client_cpu: float  # seconds, user+sys of the nix-builds and everything they waited for
     ws_peak: int | None  # bytes, highest sampled working set (cgroup memory minus file pages)
+    builder_cpu: float  # seconds the big builds' builders reported (`times`), 0 otherwise
 
 
 @dataclasses.dataclass
@@ -1430,7 +1455,7 @@ class Bench:
         self.nixbuild = Nixbuild(self.tmp, args.bin_dir, self.client) if want_nixbuild else None
         self.ssh_reference = self.ssh_nixbuild = None
         if any(w.transport == "ssh" for w in args.workloads):
-            ssh = SshClient(self.tmp, self.client)
+            ssh = SshClient(self.tmp, self.client, args.ssh_ciphers)
             self.ssh_reference = SshReference(
                 self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex
             )
@@ -1596,12 +1621,15 @@ class Bench:
             self.active_group = None
         procs = read_stats(stats_dir)  # the daemon's; sessions were not timed
         # Checked after the measurement: every derivation was built, on the server.
+        builder_cpu = 0.0
         for k, (c, out) in enumerate(zip(clients, printed)):
-            self.client.check_built(c, out, f"{side.name}: client {k}")
+            builder_cpu += self.client.check_built(c, out, f"{side.name}: client {k}")
         server_times = side.verify_builds(self.client, builds, rundir)
-        self.client.forget([b.drv for b in builds] + [b.out for b in builds])
+        self.client.forget(
+            [b.drv for b in builds] + [b.out for b in builds] + [b.cpu_out for b in builds if b.cpu_out]
+        )
         return BuildSample(
-            wall, cpu, cg_mem, procs, len(builds), per_build, server_times, client_cpu, ws_peak
+            wall, cpu, cg_mem, procs, len(builds), per_build, server_times, client_cpu, ws_peak, builder_cpu
         )
 
     def measure_connect(self, side, workload):
@@ -1683,18 +1711,14 @@ def wrapper_cpu_ms(cgroups, tmp, n=20):
         group.destroy()
 
 
-def builder_cpu_ms(busybox_src, tmp, workload, n=50):
-    """CPU milliseconds of the builder alone: busybox sh writing the workload's output
-    (a trivial one, or the big one once), outside any sandbox. What both sides' figures
-    include per build besides the server's work."""
+def builder_cpu_ms(busybox_src, tmp, n=50):
+    """CPU milliseconds of the builder alone: busybox sh writing a trivial output, outside
+    any sandbox. What both sides' figures include per build besides the server's work."""
     target = os.path.join(tmp, "builder-probe")
     sh = os.path.join(busybox_src, "bin", "sh")
-    big = workload.shape == "big"
-    n = 1 if big else n
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for i in range(n):
-        body = f"echo {PREFIX} probe {i}" + (f"; {big_builder(workload.size_mib)}" if big else "")
-        subprocess.run([sh, "-c", f"{{ {body}; }} > {target}"], check=True)
+        subprocess.run([sh, "-c", f"echo {PREFIX} probe {i} > {target}"], check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     os.unlink(target)
@@ -1810,11 +1834,12 @@ def throughput_targets(workload, r, n):
     return [
         f"- target throughput >= {workload.throughput_target}x the reference's: "
         + met(tput is not None and tput >= workload.throughput_target)
-        + f" ({fmt_ratio(n['mibs'], r['mibs'])})",
-        "- where the client is the bottleneck (see the client CPU): server CPU per GiB <= 1/3 of "
-        "the reference's: "
+        + f" ({n['mibs']:.0f} vs {r['mibs']:.0f} MiB/s: {fmt_ratio(n['mibs'], r['mibs'])})",
+        "- where the client is the bottleneck (see the client CPU): server CPU per GiB"
+        + (" (the builder's own CPU, as it reported, taken out)" if workload.kind == "build" else "")
+        + " <= 1/3 of the reference's: "
         + met(cpu is not None and cpu <= workload.cpu_target)
-        + f" ({fmt_ratio(n['cpu_gib'], r['cpu_gib'])})",
+        + f" ({n['cpu_gib']:.3f} vs {r['cpu_gib']:.3f} s/GiB: {fmt_ratio(n['cpu_gib'], r['cpu_gib'])})",
     ]
 
 
@@ -1848,9 +1873,12 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
             "server_time": median([t for s in ss for t in s.server_times or []]),
         }
         if workload.shape == "big":
+            # The builder writing the bytes is not the server's work: the CPU it reported
+            # (`times`, in its second output) is taken out of the CPU per GiB.
             size = workload.size_mib * MIB * workload.count * workload.clients
             med[side]["mibs"] = median([size / MIB / s.wall for s in ss])
-            med[side]["cpu_gib"] = median([s.cpu / (size / GIB) for s in ss])
+            med[side]["cpu_gib"] = median([(s.cpu - s.builder_cpu) / (size / GIB) for s in ss])
+            med[side]["builder"] = median([s.builder_cpu for s in ss])
     slots = "" if one else f"; {jobs} build slot{'s' if jobs > 1 else ''} per client"
     lines = [
         f"### {workload.name}: {workload.title()}{' over SSH' if workload.transport == 'ssh' else ''} (median of {reps} run{'s' if reps > 1 else ''} per side{slots})",
@@ -1929,10 +1957,17 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
         if workload.transport == "ssh"
         else f"; the harness's session wrapper (a shell joining the cgroup), about {wrapper_ms:.1f} ms"
     )
-    notes.append(
-        "- counted in the server CPU on both sides alike, per build: the builder itself (it runs "
-        f"in the server's cgroup), about {builder_ms:.1f} ms alone" + wrapper
-    )
+    if workload.shape == "big":
+        builder = ", ".join(f"{side} {med[side]['builder']:.3f} s" for side in sides)
+        notes.append(
+            "- counted in the server CPU (the table), taken out of the CPU per GiB: the builder "
+            f"writing the output (it runs in the server's cgroup), as it reported: {builder}" + wrapper
+        )
+    else:
+        notes.append(
+            "- counted in the server CPU on both sides alike, per build: the builder itself (it runs "
+            f"in the server's cgroup), about {builder_ms:.1f} ms alone" + wrapper
+        )
     lines += notes + ["", "Runs, in the order each side ran them:", "", "```"]
     for side in sides:
         for i, s in enumerate(samples[side]):
@@ -2144,6 +2179,12 @@ def parse_args(argv):
         help="KexAlgorithms of the reference's sshd (default: OpenSSH's own, which puts "
         "sntrup761x25519-sha512 first; nixbuild negotiates curve25519-sha256)",
     )
+    p.add_argument(
+        "--ssh-ciphers",
+        default=None,
+        help="the client's Ciphers for both sides (default: OpenSSH's own, which puts "
+        "chacha20-poly1305@openssh.com first)",
+    )
     p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
     p.add_argument(
         "--keep-tmp",
@@ -2240,6 +2281,7 @@ def bench_main(bench, args):
     if any(w.transport == "ssh" for w in args.workloads):
         header.append(
             f"- SSH: {ssh_version()}; sshd KexAlgorithms: {args.sshd_kex or 'OpenSSH default'}; "
+            f"client Ciphers: {args.ssh_ciphers or 'OpenSSH default'}; "
             "the reference is sshd (no PAM) running nix-store --serve --write "
             "in a private mount namespace with its own /nix; nixbuild is nixbuild-server --listen; "
             "one client ssh config (NIX_SSHOPTS=-F), ed25519 client key, host keys pinned"
@@ -2259,7 +2301,7 @@ def bench_main(bench, args):
     log("")
     datasets = {}
     sections = []
-    wrapper_ms = None
+    builder_ms = wrapper_ms = None
     for workload in args.workloads:
         if workload.kind == "connect":
             samples = {s: [] for s in SIDES}
@@ -2277,8 +2319,8 @@ def bench_main(bench, args):
         if workload.kind == "build":
             if "busybox" not in datasets:
                 datasets["busybox"] = bench.client.make_busybox()
+                builder_ms = builder_cpu_ms(bench.client.busybox_src, bench.tmp)
                 wrapper_ms = wrapper_cpu_ms(bench.cgroups, bench.tmp)
-            builder_ms = builder_cpu_ms(bench.client.busybox_src, bench.tmp, workload)
             samples = {s: [] for s in SIDES}
             for rep in range(args.reps):
                 order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
