@@ -385,19 +385,19 @@ class Group:
         self.ws_peak = None
 
     def working_set(self):
-        """Memory charged to the cgroup minus its file pages (the page cache of what the
-        server read and wrote): anonymous memory, kernel memory, tmpfs."""
-        usage = "memory.usage_in_bytes" if self.cgroups.mem[0] == "v1" else "memory.current"
-        prefix = "total_" if self.cgroups.mem[0] == "v1" else ""
+        """Anonymous memory and tmpfs of every process in the cgroup, its descendants
+        included (v1 `total_rss` + `total_shmem`, v2 `anon` + `shmem` of `memory.stat`):
+        what the servers hold, without the page cache of what they read and wrote and
+        without kernel memory. Not usage minus file pages: the file pages of a descendant
+        cgroup that was just removed (nixbuild's per-build cgroups) stay in the usage
+        while they leave the statistics."""
+        keys = ("total_rss", "total_shmem") if self.cgroups.mem[0] == "v1" else ("anon", "shmem")
         try:
-            with open(os.path.join(self.mem_dir, usage)) as f:
-                total = int(f.read())
             with open(os.path.join(self.mem_dir, "memory.stat")) as f:
                 stat = dict(line.split() for line in f if line.strip())
-        except (OSError, ValueError):
+            return sum(int(stat[k]) for k in keys)
+        except (OSError, ValueError, KeyError):
             return None
-        files = int(stat.get(prefix + "active_file", 0)) + int(stat.get(prefix + "inactive_file", 0))
-        return max(total - files, 0)
 
     def sample_working_set(self, interval=0.01):
         """Starts a thread that keeps the highest `working_set` seen, every `interval` s,
