@@ -1346,9 +1346,18 @@ class SshNixbuild(Nixbuild):
     label = SSH_SIDE_LABEL["nixbuild"]
     alias = "nixbuild-ssh"
 
-    def __init__(self, root, bin_dir, client, ssh):
+    def __init__(self, root, bin_dir, client, ssh, ciphers=None):
         super().__init__(root, bin_dir, client)
         self.ssh = ssh
+        self.ciphers = ciphers  # `ssh.ciphers`, or None for nixbuild's default
+
+    def fresh_store(self, n):
+        """A fresh state directory; with `ciphers`, its `nixbuild.toml` sets `ssh.ciphers`."""
+        super().fresh_store(n)
+        if self.ciphers:
+            names = ", ".join(f'"{c}"' for c in self.ciphers.split(","))
+            with open(os.path.join(self.state, "nixbuild.toml"), "w") as f:
+                f.write(f"[ssh]\nciphers = [{names}]\n")
 
     def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
         """Starts the daemon with its SSH listener; the URL for each client."""
@@ -1460,7 +1469,9 @@ class Bench:
                 self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex
             )
             if want_nixbuild:
-                self.ssh_nixbuild = SshNixbuild(self.tmp, args.bin_dir, self.client, ssh)
+                self.ssh_nixbuild = SshNixbuild(
+                    self.tmp, args.bin_dir, self.client, ssh, args.nixbuild_ssh_ciphers
+                )
         self.salt = secrets.token_hex(4)
         self.counter = 0
         self.active_group = None
@@ -2185,6 +2196,11 @@ def parse_args(argv):
         help="the client's Ciphers for both sides (default: OpenSSH's own, which puts "
         "chacha20-poly1305@openssh.com first)",
     )
+    p.add_argument(
+        "--nixbuild-ssh-ciphers",
+        default=None,
+        help="ssh.ciphers of nixbuild, comma-separated (default: nixbuild's own, AES-256-GCM alone)",
+    )
     p.add_argument("--tmp-dir", default=None, help="where the server stores go (default $TMPDIR)")
     p.add_argument(
         "--keep-tmp",
@@ -2282,6 +2298,7 @@ def bench_main(bench, args):
         header.append(
             f"- SSH: {ssh_version()}; sshd KexAlgorithms: {args.sshd_kex or 'OpenSSH default'}; "
             f"client Ciphers: {args.ssh_ciphers or 'OpenSSH default'}; "
+            f"nixbuild ssh.ciphers: {args.nixbuild_ssh_ciphers or 'default'}; "
             "the reference is sshd (no PAM) running nix-store --serve --write "
             "in a private mount namespace with its own /nix; nixbuild is nixbuild-server --listen; "
             "one client ssh config (NIX_SSHOPTS=-F), ed25519 client key, host keys pinned"

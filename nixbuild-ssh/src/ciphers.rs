@@ -104,7 +104,10 @@ mod tests {
             Ciphers::from_names(&["aes128-cbc"]),
             Err(CipherError::Unsupported("aes128-cbc".into()))
         );
-        assert_eq!(Ciphers::from_names(&["none"]), Err(CipherError::Unsupported("none".into())));
+        assert_eq!(
+            Ciphers::from_names(&["none"]),
+            Err(CipherError::Unsupported("none".into()))
+        );
         assert_eq!(Ciphers::from_names::<&str>(&[]), Err(CipherError::Empty));
     }
 
