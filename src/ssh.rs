@@ -10,7 +10,7 @@ use std::sync::Arc;
 use nixbuild_ssh::host_key::{self, HostKeyError, HOST_KEY_FILE};
 use nixbuild_ssh::server::{Limits, ServerError};
 use nixbuild_ssh::ssh_key::PublicKey;
-use nixbuild_ssh::{KeyTypes, Server, ServerConfig, SessionRequest, SessionService};
+use nixbuild_ssh::{Ciphers, KeyTypes, Server, ServerConfig, SessionRequest, SessionService};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::build::BuildService;
@@ -93,6 +93,8 @@ pub async fn bind(
     })?;
     let key_types =
         KeyTypes::from_names(&config.ssh.key_types).map_err(|e| SshError::Config(e.to_string()))?;
+    let ciphers =
+        Ciphers::from_names(&config.ssh.ciphers).map_err(|e| SshError::Config(e.to_string()))?;
     let (host_key, created) = host_key::load_or_create(state_dir)?;
     let key_file = state_dir.join(HOST_KEY_FILE);
     if created {
@@ -118,6 +120,7 @@ pub async fn bind(
             host_key,
             authorized_keys,
             key_types,
+            ciphers,
             limits,
         },
         sessions,

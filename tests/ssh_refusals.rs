@@ -327,3 +327,57 @@ fn sigterm_lets_sessions_finish_then_cuts_off_the_rest() {
     let stopped = server.daemon.stopped();
     assert!(stopped.log.contains("cut off a session at shutdown"));
 }
+
+/// The cipher the client says it negotiated (OpenSSH's `-v` line for server to client).
+fn negotiated_cipher(stderr: &str) -> Option<&str> {
+    stderr
+        .lines()
+        .find_map(|l| l.split("kex: server->client cipher: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+}
+
+#[test]
+fn ciphers_aes_gcm_by_default_and_as_configured() {
+    let client = tempfile::tempdir().expect("temp dir");
+    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
+
+    // The default offers AES-256-GCM alone: OpenSSH's client, which lists ChaCha20-Poly1305
+    // first, gets AES-256-GCM, and a client that wants ChaCha20 only finds no cipher.
+    let server = SshServer::start("", client, &[&alice]);
+    let config = server.ssh_config(ALIAS, &alice);
+    let mut session = SshSession::open_with(&config, ALIAS, &["-v"]);
+    still_serves(&mut session);
+    let (status, stderr) = session.close();
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        negotiated_cipher(&stderr),
+        Some("aes256-gcm@openssh.com"),
+        "{stderr}"
+    );
+    let out = run(&mut SshServer::ssh_with(
+        &config,
+        &["-o", "Ciphers=chacha20-poly1305@openssh.com"],
+        ALIAS,
+        &["nix-store", "--serve"],
+    ));
+    assert_refused(&out, 255, "no matching cipher found");
+
+    // Configured, the server's list is what the client chooses from.
+    let client = tempfile::tempdir().expect("temp dir");
+    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
+    let server = SshServer::start(
+        "[ssh]\nciphers = [\"aes256-gcm@openssh.com\", \"chacha20-poly1305@openssh.com\"]\n",
+        client,
+        &[&alice],
+    );
+    let config = server.ssh_config(ALIAS, &alice);
+    let mut session = SshSession::open_with(&config, ALIAS, &["-v"]);
+    still_serves(&mut session);
+    let (status, stderr) = session.close();
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        negotiated_cipher(&stderr),
+        Some("chacha20-poly1305@openssh.com"),
+        "{stderr}"
+    );
+}

@@ -2,6 +2,7 @@
 //! --serve` exec requests mapped to serve sessions, everything else refused.
 //!
 //! - [`authorized_keys`]: the `--authorized-keys` file, parsed (pure).
+//! - [`ciphers`]: the ciphers offered (pure).
 //! - [`exec`]: which exec requests are served (pure).
 //! - [`host_key`]: the host key kept in the state directory, and the strings users pin it with.
 //! - [`server`]: the server itself, generic over the [`SessionService`] that runs sessions.
@@ -10,10 +11,12 @@
 #![forbid(unsafe_code)]
 
 pub mod authorized_keys;
+pub mod ciphers;
 pub mod exec;
 pub mod host_key;
 pub mod server;
 
 pub use authorized_keys::{AuthorizedKeys, KeyTypes};
+pub use ciphers::Ciphers;
 pub use russh::keys::ssh_key;
 pub use server::{Limits, Server, ServerConfig, ServerError, SessionRequest, SessionService};

@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::authorized_keys::{AuthorizedKeys, KeyTypes, MAX_FILE_SIZE};
+use crate::ciphers::Ciphers;
 use crate::exec::{parse_exec, ExecRefusal, SERVED};
 use crate::host_key::fingerprint;
 use nixbuild_core::account::{AccountCounts, AccountSlot};
@@ -94,6 +95,8 @@ pub struct ServerConfig {
     pub authorized_keys: PathBuf,
     /// The key types accepted.
     pub key_types: KeyTypes,
+    /// The ciphers offered.
+    pub ciphers: Ciphers,
     /// Bounds on connections and sessions.
     pub limits: Limits,
 }
@@ -316,6 +319,7 @@ impl<S: SessionService> Server<S> {
             keepalive_interval: Some(KEEPALIVE_INTERVAL),
             keepalive_max: KEEPALIVE_MAX,
             nodelay: true,
+            preferred: config.ciphers.preferred(),
             ..Default::default()
         };
         let (phase, phase_rx) = watch::channel(Phase::Running);
