@@ -114,6 +114,11 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
     });
+    // Blocking tasks of sessions that were cut off (an upload read straight from a client's
+    // pipe that is still open) would hold the exit until their idle timeout; everything
+    // acknowledged is registered by now, and what such a task leaves in tmp/ is removed at
+    // the next start, as after a crash.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
