@@ -63,23 +63,6 @@ struct Ctx {
     good_nar: Vec<u8>,
 }
 
-fn salt() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("{nanos:x}-{:x}", std::process::id())
-}
-
-fn file_nar(contents: &[u8]) -> Vec<u8> {
-    NarNode::File {
-        executable: false,
-        contents: contents.to_vec(),
-    }
-    .to_nar()
-    .expect("nar")
-}
-
 fn upload(daemon: &Daemon, account: &str, path: &StorePath, nar: &[u8]) {
     let script = Script::new().add_honest(path, nar);
     let reply = daemon.relay(account, true, &script.bytes);
@@ -89,7 +72,7 @@ fn upload(daemon: &Daemon, account: &str, path: &StorePath, nar: &[u8]) {
 
 impl Ctx {
     fn setup(daemon: &Daemon) -> Ctx {
-        let salt = salt();
+        let salt = harness::salt();
         let bb_nar = NarNode::Directory(BTreeMap::from([(
             b"bin".to_vec(),
             NarNode::Directory(BTreeMap::from([
@@ -115,13 +98,13 @@ impl Ctx {
             mine: test_path(&format!("{salt}-mine"), "mine"),
             hidden: test_path(&format!("{salt}-hidden"), "hidden"),
             good: test_path(&format!("{salt}-good"), "good"),
-            good_nar: file_nar(format!("good {salt}").as_bytes()),
+            good_nar: harness::file_nar(format!("good {salt}").as_bytes()),
             bb_nar,
             salt,
         };
         upload(daemon, "a", &ctx.bb, &ctx.bb_nar);
-        upload(daemon, "a", &ctx.mine, &file_nar(b"mine"));
-        upload(daemon, "b", &ctx.hidden, &file_nar(b"hidden"));
+        upload(daemon, "a", &ctx.mine, &harness::file_nar(b"mine"));
+        upload(daemon, "b", &ctx.hidden, &harness::file_nar(b"hidden"));
         upload(daemon, "good", &ctx.good, &ctx.good_nar);
         ctx
     }
@@ -569,17 +552,17 @@ fn cases() -> Vec<Case> {
         fails("NAR file of u64::MAX bytes in AddToStoreNar", "invalid NAR: NAR is incomplete", Box::new(|c| { let nar: Vec<u8> = W::new().s(b"nix-archive-1").s(b"(").s(b"type").s(b"regular").s(b"contents").u(u64::MAX).raw(&[0; 64]).into(); add(&c.fresh("x"), &nar) })),
         fails("NAR file of u64::MAX bytes in ImportPaths", "unexpected end of input in a NAR", Box::new(|c| { let nar: Vec<u8> = W::new().s(b"nix-archive-1").s(b"(").s(b"type").s(b"regular").s(b"contents").u(u64::MAX).raw(&[0; 64]).into(); import_trailer(&nar, nixe().p(&c.fresh("x"))) })),
         fails("NAR entry name of u64::MAX bytes", "entry name of 18446744073709551615 bytes exceeds the limit of 255 bytes", Box::new(|c| { let nar: Vec<u8> = W::new().s(b"nix-archive-1").s(b"(").s(b"type").s(b"directory").s(b"entry").s(b"(").s(b"name").u(u64::MAX).into(); import_trailer(&nar, nixe().p(&c.fresh("x"))) })),
-        fails("ImportPaths NAR just over max_nar_size", "NAR exceeds the limit of 3145728 bytes", Box::new(|c| import(&[(&c.fresh("big"), &file_nar(&vec![1u8; MAX_NAR_SIZE as usize]), &[])]))),
+        fails("ImportPaths NAR just over max_nar_size", "NAR exceeds the limit of 3145728 bytes", Box::new(|c| import(&[(&c.fresh("big"), &harness::file_nar(&vec![1u8; MAX_NAR_SIZE as usize]), &[])]))),
         fails("ImportPaths of a directory too big for max_nar_size", "NAR exceeds the limit of 3145728 bytes", Box::new(|c| import(&[(&c.fresh("wide"), &wide_nar(40_000), &[])]))),
         // (Entries before the 101st are imported, each complete and verified, as upstream does: the
         // path is one `a` has already, so that the store stays as it was.)
-        fails("ImportPaths of 101 paths", "ImportPaths names 101 paths; this server accepts at most 100", Box::new(|c| { let nar = file_nar(b"mine"); let entries: Vec<(&StorePath, &[u8], &[&StorePath])> = (0..=MAX_PATHS).map(|_| (&c.mine, &nar[..], &[][..])).collect(); import(&entries) })),
+        fails("ImportPaths of 101 paths", "ImportPaths names 101 paths; this server accepts at most 100", Box::new(|c| { let nar = harness::file_nar(b"mine"); let entries: Vec<(&StorePath, &[u8], &[&StorePath])> = (0..=MAX_PATHS).map(|_| (&c.mine, &nar[..], &[][..])).collect(); import(&entries) })),
         fails("uploads just over max_upload_bytes_per_session", format!("uploaded more than {MAX_UPLOAD} bytes of NAR data"), Box::new(|c| [add(&c.bb, &c.bb_nar), add(&c.bb, &c.bb_nar), add(&c.bb, &c.bb_nar)].concat())),
-        fails("export trailer references of u64::MAX paths", "references at offset", Box::new(|c| import_trailer(&file_nar(b"t"), nixe().p(&c.fresh("x")).u(u64::MAX)))),
-        fails("export trailer path of u64::MAX bytes", "export path at offset 8: string of 18446744073709551615 bytes", Box::new(|_| import_trailer(&file_nar(b"t"), nixe().u(u64::MAX)))),
-        fails("export trailer signature of u64::MAX bytes", "export signature at offset 88: string of 18446744073709551615 bytes exceeds the limit of 65536", Box::new(|c| import_trailer(&file_nar(b"t"), nixe().p(&c.fresh("x")).u(0).s(b"").u(1).u(u64::MAX)))),
+        fails("export trailer references of u64::MAX paths", "references at offset", Box::new(|c| import_trailer(&harness::file_nar(b"t"), nixe().p(&c.fresh("x")).u(u64::MAX)))),
+        fails("export trailer path of u64::MAX bytes", "export path at offset 8: string of 18446744073709551615 bytes", Box::new(|_| import_trailer(&harness::file_nar(b"t"), nixe().u(u64::MAX)))),
+        fails("export trailer signature of u64::MAX bytes", "export signature at offset 88: string of 18446744073709551615 bytes exceeds the limit of 65536", Box::new(|c| import_trailer(&harness::file_nar(b"t"), nixe().p(&c.fresh("x")).u(0).s(b"").u(1).u(u64::MAX)))),
         fails("export marker 2", "input doesn't look like something created by 'nix-store --export' (got 2)", Box::new(|_| W::new().op(Opcode::ImportPaths).u(2).into())),
-        fails("export trailer magic", "export magic at offset 0: expected 0x4558494e (\"NIXE\"), got 0x4558494f", Box::new(|c| import_trailer(&file_nar(b"t"), W::new().u(0x4558_494f).p(&c.fresh("x")).u(0).s(b"").u(0)))),
+        fails("export trailer magic", "export magic at offset 0: expected 0x4558494e (\"NIXE\"), got 0x4558494f", Box::new(|c| import_trailer(&harness::file_nar(b"t"), W::new().u(0x4558_494f).p(&c.fresh("x")).u(0).s(b"").u(0)))),
         // Booleans other than 0 and 1.
         fails_ssh("QueryValidPaths lock 2", "lock at offset 8: boolean must be 0 or 1, got 2", Box::new(|c| W::new().op(Opcode::QueryValidPaths).u(2).u(0).u(1).p(&c.mine).into())),
         fails("QueryValidPaths substitute 2", "substitute at offset 16: boolean must be 0 or 1, got 2", Box::new(|c| W::new().op(Opcode::QueryValidPaths).u(0).u(2).u(1).p(&c.mine).into())),
@@ -589,7 +572,7 @@ fn cases() -> Vec<Case> {
         fails("BuildDerivation enforceDeterminism 2", "enforceDeterminism at offset", Box::new(|c| raw_build(c.fresh("x.drv").to_absolute().as_bytes(), &[], &[], [0, 0, 0, 0, 2, 0]))),
         fails("BuildDerivation keepFailed 2", "keepFailed at offset", Box::new(|c| raw_build(c.fresh("x.drv").to_absolute().as_bytes(), &[], &[], [0, 0, 0, 0, 0, 2]))),
         fails("BuildPaths keepFailed 7", "keepFailed at offset", Box::new(|c| W::new().op(Opcode::BuildPaths).u(1).p(&c.mine).u(0).u(0).u(0).u(0).u(0).u(7).into())),
-        fails("export trailer signature flag 2", "export signature flag at offset 80: boolean must be 0 or 1, got 2", Box::new(|c| import_trailer(&file_nar(b"t"), nixe().p(&c.fresh("x")).u(0).s(b"").u(2)))),
+        fails("export trailer signature flag 2", "export signature flag at offset 80: boolean must be 0 or 1, got 2", Box::new(|c| import_trailer(&harness::file_nar(b"t"), nixe().p(&c.fresh("x")).u(0).s(b"").u(2)))),
         // Derivations with invalid outputs, and build inputs the account cannot see.
         build_fails("fixed-output hash that does not match", BuildStatus::OutputRejected, "hash mismatch in fixed-output derivation", Box::new(|c| c.build(c.fixed_output("fod-mismatch", b"what was promised\n", None, "echo what was built > $out")))),
         build_fails("fixed-output path that its hash does not give", BuildStatus::InputRejected, "is declared as", Box::new(|c| c.build(c.fixed_output("fod-path", b"x", Some(c.fresh("fod-path")), "echo x > $out")))),
@@ -603,9 +586,9 @@ fn cases() -> Vec<Case> {
         fails("output hash algorithm unknown", "derivation output \"out\"", Box::new(|c| raw_build(c.fresh("x.drv").to_absolute().as_bytes(), &[(b"out", c.fresh("x").to_absolute().as_bytes(), b"r:sha3", &[b'0'; 64])], &[], [0; 6]))),
         fails("output with a hash and no algorithm", "derivation output \"out\"", Box::new(|c| raw_build(c.fresh("x.drv").to_absolute().as_bytes(), &[(b"out", c.fresh("x").to_absolute().as_bytes(), b"", &[b'0'; 64])], &[], [0; 6]))),
         // References to paths the account cannot see.
-        fails_ssh("AddToStoreNar referencing another account's path", "-hidden, which is not valid for account \"a\"", Box::new(|c| { let nar = file_nar(b"refers"); let mut out = encode(&Request::AddToStoreNar(Box::new(add_header(&c.fresh("refers"), &nar, &[&c.hidden])))); out.extend_from_slice(&nar); out })),
-        fails("AddToStoreNar referencing a path nobody has", "-nobody, which is not valid for account \"a\"", Box::new(|c| { let nar = file_nar(b"refers"); let mut out = encode(&Request::AddToStoreNar(Box::new(add_header(&c.fresh("refers"), &nar, &[&c.fresh("nobody")])))); out.extend_from_slice(&nar); out })),
-        fails("ImportPaths referencing another account's path", "-hidden, which is not valid for account \"a\"", Box::new(|c| import(&[(&c.fresh("refers"), &file_nar(b"refers"), &[&c.hidden])]))),
+        fails_ssh("AddToStoreNar referencing another account's path", "-hidden, which is not valid for account \"a\"", Box::new(|c| { let nar = harness::file_nar(b"refers"); let mut out = encode(&Request::AddToStoreNar(Box::new(add_header(&c.fresh("refers"), &nar, &[&c.hidden])))); out.extend_from_slice(&nar); out })),
+        fails("AddToStoreNar referencing a path nobody has", "-nobody, which is not valid for account \"a\"", Box::new(|c| { let nar = harness::file_nar(b"refers"); let mut out = encode(&Request::AddToStoreNar(Box::new(add_header(&c.fresh("refers"), &nar, &[&c.fresh("nobody")])))); out.extend_from_slice(&nar); out })),
+        fails("ImportPaths referencing another account's path", "-hidden, which is not valid for account \"a\"", Box::new(|c| import(&[(&c.fresh("refers"), &harness::file_nar(b"refers"), &[&c.hidden])]))),
         fails("DumpStorePath of another account's path", "-hidden is not valid for account \"a\"", Box::new(|c| encode(&Request::DumpStorePath { path: c.hidden.clone() }))),
         fails("ExportPaths of another account's path", "-hidden' is not valid", Box::new(|c| encode(&Request::ExportPaths { sign: 0, paths: BTreeSet::from([c.hidden.clone()]) }))),
         fails("QueryClosure of another account's path", "computing a closure: path /nix/store/", Box::new(|c| encode(&Request::QueryClosure { include_outputs: false, paths: BTreeSet::from([c.hidden.clone()]) }))),
@@ -624,7 +607,7 @@ fn cases() -> Vec<Case> {
         fails("NAR executable marker with a value", "expected an empty string after `executable`", Box::new(|c| add(&c.fresh("x"), &raw_nar(&[b"nix-archive-1", b"(", b"type", b"regular", b"executable", b"yes", b"contents", b"x", b")"])))),
         fails("NAR of a socket", "expected `regular`, `symlink` or `directory`, found `socket`", Box::new(|c| add(&c.fresh("x"), &raw_nar(&[b"nix-archive-1", b"(", b"type", b"socket", b")"])))),
         fails("NAR magic", "expected `nix-archive-1`, found `nix-archive-2`", Box::new(|c| add(&c.fresh("x"), &raw_nar(&[b"nix-archive-2", b"(", b"type", b"regular", b"contents", b"x", b")"])))),
-        fails("NAR padding not zero", "non-zero padding byte", Box::new(|c| { let mut nar = file_nar(b"x"); let at = nar.len() - 23; nar[at] = 1; add(&c.fresh("x"), &nar) })),
+        fails("NAR padding not zero", "non-zero padding byte", Box::new(|c| { let mut nar = harness::file_nar(b"x"); let at = nar.len() - 23; nar[at] = 1; add(&c.fresh("x"), &nar) })),
         fails("NAR nested 64 deep", "nesting depth reaches the limit of 64", Box::new(|c| add(&c.fresh("x"), &nested_nar(64)))),
         fails_ssh("NAR nested 100 deep", "nesting depth reaches the limit of 64", Box::new(|c| add(&c.fresh("x"), &nested_nar(100)))),
         fails("NAR nested 100,000 deep in AddToStoreNar", "nesting depth reaches the limit of 64", Box::new(|c| { let nar = nested_nar(100_000); let mut h = add_header(&c.fresh("x"), &nar, &[]); h.nar_size = MAX_NAR_SIZE; [encode(&Request::AddToStoreNar(Box::new(h))), nar[..MAX_NAR_SIZE as usize].to_vec()].concat() })),
@@ -700,7 +683,7 @@ fn cases() -> Vec<Case> {
             format!("AddToStoreNar path: {what}"),
             format!("path at offset 8: {needle}"),
             Box::new(move |_| {
-                let nar = file_nar(b"x");
+                let nar = harness::file_nar(b"x");
                 W::new()
                     .op(Opcode::AddToStoreNar)
                     .s(&b)
@@ -721,7 +704,7 @@ fn cases() -> Vec<Case> {
             format!("AddToStoreNar deriver: {what}"),
             format!("deriver at offset 64: {needle}"),
             Box::new(move |c| {
-                let nar = file_nar(b"x");
+                let nar = harness::file_nar(b"x");
                 W::new()
                     .op(Opcode::AddToStoreNar)
                     .p(&c.fresh("x"))
@@ -742,7 +725,7 @@ fn cases() -> Vec<Case> {
             format!("AddToStoreNar reference: {what}"),
             format!("references at offset 152: {needle}"),
             Box::new(move |c| {
-                let nar = file_nar(b"x");
+                let nar = harness::file_nar(b"x");
                 W::new()
                     .op(Opcode::AddToStoreNar)
                     .p(&c.fresh("x"))
@@ -795,7 +778,9 @@ fn cases() -> Vec<Case> {
         c.push(fails(
             format!("export trailer path: {what}"),
             needle,
-            Box::new(move |_| import_trailer(&file_nar(b"t"), nixe().s(&b).u(0).s(b"").u(0))),
+            Box::new(move |_| {
+                import_trailer(&harness::file_nar(b"t"), nixe().s(&b).u(0).s(b"").u(0))
+            }),
         ));
         let b = bad.clone();
         c.push(fails(
@@ -803,7 +788,7 @@ fn cases() -> Vec<Case> {
             needle,
             Box::new(move |c| {
                 import_trailer(
-                    &file_nar(b"t"),
+                    &harness::file_nar(b"t"),
                     nixe().p(&c.fresh("x")).u(1).s(&b).s(b"").u(0),
                 )
             }),
@@ -813,7 +798,10 @@ fn cases() -> Vec<Case> {
             format!("export trailer deriver: {what}"),
             needle,
             Box::new(move |c| {
-                import_trailer(&file_nar(b"t"), nixe().p(&c.fresh("x")).u(0).s(&b).u(0))
+                import_trailer(
+                    &harness::file_nar(b"t"),
+                    nixe().p(&c.fresh("x")).u(0).s(&b).u(0),
+                )
             }),
         ));
     }
@@ -908,7 +896,7 @@ fn truncations() -> Vec<Case> {
             Box::new(|c| {
                 encode(&Request::AddToStoreNar(Box::new(add_header(
                     &c.fresh("cut"),
-                    &file_nar(b"cut"),
+                    &harness::file_nar(b"cut"),
                     &[&c.mine],
                 ))))
             }),
@@ -939,7 +927,7 @@ fn truncations() -> Vec<Case> {
             ));
         }
     }
-    let nar = file_nar(&[3u8; 1000]);
+    let nar = harness::file_nar(&[3u8; 1000]);
     let n = nar.clone();
     out.push(fails_ssh(
         "AddToStoreNar cut in its NAR",
@@ -967,7 +955,7 @@ fn truncations() -> Vec<Case> {
     out.push(fails(
         "ImportPaths without its end marker",
         "unexpected end of input in an export stream",
-        Box::new(|c| Cut::Short(8).apply(import(&[(&c.mine, &file_nar(b"mine"), &[])]))),
+        Box::new(|c| Cut::Short(8).apply(import(&[(&c.mine, &harness::file_nar(b"mine"), &[])]))),
     ));
     out
 }
@@ -1165,7 +1153,7 @@ fn hostile_sessions_over_ssh() {
 #[test]
 fn hostile_looking_content_is_stored_verbatim() {
     let daemon = Daemon::start_with_config(CONFIG, &[]);
-    let s = salt();
+    let s = harness::salt();
     let link = |t: &[u8]| NarNode::Symlink { target: t.to_vec() };
     let loops = NarNode::Directory(BTreeMap::from([
         (b"a".to_vec(), link(b"b")),

@@ -7,26 +7,12 @@ mod harness;
 use std::collections::BTreeSet;
 
 use harness::{export_stream, raw_nar, sha256, test_path, wire_u64, Daemon, Reply, Script};
-use nixbuild_core::nar::NarNode;
 use nixbuild_core::serve::{BuildOptions, BuildStatus, Opcode, Request, Response};
 use nixbuild_core::store_path::StorePath;
 
 /// A salt unique to this run.
 fn salt(case: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("{case}-{nanos:x}-{:x}", std::process::id())
-}
-
-fn file_nar(contents: &[u8]) -> Vec<u8> {
-    NarNode::File {
-        executable: false,
-        contents: contents.to_vec(),
-    }
-    .to_nar()
-    .expect("nar")
+    format!("{case}-{}", harness::salt())
 }
 
 /// A directory NAR with one entry named `name`, which the NAR writer would refuse.
@@ -90,7 +76,7 @@ fn check_bad(script: Script, write: bool, needle: &str, path: &StorePath) {
 fn nar_hash_differs_from_claim() {
     let s = salt("hash");
     let path = test_path(&s, "hash-mismatch");
-    let nar = file_nar(s.as_bytes());
+    let nar = harness::file_nar(s.as_bytes());
     let lie = sha256(b"other bytes");
     let script = Script::new().add(&path, &nar, lie, nar.len() as u64);
     check_bad(script, true, "NAR hash mismatch", &path);
@@ -100,7 +86,7 @@ fn nar_hash_differs_from_claim() {
 fn nar_longer_than_claimed_size() {
     let s = salt("short");
     let path = test_path(&s, "size-short");
-    let nar = file_nar(s.as_bytes());
+    let nar = harness::file_nar(s.as_bytes());
     // The claim stops 8 bytes before the NAR does: the store gets an incomplete NAR.
     let script = Script::new().add(&path, &nar, sha256(&nar), nar.len() as u64 - 8);
     check_bad(script, true, "NAR is incomplete", &path);
@@ -110,7 +96,7 @@ fn nar_longer_than_claimed_size() {
 fn nar_shorter_than_claimed_size() {
     let s = salt("long");
     let path = test_path(&s, "size-long");
-    let mut nar = file_nar(s.as_bytes());
+    let mut nar = harness::file_nar(s.as_bytes());
     let hash = sha256(&nar);
     // The claim covers 8 bytes after the NAR's end.
     nar.extend_from_slice(&[0; 8]);
@@ -122,7 +108,7 @@ fn nar_shorter_than_claimed_size() {
 fn truncated_stream_client_disconnects_mid_nar() {
     let s = salt("cut");
     let path = test_path(&s, "truncated");
-    let nar = file_nar(&[7u8; 100_000]);
+    let nar = harness::file_nar(&[7u8; 100_000]);
     let full = Script::new().add_honest(&path, &nar);
     let cut = full.bytes.len() - 50_000;
     let script = Script::new().raw(&full.bytes[16..cut]);
@@ -213,7 +199,7 @@ fn answers_queued_before_an_error_are_still_sent() {
 fn write_command_without_write() {
     let s = salt("readonly");
     let path = test_path(&s, "read-only");
-    let nar = file_nar(s.as_bytes());
+    let nar = harness::file_nar(s.as_bytes());
     let script = Script::new().add_honest(&path, &nar);
     check_bad(script, false, "importing paths is not allowed", &path);
 }

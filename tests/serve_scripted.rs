@@ -13,17 +13,9 @@ use harness::{example_bin, export_stream, test_path, Daemon, Script};
 use nixbuild_core::nar::NarNode;
 use nixbuild_core::serve::{Opcode, Request, Response};
 
-fn salt() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("{nanos:x}-{:x}", std::process::id())
-}
-
 #[test]
 fn import_paths_then_export_paths_give_back_the_same_stream() {
-    let s = salt();
+    let s = harness::salt();
     let dep = test_path(&format!("{s}-dep"), "dep");
     let top = test_path(&format!("{s}-top"), "top");
     let entries: Vec<_> = [

@@ -826,6 +826,25 @@ pub fn complete(stdout: &[u8], ops: &[Opcode]) -> bool {
     true
 }
 
+/// A salt unique to this run, for paths that must not collide with earlier runs'.
+pub fn salt() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    format!("{nanos:x}-{:x}", std::process::id())
+}
+
+/// The NAR of a regular, non-executable file with `contents`.
+pub fn file_nar(contents: &[u8]) -> Vec<u8> {
+    nixbuild_core::nar::NarNode::File {
+        executable: false,
+        contents: contents.to_vec(),
+    }
+    .to_nar()
+    .expect("a file NAR")
+}
+
 /// The sha256 of `data`.
 pub fn sha256(data: &[u8]) -> Hash {
     Hash::compute(HashAlgo::Sha256, data)
