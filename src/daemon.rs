@@ -35,6 +35,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::build::{BuildError, BuildService};
@@ -271,23 +272,28 @@ pub async fn run(
     });
     let config = Arc::new(config);
     let accounts = Arc::new(AccountCounts::default());
+    // Counts open sessions apart from the JoinSet, which only shrinks when a finished task is
+    // reaped: a session gives its permit back before the relay learns that it ended, so a
+    // client may start the next one at once.
+    let open = Arc::new(Semaphore::new(config.limits.max_sessions));
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) if sessions.len() >= config.limits.max_sessions => {
-                    refuse_busy(&stream, config.limits.max_sessions);
-                }
-                Ok((stream, _)) => {
-                    sessions.spawn(connection(
-                        stream,
-                        store.clone(),
-                        builds.clone(),
-                        config.clone(),
-                        accounts.clone(),
-                    ));
-                }
+                Ok((stream, _)) => match open.clone().try_acquire_owned() {
+                    Err(_) => refuse_busy(&stream, config.limits.max_sessions),
+                    Ok(permit) => {
+                        sessions.spawn(connection(
+                            stream,
+                            permit,
+                            store.clone(),
+                            builds.clone(),
+                            config.clone(),
+                            accounts.clone(),
+                        ));
+                    }
+                },
                 Err(source) => {
                     // Out of file descriptors or memory, or a connection that went away
                     // before it was accepted: other sessions go on, and so does accepting.
@@ -415,6 +421,7 @@ fn refuse_busy(stream: &UnixStream, max: usize) {
 /// runs the session, sends the exit status.
 async fn connection(
     stream: UnixStream,
+    permit: OwnedSemaphorePermit,
     store: Store,
     builds: BuildService,
     config: Arc<Config>,
@@ -425,13 +432,14 @@ async fn connection(
             tracing::warn!("refused a connection: {msg}");
             let mut frames = RelayFrames::new(stream);
             let _ = frames.stderr(format!("error: {msg}\n").as_bytes()).await;
+            drop(permit);
             frames.exit(1).await
         }
         Ok(Admitted {
             header,
             input: (input, stdin_pipe),
             output: (stdout, pipe),
-            slot: _slot,
+            slot,
         }) => {
             let account = header.account.as_str();
             tracing::info!(%account, write = header.write, "session start");
@@ -453,6 +461,10 @@ async fn connection(
                     1
                 }
             };
+            // Both slots are free before the relay exits, so the client's next session is
+            // not refused for this one.
+            drop(slot);
+            drop(permit);
             out.exit(status).await
         }
     };
