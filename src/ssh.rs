@@ -2,20 +2,23 @@
 //! host key in the state directory, running each `nix-store --serve` channel as a serve
 //! [`session`](crate::session) of the key's account on the daemon's store.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use nixbuild_ssh::host_key::{self, HostKeyError, HOST_KEY_FILE};
 use nixbuild_ssh::server::{Limits, ServerError};
 use nixbuild_ssh::ssh_key::PublicKey;
-use nixbuild_ssh::{Ciphers, KeyTypes, Server, ServerConfig, SessionRequest, SessionService};
-use tokio::io::{AsyncRead, AsyncWrite};
+use nixbuild_ssh::{
+    ChannelStdout, Ciphers, KeyTypes, Server, ServerConfig, SessionRequest, SessionService,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::build::BuildService;
 use crate::config::Config;
-use crate::session::{self, SessionSettings};
+use crate::session::{self, SessionError, SessionOutput, SessionSettings};
 use crate::store::Store;
 
 /// Why the SSH front door could not start.
@@ -40,25 +43,29 @@ pub struct SshSessions {
 }
 
 impl SessionService for SshSessions {
-    async fn serve<R, W, E>(
+    async fn serve<R, E>(
         &self,
         request: &SessionRequest,
         stdin: R,
-        stdout: &mut W,
+        stdout: ChannelStdout<'_>,
         stderr: &mut E,
     ) -> u32
     where
         R: AsyncRead + Unpin + Send,
-        W: AsyncWrite + Unpin + Send + Sync,
         E: AsyncWrite + Unpin + Send + Sync,
     {
         let account = request.account.as_str();
         let conn = request.connection;
         let settings = SessionSettings::new(&self.config, account, request.write);
         tracing::info!(%account, write = request.write, conn, peer = %request.peer, "session start");
-        match session::serve_streams(&self.store, &self.builds, &settings, stdin, stdout, stderr)
-            .await
-        {
+        let mut out = ChannelOutput {
+            stdout,
+            answers: BytesMut::new(),
+            stderr,
+        };
+        let served = session::serve(&self.store, &self.builds, &settings, stdin, &mut out).await;
+        let flushed = out.flush().await.map_err(SessionError::Io);
+        match served.and(flushed) {
             Ok(()) => {
                 tracing::info!(%account, conn, status = 0, "session end");
                 0
@@ -68,6 +75,40 @@ impl SessionService for SshSessions {
                 1
             }
         }
+    }
+}
+
+/// Protocol answers up to this size are gathered and sent together at the next flush.
+const GATHER: usize = 64 * 1024;
+
+/// A session's output on its SSH channel: small protocol answers gathered into one buffer
+/// that goes out at each flush; NAR chunks handed to the channel as they are, not copied.
+struct ChannelOutput<'a, 'e, E> {
+    stdout: ChannelStdout<'a>,
+    answers: BytesMut,
+    stderr: &'e mut E,
+}
+
+impl<E: AsyncWrite + Unpin + Send + Sync> SessionOutput for ChannelOutput<'_, '_, E> {
+    async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
+        if self.answers.len() + bytes.len() <= GATHER {
+            self.answers.extend_from_slice(&bytes);
+            return Ok(());
+        }
+        self.flush().await?;
+        self.stdout.send(bytes).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stderr.write_all(bytes).await?;
+        self.stderr.flush().await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.answers.is_empty() {
+            return Ok(());
+        }
+        self.stdout.send(self.answers.split().freeze()).await
     }
 }
 

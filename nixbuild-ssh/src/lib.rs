@@ -19,4 +19,6 @@ pub mod server;
 pub use authorized_keys::{AuthorizedKeys, KeyTypes};
 pub use ciphers::Ciphers;
 pub use russh::keys::ssh_key;
-pub use server::{Limits, Server, ServerConfig, ServerError, SessionRequest, SessionService};
+pub use server::{
+    ChannelStdout, Limits, Server, ServerConfig, ServerError, SessionRequest, SessionService,
+};

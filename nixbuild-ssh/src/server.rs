@@ -23,12 +23,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use russh::keys::ssh_key::{Certificate, PrivateKey, PublicKey};
 use russh::server::{Auth, Handler, Msg, Session};
 use russh::{
-    Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet, Pty, SshId,
+    Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, MethodKind, MethodSet,
+    Pty, SshId,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::Signal;
 use tokio::sync::watch;
@@ -125,6 +127,9 @@ pub enum ServerError {
     Ssh(#[from] russh::Error),
 }
 
+/// Bytes read from a connection's socket at a time.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// One serve session asked for by an authenticated client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRequest {
@@ -141,19 +146,36 @@ pub struct SessionRequest {
 /// Runs serve sessions: the part of the service behind the SSH front door.
 pub trait SessionService: Send + Sync + 'static {
     /// Runs one session to its end, reading the client's bytes from `stdin` and writing the
-    /// protocol to `stdout` and messages to `stderr` (everything written before it returns
+    /// protocol to `stdout` and messages to `stderr` (everything sent before it returns
     /// reaches the client), and returns the exit status the client gets.
-    fn serve<R, W, E>(
+    fn serve<R, E>(
         &self,
         request: &SessionRequest,
         stdin: R,
-        stdout: &mut W,
+        stdout: ChannelStdout<'_>,
         stderr: &mut E,
     ) -> impl Future<Output = u32> + Send
     where
         R: AsyncRead + Unpin + Send,
-        W: AsyncWrite + Unpin + Send + Sync,
         E: AsyncWrite + Unpin + Send + Sync;
+}
+
+/// A session channel's data stream to the client. It takes owned buffers and hands them to
+/// russh as they are: russh cuts them into packets as the client's window allows, without
+/// copying each packet out first as an `AsyncWrite` must, and the packets of one buffer are
+/// queued together, so they go out in few socket writes.
+pub struct ChannelStdout<'a>(&'a ChannelWriteHalf<Msg>);
+
+impl ChannelStdout<'_> {
+    /// Sends `data`, waiting while the client's window is full.
+    pub async fn send(&self, data: Bytes) -> std::io::Result<()> {
+        self.0.data_bytes(data).await.map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                format!("the SSH channel is closed: {e}"),
+            )
+        })
+    }
 }
 
 /// Where the server is in its life.
@@ -530,7 +552,14 @@ async fn serve_connection<S: SessionService>(
     tracing::debug!(conn = id, %peer, "SSH connection");
     let started = tokio::time::timeout_at(
         auth_deadline,
-        russh::server::run_stream(shared.russh.clone(), tcp, handler),
+        // russh reads each packet with two or three exact reads (length, then the rest):
+        // through a buffer, the small packets a client sends while it downloads (window
+        // adjustments, several per 100 KiB) cost one receive call between them, not one each.
+        russh::server::run_stream(
+            shared.russh.clone(),
+            BufReader::with_capacity(READ_BUFFER, tcp),
+            handler,
+        ),
     )
     .await;
     let running = match started {
@@ -754,13 +783,15 @@ async fn run_session<S: SessionService>(
     channel: Channel<Msg>,
 ) {
     let (mut read, write) = channel.split();
-    let mut stdout = write.make_writer();
     let mut stderr = write.make_writer_ext(Some(1));
     let mut phase = shared.phase.clone();
     let finished = {
-        let serve = shared
-            .service
-            .serve(&request, read.make_reader(), &mut stdout, &mut stderr);
+        let serve = shared.service.serve(
+            &request,
+            read.make_reader(),
+            ChannelStdout(&write),
+            &mut stderr,
+        );
         tokio::select! {
             status = serve => Some(status),
             _ = phase.wait_for(|p| *p == Phase::CuttingOff) => None,
