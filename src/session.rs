@@ -518,7 +518,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let small = paths.len() <= INLINE_QUERY_PATHS;
                 let infos = self
                     .query("querying path infos", small, move |s, a| {
-                        path_infos(s, a, paths)
+                        s.query_path_infos(a, &paths)
                     })
                     .await?;
                 Ok(self.session.respond(&Response::PathInfos(infos))?)
@@ -950,7 +950,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         let infos = self
             .blocking("querying path infos", {
                 let paths = paths.clone();
-                move |s, a| path_infos(s, a, paths)
+                move |s, a| s.query_path_infos(a, &paths)
             })
             .await?;
         if let Some(p) = paths.iter().find(|p| !infos.contains_key(p)) {
@@ -1030,21 +1030,6 @@ fn receive_from_pipe(
         import.write(chunk).map_err(store_error(&receiving))
     })?;
     import.commit(claim).map_err(store_error(&adding))
-}
-
-/// The infos of the paths among `paths` that are valid for the account.
-fn path_infos(
-    store: &Store,
-    account: &str,
-    paths: BTreeSet<StorePath>,
-) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
-    let mut infos = BTreeMap::new();
-    for path in paths {
-        if let Some(info) = store.query_path_info(account, &path)? {
-            infos.insert(path, info);
-        }
-    }
-    Ok(infos)
 }
 
 /// The keys of `infos` ordered so that each comes after those of its references that are

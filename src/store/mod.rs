@@ -29,7 +29,7 @@ pub use error::{StoreError, StoreProblem};
 pub use import::{Import, PathClaim};
 pub use publish::BuiltPath;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -234,7 +234,40 @@ impl Store {
         account: &str,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, StoreError> {
-        db::path_info(&self.inner.lock_db(), account, path)
+        self.read(|conn| db::path_info(conn, account, path))
+    }
+
+    /// The metadata of each of `paths` that is valid for `account` (the others are left
+    /// out), from one snapshot of the database.
+    pub fn query_path_infos<'a>(
+        &self,
+        account: &str,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+    ) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
+        self.read(|conn| {
+            let mut infos = BTreeMap::new();
+            for path in paths {
+                if let Some(info) = db::path_info(conn, account, path)? {
+                    infos.insert(path.clone(), info);
+                }
+            }
+            Ok(infos)
+        })
+    }
+
+    /// Runs `f` in one read transaction: a path's metadata takes three queries (the path,
+    /// its references, its signatures), which would otherwise each lock and unlock the
+    /// database file on their own.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.inner.lock_db();
+        // Ended by its drop (a rollback, which for reads only releases the lock).
+        let tx = conn
+            .unchecked_transaction()
+            .map_err(error::db_err("begin a read"))?;
+        f(&tx)
     }
 
     /// The reference closure of `paths` as `account` sees it. With `include_outputs`, the
