@@ -251,8 +251,9 @@ where
 }
 
 /// A [`SessionOutput`] over two byte streams: the protocol to `stdout` (buffered, flushed
-/// after each response), messages to `stderr`. The SSH front door runs sessions over one: its
-/// channel's data and extended data.
+/// after each response), messages to `stderr`; for embedding a session behind any other
+/// transport (the SSH front door has its own, which hands NAR chunks to russh without
+/// copying them).
 pub struct StreamOutput<W, E> {
     stdout: BufWriter<W>,
     stderr: E,
@@ -285,8 +286,8 @@ impl<W: AsyncWrite + Unpin + Send, E: AsyncWrite + Unpin + Send> SessionOutput
     }
 }
 
-/// Runs one session for `settings.account` over plain streams (see [`serve`]), flushing
-/// `stdout` at the end: what the SSH front door calls for each `nix-store --serve` channel.
+/// Runs one session for `settings.account` over plain streams (see [`serve`] and
+/// [`StreamOutput`]), flushing `stdout` at the end.
 /// (The streams are `Sync` because the session's future holds references to its output
 /// across awaits and must be `Send`.)
 pub async fn serve_streams<R, W, E>(
