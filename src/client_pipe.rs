@@ -8,7 +8,7 @@
 //! 1 GiB transfer woke the runtime about 30,000 times for nothing.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -143,12 +143,13 @@ pub struct PipeLoan {
     give_back: Option<Box<dyn FnOnce(OwnedFd) + Send + Sync>>,
 }
 
-impl PipeLoan {
-    /// A descriptor of the lent pipe (non-blocking) for a blocking task.
-    pub fn fd(&self) -> io::Result<OwnedFd> {
-        // Only `drop` takes the descriptor out.
-        let fd = self.fd.as_ref().ok_or_else(lent_out)?;
-        fd.try_clone()
+/// The lent pipe (non-blocking), for the blocking task that holds the loan.
+impl AsFd for PipeLoan {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.fd {
+            Some(fd) => fd.as_fd(),
+            None => unreachable!("only the loan's drop takes its descriptor"),
+        }
     }
 }
 
@@ -176,7 +177,7 @@ mod tests {
         let loan = writer.lend().unwrap();
         assert!(w.write_all(b"x").await.is_err(), "the lent stream fails");
         assert!(writer.lend().is_err(), "one loan at a time");
-        rustix::io::write(loan.fd().unwrap(), b" two").unwrap();
+        rustix::io::write(&loan, b" two").unwrap();
         drop(loan);
         w.write_all(b" three").await.unwrap();
 
@@ -186,7 +187,7 @@ mod tests {
             r.read_exact(&mut buf).await.is_err(),
             "the lent stream fails"
         );
-        rustix::io::read(loan.fd().unwrap(), &mut buf).unwrap();
+        rustix::io::read(&loan, &mut buf).unwrap();
         assert_eq!(&buf, b"one");
         drop(loan);
         // Data that arrived before the pipe rejoined the poller is not missed.

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -843,7 +843,9 @@ impl<O: SessionOutput> Driver<'_, O> {
         if self.uploaded > max {
             return Err(SessionError::UploadLimit { max });
         }
-        let source = PipeSource::new(stdin.fd()?, self.settings.idle_timeout);
+        // The loan itself goes to the blocking task (no second descriptor to make and
+        // close) and comes back with it, to rejoin tokio's poller here.
+        let mut source = PipeSource::new(stdin, self.settings.idle_timeout);
         let head_len = usize::try_from(size).map_or(buf.len(), |s| s.min(buf.len()));
         let head = buf.split_to(head_len).freeze();
         let store = self.store.clone();
@@ -852,11 +854,13 @@ impl<O: SessionOutput> Driver<'_, O> {
         let path = h.path.clone();
         let claim = add_claim(h);
         let task = tokio::task::spawn_blocking(move || {
-            receive_from_pipe(&store, &account, claim, head, source, &pool)
+            let received = receive_from_pipe(&store, &account, claim, head, &mut source, &pool);
+            (received, source)
         });
-        task.await??;
+        let (received, source) = task.await?;
         // The session reads the client through tokio again.
-        drop(stdin);
+        drop(source);
+        received?;
         self.session.nar_body_taken(size)?;
         tracing::info!(account = %self.settings.account, path = %path, "registered import");
         self.acknowledge_add().await
@@ -907,14 +911,16 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Some(loan) => loan?,
                 None => return Err(ServeError::Misuse("a pipe that cannot be lent").into()),
             };
-            let mut sink = PipeSink::new(stdout.fd()?, self.settings.write_timeout);
+            // The loan goes to the blocking task and comes back with it, as for uploads.
+            let mut sink = PipeSink::new(stdout, self.settings.write_timeout);
             let task = tokio::task::spawn_blocking(move || {
-                store.export_nar_to(&account, &path, &mut sink)
+                let sent = store.export_nar_to(&account, &path, &mut sink);
+                (sent, sink)
             });
-            let result = task.await?.map(drop).map_err(store_error(&what));
+            let (sent, sink) = task.await?;
             // The session writes to the client through tokio again.
-            drop(stdout);
-            return result;
+            drop(sink);
+            return sent.map(drop).map_err(store_error(&what));
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let pool = self.pool.clone();
@@ -1012,7 +1018,7 @@ fn receive_from_pipe(
     account: &str,
     claim: PathClaim,
     head: Bytes,
-    mut source: PipeSource,
+    source: &mut PipeSource<impl AsFd>,
     pool: &BufferPool,
 ) -> Result<(), SessionError> {
     let size = claim.nar_size.unwrap_or(0);
@@ -1181,14 +1187,14 @@ impl Pause {
 }
 
 /// The capacity of the pipe `fd` in bytes (a pipe's default, should the kernel not say).
-fn pipe_capacity(fd: &OwnedFd) -> u64 {
+fn pipe_capacity(fd: impl AsFd) -> u64 {
     rustix::pipe::fcntl_getpipe_size(fd).unwrap_or(64 * 1024) as u64
 }
 
 /// Waits until `fd` is ready for `flags`; `Ok(false)` after `timeout`.
-fn poll_ready(fd: &OwnedFd, flags: PollFlags, timeout: Duration) -> io::Result<bool> {
+fn poll_ready(fd: impl AsFd, flags: PollFlags, timeout: Duration) -> io::Result<bool> {
     let limit = Timespec::try_from(timeout).map_err(io::Error::other)?;
-    let mut fds = [PollFd::new(fd, flags)];
+    let mut fds = [PollFd::new(&fd, flags)];
     match rustix::event::poll(&mut fds, Some(&limit)) {
         Ok(0) => Ok(false),
         Ok(_) | Err(Errno::INTR) => Ok(true),
@@ -1207,8 +1213,8 @@ std::thread_local! {
 /// non-blocking (tokio's); the client is waited for at most the idle timeout. When the pipe
 /// is empty and more than half a pipe is still to come, the task pauses (see [`Pause`]) so
 /// that one read takes what many of the client's writes put in.
-struct PipeSource {
-    fd: OwnedFd,
+struct PipeSource<F> {
+    fd: F,
     timeout: Duration,
     capacity: u64,
     pause: Pause,
@@ -1216,8 +1222,8 @@ struct PipeSource {
     read_size: usize,
 }
 
-impl PipeSource {
-    fn new(fd: OwnedFd, timeout: Duration) -> Self {
+impl<F: AsFd> PipeSource<F> {
+    fn new(fd: F, timeout: Duration) -> Self {
         PipeSource {
             capacity: pipe_capacity(&fd),
             fd,
@@ -1302,8 +1308,8 @@ impl PipeSource {
 /// short remainder, such as the tail of a file that nearly fit, just waits for room, so
 /// small paths pay no pause). The pause adapts: shorter when the pipe was found empty
 /// (the reader may have waited), longer when it was still more than half full.
-struct PipeSink {
-    fd: OwnedFd,
+struct PipeSink<F> {
+    fd: F,
     timeout: Duration,
     /// Cleared when the kernel cannot splice from a file (the dumper then reads it).
     splice: bool,
@@ -1313,8 +1319,8 @@ struct PipeSink {
     pause: Pause,
 }
 
-impl PipeSink {
-    fn new(fd: OwnedFd, timeout: Duration) -> Self {
+impl<F: AsFd> PipeSink<F> {
+    fn new(fd: F, timeout: Duration) -> Self {
         PipeSink {
             capacity: pipe_capacity(&fd),
             fd,
@@ -1343,7 +1349,7 @@ impl PipeSink {
     }
 }
 
-impl io::Write for PipeSink {
+impl<F: AsFd> io::Write for PipeSink<F> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         loop {
             match rustix::io::write(&self.fd, data) {
@@ -1360,7 +1366,7 @@ impl io::Write for PipeSink {
     }
 }
 
-impl NarSink for PipeSink {
+impl<F: AsFd> NarSink for PipeSink<F> {
     fn takes_file(&self, size: u64) -> bool {
         self.splice && size >= SPLICE_MIN
     }
@@ -1393,6 +1399,7 @@ impl NarSink for PipeSink {
 mod tests {
     use super::*;
     use crate::store::StoreLimits;
+    use std::os::fd::OwnedFd;
 
     /// A client that never reads: every write waits forever.
     struct Stuck;
@@ -1535,7 +1542,7 @@ mod tests {
         source.read_size = read_size;
         let head = Bytes::copy_from_slice(&nar[..head]);
         let pool = BufferPool::default();
-        let result = receive_from_pipe(store, "a", claim_for(nar), head, source, &pool);
+        let result = receive_from_pipe(store, "a", claim_for(nar), head, &mut source, &pool);
         writer.join().unwrap();
         let mut left = Vec::new();
         rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::empty()).unwrap();
@@ -1652,13 +1659,13 @@ mod tests {
         let (read, write) = rustix::pipe::pipe().unwrap();
         rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::NONBLOCK).unwrap();
         write_all_then_close(write, nar.clone());
-        let source = PipeSource::new(read, Duration::from_secs(60));
+        let mut source = PipeSource::new(read, Duration::from_secs(60));
         let result = receive_from_pipe(
             &store,
             "a",
             claimed.clone(),
             Bytes::new(),
-            source,
+            &mut source,
             &BufferPool::default(),
         );
         let err = result.unwrap_err();
@@ -1673,13 +1680,13 @@ mod tests {
         let (_dir, store, _builds) = store_and_builds();
         let (read, _write) = rustix::pipe::pipe().unwrap();
         rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::NONBLOCK).unwrap();
-        let source = PipeSource::new(read, Duration::from_millis(20));
+        let mut source = PipeSource::new(read, Duration::from_millis(20));
         let result = receive_from_pipe(
             &store,
             "a",
             claim_for(&nar),
             Bytes::new(),
-            source,
+            &mut source,
             &BufferPool::default(),
         );
         let err = result.unwrap_err();
