@@ -137,7 +137,8 @@ impl AsyncWrite for SharedPipe<pipe::Sender> {
 }
 
 /// A pipe end lent out of tokio's poller ([`SharedPipe::lend`]); it rejoins the poller when
-/// the loan is dropped. Blocking tasks get descriptors of their own ([`PipeLoan::fd`]).
+/// the loan is dropped. A blocking task holds the loan itself and uses the pipe through its
+/// [`AsFd`] implementation.
 pub struct PipeLoan {
     fd: Option<OwnedFd>,
     give_back: Option<Box<dyn FnOnce(OwnedFd) + Send + Sync>>,
