@@ -1202,6 +1202,42 @@ fn poll_ready(fd: impl AsFd, flags: PollFlags, timeout: Duration) -> io::Result<
     }
 }
 
+/// A client pipe in the hands of a blocking task: how long to wait for the client, the
+/// pipe's capacity, and the [`Pause`] that lets the client fill or drain it before the task
+/// takes its turn. [`PipeSource`] reads through one, [`PipeSink`] writes through one.
+struct PacedPipe<F> {
+    fd: F,
+    timeout: Duration,
+    capacity: u64,
+    pause: Pause,
+}
+
+impl<F: AsFd> PacedPipe<F> {
+    fn new(fd: F, timeout: Duration) -> Self {
+        PacedPipe {
+            capacity: pipe_capacity(&fd),
+            fd,
+            timeout,
+            pause: Pause::new(),
+        }
+    }
+
+    /// Waits until the pipe is ready for `flags`; `Ok(false)` after the timeout.
+    fn ready(&self, flags: PollFlags) -> io::Result<bool> {
+        poll_ready(&self.fd, flags, self.timeout)
+    }
+
+    /// Pauses, then waits as [`Self::ready`] does; returns the bytes then queued in the
+    /// pipe, or `None` after the timeout.
+    fn pause_then_wait(&mut self, flags: PollFlags) -> io::Result<Option<u64>> {
+        self.pause.sleep();
+        if !self.ready(flags)? {
+            return Ok(None);
+        }
+        Ok(Some(rustix::io::ioctl_fionread(&self.fd)?))
+    }
+}
+
 std::thread_local! {
     /// The read buffer of [`PipeSource`], kept by each blocking thread for its next upload
     /// (a fresh one per path would be page-faulted in every time).
@@ -1214,10 +1250,7 @@ std::thread_local! {
 /// is empty and more than half a pipe is still to come, the task pauses (see [`Pause`]) so
 /// that one read takes what many of the client's writes put in.
 struct PipeSource<F> {
-    fd: F,
-    timeout: Duration,
-    capacity: u64,
-    pause: Pause,
+    pipe: PacedPipe<F>,
     /// Size of the reads (the thread's buffer is this long).
     read_size: usize,
 }
@@ -1225,10 +1258,7 @@ struct PipeSource<F> {
 impl<F: AsFd> PipeSource<F> {
     fn new(fd: F, timeout: Duration) -> Self {
         PipeSource {
-            capacity: pipe_capacity(&fd),
-            fd,
-            timeout,
-            pause: Pause::new(),
+            pipe: PacedPipe::new(fd, timeout),
             read_size: CHUNK,
         }
     }
@@ -1256,14 +1286,14 @@ impl<F: AsFd> PipeSource<F> {
         while left > 0 {
             // At most the buffer's length, so the cast cannot truncate.
             let want = left.min(buf.len() as u64) as usize;
-            match rustix::io::read(&self.fd, &mut buf[..want]) {
+            match rustix::io::read(&self.pipe.fd, &mut buf[..want]) {
                 Ok(0) => return Err(ServeError::UnexpectedEof("in a NAR").into()),
                 Ok(n) => {
                     sink(&buf[..n])?;
                     left -= n as u64;
                 }
                 // Only a long remainder is worth pausing for; a short one waits for data.
-                Err(Errno::AGAIN) if left > self.capacity / 2 => self.let_fill()?,
+                Err(Errno::AGAIN) if left > self.pipe.capacity / 2 => self.let_fill()?,
                 Err(Errno::AGAIN) => self.wait()?,
                 Err(Errno::INTR) => {}
                 Err(e) => return Err(SessionError::Io(e.into())),
@@ -1275,24 +1305,31 @@ impl<F: AsFd> PipeSource<F> {
     /// Lets the client fill part of the empty pipe, then waits for data as
     /// [`Self::wait`] does.
     fn let_fill(&mut self) -> Result<(), SessionError> {
-        self.pause.sleep();
-        self.wait()?;
-        let queued = rustix::io::ioctl_fionread(&self.fd).map_err(io::Error::from)?;
-        self.pause
-            .adapt(queued >= self.capacity, queued < self.capacity / 2);
+        let queued = self
+            .pipe
+            .pause_then_wait(PollFlags::IN)?
+            .ok_or_else(|| self.timed_out())?;
+        let capacity = self.pipe.capacity;
+        self.pipe
+            .pause
+            .adapt(queued >= capacity, queued < capacity / 2);
         Ok(())
     }
 
     /// Waits until the pipe has data (or the client closed it), or fails after the idle
     /// timeout.
     fn wait(&self) -> Result<(), SessionError> {
-        if poll_ready(&self.fd, PollFlags::IN, self.timeout)? {
+        if self.pipe.ready(PollFlags::IN)? {
             return Ok(());
         }
-        Err(SessionError::Timeout {
+        Err(self.timed_out())
+    }
+
+    fn timed_out(&self) -> SessionError {
+        SessionError::Timeout {
             phase: "to send more",
-            secs: self.timeout.as_secs(),
-        })
+            secs: self.pipe.timeout.as_secs(),
+        }
     }
 }
 
@@ -1309,50 +1346,44 @@ impl<F: AsFd> PipeSource<F> {
 /// small paths pay no pause). The pause adapts: shorter when the pipe was found empty
 /// (the reader may have waited), longer when it was still more than half full.
 struct PipeSink<F> {
-    fd: F,
-    timeout: Duration,
+    pipe: PacedPipe<F>,
     /// Cleared when the kernel cannot splice from a file (the dumper then reads it).
     splice: bool,
-    /// The pipe's capacity in bytes.
-    capacity: u64,
-    /// How long to let the reader drain a full pipe before filling it again.
-    pause: Pause,
 }
 
 impl<F: AsFd> PipeSink<F> {
     fn new(fd: F, timeout: Duration) -> Self {
         PipeSink {
-            capacity: pipe_capacity(&fd),
-            fd,
-            timeout,
+            pipe: PacedPipe::new(fd, timeout),
             splice: true,
-            pause: Pause::new(),
         }
     }
 
     /// Lets the reader drain part of the full pipe (see the type's doc), then waits until
     /// it has room, as [`Self::wait`] does.
     fn let_drain(&mut self) -> io::Result<()> {
-        self.pause.sleep();
-        self.wait()?;
-        let queued = rustix::io::ioctl_fionread(&self.fd)?;
-        self.pause.adapt(queued == 0, queued > self.capacity / 2);
+        let queued = self
+            .pipe
+            .pause_then_wait(PollFlags::OUT)?
+            .ok_or_else(|| write_timed_out(self.pipe.timeout))?;
+        let capacity = self.pipe.capacity;
+        self.pipe.pause.adapt(queued == 0, queued > capacity / 2);
         Ok(())
     }
 
     /// Waits until the pipe has room, or fails after the write timeout.
     fn wait(&self) -> io::Result<()> {
-        if poll_ready(&self.fd, PollFlags::OUT, self.timeout)? {
+        if self.pipe.ready(PollFlags::OUT)? {
             return Ok(());
         }
-        Err(write_timed_out(self.timeout))
+        Err(write_timed_out(self.pipe.timeout))
     }
 }
 
 impl<F: AsFd> io::Write for PipeSink<F> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         loop {
-            match rustix::io::write(&self.fd, data) {
+            match rustix::io::write(&self.pipe.fd, data) {
                 Ok(n) => return Ok(n),
                 Err(Errno::AGAIN) => self.wait()?,
                 Err(Errno::INTR) => {}
@@ -1375,12 +1406,12 @@ impl<F: AsFd> NarSink for PipeSink<F> {
         let mut sent = 0;
         while sent < size {
             let want = usize::try_from(size - sent).unwrap_or(usize::MAX);
-            match splice(file, None, &self.fd, None, want, SpliceFlags::NONBLOCK) {
+            match splice(file, None, &self.pipe.fd, None, want, SpliceFlags::NONBLOCK) {
                 // The file is shorter than it was: the dumper finds out and says so.
                 Ok(0) => break,
                 Ok(n) => sent += n as u64,
                 // Only a long remainder is worth pausing for; a short one waits for room.
-                Err(Errno::AGAIN) if size - sent > self.capacity / 2 => self.let_drain()?,
+                Err(Errno::AGAIN) if size - sent > self.pipe.capacity / 2 => self.let_drain()?,
                 Err(Errno::AGAIN) => self.wait()?,
                 Err(Errno::INTR) => {}
                 Err(Errno::INVAL) if sent == 0 => {
@@ -1460,17 +1491,17 @@ mod tests {
         let mut sink = PipeSink::new(write, Duration::from_secs(60));
         // Found empty after the pause: the reader may have waited, so the pause shrinks.
         sink.let_drain().unwrap();
-        assert_eq!(sink.pause.0, PAUSE_START / 2);
+        assert_eq!(sink.pipe.pause.0, PAUSE_START / 2);
         // Found still nearly full after the reader took 4 KiB: the pause grows.
         let chunk = vec![0u8; 4096];
-        while rustix::io::write(&sink.fd, &chunk).is_ok() {}
+        while rustix::io::write(&sink.pipe.fd, &chunk).is_ok() {}
         let reader = std::thread::spawn(move || {
             let mut got = [0u8; 4096];
             rustix::io::read(&read, &mut got).unwrap();
             read
         });
         sink.let_drain().unwrap();
-        assert_eq!(sink.pause.0, PAUSE_START);
+        assert_eq!(sink.pipe.pause.0, PAUSE_START);
         drop(reader.join().unwrap());
     }
 
