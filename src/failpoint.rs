@@ -189,18 +189,12 @@ mod armed {
         }
     }
 
-    impl io::Write for MidStream<'_> {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.next_piece();
-            self.inner.write(data)
-        }
-
-        fn flush(&mut self) -> io::Result<()> {
-            self.inner.flush()
-        }
-    }
-
     impl NarSink for MidStream<'_> {
+        fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+            self.next_piece();
+            self.inner.write_buffer(buf)
+        }
+
         fn takes_file(&self, size: u64) -> bool {
             self.inner.takes_file(size)
         }

@@ -11,13 +11,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Size of the pieces files are read in, and of the output buffer.
-const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 256 * 1024;
 
 std::thread_local! {
-    /// The buffers of the last dump on this thread (output, file reads), kept for the next:
-    /// the store's exports run one path after another on the same few blocking threads, and
-    /// fresh buffers of this size cost page faults on every path.
-    static BUFFERS: std::cell::Cell<(Vec<u8>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// The output buffer of the last dump on this thread, kept for the next: the store's
+    /// exports run one path after another on the same few blocking threads, and a fresh
+    /// buffer of this size costs page faults on every path.
+    static BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Why a path could not be dumped. Every variant names the path concerned.
@@ -56,9 +56,17 @@ pub enum NarFsError {
     },
 }
 
-/// Where [`dump_to`] writes a NAR: an `io::Write` that may also take regular files' contents
-/// straight from the file, without the dumper reading them.
-pub trait NarSink: Write {
+/// Where [`dump_to`] writes a NAR: it takes the dumper's buffer when full (and may keep it,
+/// giving back another), and may also take regular files' contents straight from the file,
+/// without the dumper reading them.
+///
+/// The dumper reads files' contents straight into its buffer, after the NAR framing, so a
+/// sink that keeps the buffer moves the bytes on without any copy in user space.
+pub trait NarSink {
+    /// Writes out all of `buf` and leaves `buf` empty: cleared, or swapped for another
+    /// buffer (with room for at least [`CHUNK`] bytes, to avoid a reallocation).
+    fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()>;
+
     /// Whether to offer a file of `size` bytes to [`NarSink::send_file`]; before the offer,
     /// the dumper writes out all the NAR bytes it holds. By default, never.
     fn takes_file(&self, _size: u64) -> bool {
@@ -72,20 +80,17 @@ pub trait NarSink: Write {
     }
 }
 
-/// A plain `io::Write` as a [`NarSink`] that takes no files.
+/// A plain `io::Write` as a [`NarSink`] that takes no files: the buffer is written out and
+/// cleared.
 pub struct Plain<W>(pub W);
 
-impl<W: Write> Write for Plain<W> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.0.write(data)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+impl<W: Write> NarSink for Plain<W> {
+    fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.0.write_all(buf)?;
+        buf.clear();
+        Ok(())
     }
 }
-
-impl<W: Write> NarSink for Plain<W> {}
 
 /// Writes the canonical NAR of the tree at `path` (not following a symlink at `path` itself)
 /// to `out`, and returns its size in bytes.
@@ -95,21 +100,19 @@ pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<u64, NarFsError> {
 
 /// [`dump_path`] into a [`NarSink`], which may move files' contents itself.
 pub fn dump_to(path: &Path, out: &mut (impl NarSink + ?Sized)) -> Result<u64, NarFsError> {
-    let (mut buf, mut read_buf) = BUFFERS.take();
+    let mut buf = BUFFER.take();
     buf.clear();
-    buf.reserve(2 * CHUNK);
-    read_buf.resize(CHUNK, 0);
+    buf.reserve(CHUNK);
     let mut dumper = Dumper {
         writer: NarWriter::new(),
         buf,
-        read_buf,
         written: 0,
         root: path,
         out,
     };
     let result = dumper.node(path).and_then(|()| dumper.flush());
     let written = dumper.written;
-    BUFFERS.set((dumper.buf, dumper.read_buf));
+    BUFFER.set(dumper.buf);
     result.map(|()| written)
 }
 
@@ -117,7 +120,6 @@ struct Dumper<'a, W: NarSink + ?Sized> {
     writer: NarWriter,
     /// NAR bytes not yet written to `out`.
     buf: Vec<u8>,
-    read_buf: Vec<u8>,
     written: u64,
     root: &'a Path,
     out: &'a mut W,
@@ -139,9 +141,14 @@ fn nar_err(path: &Path) -> impl FnOnce(NarWriteError) -> NarFsError + '_ {
 
 impl<W: NarSink + ?Sized> Dumper<'_, W> {
     fn flush(&mut self) -> Result<(), NarFsError> {
-        self.out.write_all(&self.buf).map_err(io_err(self.root))?;
-        self.written += self.buf.len() as u64;
-        self.buf.clear();
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let len = self.buf.len() as u64;
+        self.out
+            .write_buffer(&mut self.buf)
+            .map_err(io_err(self.root))?;
+        self.written += len;
         Ok(())
     }
 
@@ -194,21 +201,20 @@ impl<W: NarSink + ?Sized> Dumper<'_, W> {
             left -= sent;
         }
         while left > 0 {
-            // At most CHUNK, so the cast cannot truncate.
-            let want = left.min(CHUNK as u64) as usize;
-            let n = file
-                .read(&mut self.read_buf[..want])
-                .map_err(io_err(path))?;
-            if n == 0 {
+            self.flush_if_full()?;
+            // The contents are read straight into the buffer, after the framing: as much
+            // as it has room for (a file that grew shows as more than `left`).
+            self.buf.reserve(CHUNK - self.buf.len());
+            let n = read_into(&file, &mut self.buf).map_err(io_err(path))? as u64;
+            if n == 0 || n > left {
                 return Err(changed());
             }
             self.writer
-                .contents(&self.read_buf[..n], &mut self.buf)
+                .contents_written_elsewhere(n)
                 .map_err(nar_err(path))?;
-            left -= n as u64;
-            self.flush_if_full()?;
+            left -= n;
         }
-        if file.read(&mut self.read_buf[..1]).map_err(io_err(path))? != 0 {
+        if file.read(&mut [0]).map_err(io_err(path))? != 0 {
             return Err(changed());
         }
         Ok(())
@@ -231,6 +237,17 @@ impl<W: NarSink + ?Sized> Dumper<'_, W> {
             self.node(&child)?;
         }
         Ok(())
+    }
+}
+
+/// Reads from `file` into the spare capacity of `buf` (which grows by what was read, with no
+/// zeroing first), retrying when interrupted.
+fn read_into(file: &File, buf: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        match rustix::io::read(file, rustix::buffer::spare_capacity(buf)) {
+            Err(rustix::io::Errno::INTR) => {}
+            other => return other.map_err(io::Error::from),
+        }
     }
 }
 

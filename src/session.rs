@@ -44,8 +44,9 @@ use crate::failpoint::failpoint_async;
 use crate::nar_fs::NarSink;
 use crate::store::{Import, PathClaim, Store, StoreError};
 
-/// Size of the pieces NAR data moves in, from the client and to it.
-pub const CHUNK: usize = 256 * 1024;
+/// Size of the pieces NAR data moves in, from the client and to it (the dumper's, for
+/// exports).
+pub const CHUNK: usize = crate::nar_fs::CHUNK;
 
 /// How many chunks may wait between the session and a blocking store task.
 const CHANNEL_DEPTH: usize = 4;
@@ -923,19 +924,12 @@ impl<O: SessionOutput> Driver<'_, O> {
             return sent.map(drop).map_err(store_error(&what));
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-        let pool = self.pool.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut writer = ChunkWriter {
-                tx,
-                buf: pool.take(),
-                pool,
-            };
-            store.export_nar(&account, &path, &mut writer)?;
-            // This fails only when the session has gone, and then nobody waits for the result.
-            let _ = writer.send_buffered();
-            writer.pool.put(writer.buf);
-            Ok(())
-        });
+        let mut writer = ChunkWriter {
+            tx,
+            pool: self.pool.clone(),
+        };
+        let task =
+            tokio::task::spawn_blocking(move || store.export_nar_to(&account, &path, &mut writer));
         while let Some(chunk) = rx.recv().await {
             // The empty send checks that a stream is in progress; the chunk then goes out
             // as it is, after what the session still holds (ExportPaths' entry header),
@@ -945,10 +939,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             if !queued.is_empty() {
                 self.out.stdout(queued).await?;
             }
-            self.out.stdout(chunk.clone()).await?;
-            self.pool.give(chunk);
+            // The chunk comes back to the pool once sent.
+            self.out.stdout(chunk).await?;
         }
-        task.await?.map_err(store_error(&what))
+        task.await?.map(drop).map_err(store_error(&what))
     }
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
@@ -1082,71 +1076,84 @@ fn registration_time(claimed: u64) -> u64 {
 /// this size is page-faulted in and handed back to the kernel every time, which measured as
 /// about a third of the server CPU of a download.
 #[derive(Debug, Clone, Default)]
-struct BufferPool(Arc<Mutex<Vec<BytesMut>>>);
+struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl BufferPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<BytesMut>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
         // The vector is valid whatever a panicking holder was doing.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An empty buffer with room for [`CHUNK`] bytes.
-    fn take(&self) -> BytesMut {
+    fn take_vec(&self) -> Vec<u8> {
         self.lock()
             .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(CHUNK))
+            .unwrap_or_else(|| Vec::with_capacity(CHUNK))
+    }
+
+    /// [`Self::take_vec`] as a `BytesMut` (the same memory).
+    fn take(&self) -> BytesMut {
+        BytesMut::from(Bytes::from(self.take_vec()))
     }
 
     /// Takes back a chunk once nothing else refers to it.
     fn give(&self, chunk: Bytes) {
         if let Ok(buf) = chunk.try_into_mut() {
-            self.put(buf);
+            self.put(buf.into());
         }
     }
 
     /// Keeps a buffer for reuse.
-    fn put(&self, mut buf: BytesMut) {
+    fn put(&self, mut buf: Vec<u8>) {
         buf.clear();
         let mut pool = self.lock();
         if buf.capacity() >= CHUNK && pool.len() < POOL_SIZE {
             pool.push(buf);
         }
     }
+
+    /// `buf` as a chunk that comes back to the pool by itself when its last view is
+    /// dropped, wherever that is (in the SSH connection's task once sent, say).
+    fn chunk(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
 }
 
-/// An `io::Write` for [`Store::export_nar`] in a blocking task: gathers the output into
-/// chunks of [`CHUNK`] bytes and hands them to the session through a bounded channel, so
-/// the export runs at the pace of the client.
-struct ChunkWriter {
-    tx: mpsc::Sender<Bytes>,
-    buf: BytesMut,
+/// A buffer on loan from a [`BufferPool`], given back when dropped.
+struct Pooled {
+    buf: Vec<u8>,
     pool: BufferPool,
 }
 
-impl ChunkWriter {
-    fn send_buffered(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let full = std::mem::replace(&mut self.buf, self.pool.take());
-        self.tx
-            .blocking_send(full.freeze())
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the session has ended"))
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
     }
 }
 
-impl io::Write for ChunkWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
-            self.send_buffered()?;
-        }
-        Ok(n)
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
     }
+}
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buffered()
+/// A [`NarSink`] for [`Store::export_nar_to`] in a blocking task: takes the dumper's full
+/// buffers (no copy) and hands them to the session through a bounded channel, so the
+/// export runs at the pace of the client.
+struct ChunkWriter {
+    tx: mpsc::Sender<Bytes>,
+    pool: BufferPool,
+}
+
+impl NarSink for ChunkWriter {
+    fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let full = std::mem::replace(buf, self.pool.take_vec());
+        self.tx
+            .blocking_send(self.pool.chunk(full))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the session has ended"))
     }
 }
 
@@ -1380,24 +1387,22 @@ impl<F: AsFd> PipeSink<F> {
     }
 }
 
-impl<F: AsFd> io::Write for PipeSink<F> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        loop {
+impl<F: AsFd> NarSink for PipeSink<F> {
+    fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let mut data = &buf[..];
+        while !data.is_empty() {
             match rustix::io::write(&self.pipe.fd, data) {
-                Ok(n) => return Ok(n),
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
                 Err(Errno::AGAIN) => self.wait()?,
                 Err(Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
+        buf.clear();
         Ok(())
     }
-}
 
-impl<F: AsFd> NarSink for PipeSink<F> {
     fn takes_file(&self, size: u64) -> bool {
         self.splice && size >= SPLICE_MIN
     }
@@ -1820,6 +1825,23 @@ mod tests {
         assert_ne!(pool.take().as_ptr(), ptr);
         pool.give(shared);
         let again = pool.take();
+        assert_eq!((again.as_ptr(), again.len()), (ptr, 0));
+        assert!(again.capacity() >= CHUNK);
+    }
+
+    #[test]
+    fn a_pooled_chunk_comes_back_when_its_last_view_is_dropped() {
+        let pool = BufferPool::default();
+        let mut buf = pool.take_vec();
+        buf.extend_from_slice(&[7; CHUNK]);
+        let ptr = buf.as_ptr();
+        let chunk = pool.chunk(buf);
+        let packet = chunk.slice(1000..2000);
+        drop(chunk);
+        assert!(pool.lock().is_empty(), "a view is still alive");
+        assert_eq!(&packet[..], &[7; 1000][..]);
+        drop(packet);
+        let again = pool.take_vec();
         assert_eq!((again.as_ptr(), again.len()), (ptr, 0));
         assert!(again.capacity() >= CHUNK);
     }
