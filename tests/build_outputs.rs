@@ -544,6 +544,70 @@ fn references_are_found_only_among_candidates() {
     assert_eq!(closure, set(&[&out, &dev, &inputs.a, &inputs.b]));
 }
 
+/// Outputs of 8 MiB or more are hashed on a second thread while the dump reads and scans
+/// them: the same NAR hash and size as Nix's, references found across the dumper's 256 KiB
+/// buffers, and a fixed output's own algorithm hashed there too.
+#[test]
+fn big_outputs_are_hashed_aside_with_the_same_results() {
+    let nix = Nix::new();
+    let mut env = Env::new();
+    let inputs = Inputs::upload(&env);
+    let scratch = env.scratch();
+    let out = path("big", "out");
+    let root = scratch.join(out.base_name());
+    mkdir(&root, 0o755);
+    // Not all zeros, so that a shifted or dropped buffer changes the hash.
+    let mut big: Vec<u8> = (0..9u32 << 20).map(|i| (i % 251) as u8).collect();
+    // One reference straddles the end of the dumper's first 256 KiB buffer (232 bytes of
+    // NAR framing come before the contents), another ends the file.
+    let a = inputs.a.to_string();
+    let at = 256 * 1024 - 232 - 20;
+    big[at..at + a.len()].copy_from_slice(a.as_bytes());
+    let b = inputs.b.hash_part();
+    let end = big.len();
+    big[end - b.len()..].copy_from_slice(b.as_bytes());
+    write(&root.join("big"), &big, 0o644);
+    write(&root.join("small"), "after the big one", 0o644);
+    chown_tree(&root, BUILD_UID);
+    let done = env
+        .process(
+            &scratch,
+            &[output("out", &out)],
+            &inputs.closure(),
+            &OutputCheckSpec::default(),
+        )
+        .expect("accepted");
+    let info = &done[0].info;
+    assert_eq!(info.references, set(&[&inputs.a, &inputs.b]));
+    let object = env.object(&out, &info.nar_hash.expect("nar hash"));
+    let nar = nix.dump(&object);
+    assert_eq!(info.nar_hash, Some(sha256(&nar)));
+    assert_eq!(info.nar_size, nar.len() as u64);
+
+    // A recursive fixed output hashed with sha512 on the hashing thread too.
+    let mut env = Env::new();
+    let staging = env.dir.path().join("staging");
+    fs::create_dir(&staging).expect("mkdir");
+    let contents = "0123456789abcdef".repeat(9 << 16);
+    let (fixed, _) = fixed_output(
+        &nix,
+        &staging,
+        &env.scratch(),
+        ContentAddressMethod::Recursive,
+        HashAlgo::Sha512,
+        fixed_tree(ContentAddressMethod::Recursive, &contents),
+    );
+    let done = env
+        .process(
+            &env.dir.path().join("build-1/store"),
+            std::slice::from_ref(&fixed),
+            &BTreeSet::new(),
+            &OutputCheckSpec::default(),
+        )
+        .expect("the fixed output's hash matches");
+    assert_eq!(done[0].info.ca, fixed.fixed);
+}
+
 #[test]
 fn a_cycle_between_outputs_is_refused() {
     let mut env = Env::new();
