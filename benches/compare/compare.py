@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import grp
 import hashlib
+import mmap
 import os
 import platform
 import re
@@ -2082,6 +2083,72 @@ def ssh_version():
     return out.stdout.decode().strip().split(",")[0] or "unknown ssh"
 
 
+# Linux's free page reporting: a VM's balloon device is told which free pages the guest no
+# longer uses, and the host takes them back; a page handed out again is then faulted in from
+# the host, costing each run that allocates it (the client's store writes, the builder's
+# output) a random share of up to 2.5 s per GiB on the machine of BENCHMARKS.md.
+PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+# Above the largest block order (10), no free block is ever reported.
+PAGE_REPORTING_OFF = "11"
+
+
+class VmMemory:
+    """Pauses free page reporting for the harness's lifetime (restored by `restore`); with
+    `warm`, both sides then run on memory the host backs."""
+
+    def __init__(self, keep):
+        self.saved = None
+        self.note = "no free page reporting here (nothing changed)"
+        if keep:
+            self.note = "free page reporting left as it is (--keep-page-reporting)"
+            return
+        try:
+            with open(PAGE_REPORTING_ORDER) as f:
+                saved = f.read().strip()
+            with open(PAGE_REPORTING_ORDER, "w") as f:
+                f.write(PAGE_REPORTING_OFF)
+        except OSError:
+            return
+        self.saved = saved
+        log(
+            f"free page reporting paused ({PAGE_REPORTING_ORDER}: {saved} -> {PAGE_REPORTING_OFF}); "
+            f"if the harness is killed, restore it with: echo {saved} > {PAGE_REPORTING_ORDER}"
+        )
+
+    def warm(self):
+        """Touches the free memory once, when reporting is paused (else it would be taken
+        back again)."""
+        if self.saved is None:
+            return
+        touched, secs = touch_free_memory()
+        self.note = (
+            f"free page reporting paused for the run (page_reporting_order {self.saved} -> "
+            f"{PAGE_REPORTING_OFF}, restored at the end), {touched / GIB:.1f} GiB of free memory "
+            f"touched once first ({secs:.1f} s)"
+        )
+
+    def restore(self):
+        if self.saved is None:
+            return
+        with open(PAGE_REPORTING_ORDER, "w") as f:
+            f.write(self.saved)
+        self.saved = None
+
+
+def touch_free_memory():
+    """Writes to all free memory but 1 GiB once and frees it; returns (bytes, seconds)."""
+    with open("/proc/meminfo") as f:
+        free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemFree:"))
+    size = max(0, free - GIB) // MIB * MIB
+    started = time.monotonic()
+    if size:
+        chunk = bytes(MIB)
+        with mmap.mmap(-1, size) as m:
+            for _ in range(size // MIB):
+                m.write(chunk)
+    return size, time.monotonic() - started
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -2207,6 +2274,12 @@ def parse_args(argv):
         action="store_true",
         help="keep the temporary directory (logs, stores) for inspection",
     )
+    p.add_argument(
+        "--keep-page-reporting",
+        action="store_true",
+        help="leave the VM's free page reporting on (by default it is paused for the run and "
+        "the free memory touched once, so that neither side pays for pages the host took back)",
+    )
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = []
@@ -2248,16 +2321,21 @@ def main(argv):
 
     sweep()
     bench = None
+    vm = None
     try:
+        vm = VmMemory(args.keep_page_reporting)
+        vm.warm()
         bench = Bench(args)
         sweep_client_paths(bench.client)
-        return bench_main(bench, args)
+        return bench_main(bench, args, vm)
     finally:
         # No interruption while cleaning up.
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)
         if bench is not None:
             bench.cleanup()
+        if vm is not None:
+            vm.restore()
 
 
 def build_slots(args, clients):
@@ -2279,7 +2357,7 @@ def check_build_users(needed):
         )
 
 
-def bench_main(bench, args):
+def bench_main(bench, args, vm):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cpu_src, mem_src = bench.cgroups.describe()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -2293,6 +2371,7 @@ def bench_main(bench, args):
         f"(copies; builds: the daemon's alone, sessions untimed); cgroup memory peak: {mem_src} "
         "(includes page cache)",
         f"- {args.reps} run(s) per side and workload, alternating sides, the side that goes first switching every repetition",
+        f"- memory: {vm.note}",
     ]
     if any(w.transport == "ssh" for w in args.workloads):
         header.append(
