@@ -2105,9 +2105,13 @@ class VmMemory:
         try:
             with open(PAGE_REPORTING_ORDER) as f:
                 saved = f.read().strip()
+        except OSError:
+            return
+        try:
             with open(PAGE_REPORTING_ORDER, "w") as f:
                 f.write(PAGE_REPORTING_OFF)
-        except OSError:
+        except OSError as e:
+            self.note = f"free page reporting left on: pausing it failed ({e})"
             return
         self.saved = saved
         log(
