@@ -5,7 +5,7 @@
 //!
 //! Store calls block, so they run in `spawn_blocking`. NAR data never piles up in memory:
 //! uploads go to the store's [`Import`] through a bounded channel (a slow disk slows the
-//! client down), and downloads come from [`Store::export_nar`] through another, in chunks of
+//! client down), and downloads come from [`Store::export_nar_to`] through another, in chunks of
 //! [`CHUNK`] bytes. When the client's stdout is a pipe, a download is written to it by the
 //! blocking task itself instead, with large files' contents moved by `splice`, never copied
 //! through this process.
@@ -900,13 +900,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         let account = self.settings.account.clone();
         let what = format!("sending {path}");
         if self.out.stdout_is_pipe() {
-            // What the session holds (ExportPaths' entry header) goes out first; the empty
-            // send checks that a stream is in progress.
-            self.session.send_stream(&[])?;
-            let queued = self.session.take_output();
-            if !queued.is_empty() {
-                self.out.stdout(queued).await?;
-            }
+            self.send_before_stream().await?;
             self.out.flush().await?;
             let stdout = match self.out.lend_stdout() {
                 Some(loan) => loan?,
@@ -931,18 +925,24 @@ impl<O: SessionOutput> Driver<'_, O> {
         let task =
             tokio::task::spawn_blocking(move || store.export_nar_to(&account, &path, &mut writer));
         while let Some(chunk) = rx.recv().await {
-            // The empty send checks that a stream is in progress; the chunk then goes out
-            // as it is, after what the session still holds (ExportPaths' entry header),
-            // rather than copied into the session's output first.
-            self.session.send_stream(&[])?;
-            let queued = self.session.take_output();
-            if !queued.is_empty() {
-                self.out.stdout(queued).await?;
-            }
-            // The chunk comes back to the pool once sent.
+            // The chunk goes out as it is rather than copied into the session's output
+            // first, and comes back to the pool once sent.
+            self.send_before_stream().await?;
             self.out.stdout(chunk).await?;
         }
         task.await?.map(drop).map_err(store_error(&what))
+    }
+
+    /// Before NAR bytes that bypass the sans-IO session: checks that a stream is in
+    /// progress (the empty send) and sends what the session still holds ahead of them
+    /// (ExportPaths' entry header).
+    async fn send_before_stream(&mut self) -> Result<(), SessionError> {
+        self.session.send_stream(&[])?;
+        let queued = self.session.take_output();
+        if !queued.is_empty() {
+            self.out.stdout(queued).await?;
+        }
+        Ok(())
     }
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
