@@ -465,6 +465,11 @@ pub struct BuildsConfig {
     pub build_timeout: u64,
     /// Bytes of log a build may write. Default 268435456 (256 MiB).
     pub max_log_size: u64,
+    /// Most bytes all the outputs of one build may hold together, as NARs; each output is
+    /// also held to `[store] max_nar_size`. Checked while the outputs are walked and hashed,
+    /// which stop at the first byte over (a build that leaves a huge sparse file fails at
+    /// once). Default 68719476736 (64 GiB); at least 1.
+    pub max_output_size: u64,
     /// Whether a derivation may ask for its cores and memory with the attributes
     /// `NIXBUILD_CORES` (a number) and `NIXBUILD_MEMORY` (bytes or a size such as `4G`).
     /// Default false: builds get `[scheduler]`'s defaults.
@@ -481,6 +486,7 @@ impl Default for BuildsConfig {
             max_silent_time: 0,
             build_timeout: 86_400,
             max_log_size: 256 << 20,
+            max_output_size: 64 << 30,
             derivation_requests: false,
             dev_shm_size: "50%".into(),
         }
@@ -720,6 +726,7 @@ impl Config {
                 "limits.max_upload_bytes_per_session",
                 self.limits.max_upload_bytes_per_session,
             ),
+            ("builds.max_output_size", self.builds.max_output_size),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1".into()));

@@ -10,11 +10,12 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use common::Nix;
 use nixbuild::build::outputs::{
-    process_outputs, ExpectedOutput, OutputCheckSpec, OutputError, OutputsRequest, ProcessedOutput,
-    RefSpec,
+    process_outputs, ExpectedOutput, OutputCheckSpec, OutputError, OutputLimits, OutputsRequest,
+    ProcessedOutput, RefSpec,
 };
 use nixbuild::store::{BuiltPath, PathClaim, Store, StoreError, StoreLimits};
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
@@ -88,8 +89,19 @@ impl Env {
 
     /// Uploads `node` as `path` with `references` for the account.
     fn input(&self, path: &StorePath, node: &NarNode, references: &[&StorePath]) {
+        self.upload_as(ACCOUNT, path, node, references);
+    }
+
+    /// Uploads `node` as `path` with `references` for `account`.
+    fn upload_as(
+        &self,
+        account: &str,
+        path: &StorePath,
+        node: &NarNode,
+        references: &[&StorePath],
+    ) {
         let nar = node.to_nar().expect("nar");
-        let mut import = self.store.begin_import(ACCOUNT).expect("begin import");
+        let mut import = self.store.begin_import(account).expect("begin import");
         import.write(&nar).expect("write");
         import
             .commit(PathClaim {
@@ -112,18 +124,57 @@ impl Env {
         inputs: &BTreeSet<StorePath>,
         checks: &OutputCheckSpec,
     ) -> Result<Vec<ProcessedOutput>, OutputError> {
-        process_outputs(
-            &self.store,
-            &OutputsRequest {
-                account: ACCOUNT,
-                drv_path: &self.drv,
-                scratch_store: scratch,
-                build_uid: BUILD_UID,
-                outputs,
-                input_closure: inputs,
-                checks,
-            },
-        )
+        self.process_request(&OutputsRequest {
+            account: ACCOUNT,
+            sharers: &[],
+            drv_path: &self.drv,
+            scratch_store: scratch,
+            build_uid: BUILD_UID,
+            outputs,
+            input_closure: inputs,
+            checks,
+            limits: OutputLimits::NONE,
+            abort: &AtomicBool::new(false),
+        })
+    }
+
+    /// Processes `outputs` (no inputs, no checks) for `account` and `sharers`, within
+    /// `limits`, with `abort` as the build service's flag.
+    fn process_shared(
+        &self,
+        scratch: &Path,
+        outputs: &[ExpectedOutput],
+        (account, sharers): (&str, &[String]),
+        limits: OutputLimits,
+        abort: &AtomicBool,
+    ) -> Result<Vec<ProcessedOutput>, OutputError> {
+        self.process_request(&OutputsRequest {
+            account,
+            sharers,
+            drv_path: &self.drv,
+            scratch_store: scratch,
+            build_uid: BUILD_UID,
+            outputs,
+            input_closure: &BTreeSet::new(),
+            checks: &OutputCheckSpec::default(),
+            limits,
+            abort,
+        })
+    }
+
+    fn process_request(
+        &self,
+        request: &OutputsRequest<'_>,
+    ) -> Result<Vec<ProcessedOutput>, OutputError> {
+        process_outputs(&self.store, request)
+    }
+
+    /// The NAR hash of `path` as `account` sees it, if valid for it.
+    fn nar_hash(&self, account: &str, path: &StorePath) -> Option<Hash> {
+        self.store
+            .query_path_info(account, path)
+            .expect("query")
+            .and_then(|info| info.nar_hash)
     }
 
     fn valid(&self, account: &str, path: &StorePath) -> bool {
@@ -1173,4 +1224,207 @@ fn register_built_is_all_or_nothing() {
     assert!(matches!(err, StoreError::PathMismatch { .. }), "{err:?}");
     assert!(valid_none(&env));
     assert_eq!(env.objects(), objects);
+}
+
+/// An account's view of one output before a shared build: none, or its own upload.
+type Before = Option<u32>;
+
+fn shared_case() -> impl proptest::strategy::Strategy<Value = (Vec<Vec<Before>>, Vec<u32>)> {
+    use proptest::prelude::*;
+    (1usize..=3, 1usize..=3).prop_flat_map(|(accounts, outputs)| {
+        (
+            proptest::collection::vec(
+                proptest::collection::vec(proptest::option::of(any::<u32>()), outputs),
+                accounts,
+            ),
+            proptest::collection::vec(any::<u32>(), outputs),
+        )
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(32))]
+
+    /// The sharing invariant (issue 14): whatever the accounts of a shared build held
+    /// before, each ends up with its own upload where it had one and with the bytes this
+    /// build produced everywhere else: never bytes that another account uploaded.
+    #[test]
+    fn a_shared_build_gives_each_account_its_own_upload_or_the_built_bytes(
+        (before, built) in shared_case()
+    ) {
+        let mut env = Env::new();
+        let names = ["out", "dev", "lib"];
+        let accounts: Vec<String> = (0..before.len()).map(|i| format!("account-{i}")).collect();
+        let outputs: Vec<ExpectedOutput> = built
+            .iter()
+            .zip(names)
+            .map(|(_, name)| output(name, &path(&format!("thing-{name}"), name)))
+            .collect();
+        let upload = |account: &str, o: &ExpectedOutput, n: u32| {
+            format!("uploaded by {account} at {}: {n}\n", o.name).into_bytes()
+        };
+        for (account, held) in accounts.iter().zip(&before) {
+            for (o, n) in outputs.iter().zip(held) {
+                if let Some(n) = n {
+                    let node = NarNode::File { executable: false, contents: upload(account, o, *n) };
+                    env.upload_as(account, &o.path, &node, &[]);
+                }
+            }
+        }
+        let scratch = env.scratch();
+        for (o, n) in outputs.iter().zip(&built) {
+            file_output(&scratch, &o.path, format!("built {}: {n}\n", o.name));
+        }
+        let (account, sharers) = accounts.split_first().expect("an account");
+        env.process_shared(&scratch, &outputs, (account, sharers), OutputLimits::NONE, &AtomicBool::new(false))
+            .expect("outputs accepted");
+        for (account, held) in accounts.iter().zip(&before) {
+            for ((o, had), n) in outputs.iter().zip(held).zip(&built) {
+                let expected = match had {
+                    Some(u) => upload(account, o, *u),
+                    None => format!("built {}: {n}\n", o.name).into_bytes(),
+                };
+                let nar = NarNode::File { executable: false, contents: expected }.to_nar().expect("nar");
+                proptest::prop_assert_eq!(
+                    env.nar_hash(account, &o.path),
+                    Some(sha256(&nar)),
+                    "{} of {} (held before: {:?})", o.name, account, had
+                );
+                proptest::prop_assert!(env.object(&o.path, &sha256(&nar)).exists());
+            }
+        }
+    }
+}
+
+/// Makes `path` in `scratch` a sparse file of `len` bytes, owned by the build.
+fn sparse_output(scratch: &Path, path: &StorePath, len: u64) {
+    let root = scratch.join(path.base_name());
+    fs::File::create(&root)
+        .expect("create")
+        .set_len(len)
+        .expect("truncate");
+    chown_tree(&root, BUILD_UID);
+}
+
+fn too_large(result: Result<Vec<ProcessedOutput>, OutputError>) -> String {
+    match result {
+        Err(e @ OutputError::TooLarge { .. }) => {
+            assert_eq!(e.build_status(), BuildStatus::OutputRejected);
+            e.to_string()
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_sparse_output_over_max_nar_size_is_refused_from_its_size() {
+    let mut env = Env::new();
+    let out = path("sparse", "out");
+    let scratch = env.scratch();
+    sparse_output(&scratch, &out, 1 << 40);
+    let limits = OutputLimits {
+        max_nar_size: 1 << 30,
+        max_output_size: u64::MAX,
+    };
+    let message = too_large(env.process_shared(
+        &scratch,
+        &[output("out", &out)],
+        (ACCOUNT, &[]),
+        limits,
+        &AtomicBool::new(false),
+    ));
+    assert!(
+        message.contains("its files hold more than 1073741824 bytes")
+            && message.contains("max_nar_size in [store]"),
+        "{message}"
+    );
+    assert!(!env.valid(ACCOUNT, &out));
+    assert!(env.objects().is_empty());
+}
+
+#[test]
+fn an_output_whose_nar_outgrows_the_limit_is_stopped_while_dumped() {
+    let mut env = Env::new();
+    let out = path("many", "out");
+    let scratch = env.scratch();
+    let root = scratch.join(out.base_name());
+    mkdir(&root, 0o755);
+    for i in 0..100 {
+        write(&root.join(format!("empty-{i}")), "", 0o644);
+    }
+    chown_tree(&root, BUILD_UID);
+    // No bytes in files, but over 10 KiB of NAR framing.
+    let limits = OutputLimits {
+        max_nar_size: 4096,
+        max_output_size: u64::MAX,
+    };
+    let message = too_large(env.process_shared(
+        &scratch,
+        &[output("out", &out)],
+        (ACCOUNT, &[]),
+        limits,
+        &AtomicBool::new(false),
+    ));
+    assert!(
+        message.contains("its NAR has more than 4096 bytes"),
+        "{message}"
+    );
+    assert!(!env.valid(ACCOUNT, &out));
+}
+
+#[test]
+fn all_outputs_of_a_build_together_are_held_to_max_output_size() {
+    let mut env = Env::new();
+    let (out, dev) = (path("two", "out"), path("two-dev", "dev"));
+    let scratch = env.scratch();
+    file_output(&scratch, &out, vec![b'o'; 600]);
+    file_output(&scratch, &dev, vec![b'd'; 600]);
+    let outputs = [output("out", &out), output("dev", &dev)];
+    let limits = OutputLimits {
+        max_nar_size: 1000,
+        max_output_size: 1000,
+    };
+    let message = too_large(env.process_shared(
+        &scratch,
+        &outputs,
+        (ACCOUNT, &[]),
+        limits,
+        &AtomicBool::new(false),
+    ));
+    assert!(message.contains("max_output_size in [builds]"), "{message}");
+    assert!(!env.valid(ACCOUNT, &out) && !env.valid(ACCOUNT, &dev));
+    // Each alone fits: the same outputs, left anew.
+    let scratch = env.scratch();
+    file_output(&scratch, &out, vec![b'o'; 600]);
+    file_output(&scratch, &dev, vec![b'd'; 600]);
+    let limits = OutputLimits {
+        max_nar_size: 1000,
+        max_output_size: 2000,
+    };
+    env.process_shared(
+        &scratch,
+        &outputs,
+        (ACCOUNT, &[]),
+        limits,
+        &AtomicBool::new(false),
+    )
+    .expect("within both limits");
+}
+
+#[test]
+fn aborted_processing_registers_nothing() {
+    let mut env = Env::new();
+    let out = path("aborted", "out");
+    let scratch = env.scratch();
+    file_output(&scratch, &out, "never registered");
+    let result = env.process_shared(
+        &scratch,
+        &[output("out", &out)],
+        (ACCOUNT, &[]),
+        OutputLimits::NONE,
+        &AtomicBool::new(true),
+    );
+    assert!(matches!(result, Err(OutputError::Aborted)), "{result:?}");
+    assert!(!env.valid(ACCOUNT, &out));
+    assert!(env.objects().is_empty());
 }

@@ -8,10 +8,11 @@
 //!    its outputs already valid for the account (all valid: `AlreadyValid` at once), and look up
 //!    the input closure as the account sees it (an input the account cannot see fails the build
 //!    with a message saying so).
-//! 2. **Share**: identical in-flight builds are shared (`DESIGN.md`, Builds): the identity is the
-//!    account, the derivation path, its modulo hash, its output paths and the NAR hashes of its
-//!    input closure. Every waiter gets the log from the moment it joined and the same outcome;
-//!    the first requester's limits apply; when the last waiter goes, the build is killed.
+//! 2. **Share**: identical in-flight builds are shared ([`sharing`]): identical in the whole
+//!    derivation as sent and in the paths and NAR hashes of the input closure. Every waiter
+//!    gets the log from the moment it joined and the same outcome, and each account the
+//!    outputs this build produced; the first requester's limits apply; when the last waiter
+//!    goes, the build is killed.
 //! 3. **Run** (a task per build): take a host uid from the configured range, make the build's
 //!    scratch directory `<state>/builds/<n>`, plan the sandbox, and run the helper process
 //!    (`nixbuild_sandbox::helper_command`, a re-execution of this executable) with the plan on
@@ -25,17 +26,18 @@
 pub mod monitor;
 pub mod outputs;
 pub mod placement;
+pub mod sharing;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use nixbuild_core::derivation::{BasicDerivation, Derivation, DerivationOutput};
-use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
+use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::serve::{BuildOptions, BuildStatus};
 use nixbuild_core::store_path::StorePath;
 use nixbuild_sandbox::{
@@ -48,8 +50,9 @@ use crate::config::{BuildsConfig, Config};
 use crate::failpoint::{failpoint, failpoint_async};
 use crate::store::{InputObject, Store, StoreError};
 use monitor::{Monitor, Overrun, Watch};
-use outputs::{ExpectedOutput, OutputCheckSpec, OutputsRequest};
+use outputs::{ExpectedOutput, OutputCheckSpec, OutputLimits, OutputsRequest};
 use placement::{Grant, Placement, PlacementError, Running};
+use sharing::BuildKey;
 
 /// Largest `.drv` file BuildPaths reads.
 const MAX_DRV_SIZE: u64 = 16 << 20;
@@ -252,22 +255,11 @@ impl Drop for Waiter {
             if *waiters == 0 && build.done.borrow().is_none() {
                 tracing::info!(drv = %build.drv_path, "no client waits for the build any more: killing it");
                 let _ = build.cancel.send(true);
-                if inflight
-                    .get(&build.key)
-                    .is_some_and(|b| Arc::ptr_eq(b, build))
-                {
-                    inflight.remove(&build.key);
-                }
+                Inner::remove_if_mine(&mut inflight, build);
             }
         }
     }
 }
-
-/// What identifies a build for sharing: a digest of the derivation path, its modulo hash,
-/// its output paths and the paths and NAR hashes of its input closure as the requesting
-/// account sees it. Accounts whose closures are identical share a build (DESIGN.md, Builds);
-/// its outputs are then registered for each of them.
-type BuildKey = Hash;
 
 /// A build in flight, shared by its waiters.
 #[derive(Debug)]
@@ -445,6 +437,21 @@ impl Inner {
     fn lock_inflight(&self) -> MutexGuard<'_, HashMap<BuildKey, Arc<Shared>>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Takes `build` out of the in-flight map, if it is still the build there under its key:
+    /// no one joins it from now on.
+    fn leave_inflight(&self, build: &Shared) {
+        Self::remove_if_mine(&mut self.lock_inflight(), build);
+    }
+
+    fn remove_if_mine(inflight: &mut HashMap<BuildKey, Arc<Shared>>, build: &Shared) {
+        if inflight
+            .get(&build.key)
+            .is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), build))
+        {
+            inflight.remove(&build.key);
+        }
+    }
 }
 
 /// The name of the daemon's cgroup (under its own): one per state directory, so that the
@@ -575,15 +582,7 @@ impl BuildService {
                 "build finished: {}",
                 if outcome.message.is_empty() { "ok" } else { &outcome.message }
             );
-            {
-                let mut inflight = inner.lock_inflight();
-                if inflight
-                    .get(&build.key)
-                    .is_some_and(|b| Arc::ptr_eq(b, &build))
-                {
-                    inflight.remove(&build.key);
-                }
-            }
+            inner.leave_inflight(&build);
             build.done.send_replace(Some(Arc::new(outcome)));
             // The waiters have the outcome; what the build leaves goes now, off their path.
             if let Some(leftovers) = leftovers {
@@ -693,23 +692,13 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
     let inputs = store
         .input_objects(&job.account, &closure)
         .map_err(internal)?;
-    let mut key = Hasher::new(HashAlgo::Sha256);
-    let mut field = |bytes: &[u8]| {
-        key.update(&(bytes.len() as u64).to_le_bytes());
-        key.update(bytes);
-    };
-    field(job.drv_path.to_absolute().as_bytes());
-    field(drv.hash_modulo().digest());
-    for (name, path) in &outputs {
-        field(name.as_bytes());
-        field(path.to_absolute().as_bytes());
-    }
-    for input in &inputs {
-        field(input.path.to_absolute().as_bytes());
-        field(input.nar_hash.digest());
-    }
+    let key = BuildKey::new(
+        &job.drv_path,
+        drv,
+        inputs.iter().map(|i| (&i.path, &i.nar_hash)),
+    );
     Ok(Prepared {
-        key: key.finish(),
+        key,
         outputs,
         inputs,
     })
@@ -825,7 +814,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Why the log loop stopped.
+/// Why the log loop (or the outputs' processing after it) stopped.
 enum Stop {
     Exited(std::process::ExitStatus),
     Silent(u64),
@@ -834,6 +823,35 @@ enum Stop {
     Cancelled,
     /// The watcher stopped it (disk reserve, fork bomb).
     Overrun(Overrun),
+}
+
+impl Stop {
+    /// The status and message of a build stopped by one of its limits or because no client
+    /// waits for it; `None` for the other stops.
+    fn limit_failure(&self, drv_path: &StorePath) -> Option<(BuildStatus, String)> {
+        Some(match self {
+            Stop::Silent(secs) => (
+                BuildStatus::TimedOut,
+                format!("building of '{drv_path}' timed out after {secs} seconds of silence"),
+            ),
+            Stop::TimedOut(secs) => (
+                BuildStatus::TimedOut,
+                format!("building of '{drv_path}' timed out after {secs} seconds"),
+            ),
+            Stop::LogLimit(max) => (
+                BuildStatus::LogLimitExceeded,
+                format!(
+                    "building of '{drv_path}' killed after writing more than {max} bytes of \
+                     log output"
+                ),
+            ),
+            Stop::Cancelled => (
+                BuildStatus::MiscFailure,
+                format!("building of '{drv_path}' was cancelled: no client waits for it"),
+            ),
+            Stop::Exited(_) | Stop::Overrun(_) => return None,
+        })
+    }
 }
 
 /// The last lines of a log, for the message of a failed build.
@@ -1249,25 +1267,10 @@ async fn run_in(
     } else {
         BuildStatus::PermanentFailure
     };
+    if let Some((status, message)) = stop.limit_failure(drv_path) {
+        return Ok(failed(status, message));
+    }
     Ok(match stop {
-        Stop::Silent(secs) => failed(
-            BuildStatus::TimedOut,
-            format!("building of '{drv_path}' timed out after {secs} seconds of silence"),
-        ),
-        Stop::TimedOut(secs) => failed(
-            BuildStatus::TimedOut,
-            format!("building of '{drv_path}' timed out after {secs} seconds"),
-        ),
-        Stop::LogLimit(max) => failed(
-            BuildStatus::LogLimitExceeded,
-            format!(
-                "building of '{drv_path}' killed after writing more than {max} bytes of log output"
-            ),
-        ),
-        Stop::Cancelled => failed(
-            BuildStatus::MiscFailure,
-            format!("building of '{drv_path}' was cancelled: no client waits for it"),
-        ),
         // Like out of memory: the same build would overrun again.
         Stop::Overrun(overrun) => failed(
             BuildStatus::PermanentFailure,
@@ -1305,41 +1308,47 @@ async fn run_in(
                 ),
             ),
             HelperReport::Exited(_) => {
-                finish_outputs(
-                    inner,
-                    build,
-                    job,
-                    prepared,
-                    (scratch, uid),
-                    (start_time, stop_time),
-                )
-                .await?
+                let finish = Finish {
+                    scratch,
+                    uid,
+                    times: (start_time, stop_time),
+                    deadline: deadline.map(|d| (d, total.unwrap_or(0))),
+                };
+                finish_outputs(inner, build, job, prepared, finish).await?
             }
         },
+        Stop::Silent(_) | Stop::TimedOut(_) | Stop::LogLimit(_) | Stop::Cancelled => {
+            unreachable!("limit failures are answered above")
+        }
     })
 }
 
-/// Registers the outputs of a builder that exited 0 for the build's account, then for the
-/// other accounts that share the build. The build leaves the in-flight map first: whoever
-/// asks from now on starts afresh (and finds the outputs valid once they are registered).
+/// What [`finish_outputs`] needs of the build that ran.
+struct Finish<'a> {
+    scratch: &'a Path,
+    /// The build's host uid.
+    uid: u32,
+    /// Unix seconds when the builder started and stopped.
+    times: (u64, u64),
+    /// When the build's time is up, and its limit in seconds for the message.
+    deadline: Option<(tokio::time::Instant, u64)>,
+}
+
+/// Checks and registers the outputs of a builder that exited 0, for the build's account and
+/// every account that joined it ([`outputs::process_outputs`]). The build leaves the
+/// in-flight map first: whoever asks from now on starts afresh (and finds the outputs valid
+/// once they are registered). The work counts against the build's time limit and stops
+/// when no client waits any more (as at shutdown): both set the abort flag that the
+/// blocking task checks for every node and buffer.
 async fn finish_outputs(
     inner: &Arc<Inner>,
     build: &Shared,
     job: &BuildJob,
     prepared: &Prepared,
-    (scratch, uid): (&Path, u32),
-    (start_time, stop_time): (u64, u64),
+    finish: Finish<'_>,
 ) -> Result<Outcome, BuildError> {
-    {
-        let mut inflight = inner.lock_inflight();
-        if inflight
-            .get(&build.key)
-            .is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), build))
-        {
-            inflight.remove(&build.key);
-        }
-    }
-    let others: Vec<String> = build
+    inner.leave_inflight(build);
+    let sharers: Vec<String> = build
         .accounts
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -1347,86 +1356,84 @@ async fn finish_outputs(
         .filter(|a| **a != job.account)
         .cloned()
         .collect();
-    let store = inner.store.clone();
-    let job = job.clone();
-    let scratch_store = nixbuild_sandbox::ScratchLayout::new(scratch).store;
-    let closure: BTreeSet<StorePath> = prepared.inputs.iter().map(|i| i.path.clone()).collect();
-    let result = tokio::task::spawn_blocking(move || {
-        let expected: Vec<ExpectedOutput> = job
-            .drv
-            .outputs
-            .iter()
-            .filter_map(|(name, output)| ExpectedOutput::from_derivation(name, output))
-            .collect();
-        let checks = OutputCheckSpec::from_env(&job.drv.env);
-        let done = outputs::process_outputs(
-            &store,
-            &OutputsRequest {
-                account: &job.account,
-                drv_path: &job.drv_path,
-                scratch_store: &scratch_store,
-                build_uid: uid,
-                outputs: &expected,
-                input_closure: &closure,
-                checks: &checks,
-            },
-        )?;
-        grant_to_sharers(&store, &others, &done, &scratch_store);
-        Ok::<_, outputs::OutputError>(done)
-    })
-    .await?;
-    let (status, message, outputs) = match result {
-        Ok(done) => (
-            BuildStatus::Built,
-            String::new(),
-            done.into_iter().map(|o| (o.name, o.path)).collect(),
-        ),
-        Err(e) => (e.build_status(), e.to_string(), BTreeMap::new()),
+    let limits = OutputLimits {
+        max_nar_size: inner.store.limits().max_nar_size,
+        max_output_size: inner.config.max_output_size,
     };
-    Ok(Outcome {
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut task = {
+        let store = inner.store.clone();
+        let job = job.clone();
+        let abort = abort.clone();
+        let scratch_store = nixbuild_sandbox::ScratchLayout::new(finish.scratch).store;
+        let closure: BTreeSet<StorePath> = prepared.inputs.iter().map(|i| i.path.clone()).collect();
+        let uid = finish.uid;
+        tokio::task::spawn_blocking(move || {
+            let expected: Vec<ExpectedOutput> = job
+                .drv
+                .outputs
+                .iter()
+                .filter_map(|(name, output)| ExpectedOutput::from_derivation(name, output))
+                .collect();
+            let checks = OutputCheckSpec::from_env(&job.drv.env);
+            outputs::process_outputs(
+                &store,
+                &OutputsRequest {
+                    account: &job.account,
+                    sharers: &sharers,
+                    drv_path: &job.drv_path,
+                    scratch_store: &scratch_store,
+                    build_uid: uid,
+                    outputs: &expected,
+                    input_closure: &closure,
+                    checks: &checks,
+                    limits,
+                    abort: &abort,
+                },
+            )
+        })
+    };
+    let mut cancel = build.cancel.subscribe();
+    let (deadline, total) = finish.deadline.unzip();
+    let stopped = tokio::select! {
+        done = &mut task => Ok(done?),
+        () = sleep_until(deadline) => Err(Stop::TimedOut(total.unwrap_or(0))),
+        _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
+    };
+    let (start_time, stop_time) = finish.times;
+    let outcome = |status, message, outputs| Outcome {
         status,
         message,
         times_built: 1,
         start_time,
         stop_time,
         outputs,
-    })
-}
-
-/// Registers the outputs `done` (now objects of the store) for the other accounts of a shared
-/// build: their objects exist, so nothing is moved; each account gets its own rows. A
-/// failure is logged: that account's client then finds the outputs missing, as after a
-/// failed copy.
-fn grant_to_sharers(
-    store: &Store,
-    accounts: &[String],
-    done: &[outputs::ProcessedOutput],
-    scratch_store: &Path,
-) {
-    let paths: Vec<crate::store::BuiltPath> = done
-        .iter()
-        .filter_map(|o| {
-            Some(crate::store::BuiltPath {
-                path: o.path.clone(),
-                files: scratch_store.join(o.path.base_name()),
-                nar_hash: o.info.nar_hash?,
-                nar_size: o.info.nar_size,
-                references: o.info.references.clone(),
-                deriver: o.info.deriver.clone(),
-                ca: o.info.ca,
-            })
-        })
-        .collect();
-    for account in accounts {
-        match store.register_built(account, &paths) {
-            Ok(_) => {
-                tracing::info!(%account, outputs = paths.len(), "registered the outputs of a shared build")
-            }
-            Err(e) => {
-                tracing::error!(%account, "cannot register the outputs of a shared build: {e}")
+    };
+    let done = match stopped {
+        Ok(done) => done,
+        Err(stop) => {
+            // The task stops at its next node or buffer, before it registers anything.
+            abort.store(true, Ordering::Relaxed);
+            match task.await? {
+                // It had registered the outputs already: the build succeeded.
+                Ok(done) => Ok(done),
+                Err(_) => {
+                    let (status, message) = stop
+                        .limit_failure(&job.drv_path)
+                        .unwrap_or_else(|| unreachable!("a timeout or a cancel"));
+                    return Ok(outcome(status, message, BTreeMap::new()));
+                }
             }
         }
-    }
+    };
+    Ok(match done {
+        Ok(done) => outcome(
+            BuildStatus::Built,
+            String::new(),
+            done.into_iter().map(|o| (o.name, o.path)).collect(),
+        ),
+        Err(e) => outcome(e.build_status(), e.to_string(), BTreeMap::new()),
+    })
 }
 
 async fn sleep_for(d: Option<u64>) {

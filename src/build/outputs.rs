@@ -42,6 +42,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
@@ -159,6 +160,10 @@ pub struct OutputsRequest<'a> {
     /// The account the build ran for: the outputs are registered in its view, and the input
     /// closure must be valid in it.
     pub account: &'a str,
+    /// The other accounts that joined the build (their derivation and input closure are
+    /// identical to the account's, [`super::sharing`]). Each gets, from this build's own
+    /// files, the outputs it does not have yet; what it has already stays its own.
+    pub sharers: &'a [String],
     /// The derivation, recorded as the outputs' deriver and named in messages.
     pub drv_path: &'a StorePath,
     /// The directory the sandbox showed as `/nix/store`: output `p` is at
@@ -173,6 +178,30 @@ pub struct OutputsRequest<'a> {
     pub input_closure: &'a BTreeSet<StorePath>,
     /// The reference checks of the derivation.
     pub checks: &'a OutputCheckSpec,
+    /// How large the outputs may be.
+    pub limits: OutputLimits,
+    /// Set by the build service to stop the work (the build's time is up, no client waits
+    /// for it, the server shuts down): checked for every node and every buffer dumped.
+    pub abort: &'a AtomicBool,
+}
+
+/// How large the outputs of one build may be, as NARs. Checked while the outputs are walked
+/// (the sizes of their files, so that a sparse file costs nothing to refuse) and while they
+/// are dumped (the NAR bytes), which stops at the first byte over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// Largest NAR of one output: `[store] max_nar_size`, as for uploads.
+    pub max_nar_size: u64,
+    /// Most NAR bytes of all the outputs of one build: `[builds] max_output_size`.
+    pub max_output_size: u64,
+}
+
+impl OutputLimits {
+    /// No limit.
+    pub const NONE: OutputLimits = OutputLimits {
+        max_nar_size: u64::MAX,
+        max_output_size: u64::MAX,
+    };
 }
 
 /// One output after [`process_outputs`]: valid for the account.
@@ -321,6 +350,26 @@ pub enum OutputError {
         /// What went wrong.
         source: Box<NarFsError>,
     },
+    /// An output, or all of them together, is larger than the server accepts.
+    #[error(
+        "output '{path}' of '{drv}' is too large: {what} more than {limit} bytes, the most \
+         this server accepts ({setting} of the server's configuration)"
+    )]
+    TooLarge {
+        /// The derivation.
+        drv: Box<StorePath>,
+        /// The output being processed when the limit was passed.
+        path: Box<StorePath>,
+        /// What passed it: "its files hold", "its NAR has", ...
+        what: &'static str,
+        /// The limit, in bytes.
+        limit: u64,
+        /// The setting that gives the limit.
+        setting: &'static str,
+    },
+    /// The build service stopped the work ([`OutputsRequest::abort`]).
+    #[error("processing the outputs was stopped")]
+    Aborted,
     /// The store refused the registration or failed (an input not valid for the account,
     /// the database, moving the files into place).
     #[error(transparent)]
@@ -337,9 +386,10 @@ impl OutputError {
     /// MiscFailure (9) for the server's own failures.
     pub fn build_status(&self) -> BuildStatus {
         match self {
-            OutputError::Io { .. } | OutputError::Dump { .. } | OutputError::Store(_) => {
-                BuildStatus::MiscFailure
-            }
+            OutputError::Io { .. }
+            | OutputError::Dump { .. }
+            | OutputError::Aborted
+            | OutputError::Store(_) => BuildStatus::MiscFailure,
             _ => BuildStatus::OutputRejected,
         }
     }
@@ -354,10 +404,16 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 }
 
 /// Checks, canonicalises, hashes and registers the outputs of a finished build (see the
-/// module documentation for the steps and the preconditions). Returns every output of
-/// `request.outputs`, in that order, as now valid for the account. On error nothing is
-/// registered and no object is added; the trees stay in the scratch directory (perhaps
-/// canonicalised) for the caller to remove with the rest of it.
+/// module documentation for the steps and the preconditions), for the account and for each
+/// sharer. Returns every output of `request.outputs`, in that order, as now valid for the
+/// account. On error nothing is registered for the account and no object is added; the
+/// trees stay in the scratch directory (perhaps canonicalised) for the caller to remove with
+/// the rest of it. A sharer whose registration fails is logged and left without the outputs,
+/// as after a failed copy.
+///
+/// The outputs processed are those that the account or a sharer does not have yet; each
+/// account then gets those it lacks, with this build's files, hashes and references. An
+/// output that every account has already is left unexamined, as Nix does.
 ///
 /// Blocks (file system and store); the async daemon calls it with `spawn_blocking`.
 pub fn process_outputs(
@@ -365,11 +421,17 @@ pub fn process_outputs(
     request: &OutputsRequest<'_>,
 ) -> Result<Vec<ProcessedOutput>, OutputError> {
     let all: BTreeSet<StorePath> = request.outputs.iter().map(|o| o.path.clone()).collect();
-    let valid = store.query_valid_paths(request.account, &all)?;
+    let mut needed = BTreeSet::new();
+    for account in
+        std::iter::once(request.account).chain(request.sharers.iter().map(String::as_str))
+    {
+        let valid = store.query_valid_paths(account, &all)?;
+        needed.extend(all.difference(&valid).cloned());
+    }
     let mut todo: Vec<&ExpectedOutput> = request
         .outputs
         .iter()
-        .filter(|o| !valid.contains(&o.path))
+        .filter(|o| needed.contains(&o.path))
         .collect();
     todo.sort_by(|a, b| a.name.cmp(&b.name));
 
@@ -378,10 +440,21 @@ pub fn process_outputs(
         build_uid: request.build_uid,
         seen: HashSet::new(),
         file_bytes: 0,
+        output_bytes: 0,
+        drv: request.drv_path,
+        limits: request.limits,
+        abort: request.abort,
     };
+    let mut bound = DumpBound::new(request.limits, request.abort);
     let mut scanned = Vec::with_capacity(todo.len());
     for output in &todo {
-        scanned.push(scan_output(request, output, &mut canon, &candidates)?);
+        scanned.push(scan_output(
+            request,
+            output,
+            &mut canon,
+            &mut bound,
+            &candidates,
+        )?);
     }
     failpoint!("build-outputs-canonicalised");
     check_cycles(request.drv_path, &scanned)?;
@@ -405,6 +478,24 @@ pub fn process_outputs(
     failpoint!("build-before-register");
     let registered = store.register_built(request.account, &built)?;
     failpoint!("build-after-register");
+    // The same paths, files and hashes for each sharer: what it lacks is registered from
+    // this build (the objects placed above are found, the others moved now), what it has
+    // stays as it is.
+    for sharer in request.sharers {
+        match store.register_built(sharer, &built) {
+            Ok(fresh) => tracing::info!(
+                account = %sharer,
+                drv = %request.drv_path,
+                outputs = fresh.iter().filter(|f| **f).count(),
+                "registered the outputs of a shared build"
+            ),
+            Err(e) => tracing::error!(
+                account = %sharer,
+                drv = %request.drv_path,
+                "cannot register the outputs of a shared build: {e}"
+            ),
+        }
+    }
     let newly: HashSet<&StorePath> = built
         .iter()
         .zip(registered)
@@ -430,6 +521,76 @@ pub fn process_outputs(
         })
         .collect()
 }
+
+/// Bounds one build's output dump: the NAR bytes of each output and of all of them, and the
+/// build service's abort flag, checked for every buffer.
+struct DumpBound<'a> {
+    limits: OutputLimits,
+    abort: &'a AtomicBool,
+    /// NAR bytes of the output being dumped.
+    output: u64,
+    /// NAR bytes of all outputs dumped so far.
+    total: u64,
+    /// Why the dump was stopped, once it was.
+    stopped: Option<Stopped>,
+}
+
+/// Why [`DumpBound`] stopped a dump.
+#[derive(Debug, Clone, Copy)]
+enum Stopped {
+    OutputSize,
+    TotalSize,
+    Aborted,
+}
+
+impl<'a> DumpBound<'a> {
+    fn new(limits: OutputLimits, abort: &'a AtomicBool) -> DumpBound<'a> {
+        DumpBound {
+            limits,
+            abort,
+            output: 0,
+            total: 0,
+            stopped: None,
+        }
+    }
+
+    /// Counts `len` more bytes of the current output's NAR; an error stops the dump.
+    fn admit(&mut self, len: usize) -> io::Result<()> {
+        let len = len as u64;
+        self.output += len;
+        self.total += len;
+        self.stopped = if self.abort.load(Ordering::Relaxed) {
+            Some(Stopped::Aborted)
+        } else if self.output > self.limits.max_nar_size {
+            Some(Stopped::OutputSize)
+        } else if self.total > self.limits.max_output_size {
+            Some(Stopped::TotalSize)
+        } else {
+            return Ok(());
+        };
+        Err(io::Error::other("the output dump was stopped"))
+    }
+
+    /// The error for a dump of `path` that [`DumpBound::admit`] stopped, if it did.
+    fn error(&self, drv: &StorePath, path: &StorePath) -> Option<OutputError> {
+        let too_large = |limit, setting| OutputError::TooLarge {
+            drv: Box::new(drv.clone()),
+            path: Box::new(path.clone()),
+            what: "its NAR has",
+            limit,
+            setting,
+        };
+        Some(match self.stopped? {
+            Stopped::Aborted => OutputError::Aborted,
+            Stopped::OutputSize => too_large(self.limits.max_nar_size, MAX_NAR_SIZE_SETTING),
+            Stopped::TotalSize => too_large(self.limits.max_output_size, MAX_OUTPUT_SIZE_SETTING),
+        })
+    }
+}
+
+/// The settings named when an output is too large.
+const MAX_NAR_SIZE_SETTING: &str = "max_nar_size in [store]";
+const MAX_OUTPUT_SIZE_SETTING: &str = "max_output_size in [builds], for all outputs of a build";
 
 /// The paths an output may refer to, by hash part.
 struct Candidates {
@@ -467,7 +628,8 @@ struct Scanned<'a> {
 fn scan_output<'a>(
     request: &OutputsRequest<'_>,
     expected: &'a ExpectedOutput,
-    canon: &mut Canonicaliser,
+    canon: &mut Canonicaliser<'_>,
+    bound: &mut DumpBound<'_>,
     candidates: &Candidates,
 ) -> Result<Scanned<'a>, OutputError> {
     let path = &expected.path;
@@ -492,8 +654,8 @@ fn scan_output<'a>(
         });
     }
     let plain_file = meta.file_type().is_file() && meta.mode() & 0o100 == 0;
-    let bytes_before = canon.file_bytes;
-    canon.tree(&files, Path::new(&path.to_absolute()), 0)?;
+    canon.output_bytes = 0;
+    canon.tree(path, &files, Path::new(&path.to_absolute()), 0)?;
 
     let hashers = NarHashers {
         nar: Hasher::new(HashAlgo::Sha256),
@@ -507,14 +669,17 @@ fn scan_output<'a>(
             _ => None,
         },
     };
-    let aside = canon.file_bytes - bytes_before >= HASH_ASIDE_MIN;
-    let (nar_size, hashers, scanner) =
-        dump_and_hash(&files, hashers, candidates.scanner.clone(), aside).map_err(|source| {
-            OutputError::Dump {
+    let aside = canon.output_bytes >= HASH_ASIDE_MIN;
+    bound.output = 0;
+    let dumped = dump_and_hash(&files, hashers, candidates.scanner.clone(), bound, aside);
+    let (nar_size, hashers, scanner) = dumped.map_err(|source| {
+        bound
+            .error(request.drv_path, path)
+            .unwrap_or_else(|| OutputError::Dump {
                 path: Box::new(path.clone()),
                 source: Box::new(source),
-            }
-        })?;
+            })
+    })?;
     let references = scanner
         .found()
         .into_iter()
@@ -561,6 +726,7 @@ fn dump_and_hash(
     files: &Path,
     mut hashers: NarHashers,
     scanner: RefScanner,
+    bound: &mut DumpBound<'_>,
     aside: bool,
 ) -> Result<(u64, NarHashers, RefScanner), NarFsError> {
     if aside {
@@ -584,6 +750,7 @@ fn dump_and_hash(
                 })?;
             let mut sink = AsideSink {
                 scanner,
+                bound,
                 full: full_tx,
                 empty: empty_rx,
             };
@@ -597,19 +764,25 @@ fn dump_and_hash(
             Ok((size?, hashers, scanner))
         });
     }
-    let mut sink = ScanSink { scanner, hashers };
+    let mut sink = ScanSink {
+        scanner,
+        hashers,
+        bound,
+    };
     let size = dump_to(files, &mut sink)?;
     Ok((size, sink.hashers, sink.scanner))
 }
 
 /// Where a small output's NAR goes: scanned for references and hashed, in one pass.
-struct ScanSink {
+struct ScanSink<'b, 'a> {
     scanner: RefScanner,
     hashers: NarHashers,
+    bound: &'b mut DumpBound<'a>,
 }
 
-impl NarSink for ScanSink {
+impl NarSink for ScanSink<'_, '_> {
     fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.bound.admit(buf.len())?;
         self.scanner.feed(buf);
         self.hashers.update(buf);
         buf.clear();
@@ -619,14 +792,16 @@ impl NarSink for ScanSink {
 
 /// Where a big output's NAR goes: scanned for references here, and each full buffer handed
 /// to the hashing thread whole (no copy), for one of the buffers it gives back.
-struct AsideSink {
+struct AsideSink<'b, 'a> {
     scanner: RefScanner,
+    bound: &'b mut DumpBound<'a>,
     full: mpsc::SyncSender<Vec<u8>>,
     empty: mpsc::Receiver<Vec<u8>>,
 }
 
-impl NarSink for AsideSink {
+impl NarSink for AsideSink<'_, '_> {
     fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.bound.admit(buf.len())?;
         self.scanner.feed(buf);
         let spare = self
             .empty
@@ -639,19 +814,35 @@ impl NarSink for AsideSink {
 }
 
 /// Nix's `canonicalisePathMetaData` with the build's uid, over all outputs of one build
-/// (hard links between outputs are allowed, as in Nix).
-struct Canonicaliser {
+/// (hard links between outputs are allowed, as in Nix), within the output limits.
+struct Canonicaliser<'a> {
     build_uid: u32,
     /// (device, inode) of the files canonicalised so far.
     seen: HashSet<(u64, u64)>,
     /// Bytes in the regular files canonicalised so far (each hard-linked file once).
     file_bytes: u64,
+    /// The same for the output being canonicalised.
+    output_bytes: u64,
+    drv: &'a StorePath,
+    limits: OutputLimits,
+    abort: &'a AtomicBool,
 }
 
-impl Canonicaliser {
-    /// Canonicalises the node at `host`, shown in messages as `shown`, `depth` directories
-    /// below an output's root.
-    fn tree(&mut self, host: &Path, shown: &Path, depth: usize) -> Result<(), OutputError> {
+impl Canonicaliser<'_> {
+    /// Canonicalises the node at `host` of `output`, shown in messages as `shown`, `depth`
+    /// directories below the output's root. A NAR holds at least the bytes of the files'
+    /// sizes, so the limits are checked against those as each file is met: a file too
+    /// large (sparse or not) is refused before any of it is read.
+    fn tree(
+        &mut self,
+        output: &StorePath,
+        host: &Path,
+        shown: &Path,
+        depth: usize,
+    ) -> Result<(), OutputError> {
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(OutputError::Aborted);
+        }
         if depth >= MAX_DEPTH {
             return Err(OutputError::TooDeep {
                 path: shown.to_owned(),
@@ -677,6 +868,8 @@ impl Canonicaliser {
         self.seen.insert((meta.dev(), meta.ino()));
         if ty.is_file() {
             self.file_bytes += meta.len();
+            self.output_bytes += meta.len();
+            self.check_size(output)?;
         }
         if ty.is_symlink() {
             fsutil::set_canonical_mtime(host)?;
@@ -699,10 +892,27 @@ impl Canonicaliser {
             }
             names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             for name in names {
-                self.tree(&host.join(&name), &shown.join(&name), depth + 1)?;
+                self.tree(output, &host.join(&name), &shown.join(&name), depth + 1)?;
             }
         }
         Ok(())
+    }
+
+    fn check_size(&self, output: &StorePath) -> Result<(), OutputError> {
+        let (limit, setting) = if self.output_bytes > self.limits.max_nar_size {
+            (self.limits.max_nar_size, MAX_NAR_SIZE_SETTING)
+        } else if self.file_bytes > self.limits.max_output_size {
+            (self.limits.max_output_size, MAX_OUTPUT_SIZE_SETTING)
+        } else {
+            return Ok(());
+        };
+        Err(OutputError::TooLarge {
+            drv: Box::new(self.drv.clone()),
+            path: Box::new(output.clone()),
+            what: "its files hold",
+            limit,
+            setting,
+        })
     }
 }
 

@@ -373,6 +373,21 @@ pub fn print(drv: &Derivation) -> Vec<u8> {
     out
 }
 
+/// Prints a derivation that has no input derivations (a [`BasicDerivation`], as
+/// BuildDerivation carries it) in the same form, nothing masked: every field that determines
+/// what a build of it produces, output paths and the environment variables named after the
+/// outputs included.
+pub fn print_basic(basic: &BasicDerivation) -> Vec<u8> {
+    let mut out = Vec::with_capacity(estimate_len(basic));
+    write(
+        &mut out,
+        basic,
+        std::iter::empty::<(&[u8], &BTreeSet<String>)>(),
+        false,
+    );
+    out
+}
+
 /// A rough size of the printed derivation, to allocate once.
 fn estimate_len(basic: &BasicDerivation) -> usize {
     let env: usize = basic.env.iter().map(|(k, v)| k.len() + v.len() + 8).sum();

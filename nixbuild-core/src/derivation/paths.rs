@@ -57,6 +57,14 @@ impl BasicDerivation {
         modulo(self, BTreeMap::<String, BTreeSet<String>>::new(), true)
     }
 
+    /// The ATerm of this derivation with no input derivations and nothing masked
+    /// ([`aterm::print_basic`]): unlike [`BasicDerivation::hash_modulo`], which blanks the
+    /// output variables and, for a fixed output, keeps only its hash and path, it holds every
+    /// field that determines what a build of the derivation produces.
+    pub fn to_aterm(&self) -> Vec<u8> {
+        aterm::print_basic(self)
+    }
+
     /// The derivation name, from the `name` environment variable.
     pub fn name(&self) -> Result<&str, DerivationError> {
         self.env

@@ -381,6 +381,14 @@ proptest! {
     }
 
     #[test]
+    fn basic_aterm_is_the_drv_aterm_without_input_derivations(basic in basic_derivation()) {
+        let full = Derivation { input_drvs: BTreeMap::new(), basic: basic.clone() };
+        prop_assert_eq!(basic.to_aterm(), full.to_aterm());
+        let parsed = Derivation::from_aterm(&basic.to_aterm()).map(|d| d.basic);
+        prop_assert_eq!(parsed.as_ref(), Ok(&basic));
+    }
+
+    #[test]
     fn masked_hash_ignores_output_paths(mut basic in basic_derivation(), d in any::<[u8; 20]>()) {
         // hashDerivationModulo must not depend on the input-addressed output paths it computes
         let mut other = basic.clone();
