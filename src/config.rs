@@ -94,8 +94,18 @@ pub struct SshConfig {
     /// the default offers AES-256-GCM alone, much the cheaper on both ends with AES-NI.
     /// Default `["aes256-gcm@openssh.com"]`.
     pub ciphers: Vec<String>,
-    /// Connections at once, authenticated or not; more are closed at once. Default 256.
+    /// Authenticated connections at once; a client authenticating beyond it is disconnected
+    /// with a message naming this setting. Connections not yet authenticated do not count
+    /// here (see `max_unauthenticated`), so they can never lock accounts out. Default 256.
     pub max_connections: usize,
+    /// Connections not yet authenticated at once (from accept until successful
+    /// authentication, at most `timeouts.auth`). When all are taken, a newcomer is still
+    /// admitted: the oldest unauthenticated connection of the source holding the most is
+    /// closed instead. Like OpenSSH's MaxStartups. Default 64.
+    pub max_unauthenticated: usize,
+    /// Connections not yet authenticated at once from one source (an IPv4 address, an IPv6
+    /// /64); more from it are closed at once. Like OpenSSH's PerSourceMaxStartups. Default 8.
+    pub max_unauthenticated_per_source: usize,
     /// Connections of one account at once; commands on more are refused. Default 64 (the
     /// build hook opens one connection per remote build).
     pub max_connections_per_account: usize,
@@ -115,6 +125,8 @@ impl Default for SshConfig {
                 .map(|c| (*c).to_owned())
                 .collect(),
             max_connections: 256,
+            max_unauthenticated: 64,
+            max_unauthenticated_per_source: 8,
             max_connections_per_account: 64,
             max_sessions_per_connection: 10,
         }
@@ -392,7 +404,9 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutConfig {
-    /// SSH: from TCP connection to successful authentication. Default 60.
+    /// SSH: from TCP connection to successful authentication, like OpenSSH's LoginGraceTime.
+    /// Default 20: a client authenticates in well under a second, and an unauthenticated
+    /// connection holds a place in `ssh.max_unauthenticated` until then.
     pub auth: u64,
     /// From connection to the end of the protocol handshake (relay header included).
     /// Default 60.
@@ -412,7 +426,7 @@ pub struct TimeoutConfig {
 impl Default for TimeoutConfig {
     fn default() -> Self {
         TimeoutConfig {
-            auth: 60,
+            auth: 20,
             handshake: 60,
             idle: 1800,
             shutdown: 30,
@@ -761,6 +775,11 @@ impl Config {
         }
         for (key, n) in [
             ("ssh.max_connections", self.ssh.max_connections),
+            ("ssh.max_unauthenticated", self.ssh.max_unauthenticated),
+            (
+                "ssh.max_unauthenticated_per_source",
+                self.ssh.max_unauthenticated_per_source,
+            ),
             (
                 "ssh.max_connections_per_account",
                 self.ssh.max_connections_per_account,
@@ -1028,6 +1047,46 @@ mod tests {
         );
         let real = HostFacts::detect(1).unwrap();
         assert!(real.memory > 0 && real.systems[0].ends_with("-linux"));
+    }
+
+    #[test]
+    fn ssh_connection_budgets_are_read_and_each_must_be_at_least_1() {
+        let d = Config::default();
+        assert_eq!(d.ssh.max_unauthenticated, 64);
+        assert_eq!(d.ssh.max_unauthenticated_per_source, 8);
+        assert_eq!(d.timeouts.auth(), Duration::from_secs(20));
+        let c = Config::parse(
+            "[ssh]\nmax_connections = 5\nmax_unauthenticated = 3\n\
+             max_unauthenticated_per_source = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.ssh.max_connections,
+                c.ssh.max_unauthenticated,
+                c.ssh.max_unauthenticated_per_source
+            ),
+            (5, 3, 2)
+        );
+        for key in [
+            "max_connections",
+            "max_unauthenticated",
+            "max_unauthenticated_per_source",
+            "max_connections_per_account",
+            "max_sessions_per_connection",
+        ] {
+            let msg = Config::parse(&format!("[ssh]\n{key} = 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("ssh.{key}")) && msg.contains("at least 1"),
+                "{key}: {msg}"
+            );
+        }
+        let msg = Config::parse("[timeouts]\nauth = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("timeouts.auth"), "{msg}");
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub async fn bind(
         auth_timeout: config.timeouts.auth(),
         idle_timeout: config.timeouts.idle(),
         max_connections: config.ssh.max_connections,
+        max_unauthenticated: config.ssh.max_unauthenticated,
+        max_unauthenticated_per_source: config.ssh.max_unauthenticated_per_source,
         max_connections_per_account: config.ssh.max_connections_per_account,
         max_sessions_per_connection: config.ssh.max_sessions_per_connection,
         shutdown_grace: config.timeouts.shutdown(),

@@ -221,14 +221,17 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     let client = tempfile::tempdir().expect("temp dir");
     let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
     let bob = SshServer::key(client.path(), "id_bob", "ed25519", "bob");
+    let carol = SshServer::key(client.path(), "id_carol", "ed25519", "carol");
     let server = SshServer::start(
         "[timeouts]\nauth = 2\nidle = 3\n\
-         [ssh]\nmax_connections_per_account = 1\nmax_connections = 2\n",
+         [ssh]\nmax_connections_per_account = 1\nmax_connections = 2\n\
+         max_unauthenticated_per_source = 1\n",
         client,
-        &[&alice, &bob],
+        &[&alice, &bob, &carol],
     );
     let config = server.ssh_config(ALIAS, &alice);
     let as_bob = server.ssh_config("bob-host", &bob);
+    let as_carol = server.ssh_config("carol-host", &carol);
 
     // A client that sends nothing, and one that says hello and stops: both are closed after
     // the authentication timeout (bounds ten times looser than the timeout).
@@ -264,7 +267,9 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     let mut first = SshSession::open(&config, ALIAS);
     let out = ssh(&config, &["nix-store", "--serve", "--write"]);
     assert_refused(&out, 1, "maximum of 1 connections");
-    // Two connections in all (once the refused one is closed): a third is closed at once.
+    // Two authenticated connections in all (once the refused one is closed): a third
+    // authenticates and is disconnected at once, saying why. Connections not yet
+    // authenticated do not count: they have their own budget, here one per source.
     let over = server
         .daemon
         .wait_for_log(&["its commands on this one are refused"]);
@@ -277,6 +282,17 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
         .daemon
         .wait_for_log(&["SSH connection closed", &format!("{conn} ")]);
     let mut second = SshSession::open(&as_bob, "bob-host");
+    let mut waiting = TcpStream::connect(("127.0.0.1", server.pins.port)).expect("connect");
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut banner = [0u8; 16];
+    waiting
+        .read_exact(&mut banner)
+        .expect("an unauthenticated connection is served beside two authenticated ones");
+    assert_eq!(&banner, b"SSH-2.0-nixbuild");
+    // A second one from the same source while the first has not authenticated: closed at
+    // once with a line.
     let mut tcp = TcpStream::connect(("127.0.0.1", server.pins.port)).expect("connect");
     tcp.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("read timeout");
@@ -284,6 +300,31 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     tcp.read_to_end(&mut got)
         .expect("the server closes the connection");
     assert_eq!(got, b"nixbuild: too many connections, try again later\r\n");
+    let refused = server
+        .daemon
+        .wait_for_log(&["(ssh.max_unauthenticated_per_source)"]);
+    let refused_id: u64 = refused
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("conn="))
+        .and_then(|n| n.parse().ok())
+        .expect("a conn= field");
+    // The waiting one goes (it was accepted just before), and its place with it.
+    drop(waiting);
+    server.daemon.wait_for_log(&[
+        "SSH connection closed",
+        &format!("conn={} ", refused_id - 1),
+    ]);
+    let out = run(&mut SshServer::ssh(
+        &as_carol,
+        "carol-host",
+        &["nix-store", "--serve"],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("maximum of 2 authenticated connections (ssh.max_connections)"),
+        "{stderr}"
+    );
     still_serves(&mut second);
     assert_eq!(second.close().0, 0);
     still_serves(&mut first);
@@ -293,9 +334,14 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     assert_eq!(again.close().0, 0);
     let stopped = server.daemon.stop();
     assert!(stopped.log.contains("ssh.max_connections_per_account"));
-    assert!(stopped
-        .log
-        .contains("refused a connection: the server has its maximum of 2 SSH connections"));
+    assert!(stopped.log.contains(
+        "refused an authenticated connection: the server has its maximum of 2 authenticated \
+         connections (ssh.max_connections)"
+    ));
+    assert!(stopped.log.contains(
+        "refused a connection: 1 unauthenticated connections from 127.0.0.1 already, its \
+         maximum (ssh.max_unauthenticated_per_source)"
+    ));
 }
 
 #[test]

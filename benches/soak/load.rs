@@ -1330,14 +1330,18 @@ fn figures(op: Op, stats: &mut Stats) -> OpFigures {
 }
 
 /// The server configuration: room for every session, with per-account connection limits
-/// tight enough that a leaked count would show up as refusals.
+/// tight enough that a leaked count would show up as refusals. Every session connects from
+/// 127.0.0.1, all at once at the start: the unauthenticated budget has room for them all.
 fn server_config(o: &Options) -> String {
     let per_account = o.sessions.div_ceil(o.accounts);
     format!(
         "[ssh]\nmax_connections = {}\nmax_connections_per_account = {}\n\
+         max_unauthenticated = {}\nmax_unauthenticated_per_source = {}\n\
          [limits]\nmax_sessions = {}\nmax_sessions_per_account = {}\n",
         2 * o.sessions + 16,
         2 * per_account + 4,
+        2 * o.sessions + 16,
+        2 * o.sessions + 16,
         2 * o.sessions + 16,
         2 * per_account + 4,
     )

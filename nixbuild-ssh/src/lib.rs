@@ -6,6 +6,8 @@
 //! - [`exec`]: which exec requests are served (pure).
 //! - [`host_key`]: the host key kept in the state directory, and the strings users pin it with.
 //! - [`server`]: the server itself, generic over the [`SessionService`] that runs sessions.
+//! - [`unauthenticated`]: the budget of connections not yet authenticated, per source and
+//!   overall, and whom to evict when it is full (pure).
 //!
 //! Keys are `ssh-key` types as russh re-exports them ([`russh::keys::ssh_key`]).
 #![forbid(unsafe_code)]
@@ -15,6 +17,7 @@ pub mod ciphers;
 pub mod exec;
 pub mod host_key;
 pub mod server;
+pub mod unauthenticated;
 
 pub use authorized_keys::{AuthorizedKeys, KeyTypes};
 pub use ciphers::Ciphers;

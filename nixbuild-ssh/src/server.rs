@@ -4,6 +4,16 @@
 //! stdin and stdout and its extended data as stderr. Everything else is refused with a
 //! message and logged with its reason.
 //!
+//! Connections are counted in two budgets. From accept until it authenticates (or ends), a
+//! connection holds a place among `max_unauthenticated`, at most
+//! `max_unauthenticated_per_source` of them per source (see [`crate::unauthenticated`]): a
+//! newcomer from a source at its limit is closed at once, and when every place is taken the
+//! oldest connection of the source holding the most is evicted to admit the newcomer, so
+//! whoever holds connections open cannot lock out a client that authenticates promptly. Once
+//! authenticated, a connection counts against `max_connections` instead; one authenticating
+//! beyond it is disconnected with a message saying so. Unauthenticated connections never
+//! take an authenticated one's place, and the reverse.
+//!
 //! Each connection is a russh session task plus a watchdog that ends it: before
 //! authentication after `auth_timeout`; with no session running after `idle_timeout`; at
 //! shutdown once its sessions have ended. A connection carries up to
@@ -33,7 +43,7 @@ use russh::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::Signal;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -41,6 +51,7 @@ use crate::authorized_keys::{AuthorizedKeys, KeyTypes, MAX_FILE_SIZE};
 use crate::ciphers::Ciphers;
 use crate::exec::{parse_exec, ExecRefusal, SERVED};
 use crate::host_key::fingerprint;
+use crate::unauthenticated::{Admission, Ticket, UnauthenticatedBudget};
 use nixbuild_core::account::{AccountCounts, AccountSlot};
 
 /// What a client that asks for a terminal is told.
@@ -75,8 +86,15 @@ pub struct Limits {
     pub auth_timeout: Duration,
     /// How long an authenticated connection may stay with no session running.
     pub idle_timeout: Duration,
-    /// Connections at once, authenticated or not; more are closed at once.
+    /// Authenticated connections at once; one authenticating beyond it is disconnected with
+    /// a message. Connections not yet authenticated do not count here.
     pub max_connections: usize,
+    /// Connections not yet authenticated at once; beyond it the oldest of the source holding
+    /// the most is evicted to admit a newcomer.
+    pub max_unauthenticated: usize,
+    /// Connections not yet authenticated at once from one source (an IPv4 address, an IPv6
+    /// /64); more from it are closed at once.
+    pub max_unauthenticated_per_source: usize,
     /// Authenticated connections of one account at once; more get an error for each command.
     pub max_connections_per_account: usize,
     /// Channels (sessions) open at once on one connection.
@@ -303,9 +321,52 @@ struct Shared<S> {
     keys: KeyRing,
     limits: Limits,
     accounts: Arc<AccountCounts>,
-    /// Connections being served; a connection counts until its socket is shut down.
-    open: AtomicUsize,
+    /// Connections not yet authenticated, each with what evicts it.
+    unauthenticated: Mutex<UnauthenticatedBudget<Pending>>,
+    /// Authenticated connections holding a place among `max_connections`.
+    authenticated: Arc<AtomicUsize>,
     phase: watch::Receiver<Phase>,
+}
+
+impl<S> Shared<S> {
+    fn unauthenticated(&self) -> std::sync::MutexGuard<'_, UnauthenticatedBudget<Pending>> {
+        self.unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees a connection's unauthenticated place; false when it had none left (evicted).
+    fn leave_unauthenticated(&self, ticket: Ticket) -> bool {
+        self.unauthenticated().release(ticket).is_some()
+    }
+}
+
+/// An unauthenticated connection, as its budget holds it.
+struct Pending {
+    id: u64,
+    peer: SocketAddr,
+    /// Tells the connection's task to close it.
+    evict: oneshot::Sender<()>,
+}
+
+/// A place among `max_connections`, held by an authenticated connection until it closes.
+struct AuthenticatedSlot(Arc<AtomicUsize>);
+
+impl AuthenticatedSlot {
+    fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<AuthenticatedSlot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| AuthenticatedSlot(count.clone()))
+    }
+}
+
+impl Drop for AuthenticatedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A bound SSH server, ready to [`run`](Server::run).
@@ -345,6 +406,10 @@ impl<S: SessionService> Server<S> {
             ..Default::default()
         };
         let (phase, phase_rx) = watch::channel(Phase::Running);
+        let unauthenticated = UnauthenticatedBudget::new(
+            config.limits.max_unauthenticated,
+            config.limits.max_unauthenticated_per_source,
+        );
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
@@ -353,7 +418,8 @@ impl<S: SessionService> Server<S> {
                 keys,
                 limits: config.limits,
                 accounts: Arc::default(),
-                open: AtomicUsize::new(0),
+                unauthenticated: Mutex::new(unauthenticated),
+                authenticated: Arc::default(),
                 phase: phase_rx,
             }),
             phase,
@@ -385,12 +451,13 @@ impl<S: SessionService> Server<S> {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         next_id += 1;
-                        let open = shared.open.load(Ordering::Acquire);
-                        if open >= shared.limits.max_connections {
-                            refuse_connection(tcp, peer, next_id, shared.limits.max_connections);
-                        } else {
-                            shared.open.fetch_add(1, Ordering::AcqRel);
-                            connections.spawn(connection(shared.clone(), tcp, peer, next_id));
+                        match admit(&shared, peer, next_id) {
+                            Some((ticket, evicted)) => {
+                                connections.spawn(connection(
+                                    shared.clone(), tcp, peer, next_id, ticket, evicted,
+                                ));
+                            }
+                            None => refuse_connection(tcp),
                         }
                     }
                     Err(e) => {
@@ -454,15 +521,53 @@ async fn next_signal(signal: &mut Option<Signal>) {
     std::future::pending().await
 }
 
-/// Closes a connection beyond `max_connections` at once, with a line a person using `nc`
-/// can read (ssh clients only say the connection was closed); the log says why.
-fn refuse_connection(tcp: TcpStream, peer: SocketAddr, id: u64, max: usize) {
-    tracing::warn!(
-        conn = id,
-        %peer,
-        "refused a connection: the server has its maximum of {max} SSH connections \
-         (ssh.max_connections)"
-    );
+/// Gives a new connection a place in the unauthenticated budget, evicting another when they
+/// are all taken (its task is told to close it); `None` when its source has its maximum
+/// already. Logs what it decided and why.
+fn admit<S>(
+    shared: &Shared<S>,
+    peer: SocketAddr,
+    id: u64,
+) -> Option<(Ticket, oneshot::Receiver<()>)> {
+    let (evict, evicted) = oneshot::channel();
+    let admission = shared
+        .unauthenticated()
+        .admit(peer.ip(), Pending { id, peer, evict });
+    match admission {
+        Admission::Admitted(ticket) => Some((ticket, evicted)),
+        Admission::AdmittedEvicting {
+            ticket,
+            evicted: old,
+        } => {
+            tracing::warn!(
+                conn = old.payload.id,
+                peer = %old.payload.peer,
+                "evicted an unauthenticated connection to admit conn={id} from {peer}: the \
+                 server has its maximum of {} unauthenticated connections \
+                 (ssh.max_unauthenticated); this was the oldest from {}, which had the most ({})",
+                shared.limits.max_unauthenticated,
+                old.source,
+                old.source_held,
+            );
+            // A connection whose task already ended has nothing left to close.
+            let _ = old.payload.evict.send(());
+            Some((ticket, evicted))
+        }
+        Admission::RefusedPerSource { source, held } => {
+            tracing::warn!(
+                conn = id,
+                %peer,
+                "refused a connection: {held} unauthenticated connections from {source} \
+                 already, its maximum (ssh.max_unauthenticated_per_source)"
+            );
+            None
+        }
+    }
+}
+
+/// Closes a refused connection at once, with a line a person using `nc` can read (ssh
+/// clients only say the connection was closed); the log says why.
+fn refuse_connection(tcp: TcpStream) {
     let _ = tcp.try_write(b"nixbuild: too many connections, try again later\r\n");
 }
 
@@ -470,6 +575,8 @@ fn refuse_connection(tcp: TcpStream, peer: SocketAddr, id: u64, max: usize) {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct ConnStatus {
     authenticated: bool,
+    /// Authenticated while the server had its maximum of authenticated connections.
+    full: bool,
     sessions: usize,
 }
 
@@ -477,6 +584,7 @@ struct ConnStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
     AuthTimeout,
+    Full,
     Idle,
     Shutdown,
 }
@@ -488,6 +596,7 @@ impl Closing {
                 "not authenticated within {} s (timeouts.auth)",
                 limits.auth_timeout.as_secs()
             ),
+            Closing::Full => full_message(limits.max_connections),
             Closing::Idle => format!(
                 "no session for {} s (timeouts.idle)",
                 limits.idle_timeout.as_secs()
@@ -499,17 +608,29 @@ impl Closing {
     fn code(self) -> Disconnect {
         match self {
             Closing::AuthTimeout => Disconnect::NoMoreAuthMethodsAvailable,
+            Closing::Full => Disconnect::TooManyConnections,
             Closing::Idle | Closing::Shutdown => Disconnect::ByApplication,
         }
     }
 }
 
-/// Serves one TCP connection until the client leaves or the watchdog closes it.
+/// What a client authenticating beyond `max_connections` is told.
+fn full_message(max: usize) -> String {
+    format!(
+        "the nixbuild server has its maximum of {max} authenticated connections \
+         (ssh.max_connections); try again later"
+    )
+}
+
+/// Serves one TCP connection until the client leaves, the watchdog closes it, or it is
+/// evicted from the unauthenticated budget (`evicted` delivers) before it authenticates.
 async fn connection<S: SessionService>(
     shared: Arc<Shared<S>>,
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
+    ticket: Ticket,
+    evicted: oneshot::Receiver<()>,
 ) {
     let _ = tcp.set_nodelay(true);
     // A second descriptor of the socket, to cut it off from here: russh's session task
@@ -522,13 +643,32 @@ async fn connection<S: SessionService>(
         Ok(pair) => pair,
         Err(e) => {
             tracing::error!(conn = id, %peer, "cannot set up the connection: {e}");
+            shared.leave_unauthenticated(ticket);
             return;
         }
     };
-    serve_connection(shared.clone(), tcp, peer, id).await;
+    // Its authenticated place, once it has one: given up here, when the socket is shut down,
+    // rather than whenever russh drops the handler.
+    let slot = Arc::new(Mutex::new(None));
+    let evicted = async {
+        // The sender goes without a word when the connection authenticates.
+        if evicted.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = serve_connection(shared.clone(), tcp, peer, id, ticket, slot.clone()) => {}
+        () = evicted => tracing::info!(
+            conn = id,
+            %peer,
+            "closed an unauthenticated connection: evicted to admit a newer one \
+             (ssh.max_unauthenticated)"
+        ),
+    }
     // Whatever happened, the connection is over for the client too.
     let _ = cut.shutdown(std::net::Shutdown::Both);
-    shared.open.fetch_sub(1, Ordering::AcqRel);
+    shared.leave_unauthenticated(ticket);
+    drop(slot.lock().unwrap_or_else(|p| p.into_inner()).take());
     tracing::info!(conn = id, %peer, "SSH connection closed");
 }
 
@@ -538,12 +678,16 @@ async fn serve_connection<S: SessionService>(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
+    ticket: Ticket,
+    slot: Arc<Mutex<Option<AuthenticatedSlot>>>,
 ) {
     let (status, status_rx) = watch::channel(ConnStatus::default());
     let handler = Connection {
         shared: shared.clone(),
         id,
         peer,
+        ticket,
+        slot,
         status: Arc::new(status),
         account: None,
         channels: HashMap::new(),
@@ -616,6 +760,9 @@ async fn watchdog(
     loop {
         let now = *status.borrow_and_update();
         let p = *phase.borrow_and_update();
+        if now.full {
+            return Closing::Full;
+        }
         if (now.authenticated && !last.authenticated) || (now.sessions == 0 && last.sessions > 0) {
             idle_since = Instant::now();
         }
@@ -677,6 +824,10 @@ struct Connection<S> {
     shared: Arc<Shared<S>>,
     id: u64,
     peer: SocketAddr,
+    /// Its place in the unauthenticated budget, until it authenticates.
+    ticket: Ticket,
+    /// Its place among `max_connections`, once authenticated.
+    slot: Arc<Mutex<Option<AuthenticatedSlot>>>,
     status: Arc<watch::Sender<ConnStatus>>,
     account: Option<Account>,
     channels: HashMap<ChannelId, PendingChannel>,
@@ -837,6 +988,32 @@ impl<S: SessionService> Handler for Connection<S> {
             Ok(name) => name,
             Err(reason) => return Ok(self.refuse_auth(user, key, &reason)),
         };
+        // Out of the unauthenticated budget. A connection evicted meanwhile is being cut off.
+        if !self.shared.leave_unauthenticated(self.ticket) {
+            return Ok(self.refuse_auth(
+                user,
+                key,
+                "the connection was evicted before it authenticated (ssh.max_unauthenticated)",
+            ));
+        }
+        let max = self.shared.limits.max_connections;
+        match AuthenticatedSlot::acquire(&self.shared.authenticated, max) {
+            Some(slot) => *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot),
+            None => {
+                tracing::warn!(
+                    conn = self.id,
+                    peer = %self.peer,
+                    account = %name,
+                    key = %fingerprint(key),
+                    "refused an authenticated connection: the server has its maximum of {max} \
+                     authenticated connections (ssh.max_connections)"
+                );
+                // Accepted, so that the client reads the reason in the disconnect message
+                // the watchdog sends at once; a rejection would only say "permission denied".
+                self.status.send_modify(|s| s.full = true);
+                return Ok(Auth::Accept);
+            }
+        }
         let max = self.shared.limits.max_connections_per_account;
         let slot = self.shared.accounts.acquire(&name, max);
         if slot.is_none() {
@@ -1139,6 +1316,10 @@ impl<S: SessionService> Handler for Connection<S> {
                 return self.refuse_channel(channel, session, &message);
             }
         };
+        if self.status.borrow().full {
+            let message = full_message(self.shared.limits.max_connections);
+            return self.refuse_channel(channel, session, &message);
+        }
         if *self.shared.phase.borrow() != Phase::Running {
             return self.refuse_channel(
                 channel,
@@ -1223,6 +1404,42 @@ mod tests {
         let (why, at) = w.task.await.unwrap();
         assert_eq!(why, Closing::AuthTimeout);
         assert_eq!(at - w.start, AUTH);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_authenticated_beyond_max_connections_is_closed_at_once() {
+        let w = watch_connection();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let at_auth = Instant::now();
+        w.status.send_modify(|s| s.full = true);
+        let (why, at) = w.task.await.unwrap();
+        assert_eq!(why, Closing::Full);
+        assert_eq!(at, at_auth);
+        let limits = Limits {
+            auth_timeout: AUTH,
+            idle_timeout: IDLE,
+            max_connections: 3,
+            max_unauthenticated: 64,
+            max_unauthenticated_per_source: 8,
+            max_connections_per_account: 1,
+            max_sessions_per_connection: 1,
+            shutdown_grace: AUTH,
+        };
+        assert!(why
+            .message(&limits)
+            .contains("maximum of 3 authenticated connections (ssh.max_connections)"));
+    }
+
+    #[test]
+    fn authenticated_slots_are_bounded_and_given_back_when_dropped() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = AuthenticatedSlot::acquire(&count, 2).unwrap();
+        let b = AuthenticatedSlot::acquire(&count, 2).unwrap();
+        assert!(AuthenticatedSlot::acquire(&count, 2).is_none());
+        drop(a);
+        let c = AuthenticatedSlot::acquire(&count, 2).unwrap();
+        drop((b, c));
+        assert_eq!(count.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test(start_paused = true)]
