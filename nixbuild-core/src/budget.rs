@@ -111,6 +111,12 @@ impl Reservation {
         self.held = bytes;
         Ok(())
     }
+
+    /// Gives everything back (a shrink, which cannot fail).
+    pub fn clear(&mut self) {
+        self.budget.give_back(self.held);
+        self.held = 0;
+    }
 }
 
 impl Drop for Reservation {
@@ -169,6 +175,9 @@ mod tests {
         assert_eq!((r.held(), b.used()), (3, 3));
         r.resize(0).expect("empty");
         assert_eq!(b.used(), 0);
+        r.resize(7).expect("7");
+        r.clear();
+        assert_eq!((r.held(), b.used()), (0, 0));
         assert!(
             err.to_string().contains("10 of 10 bytes are reserved"),
             "{err}"
