@@ -24,12 +24,13 @@ pub const MIN_REQUEST_BYTES: usize = 64 << 10;
 /// The share of the host's memory `max_buffered_bytes` defaults to: an eighth.
 pub const BUFFERED_SHARE_OF_MEMORY: u64 = 8;
 
-/// Least default `max_buffered_bytes`: two full requests at the default `max_request_bytes`,
+/// Least default `max_buffered_bytes`: room for one request of the default
+/// `max_request_bytes` while its buffer moves to a larger allocation (both are counted),
 /// even on a small VM.
 pub const MIN_DEFAULT_BUFFERED_BYTES: u64 = 64 << 20;
 
-/// Most default `max_buffered_bytes`: 256 requests of the default 32 MiB at once, far more
-/// than clients hold mid-request (a request is normally a few KiB and complete in one read);
+/// Most default `max_buffered_bytes`: over a hundred requests of the default 32 MiB at once,
+/// far more than clients hold mid-request (a request is normally a few KiB and complete in one read);
 /// a larger machine keeps the rest of its eighth for builds.
 pub const MAX_DEFAULT_BUFFERED_BYTES: u64 = 8 << 30;
 
@@ -348,10 +349,12 @@ pub struct LimitsConfig {
     /// ends with `error: ...` naming this setting; other sessions carry on. (NAR data is
     /// never held: it streams to disk.) `store.max_request_bytes` bounds one session; this
     /// bounds their sum, which the session limits alone (1024 relayed sessions, 64 SSH
-    /// connections of 10 sessions per account) would let reach tens of GiB. At least
-    /// `store.max_request_bytes`. Default: an eighth of the host's memory (`MemTotal`), at
-    /// least 64 MiB and at most 8 GiB (and never below `store.max_request_bytes`): the
-    /// daemon's own share, beside builds, which `[capacity] memory` gives the whole machine.
+    /// connections of 10 sessions per account) would let reach tens of GiB. A buffer that
+    /// grows counts its old and new allocations until it has moved, so this is at least
+    /// twice `store.max_request_bytes`, or the largest request could never be held. Default:
+    /// an eighth of the host's memory (`MemTotal`), at least 64 MiB and at most 8 GiB (and
+    /// never below twice `store.max_request_bytes`): the daemon's own share, beside builds,
+    /// which `[capacity] memory` gives the whole machine.
     #[serde(deserialize_with = "size_opt")]
     pub max_buffered_bytes: Option<u64>,
 }
@@ -369,11 +372,11 @@ impl Default for LimitsConfig {
 }
 
 /// The default `max_buffered_bytes` on a host with `memory` bytes (see
-/// [`LimitsConfig::max_buffered_bytes`]), at least `max_request_bytes`.
+/// [`LimitsConfig::max_buffered_bytes`]), at least twice `max_request_bytes`.
 pub fn default_buffered_bytes(memory: u64, max_request_bytes: usize) -> u64 {
     (memory / BUFFERED_SHARE_OF_MEMORY)
         .clamp(MIN_DEFAULT_BUFFERED_BYTES, MAX_DEFAULT_BUFFERED_BYTES)
-        .max(max_request_bytes as u64)
+        .max(2 * max_request_bytes as u64)
 }
 
 impl Config {
@@ -787,12 +790,13 @@ impl Config {
             ));
         }
         if let Some(budget) = self.limits.max_buffered_bytes {
-            if budget < self.store.max_request_bytes as u64 {
+            if budget < 2 * self.store.max_request_bytes as u64 {
                 return Err(invalid(
                     "limits.max_buffered_bytes",
                     format!(
-                        "{budget} is less than store.max_request_bytes ({}): no request that \
-                         large could ever be held",
+                        "{budget} is less than twice store.max_request_bytes ({}): a buffer \
+                         counts its old and new allocations while it grows, so no request \
+                         that large could ever be held",
                         self.store.max_request_bytes
                     ),
                 ));
@@ -908,8 +912,8 @@ mod tests {
         assert_eq!(default_buffered_bytes(24 * GIB, default_request), 3 * GIB);
         assert_eq!(default_buffered_bytes(GIB / 2, default_request), 64 << 20);
         assert_eq!(default_buffered_bytes(256 * GIB, default_request), 8 * GIB);
-        // Never below one full request.
-        assert_eq!(default_buffered_bytes(GIB, 1 << 30), GIB);
+        // Never below twice a full request.
+        assert_eq!(default_buffered_bytes(GIB, 1 << 30), 2 * GIB);
         let c = Config::parse("[limits]\nmax_buffered_bytes = \"256M\"\n").unwrap();
         assert_eq!(c.limits.max_buffered_bytes, Some(256 << 20));
         assert_eq!(c.buffered_budget().unwrap(), 256 << 20);
@@ -919,14 +923,17 @@ mod tests {
             default_buffered_bytes(host, default_request)
         );
         let msg = Config::parse(
-            "[store]\nmax_request_bytes = 1048576\n[limits]\nmax_buffered_bytes = 1048575\n",
+            "[store]\nmax_request_bytes = 1048576\n[limits]\nmax_buffered_bytes = 2097151\n",
         )
         .unwrap_err()
         .to_string();
         assert!(msg.contains("limits.max_buffered_bytes"), "{msg}");
-        assert!(msg.contains("store.max_request_bytes (1048576)"), "{msg}");
+        assert!(
+            msg.contains("twice store.max_request_bytes (1048576)"),
+            "{msg}"
+        );
         Config::parse(
-            "[store]\nmax_request_bytes = 1048576\n[limits]\nmax_buffered_bytes = 1048576\n",
+            "[store]\nmax_request_bytes = 1048576\n[limits]\nmax_buffered_bytes = 2097152\n",
         )
         .unwrap();
     }

@@ -761,10 +761,11 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// Otherwise it holds the start of an unfinished request (or, during a build, pipelined
     /// ones), less than `max_request_bytes`. When it has less than [`MIN_READ`] free, it
     /// grows to `len + CHUNK` rounded up to [`BUFFER_STEP`] (at most `max_request_bytes`),
-    /// reserved against the daemon's budget first: a reservation that does not fit ends the
-    /// session, having taken nothing. When a large buffer now holds much less (a large
-    /// request was answered, the start of the next one is left), it shrinks the same way,
-    /// back to a pool buffer when the rest fits one.
+    /// reserved against the daemon's budget first, together with the allocation it leaves
+    /// (the allocator may copy it to a new block, and both are resident until the copy is
+    /// done): a reservation that does not fit ends the session, having taken nothing. When a
+    /// large buffer now holds much less (a large request was answered, the start of the next
+    /// one is left), it shrinks the same way, back to a pool buffer when the rest fits one.
     fn make_room(&mut self, buf: &mut BytesMut) -> Result<(), SessionError> {
         if buf.is_empty() {
             *buf = self.pool.take();
@@ -788,8 +789,9 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.held.clear();
             return Ok(());
         }
+        let leaving = self.held.held();
         self.held
-            .resize(target as u64)
+            .resize(leaving + target as u64)
             .map_err(|e| SessionError::BufferBudget {
                 limit: e.limit,
                 wanted: e.wanted,
@@ -804,6 +806,8 @@ impl<O: SessionOutput> Driver<'_, O> {
         }
         // (`Bytes` keeps the vector and its capacity; the conversion back takes it over.)
         *buf = BytesMut::from(Bytes::from(bytes));
+        // A shrink, which cannot fail: the old allocation is gone.
+        let _ = self.held.resize(target as u64);
         Ok(())
     }
 
