@@ -21,6 +21,19 @@ pub const MAX_PATHS_PER_REQUEST_CEILING: usize = 1 << 20;
 /// Smallest `max_request_bytes`: room for any request that names a single path.
 pub const MIN_REQUEST_BYTES: usize = 64 << 10;
 
+/// The share of the host's memory `max_buffered_bytes` defaults to: an eighth.
+pub const BUFFERED_SHARE_OF_MEMORY: u64 = 8;
+
+/// Least default `max_buffered_bytes`: room for one request of the default
+/// `max_request_bytes` while its buffer moves to a larger allocation (both are counted),
+/// even on a small VM.
+pub const MIN_DEFAULT_BUFFERED_BYTES: u64 = 64 << 20;
+
+/// Most default `max_buffered_bytes`: over a hundred requests of the default 32 MiB at once,
+/// far more than clients hold mid-request (a request is normally a few KiB and complete in one read);
+/// a larger machine keeps the rest of its eighth for builds.
+pub const MAX_DEFAULT_BUFFERED_BYTES: u64 = 8 << 30;
+
 /// Why the configuration could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -195,20 +208,7 @@ impl HostFacts {
     /// Reads the host's memory (`/proc/meminfo`), system and `/dev/kvm`; `cpus` comes from
     /// the cgroup report.
     pub fn detect(cpus: u32) -> Result<HostFacts, ConfigError> {
-        let invalid = |reason| ConfigError::Invalid {
-            source_name: "/proc/meminfo".to_owned(),
-            key: "capacity.memory",
-            reason,
-        };
-        let meminfo = std::fs::read_to_string("/proc/meminfo")
-            .map_err(|e| invalid(format!("cannot read it: {e}")))?;
-        let memory = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .and_then(|kib| kib.checked_mul(1024))
-            .ok_or_else(|| invalid("no MemTotal in kB: set capacity.memory".to_owned()))?;
+        let memory = host_memory("capacity.memory")?;
         let arch = std::env::consts::ARCH;
         let mut systems = vec![format!("{arch}-linux")];
         if arch == "x86_64" {
@@ -356,6 +356,19 @@ pub struct LimitsConfig {
     /// Most NAR bytes one session may upload (AddToStoreNar and ImportPaths together); the
     /// session ends with an error past it. Default 1 TiB.
     pub max_upload_bytes_per_session: u64,
+    /// Most bytes all sessions together, relayed and over SSH, may hold of requests not yet
+    /// complete, in bytes or a size such as `"512M"`. A session whose buffer would pass it
+    /// ends with `error: ...` naming this setting; other sessions carry on. (NAR data is
+    /// never held: it streams to disk.) `store.max_request_bytes` bounds one session; this
+    /// bounds their sum, which the session limits alone (1024 relayed sessions, 64 SSH
+    /// connections of 10 sessions per account) would let reach tens of GiB. A buffer that
+    /// grows counts its old and new allocations until it has moved, so this is at least
+    /// twice `store.max_request_bytes`, or the largest request could never be held. Default:
+    /// an eighth of the host's memory (`MemTotal`), at least 64 MiB and at most 8 GiB (and
+    /// never below twice `store.max_request_bytes`): the daemon's own share, beside builds,
+    /// which `[capacity] memory` gives the whole machine.
+    #[serde(deserialize_with = "size_opt")]
+    pub max_buffered_bytes: Option<u64>,
 }
 
 impl Default for LimitsConfig {
@@ -365,8 +378,50 @@ impl Default for LimitsConfig {
             max_sessions_per_account: 64,
             max_builds_per_account: 1024,
             max_upload_bytes_per_session: 1 << 40,
+            max_buffered_bytes: None,
         }
     }
+}
+
+/// The default `max_buffered_bytes` on a host with `memory` bytes (see
+/// [`LimitsConfig::max_buffered_bytes`]), at least twice `max_request_bytes`.
+pub fn default_buffered_bytes(memory: u64, max_request_bytes: usize) -> u64 {
+    (memory / BUFFERED_SHARE_OF_MEMORY)
+        .clamp(MIN_DEFAULT_BUFFERED_BYTES, MAX_DEFAULT_BUFFERED_BYTES)
+        .max(2 * max_request_bytes as u64)
+}
+
+impl Config {
+    /// The daemon's budget of buffered request bytes: `limits.max_buffered_bytes`, or its
+    /// default from the host's memory (read only then).
+    pub fn buffered_budget(&self) -> Result<u64, ConfigError> {
+        match self.limits.max_buffered_bytes {
+            Some(n) => Ok(n),
+            None => Ok(default_buffered_bytes(
+                host_memory("limits.max_buffered_bytes")?,
+                self.store.max_request_bytes,
+            )),
+        }
+    }
+}
+
+/// The host's total memory in bytes (`MemTotal` in `/proc/meminfo`); an error names `key`,
+/// the setting whose default needs it.
+pub fn host_memory(key: &'static str) -> Result<u64, ConfigError> {
+    let invalid = |reason| ConfigError::Invalid {
+        source_name: "/proc/meminfo".to_owned(),
+        key,
+        reason,
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|kib| kib.checked_mul(1024))
+        .ok_or_else(|| invalid(format!("no MemTotal in kB: set {key}")))
 }
 
 /// `[store]`.
@@ -385,7 +440,10 @@ pub struct StoreConfig {
     pub disk_reserve: u64,
     /// Most bytes a session holds of one request (or ImportPaths trailer) before it is
     /// complete; NAR data does not count, it streams to disk. Also the longest string a
-    /// request may carry. Default 64 MiB: a request naming 100,000 paths takes about 8 MiB.
+    /// request may carry. Default 32 MiB: a request naming 100,000 paths takes about 8 MiB,
+    /// and the kernel does not `execve` a builder with an environment much over 2 MiB (or a
+    /// variable over 128 KiB), so only `passAsFile` values come near it. The sum over all sessions is bounded by
+    /// `[limits] max_buffered_bytes`.
     pub max_request_bytes: usize,
 }
 
@@ -395,7 +453,7 @@ impl Default for StoreConfig {
             max_nar_size: 64 << 30,
             max_paths_per_request: 100_000,
             disk_reserve: 1 << 30,
-            max_request_bytes: 64 << 20,
+            max_request_bytes: 32 << 20,
         }
     }
 }
@@ -752,6 +810,19 @@ impl Config {
                 format!("must be at least {MIN_REQUEST_BYTES}"),
             ));
         }
+        if let Some(budget) = self.limits.max_buffered_bytes {
+            if budget < 2 * self.store.max_request_bytes as u64 {
+                return Err(invalid(
+                    "limits.max_buffered_bytes",
+                    format!(
+                        "{budget} is less than twice store.max_request_bytes ({}): a buffer \
+                         counts its old and new allocations while it grows, so no request \
+                         that large could ever be held",
+                        self.store.max_request_bytes
+                    ),
+                ));
+            }
+        }
         let b = &self.builds;
         if b.uid_base == 0
             || b.uid_count == 0
@@ -857,6 +928,40 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixbuild.example.toml");
         assert_eq!(Config::load(&path).unwrap(), Config::default());
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn buffered_budget_defaults_to_an_eighth_of_memory_within_bounds() {
+        const GIB: u64 = 1 << 30;
+        let default_request = StoreConfig::default().max_request_bytes;
+        assert_eq!(default_request, 32 << 20);
+        assert_eq!(default_buffered_bytes(24 * GIB, default_request), 3 * GIB);
+        assert_eq!(default_buffered_bytes(GIB / 2, default_request), 64 << 20);
+        assert_eq!(default_buffered_bytes(256 * GIB, default_request), 8 * GIB);
+        // Never below twice a full request.
+        assert_eq!(default_buffered_bytes(GIB, 1 << 30), 2 * GIB);
+        let c = Config::parse("[limits]\nmax_buffered_bytes = \"256M\"\n").unwrap();
+        assert_eq!(c.limits.max_buffered_bytes, Some(256 << 20));
+        assert_eq!(c.buffered_budget().unwrap(), 256 << 20);
+        let host = host_memory("limits.max_buffered_bytes").unwrap();
+        assert_eq!(
+            Config::default().buffered_budget().unwrap(),
+            default_buffered_bytes(host, default_request)
+        );
+        let msg = Config::parse(
+            "[store]\nmax_request_bytes = 1048576\n[limits]\nmax_buffered_bytes = 2097151\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("limits.max_buffered_bytes"), "{msg}");
+        assert!(
+            msg.contains("twice store.max_request_bytes (1048576)"),
+            "{msg}"
+        );
+        Config::parse(
+            "[store]\nmax_request_bytes = 1048576\n[limits]\nmax_buffered_bytes = 2097152\n",
+        )
+        .unwrap();
     }
 
     #[test]

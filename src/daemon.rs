@@ -44,6 +44,7 @@ use crate::config::Config;
 use crate::session::{self, SessionOutput, SessionSettings};
 use crate::store::{Store, StoreError, StoreLimits};
 use nixbuild_core::account::{AccountCounts, AccountSlot};
+use nixbuild_core::budget::MemoryBudget;
 
 /// Frame tag: bytes for the relay's stderr (messages).
 pub const FRAME_STDERR: u8 = 2;
@@ -256,7 +257,20 @@ pub async fn run(
         Some(group) => Some(group.resolve()?),
         None => None,
     };
-    let front_door = crate::ssh::bind(state_dir, &config, store.clone(), builds.clone()).await?;
+    // One budget for the unfinished requests of every session, relayed and over SSH.
+    let budget = Arc::new(MemoryBudget::new(config.buffered_budget()?));
+    tracing::info!(
+        max_buffered_bytes = budget.limit(),
+        "budget for unfinished requests"
+    );
+    let front_door = crate::ssh::bind(
+        state_dir,
+        &config,
+        store.clone(),
+        builds.clone(),
+        budget.clone(),
+    )
+    .await?;
     let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
         path: sock.clone(),
         source,
@@ -291,6 +305,7 @@ pub async fn run(
                             builds.clone(),
                             config.clone(),
                             accounts.clone(),
+                            budget.clone(),
                         ));
                     }
                 },
@@ -426,6 +441,7 @@ async fn connection(
     builds: BuildService,
     config: Arc<Config>,
     accounts: Arc<AccountCounts>,
+    budget: Arc<MemoryBudget>,
 ) {
     let status = match admit(&stream, &config, &accounts).await {
         Err(msg) => {
@@ -443,7 +459,7 @@ async fn connection(
         }) => {
             let account = header.account.as_str();
             tracing::info!(%account, write = header.write, "session start");
-            let settings = SessionSettings::new(&config, account, header.write);
+            let settings = SessionSettings::new(&config, account, header.write, &budget);
             let mut out = RelayOutput::new(stdout, stream);
             if let Some(pipe) = pipe {
                 out = out.with_pipe(pipe);

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use nixbuild_core::budget::{MemoryBudget, Reservation};
 use nixbuild_core::content_address::ContentAddress;
 use nixbuild_core::serve::{
     self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event,
@@ -58,6 +59,14 @@ const INLINE_QUERY_PATHS: usize = 64;
 /// Most buffers a [`BufferPool`] keeps: every chunk that can be in flight at once.
 const POOL_SIZE: usize = CHANNEL_DEPTH + 2;
 
+/// A buffer holding an unfinished request grows past a pool buffer in steps of this many
+/// bytes, each reserved against the daemon's budget of buffered bytes before it is taken
+/// (see `Driver::make_room`).
+const BUFFER_STEP: usize = 1 << 20;
+
+/// Least free room in the session's buffer for a read; below it the buffer grows.
+const MIN_READ: usize = 64 << 10;
+
 /// Why a session ended with an error. The message is what the client sees after `error: `.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -79,6 +88,10 @@ pub enum SessionError {
     /// count, before the elements arrive).
     #[error("{0} (max_paths_per_request in [store] of the server's configuration)")]
     ListTooLong(ServeError),
+    /// A string in a request is longer than the configuration allows (refused at its
+    /// length, before its bytes arrive).
+    #[error("{0} (max_request_bytes in [store] of the server's configuration)")]
+    StringTooLong(ServeError),
     /// An unfinished request grew past the configured cap.
     #[error(
         "a request of more than {max} bytes (max_request_bytes in [store] of the server's \
@@ -87,6 +100,19 @@ pub enum SessionError {
     RequestTooLarge {
         /// The cap.
         max: usize,
+    },
+    /// Holding more of an unfinished request would pass the daemon-wide budget of bytes
+    /// held by all sessions.
+    #[error(
+        "this server already holds its maximum of {limit} bytes of unfinished requests \
+         across all sessions, and this request needs {wanted} more; try again later \
+         (max_buffered_bytes in [limits] of the server's configuration)"
+    )]
+    BufferBudget {
+        /// The budget.
+        limit: u64,
+        /// The bytes the session asked for.
+        wanted: u64,
     },
     /// A request names more paths than the configuration allows.
     #[error(
@@ -131,7 +157,7 @@ pub enum SessionError {
 }
 
 /// What one session may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SessionSettings {
     /// The account whose paths the session sees and adds to.
     pub account: String,
@@ -151,11 +177,20 @@ pub struct SessionSettings {
     pub write_timeout: Duration,
     /// Most NAR bytes the session may upload.
     pub max_upload_bytes: u64,
+    /// The daemon's budget of bytes held of unfinished requests, shared by all sessions
+    /// (`[limits] max_buffered_bytes`).
+    pub buffer_budget: Arc<MemoryBudget>,
 }
 
 impl SessionSettings {
-    /// The settings for `account` under `config`.
-    pub fn new(config: &Config, account: &str, write_allowed: bool) -> Self {
+    /// The settings for `account` under `config`, holding unfinished requests against
+    /// `buffer_budget` (the daemon's one budget, [`Config::buffered_budget`]).
+    pub fn new(
+        config: &Config,
+        account: &str,
+        write_allowed: bool,
+        buffer_budget: &Arc<MemoryBudget>,
+    ) -> Self {
         let defaults = wire::Limits::default();
         SessionSettings {
             account: account.to_owned(),
@@ -174,6 +209,7 @@ impl SessionSettings {
             idle_timeout: config.timeouts.idle(),
             write_timeout: config.timeouts.write(),
             max_upload_bytes: config.limits.max_upload_bytes_per_session,
+            buffer_budget: buffer_budget.clone(),
         }
     }
 }
@@ -236,6 +272,7 @@ where
         pool: BufferPool::default(),
         pending_build: None,
         uploaded: 0,
+        held: Reservation::new(settings.buffer_budget.clone()),
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
@@ -404,6 +441,9 @@ struct Driver<'a, O> {
     pending_build: Option<PendingBuild>,
     /// NAR bytes uploaded so far in this session.
     uploaded: u64,
+    /// The budget reserved for the session's buffer: its whole allocation once it has grown
+    /// past a pool buffer, nothing while it is one.
+    held: Reservation,
 }
 
 impl<O: SessionOutput> Driver<'_, O> {
@@ -423,9 +463,10 @@ impl<O: SessionOutput> Driver<'_, O> {
                 }
             }
             // What is left is the start of one request or trailer the session waits to
-            // complete (NAR data never stays in `buf`).
+            // complete (NAR data never stays in `buf`): at `max` bytes, it can only end
+            // past the cap.
             let max = self.settings.max_request_bytes;
-            if buf.len() > max {
+            if buf.len() >= max {
                 return Err(SessionError::RequestTooLarge { max });
             }
             let output = self.session.take_output();
@@ -433,13 +474,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.out.stdout(output).await?;
                 self.out.flush().await?;
             }
-            if buf.is_empty() {
-                // Everything so far went out as events: read into a pooled buffer, so that
-                // an upload's chunks (views of it) come back to the pool once imported.
-                buf = self.pool.take();
-            } else {
-                buf.reserve(CHUNK);
-            }
+            self.make_room(&mut buf)?;
             let (deadline, phase, secs) = if handshake_done {
                 let t = self.settings.idle_timeout;
                 (tokio::time::Instant::now() + t, "to send more", t.as_secs())
@@ -463,6 +498,11 @@ impl<O: SessionOutput> Driver<'_, O> {
                 if max == self.settings.max_paths_per_request =>
             {
                 SessionError::ListTooLong(e)
+            }
+            ServeError::Wire(WireError::StringTooLong { max, .. })
+                if max == self.settings.max_request_bytes =>
+            {
+                SessionError::StringTooLong(e)
             }
             e => SessionError::Protocol(e),
         }
@@ -696,7 +736,9 @@ impl<O: SessionOutput> Driver<'_, O> {
         // Pipelined requests are kept (up to the request cap) for after the build.
         let max = self.settings.max_request_bytes;
         loop {
-            buf.reserve(4096);
+            if buf.len() < max {
+                self.make_room(buf)?;
+            }
             tokio::select! {
                 // An outcome already there wins over the end of the client's input.
                 biased;
@@ -711,6 +753,62 @@ impl<O: SessionOutput> Driver<'_, O> {
                 }
             }
         }
+    }
+
+    /// Gets `buf` ready for the next read, keeping [`Driver::held`] equal to its allocation
+    /// beyond a pool buffer. An empty buffer becomes a pool buffer (so that an upload's
+    /// chunks, views of it, come back to the pool once imported), with nothing reserved.
+    /// Otherwise it holds the start of an unfinished request (or, during a build, pipelined
+    /// ones), less than `max_request_bytes`. When it has less than [`MIN_READ`] free, it
+    /// grows to `len + CHUNK` rounded up to [`BUFFER_STEP`] (at most `max_request_bytes`),
+    /// reserved against the daemon's budget first, together with the allocation it leaves
+    /// (the allocator may copy it to a new block, and both are resident until the copy is
+    /// done): a reservation that does not fit ends the session, having taken nothing. When a
+    /// large buffer now holds much less (a large request was answered, the start of the next
+    /// one is left), it shrinks the same way, back to a pool buffer when the rest fits one.
+    fn make_room(&mut self, buf: &mut BytesMut) -> Result<(), SessionError> {
+        if buf.is_empty() {
+            *buf = self.pool.take();
+            self.held.clear();
+            return Ok(());
+        }
+        let len = buf.len();
+        let max = self.settings.max_request_bytes;
+        let target = (len + CHUNK).next_multiple_of(BUFFER_STEP).min(max);
+        // `capacity` counts from the start of the data: room already used for earlier
+        // requests is not counted, but it is part of the allocation `held` covers.
+        let short = buf.capacity() - len < MIN_READ && buf.capacity() < target;
+        let oversized = self.held.held() > target as u64;
+        if !short && !oversized {
+            return Ok(());
+        }
+        if len + MIN_READ <= CHUNK {
+            let mut fresh = self.pool.take();
+            fresh.extend_from_slice(buf);
+            *buf = fresh;
+            self.held.clear();
+            return Ok(());
+        }
+        let leaving = self.held.held();
+        self.held
+            .resize(leaving + target as u64)
+            .map_err(|e| SessionError::BufferBudget {
+                limit: e.limit,
+                wanted: e.wanted,
+            })?;
+        // In place when the buffer is the only view of its allocation (realloc, which moves
+        // large blocks without copying); a copy otherwise.
+        let mut bytes = Vec::from(std::mem::take(buf));
+        if bytes.capacity() < target {
+            bytes.reserve_exact(target - bytes.len());
+        } else {
+            bytes.shrink_to(target);
+        }
+        // (`Bytes` keeps the vector and its capacity; the conversion back takes it over.)
+        *buf = BytesMut::from(Bytes::from(bytes));
+        // A shrink, which cannot fail: the old allocation is gone.
+        let _ = self.held.resize(target as u64);
+        Ok(())
     }
 
     fn check_count(&self, request: &'static str, count: usize) -> Result<(), SessionError> {
@@ -1103,11 +1201,12 @@ impl BufferPool {
         }
     }
 
-    /// Keeps a buffer for reuse.
+    /// Keeps a buffer for reuse: one of the pool's size, not a large one a request grew
+    /// (whose memory would stay held outside the budget).
     fn put(&self, mut buf: Vec<u8>) {
         buf.clear();
         let mut pool = self.lock();
-        if buf.capacity() >= CHUNK && pool.len() < POOL_SIZE {
+        if (CHUNK..2 * CHUNK).contains(&buf.capacity()) && pool.len() < POOL_SIZE {
             pool.push(buf);
         }
     }
@@ -1748,10 +1847,14 @@ mod tests {
         (dir, store, builds)
     }
 
+    fn unlimited() -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget::new(u64::MAX))
+    }
+
     #[tokio::test]
     async fn a_client_that_stops_reading_times_out() {
         let (_dir, store, builds) = store_and_builds();
-        let mut settings = SessionSettings::new(&Config::default(), "a", false);
+        let mut settings = SessionSettings::new(&Config::default(), "a", false, &unlimited());
         settings.write_timeout = Duration::from_millis(20);
         let mut hello = Vec::new();
         serve::ClientHello {
@@ -1772,7 +1875,7 @@ mod tests {
     #[tokio::test]
     async fn streams_carry_the_protocol_and_the_error_message() {
         let (_dir, store, builds) = store_and_builds();
-        let settings = SessionSettings::new(&Config::default(), "a", false);
+        let settings = SessionSettings::new(&Config::default(), "a", false, &unlimited());
         let mut input = Vec::new();
         serve::ClientHello {
             version: serve::ProtocolVersion::V2_7,

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use nixbuild_core::budget::MemoryBudget;
 use nixbuild_ssh::host_key::{self, HostKeyError, HOST_KEY_FILE};
 use nixbuild_ssh::server::{Limits, ServerError};
 use nixbuild_ssh::ssh_key::PublicKey;
@@ -40,6 +41,7 @@ pub struct SshSessions {
     store: Store,
     builds: BuildService,
     config: Arc<Config>,
+    budget: Arc<MemoryBudget>,
 }
 
 impl SessionService for SshSessions {
@@ -56,7 +58,7 @@ impl SessionService for SshSessions {
     {
         let account = request.account.as_str();
         let conn = request.connection;
-        let settings = SessionSettings::new(&self.config, account, request.write);
+        let settings = SessionSettings::new(&self.config, account, request.write, &self.budget);
         tracing::info!(%account, write = request.write, conn, peer = %request.peer, "session start");
         let mut out = ChannelOutput {
             stdout,
@@ -119,12 +121,14 @@ pub struct FrontDoor {
 
 /// Starts listening for SSH when `ssh.listen` is set (`None` otherwise): loads or creates the
 /// host key in `state_dir`, reads the authorized keys, binds, and prints on stdout what users
-/// pin the host key with.
+/// pin the host key with. Its sessions hold unfinished requests against `budget`, the
+/// daemon's one budget.
 pub async fn bind(
     state_dir: &Path,
     config: &Config,
     store: Store,
     builds: BuildService,
+    budget: Arc<MemoryBudget>,
 ) -> Result<Option<FrontDoor>, SshError> {
     let Some(listen) = config.ssh.listen else {
         return Ok(None);
@@ -156,6 +160,7 @@ pub async fn bind(
         store,
         builds,
         config: Arc::new(config.clone()),
+        budget,
     };
     let server = Server::bind(
         ServerConfig {

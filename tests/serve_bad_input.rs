@@ -6,7 +6,10 @@ mod harness;
 
 use std::collections::BTreeSet;
 
-use harness::{export_stream, raw_nar, sha256, test_path, wire_u64, Daemon, Reply, Script};
+use harness::{
+    build_derivation_prefix, export_stream, raw_nar, sha256, test_path, wire_str, wire_u64, Daemon,
+    Reply, Script,
+};
 use nixbuild_core::serve::{BuildOptions, BuildStatus, Opcode, Request, Response};
 use nixbuild_core::store_path::StorePath;
 
@@ -323,5 +326,152 @@ fn an_invalid_derivation_is_rejected_with_a_clear_build_result() {
         "{msg}"
     );
     assert!(!daemon.log().contains("nixbuild::build: building "));
+    daemon.stop();
+}
+
+/// The daemon's resident memory now (VmRSS), in KiB, after resetting its peak (VmHWM) to it.
+fn reset_peak_rss_kib(daemon: &Daemon) -> u64 {
+    let pid = daemon.pid();
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn unfinished_requests_share_one_memory_budget() {
+    const MIB: usize = 1 << 20;
+    const BUDGET: usize = 64 * MIB;
+    const REQUEST: usize = 16 * MIB;
+    const SESSIONS: usize = 64;
+    // Not the budget's: each session's 256 KiB pool buffer (16 MiB for 64), and what the
+    // allocator keeps of the buffers of sessions that ended (measured: 12 to 41 MiB over
+    // the budget in 15 runs; 996 MiB without the budget).
+    const SLACK: usize = 64 * MIB;
+    let s = salt("budget");
+    let daemon = Daemon::start_with_config(
+        &format!(
+            "[store]\nmax_request_bytes = {REQUEST}\n[limits]\nmax_buffered_bytes = {BUDGET}\n"
+        ),
+        &[],
+    );
+    let query = Script::new().request(&query_valid(&[&test_path(&s, "q")]));
+    let warm = daemon.relay("b", false, &query.bytes);
+    assert_eq!(warm.status, 0, "{warm:?}");
+    let baseline_kib = reset_peak_rss_kib(&daemon);
+
+    // Each session starts a BuildDerivation whose environment has 64 values of 1 MiB: each
+    // stays under the per-string limit, the whole request is four times the request cap,
+    // and the sessions together would hold 1 GiB.
+    let mut prefix = Script::new().bytes;
+    prefix.extend(build_derivation_prefix(&test_path(&s, "big.drv"), 64));
+    let value = wire_str(&vec![b'v'; MIB]);
+    let pair = |i: usize| [wire_str(format!("k{i:02}").as_bytes()), value.clone()].concat();
+
+    let mut sessions: Vec<_> = (0..SESSIONS).map(|_| daemon.open("a", true)).collect();
+    // First 12 values (12 MiB, under the cap) from every session at once; what the daemon
+    // holds of them is all it can hold.
+    std::thread::scope(|scope| {
+        for session in sessions.iter_mut() {
+            let prefix = &prefix;
+            scope.spawn(move || {
+                session.send(prefix);
+                for i in 0..12 {
+                    session.send(&pair(i));
+                }
+            });
+        }
+    });
+    // Meanwhile another account's small query is answered: it needs no budget.
+    let reply = daemon.relay("b", false, &query.bytes);
+    assert_eq!(reply.status, 0, "{reply:?}");
+    assert_eq!(reply.responses(&query.ops).len(), 1);
+    // Then the rest: every session ends with an error naming the limit it reached.
+    let replies: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .map(|mut session| {
+                let pair = &pair;
+                scope.spawn(move || {
+                    for i in 12..64 {
+                        session.send(&pair(i));
+                    }
+                    session.finish()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("session"))
+            .collect()
+    });
+    let peak_kib = daemon.peak_rss_kib();
+    let (mut over_budget, mut over_cap) = (0, 0);
+    for reply in &replies {
+        assert_ne!(reply.status, 0, "{reply:?}");
+        if reply.stderr.contains("(max_buffered_bytes in [limits]") {
+            over_budget += 1;
+            reply.assert_error(&format!(
+                "its maximum of {BUDGET} bytes of unfinished requests"
+            ));
+        } else {
+            reply.assert_error(&format!(
+                "a request of more than {REQUEST} bytes (max_request_bytes in [store]"
+            ));
+            over_cap += 1;
+        }
+    }
+    let grown_mib = peak_kib.saturating_sub(baseline_kib) / 1024;
+    eprintln!(
+        "{over_budget} sessions over the budget, {over_cap} over the request cap; peak RSS \
+         {grown_mib} MiB above the baseline of {} MiB",
+        baseline_kib / 1024
+    );
+    assert!(over_budget > 0, "no session met the budget");
+    assert!(
+        grown_mib as usize <= (BUDGET + SLACK) / MIB,
+        "the daemon grew by {grown_mib} MiB holding unfinished requests (budget {} MiB)",
+        BUDGET / MIB
+    );
+
+    // A value announced longer than the cap is refused at its length, naming the setting.
+    let mut huge = prefix.clone();
+    huge.extend(wire_str(b"k"));
+    huge.extend(wire_u64(100 * MIB as u64));
+    let reply = daemon.relay("a", true, &huge);
+    reply.assert_error(&format!(
+        "string of {} bytes exceeds the limit of {REQUEST} (max_request_bytes in [store]",
+        100 * MIB
+    ));
+    // The budget was given back: a request of almost the cap's size goes through (refused
+    // as a build, having no name, which is an answer, not an error).
+    let drv = nixbuild_core::derivation::BasicDerivation {
+        outputs: Default::default(),
+        input_srcs: BTreeSet::new(),
+        platform: "x86_64-linux".into(),
+        builder: "/bin/sh".into(),
+        args: vec![],
+        env: (0..15)
+            .map(|i| (format!("k{i:02}").into_bytes(), vec![b'v'; MIB]))
+            .collect(),
+    };
+    let req = Request::BuildDerivation {
+        drv_path: test_path(&s, "again.drv"),
+        drv: Box::new(drv),
+        options: BuildOptions::default(),
+    };
+    let script = Script::new().request(&req);
+    let reply = daemon.relay_waiting("a", &script.bytes, &script.ops);
+    assert_eq!(reply.status, 0, "{reply:?}");
+    let [Response::Build(result)] = &reply.responses(&script.ops)[..] else {
+        panic!("not a BuildResult: {reply:?}");
+    };
+    assert_eq!(result.status, BuildStatus::InputRejected);
+    assert!(daemon
+        .log()
+        .contains(&format!("max_buffered_bytes={BUDGET}")));
     daemon.stop();
 }

@@ -427,3 +427,58 @@ fn ciphers_aes_gcm_by_default_and_as_configured() {
         "{stderr}"
     );
 }
+
+/// SSH sessions hold unfinished requests against the same budget as relayed ones: with a
+/// relayed session holding half of it, an SSH session growing a request is refused, naming
+/// the setting, and the relayed session is untouched.
+#[test]
+fn ssh_and_relayed_sessions_share_the_buffer_budget() {
+    const MIB: usize = 1 << 20;
+    let client = tempfile::tempdir().expect("temp dir");
+    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
+    let server = SshServer::start(
+        &format!(
+            "[store]\nmax_request_bytes = {}\n[limits]\nmax_buffered_bytes = {}\n",
+            2 * MIB,
+            4 * MIB
+        ),
+        client,
+        &[&alice],
+    );
+    let config = server.ssh_config(ALIAS, &alice);
+    let s = harness::salt();
+    let start = |name: &str, value_len: usize| {
+        let mut bytes = harness::build_derivation_prefix(&harness::test_path(&s, name), 1);
+        bytes.extend(harness::wire_str(b"k"));
+        bytes.extend(harness::wire_u64(value_len as u64));
+        bytes
+    };
+    // The relayed session holds 1.75 MiB of a 1.9 MiB value: a 2 MiB buffer, reserved.
+    let mut relayed = server.daemon.open("alice", true);
+    relayed.send(&harness::Script::new().bytes);
+    relayed.send(&start("relayed.drv", 1900 << 10));
+    relayed.send(&vec![b'v'; 1792 << 10]);
+    relayed.wait_until_read();
+
+    // The SSH session's buffer gets 1 MiB; growing to 2 MiB needs 3 MiB while it moves.
+    let mut session = SshSession::open(&config, ALIAS);
+    session.send(&start("ssh.drv", 1900 << 10));
+    session.send(&vec![b'v'; 1792 << 10]);
+    // Leaving at once: without the budget the session would end at the end of its input.
+    let (status, stderr) = session.close();
+    assert_eq!(status, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: this server already holds its maximum of {} bytes of unfinished requests",
+            4 * MIB
+        )) && stderr.contains("(max_buffered_bytes in [limits] of the server's configuration)"),
+        "{stderr}"
+    );
+    // The relayed session still holds its request: it ends only when its client leaves.
+    let reply = relayed.finish();
+    assert!(!reply.stderr.contains("max_buffered_bytes"), "{reply:?}");
+    assert!(
+        reply.stderr.contains("unexpected end of input"),
+        "{reply:?}"
+    );
+}

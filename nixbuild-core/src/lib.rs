@@ -4,6 +4,7 @@
 //! network layer, the fuzzers and the benchmarks all drive the same code:
 //!
 //! - [`account`]: the grammar of account names.
+//! - [`budget`]: a byte budget shared by many holders (the daemon's buffered requests).
 //! - [`wire`]: the primitives of the Nix wire format (u64, padded strings, lists), bounded.
 //! - [`nixbase32`] and [`hash`]: Nix's base-32 and the hash types with their string forms.
 //! - [`store_path`] and [`content_address`]: store path syntax and computation.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod budget;
 pub mod content_address;
 pub mod derivation;
 pub mod hash;

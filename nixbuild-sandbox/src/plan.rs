@@ -297,6 +297,14 @@ pub enum Step {
     /// Child: `setsid`; stdin from `/dev/null`, stderr to the log pty's slave in raw mode,
     /// stdout a copy of stderr.
     Stdio,
+    /// Child: `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`, a new, empty, anonymous session
+    /// keyring. The session keyring is the one keyring inherited across `clone` and `execve`
+    /// (user namespaces included): without this the builder would possess the daemon's (a
+    /// systemd service has one of its own), read its keys, and leave keys there for every
+    /// later build. Owned by the helper's uid (root), so it is charged to root's key quota
+    /// and no earlier build's keys can make it fail; the builder possesses it, which gives it
+    /// full use. `@u` and `@us` are already per user namespace (Linux 5.3).
+    SessionKeyring,
     /// Child: bring up `lo` (only in a new network namespace).
     LoopbackUp,
     /// Child: [`SandboxPlan::hostname`] and [`SandboxPlan::domainname`].
@@ -749,6 +757,7 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
         Step::Clone,
         Step::WriteIdMaps,
         Step::Stdio,
+        Step::SessionKeyring,
         Step::LoopbackUp,
         Step::Hostname,
         Step::Mounts,
@@ -1045,6 +1054,9 @@ mod tests {
             (Step::HostOps, Step::Clone),
             (Step::DropSupplementaryGroups, Step::Clone),
             (Step::Clone, Step::WriteIdMaps),
+            (Step::WriteIdMaps, Step::SessionKeyring),
+            (Step::Stdio, Step::SessionKeyring),
+            (Step::SessionKeyring, Step::SetUid),
             (Step::WriteIdMaps, Step::Mounts),
             (Step::LoopbackUp, Step::Mounts),
             (Step::Mounts, Step::NoNewPrivs),
@@ -1060,13 +1072,14 @@ mod tests {
             before(&plan_s, a, b);
         }
         assert_eq!(plan_s.steps.last(), Some(&Step::Exec));
-        assert_eq!(plan_s.steps.len(), 21);
+        assert_eq!(plan_s.steps.len(), 22);
         assert_eq!(SETUP_DONE, b"\x02\n");
         let mut fod = sample_request();
         fod.fixed_output = true;
         let plan_f = plan(&fod, &sample_host()).expect("plan");
         assert_eq!(pos(&plan_f, Step::LoopbackUp), None);
-        assert_eq!(plan_f.steps.len(), 20);
+        assert_eq!(plan_f.steps.len(), 21);
+        assert!(plan_f.steps.contains(&Step::SessionKeyring));
     }
 
     #[test]

@@ -85,6 +85,14 @@ fn main() {
             "a_nested_user_namespace_maps_no_host_root_and_unlocks_no_mount",
             nested_user_namespace,
         ),
+        (
+            "the_daemons_session_keyring_is_out_of_reach",
+            daemon_keyring_out_of_reach,
+        ),
+        (
+            "keys_a_build_adds_are_gone_for_later_builds",
+            build_keys_not_shared,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -100,12 +108,46 @@ fn main() {
 
 /// Probe mode, run inside the sandbox: `__probe setxattr|getxattr|mount-tmpfs PATH`,
 /// `__probe abstract-connect NAME`, `__probe ptrace PID`, `__probe setns NS-FILE`. Prints `ok`
-/// or `errno N`. `__probe unshare-user ro|rw PATH` prints a line per step.
+/// or `errno N`. `__probe unshare-user ro|rw PATH` prints a line per step. The keyring probes
+/// print a line per keyring or key: `__probe keyring-find DESC` searches `@s`, `@u` and `@us`
+/// for a `user` key, `__probe keyring-read SERIAL...` reads keys by serial, `__probe
+/// keyring-add DESC` adds a `user` key to `@s` and to `@u`.
 fn probe() -> ! {
     let args: Vec<String> = std::env::args().skip(2).collect();
-    if let ["unshare-user", flag, path] = args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        unshare_user(flag == "ro", path);
-        std::process::exit(0)
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["unshare-user", flag, path] => {
+            unshare_user(flag == "ro", path);
+            std::process::exit(0)
+        }
+        ["keyring-find", desc] => {
+            for (name, ring) in keys::RINGS {
+                match keys::search(ring, desc) {
+                    Ok(serial) => println!("{name} found {serial}"),
+                    Err(e) => println!("{name} errno {}", e.raw_os_error().unwrap_or(-1)),
+                }
+            }
+            std::process::exit(0)
+        }
+        ["keyring-read", ref serials @ ..] => {
+            for serial in serials {
+                match keys::read(serial.parse().unwrap_or(-1)) {
+                    Ok(payload) => println!("read ok {}", String::from_utf8_lossy(&payload)),
+                    Err(e) => println!("read errno {}", e.raw_os_error().unwrap_or(-1)),
+                }
+            }
+            std::process::exit(0)
+        }
+        ["keyring-add", desc] => {
+            for (name, ring) in &keys::RINGS[..2] {
+                let payload = format!("secret-of-{desc}");
+                match keys::add(desc, payload.as_bytes(), *ring) {
+                    Ok(serial) => println!("{name} added {serial}"),
+                    Err(e) => println!("{name} errno {}", e.raw_os_error().unwrap_or(-1)),
+                }
+            }
+            std::process::exit(0)
+        }
+        _ => {}
     }
     let result: std::io::Result<()> = match args.iter().map(String::as_str).collect::<Vec<_>>()[..]
     {
@@ -206,6 +248,94 @@ fn unshare_user(read_only: bool, path: &str) {
         "remount",
         rustix::mount::mount_remount(path, flags, "").map_err(Into::into),
     );
+}
+
+/// The kernel's key management calls, which neither rustix nor busybox has.
+mod keys {
+    use std::ffi::CString;
+    use std::io;
+
+    /// The special keyrings a build could reach: session, user, user-session.
+    pub const RINGS: [(&str, i32); 3] = [
+        ("@s", libc::KEY_SPEC_SESSION_KEYRING),
+        ("@u", libc::KEY_SPEC_USER_KEYRING),
+        ("@us", libc::KEY_SPEC_USER_SESSION_KEYRING),
+    ];
+
+    fn check(ret: libc::c_long) -> io::Result<i64> {
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    fn cstr(s: &str) -> CString {
+        CString::new(s).expect("no NUL")
+    }
+
+    /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: this thread (and what it spawns) gets a
+    /// new, empty session keyring, as a systemd service does.
+    pub fn join_new_session() -> io::Result<i64> {
+        // SAFETY: a NULL name asks for an anonymous keyring; no other pointer.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_JOIN_SESSION_KEYRING,
+                std::ptr::null::<libc::c_char>(),
+            )
+        })
+    }
+
+    /// `add_key("user", desc, payload, ring)`.
+    pub fn add(desc: &str, payload: &[u8], ring: i32) -> io::Result<i64> {
+        let (kind, desc) = (cstr("user"), cstr(desc));
+        // SAFETY: NUL-terminated strings and a payload buffer of the length passed.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_add_key,
+                kind.as_ptr(),
+                desc.as_ptr(),
+                payload.as_ptr(),
+                payload.len(),
+                ring,
+            )
+        })
+    }
+
+    /// `keyctl(KEYCTL_SEARCH, ring, "user", desc, 0)`: the serial of a key found in `ring` or
+    /// the keyrings linked to it.
+    pub fn search(ring: i32, desc: &str) -> io::Result<i64> {
+        let (kind, desc) = (cstr("user"), cstr(desc));
+        // SAFETY: NUL-terminated strings; no destination keyring.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_SEARCH,
+                ring,
+                kind.as_ptr(),
+                desc.as_ptr(),
+                0,
+            )
+        })
+    }
+
+    /// `keyctl(KEYCTL_READ, serial, buf, len)`: a key's payload.
+    pub fn read(serial: i64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: the buffer is valid for the length passed.
+        let n = check(unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_READ,
+                serial,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        })?;
+        buf.truncate(usize::try_from(n).unwrap_or(0).min(4096));
+        Ok(buf)
+    }
 }
 
 fn connect_abstract(name: &str) -> std::io::Result<()> {
@@ -1212,4 +1342,135 @@ fn nested_user_namespace() {
         "{}",
         out.stderr
     );
+}
+
+/// Runs `f` on a thread of its own that first joins a new session keyring: session keyrings
+/// belong to a thread's credentials, and what it spawns (the helper) inherits them, as the
+/// sandbox helper inherits a systemd service's.
+fn with_session_keyring<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            keys::join_new_session().expect("join a new session keyring");
+            f()
+        })
+        .join()
+        .expect("keyring thread")
+    })
+}
+
+/// `cat /proc/keys` on the host as `uid`, from the calling thread (its session keyring).
+fn host_proc_keys(uid: u32) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("/bin/busybox")
+        .args(["cat", "/proc/keys"])
+        .uid(uid)
+        .gid(uid)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cat /proc/keys on the host");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn daemon_keyring_out_of_reach() {
+    let fx = Fixture::new();
+    let desc = format!("nixbuild-test-daemon-key-{}", std::process::id());
+    with_session_keyring(|| {
+        // The daemon's session keyring holds a secret (as a systemd service's may).
+        let serial = keys::add(&desc, b"daemon-s3cret", libc::KEY_SPEC_SESSION_KEYRING)
+            .expect("add the daemon's key");
+        // Positive controls: a host process of the build's own uid, spawned like the helper,
+        // possesses the daemon's session keyring, so it finds the key, reads it and sees it
+        // in /proc/keys; only the sandbox stops the build.
+        let control = host_probe(Some(fx.uid), &["keyring-find", &desc]);
+        assert!(control.starts_with("@s found "), "{control}");
+        assert_eq!(
+            host_probe(Some(fx.uid), &["keyring-read", &serial.to_string()]),
+            "read ok daemon-s3cret\n"
+        );
+        assert!(host_proc_keys(fx.uid).contains(&desc));
+
+        let out = run_ok(
+            &fx,
+            &format!(
+                "{}; {}; cat /proc/keys; echo end",
+                fx.probe_cmd(&format!("keyring-find {desc}")),
+                fx.probe_cmd(&format!("keyring-read {serial}"))
+            ),
+        );
+        assert!(!out.log.contains("found"), "{}", out.log);
+        assert!(!out.log.contains("daemon-s3cret"), "{}", out.log);
+        assert!(
+            !out.log.contains(&desc),
+            "listed in /proc/keys: {}",
+            out.log
+        );
+        // The key exists but the build may not read it (EACCES), not even knowing its serial.
+        assert!(out.log.contains("read errno 13\n"), "{}", out.log);
+        assert!(out.log.ends_with("end\n"), "{}", out.log);
+    });
+}
+
+/// The serials a `keyring-add` probe printed.
+fn added_serials(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split_once(" added "))
+        .map(|(_, serial)| serial.to_owned())
+        .collect()
+}
+
+fn build_keys_not_shared() {
+    let fx = Fixture::new();
+    let other = Fixture::new();
+    assert_ne!(fx.uid, other.uid);
+    let desc = format!("nixbuild-test-build-key-{}", std::process::id());
+    with_session_keyring(|| {
+        // The first build adds a key to its session and user keyrings and finds both (the
+        // positive control).
+        let first = run_ok(
+            &fx,
+            &format!(
+                "{}; {}",
+                fx.probe_cmd(&format!("keyring-add {desc}")),
+                fx.probe_cmd(&format!("keyring-find {desc}"))
+            ),
+        );
+        let serials = added_serials(&first.log);
+        assert_eq!(serials.len(), 2, "{}", first.log);
+        assert!(first.log.contains("@s found "), "{}", first.log);
+        assert!(first.log.contains("@u found "), "{}", first.log);
+        let script = |fx: &Fixture| {
+            format!(
+                "{}; {}; cat /proc/keys; echo end",
+                fx.probe_cmd(&format!("keyring-find {desc}")),
+                fx.probe_cmd(&format!("keyring-read {}", serials.join(" ")))
+            )
+        };
+        // Later builds, of another uid and of the same uid, find nothing and read nothing:
+        // their session keyrings are new, and their user keyrings belong to their own user
+        // namespaces (checked here, not assumed: before Linux 5.3 `@u` was per host uid).
+        for later in [&other, &fx] {
+            let out = run_ok(later, &script(later));
+            assert!(!out.log.contains("found"), "uid {}: {}", later.uid, out.log);
+            assert!(
+                !out.log.contains("read ok"),
+                "uid {}: {}",
+                later.uid,
+                out.log
+            );
+            assert!(
+                !out.log.contains("secret-of"),
+                "uid {}: {}",
+                later.uid,
+                out.log
+            );
+            assert!(out.log.ends_with("end\n"), "{}", out.log);
+            // Another uid never sees the key in /proc/keys (its owner is not mapped in the
+            // build's user namespace). The same uid may see its description there (not its
+            // payload: owners get only view permission) until the kernel's key garbage
+            // collector has run, some milliseconds after the first build's processes ended.
+            if later.uid != fx.uid {
+                assert!(!out.log.contains(&desc), "uid {}: {}", later.uid, out.log);
+            }
+        }
+    });
 }

@@ -629,6 +629,20 @@ impl RelaySession {
         let _ = self.stdin.as_mut().expect("open").write_all(bytes);
     }
 
+    /// Waits until the daemon has read everything sent so far (the relay hands it the pipe
+    /// the test writes to, so the pipe's unread bytes are the daemon's).
+    pub fn wait_until_read(&self) {
+        let stdin = self.stdin.as_ref().expect("open");
+        let until = Instant::now() + Duration::from_secs(30);
+        while rustix::io::ioctl_fionread(stdin).expect("FIONREAD") > 0 {
+            assert!(
+                Instant::now() < until,
+                "the daemon stopped reading the session"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Reads exactly `n` bytes of the session's stdout.
     pub fn read(&mut self, n: usize) -> Vec<u8> {
         use std::io::Read;
@@ -824,6 +838,28 @@ pub fn complete(stdout: &[u8], ops: &[Opcode]) -> bool {
         }
     }
     true
+}
+
+/// A wire string: length, bytes, zero padding to 8.
+pub fn wire_str(bytes: &[u8]) -> Vec<u8> {
+    let mut out = wire_u64(bytes.len() as u64);
+    out.extend_from_slice(bytes);
+    out.resize(out.len() + (8 - bytes.len() % 8) % 8, 0);
+    out
+}
+
+/// The start of a BuildDerivation of `drv_path` (after the hello) up to its environment,
+/// which has `env_count` pairs.
+pub fn build_derivation_prefix(drv_path: &StorePath, env_count: u64) -> Vec<u8> {
+    let mut out = wire_u64(Opcode::BuildDerivation.to_wire());
+    out.extend(wire_str(drv_path.to_absolute().as_bytes()));
+    out.extend(wire_u64(0)); // outputs
+    out.extend(wire_u64(0)); // inputSrcs
+    out.extend(wire_str(b"x86_64-linux"));
+    out.extend(wire_str(b"/bin/sh"));
+    out.extend(wire_u64(0)); // args
+    out.extend(wire_u64(env_count));
+    out
 }
 
 /// A salt unique to this run, for paths that must not collide with earlier runs'.

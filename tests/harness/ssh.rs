@@ -282,6 +282,12 @@ impl SshSession {
         answer
     }
 
+    /// Sends `bytes` without waiting for an answer (a write error means the session ended:
+    /// ignored, [`SshSession::wait`] tells).
+    pub fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stdin.as_mut().expect("open").write_all(bytes);
+    }
+
     /// Closes stdin (the client is done) and returns ssh's exit status and stderr.
     pub fn close(mut self) -> (i32, String) {
         drop(self.stdin.take());

@@ -99,6 +99,9 @@ impl Child<'_> {
         let plan = self.plan;
         match step {
             Step::Stdio => self.stdio(),
+            Step::SessionKeyring => sys::join_new_session_keyring().map_err(io_err(
+                "keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): a new session keyring",
+            )),
             Step::LoopbackUp => {
                 if plan.loopback_up {
                     sys::loopback_up().map_err(io_err("bringing up lo"))?;

@@ -147,6 +147,20 @@ pub(super) fn landlock_scope_abstract_unix_sockets() -> io::Result<()> {
     Ok(())
 }
 
+/// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: this process leaves the session keyring it
+/// inherited for a new, empty, anonymous one (which nothing else can join by name).
+pub(super) fn join_new_session_keyring() -> io::Result<()> {
+    // SAFETY: a NULL name asks for an anonymous keyring; no other argument is a pointer.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_JOIN_SESSION_KEYRING,
+            ptr::null::<libc::c_char>(),
+        )
+    })
+    .map(drop)
+}
+
 /// `PER_LINUX32`.
 pub(super) const PER_LINUX32: u64 = 0x0008;
 /// `ADDR_NO_RANDOMIZE`.
