@@ -162,6 +162,17 @@ impl Env {
         })
     }
 
+    /// Processes `outputs` for the account alone within `limits`.
+    fn process_within(
+        &self,
+        scratch: &Path,
+        outputs: &[ExpectedOutput],
+        limits: OutputLimits,
+    ) -> Result<Vec<ProcessedOutput>, OutputError> {
+        let not_aborted = AtomicBool::new(false);
+        self.process_shared(scratch, outputs, (ACCOUNT, &[]), limits, &not_aborted)
+    }
+
     fn process_request(
         &self,
         request: &OutputsRequest<'_>,
@@ -1326,13 +1337,7 @@ fn a_sparse_output_over_max_nar_size_is_refused_from_its_size() {
         max_nar_size: 1 << 30,
         max_output_size: u64::MAX,
     };
-    let message = too_large(env.process_shared(
-        &scratch,
-        &[output("out", &out)],
-        (ACCOUNT, &[]),
-        limits,
-        &AtomicBool::new(false),
-    ));
+    let message = too_large(env.process_within(&scratch, &[output("out", &out)], limits));
     assert!(
         message.contains("its files hold more than 1073741824 bytes")
             && message.contains("max_nar_size in [store]"),
@@ -1358,13 +1363,7 @@ fn an_output_whose_nar_outgrows_the_limit_is_stopped_while_dumped() {
         max_nar_size: 4096,
         max_output_size: u64::MAX,
     };
-    let message = too_large(env.process_shared(
-        &scratch,
-        &[output("out", &out)],
-        (ACCOUNT, &[]),
-        limits,
-        &AtomicBool::new(false),
-    ));
+    let message = too_large(env.process_within(&scratch, &[output("out", &out)], limits));
     assert!(
         message.contains("its NAR has more than 4096 bytes"),
         "{message}"
@@ -1384,13 +1383,7 @@ fn all_outputs_of_a_build_together_are_held_to_max_output_size() {
         max_nar_size: 1000,
         max_output_size: 1000,
     };
-    let message = too_large(env.process_shared(
-        &scratch,
-        &outputs,
-        (ACCOUNT, &[]),
-        limits,
-        &AtomicBool::new(false),
-    ));
+    let message = too_large(env.process_within(&scratch, &outputs, limits));
     assert!(message.contains("max_output_size in [builds]"), "{message}");
     assert!(!env.valid(ACCOUNT, &out) && !env.valid(ACCOUNT, &dev));
     // Each alone fits: the same outputs, left anew.
@@ -1401,14 +1394,8 @@ fn all_outputs_of_a_build_together_are_held_to_max_output_size() {
         max_nar_size: 1000,
         max_output_size: 2000,
     };
-    env.process_shared(
-        &scratch,
-        &outputs,
-        (ACCOUNT, &[]),
-        limits,
-        &AtomicBool::new(false),
-    )
-    .expect("within both limits");
+    env.process_within(&scratch, &outputs, limits)
+        .expect("within both limits");
 }
 
 #[test]

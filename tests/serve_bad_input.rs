@@ -10,7 +10,7 @@ use harness::{
     build_derivation_prefix, export_stream, raw_nar, sha256, test_path, wire_str, wire_u64, Daemon,
     Reply, Script,
 };
-use nixbuild_core::serve::{BuildOptions, BuildStatus, Opcode, Request, Response};
+use nixbuild_core::serve::{BuildOptions, BuildResult, BuildStatus, Opcode, Request, Response};
 use nixbuild_core::store_path::StorePath;
 
 /// A salt unique to this run.
@@ -313,12 +313,7 @@ fn an_invalid_derivation_is_rejected_with_a_clear_build_result() {
         drv: Box::new(drv),
         options: BuildOptions::default(),
     };
-    let script = Script::new().request(&req);
-    let reply = daemon.relay_waiting("a", &script.bytes, &script.ops);
-    assert_eq!(reply.status, 0, "{reply:?}");
-    let [Response::Build(result)] = &reply.responses(&script.ops)[..] else {
-        panic!("not a BuildResult: {reply:?}");
-    };
+    let result = build_result(&daemon, &req);
     assert_eq!(result.status, BuildStatus::InputRejected);
     let msg = String::from_utf8_lossy(&result.error_msg);
     assert!(
@@ -463,15 +458,22 @@ fn unfinished_requests_share_one_memory_budget() {
         drv: Box::new(drv),
         options: BuildOptions::default(),
     };
-    let script = Script::new().request(&req);
-    let reply = daemon.relay_waiting("a", &script.bytes, &script.ops);
-    assert_eq!(reply.status, 0, "{reply:?}");
-    let [Response::Build(result)] = &reply.responses(&script.ops)[..] else {
-        panic!("not a BuildResult: {reply:?}");
-    };
+    let result = build_result(&daemon, &req);
     assert_eq!(result.status, BuildStatus::InputRejected);
     assert!(daemon
         .log()
         .contains(&format!("max_buffered_bytes={BUDGET}")));
     daemon.stop();
+}
+
+/// Sends the BuildDerivation `req` as account `a` and returns its BuildResult (the session
+/// must end well).
+fn build_result(daemon: &Daemon, req: &Request) -> BuildResult {
+    let script = Script::new().request(req);
+    let reply = daemon.relay_waiting("a", &script.bytes, &script.ops);
+    assert_eq!(reply.status, 0, "{reply:?}");
+    match reply.responses(&script.ops).into_iter().next() {
+        Some(Response::Build(result)) => *result,
+        _ => panic!("not a BuildResult: {reply:?}"),
+    }
 }

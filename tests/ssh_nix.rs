@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::Nix;
-use harness::ssh::{run, Key, SshServer, SshSession};
+use harness::ssh::{ok, run, salted_derivation, Key, SshServer, SshSession};
 use nixbuild_core::store_path::StorePath;
 
 const ACCOUNT: &str = "alice@laptop";
@@ -40,16 +40,6 @@ fn over_ssh(nix: &Nix, config: &Path, program: &str) -> Command {
     let mut cmd = nix.command(program);
     cmd.env("NIX_SSHOPTS", format!("-F {}", config.display()));
     cmd
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn add_local(nix: &Nix, name: &str, contents: &str) -> String {
@@ -258,25 +248,6 @@ fn several_sessions_share_one_connection_up_to_the_limit() {
         .contains("refused a session channel: 2 are open on this connection"));
 }
 
-/// Writes a salted derivation built by busybox's `sh` (a copy named `sh`, so it runs as the
-/// shell): returns the expression's path.
-fn salted_derivation(nix: &Nix, salt: &str) -> std::path::PathBuf {
-    let dir = nix.scratch().join(format!("drv-{salt}"));
-    std::fs::create_dir_all(dir.join("bb/bin")).expect("mkdir");
-    std::fs::copy("/bin/busybox", dir.join("bb/bin/sh")).expect("copy /bin/busybox");
-    let expr = dir.join("default.nix");
-    std::fs::write(
-        &expr,
-        format!(
-            "let bb = builtins.path {{ path = ./bb; name = \"bb-{salt}\"; }}; in\n\
-             derivation {{\n  name = \"ssh-build-{salt}\";\n  system = \"x86_64-linux\";\n  \
-             builder = \"${{bb}}/bin/sh\";\n  args = [ \"-c\" \"echo {salt} > $out\" ];\n}}\n"
-        ),
-    )
-    .expect("write the expression");
-    expr
-}
-
 /// The two builder forms the README documents: the known_hosts pin with the ssh config, and
 /// the machines file with the base64 host key (with HostKeyAlias).
 fn builders(server: &SshServer, key: &Key) -> Vec<(std::path::PathBuf, String)> {
@@ -308,7 +279,7 @@ fn builds_through_both_builder_forms() {
     for (config, builders) in builders(&server, &key) {
         // A fresh salt per form, so the second build is not already valid locally.
         let salt = Nix::salt();
-        let expr = salted_derivation(&nix, &salt);
+        let expr = salted_derivation(&nix.scratch(), "ssh-build", &salt);
         let out = ok(over_ssh(&nix, &config, "nix-build").arg(&expr).args([
             "--no-out-link",
             "--max-jobs",

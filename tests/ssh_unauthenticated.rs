@@ -12,12 +12,12 @@ mod harness;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Nix;
-use harness::ssh::{run, SshServer};
+use harness::ssh::{ok, salted_derivation, SshServer};
 use nixbuild_core::store_path::StorePath;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::{Resource, Rlimit};
@@ -101,39 +101,11 @@ fn still_open(held: &mut [TcpStream]) -> usize {
     open
 }
 
-fn ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// A Nix command that reaches ssh hosts through the ssh config `config`.
 fn over_ssh(nix: &Nix, config: &Path, program: &str) -> Command {
     let mut cmd = nix.command(program);
     cmd.env("NIX_SSHOPTS", format!("-F {}", config.display()));
     cmd
-}
-
-/// A salted derivation built by busybox's `sh`: returns the expression's path.
-fn salted_derivation(nix: &Nix, salt: &str) -> PathBuf {
-    let dir = nix.scratch().join(format!("drv-{salt}"));
-    std::fs::create_dir_all(dir.join("bb/bin")).expect("mkdir");
-    std::fs::copy("/bin/busybox", dir.join("bb/bin/sh")).expect("copy /bin/busybox");
-    let expr = dir.join("default.nix");
-    std::fs::write(
-        &expr,
-        format!(
-            "let bb = builtins.path {{ path = ./bb; name = \"bb-{salt}\"; }}; in\n\
-             derivation {{\n  name = \"held-build-{salt}\";\n  system = \"x86_64-linux\";\n  \
-             builder = \"${{bb}}/bin/sh\";\n  args = [ \"-c\" \"echo {salt} > $out\" ];\n}}\n"
-        ),
-    )
-    .expect("write the expression");
-    expr
 }
 
 #[test]
@@ -169,7 +141,7 @@ fn held_unauthenticated_connections_never_lock_out_an_authorized_client() {
         [std::ffi::OsStr::new("--add"), file.as_os_str()],
     );
     ok(over_ssh(&nix, &config, "nix").args(["copy", "--to", store, &copied]));
-    let expr = salted_derivation(&nix, &salt);
+    let expr = salted_derivation(&nix.scratch(), "held-build", &salt);
     let out = ok(over_ssh(&nix, &config, "nix-build").arg(&expr).args([
         "--no-out-link",
         "--max-jobs",

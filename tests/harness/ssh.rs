@@ -208,6 +208,37 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// Runs a command that must succeed and returns its output.
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes, under `dir`, a Nix expression of a derivation named `<name>-<salt>` built by
+/// busybox's `sh` (a copy named `sh`, so it runs as the shell) that writes the salt to
+/// `$out`: returns the expression's path.
+pub fn salted_derivation(dir: &Path, name: &str, salt: &str) -> PathBuf {
+    let dir = dir.join(format!("drv-{salt}"));
+    std::fs::create_dir_all(dir.join("bb/bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", dir.join("bb/bin/sh")).expect("copy /bin/busybox");
+    let expr = dir.join("default.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            "let bb = builtins.path {{ path = ./bb; name = \"bb-{salt}\"; }}; in\n\
+             derivation {{\n  name = \"{name}-{salt}\";\n  system = \"x86_64-linux\";\n  \
+             builder = \"${{bb}}/bin/sh\";\n  args = [ \"-c\" \"echo {salt} > $out\" ];\n}}\n"
+        ),
+    )
+    .expect("write the expression");
+    expr
+}
+
 /// Asserts that `out` failed with exit status `status` and `needle` on stderr.
 pub fn assert_refused(out: &Output, status: i32, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
