@@ -1,7 +1,7 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
-//! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
+//! configuration), [`cgroup`] (per-build cgroups), [`host`] (the host's facts, detected once), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
 //! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire),
 //! [`builds`] (the build service: what happens around a sandboxed build), [`client_pipe`] (the client's pipes, lent
@@ -19,6 +19,7 @@ pub mod client_pipe;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
+pub mod host;
 pub mod nar_fs;
 pub mod session;
 pub mod ssh;

@@ -47,10 +47,11 @@ use nixbuild_core::derivation::{BasicDerivation, DerivationOutput};
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::serve::{BuildOptions, BuildStatus};
 use nixbuild_core::store_path::StorePath;
-use nixbuild_sandbox::ResolverFiles;
 use tokio::sync::watch;
 
+use crate::cgroup::Cgroups;
 use crate::config::{BuildsConfig, Config};
+use crate::host::HostFacts;
 use crate::store::{InputObject, Store, StoreError};
 use monitor::Monitor;
 use placement::{Placement, PlacementError};
@@ -146,33 +147,6 @@ impl Outcome {
     }
 }
 
-/// What the host offers every build, found once at start.
-#[derive(Debug, Clone)]
-struct SandboxHost {
-    has_dev_kvm: bool,
-    resolver: ResolverFiles,
-    impure_env: BTreeMap<Vec<u8>, Vec<u8>>,
-}
-
-impl SandboxHost {
-    fn detect() -> SandboxHost {
-        use std::os::unix::ffi::OsStrExt;
-        let canonical = |p: &str| std::fs::canonicalize(p).ok();
-        SandboxHost {
-            has_dev_kvm: Path::new("/dev/kvm").exists(),
-            resolver: ResolverFiles {
-                resolv_conf: canonical("/etc/resolv.conf"),
-                services: canonical("/etc/services"),
-                hosts: canonical("/etc/hosts"),
-                ca_bundle: canonical("/etc/ssl/certs/ca-certificates.crt"),
-            },
-            impure_env: std::env::vars_os()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        }
-    }
-}
-
 /// The build service of one daemon. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct BuildService {
@@ -185,7 +159,8 @@ struct Inner {
     builds_dir: PathBuf,
     helper_exe: PathBuf,
     config: BuildsConfig,
-    host: SandboxHost,
+    /// The host's facts, for every build's sandbox.
+    host: HostFacts,
     placement: Arc<Placement>,
     /// Stops running builds that overrun the disk reserve or fork at their process limit.
     monitor: Monitor,
@@ -241,7 +216,10 @@ impl BuildService {
         helper_exe: PathBuf,
     ) -> Result<BuildService, BuildError> {
         use std::os::unix::fs::PermissionsExt;
-        let placement = Placement::new(config, &cgroup_name(state_dir))?;
+        let cgroups = Cgroups::detect(&cgroup_name(state_dir)).map_err(PlacementError::from)?;
+        let cpus = u32::try_from(cgroups.report().cpus.len()).unwrap_or(u32::MAX);
+        let host = HostFacts::detect(cpus).map_err(PlacementError::from)?;
+        let placement = Placement::new(config, cgroups, &host)?;
         let dir = builds_dir(state_dir);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -257,7 +235,7 @@ impl BuildService {
                 builds_dir: dir,
                 helper_exe,
                 config: config.builds.clone(),
-                host: SandboxHost::detect(),
+                host,
                 placement: Arc::new(placement),
                 account_builds: Arc::default(),
                 max_builds_per_account: config.limits.max_builds_per_account,

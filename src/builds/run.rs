@@ -226,12 +226,12 @@ impl BuildRun<'_> {
             cores: u32::try_from(grant.cpus.len()).unwrap_or(u32::MAX),
         };
         let host = HostSetup {
-            host_system: "x86_64-linux".into(),
+            host_system: inner.host.system().to_owned(),
             build_uid: uid,
             build_gid: uid,
             scratch_dir: scratch.to_owned(),
             objects_dir: inner.store.objects_dir().to_owned(),
-            has_dev_kvm: inner.host.has_dev_kvm,
+            has_dev_kvm: inner.host.kvm,
             resolver: inner.host.resolver.clone(),
             impure_env: inner.host.impure_env.clone(),
             dev_shm_size: inner.config.dev_shm_size.clone(),
