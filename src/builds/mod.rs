@@ -22,6 +22,13 @@
 //!    at its process limit. No build starts below the disk reserve.
 //! 4. **Finish**: on exit status 0, [`outputs::process_outputs`] checks, canonicalises and
 //!    registers the outputs; then the scratch directory is removed and the uid released.
+//!
+//! Rooms: this file holds the service's API ([`BuildService`], [`BuildJob`], [`Outcome`]) and
+//! the preparation; [`waiters`] the sharing of builds in flight by their waiters; [`uids`] the
+//! pool of host uids; [`drv_walk`] the BuildPaths `.drv` walk; [`run`] the run loop;
+//! [`outcome`] the pure classification of how a build ended; [`sharing`] the key of
+//! identical builds; [`placement`] the scheduler and cgroups; [`monitor`] the watcher of disk
+//! and forks; [`outputs`] the checks and registration of outputs.
 
 mod drv_walk;
 pub mod monitor;

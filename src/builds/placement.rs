@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nixbuild_core::scheduler::{BuildId, BuildSpec, Scheduler, Start};
+use nixbuild_core::scheduler::{BuildId, BuildSpec, Refusal, Scheduler, Start};
 use tokio::sync::oneshot;
 
 use crate::cgroup::{check_limits, BuildCgroup, BuildLimits, CgroupError, Cgroups};
@@ -108,14 +108,11 @@ impl Placement {
     }
 
     /// Queues a build; `Err` is the refusal of a build that can never run here.
-    pub fn submit(self: &Arc<Self>, spec: BuildSpec) -> Result<Ticket, String> {
+    pub fn submit(self: &Arc<Self>, spec: BuildSpec) -> Result<Ticket, Refusal> {
         let (tx, rx) = oneshot::channel();
         let mut state = self.lock();
         let now = self.now();
-        let id = state
-            .scheduler
-            .submit(spec, now)
-            .map_err(|e| e.to_string())?;
+        let id = state.scheduler.submit(spec, now)?;
         state.waiting.insert(id, tx);
         self.dispatch(&mut state, now);
         Ok(Ticket {

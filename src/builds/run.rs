@@ -403,12 +403,7 @@ impl BuildRun<'_> {
         uid: u32,
         deadline: Option<Deadline>,
     ) -> Result<(BuildStatus, String, BTreeMap<String, StorePath>), BuildError> {
-        let BuildRun {
-            inner,
-            build,
-            job,
-            prepared,
-        } = *self;
+        let (inner, build, job) = (self.inner, self.build, self.job);
         inner.inflight.leave(build);
         let sharers = build.sharers(&job.account);
         let limits = OutputLimits {
@@ -421,8 +416,12 @@ impl BuildRun<'_> {
             let job = job.clone();
             let abort = abort.clone();
             let scratch_store = nixbuild_sandbox::ScratchLayout::new(scratch).store;
-            let closure: BTreeSet<StorePath> =
-                prepared.inputs.iter().map(|i| i.path.clone()).collect();
+            let closure: BTreeSet<StorePath> = self
+                .prepared
+                .inputs
+                .iter()
+                .map(|i| i.path.clone())
+                .collect();
             tokio::task::spawn_blocking(move || {
                 let expected: Vec<ExpectedOutput> = job
                     .drv
