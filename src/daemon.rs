@@ -38,7 +38,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::build::{BuildError, BuildService};
+use crate::builds::{BuildError, BuildService};
 use crate::client_pipe::{PipeLoan, SharedPipe};
 use crate::config::Config;
 use crate::session::{self, SessionOutput, SessionSettings};

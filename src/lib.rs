@@ -1,10 +1,10 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
-//! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
+//! configuration), [`cgroup`] (per-build cgroups), [`host`] (the host's facts, detected once), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
 //! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire),
-//! [`build`] (what happens around a sandboxed build), [`client_pipe`] (the client's pipes, lent
+//! [`builds`] (the build service: what happens around a sandboxed build), [`client_pipe`] (the client's pipes, lent
 //! to blocking tasks that move NAR data through them) and [`ssh`] (its SSH front door, on
 //! `nixbuild_ssh`). It also dumps file trees as NARs ([`nar_fs`]), and has the crash tests' named
 //! failpoints ([`failpoint`], with the `failpoints` feature). The binaries in
@@ -13,12 +13,13 @@
 
 pub use nixbuild_core as core;
 
-pub mod build;
+pub mod builds;
 pub mod cgroup;
 pub mod client_pipe;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
+pub mod host;
 pub mod nar_fs;
 pub mod session;
 pub mod ssh;

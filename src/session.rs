@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::build::{BuildJob, BuildService, Outcome, WaitEvent};
+use crate::builds::{BuildJob, BuildService, Outcome, WaitEvent};
 use crate::client_pipe::PipeLoan;
 use crate::config::Config;
 use crate::failpoint::failpoint_async;
@@ -632,7 +632,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 for p in paths.iter().filter(|p| p.path.is_derivation()) {
                     match self.builds.job_for_drv(account, &p.path, options).await {
                         Ok(job) => jobs.push(job),
-                        Err(msg) => return self.build_paths_failed(100, msg),
+                        Err(msg) => return self.build_paths_failed(100, msg.to_string()),
                     }
                 }
                 self.pending_build = Some(PendingBuild::Paths(jobs));

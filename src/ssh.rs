@@ -17,7 +17,7 @@ use nixbuild_ssh::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::build::BuildService;
+use crate::builds::BuildService;
 use crate::config::Config;
 use crate::session::{self, SessionError, SessionOutput, SessionSettings};
 use crate::store::Store;

@@ -1,4 +1,4 @@
-//! Output processing of a finished build (`nixbuild::build::outputs`), on trees made by hand
+//! Output processing of a finished build (`nixbuild::builds::outputs`), on trees made by hand
 //! as a builder would leave them: owned by a build uid, with careless modes. Checked against
 //! the real Nix where Nix computes the same thing (`nix-store --dump`, `nix-hash`).
 
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use common::Nix;
-use nixbuild::build::outputs::{
+use nixbuild::builds::outputs::{
     process_outputs, ExpectedOutput, OutputCheckSpec, OutputError, OutputLimits, OutputsRequest,
     ProcessedOutput, RefSpec,
 };

@@ -1,6 +1,6 @@
 //! File system helpers of the store: canonical metadata, atomic publication, removal of
 //! read-only trees, free space, hashing a file or a NAR stream. The build service
-//! ([`crate::build::outputs`]) uses the canonical-metadata helpers too, so that built
+//! ([`crate::builds::outputs`]) uses the canonical-metadata helpers too, so that built
 //! outputs and imported paths get exactly the same form.
 
 use std::fs::{self, File};

@@ -47,9 +47,11 @@ use crate::nar_fs::{dump_path, dump_to, NarSink, Plain};
 use error::io_err;
 use fsutil::HashingWriter;
 
-/// The largest `.drv` file [`Store::query_closure`] reads to find a derivation's outputs;
-/// a larger one is taken to be no derivation.
-const MAX_DERIVATION_SIZE: u64 = 64 << 20;
+/// The largest `.drv` file read: [`Store::query_closure`] takes a larger one to be no
+/// derivation, and the build service's BuildPaths refuses it. One cap for both, so that every
+/// derivation whose outputs count in a closure can also be built; 64 MiB is far above any
+/// real `.drv` (the largest in nixpkgs are a few MiB) and still bounds what one read holds.
+pub const MAX_DERIVATION_SIZE: u64 = 64 << 20;
 
 /// Free inodes below which uploads are refused, like the free-space reserve (and only when
 /// that reserve is not zero): more than an import creates between two checks.

@@ -43,7 +43,7 @@ pub(super) struct Publication<'a> {
 }
 
 /// A path produced by a build on this server, checked and canonicalised by the build
-/// service ([`crate::build::outputs`]), ready for [`Store::register_built`].
+/// service ([`crate::builds::outputs`]), ready for [`Store::register_built`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltPath {
     /// The store path.

@@ -934,7 +934,7 @@ pub fn wire_u64(n: u64) -> Vec<u8> {
 /// daemon's cgroups (`nixbuild-<hash of the state directory>` in every hierarchy).
 pub fn assert_no_build_left(d: &Daemon) {
     let state = d.state_dir();
-    let cgroup = nixbuild::build::cgroup_name(&state);
+    let cgroup = nixbuild::builds::cgroup_name(&state);
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let processes = build_processes();

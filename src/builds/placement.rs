@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nixbuild_core::scheduler::{BuildId, BuildSpec, Scheduler, Start};
+use nixbuild_core::scheduler::{BuildId, BuildSpec, Refusal, Scheduler, Start};
 use tokio::sync::oneshot;
 
 use crate::cgroup::{check_limits, BuildCgroup, BuildLimits, CgroupError, Cgroups};
-use crate::config::{Config, HostFacts};
+use crate::config::Config;
+use crate::host::HostFacts;
 
 /// Why the placement of builds could not be set up: the daemon does not start.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +23,7 @@ pub enum PlacementError {
     /// The cgroups could not be found or prepared, or a limit cannot be enforced.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    /// The host could not be examined.
+    /// The host could not be examined ([`HostFacts::detect`]).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// The scheduler refused the configuration.
@@ -56,15 +57,17 @@ struct State {
 }
 
 impl Placement {
-    /// Detects the cgroup controllers (under `<own cgroup>/<cgroup_name>`), refuses a
-    /// configuration whose limits cannot be enforced unless `[capacity]
-    /// allow_unenforced_limits` (the warnings are logged), removes build cgroups a previous
-    /// daemon left, and sets up the scheduler with this host as its machine.
-    pub fn new(config: &Config, cgroup_name: &str) -> Result<Placement, PlacementError> {
-        let cgroups = Cgroups::detect(cgroup_name)?;
+    /// Takes the cgroups detected for the daemon, refuses a configuration whose limits
+    /// cannot be enforced unless `[capacity] allow_unenforced_limits` (the warnings are
+    /// logged), removes build cgroups a previous daemon left, and sets up the scheduler with
+    /// this host as its machine.
+    pub fn new(
+        config: &Config,
+        cgroups: Cgroups,
+        host: &HostFacts,
+    ) -> Result<Placement, PlacementError> {
         let report = cgroups.report();
-        let host = HostFacts::detect(u32::try_from(report.cpus.len()).unwrap_or(u32::MAX))?;
-        let machine = config.capacity.machine(&host);
+        let machine = config.capacity.machine(host);
         for warning in check_limits(
             report,
             machine.cores,
@@ -105,14 +108,11 @@ impl Placement {
     }
 
     /// Queues a build; `Err` is the refusal of a build that can never run here.
-    pub fn submit(self: &Arc<Self>, spec: BuildSpec) -> Result<Ticket, String> {
+    pub fn submit(self: &Arc<Self>, spec: BuildSpec) -> Result<Ticket, Refusal> {
         let (tx, rx) = oneshot::channel();
         let mut state = self.lock();
         let now = self.now();
-        let id = state
-            .scheduler
-            .submit(spec, now)
-            .map_err(|e| e.to_string())?;
+        let id = state.scheduler.submit(spec, now)?;
         state.waiting.insert(id, tx);
         self.dispatch(&mut state, now);
         Ok(Ticket {

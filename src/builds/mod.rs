@@ -1,0 +1,454 @@
+//! The build service: runs the derivations of BuildDerivation and BuildPaths in the sandbox of
+//! `nixbuild-sandbox`, streams their logs, enforces the time and log limits, and registers
+//! their outputs for the account.
+//!
+//! A build goes through these steps:
+//!
+//! 1. **Prepare** ([`prepare`], blocking): check the derivation (name, fixed-output path), find
+//!    its outputs already valid for the account (all valid: `AlreadyValid` at once), and look up
+//!    the input closure as the account sees it (an input the account cannot see fails the build
+//!    with a message saying so).
+//! 2. **Share**: identical in-flight builds are shared ([`sharing`]): identical in the whole
+//!    derivation as sent and in the paths and NAR hashes of the input closure. Every waiter
+//!    gets the log from the moment it joined and the same outcome, and each account the
+//!    outputs this build produced; the first requester's limits apply; when the last waiter
+//!    goes, the build is killed.
+//! 3. **Run** (a task per build): take a host uid from the configured range, make the build's
+//!    scratch directory `<state>/builds/<n>`, plan the sandbox, and run the helper process
+//!    (`nixbuild_sandbox::helper_command`, a re-execution of this executable) with the plan on
+//!    its stdin. Its stdout is the builder's log, forwarded as it comes; the silence and total
+//!    time limits and the log size limit kill the helper (and with it the whole sandbox), and
+//!    so does the [`monitor`] when the disk falls below its reserve or the build keeps forking
+//!    at its process limit. No build starts below the disk reserve.
+//! 4. **Finish**: on exit status 0, [`outputs::process_outputs`] checks, canonicalises and
+//!    registers the outputs; then the scratch directory is removed and the uid released.
+//!
+//! Rooms: this file holds the service's API ([`BuildService`], [`BuildJob`], [`Outcome`]) and
+//! the preparation; [`waiters`] the sharing of builds in flight by their waiters; [`uids`] the
+//! pool of host uids; [`drv_walk`] the BuildPaths `.drv` walk; [`run`] the run loop;
+//! [`outcome`] the pure classification of how a build ended; [`sharing`] the key of
+//! identical builds; [`placement`] the scheduler and cgroups; [`monitor`] the watcher of disk
+//! and forks; [`outputs`] the checks and registration of outputs.
+
+mod drv_walk;
+pub mod monitor;
+mod outcome;
+pub mod outputs;
+pub mod placement;
+mod run;
+pub mod sharing;
+mod uids;
+mod waiters;
+
+pub use drv_walk::DrvError;
+pub use waiters::{WaitEvent, Waiter};
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use nixbuild_core::derivation::{BasicDerivation, DerivationOutput};
+use nixbuild_core::hash::{Hash, HashAlgo};
+use nixbuild_core::serve::{BuildOptions, BuildStatus};
+use nixbuild_core::store_path::StorePath;
+use tokio::sync::watch;
+
+use crate::cgroup::Cgroups;
+use crate::config::{BuildsConfig, Config};
+use crate::host::HostFacts;
+use crate::store::{InputObject, Store, StoreError};
+use monitor::Monitor;
+use placement::{Placement, PlacementError};
+use sharing::BuildKey;
+use uids::UidPool;
+use waiters::{InFlight, Shared};
+
+/// The target of the build service's own log lines: the module's name from before it was a
+/// folder, which operators' log filters and the tests' log checks know.
+const LOG_TARGET: &str = "nixbuild::build";
+
+/// Why the build service itself failed (not the build): such failures end the build as
+/// `MiscFailure` with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A file system step on the host failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sandbox helper could not be started or talked to.
+    #[error("sandbox helper: {0}")]
+    Helper(io::Error),
+    /// The scheduler or the cgroups could not be set up.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    /// A build's cgroup could not be made, joined or removed.
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    /// A blocking task panicked.
+    #[error("internal error in a build task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One derivation to build for one account.
+#[derive(Debug, Clone)]
+pub struct BuildJob {
+    /// The account the build is for: it sees the account's paths and its outputs are
+    /// registered for it.
+    pub account: String,
+    /// The `.drv` path (for BuildDerivation as the client names it; not validated).
+    pub drv_path: StorePath,
+    /// The derivation, with `inputSrcs` holding its whole input closure.
+    pub drv: BasicDerivation,
+    /// The client's limits.
+    pub options: BuildOptions,
+}
+
+/// How a build ended: what a BuildResult (or a BuildPaths answer) is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The BuildResult status.
+    pub status: BuildStatus,
+    /// `""` on success; otherwise what the client shows.
+    pub message: String,
+    /// 1 when the builder ran, 0 otherwise.
+    pub times_built: u32,
+    /// Unix seconds when the builder started (0 if it did not run).
+    pub start_time: u64,
+    /// Unix seconds when it stopped.
+    pub stop_time: u64,
+    /// Every output by name, on success.
+    pub outputs: BTreeMap<String, StorePath>,
+}
+
+impl Outcome {
+    /// An outcome without a build: `AlreadyValid`, or a refusal before the builder ran.
+    fn without_build(status: BuildStatus, message: String) -> Outcome {
+        Outcome {
+            status,
+            message,
+            times_built: 0,
+            start_time: 0,
+            stop_time: 0,
+            outputs: BTreeMap::new(),
+        }
+    }
+}
+
+/// The build service of one daemon. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BuildService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    builds_dir: PathBuf,
+    helper_exe: PathBuf,
+    config: BuildsConfig,
+    /// The host's facts, for every build's sandbox.
+    host: HostFacts,
+    placement: Arc<Placement>,
+    /// Stops running builds that overrun the disk reserve or fork at their process limit.
+    monitor: Monitor,
+    /// Builds queued or running per account, and the most each may have.
+    account_builds: Arc<nixbuild_core::account::AccountCounts>,
+    max_builds_per_account: usize,
+    uids: UidPool,
+    inflight: Arc<InFlight>,
+    next_id: AtomicU64,
+    /// How many build tasks have not ended yet (outcome given, leftovers removed).
+    active: watch::Sender<usize>,
+}
+
+/// Counts a build task as active until dropped (at its end, or when it is aborted).
+struct ActiveBuild(Arc<Inner>);
+
+impl ActiveBuild {
+    fn new(inner: &Arc<Inner>) -> ActiveBuild {
+        inner.active.send_modify(|n| *n += 1);
+        ActiveBuild(inner.clone())
+    }
+}
+
+impl Drop for ActiveBuild {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n -= 1);
+    }
+}
+
+/// The name of the daemon's cgroup (under its own): one per state directory, so that the
+/// daemons of different state directories never touch each other's builds.
+pub fn cgroup_name(state_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let digest = Hash::compute(HashAlgo::Sha256, dir.as_os_str().as_bytes());
+    format!("nixbuild-{}", &digest.to_base16()[..12])
+}
+
+/// The directory of the builds' scratch directories.
+pub fn builds_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("builds")
+}
+
+impl BuildService {
+    /// The build service for `store` in `state_dir`. Removes what builds of an earlier daemon
+    /// left in `<state>/builds` and in its cgroups (call it only from the daemon, at start),
+    /// and refuses to start when a `[capacity]` limit cannot be enforced (unless allowed).
+    /// `helper_exe` is the executable re-executed in helper mode, normally `/proc/self/exe`.
+    pub fn new(
+        store: Store,
+        state_dir: &Path,
+        config: &Config,
+        helper_exe: PathBuf,
+    ) -> Result<BuildService, BuildError> {
+        use std::os::unix::fs::PermissionsExt;
+        let cgroups = Cgroups::detect(&cgroup_name(state_dir)).map_err(PlacementError::from)?;
+        let cpus = u32::try_from(cgroups.report().cpus.len()).unwrap_or(u32::MAX);
+        let host = HostFacts::detect(cpus).map_err(PlacementError::from)?;
+        let placement = Placement::new(config, cgroups, &host)?;
+        let dir = builds_dir(state_dir);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(io_err("remove leftovers of earlier builds in", &dir))?;
+        }
+        std::fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", &dir))?;
+        Ok(BuildService {
+            inner: Arc::new(Inner {
+                monitor: Monitor::new(store.clone()),
+                store,
+                builds_dir: dir,
+                helper_exe,
+                config: config.builds.clone(),
+                host,
+                placement: Arc::new(placement),
+                account_builds: Arc::default(),
+                max_builds_per_account: config.limits.max_builds_per_account,
+                uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
+                inflight: Arc::default(),
+                next_id: AtomicU64::new(1),
+                active: watch::channel(0).0,
+            }),
+        })
+    }
+
+    /// Starts `job` (or joins the identical build in flight) and returns the caller's
+    /// [`Waiter`]. Problems found before the builder runs (a bad derivation, an input the
+    /// account cannot see) come back as the waiter's outcome.
+    pub async fn submit(&self, job: BuildJob) -> Waiter {
+        let store = self.inner.store.clone();
+        let prepared = {
+            let job = job.clone();
+            tokio::task::spawn_blocking(move || prepare(&store, &job)).await
+        };
+        let prepared = match prepared {
+            Ok(Ok(p)) => p,
+            Ok(Err(outcome)) => return Waiter::ready(outcome),
+            Err(e) => {
+                return Waiter::ready(Outcome::without_build(
+                    BuildStatus::MiscFailure,
+                    format!("nixbuild: {}", BuildError::Task(e)),
+                ))
+            }
+        };
+        let mut notes = VecDeque::new();
+        if job.options.keep_failed {
+            notes.push_back(Bytes::from_static(
+                b"nixbuild: keep-failed is not honoured on a shared server: a failed build's \
+                  directory is always removed\n",
+            ));
+        }
+        let mut inflight = self.inner.inflight.lock();
+        if let Some(build) = inflight.get(&prepared.key) {
+            tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "joining the same build in flight");
+            notes.push_back(Bytes::from(format!(
+                "nixbuild: joining the build of '{}' already in progress\n",
+                job.drv_path
+            )));
+            return build.subscribe(&self.inner.inflight, &job.account, notes);
+        }
+        let max = self.inner.max_builds_per_account;
+        let Some(slot) = self.inner.account_builds.acquire(&job.account, max) else {
+            return Waiter::ready(Outcome::without_build(
+                BuildStatus::MiscFailure,
+                format!(
+                    "account {} already has {max} builds queued or running, the most this \
+                     server allows (max_builds_per_account in [limits] of the server's \
+                     configuration)",
+                    job.account
+                ),
+            ));
+        };
+        let build = Arc::new(Shared::new(prepared.key, job.drv_path.clone()));
+        inflight.insert(prepared.key, build.clone());
+        let waiter = build.subscribe(&self.inner.inflight, &job.account, notes);
+        drop(inflight);
+        let inner = self.inner.clone();
+        let active = ActiveBuild::new(&inner);
+        tokio::spawn(async move {
+            // The account's build slot, held until the build is over.
+            let _slot = slot;
+            let _active = active;
+            let (outcome, leftovers) = run::run(&inner, &build, &job, prepared).await;
+            tracing::info!(
+                target: LOG_TARGET,
+                account = %job.account,
+                drv = %job.drv_path,
+                status = ?outcome.status,
+                "build finished: {}",
+                if outcome.message.is_empty() { "ok" } else { &outcome.message }
+            );
+            inner.inflight.leave(&build);
+            build.done.send_replace(Some(Arc::new(outcome)));
+            // The waiters have the outcome; what the build leaves goes now, off their path.
+            if let Some(leftovers) = leftovers {
+                leftovers.remove().await;
+            }
+        });
+        waiter
+    }
+
+    /// Waits until every build task has ended, its outcome given and what it left (sandbox,
+    /// cgroup, scratch directory) removed. For the daemon's shutdown: once no session is
+    /// left, every build still running has lost its last waiter and is being killed.
+    pub async fn drain(&self) {
+        let mut active = self.inner.active.subscribe();
+        // The sender lives in `inner`, which this holds: it cannot close.
+        let _ = active.wait_for(|n| *n == 0).await;
+    }
+
+    /// The job that builds the `.drv` at `drv_path` (valid for `account`), as BuildPaths
+    /// asks: its output paths are verified, and every input derivation's outputs must already
+    /// be valid for the account (this server builds one derivation, not a graph).
+    pub async fn job_for_drv(
+        &self,
+        account: &str,
+        drv_path: &StorePath,
+        options: BuildOptions,
+    ) -> Result<BuildJob, DrvError> {
+        let store = self.inner.store.clone();
+        let (account, drv_path) = (account.to_owned(), drv_path.clone());
+        tokio::task::spawn_blocking(move || drv_walk::drv_job(&store, &account, &drv_path, options))
+            .await?
+    }
+}
+
+/// What [`prepare`] found out.
+#[derive(Debug)]
+struct Prepared {
+    key: BuildKey,
+    outputs: BTreeMap<String, StorePath>,
+    inputs: Vec<InputObject>,
+    /// The derivation's `requiredSystemFeatures`, for the scheduler and the sandbox.
+    required_features: Vec<String>,
+}
+
+/// Checks `job` and looks up what it needs; `Err` is the outcome when no build is needed or
+/// possible.
+fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
+    let refuse = |status, message: String| Outcome::without_build(status, message);
+    let drv = &job.drv;
+    let name = drv.name().map_err(|e| {
+        refuse(
+            BuildStatus::InputRejected,
+            format!("invalid derivation '{}': {e}", job.drv_path),
+        )
+    })?;
+    drv.verify_fixed_output(name).map_err(|e| {
+        refuse(
+            BuildStatus::InputRejected,
+            format!("invalid derivation '{}': {e}", job.drv_path),
+        )
+    })?;
+    let mut outputs = BTreeMap::new();
+    for (output, out) in &drv.outputs {
+        match out {
+            DerivationOutput::InputAddressed(path) | DerivationOutput::Fixed { path, .. } => {
+                outputs.insert(output.clone(), path.clone());
+            }
+            _ => {
+                return Err(refuse(
+                    BuildStatus::InputRejected,
+                    format!(
+                        "derivation '{}': output '{output}' has no path in advance; \
+                         content-addressed derivations are not supported by this server",
+                        job.drv_path
+                    ),
+                ))
+            }
+        }
+    }
+    let internal = |e: StoreError| {
+        refuse(
+            BuildStatus::MiscFailure,
+            format!("nixbuild: building '{}': {e}", job.drv_path),
+        )
+    };
+    let wanted: BTreeSet<StorePath> = outputs.values().cloned().collect();
+    let valid = store
+        .query_valid_paths(&job.account, &wanted)
+        .map_err(internal)?;
+    if valid.len() == wanted.len() {
+        let mut o = refuse(BuildStatus::AlreadyValid, String::new());
+        o.outputs = outputs;
+        return Err(o);
+    }
+    let closure = store
+        .query_closure(&job.account, &drv.input_srcs, false)
+        .map_err(|e| match e {
+            StoreError::NotValid { path, .. } => refuse(
+                BuildStatus::MiscFailure,
+                format!(
+                    "cannot build '{}': its input '{path}' is not valid on this server for \
+                     this account (copy the inputs first)",
+                    job.drv_path
+                ),
+            ),
+            e => internal(e),
+        })?;
+    let inputs = store
+        .input_objects(&job.account, &closure)
+        .map_err(internal)?;
+    let key = BuildKey::new(
+        &job.drv_path,
+        drv,
+        inputs.iter().map(|i| (&i.path, &i.nar_hash)),
+    );
+    Ok(Prepared {
+        key,
+        outputs,
+        inputs,
+        required_features: drv
+            .env
+            .get(&b"requiredSystemFeatures"[..])
+            .map(|v| {
+                String::from_utf8_lossy(v)
+                    .split_ascii_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}

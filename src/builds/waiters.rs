@@ -1,0 +1,230 @@
+//! Waiter sharing: the builds in flight, keyed by what makes two builds the same
+//! ([`BuildKey`]), and the clients' [`Waiter`]s on them. Every waiter gets the log from the
+//! moment it joined and the same outcome; when the last waiter goes, the build is killed.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use nixbuild_core::serve::BuildStatus;
+use nixbuild_core::store_path::StorePath;
+use tokio::sync::{broadcast, watch};
+
+use super::sharing::BuildKey;
+use super::{Outcome, LOG_TARGET};
+
+/// Most log chunks a slow waiter may fall behind before it skips some.
+const LOG_BACKLOG: usize = 1024;
+
+/// What a [`Waiter`] sees next.
+#[derive(Debug)]
+pub enum WaitEvent {
+    /// Builder output (or a `nixbuild:` line from the service), for the client's stderr.
+    Log(Bytes),
+    /// The end; nothing follows.
+    Done(Arc<Outcome>),
+}
+
+/// A client's interest in a build. Dropping it withdraws the interest; when the last waiter
+/// of a running build is dropped, the build is killed.
+#[derive(Debug)]
+pub struct Waiter {
+    state: WaiterState,
+}
+
+#[derive(Debug)]
+enum WaiterState {
+    /// Decided without a build; `None` once taken.
+    Ready(Option<Arc<Outcome>>),
+    /// Waiting for a build (possibly shared).
+    Shared {
+        inflight: Arc<InFlight>,
+        build: Arc<Shared>,
+        log: broadcast::Receiver<Bytes>,
+        done: watch::Receiver<Option<Arc<Outcome>>>,
+        /// Messages for this waiter alone, sent before the build's log.
+        notes: VecDeque<Bytes>,
+    },
+}
+
+impl Waiter {
+    /// A waiter whose outcome is decided without a build.
+    pub(super) fn ready(outcome: Outcome) -> Waiter {
+        Waiter {
+            state: WaiterState::Ready(Some(Arc::new(outcome))),
+        }
+    }
+
+    /// The next log chunk, or the outcome. After [`WaitEvent::Done`] it must not be called
+    /// again (it would wait forever).
+    pub async fn next(&mut self) -> WaitEvent {
+        match &mut self.state {
+            WaiterState::Ready(outcome) => match outcome.take() {
+                Some(o) => WaitEvent::Done(o),
+                None => std::future::pending().await,
+            },
+            WaiterState::Shared {
+                log, done, notes, ..
+            } => {
+                if let Some(note) = notes.pop_front() {
+                    return WaitEvent::Log(note);
+                }
+                loop {
+                    // The log is complete once the outcome is out: drain what is left of it.
+                    let outcome = done.borrow_and_update().clone();
+                    if let Some(outcome) = outcome {
+                        return match log.try_recv() {
+                            Ok(chunk) => WaitEvent::Log(chunk),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => skipped(n),
+                            Err(_) => WaitEvent::Done(outcome),
+                        };
+                    }
+                    tokio::select! {
+                        biased;
+                        received = log.recv() => match received {
+                            Ok(chunk) => return WaitEvent::Log(chunk),
+                            Err(broadcast::error::RecvError::Lagged(n)) => return skipped(n),
+                            // Only when the build is gone; its outcome decides.
+                            Err(broadcast::error::RecvError::Closed) => {
+                                if done.changed().await.is_err() && done.borrow().is_none() {
+                                    return WaitEvent::Done(Arc::new(Outcome::without_build(
+                                        BuildStatus::MiscFailure,
+                                        "nixbuild: the build ended without an outcome".into(),
+                                    )));
+                                }
+                            }
+                        },
+                        // Either way the next round looks at the outcome.
+                        _ = done.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The log line of a waiter that fell `n` chunks behind.
+fn skipped(n: u64) -> WaitEvent {
+    WaitEvent::Log(Bytes::from(format!(
+        "nixbuild: {n} chunks of log skipped (the client read too slowly)\n"
+    )))
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let WaiterState::Shared {
+            inflight, build, ..
+        } = &self.state
+        {
+            let mut inflight = inflight.lock();
+            let mut waiters = build.lock_waiters();
+            *waiters -= 1;
+            if *waiters == 0 && build.done.borrow().is_none() {
+                tracing::info!(target: LOG_TARGET, drv = %build.drv_path, "no client waits for the build any more: killing it");
+                let _ = build.cancel.send(true);
+                InFlight::remove_if_mine(&mut inflight, build);
+            }
+        }
+    }
+}
+
+/// A build in flight, shared by its waiters.
+#[derive(Debug)]
+pub(super) struct Shared {
+    key: BuildKey,
+    drv_path: StorePath,
+    /// How many [`Waiter`]s hold it; changed with the in-flight map locked.
+    waiters: Mutex<usize>,
+    /// The accounts of every waiter that joined: the outputs are registered for each.
+    accounts: Mutex<BTreeSet<String>>,
+    /// The build's log, for every waiter.
+    pub(super) log: broadcast::Sender<Bytes>,
+    /// The outcome, once known.
+    pub(super) done: watch::Sender<Option<Arc<Outcome>>>,
+    /// Set to `true` when the last waiter went.
+    pub(super) cancel: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// A build of `drv_path` with no waiter yet.
+    pub(super) fn new(key: BuildKey, drv_path: StorePath) -> Shared {
+        Shared {
+            key,
+            drv_path,
+            waiters: Mutex::new(0),
+            accounts: Mutex::new(BTreeSet::new()),
+            log: broadcast::channel(LOG_BACKLOG).0,
+            done: watch::channel(None).0,
+            cancel: watch::channel(false).0,
+        }
+    }
+
+    /// A `nixbuild:` line for every waiter's log.
+    pub(super) fn note(&self, line: String) {
+        let _ = self.log.send(Bytes::from(line));
+    }
+
+    /// The accounts of every waiter that joined other than `account`.
+    pub(super) fn sharers(&self, account: &str) -> Vec<String> {
+        self.accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|a| *a != account)
+            .cloned()
+            .collect()
+    }
+
+    fn lock_waiters(&self) -> MutexGuard<'_, usize> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new waiter for `account`, which gets `notes` before the build's log.
+    pub(super) fn subscribe(
+        self: &Arc<Self>,
+        inflight: &Arc<InFlight>,
+        account: &str,
+        notes: VecDeque<Bytes>,
+    ) -> Waiter {
+        *self.lock_waiters() += 1;
+        self.accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(account.to_owned());
+        Waiter {
+            state: WaiterState::Shared {
+                inflight: inflight.clone(),
+                build: self.clone(),
+                log: self.log.subscribe(),
+                done: self.done.subscribe(),
+                notes,
+            },
+        }
+    }
+}
+
+/// The builds in flight by key: whoever asks for the same build joins it.
+#[derive(Debug, Default)]
+pub(super) struct InFlight(Mutex<HashMap<BuildKey, Arc<Shared>>>);
+
+impl InFlight {
+    /// The map, locked.
+    pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<BuildKey, Arc<Shared>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes `build` out of the in-flight map, if it is still the build there under its key:
+    /// no one joins it from now on.
+    pub(super) fn leave(&self, build: &Shared) {
+        Self::remove_if_mine(&mut self.lock(), build);
+    }
+
+    fn remove_if_mine(inflight: &mut HashMap<BuildKey, Arc<Shared>>, build: &Shared) {
+        if inflight
+            .get(&build.key)
+            .is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), build))
+        {
+            inflight.remove(&build.key);
+        }
+    }
+}
