@@ -1279,7 +1279,7 @@ async fn run_in(
                 tail.render()
             ),
         ),
-        // As DESIGN.md says: a permanent failure, which clients do not retry.
+        // As docs/design.md says: a permanent failure, which clients do not retry.
         _ if oom => failed(
             BuildStatus::PermanentFailure,
             format!(
