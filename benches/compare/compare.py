@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import datetime
 import grp
-import hashlib
 import mmap
 import os
 import platform
@@ -556,6 +555,18 @@ class Client:
             raise BenchError(f"{what}: {len(out)} hashes for {len(files)} files")
         return ["sha256:" + h for h in out]
 
+    def big_output_nar_hash(self, rundir, head, zeros):
+        """narHash of a regular file holding `head` followed by `zeros` zero bytes: Nix's own
+        `nix-hash` over a sparse file with those contents, as "sha256:<nix32>"."""
+        path = os.path.join(rundir, "big-output")
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + zeros)
+        try:
+            return self.disk_hashes([path], "nix-hash of the big output")[0]
+        finally:
+            os.unlink(path)
+
     def delete(self, paths, what):
         run(["nix-store", "--delete"] + list(paths), self.env, self.log, what)
         valid = subprocess.run(
@@ -737,7 +748,7 @@ class Client:
                 if workload.shape == "chain" and i > 0:
                     text += f"{outs[n - 1]}\n{PREFIX} {salt} c{k}-{i - 1}\n"
                 if workload.shape == "big":
-                    nar_hash = big_output_nar_hash(text.encode(), workload.size_mib * MIB)
+                    nar_hash = self.big_output_nar_hash(rundir, text.encode(), workload.size_mib * MIB)
                     builds.append(Build(drvs[n], outs[n], None, nar_hash, cpu_outs[n]))
                 else:
                     builds.append(Build(drvs[n], outs[n], text))
@@ -820,37 +831,6 @@ def u64(n):
 def wire_str(s):
     b = s.encode() if isinstance(s, str) else s
     return u64(len(b)) + b + b"\0" * (-len(b) % 8)
-
-
-def nix32(digest):
-    """Nix's base-32 encoding of a digest (least significant 5 bits last)."""
-    n = (len(digest) * 8 + 4) // 5
-    out = []
-    for k in range(n - 1, -1, -1):
-        b = k * 5
-        i, j = divmod(b, 8)
-        c = digest[i] >> j
-        if i + 1 < len(digest):
-            c |= digest[i + 1] << (8 - j)
-        out.append(NIX32_CHARS[c & 0x1F])
-    return "".join(out)
-
-
-def big_output_nar_hash(head, zeros):
-    """narHash of a regular file holding `head` followed by `zeros` zero bytes."""
-    h = hashlib.sha256()
-    for part in ("nix-archive-1", "(", "type", "regular", "contents"):
-        h.update(wire_str(part))
-    size = len(head) + zeros
-    h.update(u64(size) + head)
-    block = bytes(MIB)
-    left = zeros
-    while left:
-        n = min(left, MIB)
-        h.update(block[:n])
-        left -= n
-    h.update(b"\0" * (-size % 8) + wire_str(")"))
-    return "sha256:" + nix32(h.digest())
 
 
 def nar_regular_file(contents):
