@@ -1,8 +1,8 @@
 //! Serve request decoding, as the server does it: QueryValidPaths of 10,000 paths (a NixOS
-//! closure check), the BuildDerivation of `shared/traces/host-1`, and its AddToStoreNar header.
-//! Each is measured twice, in bytes/s and in requests/s. Also the whole server path for the
-//! 10,000-path request: handshake and request through [`ServerSession`], in 32 KiB pieces (an
-//! SSH channel's packet size).
+//! closure check), the BuildDerivation of `nixbuild-core/tests/data/traces/host-1`, and its
+//! AddToStoreNar header. Each is measured twice, in bytes/s and in requests/s. Also the whole
+//! server path for the 10,000-path request: handshake and request through [`ServerSession`], in
+//! 32 KiB pieces (an SSH channel's packet size).
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -11,7 +11,10 @@ use nixbuild_core::store_path::StorePath;
 use std::collections::BTreeSet;
 use std::hint::black_box;
 
-const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/traces/host-1.in");
+const TRACE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/nixbuild-core/tests/data/traces/host-1.in"
+);
 const V: ProtocolVersion = ProtocolVersion::V2_7;
 
 /// The encoded requests of the benchmark, by name.
@@ -32,7 +35,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>)> {
     .encode(V, &mut qvp);
 
     // Find the trace's requests by decoding it (skipping the handshake and the NAR).
-    let trace = std::fs::read(TRACE).expect("read shared/traces/host-1.in");
+    let trace = std::fs::read(TRACE).expect("read nixbuild-core/tests/data/traces/host-1.in");
     let (mut build, mut add) = (None, None);
     let mut rest = &trace[16..];
     let limits = Limits::default();

@@ -1,5 +1,5 @@
 //! `nixbuild-serve`: a drop-in for `nix-store` as a remote program, relaying one
-//! `nix-store --serve` session to the nixbuild daemon (DESIGN.md, Processes).
+//! `nix-store --serve` session to the nixbuild daemon (docs/design.md, Processes).
 //!
 //! ```text
 //! nixbuild-serve --serve [--write] [--state-dir DIR] [--account NAME] [nix-store options, ignored]

@@ -1,4 +1,4 @@
-//! The daemon's configuration: one TOML file (DESIGN.md, Configuration), read from
+//! The daemon's configuration: one TOML file (docs/design.md, Configuration), read from
 //! `nixbuild-server --config FILE` or, when it exists, `<state-dir>/nixbuild.toml`. Every key is
 //! optional and has a documented default; unknown keys are errors, so a typo never silently
 //! falls back to a default. Command-line flags override the file through [`Overrides`].

@@ -1,5 +1,5 @@
 //! The daemon's Unix socket, `<state-dir>/serve.sock`, and the relay wire spoken on it
-//! (DESIGN.md, Processes): `nixbuild-serve` connects, names the account in a header line and
+//! (docs/design.md, Processes): `nixbuild-serve` connects, names the account in a header line and
 //! hands over its stdin and stdout; the daemon runs one serve [`session`](crate::session) per
 //! connection, reading the client's bytes from that stdin and writing the protocol straight
 //! to that stdout, and sends messages and the exit status back to the relay in frames.
@@ -182,7 +182,7 @@ impl RelayHeader {
     }
 }
 
-/// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (DESIGN.md, Accounts).
+/// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (docs/design.md, Accounts).
 pub fn check_account_name(name: &str) -> Result<(), RelayHeaderError> {
     if nixbuild_core::account::is_valid_account_name(name) {
         Ok(())

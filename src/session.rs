@@ -10,7 +10,7 @@
 //! blocking task itself instead, with large files' contents moved by `splice`, never copied
 //! through this process.
 //!
-//! Any error ends the session as the real server does (spec §12): `error: <msg>` on stderr,
+//! Any error ends the session as the real server does (docs/serve-protocol.md §12): `error: <msg>` on stderr,
 //! and the caller ends the process (or relay) with a non-zero status. An unfinished import is
 //! dropped, which removes its temporary files; nothing is registered half-way.
 
@@ -643,7 +643,7 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     /// Answers BuildPaths with a failure: an exit code, not a status (100 is the real
     /// server's "build failure", 101 its timeout; codes below 3 desynchronise old clients,
-    /// spec §4.6).
+    /// docs/serve-protocol.md §4.6).
     fn build_paths_failed(&mut self, code: u64, msg: String) -> Result<(), SessionError> {
         tracing::info!(account = %self.settings.account, "BuildPaths failed: {msg}");
         let response = BuildPathsResult::Failure {
@@ -970,7 +970,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             return Err(ServeError::Misuse("export trailer without a NAR").into());
         };
         // ImportPaths claims no hash or size (the NAR is its own) and, as upstream, records
-        // no ca and no signatures (spec §4.5).
+        // no ca and no signatures (docs/serve-protocol.md §4.5).
         let claim = PathClaim {
             path: t.path,
             deriver: t.deriver,
@@ -1158,7 +1158,7 @@ fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePa
     order
 }
 
-/// The registration time to record: the client's, or now when it sent 0 (spec §4.4).
+/// The registration time to record: the client's, or now when it sent 0 (docs/serve-protocol.md §4.4).
 fn registration_time(claimed: u64) -> u64 {
     if claimed != 0 {
         return claimed;

@@ -456,7 +456,7 @@ enum Expect {
     /// The session ends with `error: ` and this needle on stderr, non-zero status.
     Error(String),
     /// The request is a BuildDerivation answered with a failed BuildResult of this status
-    /// whose message has the needle; the session goes on (spec §5).
+    /// whose message has the needle; the session goes on (docs/serve-protocol.md §5).
     Build(BuildStatus, &'static str),
 }
 

@@ -326,7 +326,7 @@ fn server_side_time_limits_are_reported_to_the_client() {
     assert_eq!(answered, 2, "{log}");
 }
 
-/// What a builder can see of its sandbox (spec/sandbox.md's environment-recording derivation).
+/// What a builder can see of its sandbox (docs/sandbox.md's environment-recording derivation).
 const RECORD_SCRIPT: &str = r#"
 {
 echo "== id"; id
@@ -362,7 +362,7 @@ fn normalise_record(record: &str) -> String {
         }
         match section {
             // The host side of the id maps: each build has its own host uid and gid
-            // (DESIGN.md, Builds), Nix uses its build users.
+            // (docs/design.md, Builds), Nix uses its build users.
             "uid_map" | "gid_map" => {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 out.push(format!("{} <host> {}", fields[0], fields[2]));

@@ -1,4 +1,4 @@
-//! Account names (DESIGN.md, Accounts): 1 to 64 characters of `[A-Za-z0-9._@+-]`, so that
+//! Account names (docs/design.md, Accounts): 1 to 64 characters of `[A-Za-z0-9._@+-]`, so that
 //! `alice@laptop`, the first token of an `authorized_keys` comment, names an account as it
 //! is. The same grammar holds wherever a name comes from: the relay's header, a key's comment.
 

@@ -1,4 +1,5 @@
-//! Content addresses (`ca` strings, spec §6.4) and the methods fixed-output derivations use.
+//! Content addresses (`ca` strings, docs/serve-protocol.md §6.4) and the methods fixed-output
+//! derivations use.
 
 use std::fmt;
 
@@ -15,7 +16,7 @@ pub enum ContentAddressMethod {
     Recursive,
 }
 
-/// A content address: a method and a hash (`ca` field, spec §6.4).
+/// A content address: a method and a hash (`ca` field, docs/serve-protocol.md §6.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ContentAddress {
     /// How the data was hashed.
@@ -157,7 +158,7 @@ mod tests {
 
     #[test]
     fn golden() {
-        // spec §13.3 and §13.7
+        // docs/serve-protocol.md §13.3 and §13.7
         let text = "text:sha256:1fcgpy7vc4ammr7s17j2xq88scswkgz23dqzc04g8sx5vcp2pppw";
         let ca = ContentAddress::parse(text).expect("valid");
         assert_eq!(ca.method, ContentAddressMethod::Text);

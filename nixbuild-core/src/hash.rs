@@ -1,5 +1,5 @@
 //! Hashes as Nix uses them: algorithms, digests and their string forms (base16, nix32,
-//! base64, SRI; spec §6.5), and a streaming hasher.
+//! base64, SRI; docs/serve-protocol.md §6.5), and a streaming hasher.
 
 use std::fmt;
 
@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn golden_empty_and_abc() {
-        // spec §13.5
+        // docs/serve-protocol.md §13.5
         let cases = [
             (
                 HashAlgo::Sha256,

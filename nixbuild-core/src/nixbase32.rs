@@ -1,5 +1,5 @@
 //! Nix's base-32 encoding ("nix32"): alphabet without `e o u t`, little-endian bit order,
-//! most significant digit first (spec §8.2).
+//! most significant digit first (docs/serve-protocol.md §8.2).
 
 /// The 32 digits, in value order.
 pub const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
@@ -130,7 +130,7 @@ mod tests {
 
     #[test]
     fn golden_vectors() {
-        // spec §13.5 (tvix nixbase32.rs vectors)
+        // docs/serve-protocol.md §13.5 (tvix nixbase32.rs vectors)
         let cases = [
             ("", ""),
             ("1f", "0z"),

@@ -1,5 +1,5 @@
-//! Streaming reference scanning (spec §10): which candidate store-path hash parts occur in a
-//! byte stream (an output's NAR), with matches allowed to span chunk boundaries.
+//! Streaming reference scanning (docs/serve-protocol.md §10): which candidate store-path hash parts
+//! occur in a byte stream (an output's NAR), with matches allowed to span chunk boundaries.
 
 use crate::nixbase32::ALPHABET;
 use std::collections::HashMap;

@@ -1,4 +1,5 @@
-//! Store paths: syntax (spec §8.1) and computation from fingerprints (spec §8.3).
+//! Store paths: syntax (docs/serve-protocol.md §8.1) and computation from fingerprints
+//! (docs/serve-protocol.md §8.3).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -75,7 +76,8 @@ pub enum StorePathError {
     BadTextHash(String),
 }
 
-/// Checks a store path name (spec §8.1, as Nix ≥ 2.21 does) and returns it as a string.
+/// Checks a store path name (docs/serve-protocol.md §8.1, as Nix ≥ 2.21 does) and returns it as a
+/// string.
 pub fn validate_name(name: &[u8]) -> Result<String, StorePathError> {
     if name.is_empty() {
         return Err(StorePathError::EmptyName);
@@ -244,7 +246,7 @@ pub fn make_text_path(
     )
 }
 
-/// `makeFixedOutputPath`: the path of content-addressed data (spec §8.3).
+/// `makeFixedOutputPath`: the path of content-addressed data (docs/serve-protocol.md §8.3).
 ///
 /// `text:` addresses use the text rule, `fixed:r:sha256` the source rule (with references and
 /// `self`), and everything else the `output:out` rule, which admits no references.
@@ -342,7 +344,7 @@ mod tests {
 
     #[test]
     fn text_path_golden() {
-        // spec §13.5: builtins.toFile "foo" "bar", then "baz" referring to it
+        // docs/serve-protocol.md §13.5: builtins.toFile "foo" "bar", then "baz" referring to it
         let foo = make_text_path(
             "foo",
             &Hash::compute(HashAlgo::Sha256, b"bar"),
@@ -369,7 +371,7 @@ mod tests {
             baz.to_string(),
             "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz"
         );
-        // spec §13.4: builtins.toFile "hello" "hello"
+        // docs/serve-protocol.md §13.4: builtins.toFile "hello" "hello"
         let hello = make_text_path(
             "hello",
             &Hash::compute(HashAlgo::Sha256, b"hello"),
@@ -386,7 +388,7 @@ mod tests {
     fn fixed_output_paths_golden() {
         let none = BTreeSet::new();
         let cases = [
-            // spec §13.4: the NAR of "hello" as source, and the flat file
+            // docs/serve-protocol.md §13.4: the NAR of "hello" as source, and the flat file
             (
                 ContentAddressMethod::Recursive,
                 "sha256:0a430879c266f8b57f4092a0f935cf3facd48bbccde5760d4748ca405171e969",
@@ -399,7 +401,7 @@ mod tests {
                 "hello",
                 "/nix/store/3fhdhfqli6qm669f7sz8d8v6xz24zrqc-hello",
             ),
-            // spec §13.5
+            // docs/serve-protocol.md §13.5
             (
                 ContentAddressMethod::Recursive,
                 "sha256:08813cbee9903c62be4c5027726a418a300da4500b2d369d3af9286f4815ceba",

@@ -1,5 +1,5 @@
-//! The primitives of the Nix wire format (spec §2): `u64`, booleans, "int" fields, padded byte
-//! strings, string lists and sets.
+//! The primitives of the Nix wire format (docs/serve-protocol.md §2): `u64`, booleans, "int"
+//! fields, padded byte strings, string lists and sets.
 //!
 //! Decoding is sans-IO and works over a byte slice through a [`Reader`]. Every read either
 //! yields a value, stops with [`Stop::Incomplete`] when the slice ends before the item does (the

@@ -117,7 +117,8 @@ fn add_fixed_matches_nix_store_add_fixed() {
     }
 }
 
-/// A set of derivations covering the cases of spec §9 and §8.4–8.7. Nothing is built.
+/// A set of derivations covering the cases of docs/serve-protocol.md §9 and §8.4–8.7. Nothing is
+/// built.
 const EXPRESSION: &str = r#"
 { salt }:
 let

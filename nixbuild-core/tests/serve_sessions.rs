@@ -1,7 +1,8 @@
 //! Scripted in-process sessions against [`ServerSession`], no sockets: a Nix 2.3 client
 //! (serve 2.5), Hydra (serve 2.6, ImportPaths with `lock=1`) and a Nix 2.4–2.34 client
 //! (serve 2.7). The client bytes and the expected server bytes are written out by hand here,
-//! field by field as spec §4–§6 lays them out, independently of the crate's encoders.
+//! field by field as docs/serve-protocol.md §4–§6 lays them out, independently of the crate's
+//! encoders.
 
 // A panic is how a test reports failure.
 #![allow(clippy::unwrap_used)]
@@ -38,7 +39,7 @@ impl W {
     }
 }
 
-/// The NAR of a single regular file `hello` (spec §13.4).
+/// The NAR of a single regular file `hello` (docs/serve-protocol.md §13.4).
 fn hello_nar() -> Vec<u8> {
     let nar = W::default()
         .s("nix-archive-1")

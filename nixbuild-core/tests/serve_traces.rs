@@ -1,6 +1,6 @@
-//! Golden tests over the six real sessions in `shared/traces/` (spec §13.7): every message
-//! decodes exactly, with nothing left over, and re-encodes to the same bytes; the concrete
-//! values of host-1 are checked; and [`ServerSession`] replays each session byte for byte.
+//! Golden tests over the six real sessions in `tests/data/traces/` (docs/serve-protocol.md §13.7):
+//! every message decodes exactly, with nothing left over, and re-encodes to the same bytes; the
+//! concrete values of host-1 are checked; and [`ServerSession`] replays each session byte for byte.
 // A panic is how a test reports failure.
 #![allow(clippy::unwrap_used)]
 
@@ -16,8 +16,8 @@ use nixbuild_core::serve::{
 };
 use nixbuild_core::store_path::StorePath;
 
-/// `/work/shared/traces` from both `/work/<worktree>/nixbuild-core` and `/work/main/...`.
-const TRACES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/traces");
+/// The captured sessions, with their README.
+const TRACES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/traces");
 const SESSIONS: [&str; 6] = ["host-1", "host-2", "sid-1", "sid-2", "trixie-1", "trixie-2"];
 
 /// One exchange: the request, the NAR it carried (AddToStoreNar) and the answer (a
@@ -300,7 +300,8 @@ fn host_1_values_match_spec_13_7() {
     let key = "sha256:616de7ebce535373736cd46af3b792b6861ebd03f8b6e15245f59b35934ea58a";
     let drv_hash = b.drv_hash.expect("drv hash");
     assert_eq!(format!("sha256:{}", drv_hash.to_base16()), key);
-    // The key is the sha256 of the masked ATerm of the received derivation (spec §5.4).
+    // The key is the sha256 of the masked ATerm of the received derivation (docs/serve-protocol.md
+    // §5.4).
     let masked = format!(
         r#"Derive([("out","","","")],[],["{TINYDIR}"],"x86_64-linux","{TINYDIR}/bin/tiny",["built 0"],[("builder","{TINYDIR}/bin/tiny"),("name","trace-host-0"),("out",""),("system","x86_64-linux")])"#
     );

@@ -1,4 +1,4 @@
-//! The builder's environment (spec C.8, C.9).
+//! The builder's environment (docs/sandbox.md C.8, C.9).
 //!
 //! Nix fills a sorted map in a fixed order of writes, later writes winning, and passes it to
 //! `execve` in key order. [`build_env`] does the same, so the result is both "in Nix's order"
@@ -22,7 +22,7 @@ pub const TERM: &str = "xterm-256color";
 pub type EnvVars = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A file the plan writes into the build directory before the builder starts: `passAsFile`
-/// attributes (spec C.9). Owned by the build user, mode 0644.
+/// attributes (docs/sandbox.md C.9). Owned by the build user, mode 0644.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildDirFile {
     /// The file's name in `/build` (e.g. `.attr-<nix32>`); never contains `/`.

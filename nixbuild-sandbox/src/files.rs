@@ -1,4 +1,4 @@
-//! The exact contents of the files the sandbox writes into `/etc` (spec C.3, C.4, C.6).
+//! The exact contents of the files the sandbox writes into `/etc` (docs/sandbox.md C.3, C.4, C.6).
 
 /// The user id the builder runs as inside the sandbox.
 pub const SANDBOX_UID: u32 = 1000;

@@ -1,7 +1,7 @@
 //! nixbuild's Linux namespace build sandbox.
 //!
 //! A derivation built by nixbuild must not be able to tell that it was not built by Nix's own
-//! sandbox (`spec/sandbox.md`, current-Nix behaviour), and must not be able to reach anything
+//! sandbox (`docs/sandbox.md`, current-Nix behaviour), and must not be able to reach anything
 //! outside its input closure, its outputs and its scratch space.
 //!
 //! # Plan and executor

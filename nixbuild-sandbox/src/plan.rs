@@ -18,8 +18,8 @@ use crate::{BuildRequest, HostSetup, InputKind, PlanError, ScratchLayout};
 /// (the helper decodes these with `wire::leak_str`).
 type FixedStr = &'static str;
 
-/// The namespaces the helper creates with `clone` (spec C.2). There is no unsandboxed fallback:
-/// if any of them cannot be created, the build fails.
+/// The namespaces the helper creates with `clone` (docs/sandbox.md C.2). There is no unsandboxed
+/// fallback: if any of them cannot be created, the build fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespaces {
     /// `CLONE_NEWUSER`: always.
@@ -71,7 +71,7 @@ impl IdMap {
     }
 }
 
-/// What the parent writes for the child's user namespace (spec C.3), in this order:
+/// What the parent writes for the child's user namespace (docs/sandbox.md C.3), in this order:
 /// `uid_map`, then `setgroups`, then `gid_map`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdMaps {
@@ -154,8 +154,8 @@ impl HostOp {
     }
 }
 
-/// A mount step the child performs inside its namespaces, in order (spec C.4, C.5). Until
-/// [`MountOp::PivotRoot`], paths are host paths under the new root; after it, sandbox paths.
+/// A mount step the child performs inside its namespaces, in order (docs/sandbox.md C.4, C.5).
+/// Until [`MountOp::PivotRoot`], paths are host paths under the new root; after it, sandbox paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MountOp {
     /// `mount(NULL, "/", NULL, MS_PRIVATE | MS_REC)`: nothing propagates back to the host.
@@ -254,7 +254,7 @@ pub enum RlimitValue {
     Infinity,
 }
 
-/// `personality(2)` flags (spec C.7).
+/// `personality(2)` flags (docs/sandbox.md C.7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Personality {
     /// `PER_LINUX32`: a 32-bit platform on a 64-bit host (`uname -m` says `i686`).
@@ -272,13 +272,13 @@ pub struct Exec {
     /// `argv`: the builder's base name, then the derivation's args.
     #[serde(with = "crate::wire::bytes")]
     pub argv: Vec<Vec<u8>>,
-    /// `envp` as `(name, value)` pairs, sorted by name (spec C.8).
+    /// `envp` as `(name, value)` pairs, sorted by name (docs/sandbox.md C.8).
     #[serde(with = "crate::wire::bytes")]
     pub env: EnvVars,
 }
 
-/// One step of the executor, in the order [`SandboxPlan::steps`] lists them (spec C.2, C.7,
-/// C.12). The order matters for security: `no_new_privs` before the filter, the filter after
+/// One step of the executor, in the order [`SandboxPlan::steps`] lists them (docs/sandbox.md C.2,
+/// C.7, C.12). The order matters for security: `no_new_privs` before the filter, the filter after
 /// the pivot, `setuid` last before the marker and `execve`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {

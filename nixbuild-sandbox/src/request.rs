@@ -24,7 +24,7 @@ pub struct BuildRequest {
     /// Output name → absolute store path (`/nix/store/<hash>-<name>`).
     pub outputs: BTreeMap<String, String>,
     /// Whether the derivation is fixed-output. This one bit gives the build the host network,
-    /// the host resolver files and the impure environment variables (spec C.1).
+    /// the host resolver files and the impure environment variables (docs/sandbox.md C.1).
     pub fixed_output: bool,
     /// The derivation's `requiredSystemFeatures`, e.g. `kvm`, `big-parallel`.
     pub required_features: BTreeSet<String>,
@@ -65,7 +65,7 @@ pub struct HostSetup {
     /// personality (`i686-linux` on `x86_64-linux` runs as `PER_LINUX32`).
     pub host_system: String,
     /// The host uid this build runs as (mapped to 1000 inside). Never 0, never shared by two
-    /// running builds (`DESIGN.md`, Builds).
+    /// running builds (`docs/design.md`, Builds).
     pub build_uid: u32,
     /// The host gid this build runs as (mapped to 100 inside). Never 0.
     pub build_gid: u32,
@@ -87,8 +87,8 @@ pub struct HostSetup {
     pub dev_shm_size: String,
 }
 
-/// Host files that a fixed-output build sees (spec C.6). Paths are absolute host paths with
-/// symlinks already resolved by the caller (the plan does no I/O).
+/// Host files that a fixed-output build sees (docs/sandbox.md C.6). Paths are absolute host paths
+/// with symlinks already resolved by the caller (the plan does no I/O).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResolverFiles {
     /// The host's `/etc/resolv.conf`.

@@ -1,5 +1,5 @@
-//! The seccomp filter as data (spec C.7): default allow; setuid/setgid bits refused on the
-//! chmod family with `EPERM`; extended attributes refused with `ENOTSUP`; for x86_64 hosts the
+//! The seccomp filter as data (docs/sandbox.md C.7): default allow; setuid/setgid bits refused on
+//! the chmod family with `EPERM`; extended attributes refused with `ENOTSUP`; for x86_64 hosts the
 //! x86_64, i386 and x32 ABIs. The executor compiles this table to BPF (or feeds libseccomp).
 
 use serde::{Deserialize, Serialize};

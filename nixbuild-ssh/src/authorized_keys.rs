@@ -1,4 +1,4 @@
-//! The `--authorized-keys` file (DESIGN.md, Accounts): OpenSSH `authorized_keys` format, one
+//! The `--authorized-keys` file (docs/design.md, Accounts): OpenSSH `authorized_keys` format, one
 //! key per line, and the account of a key is the first word of its comment, so
 //! `ssh-ed25519 AAAA… alice@laptop` lets its holder in as account `alice@laptop`.
 //!

@@ -1,7 +1,7 @@
 //! Exec requests: the command string an SSH client asks to run. The server runs no shell and
 //! no program; it serves exactly one command, `nix-store --serve [--write]` with whatever
-//! options Nix appends (spec §1.1), and refuses everything else with a message that says
-//! what is served.
+//! options Nix appends (docs/serve-protocol.md §1.1), and refuses everything else with a message
+//! that says what is served.
 //!
 //! The command is split into words the way a POSIX shell would for a simple command (blanks,
 //! single and double quotes, backslashes), because Nix quotes its arguments for the remote

@@ -121,7 +121,7 @@ pub(super) fn classify(ending: Ending<'_>) -> Verdict {
             format!("builder for '{drv_path}' was stopped: {overrun}{tail}"),
         );
     }
-    // As DESIGN.md says: a permanent failure, which clients do not retry.
+    // As docs/design.md says: a permanent failure, which clients do not retry.
     if let Some(limit) = oom_limit {
         return Verdict::Failed(
             BuildStatus::PermanentFailure,

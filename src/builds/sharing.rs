@@ -2,7 +2,7 @@
 //!
 //! Sharing is safe only if the shared build produces exactly what each requester's own build
 //! would have produced. So the key of a build in flight is a digest of everything that
-//! determines its result (`DESIGN.md`, Builds):
+//! determines its result (`docs/design.md`, Builds):
 //!
 //! - the `.drv` path (recorded as the outputs' deriver);
 //! - the derivation exactly as sent, nothing masked ([`BasicDerivation::to_aterm`]): builder,

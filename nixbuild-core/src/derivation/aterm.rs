@@ -1,4 +1,5 @@
-//! The ATerm text of `.drv` files (spec §9): a parser over bytes and the printer Nix uses.
+//! The ATerm text of `.drv` files (docs/serve-protocol.md §9): a parser over bytes and the printer
+//! Nix uses.
 //!
 //! The parser accepts exactly what the printer writes, so that parse → print gives back the
 //! same bytes. Beyond the grammar it therefore rejects, with [`AtermError`]:
@@ -397,7 +398,7 @@ fn estimate_len(basic: &BasicDerivation) -> usize {
 
 /// Writes the ATerm of `basic` with the given input derivations (paths, or hashes when
 /// computing `hashDerivationModulo`). With `mask_outputs`, output paths and the env values
-/// named after outputs are written empty (spec §8.6).
+/// named after outputs are written empty (docs/serve-protocol.md §8.6).
 pub(crate) fn write<'a, K: AsRef<[u8]>>(
     out: &mut Vec<u8>,
     basic: &BasicDerivation,

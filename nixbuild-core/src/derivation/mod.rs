@@ -1,5 +1,5 @@
-//! Derivations: the ATerm `.drv` format (spec §9), the BasicDerivation sent over the wire,
-//! `hashDerivationModulo` and output paths (spec §8.4–8.7).
+//! Derivations: the ATerm `.drv` format (docs/serve-protocol.md §9), the BasicDerivation sent over
+//! the wire, `hashDerivationModulo` and output paths (docs/serve-protocol.md §8.4–8.7).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,7 +13,7 @@ mod paths;
 pub use aterm::AtermError;
 pub use paths::{hash_placeholder, output_path_name};
 
-/// What a derivation declares for one output (spec §5.1 table).
+/// What a derivation declares for one output (docs/serve-protocol.md §5.1 table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DerivationOutput {
     /// Input-addressed: the path is fixed in advance.
@@ -64,7 +64,8 @@ pub enum DerivationError {
         /// Why it is not a store path name.
         source: StorePathError,
     },
-    /// An output's (path, hashAlgo, hash) triple fits none of the kinds of spec §5.1.
+    /// An output's (path, hashAlgo, hash) triple fits none of the kinds of
+    /// docs/serve-protocol.md §5.1.
     #[error("derivation output ({path:?}, {hash_algo:?}, {hash:?}) is of no known kind")]
     OutputFields {
         /// The path field.
@@ -121,7 +122,8 @@ pub fn validate_output_name(name: &[u8]) -> Result<String, DerivationError> {
 }
 
 impl DerivationOutput {
-    /// From the (path, hashAlgo, hash) triple of an ATerm output or of the wire (spec §5.1).
+    /// From the (path, hashAlgo, hash) triple of an ATerm output or of the wire
+    /// (docs/serve-protocol.md §5.1).
     ///
     /// The hash of a fixed output must be lowercase base16 (what Nix writes), so that
     /// [`DerivationOutput::to_fields`] gives back the same bytes.
@@ -222,7 +224,7 @@ impl DerivationOutput {
     }
 }
 
-/// A derivation without `inputDrvs`: what BuildDerivation sends (spec §5.1).
+/// A derivation without `inputDrvs`: what BuildDerivation sends (docs/serve-protocol.md §5.1).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BasicDerivation {
     /// Outputs by name, ascending.

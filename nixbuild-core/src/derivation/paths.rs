@@ -1,4 +1,4 @@
-//! `hashDerivationModulo`, output paths and `.drv` paths (spec §8.4–8.7).
+//! `hashDerivationModulo`, output paths and `.drv` paths (docs/serve-protocol.md §8.4–8.7).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -50,8 +50,8 @@ impl BasicDerivation {
     }
 
     /// hashDerivationModulo of a derivation with no inputDrvs, as the real server computes it
-    /// for builtOutputs keys (spec §5.4, §8.6). For a fixed-output derivation this uses the
-    /// declared `out` path (Nix recomputes it; the two agree whenever
+    /// for builtOutputs keys (docs/serve-protocol.md §5.4, §8.6). For a fixed-output derivation
+    /// this uses the declared `out` path (Nix recomputes it; the two agree whenever
     /// [`BasicDerivation::verify_fixed_output`] passes).
     pub fn hash_modulo(&self) -> Hash {
         modulo(self, BTreeMap::<String, BTreeSet<String>>::new(), true)
@@ -74,8 +74,8 @@ impl BasicDerivation {
     }
 
     /// Checks that the path of a fixed-output derivation's `out` is the one its content address
-    /// gives (spec §8.4). Derivations without fixed outputs pass; a fixed output that is not
-    /// the only output, named `out`, is an error.
+    /// gives (docs/serve-protocol.md §8.4). Derivations without fixed outputs pass; a fixed output
+    /// that is not the only output, named `out`, is an error.
     pub fn verify_fixed_output(&self, drv_name: &str) -> Result<(), DerivationError> {
         for (name, output) in &self.outputs {
             if let DerivationOutput::Fixed { path, ca } = output {
@@ -136,7 +136,7 @@ impl Derivation {
         aterm::print(self)
     }
 
-    /// `hashDerivationModulo` (spec §8.6).
+    /// `hashDerivationModulo` (docs/serve-protocol.md §8.6).
     ///
     /// With `mask_outputs`, output paths and the env variables named after outputs are
     /// blanked: that is the hash output paths are computed from. Without, it is the hash a
@@ -215,7 +215,7 @@ impl Derivation {
         Ok(())
     }
 
-    /// The store path of this derivation's `.drv` file (spec §8.7).
+    /// The store path of this derivation's `.drv` file (docs/serve-protocol.md §8.7).
     pub fn drv_path(&self, drv_name: &str) -> Result<StorePath, DerivationError> {
         let references: BTreeSet<StorePath> = self
             .basic

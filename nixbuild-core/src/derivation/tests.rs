@@ -1,4 +1,4 @@
-//! Golden tests from spec §13.5 and §13.7, and proptests of the ATerm format.
+//! Golden tests from docs/serve-protocol.md §13.5 and §13.7, and proptests of the ATerm format.
 
 use std::collections::BTreeMap;
 
@@ -17,14 +17,15 @@ const BAR_DRV: &str = "/nix/store/0hm2f1psjpcwg8fijsmr4wwxrx59s092-bar.drv";
 const FOO_OUT: &str = "/nix/store/5vyvcwah9l9kf07d52rcgdk70g2f4y13-foo";
 const FOO_DRV: &str = "/nix/store/4wvvbi4jwn0prsdxb7vs673qa5h9gr7x-foo.drv";
 
-/// The fixed-output `bar` of spec §13.5 (tvix test data), written from its values.
+/// The fixed-output `bar` of docs/serve-protocol.md §13.5 (tvix test data), written from its
+/// values.
 fn bar_aterm() -> String {
     format!(
         r#"Derive([("out","{BAR_OUT}","r:sha256","{BAR_HASH}")],[],[],":",":",[],[("builder",":"),("name","bar"),("out","{BAR_OUT}"),("outputHash","{BAR_HASH}"),("outputHashAlgo","sha256"),("outputHashMode","recursive"),("system",":")])"#
     )
 }
 
-/// `foo` of spec §13.5, depending on `bar`.
+/// `foo` of docs/serve-protocol.md §13.5, depending on `bar`.
 fn foo_aterm() -> String {
     format!(
         r#"Derive([("out","{FOO_OUT}","","")],[("{BAR_DRV}",["out"])],[],":",":",[],[("bar","{BAR_OUT}"),("builder",":"),("name","foo"),("out","{FOO_OUT}"),("system",":")])"#
@@ -102,7 +103,7 @@ fn input_addressed_foo() {
 
 #[test]
 fn multiple_outputs() {
-    // spec §13.5 `has-multi-out`: outputs `lib` and `out`, no inputs.
+    // docs/serve-protocol.md §13.5 `has-multi-out`: outputs `lib` and `out`, no inputs.
     let mut basic = BasicDerivation {
         platform: b":".to_vec(),
         builder: b":".to_vec(),
@@ -161,7 +162,7 @@ fn make_output_path(h: &Hash, drv_name: &str, output: &str) -> StorePath {
 
 #[test]
 fn real_session_host_1() {
-    // spec §13.7: the BasicDerivation of traces/host-1.
+    // docs/serve-protocol.md §13.7: the BasicDerivation of traces/host-1.
     let tinydir = "/nix/store/lw1m8kblcg4wb1mmli5nyvlvsn71hf9y-tinydir";
     let out = "/nix/store/wpwkwrk5jm6181g39iml0ljcqflwccwa-trace-host-0";
     let builder = format!("{tinydir}/bin/tiny");

@@ -1,4 +1,4 @@
-//! The Nix Archive (NAR) format (spec §7), sans-IO.
+//! The Nix Archive (NAR) format (docs/serve-protocol.md §7), sans-IO.
 //!
 //! - [`NarReader`]: a push-based streaming parser. It is fed chunks of any size, yields
 //!   [`NarEvent`]s with file contents borrowed from the input, enforces every rule of the
@@ -28,7 +28,7 @@ pub const MAX_TARGET_LEN: usize = 4095;
 /// Nodes nested this deep or deeper (the root is at depth 0) are rejected.
 pub const MAX_DEPTH: usize = 64;
 
-/// Checks an entry name against spec §7; on failure says what is wrong with it.
+/// Checks an entry name against docs/serve-protocol.md §7; on failure says what is wrong with it.
 pub fn check_name(name: &[u8]) -> Result<(), &'static str> {
     if name.is_empty() {
         Err("empty name")
@@ -45,7 +45,8 @@ pub fn check_name(name: &[u8]) -> Result<(), &'static str> {
     }
 }
 
-/// Checks a symlink target against spec §7; on failure says what is wrong with it.
+/// Checks a symlink target against docs/serve-protocol.md §7; on failure says what is wrong with
+/// it.
 pub fn check_target(target: &[u8]) -> Result<(), &'static str> {
     if target.is_empty() {
         Err("empty symlink target")

@@ -113,7 +113,7 @@ fn dir<const N: usize>(entries: [(&[u8], NarNode); N]) -> NarNode {
     NarNode::Directory(entries.into_iter().map(|(k, v)| (k.to_vec(), v)).collect())
 }
 
-// ---- spec §13.4 -------------------------------------------------------------------------
+// ---- docs/serve-protocol.md §13.4 -------------------------------------------------------
 
 const HELLO_NAR_HEX: &str = "0d000000000000006e69782d617263686976652d310000000100000000000000\
     2800000000000000040000000000000074797065000000000700000000000000\
@@ -179,7 +179,7 @@ fn golden_hello_executable_and_empty_directory() {
     assert_eq!(NarNode::from_nar(&empty), Ok(dir([])));
 }
 
-// ---- spec §13.6 -------------------------------------------------------------------------
+// ---- docs/serve-protocol.md §13.6 -------------------------------------------------------
 
 #[test]
 fn golden_hash_path_vectors() {

@@ -1,5 +1,5 @@
-//! BuildOptions (spec §5.2), BuildResult (§5.3), its status codes (§5.5) and `builtOutputs` in
-//! the serve 2.6/2.7 and 2.8 forms (§5.4).
+//! BuildOptions (docs/serve-protocol.md §5.2), BuildResult (§5.3), its status codes (§5.5) and
+//! `builtOutputs` in the serve 2.6/2.7 and 2.8 forms (§5.4).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -68,7 +68,7 @@ impl BuildOptions {
     }
 }
 
-/// The outcome of a build (spec §5.5), as its wire value.
+/// The outcome of a build (docs/serve-protocol.md §5.5), as its wire value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum BuildStatus {
@@ -151,9 +151,9 @@ impl BuildStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltOutput {
     /// The derivation hash of the serve 2.6/2.7 key `sha256:<hex>!<output>`:
-    /// `hashDerivationModulo` of the BasicDerivation as received (spec §5.4). `None` when
-    /// unknown (decoded from the serve 2.8 form, which has no key hash); it is then written as
-    /// 64 zeros in the 2.6 form, as Nix 2.35's compatibility writer does.
+    /// `hashDerivationModulo` of the BasicDerivation as received (docs/serve-protocol.md §5.4).
+    /// `None` when unknown (decoded from the serve 2.8 form, which has no key hash); it is then
+    /// written as 64 zeros in the 2.6 form, as Nix 2.35's compatibility writer does.
     pub drv_hash: Option<Hash>,
     /// The output path.
     pub out_path: StorePath,
@@ -161,8 +161,8 @@ pub struct BuiltOutput {
     pub signatures: BTreeSet<String>,
 }
 
-/// The answer to BuildDerivation (spec §5.3). Fields the negotiated version does not carry
-/// are not sent and decode as 0 / empty.
+/// The answer to BuildDerivation (docs/serve-protocol.md §5.3). Fields the negotiated version does
+/// not carry are not sent and decode as 0 / empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildResult {
     /// The outcome.

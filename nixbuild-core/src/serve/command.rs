@@ -1,5 +1,5 @@
-//! What a `nix-store` command line asks for (spec §1.1, "Arguments the server receives"):
-//! `--serve`, `--write`, and general options that a replacement accepts and ignores
+//! What a `nix-store` command line asks for (docs/serve-protocol.md §1.1, "Arguments the server
+//! receives"): `--serve`, `--write`, and general options that a replacement accepts and ignores
 //! (`--store URI`, `--builders ""`, `--option NAME VALUE`, …). Shared by the stdio relay
 //! and the SSH front door, which both stand in for `nix-store --serve`.
 

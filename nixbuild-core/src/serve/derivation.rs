@@ -1,4 +1,4 @@
-//! The BasicDerivation as BuildDerivation sends it (spec §5.1).
+//! The BasicDerivation as BuildDerivation sends it (docs/serve-protocol.md §5.1).
 
 use std::collections::BTreeMap;
 

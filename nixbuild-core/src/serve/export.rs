@@ -1,4 +1,4 @@
-//! The NIXE export stream (spec §6.3) of ImportPaths and ExportPaths:
+//! The NIXE export stream (docs/serve-protocol.md §6.3) of ImportPaths and ExportPaths:
 //!
 //! ```text
 //! repeat: u64 1, <NAR>, trailer      (dependencies first)

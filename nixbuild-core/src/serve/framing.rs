@@ -44,7 +44,7 @@ use Len::{Long, Short};
 /// An ImportPaths entry's trailer after its NAR: magic, path, references, deriver, signature.
 const TRAILER: &[Field] = &[U64s(1), Str(Short), List(1, Short), Str(Short), Signature];
 
-/// The fields after the opcode, in wire order (spec §4, §5.1).
+/// The fields after the opcode, in wire order (docs/serve-protocol.md §4, §5.1).
 fn layout(op: Opcode) -> &'static [Field] {
     match op {
         Opcode::QueryValidPaths => &[U64s(2), List(1, Short)],
@@ -77,7 +77,7 @@ fn layout(op: Opcode) -> &'static [Field] {
     }
 }
 
-/// Number of u64s in the BuildOptions of version `v` (spec §5.2).
+/// Number of u64s in the BuildOptions of version `v` (docs/serve-protocol.md §5.2).
 fn options_len(v: ProtocolVersion) -> usize {
     2 + usize::from(v >= ProtocolVersion::V2_2)
         + 2 * usize::from(v >= ProtocolVersion::V2_3)

@@ -1,4 +1,5 @@
-//! The handshake (spec §3): magic numbers, protocol versions and their negotiation.
+//! The handshake (docs/serve-protocol.md §3): magic numbers, protocol versions and their
+//! negotiation.
 
 use bytes::BufMut;
 
@@ -33,7 +34,7 @@ impl ProtocolVersion {
     pub const V2_7: Self = Self(0x207);
     /// serve 2.8: `builtOutputs` keyed by output name (Nix ≥ 2.35).
     pub const V2_8: Self = Self(0x208);
-    /// What this server advertises (spec §3: every client works with it).
+    /// What this server advertises (docs/serve-protocol.md §3: every client works with it).
     pub const SERVER: Self = Self::V2_7;
 
     /// Validates a version read from the wire: the major must be 2.

@@ -1,4 +1,5 @@
-//! The `nix-store --serve` protocol (spec §2–§6, §11–§13) as typed messages, sans-IO.
+//! The `nix-store --serve` protocol (docs/serve-protocol.md §2–§6, §11–§13) as typed messages,
+//! sans-IO.
 //!
 //! - [`handshake`]: the magic numbers and [`ProtocolVersion`] negotiation.
 //! - [`request`]: [`Request`], one variant per opcode 1–9, with the `--write` check.

@@ -1,4 +1,4 @@
-//! Requests: one typed variant per opcode (spec §4), and the `--write` check.
+//! Requests: one typed variant per opcode (docs/serve-protocol.md §4), and the `--write` check.
 
 use std::collections::BTreeSet;
 
@@ -203,7 +203,7 @@ impl AddToStoreNar {
     }
 }
 
-/// A request, after its opcode (spec §4).
+/// A request, after its opcode (docs/serve-protocol.md §4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// 1: which of `paths` are valid. `lock` and `substitute` only matter with `--write`.
@@ -248,7 +248,7 @@ pub enum Request {
         /// The starting paths.
         paths: BTreeSet<StorePath>,
     },
-    /// 8: build `drv`, whose `.drv` path is `drv_path` (not validated, spec §5).
+    /// 8: build `drv`, whose `.drv` path is `drv_path` (not validated, docs/serve-protocol.md §5).
     BuildDerivation {
         /// The derivation's path; its name part names fixed-output outputs.
         drv_path: StorePath,

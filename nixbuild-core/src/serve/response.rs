@@ -1,5 +1,5 @@
-//! Responses with a fixed shape (spec §4, §6.1). DumpStorePath (a raw NAR) and ExportPaths (an
-//! export stream) answer with streams the driver writes itself.
+//! Responses with a fixed shape (docs/serve-protocol.md §4, §6.1). DumpStorePath (a raw NAR) and
+//! ExportPaths (an export stream) answer with streams the driver writes itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,7 +14,8 @@ use crate::hash::Hash;
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
 
-/// Metadata of a valid path, as a QueryPathInfos entry carries it after the path (spec §6.1).
+/// Metadata of a valid path, as a QueryPathInfos entry carries it after the path
+/// (docs/serve-protocol.md §6.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidPathInfo {
     /// The deriver, if any.
@@ -71,7 +72,7 @@ impl ValidPathInfo {
     }
 }
 
-/// The answer to BuildPaths (spec §4.6).
+/// The answer to BuildPaths (docs/serve-protocol.md §4.6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildPathsResult {
     /// `u64 0`.

@@ -26,7 +26,7 @@
 //!
 //! The session does not read ahead: while a response is due, `poll` returns `Ok(None)`.
 //! After an error the session is dead and `poll` repeats the error; the real server prints it
-//! and exits, and the client sees EOF (spec §12).
+//! and exits, and the client sees EOF (docs/serve-protocol.md §12).
 
 use bytes::{Bytes, BytesMut};
 

@@ -1,7 +1,7 @@
 //! Runs the real Nix (Debian's `nix-bin`, Nix 2.8) for cross-checks, with a private
 //! `NIX_CONF_DIR` so that nothing depends on `/etc/nix/nix.conf`.
 //!
-//! A test that needs Nix fails when Nix is missing; it never skips (DESIGN.md, Tests).
+//! A test that needs Nix fails when Nix is missing; it never skips (docs/design.md, Tests).
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::ffi::OsStr;

@@ -1,5 +1,5 @@
 //! The executor: the helper mode of the daemon's own executable performs a [`SandboxPlan`]
-//! (`DESIGN.md`: "The sandbox helper is a mode of the same executable").
+//! (`docs/design.md`: "The sandbox helper is a mode of the same executable").
 //!
 //! The daemon spawns [`helper_command`], writes [`encode_plan`](crate::encode_plan) to its
 //! stdin and closes it. The helper, a fresh single-threaded process, then:
@@ -17,8 +17,8 @@
 //!
 //! Killing the helper (SIGKILL) kills the builder through the parent-death signal, and the
 //! kernel kills everything else in its PID namespace. The mounts exist only in the helper's
-//! and the child's mount namespaces, so they go with their last process. The helper never removes the scratch
-//! directory: the daemon takes the outputs out of `<scratch>/store` first.
+//! and the child's mount namespaces, so they go with their last process. The helper never removes
+//! the scratch directory: the daemon takes the outputs out of `<scratch>/store` first.
 
 mod child;
 mod sys;

@@ -1,0 +1,346 @@
+"""The Nix client side: its own store and configuration, the data sets it creates, the
+derivations it instantiates, and the checks that the work was really done (NAR hashes from
+Nix's own `nix-store` and `nix-hash`)."""
+
+import os
+import secrets
+import shutil
+import struct
+import subprocess
+
+from common import BUSYBOX, BenchError, MIB, NIX32_CHARS, PREFIX, capture, run, tail
+from workloads import BUILDER_FEATURES, BUILDER_SYSTEM, Build, Dataset, big_builder, builder_times
+
+
+class Client:
+    """The real Nix client with a private configuration, and the test paths it owns."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        conf_dir = os.path.join(tmp, "nix-conf")
+        os.mkdir(conf_dir)
+        self.conf_file = os.path.join(conf_dir, "nix.conf")
+        with open(self.conf_file, "w") as f:
+            f.write(
+                "experimental-features = nix-command\n"
+                "substituters =\n"
+                "sandbox = false\n"
+                "build-users-group =\n"
+                # The generated paths carry no signatures.
+                "require-sigs = false\n"
+                # A build postponed for want of a free builder slot is retried whenever
+                # the client's worker wakes (a build ended), not after Nix's 5 s poll,
+                # which would dominate wall time whenever builds outnumber slots.
+                "build-poll-interval = 0\n"
+            )
+        empty = os.path.join(tmp, "empty.conf")
+        open(empty, "w").close()
+        self.env = dict(os.environ)
+        self.env.pop("NIX_REMOTE", None)
+        self.env.pop("NIX_PATH", None)
+        self.env["NIX_CONF_DIR"] = conf_dir
+        self.env["NIX_USER_CONF_FILES"] = empty
+        self.log = os.path.join(tmp, "client.log")
+        self.owned = set()  # client store paths this run created, deleted at the end
+
+    def nix_store_version(self):
+        return capture(["nix-store", "--version"], self.env, self.log, "nix-store --version")
+
+    def store_dir(self):
+        return "/nix/store"
+
+    def hashes(self, store, paths, what):
+        """narHash of each path as `store` records it (fails if one is not valid there)."""
+        cmd = ["nix-store"] + (["--store", store] if store else []) + ["-q", "--hash"]
+        out = capture(cmd + list(paths), self.env, self.log, what)
+        if len(out) != len(paths):
+            raise BenchError(f"{what}: {len(out)} hashes for {len(paths)} paths")
+        return dict(zip(paths, out))
+
+    def disk_hashes(self, files, what):
+        """NAR hashes of files on disk, computed by Nix's `nix-hash`, as "sha256:<nix32>"."""
+        out = []
+        files = list(files)
+        for i in range(0, len(files), 100):
+            chunk = files[i : i + 100]
+            out += capture(
+                ["nix-hash", "--type", "sha256", "--base32"] + chunk, self.env, self.log, what
+            )
+        if len(out) != len(files):
+            raise BenchError(f"{what}: {len(out)} hashes for {len(files)} files")
+        return ["sha256:" + h for h in out]
+
+    def big_output_nar_hash(self, rundir, head, zeros):
+        """narHash of a regular file holding `head` followed by `zeros` zero bytes: Nix's own
+        `nix-hash` over a sparse file with those contents, as "sha256:<nix32>"."""
+        path = os.path.join(rundir, "big-output")
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + zeros)
+        try:
+            return self.disk_hashes([path], "nix-hash of the big output")[0]
+        finally:
+            os.unlink(path)
+
+    def delete(self, paths, what):
+        run(["nix-store", "--delete"] + list(paths), self.env, self.log, what)
+        valid = subprocess.run(
+            ["nix-store", "--check-validity", "--print-invalid"] + list(paths),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        still = set(paths) - set(valid.stdout.decode().split())
+        if still:
+            raise BenchError(f"{what}: still valid after nix-store --delete: {sorted(still)[:3]}")
+
+    def delete_owned(self):
+        if not self.owned:
+            return
+        subprocess.run(
+            ["nix-store", "--delete"] + sorted(self.owned),
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.owned.clear()
+
+    def make_closure(self, salt, count, size):
+        """Imports `count` paths of `size` bytes each, path i referring to i-1 and i/2.
+
+        Written as an export stream for `nix-store --import` (the only way to give paths
+        references without building); the contents are random bytes after the text of the
+        referenced paths, so a reference scanner finds exactly the declared references.
+        """
+        paths = []
+        for i in range(count):
+            digest = "".join(secrets.choice(NIX32_CHARS) for _ in range(32))
+            paths.append(f"{self.store_dir()}/{digest}-{PREFIX}-{salt}-{i:03d}")
+        proc = subprocess.Popen(
+            ["nix-store", "--import"],
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),
+        )
+        try:
+            for i, path in enumerate(paths):
+                refs = sorted({paths[j] for j in (i - 1, i // 2) if 0 <= j < i})
+                head = "".join(r + "\n" for r in refs).encode()
+                contents = head + os.urandom(size - len(head))
+                entry = [u64(1), nar_regular_file(contents), u64(0x4558494E), wire_str(path)]
+                entry += [u64(len(refs))] + [wire_str(r) for r in refs]
+                entry += [wire_str(""), u64(0)]
+                proc.stdin.write(b"".join(entry))
+            proc.stdin.write(u64(0))
+            proc.stdin.close()
+        finally:
+            rc = proc.wait()
+        self.owned.update(paths)
+        if rc != 0:
+            raise BenchError(f"nix-store --import of the closure failed:\n{tail(self.log)}")
+        return Dataset(
+            "closure",
+            f"closure of {count} paths x {size // MIB} MiB",
+            paths[-1],
+            tuple(paths),
+            self.hashes(None, paths, "client narHash of the closure"),
+            count * size,
+        )
+
+    def make_big(self, salt, size):
+        """Adds one regular file of `size` random bytes with `nix-store --add`."""
+        src = os.path.join(self.tmp, f"{PREFIX}-{salt}-big")
+        with open(src, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 8 * MIB)
+                f.write(os.urandom(n))
+                left -= n
+        try:
+            (path,) = capture(["nix-store", "--add", src], self.env, self.log, "nix-store --add")
+        finally:
+            os.unlink(src)
+        self.owned.add(path)
+        return Dataset(
+            "big",
+            f"one path of {size // MIB} MiB",
+            path,
+            (path,),
+            self.hashes(None, [path], "client narHash of the big path"),
+            size,
+        )
+
+    def make_busybox(self):
+        """The builders' shell: a static busybox (`bin/sh` links to it) added to the store.
+
+        Every build derivation takes it as an input source; before each measured run it is
+        copied to the server's fresh store (not measured), so the runs time builds only.
+        """
+        if not os.access(BUSYBOX, os.X_OK):
+            raise BenchError(f"{BUSYBOX} is missing: install busybox-static")
+        src = os.path.join(self.tmp, f"{PREFIX}-busybox")
+        os.makedirs(os.path.join(src, "bin"))
+        shutil.copy(BUSYBOX, os.path.join(src, "bin", "busybox"))
+        os.symlink("busybox", os.path.join(src, "bin", "sh"))
+        (path,) = capture(["nix-store", "--add", src], self.env, self.log, "nix-store --add busybox")
+        self.owned.add(path)
+        self.busybox_src = src
+        return Dataset(
+            "busybox",
+            "static busybox",
+            path,
+            (path,),
+            self.hashes(None, [path], "client narHash of busybox"),
+            os.path.getsize(BUSYBOX),
+        )
+
+    def make_builds(self, rundir, workload, salt):
+        """Writes and instantiates the run's derivations: one list of `Build`s per client.
+
+        Each derivation's name carries the run's salt, so neither its outputs nor the .drv
+        exist anywhere before the run. Independent builds write one line naming themselves;
+        in a chain, build i also writes the path of build i-1 (a reference) and the first
+        line of its contents (read in the sandbox).
+        """
+        lines = [
+            "let",
+            f'  bb = builtins.path {{ path = {self.busybox_src}; name = "{PREFIX}-busybox"; }};',
+            "  mk = name: script: extra: derivation ({",
+            f'    name = "{PREFIX}-{salt}-${{name}}";',
+            f'    system = "{BUILDER_SYSTEM}";',
+            '    builder = "${bb}/bin/sh";',
+            '    args = [ "-c" script ];',
+            '    PATH = "${bb}/bin";',
+            "  } // extra);",
+        ]
+        attrs = []
+        for k in range(workload.clients):
+            names = []
+            for i in range(workload.count):
+                name = f"c{k}-{i}"
+                first = f"{PREFIX} {salt} {name}"
+                if workload.shape == "chain" and i > 0:
+                    prev = f"d{k}_{i - 1}"
+                    script = f"{{ echo {first}; echo ${{{prev}}}; head -n 1 ${{{prev}}}; }} > $out"
+                elif workload.shape == "big":
+                    # The second output holds the builder's own CPU times (the shell's
+                    # `times`), so that the server's share can be told from the builder's.
+                    script = f"{{ echo {first}; {big_builder(workload.size_mib)}; }} > $out; times > $cpu"
+                else:
+                    script = f"echo {first} > $out"
+                extra = '{ outputs = [ "out" "cpu" ]; }' if workload.shape == "big" else "{ }"
+                lines.append(f'  d{k}_{i} = mk "{name}" "{script}" {extra};')
+                names.append(f"d{k}_{i}")
+            attrs.append(f"  c{k} = [ {' '.join(names)} ];")
+        lines += ["in {"] + attrs + ["}"]
+        expr = os.path.join(rundir, "builds.nix")
+        with open(expr, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        cmd = ["nix-instantiate", expr]
+        for k in range(workload.clients):
+            cmd += ["-A", f"c{k}"]
+        drvs = capture(cmd, self.env, self.log, "nix-instantiate of the build derivations")
+        total = workload.clients * workload.count
+        if len(drvs) != total:
+            raise BenchError(f"nix-instantiate gave {len(drvs)} derivations instead of {total}")
+        self.owned.update(drvs)
+        outs = capture(
+            ["nix-store", "-q", "--outputs"] + drvs, self.env, self.log, "nix-store -q --outputs"
+        )
+        self.owned.update(outs)
+        # The big build's `cpu` outputs (named `<name>-cpu`), in the order of their drvs.
+        cpu_outs = [o for o in outs if workload.shape == "big" and o.endswith("-cpu")]
+        outs = [o for o in outs if o not in cpu_outs]
+        if len(outs) != total or (workload.shape == "big" and len(cpu_outs) != total):
+            raise BenchError(f"{len(outs)} outputs for {total} derivations")
+        clients = []
+        for k in range(workload.clients):
+            builds = []
+            for i in range(workload.count):
+                n = k * workload.count + i
+                text = f"{PREFIX} {salt} c{k}-{i}\n"
+                if workload.shape == "chain" and i > 0:
+                    text += f"{outs[n - 1]}\n{PREFIX} {salt} c{k}-{i - 1}\n"
+                if workload.shape == "big":
+                    nar_hash = self.big_output_nar_hash(rundir, text.encode(), workload.size_mib * MIB)
+                    builds.append(Build(drvs[n], outs[n], None, nar_hash, cpu_outs[n]))
+                else:
+                    builds.append(Build(drvs[n], outs[n], text))
+            clients.append(builds)
+        return clients
+
+    def build_command(self, url, jobs, drvs):
+        """`nix-build` of `drvs` on the server only: no local build slots."""
+        builders = f"{url} {BUILDER_SYSTEM} - {jobs} 1 {BUILDER_FEATURES}"
+        return ["nix-build", "--max-jobs", "0", "--no-out-link", "--builders", builders] + drvs
+
+    def check_built(self, builds, printed, what):
+        """The outputs nix-build printed are the expected ones, valid, with the expected bytes.
+        Returns the CPU seconds the big builds' builders reported (0 without big builds)."""
+        want = [b.out for b in builds]
+        if sorted(printed) != sorted(want):
+            raise BenchError(f"{what}: nix-build printed {len(printed)} paths, not the {len(want)} outputs")
+        # nix-build prints the `out` outputs; the big builds' `cpu` outputs came back too.
+        want += [b.cpu_out for b in builds if b.cpu_out]
+        capture(["nix-store", "--check-validity"] + want, self.env, self.log, f"{what}: validity")
+        big = [b for b in builds if b.nar_hash is not None]
+        if big:
+            # The bytes arrived: the narHash the client recorded and the file on its disk.
+            outs = [b.out for b in big]
+            recorded = self.hashes(None, outs, f"{what}: client narHash of the outputs")
+            disk = self.disk_hashes(outs, f"{what}: re-hash of the fetched outputs")
+            for b, h in zip(big, disk):
+                if recorded[b.out] != b.nar_hash or h != b.nar_hash:
+                    raise BenchError(
+                        f"{what}: {b.out} has narHash {recorded[b.out]} recorded and {h} on disk, "
+                        f"expected {b.nar_hash}"
+                    )
+        for b in builds:
+            if b.text is None:
+                continue
+            with open(b.out) as f:
+                got = f.read()
+            if got != b.text:
+                raise BenchError(f"{what}: {b.out} holds {got!r} instead of {b.text!r}")
+        return sum(builder_times(b.cpu_out) for b in builds if b.cpu_out)
+
+    def forget(self, paths):
+        """Deletes a run's derivations and outputs from the client store (not measured)."""
+        self.delete(paths, "deleting the run's derivations and outputs")
+        self.owned.difference_update(paths)
+
+
+def u64(n):
+    return struct.pack("<Q", n)
+
+
+def wire_str(s):
+    b = s.encode() if isinstance(s, str) else s
+    return u64(len(b)) + b + b"\0" * (-len(b) % 8)
+
+
+def nar_regular_file(contents):
+    parts = ["nix-archive-1", "(", "type", "regular", "contents"]
+    return b"".join(wire_str(p) for p in parts) + wire_str(contents) + wire_str(")")
+
+
+def check_server_nar_hashes(where, client, builds, server_hashes):
+    """Big outputs are valid in the server's store with the expected narHash."""
+    big = [b for b in builds if b.nar_hash is not None]
+    if not big:
+        return
+    got = server_hashes(client, [b.out for b in big], f"{where}: narHash of the outputs")
+    for b in big:
+        if got.get(b.out) != b.nar_hash:
+            raise BenchError(f"{where}: {b.out} has narHash {got.get(b.out)}, expected {b.nar_hash}")
+
+
+def check_hashes(where, dataset, got):
+    bad = [p for p in dataset.paths if got.get(p) != dataset.nar_hashes[p]]
+    if bad:
+        p = bad[0]
+        raise BenchError(
+            f"{where}: {len(bad)} paths with the wrong narHash, e.g. {p}: "
+            f"{got.get(p)} instead of {dataset.nar_hashes[p]}"
+        )

@@ -1,0 +1,372 @@
+"""The report: medians and ratios per workload as Markdown tables, the targets met or not,
+and the machine's description, ready to paste into BENCHMARKS.md."""
+
+import os
+import platform
+import statistics
+import subprocess
+
+from common import GIB, MIB, SIDES
+from workloads import BUILD_MEM_TARGET_MIB, BUILD_ONE_TARGET_MS
+
+
+SIDE_LABEL = {"reference": "reference (nix-store --serve)", "nixbuild": "nixbuild"}
+SSH_SIDE_LABEL = {"reference": "reference (sshd + nix-store --serve)", "nixbuild": "nixbuild (SSH)"}
+
+
+def fmt_mib(b):
+    return "n/a" if b is None else f"{b / MIB:.1f}"
+
+
+def fmt_ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def labels(workload):
+    return SSH_SIDE_LABEL if workload.transport == "ssh" else SIDE_LABEL
+
+
+def report(workload, dataset, samples, reps):
+    sides = [s for s in SIDES if samples[s]]
+    label = labels(workload)
+    gib = dataset.size / GIB
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "wall": median([s.wall for s in ss]),
+            "mibs": median([dataset.size / MIB / s.wall for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cpu_gib": median([s.cpu / gib for s in ss]),
+            "client": median([s.client_cpu for s in ss]),
+            "rss": median([s.rss for s in ss]),
+            "ws": median([s.ws_peak for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+        }
+    keys = ["wall", "mibs", "cpu", "cpu_gib", "client", "rss", "ws", "cg"]
+
+    def cell(k, x):
+        if x is None:
+            return "n/a"
+        if k in ("rss", "ws", "cg"):
+            return fmt_mib(x)
+        return f"{x:.0f}" if k == "mibs" else f"{x:.3f}"
+
+    flag = "--to" if workload.direction == "upload" else "--from"
+    over = " over SSH" if workload.transport == "ssh" else ""
+    lines = [
+        f"### {workload.name}: nix copy {flag}{over}, {dataset.title} (median of {reps} run{'s' if reps > 1 else ''} per side)",
+        "",
+        "| | wall time (s) | throughput (MiB/s) | server CPU (s) | server CPU per GiB (s) "
+        "| client CPU (s) | server peak RSS (MiB) | server working set peak (MiB) "
+        "| server cgroup memory peak (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in sides:
+        lines.append(f"| {label[side]} | " + " | ".join(cell(k, med[side][k]) for k in keys) + " |")
+    runs = ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            detail = ", ".join(f"{lbl} {rss / MIB:.1f} MiB" for lbl, rss, _cpu in s.procs)
+            runs.append(
+                f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  cpu {s.cpu:7.3f} s  client {s.client_cpu:7.3f} s  "
+                f"rss {s.rss / MIB:7.1f} MiB  ws {fmt_mib(s.ws_peak):>6} MiB  "
+                f"cgroup {fmt_mib(s.cg_mem):>7} MiB  [{detail}]"
+            )
+    runs.append("```")
+    if len(sides) < 2:
+        return "\n".join(lines + runs)
+    r, n = med["reference"], med["nixbuild"]
+    lines.append("| nixbuild / reference | " + " | ".join(fmt_ratio(n[k], r[k]) for k in keys) + " |")
+    targets = [""]
+    if workload.throughput_target is not None:
+        peak = max((s.ws_peak for s in samples["nixbuild"] if s.ws_peak is not None), default=None)
+        targets += throughput_targets(workload, r, n) + [mem_target(peak, "working set")]
+    elif workload.cpu_target is None:
+        targets.append("- no target for this workload (issue 5 sets none for moving the big path over SSH)")
+    else:
+        cpu_ratio = n["cpu"] / r["cpu"] if r["cpu"] else None
+        wall_ratio = n["wall"] / r["wall"] if r["wall"] else None
+        frac = "1/2" if workload.cpu_target == 1 / 2 else "1/3"
+        targets.append(
+            f"- target server CPU <= {frac} of the reference: "
+            + met(cpu_ratio is not None and cpu_ratio <= workload.cpu_target)
+            + f" ({fmt_ratio(n['cpu'], r['cpu'])})"
+        )
+        if workload.rss_target_mib is not None:
+            targets.append(
+                f"- target server peak RSS < {workload.rss_target_mib} MiB: "
+                + met(n["rss"] < workload.rss_target_mib * MIB)
+                + f" ({fmt_mib(n['rss'])} MiB)"
+            )
+        targets.append(
+            "- target wall time no worse than the reference: "
+            + met(wall_ratio is not None and wall_ratio <= 1.0)
+            + f" ({fmt_ratio(n['wall'], r['wall'])})"
+        )
+    return "\n".join(lines + targets + runs)
+
+
+def throughput_targets(workload, r, n):
+    """Issue 8's targets for moving bytes: throughput (medians `mibs`) at least
+    `throughput_target` times the reference's, or, where the client is the bottleneck,
+    server CPU per GiB (`cpu_gib`) at most `cpu_target` of the reference's."""
+    tput = n["mibs"] / r["mibs"] if r["mibs"] else None
+    cpu = n["cpu_gib"] / r["cpu_gib"] if r["cpu_gib"] else None
+    return [
+        f"- target throughput >= {workload.throughput_target}x the reference's: "
+        + met(tput is not None and tput >= workload.throughput_target)
+        + f" ({n['mibs']:.0f} vs {r['mibs']:.0f} MiB/s: {fmt_ratio(n['mibs'], r['mibs'])})",
+        "- where the client is the bottleneck (see the client CPU): server CPU per GiB"
+        + (" (the builder's own CPU, as it reported, taken out)" if workload.kind == "build" else "")
+        + " <= 1/3 of the reference's: "
+        + met(cpu is not None and cpu <= workload.cpu_target)
+        + f" ({n['cpu_gib']:.3f} vs {r['cpu_gib']:.3f} s/GiB: {fmt_ratio(n['cpu_gib'], r['cpu_gib'])})",
+    ]
+
+
+def mem_target(peak, what):
+    return (
+        f"- target server memory < {BUILD_MEM_TARGET_MIB} MiB (highest {what} of all server "
+        "processes and builds together, over the runs): "
+        + ("n/a" if peak is None else met(peak < BUILD_MEM_TARGET_MIB * MIB))
+        + f" ({fmt_mib(peak)} MiB)"
+    )
+
+
+def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
+    sides = [s for s in SIDES if samples[s]]
+    label = labels(workload)
+    one = workload.shape == "one"
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "wall": median([s.wall for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cpu_per_build": median([s.cpu / s.builds for s in ss]),
+            "client": median([s.client_cpu for s in ss]),
+            "ws": median([s.ws_peak for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+            "rss": median([max((p[1] for p in s.procs), default=None) for s in ss]),
+            # build-one: medians over every nix-build of every run
+            "build_wall": median([w for s in ss for w, _ in s.per_build]),
+            "build_cpu": median([c for s in ss for _, c in s.per_build]),
+            "server_time": median([t for s in ss for t in s.server_times or []]),
+        }
+        if workload.shape == "big":
+            # The builder writing the bytes is not the server's work: the CPU it reported
+            # (`times`, in its second output) is taken out of the CPU per GiB.
+            size = workload.size_mib * MIB * workload.count * workload.clients
+            med[side]["mibs"] = median([size / MIB / s.wall for s in ss])
+            med[side]["cpu_gib"] = median([(s.cpu - s.builder_cpu) / (size / GIB) for s in ss])
+            med[side]["builder"] = median([s.builder_cpu for s in ss])
+    slots = "" if one else f"; {jobs} build slot{'s' if jobs > 1 else ''} per client"
+    lines = [
+        f"### {workload.name}: {workload.title()}{' over SSH' if workload.transport == 'ssh' else ''} (median of {reps} run{'s' if reps > 1 else ''} per side{slots})",
+        "",
+    ]
+    common_head = (
+        "| client CPU (s) | server working set peak (MiB) | server cgroup memory peak (MiB) "
+        "| daemon peak RSS (MiB) |"
+    )
+    if one:
+        lines += [
+            "| | wall per nix-build (ms) | server CPU per build (ms) | server time per build (ms) "
+            "| total wall (s) | total server CPU (s) " + common_head,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += [
+            "| | wall time (s) | server CPU (s) | server CPU per build (ms) " + common_head,
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+
+    def ms(x):
+        return "n/a" if x is None else f"{x * 1000:.1f}"
+
+    def row(label, m):
+        common = f"| {m['client']:.3f} | {fmt_mib(m['ws'])} | {fmt_mib(m['cg'])} | {fmt_mib(m['rss'])} |"
+        if one:
+            return (
+                f"| {label} | {ms(m['build_wall'])} | {ms(m['build_cpu'])} | {ms(m['server_time'])} "
+                f"| {m['wall']:.3f} | {m['cpu']:.3f} " + common
+            )
+        return f"| {label} | {m['wall']:.3f} | {m['cpu']:.3f} | {ms(m['cpu_per_build'])} " + common
+
+    for side in sides:
+        lines.append(row(label[side], med[side]))
+    if len(sides) == 2:
+        r, n = med["reference"], med["nixbuild"]
+        keys = (
+            ["build_wall", "build_cpu", "server_time", "wall", "cpu"]
+            if one
+            else ["wall", "cpu", "cpu_per_build"]
+        ) + ["client", "ws", "cg", "rss"]
+        lines.append(
+            "| nixbuild / reference | " + " | ".join(fmt_ratio(n[k], r[k]) for k in keys) + " |"
+        )
+    notes = [""]
+    if "nixbuild" in med:
+        n = med["nixbuild"]
+        if one:
+            t = n["server_time"]
+            notes.append(
+                f"- target nixbuild server time per build (BuildDerivation received -> BuildResult "
+                f"sent, median) <= {BUILD_ONE_TARGET_MS} ms: "
+                + met(t is not None and t * 1000 <= BUILD_ONE_TARGET_MS)
+                + f" ({ms(t)} ms)"
+            )
+        if workload.wall_target is not None and "reference" in med:
+            r = med["reference"]
+            ratio = n["wall"] / r["wall"] if r["wall"] else None
+            notes.append(
+                "- target wall time <= 1/2 of the reference: "
+                + met(ratio is not None and ratio <= workload.wall_target)
+                + f" ({fmt_ratio(n['wall'], r['wall'])})"
+            )
+        if workload.throughput_target is not None and "reference" in med:
+            notes += throughput_targets(workload, med["reference"], n)
+        peak = max((s.ws_peak for s in samples["nixbuild"] if s.ws_peak is not None), default=None)
+        notes.append(mem_target(peak, "working set"))
+    if "reference" in med and one:
+        notes.append(
+            f"- reference server CPU per build: {ms(med['reference']['build_cpu'])} ms "
+            "(issue 4 expects about 45 ms)"
+        )
+    wrapper = (
+        "; no harness wrapper (the servers start their sessions)"
+        if workload.transport == "ssh"
+        else f"; the harness's session wrapper (a shell joining the cgroup), about {wrapper_ms:.1f} ms"
+    )
+    if workload.shape == "big":
+        builder = ", ".join(f"{side} {med[side]['builder']:.3f} s" for side in sides)
+        notes.append(
+            "- counted in the server CPU (the table), taken out of the CPU per GiB: the builder "
+            f"writing the output (it runs in the server's cgroup), as it reported: {builder}" + wrapper
+        )
+    else:
+        notes.append(
+            "- counted in the server CPU on both sides alike, per build: the builder itself (it runs "
+            f"in the server's cgroup), about {builder_ms:.1f} ms alone" + wrapper
+        )
+    lines += notes + ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            detail = ", ".join(f"{lbl} {rss / MIB:.1f} MiB" for lbl, rss, _cpu in s.procs)
+            extra = ""
+            if one:
+                extra = (
+                    f"  per build: wall {ms(median([w for w, _ in s.per_build]))} ms"
+                    f" cpu {ms(median([c for _, c in s.per_build]))} ms"
+                )
+                if s.server_times:
+                    extra += f" server {ms(median(s.server_times))} ms"
+            lines.append(
+                f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  cpu {s.cpu:7.3f} s  client {s.client_cpu:7.3f} s  "
+                f"ws {fmt_mib(s.ws_peak):>6} MiB  cgroup {fmt_mib(s.cg_mem):>7} MiB{extra}"
+                + (f"  [{detail}]" if detail else "")
+            )
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def report_connect(workload, samples, reps):
+    sides = [s for s in SIDES if samples[s]]
+    label = labels(workload)
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "conn_wall": median([w for s in ss for w in s.walls]),
+            "conn_cpu": median([s.cpu / len(s.walls) for s in ss]),
+            "wall": median([sum(s.walls) for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+            "rss": median([max((p[1] for p in s.procs), default=None) for s in ss]),
+        }
+    keys = ["conn_wall", "conn_cpu", "wall", "cpu", "cg", "rss"]
+
+    def cell(k, x):
+        if x is None:
+            return "n/a"
+        if k.startswith("conn_"):
+            return f"{x * 1000:.1f}"
+        return f"{x:.3f}" if k in ("wall", "cpu") else fmt_mib(x)
+
+    lines = [
+        f"### {workload.name}: {workload.count} x nix store ping --store ssh://<alias>, one connection "
+        f"each (median of {reps} run{'s' if reps > 1 else ''} per side)",
+        "",
+        "| | wall per connection (ms) | server CPU per connection (ms) | total wall (s) "
+        "| total server CPU (s) | server memory peak (MiB) | largest server process RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in sides:
+        lines.append(f"| {label[side]} | " + " | ".join(cell(k, med[side][k]) for k in keys) + " |")
+    if len(sides) == 2:
+        r, n = med["reference"], med["nixbuild"]
+        lines.append("| nixbuild / reference | " + " | ".join(fmt_ratio(n[k], r[k]) for k in keys) + " |")
+        ratio = n["conn_cpu"] / r["conn_cpu"] if r["conn_cpu"] else None
+        lines += [
+            "",
+            "- target server CPU per connection < 1/10 of sshd plus nix-store: "
+            + met(ratio is not None and ratio < workload.cpu_target)
+            + f" ({fmt_ratio(n['conn_cpu'], r['conn_cpu'])})",
+        ]
+    lines += ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            lines.append(
+                f"{side:9} #{i + 1}: wall {sum(s.walls):7.3f} s  cpu {s.cpu:7.3f} s  "
+                f"per connection: wall {median(s.walls) * 1000:.1f} ms cpu {s.cpu / len(s.walls) * 1000:.1f} ms  "
+                f"cgroup {fmt_mib(s.cg_mem):>7} MiB"
+            )
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def met(ok):
+    return "met" if ok else "NOT met"
+
+
+def machine_description(client):
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) // 1024} MiB RAM"
+    return f"{cpu}, {os.cpu_count()} CPUs, {mem}, Linux {platform.release()}"
+
+
+def ssh_version():
+    out = subprocess.run(["ssh", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return out.stdout.decode().strip().split(",")[0] or "unknown ssh"
+
+
+def git_commit(repo):
+    try:
+        out = subprocess.run(
+            ["git", "-C", repo, "describe", "--always", "--dirty"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        return out.stdout.decode().strip() or "unknown"
+    except OSError:
+        return "unknown"

@@ -1,0 +1,555 @@
+"""The two sides: Nix's `nix-store --serve` (over stdio, or behind OpenSSH's sshd) and
+nixbuild-server (through its relay, or over its own SSH), each started on an empty store."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from common import (
+    BenchError,
+    GNU_TIME,
+    SETSID,
+    START_TIMEOUT,
+    capture,
+    comm,
+    field,
+    kill_pid,
+    rm_tree,
+    run,
+    shq,
+    tail,
+)
+from client import check_hashes, check_server_nar_hashes
+from report import SIDE_LABEL, SSH_SIDE_LABEL
+
+
+SSHD = "/usr/sbin/sshd"
+UNSHARE = "/usr/bin/unshare"
+# The account of the benchmark's client key (the first word of its comment).
+ACCOUNT = "bench"
+
+
+def wrapper_script(path, group, stats_dir, label, env, program, foreground=False):
+    """Writes the remote program: join the run's cgroups, run the server under GNU time.
+
+    Nix's client SIGKILLs the process it started when it disconnects, so for sessions the
+    server runs under `time` in the background of this shell: the shell dies, `time`
+    waits for the server and writes its maxrss. `time` runs in a session of its own
+    (`setsid`): a remote build's hook is killed as a whole process group once the build is
+    done, which would take `time` with it. The server ends as it would anyway, at the end
+    of its input. The daemon, stopped by the harness, gets `exec time` instead. Without a
+    `stats_dir` the shell joins the cgroup and execs the server, nothing else.
+    """
+    lines = ["#!/bin/sh", "set -e"]
+    if group is not None:
+        lines += [f"echo $$ > {shq(f)}" for f in group.procs_files()]
+    # Exported by the shell itself: an `env` process would cost each session a millisecond.
+    lines += [f"export {k}={shq(v)}" for k, v in env.items()]
+    timed = (
+        f"{'' if foreground else SETSID + ' -w '}{GNU_TIME} -o {shq(stats_dir)}/{label}.$$ -f '%M %U %S' "
+        f"{shq(program)} \"$@\""
+    )
+    if stats_dir is None:
+        lines.append(f"exec {shq(program)} \"$@\"")
+    elif foreground:
+        lines.append("exec " + timed)
+    else:
+        # A background list's stdin would be /dev/null unless redirected explicitly.
+        lines += ["exec 3<&0", f"{timed} <&3 3<&- &", "exec 3<&-", "wait $!"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def read_stats(stats_dir):
+    """Per server process: (label, maxrss bytes, user+sys seconds) from GNU time's files."""
+    out = []
+    for name in sorted(os.listdir(stats_dir)):
+        with open(os.path.join(stats_dir, name)) as f:
+            lines = [x for x in f.read().splitlines() if x.strip()]
+        # A process killed by a signal gets a "Command terminated by signal" line first.
+        fields = lines[-1].split() if lines else []
+        if len(fields) != 3:
+            raise BenchError(f"unreadable GNU time output in {name}: {lines}")
+        out.append((name.split(".")[0], int(fields[0]) * 1024, float(fields[1]) + float(fields[2])))
+    return out
+
+
+class Reference:
+    """Nix's `nix-store --serve` on a chroot store of its own (`remote-store=`).
+
+    Its configuration is the client's plus what building needs: Nix's sandbox (a chroot
+    store always builds in it on Linux; `sandbox = true` and no fallback make that
+    explicit), the `nixbld` build users (we are root), one local build slot per
+    `nix-store --serve` process (each builds the one derivation it is sent), one core per
+    build as nixbuild gives, and no builders or substituters of its own.
+    """
+
+    name = "reference"
+    label = SIDE_LABEL["reference"]
+    # No process of its own outlives a session.
+    resident = 0
+
+    def __init__(self, root, client_conf, conf_name="ref-nix-conf"):
+        self.root = root
+        self.store = None
+        self.conf_dir = os.path.join(root, conf_name)
+        os.mkdir(self.conf_dir)
+        with open(client_conf) as f:
+            conf = f.read()
+        with open(os.path.join(self.conf_dir, "nix.conf"), "w") as f:
+            f.write(
+                conf
+                + "sandbox = true\n"
+                "sandbox-fallback = false\n"
+                "build-users-group = nixbld\n"
+                "max-jobs = 1\n"
+                "cores = 1\n"
+                "builders =\n"
+                # Nix's default again: the client's 0 above is a client-side choice.
+                "build-poll-interval = 5\n"
+            )
+
+    def fresh_store(self, n):
+        if self.store:
+            rm_tree(self.store)
+        self.store = os.path.join(self.root, f"ref-store-{n}")
+
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """The store URL for each client, each with a remote program of its own.
+
+        Nix's client keeps its build-slot locks per builder URL, so clients running at
+        once need distinct URLs to get their own slots. Without `timed_sessions` the
+        sessions run without GNU time (no maxrss, and no CPU spent on measuring it).
+        """
+        prog = shutil.which("nix-store")
+        env = {"NIX_CONF_DIR": self.conf_dir}
+        stats = stats_dir if timed_sessions else None
+        urls = []
+        for k in range(clients):
+            script = wrapper_script(
+                os.path.join(rundir, f"ref-serve-{k}.sh"), group, stats, "nix-store", env, prog
+            )
+            urls.append(f"ssh://localhost?remote-program={script}&remote-store={self.store}")
+        return urls
+
+    def verify_builds(self, client, builds, _rundir):
+        """Every output is valid in the reference's store and holds the expected bytes."""
+        outs = [b.out for b in builds]
+        capture(
+            ["nix-store", "--store", self.store, "--check-validity"] + outs,
+            client.env,
+            client.log,
+            "reference: outputs valid in its store",
+        )
+        check_server_nar_hashes("reference store", client, builds, self.server_hashes)
+        for b in builds:
+            if b.text is None:
+                continue
+            with open(self.store + b.out) as f:
+                if f.read() != b.text:
+                    raise BenchError(f"reference store: {b.out} does not hold the expected bytes")
+        return None
+
+    def server_hashes(self, client, paths, what):
+        """narHash of each path as the server's store records it."""
+        return client.hashes(self.store, paths, what)
+
+    def stop(self, _group=None):
+        """Nothing to stop: each session's `nix-store --serve` ends with its client."""
+
+    def verify_upload(self, client, dataset):
+        got = self.server_hashes(client, dataset.paths, "reference: narHash on the server")
+        check_hashes("reference store", dataset, got)
+        disk = client.disk_hashes(
+            [self.store + p for p in dataset.paths], "reference: re-hash of the stored files"
+        )
+        missing = set(dataset.nar_hashes.values()) - set(disk)
+        if missing:
+            raise BenchError(f"reference store: files on disk do not hash to {len(missing)} narHashes")
+
+
+class Daemon:
+    """A server the harness starts for each run through a foreground wrapper (`exec time`),
+    and stops with SIGTERM to the server itself, not to `time`, which must survive to
+    report. While no session runs, the run's cgroup holds exactly these two processes."""
+
+    resident = 2
+    daemon = None
+
+    def launch(self, cmd, logfile, env):
+        self.daemon = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=open(logfile, "ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def daemon_pids(self, group):
+        """The server itself, not the `time` that waits for it."""
+        return [p for p in group.pids() if comm(p) not in ("time", None)] if group else []
+
+    def stop(self, group=None):
+        """SIGTERM to the server (not to `time`); SIGKILL after 30 s."""
+        if self.daemon is None:
+            return
+        targets = self.daemon_pids(group) if group else [self.daemon.pid]
+        for pid in targets:
+            kill_pid(pid, signal.SIGTERM)
+        try:
+            self.daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_pid(self.daemon.pid, signal.SIGKILL)
+            for pid in targets:
+                kill_pid(pid, signal.SIGKILL)
+            self.daemon.wait()
+        self.daemon = None
+
+
+class Nixbuild(Daemon):
+    """`nixbuild-server` on a temporary state directory, reached through `nixbuild-serve`."""
+
+    name = "nixbuild"
+    label = SIDE_LABEL["nixbuild"]
+
+    def __init__(self, root, bin_dir, client):
+        self.root = root
+        self.server_bin = os.path.join(bin_dir, "nixbuild-server")
+        self.serve_bin = os.path.join(bin_dir, "nixbuild-serve")
+        for b in (self.server_bin, self.serve_bin):
+            if not os.access(b, os.X_OK):
+                raise BenchError(f"{b} is missing: build the examples (benches/compare/run does)")
+        self.client = client
+        self.state = None
+        self.daemon = None
+        self.daemon_log = None
+
+    def fresh_store(self, n):
+        if self.state:
+            rm_tree(self.state)
+        self.state = os.path.join(self.root, f"nixbuild-state-{n}")
+        os.mkdir(self.state)
+
+    def relay_env(self):
+        return {"NIXBUILD_STATE_DIR": self.state, "NIXBUILD_ACCOUNT": "bench"}
+
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """Starts the daemon (always under GNU time); the store URL for each client (see
+        `Reference.start`)."""
+        self.start_daemon(rundir, group, stats_dir)
+        urls = []
+        for k in range(clients):
+            script = wrapper_script(
+                os.path.join(rundir, f"nixbuild-serve-{k}.sh"),
+                group,
+                stats_dir if timed_sessions else None,
+                "relay",
+                self.relay_env(),
+                self.serve_bin,
+            )
+            urls.append(f"ssh://localhost?remote-program={script}")
+        return urls
+
+    def start_daemon(self, rundir, group, stats_dir, extra_args=()):
+        script = wrapper_script(
+            os.path.join(rundir, "nixbuild-server.sh"),
+            group,
+            stats_dir,
+            "daemon",
+            {},
+            self.server_bin,
+            foreground=True,
+        )
+        self.daemon_log = os.path.join(rundir, "daemon.log")
+        self.launch([script, "--state-dir", self.state, *extra_args], self.daemon_log, self.client.env)
+        sock = os.path.join(self.state, "serve.sock")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.daemon.poll() is not None:
+                raise BenchError(f"nixbuild-server exited at start:\n{tail(self.daemon_log)}")
+            if os.path.exists(sock):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(sock)
+                    break
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            if time.monotonic() > deadline:
+                raise BenchError(f"nixbuild-server did not listen:\n{tail(self.daemon_log)}")
+            time.sleep(0.02)
+
+    def server_hashes(self, client, paths, what):
+        """narHash of each path as the server's store records it: asked through the relay
+        of a separate, unmeasured daemon on the same state directory."""
+        rundir = tempfile.mkdtemp(prefix="verify-", dir=self.root)
+        self.start_daemon(rundir, None, None)
+        try:
+            script = wrapper_script(
+                os.path.join(rundir, "plain-serve.sh"), None, None, "", self.relay_env(), self.serve_bin
+            )
+            return client.hashes(f"ssh://localhost?remote-program={script}", paths, what)
+        finally:
+            self.stop()
+
+    def verify_upload(self, client, dataset):
+        got = self.server_hashes(client, dataset.paths, "nixbuild: narHash on the server")
+        check_hashes("nixbuild store", dataset, got)
+        objects = os.path.join(self.state, "objects")
+        files = [os.path.join(objects, n) for n in sorted(os.listdir(objects))]
+        disk = client.disk_hashes(files, "nixbuild: re-hash of the stored objects")
+        missing = set(dataset.nar_hashes.values()) - set(disk)
+        if missing:
+            raise BenchError(f"nixbuild store: no object hashes to {len(missing)} of the narHashes")
+
+
+    def verify_builds(self, client, builds, rundir):
+        """The daemon's log shows each derivation built once and answered as Built; big
+        outputs are in the store with the expected narHash.
+
+        Returns the server-side time of each BuildDerivation in seconds (the log's
+        `micros=`, from receiving the request to sending the BuildResult).
+        """
+        with open(os.path.join(rundir, "daemon.log"), errors="replace") as f:
+            lines = f.read().splitlines()
+        started = {}
+        answered = {}
+        for line in lines:
+            drv = field(line, "drv")
+            if drv is None:
+                continue
+            if " building " in line:
+                started[drv] = started.get(drv, 0) + 1
+            elif "answered BuildDerivation" in line:
+                micros = field(line, "micros")
+                if field(line, "status") != "Built" or micros is None or not micros.isdigit():
+                    raise BenchError(f"nixbuild: unexpected answer in the daemon log: {line}")
+                answered.setdefault(drv, []).append(int(micros) / 1e6)
+        times = []
+        for b in builds:
+            if started.get(b.drv) != 1:
+                raise BenchError(
+                    f"nixbuild: the daemon log shows {started.get(b.drv, 0)} builds of {b.drv}, not 1"
+                )
+            if len(answered.get(b.drv, [])) != 1:
+                raise BenchError(f"nixbuild: {b.drv} not answered once as Built in the daemon log")
+            times += answered[b.drv]
+        check_server_nar_hashes("nixbuild store", client, builds, self.server_hashes)
+        return times
+
+
+class SshClient:
+    """The client's side of SSH: one ed25519 key (account `bench`), and an ssh config with
+    an alias per server that pins the host key that server has now (`StrictHostKeyChecking
+    yes`, a known_hosts file per alias, never host key checking off). Nix gets the config
+    through `NIX_SSHOPTS=-F <config>`, in the client's environment."""
+
+    def __init__(self, tmp, client, ciphers=None):
+        self.ciphers = ciphers  # the client's `Ciphers`, or None for OpenSSH's default
+        self.dir = os.path.join(tmp, "ssh")
+        os.mkdir(self.dir, 0o700)
+        self.key = os.path.join(self.dir, "id_ed25519")
+        run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", ACCOUNT, "-f", self.key],
+            client.env,
+            client.log,
+            "ssh-keygen of the client key",
+        )
+        self.authorized_keys = os.path.join(self.dir, "authorized_keys")
+        shutil.copy(self.key + ".pub", self.authorized_keys)
+        self.config = os.path.join(self.dir, "ssh_config")
+        self.hosts = {}  # alias -> port
+        client.env["NIX_SSHOPTS"] = f"-F {self.config}"
+
+    def pin(self, alias, clients, port, known_hosts_line):
+        """Points `clients` aliases (`alias`, or `alias-0`, `alias-1`, ...: Nix keeps its
+        build-slot locks per URL, so clients running at once need URLs of their own) at
+        127.0.0.1:`port`, trusting only `known_hosts_line`; returns their URLs."""
+        names = [alias] if clients == 1 else [f"{alias}-{k}" for k in range(clients)]
+        for a in names:
+            with open(os.path.join(self.dir, f"known_hosts-{a}"), "w") as f:
+                f.write(known_hosts_line + "\n")
+            self.hosts[a] = port
+        blocks = []
+        for a, p in sorted(self.hosts.items()):
+            blocks.append(
+                f"Host {a}\n  HostName 127.0.0.1\n  Port {p}\n  User root\n"
+                f"  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {os.path.join(self.dir, f'known_hosts-{a}')}\n"
+                "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
+                "  BatchMode yes\n  ControlMaster no\n  ControlPath none\n"
+                + (f"  Ciphers {self.ciphers}\n" if self.ciphers else "")
+            )
+        with open(self.config, "w") as f:
+            f.write("".join(blocks))
+        return [f"ssh://{a}" for a in names]
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 free a moment ago (for sshd, which cannot report one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SshReference(Daemon, Reference):
+    """OpenSSH's sshd running `nix-store --serve --write` in a private mount namespace
+    (`unshare -m`) where `<store>/nix` is bind-mounted over `/nix`: the reference's store is
+    the ordinary local store `/nix/store` of that namespace, with its own database, built in
+    Nix's sandbox with the same settings as the stdio reference (`Reference`). From outside
+    it is the chroot store `<store>`, which is how it is checked.
+
+    sshd: its own host key and configuration, public-key authentication of root with the
+    client's key only, no PAM, `SetEnv` for Nix's configuration. In the namespace an empty
+    file is bind-mounted over root's `~/.bashrc`, which bash reads for every command sshd
+    runs: this machine's (pyenv set-up) would otherwise be charged to the reference.
+    """
+
+    label = SSH_SIDE_LABEL["reference"]
+    alias = "reference-ssh"
+
+    def __init__(self, root, client_conf, ssh, client, kex=None):
+        Reference.__init__(self, root, client_conf, "ref-ssh-nix-conf")
+        self.kex = kex  # sshd's KexAlgorithms, or None for OpenSSH's default
+        if not os.access(SSHD, os.X_OK):
+            raise BenchError(f"{SSHD} is missing: install openssh-server")
+        self.ssh = ssh
+        self.client = client
+        self.host_key = os.path.join(root, "sshd_host_ed25519_key")
+        run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "reference", "-f", self.host_key],
+            client.env,
+            client.log,
+            "ssh-keygen of sshd's host key",
+        )
+        with open(self.host_key + ".pub") as f:
+            self.host_pub = " ".join(f.read().split()[:2])
+        self.empty = os.path.join(root, "ref-ssh-empty-file")
+        open(self.empty, "w").close()
+        # sshd's privilege separation directory.
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    def fresh_store(self, n):
+        if self.store:
+            rm_tree(self.store)
+        self.store = os.path.join(self.root, f"ref-ssh-store-{n}")
+        os.makedirs(os.path.join(self.store, "nix"))
+        # Its database exists before the runs: the first connection does not create it.
+        run(
+            ["nix-store", "--store", self.store, "--init"],
+            self.client.env,
+            self.client.log,
+            "nix-store --init of the reference's store",
+        )
+
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """Starts sshd in its namespace on a free port; the URL for each client."""
+        port = free_port()
+        conf = os.path.join(rundir, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(
+                f"ListenAddress 127.0.0.1:{port}\n"
+                f"HostKey {self.host_key}\n"
+                f"AuthorizedKeysFile {self.ssh.authorized_keys}\n"
+                "AuthenticationMethods publickey\n"
+                "PubkeyAuthentication yes\n"
+                "PasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\n"
+                "PermitRootLogin prohibit-password\n"
+                "UsePAM no\n"
+                # The key and its directories live under the world-writable $TMPDIR.
+                "StrictModes no\n"
+                "PidFile none\n"
+                "UseDNS no\n"
+                "PrintMotd no\n"
+                "X11Forwarding no\n"
+                "AllowTcpForwarding no\n"
+                "AllowAgentForwarding no\n"
+                "PermitTTY no\n"
+                "LogLevel ERROR\n"
+                + (f"KexAlgorithms {self.kex}\n" if self.kex else "")
+                + f"SetEnv NIX_CONF_DIR={self.conf_dir} NIX_USER_CONF_FILES={self.empty}\n"
+            )
+        bashrc = os.path.expanduser("~root/.bashrc")
+        inner = [f"mount --bind {shq(self.store + '/nix')} /nix"]
+        if os.path.exists(bashrc):
+            inner.append(f"mount --bind {shq(self.empty)} {shq(bashrc)}")
+        inner.append(f"exec {SSHD} -D -e -f {shq(conf)}")
+        script = wrapper_script(
+            os.path.join(rundir, "sshd.sh"), group, stats_dir, "sshd", {}, UNSHARE, foreground=True
+        )
+        log_file = os.path.join(rundir, "sshd.log")
+        self.launch(
+            [script, "--mount", "--propagation", "private", "/bin/sh", "-c", " && ".join(inner)],
+            log_file,
+            self.client.env,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.daemon.poll() is not None:
+                raise BenchError(f"sshd exited at start:\n{tail(log_file)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"sshd did not listen:\n{tail(log_file)}")
+            time.sleep(0.02)
+        return self.ssh.pin(self.alias, clients, port, f"[127.0.0.1]:{port} {self.host_pub}")
+
+
+class SshNixbuild(Nixbuild):
+    """`nixbuild-server` with its SSH front door on a free port (`--listen 127.0.0.1:0`),
+    the client's key in its `--authorized-keys`; the host key it generates in each fresh
+    state directory is pinned from the lines it prints at start."""
+
+    label = SSH_SIDE_LABEL["nixbuild"]
+    alias = "nixbuild-ssh"
+
+    def __init__(self, root, bin_dir, client, ssh, ciphers=None):
+        super().__init__(root, bin_dir, client)
+        self.ssh = ssh
+        self.ciphers = ciphers  # `ssh.ciphers`, or None for nixbuild's default
+
+    def fresh_store(self, n):
+        """A fresh state directory; with `ciphers`, its `nixbuild.toml` sets `ssh.ciphers`."""
+        super().fresh_store(n)
+        if self.ciphers:
+            names = ", ".join(f'"{c}"' for c in self.ciphers.split(","))
+            with open(os.path.join(self.state, "nixbuild.toml"), "w") as f:
+                f.write(f"[ssh]\nciphers = [{names}]\n")
+
+    def start(self, rundir, group, stats_dir, clients=1, timed_sessions=True):
+        """Starts the daemon with its SSH listener; the URL for each client."""
+        args = ["--listen", "127.0.0.1:0", "--authorized-keys", self.ssh.authorized_keys]
+        self.start_daemon(rundir, group, stats_dir, args)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with open(self.daemon_log, errors="replace") as f:
+                text = f.read()
+            at = text.rfind("nixbuild-server: SSH on ")
+            line = None
+            if at >= 0:
+                line = next(
+                    (
+                        x.split("known_hosts line:", 1)[1].strip()
+                        for x in text[at:].splitlines()
+                        if "known_hosts line:" in x
+                    ),
+                    None,
+                )
+            if line:
+                break
+            if time.monotonic() > deadline or self.daemon.poll() is not None:
+                raise BenchError(f"nixbuild-server printed no known_hosts line:\n{tail(self.daemon_log)}")
+            time.sleep(0.02)
+        port = int(line.split()[0].rsplit(":", 1)[1])
+        return self.ssh.pin(self.alias, clients, port, line)

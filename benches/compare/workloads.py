@@ -1,0 +1,159 @@
+"""The workloads: what each one moves or builds, its data sets and derivations, and the
+issues' targets."""
+
+import dataclasses
+import re
+
+from common import BenchError, MIB
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Client-side test paths: `top` is what `nix copy` is given, `paths` its whole closure."""
+
+    key: str
+    title: str
+    top: str
+    paths: tuple
+    nar_hashes: dict  # store path -> "sha256:<nix32>" as the client's Nix recorded it
+    size: int  # bytes of file contents in the closure (what throughput is counted in)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A `nix copy` of a dataset to (upload) or from (download) the server."""
+
+    name: str
+    direction: str  # "upload" (nix copy --to) or "download" (nix copy --from)
+    dataset: str  # key of the Dataset
+    cpu_target: float | None  # server CPU ratio nixbuild / reference must be at most this
+    rss_target_mib: float | None  # nixbuild peak RSS must stay under this, when set
+    transport: str = "stdio"  # "stdio" (remote-program) or "ssh" (sshd / nixbuild's SSH)
+    # Issue 8: throughput nixbuild / reference at least this, or, where the client is the
+    # bottleneck, server CPU per GiB nixbuild / reference at most `cpu_target`.
+    throughput_target: float | None = None
+    kind = "copy"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildWorkload:
+    """Fresh derivations built on the server by `nix-build --max-jobs 0 --builders`."""
+
+    name: str
+    shape: str  # "one": a nix-build per derivation; "independent", "chain", "big": one nix-build
+    count: int  # derivations per client
+    clients: int  # nix-build processes running at once, each on its own derivations
+    wall_target: float | None  # nixbuild wall time / reference's must be at most this
+    transport: str = "stdio"
+    # "big": the output's size; throughput and CPU-per-GiB targets as for `Workload`.
+    size_mib: int = 0
+    throughput_target: float | None = None
+    cpu_target: float | None = None
+    kind = "build"
+
+    def title(self):
+        if self.shape == "one":
+            return f"one fresh trivial derivation per nix-build, {self.count} nix-builds in a row"
+        if self.shape == "big":
+            return f"one derivation whose output is a {self.size_mib} MiB file, fetched back"
+        what = (
+            f"{self.count} independent trivial derivations"
+            if self.shape == "independent"
+            else f"a chain of {self.count} dependent derivations"
+        )
+        if self.clients == 1:
+            return f"{what} in one nix-build"
+        return f"{self.clients} nix-builds at once, each of {what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectWorkload:
+    """`count` times `nix store ping --store ssh://<alias>`: connection, SSH handshake,
+    authentication, exec of `nix-store --serve --write` and the serve handshake."""
+
+    name: str
+    count: int
+    cpu_target: float  # server CPU per connection, nixbuild / reference, at most this
+    transport: str = "ssh"
+    kind = "connect"
+
+
+WORKLOADS = [
+    Workload("upload-closure", "upload", "closure", 1 / 2, None),
+    Workload("download-closure", "download", "closure", 1 / 3, None),
+    Workload("upload-1g", "upload", "big", 1 / 2, 64),
+    Workload("download-1g", "download", "big", 1 / 3, 64),
+    # Issue 4: server-side time per build (stdio transport).
+    BuildWorkload("build-one", "one", 20, 1, None),
+    # Issue 5: the SSH transport, against OpenSSH's sshd running nix-store --serve.
+    ConnectWorkload("ssh-connect", 20, 1 / 10),
+    # Issue 8, workloads 1 to 5, over SSH.
+    BuildWorkload("ssh-build-50", "independent", 50, 1, 1 / 2, transport="ssh"),
+    BuildWorkload("ssh-build-chain", "chain", 20, 1, 1 / 2, transport="ssh"),
+    Workload(
+        "ssh-upload-closure", "upload", "closure", 1 / 3, None, transport="ssh", throughput_target=1.5
+    ),
+    BuildWorkload(
+        "ssh-build-1g",
+        "big",
+        1,
+        1,
+        None,
+        transport="ssh",
+        size_mib=1024,
+        throughput_target=1.5,
+        cpu_target=1 / 3,
+    ),
+    BuildWorkload("ssh-build-parallel", "independent", 50, 8, 1 / 2, transport="ssh"),
+    # Issue 5: the big path over SSH, no target of its own.
+    Workload("ssh-upload-1g", "upload", "big", None, None, transport="ssh"),
+    Workload("ssh-download-1g", "download", "big", None, None, transport="ssh"),
+]
+
+# Names that stand for several workloads in --workloads.
+WORKLOAD_GROUPS = {
+    "ssh-1g": ["ssh-upload-1g", "ssh-download-1g"],
+    "issue8": [
+        "ssh-build-50",
+        "ssh-build-chain",
+        "ssh-upload-closure",
+        "ssh-build-1g",
+        "ssh-build-parallel",
+    ],
+}
+
+# Issue 4: BuildDerivation received -> BuildResult sent, median, for a fresh trivial build.
+BUILD_ONE_TARGET_MS = 20
+# Issue 8: server memory throughout, for the build workloads.
+BUILD_MEM_TARGET_MIB = 100
+# The system and features every build is offered with (the issue's builders line).
+BUILDER_SYSTEM = "x86_64-linux"
+BUILDER_FEATURES = "big-parallel,benchmark"
+
+
+def builder_times(path):
+    """Seconds in a shell's `times` output (user and system, of the shell and its children)."""
+    with open(path) as f:
+        text = f.read()
+    found = re.findall(r"(\d+)m([\d.]+)s", text)
+    if len(found) != 4:
+        raise BenchError(f"{path}: not the output of `times`: {text!r}")
+    return sum(int(m) * 60 + float(sec) for m, sec in found)
+
+
+def big_builder(size_mib):
+    """The shell command of the big build after its first line: `size_mib` MiB of zeros
+    (the cheapest bytes a builder can write; nothing on the way compresses them)."""
+    return f"dd if=/dev/zero bs={MIB} count={size_mib} 2>/dev/null"
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """One derivation of a run: its .drv, its output path and the output's expected bytes
+    (`text`), or for a big output its expected narHash (computed here, independently)."""
+
+    drv: str
+    out: str
+    text: str | None
+    nar_hash: str | None = None
+    cpu_out: str | None = None  # the big build's second output: the builder's `times`
