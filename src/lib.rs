@@ -3,7 +3,8 @@
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
 //! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
 //! async driver of one `nix-store --serve` session over the sans-IO codec of
-//! [`nixbuild_core::serve`]), [`daemon`] (the Unix socket server and its relay wire),
+//! [`nixbuild_core::serve`]), [`daemon`] (the composition root and the Unix socket server), [`relay_protocol`] (the
+//! header and frames spoken between the relay and the daemon),
 //! [`build`] (what happens around a sandboxed build), [`client_pipe`] (the client's pipes, lent
 //! to blocking tasks that move NAR data through them) and [`ssh`] (its SSH front door, on
 //! `nixbuild_ssh`). It also dumps file trees as NARs ([`nar_fs`]), and has the crash tests' named
@@ -20,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod failpoint;
 pub mod nar_fs;
+pub mod relay_protocol;
 pub mod session;
 pub mod ssh;
 pub mod store;
