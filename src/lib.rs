@@ -1,19 +1,21 @@
 //! nixbuild: a self-hostable remote build service for Nix.
 //!
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
-//! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and metadata in SQLite), [`session`] (the
-//! async driver of one `nix-store --serve` session over the sans-IO codec of
-//! [`nixbuild_core::serve`]), [`daemon`] (the composition root and the Unix socket server), [`relay_protocol`] (the
-//! header and frames spoken between the relay and the daemon),
-//! [`build`] (what happens around a sandboxed build), [`client_pipe`] (the client's pipes, lent
-//! to blocking tasks that move NAR data through them) and [`ssh`] (its SSH front door, on
-//! `nixbuild_ssh`). It also dumps file trees as NARs ([`nar_fs`]), and has the crash tests' named
-//! failpoints ([`failpoint`], with the `failpoints` feature). The binaries in
-//! `examples/` are thin wrappers around them; see ARCHITECTURE.md.
+//! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and
+//! metadata in SQLite), [`session`] (the async driver of one `nix-store --serve` session over
+//! the sans-IO codec of [`nixbuild_core::serve`]), [`daemon`] (the composition root and the
+//! Unix socket server), [`relay_protocol`] (the header and frames spoken between the relay
+//! and the daemon), [`build`] (what happens around a sandboxed build), [`client_pipe`] (the
+//! client's pipes, lent to blocking tasks that move NAR data through them: `pipes` reads and
+//! splices, in chunks from `buffers`) and [`ssh`] (its SSH front door, on `nixbuild_ssh`). It
+//! also dumps file trees as NARs ([`nar_fs`]), and has the crash tests' named failpoints
+//! ([`failpoint`], with the `failpoints` feature). The binaries in `examples/` are thin
+//! wrappers around them; see ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub use nixbuild_core as core;
 
+mod buffers;
 pub mod build;
 pub mod cgroup;
 pub mod client_pipe;
@@ -21,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod failpoint;
 pub mod nar_fs;
+mod pipes;
 pub mod relay_protocol;
 pub mod session;
 pub mod ssh;
