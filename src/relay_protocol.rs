@@ -25,13 +25,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 pub const FRAME_STDERR: u8 = 2;
 /// Frame tag: the exit status (4 bytes, u32 LE); the last frame.
 pub const FRAME_EXIT: u8 = 3;
-/// Largest payload of one frame the daemon sends (the wire allows up to `u32::MAX`).
+/// Largest payload of one frame the daemon sends (the protocol allows up to `u32::MAX`).
 pub const MAX_FRAME: usize = 1 << 20;
 /// How many descriptors the relay hands over with its header: stdin, stdout.
 pub const RELAY_FDS: usize = 2;
 /// Longest relay header line accepted, newline included.
 pub const MAX_HEADER: usize = 256;
-/// Version of the relay wire named in the header.
+/// Version of the relay protocol named in the header.
 const RELAY_VERSION: &str = "2";
 
 /// Length of a frame's header: the tag and the payload's length.
