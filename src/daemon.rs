@@ -33,7 +33,8 @@ use crate::relay_protocol::{
     frame_header, socket_path, RelayFrames, RelayHeader, FRAME_EXIT, FRAME_STDERR, MAX_HEADER,
     RELAY_FDS,
 };
-use crate::session::{self, SessionOutput, SessionSettings};
+use crate::service::SessionSettings;
+use crate::session::{self, SessionOutput};
 use crate::store::{Store, StoreError, StoreLimits};
 use nixbuild_core::account::{AccountCounts, AccountSlot};
 use nixbuild_core::budget::MemoryBudget;

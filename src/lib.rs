@@ -3,7 +3,8 @@
 //! This root package composes the workspace crates into the service: [`config`] (the TOML
 //! configuration), [`cgroup`] (per-build cgroups), [`store`] (store objects on disk and
 //! metadata in SQLite), [`session`] (the async driver of one `nix-store --serve` session over
-//! the sans-IO codec of [`nixbuild_core::serve`]), [`daemon`] (the composition root and the
+//! the sans-IO codec of [`nixbuild_core::serve`]), [`service`] (what a protocol driver asks
+//! of the store and build service, as one account within its limits), [`daemon`] (the composition root and the
 //! Unix socket server), [`relay_protocol`] (the header and frames spoken between the relay
 //! and the daemon), [`build`] (what happens around a sandboxed build), [`client_pipe`] (the
 //! client's pipes, lent to blocking tasks that move NAR data through them: `pipes` reads and
@@ -25,6 +26,7 @@ pub mod failpoint;
 pub mod nar_fs;
 mod pipes;
 pub mod relay_protocol;
+pub mod service;
 pub mod session;
 pub mod ssh;
 pub mod store;

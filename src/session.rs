@@ -22,33 +22,27 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use nixbuild_core::budget::{MemoryBudget, Reservation};
-use nixbuild_core::content_address::ContentAddress;
+use nixbuild_core::budget::Reservation;
 use nixbuild_core::serve::{
-    self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event,
-    ExportMarker, ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
+    AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event, ExportMarker,
+    ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
-use nixbuild_core::wire::{self, WireError};
+use nixbuild_core::wire::WireError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
 use crate::build::{BuildJob, BuildService, Outcome, WaitEvent};
 use crate::client_pipe::PipeLoan;
-use crate::config::Config;
 use crate::failpoint::failpoint_async;
 use crate::pipes::{write_timed_out, PipeReadError, PipeSink, PipeSource};
-use crate::store::{Import, PathClaim, Store, StoreError};
+use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
+use crate::store::{Import, PathClaim, Store};
 
 /// Size of the pieces NAR data moves in, from the client and to it (the dumper's, for
 /// exports).
 pub const CHUNK: usize = crate::nar_fs::CHUNK;
-
-/// Queries of at most this many paths run on the session's thread when the store is idle
-/// (see `Driver::query`).
-const INLINE_QUERY_PATHS: usize = 64;
 
 /// A buffer holding an unfinished request grows past a pool buffer in steps of this many
 /// bytes, each reserved against the daemon's budget of buffered bytes before it is taken
@@ -64,14 +58,6 @@ pub enum SessionError {
     /// The client's bytes broke the protocol.
     #[error(transparent)]
     Protocol(#[from] ServeError),
-    /// The store refused or failed.
-    #[error("{what}: {source}")]
-    Store {
-        /// What the session was doing.
-        what: String,
-        /// The store's error (boxed: it is large, and errors are rare).
-        source: Box<StoreError>,
-    },
     /// ExportPaths names a path the account cannot see (the real server's message).
     #[error("path '{0}' is not valid")]
     NotValid(StorePath),
@@ -105,19 +91,6 @@ pub enum SessionError {
         /// The bytes the session asked for.
         wanted: u64,
     },
-    /// A request names more paths than the configuration allows.
-    #[error(
-        "{request} names {count} paths; this server accepts at most {max} per request \
-         (max_paths_per_request in [store] of the server's configuration)"
-    )]
-    TooManyPaths {
-        /// The request.
-        request: &'static str,
-        /// How many paths it names.
-        count: usize,
-        /// The limit.
-        max: usize,
-    },
     /// The client sent nothing for too long.
     #[error("timed out after {secs} s waiting for the client {phase}")]
     Timeout {
@@ -129,80 +102,12 @@ pub enum SessionError {
     /// Reading from or writing to the client failed.
     #[error("connection to the client: {0}")]
     Io(#[from] io::Error),
-    /// The session uploaded more NAR bytes than the configuration allows.
-    #[error(
-        "this session uploaded more than {max} bytes of NAR data, the most this server \
-         accepts in one session (max_upload_bytes_per_session in [limits] of the server's \
-         configuration)"
-    )]
-    UploadLimit {
-        /// The limit.
-        max: u64,
-    },
     /// The client went away while a build it asked for was running.
     #[error("the client disconnected during the build of '{0}'")]
     GoneDuringBuild(StorePath),
-    /// A blocking store task panicked or was cancelled (a bug, not bad input).
-    #[error("internal error in a store task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
-
-/// What one session may do.
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    /// The account whose paths the session sees and adds to.
-    pub account: String,
-    /// `--write`: ImportPaths, AddToStoreNar, BuildPaths and BuildDerivation are allowed.
-    pub write_allowed: bool,
-    /// Bounds for the protocol decoder.
-    pub limits: serve::Limits,
-    /// Most paths in one request or ImportPaths stream.
-    pub max_paths_per_request: usize,
-    /// Most bytes held of one unfinished request or ImportPaths trailer.
-    pub max_request_bytes: usize,
-    /// From the start of the session to the end of the handshake.
-    pub handshake_timeout: Duration,
-    /// Longest wait for the client's next bytes after the handshake.
-    pub idle_timeout: Duration,
-    /// Longest wait for one write or flush to the client.
-    pub write_timeout: Duration,
-    /// Most NAR bytes the session may upload.
-    pub max_upload_bytes: u64,
-    /// The daemon's budget of bytes held of unfinished requests, shared by all sessions
-    /// (`[limits] max_buffered_bytes`).
-    pub buffer_budget: Arc<MemoryBudget>,
-}
-
-impl SessionSettings {
-    /// The settings for `account` under `config`, holding unfinished requests against
-    /// `buffer_budget` (the daemon's one budget, [`Config::buffered_budget`]).
-    pub fn new(
-        config: &Config,
-        account: &str,
-        write_allowed: bool,
-        buffer_budget: &Arc<MemoryBudget>,
-    ) -> Self {
-        let defaults = wire::Limits::default();
-        SessionSettings {
-            account: account.to_owned(),
-            write_allowed,
-            limits: serve::Limits {
-                max_nar_size: config.store.max_nar_size,
-                wire: wire::Limits {
-                    max_list_len: config.store.max_paths_per_request,
-                    max_string_len: config.store.max_request_bytes.min(defaults.max_string_len),
-                    ..defaults
-                },
-            },
-            max_paths_per_request: config.store.max_paths_per_request,
-            max_request_bytes: config.store.max_request_bytes,
-            handshake_timeout: config.timeouts.handshake(),
-            idle_timeout: config.timeouts.idle(),
-            write_timeout: config.timeouts.write(),
-            max_upload_bytes: config.limits.max_upload_bytes_per_session,
-            buffer_budget: buffer_budget.clone(),
-        }
-    }
+    /// The store, the build service or a limit of the account refused.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
 }
 
 /// Where a session's answers go: the protocol stream (stdout of `nix-store --serve`) and
@@ -250,9 +155,7 @@ where
         limit: settings.write_timeout,
     };
     let mut driver = Driver {
-        store,
-        builds,
-        settings,
+        ctx: SessionContext::new(store, builds, settings),
         session: ServerSession::new(settings.write_allowed, settings.limits),
         out: &mut out,
         upload: None,
@@ -262,7 +165,6 @@ where
         import_entries: 0,
         pool: BufferPool::default(),
         pending_build: None,
-        uploaded: 0,
         held: Reservation::new(settings.buffer_budget.clone()),
     };
     let result = driver.run(input).await;
@@ -383,13 +285,6 @@ impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
     }
 }
 
-/// A NAR on its way to the store: a blocking task writes the chunks it receives to an
-/// [`Import`] and hands the import back when the channel closes.
-struct Upload {
-    chunks: mpsc::Sender<Bytes>,
-    task: JoinHandle<Result<Import, StoreError>>,
-}
-
 /// A build request whose answer waits for builds to finish.
 enum PendingBuild {
     /// BuildDerivation: answered with a BuildResult.
@@ -399,9 +294,8 @@ enum PendingBuild {
 }
 
 struct Driver<'a, O> {
-    store: &'a Store,
-    builds: &'a BuildService,
-    settings: &'a SessionSettings,
+    /// The store, build service and limits, as the session's account.
+    ctx: SessionContext<'a>,
     session: ServerSession,
     out: &'a mut O,
     /// The NAR being received, if any.
@@ -419,8 +313,6 @@ struct Driver<'a, O> {
     pool: BufferPool,
     /// The build request just decoded, run before the next event.
     pending_build: Option<PendingBuild>,
-    /// NAR bytes uploaded so far in this session.
-    uploaded: u64,
     /// The budget reserved for the session's buffer: its whole allocation once it has grown
     /// past a pool buffer, nothing while it is one.
     held: Reservation,
@@ -429,7 +321,8 @@ struct Driver<'a, O> {
 impl<O: SessionOutput> Driver<'_, O> {
     async fn run<R: AsyncRead + Unpin>(&mut self, mut input: R) -> Result<(), SessionError> {
         let mut buf = BytesMut::new();
-        let handshake_deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
+        let handshake_deadline =
+            tokio::time::Instant::now() + self.ctx.settings().handshake_timeout;
         let mut handshake_done = false;
         loop {
             while let Some(event) = self.session.poll(&mut buf).map_err(|e| self.protocol(e))? {
@@ -445,7 +338,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             // What is left is the start of one request or trailer the session waits to
             // complete (NAR data never stays in `buf`): at `max` bytes, it can only end
             // past the cap.
-            let max = self.settings.max_request_bytes;
+            let max = self.ctx.settings().max_request_bytes;
             if buf.len() >= max {
                 return Err(SessionError::RequestTooLarge { max });
             }
@@ -456,10 +349,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             self.make_room(&mut buf)?;
             let (deadline, phase, secs) = if handshake_done {
-                let t = self.settings.idle_timeout;
+                let t = self.ctx.settings().idle_timeout;
                 (tokio::time::Instant::now() + t, "to send more", t.as_secs())
             } else {
-                let t = self.settings.handshake_timeout;
+                let t = self.ctx.settings().handshake_timeout;
                 (handshake_deadline, "to complete the handshake", t.as_secs())
             };
             let n = tokio::time::timeout_at(deadline, input.read_buf(&mut buf))
@@ -475,12 +368,12 @@ impl<O: SessionOutput> Driver<'_, O> {
     fn protocol(&self, e: ServeError) -> SessionError {
         match e {
             ServeError::Wire(WireError::TooManyElements { max, .. })
-                if max == self.settings.max_paths_per_request =>
+                if max == self.ctx.settings().max_paths_per_request =>
             {
                 SessionError::ListTooLong(e)
             }
             ServeError::Wire(WireError::StringTooLong { max, .. })
-                if max == self.settings.max_request_bytes =>
+                if max == self.ctx.settings().max_request_bytes =>
             {
                 SessionError::StringTooLong(e)
             }
@@ -492,7 +385,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         match event {
             Event::Hello { client, negotiated } => {
                 tracing::debug!(
-                    account = %self.settings.account,
+                    account = %self.ctx.settings().account,
                     client = format_args!("{:#x}", client.to_wire()),
                     negotiated = format_args!("{:#x}", negotiated.to_wire()),
                     "handshake"
@@ -521,40 +414,26 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     async fn request(&mut self, req: Request) -> Result<(), SessionError> {
-        let account = &self.settings.account;
+        let account = &self.ctx.settings().account;
         match req {
             Request::QueryValidPaths { paths, .. } => {
                 // `lock` and `substitute` need GC roots and substituters, which this server
                 // does not have: nothing it stores is collected, and it substitutes nothing.
-                self.check_count("QueryValidPaths", paths.len())?;
-                let small = paths.len() <= INLINE_QUERY_PATHS;
-                let valid = self
-                    .query("querying valid paths", small, move |s, a| {
-                        s.query_valid_paths(a, &paths)
-                    })
-                    .await?;
+                self.ctx.check_count("QueryValidPaths", paths.len())?;
+                let valid = self.ctx.query_valid_paths(paths).await?;
                 Ok(self.session.respond(&Response::ValidPaths(valid))?)
             }
             Request::QueryPathInfos { paths } => {
-                self.check_count("QueryPathInfos", paths.len())?;
-                let small = paths.len() <= INLINE_QUERY_PATHS;
-                let infos = self
-                    .query("querying path infos", small, move |s, a| {
-                        s.query_path_infos(a, &paths)
-                    })
-                    .await?;
+                self.ctx.check_count("QueryPathInfos", paths.len())?;
+                let infos = self.ctx.query_path_infos(paths).await?;
                 Ok(self.session.respond(&Response::PathInfos(infos))?)
             }
             Request::QueryClosure {
                 include_outputs,
                 paths,
             } => {
-                self.check_count("QueryClosure", paths.len())?;
-                let closure = self
-                    .blocking("computing a closure", move |s, a| {
-                        s.query_closure(a, &paths, include_outputs)
-                    })
-                    .await?;
+                self.ctx.check_count("QueryClosure", paths.len())?;
+                let closure = self.ctx.query_closure(paths, include_outputs).await?;
                 Ok(self.session.respond(&Response::Closure(closure))?)
             }
             Request::DumpStorePath { path } => {
@@ -567,7 +446,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 match self.out.lend_stdin() {
                     Some(stdin) => self.pipe_upload = Some((header, stdin?)),
                     None => {
-                        self.start_upload(header.ca);
+                        self.upload = Some(self.ctx.start_upload(header.ca, &self.pool));
                         self.pending_add = Some(header);
                     }
                 }
@@ -588,7 +467,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Ok(())
             }
             Request::BuildPaths { paths, options } => {
-                self.check_count("BuildPaths", paths.len())?;
+                self.ctx.check_count("BuildPaths", paths.len())?;
                 // Paths that are not derivations must be valid already (newer clients send
                 // BuildPaths for `nix copy --from`); derivations are built, one after the
                 // other, when their inputs are all here.
@@ -598,6 +477,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                     .map(|p| p.path.clone())
                     .collect();
                 let valid = self
+                    .ctx
                     .blocking("querying valid paths", {
                         let plain = plain.clone();
                         move |s, a| s.query_valid_paths(a, &plain)
@@ -610,7 +490,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 }
                 let mut jobs = Vec::new();
                 for p in paths.iter().filter(|p| p.path.is_derivation()) {
-                    match self.builds.job_for_drv(account, &p.path, options).await {
+                    match self.ctx.job_for_drv(&p.path, options).await {
                         Ok(job) => jobs.push(job),
                         Err(msg) => return self.build_paths_failed(100, msg),
                     }
@@ -625,7 +505,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// server's "build failure", 101 its timeout; codes below 3 desynchronise old clients,
     /// spec §4.6).
     fn build_paths_failed(&mut self, code: u64, msg: String) -> Result<(), SessionError> {
-        tracing::info!(account = %self.settings.account, "BuildPaths failed: {msg}");
+        tracing::info!(account = %self.ctx.settings().account, "BuildPaths failed: {msg}");
         let response = BuildPathsResult::Failure {
             code,
             msg: msg.into_bytes(),
@@ -677,7 +557,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.session.respond(&Response::Build(Box::new(result)))?;
                 // What benches/compare reads: BuildDerivation received → BuildResult ready.
                 tracing::info!(
-                    account = %self.settings.account,
+                    account = %self.ctx.settings().account,
                     drv = %drv_path,
                     status = ?outcome.status,
                     micros = received.elapsed().as_micros() as u64,
@@ -712,9 +592,9 @@ impl<O: SessionOutput> Driver<'_, O> {
         buf: &mut BytesMut,
     ) -> Result<Arc<Outcome>, SessionError> {
         let drv_path = job.drv_path.clone();
-        let mut waiter = self.builds.submit(job).await;
+        let mut waiter = self.ctx.submit(job).await;
         // Pipelined requests are kept (up to the request cap) for after the build.
-        let max = self.settings.max_request_bytes;
+        let max = self.ctx.settings().max_request_bytes;
         loop {
             if buf.len() < max {
                 self.make_room(buf)?;
@@ -753,7 +633,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             return Ok(());
         }
         let len = buf.len();
-        let max = self.settings.max_request_bytes;
+        let max = self.ctx.settings().max_request_bytes;
         let target = (len + CHUNK).next_multiple_of(BUFFER_STEP).min(max);
         // `capacity` counts from the start of the data: room already used for earlier
         // requests is not counted, but it is part of the allocation `held` covers.
@@ -791,84 +671,18 @@ impl<O: SessionOutput> Driver<'_, O> {
         Ok(())
     }
 
-    fn check_count(&self, request: &'static str, count: usize) -> Result<(), SessionError> {
-        let max = self.settings.max_paths_per_request;
-        if count > max {
-            return Err(SessionError::TooManyPaths {
-                request,
-                count,
-                max,
-            });
-        }
-        Ok(())
-    }
-
-    /// Runs a store call for this session's account in a blocking task.
-    async fn blocking<T, F>(&self, what: &str, f: F) -> Result<T, SessionError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
-        tokio::task::spawn_blocking(move || f(&store, &account))
-            .await?
-            .map_err(store_error(what))
-    }
-
-    /// Runs a store query for this session's account: on the session's own thread when it
-    /// is `small` and the store is idle, since handing a query of a few paths to a blocking
-    /// thread and back (two wake-ups) costs more than the query (a few indexed SQLite reads
-    /// from memory); otherwise in a blocking task. (Nix asks QueryPathInfos for one path at
-    /// a time before each download.)
-    async fn query<T, F>(&self, what: &str, small: bool, f: F) -> Result<T, SessionError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
-    {
-        if small && self.store.is_idle() {
-            return f(self.store, &self.settings.account).map_err(store_error(what));
-        }
-        self.blocking(what, f).await
-    }
-
-    /// Starts the blocking task that feeds the NAR about to arrive to a new [`Import`];
-    /// `ca` is the content address the claim will carry, when known before the NAR.
-    fn start_upload(&mut self, ca: Option<ContentAddress>) {
-        let (chunks, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
-        let pool = self.pool.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut import = store.begin_import(&account)?;
-            if let Some(ca) = &ca {
-                import.expect_ca(ca);
-            }
-            while let Some(chunk) = rx.blocking_recv() {
-                import.write(&chunk)?;
-                pool.give(chunk);
-            }
-            Ok(import)
-        });
-        self.upload = Some(Upload { chunks, task });
-    }
-
     async fn nar_chunk(&mut self, chunk: Bytes) -> Result<(), SessionError> {
-        self.uploaded += chunk.len() as u64;
-        let max = self.settings.max_upload_bytes;
-        if self.uploaded > max {
-            return Err(SessionError::UploadLimit { max });
-        }
+        self.ctx.charge_upload(chunk.len() as u64)?;
         if self.upload.is_none() {
             // ImportPaths: the first chunk of an entry's NAR.
             self.import_entries += 1;
-            self.check_count("ImportPaths", self.import_entries)?;
-            self.start_upload(None);
+            self.ctx.check_count("ImportPaths", self.import_entries)?;
+            self.upload = Some(self.ctx.start_upload(None, &self.pool));
         }
         let Some(upload) = &self.upload else {
             return Err(ServeError::Misuse("NAR data without an upload").into());
         };
-        if upload.chunks.send(chunk).await.is_err() {
+        if !upload.send(chunk).await {
             // The task stopped early, which it does only on an error: its result says why.
             self.finish_upload().await?;
             return Err(ServeError::Misuse("the import task stopped without an error").into());
@@ -879,22 +693,18 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// Closes the channel and waits for the import task: the import with the whole NAR, or
     /// the store's error.
     async fn finish_upload(&mut self) -> Result<Import, SessionError> {
-        let Some(Upload { chunks, task }) = self.upload.take() else {
+        let Some(upload) = self.upload.take() else {
             return Err(ServeError::Misuse("end of a NAR without an upload").into());
         };
-        drop(chunks);
         let what = match &self.pending_add {
             Some(h) => format!("receiving {}", h.path),
             None => "receiving a NAR in ImportPaths".to_owned(),
         };
-        task.await?.map_err(|source| SessionError::Store {
-            what,
-            source: Box::new(source),
-        })
+        Ok(upload.finish(what).await?)
     }
 
     async fn commit_add(&mut self, h: AddToStoreNar, import: Import) -> Result<(), SessionError> {
-        self.commit(import, add_claim(h)).await?;
+        self.ctx.commit(import, add_claim(h)).await?;
         self.acknowledge_add().await
     }
 
@@ -917,18 +727,14 @@ impl<O: SessionOutput> Driver<'_, O> {
         buf: &mut BytesMut,
     ) -> Result<(), SessionError> {
         let size = h.nar_size;
-        self.uploaded = self.uploaded.saturating_add(size);
-        let max = self.settings.max_upload_bytes;
-        if self.uploaded > max {
-            return Err(SessionError::UploadLimit { max });
-        }
+        self.ctx.charge_upload(size)?;
         // The loan itself goes to the blocking task (no second descriptor to make and
         // close) and comes back with it, to rejoin tokio's poller here.
-        let mut source = PipeSource::new(stdin, self.settings.idle_timeout);
+        let mut source = PipeSource::new(stdin, self.ctx.settings().idle_timeout);
         let head_len = usize::try_from(size).map_or(buf.len(), |s| s.min(buf.len()));
         let head = buf.split_to(head_len).freeze();
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
+        let store = self.ctx.store().clone();
+        let account = self.ctx.settings().account.clone();
         let pool = self.pool.clone();
         let path = h.path.clone();
         let claim = add_claim(h);
@@ -941,7 +747,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         drop(source);
         received?;
         self.session.nar_body_taken(size)?;
-        tracing::info!(account = %self.settings.account, path = %path, "registered import");
+        tracing::info!(account = %self.ctx.settings().account, path = %path, "registered import");
         self.acknowledge_add().await
     }
 
@@ -961,21 +767,13 @@ impl<O: SessionOutput> Driver<'_, O> {
             ca: None,
             sigs: BTreeSet::new(),
         };
-        self.commit(import, claim).await
-    }
-
-    async fn commit(&mut self, import: Import, claim: PathClaim) -> Result<(), SessionError> {
-        let path = claim.path.clone();
-        self.blocking(&format!("adding {path}"), move |_, _| import.commit(claim))
-            .await?;
-        tracing::info!(account = %self.settings.account, path = %path, "registered import");
-        Ok(())
+        Ok(self.ctx.commit(import, claim).await?)
     }
 
     /// Sends the NAR of `path` as it comes off the disk.
     async fn stream_nar(&mut self, path: StorePath) -> Result<(), SessionError> {
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
+        let store = self.ctx.store().clone();
+        let account = self.ctx.settings().account.clone();
         let what = format!("sending {path}");
         if self.out.stdout_is_pipe() {
             self.send_before_stream().await?;
@@ -985,7 +783,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 None => return Err(ServeError::Misuse("a pipe that cannot be lent").into()),
             };
             // The loan goes to the blocking task and comes back with it, as for uploads.
-            let mut sink = PipeSink::new(stdout, self.settings.write_timeout);
+            let mut sink = PipeSink::new(stdout, self.ctx.settings().write_timeout);
             let task = tokio::task::spawn_blocking(move || {
                 let sent = store.export_nar_to(&account, &path, &mut sink);
                 (sent, sink)
@@ -993,7 +791,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             let (sent, sink) = task.await?;
             // The session writes to the client through tokio again.
             drop(sink);
-            return sent.map(drop).map_err(store_error(&what));
+            return Ok(sent.map(drop).map_err(store_error(&what))?);
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let mut writer = ChunkWriter::new(tx, self.pool.clone());
@@ -1005,7 +803,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.send_before_stream().await?;
             self.out.stdout(chunk).await?;
         }
-        task.await?.map(drop).map_err(store_error(&what))
+        Ok(task.await?.map(drop).map_err(store_error(&what))?)
     }
 
     /// Before NAR bytes that bypass the sans-IO session: checks that a stream is in
@@ -1022,8 +820,9 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
     async fn export_paths(&mut self, paths: BTreeSet<StorePath>) -> Result<(), SessionError> {
-        self.check_count("ExportPaths", paths.len())?;
+        self.ctx.check_count("ExportPaths", paths.len())?;
         let infos = self
+            .ctx
             .blocking("querying path infos", {
                 let paths = paths.clone();
                 move |s, a| s.query_path_infos(a, &paths)
@@ -1058,6 +857,13 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 }
 
+impl From<tokio::task::JoinError> for SessionError {
+    /// A blocking task of the session panicked or was cancelled.
+    fn from(e: tokio::task::JoinError) -> Self {
+        SessionError::Service(ServiceError::Task(e))
+    }
+}
+
 impl From<PipeReadError> for SessionError {
     /// The client's stdin pipe failing an upload, as the same failure through tokio reads.
     fn from(e: PipeReadError) -> Self {
@@ -1069,14 +875,6 @@ impl From<PipeReadError> for SessionError {
             },
             PipeReadError::Io(e) => SessionError::Io(e),
         }
-    }
-}
-
-/// A store error met while doing `what`.
-fn store_error(what: &str) -> impl FnOnce(StoreError) -> SessionError + '_ {
-    move |source| SessionError::Store {
-        what: what.to_owned(),
-        source: Box::new(source),
     }
 }
 
@@ -1117,9 +915,11 @@ fn receive_from_pipe(
     import.write(&head).map_err(store_error(&receiving))?;
     pool.give(head);
     source.read_exact(rest, |chunk| {
-        import.write(chunk).map_err(store_error(&receiving))
+        import
+            .write(chunk)
+            .map_err(|e| SessionError::from(store_error(&receiving)(e)))
     })?;
-    import.commit(claim).map_err(store_error(&adding))
+    Ok(import.commit(claim).map_err(store_error(&adding))?)
 }
 
 /// The keys of `infos` ordered so that each comes after those of its references that are
@@ -1163,7 +963,10 @@ fn registration_time(claimed: u64) -> u64 {
 #[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::store::StoreLimits;
+    use nixbuild_core::budget::MemoryBudget;
+    use nixbuild_core::serve;
     use std::fs::File;
     use std::os::fd::OwnedFd;
 
