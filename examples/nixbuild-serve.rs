@@ -27,7 +27,9 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 use nixbuild::core::serve::ServeArgs;
-use nixbuild::daemon::{self, RelayHeader, FRAME_EXIT, FRAME_STDERR, RELAY_FDS};
+use nixbuild::relay_protocol::{
+    self, parse_frame_header, RelayHeader, FRAME_EXIT, FRAME_HEADER_LEN, FRAME_STDERR, RELAY_FDS,
+};
 use rustix::fs::FileType;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
@@ -83,8 +85,8 @@ fn run() -> Result<u32, String> {
         account: account.unwrap_or_else(|| "default".to_owned()),
         write: mode.write,
     };
-    daemon::check_account_name(&header.account).map_err(|e| e.to_string())?;
-    let sock = daemon::socket_path(&state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+    relay_protocol::check_account_name(&header.account).map_err(|e| e.to_string())?;
+    let sock = relay_protocol::socket_path(&state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
     let stream = UnixStream::connect(&sock).map_err(|e| {
         format!(
             "cannot connect to the nixbuild daemon at {}: {e}; is nixbuild-server running?",
@@ -198,7 +200,7 @@ fn demultiplex(stream: UnixStream) -> io::Result<u32> {
     let mut stderr = raw(&io::stderr())?;
     let mut frames = BufReader::with_capacity(BUF, stream);
     loop {
-        let mut header = [0u8; 5];
+        let mut header = [0u8; FRAME_HEADER_LEN];
         if let Err(e) = frames.read_exact(&mut header) {
             return Err(match e.kind() {
                 io::ErrorKind::UnexpectedEof => {
@@ -207,8 +209,8 @@ fn demultiplex(stream: UnixStream) -> io::Result<u32> {
                 _ => e,
             });
         }
-        let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
-        match header[0] {
+        let (tag, len) = parse_frame_header(header);
+        match tag {
             FRAME_STDERR => copy_exact(&mut frames, &mut stderr, len)?,
             FRAME_EXIT if len == 4 => {
                 let mut status = [0u8; 4];

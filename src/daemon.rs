@@ -1,21 +1,9 @@
-//! The daemon's Unix socket, `<state-dir>/serve.sock`, and the relay wire spoken on it
-//! (docs/design.md, Processes): `nixbuild-serve` connects, names the account in a header line and
-//! hands over its stdin and stdout; the daemon runs one serve [`session`](crate::session) per
-//! connection, reading the client's bytes from that stdin and writing the protocol straight
-//! to that stdout, and sends messages and the exit status back to the relay in frames.
-//!
-//! ```text
-//! relay → daemon:  "nixbuild-relay 2 account=<name> write=<0|1>\n", sent with SCM_RIGHTS
-//!                  carrying two descriptors: the relay's stdin, then its stdout (each a pipe
-//!                  or a socket); nothing else follows
-//! daemon → relay:  frames [u8 tag][u32 LE len][len bytes]
-//!                  tag 2: stderr bytes, tag 3: exit status (u32 LE), end
-//! ```
-//!
-//! The relay used to copy every byte both ways (version 1); handing the descriptors over
-//! takes it out of the data path, which halves the copies through the kernel and saves a
-//! process wake-up per chunk. The daemon closes its copy of the client's stdout before it
-//! sends the exit status, so the client has seen all output by then.
+//! The daemon's Unix socket, `<state-dir>/serve.sock` (docs/design.md, Processes): the daemon
+//! runs one serve [`session`](crate::session) per connection of the relay `nixbuild-serve`,
+//! reading the client's bytes from the stdin the relay handed over and writing the protocol
+//! straight to its stdout, and sends messages and the exit status back in frames (the relay's
+//! protocol: [`crate::relay_protocol`]). It is also the composition root: [`run`] opens the
+//! store, starts the build service and the SSH front door, and serves until shutdown.
 //!
 //! Only trusted peers may name an account: root, or the uids and primary gids of `[relay]`
 //! in the configuration, checked with SO_PEERCRED before the header is read.
@@ -41,26 +29,18 @@ use tokio::task::JoinSet;
 use crate::builds::{BuildError, BuildService};
 use crate::client_pipe::{PipeLoan, SharedPipe};
 use crate::config::Config;
-use crate::session::{self, SessionOutput, SessionSettings};
+use crate::relay_protocol::{
+    frame_header, socket_path, RelayFrames, RelayHeader, FRAME_EXIT, FRAME_STDERR, MAX_HEADER,
+    RELAY_FDS,
+};
+use crate::service::SessionSettings;
+use crate::session::{self, SessionOutput};
 use crate::store::{Store, StoreError, StoreLimits};
 use nixbuild_core::account::{AccountCounts, AccountSlot};
 use nixbuild_core::budget::MemoryBudget;
 
-/// Frame tag: bytes for the relay's stderr (messages).
-pub const FRAME_STDERR: u8 = 2;
-/// Frame tag: the exit status (4 bytes, u32 LE); the last frame.
-pub const FRAME_EXIT: u8 = 3;
-/// Largest payload of one frame the daemon sends (the wire allows up to `u32::MAX`).
-pub const MAX_FRAME: usize = 1 << 20;
-/// How many descriptors the relay hands over with its header: stdin, stdout.
-pub const RELAY_FDS: usize = 2;
-/// Longest relay header line accepted, newline included.
-pub const MAX_HEADER: usize = 256;
 /// How long the daemon waits after a failed `accept` before accepting again.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
-/// Version of the relay wire named in the header.
-const RELAY_VERSION: &str = "2";
-
 /// What can stop the daemon (errors of single sessions only end those sessions).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -120,80 +100,6 @@ pub enum DaemonError {
     #[cfg(feature = "failpoints")]
     #[error(transparent)]
     Failpoint(#[from] crate::failpoint::FailpointError),
-}
-
-/// Why a relay header was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RelayHeaderError {
-    /// Not of the form `nixbuild-relay 2 account=<name> write=<0|1>`.
-    #[error(
-        "malformed relay header {0:?}: expected \"nixbuild-relay 2 account=<name> write=<0|1>\""
-    )]
-    Malformed(String),
-    /// An account name outside `[A-Za-z0-9._@+-]{1,64}`.
-    #[error("invalid account name {0:?}: expected 1 to 64 of A-Z a-z 0-9 . _ @ + -")]
-    BadAccount(String),
-}
-
-/// The header line a relay sends first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayHeader {
-    /// The account the session runs as.
-    pub account: String,
-    /// Whether the client asked for `--write`.
-    pub write: bool,
-}
-
-impl RelayHeader {
-    /// Parses the line, without its newline.
-    pub fn parse(line: &[u8]) -> Result<RelayHeader, RelayHeaderError> {
-        let text = String::from_utf8_lossy(line);
-        let malformed = || RelayHeaderError::Malformed(text.clone().into_owned());
-        let mut words = text.split(' ');
-        let (Some("nixbuild-relay"), Some(RELAY_VERSION), Some(account), Some(write), None) = (
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-        ) else {
-            return Err(malformed());
-        };
-        let account = account.strip_prefix("account=").ok_or_else(malformed)?;
-        let write = match write {
-            "write=0" => false,
-            "write=1" => true,
-            _ => return Err(malformed()),
-        };
-        check_account_name(account)?;
-        Ok(RelayHeader {
-            account: account.to_owned(),
-            write,
-        })
-    }
-
-    /// The line, newline included.
-    pub fn encode(&self) -> String {
-        format!(
-            "nixbuild-relay {RELAY_VERSION} account={} write={}\n",
-            self.account,
-            u8::from(self.write)
-        )
-    }
-}
-
-/// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (docs/design.md, Accounts).
-pub fn check_account_name(name: &str) -> Result<(), RelayHeaderError> {
-    if nixbuild_core::account::is_valid_account_name(name) {
-        Ok(())
-    } else {
-        Err(RelayHeaderError::BadAccount(name.to_owned()))
-    }
-}
-
-/// The socket of the daemon serving `state_dir`.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("serve.sock")
 }
 
 /// Installs handlers for SIGTERM and SIGINT (inside a tokio runtime) and returns a future
@@ -423,8 +329,7 @@ fn refuse_busy(stream: &UnixStream, max: usize) {
         (FRAME_STDERR, msg.as_bytes()),
         (FRAME_EXIT, &1u32.to_le_bytes()),
     ] {
-        frames.push(tag);
-        frames.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frames.extend_from_slice(&frame_header(tag, payload.len() as u32));
         frames.extend_from_slice(payload);
     }
     if let Err(e) = stream.try_write(&frames) {
@@ -651,45 +556,6 @@ fn client_writer(fd: OwnedFd) -> io::Result<(ClientWriter, Option<SharedPipe<pip
     }
 }
 
-/// The frames the daemon sends the relay: stderr bytes and the exit status.
-pub struct RelayFrames<W> {
-    w: BufWriter<W>,
-}
-
-impl<W: AsyncWrite + Unpin + Send> RelayFrames<W> {
-    /// Frames onto `w`.
-    pub fn new(w: W) -> Self {
-        RelayFrames {
-            w: BufWriter::with_capacity(64 * 1024, w),
-        }
-    }
-
-    async fn frame(&mut self, tag: u8, payload: &[u8]) -> io::Result<()> {
-        for piece in payload.chunks(MAX_FRAME) {
-            let len = u32::try_from(piece.len()).map_err(io::Error::other)?;
-            let mut header = [0u8; 5];
-            header[0] = tag;
-            header[1..].copy_from_slice(&len.to_le_bytes());
-            self.w.write_all(&header).await?;
-            self.w.write_all(piece).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends bytes for the relay's stderr.
-    pub async fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.frame(FRAME_STDERR, bytes).await?;
-        self.w.flush().await
-    }
-
-    /// Sends the exit status, the last frame, and shuts the connection down.
-    pub async fn exit(mut self, status: u32) -> io::Result<()> {
-        self.frame(FRAME_EXIT, &status.to_le_bytes()).await?;
-        self.w.flush().await?;
-        self.w.shutdown().await
-    }
-}
-
 /// A [`SessionOutput`] that writes the protocol straight to the client's stdout and frames
 /// messages onto the relay connection.
 pub struct RelayOutput<S, W> {
@@ -768,37 +634,7 @@ impl<S: AsyncWrite + Unpin + Send, W: AsyncWrite + Unpin + Send> SessionOutput
 #[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_round_trips_and_rejects_bad_lines() {
-        let h = RelayHeader {
-            account: "alice@laptop".into(),
-            write: true,
-        };
-        let line = h.encode();
-        assert_eq!(line, "nixbuild-relay 2 account=alice@laptop write=1\n");
-        assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), h);
-        for bad in [
-            "nixbuild-relay 1 account=a write=1",
-            "nixbuild-relay 2 account=a write=2",
-            "nixbuild-relay 2 user=a write=1",
-            "nixbuild-relay 2 account=a write=1 extra",
-            "nixbuild-relay 2 account=a",
-        ] {
-            assert!(
-                matches!(
-                    RelayHeader::parse(bad.as_bytes()),
-                    Err(RelayHeaderError::Malformed(_))
-                ),
-                "{bad}"
-            );
-        }
-        for bad in ["", "a/b", "a b", &"x".repeat(65), "é"] {
-            let line = format!("nixbuild-relay 2 account={bad} write=0");
-            assert!(RelayHeader::parse(line.as_bytes()).is_err(), "{bad:?}");
-        }
-        check_account_name(&"x".repeat(64)).unwrap();
-    }
+    use crate::relay_protocol::MAX_FRAME;
 
     #[test]
     fn a_second_lock_on_the_state_dir_fails_at_once() {

@@ -15,49 +15,34 @@
 //! dropped, which removes its temporary files; nothing is registered half-way.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use nixbuild_core::budget::{MemoryBudget, Reservation};
-use nixbuild_core::content_address::ContentAddress;
+use nixbuild_core::budget::Reservation;
 use nixbuild_core::serve::{
-    self, AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event,
-    ExportMarker, ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
+    AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event, ExportMarker,
+    ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
-use nixbuild_core::wire::{self, WireError};
-use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::io::Errno;
-use rustix::pipe::{splice, SpliceFlags};
+use nixbuild_core::wire::WireError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
+use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
 use crate::builds::{BuildJob, BuildService, Outcome, WaitEvent};
 use crate::client_pipe::PipeLoan;
-use crate::config::Config;
 use crate::failpoint::failpoint_async;
-use crate::nar_fs::NarSink;
-use crate::store::{Import, PathClaim, Store, StoreError};
+use crate::pipes::{write_timed_out, PipeReadError, PipeSink, PipeSource};
+use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
+use crate::store::{Import, PathClaim, Store};
 
 /// Size of the pieces NAR data moves in, from the client and to it (the dumper's, for
 /// exports).
 pub const CHUNK: usize = crate::nar_fs::CHUNK;
-
-/// How many chunks may wait between the session and a blocking store task.
-const CHANNEL_DEPTH: usize = 4;
-
-/// Queries of at most this many paths run on the session's thread when the store is idle
-/// (see `Driver::query`).
-const INLINE_QUERY_PATHS: usize = 64;
-
-/// Most buffers a [`BufferPool`] keeps: every chunk that can be in flight at once.
-const POOL_SIZE: usize = CHANNEL_DEPTH + 2;
 
 /// A buffer holding an unfinished request grows past a pool buffer in steps of this many
 /// bytes, each reserved against the daemon's budget of buffered bytes before it is taken
@@ -73,14 +58,6 @@ pub enum SessionError {
     /// The client's bytes broke the protocol.
     #[error(transparent)]
     Protocol(#[from] ServeError),
-    /// The store refused or failed.
-    #[error("{what}: {source}")]
-    Store {
-        /// What the session was doing.
-        what: String,
-        /// The store's error (boxed: it is large, and errors are rare).
-        source: Box<StoreError>,
-    },
     /// ExportPaths names a path the account cannot see (the real server's message).
     #[error("path '{0}' is not valid")]
     NotValid(StorePath),
@@ -114,19 +91,6 @@ pub enum SessionError {
         /// The bytes the session asked for.
         wanted: u64,
     },
-    /// A request names more paths than the configuration allows.
-    #[error(
-        "{request} names {count} paths; this server accepts at most {max} per request \
-         (max_paths_per_request in [store] of the server's configuration)"
-    )]
-    TooManyPaths {
-        /// The request.
-        request: &'static str,
-        /// How many paths it names.
-        count: usize,
-        /// The limit.
-        max: usize,
-    },
     /// The client sent nothing for too long.
     #[error("timed out after {secs} s waiting for the client {phase}")]
     Timeout {
@@ -138,80 +102,12 @@ pub enum SessionError {
     /// Reading from or writing to the client failed.
     #[error("connection to the client: {0}")]
     Io(#[from] io::Error),
-    /// The session uploaded more NAR bytes than the configuration allows.
-    #[error(
-        "this session uploaded more than {max} bytes of NAR data, the most this server \
-         accepts in one session (max_upload_bytes_per_session in [limits] of the server's \
-         configuration)"
-    )]
-    UploadLimit {
-        /// The limit.
-        max: u64,
-    },
     /// The client went away while a build it asked for was running.
     #[error("the client disconnected during the build of '{0}'")]
     GoneDuringBuild(StorePath),
-    /// A blocking store task panicked or was cancelled (a bug, not bad input).
-    #[error("internal error in a store task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
-
-/// What one session may do.
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    /// The account whose paths the session sees and adds to.
-    pub account: String,
-    /// `--write`: ImportPaths, AddToStoreNar, BuildPaths and BuildDerivation are allowed.
-    pub write_allowed: bool,
-    /// Bounds for the protocol decoder.
-    pub limits: serve::Limits,
-    /// Most paths in one request or ImportPaths stream.
-    pub max_paths_per_request: usize,
-    /// Most bytes held of one unfinished request or ImportPaths trailer.
-    pub max_request_bytes: usize,
-    /// From the start of the session to the end of the handshake.
-    pub handshake_timeout: Duration,
-    /// Longest wait for the client's next bytes after the handshake.
-    pub idle_timeout: Duration,
-    /// Longest wait for one write or flush to the client.
-    pub write_timeout: Duration,
-    /// Most NAR bytes the session may upload.
-    pub max_upload_bytes: u64,
-    /// The daemon's budget of bytes held of unfinished requests, shared by all sessions
-    /// (`[limits] max_buffered_bytes`).
-    pub buffer_budget: Arc<MemoryBudget>,
-}
-
-impl SessionSettings {
-    /// The settings for `account` under `config`, holding unfinished requests against
-    /// `buffer_budget` (the daemon's one budget, [`Config::buffered_budget`]).
-    pub fn new(
-        config: &Config,
-        account: &str,
-        write_allowed: bool,
-        buffer_budget: &Arc<MemoryBudget>,
-    ) -> Self {
-        let defaults = wire::Limits::default();
-        SessionSettings {
-            account: account.to_owned(),
-            write_allowed,
-            limits: serve::Limits {
-                max_nar_size: config.store.max_nar_size,
-                wire: wire::Limits {
-                    max_list_len: config.store.max_paths_per_request,
-                    max_string_len: config.store.max_request_bytes.min(defaults.max_string_len),
-                    ..defaults
-                },
-            },
-            max_paths_per_request: config.store.max_paths_per_request,
-            max_request_bytes: config.store.max_request_bytes,
-            handshake_timeout: config.timeouts.handshake(),
-            idle_timeout: config.timeouts.idle(),
-            write_timeout: config.timeouts.write(),
-            max_upload_bytes: config.limits.max_upload_bytes_per_session,
-            buffer_budget: buffer_budget.clone(),
-        }
-    }
+    /// The store, the build service or a limit of the account refused.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
 }
 
 /// Where a session's answers go: the protocol stream (stdout of `nix-store --serve`) and
@@ -259,9 +155,7 @@ where
         limit: settings.write_timeout,
     };
     let mut driver = Driver {
-        store,
-        builds,
-        settings,
+        ctx: SessionContext::new(store, builds, settings),
         session: ServerSession::new(settings.write_allowed, settings.limits),
         out: &mut out,
         upload: None,
@@ -271,7 +165,6 @@ where
         import_entries: 0,
         pool: BufferPool::default(),
         pending_build: None,
-        uploaded: 0,
         held: Reservation::new(settings.buffer_budget.clone()),
     };
     let result = driver.run(input).await;
@@ -366,17 +259,6 @@ impl<O: SessionOutput> WriteTimeout<'_, O> {
     }
 }
 
-/// The error of a write that waited `limit` for the client to read.
-fn write_timed_out(limit: Duration) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!(
-            "timed out after {} s waiting for the client to read (timeouts.write)",
-            limit.as_secs()
-        ),
-    )
-}
-
 impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
     async fn stdout(&mut self, bytes: Bytes) -> io::Result<()> {
         Self::within(self.limit, self.inner.stdout(bytes)).await
@@ -403,13 +285,6 @@ impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
     }
 }
 
-/// A NAR on its way to the store: a blocking task writes the chunks it receives to an
-/// [`Import`] and hands the import back when the channel closes.
-struct Upload {
-    chunks: mpsc::Sender<Bytes>,
-    task: JoinHandle<Result<Import, StoreError>>,
-}
-
 /// A build request whose answer waits for builds to finish.
 enum PendingBuild {
     /// BuildDerivation: answered with a BuildResult.
@@ -419,9 +294,8 @@ enum PendingBuild {
 }
 
 struct Driver<'a, O> {
-    store: &'a Store,
-    builds: &'a BuildService,
-    settings: &'a SessionSettings,
+    /// The store, build service and limits, as the session's account.
+    ctx: SessionContext<'a>,
     session: ServerSession,
     out: &'a mut O,
     /// The NAR being received, if any.
@@ -439,8 +313,6 @@ struct Driver<'a, O> {
     pool: BufferPool,
     /// The build request just decoded, run before the next event.
     pending_build: Option<PendingBuild>,
-    /// NAR bytes uploaded so far in this session.
-    uploaded: u64,
     /// The budget reserved for the session's buffer: its whole allocation once it has grown
     /// past a pool buffer, nothing while it is one.
     held: Reservation,
@@ -449,7 +321,8 @@ struct Driver<'a, O> {
 impl<O: SessionOutput> Driver<'_, O> {
     async fn run<R: AsyncRead + Unpin>(&mut self, mut input: R) -> Result<(), SessionError> {
         let mut buf = BytesMut::new();
-        let handshake_deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
+        let handshake_deadline =
+            tokio::time::Instant::now() + self.ctx.settings().handshake_timeout;
         let mut handshake_done = false;
         loop {
             while let Some(event) = self.session.poll(&mut buf).map_err(|e| self.protocol(e))? {
@@ -465,7 +338,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             // What is left is the start of one request or trailer the session waits to
             // complete (NAR data never stays in `buf`): at `max` bytes, it can only end
             // past the cap.
-            let max = self.settings.max_request_bytes;
+            let max = self.ctx.settings().max_request_bytes;
             if buf.len() >= max {
                 return Err(SessionError::RequestTooLarge { max });
             }
@@ -476,10 +349,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             self.make_room(&mut buf)?;
             let (deadline, phase, secs) = if handshake_done {
-                let t = self.settings.idle_timeout;
+                let t = self.ctx.settings().idle_timeout;
                 (tokio::time::Instant::now() + t, "to send more", t.as_secs())
             } else {
-                let t = self.settings.handshake_timeout;
+                let t = self.ctx.settings().handshake_timeout;
                 (handshake_deadline, "to complete the handshake", t.as_secs())
             };
             let n = tokio::time::timeout_at(deadline, input.read_buf(&mut buf))
@@ -495,12 +368,12 @@ impl<O: SessionOutput> Driver<'_, O> {
     fn protocol(&self, e: ServeError) -> SessionError {
         match e {
             ServeError::Wire(WireError::TooManyElements { max, .. })
-                if max == self.settings.max_paths_per_request =>
+                if max == self.ctx.settings().max_paths_per_request =>
             {
                 SessionError::ListTooLong(e)
             }
             ServeError::Wire(WireError::StringTooLong { max, .. })
-                if max == self.settings.max_request_bytes =>
+                if max == self.ctx.settings().max_request_bytes =>
             {
                 SessionError::StringTooLong(e)
             }
@@ -512,7 +385,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         match event {
             Event::Hello { client, negotiated } => {
                 tracing::debug!(
-                    account = %self.settings.account,
+                    account = %self.ctx.settings().account,
                     client = format_args!("{:#x}", client.to_wire()),
                     negotiated = format_args!("{:#x}", negotiated.to_wire()),
                     "handshake"
@@ -541,40 +414,26 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     async fn request(&mut self, req: Request) -> Result<(), SessionError> {
-        let account = &self.settings.account;
+        let account = &self.ctx.settings().account;
         match req {
             Request::QueryValidPaths { paths, .. } => {
                 // `lock` and `substitute` need GC roots and substituters, which this server
                 // does not have: nothing it stores is collected, and it substitutes nothing.
-                self.check_count("QueryValidPaths", paths.len())?;
-                let small = paths.len() <= INLINE_QUERY_PATHS;
-                let valid = self
-                    .query("querying valid paths", small, move |s, a| {
-                        s.query_valid_paths(a, &paths)
-                    })
-                    .await?;
+                self.ctx.check_count("QueryValidPaths", paths.len())?;
+                let valid = self.ctx.query_valid_paths(paths).await?;
                 Ok(self.session.respond(&Response::ValidPaths(valid))?)
             }
             Request::QueryPathInfos { paths } => {
-                self.check_count("QueryPathInfos", paths.len())?;
-                let small = paths.len() <= INLINE_QUERY_PATHS;
-                let infos = self
-                    .query("querying path infos", small, move |s, a| {
-                        s.query_path_infos(a, &paths)
-                    })
-                    .await?;
+                self.ctx.check_count("QueryPathInfos", paths.len())?;
+                let infos = self.ctx.query_path_infos(paths).await?;
                 Ok(self.session.respond(&Response::PathInfos(infos))?)
             }
             Request::QueryClosure {
                 include_outputs,
                 paths,
             } => {
-                self.check_count("QueryClosure", paths.len())?;
-                let closure = self
-                    .blocking("computing a closure", move |s, a| {
-                        s.query_closure(a, &paths, include_outputs)
-                    })
-                    .await?;
+                self.ctx.check_count("QueryClosure", paths.len())?;
+                let closure = self.ctx.query_closure(paths, include_outputs).await?;
                 Ok(self.session.respond(&Response::Closure(closure))?)
             }
             Request::DumpStorePath { path } => {
@@ -587,7 +446,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 match self.out.lend_stdin() {
                     Some(stdin) => self.pipe_upload = Some((header, stdin?)),
                     None => {
-                        self.start_upload(header.ca);
+                        self.upload = Some(self.ctx.start_upload(header.ca, &self.pool));
                         self.pending_add = Some(header);
                     }
                 }
@@ -608,7 +467,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Ok(())
             }
             Request::BuildPaths { paths, options } => {
-                self.check_count("BuildPaths", paths.len())?;
+                self.ctx.check_count("BuildPaths", paths.len())?;
                 // Paths that are not derivations must be valid already (newer clients send
                 // BuildPaths for `nix copy --from`); derivations are built, one after the
                 // other, when their inputs are all here.
@@ -618,6 +477,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                     .map(|p| p.path.clone())
                     .collect();
                 let valid = self
+                    .ctx
                     .blocking("querying valid paths", {
                         let plain = plain.clone();
                         move |s, a| s.query_valid_paths(a, &plain)
@@ -630,7 +490,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 }
                 let mut jobs = Vec::new();
                 for p in paths.iter().filter(|p| p.path.is_derivation()) {
-                    match self.builds.job_for_drv(account, &p.path, options).await {
+                    match self.ctx.job_for_drv(&p.path, options).await {
                         Ok(job) => jobs.push(job),
                         Err(msg) => return self.build_paths_failed(100, msg.to_string()),
                     }
@@ -645,7 +505,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// server's "build failure", 101 its timeout; codes below 3 desynchronise old clients,
     /// docs/serve-protocol.md §4.6).
     fn build_paths_failed(&mut self, code: u64, msg: String) -> Result<(), SessionError> {
-        tracing::info!(account = %self.settings.account, "BuildPaths failed: {msg}");
+        tracing::info!(account = %self.ctx.settings().account, "BuildPaths failed: {msg}");
         let response = BuildPathsResult::Failure {
             code,
             msg: msg.into_bytes(),
@@ -697,7 +557,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.session.respond(&Response::Build(Box::new(result)))?;
                 // What benches/compare reads: BuildDerivation received → BuildResult ready.
                 tracing::info!(
-                    account = %self.settings.account,
+                    account = %self.ctx.settings().account,
                     drv = %drv_path,
                     status = ?outcome.status,
                     micros = received.elapsed().as_micros() as u64,
@@ -732,9 +592,9 @@ impl<O: SessionOutput> Driver<'_, O> {
         buf: &mut BytesMut,
     ) -> Result<Arc<Outcome>, SessionError> {
         let drv_path = job.drv_path.clone();
-        let mut waiter = self.builds.submit(job).await;
+        let mut waiter = self.ctx.submit(job).await;
         // Pipelined requests are kept (up to the request cap) for after the build.
-        let max = self.settings.max_request_bytes;
+        let max = self.ctx.settings().max_request_bytes;
         loop {
             if buf.len() < max {
                 self.make_room(buf)?;
@@ -773,7 +633,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             return Ok(());
         }
         let len = buf.len();
-        let max = self.settings.max_request_bytes;
+        let max = self.ctx.settings().max_request_bytes;
         let target = (len + CHUNK).next_multiple_of(BUFFER_STEP).min(max);
         // `capacity` counts from the start of the data: room already used for earlier
         // requests is not counted, but it is part of the allocation `held` covers.
@@ -811,84 +671,18 @@ impl<O: SessionOutput> Driver<'_, O> {
         Ok(())
     }
 
-    fn check_count(&self, request: &'static str, count: usize) -> Result<(), SessionError> {
-        let max = self.settings.max_paths_per_request;
-        if count > max {
-            return Err(SessionError::TooManyPaths {
-                request,
-                count,
-                max,
-            });
-        }
-        Ok(())
-    }
-
-    /// Runs a store call for this session's account in a blocking task.
-    async fn blocking<T, F>(&self, what: &str, f: F) -> Result<T, SessionError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
-        tokio::task::spawn_blocking(move || f(&store, &account))
-            .await?
-            .map_err(store_error(what))
-    }
-
-    /// Runs a store query for this session's account: on the session's own thread when it
-    /// is `small` and the store is idle, since handing a query of a few paths to a blocking
-    /// thread and back (two wake-ups) costs more than the query (a few indexed SQLite reads
-    /// from memory); otherwise in a blocking task. (Nix asks QueryPathInfos for one path at
-    /// a time before each download.)
-    async fn query<T, F>(&self, what: &str, small: bool, f: F) -> Result<T, SessionError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
-    {
-        if small && self.store.is_idle() {
-            return f(self.store, &self.settings.account).map_err(store_error(what));
-        }
-        self.blocking(what, f).await
-    }
-
-    /// Starts the blocking task that feeds the NAR about to arrive to a new [`Import`];
-    /// `ca` is the content address the claim will carry, when known before the NAR.
-    fn start_upload(&mut self, ca: Option<ContentAddress>) {
-        let (chunks, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
-        let pool = self.pool.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut import = store.begin_import(&account)?;
-            if let Some(ca) = &ca {
-                import.expect_ca(ca);
-            }
-            while let Some(chunk) = rx.blocking_recv() {
-                import.write(&chunk)?;
-                pool.give(chunk);
-            }
-            Ok(import)
-        });
-        self.upload = Some(Upload { chunks, task });
-    }
-
     async fn nar_chunk(&mut self, chunk: Bytes) -> Result<(), SessionError> {
-        self.uploaded += chunk.len() as u64;
-        let max = self.settings.max_upload_bytes;
-        if self.uploaded > max {
-            return Err(SessionError::UploadLimit { max });
-        }
+        self.ctx.charge_upload(chunk.len() as u64)?;
         if self.upload.is_none() {
             // ImportPaths: the first chunk of an entry's NAR.
             self.import_entries += 1;
-            self.check_count("ImportPaths", self.import_entries)?;
-            self.start_upload(None);
+            self.ctx.check_count("ImportPaths", self.import_entries)?;
+            self.upload = Some(self.ctx.start_upload(None, &self.pool));
         }
         let Some(upload) = &self.upload else {
             return Err(ServeError::Misuse("NAR data without an upload").into());
         };
-        if upload.chunks.send(chunk).await.is_err() {
+        if !upload.send(chunk).await {
             // The task stopped early, which it does only on an error: its result says why.
             self.finish_upload().await?;
             return Err(ServeError::Misuse("the import task stopped without an error").into());
@@ -899,22 +693,18 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// Closes the channel and waits for the import task: the import with the whole NAR, or
     /// the store's error.
     async fn finish_upload(&mut self) -> Result<Import, SessionError> {
-        let Some(Upload { chunks, task }) = self.upload.take() else {
+        let Some(upload) = self.upload.take() else {
             return Err(ServeError::Misuse("end of a NAR without an upload").into());
         };
-        drop(chunks);
         let what = match &self.pending_add {
             Some(h) => format!("receiving {}", h.path),
             None => "receiving a NAR in ImportPaths".to_owned(),
         };
-        task.await?.map_err(|source| SessionError::Store {
-            what,
-            source: Box::new(source),
-        })
+        Ok(upload.finish(what).await?)
     }
 
     async fn commit_add(&mut self, h: AddToStoreNar, import: Import) -> Result<(), SessionError> {
-        self.commit(import, add_claim(h)).await?;
+        self.ctx.commit(import, add_claim(h)).await?;
         self.acknowledge_add().await
     }
 
@@ -937,18 +727,14 @@ impl<O: SessionOutput> Driver<'_, O> {
         buf: &mut BytesMut,
     ) -> Result<(), SessionError> {
         let size = h.nar_size;
-        self.uploaded = self.uploaded.saturating_add(size);
-        let max = self.settings.max_upload_bytes;
-        if self.uploaded > max {
-            return Err(SessionError::UploadLimit { max });
-        }
+        self.ctx.charge_upload(size)?;
         // The loan itself goes to the blocking task (no second descriptor to make and
         // close) and comes back with it, to rejoin tokio's poller here.
-        let mut source = PipeSource::new(stdin, self.settings.idle_timeout);
+        let mut source = PipeSource::new(stdin, self.ctx.settings().idle_timeout);
         let head_len = usize::try_from(size).map_or(buf.len(), |s| s.min(buf.len()));
         let head = buf.split_to(head_len).freeze();
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
+        let store = self.ctx.store().clone();
+        let account = self.ctx.settings().account.clone();
         let pool = self.pool.clone();
         let path = h.path.clone();
         let claim = add_claim(h);
@@ -961,7 +747,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         drop(source);
         received?;
         self.session.nar_body_taken(size)?;
-        tracing::info!(account = %self.settings.account, path = %path, "registered import");
+        tracing::info!(account = %self.ctx.settings().account, path = %path, "registered import");
         self.acknowledge_add().await
     }
 
@@ -981,21 +767,13 @@ impl<O: SessionOutput> Driver<'_, O> {
             ca: None,
             sigs: BTreeSet::new(),
         };
-        self.commit(import, claim).await
-    }
-
-    async fn commit(&mut self, import: Import, claim: PathClaim) -> Result<(), SessionError> {
-        let path = claim.path.clone();
-        self.blocking(&format!("adding {path}"), move |_, _| import.commit(claim))
-            .await?;
-        tracing::info!(account = %self.settings.account, path = %path, "registered import");
-        Ok(())
+        Ok(self.ctx.commit(import, claim).await?)
     }
 
     /// Sends the NAR of `path` as it comes off the disk.
     async fn stream_nar(&mut self, path: StorePath) -> Result<(), SessionError> {
-        let store = self.store.clone();
-        let account = self.settings.account.clone();
+        let store = self.ctx.store().clone();
+        let account = self.ctx.settings().account.clone();
         let what = format!("sending {path}");
         if self.out.stdout_is_pipe() {
             self.send_before_stream().await?;
@@ -1005,7 +783,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 None => return Err(ServeError::Misuse("a pipe that cannot be lent").into()),
             };
             // The loan goes to the blocking task and comes back with it, as for uploads.
-            let mut sink = PipeSink::new(stdout, self.settings.write_timeout);
+            let mut sink = PipeSink::new(stdout, self.ctx.settings().write_timeout);
             let task = tokio::task::spawn_blocking(move || {
                 let sent = store.export_nar_to(&account, &path, &mut sink);
                 (sent, sink)
@@ -1013,13 +791,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             let (sent, sink) = task.await?;
             // The session writes to the client through tokio again.
             drop(sink);
-            return sent.map(drop).map_err(store_error(&what));
+            return Ok(sent.map(drop).map_err(store_error(&what))?);
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-        let mut writer = ChunkWriter {
-            tx,
-            pool: self.pool.clone(),
-        };
+        let mut writer = ChunkWriter::new(tx, self.pool.clone());
         let task =
             tokio::task::spawn_blocking(move || store.export_nar_to(&account, &path, &mut writer));
         while let Some(chunk) = rx.recv().await {
@@ -1028,7 +803,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.send_before_stream().await?;
             self.out.stdout(chunk).await?;
         }
-        task.await?.map(drop).map_err(store_error(&what))
+        Ok(task.await?.map(drop).map_err(store_error(&what))?)
     }
 
     /// Before NAR bytes that bypass the sans-IO session: checks that a stream is in
@@ -1045,8 +820,9 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
     async fn export_paths(&mut self, paths: BTreeSet<StorePath>) -> Result<(), SessionError> {
-        self.check_count("ExportPaths", paths.len())?;
+        self.ctx.check_count("ExportPaths", paths.len())?;
         let infos = self
+            .ctx
             .blocking("querying path infos", {
                 let paths = paths.clone();
                 move |s, a| s.query_path_infos(a, &paths)
@@ -1081,11 +857,24 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 }
 
-/// A store error met while doing `what`.
-fn store_error(what: &str) -> impl FnOnce(StoreError) -> SessionError + '_ {
-    move |source| SessionError::Store {
-        what: what.to_owned(),
-        source: Box::new(source),
+impl From<tokio::task::JoinError> for SessionError {
+    /// A blocking task of the session panicked or was cancelled.
+    fn from(e: tokio::task::JoinError) -> Self {
+        SessionError::Service(ServiceError::Task(e))
+    }
+}
+
+impl From<PipeReadError> for SessionError {
+    /// The client's stdin pipe failing an upload, as the same failure through tokio reads.
+    fn from(e: PipeReadError) -> Self {
+        match e {
+            PipeReadError::Eof => SessionError::Protocol(ServeError::UnexpectedEof("in a NAR")),
+            PipeReadError::Timeout { secs } => SessionError::Timeout {
+                phase: "to send more",
+                secs,
+            },
+            PipeReadError::Io(e) => SessionError::Io(e),
+        }
     }
 }
 
@@ -1126,9 +915,11 @@ fn receive_from_pipe(
     import.write(&head).map_err(store_error(&receiving))?;
     pool.give(head);
     source.read_exact(rest, |chunk| {
-        import.write(chunk).map_err(store_error(&receiving))
+        import
+            .write(chunk)
+            .map_err(|e| SessionError::from(store_error(&receiving)(e)))
     })?;
-    import.commit(claim).map_err(store_error(&adding))
+    Ok(import.commit(claim).map_err(store_error(&adding))?)
 }
 
 /// The keys of `infos` ordered so that each comes after those of its references that are
@@ -1168,372 +959,15 @@ fn registration_time(claimed: u64) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Buffers of [`CHUNK`] bytes that go round between the session and its blocking store
-/// tasks (the client's bytes read into them, export chunks written into them), so that a
-/// session allocates a few of them once instead of one per chunk: a fresh allocation of
-/// this size is page-faulted in and handed back to the kernel every time, which measured as
-/// about a third of the server CPU of a download.
-#[derive(Debug, Clone, Default)]
-struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
-
-impl BufferPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        // The vector is valid whatever a panicking holder was doing.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An empty buffer with room for [`CHUNK`] bytes.
-    fn take_vec(&self) -> Vec<u8> {
-        self.lock()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(CHUNK))
-    }
-
-    /// [`Self::take_vec`] as a `BytesMut` (the same memory).
-    fn take(&self) -> BytesMut {
-        BytesMut::from(Bytes::from(self.take_vec()))
-    }
-
-    /// Takes back a chunk once nothing else refers to it.
-    fn give(&self, chunk: Bytes) {
-        if let Ok(buf) = chunk.try_into_mut() {
-            self.put(buf.into());
-        }
-    }
-
-    /// Keeps a buffer for reuse: one of the pool's size, not a large one a request grew
-    /// (whose memory would stay held outside the budget).
-    fn put(&self, mut buf: Vec<u8>) {
-        buf.clear();
-        let mut pool = self.lock();
-        if (CHUNK..2 * CHUNK).contains(&buf.capacity()) && pool.len() < POOL_SIZE {
-            pool.push(buf);
-        }
-    }
-
-    /// `buf` as a chunk that comes back to the pool by itself when its last view is
-    /// dropped, wherever that is (in the SSH connection's task once sent, say).
-    fn chunk(&self, buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Pooled {
-            buf,
-            pool: self.clone(),
-        })
-    }
-}
-
-/// A buffer on loan from a [`BufferPool`], given back when dropped.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: BufferPool,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        self.pool.put(std::mem::take(&mut self.buf));
-    }
-}
-
-/// A [`NarSink`] for [`Store::export_nar_to`] in a blocking task: takes the dumper's full
-/// buffers (no copy) and hands them to the session through a bounded channel, so the
-/// export runs at the pace of the client.
-struct ChunkWriter {
-    tx: mpsc::Sender<Bytes>,
-    pool: BufferPool,
-}
-
-impl NarSink for ChunkWriter {
-    fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
-        let full = std::mem::replace(buf, self.pool.take_vec());
-        self.tx
-            .blocking_send(self.pool.chunk(full))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the session has ended"))
-    }
-}
-
-/// Smallest file whose contents a [`PipeSink`] splices: below this, reading the file into the
-/// NAR buffer costs less than writing out the buffer first.
-const SPLICE_MIN: u64 = 64 * 1024;
-
-/// Bounds of the pause of [`PipeSink`] and [`PipeSource`], and where it starts.
-const PAUSE_MIN: Duration = Duration::from_micros(50);
-const PAUSE_MAX: Duration = Duration::from_millis(4);
-const PAUSE_START: Duration = Duration::from_micros(200);
-
-/// How long a blocking task that moves data through the client's pipe lets the client
-/// work before it moves the next batch, instead of waking for each of the client's small
-/// reads or writes (Nix reads and writes 32 KiB at a time). It adapts between
-/// [`PAUSE_MIN`] and [`PAUSE_MAX`]: shorter when the client may have waited for this side,
-/// longer when the client moved less than half a pipe meanwhile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pause(Duration);
-
-impl Pause {
-    fn new() -> Self {
-        Pause(PAUSE_START)
-    }
-
-    fn sleep(self) {
-        std::thread::sleep(self.0);
-    }
-
-    /// Adapts the pause to what the client did during the last one.
-    fn adapt(&mut self, client_waited: bool, client_slow: bool) {
-        if client_waited {
-            self.0 = (self.0 / 2).max(PAUSE_MIN);
-        } else if client_slow {
-            self.0 = (self.0 * 2).min(PAUSE_MAX);
-        }
-    }
-}
-
-/// The capacity of the pipe `fd` in bytes (a pipe's default, should the kernel not say).
-fn pipe_capacity(fd: impl AsFd) -> u64 {
-    rustix::pipe::fcntl_getpipe_size(fd).unwrap_or(64 * 1024) as u64
-}
-
-/// Waits until `fd` is ready for `flags`; `Ok(false)` after `timeout`.
-fn poll_ready(fd: impl AsFd, flags: PollFlags, timeout: Duration) -> io::Result<bool> {
-    let limit = Timespec::try_from(timeout).map_err(io::Error::other)?;
-    let mut fds = [PollFd::new(&fd, flags)];
-    match rustix::event::poll(&mut fds, Some(&limit)) {
-        Ok(0) => Ok(false),
-        Ok(_) | Err(Errno::INTR) => Ok(true),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A client pipe in the hands of a blocking task: how long to wait for the client, the
-/// pipe's capacity, and the [`Pause`] that lets the client fill or drain it before the task
-/// takes its turn. [`PipeSource`] reads through one, [`PipeSink`] writes through one.
-struct PacedPipe<F> {
-    fd: F,
-    timeout: Duration,
-    capacity: u64,
-    pause: Pause,
-}
-
-impl<F: AsFd> PacedPipe<F> {
-    fn new(fd: F, timeout: Duration) -> Self {
-        PacedPipe {
-            capacity: pipe_capacity(&fd),
-            fd,
-            timeout,
-            pause: Pause::new(),
-        }
-    }
-
-    /// Waits until the pipe is ready for `flags`; `Ok(false)` after the timeout.
-    fn ready(&self, flags: PollFlags) -> io::Result<bool> {
-        poll_ready(&self.fd, flags, self.timeout)
-    }
-
-    /// Pauses, then waits as [`Self::ready`] does; returns the bytes then queued in the
-    /// pipe, or `None` after the timeout.
-    fn pause_then_wait(&mut self, flags: PollFlags) -> io::Result<Option<u64>> {
-        self.pause.sleep();
-        if !self.ready(flags)? {
-            return Ok(None);
-        }
-        Ok(Some(rustix::io::ioctl_fionread(&self.fd)?))
-    }
-}
-
-std::thread_local! {
-    /// The read buffer of [`PipeSource`], kept by each blocking thread for its next upload
-    /// (a fresh one per path would be page-faulted in every time).
-    static SOURCE_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// The client's stdin pipe, read by a blocking task for the body of an upload: exactly the
-/// bytes asked for, so what follows the NAR stays in the pipe for the session. The pipe is
-/// non-blocking (tokio's); the client is waited for at most the idle timeout. When the pipe
-/// is empty and more than half a pipe is still to come, the task pauses (see [`Pause`]) so
-/// that one read takes what many of the client's writes put in.
-struct PipeSource<F> {
-    pipe: PacedPipe<F>,
-    /// Size of the reads (the thread's buffer is this long).
-    read_size: usize,
-}
-
-impl<F: AsFd> PipeSource<F> {
-    fn new(fd: F, timeout: Duration) -> Self {
-        PipeSource {
-            pipe: PacedPipe::new(fd, timeout),
-            read_size: CHUNK,
-        }
-    }
-
-    /// Reads exactly `len` bytes, handing each piece to `sink` as it arrives. The end of
-    /// the client's input before that is [`ServeError::UnexpectedEof`] "in a NAR".
-    fn read_exact(
-        &mut self,
-        len: u64,
-        mut sink: impl FnMut(&[u8]) -> Result<(), SessionError>,
-    ) -> Result<(), SessionError> {
-        let mut buf = SOURCE_BUF.take();
-        buf.resize(self.read_size, 0);
-        let result = self.read_into(&mut buf, len, &mut sink);
-        SOURCE_BUF.set(buf);
-        result
-    }
-
-    fn read_into(
-        &mut self,
-        buf: &mut [u8],
-        mut left: u64,
-        sink: &mut impl FnMut(&[u8]) -> Result<(), SessionError>,
-    ) -> Result<(), SessionError> {
-        while left > 0 {
-            // At most the buffer's length, so the cast cannot truncate.
-            let want = left.min(buf.len() as u64) as usize;
-            match rustix::io::read(&self.pipe.fd, &mut buf[..want]) {
-                Ok(0) => return Err(ServeError::UnexpectedEof("in a NAR").into()),
-                Ok(n) => {
-                    sink(&buf[..n])?;
-                    left -= n as u64;
-                }
-                // Only a long remainder is worth pausing for; a short one waits for data.
-                Err(Errno::AGAIN) if left > self.pipe.capacity / 2 => self.let_fill()?,
-                Err(Errno::AGAIN) => self.wait()?,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(SessionError::Io(e.into())),
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets the client fill part of the empty pipe, then waits for data as
-    /// [`Self::wait`] does.
-    fn let_fill(&mut self) -> Result<(), SessionError> {
-        let queued = self
-            .pipe
-            .pause_then_wait(PollFlags::IN)?
-            .ok_or_else(|| self.timed_out())?;
-        let capacity = self.pipe.capacity;
-        self.pipe
-            .pause
-            .adapt(queued >= capacity, queued < capacity / 2);
-        Ok(())
-    }
-
-    /// Waits until the pipe has data (or the client closed it), or fails after the idle
-    /// timeout.
-    fn wait(&self) -> Result<(), SessionError> {
-        if self.pipe.ready(PollFlags::IN)? {
-            return Ok(());
-        }
-        Err(self.timed_out())
-    }
-
-    fn timed_out(&self) -> SessionError {
-        SessionError::Timeout {
-            phase: "to send more",
-            secs: self.pipe.timeout.as_secs(),
-        }
-    }
-}
-
-/// The client's stdout pipe as a [`NarSink`] for an export in a blocking task: NAR framing
-/// goes out with plain writes, and large files' contents are spliced from the page cache
-/// into the pipe. The pipe is non-blocking (tokio's); a full pipe is waited for at most the
-/// write timeout.
-///
-/// A reader that takes small reads from a full pipe (Nix reads 32 KiB at a time) wakes the
-/// writer for each one, and those wake-ups cost more than the splices. So when a splice
-/// finds the pipe full, the sink first pauses to let the reader drain part of it, then
-/// fills it again with one splice (only while more than half a pipe remains to be sent: a
-/// short remainder, such as the tail of a file that nearly fit, just waits for room, so
-/// small paths pay no pause). The pause adapts: shorter when the pipe was found empty
-/// (the reader may have waited), longer when it was still more than half full.
-struct PipeSink<F> {
-    pipe: PacedPipe<F>,
-    /// Cleared when the kernel cannot splice from a file (the dumper then reads it).
-    splice: bool,
-}
-
-impl<F: AsFd> PipeSink<F> {
-    fn new(fd: F, timeout: Duration) -> Self {
-        PipeSink {
-            pipe: PacedPipe::new(fd, timeout),
-            splice: true,
-        }
-    }
-
-    /// Lets the reader drain part of the full pipe (see the type's doc), then waits until
-    /// it has room, as [`Self::wait`] does.
-    fn let_drain(&mut self) -> io::Result<()> {
-        let queued = self
-            .pipe
-            .pause_then_wait(PollFlags::OUT)?
-            .ok_or_else(|| write_timed_out(self.pipe.timeout))?;
-        let capacity = self.pipe.capacity;
-        self.pipe.pause.adapt(queued == 0, queued > capacity / 2);
-        Ok(())
-    }
-
-    /// Waits until the pipe has room, or fails after the write timeout.
-    fn wait(&self) -> io::Result<()> {
-        if self.pipe.ready(PollFlags::OUT)? {
-            return Ok(());
-        }
-        Err(write_timed_out(self.pipe.timeout))
-    }
-}
-
-impl<F: AsFd> NarSink for PipeSink<F> {
-    fn write_buffer(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
-        let mut data = &buf[..];
-        while !data.is_empty() {
-            match rustix::io::write(&self.pipe.fd, data) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
-                Err(Errno::AGAIN) => self.wait()?,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        buf.clear();
-        Ok(())
-    }
-
-    fn takes_file(&self, size: u64) -> bool {
-        self.splice && size >= SPLICE_MIN
-    }
-
-    fn send_file(&mut self, file: &File, size: u64) -> io::Result<u64> {
-        let mut sent = 0;
-        while sent < size {
-            let want = usize::try_from(size - sent).unwrap_or(usize::MAX);
-            match splice(file, None, &self.pipe.fd, None, want, SpliceFlags::NONBLOCK) {
-                // The file is shorter than it was: the dumper finds out and says so.
-                Ok(0) => break,
-                Ok(n) => sent += n as u64,
-                // Only a long remainder is worth pausing for; a short one waits for room.
-                Err(Errno::AGAIN) if size - sent > self.pipe.capacity / 2 => self.let_drain()?,
-                Err(Errno::AGAIN) => self.wait()?,
-                Err(Errno::INTR) => {}
-                Err(Errno::INVAL) if sent == 0 => {
-                    self.splice = false;
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(sent)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::store::StoreLimits;
+    use nixbuild_core::budget::MemoryBudget;
+    use nixbuild_core::serve;
+    use std::fs::File;
     use std::os::fd::OwnedFd;
 
     /// A client that never reads: every write waits forever.
@@ -1548,79 +982,6 @@ mod tests {
         }
         async fn flush(&mut self) -> io::Result<()> {
             std::future::pending().await
-        }
-    }
-
-    /// A non-blocking pipe, as tokio leaves the client's stdout: (read end, write end).
-    fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
-        let (read, write) = rustix::pipe::pipe().unwrap();
-        rustix::fs::fcntl_setfl(&write, rustix::fs::OFlags::NONBLOCK).unwrap();
-        (read, write)
-    }
-
-    #[test]
-    fn splicing_into_a_pipe_gives_the_same_nar() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("t");
-        std::fs::create_dir_all(root.join("sub")).unwrap();
-        let big: Vec<u8> = (0..(3 << 20) + 5).map(|i: u32| (i % 251) as u8).collect();
-        std::fs::write(root.join("big"), &big).unwrap();
-        std::fs::write(root.join("sub/spliced"), &big[..SPLICE_MIN as usize + 3]).unwrap();
-        std::fs::write(root.join("sub/small"), b"small").unwrap();
-        std::fs::write(root.join("empty"), b"").unwrap();
-        std::fs::set_permissions(root.join("big"), std::fs::Permissions::from_mode(0o555)).unwrap();
-        std::os::unix::fs::symlink("sub/small", root.join("link")).unwrap();
-        let mut want = Vec::new();
-        crate::nar_fs::dump_path(&root, &mut want).unwrap();
-
-        let (read, write) = nonblocking_pipe();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            io::Read::read_to_end(&mut File::from(read), &mut got).unwrap();
-            got
-        });
-        let mut sink = PipeSink::new(write, Duration::from_secs(60));
-        let size = crate::nar_fs::dump_to(&root, &mut sink).unwrap();
-        assert!(sink.splice, "splice from a file into a pipe works");
-        drop(sink);
-        let got = reader.join().unwrap();
-        assert_eq!(size, want.len() as u64);
-        assert!(got == want, "the spliced NAR differs from dump_path's");
-    }
-
-    #[test]
-    fn the_drain_pause_follows_how_full_the_pipe_is() {
-        let (read, write) = nonblocking_pipe();
-        let mut sink = PipeSink::new(write, Duration::from_secs(60));
-        // Found empty after the pause: the reader may have waited, so the pause shrinks.
-        sink.let_drain().unwrap();
-        assert_eq!(sink.pipe.pause.0, PAUSE_START / 2);
-        // Found still nearly full after the reader took 4 KiB: the pause grows.
-        let chunk = vec![0u8; 4096];
-        while rustix::io::write(&sink.pipe.fd, &chunk).is_ok() {}
-        let reader = std::thread::spawn(move || {
-            let mut got = [0u8; 4096];
-            rustix::io::read(&read, &mut got).unwrap();
-            read
-        });
-        sink.let_drain().unwrap();
-        assert_eq!(sink.pipe.pause.0, PAUSE_START);
-        drop(reader.join().unwrap());
-    }
-
-    #[test]
-    fn a_pipe_nobody_reads_times_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
-        let (_read, write) = nonblocking_pipe();
-        let mut sink = PipeSink::new(write, Duration::from_millis(20));
-        match crate::nar_fs::dump_to(&file, &mut sink) {
-            Err(crate::nar_fs::NarFsError::Io { source, .. }) => {
-                assert_eq!(source.kind(), io::ErrorKind::TimedOut)
-            }
-            other => panic!("expected a timeout, got {other:?}"),
         }
     }
 
@@ -1913,39 +1274,5 @@ mod tests {
         assert!(!stdout.is_empty(), "the hello went out before the error");
         let stderr = String::from_utf8(stderr).unwrap();
         assert_eq!(stderr, format!("error: {err}\n"));
-    }
-
-    #[test]
-    fn pool_reuses_a_buffer_once_its_chunk_is_free() {
-        let pool = BufferPool::default();
-        let mut buf = pool.take();
-        buf.extend_from_slice(&[1; CHUNK]);
-        let ptr = buf.as_ptr();
-        let chunk = buf.freeze();
-        let shared = chunk.clone();
-        pool.give(chunk);
-        // Still referred to elsewhere: not reused, a new buffer comes instead.
-        assert_ne!(pool.take().as_ptr(), ptr);
-        pool.give(shared);
-        let again = pool.take();
-        assert_eq!((again.as_ptr(), again.len()), (ptr, 0));
-        assert!(again.capacity() >= CHUNK);
-    }
-
-    #[test]
-    fn a_pooled_chunk_comes_back_when_its_last_view_is_dropped() {
-        let pool = BufferPool::default();
-        let mut buf = pool.take_vec();
-        buf.extend_from_slice(&[7; CHUNK]);
-        let ptr = buf.as_ptr();
-        let chunk = pool.chunk(buf);
-        let packet = chunk.slice(1000..2000);
-        drop(chunk);
-        assert!(pool.lock().is_empty(), "a view is still alive");
-        assert_eq!(&packet[..], &[7; 1000][..]);
-        drop(packet);
-        let again = pool.take_vec();
-        assert_eq!((again.as_ptr(), again.len()), (ptr, 0));
-        assert!(again.capacity() >= CHUNK);
     }
 }

@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::builds::BuildService;
 use crate::config::Config;
-use crate::session::{self, SessionError, SessionOutput, SessionSettings};
+use crate::service::SessionSettings;
+use crate::session::{self, SessionError, SessionOutput};
 use crate::store::Store;
 
 /// Why the SSH front door could not start.

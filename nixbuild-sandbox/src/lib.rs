@@ -25,7 +25,9 @@
 //!   builder's output (stdout and stderr through a raw-mode pty, the [`SETUP_DONE`] marker
 //!   removed); its stderr ends with a report line that [`parse_report()`] reads as a
 //!   [`HelperReport`]. Nothing forks inside the tokio process. The executor's system calls
-//!   are the only `unsafe` code of the workspace (`exec/sys.rs`).
+//!   are the only `unsafe` code of the workspace: the crate denies `unsafe_code` and allows it
+//!   on `exec/sys.rs` alone, whose `clone` refuses to run in a process with more than one
+//!   thread.
 //!
 //! # Threat model
 //!
@@ -63,23 +65,25 @@
 //! build service enforces around the helper; output checks and canonicalisation, which the
 //! build service does on `<scratch>/store` after the builder exits.
 
+#![deny(unsafe_code)]
+
 pub mod env;
 mod error;
 mod exec;
 pub mod files;
+mod helper_messages;
 mod plan;
 mod request;
 pub mod seccomp;
-mod wire;
 
 pub use error::PlanError;
 pub use exec::{helper_command, maybe_run_helper, ExecError, HELPER_ARG};
+pub use helper_messages::{decode_plan, encode_plan, parse_report, HelperReport, PlanDecodeError};
 pub use plan::{
     plan, Exec, HostOp, IdMap, IdMaps, MountOp, Namespaces, Personality, Rlimit, RlimitResource,
     RlimitValue, SandboxPlan, Step, DEV_NODES, DEV_SYMLINKS, PUT_OLD, SETUP_DONE,
 };
 pub use request::{BuildRequest, HostSetup, InputKind, InputPath, ResolverFiles, ScratchLayout};
-pub use wire::{decode_plan, encode_plan, parse_report, HelperReport, WireError};
 
 #[cfg(test)]
 pub(crate) mod tests {

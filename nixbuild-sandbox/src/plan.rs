@@ -15,7 +15,7 @@ use crate::seccomp::SeccompPlan;
 use crate::{BuildRequest, HostSetup, InputKind, PlanError, ScratchLayout};
 
 /// `&'static str`, spelled through an alias so that serde does not borrow it from the input
-/// (the helper decodes these with `wire::leak_str`).
+/// (the helper decodes these with `helper_messages::leak_str`).
 type FixedStr = &'static str;
 
 /// The namespaces the helper creates with `clone` (docs/sandbox.md C.2). There is no unsandboxed
@@ -78,7 +78,7 @@ pub struct IdMaps {
     /// `/proc/<pid>/uid_map`: 1000 → the build uid.
     pub uid_map: IdMap,
     /// `/proc/<pid>/setgroups`: `deny`, so the builder cannot drop gid 100 with `setgroups`.
-    #[serde(deserialize_with = "crate::wire::leak_str")]
+    #[serde(deserialize_with = "crate::helper_messages::leak_str")]
     pub setgroups: FixedStr,
     /// `/proc/<pid>/gid_map`: 100 → the build gid.
     pub gid_map: IdMap,
@@ -96,7 +96,7 @@ pub enum HostOp {
     /// `mkdir(path, mode)` then `chown(uid, gid)`.
     CreateDir {
         /// Where.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         path: PathBuf,
         /// Permission bits (including sticky).
         mode: u32,
@@ -108,10 +108,10 @@ pub enum HostOp {
     /// Create a regular file with these contents (empty for a mount point), mode and owner.
     CreateFile {
         /// Where.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         path: PathBuf,
         /// Contents.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         contents: Vec<u8>,
         /// Permission bits.
         mode: u32,
@@ -123,10 +123,10 @@ pub enum HostOp {
     /// `symlink(target, path)`, owned by root.
     Symlink {
         /// Where.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         path: PathBuf,
         /// What it points to.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         target: PathBuf,
     },
     /// Mount a new `tmpfs` (`nosuid`, `nodev`, `noexec`) on the directory `path`, made by an
@@ -135,7 +135,7 @@ pub enum HostOp {
     /// and the host never sees it.
     Tmpfs {
         /// The mount point.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         path: PathBuf,
         /// The mount data: size and inode limits, and the root directory's mode and owner.
         options: String,
@@ -163,10 +163,10 @@ pub enum MountOp {
     /// `mount(source, target, NULL, MS_BIND [| MS_REC])`.
     Bind {
         /// The host path.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         source: PathBuf,
         /// The mount point.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         target: PathBuf,
         /// `MS_REC`.
         recursive: bool,
@@ -176,13 +176,13 @@ pub enum MountOp {
     /// clear.
     RemountReadOnly {
         /// The mount point.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         target: PathBuf,
     },
     /// A new `tmpfs`.
     Tmpfs {
         /// The mount point.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         target: PathBuf,
         /// The mount data, e.g. `size=50%`.
         options: String,
@@ -191,7 +191,7 @@ pub enum MountOp {
     /// fallback to the host's `/dev/pts`).
     Devpts {
         /// The mount point.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         target: PathBuf,
         /// The mount data: `newinstance,mode=0620`.
         options: String,
@@ -199,13 +199,13 @@ pub enum MountOp {
     /// A new `proc`, which shows only the sandbox's PID namespace.
     Proc {
         /// The mount point.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         target: PathBuf,
     },
     /// `chmod(path, mode)` on a file of a freshly mounted filesystem (`/dev/pts/ptmx`).
     Chmod {
         /// The file.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         path: PathBuf,
         /// The new mode.
         mode: u32,
@@ -213,16 +213,16 @@ pub enum MountOp {
     /// `chdir(new_root)`, `mkdir(put_old, 0500)`, `pivot_root(".", put_old)`, `chroot(".")`.
     PivotRoot {
         /// The new root (a mount point: it was bind-mounted onto itself).
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         new_root: PathBuf,
         /// The old root's mount point, relative to the new root.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         put_old: PathBuf,
     },
     /// `umount2(path, MNT_DETACH)` then `rmdir(path)`: the host's tree becomes unreachable.
     DetachOldRoot {
         /// The old root's mount point inside the sandbox.
-        #[serde(with = "crate::wire::bytes")]
+        #[serde(with = "crate::helper_messages::bytes")]
         path: PathBuf,
     },
 }
@@ -267,13 +267,13 @@ pub struct Personality {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
     /// The builder's path inside the sandbox.
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub path: Vec<u8>,
     /// `argv`: the builder's base name, then the derivation's args.
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub argv: Vec<Vec<u8>>,
     /// `envp` as `(name, value)` pairs, sorted by name (docs/sandbox.md C.8).
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub env: EnvVars,
 }
 
@@ -356,10 +356,10 @@ pub struct SandboxPlan {
     /// Bring `lo` up (`IFF_UP | IFF_LOOPBACK | IFF_RUNNING`): only in a new network namespace.
     pub loopback_up: bool,
     /// `sethostname`.
-    #[serde(deserialize_with = "crate::wire::leak_str")]
+    #[serde(deserialize_with = "crate::helper_messages::leak_str")]
     pub hostname: FixedStr,
     /// `setdomainname`.
-    #[serde(deserialize_with = "crate::wire::leak_str")]
+    #[serde(deserialize_with = "crate::helper_messages::leak_str")]
     pub domainname: FixedStr,
     /// The mount steps, ending with the pivot and the root made read-only.
     pub mounts: Vec<MountOp>,
@@ -373,7 +373,7 @@ pub struct SandboxPlan {
     /// `personality(2)`.
     pub personality: Personality,
     /// The working directory of the builder.
-    #[serde(deserialize_with = "crate::wire::leak_str")]
+    #[serde(deserialize_with = "crate::helper_messages::leak_str")]
     pub cwd: FixedStr,
     /// Resource limits.
     pub rlimits: Vec<Rlimit>,
@@ -386,7 +386,7 @@ pub struct SandboxPlan {
     /// The builder.
     pub exec: Exec,
     /// Output name → host path where the builder's output appears when it succeeds.
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub outputs: Vec<(String, PathBuf)>,
 }
 

@@ -105,16 +105,16 @@ pub struct ResolverFiles {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScratchLayout {
     /// `<scratch>/root`: the new root; bind-mounted onto itself, read-only once set up.
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub root: PathBuf,
     /// `<scratch>/build`: the build directory, `/build` inside, owned by the build uid.
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub build: PathBuf,
     /// `<scratch>/store`: `/nix/store` inside, where outputs are created (mode 01775).
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub store: PathBuf,
     /// `<scratch>/tmp`: `/tmp` inside (mode 01777), on disk like Nix's.
-    #[serde(with = "crate::wire::bytes")]
+    #[serde(with = "crate::helper_messages::bytes")]
     pub tmp: PathBuf,
 }
 

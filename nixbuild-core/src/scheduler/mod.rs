@@ -68,7 +68,7 @@ mod tests;
 
 pub use machine::Machine;
 pub use refusal::Refusal;
-pub use status::{Bytes, WaitReason, WaitStatus};
+pub use status::{ByteCount, WaitReason, WaitStatus};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -1,6 +1,6 @@
 //! Why a build can never run on this server's machines.
 
-use super::status::Bytes;
+use super::status::ByteCount;
 
 /// Why a build was refused at once: no machine could ever run it, whatever else finishes.
 /// The message is meant for the client's terminal as it is.
@@ -63,7 +63,7 @@ pub enum Refusal {
     /// The build asks for more memory than any suitable machine has.
     #[error(
         "the build asks for {} memory but the largest machine for '{system}' it could use \
-         has {}", Bytes(*asked), Bytes(*largest)
+         has {}", ByteCount(*asked), ByteCount(*largest)
     )]
     Memory {
         /// The derivation's system.
@@ -76,7 +76,7 @@ pub enum Refusal {
     /// Some suitable machine has the cores and some the memory, but none both.
     #[error(
         "no machine for '{system}' has both the {cores} cores and the {} memory the build \
-         asks for", Bytes(*memory)
+         asks for", ByteCount(*memory)
     )]
     CoresAndMemory {
         /// The derivation's system.

@@ -5,9 +5,9 @@ use std::fmt;
 /// A quantity of memory, shown in the largest binary unit that keeps it readable
 /// (`8 GiB`, `1.5 GiB`, `512 MiB`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Bytes(pub u64);
+pub struct ByteCount(pub u64);
 
-impl fmt::Display for Bytes {
+impl fmt::Display for ByteCount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 4] = [
             ("TiB", 1 << 40),
@@ -68,7 +68,7 @@ impl fmt::Display for WaitStatus {
         match self.reason {
             WaitReason::Cores(1) => f.write_str("1 core")?,
             WaitReason::Cores(n) => write!(f, "{n} cores")?,
-            WaitReason::Memory(bytes) => write!(f, "{} memory", Bytes(bytes))?,
+            WaitReason::Memory(bytes) => write!(f, "{} memory", ByteCount(bytes))?,
             WaitReason::JobSlot => f.write_str("a job slot")?,
             WaitReason::Reserved => f.write_str("a machine kept free for a large build")?,
             WaitReason::Turn => f.write_str("its turn")?,
@@ -88,12 +88,12 @@ mod tests {
 
     #[test]
     fn bytes_are_shown_in_readable_units() {
-        assert_eq!(Bytes(8 << 30).to_string(), "8 GiB");
-        assert_eq!(Bytes(3 << 29).to_string(), "1.5 GiB");
-        assert_eq!(Bytes(512 << 20).to_string(), "512 MiB");
-        assert_eq!(Bytes(2 << 40).to_string(), "2 TiB");
-        assert_eq!(Bytes(1000).to_string(), "1000 bytes");
-        assert_eq!(Bytes(1536).to_string(), "1.5 KiB");
+        assert_eq!(ByteCount(8 << 30).to_string(), "8 GiB");
+        assert_eq!(ByteCount(3 << 29).to_string(), "1.5 GiB");
+        assert_eq!(ByteCount(512 << 20).to_string(), "512 MiB");
+        assert_eq!(ByteCount(2 << 40).to_string(), "2 TiB");
+        assert_eq!(ByteCount(1000).to_string(), "1000 bytes");
+        assert_eq!(ByteCount(1536).to_string(), "1.5 KiB");
     }
 
     #[test]

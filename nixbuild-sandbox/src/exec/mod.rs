@@ -21,6 +21,8 @@
 //! the scratch directory: the daemon takes the outputs out of `<scratch>/store` first.
 
 mod child;
+// The system calls: the only module of the workspace allowed `unsafe` code.
+#[allow(unsafe_code)]
 mod sys;
 
 use std::ffi::{CString, OsStr};
@@ -37,8 +39,8 @@ use rustix::process::{
     pidfd_open, pidfd_send_signal, Gid, Pid, PidfdFlags, Signal, Uid, WaitOptions,
 };
 
+use crate::helper_messages::{decode_plan, HelperReport, PlanDecodeError};
 use crate::seccomp::SeccompError;
-use crate::wire::{decode_plan, HelperReport, WireError};
 use crate::{HostOp, IdMaps, SandboxPlan, Step, SETUP_DONE};
 use child::{Child, ExecArgs};
 
@@ -62,7 +64,7 @@ pub enum ExecError {
     PlanTooLarge,
     /// The plan could not be decoded.
     #[error("decoding the plan: {0}")]
-    DecodePlan(#[from] WireError),
+    DecodePlan(#[from] PlanDecodeError),
     /// The plan's steps are not in an order the executor can perform.
     #[error("the plan's steps are out of order: {0}")]
     StepOrder(String),
@@ -538,9 +540,9 @@ fn run_helper() -> Result<HelperReport, ExecError> {
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(sys_err("pipe"))?;
 
     let flags = plan.namespaces.clone_flags();
-    // SAFETY: the helper is single-threaded: it runs first in main, before anything that could
-    // start a thread.
-    let forked = unsafe { sys::clone_process(flags) }.map_err(io_err(format!(
+    // The helper runs first in main, before anything that could start a thread;
+    // `clone_process` checks that, and fails the build otherwise.
+    let forked = sys::clone_process(flags).map_err(io_err(format!(
         "clone with namespaces {:?} (flags {flags:#x})",
         plan.namespaces
     )))?;

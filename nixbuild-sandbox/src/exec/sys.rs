@@ -1,6 +1,5 @@
-//! The system calls rustix does not wrap, each behind a small safe (or documented unsafe)
-//! function. This file holds all of the workspace's `unsafe` code apart from the `clone`
-//! caller's contract.
+//! The system calls rustix does not wrap, each behind a small safe function. This file holds
+//! all of the workspace's `unsafe` code (the crate denies it everywhere else).
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -27,14 +26,21 @@ pub(super) enum Forked {
 
 /// `clone(flags | SIGCHLD)` without a new stack: like `fork`, plus the namespace flags.
 ///
-/// # Safety
-///
 /// The calling process must be single-threaded (the helper is), so that the child's copy of
-/// the memory has no lock held by a thread that does not exist in it.
-pub(super) unsafe fn clone_process(namespace_flags: u64) -> io::Result<Forked> {
+/// the memory has no lock held by a thread that does not exist in it. This is checked first
+/// (fail closed): with more than one thread, nothing is cloned and the error says how many
+/// there are. (Only this thread could start another, so the count cannot grow before the
+/// `clone`.)
+pub(super) fn clone_process(namespace_flags: u64) -> io::Result<Forked> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "the sandbox helper has {threads} threads; it must be single-threaded to clone"
+        )));
+    }
     let flags = namespace_flags | libc::SIGCHLD as u64;
-    // SAFETY: a raw clone with a null stack behaves like fork; the caller guarantees a single
-    // thread. The remaining pointer arguments are unused without CLONE_*TID/SETTLS flags.
+    // SAFETY: a raw clone with a null stack behaves like fork; the process has a single
+    // thread (checked above). The remaining pointer arguments are unused without CLONE_*TID/SETTLS flags.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -49,6 +55,17 @@ pub(super) unsafe fn clone_process(namespace_flags: u64) -> io::Result<Forked> {
         0 => Ok(Forked::Child),
         pid => Ok(Forked::Parent(pid as i32)),
     }
+}
+
+/// The number of threads of this process: the entries of `/proc/self/task`.
+fn thread_count() -> io::Result<usize> {
+    let tasks = std::fs::read_dir("/proc/self/task").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("counting the threads in /proc/self/task: {e}"),
+        )
+    })?;
+    Ok(tasks.count())
 }
 
 /// `unshare(CLONE_NEWNS)`: the calling process gets a mount namespace of its own.
@@ -235,4 +252,30 @@ pub(super) fn execve(path: &CStr, argv: &[CString], env: &[CString]) -> io::Erro
     // outlive the call.
     unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr()) };
     io::Error::last_os_error()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_refuses_a_process_with_another_thread() {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            started_tx.send(()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        started_rx.recv().unwrap();
+        assert!(thread_count().unwrap() >= 2);
+        // Nothing is cloned: this process goes on alone (a child would run the rest too).
+        let err = match clone_process(0) {
+            Err(e) => e,
+            Ok(_) => panic!("clone ran in a multi-threaded process"),
+        };
+        assert!(err.to_string().contains("must be single-threaded"), "{err}");
+        stop_tx.send(()).unwrap();
+        other.join().unwrap();
+    }
 }

@@ -14,7 +14,7 @@ use crate::SandboxPlan;
 
 /// Why the helper could not decode the plan it was given.
 #[derive(Debug, thiserror::Error)]
-pub enum WireError {
+pub enum PlanDecodeError {
     /// The bytes are not a plan in the format [`encode_plan`] writes.
     #[error("the plan is not valid: {0}")]
     Decode(#[from] serde_json::Error),
@@ -28,7 +28,7 @@ pub fn encode_plan(plan: &SandboxPlan) -> Vec<u8> {
 }
 
 /// The inverse of [`encode_plan`], run by the helper.
-pub fn decode_plan(bytes: &[u8]) -> Result<SandboxPlan, WireError> {
+pub fn decode_plan(bytes: &[u8]) -> Result<SandboxPlan, PlanDecodeError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
@@ -104,7 +104,7 @@ pub(crate) fn leak_str<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, 
     String::deserialize(d).map(|s| &*Box::leak(s.into_boxed_str()))
 }
 
-/// A byte string on the wire: a JSON string when it is UTF-8 (the common case, and readable),
+/// A byte string in the JSON: a JSON string when it is UTF-8 (the common case, and readable),
 /// else an array of numbers. Paths and environment values are arbitrary bytes on Linux.
 pub(crate) struct Bytes(Vec<u8>);
 
@@ -143,13 +143,13 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
-/// A plan field made of byte strings, with the form it takes on the wire.
+/// A plan field made of byte strings, with the form it takes in the JSON.
 pub(crate) trait WireForm: Sized {
     /// The serialisable form.
     type Repr: Serialize + for<'de> Deserialize<'de>;
-    /// To the wire form.
+    /// To the JSON form.
     fn to_repr(&self) -> Self::Repr;
-    /// From the wire form.
+    /// From the JSON form.
     fn from_repr(repr: Self::Repr) -> Self;
 }
 
@@ -203,17 +203,17 @@ impl<A: WireForm, B: WireForm> WireForm for (A, B) {
     }
 }
 
-/// `#[serde(with = "crate::wire::bytes")]` for fields made of byte strings and paths.
+/// `#[serde(with = "crate::helper_messages::bytes")]` for fields made of byte strings and paths.
 pub(crate) mod bytes {
     use super::WireForm;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    /// Serialises through the wire form.
+    /// Serialises through the JSON form.
     pub(crate) fn serialize<T: WireForm, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         v.to_repr().serialize(s)
     }
 
-    /// Deserialises through the wire form.
+    /// Deserialises through the JSON form.
     pub(crate) fn deserialize<'de, T: WireForm, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
         T::Repr::deserialize(d).map(T::from_repr)
     }
