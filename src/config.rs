@@ -267,9 +267,28 @@ impl SchedulerSection {
     }
 }
 
+/// Why a size setting does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// No number where one was expected.
+    #[error("{0:?} is not a size such as 16G or 512M")]
+    NotASize(String),
+    /// A suffix other than the units [`parse_size`] knows.
+    #[error("{unit:?} in {text:?} is not a unit: use K, M, G or T (powers of 1024)")]
+    UnknownUnit {
+        /// The suffix.
+        unit: String,
+        /// The whole setting.
+        text: String,
+    },
+    /// More bytes than a `u64` holds.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses a size in bytes: a number, optionally followed by `K`, `M`, `G` or `T` (powers of
 /// 1024; `KiB`, `MiB`, `GiB`, `TiB` too), such as `16G` or `512M`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let text = text.trim();
     let digits = text
         .find(|c: char| !c.is_ascii_digit())
@@ -277,7 +296,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let (number, unit) = text.split_at(digits);
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 16G or 512M"))?;
+        .map_err(|_| SizeError::NotASize(text.to_owned()))?;
     let shift = match unit.trim() {
         "" => 0,
         "K" | "KiB" => 10,
@@ -285,14 +304,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "G" | "GiB" => 30,
         "T" | "TiB" => 40,
         other => {
-            return Err(format!(
-                "{other:?} in {text:?} is not a unit: use K, M, G or T (powers of 1024)"
-            ))
+            return Err(SizeError::UnknownUnit {
+                unit: other.to_owned(),
+                text: text.to_owned(),
+            })
         }
     };
     number
         .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| SizeError::TooLarge(text.to_owned()))
 }
 
 /// Deserializes an optional size given as a number of bytes or as a [`parse_size`] string.

@@ -30,8 +30,8 @@ use crate::builds::{BuildError, BuildService};
 use crate::client_pipe::{PipeLoan, SharedPipe};
 use crate::config::Config;
 use crate::relay_protocol::{
-    frame_header, socket_path, RelayFrames, RelayHeader, FRAME_EXIT, FRAME_STDERR, MAX_HEADER,
-    RELAY_FDS,
+    frame_header, socket_path, RelayFrames, RelayHeader, RelayHeaderError, FRAME_EXIT,
+    FRAME_STDERR, MAX_HEADER, RELAY_FDS,
 };
 use crate::service::SessionSettings;
 use crate::session::{self, SessionOutput};
@@ -349,10 +349,12 @@ async fn connection(
     budget: Arc<MemoryBudget>,
 ) {
     let status = match admit(&stream, &config, &accounts).await {
-        Err(msg) => {
-            tracing::warn!("refused a connection: {msg}");
+        Err(refusal) => {
+            tracing::warn!("refused a connection: {refusal}");
             let mut frames = RelayFrames::new(stream);
-            let _ = frames.stderr(format!("error: {msg}\n").as_bytes()).await;
+            let _ = frames
+                .stderr(format!("error: {refusal}\n").as_bytes())
+                .await;
             drop(permit);
             frames.exit(1).await
         }
@@ -399,7 +401,6 @@ pub type ClientReader = Pin<Box<dyn AsyncRead + Send + Sync>>;
 /// A boxed writer to the client (a pipe or a socket).
 pub type ClientWriter = Pin<Box<dyn AsyncWrite + Send + Sync>>;
 
-/// Checks the peer's credentials, reads its header and takes the client's stdin and stdout.
 /// A relayed session let in: its header, the client's streams, and the account's session slot
 /// (held for the session's life).
 struct Admitted {
@@ -409,48 +410,71 @@ struct Admitted {
     slot: AccountSlot,
 }
 
+/// Why a relay connection was refused before its session began; the relay prints it.
+#[derive(Debug, thiserror::Error)]
+enum AdmitError {
+    #[error("cannot read the peer's credentials: {0}")]
+    Credentials(io::Error),
+    #[error(
+        "uid {uid} (gid {gid}) may not relay sessions to the nixbuild daemon; \
+         allow it with relay.trusted_uids or relay.trusted_gids"
+    )]
+    Untrusted { uid: u32, gid: u32 },
+    #[error("no relay header within {0} s")]
+    HeaderTimeout(u64),
+    #[error("reading the relay header: {0}")]
+    HeaderRead(io::Error),
+    #[error("the relay header is missing or longer than {MAX_HEADER} bytes")]
+    HeaderTooLong,
+    #[error(transparent)]
+    Header(#[from] RelayHeaderError),
+    #[error(
+        "account {account} already has {max} sessions, the most this server allows at once \
+         (max_sessions_per_account in [limits] of the server's configuration)"
+    )]
+    TooManySessions { account: String, max: usize },
+    #[error(
+        "the relay sent {0} descriptors with its header, expected {RELAY_FDS} (stdin, stdout)"
+    )]
+    Descriptors(usize),
+    #[error("the relay's {which}: {source}")]
+    Stream {
+        which: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Checks the peer's credentials, reads its header and takes the client's stdin and stdout.
 async fn admit(
     stream: &UnixStream,
     config: &Config,
     accounts: &Arc<AccountCounts>,
-) -> Result<Admitted, String> {
-    let cred = stream
-        .peer_cred()
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+) -> Result<Admitted, AdmitError> {
+    let cred = stream.peer_cred().map_err(AdmitError::Credentials)?;
     let (uid, gid) = (cred.uid(), cred.gid());
     if !config.relay.trusts(uid, gid) {
-        return Err(format!(
-            "uid {uid} (gid {gid}) may not relay sessions to the nixbuild daemon; \
-             allow it with relay.trusted_uids or relay.trusted_gids"
-        ));
+        return Err(AdmitError::Untrusted { uid, gid });
     }
-    let secs = config.timeouts.handshake;
     let (line, fds) = tokio::time::timeout(config.timeouts.handshake(), read_header(stream))
         .await
-        .map_err(|_| format!("no relay header within {secs} s"))?
-        .map_err(|e| format!("reading the relay header: {e}"))?;
-    let Some(line) = line.strip_suffix(b"\n") else {
-        return Err(format!(
-            "the relay header is missing or longer than {MAX_HEADER} bytes"
-        ));
-    };
-    let header = RelayHeader::parse(line).map_err(|e| e.to_string())?;
+        .map_err(|_| AdmitError::HeaderTimeout(config.timeouts.handshake))?
+        .map_err(AdmitError::HeaderRead)?;
+    let line = line.strip_suffix(b"\n").ok_or(AdmitError::HeaderTooLong)?;
+    let header = RelayHeader::parse(line)?;
     let max = config.limits.max_sessions_per_account;
-    let slot = accounts.acquire(&header.account, max).ok_or_else(|| {
-        format!(
-            "account {} already has {max} sessions, the most this server allows at once \
-             (max_sessions_per_account in [limits] of the server's configuration)",
-            header.account
-        )
-    })?;
-    let [stdin, stdout]: [OwnedFd; RELAY_FDS] = fds.try_into().map_err(|fds: Vec<OwnedFd>| {
-        format!(
-            "the relay sent {} descriptors with its header, expected {RELAY_FDS} (stdin, stdout)",
-            fds.len()
-        )
-    })?;
-    let input = client_reader(stdin).map_err(|e| format!("the relay's stdin: {e}"))?;
-    let output = client_writer(stdout).map_err(|e| format!("the relay's stdout: {e}"))?;
+    let slot =
+        accounts
+            .acquire(&header.account, max)
+            .ok_or_else(|| AdmitError::TooManySessions {
+                account: header.account.clone(),
+                max,
+            })?;
+    let [stdin, stdout]: [OwnedFd; RELAY_FDS] = fds
+        .try_into()
+        .map_err(|fds: Vec<OwnedFd>| AdmitError::Descriptors(fds.len()))?;
+    let stream_err = |which| move |source| AdmitError::Stream { which, source };
+    let input = client_reader(stdin).map_err(stream_err("stdin"))?;
+    let output = client_writer(stdout).map_err(stream_err("stdout"))?;
     Ok(Admitted {
         header,
         input,

@@ -158,11 +158,8 @@ where
         ctx: SessionContext::new(store, builds, settings),
         session: ServerSession::new(settings.write_allowed, settings.limits),
         out: &mut out,
-        upload: None,
-        pending_add: None,
+        incoming: Incoming::Idle,
         pipe_upload: None,
-        received: None,
-        import_entries: 0,
         pool: BufferPool::default(),
         pending_build: None,
         held: Reservation::new(settings.buffer_budget.clone()),
@@ -285,6 +282,33 @@ impl<O: SessionOutput> SessionOutput for WriteTimeout<'_, O> {
     }
 }
 
+/// The NAR data the session is receiving, if any: what the sans-IO session's events mean
+/// depends on it.
+enum Incoming {
+    /// No upload in progress.
+    Idle,
+    /// AddToStoreNar: the header, and the NAR arriving as chunk events.
+    Add {
+        header: Box<AddToStoreNar>,
+        upload: Upload,
+    },
+    /// ImportPaths: the entries begun so far in this stream, and the current one.
+    Import { entries: usize, entry: ImportEntry },
+}
+
+/// What an ImportPaths entry's NAR is, in errors.
+const IMPORT_NAR: &str = "receiving a NAR in ImportPaths";
+
+/// Where the current entry of an ImportPaths stream is.
+enum ImportEntry {
+    /// Between entries: the next chunk begins one.
+    Between,
+    /// Its NAR is arriving.
+    Receiving(Upload),
+    /// Its NAR is complete; the trailer that names the path comes next.
+    Received(Import),
+}
+
 /// A build request whose answer waits for builds to finish.
 enum PendingBuild {
     /// BuildDerivation: answered with a BuildResult.
@@ -299,16 +323,10 @@ struct Driver<'a, O> {
     session: ServerSession,
     out: &'a mut O,
     /// The NAR being received, if any.
-    upload: Option<Upload>,
-    /// AddToStoreNar: the header whose NAR is being received.
-    pending_add: Option<Box<AddToStoreNar>>,
+    incoming: Incoming,
     /// AddToStoreNar just decoded, whose NAR is read straight from the client's stdin pipe
     /// (lent for it) before the next event.
     pipe_upload: Option<(Box<AddToStoreNar>, PipeLoan)>,
-    /// ImportPaths: the entry whose NAR is complete and whose trailer comes next.
-    received: Option<Import>,
-    /// ImportPaths: entries received so far in the current stream.
-    import_entries: usize,
     /// Chunk buffers shared with the blocking tasks, reused for the whole session.
     pool: BufferPool,
     /// The build request just decoded, run before the next event.
@@ -394,20 +412,10 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Event::Request(req) => self.request(req).await,
             Event::NarChunk(chunk) => self.nar_chunk(chunk).await,
-            Event::NarEnd => {
-                let import = self.finish_upload().await?;
-                match self.pending_add.take() {
-                    Some(h) => self.commit_add(*h, import).await,
-                    None => {
-                        // ImportPaths: the trailer that names the path comes next.
-                        self.received = Some(import);
-                        Ok(())
-                    }
-                }
-            }
+            Event::NarEnd => self.nar_end().await,
             Event::ImportEntry(trailer) => self.commit_import_entry(trailer).await,
             Event::ImportEnd => {
-                self.import_entries = 0;
+                self.incoming = Incoming::Idle;
                 Ok(self.session.respond(&Response::Imported)?)
             }
         }
@@ -446,13 +454,19 @@ impl<O: SessionOutput> Driver<'_, O> {
                 match self.out.lend_stdin() {
                     Some(stdin) => self.pipe_upload = Some((header, stdin?)),
                     None => {
-                        self.upload = Some(self.ctx.start_upload(header.ca, &self.pool));
-                        self.pending_add = Some(header);
+                        let upload = self.ctx.start_upload(header.ca, &self.pool);
+                        self.incoming = Incoming::Add { header, upload };
                     }
                 }
                 Ok(())
             }
-            Request::ImportPaths => Ok(()),
+            Request::ImportPaths => {
+                self.incoming = Incoming::Import {
+                    entries: 0,
+                    entry: ImportEntry::Between,
+                };
+                Ok(())
+            }
             Request::BuildDerivation {
                 drv_path,
                 drv,
@@ -673,34 +687,60 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     async fn nar_chunk(&mut self, chunk: Bytes) -> Result<(), SessionError> {
         self.ctx.charge_upload(chunk.len() as u64)?;
-        if self.upload.is_none() {
-            // ImportPaths: the first chunk of an entry's NAR.
-            self.import_entries += 1;
-            self.ctx.check_count("ImportPaths", self.import_entries)?;
-            self.upload = Some(self.ctx.start_upload(None, &self.pool));
-        }
-        let Some(upload) = &self.upload else {
-            return Err(ServeError::Misuse("NAR data without an upload").into());
+        let upload = match &mut self.incoming {
+            Incoming::Add { upload, .. } => upload,
+            Incoming::Import { entries, entry } => {
+                if matches!(entry, ImportEntry::Between) {
+                    // The first chunk of an entry's NAR.
+                    *entries += 1;
+                    self.ctx.check_count("ImportPaths", *entries)?;
+                    *entry = ImportEntry::Receiving(self.ctx.start_upload(None, &self.pool));
+                }
+                match entry {
+                    ImportEntry::Receiving(upload) => upload,
+                    _ => return Err(ServeError::Misuse("NAR data after an entry's NAR").into()),
+                }
+            }
+            Incoming::Idle => return Err(ServeError::Misuse("NAR data without an upload").into()),
         };
         if !upload.send(chunk).await {
             // The task stopped early, which it does only on an error: its result says why.
-            self.finish_upload().await?;
+            let (upload, what) = match std::mem::replace(&mut self.incoming, Incoming::Idle) {
+                Incoming::Add { header, upload } => (upload, format!("receiving {}", header.path)),
+                Incoming::Import {
+                    entry: ImportEntry::Receiving(upload),
+                    ..
+                } => (upload, IMPORT_NAR.to_owned()),
+                _ => return Err(ServeError::Misuse("NAR data without an upload").into()),
+            };
+            upload.finish(what).await?;
             return Err(ServeError::Misuse("the import task stopped without an error").into());
         }
         Ok(())
     }
 
-    /// Closes the channel and waits for the import task: the import with the whole NAR, or
-    /// the store's error.
-    async fn finish_upload(&mut self) -> Result<Import, SessionError> {
-        let Some(upload) = self.upload.take() else {
-            return Err(ServeError::Misuse("end of a NAR without an upload").into());
-        };
-        let what = match &self.pending_add {
-            Some(h) => format!("receiving {}", h.path),
-            None => "receiving a NAR in ImportPaths".to_owned(),
-        };
-        Ok(upload.finish(what).await?)
+    /// The NAR is complete: closes the channel and waits for the import task, then commits
+    /// an AddToStoreNar, or keeps an ImportPaths entry for its trailer. Errors with the
+    /// store's error if the import failed.
+    async fn nar_end(&mut self) -> Result<(), SessionError> {
+        match std::mem::replace(&mut self.incoming, Incoming::Idle) {
+            Incoming::Add { header, upload } => {
+                let import = upload.finish(format!("receiving {}", header.path)).await?;
+                self.commit_add(*header, import).await
+            }
+            Incoming::Import {
+                entries,
+                entry: ImportEntry::Receiving(upload),
+            } => {
+                let import = upload.finish(IMPORT_NAR.to_owned()).await?;
+                self.incoming = Incoming::Import {
+                    entries,
+                    entry: ImportEntry::Received(import),
+                };
+                Ok(())
+            }
+            _ => Err(ServeError::Misuse("end of a NAR without an upload").into()),
+        }
     }
 
     async fn commit_add(&mut self, h: AddToStoreNar, import: Import) -> Result<(), SessionError> {
@@ -752,7 +792,10 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     async fn commit_import_entry(&mut self, t: ExportTrailer) -> Result<(), SessionError> {
-        let Some(import) = self.received.take() else {
+        let Incoming::Import { entry, .. } = &mut self.incoming else {
+            return Err(ServeError::Misuse("export trailer outside ImportPaths").into());
+        };
+        let ImportEntry::Received(import) = std::mem::replace(entry, ImportEntry::Between) else {
             return Err(ServeError::Misuse("export trailer without a NAR").into());
         };
         // ImportPaths claims no hash or size (the NAR is its own) and, as upstream, records

@@ -641,7 +641,7 @@ enum SpecError {
     Cores(String),
     /// `NIXBUILD_MEMORY` is not a size.
     #[error("NIXBUILD_MEMORY: {0}")]
-    Memory(String),
+    Memory(crate::config::SizeError),
 }
 
 /// The scheduler's view of `job`: account, system, features, and the cores and memory the

@@ -165,17 +165,21 @@ pub(super) fn landlock_scope_abstract_unix_sockets() -> io::Result<()> {
 }
 
 /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: this process leaves the session keyring it
-/// inherited for a new, empty, anonymous one (which nothing else can join by name).
+/// inherited for a new, empty, anonymous one (which nothing else can join by name). A kernel
+/// built without keyrings (`ENOSYS`) has none to leave, so there is nothing to do.
 pub(super) fn join_new_session_keyring() -> io::Result<()> {
     // SAFETY: a NULL name asks for an anonymous keyring; no other argument is a pointer.
-    check(unsafe {
+    let joined = check(unsafe {
         libc::syscall(
             libc::SYS_keyctl,
             libc::KEYCTL_JOIN_SESSION_KEYRING,
             ptr::null::<libc::c_char>(),
         )
-    })
-    .map(drop)
+    });
+    match joined {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => Ok(()),
+        other => other.map(drop),
+    }
 }
 
 /// `PER_LINUX32`.
