@@ -306,7 +306,7 @@ enum ImportEntry {
     /// Its NAR is arriving.
     Receiving(Upload),
     /// Its NAR is complete; the trailer that names the path comes next.
-    Received(Import),
+    Received(Box<Import>),
 }
 
 /// A build request whose answer waits for builds to finish.
@@ -735,7 +735,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let import = upload.finish(IMPORT_NAR.to_owned()).await?;
                 self.incoming = Incoming::Import {
                     entries,
-                    entry: ImportEntry::Received(import),
+                    entry: ImportEntry::Received(Box::new(import)),
                 };
                 Ok(())
             }
@@ -810,7 +810,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             ca: None,
             sigs: BTreeSet::new(),
         };
-        Ok(self.ctx.commit(import, claim).await?)
+        Ok(self.ctx.commit(*import, claim).await?)
     }
 
     /// Sends the NAR of `path` as it comes off the disk.
