@@ -1280,39 +1280,37 @@ mod tests {
     async fn streams_carry_the_protocol_and_the_error_message() {
         let (_dir, store, builds) = store_and_builds();
         let settings = SessionSettings::new(&Config::default(), "a", false, &unlimited());
+        let run = |input: Vec<u8>| {
+            let (store, builds, settings) = (&store, &builds, &settings);
+            async move {
+                let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+                let result = serve_streams(
+                    store,
+                    builds,
+                    settings,
+                    &input[..],
+                    &mut stdout,
+                    &mut stderr,
+                )
+                .await;
+                (result, stdout, stderr)
+            }
+        };
         let mut input = Vec::new();
         serve::ClientHello {
             version: serve::ProtocolVersion::V2_7,
         }
         .encode(&mut input);
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        serve_streams(
-            &store,
-            &builds,
-            &settings,
-            &input[..],
-            &mut stdout,
-            &mut stderr,
-        )
-        .await
-        .unwrap();
+        let (result, stdout, stderr) = run(input.clone()).await;
+        result.unwrap();
         let (hello, used) = serve::ServerHello::decode(&stdout).unwrap().unwrap();
         assert_eq!(hello.version, serve::ProtocolVersion::SERVER);
         assert_eq!(used, stdout.len());
         assert!(stderr.is_empty());
 
         input.extend_from_slice(&[0xff; 8]);
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let err = serve_streams(
-            &store,
-            &builds,
-            &settings,
-            &input[..],
-            &mut stdout,
-            &mut stderr,
-        )
-        .await
-        .unwrap_err();
+        let (result, stdout, stderr) = run(input).await;
+        let err = result.unwrap_err();
         assert!(matches!(err, SessionError::Protocol(_)), "{err}");
         assert!(!stdout.is_empty(), "the hello went out before the error");
         let stderr = String::from_utf8(stderr).unwrap();
