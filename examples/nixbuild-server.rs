@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     // Builds re-execute this binary as their sandbox helper: that mode must start before
     // anything else (no threads, no runtime).
     nixbuild_sandbox::maybe_run_helper();
-    let args = Args::parse();
+    let mut args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -79,6 +79,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Absolute, so that builds and a re-execution below do not depend on the working
+    // directory.
+    args.state_dir = match std::path::absolute(&args.state_dir) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("nixbuild-server: {}: {e}", args.state_dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
     let overrides = Overrides {
         max_nar_size: args.max_nar_size,
         max_paths_per_request: args.max_paths_per_request,
@@ -100,6 +109,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // On cgroup v2 under systemd without delegated controllers, this process continues (same
+    // pid) in a systemd scope that has them; if that cannot be done, the cgroup report says so.
+    if let Err(e) = nixbuild::cgroup::enter_delegated_scope() {
+        tracing::warn!("cannot ask systemd for a delegated cgroup: {e}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -38,6 +38,7 @@
 
 mod build_cgroup;
 mod discovery;
+mod plan;
 mod setup;
 
 use std::fmt;
@@ -48,7 +49,7 @@ use std::time::Duration;
 
 pub use build_cgroup::{BuildCgroup, ForkRefusals};
 pub use discovery::{format_cpu_list, parse_cpu_list, CpuListError};
-pub use setup::{check_limits, Cgroups};
+pub use setup::{check_limits, enter_delegated_scope, Cgroups, DELEGATED_SCOPE_ENV};
 
 /// Why a cgroup operation failed, or why limits cannot be enforced.
 #[derive(Debug, thiserror::Error)]

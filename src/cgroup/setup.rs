@@ -3,13 +3,17 @@
 //! creation of each build's cgroup with its limits set ([`Cgroups::create_build`]).
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use super::build_cgroup::{rmdir_waiting, Dir};
 use super::discovery::{
-    locate, parse_cpu_list, parse_mountinfo, parse_self_cgroup, valid_name, LocateError,
+    locate, parse_cpu_list, parse_mountinfo, parse_self_cgroup, valid_name, CgroupMount,
+    LocateError,
 };
+use super::plan::{explain_errno, plan_v2, usable_v2, Delegation, OwnCgroup, Step, V2_CONTROLLERS};
 use super::{
     format_cpu_list, io_err, mkdir, read, write, BuildCgroup, BuildLimits, CgroupError, Controller,
     Report, Support, Swap, Version,
@@ -24,25 +28,9 @@ enum Unavailable {
     /// Its directory could not be made or set up.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    /// v2: the parent has not delegated it to this process's cgroup.
-    #[error(
-        "not enabled for this process's cgroup {}: the parent's cgroup.subtree_control lacks \
-         it (systemd: Delegate=yes)",
-        .0.display()
-    )]
-    NotDelegated(PathBuf),
-    /// v2: this process's cgroup holds other processes, so it cannot distribute resources.
-    #[error(
-        "{source} (other processes share this process's cgroup {}; run the daemon in a cgroup \
-         of its own, systemd: Delegate=yes)",
-        own.display()
-    )]
-    Shared {
-        /// This process's cgroup.
-        own: PathBuf,
-        /// The refused write to its `cgroup.subtree_control`.
-        source: CgroupError,
-    },
+    /// v2: the own cgroup cannot give it to build cgroups, and what was tried.
+    #[error("{0}")]
+    V2(String),
     /// v2 without `cgroup.freeze` (Linux < 5.2).
     #[error("this kernel has no cgroup.freeze")]
     NoFreeze,
@@ -60,35 +48,39 @@ impl Cgroups {
     /// controllers enabled for it), and reports what can be enforced. Needs root to create
     /// anything; without it every controller is reported unavailable, with the reason.
     ///
-    /// On v2, when this process's cgroup also holds processes (a systemd service with
-    /// `Delegate=yes`), controllers cannot be enabled for its children; this process then
-    /// moves itself into a leaf `<root_name>.daemon` next to `<root_name>` first.
+    /// On v2 it follows the [`super::plan`]: this process first moves itself into a leaf
+    /// `<root_name>.daemon` of its own cgroup, then enables the controllers top-down. A
+    /// controller its cgroup cannot give is reported with why, and with what
+    /// [`enter_delegated_scope`] tried.
     pub fn detect(root_name: &str) -> Result<Cgroups, CgroupError> {
         if !valid_name(root_name) {
             return Err(CgroupError::Name(root_name.to_owned()));
         }
-        let mounts = parse_mountinfo(&read(Path::new("/proc/self/mountinfo"))?);
-        let self_cgroup = parse_self_cgroup(&read(Path::new("/proc/self/cgroup"))?);
-        let proc_cgroups = fs::read_to_string("/proc/cgroups").unwrap_or_default();
-        let setup = |controller: Controller| -> Support {
+        let found = Found::read()?;
+        let mut v2 = found.v2_support(root_name);
+        let mut setup = |controller: Controller| -> Support {
             let name = controller.name();
-            let found = locate(name, &mounts, &self_cgroup, &proc_cgroups)
-                .map_err(Unavailable::from)
-                .and_then(|(version, own)| {
-                    let base = own.join(root_name);
-                    match version {
-                        Version::V1 => setup_v1(controller, &own, &base),
-                        Version::V2 if controller == Controller::Freezer => setup_v2_freezer(&base),
-                        Version::V2 => setup_v2(name, &own, &base, root_name),
-                    }
-                    .map(|()| Support::Available { version, base })
-                });
+            let found = found.locate(name).and_then(|(version, own)| {
+                let base = own.join(root_name);
+                match version {
+                    Version::V1 => setup_v1(controller, &own, &base),
+                    Version::V2 if controller == Controller::Freezer => setup_v2_freezer(&base),
+                    Version::V2 => v2
+                        .iter()
+                        .position(|(c, _)| *c == controller)
+                        .map_or(Ok(()), |i| v2.remove(i).1),
+                }
+                .map(|()| Support::Available { version, base })
+            });
             found.unwrap_or_else(|e| Support::Unavailable(e.to_string()))
         };
-        let cpuset = setup(Controller::Cpuset);
-        let memory = setup(Controller::Memory);
-        let pids = setup(Controller::Pids);
-        let freezer = setup(Controller::Freezer);
+        let [cpuset, memory, pids, freezer] = [
+            Controller::Cpuset,
+            Controller::Memory,
+            Controller::Pids,
+            Controller::Freezer,
+        ]
+        .map(&mut setup);
         let kill_file = [&cpuset, &memory, &pids]
             .iter()
             .filter_map(|s| s.place())
@@ -256,6 +248,248 @@ fn host_has_no_swap() -> bool {
     })
 }
 
+/// Set in the environment of this program re-executed by [`enter_delegated_scope`], so that
+/// it does not ask again.
+pub const DELEGATED_SCOPE_ENV: &str = "NIXBUILD_DELEGATED_SCOPE";
+
+/// On cgroup v2 under systemd, when this process's cgroup cannot give build cgroups the
+/// controllers they need (an SSH login's session scope, a service without `Delegate=yes`),
+/// re-executes this program with the same arguments in a transient systemd scope with
+/// `Delegate=yes` (`systemd-run --scope`, which keeps the process id, the standard streams and
+/// the working directory). For `main`, before any thread starts. Returns when there is nothing
+/// to do or nothing to ask (no systemd, not root, already in such a scope), or with the error
+/// when `systemd-run` could not be executed; [`Cgroups::detect`] then says what was tried.
+pub fn enter_delegated_scope() -> Result<(), CgroupError> {
+    let found = Found::read()?;
+    let Some((own, wanted)) = found.v2_own() else {
+        return Ok(());
+    };
+    let Ok(files) = OwnFiles::read(&own) else {
+        return Ok(());
+    };
+    let (_, missing) = usable_v2(&files.view(&own), &wanted);
+    let delegation = Delegation::decide(
+        !missing.is_empty(),
+        systemd_can_delegate(),
+        in_delegated_scope(),
+    );
+    if delegation != Delegation::AskSystemd {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(io_err("find", Path::new("/proc/self/exe")))?;
+    let command = scope_command(&exe, std::env::args_os().skip(1));
+    let why: Vec<String> = missing
+        .iter()
+        .map(|(c, why)| format!("{}: {why}", c.name()))
+        .collect();
+    tracing::info!(
+        "{}; re-executing in a systemd scope with Delegate=yes: {}",
+        why.join("; "),
+        command
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let source = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env(DELEGATED_SCOPE_ENV, "1")
+        .exec();
+    Err(CgroupError::Io {
+        op: "execute",
+        path: PathBuf::from(&command[0]),
+        source,
+    })
+}
+
+/// The command that runs `exe` with `args` in a new transient scope with delegated
+/// controllers, removed when it ends.
+fn scope_command(exe: &Path, args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut command: Vec<OsString> = [
+        "systemd-run",
+        "--scope",
+        "--quiet",
+        "--collect",
+        "--property=Delegate=yes",
+        "--",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect();
+    command.push(exe.as_os_str().to_owned());
+    command.extend(args);
+    command
+}
+
+/// Whether systemd manages this host and this process may ask it for a scope.
+fn systemd_can_delegate() -> bool {
+    Path::new("/run/systemd/system").is_dir() && rustix::process::geteuid().is_root()
+}
+
+fn in_delegated_scope() -> bool {
+    std::env::var_os(DELEGATED_SCOPE_ENV).is_some()
+}
+
+/// What discovery reads: the cgroup mounts, this process's cgroups and `/proc/cgroups`.
+struct Found {
+    mounts: Vec<CgroupMount>,
+    self_cgroup: Vec<(u32, Vec<String>, String)>,
+    proc_cgroups: String,
+}
+
+impl Found {
+    fn read() -> Result<Found, CgroupError> {
+        Ok(Found::parse(
+            &read(Path::new("/proc/self/mountinfo"))?,
+            &read(Path::new("/proc/self/cgroup"))?,
+            fs::read_to_string("/proc/cgroups").unwrap_or_default(),
+        ))
+    }
+
+    fn parse(mountinfo: &str, self_cgroup: &str, proc_cgroups: String) -> Found {
+        Found {
+            mounts: parse_mountinfo(mountinfo),
+            self_cgroup: parse_self_cgroup(self_cgroup),
+            proc_cgroups,
+        }
+    }
+
+    fn locate(&self, controller: &str) -> Result<(Version, PathBuf), Unavailable> {
+        Ok(locate(
+            controller,
+            &self.mounts,
+            &self.self_cgroup,
+            &self.proc_cgroups,
+        )?)
+    }
+
+    /// The own cgroup on v2 and the build controllers found there (none on v1).
+    fn v2_own(&self) -> Option<(PathBuf, Vec<Controller>)> {
+        let mut own = None;
+        let mut wanted = Vec::new();
+        for controller in V2_CONTROLLERS {
+            if let Ok((Version::V2, dir)) = self.locate(controller.name()) {
+                own = Some(dir);
+                wanted.push(controller);
+            }
+        }
+        own.map(|dir| (dir, wanted))
+    }
+
+    /// Plans the v2 subtree and carries the plan out: for each build controller on v2,
+    /// whether build cgroups have it, or why not.
+    fn v2_support(&self, root_name: &str) -> Vec<(Controller, Result<(), Unavailable>)> {
+        let Some((own, wanted)) = self.v2_own() else {
+            return Vec::new();
+        };
+        let files = match OwnFiles::read(&own) {
+            Ok(files) => files,
+            Err(e) => {
+                return wanted
+                    .into_iter()
+                    .map(|c| (c, Err(Unavailable::V2(e.to_string()))))
+                    .collect()
+            }
+        };
+        let plan = plan_v2(&files.view(&own), root_name, &wanted);
+        let delegation = Delegation::decide(
+            !plan.missing.is_empty(),
+            systemd_can_delegate(),
+            in_delegated_scope(),
+        );
+        let failed = execute(&plan.steps);
+        wanted
+            .into_iter()
+            .map(|c| {
+                let missing = plan.missing.iter().find(|(m, _)| *m == c);
+                let failure = failed.iter().find(|(f, _)| *f == c);
+                let result = match (missing, failure) {
+                    (Some((_, why)), _) => Err(Unavailable::V2(format!("{why}{delegation}"))),
+                    (None, Some((_, why))) => Err(Unavailable::V2(why.clone())),
+                    (None, None) => Ok(()),
+                };
+                (c, result)
+            })
+            .collect()
+    }
+}
+
+/// The own v2 cgroup's files the plan is made from.
+struct OwnFiles {
+    controllers: String,
+    subtree_control: String,
+    cgroup_type: Option<String>,
+    procs: String,
+}
+
+impl OwnFiles {
+    fn read(own: &Path) -> Result<OwnFiles, CgroupError> {
+        let type_file = own.join("cgroup.type");
+        Ok(OwnFiles {
+            controllers: read(&own.join("cgroup.controllers"))?,
+            subtree_control: read(&own.join("cgroup.subtree_control"))?,
+            cgroup_type: type_file.exists().then(|| read(&type_file)).transpose()?,
+            procs: read(&own.join("cgroup.procs"))?,
+        })
+    }
+
+    fn view<'a>(&'a self, dir: &'a Path) -> OwnCgroup<'a> {
+        OwnCgroup {
+            dir,
+            controllers: &self.controllers,
+            subtree_control: &self.subtree_control,
+            cgroup_type: self.cgroup_type.as_deref(),
+            procs: &self.procs,
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Carries out the steps of a v2 plan in order; returns the controllers that could not be
+/// enabled, each with why. A failed move or directory fails every controller.
+fn execute(steps: &[Step]) -> Vec<(Controller, String)> {
+    let all: Vec<Controller> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Enable(_, c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    let mut failed: Vec<(Controller, String)> = Vec::new();
+    for step in steps {
+        let (result, controllers) = match step {
+            Step::MoveToLeaf(leaf) => (
+                mkdir(leaf).and_then(|()| {
+                    write(&leaf.join("cgroup.procs"), &std::process::id().to_string())
+                }),
+                all.clone(),
+            ),
+            Step::CreateDir(dir) => (mkdir(dir), all.clone()),
+            Step::Enable(_, c) if failed.iter().any(|(f, _)| f == c) => continue,
+            Step::Enable(dir, c) => (
+                write(
+                    &dir.join("cgroup.subtree_control"),
+                    &format!("+{}", c.name()),
+                ),
+                vec![*c],
+            ),
+        };
+        if let Err(e) = result {
+            let why = match &e {
+                CgroupError::Io { source, .. } => source.raw_os_error().and_then(explain_errno),
+                _ => None,
+            };
+            let why = why.map_or_else(|| e.to_string(), |why| format!("{e}: {why}"));
+            for c in controllers {
+                if !failed.iter().any(|(f, _)| *f == c) {
+                    failed.push((c, why.clone()));
+                }
+            }
+        }
+    }
+    failed
+}
+
 /// Creates a v1 base directory; a cpuset one gets the CPUs and memory nodes of its parent,
 /// without which no process could join its children.
 fn setup_v1(controller: Controller, own: &Path, base: &Path) -> Result<(), Unavailable> {
@@ -275,34 +509,6 @@ fn setup_v1(controller: Controller, own: &Path, base: &Path) -> Result<(), Unava
         }
     }
     Ok(())
-}
-
-/// Creates the v2 base directory with `controller` enabled for it and for its children.
-fn setup_v2(controller: &str, own: &Path, base: &Path, root_name: &str) -> Result<(), Unavailable> {
-    let offered = read(&own.join("cgroup.controllers"))?;
-    if !offered.split_whitespace().any(|c| c == controller) {
-        return Err(Unavailable::NotDelegated(own.to_owned()));
-    }
-    let enable = format!("+{controller}");
-    let own_control = own.join("cgroup.subtree_control");
-    if let Err(e) = write(&own_control, &enable) {
-        // EBUSY: our cgroup holds processes, which v2 forbids for a cgroup that distributes
-        // resources to children. Move this process into a leaf and try again.
-        let busy = matches!(&e, CgroupError::Io { source, .. }
-            if source.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()));
-        if !busy {
-            return Err(e.into());
-        }
-        let leaf = own.join(format!("{root_name}.daemon"));
-        mkdir(&leaf)?;
-        write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
-        write(&own_control, &enable).map_err(|source| Unavailable::Shared {
-            own: own.to_owned(),
-            source,
-        })?;
-    }
-    mkdir(base)?;
-    Ok(write(&base.join("cgroup.subtree_control"), &enable)?)
 }
 
 /// On v2, freezing is `cgroup.freeze` of any non-root cgroup (Linux 5.2).
@@ -436,6 +642,52 @@ mod tests {
             swap: Swap::Counted,
             cpus,
         }
+    }
+
+    #[test]
+    fn only_controllers_on_v2_are_planned() {
+        // This machine: cpuset, memory and pids on v1 next to a nearly empty unified mount.
+        let hybrid = Found::parse(
+            "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+             34 31 0:31 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n\
+             39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n\
+             41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+            "8:pids:/\n4:memory:/process_api/f589\n3:cpuset:/\n0::/\n",
+            String::new(),
+        );
+        assert_eq!(hybrid.v2_own(), None);
+        let unified = Found::parse(
+            "25 1 0:22 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
+            "0::/system.slice/ssh.service\n",
+            String::new(),
+        );
+        assert_eq!(
+            unified.v2_own(),
+            Some((
+                PathBuf::from("/sys/fs/cgroup/system.slice/ssh.service"),
+                V2_CONTROLLERS.to_vec()
+            ))
+        );
+    }
+
+    #[test]
+    fn the_scope_command_runs_the_same_program_with_the_same_arguments() {
+        let args = ["--state-dir", "/root/state"].map(OsString::from);
+        assert_eq!(
+            scope_command(Path::new("/usr/bin/nixbuild-server"), args),
+            [
+                "systemd-run",
+                "--scope",
+                "--quiet",
+                "--collect",
+                "--property=Delegate=yes",
+                "--",
+                "/usr/bin/nixbuild-server",
+                "--state-dir",
+                "/root/state",
+            ]
+            .map(OsString::from)
+        );
     }
 
     #[test]
