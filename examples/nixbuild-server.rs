@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nixbuild::config::{parse_size, Config, Overrides};
+use nixbuild::config::{parse_size, Overrides};
+use nixbuild::reload::ConfigSource;
 
 /// The nixbuild daemon.
 #[derive(Debug, Parser)]
@@ -102,7 +103,12 @@ fn main() -> ExitCode {
         cores: args.cores,
         memory: args.memory,
     };
-    let config = match Config::for_daemon(&args.state_dir, args.config.as_deref(), &overrides) {
+    let source = ConfigSource {
+        state_dir: args.state_dir,
+        file: args.config,
+        overrides,
+    };
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nixbuild-server: {e}");
@@ -124,7 +130,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = nixbuild::daemon::shutdown_signal()
             .map_err(|e| format!("cannot watch for SIGTERM and SIGINT: {e}"))?;
-        nixbuild::daemon::run(&args.state_dir, config, shutdown)
+        nixbuild::daemon::run(&source, config, shutdown)
             .await
             .map_err(|e| e.to_string())
     });

@@ -116,16 +116,21 @@ pub struct SshConfig {
     /// Connections not yet authenticated at once (from accept until successful
     /// authentication, at most `timeouts.auth`). When all are taken, a newcomer is still
     /// admitted: the oldest unauthenticated connection of the source holding the most is
-    /// closed instead. Like OpenSSH's MaxStartups. Default 64.
+    /// closed instead. Like OpenSSH's MaxStartups. Default 256: room for two clients' bursts
+    /// of `max_unauthenticated_per_source`.
     pub max_unauthenticated: usize,
     /// Connections not yet authenticated at once from one source (an IPv4 address, an IPv6
-    /// /64); more from it are closed at once. Like OpenSSH's PerSourceMaxStartups. Default 8.
+    /// /64); more from it are closed at once. Like OpenSSH's PerSourceMaxStartups. Default
+    /// 128: a Nix client with the recommended builders line (`- 100 1`) starts up to 100
+    /// build hooks at once, each connecting on its own.
     pub max_unauthenticated_per_source: usize,
-    /// Connections of one account at once; commands on more are refused. Default 64 (the
-    /// build hook opens one connection per remote build).
+    /// Connections of one account at once; commands on more are refused. Default 128 (the
+    /// build hook opens one connection per remote build, up to 100 with the recommended
+    /// builders line).
     pub max_connections_per_account: usize,
-    /// Sessions (channels) open at once on one connection (ssh ControlMaster). Default 10,
-    /// like OpenSSH's MaxSessions.
+    /// Sessions (channels) open at once on one connection (ssh ControlMaster). Default 128,
+    /// so that the build hooks of one client fit through one shared connection; an account's
+    /// sessions are bounded as a whole by `[limits] max_sessions_per_account`.
     pub max_sessions_per_connection: usize,
 }
 
@@ -140,10 +145,10 @@ impl Default for SshConfig {
                 .map(|c| (*c).to_owned())
                 .collect(),
             max_connections: 256,
-            max_unauthenticated: 64,
-            max_unauthenticated_per_source: 8,
-            max_connections_per_account: 64,
-            max_sessions_per_connection: 10,
+            max_unauthenticated: 256,
+            max_unauthenticated_per_source: 128,
+            max_connections_per_account: 128,
+            max_sessions_per_connection: 128,
         }
     }
 }
@@ -333,11 +338,13 @@ fn size_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Most sessions relayed over `serve.sock` at once; a connection beyond it gets
-    /// `error: ...` and exit status 1. Default 1024. (SSH has its own limits in `[ssh]`.)
+    /// Most sessions at once, relayed over `serve.sock` and over SSH together; one beyond it
+    /// gets `error: ...` and exit status 1. Default 1024. (SSH connections have their own
+    /// limits in `[ssh]`.)
     pub max_sessions: usize,
-    /// Most sessions of one account relayed at once; more are refused with `error: ...`.
-    /// Default 64. (SSH connections per account: `[ssh] max_connections_per_account`.)
+    /// Most sessions of one account at once, relayed and over SSH together; more are refused
+    /// with `error: ...`. Default 128: the recommended builders line (`- 100 1`) runs up to
+    /// 100 build hooks, each a session.
     pub max_sessions_per_account: usize,
     /// Most builds of one account queued or running at once; more fail at once with a
     /// message saying so. Default 1024.
@@ -349,8 +356,8 @@ pub struct LimitsConfig {
     /// complete, in bytes or a size such as `"512M"`. A session whose buffer would pass it
     /// ends with `error: ...` naming this setting; other sessions carry on. (NAR data is
     /// never held: it streams to disk.) `store.max_request_bytes` bounds one session; this
-    /// bounds their sum, which the session limits alone (1024 relayed sessions, 64 SSH
-    /// connections of 10 sessions per account) would let reach tens of GiB. A buffer that
+    /// bounds their sum, which the session limits alone (1024 sessions, relayed and over
+    /// SSH) would let reach tens of GiB. A buffer that
     /// grows counts its old and new allocations until it has moved, so this is at least
     /// twice `store.max_request_bytes`, or the largest request could never be held. Default:
     /// an eighth of the host's memory (`MemTotal`), at least 64 MiB and at most 8 GiB (and
@@ -364,7 +371,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_sessions: 1024,
-            max_sessions_per_account: 64,
+            max_sessions_per_account: 128,
             max_builds_per_account: 1024,
             max_upload_bytes_per_session: 1 << 40,
             max_buffered_bytes: None,

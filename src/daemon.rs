@@ -23,7 +23,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 
 use crate::builds::{BuildError, BuildService};
@@ -33,11 +33,13 @@ use crate::relay_protocol::{
     frame_header, socket_path, RelayFrames, RelayHeader, RelayHeaderError, FRAME_EXIT,
     FRAME_STDERR, MAX_HEADER, RELAY_FDS,
 };
-use crate::service::SessionSettings;
+use crate::reload::{ConfigSource, LiveConfig};
+use crate::service::{SessionLimit, SessionPlaces, SessionSettings};
 use crate::session::{self, SessionOutput};
 use crate::store::{Store, StoreError, StoreLimits};
-use nixbuild_core::account::{AccountCounts, AccountSlot};
+use nixbuild_core::account::AccountSlot;
 use nixbuild_core::budget::MemoryBudget;
+use nixbuild_ssh::server::Reloader;
 
 /// How long the daemon waits after a failed `accept` before accepting again.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
@@ -117,20 +119,38 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     })
 }
 
-/// Runs the daemon on `state_dir` until `shutdown` resolves: opens the store (which cleans
-/// leftovers of earlier runs), listens on `serve.sock` (and for SSH when `ssh.listen` is set,
-/// see [`crate::ssh`]) and serves each connection in its own task. At shutdown it stops
-/// accepting, gives running sessions `timeouts.shutdown` to end, then cuts off the rest (their
-/// unfinished imports are discarded) and removes the socket.
+/// Runs the daemon on `source.state_dir` with `config` (as `source` gave it at start) until
+/// `shutdown` resolves: opens the store (which cleans leftovers of earlier runs), listens on
+/// `serve.sock` (and for SSH when `ssh.listen` is set, see [`crate::ssh`]) and serves each
+/// connection in its own task. On SIGHUP it reads `source` again and re-reads the authorized
+/// keys (see [`crate::reload`]). At shutdown it stops accepting, gives running sessions
+/// `timeouts.shutdown` to end, then cuts off the rest (their unfinished imports are
+/// discarded) and removes the socket.
 pub async fn run(
-    state_dir: &Path,
+    source: &ConfigSource,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    let state_dir = source.state_dir.as_path();
     let sock = socket_path(state_dir);
+    match raise_open_files_limit() {
+        Ok(limit) => tracing::info!(limit, "open files limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!("cannot raise the open files limit (RLIMIT_NOFILE): {e}"),
+    }
     // A live daemon must not have its imports in progress cleaned away under it: held until
     // the daemon returns.
     let _lock = lock_state_dir(state_dir)?;
+    // Watched from the start: SIGHUP's default action would end the daemon.
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch for SIGHUP ({e}): the configuration is read only at start; the \
+                 authorized keys are still re-read when their file changes"
+            );
+            None
+        }
+    };
     #[cfg(feature = "failpoints")]
     if let Some((name, hit)) = crate::failpoint::arm_from_env()? {
         tracing::warn!("failpoint {name} armed for hit {hit}");
@@ -169,12 +189,18 @@ pub async fn run(
         max_buffered_bytes = budget.limit(),
         "budget for unfinished requests"
     );
+    // Counts open sessions apart from the JoinSet, which only shrinks when a finished task is
+    // reaped: a session gives its place back before the relay learns that it ended, so a
+    // client may start the next one at once.
+    let places = Arc::new(SessionPlaces::new(config.limits.max_sessions));
+    let live = Arc::new(LiveConfig::new(config));
     let front_door = crate::ssh::bind(
         state_dir,
-        &config,
+        live.clone(),
         store.clone(),
         builds.clone(),
         budget.clone(),
+        places.clone(),
     )
     .await?;
     let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
@@ -184,33 +210,28 @@ pub async fn run(
     tracing::info!(socket = %sock.display(), "listening");
     // The SSH side drains on its own, at the same time as the relayed sessions below.
     let (stop_ssh, ssh_stop) = tokio::sync::watch::channel(false);
+    let ssh_reloader = front_door.as_ref().map(crate::ssh::FrontDoor::reloader);
     let ssh = front_door.map(|door| {
         let mut stop = ssh_stop;
         tokio::spawn(door.run(async move {
             let _ = stop.wait_for(|stop| *stop).await;
         }))
     });
-    let config = Arc::new(config);
-    let accounts = Arc::new(AccountCounts::default());
-    // Counts open sessions apart from the JoinSet, which only shrinks when a finished task is
-    // reaped: a session gives its permit back before the relay learns that it ended, so a
-    // client may start the next one at once.
-    let open = Arc::new(Semaphore::new(config.limits.max_sessions));
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match open.clone().try_acquire_owned() {
-                    Err(_) => refuse_busy(&stream, config.limits.max_sessions),
+                Ok((stream, _)) => match places.daemon_place() {
+                    Err(refusal) => refuse_busy(&stream, &refusal),
                     Ok(permit) => {
                         sessions.spawn(connection(
                             stream,
                             permit,
                             store.clone(),
                             builds.clone(),
-                            config.clone(),
-                            accounts.clone(),
+                            live.get(),
+                            places.clone(),
                             budget.clone(),
                         ));
                     }
@@ -228,9 +249,11 @@ pub async fn run(
                     tracing::error!("a session task failed: {e}");
                 }
             }
+            () = next_hangup(&mut hangup) => reload(source, &live, ssh_reloader.as_ref()),
             () = &mut shutdown => break Ok(()),
         }
     };
+    let config = live.get();
     drop(listener);
     let _ = stop_ssh.send(true);
     if let Err(e) = std::fs::remove_file(&sock) {
@@ -266,6 +289,66 @@ pub async fn run(
     }
     tracing::info!("stopped");
     result
+}
+
+/// Raises the soft limit on open files to the hard one and returns it: every SSH
+/// connection, session and build holds descriptors, and the soft default (1024) would refuse
+/// clients long before the other limits do. Builds inherit it, as they inherit
+/// `LimitNOFILE=1048576` from Nix's own `nix-daemon.service`.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(hard) = limit.maximum else {
+        // No hard limit: the soft one is whatever the system gave; leave it.
+        return Ok(limit.current.unwrap_or(u64::MAX));
+    };
+    if limit.current != Some(hard) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            },
+        )?;
+    }
+    Ok(hard)
+}
+
+/// The next SIGHUP; never, when it could not be watched.
+async fn next_hangup(hangup: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(signal) = hangup {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Reloads on SIGHUP: reads the configuration from `source` again and puts in force what can
+/// change while the daemon runs (a file that does not load changes nothing), then re-reads
+/// the authorized keys and gives the SSH server the limits in force.
+fn reload(source: &ConfigSource, live: &LiveConfig, ssh: Option<&Reloader>) {
+    match source.load() {
+        Ok(new) => {
+            let restart = live.update(&new);
+            for setting in &restart {
+                tracing::warn!(
+                    "configuration re-read on SIGHUP: {setting} changed, which takes effect \
+                     only at a restart; the running value stays"
+                );
+            }
+            tracing::info!(
+                needs_restart = restart.len(),
+                "configuration re-read on SIGHUP"
+            );
+        }
+        Err(e) => tracing::error!(
+            "cannot re-read the configuration on SIGHUP: {e}; the configuration in force stays"
+        ),
+    }
+    if let Some(ssh) = ssh {
+        ssh.reload(crate::ssh::limits(&live.get()), "on SIGHUP");
+    }
 }
 
 /// Creates the state directory if needed and takes an exclusive lock on `<state>/lock`,
@@ -318,12 +401,9 @@ fn listen(sock: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
 
 /// Tells a connection beyond `limits.max_sessions` why it is refused, without waiting: the
 /// two frames fit in an empty socket buffer, and a peer that does not read loses them.
-fn refuse_busy(stream: &UnixStream, max: usize) {
-    tracing::warn!(max, "refused a connection: too many sessions");
-    let msg = format!(
-        "error: the nixbuild daemon is serving its maximum of {max} sessions; try again \
-         later (max_sessions in [limits] of the server's configuration)\n"
-    );
+fn refuse_busy(stream: &UnixStream, refusal: &SessionLimit) {
+    tracing::warn!("refused a connection: {refusal}");
+    let msg = format!("error: {refusal}\n");
     let mut frames = Vec::new();
     for (tag, payload) in [
         (FRAME_STDERR, msg.as_bytes()),
@@ -345,10 +425,10 @@ async fn connection(
     store: Store,
     builds: BuildService,
     config: Arc<Config>,
-    accounts: Arc<AccountCounts>,
+    places: Arc<SessionPlaces>,
     budget: Arc<MemoryBudget>,
 ) {
-    let status = match admit(&stream, &config, &accounts).await {
+    let status = match admit(&stream, &config, &places).await {
         Err(refusal) => {
             tracing::warn!("refused a connection: {refusal}");
             let mut frames = RelayFrames::new(stream);
@@ -428,11 +508,8 @@ enum AdmitError {
     HeaderTooLong,
     #[error(transparent)]
     Header(#[from] RelayHeaderError),
-    #[error(
-        "account {account} already has {max} sessions, the most this server allows at once \
-         (max_sessions_per_account in [limits] of the server's configuration)"
-    )]
-    TooManySessions { account: String, max: usize },
+    #[error(transparent)]
+    TooManySessions(#[from] SessionLimit),
     #[error(
         "the relay sent {0} descriptors with its header, expected {RELAY_FDS} (stdin, stdout)"
     )]
@@ -448,7 +525,7 @@ enum AdmitError {
 async fn admit(
     stream: &UnixStream,
     config: &Config,
-    accounts: &Arc<AccountCounts>,
+    places: &SessionPlaces,
 ) -> Result<Admitted, AdmitError> {
     let cred = stream.peer_cred().map_err(AdmitError::Credentials)?;
     let (uid, gid) = (cred.uid(), cred.gid());
@@ -461,14 +538,7 @@ async fn admit(
         .map_err(AdmitError::HeaderRead)?;
     let line = line.strip_suffix(b"\n").ok_or(AdmitError::HeaderTooLong)?;
     let header = RelayHeader::parse(line)?;
-    let max = config.limits.max_sessions_per_account;
-    let slot =
-        accounts
-            .acquire(&header.account, max)
-            .ok_or_else(|| AdmitError::TooManySessions {
-                account: header.account.clone(),
-                max,
-            })?;
+    let slot = places.account_place(&header.account, config.limits.max_sessions_per_account)?;
     let [stdin, stdout]: [OwnedFd; RELAY_FDS] = fds
         .try_into()
         .map_err(|fds: Vec<OwnedFd>| AdmitError::Descriptors(fds.len()))?;

@@ -6,6 +6,7 @@
 //! one `nix-store --serve` session over the sans-IO codec of [`nixbuild_core::serve`]),
 //! [`service`] (what a protocol driver asks of the store and build service, as one account
 //! within its limits), [`daemon`] (the composition root and the Unix socket server),
+//! [`reload`] (what SIGHUP re-reads and puts in force),
 //! [`relay_protocol`] (the header and frames spoken between the relay and the daemon),
 //! [`builds`] (the build service: what happens around a sandboxed build), [`client_pipe`] (the
 //! client's pipes, lent to blocking tasks that move NAR data through them: `pipes` reads and
@@ -28,6 +29,7 @@ pub mod host;
 pub mod nar_fs;
 mod pipes;
 pub mod relay_protocol;
+pub mod reload;
 pub mod service;
 pub mod session;
 pub mod ssh;

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use nixbuild_core::account::{AccountCounts, AccountSlot};
 use nixbuild_core::budget::MemoryBudget;
 use nixbuild_core::content_address::ContentAddress;
 use nixbuild_core::serve::{self, BuildOptions, ValidPathInfo};
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::buffers::{BufferPool, CHANNEL_DEPTH};
@@ -27,6 +28,68 @@ use crate::store::{Import, PathClaim, Store, StoreError};
 /// Queries of at most this many paths run on the session's thread when the store is idle
 /// (see [`SessionContext::query`]).
 const INLINE_QUERY_PATHS: usize = 64;
+
+/// Why a session was refused before it began, relayed or over SSH; the client sees it after
+/// `error: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionLimit {
+    /// The daemon serves `[limits] max_sessions` sessions already.
+    #[error(
+        "the nixbuild daemon is serving its maximum of {0} sessions; try again later \
+         (max_sessions in [limits] of the server's configuration)"
+    )]
+    Daemon(usize),
+    /// The account has `[limits] max_sessions_per_account` sessions already.
+    #[error(
+        "account {account} already has {max} sessions, the most this server allows at once \
+         (max_sessions_per_account in [limits] of the server's configuration)"
+    )]
+    Account {
+        /// The account.
+        account: String,
+        /// Its limit.
+        max: usize,
+    },
+}
+
+/// The places sessions hold while they run, relayed and over SSH alike: one among `[limits]
+/// max_sessions` for the daemon, one among `max_sessions_per_account` for the account. Both
+/// bound what sessions hold beside the request budget (chunk buffers, channels).
+#[derive(Debug)]
+pub struct SessionPlaces {
+    open: Arc<Semaphore>,
+    max: usize,
+    accounts: Arc<AccountCounts>,
+}
+
+impl SessionPlaces {
+    /// Room for `max_sessions` sessions at once (fixed until a restart).
+    pub fn new(max_sessions: usize) -> SessionPlaces {
+        SessionPlaces {
+            open: Arc::new(Semaphore::new(max_sessions)),
+            max: max_sessions,
+            accounts: Arc::default(),
+        }
+    }
+
+    /// A place among the daemon's sessions, held until dropped.
+    pub fn daemon_place(&self) -> Result<OwnedSemaphorePermit, SessionLimit> {
+        self.open
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SessionLimit::Daemon(self.max))
+    }
+
+    /// A place among `account`'s at most `max` sessions, held until dropped.
+    pub fn account_place(&self, account: &str, max: usize) -> Result<AccountSlot, SessionLimit> {
+        self.accounts
+            .acquire(account, max)
+            .ok_or_else(|| SessionLimit::Account {
+                account: account.to_owned(),
+                max,
+            })
+    }
+}
 
 /// Why the service refused or failed a session's request. The message is what the client
 /// sees after `error: `.

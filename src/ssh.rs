@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use nixbuild_core::budget::MemoryBudget;
 use nixbuild_ssh::host_key::{self, HostKeyError, HOST_KEY_FILE};
-use nixbuild_ssh::server::{Limits, ServerError};
+use nixbuild_ssh::server::{Limits, Reloader, ServerError};
 use nixbuild_ssh::ssh_key::PublicKey;
 use nixbuild_ssh::{
     ChannelStdout, Ciphers, KeyTypes, Server, ServerConfig, SessionRequest, SessionService,
@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::builds::BuildService;
 use crate::config::Config;
-use crate::service::SessionSettings;
+use crate::reload::LiveConfig;
+use crate::service::{SessionPlaces, SessionSettings};
 use crate::session::{self, SessionError, SessionOutput};
 use crate::store::Store;
 
@@ -37,12 +38,14 @@ pub enum SshError {
     Config(String),
 }
 
-/// Runs SSH sessions on the daemon's store.
+/// Runs SSH sessions on the daemon's store, each with the configuration in force when it
+/// starts.
 pub struct SshSessions {
     store: Store,
     builds: BuildService,
-    config: Arc<Config>,
+    config: Arc<LiveConfig>,
     budget: Arc<MemoryBudget>,
+    places: Arc<SessionPlaces>,
 }
 
 impl SessionService for SshSessions {
@@ -59,7 +62,23 @@ impl SessionService for SshSessions {
     {
         let account = request.account.as_str();
         let conn = request.connection;
-        let settings = SessionSettings::new(&self.config, account, request.write, &self.budget);
+        let config = self.config.get();
+        // Held for the session's life, as a relayed session holds its places.
+        let places = self.places.daemon_place().and_then(|daemon| {
+            let account = self
+                .places
+                .account_place(account, config.limits.max_sessions_per_account)?;
+            Ok((daemon, account))
+        });
+        let _places = match places {
+            Ok(places) => places,
+            Err(refusal) => {
+                tracing::warn!(%account, conn, "refused a session: {refusal}");
+                let _ = write_line(stderr, &format!("error: {refusal}\n")).await;
+                return 1;
+            }
+        };
+        let settings = SessionSettings::new(&config, account, request.write, &self.budget);
         tracing::info!(%account, write = request.write, conn, peer = %request.peer, "session start");
         let mut out = ChannelOutput {
             stdout,
@@ -79,6 +98,12 @@ impl SessionService for SshSessions {
             }
         }
     }
+}
+
+/// Writes `line` to a session's stderr.
+async fn write_line<E: AsyncWrite + Unpin>(stderr: &mut E, line: &str) -> io::Result<()> {
+    stderr.write_all(line.as_bytes()).await?;
+    stderr.flush().await
 }
 
 /// Protocol answers up to this size are gathered and sent together at the next flush.
@@ -120,17 +145,34 @@ pub struct FrontDoor {
     server: Server<SshSessions>,
 }
 
+/// The SSH server's limits under `config`.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        auth_timeout: config.timeouts.auth(),
+        idle_timeout: config.timeouts.idle(),
+        max_connections: config.ssh.max_connections,
+        max_unauthenticated: config.ssh.max_unauthenticated,
+        max_unauthenticated_per_source: config.ssh.max_unauthenticated_per_source,
+        max_connections_per_account: config.ssh.max_connections_per_account,
+        max_sessions_per_connection: config.ssh.max_sessions_per_connection,
+        shutdown_grace: config.timeouts.shutdown(),
+    }
+}
+
 /// Starts listening for SSH when `ssh.listen` is set (`None` otherwise): loads or creates the
-/// host key in `state_dir`, reads the authorized keys, binds, and prints on stdout what users
-/// pin the host key with. Its sessions hold unfinished requests against `budget`, the
-/// daemon's one budget.
+/// host key in `state_dir`, reads the authorized keys, binds, and prints on stdout (and
+/// writes to [`host_key::PINS_FILE`]) what users pin the host key with. Sessions take the
+/// configuration in force from `live`, hold unfinished requests against `budget`, the
+/// daemon's one budget, and take their places among `places` as relayed sessions do.
 pub async fn bind(
     state_dir: &Path,
-    config: &Config,
+    live: Arc<LiveConfig>,
     store: Store,
     builds: BuildService,
     budget: Arc<MemoryBudget>,
+    places: Arc<SessionPlaces>,
 ) -> Result<Option<FrontDoor>, SshError> {
+    let config = live.get();
     let Some(listen) = config.ssh.listen else {
         return Ok(None);
     };
@@ -147,21 +189,12 @@ pub async fn bind(
         tracing::info!(file = %key_file.display(), "generated a new SSH host key");
     }
     let public = host_key.public_key().clone();
-    let limits = Limits {
-        auth_timeout: config.timeouts.auth(),
-        idle_timeout: config.timeouts.idle(),
-        max_connections: config.ssh.max_connections,
-        max_unauthenticated: config.ssh.max_unauthenticated,
-        max_unauthenticated_per_source: config.ssh.max_unauthenticated_per_source,
-        max_connections_per_account: config.ssh.max_connections_per_account,
-        max_sessions_per_connection: config.ssh.max_sessions_per_connection,
-        shutdown_grace: config.timeouts.shutdown(),
-    };
     let sessions = SshSessions {
         store,
         builds,
-        config: Arc::new(config.clone()),
+        config: live.clone(),
         budget,
+        places,
     };
     let server = Server::bind(
         ServerConfig {
@@ -170,7 +203,7 @@ pub async fn bind(
             authorized_keys,
             key_types,
             ciphers,
-            limits,
+            limits: limits(&config),
         },
         sessions,
     )
@@ -186,23 +219,28 @@ pub async fn bind(
         host_key = %host_key::fingerprint(&public),
         "listening for SSH"
     );
-    print_pins(addr, &public, &key_file.with_extension("pub"));
+    let pins = pins_text(addr, &public, &key_file.with_extension("pub"));
+    // The file is a copy for whoever did not see stdout (a service's journal scrolled away):
+    // without it the daemon still serves, and the log has the fingerprint.
+    match host_key::write_pins(state_dir, &pins) {
+        Ok(path) => tracing::info!(file = %path.display(), "wrote the host key's pins"),
+        Err(e) => tracing::warn!("cannot write the host key's pins: {e}"),
+    }
+    // A closed stdout must not stop the daemon either.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(pins.as_bytes()).and_then(|()| out.flush());
     Ok(Some(FrontDoor { server }))
 }
 
 impl FrontDoor {
-    /// Serves until `shutdown` resolves, re-reading the authorized keys on SIGHUP too, then
-    /// drains (see [`Server::run`]).
+    /// A handle that re-reads the authorized keys and changes the limits while it runs.
+    pub fn reloader(&self) -> Reloader {
+        self.server.reloader()
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see [`Server::run`]).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let hangup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("cannot watch for SIGHUP ({e}); the authorized keys are still re-read when the file changes");
-                None
-            }
-        };
-        self.server.run(shutdown, hangup).await;
+        self.server.run(shutdown).await;
     }
 }
 
@@ -220,12 +258,13 @@ fn host_for(addr: SocketAddr) -> String {
     }
 }
 
-/// Prints on stdout the lines users pin the host key with (README, "SSH").
-fn print_pins(addr: SocketAddr, key: &PublicKey, pub_file: &Path) {
+/// The lines users pin the host key with (README, "SSH"), printed on stdout at start and
+/// kept in [`host_key::PINS_FILE`].
+fn pins_text(addr: SocketAddr, key: &PublicKey, pub_file: &Path) -> String {
     let host = host_for(addr);
     let port = addr.port();
     let config = host_key::ssh_config("nixbuild", &host, port, "~/.ssh/id_ed25519");
-    let text = format!(
+    format!(
         "nixbuild-server: SSH on {addr}\n\
          \x20 host key: {fingerprint} ({pub_file})\n\
          \x20 known_hosts line: {known_hosts}\n\
@@ -241,8 +280,5 @@ fn print_pins(addr: SocketAddr, key: &PublicKey, pub_file: &Path) {
             .lines()
             .map(|l| format!("    {l}\n"))
             .collect::<String>(),
-    );
-    // A closed stdout must not stop the daemon: the log has the fingerprint too.
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    )
 }

@@ -193,11 +193,7 @@ fn authorized_keys_are_reread_on_change_and_sighup_without_dropping_sessions() {
     assert_eq!(serve(&as_bob, "bob-host"), 0);
 
     // SIGHUP re-reads it too (and does not stop the daemon).
-    let hup = Command::new("kill")
-        .args(["-HUP", &server.daemon.pid().to_string()])
-        .status()
-        .expect("kill -HUP");
-    assert!(hup.success());
+    server.daemon.hangup();
     server
         .daemon
         .wait_for_log(&["authorized keys on SIGHUP", "keys=2"]);
@@ -214,6 +210,88 @@ fn authorized_keys_are_reread_on_change_and_sighup_without_dropping_sessions() {
     assert!(stopped
         .log
         .contains("refused a key: the key is not in the authorized keys file"));
+}
+
+/// Waits until the connection named (`conn=N`) by the log line with `needles` has closed:
+/// until then it holds a place among its account's connections.
+fn wait_closed(server: &SshServer, needles: &[&str]) {
+    let line = server.daemon.wait_for_log(needles);
+    let conn = line
+        .split_whitespace()
+        .find(|w| w.starts_with("conn="))
+        .expect("a conn= field")
+        .to_owned();
+    server
+        .daemon
+        .wait_for_log(&["SSH connection closed", &format!("{conn} ")]);
+}
+
+/// `systemctl reload`: on SIGHUP the daemon reads its configuration file again. A changed
+/// limit takes effect for new connections, a changed setting that needs a restart is named
+/// in the log, and a broken file changes nothing while the server goes on serving.
+#[test]
+fn sighup_rereads_the_configuration_and_a_broken_file_changes_nothing() {
+    let client = tempfile::tempdir().expect("temp dir");
+    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
+    let server = SshServer::start(
+        "[ssh]\nmax_connections_per_account = 1\n",
+        client,
+        &[&alice],
+    );
+    let config = server.ssh_config(ALIAS, &alice);
+    let mut first = SshSession::open(&config, ALIAS);
+    let out = ssh(&config, &["nix-store", "--serve", "--write"]);
+    assert_refused(&out, 1, "maximum of 1 connections");
+    wait_closed(
+        &server,
+        &[
+            "maximum of 1 connections",
+            "its commands on this one are refused",
+        ],
+    );
+
+    // The limit raised, and a setting changed that only a restart puts in force.
+    server
+        .daemon
+        .write_config("[ssh]\nmax_connections_per_account = 2\n[builds]\nmax_log_size = 4096\n");
+    server.daemon.hangup();
+    server
+        .daemon
+        .wait_for_log(&["configuration re-read on SIGHUP", "needs_restart=1"]);
+    server.daemon.wait_for_log(&[
+        "[builds] changed, which takes effect only at a restart; the running value stays",
+    ]);
+    let mut second = SshSession::open(&config, ALIAS);
+    still_serves(&mut second);
+
+    // A broken file: the error is logged, the limit of 2 stays, and both sessions go on.
+    server
+        .daemon
+        .write_config("[ssh]\nmax_connections_per_account = \"many\"\n");
+    server.daemon.hangup();
+    let refused = server
+        .daemon
+        .wait_for_log(&["cannot re-read the configuration on SIGHUP"]);
+    assert!(
+        refused.contains("nixbuild.toml") && refused.contains("max_connections_per_account"),
+        "{refused}"
+    );
+    still_serves(&mut first);
+    still_serves(&mut second);
+    let out = ssh(&config, &["nix-store", "--serve", "--write"]);
+    assert_refused(&out, 1, "maximum of 2 connections");
+    assert_eq!(first.close().0, 0);
+    assert_eq!(second.close().0, 0);
+    let stopped = server.daemon.stop();
+    assert_eq!(
+        stopped
+            .log
+            .matches("configuration re-read on SIGHUP")
+            .count(),
+        2,
+        "one notice for [builds], one summary:\n{}",
+        stopped.log
+    );
 }
 
 #[test]
@@ -270,17 +348,13 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
     // Two authenticated connections in all (once the refused one is closed): a third
     // authenticates and is disconnected at once, saying why. Connections not yet
     // authenticated do not count: they have their own budget, here one per source.
-    let over = server
-        .daemon
-        .wait_for_log(&["its commands on this one are refused"]);
-    let conn = over
-        .split_whitespace()
-        .find(|w| w.starts_with("conn="))
-        .expect("a conn= field")
-        .to_owned();
-    server
-        .daemon
-        .wait_for_log(&["SSH connection closed", &format!("{conn} ")]);
+    wait_closed(
+        &server,
+        &[
+            "maximum of 1 connections",
+            "its commands on this one are refused",
+        ],
+    );
     let mut second = SshSession::open(&as_bob, "bob-host");
     let mut waiting = TcpStream::connect(("127.0.0.1", server.pins.port)).expect("connect");
     waiting

@@ -24,7 +24,7 @@ use rustix::process::{Resource, Rlimit};
 
 const ACCOUNT: &str = "alice@laptop";
 const ATTACKS: usize = 1000;
-/// The defaults of `[ssh]`: what the attack is sized against.
+/// The `[ssh] max_unauthenticated` of the test's server: what the attack is sized against.
 const MAX_UNAUTHENTICATED: usize = 64;
 
 /// Lets this process hold the attack's sockets and the clients' descriptors besides.
@@ -116,8 +116,16 @@ fn held_unauthenticated_connections_never_lock_out_an_authorized_client() {
     let client = tempfile::tempdir().expect("temp dir");
     let key = SshServer::key(client.path(), "id_alice", "ed25519", ACCOUNT);
     // The authentication timeout is set far beyond the test, so that only the budget of
-    // unauthenticated connections can let the client in, not a timeout freeing places.
-    let server = SshServer::start("[timeouts]\nauth = 600\n", client, &[&key]);
+    // unauthenticated connections can let the client in, not a timeout freeing places. The
+    // budgets are small enough for the attack to exceed both.
+    let server = SshServer::start(
+        &format!(
+            "[timeouts]\nauth = 600\n[ssh]\nmax_unauthenticated = {MAX_UNAUTHENTICATED}\n\
+             max_unauthenticated_per_source = 8\n"
+        ),
+        client,
+        &[&key],
+    );
     let config = server.ssh_config("nixbuild-test", &key);
     let store = "ssh://nixbuild-test";
 

@@ -16,6 +16,10 @@ use russh::keys::ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey
 /// The private key's file name in the state directory (the public key adds `.pub`).
 pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 
+/// The file in the state directory that holds, from the last start, the lines users pin the
+/// host key with (what the server prints at start), for whoever did not see the output.
+pub const PINS_FILE: &str = "ssh_host_pins";
+
 /// Why the host key could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
 pub enum HostKeyError {
@@ -102,6 +106,17 @@ pub fn load_or_create(state_dir: &Path) -> Result<(PrivateKey, bool), HostKeyErr
     Ok((key, created))
 }
 
+/// Writes `text`, the pins printed at this start, to [`PINS_FILE`] in `state_dir` (mode 0644,
+/// replaced atomically) and returns the file's path.
+pub fn write_pins(state_dir: &Path, text: &str) -> Result<PathBuf, HostKeyError> {
+    let path = state_dir.join(PINS_FILE);
+    write_atomically(&path, text.as_bytes(), 0o644).map_err(|source| HostKeyError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
 /// Writes `bytes` to `path` through a fresh temporary file with mode `mode`, synced and
 /// renamed into place, so a crash never leaves a half-written key.
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
@@ -115,6 +130,8 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         .create_new(true)
         .mode(mode)
         .open(&tmp)?;
+    // The mode asked for, whatever the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -193,6 +210,17 @@ mod tests {
             std::fs::read_to_string(path.with_extension("pub")).unwrap(),
             pub_text
         );
+    }
+
+    #[test]
+    fn the_pins_file_is_replaced_whole_and_readable_by_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_pins(dir.path(), "first start\nlong text\n").unwrap();
+        assert_eq!(path, dir.path().join(PINS_FILE));
+        write_pins(dir.path(), "second\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
     }
 
     #[test]

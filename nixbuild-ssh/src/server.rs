@@ -42,7 +42,6 @@ use russh::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::Signal;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -314,12 +313,48 @@ fn log_loaded(path: &Path, keys: &AuthorizedKeys, why: &str) {
     );
 }
 
+/// What may change while the server runs: the keys and the limits.
+struct Live {
+    keys: KeyRing,
+    limits: RwLock<Limits>,
+}
+
+impl Live {
+    /// The limits in force now (a connection reads them when it needs one).
+    fn limits(&self) -> Limits {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A handle that changes a running server's keys and limits (the daemon's SIGHUP).
+#[derive(Clone)]
+pub struct Reloader(Arc<Live>);
+
+impl Reloader {
+    /// Re-reads the `authorized_keys` file (an unreadable one keeps the keys loaded before)
+    /// and puts `limits` in force: for connections from now on, and for running ones at their
+    /// next check (a new session, an authentication). `max_unauthenticated` and
+    /// `max_unauthenticated_per_source` size the budget made at [`Server::bind`] and keep
+    /// their values until a restart.
+    pub fn reload(&self, limits: Limits, why: &str) {
+        self.0.keys.reload(why);
+        let mut current = self.0.limits.write().unwrap_or_else(|p| p.into_inner());
+        *current = Limits {
+            max_unauthenticated: current.max_unauthenticated,
+            max_unauthenticated_per_source: current.max_unauthenticated_per_source,
+            ..limits
+        };
+    }
+}
+
 /// What the whole server shares with its connections.
 struct Shared<S> {
     service: S,
     russh: Arc<russh::server::Config>,
-    keys: KeyRing,
-    limits: Limits,
+    live: Arc<Live>,
     accounts: Arc<AccountCounts>,
     /// Connections not yet authenticated, each with what evicts it.
     unauthenticated: Mutex<UnauthenticatedBudget<Pending>>,
@@ -415,8 +450,10 @@ impl<S: SessionService> Server<S> {
             shared: Arc::new(Shared {
                 service,
                 russh: Arc::new(russh),
-                keys,
-                limits: config.limits,
+                live: Arc::new(Live {
+                    keys,
+                    limits: RwLock::new(config.limits),
+                }),
                 accounts: Arc::default(),
                 unauthenticated: Mutex::new(unauthenticated),
                 authenticated: Arc::default(),
@@ -431,11 +468,15 @@ impl<S: SessionService> Server<S> {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, re-reading the `authorized_keys` file when it changes
-    /// and each time `reload` delivers a signal (SIGHUP, in the daemon). Then it stops
-    /// accepting, lets running sessions finish within the grace period, cuts off the rest and
-    /// returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()>, mut reload: Option<Signal>) {
+    /// A handle to change the keys and limits while the server runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.shared.live.clone())
+    }
+
+    /// Serves until `shutdown` resolves, re-reading the `authorized_keys` file when it
+    /// changes (and on [`Reloader::reload`]). Then it stops accepting, lets running sessions
+    /// finish within the grace period, cuts off the rest and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
             shared,
@@ -471,14 +512,13 @@ impl<S: SessionService> Server<S> {
                         tracing::error!("an SSH connection task failed: {e}");
                     }
                 }
-                _ = poll.tick() => shared.keys.reload_if_changed(),
-                () = next_signal(&mut reload) => shared.keys.reload("on SIGHUP"),
+                _ = poll.tick() => shared.live.keys.reload_if_changed(),
                 () = &mut shutdown => break,
             }
         }
         drop(listener);
         let _ = phase.send(Phase::Draining);
-        let grace = shared.limits.shutdown_grace;
+        let grace = shared.live.limits().shutdown_grace;
         if !connections.is_empty() {
             tracing::info!(
                 connections = connections.len(),
@@ -511,16 +551,6 @@ async fn join_all(connections: &mut JoinSet<()>) {
     while connections.join_next().await.is_some() {}
 }
 
-/// The next delivery of `signal`; never, without one.
-async fn next_signal(signal: &mut Option<Signal>) {
-    if let Some(s) = signal {
-        if s.recv().await.is_some() {
-            return;
-        }
-    }
-    std::future::pending().await
-}
-
 /// Gives a new connection a place in the unauthenticated budget, evicting another when they
 /// are all taken (its task is told to close it); `None` when its source has its maximum
 /// already. Logs what it decided and why.
@@ -545,7 +575,7 @@ fn admit<S>(
                 "evicted an unauthenticated connection to admit conn={id} from {peer}: the \
                  server has its maximum of {} unauthenticated connections \
                  (ssh.max_unauthenticated); this was the oldest from {}, which had the most ({})",
-                shared.limits.max_unauthenticated,
+                shared.live.limits().max_unauthenticated,
                 old.source,
                 old.source_held,
             );
@@ -692,7 +722,9 @@ async fn serve_connection<S: SessionService>(
         account: None,
         channels: HashMap::new(),
     };
-    let auth_deadline = Instant::now() + shared.limits.auth_timeout;
+    // The timeouts in force when the connection came stay its own.
+    let limits = shared.live.limits();
+    let auth_deadline = Instant::now() + limits.auth_timeout;
     tracing::debug!(conn = id, %peer, "SSH connection");
     let started = tokio::time::timeout_at(
         auth_deadline,
@@ -717,7 +749,7 @@ async fn serve_connection<S: SessionService>(
                 conn = id,
                 %peer,
                 "closed a connection: {}",
-                Closing::AuthTimeout.message(&shared.limits)
+                Closing::AuthTimeout.message(&limits)
             );
             return;
         }
@@ -732,9 +764,9 @@ async fn serve_connection<S: SessionService>(
             }
             return;
         }
-        closing = watchdog(status_rx, shared.phase.clone(), auth_deadline, shared.limits.idle_timeout) => closing,
+        closing = watchdog(status_rx, shared.phase.clone(), auth_deadline, limits.idle_timeout) => closing,
     };
-    let message = closing.message(&shared.limits);
+    let message = closing.message(&limits);
     tracing::info!(conn = id, %peer, "closing the connection: {message}");
     let _ = handle
         .disconnect(closing.code(), message, String::new())
@@ -846,7 +878,7 @@ impl Drop for SessionGuard {
 impl<S: SessionService> Connection<S> {
     /// The account `key` logs in as, or why it does not.
     fn check_key(&self, key: &PublicKey) -> Result<String, String> {
-        let types = &self.shared.keys.types;
+        let types = &self.shared.live.keys.types;
         if !types.allows(key) {
             return Err(format!(
                 "key type {} is not enabled (ssh.key_types enables {})",
@@ -854,7 +886,7 @@ impl<S: SessionService> Connection<S> {
                 types.names().join(", ")
             ));
         }
-        match self.shared.keys.current().lookup(key) {
+        match self.shared.live.keys.current().lookup(key) {
             Some(entry) => Ok(entry.account.clone()),
             None => Err("the key is not in the authorized keys file".to_owned()),
         }
@@ -996,7 +1028,7 @@ impl<S: SessionService> Handler for Connection<S> {
                 "the connection was evicted before it authenticated (ssh.max_unauthenticated)",
             ));
         }
-        let max = self.shared.limits.max_connections;
+        let max = self.shared.live.limits().max_connections;
         match AuthenticatedSlot::acquire(&self.shared.authenticated, max) {
             Some(slot) => *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot),
             None => {
@@ -1014,7 +1046,7 @@ impl<S: SessionService> Handler for Connection<S> {
                 return Ok(Auth::Accept);
             }
         }
-        let max = self.shared.limits.max_connections_per_account;
+        let max = self.shared.live.limits().max_connections_per_account;
         let slot = self.shared.accounts.acquire(&name, max);
         if slot.is_none() {
             tracing::warn!(
@@ -1086,7 +1118,7 @@ impl<S: SessionService> Handler for Connection<S> {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let open = self.channels.len() + self.status.borrow().sessions;
-        let max = self.shared.limits.max_sessions_per_connection;
+        let max = self.shared.live.limits().max_sessions_per_connection;
         if open >= max {
             tracing::info!(
                 conn = self.id,
@@ -1317,7 +1349,7 @@ impl<S: SessionService> Handler for Connection<S> {
             }
         };
         if self.status.borrow().full {
-            let message = full_message(self.shared.limits.max_connections);
+            let message = full_message(self.shared.live.limits().max_connections);
             return self.refuse_channel(channel, session, &message);
         }
         if *self.shared.phase.borrow() != Phase::Running {
@@ -1328,7 +1360,7 @@ impl<S: SessionService> Handler for Connection<S> {
             );
         }
         if self.account.as_ref().is_some_and(|a| a.slot.is_none()) {
-            let max = self.shared.limits.max_connections_per_account;
+            let max = self.shared.live.limits().max_connections_per_account;
             return self.refuse_channel(
                 channel,
                 session,

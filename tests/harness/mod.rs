@@ -306,13 +306,29 @@ impl Daemon {
 
     /// Sends SIGTERM to the daemon (without waiting for it).
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends SIGHUP to the daemon: it re-reads its configuration and authorized keys.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").0.id();
-        let killed = Command::new("kill")
-            .arg("-TERM")
+        let sent = Command::new("kill")
+            .arg(signal)
             .arg(pid.to_string())
             .status()
             .expect("run kill");
-        assert!(killed.success());
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
+    /// Replaces the daemon's configuration file with `config` (and this test process's build
+    /// uids, as at start); it is read at the next start or SIGHUP.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(self.dir.path().join("nixbuild.toml"), config_text(config))
+            .expect("write the configuration");
     }
 
     /// Waits for the daemon to exit and checks that it exited successfully; it may then be
@@ -507,19 +523,24 @@ impl Daemon {
 /// build uids.
 fn config_dir(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("nixbuild.toml"), config_text(config))
+        .expect("write the configuration");
+    dir
+}
+
+/// `config` with this test process's build uids.
+fn config_text(config: &str) -> String {
     // Daemons of tests running at once get distinct build uids (tests check that no
     // process of their builds is left).
     let uids = format!(
         "[builds]\nuid_base = {}\nuid_count = {BUILD_UIDS}\n",
         build_uid_base()
     );
-    let config = if config.contains("[builds]\n") {
+    if config.contains("[builds]\n") {
         config.replacen("[builds]\n", &uids, 1)
     } else {
         format!("{config}\n{uids}")
-    };
-    std::fs::write(dir.path().join("nixbuild.toml"), config).expect("write the configuration");
-    dir
+    }
 }
 
 /// The entries of `<state>/objects` that no row of the database names, read without

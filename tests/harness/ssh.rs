@@ -54,7 +54,8 @@ pub struct Pins {
 }
 
 impl Pins {
-    /// Reads the pins from the last start's lines in the daemon's stdout.
+    /// Reads the pins from the last start's lines in the daemon's stdout, checking that
+    /// `<state-dir>/ssh_host_pins` holds exactly those lines.
     pub fn of(daemon: &Daemon) -> Pins {
         let out = daemon.stdout();
         let start = out.rfind("nixbuild-server: SSH on ").unwrap_or_else(|| {
@@ -64,6 +65,15 @@ impl Pins {
             )
         });
         let text = &out[start..];
+        let file = daemon.state_dir().join("ssh_host_pins");
+        let kept = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        assert_eq!(
+            kept,
+            text,
+            "{} differs from the printed pins",
+            file.display()
+        );
         let value = |label: &str| {
             text.lines()
                 .find_map(|l| l.trim_start().strip_prefix(label))
