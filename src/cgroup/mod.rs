@@ -10,6 +10,12 @@
 //! into the refusal to start, or the warnings, the daemon prints. [`Cgroups::create_build`]
 //! makes `<root_name>/<build>` with the limits set, before any process joins.
 //!
+//! On v2 the daemon's subtree obeys the unified hierarchy's rules, planned without I/O in
+//! [`plan`]: the daemon moves into a leaf of its own cgroup before enabling controllers there,
+//! enables them top-down, and never one the parent does not offer. When its cgroup cannot
+//! give them (an SSH login's cgroup, a unit without `Delegate=yes`), [`enter_delegated_scope`]
+//! re-executes the daemon in a systemd scope with `Delegate=yes`.
+//!
 //! | limit | cgroup v1 | cgroup v2 |
 //! |---|---|---|
 //! | cores | `cpuset.cpus` (with `cpuset.mems` copied from the parent) | `cpuset.cpus` |
@@ -31,9 +37,9 @@
 //! Everything here blocks (file writes, and waiting for killed processes to go): call it
 //! from `spawn_blocking` in async code.
 //!
-//! Rooms: [`discovery`] (pure parsers of the `/proc` files and cgroup file formats),
-//! [`setup`] (the daemon's subtree, the report, each build's cgroup made with its limits) and
-//! [`build_cgroup`] (one build's cgroup: join, out of memory, refused forks, peak memory,
+//! Rooms: [`discovery`] (pure parsers of the `/proc` files and cgroup file formats), [`plan`]
+//! (the v2 steps, pure), [`setup`] (the daemon's subtree, the report, each build's cgroup made
+//! with its limits) and [`build_cgroup`] (one build's cgroup: join, out of memory, refused forks, peak memory,
 //! kill, freeze, remove).
 
 mod build_cgroup;
