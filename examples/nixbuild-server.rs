@@ -7,6 +7,11 @@
 //!     --state-dir /var/lib/nixbuild --authorized-keys /var/lib/nixbuild/authorized_keys
 //! ```
 //!
+//! On cgroup v2 under systemd, when its own cgroup cannot hand cpuset, memory and pids to
+//! builds (a root shell from an SSH login), it first re-executes itself, with the same pid
+//! and arguments, in a scope with delegated controllers (`systemd-run --scope -p
+//! Delegate=yes`).
+//!
 //! Logs go to stderr (`RUST_LOG` filters them; default `info`). At start, with `--listen`, the
 //! lines users pin the SSH host key with go to stdout.
 
