@@ -13,7 +13,8 @@
 //! Delegate=yes`).
 //!
 //! Logs go to stderr (`RUST_LOG` filters them; default `info`). At start, with `--listen`, the
-//! lines users pin the SSH host key with go to stdout.
+//! lines users pin the SSH host key with go to stdout (and to `<state-dir>/ssh_host_pins`).
+//! SIGHUP re-reads the configuration and the authorized keys; SIGTERM or SIGINT stops it.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -1152,8 +1152,8 @@ mod tests {
     #[test]
     fn ssh_connection_budgets_are_read_and_each_must_be_at_least_1() {
         let d = Config::default();
-        assert_eq!(d.ssh.max_unauthenticated, 64);
-        assert_eq!(d.ssh.max_unauthenticated_per_source, 8);
+        assert_eq!(d.ssh.max_unauthenticated, 256);
+        assert_eq!(d.ssh.max_unauthenticated_per_source, 128);
         assert_eq!(d.timeouts.auth(), Duration::from_secs(20));
         let c = Config::parse(
             "[ssh]\nmax_connections = 5\nmax_unauthenticated = 3\n\

@@ -7,12 +7,15 @@
 #[path = "../nixbuild-core/tests/common/mod.rs"]
 mod common;
 mod harness;
+mod lab;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use common::Nix;
 use harness::ssh::{ok, run, salted_derivation, Key, SshServer, SshSession};
+use lab::{assert_built_once, lines, Lab};
 use nixbuild_core::store_path::StorePath;
 
 const ACCOUNT: &str = "alice@laptop";
@@ -184,30 +187,7 @@ fn several_sessions_share_one_connection_up_to_the_limit() {
     let config = server.ssh_config("nixbuild-test", &key);
     let control = server.client.path().join("control");
     let control_opt = format!("ControlPath={}", control.display());
-    let mut master = Command::new("ssh")
-        .arg("-F")
-        .arg(&config)
-        .args([
-            "-N",
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            &control_opt,
-            "nixbuild-test",
-        ])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the ssh master");
-    // The master creates its socket once connected and authenticated.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !control.exists() {
-        assert!(std::time::Instant::now() < until, "no control socket");
-        assert!(
-            master.try_wait().expect("poll").is_none(),
-            "the master exited"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut master = start_master(&config, "nixbuild-test", &control);
     let through_master = ["-o", "ControlMaster=no", "-o", &control_opt];
     let mut first = SshSession::open_with(&config, "nixbuild-test", &through_master);
     let mut second = SshSession::open_with(&config, "nixbuild-test", &through_master);
@@ -300,4 +280,132 @@ fn builds_through_both_builder_forms() {
         ]);
     }
     server.daemon.stop();
+}
+
+/// The peak number of sessions open at once in `log` (the daemon's "session start" and
+/// "session end" lines).
+fn peak_sessions(log: &str) -> usize {
+    let (mut open, mut peak) = (0usize, 0usize);
+    for line in log.lines() {
+        if line.contains(" session start ") {
+            open += 1;
+            peak = peak.max(open);
+        } else if line.contains(" session end ") {
+            open = open.saturating_sub(1);
+        }
+    }
+    peak
+}
+
+/// The issue's load criterion: 120 derivations at once from one `nix-build` (Nix 2.8,
+/// `--max-jobs 0`, the README's builders line with its 100 slots), each sleeping a second
+/// on the server, against the server's default limits. First every build hook connects on
+/// its own, then all of them go through one OpenSSH ControlMaster connection. Every output
+/// arrives, the server ran each build once, and nothing was refused.
+#[test]
+fn a_hundred_and_twenty_builds_at_once_over_separate_connections_and_one_master() {
+    const BUILDS: usize = 120;
+    // An alias of its own: Nix keeps its builder slots per machine (lock files in
+    // /nix/var/nix/current-load), which other tests running at once must not share.
+    const ALIAS: &str = "nixbuild-many";
+    let (server, key) = server();
+    let config = server.ssh_config(ALIAS, &key);
+    let control = server.client.path().join("control");
+    let master_opts = format!("-oControlMaster=no -oControlPath={}", control.display());
+    let builders = format!("ssh://{ALIAS} x86_64-linux - 100 1 big-parallel,benchmark");
+    for through_master in [false, true] {
+        let lab = Lab::with_conf(
+            &format!(
+                "builtins.genList (i: mk \"many-${{toString i}}\" \
+                 \"sleep 1; echo ${{toString i}} > $out\" {{}}) {BUILDS}"
+            ),
+            "require-sigs = false\n",
+        );
+        let drvs = lab.instantiate(&[]);
+        assert_eq!(drvs.len(), BUILDS);
+        let mut master = through_master.then(|| start_master(&config, ALIAS, &control));
+        let mut cmd = lab.nix.command("nix-build");
+        let mut sshopts = format!("-F {}", config.display());
+        if through_master {
+            sshopts = format!("{sshopts} {master_opts}");
+        }
+        cmd.env("NIX_SSHOPTS", sshopts)
+            .args(["--max-jobs", "0", "--no-out-link", "--builders", &builders])
+            .args(&drvs);
+        let log_start = server.daemon.log().len();
+        let started = std::time::Instant::now();
+        let out = ok(&mut cmd);
+        let elapsed = started.elapsed();
+        let outputs = lines(&out.stdout);
+        assert_eq!(outputs.len(), BUILDS, "{outputs:?}");
+        let mut contents: Vec<String> = outputs
+            .iter()
+            .map(|p| std::fs::read_to_string(p).expect("read an output"))
+            .collect();
+        contents.sort_by_key(|c| c.trim().parse::<usize>().expect("a number"));
+        let expected: Vec<String> = (0..BUILDS).map(|i| format!("{i}\n")).collect();
+        assert_eq!(contents, expected);
+
+        // The server ran every build, once, and refused nothing.
+        assert_built_once(&server.daemon, &drvs);
+        let log = server.daemon.log();
+        let phase = &log[log_start..];
+        let refusals: Vec<&str> = phase.lines().filter(|l| l.contains("refused")).collect();
+        assert!(refusals.is_empty(), "refusals:\n{}", refusals.join("\n"));
+        let conns: BTreeSet<&str> = phase
+            .lines()
+            .filter(|l| l.contains(" session start "))
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("conn=")))
+            .collect();
+        let peak = peak_sessions(phase);
+        eprintln!(
+            "{BUILDS} builds {}: {:.1} s, {} sessions on {} connections, at most {peak} at once",
+            if through_master {
+                "through one ControlMaster connection"
+            } else {
+                "over separate connections"
+            },
+            elapsed.as_secs_f64(),
+            phase.matches(" session start ").count(),
+            conns.len(),
+        );
+        // Nix runs as many build hooks at once as the line has slots.
+        assert!(peak > 64, "at most {peak} sessions at once:\n{phase}");
+        if let Some(master) = master.as_mut() {
+            assert_eq!(conns.len(), 1, "not all through the master: {conns:?}");
+            assert!(
+                master.try_wait().expect("poll").is_none(),
+                "the master exited"
+            );
+            let _ = master.kill();
+            let _ = master.wait();
+        } else {
+            assert!(conns.len() > 64, "{} connections", conns.len());
+        }
+    }
+    server.daemon.stop();
+}
+
+/// Starts an OpenSSH ControlMaster connection to `alias` with its socket at `control`, and
+/// waits until it is connected and authenticated (it then creates the socket).
+fn start_master(config: &Path, alias: &str, control: &Path) -> std::process::Child {
+    let mut master = Command::new("ssh")
+        .arg("-F")
+        .arg(config)
+        .args(["-N", "-o", "ControlMaster=yes", "-o"])
+        .arg(format!("ControlPath={}", control.display()))
+        .arg(alias)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the ssh master");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !control.exists() {
+        assert!(std::time::Instant::now() < until, "no control socket");
+        assert!(
+            master.try_wait().expect("poll").is_none(),
+            "the master exited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    master
 }
