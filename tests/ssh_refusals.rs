@@ -8,13 +8,23 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::ssh::{assert_refused, run, Key, SshServer, SshSession};
 
 const ALIAS: &str = "nixbuild-test";
+
+/// A server with only alice's key allowed, started with `config`, and the OpenSSH client
+/// configuration that logs in as alice under `ALIAS`.
+fn alice_server(config: &str) -> (SshServer, PathBuf) {
+    let client = tempfile::tempdir().expect("temp dir");
+    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
+    let server = SshServer::start(config, client, &[&alice]);
+    let config = server.ssh_config(ALIAS, &alice);
+    (server, config)
+}
 
 /// Checks that `session` still answers.
 fn still_serves(session: &mut SshSession) {
@@ -231,14 +241,7 @@ fn wait_closed(server: &SshServer, needles: &[&str]) {
 /// in the log, and a broken file changes nothing while the server goes on serving.
 #[test]
 fn sighup_rereads_the_configuration_and_a_broken_file_changes_nothing() {
-    let client = tempfile::tempdir().expect("temp dir");
-    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
-    let server = SshServer::start(
-        "[ssh]\nmax_connections_per_account = 1\n",
-        client,
-        &[&alice],
-    );
-    let config = server.ssh_config(ALIAS, &alice);
+    let (server, config) = alice_server("[ssh]\nmax_connections_per_account = 1\n");
     let mut first = SshSession::open(&config, ALIAS);
     let out = ssh(&config, &["nix-store", "--serve", "--write"]);
     assert_refused(&out, 1, "maximum of 1 connections");
@@ -420,10 +423,7 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
 
 #[test]
 fn sigterm_lets_sessions_finish_then_cuts_off_the_rest() {
-    let client = tempfile::tempdir().expect("temp dir");
-    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
-    let server = SshServer::start("[timeouts]\nshutdown = 3\n", client, &[&alice]);
-    let config = server.ssh_config(ALIAS, &alice);
+    let (server, config) = alice_server("[timeouts]\nshutdown = 3\n");
     let mut finishing = SshSession::open(&config, ALIAS);
     let lingering = SshSession::open(&config, ALIAS);
     server.daemon.terminate();
@@ -458,13 +458,9 @@ fn negotiated_cipher(stderr: &str) -> Option<&str> {
 
 #[test]
 fn ciphers_aes_gcm_by_default_and_as_configured() {
-    let client = tempfile::tempdir().expect("temp dir");
-    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
-
     // The default offers AES-256-GCM alone: OpenSSH's client, which lists ChaCha20-Poly1305
     // first, gets AES-256-GCM, and a client that wants ChaCha20 only finds no cipher.
-    let server = SshServer::start("", client, &[&alice]);
-    let config = server.ssh_config(ALIAS, &alice);
+    let (_server, config) = alice_server("");
     let mut session = SshSession::open_with(&config, ALIAS, &["-v"]);
     still_serves(&mut session);
     let (status, stderr) = session.close();
@@ -483,14 +479,9 @@ fn ciphers_aes_gcm_by_default_and_as_configured() {
     assert_refused(&out, 255, "no matching cipher found");
 
     // Configured, the server's list is what the client chooses from.
-    let client = tempfile::tempdir().expect("temp dir");
-    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
-    let server = SshServer::start(
+    let (_server, config) = alice_server(
         "[ssh]\nciphers = [\"aes256-gcm@openssh.com\", \"chacha20-poly1305@openssh.com\"]\n",
-        client,
-        &[&alice],
     );
-    let config = server.ssh_config(ALIAS, &alice);
     let mut session = SshSession::open_with(&config, ALIAS, &["-v"]);
     still_serves(&mut session);
     let (status, stderr) = session.close();
@@ -508,18 +499,11 @@ fn ciphers_aes_gcm_by_default_and_as_configured() {
 #[test]
 fn ssh_and_relayed_sessions_share_the_buffer_budget() {
     const MIB: usize = 1 << 20;
-    let client = tempfile::tempdir().expect("temp dir");
-    let alice = SshServer::key(client.path(), "id_alice", "ed25519", "alice");
-    let server = SshServer::start(
-        &format!(
-            "[store]\nmax_request_bytes = {}\n[limits]\nmax_buffered_bytes = {}\n",
-            2 * MIB,
-            4 * MIB
-        ),
-        client,
-        &[&alice],
-    );
-    let config = server.ssh_config(ALIAS, &alice);
+    let (server, config) = alice_server(&format!(
+        "[store]\nmax_request_bytes = {}\n[limits]\nmax_buffered_bytes = {}\n",
+        2 * MIB,
+        4 * MIB
+    ));
     let s = harness::salt();
     let start = |name: &str, value_len: usize| {
         let mut bytes = harness::build_derivation_prefix(&harness::test_path(&s, name), 1);
