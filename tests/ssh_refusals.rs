@@ -236,22 +236,29 @@ fn wait_closed(server: &SshServer, needles: &[&str]) {
         .wait_for_log(&["SSH connection closed", &format!("{conn} ")]);
 }
 
+/// With `max_connections_per_account = 1`: opens a session, checks that a second connection's
+/// commands are refused, waits until the server has closed that one, and returns the first.
+fn open_then_refuse_a_second(server: &SshServer, config: &Path) -> SshSession {
+    let first = SshSession::open(config, ALIAS);
+    let out = ssh(config, &["nix-store", "--serve", "--write"]);
+    assert_refused(&out, 1, "maximum of 1 connections");
+    wait_closed(
+        server,
+        &[
+            "maximum of 1 connections",
+            "its commands on this one are refused",
+        ],
+    );
+    first
+}
+
 /// `systemctl reload`: on SIGHUP the daemon reads its configuration file again. A changed
 /// limit takes effect for new connections, a changed setting that needs a restart is named
 /// in the log, and a broken file changes nothing while the server goes on serving.
 #[test]
 fn sighup_rereads_the_configuration_and_a_broken_file_changes_nothing() {
     let (server, config) = alice_server("[ssh]\nmax_connections_per_account = 1\n");
-    let mut first = SshSession::open(&config, ALIAS);
-    let out = ssh(&config, &["nix-store", "--serve", "--write"]);
-    assert_refused(&out, 1, "maximum of 1 connections");
-    wait_closed(
-        &server,
-        &[
-            "maximum of 1 connections",
-            "its commands on this one are refused",
-        ],
-    );
+    let mut first = open_then_refuse_a_second(&server, &config);
 
     // The limit raised, and a setting changed that only a restart puts in force.
     server
@@ -345,19 +352,10 @@ fn limits_auth_timeout_idle_timeout_and_connections_per_account() {
         .wait_for_log(&["closing the connection: no session for 3 s (timeouts.idle)"]);
 
     // One connection per account: a second one's commands are refused, until the first goes.
-    let mut first = SshSession::open(&config, ALIAS);
-    let out = ssh(&config, &["nix-store", "--serve", "--write"]);
-    assert_refused(&out, 1, "maximum of 1 connections");
+    let mut first = open_then_refuse_a_second(&server, &config);
     // Two authenticated connections in all (once the refused one is closed): a third
     // authenticates and is disconnected at once, saying why. Connections not yet
     // authenticated do not count: they have their own budget, here one per source.
-    wait_closed(
-        &server,
-        &[
-            "maximum of 1 connections",
-            "its commands on this one are refused",
-        ],
-    );
     let mut second = SshSession::open(&as_bob, "bob-host");
     let mut waiting = TcpStream::connect(("127.0.0.1", server.pins.port)).expect("connect");
     waiting
