@@ -32,7 +32,7 @@ import sys
 import tempfile
 
 from common import BenchError, Interrupted, MIB, PREFIX, SIDES, log, pid_alive, rm_tree
-from workloads import BUILDER_FEATURES, BUILDER_SYSTEM, WORKLOADS, WORKLOAD_GROUPS
+from workloads import BUILDER_FEATURES, BUILDER_SYSTEM, SSH_TRANSPORTS, WORKLOADS, WORKLOAD_GROUPS
 from cgroups import destroy_tree
 from measurement import Bench, VmMemory, build_slots, builder_cpu_ms, loadavg, wrapper_cpu_ms
 from report import (
@@ -241,12 +241,18 @@ def bench_main(bench, args, vm):
         f"- {args.reps} run(s) per side and workload, alternating sides, the side that goes first switching every repetition",
         f"- memory: {vm.note}",
     ]
-    if any(w.transport == "ssh" for w in args.workloads):
+    if any(w.transport in SSH_TRANSPORTS for w in args.workloads):
+        transports = {w.transport for w in args.workloads}
+        servers = " and ".join(
+            p
+            for t, p in (("ssh", "nix-store --serve --write"), ("ssh-ng", "nix-daemon --stdio (ssh-ng)"))
+            if t in transports
+        )
         header.append(
             f"- SSH: {ssh_version()}; sshd KexAlgorithms: {args.sshd_kex or 'OpenSSH default'}; "
             f"client Ciphers: {args.ssh_ciphers or 'OpenSSH default'}; "
             f"nixbuild ssh.ciphers: {args.nixbuild_ssh_ciphers or 'default'}; "
-            "the reference is sshd (no PAM) running nix-store --serve --write "
+            f"the reference is sshd (no PAM) running {servers} "
             "in a private mount namespace with its own /nix; nixbuild is nixbuild-server --listen; "
             "one client ssh config (NIX_SSHOPTS=-F), ed25519 client key, host keys pinned"
         )

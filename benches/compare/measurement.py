@@ -15,6 +15,8 @@ from common import BenchError, GIB, MIB, PREFIX, SETTLE_TIMEOUT, log, rm_tree, r
 from cgroups import Cgroups
 from client import Client, check_hashes
 from servers import (
+    NgSshNixbuild,
+    NgSshReference,
     Nixbuild,
     Reference,
     SshClient,
@@ -23,6 +25,7 @@ from servers import (
     read_stats,
     wrapper_script,
 )
+from workloads import SSH_TRANSPORTS
 
 
 @dataclasses.dataclass
@@ -67,22 +70,28 @@ class Bench:
         self.reference = Reference(self.tmp, self.client.conf_file)
         want_nixbuild = "nixbuild" in args.sides
         self.nixbuild = Nixbuild(self.tmp, args.bin_dir, self.client) if want_nixbuild else None
-        self.ssh_reference = self.ssh_nixbuild = None
-        if any(w.transport == "ssh" for w in args.workloads):
+        # Per SSH transport ("ssh", "ssh-ng"): (reference, nixbuild), sharing one ssh config.
+        self.ssh_sides = {}
+        transports = {w.transport for w in args.workloads} & set(SSH_TRANSPORTS)
+        if transports:
             ssh = SshClient(self.tmp, self.client, args.ssh_ciphers)
-            self.ssh_reference = SshReference(
-                self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex
+        for transport in sorted(transports):
+            ref_cls, nb_cls = (
+                (SshReference, SshNixbuild) if transport == "ssh" else (NgSshReference, NgSshNixbuild)
             )
-            if want_nixbuild:
-                self.ssh_nixbuild = SshNixbuild(
-                    self.tmp, args.bin_dir, self.client, ssh, args.nixbuild_ssh_ciphers
-                )
+            self.ssh_sides[transport] = (
+                ref_cls(self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex),
+                nb_cls(self.tmp, args.bin_dir, self.client, ssh, args.nixbuild_ssh_ciphers)
+                if want_nixbuild
+                else None,
+            )
         self.salt = secrets.token_hex(4)
         self.counter = 0
         self.active_group = None
 
     def cleanup(self):
-        for side in (self.nixbuild, self.ssh_nixbuild, self.ssh_reference):
+        ssh_sides = [s for pair in self.ssh_sides.values() for s in pair]
+        for side in [self.nixbuild] + ssh_sides:
             if side is None:
                 continue
             try:
@@ -97,8 +106,9 @@ class Bench:
             rm_tree(self.tmp)
 
     def side(self, name, transport):
-        if transport == "ssh":
-            return self.ssh_reference if name == "reference" else self.ssh_nixbuild
+        if transport in self.ssh_sides:
+            reference, nixbuild = self.ssh_sides[transport]
+            return reference if name == "reference" else nixbuild
         return self.reference if name == "reference" else self.nixbuild
 
     def dataset(self, key):

@@ -24,7 +24,7 @@ from common import (
     tail,
 )
 from client import check_hashes, check_server_nar_hashes
-from report import SIDE_LABEL, SSH_SIDE_LABEL
+from report import NGSSH_SIDE_LABEL, SIDE_LABEL, SSH_SIDE_LABEL
 
 
 SSHD = "/usr/sbin/sshd"
@@ -368,10 +368,12 @@ class SshClient:
         self.hosts = {}  # alias -> port
         client.env["NIX_SSHOPTS"] = f"-F {self.config}"
 
-    def pin(self, alias, clients, port, known_hosts_line):
+    def pin(self, alias, clients, port, known_hosts_line, scheme="ssh"):
         """Points `clients` aliases (`alias`, or `alias-0`, `alias-1`, ...: Nix keeps its
         build-slot locks per URL, so clients running at once need URLs of their own) at
-        127.0.0.1:`port`, trusting only `known_hosts_line`; returns their URLs."""
+        127.0.0.1:`port`, trusting only `known_hosts_line`; returns their URLs
+        (`<scheme>://<alias>`: `ssh` runs `nix-store --serve --write`, `ssh-ng`
+        `nix-daemon --stdio`)."""
         names = [alias] if clients == 1 else [f"{alias}-{k}" for k in range(clients)]
         for a in names:
             with open(os.path.join(self.dir, f"known_hosts-{a}"), "w") as f:
@@ -389,7 +391,7 @@ class SshClient:
             )
         with open(self.config, "w") as f:
             f.write("".join(blocks))
-        return [f"ssh://{a}" for a in names]
+        return [f"{scheme}://{a}" for a in names]
 
 
 def free_port():
@@ -414,24 +416,27 @@ class SshReference(Daemon, Reference):
 
     label = SSH_SIDE_LABEL["reference"]
     alias = "reference-ssh"
+    scheme = "ssh"
+    conf_name = "ref-ssh-nix-conf"
+    store_prefix = "ref-ssh-store"
 
     def __init__(self, root, client_conf, ssh, client, kex=None):
-        Reference.__init__(self, root, client_conf, "ref-ssh-nix-conf")
+        Reference.__init__(self, root, client_conf, self.conf_name)
         self.kex = kex  # sshd's KexAlgorithms, or None for OpenSSH's default
         if not os.access(SSHD, os.X_OK):
             raise BenchError(f"{SSHD} is missing: install openssh-server")
         self.ssh = ssh
         self.client = client
-        self.host_key = os.path.join(root, "sshd_host_ed25519_key")
+        self.host_key = os.path.join(root, f"sshd_host_ed25519_key-{self.alias}")
         run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "reference", "-f", self.host_key],
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.alias, "-f", self.host_key],
             client.env,
             client.log,
             "ssh-keygen of sshd's host key",
         )
         with open(self.host_key + ".pub") as f:
             self.host_pub = " ".join(f.read().split()[:2])
-        self.empty = os.path.join(root, "ref-ssh-empty-file")
+        self.empty = os.path.join(root, f"{self.alias}-empty-file")
         open(self.empty, "w").close()
         # sshd's privilege separation directory.
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -439,7 +444,7 @@ class SshReference(Daemon, Reference):
     def fresh_store(self, n):
         if self.store:
             rm_tree(self.store)
-        self.store = os.path.join(self.root, f"ref-ssh-store-{n}")
+        self.store = os.path.join(self.root, f"{self.store_prefix}-{n}")
         os.makedirs(os.path.join(self.store, "nix"))
         # Its database exists before the runs: the first connection does not create it.
         run(
@@ -503,7 +508,9 @@ class SshReference(Daemon, Reference):
             if time.monotonic() > deadline:
                 raise BenchError(f"sshd did not listen:\n{tail(log_file)}")
             time.sleep(0.02)
-        return self.ssh.pin(self.alias, clients, port, f"[127.0.0.1]:{port} {self.host_pub}")
+        return self.ssh.pin(
+            self.alias, clients, port, f"[127.0.0.1]:{port} {self.host_pub}", self.scheme
+        )
 
 
 class SshNixbuild(Nixbuild):
@@ -513,6 +520,7 @@ class SshNixbuild(Nixbuild):
 
     label = SSH_SIDE_LABEL["nixbuild"]
     alias = "nixbuild-ssh"
+    scheme = "ssh"
 
     def __init__(self, root, bin_dir, client, ssh, ciphers=None):
         super().__init__(root, bin_dir, client)
@@ -552,4 +560,39 @@ class SshNixbuild(Nixbuild):
                 raise BenchError(f"nixbuild-server printed no known_hosts line:\n{tail(self.daemon_log)}")
             time.sleep(0.02)
         port = int(line.split()[0].rsplit(":", 1)[1])
-        return self.ssh.pin(self.alias, clients, port, line)
+        return self.ssh.pin(self.alias, clients, port, line, self.scheme)
+
+
+class NgSshReference(SshReference):
+    """The reference for ssh-ng (issue 18): the same sshd in its own mount namespace and
+    store as `SshReference`, reached as `ssh-ng://<alias>`, so that each connection runs
+    Nix's default remote program `nix-daemon --stdio` (through root's `bash -c`).
+
+    In that namespace `/nix/var/nix` is the reference's own and root may write it, so Nix
+    2.8's `nix-daemon --stdio` opens the local store itself (it would forward to a daemon
+    socket only if it could not) and serves it as a trusted connection: Nix trusts whatever
+    is at the other end of its standard streams, which is how BuildDerivation of
+    input-addressed derivations (refused to untrusted clients) is allowed at all.
+    `trusted-users = root` in its configuration says the same for a socket connection. Nix
+    2.8's ssh-ng client sends no SetOptions, so the daemon builds with its own configuration:
+    the sandbox, `nixbld` users, one core, as the `ssh` reference."""
+
+    label = NGSSH_SIDE_LABEL["reference"]
+    alias = "reference-ngssh"
+    scheme = "ssh-ng"
+    conf_name = "ref-ngssh-nix-conf"
+    store_prefix = "ref-ngssh-store"
+
+    def __init__(self, root, client_conf, ssh, client, kex=None):
+        super().__init__(root, client_conf, ssh, client, kex)
+        with open(os.path.join(self.conf_dir, "nix.conf"), "a") as f:
+            f.write("trusted-users = root\n")
+
+
+class NgSshNixbuild(SshNixbuild):
+    """nixbuild's own SSH front door reached as `ssh-ng://<alias>`: the exec command is
+    `nix-daemon --stdio`, which nixbuild answers with its worker-protocol driver."""
+
+    label = NGSSH_SIDE_LABEL["nixbuild"]
+    alias = "nixbuild-ngssh"
+    scheme = "ssh-ng"

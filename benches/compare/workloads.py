@@ -28,7 +28,9 @@ class Workload:
     dataset: str  # key of the Dataset
     cpu_target: float | None  # server CPU ratio nixbuild / reference must be at most this
     rss_target_mib: float | None  # nixbuild peak RSS must stay under this, when set
-    transport: str = "stdio"  # "stdio" (remote-program) or "ssh" (sshd / nixbuild's SSH)
+    # "stdio" (remote-program), "ssh" (sshd running nix-store --serve / nixbuild's SSH) or
+    # "ssh-ng" (sshd running nix-daemon --stdio / nixbuild's SSH, the worker protocol)
+    transport: str = "stdio"
     # Issue 8: throughput nixbuild / reference at least this, or, where the client is the
     # bottleneck, server CPU per GiB nixbuild / reference at most `cpu_target`.
     throughput_target: float | None = None
@@ -108,7 +110,19 @@ WORKLOADS = [
     # Issue 5: the big path over SSH, no target of its own.
     Workload("ssh-upload-1g", "upload", "big", None, None, transport="ssh"),
     Workload("ssh-download-1g", "download", "big", None, None, transport="ssh"),
+    # Issue 18: ssh-ng (the Nix daemon protocol, `nix-daemon --stdio`), against OpenSSH's sshd
+    # running `nix-daemon --stdio`. Throughput targets without issue 8's CPU alternative.
+    BuildWorkload("ngssh-build-50", "independent", 50, 1, 0.3, transport="ssh-ng"),
+    Workload(
+        "ngssh-upload-200", "upload", "closure", None, None, transport="ssh-ng", throughput_target=1.5
+    ),
+    Workload(
+        "ngssh-download-200", "download", "closure", None, None, transport="ssh-ng", throughput_target=1.5
+    ),
 ]
+
+# The transports that go through sshd on the reference's side (the client's ssh config).
+SSH_TRANSPORTS = ("ssh", "ssh-ng")
 
 # Names that stand for several workloads in --workloads.
 WORKLOAD_GROUPS = {
@@ -120,11 +134,12 @@ WORKLOAD_GROUPS = {
         "ssh-build-1g",
         "ssh-build-parallel",
     ],
+    "issue18": ["ngssh-build-50", "ngssh-upload-200", "ngssh-download-200"],
 }
 
 # Issue 4: BuildDerivation received -> BuildResult sent, median, for a fresh trivial build.
 BUILD_ONE_TARGET_MS = 20
-# Issue 8: server memory throughout, for the build workloads.
+# Issues 8 and 18: server memory throughout, for the build workloads and issue 8's and 18's copies.
 BUILD_MEM_TARGET_MIB = 100
 # The system and features every build is offered with (the issue's builders line).
 BUILDER_SYSTEM = "x86_64-linux"
