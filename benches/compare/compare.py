@@ -4,7 +4,8 @@
 Both servers are driven by the same real Nix client (`nix copy`, `nix-build`) over the
 stdio transport (`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no
 sshd), or, for the `ssh-` workloads, over SSH: OpenSSH's sshd running `nix-store --serve`
-in a private mount namespace with its own `/nix`, against nixbuild-server's own SSH. Runs
+in a private mount namespace with its own `/nix`, against nixbuild-server's own SSH; for the
+`ngssh-` workloads (issue 18) the same over ssh-ng, with sshd running `nix-daemon --stdio`. Runs
 alternate between the two sides, every run does the full work (fresh server store for
 uploads, client copies deleted before downloads), and every run is checked: the paths must
 be valid on the destination with the narHash the client recorded, and the bytes on the
