@@ -18,6 +18,7 @@
 pub mod account;
 pub mod budget;
 pub mod content_address;
+mod framer;
 pub mod derivation;
 pub mod hash;
 pub mod nar;
