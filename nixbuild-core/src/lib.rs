@@ -28,3 +28,4 @@ pub mod scheduler;
 pub mod serve;
 pub mod store_path;
 pub mod wire;
+pub mod worker;

@@ -18,7 +18,7 @@ pub mod build;
 pub mod command;
 pub mod derivation;
 pub mod export;
-mod fields;
+pub(crate) mod fields;
 mod framing;
 pub mod handshake;
 pub mod request;
