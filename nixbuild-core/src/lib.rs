@@ -18,8 +18,8 @@
 pub mod account;
 pub mod budget;
 pub mod content_address;
-mod framer;
 pub mod derivation;
+mod framer;
 pub mod hash;
 pub mod nar;
 pub mod nixbase32;

@@ -58,7 +58,6 @@ fn options_len(v: ProtocolVersion) -> usize {
         + usize::from(v >= ProtocolVersion::V2_7)
 }
 
-
 /// The layout of the request whose opcode is `n`, or `None` when the decoder will refuse it
 /// (an unknown opcode, or a command that needs `--write` on a read-only session).
 pub(crate) fn layout(n: u64, v: ProtocolVersion, write_allowed: bool) -> Option<Layout> {
@@ -202,9 +201,27 @@ mod tests {
         b.extend_from_slice(&(1u64 << 63).to_le_bytes());
         assert!(advance(&mut Framer::default(), &b, v, &limits, true));
         assert!(Request::decode(&b, v, &limits).is_err());
-        assert!(advance(&mut Framer::default(), &13u64.to_le_bytes(), v, &limits, true));
-        assert!(advance(&mut Framer::default(), &9u64.to_le_bytes(), v, &limits, false));
-        assert!(!advance(&mut Framer::default(), &9u64.to_le_bytes(), v, &limits, true));
+        assert!(advance(
+            &mut Framer::default(),
+            &13u64.to_le_bytes(),
+            v,
+            &limits,
+            true
+        ));
+        assert!(advance(
+            &mut Framer::default(),
+            &9u64.to_le_bytes(),
+            v,
+            &limits,
+            false
+        ));
+        assert!(!advance(
+            &mut Framer::default(),
+            &9u64.to_le_bytes(),
+            v,
+            &limits,
+            true
+        ));
         let mut b = 2u64.to_le_bytes().to_vec();
         b.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(advance(&mut Framer::default(), &b, v, &limits, true));

@@ -165,7 +165,10 @@ impl ClientHello {
     }
 
     /// Reads the client's feature set (negotiated version 1.38 on).
-    pub fn read_features(r: &mut Reader<'_>, limits: &wire::Limits) -> ReadResult<BTreeSet<String>> {
+    pub fn read_features(
+        r: &mut Reader<'_>,
+        limits: &wire::Limits,
+    ) -> ReadResult<BTreeSet<String>> {
         Ok(r.string_set("features", limits, limits.max_short_string_len)?)
     }
 

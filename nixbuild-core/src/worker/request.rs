@@ -15,7 +15,7 @@ use crate::hash::HashAlgo;
 use crate::serve::derivation::{encode_basic_derivation, read_basic_derivation};
 use crate::serve::fields::{parse_store_path, put_store_path, put_store_path_set};
 use crate::serve::fields::{store_path, store_path_set};
-use crate::serve::AddToStoreNar;
+use crate::serve::{AddToStoreNar, ServeError};
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
 
@@ -600,7 +600,7 @@ pub enum Request {
         /// The client asks not to check signatures.
         dont_check_sigs: bool,
     },
-    /// 45: a framed log follows.
+    /// 45: a framed log follows (the path is sent as a base name).
     AddBuildLog(StorePath),
     /// 46.
     BuildPathsWithResults {
@@ -629,8 +629,7 @@ fn parse_method(s: &str, offset: usize) -> ReadResult<(ContentAddressMethod, Has
     if rest.len() == s.len() && !s.starts_with("text:") {
         return Err(bad().into());
     }
-    ContentAddressMethod::parse_with_algo(rest)
-        .map_err(|_| bad().into())
+    ContentAddressMethod::parse_with_algo(rest).map_err(|_| bad().into())
 }
 
 fn render_method(method: ContentAddressMethod, algo: HashAlgo) -> String {
@@ -698,11 +697,7 @@ impl Request {
     }
 
     /// Reads a whole request, opcode first, as a client of negotiated version `v` sends it.
-    pub fn read(
-        r: &mut Reader<'_>,
-        v: WorkerVersion,
-        limits: &super::Limits,
-    ) -> ReadResult<Self> {
+    pub fn read(r: &mut Reader<'_>, v: WorkerVersion, limits: &super::Limits) -> ReadResult<Self> {
         let op = Opcode::from_wire(r.u64()?)?;
         Self::read_args(op, r, v, limits)
     }
@@ -766,9 +761,7 @@ impl Request {
             },
             Opcode::EnsurePath => Request::EnsurePath(path(r)?),
             Opcode::AddTempRoot => Request::AddTempRoot(path(r)?),
-            Opcode::AddIndirectRoot => {
-                Request::AddIndirectRoot(r.str("path", short)?.to_owned())
-            }
+            Opcode::AddIndirectRoot => Request::AddIndirectRoot(r.str("path", short)?.to_owned()),
             Opcode::SyncWithGC => Request::SyncWithGC,
             Opcode::FindRoots => Request::FindRoots,
             Opcode::SetOptions => Request::SetOptions(Box::new(ClientOptions::read(r, w)?)),
@@ -845,14 +838,22 @@ impl Request {
                 r.str("id", short)?.to_owned(),
                 r.str("outPath", short)?.to_owned(),
             ]),
-            Opcode::QueryRealisation => {
-                Request::QueryRealisation(r.str("id", short)?.to_owned())
-            }
+            Opcode::QueryRealisation => Request::QueryRealisation(r.str("id", short)?.to_owned()),
             Opcode::AddMultipleToStore => Request::AddMultipleToStore {
                 repair: r.bool("repair")?,
                 dont_check_sigs: r.bool("dontCheckSigs")?,
             },
-            Opcode::AddBuildLog => Request::AddBuildLog(store_path(r, "drvPath", w)?),
+            Opcode::AddBuildLog => {
+                // A base name, unlike every other path of the protocol.
+                let offset = r.position();
+                let s = r.bytes("drvPath", short)?;
+                let p = StorePath::from_base_name(s).map_err(|source| ServeError::StorePath {
+                    field: "drvPath",
+                    offset,
+                    source,
+                })?;
+                Request::AddBuildLog(p)
+            }
             Opcode::AddPermRoot => Request::AddPermRoot {
                 path: path(r)?,
                 gc_root: r.str("gcRoot", short)?.to_owned(),
@@ -876,8 +877,8 @@ impl Request {
             | Request::QueryDerivationOutputNames(p)
             | Request::QueryValidDerivers(p)
             | Request::NarFromPath(p)
-            | Request::QueryDerivationOutputMap(p)
-            | Request::AddBuildLog(p) => put_store_path(buf, p),
+            | Request::QueryDerivationOutputMap(p) => put_store_path(buf, p),
+            Request::AddBuildLog(p) => buf.put_wire_bytes(p.base_name().as_bytes()),
             Request::AddIndirectRoot(s)
             | Request::QueryPathFromHashPart(s)
             | Request::QueryRealisation(s) => buf.put_wire_bytes(s.as_bytes()),
@@ -918,7 +919,8 @@ impl Request {
                 buf.put_wire_bytes(text);
                 put_store_path_set(buf, references);
             }
-            Request::BuildPaths { paths, mode } | Request::BuildPathsWithResults { paths, mode } => {
+            Request::BuildPaths { paths, mode }
+            | Request::BuildPathsWithResults { paths, mode } => {
                 DerivedPath::put_list(buf, paths, v);
                 buf.put_wire_u64(mode.to_wire());
             }

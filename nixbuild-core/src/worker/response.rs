@@ -291,11 +291,9 @@ impl Response {
             | Opcode::QueryDerivationOutputs => {
                 Response::Paths(store_path_set(r, "paths", limits)?)
             }
-            Opcode::QueryDerivationOutputNames => Response::Strings(r.string_set(
-                "names",
-                limits,
-                limits.max_short_string_len,
-            )?),
+            Opcode::QueryDerivationOutputNames => {
+                Response::Strings(r.string_set("names", limits, limits.max_short_string_len)?)
+            }
             Opcode::QueryPathFromHashPart | Opcode::AddPermRoot => {
                 Response::OptPath(opt_store_path(r, "path", limits)?)
             }
@@ -325,7 +323,9 @@ impl Response {
                 let n = r.count("outputs", limits.max_list_len)?;
                 let mut map = BTreeMap::new();
                 for _ in 0..n {
-                    let name = r.str("output name", limits.max_short_string_len)?.to_owned();
+                    let name = r
+                        .str("output name", limits.max_short_string_len)?
+                        .to_owned();
                     map.insert(name, opt_store_path(r, "output path", limits)?);
                 }
                 Response::OutputMap(map)

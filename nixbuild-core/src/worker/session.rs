@@ -336,7 +336,8 @@ impl ServerSession {
             Source::Tunnel { asked: Some(n) } => {
                 let max_len = usize::try_from(*n).unwrap_or(usize::MAX);
                 let got = wire::decode_buf(input, |r: &mut Reader<'_>| {
-                    r.bytes("tunnelled data", max_len).map(Bytes::copy_from_slice)
+                    r.bytes("tunnelled data", max_len)
+                        .map(Bytes::copy_from_slice)
                 })?;
                 match got {
                     None => Ok(Pull::Wait),
@@ -373,19 +374,21 @@ impl ServerSession {
                     )))
                 }
             },
-            Body::Sized { remaining } => match Self::pull(&mut p.source, input, out, *remaining, v)? {
-                Pull::Bytes(b) => {
-                    *remaining -= b.len() as u64;
-                    return Ok(Some(Event::Data(b)));
+            Body::Sized { remaining } => {
+                match Self::pull(&mut p.source, input, out, *remaining, v)? {
+                    Pull::Bytes(b) => {
+                        *remaining -= b.len() as u64;
+                        return Ok(Some(Event::Data(b)));
+                    }
+                    Pull::Wait => return Ok(None),
+                    Pull::End => {
+                        return Err(WorkerError::Payload(format!(
+                            "{}: the framed stream ended {remaining} bytes before narSize",
+                            p.op.name()
+                        )))
+                    }
                 }
-                Pull::Wait => return Ok(None),
-                Pull::End => {
-                    return Err(WorkerError::Payload(format!(
-                        "{}: the framed stream ended {remaining} bytes before narSize",
-                        p.op.name()
-                    )))
-                }
-            },
+            }
             Body::Nar(reader) if reader.is_complete() => done(p.op),
             Body::Nar(reader) => {
                 // Run the reader only to find where the NAR ends; the store validates it.
@@ -407,13 +410,14 @@ impl ServerSession {
                 Pull::End => done(p.op),
             },
             Body::Multiple(m) => {
-                return Self::multiple(m, &mut p.source, &mut p.inner, input, out, v, &limits)
-                    .map(|(ev, finished)| {
+                return Self::multiple(m, &mut p.source, &mut p.inner, input, out, v, &limits).map(
+                    |(ev, finished)| {
                         if finished {
                             self.state = State::AwaitingResponse(Opcode::AddMultipleToStore);
                         }
                         ev
-                    });
+                    },
+                );
             }
         };
         self.state = next;
@@ -430,9 +434,8 @@ impl ServerSession {
         v: WorkerVersion,
         limits: &Limits,
     ) -> Result<(Option<Event>, bool), WorkerError> {
-        let trailing = || {
-            WorkerError::Payload("AddMultipleToStore: data after the last path".to_owned())
-        };
+        let trailing =
+            || WorkerError::Payload("AddMultipleToStore: data after the last path".to_owned());
         let cut = |what: &str| {
             WorkerError::Payload(format!("AddMultipleToStore: the stream ended {what}"))
         };
@@ -456,7 +459,8 @@ impl ServerSession {
                             Pull::End => return Err(cut("inside a NAR")),
                         }
                     } else {
-                        let n = usize::try_from(*remaining).map_or(inner.len(), |r| r.min(inner.len()));
+                        let n =
+                            usize::try_from(*remaining).map_or(inner.len(), |r| r.min(inner.len()));
                         inner.split_to(n).freeze()
                     };
                     *remaining -= b.len() as u64;
