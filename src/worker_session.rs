@@ -24,6 +24,7 @@ use nixbuild_core::budget::Reservation;
 use nixbuild_core::derivation::{aterm, DerivationOutput};
 use nixbuild_core::serve::{AddToStoreNar, BuildOptions, BuildResult, BuildStatus};
 use nixbuild_core::store_path::StorePath;
+use nixbuild_core::worker::dump;
 use nixbuild_core::worker::request::AddToStoreForm;
 use nixbuild_core::worker::stderr::{ActivityType, ResultType};
 use nixbuild_core::worker::{
@@ -39,9 +40,10 @@ use crate::builds::{BuildJob, Outcome, WaitEvent};
 use crate::failpoint::failpoint_async;
 use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, build_result, make_room, over_limit, SessionError, SessionOutput, WriteTimeout,
+    add_claim, build_result, make_room, over_limit, registration_time, SessionError, SessionOutput,
+    WriteTimeout,
 };
-use crate::store::Store;
+use crate::store::{PathClaim, Store};
 
 /// The most bytes of a `.drv` read to answer QueryDerivationOutputMap.
 const MAX_DRV_SIZE: u64 = 16 << 20;
@@ -107,7 +109,15 @@ enum Incoming {
         upload: Upload,
         answer: bool,
     },
-    /// Data refused once it has all arrived (AddToStore, AddBuildLog), with the reason.
+    /// AddToStore's dump, held whole (at most `max_request_bytes`, reserved against the
+    /// daemon's budget) until it is complete: the path it makes depends on all of it.
+    Dump {
+        name: String,
+        form: AddToStoreForm,
+        data: Vec<u8>,
+        held: Reservation,
+    },
+    /// Data refused once it has all arrived (AddBuildLog), with the reason.
     Refuse(String),
 }
 
@@ -307,21 +317,24 @@ impl<O: SessionOutput> Driver<'_, O> {
                 return Ok(());
             }
             Request::AddToStore { name, form } => {
-                let how = match form {
-                    AddToStoreForm::Addressed { .. } => "in the content-addressed form",
-                    AddToStoreForm::Legacy { .. } => "in the legacy form",
-                };
-                self.incoming = Some(Incoming::Refuse(format!(
-                    "AddToStore of '{name}' {how} is not supported by nixbuild yet; copy \
-                     the path with 'nix copy --to' instead"
-                )));
+                let held = Reservation::new(self.ctx.settings().buffer_budget.clone());
+                self.incoming = Some(Incoming::Dump {
+                    name,
+                    form,
+                    data: Vec::new(),
+                    held,
+                });
                 return Ok(());
             }
-            Request::AddTextToStore { name, .. } => {
-                return refuse(format!(
-                    "AddTextToStore of '{name}' is not supported by nixbuild yet; copy the \
-                     path with 'nix copy --to' instead"
-                ))
+            Request::AddTextToStore {
+                name,
+                text,
+                references,
+            } => {
+                let added = dump::add_text_to_store(&name, text, references)
+                    .map_err(|e| Failure::Refused(Refusal(e.to_string())))?;
+                let path = self.add_whole(added).await?;
+                Response::Added { path, info: None }
             }
             Request::BuildDerivation { drv_path, drv, .. } => {
                 let job = BuildJob {
@@ -669,7 +682,7 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     /// Starts receiving the NAR of `info`; `answer` for AddToStoreNar.
     fn begin_nar(&mut self, info: Box<AddToStoreNar>, answer: bool) -> Handled {
-        let upload = self.ctx.start_upload(info.ca.clone(), &self.pool);
+        let upload = self.ctx.start_upload(info.ca, &self.pool);
         self.incoming = Some(Incoming::Nar {
             info,
             upload,
@@ -694,6 +707,20 @@ impl<O: SessionOutput> Driver<'_, O> {
                 }
                 Ok(())
             }
+            Some(Incoming::Dump { data, held, .. }) => {
+                let max = self.ctx.settings().max_request_bytes;
+                let len = data.len() + chunk.len();
+                if len > max {
+                    return Err(SessionError::RequestTooLarge { max }.into());
+                }
+                held.resize(len as u64)
+                    .map_err(|e| SessionError::BufferBudget {
+                        limit: e.limit,
+                        wanted: e.wanted,
+                    })?;
+                data.extend_from_slice(&chunk);
+                Ok(())
+            }
             Some(Incoming::Refuse(_)) => Ok(()),
             None => Err(WorkerError::Misuse("data without a request that takes it").into()),
         }
@@ -716,9 +743,54 @@ impl<O: SessionOutput> Driver<'_, O> {
                 }
                 Ok(())
             }
+            Some(Incoming::Dump {
+                name, form, data, ..
+            }) => {
+                let added = dump::add_to_store(&name, &form, data)
+                    .map_err(|e| Failure::Refused(Refusal(e.to_string())))?;
+                let path = self.add_whole(added).await?;
+                let info = match self.session.version() >= WorkerVersion::V1_25 {
+                    true => self.path_info(&path).await?.map(Box::new),
+                    false => None,
+                };
+                Ok(self.session.respond(&Response::Added { path, info })?)
+            }
             Some(Incoming::Refuse(msg)) => refuse(msg),
             None => Err(WorkerError::Misuse("end of data without a request that takes it").into()),
         }
+    }
+
+    /// Adds a path of AddToStore or AddTextToStore for the account: its NAR is written,
+    /// verified against its content address and registered in one blocking task.
+    async fn add_whole(&self, added: dump::Added) -> Result<StorePath, Failure> {
+        let dump::Added {
+            path,
+            ca,
+            references,
+            nar,
+        } = added;
+        let claim = PathClaim {
+            path: path.clone(),
+            deriver: None,
+            nar_hash: None,
+            nar_size: None,
+            references,
+            registration_time: registration_time(0),
+            ca: Some(ca),
+            sigs: BTreeSet::new(),
+        };
+        let what = format!("adding {path}");
+        self.ctx
+            .blocking(&what, move |s, a| {
+                let mut import = s.begin_import(a)?;
+                import.expect_ca(&ca);
+                import.write(&nar)?;
+                import.commit(claim)
+            })
+            .await
+            .map_err(refused)?;
+        tracing::info!(account = %self.ctx.settings().account, path = %path, "registered added path");
+        Ok(path)
     }
 }
 

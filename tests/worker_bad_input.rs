@@ -393,18 +393,8 @@ fn refused_operations_are_errors_the_session_survives() {
     for (req, _) in &refused {
         script = script.request(req);
     }
-    // An AddToStore and an AddBuildLog whose data is taken, then refused.
+    // An AddBuildLog whose data is taken, then refused.
     script = script
-        .request(&Request::AddToStore {
-            name: "x".into(),
-            form: AddToStoreForm::Addressed {
-                method: nixbuild_core::content_address::ContentAddressMethod::Text,
-                algo: nixbuild_core::hash::HashAlgo::Sha256,
-                references: BTreeSet::new(),
-                repair: false,
-            },
-        })
-        .framed(b"some text")
         .request(&Request::AddBuildLog(test_path(&s, "x.drv")))
         .framed(b"a log\n");
     // The session goes on: an upload and a query after all of them are answered.
@@ -416,7 +406,7 @@ fn refused_operations_are_errors_the_session_survives() {
     let needles: Vec<&str> = refused
         .iter()
         .map(|(_, n)| *n)
-        .chain(["AddToStore", "build logs"])
+        .chain(["build logs"])
         .collect();
     assert_eq!(t.answers.len(), needles.len() + 2, "{t:?}");
     for (answer, needle) in t.answers.iter().zip(&needles) {
@@ -519,4 +509,80 @@ fn nix_2_3_uploads_through_stderr_read() {
     );
     let stopped = daemon.stop();
     assert!(stopped.valid("a", &path));
+}
+
+#[test]
+fn add_to_store_and_add_text_to_store_add_what_nix_would() {
+    // The paths Nix 2.8 gives the same contents: `builtins.toFile "hello" "hello\n"`, and
+    // `nix-store --add-fixed sha256` of a file holding "data".
+    let text = "/nix/store/nmrmdcw1bfnl35a893n7nyhw4xa5vy08-hello";
+    let flat = "/nix/store/n3mpf1s5i35d5g4dc4blhcbs5x1d9cfd-data";
+    let daemon = Daemon::start(&[]);
+    let addressed = |method, name: &str| Request::AddToStore {
+        name: name.into(),
+        form: AddToStoreForm::Addressed {
+            method,
+            algo: nixbuild_core::hash::HashAlgo::Sha256,
+            references: BTreeSet::new(),
+            repair: false,
+        },
+    };
+    use nixbuild_core::content_address::ContentAddressMethod::{Flat, Text};
+    // 1.34 (Nix 2.8): AddToStore with a framed dump, answered with the path and its info.
+    let script = Script::new(V)
+        .request(&addressed(Text, "hello"))
+        .framed(b"hello\n")
+        .request(&addressed(Flat, "data"))
+        .framed(b"data");
+    let t = run(&daemon, "a", &script);
+    assert_eq!(t.status, 0, "{t:?}");
+    let paths: Vec<String> = t
+        .answers
+        .iter()
+        .map(|a| match a {
+            Answer::Ok(Some(Response::Added {
+                path,
+                info: Some(info),
+            })) => {
+                assert!(info.ca.is_some());
+                path.to_absolute()
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(paths, [text, flat]);
+    // 1.21 (Nix 2.3): AddTextToStore, and the legacy AddToStore with a raw NAR.
+    let script = Script::new(WorkerVersion::V1_21)
+        .request(&Request::AddTextToStore {
+            name: "hello".into(),
+            text: b"hello\n".to_vec(),
+            references: BTreeSet::new(),
+        })
+        .request(&Request::AddToStore {
+            name: "data".into(),
+            form: AddToStoreForm::Legacy {
+                fixed: 1,
+                recursive: false,
+                algo: nixbuild_core::hash::HashAlgo::Sha256,
+            },
+        })
+        .raw(&file_nar(b"data"));
+    let t = run(&daemon, "b", &script);
+    assert_eq!(t.status, 0, "{t:?}");
+    let paths: Vec<String> = t
+        .answers
+        .iter()
+        .map(|a| match a {
+            Answer::Ok(Some(Response::Added { path, info: None })) => path.to_absolute(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(paths, [text, flat]);
+    let stopped = daemon.stop();
+    for account in ["a", "b"] {
+        for p in [text, flat] {
+            let p = StorePath::from_absolute_path(p.as_bytes()).unwrap();
+            assert!(stopped.valid(account, &p), "{account} {p}");
+        }
+    }
 }
