@@ -217,6 +217,9 @@ class Nixbuild(Daemon):
 
     name = "nixbuild"
     label = SIDE_LABEL["nixbuild"]
+    # The daemon's log line for each build answered to the client: the serve driver's
+    # (with `micros=`, BuildDerivation received -> BuildResult sent).
+    answered = "answered BuildDerivation"
 
     def __init__(self, root, bin_dir, client):
         self.root = root
@@ -315,7 +318,8 @@ class Nixbuild(Daemon):
         outputs are in the store with the expected narHash.
 
         Returns the server-side time of each BuildDerivation in seconds (the log's
-        `micros=`, from receiving the request to sending the BuildResult).
+        `micros=`, from receiving the request to sending the BuildResult), or None where the
+        driver logs no such figure (the worker driver).
         """
         with open(os.path.join(rundir, "daemon.log"), errors="replace") as f:
             lines = f.read().splitlines()
@@ -327,11 +331,11 @@ class Nixbuild(Daemon):
                 continue
             if " building " in line:
                 started[drv] = started.get(drv, 0) + 1
-            elif "answered BuildDerivation" in line:
+            elif self.answered in line:
                 micros = field(line, "micros")
-                if field(line, "status") != "Built" or micros is None or not micros.isdigit():
+                if field(line, "status") != "Built" or (micros is not None and not micros.isdigit()):
                     raise BenchError(f"nixbuild: unexpected answer in the daemon log: {line}")
-                answered.setdefault(drv, []).append(int(micros) / 1e6)
+                answered.setdefault(drv, []).append(None if micros is None else int(micros) / 1e6)
         times = []
         for b in builds:
             if started.get(b.drv) != 1:
@@ -342,7 +346,7 @@ class Nixbuild(Daemon):
                 raise BenchError(f"nixbuild: {b.drv} not answered once as Built in the daemon log")
             times += answered[b.drv]
         check_server_nar_hashes("nixbuild store", client, builds, self.server_hashes)
-        return times
+        return None if None in times else times
 
 
 class SshClient:
@@ -596,3 +600,5 @@ class NgSshNixbuild(SshNixbuild):
     label = NGSSH_SIDE_LABEL["nixbuild"]
     alias = "nixbuild-ngssh"
     scheme = "ssh-ng"
+    # The worker driver's line once a build's outcome is known (no `micros=`).
+    answered = "worker build done"
