@@ -229,23 +229,28 @@ impl BuildResult {
                 buf.put_wire_strings(&o.signatures);
             }
         } else if v >= ProtocolVersion::V2_6 {
-            let mut entries: Vec<(String, String)> = self
-                .built_outputs
-                .iter()
-                .map(|(name, o)| {
-                    let key = drv_output_id(o.drv_hash.as_ref(), name);
-                    let json = realisation_json(&key, o);
-                    (key, json)
-                })
-                .collect();
-            // Keys sort by derivation hash first: the map is ordered by key on the wire.
-            entries.sort();
-            buf.put_wire_u64(entries.len() as u64);
-            for (key, json) in entries {
-                buf.put_wire_bytes(key.as_bytes());
-                buf.put_wire_bytes(json.as_bytes());
-            }
+            put_outputs_v26(buf, &self.built_outputs);
         }
+    }
+}
+
+/// Writes builtOutputs in the serve 2.6/2.7 form (also the worker protocol's from 1.28 on):
+/// DrvOutput id → realisation JSON, ordered by id.
+pub(crate) fn put_outputs_v26(buf: &mut impl BufMut, outputs: &BTreeMap<String, BuiltOutput>) {
+    let mut entries: Vec<(String, String)> = outputs
+        .iter()
+        .map(|(name, o)| {
+            let key = drv_output_id(o.drv_hash.as_ref(), name);
+            let json = realisation_json(&key, o);
+            (key, json)
+        })
+        .collect();
+    // Keys sort by derivation hash first: the map is ordered by key on the wire.
+    entries.sort();
+    buf.put_wire_u64(entries.len() as u64);
+    for (key, json) in entries {
+        buf.put_wire_bytes(key.as_bytes());
+        buf.put_wire_bytes(json.as_bytes());
     }
 }
 
@@ -325,7 +330,7 @@ fn read_outputs_v28(
 }
 
 /// Reads builtOutputs in the serve 2.6/2.7 form: DrvOutput id → realisation JSON.
-fn read_outputs_v26(
+pub(crate) fn read_outputs_v26(
     r: &mut Reader<'_>,
     limits: &wire::Limits,
 ) -> ReadResult<BTreeMap<String, BuiltOutput>> {

@@ -18,7 +18,7 @@ pub mod build;
 pub mod command;
 pub mod derivation;
 pub mod export;
-mod fields;
+pub(crate) mod fields;
 mod framing;
 pub mod handshake;
 pub mod request;
@@ -26,7 +26,7 @@ pub mod response;
 pub mod session;
 
 pub use build::{BuildOptions, BuildResult, BuildStatus, BuiltOutput};
-pub use command::ServeArgs;
+pub use command::{Protocol, ServeArgs};
 pub use export::{ExportMarker, ExportTrailer};
 pub use handshake::{ClientHello, ProtocolVersion, ServerHello};
 pub use request::{AddToStoreNar, Opcode, PathWithOutputs, Request};

@@ -155,7 +155,7 @@ pub struct AddToStoreNar {
 }
 
 impl AddToStoreNar {
-    fn read(r: &mut Reader<'_>, limits: &Limits) -> ReadResult<Self> {
+    pub(crate) fn read(r: &mut Reader<'_>, limits: &Limits) -> ReadResult<Self> {
         let w = &limits.wire;
         let path = store_path(r, "path", w)?;
         let deriver = opt_store_path(r, "deriver", w)?;
@@ -190,7 +190,7 @@ impl AddToStoreNar {
         })
     }
 
-    fn encode(&self, buf: &mut impl BufMut) {
+    pub(crate) fn encode(&self, buf: &mut impl BufMut) {
         put_store_path(buf, &self.path);
         put_opt_store_path(buf, self.deriver.as_ref());
         buf.put_wire_bytes(self.nar_hash.to_base16().as_bytes());

@@ -31,7 +31,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::export::{ExportMarker, ExportTrailer};
-use super::framing::Framer;
+use super::framing::{self, Framer};
 use super::handshake::{ClientHello, ServerHello};
 use super::request::{Opcode, Request};
 use super::response::Response;
@@ -176,7 +176,7 @@ impl ServerSession {
             }
             State::Idle => {
                 let (v, limits, write) = (self.version, self.limits, self.write_allowed);
-                if !self.framer.advance(input, v, &limits, write) {
+                if !framing::advance(&mut self.framer, input, v, &limits, write) {
                     return Ok(None);
                 }
                 let req = wire::decode_buf(input, |r: &mut Reader<'_>| {
@@ -222,7 +222,7 @@ impl ServerSession {
             State::ImportNar(reader) => {
                 if reader.is_complete() {
                     self.state = State::ImportTrailer;
-                    self.framer = Framer::trailer();
+                    self.framer = framing::trailer();
                     return Ok(Some(Event::NarEnd));
                 }
                 // Run the reader only to find where the NAR ends; the store validates and
@@ -241,7 +241,7 @@ impl ServerSession {
                 // Framed like a request: a trailer with many references arriving in small
                 // pieces is decoded once, not once per piece.
                 let (v, limits, write) = (self.version, self.limits, self.write_allowed);
-                if !self.framer.advance(input, v, &limits, write) {
+                if !framing::advance(&mut self.framer, input, v, &limits, write) {
                     return Ok(None);
                 }
                 let Some(t) = wire::decode_buf(input, |r| ExportTrailer::read(r, &limits.wire))?
