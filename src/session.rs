@@ -389,16 +389,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// A protocol error, with the configuration key to raise when a list hit its limit.
     fn protocol(&self, e: ServeError) -> SessionError {
         match e {
-            ServeError::Wire(WireError::TooManyElements { max, .. })
-                if max == self.ctx.settings().max_paths_per_request =>
-            {
-                SessionError::ListTooLong(e)
-            }
-            ServeError::Wire(WireError::StringTooLong { max, .. })
-                if max == self.ctx.settings().max_request_bytes =>
-            {
-                SessionError::StringTooLong(e)
-            }
+            ServeError::Wire(w) => over_limit(w, self.ctx.settings()),
             e => SessionError::Protocol(e),
         }
     }
@@ -916,6 +907,20 @@ pub(crate) fn build_result(outcome: &Outcome, drv_hash: &Hash) -> BuildResult {
         start_time: outcome.start_time,
         stop_time: outcome.stop_time,
         built_outputs,
+    }
+}
+
+/// A malformed primitive as a session error, naming the configuration key to raise when a
+/// list or a string hit the limit the configuration sets.
+pub(crate) fn over_limit(e: WireError, settings: &SessionSettings) -> SessionError {
+    match e {
+        WireError::TooManyElements { max, .. } if max == settings.max_paths_per_request => {
+            SessionError::ListTooLong(ServeError::Wire(e))
+        }
+        WireError::StringTooLong { max, .. } if max == settings.max_request_bytes => {
+            SessionError::StringTooLong(ServeError::Wire(e))
+        }
+        e => SessionError::Protocol(ServeError::Wire(e)),
     }
 }
 

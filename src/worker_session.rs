@@ -39,7 +39,7 @@ use crate::builds::{BuildJob, Outcome, WaitEvent};
 use crate::failpoint::failpoint_async;
 use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, build_result, make_room, SessionError, SessionOutput, WriteTimeout,
+    add_claim, build_result, make_room, over_limit, SessionError, SessionOutput, WriteTimeout,
 };
 use crate::store::Store;
 
@@ -164,7 +164,10 @@ impl<O: SessionOutput> Driver<'_, O> {
         let handshake_deadline = tokio::time::Instant::now() + settings.handshake_timeout;
         let mut handshake_done = false;
         loop {
-            while let Some(event) = self.session.poll(&mut buf)? {
+            while let Some(event) = self.session.poll(&mut buf).map_err(|e| match e {
+                WorkerError::Wire(w) => over_limit(w, settings),
+                e => SessionError::Worker(e),
+            })? {
                 handshake_done |= matches!(event, Event::Hello { .. });
                 self.handle(event, &mut input, &mut buf).await?;
             }
