@@ -51,11 +51,16 @@ struct Setup {
 
 impl Setup {
     fn new(client: Client, way: Way) -> Setup {
+        Setup::with_config(client, way, "")
+    }
+
+    /// Like [`Setup::new`], the server with `config` (TOML).
+    fn with_config(client: Client, way: Way, config: &str) -> Setup {
         let nix = ClientNix::new(client, "");
         let dir = tempfile::tempdir().expect("temp dir");
         let alice = SshServer::key(dir.path(), "id_alice", "ed25519", ALICE);
         let bob = SshServer::key(dir.path(), "id_bob", "ed25519", BOB);
-        let server = SshServer::start("", dir, &[&alice, &bob]);
+        let server = SshServer::start(config, dir, &[&alice, &bob]);
         Setup {
             nix,
             server,
@@ -391,6 +396,54 @@ fn build(client: Client, way: Way) {
         &format!("account={ALICE} "),
         &format!("drv={drv} "),
     ]);
+    s.stop();
+}
+
+/// The scheduler's waiting line reaches a client whose build waits for a running one, on
+/// the ssh-ng log channel (a server with room for one build at a time).
+#[test]
+fn the_waiting_line_reaches_an_ssh_ng_client() {
+    let s = Setup::with_config(Client::Host, Way::Relay, "[capacity]\nmax_jobs = 1\n");
+    let salt = salt();
+    let builders = format!(
+        "{} x86_64-linux - 100 1 big-parallel,benchmark",
+        s.uri(ALICE)
+    );
+    let nix_build = |name: &str, script: &str| {
+        let expr = s.nix.derivation(name, &salt, script);
+        let drv = s.nix.instantiate(&expr);
+        let mut cmd = s.cmd(ALICE, "nix-build");
+        cmd.arg(&drv)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders", &builders])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let first = nix_build("ng-first", "sleep 3; echo first > $out")
+        .spawn()
+        .expect("spawn the first nix-build");
+    s.server
+        .daemon
+        .wait_for_log(&["nixbuild::build: building ", &format!("account={ALICE} ")]);
+    let second = run(&mut nix_build("ng-second", "echo second > $out"));
+    let first = first
+        .wait_with_output()
+        .expect("wait for the first nix-build");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("nixbuild: waiting for a job slot (position 1 of 1; 1 build running)"),
+        "the client was not told its build waited:\n{stderr}"
+    );
     s.stop();
 }
 
