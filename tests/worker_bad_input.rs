@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use harness::ssh::SshServer;
 use harness::{example_bin, file_nar, salt, sha256, test_path, Daemon};
 use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::{AddToStoreNar, BuildStatus};
@@ -122,11 +123,27 @@ struct Transcript {
     stderr: String,
 }
 
+/// Runs `script` through the relay as `account`.
 fn run(daemon: &Daemon, account: &str, script: &Script) -> Transcript {
-    let mut child = Command::new(example_bin("nixbuild-serve"))
-        .arg("--stdio")
+    let mut cmd = Command::new(example_bin("nixbuild-serve"));
+    cmd.arg("--stdio")
         .env("NIXBUILD_STATE_DIR", daemon.state_dir())
-        .env("NIXBUILD_ACCOUNT", account)
+        .env("NIXBUILD_ACCOUNT", account);
+    run_cmd(cmd, script)
+}
+
+/// Runs `script` through the SSH front door with the real OpenSSH client (`ssh-ng://`'s
+/// command, `nix-daemon --stdio`) as the account of `config`'s key.
+fn run_ssh(config: &std::path::Path, alias: &str, script: &Script) -> Transcript {
+    run_cmd(
+        SshServer::ssh(config, alias, &["nix-daemon", "--stdio"]),
+        script,
+    )
+}
+
+/// Runs `cmd` with `script` on its stdin.
+fn run_cmd(mut cmd: Command, script: &Script) -> Transcript {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -585,4 +602,72 @@ fn add_to_store_and_add_text_to_store_add_what_nix_would() {
             assert!(stopped.valid(account, &p), "{account} {p}");
         }
     }
+}
+
+/// Hostile sessions over SSH (the real OpenSSH client running `nix-daemon --stdio`) while
+/// another account uploads and queries: each hostile session ends with its error and
+/// registers nothing, and the other account's sessions all succeed meanwhile.
+#[test]
+fn bad_sessions_over_ssh_leave_a_bystander_served() {
+    let client = tempfile::tempdir().unwrap();
+    let key_a = SshServer::key(client.path(), "id_a", "ed25519", "a");
+    let key_good = SshServer::key(client.path(), "id_good", "ed25519", "good");
+    let server = SshServer::start("", client, &[&key_a, &key_good]);
+    let config_a = server.ssh_config("ng-bad", &key_a);
+    let config_good = server.ssh_config("ng-good", &key_good);
+    let s = salt();
+    let bad = test_path(&s, "worker-ssh-bad");
+    let nar = file_nar(s.as_bytes());
+    let lie = sha256(b"other bytes");
+    let cases: Vec<(Script, &str)> = vec![
+        (
+            Script::new(V).raw(&99u64.to_le_bytes()),
+            "invalid operation 99",
+        ),
+        (Script::new(V).add(&bad, &nar, lie), "NAR hash mismatch"),
+        (
+            Script::new(V)
+                .request(&Request::AddMultipleToStore {
+                    repair: false,
+                    dont_check_sigs: true,
+                })
+                .framed(&multiple(&[(&bad, &nar, lie)])),
+            "NAR hash mismatch",
+        ),
+        (
+            Script::new(WorkerVersion::V1_38)
+                .raw(&Opcode::QueryValidPaths.to_wire().to_le_bytes())
+                .raw(&(1u64 << 40).to_le_bytes()),
+            "max_paths_per_request",
+        ),
+    ];
+    std::thread::scope(|scope| {
+        let hostile = scope.spawn(|| {
+            for (script, needle) in &cases {
+                run_ssh(&config_a, "ng-bad", script).assert_fatal(needle);
+            }
+        });
+        for i in 0..10 {
+            let path = test_path(&format!("{s}-{i}"), "worker-ssh-good");
+            let nar = file_nar(format!("{s} {i}").as_bytes());
+            let script = Script::new(V)
+                .add(&path, &nar, sha256(&nar))
+                .request(&Request::IsValidPath(path.clone()));
+            let t = run_ssh(&config_good, "ng-good", &script);
+            assert_eq!(t.status, 0, "{t:?}");
+            assert!(
+                matches!(
+                    t.answers[..],
+                    [
+                        Answer::Ok(Some(Response::Nothing)),
+                        Answer::Ok(Some(Response::Int(1)))
+                    ]
+                ),
+                "{t:?}"
+            );
+        }
+        hostile.join().unwrap();
+    });
+    let stopped = server.daemon.stop();
+    assert!(!stopped.registered("a", &bad), "{}", stopped.log);
 }
