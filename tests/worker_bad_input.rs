@@ -671,3 +671,130 @@ fn bad_sessions_over_ssh_leave_a_bystander_served() {
     let stopped = server.daemon.stop();
     assert!(!stopped.registered("a", &bad), "{}", stopped.log);
 }
+
+/// Unfinished requests of ssh-ng sessions are held against the same budget as the serve
+/// protocol's (`[limits] max_buffered_bytes`), and AddToStore's dump against the request cap:
+/// sessions past either end with an error naming the setting, and the daemon's memory stays
+/// near the budget.
+#[test]
+fn unfinished_ssh_ng_requests_share_the_memory_budget() {
+    const MIB: usize = 1 << 20;
+    const BUDGET: usize = 32 * MIB;
+    const REQUEST: usize = 8 * MIB;
+    const SESSIONS: usize = 16;
+    // Not the budget's: the sessions' pool buffers and what the allocator keeps.
+    const SLACK: usize = 48 * MIB;
+    let daemon = Daemon::start_with_config(
+        &format!(
+            "[store]\nmax_request_bytes = {REQUEST}\n[limits]\nmax_buffered_bytes = {BUDGET}\n"
+        ),
+        &[],
+    );
+    let s = salt();
+    let pid = daemon.pid();
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap();
+        line.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let baseline_kib = rss();
+    // A BuildDerivation whose environment has 16 values of 1 MiB: twice the request cap,
+    // sent in two halves by every session at once.
+    let mut prefix = Script::new(V).bytes;
+    prefix.extend(Opcode::BuildDerivation.to_wire().to_le_bytes());
+    let drv = test_path(&s, "big.drv");
+    let wire = |b: &[u8]| {
+        let mut v = (b.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(b);
+        v.resize(8 + b.len().next_multiple_of(8), 0);
+        v
+    };
+    prefix.extend(wire(drv.to_absolute().as_bytes()));
+    for n in [0u64, 0] {
+        prefix.extend(n.to_le_bytes()); // no outputs, no inputSrcs
+    }
+    prefix.extend(wire(b"x86_64-linux"));
+    prefix.extend(wire(b"/bin/sh"));
+    prefix.extend(0u64.to_le_bytes()); // no args
+    prefix.extend(16u64.to_le_bytes()); // 16 environment pairs
+    let value = wire(&vec![b'v'; MIB]);
+    let pair = |i: usize| [wire(format!("k{i:02}").as_bytes()), value.clone()].concat();
+    let spawn = || {
+        Command::new(example_bin("nixbuild-serve"))
+            .arg("--stdio")
+            .env("NIXBUILD_STATE_DIR", daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", "a")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut children: Vec<_> = (0..SESSIONS).map(|_| spawn()).collect();
+    let stderrs: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = children
+            .iter_mut()
+            .map(|child| {
+                let mut stdin = child.stdin.take().unwrap();
+                let (prefix, pair) = (&prefix, &pair);
+                scope.spawn(move || {
+                    let _ = stdin.write_all(prefix);
+                    for i in 0..16 {
+                        if stdin.write_all(&pair(i)).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        children
+            .drain(..)
+            .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stderr).into_owned())
+            .collect()
+    });
+    let over_budget = stderrs
+        .iter()
+        .filter(|e| e.contains("max_buffered_bytes in [limits]"))
+        .count();
+    for e in &stderrs {
+        assert!(
+            e.contains("max_buffered_bytes in [limits]")
+                || e.contains("max_request_bytes in [store]"),
+            "{e}"
+        );
+    }
+    assert!(over_budget > 0, "no session met the budget: {stderrs:?}");
+    let grown_mib = daemon.peak_rss_kib().saturating_sub(baseline_kib as u64) / 1024;
+    eprintln!("{over_budget} of {SESSIONS} sessions over the budget; peak RSS {grown_mib} MiB above the baseline");
+    assert!(
+        grown_mib as usize <= (BUDGET + SLACK) / MIB,
+        "grew by {grown_mib} MiB"
+    );
+
+    // An AddToStore dump larger than the request cap ends its session, naming the cap.
+    let big = vec![b'd'; REQUEST + 1];
+    let script = Script::new(V)
+        .request(&Request::AddToStore {
+            name: "big".into(),
+            form: AddToStoreForm::Addressed {
+                method: nixbuild_core::content_address::ContentAddressMethod::Flat,
+                algo: nixbuild_core::hash::HashAlgo::Sha256,
+                references: BTreeSet::new(),
+                repair: false,
+            },
+        })
+        .framed(&big);
+    run(&daemon, "a", &script).assert_fatal("max_request_bytes in [store]");
+    daemon.stop();
+}
