@@ -483,13 +483,25 @@ fn an_account_sees_none_of_anothers_paths_over_ssh_ng() {
         }
         other => panic!("{other:?}"),
     }
-    // Alice sees it, and gets her bytes back.
+    // Alice sees it, registered just now, and gets her bytes back.
     let t = run(
         &daemon,
         "alice",
-        &Script::new(V).request(&Request::NarFromPath(path.clone())),
+        &Script::new(V)
+            .request(&Request::QueryPathInfo(path.clone()))
+            .request(&Request::NarFromPath(path.clone())),
     );
-    assert!(matches!(t.answers[..], [Answer::Ok(None)]), "{t:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    match &t.answers[..] {
+        [Answer::Ok(Some(Response::PathInfo(Some(info)))), Answer::Ok(None)] => {
+            assert_eq!(info.nar_hash, sha256(&nar));
+            assert!(now - info.registration_time < 600, "{info:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
