@@ -810,3 +810,85 @@ fn unfinished_ssh_ng_requests_share_the_memory_budget() {
     run(&daemon, "a", &script).assert_fatal("max_request_bytes in [store]");
     daemon.stop();
 }
+
+/// The timeouts and the per-account session limit hold ssh-ng sessions as they hold serve
+/// sessions: a client that stops in the handshake or between requests is cut off with an
+/// error naming the timeout, and a session past the account's limit is refused while the
+/// account's other sessions and other accounts go on.
+#[test]
+fn timeouts_and_session_limits_hold_ssh_ng_sessions() {
+    let daemon = Daemon::start_with_config(
+        "[timeouts]\nhandshake = 1\nidle = 1\n[limits]\nmax_sessions_per_account = 2\n",
+        &[],
+    );
+    let open = |account: &str| {
+        Command::new(example_bin("nixbuild-serve"))
+            .arg("--stdio")
+            .env("NIXBUILD_STATE_DIR", daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", account)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stderr_of = |mut child: std::process::Child| {
+        // The client stays, silent: its stdin is closed only after the session ended.
+        let stdin = child.stdin.take();
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        assert_ne!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Half a handshake, then silence.
+    let mut half = open("a");
+    half.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(&0x6e69_7863u64.to_le_bytes())
+        .unwrap();
+    // A whole handshake, then silence.
+    let mut idle = open("a");
+    idle.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(&Script::new(V).bytes)
+        .unwrap();
+    // Both places of account a are taken (once the daemon has admitted both)...
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon
+        .log()
+        .matches("session start account=a write=true protocol=\"daemon\"")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < until, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // ...so a third session is refused at once...
+    let third = run(&daemon, "a", &Script::new(V));
+    assert!(
+        third.stderr.contains("account a already has 2 sessions"),
+        "{third:?}"
+    );
+    // ...while account b is served.
+    let b = run(&daemon, "b", &Script::new(V).request(&Request::SyncWithGC));
+    assert!(
+        matches!(b.answers[..], [Answer::Ok(Some(Response::Int(1)))]),
+        "{b:?}"
+    );
+    let half = stderr_of(half);
+    assert!(
+        half.contains("timed out after 1 s waiting for the client to complete the handshake"),
+        "{half}"
+    );
+    let idle = stderr_of(idle);
+    assert!(
+        idle.contains("timed out after 1 s waiting for the client to send more"),
+        "{idle}"
+    );
+    // The places are free again.
+    let again = run(&daemon, "a", &Script::new(V).request(&Request::SyncWithGC));
+    assert_eq!(again.status, 0, "{again:?}");
+    daemon.stop();
+}
