@@ -17,14 +17,13 @@
 
 mod harness;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
 
 use harness::clients::{read_client_file, Client, ClientNix};
+use harness::closure::{self, parse_infos, Info};
 use harness::ssh::{ok, run, Key, SshServer};
-use harness::{example_bin, salt, test_path};
-use nixbuild_core::nar::NarNode;
+use harness::{example_bin, salt};
 use nixbuild_core::store_path::StorePath;
 
 const ALICE: &str = "alice";
@@ -136,47 +135,6 @@ fn store_path(path: &str) -> StorePath {
     StorePath::from_absolute_path(path.as_bytes()).expect("store path")
 }
 
-/// narHash, narSize and references of one path, from `nix path-info --json` (an array of
-/// objects with `path` up to Nix 2.18, an object keyed by path since).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Info {
-    nar_hash: String,
-    nar_size: u64,
-    references: BTreeSet<String>,
-}
-
-fn parse_infos(json: &[u8]) -> BTreeMap<String, Info> {
-    let v: serde_json::Value = serde_json::from_slice(json)
-        .unwrap_or_else(|e| panic!("path-info JSON ({e}): {}", String::from_utf8_lossy(json)));
-    let entries: Vec<(String, &serde_json::Value)> = match &v {
-        serde_json::Value::Array(a) => a
-            .iter()
-            .map(|e| (e["path"].as_str().expect("path").to_owned(), e))
-            .collect(),
-        serde_json::Value::Object(o) => o.iter().map(|(k, e)| (k.clone(), e)).collect(),
-        other => panic!("unexpected path-info JSON: {other}"),
-    };
-    let mut out = BTreeMap::new();
-    for (path, e) in entries {
-        if e.is_null() || e.get("valid") == Some(&serde_json::Value::Bool(false)) {
-            continue;
-        }
-        let refs = e["references"].as_array().expect("references");
-        out.insert(
-            path,
-            Info {
-                nar_hash: e["narHash"].as_str().expect("narHash").to_owned(),
-                nar_size: e["narSize"].as_u64().expect("narSize"),
-                references: refs
-                    .iter()
-                    .map(|r| r.as_str().expect("reference").to_owned())
-                    .collect(),
-            },
-        );
-    }
-    out
-}
-
 /// `nix path-info --json [-r] PATHS` in the client's own store.
 fn local_infos(nix: &ClientNix, recursive: bool, paths: &[&str]) -> BTreeMap<String, Info> {
     let mut cmd = nix.command("nix");
@@ -187,58 +145,11 @@ fn local_infos(nix: &ClientNix, recursive: bool, paths: &[&str]) -> BTreeMap<Str
     parse_infos(&ok(cmd.args(paths)).stdout)
 }
 
-/// Imports `n` salted paths into the client's store in one `nix-store --import`: path i
-/// references path i-1 and path i/2 (by name in its contents, and in its trailer). Cheap:
-/// one process, no build, no hashing of large data.
+/// Imports `n` salted paths into the client's store (see [`closure::import_closure`]).
 fn import_closure(nix: &ClientNix, salt: &str, n: usize) -> Vec<StorePath> {
-    let paths: Vec<StorePath> = (0..n)
-        .map(|i| test_path(&format!("ng-{salt}-{i}"), &format!("ng-closure-{i}")))
-        .collect();
-    let entries: Vec<_> = paths
-        .iter()
-        .enumerate()
-        .map(|(i, path)| {
-            let refs: BTreeSet<StorePath> = if i == 0 {
-                BTreeSet::new()
-            } else {
-                [paths[i - 1].clone(), paths[i / 2].clone()].into()
-            };
-            let mut contents = format!("{salt} {i}\n");
-            for r in &refs {
-                contents.push_str(&format!("{}\n", r.to_absolute()));
-            }
-            let nar = NarNode::File {
-                executable: false,
-                contents: contents.into_bytes(),
-            }
-            .to_nar()
-            .expect("nar");
-            (path.clone(), nar, refs)
-        })
-        .collect();
-    let stream = harness::export_stream(&entries);
-    let mut child = nix
-        .command("nix-store")
-        .arg("--import")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nix-store --import");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&stream)
-        .expect("write the export stream");
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "nix-store --import on the {} client: {}",
-        nix.client.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    paths
+    let mut cmd = nix.command("nix-store");
+    cmd.arg("--import");
+    closure::import_closure(cmd, "ng-", salt, n)
 }
 
 /// `nix store ping` (Nix 2.8) or `nix store info` (its name since Nix 2.19) succeeds.
