@@ -432,9 +432,15 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     async fn path_info(&self, p: &StorePath) -> Result<Option<PathInfo>, Failure> {
-        let paths = BTreeSet::from([p.clone()]);
-        let infos = self.ctx.query_path_infos(paths).await.map_err(refused)?;
-        let Some(info) = infos.into_values().next() else {
+        let path = p.clone();
+        let found = self
+            .ctx
+            .query("querying path info", true, move |s, a| {
+                s.query_path_info_with_time(a, &path)
+            })
+            .await
+            .map_err(refused)?;
+        let Some((info, registration_time)) = found else {
             return Ok(None);
         };
         let Some(nar_hash) = info.nar_hash else {
@@ -444,7 +450,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             deriver: info.deriver,
             nar_hash,
             references: info.references,
-            registration_time: 0,
+            registration_time,
             nar_size: info.nar_size,
             ultimate: false,
             sigs: info.sigs,

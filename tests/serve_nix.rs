@@ -10,21 +10,14 @@ mod harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::Nix;
+use harness::closure::{self, parse_infos, Info};
 use harness::{store_uri, Daemon, Script};
 use nixbuild_core::nar::NarNode;
 use nixbuild_core::serve::{Opcode, Request, Response};
 use nixbuild_core::store_path::StorePath;
-
-/// narHash, narSize and references of one path, as `nix path-info --json` shows them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Info {
-    nar_hash: String,
-    nar_size: u64,
-    references: BTreeSet<String>,
-}
 
 /// A Nix command whose relay reaches `d` as `account`.
 fn remote(nix: &Nix, d: &Daemon, account: &str, program: &str) -> Command {
@@ -37,30 +30,6 @@ fn nix_conf() -> Nix {
 }
 
 use common::run_ok as output;
-
-/// Parses `nix path-info --json` output; invalid paths are left out.
-fn parse_infos(json: &[u8]) -> BTreeMap<String, Info> {
-    let v: serde_json::Value = serde_json::from_slice(json).expect("path-info JSON");
-    let mut out = BTreeMap::new();
-    for e in v.as_array().expect("a JSON array") {
-        if e.get("valid") == Some(&serde_json::Value::Bool(false)) {
-            continue;
-        }
-        let refs = e["references"].as_array().expect("references");
-        out.insert(
-            e["path"].as_str().expect("path").to_owned(),
-            Info {
-                nar_hash: e["narHash"].as_str().expect("narHash").to_owned(),
-                nar_size: e["narSize"].as_u64().expect("narSize"),
-                references: refs
-                    .iter()
-                    .map(|r| r.as_str().expect("reference").to_owned())
-                    .collect(),
-            },
-        );
-    }
-    out
-}
 
 /// `nix path-info --json [-r] PATHS` locally, or on the server as `account`.
 fn infos(
@@ -144,56 +113,11 @@ fn ping_copy_both_ways_and_path_info() {
     assert!(stopped.valid("a", &sp));
 }
 
-/// Imports `n` salted paths into the local store in one `nix-store --import`: path i
-/// references path i-1 and path i/2 (by name in its contents, and in its trailer).
+/// Imports `n` salted paths into the local store (see [`closure::import_closure`]).
 fn import_closure(nix: &Nix, salt: &str, n: usize) -> Vec<StorePath> {
-    let paths: Vec<StorePath> = (0..n)
-        .map(|i| harness::test_path(&format!("{salt}-{i}"), &format!("closure-{i}")))
-        .collect();
-    let entries: Vec<_> = paths
-        .iter()
-        .enumerate()
-        .map(|(i, path)| {
-            let refs: BTreeSet<StorePath> = if i == 0 {
-                BTreeSet::new()
-            } else {
-                [paths[i - 1].clone(), paths[i / 2].clone()].into()
-            };
-            let mut contents = format!("{salt} {i}\n");
-            for r in &refs {
-                contents.push_str(&format!("{r}\n"));
-            }
-            let nar = NarNode::File {
-                executable: false,
-                contents: contents.into_bytes(),
-            }
-            .to_nar()
-            .expect("nar");
-            (path.clone(), nar, refs)
-        })
-        .collect();
-    let stream = harness::export_stream(&entries);
-    let mut child = nix
-        .command("nix-store")
-        .arg("--import")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nix-store --import");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&stream)
-        .expect("write the export stream");
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "nix-store --import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    paths
+    let mut cmd = nix.command("nix-store");
+    cmd.arg("--import");
+    closure::import_closure(cmd, "", salt, n)
 }
 
 #[test]

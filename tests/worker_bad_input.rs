@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use harness::ssh::SshServer;
 use harness::{example_bin, file_nar, salt, sha256, test_path, Daemon};
 use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::{AddToStoreNar, BuildStatus};
@@ -122,11 +123,27 @@ struct Transcript {
     stderr: String,
 }
 
+/// Runs `script` through the relay as `account`.
 fn run(daemon: &Daemon, account: &str, script: &Script) -> Transcript {
-    let mut child = Command::new(example_bin("nixbuild-serve"))
-        .arg("--stdio")
+    let mut cmd = Command::new(example_bin("nixbuild-serve"));
+    cmd.arg("--stdio")
         .env("NIXBUILD_STATE_DIR", daemon.state_dir())
-        .env("NIXBUILD_ACCOUNT", account)
+        .env("NIXBUILD_ACCOUNT", account);
+    run_cmd(cmd, script)
+}
+
+/// Runs `script` through the SSH front door with the real OpenSSH client (`ssh-ng://`'s
+/// command, `nix-daemon --stdio`) as the account of `config`'s key.
+fn run_ssh(config: &std::path::Path, alias: &str, script: &Script) -> Transcript {
+    run_cmd(
+        SshServer::ssh(config, alias, &["nix-daemon", "--stdio"]),
+        script,
+    )
+}
+
+/// Runs `cmd` with `script` on its stdin.
+fn run_cmd(mut cmd: Command, script: &Script) -> Transcript {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -466,13 +483,25 @@ fn an_account_sees_none_of_anothers_paths_over_ssh_ng() {
         }
         other => panic!("{other:?}"),
     }
-    // Alice sees it, and gets her bytes back.
+    // Alice sees it, registered just now, and gets her bytes back.
     let t = run(
         &daemon,
         "alice",
-        &Script::new(V).request(&Request::NarFromPath(path.clone())),
+        &Script::new(V)
+            .request(&Request::QueryPathInfo(path.clone()))
+            .request(&Request::NarFromPath(path.clone())),
     );
-    assert!(matches!(t.answers[..], [Answer::Ok(None)]), "{t:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    match &t.answers[..] {
+        [Answer::Ok(Some(Response::PathInfo(Some(info)))), Answer::Ok(None)] => {
+            assert_eq!(info.nar_hash, sha256(&nar));
+            assert!(now - info.registration_time < 600, "{info:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -585,4 +614,281 @@ fn add_to_store_and_add_text_to_store_add_what_nix_would() {
             assert!(stopped.valid(account, &p), "{account} {p}");
         }
     }
+}
+
+/// Hostile sessions over SSH (the real OpenSSH client running `nix-daemon --stdio`) while
+/// another account uploads and queries: each hostile session ends with its error and
+/// registers nothing, and the other account's sessions all succeed meanwhile.
+#[test]
+fn bad_sessions_over_ssh_leave_a_bystander_served() {
+    let client = tempfile::tempdir().unwrap();
+    let key_a = SshServer::key(client.path(), "id_a", "ed25519", "a");
+    let key_good = SshServer::key(client.path(), "id_good", "ed25519", "good");
+    let server = SshServer::start("", client, &[&key_a, &key_good]);
+    let config_a = server.ssh_config("ng-bad", &key_a);
+    let config_good = server.ssh_config("ng-good", &key_good);
+    let s = salt();
+    let bad = test_path(&s, "worker-ssh-bad");
+    let nar = file_nar(s.as_bytes());
+    let lie = sha256(b"other bytes");
+    let cases: Vec<(Script, &str)> = vec![
+        (
+            Script::new(V).raw(&99u64.to_le_bytes()),
+            "invalid operation 99",
+        ),
+        (Script::new(V).add(&bad, &nar, lie), "NAR hash mismatch"),
+        (
+            Script::new(V)
+                .request(&Request::AddMultipleToStore {
+                    repair: false,
+                    dont_check_sigs: true,
+                })
+                .framed(&multiple(&[(&bad, &nar, lie)])),
+            "NAR hash mismatch",
+        ),
+        (
+            Script::new(WorkerVersion::V1_38)
+                .raw(&Opcode::QueryValidPaths.to_wire().to_le_bytes())
+                .raw(&(1u64 << 40).to_le_bytes()),
+            "max_paths_per_request",
+        ),
+    ];
+    std::thread::scope(|scope| {
+        let hostile = scope.spawn(|| {
+            for (script, needle) in &cases {
+                run_ssh(&config_a, "ng-bad", script).assert_fatal(needle);
+            }
+        });
+        for i in 0..10 {
+            let path = test_path(&format!("{s}-{i}"), "worker-ssh-good");
+            let nar = file_nar(format!("{s} {i}").as_bytes());
+            let script = Script::new(V)
+                .add(&path, &nar, sha256(&nar))
+                .request(&Request::IsValidPath(path.clone()));
+            let t = run_ssh(&config_good, "ng-good", &script);
+            assert_eq!(t.status, 0, "{t:?}");
+            assert!(
+                matches!(
+                    t.answers[..],
+                    [
+                        Answer::Ok(Some(Response::Nothing)),
+                        Answer::Ok(Some(Response::Int(1)))
+                    ]
+                ),
+                "{t:?}"
+            );
+        }
+        hostile.join().unwrap();
+    });
+    let stopped = server.daemon.stop();
+    assert!(!stopped.registered("a", &bad), "{}", stopped.log);
+}
+
+/// Unfinished requests of ssh-ng sessions are held against the same budget as the serve
+/// protocol's (`[limits] max_buffered_bytes`), and AddToStore's dump against the request cap:
+/// sessions past either end with an error naming the setting, and the daemon's memory stays
+/// near the budget.
+#[test]
+fn unfinished_ssh_ng_requests_share_the_memory_budget() {
+    const MIB: usize = 1 << 20;
+    const BUDGET: usize = 32 * MIB;
+    const REQUEST: usize = 8 * MIB;
+    const SESSIONS: usize = 16;
+    // Not the budget's: the sessions' pool buffers and what the allocator keeps.
+    const SLACK: usize = 48 * MIB;
+    let daemon = Daemon::start_with_config(
+        &format!(
+            "[store]\nmax_request_bytes = {REQUEST}\n[limits]\nmax_buffered_bytes = {BUDGET}\n"
+        ),
+        &[],
+    );
+    let s = salt();
+    let pid = daemon.pid();
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap();
+        line.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let baseline_kib = rss();
+    // A BuildDerivation whose environment has 16 values of 1 MiB: twice the request cap,
+    // sent in two halves by every session at once.
+    let mut prefix = Script::new(V).bytes;
+    prefix.extend(Opcode::BuildDerivation.to_wire().to_le_bytes());
+    let drv = test_path(&s, "big.drv");
+    let wire = |b: &[u8]| {
+        let mut v = (b.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(b);
+        v.resize(8 + b.len().next_multiple_of(8), 0);
+        v
+    };
+    prefix.extend(wire(drv.to_absolute().as_bytes()));
+    for n in [0u64, 0] {
+        prefix.extend(n.to_le_bytes()); // no outputs, no inputSrcs
+    }
+    prefix.extend(wire(b"x86_64-linux"));
+    prefix.extend(wire(b"/bin/sh"));
+    prefix.extend(0u64.to_le_bytes()); // no args
+    prefix.extend(16u64.to_le_bytes()); // 16 environment pairs
+    let value = wire(&vec![b'v'; MIB]);
+    let pair = |i: usize| [wire(format!("k{i:02}").as_bytes()), value.clone()].concat();
+    let spawn = || {
+        Command::new(example_bin("nixbuild-serve"))
+            .arg("--stdio")
+            .env("NIXBUILD_STATE_DIR", daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", "a")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut children: Vec<_> = (0..SESSIONS).map(|_| spawn()).collect();
+    let stderrs: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = children
+            .iter_mut()
+            .map(|child| {
+                let mut stdin = child.stdin.take().unwrap();
+                let (prefix, pair) = (&prefix, &pair);
+                scope.spawn(move || {
+                    let _ = stdin.write_all(prefix);
+                    for i in 0..16 {
+                        if stdin.write_all(&pair(i)).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        children
+            .drain(..)
+            .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stderr).into_owned())
+            .collect()
+    });
+    let over_budget = stderrs
+        .iter()
+        .filter(|e| e.contains("max_buffered_bytes in [limits]"))
+        .count();
+    for e in &stderrs {
+        assert!(
+            e.contains("max_buffered_bytes in [limits]")
+                || e.contains("max_request_bytes in [store]"),
+            "{e}"
+        );
+    }
+    assert!(over_budget > 0, "no session met the budget: {stderrs:?}");
+    let grown_mib = daemon.peak_rss_kib().saturating_sub(baseline_kib as u64) / 1024;
+    eprintln!("{over_budget} of {SESSIONS} sessions over the budget; peak RSS {grown_mib} MiB above the baseline");
+    assert!(
+        grown_mib as usize <= (BUDGET + SLACK) / MIB,
+        "grew by {grown_mib} MiB"
+    );
+
+    // An AddToStore dump larger than the request cap ends its session, naming the cap.
+    let big = vec![b'd'; REQUEST + 1];
+    let script = Script::new(V)
+        .request(&Request::AddToStore {
+            name: "big".into(),
+            form: AddToStoreForm::Addressed {
+                method: nixbuild_core::content_address::ContentAddressMethod::Flat,
+                algo: nixbuild_core::hash::HashAlgo::Sha256,
+                references: BTreeSet::new(),
+                repair: false,
+            },
+        })
+        .framed(&big);
+    run(&daemon, "a", &script).assert_fatal("max_request_bytes in [store]");
+    daemon.stop();
+}
+
+/// The timeouts and the per-account session limit hold ssh-ng sessions as they hold serve
+/// sessions: a client that stops in the handshake or between requests is cut off with an
+/// error naming the timeout, and a session past the account's limit is refused while the
+/// account's other sessions and other accounts go on.
+#[test]
+fn timeouts_and_session_limits_hold_ssh_ng_sessions() {
+    let daemon = Daemon::start_with_config(
+        "[timeouts]\nhandshake = 1\nidle = 1\n[limits]\nmax_sessions_per_account = 2\n",
+        &[],
+    );
+    let open = |account: &str| {
+        Command::new(example_bin("nixbuild-serve"))
+            .arg("--stdio")
+            .env("NIXBUILD_STATE_DIR", daemon.state_dir())
+            .env("NIXBUILD_ACCOUNT", account)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stderr_of = |mut child: std::process::Child| {
+        // The client stays, silent: its stdin is closed only after the session ended.
+        let stdin = child.stdin.take();
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        assert_ne!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Half a handshake, then silence.
+    let mut half = open("a");
+    half.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(&0x6e69_7863u64.to_le_bytes())
+        .unwrap();
+    // A whole handshake, then silence.
+    let mut idle = open("a");
+    idle.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(&Script::new(V).bytes)
+        .unwrap();
+    // Both places of account a are taken (once the daemon has admitted both)...
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon
+        .log()
+        .matches("session start account=a write=true protocol=\"daemon\"")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < until, "{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // ...so a third session is refused at once...
+    let third = run(&daemon, "a", &Script::new(V));
+    assert!(
+        third.stderr.contains("account a already has 2 sessions"),
+        "{third:?}"
+    );
+    // ...while account b is served.
+    let b = run(&daemon, "b", &Script::new(V).request(&Request::SyncWithGC));
+    assert!(
+        matches!(b.answers[..], [Answer::Ok(Some(Response::Int(1)))]),
+        "{b:?}"
+    );
+    let half = stderr_of(half);
+    assert!(
+        half.contains("timed out after 1 s waiting for the client to complete the handshake"),
+        "{half}"
+    );
+    let idle = stderr_of(idle);
+    assert!(
+        idle.contains("timed out after 1 s waiting for the client to send more"),
+        "{idle}"
+    );
+    // The places are free again.
+    let again = run(&daemon, "a", &Script::new(V).request(&Request::SyncWithGC));
+    assert_eq!(again.status, 0, "{again:?}");
+    daemon.stop();
 }

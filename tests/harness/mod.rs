@@ -48,6 +48,8 @@ pub fn store_uri() -> String {
     )
 }
 
+pub mod clients;
+pub mod closure;
 pub mod ssh;
 
 /// How many build uids each test daemon has.
