@@ -170,16 +170,21 @@ where
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
-        // The client may already be gone; the caller logs the error either way. What was
-        // answered before the error (the server hello, earlier pipelined responses) goes
-        // out first, as the real server's buffered stdout does.
         let pending = driver.session.take_output();
-        if !pending.is_empty() && driver.out.stdout(pending).await.is_ok() {
-            let _ = driver.out.flush().await;
-        }
-        let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
+        last_words(driver.out, pending, e).await;
     }
     result
+}
+
+/// Sends what a session that ends with `e` still has for the client: `pending` protocol
+/// bytes (what was answered before the error, or the error itself on a log channel), then
+/// `error: <e>` on stderr. The client may already be gone; the caller logs the error either
+/// way.
+pub(crate) async fn last_words<O: SessionOutput>(out: &mut O, pending: Bytes, e: &SessionError) {
+    if !pending.is_empty() && out.stdout(pending).await.is_ok() {
+        let _ = out.flush().await;
+    }
+    let _ = out.stderr(format!("error: {e}\n").as_bytes()).await;
 }
 
 /// A [`SessionOutput`] over two byte streams: the protocol to `stdout` (buffered, flushed

@@ -40,8 +40,8 @@ use crate::builds::{BuildJob, Outcome, WaitEvent};
 use crate::failpoint::failpoint_async;
 use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, build_result, make_room, over_limit, registration_time, SessionError, SessionOutput,
-    WriteTimeout,
+    add_claim, build_result, last_words, make_room, over_limit, registration_time, SessionError,
+    SessionOutput, WriteTimeout,
 };
 use crate::store::{PathClaim, Store};
 
@@ -92,10 +92,7 @@ where
         // goes out first.
         driver.session.abort(ErrorInfo::new(e.to_string()));
         let pending = driver.session.take_output();
-        if driver.out.stdout(pending).await.is_ok() {
-            let _ = driver.out.flush().await;
-        }
-        let _ = driver.out.stderr(format!("error: {e}\n").as_bytes()).await;
+        last_words(driver.out, pending, e).await;
     }
     result
 }

@@ -1,16 +1,21 @@
 //! The soak load generator: many concurrent SSH sessions from many accounts against one
 //! `nixbuild-server` on loopback, mixing queries, uploads of random closures, trivial and
 //! failing builds, and downloads checked against what was uploaded, while the server's
-//! memory, descriptors and threads are sampled from `/proc`.
+//! memory, descriptors and threads are sampled from `/proc`. Each connection speaks one of
+//! the two protocols of the SSH front door, in turn: the serve protocol
+//! (`nix-store --serve --write`, `ssh://`) or the worker protocol (`nix-daemon --stdio`,
+//! `ssh-ng://`). The operations are the same kinds in both (their requests differ), checked
+//! against the same known paths with the same checks.
 //!
 //! Shared by the `soak` bench (`benches/soak/main.rs`, the long run) and `tests/soak.rs` (a
 //! short run in the normal test suite), which both declare `mod harness` at their root: the
 //! server is the end-to-end fixture's `SshServer` (its printed host key pinned, keys made by
-//! `ssh-keygen`), the client is russh with the serve codec of `nixbuild_core`.
+//! `ssh-keygen`), the client is russh with the serve and worker codecs of `nixbuild_core`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +31,7 @@ use nixbuild_core::serve::{
 };
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::{self, Reader};
+use nixbuild_core::worker::{self as ng, WorkerError, WorkerVersion};
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::ChannelMsg;
@@ -48,6 +54,142 @@ pub struct Options {
     pub think: Duration,
     /// Seed of the sessions' random choices.
     pub seed: u64,
+    /// The protocols the sessions speak: a session's connections take them in turn.
+    pub protocols: Vec<Protocol>,
+}
+
+/// The protocols of the SSH front door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    /// `nix-store --serve --write` (`ssh://`).
+    Serve,
+    /// `nix-daemon --stdio` (`ssh-ng://`): the worker protocol.
+    Daemon,
+}
+
+impl Protocol {
+    /// Both.
+    pub const ALL: [Protocol; 2] = [Protocol::Serve, Protocol::Daemon];
+
+    fn command(self) -> &'static str {
+        match self {
+            Protocol::Serve => "nix-store --serve --write",
+            Protocol::Daemon => "nix-daemon --stdio",
+        }
+    }
+
+    /// The kinds of operation a session of this protocol runs, in report order.
+    fn ops(self) -> &'static [Op] {
+        match self {
+            Protocol::Serve => &[
+                Op::Connect,
+                Op::QueryValidPaths,
+                Op::QueryPathInfos,
+                Op::AddToStoreNar,
+                Op::ImportPaths,
+                Op::DumpStorePath,
+                Op::ExportPaths,
+                Op::Build,
+                Op::FailingBuild,
+                Op::BadUpload,
+                Op::Abandon,
+                Op::Close,
+            ],
+            Protocol::Daemon => &[
+                Op::Connect,
+                Op::QueryValidPaths,
+                Op::QueryPathInfo,
+                Op::AddToStoreNar,
+                Op::AddMultipleToStore,
+                Op::NarFromPath,
+                Op::Build,
+                Op::FailingBuild,
+                Op::BadUpload,
+                Op::Abandon,
+                Op::Close,
+            ],
+        }
+    }
+
+    /// Relative weights of the operations a session picks between connect and close. The
+    /// worker protocol has no ExportPaths: its weight goes to NarFromPath.
+    fn mix(self) -> &'static [(Op, u32)] {
+        match self {
+            Protocol::Serve => &[
+                (Op::QueryValidPaths, 28),
+                (Op::QueryPathInfos, 20),
+                (Op::AddToStoreNar, 14),
+                (Op::ImportPaths, 10),
+                (Op::DumpStorePath, 10),
+                (Op::ExportPaths, 6),
+                (Op::Build, 6),
+                (Op::FailingBuild, 3),
+                (Op::BadUpload, 1),
+                (Op::Abandon, 1),
+            ],
+            Protocol::Daemon => &[
+                (Op::QueryValidPaths, 28),
+                (Op::QueryPathInfo, 20),
+                (Op::AddToStoreNar, 14),
+                (Op::AddMultipleToStore, 10),
+                (Op::NarFromPath, 16),
+                (Op::Build, 6),
+                (Op::FailingBuild, 3),
+                (Op::BadUpload, 1),
+                (Op::Abandon, 1),
+            ],
+        }
+    }
+
+    fn pick(self, rng: &mut fastrand::Rng) -> Op {
+        let total: u32 = self.mix().iter().map(|(_, w)| w).sum();
+        let mut x = rng.u32(0..total);
+        for &(op, w) in self.mix() {
+            if x < w {
+                return op;
+            }
+            x -= w;
+        }
+        unreachable!("x < total")
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "serve" | "ssh" => Ok(Protocol::Serve),
+            "daemon" | "ng" | "ssh-ng" => Ok(Protocol::Daemon),
+            _ => Err(format!("unknown protocol {s:?}: serve or daemon")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Serve => "serve",
+            Protocol::Daemon => "daemon",
+        })
+    }
+}
+
+/// The version the worker sessions speak (the server's, Nix 2.34's).
+const NG: WorkerVersion = WorkerVersion::SERVER;
+
+/// A kind of operation in one protocol: the key of the figures. Shown as the operation's
+/// name, with `ng:` in front for the worker protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Kind(pub Protocol, pub Op);
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Protocol::Serve => write!(f, "{}", self.1),
+            Protocol::Daemon => write!(f, "ng:{}", self.1),
+        }
+    }
 }
 
 /// What went wrong in one operation, from the client's point of view.
@@ -59,12 +201,18 @@ pub enum SoakError {
     /// The server refused the key.
     #[error("public key authentication refused")]
     AuthRefused,
-    /// The server refused `nix-store --serve --write`.
+    /// The server refused `nix-store --serve --write` or `nix-daemon --stdio`.
     #[error("exec request refused")]
     ExecRefused,
-    /// The server's bytes are not the protocol.
+    /// The server's bytes are not the serve protocol.
     #[error("protocol: {0}")]
     Protocol(#[from] ServeError),
+    /// The server's bytes are not the worker protocol.
+    #[error("worker protocol: {0}")]
+    Worker(#[from] WorkerError),
+    /// The server answered a worker request with an error (`STDERR_ERROR`).
+    #[error("the server answered with an error: {0}")]
+    Refused(String),
     /// A downloaded NAR is not a NAR.
     #[error("downloaded NAR: {0}")]
     Nar(#[from] NarError),
@@ -84,22 +232,28 @@ pub enum SoakError {
     Wrong(String),
 }
 
-/// The kinds of operation, each with its own latency figures.
+/// The kinds of operation, each with its own latency figures per protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Op {
     /// TCP connect, key exchange, authentication, exec, protocol hello.
     Connect,
     /// QueryValidPaths of known, unknown and other accounts' paths.
     QueryValidPaths,
-    /// QueryPathInfos of known and unknown paths.
+    /// QueryPathInfos (serve) of known and unknown paths.
     QueryPathInfos,
-    /// A random closure uploaded path by path with AddToStoreNar.
+    /// QueryPathInfo (worker) of known and unknown paths, pipelined.
+    QueryPathInfo,
+    /// A random closure uploaded path by path with AddToStoreNar (the worker's NAR framed).
     AddToStoreNar,
-    /// A random closure uploaded as one ImportPaths export stream.
+    /// A random closure uploaded as one ImportPaths export stream (serve).
     ImportPaths,
-    /// DumpStorePath of a known path, compared with its NAR.
+    /// A random closure uploaded as one framed AddMultipleToStore stream (worker).
+    AddMultipleToStore,
+    /// DumpStorePath (serve) of a known path, compared with its NAR.
     DumpStorePath,
-    /// ExportPaths of known paths, compared with their NARs and references.
+    /// NarFromPath (worker) of a known path, compared with its NAR.
+    NarFromPath,
+    /// ExportPaths (serve) of known paths, compared with their NARs and references.
     ExportPaths,
     /// A BuildDerivation that succeeds; its output joins the known paths.
     Build,
@@ -114,48 +268,6 @@ pub enum Op {
 }
 
 impl Op {
-    /// Every kind, in report order.
-    pub const ALL: [Op; 12] = [
-        Op::Connect,
-        Op::QueryValidPaths,
-        Op::QueryPathInfos,
-        Op::AddToStoreNar,
-        Op::ImportPaths,
-        Op::DumpStorePath,
-        Op::ExportPaths,
-        Op::Build,
-        Op::FailingBuild,
-        Op::BadUpload,
-        Op::Abandon,
-        Op::Close,
-    ];
-
-    /// Relative weights of the operations a session picks between connect and close.
-    const MIX: [(Op, u32); 10] = [
-        (Op::QueryValidPaths, 28),
-        (Op::QueryPathInfos, 20),
-        (Op::AddToStoreNar, 14),
-        (Op::ImportPaths, 10),
-        (Op::DumpStorePath, 10),
-        (Op::ExportPaths, 6),
-        (Op::Build, 6),
-        (Op::FailingBuild, 3),
-        (Op::BadUpload, 1),
-        (Op::Abandon, 1),
-    ];
-
-    fn pick(rng: &mut fastrand::Rng) -> Op {
-        let total: u32 = Op::MIX.iter().map(|(_, w)| w).sum();
-        let mut x = rng.u32(0..total);
-        for (op, w) in Op::MIX {
-            if x < w {
-                return op;
-            }
-            x -= w;
-        }
-        unreachable!("x < total")
-    }
-
     /// How long an answer may take: builds queue behind each other on a loaded server.
     fn timeout(self) -> Duration {
         match self {
@@ -230,11 +342,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 struct Stats {
     /// Microseconds per successful (or expectedly failing) operation.
-    latencies: BTreeMap<Op, Vec<u32>>,
+    latencies: BTreeMap<Kind, Vec<u32>>,
     /// Expected failures by kind (failing builds, bad uploads, abandoned uploads).
-    expected: BTreeMap<Op, u64>,
+    expected: BTreeMap<Kind, u64>,
     /// Unexpected errors by kind.
-    unexpected: BTreeMap<Op, u64>,
+    unexpected: BTreeMap<Kind, u64>,
     /// Distinct unexpected error messages, with their counts.
     messages: BTreeMap<String, u64>,
     /// Sessions the server ran (exec requests that were accepted).
@@ -242,17 +354,17 @@ struct Stats {
 }
 
 impl Stats {
-    fn ok(&mut self, op: Op, started: Instant) {
+    fn ok(&mut self, op: Kind, started: Instant) {
         let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         self.latencies.entry(op).or_default().push(us);
     }
 
-    fn expected(&mut self, op: Op, started: Instant) {
+    fn expected(&mut self, op: Kind, started: Instant) {
         *self.expected.entry(op).or_default() += 1;
         self.ok(op, started);
     }
 
-    fn unexpected(&mut self, op: Op, e: &SoakError) {
+    fn unexpected(&mut self, op: Kind, e: &SoakError) {
         *self.unexpected.entry(op).or_default() += 1;
         let msg = format!("{op}: {e}");
         if self.messages.len() < 64 || self.messages.contains_key(&msg) {
@@ -299,8 +411,10 @@ struct Target {
     config: Arc<client::Config>,
 }
 
-/// One `nix-store --serve --write` session over its own SSH connection.
+/// One session (`nix-store --serve --write` or `nix-daemon --stdio`) over its own SSH
+/// connection.
 struct Conn {
+    protocol: Protocol,
     handle: client::Handle<Pinned>,
     channel: russh::Channel<client::Msg>,
     /// Protocol bytes received and not yet consumed.
@@ -315,7 +429,11 @@ struct Conn {
 const STDERR_KEPT: usize = 4096;
 
 impl Conn {
-    async fn open(target: &Target, key: &Arc<PrivateKey>) -> Result<Conn, SoakError> {
+    async fn open(
+        target: &Target,
+        key: &Arc<PrivateKey>,
+        protocol: Protocol,
+    ) -> Result<Conn, SoakError> {
         let mut handle = client::connect(
             target.config.clone(),
             target.addr,
@@ -329,8 +447,9 @@ impl Conn {
             return Err(SoakError::AuthRefused);
         }
         let channel = handle.channel_open_session().await?;
-        channel.exec(true, "nix-store --serve --write").await?;
+        channel.exec(true, protocol.command()).await?;
         let mut conn = Conn {
+            protocol,
             handle,
             channel,
             buf: Vec::new(),
@@ -346,18 +465,39 @@ impl Conn {
             }
         }
         let mut hello = Vec::new();
-        ClientHello { version: VERSION }.encode(&mut hello);
+        match protocol {
+            Protocol::Serve => ClientHello { version: VERSION }.encode(&mut hello),
+            Protocol::Daemon => ng::ClientHello {
+                version: NG,
+                features: BTreeSet::new(),
+                affinity: None,
+                reserve_space: false,
+            }
+            .encode(WorkerVersion::SERVER, &mut hello),
+        }
         conn.send(&hello).await?;
-        loop {
-            if let Some((hello, n)) = ServerHello::decode(&conn.buf)? {
-                if hello.version != nixbuild_core::serve::ProtocolVersion::SERVER {
+        match protocol {
+            Protocol::Serve => loop {
+                if let Some((hello, n)) = ServerHello::decode(&conn.buf)? {
+                    if hello.version != nixbuild_core::serve::ProtocolVersion::SERVER {
+                        return Err(SoakError::Wrong(format!("server hello {hello:?}")));
+                    }
+                    conn.buf.drain(..n);
+                    break;
+                }
+                conn.fill().await?;
+            },
+            Protocol::Daemon => {
+                let limits = ng::Limits::default().wire;
+                let hello = conn
+                    .read_item(|r| ng::ServerHello::read(r, NG, &limits))
+                    .await?;
+                if hello.version != WorkerVersion::SERVER || hello.trust != ng::Trust::Trusted {
                     return Err(SoakError::Wrong(format!("server hello {hello:?}")));
                 }
-                conn.buf.drain(..n);
-                return Ok(conn);
             }
-            conn.fill().await?;
         }
+        Ok(conn)
     }
 
     async fn send(&self, bytes: &[u8]) -> Result<(), SoakError> {
@@ -423,6 +563,51 @@ impl Conn {
         }
     }
 
+    /// Sends a worker `request`, then `payload` (if any) framed, and reads the log channel up
+    /// to its answer: `None` for NarFromPath, whose NAR follows; an error on the log channel
+    /// is [`SoakError::Refused`].
+    async fn ng_call(
+        &mut self,
+        request: &ng::Request,
+        payload: Option<&[u8]>,
+    ) -> Result<Option<ng::Response>, SoakError> {
+        let mut bytes = Vec::new();
+        request.encode(NG, &mut bytes);
+        if let Some(data) = payload {
+            framed(data, &mut bytes);
+        }
+        self.send(&bytes).await?;
+        self.ng_answer(request.opcode()).await
+    }
+
+    /// Reads the log channel (log lines, build activities) up to the answer to `op`.
+    async fn ng_answer(&mut self, op: ng::Opcode) -> Result<Option<ng::Response>, SoakError> {
+        let limits = ng::Limits::default().wire;
+        loop {
+            match self
+                .read_item(|r| ng::StderrMessage::read(r, NG, &limits))
+                .await?
+            {
+                ng::StderrMessage::Last => {
+                    return self
+                        .read_item(|r| ng::Response::read(r, op, NG, &limits))
+                        .await
+                }
+                ng::StderrMessage::Error(e) => {
+                    return Err(SoakError::Refused(
+                        String::from_utf8_lossy(&e.msg).into_owned(),
+                    ))
+                }
+                ng::StderrMessage::Read(n) => {
+                    return Err(SoakError::Wrong(format!(
+                        "STDERR_READ {n} at version {NG}, whose payloads are framed"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Reads one NAR from the stream (it delimits itself).
     async fn nar(&mut self) -> Result<Vec<u8>, SoakError> {
         let mut reader = NarReader::new();
@@ -438,11 +623,14 @@ impl Conn {
         }
     }
 
-    /// Reads one fixed-shape item of an export stream.
-    async fn read_item<T>(
+    /// Reads one fixed-shape item (of an export stream, of the log channel).
+    async fn read_item<T, E>(
         &mut self,
-        read: impl Fn(&mut Reader<'_>) -> wire::ReadResult<T, ServeError>,
-    ) -> Result<T, SoakError> {
+        read: impl Fn(&mut Reader<'_>) -> wire::ReadResult<T, E>,
+    ) -> Result<T, SoakError>
+    where
+        SoakError: From<E>,
+    {
         loop {
             let mut r = Reader::new(&self.buf);
             if let Some((item, n)) = wire::complete(read(&mut r).map(|x| (x, r.position())))? {
@@ -496,6 +684,16 @@ impl Conn {
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
     }
+}
+
+/// Appends `data` to `out` as a framed stream (`u64 len, bytes`, …, `u64 0`), in frames of
+/// 32 KiB as Nix sends them.
+fn framed(data: &[u8], out: &mut Vec<u8>) {
+    for chunk in data.chunks(32 << 10) {
+        out.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&0u64.to_le_bytes());
 }
 
 /// A random store path named `name`.
@@ -623,8 +821,10 @@ fn busybox() -> Arc<Known> {
     known(path, &tree, BTreeSet::new())
 }
 
-fn add_header(k: &Known, nar_hash: Hash) -> Request {
-    Request::AddToStoreNar(Box::new(AddToStoreNar {
+/// What an upload of `k` claims: the serve protocol's AddToStoreNar header, and the worker
+/// protocol's AddToStoreNar and each path's metadata in AddMultipleToStore.
+fn claim(k: &Known, nar_hash: Hash) -> AddToStoreNar {
+    AddToStoreNar {
         path: k.path.clone(),
         deriver: None,
         nar_hash,
@@ -634,37 +834,92 @@ fn add_header(k: &Known, nar_hash: Hash) -> Request {
         ultimate: false,
         sigs: BTreeSet::new(),
         ca: None,
-    }))
+    }
 }
 
-/// Uploads `closure` path by path, each acknowledged before the next.
-async fn upload_add(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakError> {
-    for k in closure {
-        match conn.call(&add_header(k, k.hash), &k.nar).await? {
-            Response::Added => {}
-            other => {
-                return Err(SoakError::Wrong(format!(
-                    "AddToStoreNar answered {other:?}"
-                )))
+/// An AddToStoreNar of `k` claiming `nar_hash`, with the first `len` bytes of its NAR: raw
+/// after the serve protocol's header; framed after the worker's request (a cut NAR is cut in
+/// its one frame, which announces all of it).
+fn add_bytes(protocol: Protocol, k: &Known, nar_hash: Hash, len: usize) -> Vec<u8> {
+    let info = Box::new(claim(k, nar_hash));
+    let mut bytes = Vec::new();
+    match protocol {
+        Protocol::Serve => {
+            Request::AddToStoreNar(info).encode(VERSION, &mut bytes);
+            bytes.extend_from_slice(&k.nar[..len]);
+        }
+        Protocol::Daemon => {
+            ng::Request::AddToStoreNar {
+                info,
+                repair: false,
+                dont_check_sigs: false,
+            }
+            .encode(NG, &mut bytes);
+            if len == k.nar.len() {
+                framed(&k.nar, &mut bytes);
+            } else {
+                bytes.extend_from_slice(&(k.nar.len() as u64).to_le_bytes());
+                bytes.extend_from_slice(&k.nar[..len]);
             }
         }
+    }
+    bytes
+}
+
+/// Uploads `closure` path by path with AddToStoreNar, each acknowledged before the next.
+async fn upload_add(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakError> {
+    for k in closure {
+        conn.send(&add_bytes(conn.protocol, k, k.hash, k.nar.len()))
+            .await?;
+        let answer = match conn.protocol {
+            Protocol::Serve => match conn.response(Opcode::AddToStoreNar).await? {
+                Response::Added => continue,
+                other => format!("{other:?}"),
+            },
+            Protocol::Daemon => match conn.ng_answer(ng::Opcode::AddToStoreNar).await? {
+                Some(ng::Response::Nothing) => continue,
+                other => format!("{other:?}"),
+            },
+        };
+        return Err(SoakError::Wrong(format!("AddToStoreNar answered {answer}")));
     }
     Ok(())
 }
 
-/// Uploads `closure` as one ImportPaths stream.
-async fn upload_import(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakError> {
-    let entries: Vec<(StorePath, Vec<u8>, BTreeSet<StorePath>)> = closure
-        .iter()
-        .map(|k| (k.path.clone(), k.nar.to_vec(), k.references.clone()))
-        .collect();
-    match conn
-        .call(&Request::ImportPaths, &export_stream(&entries))
-        .await?
-    {
-        Response::Imported => Ok(()),
-        other => Err(SoakError::Wrong(format!("ImportPaths answered {other:?}"))),
-    }
+/// Uploads `closure` as one stream: ImportPaths' export stream (serve), AddMultipleToStore's
+/// framed stream (worker).
+async fn upload_stream(conn: &mut Conn, closure: &[Arc<Known>]) -> Result<(), SoakError> {
+    let answer = match conn.protocol {
+        Protocol::Serve => {
+            let entries: Vec<(StorePath, Vec<u8>, BTreeSet<StorePath>)> = closure
+                .iter()
+                .map(|k| (k.path.clone(), k.nar.to_vec(), k.references.clone()))
+                .collect();
+            match conn
+                .call(&Request::ImportPaths, &export_stream(&entries))
+                .await?
+            {
+                Response::Imported => return Ok(()),
+                other => format!("ImportPaths answered {other:?}"),
+            }
+        }
+        Protocol::Daemon => {
+            let mut stream = (closure.len() as u64).to_le_bytes().to_vec();
+            for k in closure {
+                claim(k, k.hash).encode(&mut stream);
+                stream.extend_from_slice(&k.nar);
+            }
+            let request = ng::Request::AddMultipleToStore {
+                repair: false,
+                dont_check_sigs: false,
+            };
+            match conn.ng_call(&request, Some(&stream)).await? {
+                Some(ng::Response::Nothing) => return Ok(()),
+                other => format!("AddMultipleToStore answered {other:?}"),
+            }
+        }
+    };
+    Err(SoakError::Wrong(answer))
 }
 
 /// The account-independent context of every session.
@@ -675,6 +930,7 @@ struct Shared {
     keys: Vec<Vec<Arc<PrivateKey>>>,
     deadline: Instant,
     think: Duration,
+    protocols: Vec<Protocol>,
 }
 
 /// One session's loop: connect, run a random number of operations, close, again, until the
@@ -688,25 +944,30 @@ async fn session(shared: Arc<Shared>, index: usize, seed: u64) -> Stats {
     let key = keys[(index / shared.accounts.len()) % keys.len()].clone();
     // Sessions start spread over a second, as clients arrive.
     tokio::time::sleep(Duration::from_millis(rng.u64(0..1000))).await;
+    // The session's connections take the protocols in turn, from a different one in each
+    // session.
+    let mut turn = index;
     while Instant::now() < shared.deadline {
+        let protocol = shared.protocols[turn % shared.protocols.len()];
+        turn += 1;
+        let kind = |op| Kind(protocol, op);
         let started = Instant::now();
-        let mut conn =
-            match tokio::time::timeout(Op::Connect.timeout(), Conn::open(&shared.target, &key))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    stats.unexpected(Op::Connect, &e);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(_) => {
-                    stats.unexpected(Op::Connect, &SoakError::Timeout(Op::Connect.timeout()));
-                    continue;
-                }
-            };
+        let limit = Op::Connect.timeout();
+        let opened = tokio::time::timeout(limit, Conn::open(&shared.target, &key, protocol));
+        let mut conn = match opened.await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                stats.unexpected(kind(Op::Connect), &e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(_) => {
+                stats.unexpected(kind(Op::Connect), &SoakError::Timeout(limit));
+                continue;
+            }
+        };
         stats.sessions_opened += 1;
-        stats.ok(Op::Connect, started);
+        stats.ok(kind(Op::Connect), started);
         let mut quota = rng.u32(10..60);
         let mut alive = true;
         while quota > 0 && Instant::now() < shared.deadline {
@@ -715,7 +976,7 @@ async fn session(shared: Arc<Shared>, index: usize, seed: u64) -> Stats {
                 let pause = rng.u64(0..2 * shared.think.as_micros() as u64 + 1);
                 tokio::time::sleep(Duration::from_micros(pause)).await;
             }
-            let op = Op::pick(&mut rng);
+            let op = protocol.pick(&mut rng);
             let started = Instant::now();
             let result = tokio::time::timeout(
                 op.timeout(),
@@ -724,15 +985,15 @@ async fn session(shared: Arc<Shared>, index: usize, seed: u64) -> Stats {
             .await
             .unwrap_or(Err(SoakError::Timeout(op.timeout())));
             match result {
-                Ok(Outcome::Done) => stats.ok(op, started),
-                Ok(Outcome::Failed) => stats.expected(op, started),
+                Ok(Outcome::Done) => stats.ok(kind(op), started),
+                Ok(Outcome::Failed) => stats.expected(kind(op), started),
                 Ok(Outcome::SessionOver) => {
-                    stats.expected(op, started);
+                    stats.expected(kind(op), started);
                     alive = false;
                     break;
                 }
                 Err(e) => {
-                    stats.unexpected(op, &e);
+                    stats.unexpected(kind(op), &e);
                     alive = false;
                     break;
                 }
@@ -740,10 +1001,11 @@ async fn session(shared: Arc<Shared>, index: usize, seed: u64) -> Stats {
         }
         if alive {
             let started = Instant::now();
-            match tokio::time::timeout(Op::Close.timeout(), conn.close()).await {
-                Ok(Ok(())) => stats.ok(Op::Close, started),
-                Ok(Err(e)) => stats.unexpected(Op::Close, &e),
-                Err(_) => stats.unexpected(Op::Close, &SoakError::Timeout(Op::Close.timeout())),
+            let limit = Op::Close.timeout();
+            match tokio::time::timeout(limit, conn.close()).await {
+                Ok(Ok(())) => stats.ok(kind(Op::Close), started),
+                Ok(Err(e)) => stats.unexpected(kind(Op::Close), &e),
+                Err(_) => stats.unexpected(kind(Op::Close), &SoakError::Timeout(limit)),
             }
         } else {
             conn.disconnect().await;
@@ -788,19 +1050,38 @@ async fn run_op(
             }
             let expected: BTreeSet<StorePath> = known.iter().map(|k| k.path.clone()).collect();
             let paths = expected.iter().chain(&invisible).cloned().collect();
-            let request = Request::QueryValidPaths {
-                lock: false,
-                substitute: false,
-                paths,
+            let answer = match conn.protocol {
+                Protocol::Serve => {
+                    let request = Request::QueryValidPaths {
+                        lock: false,
+                        substitute: false,
+                        paths,
+                    };
+                    match conn.call(&request, &[]).await? {
+                        Response::ValidPaths(valid) if valid == expected => {
+                            return Ok(Outcome::Done)
+                        }
+                        other => format!("{other:?}"),
+                    }
+                }
+                Protocol::Daemon => {
+                    let request = ng::Request::QueryValidPaths {
+                        paths,
+                        substitute: false,
+                    };
+                    match conn.ng_call(&request, None).await? {
+                        Some(ng::Response::Paths(valid)) if valid == expected => {
+                            return Ok(Outcome::Done)
+                        }
+                        other => format!("{other:?}"),
+                    }
+                }
             };
-            match conn.call(&request, &[]).await? {
-                Response::ValidPaths(valid) if valid == expected => Ok(Outcome::Done),
-                other => Err(SoakError::Wrong(format!(
-                    "QueryValidPaths answered {other:?}, expected {expected:?}"
-                ))),
-            }
+            Err(SoakError::Wrong(format!(
+                "QueryValidPaths answered {answer}, expected {expected:?}"
+            )))
         }
-        Op::QueryPathInfos => {
+        Op::QueryPathInfos | Op::QueryPathInfo => {
             let known = account.pick(rng, 1..7);
             let missing = random_path(rng, "soak-missing");
             let expected: BTreeMap<StorePath, ValidPathInfo> = known
@@ -818,40 +1099,90 @@ async fn run_op(
                     (k.path.clone(), info)
                 })
                 .collect();
-            let paths = expected.keys().cloned().chain([missing]).collect();
-            match conn.call(&Request::QueryPathInfos { paths }, &[]).await? {
-                Response::PathInfos(infos) if infos == expected => Ok(Outcome::Done),
-                other => Err(SoakError::Wrong(format!(
-                    "QueryPathInfos answered {other:?}, expected {expected:?}"
-                ))),
+            let paths: Vec<StorePath> = expected.keys().cloned().chain([missing]).collect();
+            let infos = match conn.protocol {
+                Protocol::Serve => {
+                    let paths = paths.into_iter().collect();
+                    match conn.call(&Request::QueryPathInfos { paths }, &[]).await? {
+                        Response::PathInfos(infos) => infos,
+                        other => return Err(SoakError::Wrong(format!("{op} answered {other:?}"))),
+                    }
+                }
+                Protocol::Daemon => {
+                    // One request per path, all sent at once, answered in order.
+                    let mut bytes = Vec::new();
+                    for p in &paths {
+                        ng::Request::QueryPathInfo(p.clone()).encode(NG, &mut bytes);
+                    }
+                    conn.send(&bytes).await?;
+                    let mut infos = BTreeMap::new();
+                    for p in paths {
+                        match conn.ng_answer(ng::Opcode::QueryPathInfo).await? {
+                            Some(ng::Response::PathInfo(None)) => {}
+                            Some(ng::Response::PathInfo(Some(i))) => {
+                                let info = ValidPathInfo {
+                                    deriver: i.deriver,
+                                    references: i.references,
+                                    download_size: i.nar_size,
+                                    nar_size: i.nar_size,
+                                    nar_hash: Some(i.nar_hash),
+                                    ca: i.ca,
+                                    sigs: i.sigs,
+                                };
+                                infos.insert(p, info);
+                            }
+                            other => {
+                                return Err(SoakError::Wrong(format!("{op} answered {other:?}")))
+                            }
+                        }
+                    }
+                    infos
+                }
+            };
+            if infos == expected {
+                Ok(Outcome::Done)
+            } else {
+                Err(SoakError::Wrong(format!(
+                    "{op} answered {infos:?}, expected {expected:?}"
+                )))
             }
         }
-        Op::AddToStoreNar | Op::ImportPaths => {
+        Op::AddToStoreNar | Op::ImportPaths | Op::AddMultipleToStore => {
             let closure = random_closure(rng, account);
             if op == Op::AddToStoreNar {
                 upload_add(conn, &closure).await?;
             } else {
-                upload_import(conn, &closure).await?;
+                upload_stream(conn, &closure).await?;
             }
             for k in closure {
                 account.add(k, rng);
             }
             Ok(Outcome::Done)
         }
-        Op::DumpStorePath => {
+        Op::DumpStorePath | Op::NarFromPath => {
             let Some(k) = account.pick(rng, 1..2).pop() else {
                 return Ok(Outcome::Done);
             };
-            let mut bytes = Vec::new();
-            Request::DumpStorePath {
-                path: k.path.clone(),
+            match conn.protocol {
+                Protocol::Serve => {
+                    let mut bytes = Vec::new();
+                    Request::DumpStorePath {
+                        path: k.path.clone(),
+                    }
+                    .encode(VERSION, &mut bytes);
+                    conn.send(&bytes).await?;
+                }
+                Protocol::Daemon => {
+                    let request = ng::Request::NarFromPath(k.path.clone());
+                    if let Some(other) = conn.ng_call(&request, None).await? {
+                        return Err(SoakError::Wrong(format!("{op} answered {other:?}")));
+                    }
+                }
             }
-            .encode(VERSION, &mut bytes);
-            conn.send(&bytes).await?;
             let nar = conn.nar().await?;
             if nar != k.nar {
                 return Err(SoakError::Wrong(format!(
-                    "DumpStorePath {}: {} bytes differ from the {} uploaded",
+                    "{op} {}: {} bytes differ from the {} uploaded",
                     k.path,
                     nar.len(),
                     k.nar.len()
@@ -913,33 +1244,41 @@ async fn run_op(
         Op::Build | Op::FailingBuild => build(op, conn, account, rng).await,
         Op::BadUpload => {
             let k = random_closure(rng, account).swap_remove(0);
-            let request = add_header(&k, sha256(b"not this NAR"));
-            let mut bytes = Vec::new();
-            request.encode(VERSION, &mut bytes);
-            bytes.extend_from_slice(&k.nar);
-            conn.send(&bytes).await?;
+            let wrong = sha256(b"not this NAR");
+            conn.send(&add_bytes(conn.protocol, &k, wrong, k.nar.len()))
+                .await?;
+            // The worker protocol says why on the log channel before the session ends.
+            let answer = match conn.protocol {
+                Protocol::Serve => None,
+                Protocol::Daemon => Some(conn.ng_answer(ng::Opcode::AddToStoreNar).await),
+            };
+            let on_log = match &answer {
+                None => true,
+                Some(Err(SoakError::Refused(msg))) => msg.contains("NAR hash mismatch"),
+                Some(_) => false,
+            };
             let status = conn.finish().await?;
             let stderr = conn.stderr_text();
-            if status == Some(1)
+            if on_log
+                && status == Some(1)
                 && stderr.contains("error: ")
                 && stderr.contains("NAR hash mismatch")
             {
                 Ok(Outcome::SessionOver)
             } else {
                 Err(SoakError::Wrong(format!(
-                    "a wrong NAR hash gave exit status {status:?} and stderr {stderr:?}"
+                    "a wrong NAR hash gave exit status {status:?}, stderr {stderr:?} and \
+                     answer {answer:?}"
                 )))
             }
         }
         Op::Abandon => {
             let k = random_closure(rng, account).swap_remove(0);
-            let mut bytes = Vec::new();
-            add_header(&k, k.hash).encode(VERSION, &mut bytes);
-            bytes.extend_from_slice(&k.nar[..k.nar.len() / 2]);
-            conn.send(&bytes).await?;
+            conn.send(&add_bytes(conn.protocol, &k, k.hash, k.nar.len() / 2))
+                .await?;
             Ok(Outcome::SessionOver)
         }
-        Op::Connect | Op::Close => unreachable!("not in Op::MIX"),
+        Op::Connect | Op::Close => unreachable!("not in a protocol's mix"),
     }
 }
 
@@ -982,19 +1321,32 @@ async fn build(
         args: vec![b"-c".to_vec(), script.into_bytes()],
         env,
     };
-    let request = Request::BuildDerivation {
-        drv_path: drv_path.clone(),
-        drv: Box::new(drv),
-        options: BuildOptions::default(),
-    };
-    let result = match conn.call(&request, &[]).await? {
-        Response::Build(r) => r,
-        other => {
-            return Err(SoakError::Wrong(format!(
-                "BuildDerivation answered {other:?}"
-            )))
+    let answer = match conn.protocol {
+        Protocol::Serve => {
+            let request = Request::BuildDerivation {
+                drv_path: drv_path.clone(),
+                drv: Box::new(drv),
+                options: BuildOptions::default(),
+            };
+            match conn.call(&request, &[]).await? {
+                Response::Build(r) => Ok(r),
+                other => Err(format!("{other:?}")),
+            }
+        }
+        Protocol::Daemon => {
+            let request = ng::Request::BuildDerivation {
+                drv_path: drv_path.clone(),
+                drv: Box::new(drv),
+                mode: ng::BuildMode::Normal,
+            };
+            match conn.ng_call(&request, None).await? {
+                Some(ng::Response::Build(r)) => Ok(r),
+                other => Err(format!("{other:?}")),
+            }
         }
     };
+    let result =
+        answer.map_err(|other| SoakError::Wrong(format!("BuildDerivation answered {other}")))?;
     let message = String::from_utf8_lossy(&result.error_msg).into_owned();
     match (op, result.status) {
         (Op::Build, BuildStatus::Built)
@@ -1094,8 +1446,8 @@ fn loadavg() -> String {
 /// Latency figures of one kind of operation.
 #[derive(Debug, Clone)]
 pub struct OpFigures {
-    /// The kind.
-    pub op: Op,
+    /// The kind, in its protocol.
+    pub kind: Kind,
     /// Operations that ended as the server must behave.
     pub count: u64,
     /// Of which expected failures.
@@ -1181,13 +1533,13 @@ impl Report {
         p
     }
 
-    /// The figures of one kind.
+    /// The figures of one kind in one protocol.
     #[allow(dead_code)] // tests/soak.rs uses it, the bench does not
-    pub fn op(&self, op: Op) -> &OpFigures {
+    pub fn op(&self, protocol: Protocol, op: Op) -> &OpFigures {
         self.ops
             .iter()
-            .find(|o| o.op == op)
-            .expect("every kind is reported")
+            .find(|o| o.kind == Kind(protocol, op))
+            .expect("every kind of the protocols run is reported")
     }
 }
 
@@ -1201,12 +1553,18 @@ impl fmt::Display for Report {
         let secs = self.elapsed.as_secs_f64();
         writeln!(
             f,
-            "{} sessions, {} accounts x {} keys, {:.0} s of load (elapsed {secs:.1} s), think {} ms",
+            "{} sessions, {} accounts x {} keys, {:.0} s of load (elapsed {secs:.1} s), think {} ms, \
+             protocols {} (a session's connections take them in turn; ng: is the worker protocol)",
             o.sessions,
             o.accounts,
             o.keys_per_account,
             o.duration.as_secs_f64(),
-            o.think.as_millis()
+            o.think.as_millis(),
+            o.protocols
+                .iter()
+                .map(Protocol::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         )?;
         writeln!(f)?;
         writeln!(
@@ -1220,7 +1578,7 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
-                op.op,
+                op.kind,
                 op.count,
                 op.count as f64 / secs,
                 op.expected_failures,
@@ -1305,8 +1663,8 @@ impl fmt::Display for Report {
     }
 }
 
-fn figures(op: Op, stats: &mut Stats) -> OpFigures {
-    let mut v = stats.latencies.remove(&op).unwrap_or_default();
+fn figures(kind: Kind, stats: &mut Stats) -> OpFigures {
+    let mut v = stats.latencies.remove(&kind).unwrap_or_default();
     v.sort_unstable();
     let at = |q: usize| -> Duration {
         if v.is_empty() {
@@ -1317,10 +1675,10 @@ fn figures(op: Op, stats: &mut Stats) -> OpFigures {
         Duration::from_micros(u64::from(v[i]))
     };
     OpFigures {
-        op,
+        kind,
         count: v.len() as u64,
-        expected_failures: stats.expected.get(&op).copied().unwrap_or(0),
-        unexpected: stats.unexpected.get(&op).copied().unwrap_or(0),
+        expected_failures: stats.expected.get(&kind).copied().unwrap_or(0),
+        unexpected: stats.unexpected.get(&kind).copied().unwrap_or(0),
         p50: at(50),
         p99: at(99),
         max: v
@@ -1356,8 +1714,15 @@ pub struct StateDir(#[allow(dead_code)] crate::harness::Stopped);
 /// checks that every acknowledged path is there with its hash.
 pub fn run(o: &Options) -> (Report, StateDir) {
     let accounts_n = o.accounts.clamp(1, o.sessions.max(1));
+    let mut protocols = o.protocols.clone();
+    protocols.sort_unstable();
+    protocols.dedup();
+    if protocols.is_empty() {
+        protocols = Protocol::ALL.to_vec();
+    }
     let o = Options {
         accounts: accounts_n,
+        protocols,
         ..o.clone()
     };
     let client_dir = tempfile::tempdir().expect("temp dir");
@@ -1424,8 +1789,8 @@ pub fn run(o: &Options) -> (Report, StateDir) {
                 let (target, key, bb) = (target.clone(), ks[0].clone(), a.busybox.clone());
                 tokio::spawn(async move {
                     let upload = async {
-                        let mut conn = Conn::open(&target, &key).await?;
-                        upload_import(&mut conn, &[bb]).await?;
+                        let mut conn = Conn::open(&target, &key, Protocol::Serve).await?;
+                        upload_stream(&mut conn, &[bb]).await?;
                         conn.close().await
                     };
                     let limit = Op::ImportPaths.timeout();
@@ -1450,6 +1815,7 @@ pub fn run(o: &Options) -> (Report, StateDir) {
         keys,
         deadline: started + o.duration,
         think: o.think,
+        protocols: o.protocols.clone(),
     });
     let (mut stats, peak, timeline) = runtime.block_on(async {
         let tasks: Vec<_> = (0..o.sessions)
@@ -1525,7 +1891,12 @@ pub fn run(o: &Options) -> (Report, StateDir) {
         }
     }
     let log = &stopped.log;
-    let ops = Op::ALL.iter().map(|&op| figures(op, &mut stats)).collect();
+    let ops = o
+        .protocols
+        .iter()
+        .flat_map(|&p| p.ops().iter().map(move |&op| Kind(p, op)))
+        .map(|kind| figures(kind, &mut stats))
+        .collect();
     let report = Report {
         options: o,
         elapsed,

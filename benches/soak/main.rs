@@ -1,5 +1,7 @@
 //! The soak: many concurrent SSH sessions from many accounts against one `nixbuild-server`
-//! on loopback for minutes, mixing queries, uploads, builds and downloads (see `load.rs`).
+//! on loopback for minutes, mixing queries, uploads, builds and downloads (see `load.rs`),
+//! over the serve protocol (`nix-store --serve --write`) and the worker protocol
+//! (`nix-daemon --stdio`), a session's connections taking them in turn.
 //! Prints operations per second, error counts, p50/p99 latencies and the server's memory,
 //! descriptors and threads (baseline, peak, after), and exits 1 on any unexpected error, on
 //! descriptors that do not come back to the baseline, or on an ERROR in the server's log.
@@ -41,6 +43,10 @@ struct Args {
     /// Seed of the sessions' random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The protocols the sessions speak, in turn: serve (`nix-store --serve --write`),
+    /// daemon (`nix-daemon --stdio`).
+    #[arg(long, value_delimiter = ',', default_value = "serve,daemon")]
+    protocols: Vec<load::Protocol>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -55,6 +61,7 @@ fn main() -> ExitCode {
         keys_per_account: args.keys_per_account,
         think: Duration::from_millis(args.think_ms),
         seed: args.seed,
+        protocols: args.protocols,
     };
     let (report, state) = load::run(&options);
     println!("{report}");

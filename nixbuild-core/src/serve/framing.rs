@@ -12,6 +12,19 @@ use super::ProtocolVersion;
 use Field::{List, Signature, Str, U64s};
 use Len::{Long, Short};
 
+/// A path and its metadata as AddToStoreNar sends them (also the worker protocol's
+/// AddToStoreNar and each path of its AddMultipleToStore): path, deriver, narHash,
+/// references, registrationTime, narSize, ultimate, sigs, ca.
+pub(crate) const PATH_INFO: &[Field] = &[
+    Str(Short),
+    Str(Short),
+    Str(Short),
+    List(1, Short),
+    U64s(3),
+    List(1, Short),
+    Str(Short),
+];
+
 /// An ImportPaths entry's trailer after its NAR: magic, path, references, deriver, signature.
 const TRAILER: &[Field] = &[U64s(1), Str(Short), List(1, Short), Str(Short), Signature];
 
@@ -38,16 +51,7 @@ fn fields(op: Opcode, v: ProtocolVersion) -> Layout {
                 options,
             ])
         }
-        // path, deriver, narHash, references, registrationTime, narSize, ultimate, sigs, ca
-        Opcode::AddToStoreNar => &[
-            Str(Short),
-            Str(Short),
-            Str(Short),
-            List(1, Short),
-            U64s(3),
-            List(1, Short),
-            Str(Short),
-        ],
+        Opcode::AddToStoreNar => PATH_INFO,
     })
 }
 

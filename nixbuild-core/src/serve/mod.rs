@@ -19,7 +19,7 @@ pub mod command;
 pub mod derivation;
 pub mod export;
 pub(crate) mod fields;
-mod framing;
+pub(crate) mod framing;
 pub mod handshake;
 pub mod request;
 pub mod response;

@@ -15,6 +15,7 @@ use crate::hash::HashAlgo;
 use crate::serve::derivation::{encode_basic_derivation, read_basic_derivation};
 use crate::serve::fields::{parse_store_path, put_store_path, put_store_path_set};
 use crate::serve::fields::{store_path, store_path_set};
+use crate::serve::framing::PATH_INFO;
 use crate::serve::{AddToStoreNar, ServeError};
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
@@ -185,18 +186,8 @@ impl Opcode {
                 U64s(1),
             ],
             Opcode::AddSignatures => &[Str(Short), List(1, Short)],
-            // path, deriver, narHash, references, registrationTime, narSize, ultimate, sigs,
-            // ca, repair, dontCheckSigs
-            Opcode::AddToStoreNar => &[
-                Str(Short),
-                Str(Short),
-                Str(Short),
-                List(1, Short),
-                U64s(3),
-                List(1, Short),
-                Str(Short),
-                U64s(2),
-            ],
+            // The path and its metadata, then repair and dontCheckSigs.
+            Opcode::AddToStoreNar => return Cow::Owned([PATH_INFO, &[U64s(2)]].concat()),
             Opcode::RegisterDrvOutput if v >= WorkerVersion::V1_31 => &[Str(Long)],
             Opcode::RegisterDrvOutput => &[Str(Short), Str(Short)],
             Opcode::AddPermRoot => &[Str(Short), Str(Short)],

@@ -38,24 +38,14 @@ use super::request::{AddToStoreForm, Opcode, Request};
 use super::response::Response;
 use super::stderr::{ErrorInfo, StderrMessage};
 use super::{Limits, WorkerError};
-use crate::framer::{Field, Framer, Len};
+use crate::framer::Framer;
 use crate::nar::NarReader;
+use crate::serve::framing::PATH_INFO;
 use crate::serve::AddToStoreNar;
 use crate::wire::{self, BufMutExt, Reader};
 
 /// The most bytes one `STDERR_READ` asks for.
 const TUNNEL_CHUNK: u64 = 64 * 1024;
-
-/// A path's metadata in an AddMultipleToStore stream, for the framer.
-const PATH_INFO: &[Field] = &[
-    Field::Str(Len::Short),
-    Field::Str(Len::Short),
-    Field::Str(Len::Short),
-    Field::List(1, Len::Short),
-    Field::U64s(3),
-    Field::List(1, Len::Short),
-    Field::Str(Len::Short),
-];
 
 /// What the session read from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
