@@ -183,7 +183,12 @@ pub fn run(daemon: &Daemon, account: &str, script: &Script) -> Transcript {
 /// request of the script is answered (or the session ends): a client that waits for its
 /// answers, as Nix does (the end of its input means it is gone, which cancels a build).
 pub fn run_waiting(daemon: &Daemon, account: &str, script: &Script) -> Transcript {
-    let mut child = spawn(relay_command(daemon, account));
+    run_cmd_waiting(relay_command(daemon, account), script)
+}
+
+/// Like [`run_waiting`], with `cmd` (the relay or ssh).
+pub fn run_cmd_waiting(cmd: Command, script: &Script) -> Transcript {
+    let mut child = spawn(cmd);
     let mut stdin = child.stdin.take().expect("stdin");
     let mut stdout = child.stdout.take().expect("stdout");
     let _ = stdin.write_all(&script.bytes);
@@ -304,7 +309,9 @@ pub fn decode(script: &Script, status: i32, stdout: &[u8], stderr: Vec<u8>) -> T
                 }
             }
             StderrMessage::Last => {
-                let o = *op.expect("an answer to a request that was not sent");
+                let Some(&o) = op else {
+                    panic!("an answer to a request the script did not expect: {t:?}");
+                };
                 let Ok(Some(answer)) = wire::complete(Response::read(&mut r, o, v, &limits)) else {
                     break;
                 };
