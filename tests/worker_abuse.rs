@@ -571,29 +571,35 @@ fn truncations() -> Vec<Case> {
     let mut out = Vec::new();
     for (op, full) in requests {
         let full = std::sync::Arc::new(full);
+        // The error names the request: "in a QueryValidPaths request", "in an IsValidPath ...".
+        let name = op.split(' ').next().unwrap_or(op);
+        let article = if name.starts_with(['A', 'I']) {
+            "an"
+        } else {
+            "a"
+        };
+        let needle = format!("unexpected end of input in {article} {name} request");
         for (at, cut) in [
             ("after the opcode", Cut::At(8)),
             ("mid-way", Cut::Half),
             ("one byte short", Cut::Short(1)),
         ] {
             let full = full.clone();
-            out.push(fails(
-                format!("{op} cut {at}"),
-                "unexpected end of input in a request",
-                move |c| cut.apply(full(c)),
-            ));
+            out.push(fails(format!("{op} cut {at}"), needle.clone(), move |c| {
+                cut.apply(full(c))
+            }));
         }
     }
     let nar = file_nar(&[3u8; 1000]);
     let n = nar.clone();
     out.push(fails(
         "AddToStoreNar cut in its NAR",
-        "unexpected end of input in the data that follows a request",
+        "unexpected end of input in the data that follows an AddToStoreNar request",
         move |c| Cut::Short(100).apply(RawAdd::new(&c.fresh("cut"), &n).single()),
     ));
     out.push(fails(
         "AddMultipleToStore cut in its metadata",
-        "unexpected end of input in the data that follows a request",
+        "unexpected end of input in the data that follows an AddMultipleToStore request",
         move |c| Cut::Short(8 + nar.len() + 40).apply(multi(&[RawAdd::new(&c.fresh("cut"), &nar)])),
     ));
     out
