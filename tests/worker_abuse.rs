@@ -444,6 +444,12 @@ fn cases() -> Vec<Case> {
         fails("NAR nested 100,000 deep in AddToStoreNar", "nesting depth reaches the limit of 64", |c| { let nar = nested_nar(100_000); RawAdd::new(&c.fresh("x"), &nar[..MAX_NAR_SIZE as usize]).single() }),
         fails("NAR nested 100,000 deep in AddMultipleToStore", "nesting depth reaches the limit of 64", |c| { let nar = nested_nar(100_000); multi(&[RawAdd::new(&c.fresh("x"), &nar[..MAX_NAR_SIZE as usize])]) }),
         fails("NAR after a good path in AddMultipleToStore", "not sorted", |c| multi(&[RawAdd::new(&c.mine, &file_nar(b"mine")), RawAdd::new(&c.fresh("x"), &harness::hostile::dir_nar(&[(b"b", harness::hostile::FILE), (b"a", harness::hostile::FILE)]))])),
+        fails("AddToStoreNar framed stream ends before narSize", "the framed stream ended 8 bytes before narSize", |c| { let nar = file_nar(b"x"); RawAdd { nar_size: nar.len() as u64 + 8, ..RawAdd::new(&c.fresh("x"), &nar) }.single() }),
+        fails("AddToStore content-address method unknown", "content-address method at offset", |_| W::new().op(Opcode::AddToStore).s(b"d").s(b"fixed:whirlpool").u(0).u(0).raw(&framed(b"d")).into()),
+        fails("SetOptions setting name not UTF-8", "setting name at offset 112", |_| { let mut w = W::new().op(Opcode::SetOptions); for _ in 0..12 { w = w.u(0); } w.u(1).s(&[0xff, 0xfe]).s(b"1").into() }),
+        fails("AddBuildLog of a path that is not a base name", "drvPath at offset 8", |c| W::new().op(Opcode::AddBuildLog).p(&c.fresh("x.drv")).raw(&framed(b"log")).into()),
+        refused("AddTextToStore of a name with a slash", "a/b", |_| Request::AddTextToStore { name: "a/b".into(), text: b"t".to_vec(), references: BTreeSet::new() }),
+        refused("QueryDerivationOutputMap of a path that is not a derivation", "-mine", |c| Request::QueryDerivationOutputMap(c.mine.clone())),
         // Payloads of older clients: AddToStoreNar's NAR through STDERR_READ (1.21, 1.22),
         // and the legacy AddToStore's raw NAR.
         fails_script("AddToStoreNar at 1.21 of a bad NAR", "invalid entry name", |c| { let nar = harness::hostile::dir_nar(&[(b".", harness::hostile::FILE)]); RawAdd::new(&c.fresh("x"), &nar).tunnelled(&nar) }),
