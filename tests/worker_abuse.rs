@@ -237,6 +237,9 @@ enum Expect {
 
 type Input = Box<dyn Fn(&Ctx) -> Script + Send + Sync>;
 
+/// A request's bytes, made from the fixture.
+type Bytes = Box<dyn Fn(&Ctx) -> Vec<u8> + Send + Sync>;
+
 /// One hostile session.
 struct Case {
     name: String,
@@ -517,7 +520,7 @@ fn cases() -> Vec<Case> {
 
 /// Requests cut short: the client leaves after part of one.
 fn truncations() -> Vec<Case> {
-    let requests: Vec<(&str, Box<dyn Fn(&Ctx) -> Vec<u8> + Send + Sync>)> = vec![
+    let requests: Vec<(&str, Bytes)> = vec![
         (
             "IsValidPath",
             Box::new(|c| enc(&Request::IsValidPath(c.mine.clone()))),
