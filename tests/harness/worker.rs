@@ -262,6 +262,47 @@ pub fn run_cmd(cmd: Command, script: &Script) -> Transcript {
     )
 }
 
+/// Runs `cmd` with `script` on its stdin, which stays open until the server ends the
+/// session of its own accord: for sessions the server must end without waiting for the
+/// client to leave. A session still open after `limit` is killed, and the test fails.
+pub fn run_cmd_held(cmd: Command, script: &Script, limit: std::time::Duration) -> Transcript {
+    let mut child = spawn(cmd);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let input = script.bytes.clone();
+    // The server may end the session before reading everything: ignore a broken pipe.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+        stdin
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        let _ = tx.send(());
+        out
+    });
+    let ended = rx.recv_timeout(limit).is_ok();
+    if !ended {
+        let _ = child.kill();
+    }
+    let stdin = writer.join().expect("stdin writer");
+    let received = reader.join().expect("stdout reader");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait for the session");
+    assert!(
+        ended,
+        "the session did not end within {limit:?} of its bad input; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    decode(
+        script,
+        out.status.code().unwrap_or(-1),
+        &received,
+        out.stderr,
+    )
+}
+
 /// Decodes what the server sent in answer to `script`, as far as it is complete.
 pub fn decode(script: &Script, status: i32, stdout: &[u8], stderr: Vec<u8>) -> Transcript {
     let limits = Limits::default().wire;
