@@ -736,6 +736,17 @@ fn hostile_worker_sessions_over_the_relay() {
     assert_none_failed(&failures, cases.len());
     let (status, stderr) = bystander.close();
     assert_eq!(status, 0, "the bystander's session: {stderr}");
+    // Every session that ended with an error was logged by the daemon as a failed one.
+    let log = daemon.log();
+    let failed = log.lines().filter(|l| l.contains("status=1")).count();
+    let errors = cases
+        .iter()
+        .filter(|c| matches!(c.expect, Expect::Fatal(_)))
+        .count();
+    assert!(
+        failed >= errors,
+        "{failed} failed sessions logged for {errors} error cases"
+    );
     check_daemon(daemon);
 }
 
