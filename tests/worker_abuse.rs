@@ -33,9 +33,12 @@ use harness::worker::{
     Script, Transcript, WorkerSession, V,
 };
 use harness::{file_nar, sha256, Daemon};
+use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
 use nixbuild_core::derivation::{BasicDerivation, DerivationOutput};
+use nixbuild_core::hash::HashAlgo;
 use nixbuild_core::serve::BuildStatus;
-use nixbuild_core::store_path::StorePath;
+use nixbuild_core::store_path::{make_fixed_output_path, StorePath};
+use nixbuild_core::worker::request::AddToStoreForm;
 use nixbuild_core::worker::{
     BuildMode, DerivedPath, Opcode, Request, Response, StderrMessage, WorkerVersion,
 };
@@ -171,6 +174,16 @@ fn multi_raw(inner: &[u8]) -> Vec<u8> {
         .into()
 }
 
+/// The path `x` of a file holding `contents` added flat, and that content address.
+fn fixed_path(contents: &[u8]) -> (StorePath, String) {
+    let ca = ContentAddress {
+        method: ContentAddressMethod::Flat,
+        hash: sha256(contents),
+    };
+    let path = make_fixed_output_path("x", &ca, &BTreeSet::new(), false).expect("fixed path");
+    (path, ca.to_string())
+}
+
 /// An output as BuildDerivation sends it: name, path, hashAlgo, hash.
 type RawOutput<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8]);
 
@@ -302,12 +315,21 @@ fn refused(
     needle: &'static str,
     req: impl Fn(&Ctx) -> Request + Send + Sync + 'static,
 ) -> Case {
+    refused_script(name, needle, move |c| Script::new(V).request(&req(c)))
+}
+
+/// Like [`refused`], for a request with a payload: its whole session is `script`.
+fn refused_script(
+    name: &str,
+    needle: &'static str,
+    script: impl Fn(&Ctx) -> Script + Send + Sync + 'static,
+) -> Case {
     Case {
         name: name.into(),
         expect: Expect::Refused(needle),
         ssh: false,
         cut: false,
-        input: Box::new(move |c| Script::new(V).request(&req(c))),
+        input: Box::new(script),
     }
 }
 
@@ -447,6 +469,7 @@ fn cases() -> Vec<Case> {
         fails("AddMultipleToStore referencing another account's path", "-hidden, which is not valid for account \"a\"", |c| multi(&[RawAdd::new(&c.fresh("refers"), &file_nar(b"refers")).refs(&[&c.hidden])])),
         fails("AddMultipleToStore referencing a path nobody has", "-nobody, which is not valid for account \"a\"", |c| multi(&[RawAdd::new(&c.fresh("refers"), &file_nar(b"refers")).refs(&[&c.fresh("nobody")])])),
         refused("AddTextToStore referencing another account's path", "-hidden", |c| Request::AddTextToStore { name: "refers".into(), text: b"refers".to_vec(), references: BTreeSet::from([c.hidden.clone()]) }),
+        refused_script("AddToStore referencing another account's path", "-hidden", |c| Script::new(V).request(&Request::AddToStore { name: "refers".into(), form: AddToStoreForm::Addressed { method: ContentAddressMethod::Text, algo: HashAlgo::Sha256, references: BTreeSet::from([c.hidden.clone()]), repair: false } }).framed(b"refers")),
         refused("NarFromPath of another account's path", "-hidden' is not valid", |c| Request::NarFromPath(c.hidden.clone())),
         refused("EnsurePath of another account's path", "-hidden' is not valid on this server", |c| Request::EnsurePath(c.hidden.clone())),
         refused("BuildPaths of another account's path", "-hidden' is not valid on this server and is not a derivation", |c| Request::BuildPaths { paths: vec![DerivedPath::Opaque(c.hidden.clone())], mode: BuildMode::Normal }),
@@ -463,6 +486,9 @@ fn cases() -> Vec<Case> {
         fails("AddBuildLog of a path that is not a base name", "drvPath at offset 8", |c| W::new().op(Opcode::AddBuildLog).p(&c.fresh("x.drv")).raw(&framed(b"log")).into()),
         refused("AddTextToStore of a name with a slash", "a/b", |_| Request::AddTextToStore { name: "a/b".into(), text: b"t".to_vec(), references: BTreeSet::new() }),
         refused("QueryDerivationOutputMap of a path that is not a derivation", "-mine", |c| Request::QueryDerivationOutputMap(c.mine.clone())),
+        fails("AddToStoreNar ca the NAR does not have", "content address mismatch for", |_| { let (path, ca) = fixed_path(b"other"); RawAdd { ca: ca.into_bytes(), ..RawAdd::new(&path, &file_nar(b"x")) }.single() }),
+        fails("AddMultipleToStore ca the NAR does not have", "content address mismatch for", |_| { let (path, ca) = fixed_path(b"other"); multi(&[RawAdd { ca: ca.into_bytes(), ..RawAdd::new(&path, &file_nar(b"x")) }]) }),
+        fails("AddToStoreNar ca that does not give its path", "is not the path of content address", |c| { let (_, ca) = fixed_path(b"x"); RawAdd { ca: ca.into_bytes(), ..RawAdd::new(&c.fresh("x"), &file_nar(b"x")) }.single() }),
         // Payloads of older clients: AddToStoreNar's NAR through STDERR_READ (1.21, 1.22),
         // and the legacy AddToStore's raw NAR.
         fails_script("AddToStoreNar at 1.21 of a bad NAR", "invalid entry name", |c| { let nar = harness::hostile::dir_nar(&[(b".", harness::hostile::FILE)]); RawAdd::new(&c.fresh("x"), &nar).tunnelled(&nar) }),
