@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use harness::hostile::{
     bad_nars, bad_paths, check_daemon, check_error, endless_file_nar, guarded, nested_nar,
-    Bystander, Cut, Fixture, W,
+    wide_nar, Bystander, Cut, Fixture, W,
 };
 use harness::ssh::SshServer;
 use harness::worker::{
@@ -171,6 +171,20 @@ fn multi_raw(inner: &[u8]) -> Vec<u8> {
         .u(0)
         .u(1)
         .raw(&framed(inner))
+        .into()
+}
+
+/// A NAR whose first entry name claims u64::MAX bytes.
+fn endless_name_nar() -> Vec<u8> {
+    W::new()
+        .s(b"nix-archive-1")
+        .s(b"(")
+        .s(b"type")
+        .s(b"directory")
+        .s(b"entry")
+        .s(b"(")
+        .s(b"name")
+        .u(u64::MAX)
         .into()
 }
 
@@ -479,6 +493,10 @@ fn cases() -> Vec<Case> {
         fails("NAR file of u64::MAX bytes in AddMultipleToStore", "NAR is incomplete", |c| multi(&[RawAdd::new(&c.fresh("x"), &endless_file_nar())])),
         fails("NAR nested 100,000 deep in AddToStoreNar", "nesting depth reaches the limit of 64", |c| { let nar = nested_nar(100_000); RawAdd::new(&c.fresh("x"), &nar[..MAX_NAR_SIZE as usize]).single() }),
         fails("NAR nested 100,000 deep in AddMultipleToStore", "nesting depth reaches the limit of 64", |c| { let nar = nested_nar(100_000); multi(&[RawAdd::new(&c.fresh("x"), &nar[..MAX_NAR_SIZE as usize])]) }),
+        fails("NAR entry name of u64::MAX bytes in AddToStoreNar", "entry name of 18446744073709551615 bytes exceeds the limit of 255 bytes", |c| RawAdd::new(&c.fresh("x"), &endless_name_nar()).single()),
+        fails("NAR entry name of u64::MAX bytes in AddMultipleToStore", "entry name of 18446744073709551615 bytes exceeds the limit of 255 bytes", |c| multi(&[RawAdd::new(&c.fresh("x"), &endless_name_nar())])),
+        fails("AddToStoreNar of a directory too big for max_nar_size", "AddToStoreNar: the framed stream goes on after narSize bytes", |c| { let nar = wide_nar(40_000); RawAdd { nar_size: MAX_NAR_SIZE, ..RawAdd::new(&c.fresh("wide"), &nar) }.single() }),
+        fails("AddMultipleToStore of a directory too big for max_nar_size", "invalid NAR: NAR is incomplete: input ends at byte 3145728", |c| { let nar = wide_nar(40_000); multi(&[RawAdd { nar_size: MAX_NAR_SIZE, ..RawAdd::new(&c.fresh("wide"), &nar) }]) }),
         fails("NAR after a good path in AddMultipleToStore", "not sorted", |c| multi(&[RawAdd::new(&c.mine, &file_nar(b"mine")), RawAdd::new(&c.fresh("x"), &harness::hostile::dir_nar(&[(b"b", harness::hostile::FILE), (b"a", harness::hostile::FILE)]))])),
         fails("AddToStoreNar framed stream ends before narSize", "the framed stream ended 8 bytes before narSize", |c| { let nar = file_nar(b"x"); RawAdd { nar_size: nar.len() as u64 + 8, ..RawAdd::new(&c.fresh("x"), &nar) }.single() }),
         fails("AddToStore content-address method unknown", "content-address method at offset", |_| W::new().op(Opcode::AddToStore).s(b"d").s(b"fixed:whirlpool").u(0).u(0).raw(&framed(b"d")).into()),
