@@ -24,8 +24,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use harness::hostile::{
-    bad_nars, bad_paths, check_daemon, check_error, endless_file_nar, guarded, nested_nar,
-    wide_nar, Bystander, Cut, Fixture, W,
+    bad_nars, bad_paths, check_daemon, check_error, dir_nar, endless_file_nar, guarded, nested_nar,
+    Bystander, Cut, Fixture, FILE, W,
 };
 use harness::ssh::SshServer;
 use harness::worker::{
@@ -512,7 +512,7 @@ fn cases() -> Vec<Case> {
         fails("NAR entry name of u64::MAX bytes in AddMultipleToStore", "entry name of 18446744073709551615 bytes exceeds the limit of 255 bytes", |c| multi(&[RawAdd::new(&c.fresh("x"), &endless_name_nar())])),
         fails("AddToStoreNar of a directory too big for max_nar_size", "AddToStoreNar: the framed stream goes on after narSize bytes", |c| { let nar = big_dir_nar(); RawAdd { nar_size: MAX_NAR_SIZE, ..RawAdd::new(&c.fresh("wide"), &nar) }.single() }),
         fails("AddMultipleToStore of a directory too big for max_nar_size", "invalid NAR: NAR is incomplete: input ends at byte 3145728", |c| { let nar = big_dir_nar(); multi(&[RawAdd { nar_size: MAX_NAR_SIZE, ..RawAdd::new(&c.fresh("wide"), &nar) }]) }),
-        fails("NAR after a good path in AddMultipleToStore", "not sorted", |c| multi(&[RawAdd::new(&c.mine, &file_nar(b"mine")), RawAdd::new(&c.fresh("x"), &harness::hostile::dir_nar(&[(b"b", harness::hostile::FILE), (b"a", harness::hostile::FILE)]))])),
+        fails("NAR after a good path in AddMultipleToStore", "not sorted", |c| multi(&[RawAdd::new(&c.mine, &file_nar(b"mine")), RawAdd::new(&c.fresh("x"), &dir_nar(&[(b"b", FILE), (b"a", FILE)]))])),
         fails("AddToStoreNar framed stream ends before narSize", "the framed stream ended 8 bytes before narSize", |c| { let nar = file_nar(b"x"); RawAdd { nar_size: nar.len() as u64 + 8, ..RawAdd::new(&c.fresh("x"), &nar) }.single() }),
         fails("AddToStore content-address method unknown", "content-address method at offset", |_| W::new().op(Opcode::AddToStore).s(b"d").s(b"fixed:whirlpool").u(0).u(0).raw(&framed(b"d")).into()),
         fails("SetOptions setting name not UTF-8", "setting name at offset 112", |_| { let mut w = W::new().op(Opcode::SetOptions); for _ in 0..12 { w = w.u(0); } w.u(1).s(&[0xff, 0xfe]).s(b"1").into() }),
@@ -524,10 +524,10 @@ fn cases() -> Vec<Case> {
         fails("AddToStoreNar ca that does not give its path", "is not the path of content address", |c| { let (_, ca) = fixed_path(b"x"); RawAdd { ca: ca.into_bytes(), ..RawAdd::new(&c.fresh("x"), &file_nar(b"x")) }.single() }),
         // Payloads of older clients: AddToStoreNar's NAR through STDERR_READ (1.21, 1.22),
         // and the legacy AddToStore's raw NAR.
-        fails_script("AddToStoreNar at 1.21 of a bad NAR", "invalid entry name", |c| { let nar = harness::hostile::dir_nar(&[(b".", harness::hostile::FILE)]); RawAdd::new(&c.fresh("x"), &nar).tunnelled(&nar) }),
+        fails_script("AddToStoreNar at 1.21 of a bad NAR", "invalid entry name", |c| { let nar = dir_nar(&[(b".", FILE)]); RawAdd::new(&c.fresh("x"), &nar).tunnelled(&nar) }),
         fails_script("AddToStoreNar at 1.21 answered with no data", "the client sent no data for STDERR_READ", |c| RawAdd::new(&c.fresh("x"), &file_nar(b"x")).tunnelled(b"")),
         fails_script("AddToStoreNar at 1.21 answered with more than asked", "tunnelled data at offset 0: string of 128 bytes exceeds the limit of 120", |c| { let nar = file_nar(b"x"); RawAdd::new(&c.fresh("x"), &nar).tunnelled(&[&nar[..], &[0; 8]].concat()) }),
-        fails_script("legacy AddToStore of a bad NAR", "NAR in AddToStore: NAR byte 128: invalid entry name", |_| Script::new(WorkerVersion::V1_21).raw(&W::new().op(Opcode::AddToStore).s(b"d").u(1).u(1).s(b"sha256").raw(&harness::hostile::dir_nar(&[(b"", harness::hostile::FILE)])).0)),
+        fails_script("legacy AddToStore of a bad NAR", "NAR in AddToStore: NAR byte 128: invalid entry name", |_| Script::new(WorkerVersion::V1_21).raw(&W::new().op(Opcode::AddToStore).s(b"d").u(1).u(1).s(b"sha256").raw(&dir_nar(&[(b"", FILE)])).0)),
         fails_script("legacy AddToStore recursive 2", "recursive at offset", |_| Script::new(WorkerVersion::V1_21).raw(&W::new().op(Opcode::AddToStore).s(b"d").u(1).u(2).s(b"sha256").0)),
     ];
     // Every refused NAR, in both requests that upload one.
