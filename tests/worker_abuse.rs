@@ -565,7 +565,8 @@ fn cases() -> Vec<Case> {
         c.push(fails(format!("BuildDerivation inputSrcs: {what}"), needle, move |c| raw_build(c.fresh("x.drv").to_absolute().as_bytes(), &[], &[&b], 0)));
     }
     c.extend(truncations());
-    const OVER_SSH: [&str; 14] = [
+    const OVER_SSH: [&str; 15] = [
+        "input the account cannot see",
         "bad magic",
         "version 0x114 (Nix 2.2)",
         "1.38 features of u64::MAX strings",
@@ -825,7 +826,7 @@ fn hostile_worker_sessions_over_ssh() {
     let mut bystander = WorkerSession::open(ssh_command(&config_good, "worker-abuse-good"));
     let cases = cases();
     let over_ssh: Vec<&Case> = cases.iter().filter(|c| c.ssh).collect();
-    assert_eq!(over_ssh.len(), 14, "cases over SSH");
+    assert_eq!(over_ssh.len(), 15, "cases over SSH");
     let config: &Path = &config_a;
     let failures = run_all(&server.daemon, &ctx, &mut bystander, &over_ssh, &|| {
         ssh_command(config, ALIAS)
