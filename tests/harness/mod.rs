@@ -50,7 +50,9 @@ pub fn store_uri() -> String {
 
 pub mod clients;
 pub mod closure;
+pub mod hostile;
 pub mod ssh;
+pub mod worker;
 
 /// How many build uids each test daemon has.
 pub const BUILD_UIDS: u32 = 64;

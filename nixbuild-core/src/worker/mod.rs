@@ -78,7 +78,7 @@ pub enum WorkerError {
     Payload(String),
     /// The input ended in the middle of a message or of a payload.
     #[error("unexpected end of input {0}")]
-    UnexpectedEof(&'static str),
+    UnexpectedEof(String),
     /// The driver called the session out of turn (a bug in the driver, not in the input).
     #[error("session misuse: {0}")]
     Misuse(&'static str),

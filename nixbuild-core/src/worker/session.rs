@@ -590,14 +590,27 @@ impl ServerSession {
     /// The client closed its side with `leftover` bytes unread. `Ok` means a clean end (at a
     /// request boundary); otherwise the error says what was cut short.
     pub fn end_of_input(&self, leftover: &[u8]) -> Result<(), WorkerError> {
+        // The request being cut, named as the serve protocol's errors name theirs.
+        let request = |op: Option<Opcode>| match op.map(Opcode::name) {
+            Some(name) if name.starts_with(['A', 'E', 'I', 'O', 'U']) => {
+                format!("an {name} request")
+            }
+            Some(name) => format!("a {name} request"),
+            None => "a request".to_owned(),
+        };
         let what = match &self.state {
             State::Idle | State::AwaitingResponse(_) | State::Streaming if leftover.is_empty() => {
                 return Ok(())
             }
             State::Failed(e) => return Err(e.clone()),
-            State::Magic | State::Version | State::Features | State::Rest => "in the handshake",
-            State::Idle | State::AwaitingResponse(_) | State::Streaming => "in a request",
-            State::Payload(_) => "in the data that follows a request",
+            State::Magic | State::Version | State::Features | State::Rest => {
+                "in the handshake".to_owned()
+            }
+            State::Idle | State::AwaitingResponse(_) | State::Streaming => {
+                let op = leftover.first_chunk::<8>().map(|b| u64::from_le_bytes(*b));
+                format!("in {}", request(op.and_then(|n| Opcode::from_wire(n).ok())))
+            }
+            State::Payload(p) => format!("in the data that follows {}", request(Some(p.op))),
         };
         Err(WorkerError::UnexpectedEof(what))
     }
