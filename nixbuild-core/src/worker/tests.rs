@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
+use super::handshake::{CLIENT_MAGIC, SERVER_MAGIC};
 use super::strategies::*;
 use super::*;
 use crate::nar::strategies::arb_nar_node;
@@ -437,17 +438,31 @@ fn drive(
     Ok(events)
 }
 
-fn session_case() -> impl Strategy<Value = (ClientHello, Vec<Step>, usize, Vec<usize>, usize)> {
-    client_hello(WorkerVersion::SERVER).prop_flat_map(|hello| {
-        let v = hello.version;
-        (
-            Just(hello),
-            vec(step(v), 0..6),
-            1usize..200,
-            vec(1usize..100, 1..6),
-            1usize..100,
-        )
-    })
+/// A server version, a client's hello, its requests, the frame size of its framed payloads,
+/// the piece sizes its bytes arrive in and the most it answers a `STDERR_READ` with.
+type SessionCase = (
+    WorkerVersion,
+    ClientHello,
+    Vec<Step>,
+    usize,
+    Vec<usize>,
+    usize,
+);
+
+fn session_case() -> impl Strategy<Value = SessionCase> {
+    prop_oneof![Just(WorkerVersion::SERVER), version()]
+        .prop_flat_map(|server| (Just(server), client_hello(server)))
+        .prop_flat_map(|(server, hello)| {
+            let v = WorkerVersion::negotiate(hello.version, server);
+            (
+                Just(server),
+                Just(hello),
+                vec(step(v), 0..6),
+                1usize..200,
+                vec(1usize..100, 1..6),
+                1usize..100,
+            )
+        })
 }
 
 proptest! {
@@ -457,13 +472,349 @@ proptest! {
     /// whole or in any pieces.
     #[test]
     fn client_sessions_give_the_same_events_in_any_pieces(
-        (hello, steps, frame, pieces, tunnel) in session_case()
+        (version, hello, steps, frame, pieces, tunnel) in session_case()
     ) {
-        let server = server_hello_38();
+        let server = ServerHello { version, ..server_hello_38() };
         let (segments, expected) = client(&hello, &steps, frame, &server);
         let whole = drive(hello.version, &segments, &server, &[usize::MAX], usize::MAX).unwrap();
         prop_assert_eq!(&whole, &expected);
         let pieces = drive(hello.version, &segments, &server, &pieces, tunnel).unwrap();
         prop_assert_eq!(&pieces, &expected);
     }
+}
+
+// Bounds and errors.
+
+/// A session that has greeted a client of version `client`.
+fn greeted(client: WorkerVersion, limits: Limits) -> ServerSession {
+    let mut s = ServerSession::new(server_hello_38(), limits);
+    let hello = ClientHello {
+        version: client,
+        features: BTreeSet::new(),
+        affinity: None,
+        reserve_space: false,
+    };
+    let mut b = BytesMut::from(&encode(|b| hello.encode(WorkerVersion::SERVER, b))[..]);
+    assert!(matches!(s.poll(&mut b), Ok(Some(Event::Hello { .. }))));
+    assert!(b.is_empty());
+    s.take_output();
+    s
+}
+
+/// Feeds `bytes` at once, answering every request; the events, or the first error.
+fn feed(s: &mut ServerSession, bytes: &[u8]) -> Result<Vec<Event>, WorkerError> {
+    let mut input = BytesMut::from(bytes);
+    let mut events = Vec::new();
+    while let Some(ev) = s.poll(&mut input)? {
+        events.push(ev);
+        answer(s);
+    }
+    Ok(events)
+}
+
+fn words(ws: &[u64]) -> Vec<u8> {
+    encode(|b| ws.iter().for_each(|&w| b.put_wire_u64(w)))
+}
+
+fn foo_header(nar_size: u64) -> AddToStoreNar {
+    AddToStoreNar {
+        path: StorePath::from_absolute_path(FOO.as_bytes()).unwrap(),
+        deriver: None,
+        nar_hash: crate::hash::Hash::compute(crate::hash::HashAlgo::Sha256, b""),
+        references: BTreeSet::new(),
+        registration_time: 0,
+        nar_size,
+        ultimate: false,
+        sigs: BTreeSet::new(),
+        ca: None,
+    }
+}
+
+fn nar_request(nar_size: u64, v: WorkerVersion) -> Vec<u8> {
+    let req = Request::AddToStoreNar {
+        info: Box::new(foo_header(nar_size)),
+        repair: false,
+        dont_check_sigs: false,
+    };
+    encode(|b| req.encode(v, b))
+}
+
+fn is_payload_error(r: Result<Vec<Event>, WorkerError>, what: &str) -> bool {
+    matches!(&r, Err(WorkerError::Payload(m)) if m.contains(what))
+}
+
+/// A length or count over the limits fails as soon as its 8-byte prefix is in: the session
+/// does not wait for the megabytes it announces.
+#[test]
+fn a_string_or_count_over_the_limits_fails_as_soon_as_its_prefix_is_in() {
+    let v = WorkerVersion::V1_38;
+    let long = wire::Limits::default().max_string_len as u64 + 1;
+    let cases: Vec<Vec<u8>> = vec![
+        words(&[1, 4097]),        // IsValidPath: a 4 KiB + 1 path
+        words(&[1, 1 << 62]),     // IsValidPath
+        words(&[31, u64::MAX]),   // QueryValidPaths: the count
+        words(&[31, 1, 1 << 40]), // QueryValidPaths: a path in it
+        words(&[9, 1 << 30]),     // BuildPaths: the count
+        [words(&[8, 1]), b"x\0\0\0\0\0\0\0".to_vec(), words(&[long])].concat(), // text
+        [words(&[19]), vec![0; 96], words(&[u64::MAX])].concat(), // SetOptions' overrides
+        words(&[36, 1 << 40]),    // BuildDerivation's drvPath
+        words(&[42, long]),       // RegisterDrvOutput's JSON
+    ];
+    for b in cases {
+        let mut s = greeted(v, Limits::default());
+        let e = feed(&mut s, &b).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WorkerError::Wire(
+                    wire::WireError::StringTooLong { .. } | wire::WireError::TooManyElements { .. }
+                )
+            ),
+            "{b:?}: {e}"
+        );
+        // The session is dead and says so again.
+        assert_eq!(feed(&mut s, &[]), Err(e));
+    }
+    // The client's feature set at 1.38.
+    let mut s = ServerSession::new(server_hello_38(), Limits::default());
+    let e = feed(&mut s, &words(&[CLIENT_MAGIC, 0x126, 1 << 40])).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            WorkerError::Wire(wire::WireError::TooManyElements { .. })
+        ),
+        "{e}"
+    );
+    // Tighter limits are held to just the same.
+    let tight = Limits {
+        wire: wire::Limits {
+            max_string_len: 100,
+            max_short_string_len: 64,
+            max_list_len: 3,
+        },
+        max_nar_size: 1000,
+    };
+    for b in [words(&[1, 65]), words(&[31, 4]), words(&[8, 65])] {
+        let e = feed(&mut greeted(v, tight), &b).unwrap_err();
+        assert!(matches!(e, WorkerError::Wire(_)), "{b:?}: {e}");
+    }
+    let e = feed(&mut greeted(v, tight), &nar_request(1001, v)).unwrap_err();
+    assert!(matches!(e, WorkerError::Value(_)), "{e}");
+}
+
+/// An AddMultipleToStore stream whose path metadata never ends is refused once it passes the
+/// bound, not buffered without end.
+#[test]
+fn oversized_add_multiple_to_store_metadata_fails() {
+    let v = WorkerVersion::V1_38;
+    // The bound is the larger of max_string_len and 64 KiB.
+    let limits = Limits {
+        wire: wire::Limits {
+            max_string_len: 1000,
+            ..wire::Limits::default()
+        },
+        ..Limits::default()
+    };
+    let mut s = greeted(v, limits);
+    let mut stream = words(&[1]);
+    stream.put_wire_bytes(FOO.as_bytes());
+    stream.put_wire_bytes(b"");
+    stream.put_wire_bytes(&[b'0'; 64]);
+    stream.put_wire_u64(3000);
+    for _ in 0..3000 {
+        stream.put_wire_bytes(FOO.as_bytes());
+    }
+    let b = [words(&[44, 0, 0]), framed(&stream, 4096)].concat();
+    // Fed in pieces, it fails before the end of the references.
+    let mut input = BytesMut::new();
+    let mut fed = 0;
+    let e = loop {
+        input.extend_from_slice(&b[fed..fed + 1000]);
+        fed += 1000;
+        match s.poll(&mut input) {
+            Ok(None) => {}
+            Ok(Some(ev)) => assert!(matches!(ev, Event::Request(_)), "{ev:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(fed < 100_000, "{fed}");
+    assert!(
+        matches!(&e, WorkerError::Payload(m) if m.contains("metadata is longer than 65536")),
+        "{e}"
+    );
+}
+
+/// A framed NAR shorter or longer than the narSize its request announced fails, saying so.
+#[test]
+fn a_framed_nar_of_the_wrong_size_fails_clearly() {
+    let v = WorkerVersion::V1_38;
+    let req = nar_request(16, v);
+    let ok = feed(
+        &mut greeted(v, Limits::default()),
+        &[&req[..], &framed(&[1; 16], 5)].concat(),
+    );
+    let ok = ok.unwrap();
+    assert_eq!(ok.last(), Some(&Event::DataEnd));
+    let short = feed(
+        &mut greeted(v, Limits::default()),
+        &[&req[..], &framed(&[1; 8], 5)].concat(),
+    );
+    assert!(
+        is_payload_error(short.clone(), "ended 8 bytes before narSize"),
+        "{short:?}"
+    );
+    let long = feed(
+        &mut greeted(v, Limits::default()),
+        &[&req[..], &framed(&[1; 24], 5)].concat(),
+    );
+    assert!(
+        is_payload_error(long.clone(), "goes on after narSize"),
+        "{long:?}"
+    );
+    // A path of an AddMultipleToStore stream whose NAR is cut short.
+    let mut stream = words(&[1]);
+    foo_header(16).encode(&mut stream);
+    stream.extend_from_slice(&[1; 8]);
+    let b = [words(&[44, 0, 0]), framed(&stream, 7)].concat();
+    let cut = feed(&mut greeted(v, Limits::default()), &b);
+    assert!(
+        is_payload_error(cut.clone(), "ended inside a NAR"),
+        "{cut:?}"
+    );
+}
+
+/// Bytes after the last path of an AddMultipleToStore stream, before its end, are refused.
+#[test]
+fn trailing_data_after_add_multiple_to_stores_last_path_fails() {
+    let v = WorkerVersion::V1_38;
+    let mut one = words(&[1]);
+    foo_header(16).encode(&mut one);
+    one.extend_from_slice(&[1; 16]);
+    for stream in [words(&[0, 0]), [&one[..], &[0]].concat(), words(&[0, 7])] {
+        for frame in [1, 8, 1000] {
+            let b = [words(&[44, 0, 0]), framed(&stream, frame)].concat();
+            let r = feed(&mut greeted(v, Limits::default()), &b);
+            assert!(
+                is_payload_error(r.clone(), "data after the last path"),
+                "{r:?}"
+            );
+        }
+    }
+    // Without the extra bytes, the stream is fine.
+    let b = [words(&[44, 0, 0]), framed(&one, 3)].concat();
+    let events = feed(&mut greeted(v, Limits::default()), &b).unwrap();
+    assert_eq!(events.last(), Some(&Event::AddEnd));
+}
+
+#[test]
+fn a_bad_magic_or_an_old_version_fails_the_handshake() {
+    let session = || ServerSession::new(server_hello_38(), Limits::default());
+    assert_eq!(
+        feed(&mut session(), &words(&[SERVER_MAGIC])),
+        Err(WorkerError::BadMagic {
+            expected: CLIENT_MAGIC,
+            found: SERVER_MAGIC
+        })
+    );
+    for version in [0x114, 0x10a, 0x0, 0x215, 0x1_0126] {
+        assert_eq!(
+            feed(&mut session(), &words(&[CLIENT_MAGIC, version])),
+            Err(WorkerError::UnsupportedVersion(version)),
+            "{version:#x}"
+        );
+    }
+    // The oldest client served.
+    let ok = feed(&mut session(), &words(&[CLIENT_MAGIC, 0x115, 0, 0])).unwrap();
+    assert!(matches!(
+        ok[..],
+        [Event::Hello {
+            negotiated: WorkerVersion::V1_21,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn end_of_input_mid_request_or_mid_payload_is_unexpected_eof() {
+    let v = WorkerVersion::V1_38;
+    let request = |b: &[u8]| {
+        let mut s = greeted(v, Limits::default());
+        let mut input = BytesMut::from(b);
+        while let Ok(Some(_)) = s.poll(&mut input) {
+            answer(&mut s);
+        }
+        s.end_of_input(&input)
+    };
+    let path = encode(|b| {
+        Request::IsValidPath(StorePath::from_absolute_path(FOO.as_bytes()).unwrap()).encode(v, b)
+    });
+    assert_eq!(request(&path), Ok(()));
+    assert_eq!(request(&[]), Ok(()));
+    for cut in [1, 8, 9, path.len() - 1] {
+        assert_eq!(
+            request(&path[..cut]),
+            Err(WorkerError::UnexpectedEof("in a request")),
+            "{cut}"
+        );
+    }
+    let nar = nar_request(16, v);
+    let payload = Err(WorkerError::UnexpectedEof(
+        "in the data that follows a request",
+    ));
+    assert_eq!(request(&nar), payload);
+    assert_eq!(
+        request(&[&nar[..], &framed(&[1; 16], 4)[..20]].concat()),
+        payload
+    );
+    assert_eq!(request(&[&nar[..], &framed(&[1; 16], 4)].concat()), Ok(()));
+    // Mid-handshake.
+    let mut s = ServerSession::new(server_hello_38(), Limits::default());
+    let mut input = BytesMut::from(&words(&[CLIENT_MAGIC, 0x126])[..]);
+    assert_eq!(s.poll(&mut input), Ok(None));
+    assert_eq!(
+        s.end_of_input(&input),
+        Err(WorkerError::UnexpectedEof("in the handshake"))
+    );
+}
+
+/// At 1.21 and 1.22 the server asks for AddToStoreNar's NAR with `STDERR_READ`, at most
+/// 64 KiB at a time; an empty or oversized answer is refused.
+#[test]
+fn a_tunnelled_nar_is_asked_for_and_checked() {
+    let v = WorkerVersion::V1_22;
+    let mut s = greeted(v, Limits::default());
+    let mut input = BytesMut::from(&nar_request(100_000, v)[..]);
+    assert!(matches!(s.poll(&mut input), Ok(Some(Event::Request(_)))));
+    assert_eq!(s.poll(&mut input), Ok(None));
+    let read = |s: &mut ServerSession| {
+        let out = s.take_output();
+        wire::complete(StderrMessage::read(
+            &mut Reader::new(&out),
+            v,
+            &wire_limits(),
+        ))
+    };
+    assert_eq!(read(&mut s), Ok(Some(StderrMessage::Read(65_536))));
+    input.extend_from_slice(&encode(|b| b.put_wire_bytes(&[7; 65_536])));
+    assert!(matches!(s.poll(&mut input), Ok(Some(Event::Data(d))) if d.len() == 65_536));
+    assert_eq!(s.poll(&mut input), Ok(None));
+    assert_eq!(read(&mut s), Ok(Some(StderrMessage::Read(34_464))));
+    // More than asked for.
+    let mut more = BytesMut::from(&encode(|b| b.put_wire_bytes(&[7; 34_465]))[..]);
+    let e = s.poll(&mut more).unwrap_err();
+    assert!(
+        matches!(e, WorkerError::Wire(wire::WireError::StringTooLong { .. })),
+        "{e}"
+    );
+    // Nothing at all.
+    let mut s = greeted(v, Limits::default());
+    let mut input = BytesMut::from(&nar_request(10, v)[..]);
+    assert!(matches!(s.poll(&mut input), Ok(Some(Event::Request(_)))));
+    assert_eq!(s.poll(&mut input), Ok(None));
+    input.extend_from_slice(&words(&[0]));
+    let r = s.poll(&mut input).map(|e| e.into_iter().collect());
+    assert!(
+        is_payload_error(r.clone(), "no data for STDERR_READ"),
+        "{r:?}"
+    );
 }
