@@ -318,14 +318,19 @@ pub fn response(op: Opcode, v: WorkerVersion) -> BoxedStrategy<Option<Response>>
         | Opcode::SyncWithGC
         | Opcode::BuildPaths
         | Opcode::AddSignatures
-        | Opcode::AddBuildLog => some(any::<u64>().prop_map(Response::Int).boxed()),
+        | Opcode::AddBuildLog
+        | Opcode::OptimiseStore => some(any::<u64>().prop_map(Response::Int).boxed()),
         // Empty maps and sets.
         Opcode::FindRoots
         | Opcode::QuerySubstitutablePathInfos
         | Opcode::QueryRealisation
-        | Opcode::QuerySubstitutablePathInfo
-        | Opcode::CollectGarbage
-        | Opcode::OptimiseStore => Just(Some(Response::Int(0))).boxed(),
+        | Opcode::QuerySubstitutablePathInfo => Just(Some(Response::Int(0))).boxed(),
+        Opcode::CollectGarbage => some(
+            (btree_set(text(), 0..4), any::<u64>())
+                .prop_map(|(paths, bytes_freed)| Response::Collected { paths, bytes_freed })
+                .boxed(),
+        ),
+        Opcode::AddPermRoot => some(text().prop_map(Response::GcRoot).boxed()),
         Opcode::QueryValidPaths
         | Opcode::QueryReferrers
         | Opcode::QueryAllValidPaths
@@ -337,7 +342,7 @@ pub fn response(op: Opcode, v: WorkerVersion) -> BoxedStrategy<Option<Response>>
                 .prop_map(Response::Strings)
                 .boxed(),
         ),
-        Opcode::QueryPathFromHashPart | Opcode::AddPermRoot => some(
+        Opcode::QueryPathFromHashPart => some(
             proptest::option::of(store_path())
                 .prop_map(Response::OptPath)
                 .boxed(),

@@ -818,3 +818,34 @@ fn a_tunnelled_nar_is_asked_for_and_checked() {
         "{r:?}"
     );
 }
+
+/// The answers to OptimiseStore (`1`), CollectGarbage (paths, bytes freed, an obsolete 0) and
+/// AddPermRoot (the root, not a store path) read as Nix's daemon writes them
+/// (docs/worker-protocol.md §5.1); they were read as an empty set and an optional store path.
+#[test]
+fn gc_answers_read_as_nix_writes_them() {
+    let v = WorkerVersion::V1_38;
+    let read = |op, b: &[u8]| {
+        let mut r = Reader::new(b);
+        let got = Response::read(&mut r, op, v, &wire_limits())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.remaining(), 0, "{op:?}");
+        assert_eq!(encode(|buf| got.encode(v, buf)), b, "{op:?}");
+        got
+    };
+    assert_eq!(read(Opcode::OptimiseStore, &words(&[1])), Response::Int(1));
+    let gc = [encode(|b| b.put_wire_strings([FOO])), words(&[4096, 0])].concat();
+    assert_eq!(
+        read(Opcode::CollectGarbage, &gc),
+        Response::Collected {
+            paths: BTreeSet::from([FOO.to_owned()]),
+            bytes_freed: 4096
+        }
+    );
+    let root = encode(|b| b.put_wire_bytes(b"/home/alice/result"));
+    assert_eq!(
+        read(Opcode::AddPermRoot, &root),
+        Response::GcRoot("/home/alice/result".to_owned())
+    );
+}
