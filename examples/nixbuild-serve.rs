@@ -1,8 +1,10 @@
-//! `nixbuild-serve`: a drop-in for `nix-store` as a remote program, relaying one
-//! `nix-store --serve` session to the nixbuild daemon (docs/design.md, Processes).
+//! `nixbuild-serve`: a drop-in for `nix-store` and `nix-daemon` as a remote program, relaying
+//! one `nix-store --serve` session (`ssh://`) or one `nix-daemon --stdio` session
+//! (`ssh-ng://`) to the nixbuild daemon (docs/design.md, Processes).
 //!
 //! ```text
 //! nixbuild-serve --serve [--write] [--state-dir DIR] [--account NAME] [nix-store options, ignored]
+//! nixbuild-serve --stdio [--state-dir DIR] [--account NAME] [nix-daemon options, ignored]
 //! ```
 //!
 //! The state directory comes from `--state-dir` or `NIXBUILD_STATE_DIR` (default
@@ -26,7 +28,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
-use nixbuild::core::serve::ServeArgs;
+use nixbuild::core::serve::{Protocol, ServeArgs};
 use nixbuild::relay_protocol::{
     self, parse_frame_header, RelayHeader, FRAME_EXIT, FRAME_HEADER_LEN, FRAME_STDERR, RELAY_FDS,
 };
@@ -64,7 +66,8 @@ fn run() -> Result<u32, String> {
             "--help" | "-h" => {
                 println!(
                     "usage: nixbuild-serve --serve [--write] [--state-dir DIR] [--account NAME] \
-                     [nix-store options, ignored]"
+                     [nix-store options, ignored]\n       nixbuild-serve --stdio [--state-dir DIR] \
+                     [--account NAME] [nix-daemon options, ignored]"
                 );
                 return Ok(0);
             }
@@ -72,18 +75,28 @@ fn run() -> Result<u32, String> {
         }
     }
     let mut mode = ServeArgs::scan(rest);
-    if !mode.serve {
+    if !mode.serve && !mode.stdio {
         // A forced command: the client's own command line says what it wants.
         if let Ok(original) = std::env::var("SSH_ORIGINAL_COMMAND") {
             mode = ServeArgs::scan(original.split_whitespace().skip(1));
         }
     }
-    if !mode.serve {
-        return Err("only 'nix-store --serve' sessions are supported: pass --serve".into());
-    }
+    let protocol = match (mode.serve, mode.stdio) {
+        (true, _) => Protocol::Serve,
+        (false, true) => Protocol::Daemon,
+        (false, false) => {
+            return Err(
+                "pass --serve (as 'nix-store --serve', for ssh:// stores) or --stdio \
+                        (as 'nix-daemon --stdio', for ssh-ng:// stores)"
+                    .into(),
+            )
+        }
+    };
     let header = RelayHeader {
         account: account.unwrap_or_else(|| "default".to_owned()),
-        write: mode.write,
+        // A daemon-protocol session may always write, as `nix-daemon --stdio` does.
+        write: mode.write || protocol == Protocol::Daemon,
+        protocol,
     };
     relay_protocol::check_account_name(&header.account).map_err(|e| e.to_string())?;
     let sock = relay_protocol::socket_path(&state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));

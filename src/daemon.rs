@@ -37,8 +37,10 @@ use crate::reload::{ConfigSource, LiveConfig};
 use crate::service::{SessionLimit, SessionPlaces, SessionSettings};
 use crate::session::{self, SessionOutput};
 use crate::store::{Store, StoreError, StoreLimits};
+use crate::worker_session;
 use nixbuild_core::account::AccountSlot;
 use nixbuild_core::budget::MemoryBudget;
+use nixbuild_core::serve::Protocol;
 use nixbuild_ssh::server::Reloader;
 
 /// How long the daemon waits after a failed `accept` before accepting again.
@@ -445,7 +447,7 @@ async fn connection(
             slot,
         }) => {
             let account = header.account.as_str();
-            tracing::info!(%account, write = header.write, "session start");
+            tracing::info!(%account, write = header.write, protocol = header.protocol.name(), "session start");
             let settings = SessionSettings::new(&config, account, header.write, &budget);
             let mut out = RelayOutput::new(stdout, stream);
             if let Some(pipe) = pipe {
@@ -454,7 +456,15 @@ async fn connection(
             if let Some(pipe) = stdin_pipe {
                 out = out.with_stdin_pipe(pipe);
             }
-            let status = match session::serve(&store, &builds, &settings, input, &mut out).await {
+            let served = match header.protocol {
+                Protocol::Serve => {
+                    session::serve(&store, &builds, &settings, input, &mut out).await
+                }
+                Protocol::Daemon => {
+                    worker_session::serve_worker(&store, &builds, &settings, input, &mut out).await
+                }
+            };
+            let status = match served {
                 Ok(()) => {
                     tracing::info!(%account, status = 0, "session end");
                     0

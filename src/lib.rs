@@ -34,3 +34,4 @@ pub mod service;
 pub mod session;
 pub mod ssh;
 pub mod store;
+pub mod worker_session;

@@ -4,7 +4,8 @@
 //! session on those descriptors and sends messages and the exit status back in frames.
 //!
 //! ```text
-//! relay → daemon:  "nixbuild-relay 2 account=<name> write=<0|1>\n", sent with SCM_RIGHTS
+//! relay → daemon:  "nixbuild-relay 2 account=<name> write=<0|1>[ protocol=daemon]\n", sent
+//!                  with SCM_RIGHTS
 //!                  carrying two descriptors: the relay's stdin, then its stdout (each a pipe
 //!                  or a socket); nothing else follows
 //! daemon → relay:  frames [u8 tag][u32 LE len][len bytes]
@@ -19,6 +20,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use nixbuild_core::serve::Protocol;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 
 /// Frame tag: bytes for the relay's stderr (messages).
@@ -54,9 +56,10 @@ pub fn parse_frame_header(header: [u8; FRAME_HEADER_LEN]) -> (u8, u32) {
 /// Why a relay header was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelayHeaderError {
-    /// Not of the form `nixbuild-relay 2 account=<name> write=<0|1>`.
+    /// Not of the form `nixbuild-relay 2 account=<name> write=<0|1>[ protocol=daemon]`.
     #[error(
-        "malformed relay header {0:?}: expected \"nixbuild-relay 2 account=<name> write=<0|1>\""
+        "malformed relay header {0:?}: expected \"nixbuild-relay 2 account=<name> \
+         write=<0|1>[ protocol=daemon]\""
     )]
     Malformed(String),
     /// An account name outside `[A-Za-z0-9._@+-]{1,64}`.
@@ -71,6 +74,9 @@ pub struct RelayHeader {
     pub account: String,
     /// Whether the client asked for `--write`.
     pub write: bool,
+    /// The protocol the session speaks (`protocol=daemon` for `--stdio`; absent for the
+    /// serve protocol, as relays before the worker protocol sent it).
+    pub protocol: Protocol,
 }
 
 impl RelayHeader {
@@ -79,14 +85,28 @@ impl RelayHeader {
         let text = String::from_utf8_lossy(line);
         let malformed = || RelayHeaderError::Malformed(text.clone().into_owned());
         let mut words = text.split(' ');
-        let (Some("nixbuild-relay"), Some(RELAY_VERSION), Some(account), Some(write), None) = (
+        let (
+            Some("nixbuild-relay"),
+            Some(RELAY_VERSION),
+            Some(account),
+            Some(write),
+            protocol,
+            None,
+        ) = (
             words.next(),
             words.next(),
             words.next(),
             words.next(),
             words.next(),
-        ) else {
+            words.next(),
+        )
+        else {
             return Err(malformed());
+        };
+        let protocol = match protocol {
+            None => Protocol::Serve,
+            Some("protocol=daemon") => Protocol::Daemon,
+            Some(_) => return Err(malformed()),
         };
         let account = account.strip_prefix("account=").ok_or_else(malformed)?;
         let write = match write {
@@ -98,13 +118,18 @@ impl RelayHeader {
         Ok(RelayHeader {
             account: account.to_owned(),
             write,
+            protocol,
         })
     }
 
     /// The line, newline included.
     pub fn encode(&self) -> String {
+        let protocol = match self.protocol {
+            Protocol::Serve => "",
+            Protocol::Daemon => " protocol=daemon",
+        };
         format!(
-            "nixbuild-relay {RELAY_VERSION} account={} write={}\n",
+            "nixbuild-relay {RELAY_VERSION} account={} write={}{protocol}\n",
             self.account,
             u8::from(self.write)
         )
@@ -171,15 +196,27 @@ mod tests {
         let h = RelayHeader {
             account: "alice@laptop".into(),
             write: true,
+            protocol: Protocol::Serve,
         };
         let line = h.encode();
         assert_eq!(line, "nixbuild-relay 2 account=alice@laptop write=1\n");
         assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), h);
+        let d = RelayHeader {
+            protocol: Protocol::Daemon,
+            ..h
+        };
+        let line = d.encode();
+        assert_eq!(
+            line,
+            "nixbuild-relay 2 account=alice@laptop write=1 protocol=daemon\n"
+        );
+        assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), d);
         for bad in [
             "nixbuild-relay 1 account=a write=1",
             "nixbuild-relay 2 account=a write=2",
             "nixbuild-relay 2 user=a write=1",
             "nixbuild-relay 2 account=a write=1 extra",
+            "nixbuild-relay 2 account=a write=1 protocol=serve",
             "nixbuild-relay 2 account=a",
         ] {
             assert!(

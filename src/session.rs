@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use nixbuild_core::budget::Reservation;
+use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::{
     AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event, ExportMarker,
     ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
@@ -58,6 +59,9 @@ pub enum SessionError {
     /// The client's bytes broke the protocol.
     #[error(transparent)]
     Protocol(#[from] ServeError),
+    /// The client's bytes broke the worker protocol (ssh-ng).
+    #[error(transparent)]
+    Worker(#[from] nixbuild_core::worker::WorkerError),
     /// ExportPaths names a path the account cannot see (the real server's message).
     #[error("path '{0}' is not valid")]
     NotValid(StorePath),
@@ -240,9 +244,9 @@ where
 /// A [`SessionOutput`] whose every write and flush fails with `TimedOut` after `limit`: a
 /// client that stops reading cannot hold its session (and an export task feeding it)
 /// forever.
-struct WriteTimeout<'a, O> {
-    inner: &'a mut O,
-    limit: Duration,
+pub(crate) struct WriteTimeout<'a, O> {
+    pub(crate) inner: &'a mut O,
+    pub(crate) limit: Duration,
 }
 
 impl<O: SessionOutput> WriteTimeout<'_, O> {
@@ -385,16 +389,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// A protocol error, with the configuration key to raise when a list hit its limit.
     fn protocol(&self, e: ServeError) -> SessionError {
         match e {
-            ServeError::Wire(WireError::TooManyElements { max, .. })
-                if max == self.ctx.settings().max_paths_per_request =>
-            {
-                SessionError::ListTooLong(e)
-            }
-            ServeError::Wire(WireError::StringTooLong { max, .. })
-                if max == self.ctx.settings().max_request_bytes =>
-            {
-                SessionError::StringTooLong(e)
-            }
+            ServeError::Wire(w) => over_limit(w, self.ctx.settings()),
             e => SessionError::Protocol(e),
         }
     }
@@ -542,31 +537,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let drv_hash = job.drv.hash_modulo();
                 let drv_path = job.drv_path.clone();
                 let outcome = self.wait_for(*job, input, buf).await?;
-                let built_outputs = if outcome.status.is_success() {
-                    outcome
-                        .outputs
-                        .iter()
-                        .map(|(name, path)| {
-                            let out = BuiltOutput {
-                                drv_hash: Some(drv_hash),
-                                out_path: path.clone(),
-                                signatures: BTreeSet::new(),
-                            };
-                            (name.clone(), out)
-                        })
-                        .collect()
-                } else {
-                    BTreeMap::new()
-                };
-                let result = BuildResult {
-                    status: outcome.status,
-                    error_msg: outcome.message.clone().into_bytes(),
-                    times_built: outcome.times_built,
-                    is_non_deterministic: false,
-                    start_time: outcome.start_time,
-                    stop_time: outcome.stop_time,
-                    built_outputs,
-                };
+                let result = build_result(&outcome, &drv_hash);
                 failpoint_async!("build-before-result");
                 self.session.respond(&Response::Build(Box::new(result)))?;
                 // What benches/compare reads: BuildDerivation received → BuildResult ready.
@@ -629,60 +600,10 @@ impl<O: SessionOutput> Driver<'_, O> {
         }
     }
 
-    /// Gets `buf` ready for the next read, keeping [`Driver::held`] equal to its allocation
-    /// beyond a pool buffer. An empty buffer becomes a pool buffer (so that an upload's
-    /// chunks, views of it, come back to the pool once imported), with nothing reserved.
-    /// Otherwise it holds the start of an unfinished request (or, during a build, pipelined
-    /// ones), less than `max_request_bytes`. When it has less than [`MIN_READ`] free, it
-    /// grows to `len + CHUNK` rounded up to [`BUFFER_STEP`] (at most `max_request_bytes`),
-    /// reserved against the daemon's budget first, together with the allocation it leaves
-    /// (the allocator may copy it to a new block, and both are resident until the copy is
-    /// done): a reservation that does not fit ends the session, having taken nothing. When a
-    /// large buffer now holds much less (a large request was answered, the start of the next
-    /// one is left), it shrinks the same way, back to a pool buffer when the rest fits one.
+    /// Gets `buf` ready for the next read (see [`make_room`]).
     fn make_room(&mut self, buf: &mut BytesMut) -> Result<(), SessionError> {
-        if buf.is_empty() {
-            *buf = self.pool.take();
-            self.held.clear();
-            return Ok(());
-        }
-        let len = buf.len();
         let max = self.ctx.settings().max_request_bytes;
-        let target = (len + CHUNK).next_multiple_of(BUFFER_STEP).min(max);
-        // `capacity` counts from the start of the data: room already used for earlier
-        // requests is not counted, but it is part of the allocation `held` covers.
-        let short = buf.capacity() - len < MIN_READ && buf.capacity() < target;
-        let oversized = self.held.held() > target as u64;
-        if !short && !oversized {
-            return Ok(());
-        }
-        if len + MIN_READ <= CHUNK {
-            let mut fresh = self.pool.take();
-            fresh.extend_from_slice(buf);
-            *buf = fresh;
-            self.held.clear();
-            return Ok(());
-        }
-        let leaving = self.held.held();
-        self.held
-            .resize(leaving + target as u64)
-            .map_err(|e| SessionError::BufferBudget {
-                limit: e.limit,
-                wanted: e.wanted,
-            })?;
-        // In place when the buffer is the only view of its allocation (realloc, which moves
-        // large blocks without copying); a copy otherwise.
-        let mut bytes = Vec::from(std::mem::take(buf));
-        if bytes.capacity() < target {
-            bytes.reserve_exact(target - bytes.len());
-        } else {
-            bytes.shrink_to(target);
-        }
-        // (`Bytes` keeps the vector and its capacity; the conversion back takes it over.)
-        *buf = BytesMut::from(Bytes::from(bytes));
-        // A shrink, which cannot fail: the old allocation is gone.
-        let _ = self.held.resize(target as u64);
-        Ok(())
+        make_room(buf, &mut self.held, &self.pool, max)
     }
 
     async fn nar_chunk(&mut self, chunk: Bytes) -> Result<(), SessionError> {
@@ -900,6 +821,109 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 }
 
+/// Gets `buf` ready for the next read, keeping `held` equal to its allocation
+/// beyond a pool buffer. An empty buffer becomes a pool buffer (so that an upload's
+/// chunks, views of it, come back to the pool once imported), with nothing reserved.
+/// Otherwise it holds the start of an unfinished request (or, during a build, pipelined
+/// ones), less than `max_request_bytes`. When it has less than [`MIN_READ`] free, it
+/// grows to `len + CHUNK` rounded up to [`BUFFER_STEP`] (at most `max_request_bytes`),
+/// reserved against the daemon's budget first, together with the allocation it leaves
+/// (the allocator may copy it to a new block, and both are resident until the copy is
+/// done): a reservation that does not fit ends the session, having taken nothing. When a
+/// large buffer now holds much less (a large request was answered, the start of the next
+/// one is left), it shrinks the same way, back to a pool buffer when the rest fits one.
+pub(crate) fn make_room(
+    buf: &mut BytesMut,
+    held: &mut Reservation,
+    pool: &BufferPool,
+    max: usize,
+) -> Result<(), SessionError> {
+    if buf.is_empty() {
+        *buf = pool.take();
+        held.clear();
+        return Ok(());
+    }
+    let len = buf.len();
+    let target = (len + CHUNK).next_multiple_of(BUFFER_STEP).min(max);
+    // `capacity` counts from the start of the data: room already used for earlier
+    // requests is not counted, but it is part of the allocation `held` covers.
+    let short = buf.capacity() - len < MIN_READ && buf.capacity() < target;
+    let oversized = held.held() > target as u64;
+    if !short && !oversized {
+        return Ok(());
+    }
+    if len + MIN_READ <= CHUNK {
+        let mut fresh = pool.take();
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+        held.clear();
+        return Ok(());
+    }
+    let leaving = held.held();
+    held.resize(leaving + target as u64)
+        .map_err(|e| SessionError::BufferBudget {
+            limit: e.limit,
+            wanted: e.wanted,
+        })?;
+    // In place when the buffer is the only view of its allocation (realloc, which moves
+    // large blocks without copying); a copy otherwise.
+    let mut bytes = Vec::from(std::mem::take(buf));
+    if bytes.capacity() < target {
+        bytes.reserve_exact(target - bytes.len());
+    } else {
+        bytes.shrink_to(target);
+    }
+    // (`Bytes` keeps the vector and its capacity; the conversion back takes it over.)
+    *buf = BytesMut::from(Bytes::from(bytes));
+    // A shrink, which cannot fail: the old allocation is gone.
+    let _ = held.resize(target as u64);
+    Ok(())
+}
+
+/// The BuildResult of a build of the derivation whose hash modulo is `drv_hash`: its
+/// outcome, with the realisations of its outputs on success.
+pub(crate) fn build_result(outcome: &Outcome, drv_hash: &Hash) -> BuildResult {
+    let built_outputs = if outcome.status.is_success() {
+        outcome
+            .outputs
+            .iter()
+            .map(|(name, path)| {
+                let out = BuiltOutput {
+                    drv_hash: Some(*drv_hash),
+                    out_path: path.clone(),
+                    signatures: BTreeSet::new(),
+                };
+                (name.clone(), out)
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    BuildResult {
+        status: outcome.status,
+        error_msg: outcome.message.clone().into_bytes(),
+        times_built: outcome.times_built,
+        is_non_deterministic: false,
+        start_time: outcome.start_time,
+        stop_time: outcome.stop_time,
+        built_outputs,
+    }
+}
+
+/// A malformed primitive as a session error, naming the configuration key to raise when a
+/// list or a string hit the limit the configuration sets.
+pub(crate) fn over_limit(e: WireError, settings: &SessionSettings) -> SessionError {
+    match e {
+        WireError::TooManyElements { max, .. } if max == settings.max_paths_per_request => {
+            SessionError::ListTooLong(ServeError::Wire(e))
+        }
+        WireError::StringTooLong { max, .. } if max == settings.max_request_bytes => {
+            SessionError::StringTooLong(ServeError::Wire(e))
+        }
+        e => SessionError::Protocol(ServeError::Wire(e)),
+    }
+}
+
 impl From<tokio::task::JoinError> for SessionError {
     /// A blocking task of the session panicked or was cancelled.
     fn from(e: tokio::task::JoinError) -> Self {
@@ -922,7 +946,7 @@ impl From<PipeReadError> for SessionError {
 }
 
 /// What an AddToStoreNar request claims about its path.
-fn add_claim(h: AddToStoreNar) -> PathClaim {
+pub(crate) fn add_claim(h: AddToStoreNar) -> PathClaim {
     PathClaim {
         path: h.path,
         deriver: h.deriver,
@@ -993,7 +1017,7 @@ fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePa
 }
 
 /// The registration time to record: the client's, or now when it sent 0 (docs/serve-protocol.md §4.4).
-fn registration_time(claimed: u64) -> u64 {
+pub(crate) fn registration_time(claimed: u64) -> u64 {
     if claimed != 0 {
         return claimed;
     }

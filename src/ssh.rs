@@ -23,6 +23,8 @@ use crate::reload::LiveConfig;
 use crate::service::{SessionPlaces, SessionSettings};
 use crate::session::{self, SessionError, SessionOutput};
 use crate::store::Store;
+use crate::worker_session;
+use nixbuild_core::serve::Protocol;
 
 /// Why the SSH front door could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,13 +81,28 @@ impl SessionService for SshSessions {
             }
         };
         let settings = SessionSettings::new(&config, account, request.write, &self.budget);
-        tracing::info!(%account, write = request.write, conn, peer = %request.peer, "session start");
+        tracing::info!(
+            %account,
+            write = request.write,
+            protocol = request.protocol.name(),
+            conn,
+            peer = %request.peer,
+            "session start"
+        );
         let mut out = ChannelOutput {
             stdout,
             answers: BytesMut::new(),
             stderr,
         };
-        let served = session::serve(&self.store, &self.builds, &settings, stdin, &mut out).await;
+        let served = match request.protocol {
+            Protocol::Serve => {
+                session::serve(&self.store, &self.builds, &settings, stdin, &mut out).await
+            }
+            Protocol::Daemon => {
+                worker_session::serve_worker(&self.store, &self.builds, &settings, stdin, &mut out)
+                    .await
+            }
+        };
         let flushed = out.flush().await.map_err(SessionError::Io);
         match served.and(flushed) {
             Ok(()) => {

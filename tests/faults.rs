@@ -30,6 +30,28 @@ use nixbuild_core::store_path::StorePath;
 /// The account every client here uses.
 const ACCOUNT: &str = "a";
 
+/// The protocol a case's client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// `ssh://` (the serve protocol).
+    Serve,
+    /// `ssh-ng://` (the worker protocol).
+    Ng,
+}
+
+impl Via {
+    fn store_uri(self) -> String {
+        match self {
+            Via::Serve => store_uri(),
+            Via::Ng => store_uri().replacen("ssh://", "ssh-ng://", 1),
+        }
+    }
+
+    fn builders(self) -> String {
+        lab::builders().replacen(&store_uri(), &self.store_uri(), 1)
+    }
+}
+
 /// The operation that reaches a failpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -125,10 +147,10 @@ impl Fixture {
         )
     }
 
-    /// `nix copy` to (`"--to"`) or from (`"--from"`) the daemon.
-    fn copy(&self, d: &Daemon, direction: &str, path: &str) -> Command {
+    /// `nix copy` to (`"--to"`) or from (`"--from"`) the daemon, `via` a protocol.
+    fn copy(&self, d: &Daemon, via: Via, direction: &str, path: &str) -> Command {
         let mut cmd = d.point(self.lab.nix.command("nix"), ACCOUNT);
-        cmd.args(["copy", direction, &store_uri(), path]);
+        cmd.args(["copy", direction, &via.store_uri(), path]);
         cmd
     }
 
@@ -179,7 +201,7 @@ type Case<'a> = (
 /// One case: the daemon on a seed copy with `point` armed for its second hit; the first
 /// operation completes (acknowledged to the client), the second stops at the point; `kill
 /// -9`; restart without the point; the checks; the stopped operation again.
-fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
+fn kill_at(f: &Fixture, point: &str, op: Op, via: Via, case: usize) {
     let armed = format!("{point}:2");
     let mut d = f.daemon(&[], &[(ENV, &armed)]);
     assert!(
@@ -192,14 +214,14 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
         Op::Upload => {
             let first = f.local_path(&format!("up-{case}-a"), 1 << 20);
             let second = f.local_path(&format!("up-{case}-b"), 1 << 20);
-            run_ok(&mut f.copy(&d, "--to", &first));
+            run_ok(&mut f.copy(&d, via, "--to", &first));
             let hash = f.local_hash(&second);
             let path = second.clone();
             (
                 first,
                 second,
                 Some(hash),
-                Box::new(move |d| f.copy(d, "--to", &path)),
+                Box::new(move |d| f.copy(d, via, "--to", &path)),
             )
         }
         Op::Build => {
@@ -208,7 +230,7 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
             let drv = f.drvs[&hang].clone();
             let again = move |d: &Daemon| {
                 f.lab
-                    .remote_command(d, ACCOUNT, &lab::builders(), std::slice::from_ref(&drv))
+                    .remote_command(d, ACCOUNT, &via.builders(), std::slice::from_ref(&drv))
             };
             (out[0].clone(), f.output(&hang), None, Box::new(again))
         }
@@ -216,7 +238,7 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
             let first = f.local_path(&format!("down-{case}-a"), 1 << 20);
             let second = f.local_path(&format!("down-{case}-b"), 1 << 20);
             let hash = f.local_hash(&second);
-            let mut copy = f.copy(&d, "--to", &first);
+            let mut copy = f.copy(&d, via, "--to", &first);
             run_ok(copy.arg(&second));
             run_ok(
                 f.lab
@@ -224,13 +246,13 @@ fn kill_at(f: &Fixture, point: &str, op: Op, case: usize) {
                     .command("nix-store")
                     .args(["--delete", &first, &second]),
             );
-            run_ok(&mut f.copy(&d, "--from", &first));
+            run_ok(&mut f.copy(&d, via, "--from", &first));
             let path = second.clone();
             (
                 first,
                 second,
                 Some(hash),
-                Box::new(move |d| f.copy(d, "--from", &path)),
+                Box::new(move |d| f.copy(d, via, "--from", &path)),
             )
         }
     };
@@ -334,8 +356,8 @@ fn base_name(path: &str) -> String {
     path.strip_prefix("/nix/store/").unwrap_or(path).to_owned()
 }
 
-/// Runs [`kill_at`] for every failpoint reached by `op`.
-fn kill_at_every_point(op: Op) {
+/// Runs [`kill_at`] for every failpoint reached by `op` `via` a protocol.
+fn kill_at_every_point(op: Op, via: Via) {
     let points: Vec<&str> = ALL
         .iter()
         .copied()
@@ -349,7 +371,7 @@ fn kill_at_every_point(op: Op) {
         .collect();
     let f = Fixture::new(if op == Op::Build { &pauses } else { &[] });
     for (case, point) in points.iter().enumerate() {
-        kill_at(&f, point, op, case);
+        kill_at(&f, point, op, via, case);
     }
 }
 
@@ -362,17 +384,32 @@ fn every_failpoint_has_a_scenario() {
 
 #[test]
 fn killed_at_every_upload_point() {
-    kill_at_every_point(Op::Upload);
+    kill_at_every_point(Op::Upload, Via::Serve);
 }
 
 #[test]
 fn killed_at_every_build_point() {
-    kill_at_every_point(Op::Build);
+    kill_at_every_point(Op::Build, Via::Serve);
 }
 
 #[test]
 fn killed_at_every_download_point() {
-    kill_at_every_point(Op::Download);
+    kill_at_every_point(Op::Download, Via::Serve);
+}
+
+#[test]
+fn killed_at_every_upload_point_over_ssh_ng() {
+    kill_at_every_point(Op::Upload, Via::Ng);
+}
+
+#[test]
+fn killed_at_every_build_point_over_ssh_ng() {
+    kill_at_every_point(Op::Build, Via::Ng);
+}
+
+#[test]
+fn killed_at_every_download_point_over_ssh_ng() {
+    kill_at_every_point(Op::Download, Via::Ng);
 }
 
 /// A writer that only hashes.
@@ -513,7 +550,7 @@ fn a_client_killed_mid_upload_leaves_nothing() {
     let d = f.daemon(&[], &[]);
     let size = 128 << 20;
     let big = f.local_path("big-upload", size);
-    let mut client = spawn(f.copy(&d, "--to", &big));
+    let mut client = spawn(f.copy(&d, Via::Serve, "--to", &big));
     let tmp = d.state_dir().join("tmp");
     // Stopped as soon as part of the file is on the server's disk, then killed.
     wait_until("the upload is under way", || largest_file(&tmp) > 0);
@@ -530,7 +567,7 @@ fn a_client_killed_mid_upload_leaves_nothing() {
     assert!(!rows.contains_key(&(ACCOUNT.to_owned(), base_name(&big))));
     // Others are served: a small upload goes through.
     let small = f.local_path("small-upload", 1000);
-    run_ok(&mut f.copy(&d, "--to", &small));
+    run_ok(&mut f.copy(&d, Via::Serve, "--to", &small));
     let stopped = d.stop();
     // The big file goes from the client's store again (the store is the machine's).
     run_ok(f.lab.nix.command("nix-store").args(["--delete", &big]));

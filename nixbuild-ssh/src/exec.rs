@@ -1,7 +1,8 @@
 //! Exec requests: the command string an SSH client asks to run. The server runs no shell and
-//! no program; it serves exactly one command, `nix-store --serve [--write]` with whatever
-//! options Nix appends (docs/serve-protocol.md §1.1), and refuses everything else with a message
-//! that says what is served.
+//! no program; it serves exactly two commands, `nix-store --serve [--write]` (Nix's `ssh://`
+//! stores) and `nix-daemon --stdio` (`ssh-ng://`), with whatever options Nix appends
+//! (docs/serve-protocol.md §1.1, docs/worker-protocol.md §1), and refuses everything else with
+//! a message that says what is served.
 //!
 //! The command is split into words the way a POSIX shell would for a simple command (blanks,
 //! single and double quotes, backslashes), because Nix quotes its arguments for the remote
@@ -9,20 +10,24 @@
 //! one command (`;`, `|`, `&`, redirections, `$`, backquotes, parentheses, a comment) is
 //! refused rather than guessed at.
 
-use nixbuild_core::serve::ServeArgs;
+use nixbuild_core::serve::{Protocol, ServeArgs};
 
 /// Longest command accepted, in bytes (Nix's are under 200).
 pub const MAX_COMMAND: usize = 4096;
 
 /// What is served, for messages.
-pub const SERVED: &str = "this server runs only `nix-store --serve [--write]`, the remote end \
-                          of Nix's ssh:// stores and remote builders";
+pub const SERVED: &str = "this server runs only `nix-store --serve [--write]` and \
+                          `nix-daemon --stdio`, the remote ends of Nix's ssh:// and ssh-ng:// \
+                          stores and remote builders";
 
-/// An accepted exec request: a serve session.
+/// An accepted exec request: a session of one of the two protocols.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeExec {
-    /// `--write` was given: the session may add paths and build.
+    /// `--write` was given (always for `nix-daemon --stdio`): the session may add paths and
+    /// build.
     pub write: bool,
+    /// Which protocol the session speaks.
+    pub protocol: Protocol,
 }
 
 /// Why an exec request is refused. The message is what the client sees after `error: `.
@@ -43,12 +48,9 @@ pub enum ExecRefusal {
     /// Shell syntax beyond a simple command.
     #[error("the command uses shell syntax ({0:?}), but no shell runs here; {SERVED}")]
     ShellSyntax(char),
-    /// `nix-daemon` (the `ssh-ng://` store).
-    #[error(
-        "`nix-daemon --stdio` (Nix's ssh-ng:// store) is not supported by this server yet; use \
-         an ssh:// store URI instead, which runs `nix-store --serve`"
-    )]
-    DaemonProtocol,
+    /// `nix-daemon` without `--stdio`.
+    #[error("`nix-daemon` without --stdio is not served; {SERVED}")]
+    NotStdio,
     /// `nix-store` without `--serve`.
     #[error("`nix-store` without --serve is not served; {SERVED}")]
     NotServe,
@@ -73,12 +75,21 @@ pub fn parse_exec(command: &[u8]) -> Result<ServeExec, ExecRefusal> {
         "nix-store" => {
             let mode = ServeArgs::scan(args.iter().map(String::as_str));
             if mode.serve {
-                Ok(ServeExec { write: mode.write })
+                Ok(ServeExec {
+                    write: mode.write,
+                    protocol: Protocol::Serve,
+                })
             } else {
                 Err(ExecRefusal::NotServe)
             }
         }
-        "nix-daemon" => Err(ExecRefusal::DaemonProtocol),
+        "nix-daemon" => match ServeArgs::scan(args.iter().map(String::as_str)).stdio {
+            true => Ok(ServeExec {
+                write: true,
+                protocol: Protocol::Daemon,
+            }),
+            false => Err(ExecRefusal::NotStdio),
+        },
         _ => Err(ExecRefusal::Other(program.clone())),
     }
 }
@@ -151,7 +162,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn serve(write: bool) -> Result<ServeExec, ExecRefusal> {
-        Ok(ServeExec { write })
+        Ok(ServeExec {
+            write,
+            protocol: Protocol::Serve,
+        })
     }
 
     #[test]
@@ -172,6 +186,15 @@ mod tests {
             serve(true)
         );
         assert_eq!(parse_exec(b"  nix-store\t--serve  "), serve(false));
+        let daemon = Ok(ServeExec {
+            write: true,
+            protocol: Protocol::Daemon,
+        });
+        assert_eq!(parse_exec(b"nix-daemon --stdio"), daemon);
+        assert_eq!(
+            parse_exec(b"/nix/var/nix/profiles/default/bin/nix-daemon --stdio --store 'local'"),
+            daemon
+        );
         assert_eq!(
             parse_exec(b"nix-store --store --write --serve"),
             serve(false)
@@ -184,7 +207,8 @@ mod tests {
             ("sh", ExecRefusal::Other("sh".into())),
             ("ls -la /", ExecRefusal::Other("ls".into())),
             ("/bin/sh -c id", ExecRefusal::Other("/bin/sh".into())),
-            ("nix-daemon --stdio", ExecRefusal::DaemonProtocol),
+            ("nix-daemon", ExecRefusal::NotStdio),
+            ("nix-daemon --store --stdio", ExecRefusal::NotStdio),
             ("nix-store --export /nix/store/x", ExecRefusal::NotServe),
             ("", ExecRefusal::Empty),
             ("   ", ExecRefusal::Empty),

@@ -48,7 +48,7 @@ use tokio::time::Instant;
 
 use crate::authorized_keys::{AuthorizedKeys, KeyTypes, MAX_FILE_SIZE};
 use crate::ciphers::Ciphers;
-use crate::exec::{parse_exec, ExecRefusal, SERVED};
+use crate::exec::{parse_exec, ExecRefusal, ServeExec, SERVED};
 use crate::host_key::fingerprint;
 use crate::unauthenticated::{Admission, Ticket, UnauthenticatedBudget};
 use nixbuild_core::account::{AccountCounts, AccountSlot};
@@ -154,6 +154,8 @@ pub struct SessionRequest {
     pub account: String,
     /// `--write` was given.
     pub write: bool,
+    /// The protocol the session speaks.
+    pub protocol: nixbuild_core::serve::Protocol,
     /// The connection's number in this server's log.
     pub connection: u64,
     /// The client's address.
@@ -935,7 +937,7 @@ impl<S: SessionService> Connection<S> {
         &mut self,
         id: ChannelId,
         channel: Channel<Msg>,
-        write: bool,
+        exec: ServeExec,
         session: &mut Session,
     ) -> Result<(), ServerError> {
         let Some(account) = &self.account else {
@@ -944,7 +946,8 @@ impl<S: SessionService> Connection<S> {
         session.channel_success(id)?;
         let request = SessionRequest {
             account: account.name.clone(),
-            write,
+            write: exec.write,
+            protocol: exec.protocol,
             connection: self.id,
             peer: self.peer,
         };
@@ -1372,7 +1375,7 @@ impl<S: SessionService> Handler for Connection<S> {
         }
         tracing::debug!(conn = self.id, command, "exec");
         match self.channels.remove(&channel) {
-            Some(pending) => self.start_session(channel, pending.channel, exec.write, session),
+            Some(pending) => self.start_session(channel, pending.channel, exec, session),
             None => Ok(()),
         }
     }

@@ -146,6 +146,22 @@ pub(super) fn path_id(
         .map_err(db_err("look up path"))
 }
 
+/// When `path` was registered for `account` (seconds since the epoch), if valid.
+pub(super) fn registration_time(
+    conn: &Connection,
+    account: &str,
+    path: &StorePath,
+) -> Result<Option<u64>, StoreError> {
+    let t: Option<i64> = conn
+        .prepare_cached("SELECT registration_time FROM paths WHERE account = ?1 AND path = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![account, path.base_name()], |row| row.get(0))
+                .optional()
+        })
+        .map_err(db_err("read the registration time"))?;
+    t.map(|t| size("registration_time", t)).transpose()
+}
+
 /// The object behind `path` for `account`, if valid.
 pub(super) fn path_object(
     conn: &Connection,

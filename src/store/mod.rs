@@ -239,6 +239,22 @@ impl Store {
         self.read(|conn| db::path_info(conn, account, path))
     }
 
+    /// The metadata of `path` as `account` registered it with its registration time (seconds
+    /// since the epoch), or `None` if not valid for it (the worker protocol's path info).
+    pub fn query_path_info_with_time(
+        &self,
+        account: &str,
+        path: &StorePath,
+    ) -> Result<Option<(ValidPathInfo, u64)>, StoreError> {
+        self.read(|conn| {
+            let Some(info) = db::path_info(conn, account, path)? else {
+                return Ok(None);
+            };
+            let time = db::registration_time(conn, account, path)?.unwrap_or(0);
+            Ok(Some((info, time)))
+        })
+    }
+
     /// The metadata of each of `paths` that is valid for `account` (the others are left
     /// out), from one snapshot of the database.
     pub fn query_path_infos<'a>(

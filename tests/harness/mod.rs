@@ -48,6 +48,7 @@ pub fn store_uri() -> String {
     )
 }
 
+pub mod clients;
 pub mod ssh;
 
 /// How many build uids each test daemon has.

@@ -18,13 +18,35 @@ pub const VALUE_OPTIONS: &[&str] = &[
     "-I",
 ];
 
-/// The mode a `nix-store` command line selects.
+/// Which of Nix's remote protocols a session speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// `nix-store --serve` (`ssh://`).
+    #[default]
+    Serve,
+    /// `nix-daemon --stdio`, the worker protocol (`ssh-ng://`).
+    Daemon,
+}
+
+impl Protocol {
+    /// Its name in logs and in the relay's header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Serve => "serve",
+            Protocol::Daemon => "daemon",
+        }
+    }
+}
+
+/// The mode a `nix-store` (or `nix-daemon`) command line selects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServeArgs {
     /// `--serve` is present.
     pub serve: bool,
     /// `--write` is present.
     pub write: bool,
+    /// `--stdio` is present (`nix-daemon --stdio`).
+    pub stdio: bool,
 }
 
 impl ServeArgs {
@@ -38,6 +60,7 @@ impl ServeArgs {
             match a {
                 "--serve" => mode.serve = true,
                 "--write" => mode.write = true,
+                "--stdio" => mode.stdio = true,
                 "--option" => {
                     args.next();
                     args.next();
@@ -65,6 +88,7 @@ mod tests {
         let rw = ServeArgs {
             serve: true,
             write: true,
+            stdio: false,
         };
         assert_eq!(scan("--serve --write"), rw);
         assert_eq!(scan("--serve --write --store /x"), rw);
@@ -76,11 +100,14 @@ mod tests {
             scan("--serve"),
             ServeArgs {
                 serve: true,
-                write: false
+                write: false,
+                stdio: false,
             }
         );
         assert!(!scan("--option foo --write --serve").write);
         assert!(!scan("--store --write --serve").write);
         assert_eq!(scan("--export /nix/store/x"), ServeArgs::default());
+        assert!(scan("--stdio --store /x").stdio);
+        assert!(!scan("--store --stdio").stdio);
     }
 }

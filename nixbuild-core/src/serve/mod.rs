@@ -26,7 +26,7 @@ pub mod response;
 pub mod session;
 
 pub use build::{BuildOptions, BuildResult, BuildStatus, BuiltOutput};
-pub use command::ServeArgs;
+pub use command::{Protocol, ServeArgs};
 pub use export::{ExportMarker, ExportTrailer};
 pub use handshake::{ClientHello, ProtocolVersion, ServerHello};
 pub use request::{AddToStoreNar, Opcode, PathWithOutputs, Request};

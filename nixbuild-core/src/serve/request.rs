@@ -155,7 +155,9 @@ pub struct AddToStoreNar {
 }
 
 impl AddToStoreNar {
-    pub(crate) fn read(r: &mut Reader<'_>, limits: &Limits) -> ReadResult<Self> {
+    /// Reads the header's fields (the worker protocol's AddToStoreNar and AddMultipleToStore
+    /// carry the same ones).
+    pub fn read(r: &mut Reader<'_>, limits: &Limits) -> ReadResult<Self> {
         let w = &limits.wire;
         let path = store_path(r, "path", w)?;
         let deriver = opt_store_path(r, "deriver", w)?;
@@ -190,7 +192,8 @@ impl AddToStoreNar {
         })
     }
 
-    pub(crate) fn encode(&self, buf: &mut impl BufMut) {
+    /// Writes the header's fields.
+    pub fn encode(&self, buf: &mut impl BufMut) {
         put_store_path(buf, &self.path);
         put_opt_store_path(buf, self.deriver.as_ref());
         buf.put_wire_bytes(self.nar_hash.to_base16().as_bytes());

@@ -18,6 +18,7 @@
 //! BasicDerivation, BuildResult's realisations) are read and written by the serve module's
 //! code; their errors are [`ServeError`]s wrapped in [`WorkerError::Value`].
 
+pub mod dump;
 pub mod handshake;
 pub mod request;
 pub mod response;

@@ -331,7 +331,8 @@ impl ServerSession {
                 let n = max.min(TUNNEL_CHUNK);
                 StderrMessage::Read(n).encode(v, output);
                 *source = Source::Tunnel { asked: Some(n) };
-                Ok(Pull::Wait)
+                // The answer may be in already (a client that sends ahead).
+                Self::pull(source, input, output, max, v)
             }
             Source::Tunnel { asked: Some(n) } => {
                 let max_len = usize::try_from(*n).unwrap_or(usize::MAX);
