@@ -94,17 +94,28 @@ pub enum Response {
     /// RegisterDrvOutput).
     Nothing,
     /// One u64: a boolean (IsValidPath, HasSubstitutes, VerifyStore), the `1` of EnsurePath,
-    /// AddTempRoot, AddIndirectRoot, SyncWithGC, BuildPaths, AddSignatures, AddBuildLog, or
-    /// the count 0 of an empty map or set (FindRoots, QuerySubstitutablePathInfos,
-    /// QueryRealisation, QuerySubstitutablePathInfo's "not found").
+    /// AddTempRoot, AddIndirectRoot, SyncWithGC, BuildPaths, AddSignatures, AddBuildLog,
+    /// OptimiseStore, or the count 0 of an empty map or set (FindRoots,
+    /// QuerySubstitutablePathInfos, QueryRealisation, QuerySubstitutablePathInfo's "not
+    /// found").
     Int(u64),
     /// A set of paths (QueryValidPaths, QueryReferrers, QueryAllValidPaths,
     /// QuerySubstitutablePaths, QueryValidDerivers, QueryDerivationOutputs).
     Paths(BTreeSet<StorePath>),
     /// A set of strings (QueryDerivationOutputNames).
     Strings(BTreeSet<String>),
-    /// A path or `""` (QueryPathFromHashPart, AddPermRoot's root).
+    /// A path or `""` (QueryPathFromHashPart).
     OptPath(Option<StorePath>),
+    /// CollectGarbage: the paths deleted (or found, for the actions that only return them) and
+    /// the bytes freed; an obsolete `0` follows on the wire.
+    Collected {
+        /// The paths, as the server prints them.
+        paths: BTreeSet<String>,
+        /// Bytes freed.
+        bytes_freed: u64,
+    },
+    /// AddPermRoot: the root's location on the server (not a store path).
+    GcRoot(String),
     /// QueryPathInfo: the metadata, or none for an invalid path.
     PathInfo(Option<Box<PathInfo>>),
     /// AddToStore and AddTextToStore: the path; from 1.25 AddToStore adds its metadata.
@@ -191,6 +202,12 @@ impl Response {
             Response::Paths(paths) => put_store_path_set(buf, paths),
             Response::Strings(s) => buf.put_wire_strings(s),
             Response::OptPath(p) => put_opt_store_path(buf, p.as_ref()),
+            Response::Collected { paths, bytes_freed } => {
+                buf.put_wire_strings(paths);
+                buf.put_wire_u64(*bytes_freed);
+                buf.put_wire_u64(0); // obsolete
+            }
+            Response::GcRoot(root) => buf.put_wire_bytes(root.as_bytes()),
             Response::PathInfo(None) => buf.put_wire_u64(0),
             Response::PathInfo(Some(info)) => {
                 buf.put_wire_u64(1);
@@ -251,12 +268,11 @@ impl Response {
             | Opcode::BuildPaths
             | Opcode::AddSignatures
             | Opcode::AddBuildLog
+            | Opcode::OptimiseStore
             | Opcode::FindRoots
             | Opcode::QuerySubstitutablePathInfos
             | Opcode::QueryRealisation
-            | Opcode::QuerySubstitutablePathInfo
-            | Opcode::CollectGarbage
-            | Opcode::OptimiseStore => {
+            | Opcode::QuerySubstitutablePathInfo => {
                 let offset = r.position();
                 let n = r.u64()?;
                 // Only empty maps and sets are ever sent for the last group.
@@ -272,6 +288,7 @@ impl Response {
                         | Opcode::BuildPaths
                         | Opcode::AddSignatures
                         | Opcode::AddBuildLog
+                        | Opcode::OptimiseStore
                 );
                 if map && n != 0 {
                     return Err(WorkerError::Malformed {
@@ -294,8 +311,16 @@ impl Response {
             Opcode::QueryDerivationOutputNames => {
                 Response::Strings(r.string_set("names", limits, limits.max_short_string_len)?)
             }
-            Opcode::QueryPathFromHashPart | Opcode::AddPermRoot => {
-                Response::OptPath(opt_store_path(r, "path", limits)?)
+            Opcode::QueryPathFromHashPart => Response::OptPath(opt_store_path(r, "path", limits)?),
+            Opcode::CollectGarbage => {
+                let short = limits.max_short_string_len;
+                let paths = r.string_set("paths", limits, short)?;
+                let bytes_freed = r.u64()?;
+                r.u64()?; // obsolete
+                Response::Collected { paths, bytes_freed }
+            }
+            Opcode::AddPermRoot => {
+                Response::GcRoot(r.str("gcRoot", limits.max_short_string_len)?.to_owned())
             }
             Opcode::QueryPathInfo => match r.bool("valid")? {
                 true => Response::PathInfo(Some(Box::new(PathInfo::read(r, limits)?))),
