@@ -12,7 +12,7 @@ use crate::hash::Hash;
 use crate::serve::build::{put_outputs_v26, read_outputs_v26};
 use crate::serve::fields::{hash, opt_ca, opt_store_path, put_opt_ca, put_opt_store_path};
 use crate::serve::fields::{put_store_path, put_store_path_set, store_path, store_path_set};
-use crate::serve::{BuildResult, BuildStatus};
+use crate::serve::BuildResult;
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
 
@@ -138,13 +138,9 @@ pub enum Response {
 /// Writes a BuildResult for version `v`: status and message; times from 1.29; CPU times
 /// (none known) from 1.37; the realisations of the built outputs from 1.28.
 pub fn put_build_result(res: &BuildResult, v: WorkerVersion, buf: &mut impl BufMut) {
-    buf.put_wire_u64(res.status.to_wire());
-    buf.put_wire_bytes(&res.error_msg);
+    res.put_head(buf);
     if v >= WorkerVersion::V1_29 {
-        buf.put_wire_u64(res.times_built.into());
-        buf.put_wire_bool(res.is_non_deterministic);
-        buf.put_wire_u64(res.start_time);
-        buf.put_wire_u64(res.stop_time);
+        res.put_times(buf);
     }
     if v >= WorkerVersion::V1_37 {
         buf.put_wire_u64(0); // cpuUser: none
@@ -161,24 +157,9 @@ pub fn read_build_result(
     v: WorkerVersion,
     limits: &wire::Limits,
 ) -> ReadResult<BuildResult> {
-    let offset = r.position();
-    let value = r.u64()?;
-    let status = BuildStatus::from_wire(value)
-        .ok_or(crate::serve::ServeError::UnknownStatus { offset, value })?;
-    let mut res = BuildResult {
-        status,
-        error_msg: r.bytes("errorMsg", limits.max_string_len)?.to_vec(),
-        times_built: 0,
-        is_non_deterministic: false,
-        start_time: 0,
-        stop_time: 0,
-        built_outputs: BTreeMap::new(),
-    };
+    let mut res = BuildResult::read_head(r, limits)?;
     if v >= WorkerVersion::V1_29 {
-        res.times_built = r.int("timesBuilt")?;
-        res.is_non_deterministic = r.bool("isNonDeterministic")?;
-        res.start_time = r.u64()?;
-        res.stop_time = r.u64()?;
+        res.read_times(r)?;
     }
     if v >= WorkerVersion::V1_37 {
         for field in ["cpuUser", "cpuSystem"] {

@@ -750,16 +750,22 @@ fn end_of_input_mid_request_or_mid_payload_is_unexpected_eof() {
     });
     assert_eq!(request(&path), Ok(()));
     assert_eq!(request(&[]), Ok(()));
-    for cut in [1, 8, 9, path.len() - 1] {
+    for (cut, what) in [
+        (1, "in a request"),
+        (7, "in a request"),
+        (8, "in an IsValidPath request"),
+        (9, "in an IsValidPath request"),
+        (path.len() - 1, "in an IsValidPath request"),
+    ] {
         assert_eq!(
             request(&path[..cut]),
-            Err(WorkerError::UnexpectedEof("in a request")),
+            Err(WorkerError::UnexpectedEof(what.to_owned())),
             "{cut}"
         );
     }
     let nar = nar_request(16, v);
     let payload = Err(WorkerError::UnexpectedEof(
-        "in the data that follows a request",
+        "in the data that follows an AddToStoreNar request".to_owned(),
     ));
     assert_eq!(request(&nar), payload);
     assert_eq!(
@@ -773,7 +779,7 @@ fn end_of_input_mid_request_or_mid_payload_is_unexpected_eof() {
     assert_eq!(s.poll(&mut input), Ok(None));
     assert_eq!(
         s.end_of_input(&input),
-        Err(WorkerError::UnexpectedEof("in the handshake"))
+        Err(WorkerError::UnexpectedEof("in the handshake".to_owned()))
     );
 }
 
