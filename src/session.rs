@@ -543,7 +543,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let drv_path = job.drv_path.clone();
                 let outcome = self.wait_for(*job, input, buf).await?;
                 let result = build_result(&outcome, &drv_hash);
-                failpoint_async!("build-before-result");
+                before_build_result().await;
                 self.session.respond(&Response::Build(Box::new(result)))?;
                 // What benches/compare reads: BuildDerivation received → BuildResult ready.
                 tracing::info!(
@@ -676,7 +676,7 @@ impl<O: SessionOutput> Driver<'_, O> {
 
     /// Tells the client its AddToStoreNar path is registered.
     async fn acknowledge_add(&mut self) -> Result<(), SessionError> {
-        failpoint_async!("import-before-ack");
+        before_upload_ack().await;
         Ok(self.session.respond(&Response::Added)?)
     }
 
@@ -883,6 +883,18 @@ pub(crate) fn make_room(
     // A shrink, which cannot fail: the old allocation is gone.
     let _ = held.resize(target as u64);
     Ok(())
+}
+
+/// The last step before a client of either protocol is told that its upload is registered
+/// (the failpoint `import-before-ack`).
+pub(crate) async fn before_upload_ack() {
+    failpoint_async!("import-before-ack");
+}
+
+/// The last step before a BuildResult goes to a client of either protocol (the failpoint
+/// `build-before-result`).
+pub(crate) async fn before_build_result() {
+    failpoint_async!("build-before-result");
 }
 
 /// The BuildResult of a build of the derivation whose hash modulo is `drv_hash`: its

@@ -37,11 +37,10 @@ use tokio::sync::mpsc;
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
 use crate::builds::BuildService;
 use crate::builds::{BuildJob, Outcome, WaitEvent};
-use crate::failpoint::failpoint_async;
 use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, build_result, last_words, make_room, over_limit, registration_time, SessionError,
-    SessionOutput, WriteTimeout,
+    add_claim, before_build_result, before_upload_ack, build_result, last_words, make_room,
+    over_limit, registration_time, SessionError, SessionOutput, WriteTimeout,
 };
 use crate::store::{PathClaim, Store};
 
@@ -342,7 +341,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 };
                 let drv_hash = job.drv.hash_modulo();
                 let outcome = self.wait_for(job, input, buf).await?;
-                failpoint_async!("build-before-result");
+                before_build_result().await;
                 Response::Build(Box::new(build_result(&outcome, &drv_hash)))
             }
             Request::BuildPaths { paths, .. } => {
@@ -740,7 +739,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             }) => {
                 let import = upload.finish(format!("receiving {}", info.path)).await?;
                 self.ctx.commit(import, add_claim(*info)).await?;
-                failpoint_async!("import-before-ack");
+                before_upload_ack().await;
                 if answer {
                     self.session.respond(&Response::Nothing)?;
                 }

@@ -76,7 +76,7 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
         server.daemon.wait_for_log(&["refused a key", reason]);
     }
 
-    // Commands other than nix-store --serve.
+    // Commands other than nix-store --serve and nix-daemon --stdio.
     for (args, needle) in [
         (&["sh"][..], "error: `sh` is not served"),
         (&["ls", "-la", "/"], "error: `ls` is not served"),
@@ -85,14 +85,15 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
             "without --serve is not served",
         ),
         (
-            &["nix-daemon", "--stdio"],
-            "`nix-daemon --stdio` (Nix's ssh-ng:// store) is not supported",
+            &["nix-daemon", "--daemon"],
+            "`nix-daemon` without --stdio is not served",
         ),
         (&["nix-store --serve; sh"], "no shell runs here"),
     ] {
         let out = ssh(&config, args);
         assert_refused(&out, 1, needle);
         assert_refused(&out, 1, "nix-store --serve");
+        assert_refused(&out, 1, "nix-daemon --stdio");
     }
     // No command: a shell.
     assert_refused(&ssh(&config, &[]), 1, "error: no shell is served");
@@ -148,7 +149,7 @@ fn refusals_are_clear_and_the_server_keeps_serving() {
     let stopped = server.daemon.stop();
     for reason in [
         "refused: `sh` is not served",
-        "refused: `nix-daemon --stdio`",
+        "refused: `nix-daemon` without --stdio",
         "refused a terminal (pty)",
         "refused: no shell is served",
         "refused port forwarding to 127.0.0.1:1",

@@ -182,13 +182,14 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
-    /// Reads a BuildResult as a server of version `v` sends it.
-    pub fn read(r: &mut Reader<'_>, v: ProtocolVersion, limits: &wire::Limits) -> ReadResult<Self> {
+    /// Reads the status and message, the start of a BuildResult in both protocols; the
+    /// rest is empty.
+    pub(crate) fn read_head(r: &mut Reader<'_>, limits: &wire::Limits) -> ReadResult<Self> {
         let offset = r.position();
         let value = u64::from(r.int("status")?);
         let status =
             BuildStatus::from_wire(value).ok_or(ServeError::UnknownStatus { offset, value })?;
-        let mut res = BuildResult {
+        Ok(BuildResult {
             status,
             error_msg: r.bytes("errorMsg", limits.max_string_len)?.to_vec(),
             times_built: 0,
@@ -196,12 +197,37 @@ impl BuildResult {
             start_time: 0,
             stop_time: 0,
             built_outputs: BTreeMap::new(),
-        };
+        })
+    }
+
+    /// Reads timesBuilt, isNonDeterministic, startTime and stopTime.
+    pub(crate) fn read_times(&mut self, r: &mut Reader<'_>) -> ReadResult<()> {
+        self.times_built = r.int("timesBuilt")?;
+        self.is_non_deterministic = r.bool("isNonDeterministic")?;
+        self.start_time = r.u64()?;
+        self.stop_time = r.u64()?;
+        Ok(())
+    }
+
+    /// Writes the status and message.
+    pub(crate) fn put_head(&self, buf: &mut impl BufMut) {
+        buf.put_wire_u64(self.status.to_wire());
+        buf.put_wire_bytes(&self.error_msg);
+    }
+
+    /// Writes timesBuilt, isNonDeterministic, startTime and stopTime.
+    pub(crate) fn put_times(&self, buf: &mut impl BufMut) {
+        buf.put_wire_u64(self.times_built.into());
+        buf.put_wire_bool(self.is_non_deterministic);
+        buf.put_wire_u64(self.start_time);
+        buf.put_wire_u64(self.stop_time);
+    }
+
+    /// Reads a BuildResult as a server of version `v` sends it.
+    pub fn read(r: &mut Reader<'_>, v: ProtocolVersion, limits: &wire::Limits) -> ReadResult<Self> {
+        let mut res = Self::read_head(r, limits)?;
         if v >= ProtocolVersion::V2_3 {
-            res.times_built = r.int("timesBuilt")?;
-            res.is_non_deterministic = r.bool("isNonDeterministic")?;
-            res.start_time = r.u64()?;
-            res.stop_time = r.u64()?;
+            res.read_times(r)?;
         }
         if v >= ProtocolVersion::V2_8 {
             res.built_outputs = read_outputs_v28(r, limits)?;
@@ -213,13 +239,9 @@ impl BuildResult {
 
     /// Writes the BuildResult for version `v`.
     pub fn encode(&self, v: ProtocolVersion, buf: &mut impl BufMut) {
-        buf.put_wire_u64(self.status.to_wire());
-        buf.put_wire_bytes(&self.error_msg);
+        self.put_head(buf);
         if v >= ProtocolVersion::V2_3 {
-            buf.put_wire_u64(self.times_built.into());
-            buf.put_wire_bool(self.is_non_deterministic);
-            buf.put_wire_u64(self.start_time);
-            buf.put_wire_u64(self.stop_time);
+            self.put_times(buf);
         }
         if v >= ProtocolVersion::V2_8 {
             buf.put_wire_u64(self.built_outputs.len() as u64);

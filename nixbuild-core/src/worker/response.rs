@@ -12,7 +12,7 @@ use crate::hash::Hash;
 use crate::serve::build::{put_outputs_v26, read_outputs_v26};
 use crate::serve::fields::{hash, opt_ca, opt_store_path, put_opt_ca, put_opt_store_path};
 use crate::serve::fields::{put_store_path, put_store_path_set, store_path, store_path_set};
-use crate::serve::{BuildResult, BuildStatus};
+use crate::serve::BuildResult;
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
 
@@ -94,17 +94,28 @@ pub enum Response {
     /// RegisterDrvOutput).
     Nothing,
     /// One u64: a boolean (IsValidPath, HasSubstitutes, VerifyStore), the `1` of EnsurePath,
-    /// AddTempRoot, AddIndirectRoot, SyncWithGC, BuildPaths, AddSignatures, AddBuildLog, or
-    /// the count 0 of an empty map or set (FindRoots, QuerySubstitutablePathInfos,
-    /// QueryRealisation, QuerySubstitutablePathInfo's "not found").
+    /// AddTempRoot, AddIndirectRoot, SyncWithGC, BuildPaths, AddSignatures, AddBuildLog,
+    /// OptimiseStore, or the count 0 of an empty map or set (FindRoots,
+    /// QuerySubstitutablePathInfos, QueryRealisation, QuerySubstitutablePathInfo's "not
+    /// found").
     Int(u64),
     /// A set of paths (QueryValidPaths, QueryReferrers, QueryAllValidPaths,
     /// QuerySubstitutablePaths, QueryValidDerivers, QueryDerivationOutputs).
     Paths(BTreeSet<StorePath>),
     /// A set of strings (QueryDerivationOutputNames).
     Strings(BTreeSet<String>),
-    /// A path or `""` (QueryPathFromHashPart, AddPermRoot's root).
+    /// A path or `""` (QueryPathFromHashPart).
     OptPath(Option<StorePath>),
+    /// CollectGarbage: the paths deleted (or found, for the actions that only return them) and
+    /// the bytes freed; an obsolete `0` follows on the wire.
+    Collected {
+        /// The paths, as the server prints them.
+        paths: BTreeSet<String>,
+        /// Bytes freed.
+        bytes_freed: u64,
+    },
+    /// AddPermRoot: the root's location on the server (not a store path).
+    GcRoot(String),
     /// QueryPathInfo: the metadata, or none for an invalid path.
     PathInfo(Option<Box<PathInfo>>),
     /// AddToStore and AddTextToStore: the path; from 1.25 AddToStore adds its metadata.
@@ -127,13 +138,9 @@ pub enum Response {
 /// Writes a BuildResult for version `v`: status and message; times from 1.29; CPU times
 /// (none known) from 1.37; the realisations of the built outputs from 1.28.
 pub fn put_build_result(res: &BuildResult, v: WorkerVersion, buf: &mut impl BufMut) {
-    buf.put_wire_u64(res.status.to_wire());
-    buf.put_wire_bytes(&res.error_msg);
+    res.put_head(buf);
     if v >= WorkerVersion::V1_29 {
-        buf.put_wire_u64(res.times_built.into());
-        buf.put_wire_bool(res.is_non_deterministic);
-        buf.put_wire_u64(res.start_time);
-        buf.put_wire_u64(res.stop_time);
+        res.put_times(buf);
     }
     if v >= WorkerVersion::V1_37 {
         buf.put_wire_u64(0); // cpuUser: none
@@ -150,24 +157,9 @@ pub fn read_build_result(
     v: WorkerVersion,
     limits: &wire::Limits,
 ) -> ReadResult<BuildResult> {
-    let offset = r.position();
-    let value = r.u64()?;
-    let status = BuildStatus::from_wire(value)
-        .ok_or(crate::serve::ServeError::UnknownStatus { offset, value })?;
-    let mut res = BuildResult {
-        status,
-        error_msg: r.bytes("errorMsg", limits.max_string_len)?.to_vec(),
-        times_built: 0,
-        is_non_deterministic: false,
-        start_time: 0,
-        stop_time: 0,
-        built_outputs: BTreeMap::new(),
-    };
+    let mut res = BuildResult::read_head(r, limits)?;
     if v >= WorkerVersion::V1_29 {
-        res.times_built = r.int("timesBuilt")?;
-        res.is_non_deterministic = r.bool("isNonDeterministic")?;
-        res.start_time = r.u64()?;
-        res.stop_time = r.u64()?;
+        res.read_times(r)?;
     }
     if v >= WorkerVersion::V1_37 {
         for field in ["cpuUser", "cpuSystem"] {
@@ -191,6 +183,12 @@ impl Response {
             Response::Paths(paths) => put_store_path_set(buf, paths),
             Response::Strings(s) => buf.put_wire_strings(s),
             Response::OptPath(p) => put_opt_store_path(buf, p.as_ref()),
+            Response::Collected { paths, bytes_freed } => {
+                buf.put_wire_strings(paths);
+                buf.put_wire_u64(*bytes_freed);
+                buf.put_wire_u64(0); // obsolete
+            }
+            Response::GcRoot(root) => buf.put_wire_bytes(root.as_bytes()),
             Response::PathInfo(None) => buf.put_wire_u64(0),
             Response::PathInfo(Some(info)) => {
                 buf.put_wire_u64(1);
@@ -251,12 +249,11 @@ impl Response {
             | Opcode::BuildPaths
             | Opcode::AddSignatures
             | Opcode::AddBuildLog
+            | Opcode::OptimiseStore
             | Opcode::FindRoots
             | Opcode::QuerySubstitutablePathInfos
             | Opcode::QueryRealisation
-            | Opcode::QuerySubstitutablePathInfo
-            | Opcode::CollectGarbage
-            | Opcode::OptimiseStore => {
+            | Opcode::QuerySubstitutablePathInfo => {
                 let offset = r.position();
                 let n = r.u64()?;
                 // Only empty maps and sets are ever sent for the last group.
@@ -272,6 +269,7 @@ impl Response {
                         | Opcode::BuildPaths
                         | Opcode::AddSignatures
                         | Opcode::AddBuildLog
+                        | Opcode::OptimiseStore
                 );
                 if map && n != 0 {
                     return Err(WorkerError::Malformed {
@@ -294,8 +292,16 @@ impl Response {
             Opcode::QueryDerivationOutputNames => {
                 Response::Strings(r.string_set("names", limits, limits.max_short_string_len)?)
             }
-            Opcode::QueryPathFromHashPart | Opcode::AddPermRoot => {
-                Response::OptPath(opt_store_path(r, "path", limits)?)
+            Opcode::QueryPathFromHashPart => Response::OptPath(opt_store_path(r, "path", limits)?),
+            Opcode::CollectGarbage => {
+                let short = limits.max_short_string_len;
+                let paths = r.string_set("paths", limits, short)?;
+                let bytes_freed = r.u64()?;
+                r.u64()?; // obsolete
+                Response::Collected { paths, bytes_freed }
+            }
+            Opcode::AddPermRoot => {
+                Response::GcRoot(r.str("gcRoot", limits.max_short_string_len)?.to_owned())
             }
             Opcode::QueryPathInfo => match r.bool("valid")? {
                 true => Response::PathInfo(Some(Box::new(PathInfo::read(r, limits)?))),
