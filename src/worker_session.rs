@@ -369,19 +369,45 @@ impl<O: SessionOutput> Driver<'_, O> {
             Request::AddPermRoot { .. } => {
                 return refuse("nixbuild does not keep garbage collector roots on the server's file system")
             }
-            Request::AddSignatures { path, .. } => {
-                return refuse(format!(
-                    "nixbuild keeps the signatures '{path}' was added with; adding signatures is not supported"
-                ))
+            Request::AddSignatures { path, sigs } => {
+                // Signatures are part of the account's own view of the path: another
+                // account's row of the same path keeps its own.
+                let p = path.clone();
+                let added = self
+                    .ctx
+                    .blocking("adding signatures", move |s, a| s.add_signatures(a, &p, &sigs))
+                    .await
+                    .map_err(refused)?;
+                if !added {
+                    return refuse(format!("path '{path}' is not valid"));
+                }
+                Response::Int(1)
             }
             Request::QueryReferrers(p) => {
                 return refuse(format!("querying the referrers of '{p}' is not supported by nixbuild"))
             }
             Request::QueryAllValidPaths => {
-                return refuse("listing every valid path is not supported by nixbuild")
+                // The account's own view, as long as it fits in one answer.
+                let max = self.ctx.settings().max_paths_per_request;
+                let paths = self
+                    .ctx
+                    .blocking("listing paths", move |s, a| s.account_paths(a, max + 1))
+                    .await
+                    .map_err(refused)?;
+                self.ctx
+                    .check_count("QueryAllValidPaths", paths.len())
+                    .map_err(refused)?;
+                Response::Paths(paths.into_iter().collect())
             }
             Request::QueryPathFromHashPart(h) => {
-                return refuse(format!("looking paths up by hash part ('{h}') is not supported by nixbuild"))
+                let found = self
+                    .ctx
+                    .query("looking up a hash part", true, move |s, a| {
+                        s.query_path_from_hash_part(a, &h)
+                    })
+                    .await
+                    .map_err(refused)?;
+                Response::OptPath(found)
             }
         };
         Ok(self.session.respond(&response)?)

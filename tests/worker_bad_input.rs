@@ -150,7 +150,6 @@ fn refused_operations_are_errors_the_session_survives() {
             },
             "repair",
         ),
-        (Request::QueryAllValidPaths, "every valid path"),
         (Request::QueryReferrers(path.clone()), "referrers"),
         (
             Request::RegisterDrvOutput(vec!["{}".into()]),
@@ -161,7 +160,7 @@ fn refused_operations_are_errors_the_session_survives() {
                 path: path.clone(),
                 sigs: BTreeSet::from(["k:c2ln".into()]),
             },
-            "signatures",
+            "not valid",
         ),
         (Request::EnsurePath(path.clone()), "not valid"),
         (Request::NarFromPath(path.clone()), "not valid"),
@@ -230,24 +229,40 @@ fn an_account_sees_none_of_anothers_paths_over_ssh_ng() {
         .request(&Request::BuildPathsWithResults {
             paths: vec![nixbuild_core::worker::DerivedPath::Opaque(path.clone())],
             mode: nixbuild_core::worker::BuildMode::Normal,
+        })
+        .request(&Request::QueryPathFromHashPart(path.hash_part().to_owned()))
+        .request(&Request::QueryAllValidPaths)
+        .request(&Request::AddSignatures {
+            path: path.clone(),
+            sigs: BTreeSet::from(["bob:c2ln".to_owned()]),
         });
     let t = run(&daemon, "bob", &probes);
     assert_eq!(t.status, 0, "{t:?}");
     match &t.answers[..] {
-        [Answer::Ok(Some(Response::Int(0))), Answer::Ok(Some(Response::Paths(valid))), Answer::Ok(Some(Response::PathInfo(None))), Answer::Error(nar), Answer::Ok(Some(Response::Missing(missing))), Answer::Ok(Some(Response::BuildResults(results)))] =>
+        [Answer::Ok(Some(Response::Int(0))), Answer::Ok(Some(Response::Paths(valid))), Answer::Ok(Some(Response::PathInfo(None))), Answer::Error(nar), Answer::Ok(Some(Response::Missing(missing))), Answer::Ok(Some(Response::BuildResults(results))), Answer::Ok(Some(Response::OptPath(None))), Answer::Ok(Some(Response::Paths(all))), Answer::Error(sigs)] =>
         {
             assert!(valid.is_empty());
             assert!(nar.contains("is not valid"), "{nar}");
             assert!(missing.unknown.contains(&path));
             assert_ne!(results[0].1.status, BuildStatus::AlreadyValid);
+            assert!(all.is_empty(), "{all:?}");
+            assert!(sigs.contains("is not valid"), "{sigs}");
         }
         other => panic!("{other:?}"),
     }
-    // Alice sees it, registered just now, and gets her bytes back.
+    // Alice sees it, registered just now, finds it by its hash part and in her list, signs
+    // it, and gets her bytes back.
+    let alice_sig = BTreeSet::from(["alice:c2ln".to_owned()]);
     let t = run(
         &daemon,
         "alice",
         &Script::new(V)
+            .request(&Request::QueryPathFromHashPart(path.hash_part().to_owned()))
+            .request(&Request::QueryAllValidPaths)
+            .request(&Request::AddSignatures {
+                path: path.clone(),
+                sigs: alice_sig.clone(),
+            })
             .request(&Request::QueryPathInfo(path.clone()))
             .request(&Request::NarFromPath(path.clone())),
     );
@@ -256,9 +271,27 @@ fn an_account_sees_none_of_anothers_paths_over_ssh_ng() {
         .unwrap()
         .as_secs();
     match &t.answers[..] {
-        [Answer::Ok(Some(Response::PathInfo(Some(info)))), Answer::Ok(None)] => {
+        [Answer::Ok(Some(Response::OptPath(Some(found)))), Answer::Ok(Some(Response::Paths(all))), Answer::Ok(Some(Response::Int(1))), Answer::Ok(Some(Response::PathInfo(Some(info)))), Answer::Ok(None)] =>
+        {
+            assert_eq!(found, &path);
+            assert_eq!(all, &BTreeSet::from([path.clone()]));
             assert_eq!(info.nar_hash, sha256(&nar));
+            assert_eq!(info.sigs, alice_sig);
             assert!(now - info.registration_time < 600, "{info:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Bob uploads the same bytes: his view of the path has none of alice's signatures.
+    let t = run(
+        &daemon,
+        "bob",
+        &Script::new(V)
+            .add(&path, &nar, sha256(&nar))
+            .request(&Request::QueryPathInfo(path.clone())),
+    );
+    match &t.answers[..] {
+        [Answer::Ok(Some(Response::Nothing)), Answer::Ok(Some(Response::PathInfo(Some(info))))] => {
+            assert!(info.sigs.is_empty(), "{info:?}")
         }
         other => panic!("{other:?}"),
     }

@@ -146,6 +146,68 @@ pub(super) fn path_id(
         .map_err(db_err("look up path"))
 }
 
+/// The valid path of `account` whose hash part is `hash_part`, if any (by the index on
+/// `(account, path)`: base names start with the hash part and a dash).
+pub(super) fn path_from_hash_part(
+    conn: &Connection,
+    account: &str,
+    hash_part: &str,
+) -> Result<Option<StorePath>, StoreError> {
+    let (from, to) = (format!("{hash_part}-"), format!("{hash_part}."));
+    let found: Option<String> = conn
+        .prepare_cached(
+            "SELECT path FROM paths WHERE account = ?1 AND path >= ?2 AND path < ?3 LIMIT 1",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![account, from, to], |row| row.get(0))
+                .optional()
+        })
+        .map_err(db_err("look up a hash part"))?;
+    found.map(|p| parse_path("path", p)).transpose()
+}
+
+/// At most `max` of `account`'s valid paths, in order.
+pub(super) fn account_paths(
+    conn: &Connection,
+    account: &str,
+    max: usize,
+) -> Result<Vec<StorePath>, StoreError> {
+    let rows: Vec<String> = conn
+        .prepare_cached("SELECT path FROM paths WHERE account = ?1 ORDER BY path LIMIT ?2")
+        .and_then(|mut st| {
+            st.query_map(params![account, max as i64], |row| row.get(0))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(db_err("list paths"))?;
+    rows.into_iter().map(|p| parse_path("path", p)).collect()
+}
+
+/// Adds `sigs` to `account`'s `path`; `false` when the path is not valid for it.
+pub(super) fn add_signatures(
+    conn: &mut Connection,
+    account: &str,
+    path: &StorePath,
+    sigs: &BTreeSet<String>,
+) -> Result<bool, StoreError> {
+    let tx = conn
+        .transaction()
+        .map_err(db_err("begin adding signatures"))?;
+    let Some(id) = path_id(&tx, account, path)? else {
+        return Ok(false);
+    };
+    {
+        let mut add = tx
+            .prepare_cached("INSERT OR IGNORE INTO sigs (path, sig) VALUES (?1, ?2)")
+            .map_err(db_err("add signatures"))?;
+        for sig in sigs {
+            add.execute(params![id, sig])
+                .map_err(db_err("add a signature"))?;
+        }
+    }
+    tx.commit().map_err(db_err("commit signatures"))?;
+    Ok(true)
+}
+
 /// When `path` was registered for `account` (seconds since the epoch), if valid.
 pub(super) fn registration_time(
     conn: &Connection,

@@ -239,6 +239,30 @@ impl Store {
         self.read(|conn| db::path_info(conn, account, path))
     }
 
+    /// The valid path of `account` whose hash part is `hash_part` (QueryPathFromHashPart).
+    pub fn query_path_from_hash_part(
+        &self,
+        account: &str,
+        hash_part: &str,
+    ) -> Result<Option<StorePath>, StoreError> {
+        db::path_from_hash_part(&self.inner.lock_db(), account, hash_part)
+    }
+
+    /// At most `max` of `account`'s valid paths (QueryAllValidPaths of one account's view).
+    pub fn account_paths(&self, account: &str, max: usize) -> Result<Vec<StorePath>, StoreError> {
+        db::account_paths(&self.inner.lock_db(), account, max)
+    }
+
+    /// Adds `sigs` to `path` in `account`'s view only; `false` when it is not valid for it.
+    pub fn add_signatures(
+        &self,
+        account: &str,
+        path: &StorePath,
+        sigs: &BTreeSet<String>,
+    ) -> Result<bool, StoreError> {
+        db::add_signatures(&mut self.inner.lock_db(), account, path, sigs)
+    }
+
     /// The metadata of `path` as `account` registered it with its registration time (seconds
     /// since the epoch), or `None` if not valid for it (the worker protocol's path info).
     pub fn query_path_info_with_time(
