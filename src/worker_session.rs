@@ -384,7 +384,19 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Response::Int(1)
             }
             Request::QueryReferrers(p) => {
-                return refuse(format!("querying the referrers of '{p}' is not supported by nixbuild"))
+                // Within the account's own view, as long as they fit in one answer.
+                let max = self.ctx.settings().max_paths_per_request;
+                let found = self
+                    .ctx
+                    .blocking("querying referrers", move |s, a| {
+                        s.query_referrers(a, &p, max + 1)
+                    })
+                    .await
+                    .map_err(refused)?;
+                self.ctx
+                    .check_count("QueryReferrers", found.len())
+                    .map_err(refused)?;
+                Response::Paths(found.into_iter().collect())
             }
             Request::QueryAllValidPaths => {
                 // The account's own view, as long as it fits in one answer.

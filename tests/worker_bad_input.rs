@@ -150,7 +150,6 @@ fn refused_operations_are_errors_the_session_survives() {
             },
             "repair",
         ),
-        (Request::QueryReferrers(path.clone()), "referrers"),
         (
             Request::RegisterDrvOutput(vec!["{}".into()]),
             "content-addressed",
@@ -683,5 +682,49 @@ fn timeouts_and_session_limits_hold_ssh_ng_sessions() {
     // The places are free again.
     let again = run(&daemon, "a", &Script::new(V).request(&Request::SyncWithGC));
     assert_eq!(again.status, 0, "{again:?}");
+    daemon.stop();
+}
+
+/// QueryReferrers answers from the account's own view: alice's path that refers to a path
+/// bob also has is not among bob's referrers.
+#[test]
+fn referrers_come_from_the_accounts_own_view() {
+    let daemon = Daemon::start(&[]);
+    let s = salt();
+    let dep = test_path(&s, "worker-dep");
+    let dep_nar = file_nar(s.as_bytes());
+    let user = test_path(&s, "worker-user");
+    let user_nar = file_nar(format!("{s} {dep}").as_bytes());
+    let mut user_info = info(&user, &user_nar, sha256(&user_nar));
+    user_info.references = BTreeSet::from([dep.clone()]);
+    let script = Script::new(V)
+        .add(&dep, &dep_nar, sha256(&dep_nar))
+        .request(&Request::AddToStoreNar {
+            info: Box::new(user_info),
+            repair: false,
+            dont_check_sigs: false,
+        })
+        .framed(&user_nar)
+        .request(&Request::QueryReferrers(dep.clone()))
+        .request(&Request::QueryReferrers(user.clone()));
+    let t = run(&daemon, "alice", &script);
+    match &t.answers[..] {
+        [Answer::Ok(Some(Response::Nothing)), Answer::Ok(Some(Response::Nothing)), Answer::Ok(Some(Response::Paths(of_dep))), Answer::Ok(Some(Response::Paths(of_user)))] =>
+        {
+            assert_eq!(of_dep, &BTreeSet::from([user.clone()]));
+            assert!(of_user.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    let script = Script::new(V)
+        .add(&dep, &dep_nar, sha256(&dep_nar))
+        .request(&Request::QueryReferrers(dep.clone()));
+    let t = run(&daemon, "bob", &script);
+    match &t.answers[..] {
+        [Answer::Ok(Some(Response::Nothing)), Answer::Ok(Some(Response::Paths(of_dep)))] => {
+            assert!(of_dep.is_empty(), "{of_dep:?}")
+        }
+        other => panic!("{other:?}"),
+    }
     daemon.stop();
 }

@@ -95,6 +95,10 @@ pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
             })
         }
     }
+    // Referrers are looked up by reference (the worker protocol's QueryReferrers). An index
+    // that older stores lack is added in place; older binaries ignore it.
+    tx.execute_batch("CREATE INDEX IF NOT EXISTS refs_by_reference ON refs(reference)")
+        .map_err(db_err("create the index of references"))?;
     tx.commit().map_err(db_err("commit migration"))?;
     Ok(conn)
 }
@@ -164,6 +168,32 @@ pub(super) fn path_from_hash_part(
         })
         .map_err(db_err("look up a hash part"))?;
     found.map(|p| parse_path("path", p)).transpose()
+}
+
+/// At most `max` of the paths of `account` that refer to its `path` (none when the path is not
+/// valid for it).
+pub(super) fn referrers(
+    conn: &Connection,
+    account: &str,
+    path: &StorePath,
+    max: usize,
+) -> Result<Vec<StorePath>, StoreError> {
+    let Some(id) = path_id(conn, account, path)? else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<String> = conn
+        .prepare_cached(
+            "SELECT p.path FROM refs r JOIN paths p ON p.id = r.referrer
+             WHERE r.reference = ?1 AND p.account = ?2 LIMIT ?3",
+        )
+        .and_then(|mut st| {
+            st.query_map(params![id, account, max as i64], |row| row.get(0))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(db_err("read referrers"))?;
+    rows.into_iter()
+        .map(|p| parse_path("referrer", p))
+        .collect()
 }
 
 /// At most `max` of `account`'s valid paths, in order.

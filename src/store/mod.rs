@@ -248,6 +248,16 @@ impl Store {
         db::path_from_hash_part(&self.inner.lock_db(), account, hash_part)
     }
 
+    /// At most `max` of `account`'s paths that refer to its `path` (QueryReferrers).
+    pub fn query_referrers(
+        &self,
+        account: &str,
+        path: &StorePath,
+        max: usize,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        db::referrers(&self.inner.lock_db(), account, path, max)
+    }
+
     /// At most `max` of `account`'s valid paths (QueryAllValidPaths of one account's view).
     pub fn account_paths(&self, account: &str, max: usize) -> Result<Vec<StorePath>, StoreError> {
         db::account_paths(&self.inner.lock_db(), account, max)
