@@ -330,31 +330,45 @@ fn the_waiting_line_reaches_an_ssh_ng_client() {
             .stderr(std::process::Stdio::piped());
         cmd
     };
-    let first = nix_build("ng-first", "sleep 3; echo first > $out")
+    // The first build holds the only job slot until its client is killed, once the second
+    // client has been told that it waits: no timing to guess on a loaded machine.
+    let mut first = nix_build("ng-first", "sleep 600; echo first > $out")
         .spawn()
         .expect("spawn the first nix-build");
     s.server
         .daemon
         .wait_for_log(&["nixbuild::build: building ", &format!("account={ALICE} ")]);
-    let second = run(&mut nix_build("ng-second", "echo second > $out"));
-    let first = first
-        .wait_with_output()
-        .expect("wait for the first nix-build");
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    assert!(
-        second.status.success(),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        stderr.contains("nixbuild: waiting for a job slot (position 1 of 1; 1 build running)"),
-        "the client was not told its build waited:\n{stderr}"
-    );
+    let mut second = nix_build("ng-second", "echo second > $out")
+        .spawn()
+        .expect("spawn the second nix-build");
+    let mut stderr = second.stderr.take().expect("stderr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                seen.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let line = "nixbuild: waiting for a job slot (position 1 of 1; 1 build running)";
+    let text = || String::from_utf8_lossy(&seen.lock().expect("lock")).into_owned();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !text().contains(line) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the client was not told its build waited:\n{}",
+            text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    first.kill().expect("kill the first nix-build");
+    let _ = first.wait();
+    let status = second.wait().expect("wait for the second nix-build");
+    reader.join().expect("the stderr reader");
+    assert!(status.success(), "{}", text());
     s.stop();
 }
 
