@@ -37,10 +37,8 @@ use crate::reload::{ConfigSource, LiveConfig};
 use crate::service::{SessionLimit, SessionPlaces, SessionSettings};
 use crate::session::{self, SessionOutput};
 use crate::store::{Store, StoreError, StoreLimits};
-use crate::worker_session;
 use nixbuild_core::account::AccountSlot;
 use nixbuild_core::budget::MemoryBudget;
-use nixbuild_core::serve::Protocol;
 use nixbuild_ssh::server::Reloader;
 
 /// How long the daemon waits after a failed `accept` before accepting again.
@@ -456,14 +454,15 @@ async fn connection(
             if let Some(pipe) = stdin_pipe {
                 out = out.with_stdin_pipe(pipe);
             }
-            let served = match header.protocol {
-                Protocol::Serve => {
-                    session::serve(&store, &builds, &settings, input, &mut out).await
-                }
-                Protocol::Daemon => {
-                    worker_session::serve_worker(&store, &builds, &settings, input, &mut out).await
-                }
-            };
+            let served = session::serve_protocol(
+                header.protocol,
+                &store,
+                &builds,
+                &settings,
+                input,
+                &mut out,
+            )
+            .await;
             let status = match served {
                 Ok(()) => {
                     tracing::info!(%account, status = 0, "session end");

@@ -26,7 +26,7 @@ use nixbuild_core::budget::Reservation;
 use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::{
     AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event, ExportMarker,
-    ExportTrailer, Request, Response, ServeError, ServerSession, ValidPathInfo,
+    ExportTrailer, Protocol, Request, Response, ServeError, ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::WireError;
@@ -176,6 +176,47 @@ where
     result
 }
 
+/// When a session's next bytes are due: the whole handshake within `handshake_timeout` of
+/// the start, then each read within `idle_timeout`.
+pub(crate) struct ReadDeadline {
+    handshake_by: tokio::time::Instant,
+    handshake: Duration,
+    idle: Duration,
+    /// The handshake is done.
+    pub(crate) greeted: bool,
+}
+
+impl ReadDeadline {
+    /// The deadlines of a session with `settings`, starting now.
+    pub(crate) fn new(settings: &SessionSettings) -> Self {
+        ReadDeadline {
+            handshake_by: tokio::time::Instant::now() + settings.handshake_timeout,
+            handshake: settings.handshake_timeout,
+            idle: settings.idle_timeout,
+            greeted: false,
+        }
+    }
+
+    /// Reads the client's next bytes into `buf` (0 at the end of its input), or fails with
+    /// the timeout that passed.
+    pub(crate) async fn read<R: AsyncRead + Unpin>(
+        &self,
+        input: &mut R,
+        buf: &mut BytesMut,
+    ) -> Result<usize, SessionError> {
+        let (deadline, phase, secs) = if self.greeted {
+            let idle = tokio::time::Instant::now() + self.idle;
+            (idle, "to send more", self.idle.as_secs())
+        } else {
+            let t = self.handshake;
+            (self.handshake_by, "to complete the handshake", t.as_secs())
+        };
+        Ok(tokio::time::timeout_at(deadline, input.read_buf(buf))
+            .await
+            .map_err(|_| SessionError::Timeout { phase, secs })??)
+    }
+}
+
 /// Sends what a session that ends with `e` still has for the client: `pending` protocol
 /// bytes (what was answered before the error, or the error itself on a log channel), then
 /// `error: <e>` on stderr. The client may already be gone; the caller logs the error either
@@ -185,6 +226,29 @@ pub(crate) async fn last_words<O: SessionOutput>(out: &mut O, pending: Bytes, e:
         let _ = out.flush().await;
     }
     let _ = out.stderr(format!("error: {e}\n").as_bytes()).await;
+}
+
+/// Runs one session of `protocol` to its end: [`serve`] for the serve protocol,
+/// [`crate::worker_session::serve_worker`] for the worker protocol (the relay and the SSH
+/// front door both pick the driver this way).
+pub async fn serve_protocol<R, O>(
+    protocol: Protocol,
+    store: &Store,
+    builds: &BuildService,
+    settings: &SessionSettings,
+    input: R,
+    out: &mut O,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    O: SessionOutput,
+{
+    match protocol {
+        Protocol::Serve => serve(store, builds, settings, input, out).await,
+        Protocol::Daemon => {
+            crate::worker_session::serve_worker(store, builds, settings, input, out).await
+        }
+    }
 }
 
 /// A [`SessionOutput`] over two byte streams: the protocol to `stdout` (buffered, flushed
@@ -348,12 +412,10 @@ struct Driver<'a, O> {
 impl<O: SessionOutput> Driver<'_, O> {
     async fn run<R: AsyncRead + Unpin>(&mut self, mut input: R) -> Result<(), SessionError> {
         let mut buf = BytesMut::new();
-        let handshake_deadline =
-            tokio::time::Instant::now() + self.ctx.settings().handshake_timeout;
-        let mut handshake_done = false;
+        let mut due = ReadDeadline::new(self.ctx.settings());
         loop {
             while let Some(event) = self.session.poll(&mut buf).map_err(|e| self.protocol(e))? {
-                handshake_done |= matches!(event, Event::Hello { .. });
+                due.greeted |= matches!(event, Event::Hello { .. });
                 self.handle(event).await?;
                 if let Some(pending) = self.pending_build.take() {
                     self.run_build(pending, &mut input, &mut buf).await?;
@@ -375,17 +437,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 self.out.flush().await?;
             }
             self.make_room(&mut buf)?;
-            let (deadline, phase, secs) = if handshake_done {
-                let t = self.ctx.settings().idle_timeout;
-                (tokio::time::Instant::now() + t, "to send more", t.as_secs())
-            } else {
-                let t = self.ctx.settings().handshake_timeout;
-                (handshake_deadline, "to complete the handshake", t.as_secs())
-            };
-            let n = tokio::time::timeout_at(deadline, input.read_buf(&mut buf))
-                .await
-                .map_err(|_| SessionError::Timeout { phase, secs })??;
-            if n == 0 {
+            if due.read(&mut input, &mut buf).await? == 0 {
                 return Ok(self.session.end_of_input(&buf)?);
             }
         }

@@ -23,8 +23,6 @@ use crate::reload::LiveConfig;
 use crate::service::{SessionPlaces, SessionSettings};
 use crate::session::{self, SessionError, SessionOutput};
 use crate::store::Store;
-use crate::worker_session;
-use nixbuild_core::serve::Protocol;
 
 /// Why the SSH front door could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,15 +92,10 @@ impl SessionService for SshSessions {
             answers: BytesMut::new(),
             stderr,
         };
-        let served = match request.protocol {
-            Protocol::Serve => {
-                session::serve(&self.store, &self.builds, &settings, stdin, &mut out).await
-            }
-            Protocol::Daemon => {
-                worker_session::serve_worker(&self.store, &self.builds, &settings, stdin, &mut out)
-                    .await
-            }
-        };
+        let (store, builds) = (&self.store, &self.builds);
+        let served =
+            session::serve_protocol(request.protocol, store, builds, &settings, stdin, &mut out)
+                .await;
         let flushed = out.flush().await.map_err(SessionError::Io);
         match served.and(flushed) {
             Ok(()) => {

@@ -37,10 +37,10 @@ use tokio::sync::mpsc;
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
 use crate::builds::BuildService;
 use crate::builds::{BuildJob, Outcome, WaitEvent};
-use crate::service::{store_error, ServiceError, SessionContext, SessionSettings, Upload};
+use crate::service::{store_error, SessionContext, SessionSettings, Upload};
 use crate::session::{
     add_claim, before_build_result, before_upload_ack, build_result, last_words, make_room,
-    over_limit, registration_time, SessionError, SessionOutput, WriteTimeout,
+    over_limit, registration_time, ReadDeadline, SessionError, SessionOutput, WriteTimeout,
 };
 use crate::store::{PathClaim, Store};
 
@@ -130,21 +130,13 @@ struct Driver<'a, O> {
     next_activity: u64,
 }
 
-/// A request's failure that the client sees as an error and the session survives.
-struct Refusal(String);
-
-impl From<ServiceError> for Refusal {
-    fn from(e: ServiceError) -> Self {
-        Refusal(e.to_string())
-    }
-}
-
 /// What a request handler decides: answered (or waiting for its payload), or failed.
 type Handled = Result<(), Failure>;
 
-/// Either a refusal (answered with STDERR_ERROR, the session goes on) or a session error.
+/// Either a refusal with its message (answered with STDERR_ERROR, the session goes on) or a
+/// session error.
 enum Failure {
-    Refused(Refusal),
+    Refused(String),
     Fatal(SessionError),
 }
 
@@ -155,26 +147,25 @@ impl<E: Into<SessionError>> From<E> for Failure {
 }
 
 fn refuse<T>(msg: impl Into<String>) -> Result<T, Failure> {
-    Err(Failure::Refused(Refusal(msg.into())))
+    Err(Failure::Refused(msg.into()))
 }
 
-/// A service error answered as a refusal.
-fn refused(e: ServiceError) -> Failure {
-    Failure::Refused(e.into())
+/// An error answered as a refusal.
+fn refused(e: impl std::fmt::Display) -> Failure {
+    Failure::Refused(e.to_string())
 }
 
 impl<O: SessionOutput> Driver<'_, O> {
     async fn run<R: AsyncRead + Unpin>(&mut self, mut input: R) -> Result<(), SessionError> {
         let mut buf = BytesMut::new();
         let settings = self.ctx.settings();
-        let handshake_deadline = tokio::time::Instant::now() + settings.handshake_timeout;
-        let mut handshake_done = false;
+        let mut due = ReadDeadline::new(settings);
         loop {
             while let Some(event) = self.session.poll(&mut buf).map_err(|e| match e {
                 WorkerError::Wire(w) => over_limit(w, settings),
                 e => SessionError::Worker(e),
             })? {
-                handshake_done |= matches!(event, Event::Hello { .. });
+                due.greeted |= matches!(event, Event::Hello { .. });
                 self.handle(event, &mut input, &mut buf).await?;
             }
             let max = settings.max_request_bytes;
@@ -183,17 +174,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             self.flush().await?;
             make_room(&mut buf, &mut self.held, &self.pool, max)?;
-            let (deadline, phase, secs) = if handshake_done {
-                let t = settings.idle_timeout;
-                (tokio::time::Instant::now() + t, "to send more", t.as_secs())
-            } else {
-                let t = settings.handshake_timeout;
-                (handshake_deadline, "to complete the handshake", t.as_secs())
-            };
-            let n = tokio::time::timeout_at(deadline, input.read_buf(&mut buf))
-                .await
-                .map_err(|_| SessionError::Timeout { phase, secs })??;
-            if n == 0 {
+            if due.read(&mut input, &mut buf).await? == 0 {
                 return Ok(self.session.end_of_input(&buf)?);
             }
         }
@@ -242,7 +223,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         match handled {
             Ok(()) => Ok(()),
             Err(Failure::Fatal(e)) => Err(e),
-            Err(Failure::Refused(Refusal(msg))) => {
+            Err(Failure::Refused(msg)) => {
                 tracing::info!(account = %self.ctx.settings().account, "refused: {msg}");
                 Ok(self.session.fail(ErrorInfo::new(msg))?)
             }
@@ -328,7 +309,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 references,
             } => {
                 let added = dump::add_text_to_store(&name, text, references)
-                    .map_err(|e| Failure::Refused(Refusal(e.to_string())))?;
+                    .map_err(refused)?;
                 let path = self.add_whole(added).await?;
                 Response::Added { path, info: None }
             }
@@ -577,12 +558,13 @@ impl<O: SessionOutput> Driver<'_, O> {
         for p in paths {
             let result = match p {
                 DerivedPath::Opaque(path) => match self.valid(path).await? {
-                    true => plain_result(BuildStatus::AlreadyValid, String::new()),
-                    false => plain_result(
+                    true => BuildResult::without_build(BuildStatus::AlreadyValid, Vec::new()),
+                    false => BuildResult::without_build(
                         BuildStatus::MiscFailure,
                         format!(
                             "path '{path}' is not valid on this server and is not a derivation"
-                        ),
+                        )
+                        .into(),
                     ),
                 },
                 DerivedPath::Built { drv, .. } => {
@@ -592,7 +574,10 @@ impl<O: SessionOutput> Driver<'_, O> {
                             let outcome = self.wait_for(job, input, buf).await?;
                             build_result(&outcome, &drv_hash)
                         }
-                        Err(e) => plain_result(BuildStatus::MiscFailure, e.to_string()),
+                        Err(e) => BuildResult::without_build(
+                            BuildStatus::MiscFailure,
+                            e.to_string().into(),
+                        ),
                     }
                 }
             };
@@ -786,8 +771,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             Some(Incoming::Dump {
                 name, form, data, ..
             }) => {
-                let added = dump::add_to_store(&name, &form, data)
-                    .map_err(|e| Failure::Refused(Refusal(e.to_string())))?;
+                let added = dump::add_to_store(&name, &form, data).map_err(refused)?;
                 let path = self.add_whole(added).await?;
                 let info = match self.session.version() >= WorkerVersion::V1_25 {
                     true => self.path_info(&path).await?.map(Box::new),
@@ -831,18 +815,5 @@ impl<O: SessionOutput> Driver<'_, O> {
             .map_err(refused)?;
         tracing::info!(account = %self.ctx.settings().account, path = %path, "registered added path");
         Ok(path)
-    }
-}
-
-/// A BuildResult for a path that was not built.
-fn plain_result(status: BuildStatus, msg: String) -> BuildResult {
-    BuildResult {
-        status,
-        error_msg: msg.into_bytes(),
-        times_built: 0,
-        is_non_deterministic: false,
-        start_time: 0,
-        stop_time: 0,
-        built_outputs: BTreeMap::new(),
     }
 }

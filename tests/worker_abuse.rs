@@ -24,8 +24,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use harness::hostile::{
-    bad_nars, bad_paths, check_daemon, check_error, dir_nar, endless_file_nar, guarded, nested_nar,
-    Bystander, Cut, Fixture, FILE, W,
+    assert_failures_logged, bad_nars, bad_paths, check_daemon, check_error, dir_nar,
+    endless_file_nar, guarded, nested_nar, Bystander, Cut, Fixture, FILE, W,
 };
 use harness::ssh::SshServer;
 use harness::worker::{
@@ -800,16 +800,11 @@ fn hostile_worker_sessions_over_the_relay() {
     let (status, stderr) = bystander.close();
     assert_eq!(status, 0, "the bystander's session: {stderr}");
     // Every session that ended with an error was logged by the daemon as a failed one.
-    let log = daemon.log();
-    let failed = log.lines().filter(|l| l.contains("status=1")).count();
     let errors = all
         .iter()
         .filter(|c| matches!(c.expect, Expect::Fatal(_)))
         .count();
-    assert!(
-        failed >= errors,
-        "{failed} failed sessions logged for {errors} error cases"
-    );
+    assert_failures_logged(&daemon, errors);
     check_daemon(daemon);
 }
 

@@ -514,6 +514,17 @@ pub fn guarded(
     daemon.assert_unchanged(&before, case);
 }
 
+/// Checks that the daemon logged at least `errors` sessions as failed: every case that must
+/// end its session with an error did, as the daemon saw it.
+pub fn assert_failures_logged(daemon: &Daemon, errors: usize) {
+    let log = daemon.log();
+    let failed = log.lines().filter(|l| l.contains("status=1")).count();
+    assert!(
+        failed >= errors,
+        "{failed} failed sessions logged for {errors} error cases"
+    );
+}
+
 /// Checks what only the daemon knows after the cases: no panic, and (at stop) a clean exit
 /// with a consistent store and no leftovers.
 pub fn check_daemon(daemon: Daemon) {

@@ -162,6 +162,20 @@ pub enum Answer {
     Error(String),
 }
 
+impl Answer {
+    /// Whether `answers` are those of an upload (AddToStoreNar) and an IsValidPath of the
+    /// uploaded path: acknowledged, then valid.
+    pub fn added_then_valid(answers: &[Answer]) -> bool {
+        matches!(
+            answers,
+            [
+                Answer::Ok(Some(Response::Nothing)),
+                Answer::Ok(Some(Response::Int(1)))
+            ]
+        )
+    }
+}
+
 /// What a session gave back, decoded.
 #[derive(Debug)]
 pub struct Transcript {

@@ -182,6 +182,20 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
+    /// A result with `status` and `error_msg` and nothing else: no build ran, no times, no
+    /// outputs.
+    pub fn without_build(status: BuildStatus, error_msg: Vec<u8>) -> Self {
+        BuildResult {
+            status,
+            error_msg,
+            times_built: 0,
+            is_non_deterministic: false,
+            start_time: 0,
+            stop_time: 0,
+            built_outputs: BTreeMap::new(),
+        }
+    }
+
     /// Reads the status and message, the start of a BuildResult in both protocols; the
     /// rest is empty.
     pub(crate) fn read_head(r: &mut Reader<'_>, limits: &wire::Limits) -> ReadResult<Self> {
@@ -189,15 +203,8 @@ impl BuildResult {
         let value = u64::from(r.int("status")?);
         let status =
             BuildStatus::from_wire(value).ok_or(ServeError::UnknownStatus { offset, value })?;
-        Ok(BuildResult {
-            status,
-            error_msg: r.bytes("errorMsg", limits.max_string_len)?.to_vec(),
-            times_built: 0,
-            is_non_deterministic: false,
-            start_time: 0,
-            stop_time: 0,
-            built_outputs: BTreeMap::new(),
-        })
+        let error_msg = r.bytes("errorMsg", limits.max_string_len)?.to_vec();
+        Ok(BuildResult::without_build(status, error_msg))
     }
 
     /// Reads timesBuilt, isNonDeterministic, startTime and stopTime.

@@ -25,6 +25,18 @@ pub(crate) const PATH_INFO: &[Field] = &[
     Str(Short),
 ];
 
+/// BuildDerivation's path and BasicDerivation, as both protocols send them: drvPath, outputs,
+/// inputSrcs, platform, builder, args, env (the build settings that follow differ).
+pub(crate) const BUILD_DERIVATION: &[Field] = &[
+    Str(Short),
+    List(4, Short),
+    List(1, Short),
+    Str(Short),
+    Str(Long),
+    List(1, Long),
+    List(2, Long),
+];
+
 /// An ImportPaths entry's trailer after its NAR: magic, path, references, deriver, signature.
 const TRAILER: &[Field] = &[U64s(1), Str(Short), List(1, Short), Str(Short), Signature];
 
@@ -38,19 +50,8 @@ fn fields(op: Opcode, v: ProtocolVersion) -> Layout {
         Opcode::ImportPaths => &[],
         Opcode::ExportPaths | Opcode::QueryClosure => &[U64s(1), List(1, Short)],
         Opcode::BuildPaths => return Cow::Owned(vec![List(1, Short), options]),
-        // drvPath, outputs, inputSrcs, platform, builder, args, env, options
-        Opcode::BuildDerivation => {
-            return Cow::Owned(vec![
-                Str(Short),
-                List(4, Short),
-                List(1, Short),
-                Str(Short),
-                Str(Long),
-                List(1, Long),
-                List(2, Long),
-                options,
-            ])
-        }
+        // drvPath, the BasicDerivation, options
+        Opcode::BuildDerivation => return Cow::Owned([BUILD_DERIVATION, &[options]].concat()),
         Opcode::AddToStoreNar => PATH_INFO,
     })
 }

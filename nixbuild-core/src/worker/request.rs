@@ -15,7 +15,7 @@ use crate::hash::HashAlgo;
 use crate::serve::derivation::{encode_basic_derivation, read_basic_derivation};
 use crate::serve::fields::{parse_store_path, put_store_path, put_store_path_set};
 use crate::serve::fields::{store_path, store_path_set};
-use crate::serve::framing::PATH_INFO;
+use crate::serve::framing::{BUILD_DERIVATION, PATH_INFO};
 use crate::serve::{AddToStoreNar, ServeError};
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
@@ -174,17 +174,8 @@ impl Opcode {
             Opcode::QueryValidPaths if v >= WorkerVersion::V1_27 => &[List(1, Short), U64s(1)],
             Opcode::QueryValidPaths => &[List(1, Short)],
             Opcode::VerifyStore | Opcode::AddMultipleToStore => &[U64s(2)],
-            // drvPath, outputs, inputSrcs, platform, builder, args, env, buildMode
-            Opcode::BuildDerivation => &[
-                Str(Short),
-                List(4, Short),
-                List(1, Short),
-                Str(Short),
-                Str(Long),
-                List(1, Long),
-                List(2, Long),
-                U64s(1),
-            ],
+            // drvPath, the BasicDerivation, buildMode
+            Opcode::BuildDerivation => return Cow::Owned([BUILD_DERIVATION, &[U64s(1)]].concat()),
             Opcode::AddSignatures => &[Str(Short), List(1, Short)],
             // The path and its metadata, then repair and dontCheckSigs.
             Opcode::AddToStoreNar => return Cow::Owned([PATH_INFO, &[U64s(2)]].concat()),
