@@ -18,118 +18,13 @@
 mod harness;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 
 use harness::clients::{read_client_file, Client, ClientNix};
 use harness::closure::{self, parse_infos, Info};
-use harness::ssh::{ok, run, Key, SshServer};
-use harness::{example_bin, salt};
+use harness::salt;
+use harness::ssh::{ok, run};
+use harness::ssh_ng::{must, Setup, Way, ALICE, BOB};
 use nixbuild_core::store_path::StorePath;
-
-const ALICE: &str = "alice";
-const BOB: &str = "bob";
-
-/// How the client reaches the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Way {
-    /// The relay as the remote program of `ssh-ng://localhost`.
-    Relay,
-    /// The SSH server, through an ssh config alias.
-    Ssh,
-}
-
-/// A client, a server (SSH on, the relay's socket too) with keys for alice and bob, and the
-/// way in.
-struct Setup {
-    nix: ClientNix,
-    server: SshServer,
-    way: Way,
-    alice: Key,
-    bob: Key,
-}
-
-impl Setup {
-    fn new(client: Client, way: Way) -> Setup {
-        Setup::with_config(client, way, "")
-    }
-
-    /// Like [`Setup::new`], the server with `config` (TOML).
-    fn with_config(client: Client, way: Way, config: &str) -> Setup {
-        let nix = ClientNix::new(client, "");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let alice = SshServer::key(dir.path(), "id_alice", "ed25519", ALICE);
-        let bob = SshServer::key(dir.path(), "id_bob", "ed25519", BOB);
-        let server = SshServer::start(config, dir, &[&alice, &bob]);
-        Setup {
-            nix,
-            server,
-            way,
-            alice,
-            bob,
-        }
-    }
-
-    /// The ssh config alias of `account`'s key (one per client, so that tests running at
-    /// once do not share Nix's builder slots).
-    fn alias(&self, account: &str) -> String {
-        format!("ng-{}-{account}", self.nix.client.name())
-    }
-
-    /// The store URI for `account`.
-    fn uri(&self, account: &str) -> String {
-        match self.way {
-            Way::Relay => format!(
-                "ssh-ng://localhost?remote-program={}",
-                example_bin("nixbuild-serve").display()
-            ),
-            Way::Ssh => format!("ssh-ng://{}", self.alias(account)),
-        }
-    }
-
-    /// A Nix program of the client that reaches the server as `account`.
-    fn cmd(&self, account: &str, program: &str) -> Command {
-        match self.way {
-            Way::Relay => self.nix.relayed(&self.server.daemon, account, program),
-            Way::Ssh => {
-                let key = match account {
-                    ALICE => &self.alice,
-                    BOB => &self.bob,
-                    _ => panic!("no key for {account}"),
-                };
-                let config = self.server.ssh_config(&self.alias(account), key);
-                self.nix.over_ssh(&config, program)
-            }
-        }
-    }
-
-    /// A `nix` command of the client (with `nix-command` enabled by its nix.conf) reaching
-    /// the server as `account`, the subcommand's words first, then `--store <uri>`.
-    fn nix(&self, account: &str, words: &[&str]) -> Command {
-        let mut cmd = self.cmd(account, "nix");
-        cmd.args(words).arg("--store").arg(self.uri(account));
-        cmd
-    }
-
-    /// Checks, after the test, that the daemon stops cleanly; returns its store and log.
-    fn stop(self) -> harness::Stopped {
-        self.server.daemon.stop()
-    }
-}
-
-/// Runs `cmd`, which must succeed, naming the client and way in a failure.
-fn must(setup: &Setup, what: &str, cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{} client ({}), {:?}: {what} failed (status {:?}):\n{}",
-        setup.nix.client.name(),
-        setup.nix.version,
-        setup.way,
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn store_path(path: &str) -> StorePath {
     StorePath::from_absolute_path(path.as_bytes()).expect("store path")

@@ -48,10 +48,12 @@ pub fn store_uri() -> String {
     )
 }
 
+pub mod build_log;
 pub mod clients;
 pub mod closure;
 pub mod hostile;
 pub mod ssh;
+pub mod ssh_ng;
 pub mod worker;
 
 /// How many build uids each test daemon has.
