@@ -12,15 +12,16 @@
 //!   that selects outputs of the diamond's top (`top.dev` on Nix 2.8, `top^dev,doc` on the
 //!   newer clients); afterwards `nix copy --from` fetches the requested outputs, and the
 //!   server's log shows that those, and only those, NARs were sent;
-//! - a graph where one derivation fails, with and without the client's `--keep-going` (the
-//!   ssh-ng store sends the client's options nowhere: the server keeps going either way): every
-//!   branch that can succeed is built, the failure's dependents are not, the client's error
-//!   shows the failing builder's log; then `nix build --dry-run` (QueryMissing, the `.drv`
-//!   files being on the server) lists exactly the derivations still to build.
+//! - a graph where one derivation fails, with and without the client's `--keep-going` (Nix's
+//!   ssh-ng store does not pass the client's options on; the server keeps going by default):
+//!   every branch that can succeed is built, the failure's dependents are not, the client's
+//!   error shows the failing builder's log; then `nix build --dry-run` (QueryMissing, the
+//!   `.drv` files being on the server) lists exactly the derivations still to build.
 //!
 //! With the host's Nix 2.8 through the relay only: 200 derivations under one top never run
-//! on more cores than the server has, and a client killed mid-graph leaves no build running
-//! and nothing half-registered, and the same command again builds only what was missing.
+//! on more cores than the server has; a client killed mid-graph leaves no build running
+//! (the running ones killed, the waiting one never started) and nothing half-registered, and
+//! the same command again builds only what was missing.
 //!
 //! Everything is checked from the server's log (tests/harness/build_log.rs): each
 //! derivation's `building` comes after the `build finished` of each of its inputs, and
@@ -550,18 +551,30 @@ fn two_hundred_derivations_never_run_on_more_than_the_cores() {
     s.stop();
 }
 
-/// (e): the client killed while the graph builds: the running build is killed, nothing is
+/// (e): the client killed while the graph builds, on a server of two job slots: the two
+/// running builds are killed, the one waiting for a slot never starts, nothing is
 /// half-registered, and the same command again builds only what was missing.
 #[test]
 fn a_client_killed_mid_graph_leaves_nothing_running_and_a_rerun_builds_the_rest() {
-    let s = Setup::new(Client::Host, Way::Relay);
+    let s = Setup::with_config(
+        Client::Host,
+        Way::Relay,
+        "[capacity]\ncores = 2\nmax_jobs = 2\n",
+    );
     let salt = salt();
     let mut g = Graph::default();
     let quick: Vec<(usize, &str)> = (0..4)
         .map(|i| (g.add(&format!("q{i}"), &["out"], vec![], ""), "out"))
         .collect();
-    let slow = g.add("slow", &["out"], quick, "sleep 3");
-    g.add("top", &["out"], vec![(slow, "out")], "");
+    let slow: Vec<(usize, &str)> = (0..3)
+        .map(|i| {
+            (
+                g.add(&format!("s{i}"), &["out"], quick.clone(), "sleep 3"),
+                "out",
+            )
+        })
+        .collect();
+    g.add("top", &["out"], slow, "");
     let (file, paths) = g.write(&s, &salt);
     let scratch = s.nix.scratch();
     let output = |name: &str| File::create(scratch.join(name)).expect("create a client log");
@@ -570,28 +583,52 @@ fn a_client_killed_mid_graph_leaves_nothing_running_and_a_rerun_builds_the_rest(
         .stderr(Stdio::from(output("killed.err")))
         .spawn()
         .expect("spawn nix build");
-    let slow_drv = paths["slow"].drv.clone();
-    s.server
-        .daemon
-        .wait_for_log(&["nixbuild::build: building ", &format!("drv={slow_drv} ")]);
+    let slow_attrs = ["s0", "s1", "s2"];
+    let slow_starts = |events: &[BuildEvent]| -> Vec<usize> {
+        slow_attrs
+            .iter()
+            .map(|a| starts_of(events, &paths[*a].drv))
+            .collect()
+    };
+    // Both slots taken by slow builds (the quick ones are over: they are the slow ones'
+    // inputs); the third slow build waits.
+    wait_for_log(&s, "two slow builds running", |log| {
+        slow_starts(&build_events(log)).iter().sum::<usize>() == 2
+    });
     client.kill().expect("kill the client");
     let _ = client.wait();
 
     harness::assert_no_build_left(&s.server.daemon);
-    let log = s.server.daemon.log();
+    // Every build the graph had submitted has ended (killed, or cancelled while it waited).
+    let log = wait_for_log(&s, "the end of each submitted build", |log| {
+        let events = build_events(log);
+        events.iter().filter(|e| e.kind == Kind::Queued).all(|q| {
+            events
+                .iter()
+                .any(|e| e.kind == Kind::Finished && e.drv == q.drv)
+        })
+    });
     assert!(
         log.contains("no client waits for the build any more"),
-        "the server did not kill the build no one waits for:\n{log}"
+        "the server did not kill the builds no one waits for:\n{log}"
     );
     let events = build_events(&log);
     let quick_attrs = ["q0", "q1", "q2", "q3"];
     assert_built_once_in_order(&g, &paths, &quick_attrs, &events, &log);
-    assert_eq!(starts_of(&events, &slow_drv), 1, "{log}");
-    let slow_end = events
-        .iter()
-        .find(|e| e.kind == Kind::Finished && e.drv == slow_drv)
-        .unwrap_or_else(|| panic!("the killed build did not end:\n{log}"));
-    assert_ne!(slow_end.status.as_deref(), Some("Built"), "{log}");
+    let first = slow_starts(&events);
+    assert_eq!(
+        first.iter().sum::<usize>(),
+        2,
+        "the waiting slow build started after the client had gone:\n{log}"
+    );
+    for attr in slow_attrs {
+        let drv = &paths[attr].drv;
+        let ended = events
+            .iter()
+            .filter(|e| e.kind == Kind::Finished && e.drv == *drv)
+            .all(|e| e.status.as_deref() != Some("Built"));
+        assert!(ended, "{attr} was built for a client that had gone:\n{log}");
+    }
     assert_eq!(starts_of(&events, &paths["top"].drv), 0, "{log}");
     // Nothing half-registered: no import or build left in tmp/, no object without its row,
     // and only the finished outputs valid.
@@ -610,10 +647,12 @@ fn a_client_killed_mid_graph_leaves_nothing_running_and_a_rerun_builds_the_rest(
     for attr in quick_attrs {
         assert!(valid(attr), "{attr}'s output is not valid on the server");
     }
-    assert!(
-        !valid("slow") && !valid("top"),
-        "an unfinished output is valid"
-    );
+    for attr in slow_attrs.iter().chain(&["top"]) {
+        assert!(
+            !valid(attr),
+            "{attr}'s output is valid, yet it was not built"
+        );
+    }
 
     must(
         &s,
@@ -629,7 +668,12 @@ fn a_client_killed_mid_graph_leaves_nothing_running_and_a_rerun_builds_the_rest(
             "{attr} was built again:\n{log}"
         );
     }
-    assert_eq!(starts_of(&events, &slow_drv), 2, "slow:\n{log}");
+    let again: Vec<usize> = slow_starts(&events)
+        .iter()
+        .zip(&first)
+        .map(|(all, before)| all - before)
+        .collect();
+    assert_eq!(again, [1, 1, 1], "slow builds of the rerun:\n{log}");
     assert_eq!(starts_of(&events, &paths["top"].drv), 1, "top:\n{log}");
     assert!(valid("top"), "top's output is not valid after the rerun");
     s.stop();
