@@ -346,43 +346,52 @@ fn a_build_whose_client_went_away_is_killed() {
     assert!(!stopped.valid("a", &output_of(&d)));
 }
 
-/// Serve BuildPaths of a `.drv` whose input derivation is not built: the server builds the
-/// graph, the input first; then both are valid and nothing is built again.
-#[test]
-fn build_paths_builds_an_uploaded_derivation_graph() {
-    let s = Setup::new("");
-    let expr = s.nix.scratch().join("bp.nix");
+/// A Nix file of derivations named `names` (salted), each `name = "script"` run by busybox's
+/// sh with `${dep}` interpolations as written; returns the `.drv` of each attribute.
+fn instantiate(s: &Setup, attrs: &[(&str, &str)]) -> BTreeMap<String, StorePath> {
+    let expr = s.nix.scratch().join(format!("graph-{}.nix", attrs.len()));
+    let body: String = attrs
+        .iter()
+        .map(|(name, script)| {
+            format!(
+                "{name} = derivation {{ name = \"g-{name}-{salt}\"; system = \"x86_64-linux\"; \
+                 builder = \"${{bb}}/bin/sh\"; args = [ \"-c\" \"{script}\" ]; }};\n",
+                salt = s.salt
+            )
+        })
+        .collect();
     std::fs::write(
         &expr,
         format!(
-            r#"let bb = builtins.storePath "{bb}"; in
-            rec {{
-              dep = derivation {{ name = "bp-dep-{salt}"; system = "x86_64-linux"; builder = "${{bb}}/bin/sh"; args = [ "-c" "echo dep > $out" ]; }};
-              top = derivation {{ name = "bp-top-{salt}"; system = "x86_64-linux"; builder = "${{bb}}/bin/sh"; args = [ "-c" "cat ${{dep}} > $out; echo top >> $out" ]; }};
-            }}"#,
-            bb = s.bb,
-            salt = s.salt
+            "let bb = builtins.storePath \"{bb}\"; in rec {{\n{body}}}",
+            bb = s.bb
         ),
     )
     .expect("write");
-    let inst = |attr: &str| {
-        s.nix.run_line(
-            "nix-instantiate",
-            [expr.as_os_str(), "-A".as_ref(), attr.as_ref()],
-        )
-    };
-    let dep = StorePath::from_absolute_path(inst("dep").as_bytes()).expect("drv");
-    let top = StorePath::from_absolute_path(inst("top").as_bytes()).expect("drv");
-    // Upload both .drv files (nix copy of a .drv copies its closure: sources and input .drvs).
+    attrs
+        .iter()
+        .map(|(name, _)| {
+            let drv = s.nix.run_line(
+                "nix-instantiate",
+                [expr.as_os_str(), "-A".as_ref(), name.as_ref()],
+            );
+            let drv = StorePath::from_absolute_path(drv.as_bytes()).expect("drv");
+            ((*name).to_owned(), drv)
+        })
+        .collect()
+}
+
+/// Uploads the `.drv` closure of `drv` for `account` (what `nix build --store` does first).
+fn copy_derivation(s: &Setup, account: &str, drv: &StorePath) {
     let out = s
         .daemon
-        .point(s.nix.command("nix"), "a")
+        .point(s.nix.command("nix"), account)
         .args([
             "copy",
             "--derivation",
             "--to",
             &store_uri(),
-            &top.to_absolute(),
+            &drv.to_absolute(),
         ])
         .output()
         .expect("nix copy");
@@ -391,37 +400,57 @@ fn build_paths_builds_an_uploaded_derivation_graph() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let build_paths = |drv: &StorePath| {
-        let req = Request::BuildPaths {
-            paths: vec![PathWithOutputs {
-                path: drv.clone(),
+}
+
+/// Sends serve BuildPaths of the outputs of `drvs` as `account` and returns the answer.
+fn build_paths(s: &Setup, account: &str, drvs: &[&StorePath]) -> BuildPathsResult {
+    let req = Request::BuildPaths {
+        paths: drvs
+            .iter()
+            .map(|drv| PathWithOutputs {
+                path: (*drv).clone(),
                 outputs: BTreeSet::new(),
-            }],
-            options: BuildOptions::default(),
-        };
-        let script = Script::new().request(&req);
-        let reply = s.daemon.relay_waiting("a", &script.bytes, &script.ops);
-        match reply.responses(&script.ops).into_iter().next() {
-            Some(Response::BuildPaths(r)) => r,
-            other => panic!("expected a BuildPaths answer, got {other:?}"),
-        }
-    };
-    // top's input (dep's output) is not on the server yet: the server builds the graph,
-    // dep first, once each.
-    assert_eq!(build_paths(&top), BuildPathsResult::Success);
-    let building = |log: &str, drv: &StorePath| {
-        log.lines()
-            .position(|l| {
-                l.contains("nixbuild::build: building ")
-                    && l.contains(&format!("drv={} ", drv.to_absolute()))
             })
-            .unwrap_or_else(|| panic!("{drv} was not built:\n{log}"))
+            .collect(),
+        options: BuildOptions::default(),
     };
+    let script = Script::new().request(&req);
+    let reply = s.daemon.relay_waiting(account, &script.bytes, &script.ops);
+    match reply.responses(&script.ops).into_iter().next() {
+        Some(Response::BuildPaths(r)) => r,
+        other => panic!("expected a BuildPaths answer, got {other:?}"),
+    }
+}
+
+/// The line of the daemon's log where the build of `drv` started, if it did.
+fn started_at(log: &str, drv: &StorePath) -> Option<usize> {
+    log.lines().position(|l| {
+        l.contains("nixbuild::build: building ")
+            && l.contains(&format!("drv={} ", drv.to_absolute()))
+    })
+}
+
+/// Serve BuildPaths of a `.drv` whose input derivation is not built: the server builds the
+/// graph, the input first; then both are valid and nothing is built again.
+#[test]
+fn build_paths_builds_an_uploaded_derivation_graph() {
+    let s = Setup::new("");
+    let drvs = instantiate(
+        &s,
+        &[
+            ("dep", "echo dep > $out"),
+            ("top", "cat ${dep} > $out; echo top >> $out"),
+        ],
+    );
+    let (dep, top) = (&drvs["dep"], &drvs["top"]);
+    copy_derivation(&s, "a", top);
+    assert_eq!(build_paths(&s, "a", &[top]), BuildPathsResult::Success);
     let log = s.daemon.log();
-    assert!(building(&log, &dep) < building(&log, &top), "{log}");
+    let built = |drv| started_at(&log, drv).unwrap_or_else(|| panic!("{drv} not built:\n{log}"));
+    assert!(built(dep) < built(top), "{log}");
     // Both are valid now: nothing more is built.
-    assert_eq!(build_paths(&dep), BuildPathsResult::Success);
-    assert_eq!(build_paths(&top), BuildPathsResult::Success);
+    assert_eq!(build_paths(&s, "a", &[dep]), BuildPathsResult::Success);
+    assert_eq!(build_paths(&s, "a", &[top]), BuildPathsResult::Success);
     let log = s.daemon.log();
     assert_eq!(
         log.matches("nixbuild::build: building ").count(),
@@ -437,6 +466,93 @@ fn build_paths_builds_an_uploaded_derivation_graph() {
         "a",
         &StorePath::from_absolute_path(top_out.as_bytes()).expect("out")
     ));
+}
+
+/// A graph with a failing derivation: by default the server keeps going, so the branch that
+/// can succeed is built, the failed derivation's dependents are not, and the answer carries
+/// the failure's log tail. With `[builds] keep_going = false`, the first failure stops the
+/// derivation still running and nothing new starts.
+#[test]
+fn a_failed_derivation_fails_its_dependents_and_keep_going_decides_the_rest() {
+    for keep_going in [true, false] {
+        let s = Setup::new(&format!(
+            "[builds]\nkeep_going = {keep_going}\n[capacity]\ncores = 2\n"
+        ));
+        let drvs = instantiate(
+            &s,
+            &[
+                ("bad", "echo boom-$name; exit 1"),
+                ("after", "cat ${bad} > $out"),
+                ("slow", "sleep 2; echo slow > $out"),
+                ("ok", "cat ${slow} > $out"),
+                ("top", "cat ${after} ${ok} > $out"),
+            ],
+        );
+        copy_derivation(&s, "a", &drvs["top"]);
+        match build_paths(&s, "a", &[&drvs["top"]]) {
+            BuildPathsResult::Failure { code, msg } => {
+                assert_eq!(code, 100);
+                let msg = String::from_utf8_lossy(&msg);
+                assert!(msg.contains(&format!("boom-g-bad-{}", s.salt)), "{msg}");
+            }
+            BuildPathsResult::Success => panic!("a graph with a failing node succeeded"),
+        }
+        let log = s.daemon.log();
+        let started = |name: &str| started_at(&log, &drvs[name]).is_some();
+        assert!(started("bad") && started("slow"), "{log}");
+        assert!(!started("after") && !started("top"), "{log}");
+        assert_eq!(
+            started("ok"),
+            keep_going,
+            "keep_going = {keep_going}:\n{log}"
+        );
+        for name in ["after", "top"] {
+            assert!(
+                log.lines().any(|l| l.contains("dependency failed")
+                    && l.contains(&format!("drv={} ", drvs[name].to_absolute()))),
+                "{name}: {log}"
+            );
+        }
+        if !keep_going {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("stopped: another derivation")
+                        && l.ends_with(&format!("drv={}", drvs["slow"].to_absolute()))),
+                "{log}"
+            );
+        }
+        harness::assert_no_build_left(&s.daemon);
+        s.daemon.stop();
+    }
+}
+
+/// A graph build reads derivations from the account's own view only: account b's uploaded
+/// `.drv` files are not a's to build, and nothing is built.
+#[test]
+fn a_graph_build_reads_only_the_accounts_own_derivations() {
+    let s = Setup::new("");
+    s.upload_for("b");
+    let drvs = instantiate(
+        &s,
+        &[("dep", "echo dep > $out"), ("top", "cat ${dep} > $out")],
+    );
+    copy_derivation(&s, "b", &drvs["top"]);
+    match build_paths(&s, "a", &[&drvs["top"]]) {
+        BuildPathsResult::Failure { msg, .. } => {
+            let msg = String::from_utf8_lossy(&msg);
+            assert!(
+                msg.contains(&format!(
+                    "derivation '{}' is not valid on this server for this account",
+                    drvs["top"]
+                )),
+                "{msg}"
+            );
+        }
+        BuildPathsResult::Success => panic!("account a built b's derivation"),
+    }
+    let log = s.daemon.log();
+    assert!(!log.contains("nixbuild::build: building "), "{log}");
+    s.daemon.stop();
 }
 
 /// The builder's view of its CPU and memory grant, as lines of its output.

@@ -5,7 +5,7 @@
 //! request or a derivation being built needs is not valid for the account. The result is a
 //! [`GraphPlan`], whose nodes become [`BuildJob`]s once their inputs are built.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use nixbuild_core::derivation::{
     AtermError, BasicDerivation, Derivation, DerivationError, DerivationOutput,
@@ -72,13 +72,17 @@ pub enum DrvError {
         /// The output's name.
         output: String,
     },
-    /// The graph is larger than this server reads for one request (or has a cycle, which
-    /// a real store cannot hold).
+    /// The graph is larger than this server reads for one request.
     #[error(
         "the derivation graph of '{0}' has more than {MAX_GRAPH_DERIVATIONS} derivations or \
-         {MAX_GRAPH_DRV_BYTES} bytes of them, or a cycle"
+         {MAX_GRAPH_DRV_BYTES} bytes of them"
     )]
     TooLarge(StorePath),
+    /// A derivation needs itself through its inputs (no real store holds such `.drv`
+    /// files, whose paths follow from their contents; a client can upload them under made-up
+    /// paths).
+    #[error("derivation '{0}' depends on itself through its input derivations")]
+    Cycle(StorePath),
     /// An input is not valid for the account when its build is about to start.
     #[error(
         "cannot build '{drv}': its input '{input}' is not valid on this server for this \
@@ -183,6 +187,8 @@ struct Walk<'a> {
     store: &'a Store,
     account: &'a str,
     loaded: HashMap<StorePath, Loaded>,
+    /// Derivations read whose inputs are not all loaded yet: the current path of the walk.
+    visiting: HashSet<StorePath>,
     /// Every derivation, after all of its inputs.
     order: Vec<StorePath>,
     bytes: u64,
@@ -191,7 +197,10 @@ struct Walk<'a> {
 impl Walk<'_> {
     /// Reads and checks `root` and every derivation it needs that is not read yet.
     fn load(&mut self, root: &StorePath) -> Result<(), DrvError> {
-        // (path, whether its inputs were pushed); iterative, as graphs can be thousands deep.
+        // What an earlier walk that failed left.
+        self.visiting.clear();
+        // (path, the derivation once read and its inputs pushed); iterative, as graphs can
+        // be thousands deep.
         let mut stack = vec![(root.clone(), None::<Derivation>)];
         while let Some((path, read)) = stack.pop() {
             if self.loaded.contains_key(&path) {
@@ -201,7 +210,12 @@ impl Walk<'_> {
                 return Err(DrvError::TooLarge(root.clone()));
             }
             let Some(drv) = read else {
+                // Pushed again by a derivation it needs: a cycle.
+                if self.visiting.contains(&path) {
+                    return Err(DrvError::Cycle(path));
+                }
                 let drv = self.read(&path, root)?;
+                self.visiting.insert(path.clone());
                 let inputs: Vec<StorePath> = drv
                     .input_drvs
                     .keys()
@@ -212,10 +226,7 @@ impl Walk<'_> {
                 stack.extend(inputs.into_iter().map(|i| (i, None)));
                 continue;
             };
-            // Every input is loaded now, unless the graph has a cycle.
-            if drv.input_drvs.keys().any(|i| !self.loaded.contains_key(i)) {
-                return Err(DrvError::TooLarge(root.clone()));
-            }
+            self.visiting.remove(&path);
             let resolve = |p: &StorePath| self.loaded.get(p).map(|l| l.modulo);
             let name = drv.basic.name().map_err(|source| DrvError::Derivation {
                 path: path.clone(),
@@ -298,6 +309,7 @@ pub(super) fn plan(
         store,
         account,
         loaded: HashMap::new(),
+        visiting: HashSet::new(),
         order: Vec::new(),
         bytes: 0,
     };
@@ -461,4 +473,239 @@ pub(super) fn node_job(
         drv,
         options,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
+mod tests {
+    use super::*;
+    use crate::store::{PathClaim, StoreLimits};
+    use nixbuild_core::nar::NarNode;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits {
+            max_nar_size: 1 << 20,
+            disk_reserve: 0,
+        };
+        let store = Store::open(dir.path(), limits).unwrap();
+        (dir, store)
+    }
+
+    /// Registers a file holding `contents` at `path` for `account`.
+    fn add(store: &Store, account: &str, path: &StorePath, contents: &[u8]) {
+        let nar = NarNode::File {
+            executable: false,
+            contents: contents.to_vec(),
+        }
+        .to_nar()
+        .unwrap();
+        let mut import = store.begin_import(account).unwrap();
+        import.write(&nar).unwrap();
+        import
+            .commit(PathClaim {
+                path: path.clone(),
+                deriver: None,
+                nar_hash: None,
+                nar_size: None,
+                references: BTreeSet::new(),
+                registration_time: 0,
+                ca: None,
+                sigs: BTreeSet::new(),
+            })
+            .unwrap();
+    }
+
+    /// A derivation `name` with `outputs`, needing `inputs` (`.drv`, outputs used), its
+    /// output paths as Nix computes them; uploaded for `account`. Returns its `.drv` and
+    /// output paths.
+    fn derivation(
+        store: &Store,
+        account: &str,
+        known: &HashMap<StorePath, Hash>,
+        name: &str,
+        outputs: &[&str],
+        inputs: &[(&StorePath, &[&str])],
+    ) -> (StorePath, BTreeMap<String, StorePath>, Hash) {
+        let placeholder = StorePath::from_absolute_path(
+            b"/nix/store/00000000000000000000000000000000-placeholder",
+        )
+        .unwrap();
+        let mut drv = Derivation {
+            input_drvs: inputs
+                .iter()
+                .map(|(d, o)| ((*d).clone(), o.iter().map(|s| (*s).to_owned()).collect()))
+                .collect(),
+            basic: BasicDerivation {
+                outputs: outputs
+                    .iter()
+                    .map(|o| {
+                        (
+                            (*o).to_owned(),
+                            DerivationOutput::InputAddressed(placeholder.clone()),
+                        )
+                    })
+                    .collect(),
+                input_srcs: BTreeSet::new(),
+                platform: b"x86_64-linux".to_vec(),
+                builder: b"/bin/sh".to_vec(),
+                args: vec![],
+                env: outputs
+                    .iter()
+                    .map(|o| (o.as_bytes().to_vec(), Vec::new()))
+                    .chain([(b"name".to_vec(), name.as_bytes().to_vec())])
+                    .collect(),
+            },
+        };
+        let resolve = |p: &StorePath| known.get(p).copied();
+        let paths = drv.compute_output_paths(name, resolve).unwrap();
+        for (o, p) in &paths {
+            drv.basic
+                .outputs
+                .insert(o.clone(), DerivationOutput::InputAddressed(p.clone()));
+            drv.basic
+                .env
+                .insert(o.as_bytes().to_vec(), p.to_absolute().into_bytes());
+        }
+        let modulo = drv.hash_modulo(false, resolve).unwrap();
+        let drv_path = drv.drv_path(name).unwrap();
+        add(store, account, &drv_path, &drv.to_aterm());
+        (drv_path, paths, modulo)
+    }
+
+    fn built(drv: &StorePath) -> DerivedPath {
+        DerivedPath::Built {
+            drv: drv.clone(),
+            outputs: OutputsSpec::All,
+        }
+    }
+
+    fn will_build(plan: &GraphPlan) -> BTreeSet<String> {
+        plan.will_build().map(|p| p.name().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_chain_is_built_from_its_first_missing_link_with_inputs_in_order() {
+        let (_dir, store) = store();
+        let mut known = HashMap::new();
+        let (a, a_out, h) = derivation(&store, "u", &known, "a", &["out"], &[]);
+        known.insert(a.clone(), h);
+        let (b, _, h) = derivation(&store, "u", &known, "b", &["out"], &[(&a, &["out"])]);
+        known.insert(b.clone(), h);
+        let (c, _, _) = derivation(&store, "u", &known, "c", &["out"], &[(&b, &["out"])]);
+        let plan = plan(&store, "u", &[built(&c)]).unwrap();
+        assert_eq!(
+            will_build(&plan),
+            ["a.drv", "b.drv", "c.drv"].map(String::from).into()
+        );
+        // Each node's inputs are the nodes of its input derivations.
+        let index = |p: &StorePath| plan.nodes.iter().position(|n| &n.drv_path == p).unwrap();
+        assert_eq!(plan.inputs[index(&c)], vec![index(&b)]);
+        assert_eq!(plan.inputs[index(&b)], vec![index(&a)]);
+        assert!(plan.inputs[index(&a)].is_empty());
+        // b's job needs a's output.
+        assert!(plan.nodes[index(&b)].drv.input_srcs.contains(&a_out["out"]));
+        // Once a's output is valid, only b and c are built.
+        add(&store, "u", &a_out["out"], b"a");
+        let plan = plan_of(&store, &c);
+        assert_eq!(
+            will_build(&plan),
+            ["b.drv", "c.drv"].map(String::from).into()
+        );
+    }
+
+    fn plan_of(store: &Store, drv: &StorePath) -> GraphPlan {
+        plan(store, "u", &[built(drv)]).unwrap()
+    }
+
+    #[test]
+    fn only_the_outputs_wanted_decide_what_is_built() {
+        let (_dir, store) = store();
+        let mut known = HashMap::new();
+        let (lib, lib_out, h) = derivation(&store, "u", &known, "lib", &["out", "dev"], &[]);
+        known.insert(lib.clone(), h);
+        let (app, app_out, _) =
+            derivation(&store, "u", &known, "app", &["out"], &[(&lib, &["dev"])]);
+        // lib's dev is valid, its out is not: app needs only dev.
+        add(&store, "u", &lib_out["dev"], b"dev");
+        assert_eq!(
+            will_build(&plan_of(&store, &app)),
+            ["app.drv".to_owned()].into()
+        );
+        // A request of lib^out builds lib; of lib^dev, nothing.
+        let named = |o: &str| DerivedPath::Built {
+            drv: lib.clone(),
+            outputs: OutputsSpec::Names([o.to_owned()].into()),
+        };
+        let p = plan(&store, "u", &[named("out")]).unwrap();
+        assert_eq!(will_build(&p), ["lib.drv".to_owned()].into());
+        let p = plan(&store, "u", &[named("dev")]).unwrap();
+        assert!(p.is_empty());
+        match &p.requests[0] {
+            Resolved::Outputs { node, outputs, .. } => {
+                assert_eq!(*node, None);
+                assert_eq!(
+                    outputs,
+                    &BTreeMap::from([("dev".to_owned(), lib_out["dev"].clone())])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // An output the derivation does not have is the request's failure.
+        let p = plan(&store, "u", &[named("doc"), built(&app)]).unwrap();
+        assert!(
+            matches!(&p.requests[0], Resolved::Unknown { message, .. } if message.contains("no output 'doc'")),
+            "{:?}",
+            p.requests[0]
+        );
+        assert!(matches!(
+            p.requests[1],
+            Resolved::Outputs { node: Some(_), .. }
+        ));
+        assert!(!app_out.is_empty());
+    }
+
+    #[test]
+    fn another_accounts_derivations_and_cycles_are_not_built() {
+        let (_dir, store) = store();
+        let known = HashMap::new();
+        let (theirs, _, _) = derivation(&store, "other", &known, "theirs", &["out"], &[]);
+        let p = plan(&store, "u", &[built(&theirs)]).unwrap();
+        assert!(p.is_empty());
+        assert!(
+            matches!(&p.requests[0], Resolved::Unknown { message, .. } if message.contains("is not valid on this server for this account")),
+            "{:?}",
+            p.requests[0]
+        );
+        assert_eq!(p.unknown().collect::<Vec<_>>(), vec![&theirs]);
+        // Two `.drv` files under made-up paths that need each other.
+        let x = StorePath::from_absolute_path(b"/nix/store/11111111111111111111111111111111-x.drv")
+            .unwrap();
+        let y = StorePath::from_absolute_path(b"/nix/store/22222222222222222222222222222222-y.drv")
+            .unwrap();
+        for (path, input) in [(&x, &y), (&y, &x)] {
+            let drv = Derivation {
+                input_drvs: [(input.clone(), ["out".to_owned()].into())].into(),
+                basic: BasicDerivation {
+                    outputs: BTreeMap::new(),
+                    input_srcs: BTreeSet::new(),
+                    platform: b"x86_64-linux".to_vec(),
+                    builder: b"/bin/sh".to_vec(),
+                    args: vec![],
+                    env: [(b"name".to_vec(), b"x".to_vec())].into(),
+                },
+            };
+            add(&store, "u", path, &drv.to_aterm());
+        }
+        let p = plan(&store, "u", &[built(&x)]).unwrap();
+        assert!(
+            matches!(&p.requests[0], Resolved::Unknown { message, .. } if message.contains("depends on itself")),
+            "{:?}",
+            p.requests[0]
+        );
+        // The failed walk leaves nothing behind: a good request after it plans as usual.
+        let (mine, _, _) = derivation(&store, "u", &known, "mine", &["out"], &[]);
+        let p = plan(&store, "u", &[built(&x), built(&mine)]).unwrap();
+        assert_eq!(will_build(&p), ["mine.drv".to_owned()].into());
+    }
 }
