@@ -544,6 +544,15 @@ pub struct BuildsConfig {
     pub derivation_requests: bool,
     /// `size=` of each build's `/dev/shm` tmpfs. Default "50%", like Nix.
     pub dev_shm_size: String,
+    /// Whether a graph build (BuildPaths of derivations whose inputs are not built yet)
+    /// goes on after a derivation fails, building every branch that can still succeed, as
+    /// Nix's `--keep-going`. Default true: Nix's ssh-ng store never sends the client's
+    /// setting. A worker-protocol client that sends SetOptions chooses for its session.
+    pub keep_going: bool,
+    /// Most builds one graph build has queued or running at once; the rest wait in the
+    /// graph. Default 64; at least 1. Builds are also held to `[limits]
+    /// max_builds_per_account`.
+    pub graph_jobs: u64,
 }
 
 impl Default for BuildsConfig {
@@ -557,6 +566,8 @@ impl Default for BuildsConfig {
             max_output_size: 64 << 30,
             derivation_requests: false,
             dev_shm_size: "50%".into(),
+            keep_going: true,
+            graph_jobs: 64,
         }
     }
 }
@@ -795,6 +806,7 @@ impl Config {
                 self.limits.max_upload_bytes_per_session,
             ),
             ("builds.max_output_size", self.builds.max_output_size),
+            ("builds.graph_jobs", self.builds.graph_jobs),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1".into()));

@@ -17,11 +17,12 @@ use nixbuild_core::content_address::ContentAddress;
 use nixbuild_core::serve::{self, BuildOptions, ValidPathInfo};
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire;
+use nixbuild_core::worker::DerivedPath;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::buffers::{BufferPool, CHANNEL_DEPTH};
-use crate::builds::{BuildJob, BuildService, DrvError, Waiter};
+use crate::builds::{BuildJob, BuildService, DrvError, GraphPlan, GraphRun, Waiter};
 use crate::config::Config;
 use crate::store::{Import, PathClaim, Store, StoreError};
 
@@ -356,16 +357,24 @@ impl<'a> SessionContext<'a> {
         self.builds.submit(job).await
     }
 
-    /// The build job for the `.drv` file `drv_path` the account sees (BuildPaths), or why
-    /// there is none.
-    pub async fn job_for_drv(
-        &self,
-        drv_path: &StorePath,
-        options: BuildOptions,
-    ) -> Result<BuildJob, DrvError> {
+    /// Works out the graph build of `requests` (BuildPaths, QueryMissing) from the
+    /// account's view of the store.
+    pub async fn plan_graph(&self, requests: Vec<DerivedPath>) -> Result<GraphPlan, DrvError> {
         self.builds
-            .job_for_drv(&self.settings.account, drv_path, options)
+            .plan_graph(&self.settings.account, requests)
             .await
+    }
+
+    /// Starts the graph build of `plan` with the client's limits `options`; `keep_going`
+    /// when the client chose, otherwise `[builds] keep_going`.
+    pub fn run_graph(
+        &self,
+        plan: GraphPlan,
+        options: BuildOptions,
+        keep_going: Option<bool>,
+    ) -> GraphRun {
+        self.builds
+            .run_graph(plan, &self.settings.account, options, keep_going)
     }
 }
 

@@ -25,8 +25,9 @@ use bytes::{Bytes, BytesMut};
 use nixbuild_core::budget::Reservation;
 use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::{
-    AddToStoreNar, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event, ExportMarker,
-    ExportTrailer, Protocol, Request, Response, ServeError, ServerSession, ValidPathInfo,
+    AddToStoreNar, BuildOptions, BuildPathsResult, BuildResult, BuildStatus, BuiltOutput, Event,
+    ExportMarker, ExportTrailer, PathWithOutputs, Protocol, Request, Response, ServeError,
+    ServerSession, ValidPathInfo,
 };
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::WireError;
@@ -34,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
-use crate::builds::{BuildJob, BuildService, Outcome, WaitEvent};
+use crate::builds::{BuildJob, BuildService, GraphEvent, GraphPlan, GraphRun, Outcome, WaitEvent};
 use crate::client_pipe::PipeLoan;
 use crate::failpoint::failpoint_async;
 use crate::pipes::{write_timed_out, PipeReadError, PipeSink, PipeSource};
@@ -109,6 +110,9 @@ pub enum SessionError {
     /// The client went away while a build it asked for was running.
     #[error("the client disconnected during the build of '{0}'")]
     GoneDuringBuild(StorePath),
+    /// The client went away during a graph build it asked for.
+    #[error("the client disconnected during a graph build of {0} derivations")]
+    GoneDuringGraph(usize),
     /// The store, the build service or a limit of the account refused.
     #[error(transparent)]
     Service(#[from] ServiceError),
@@ -386,8 +390,9 @@ enum ImportEntry {
 enum PendingBuild {
     /// BuildDerivation: answered with a BuildResult.
     Derivation(Box<BuildJob>),
-    /// BuildPaths: the derivations to build in order, answered with 0 or a failure code.
-    Paths(Vec<BuildJob>),
+    /// BuildPaths: the graph build of the paths asked for, with the client's limits,
+    /// answered with 0 or a failure code.
+    Paths(Box<GraphPlan>, BuildOptions),
 }
 
 struct Driver<'a, O> {
@@ -534,35 +539,20 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Request::BuildPaths { paths, options } => {
                 self.ctx.check_count("BuildPaths", paths.len())?;
-                // Paths that are not derivations must be valid already (newer clients send
-                // BuildPaths for `nix copy --from`); derivations are built, one after the
-                // other, when their inputs are all here.
-                let plain: BTreeSet<StorePath> = paths
-                    .iter()
-                    .filter(|p| !p.path.is_derivation())
-                    .map(|p| p.path.clone())
+                // The whole graph of the derivations asked for is built here; paths that
+                // are not derivations must be valid already (newer clients send BuildPaths
+                // for `nix copy --from`).
+                let requests = paths
+                    .into_iter()
+                    .map(PathWithOutputs::into_derived)
                     .collect();
-                let valid = self
-                    .ctx
-                    .blocking("querying valid paths", {
-                        let plain = plain.clone();
-                        move |s, a| s.query_valid_paths(a, &plain)
-                    })
-                    .await?;
-                if let Some(p) = plain.difference(&valid).next() {
-                    let msg =
-                        format!("path '{p}' is not valid on this server and is not a derivation");
-                    return self.build_paths_failed(100, msg);
-                }
-                let mut jobs = Vec::new();
-                for p in paths.iter().filter(|p| p.path.is_derivation()) {
-                    match self.ctx.job_for_drv(&p.path, options).await {
-                        Ok(job) => jobs.push(job),
-                        Err(msg) => return self.build_paths_failed(100, msg.to_string()),
+                match self.ctx.plan_graph(requests).await {
+                    Ok(plan) => {
+                        self.pending_build = Some(PendingBuild::Paths(Box::new(plan), options));
+                        Ok(())
                     }
+                    Err(e) => self.build_paths_failed(100, e.to_string()),
                 }
-                self.pending_build = Some(PendingBuild::Paths(jobs));
-                Ok(())
             }
         }
     }
@@ -594,7 +584,7 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let drv_hash = job.drv.hash_modulo();
                 let drv_path = job.drv_path.clone();
                 let outcome = self.wait_for(*job, input, buf).await?;
-                let result = build_result(&outcome, &drv_hash);
+                let result = build_result(&outcome, Some(&drv_hash));
                 before_build_result().await;
                 self.session.respond(&Response::Build(Box::new(result)))?;
                 // What benches/compare reads: BuildDerivation received → BuildResult ready.
@@ -607,21 +597,31 @@ impl<O: SessionOutput> Driver<'_, O> {
                 );
                 Ok(())
             }
-            PendingBuild::Paths(jobs) => {
-                for job in jobs {
-                    let outcome = self.wait_for(job, input, buf).await?;
-                    if !outcome.status.is_success() {
+            PendingBuild::Paths(plan, options) => {
+                let mut run = self.ctx.run_graph(*plan, options, None);
+                let max = self.ctx.settings().max_request_bytes;
+                while let Some(event) =
+                    graph_event(&mut run, input, buf, &mut self.held, &self.pool, max).await?
+                {
+                    // The serve protocol has no activities: the builds' lines go to stderr
+                    // as they come, whole lines at a time.
+                    if let GraphEvent::Log(_, lines) = event {
+                        self.out.stderr(&lines).await?;
+                    }
+                }
+                match run.failure() {
+                    Some(outcome) => {
                         let code = if outcome.status == BuildStatus::TimedOut {
                             101
                         } else {
                             100
                         };
-                        return self.build_paths_failed(code, outcome.message.clone());
+                        self.build_paths_failed(code, outcome.message)
                     }
+                    None => Ok(self
+                        .session
+                        .respond(&Response::BuildPaths(BuildPathsResult::Success))?),
                 }
-                Ok(self
-                    .session
-                    .respond(&Response::BuildPaths(BuildPathsResult::Success))?)
             }
         }
     }
@@ -878,6 +878,34 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 }
 
+/// The next event of the graph build `run` (`None` at its end), reading what the client
+/// sends meanwhile into `buf` (pipelined requests are kept, up to the request cap `max`):
+/// the end of the client's input means it went away, which ends the session and, with the
+/// run dropped, the builds no other client waits for.
+pub(crate) async fn graph_event<R: AsyncRead + Unpin>(
+    run: &mut GraphRun,
+    input: &mut R,
+    buf: &mut BytesMut,
+    held: &mut Reservation,
+    pool: &BufferPool,
+    max: usize,
+) -> Result<Option<GraphEvent>, SessionError> {
+    loop {
+        if buf.len() < max {
+            make_room(buf, held, pool, max)?;
+        }
+        tokio::select! {
+            biased;
+            event = run.next() => return Ok(event),
+            read = input.read_buf(buf), if buf.len() < max => {
+                if read? == 0 {
+                    return Err(SessionError::GoneDuringGraph(run.derivations()));
+                }
+            }
+        }
+    }
+}
+
 /// Gets `buf` ready for the next read, keeping `held` equal to its allocation
 /// beyond a pool buffer. An empty buffer becomes a pool buffer (so that an upload's
 /// chunks, views of it, come back to the pool once imported), with nothing reserved.
@@ -951,14 +979,14 @@ pub(crate) async fn before_build_result() {
 
 /// The BuildResult of a build of the derivation whose hash modulo is `drv_hash`: its
 /// outcome, with the realisations of its outputs on success.
-pub(crate) fn build_result(outcome: &Outcome, drv_hash: &Hash) -> BuildResult {
+pub(crate) fn build_result(outcome: &Outcome, drv_hash: Option<&Hash>) -> BuildResult {
     let built_outputs = if outcome.status.is_success() {
         outcome
             .outputs
             .iter()
             .map(|(name, path)| {
                 let out = BuiltOutput {
-                    drv_hash: Some(*drv_hash),
+                    drv_hash: drv_hash.copied(),
                     out_path: path.clone(),
                     signatures: BTreeSet::new(),
                 };

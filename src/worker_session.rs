@@ -16,13 +16,13 @@
 //! nothing it sends reaches another account; settings are honoured only where they bound
 //! this session's own builds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use nixbuild_core::budget::Reservation;
 use nixbuild_core::derivation::{aterm, DerivationOutput};
-use nixbuild_core::serve::{AddToStoreNar, BuildOptions, BuildResult, BuildStatus};
+use nixbuild_core::serve::{AddToStoreNar, BuildOptions};
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::worker::dump;
 use nixbuild_core::worker::request::AddToStoreForm;
@@ -36,11 +36,12 @@ use tokio::sync::mpsc;
 
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
 use crate::builds::BuildService;
-use crate::builds::{BuildJob, Outcome, WaitEvent};
+use crate::builds::{BuildJob, GraphEvent, GraphRun, Outcome, WaitEvent};
 use crate::service::{store_error, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, before_build_result, before_upload_ack, build_result, last_words, make_room,
-    over_limit, registration_time, ReadDeadline, SessionError, SessionOutput, WriteTimeout,
+    add_claim, before_build_result, before_upload_ack, build_result, graph_event, last_words,
+    make_room, over_limit, registration_time, ReadDeadline, SessionError, SessionOutput,
+    WriteTimeout,
 };
 use crate::store::{PathClaim, Store};
 
@@ -84,6 +85,7 @@ where
         held: Reservation::new(settings.buffer_budget.clone()),
         options: BuildOptions::default(),
         next_activity: u64::from(std::process::id()) << 32,
+        keep_going: None,
     };
     let result = driver.run(input).await;
     if let Err(e) = &result {
@@ -128,6 +130,8 @@ struct Driver<'a, O> {
     options: BuildOptions,
     /// The id of the next activity this session starts.
     next_activity: u64,
+    /// The client's keep-going from SetOptions; `[builds] keep_going` when it sent none.
+    keep_going: Option<bool>,
 }
 
 /// What a request handler decides: answered (or waiting for its payload), or failed.
@@ -323,17 +327,23 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let drv_hash = job.drv.hash_modulo();
                 let outcome = self.wait_for(job, input, buf).await?;
                 before_build_result().await;
-                Response::Build(Box::new(build_result(&outcome, &drv_hash)))
+                Response::Build(Box::new(build_result(&outcome, Some(&drv_hash))))
             }
             Request::BuildPaths { paths, .. } => {
-                let results = self.build_paths(&paths, input, buf).await?;
-                if let Some((_, r)) = results.iter().find(|(_, r)| !r.status.is_success()) {
-                    return refuse(String::from_utf8_lossy(&r.error_msg).into_owned());
+                let run = self.build_paths(&paths, input, buf).await?;
+                if let Some(failure) = run.failure() {
+                    return refuse(failure.message);
                 }
                 Response::Int(1)
             }
             Request::BuildPathsWithResults { paths, .. } => {
-                Response::BuildResults(self.build_paths(&paths, input, buf).await?)
+                let run = self.build_paths(&paths, input, buf).await?;
+                let results = paths
+                    .into_iter()
+                    .zip(run.results())
+                    .map(|(p, r)| (p, build_result(&r.outcome, r.drv_hash.as_ref())))
+                    .collect();
+                Response::BuildResults(results)
             }
             Request::CollectGarbage { .. } => {
                 return refuse("garbage collection is the server's business on nixbuild; clients may not run it")
@@ -409,6 +419,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// SetOptions: the settings that bound this session's own builds are taken; any other is
     /// ignored with a warning naming it.
     fn set_options(&mut self, o: &ClientOptions) -> Handled {
+        self.keep_going = Some(o.keep_going != 0);
         let mut options = BuildOptions {
             max_silent_time: u32::try_from(o.max_silent_time).unwrap_or(u32::MAX),
             ..self.options
@@ -504,98 +515,68 @@ impl<O: SessionOutput> Driver<'_, O> {
             .collect())
     }
 
-    /// QueryMissing: a derivation whose outputs are not all valid would be built; a path
-    /// that is neither valid nor such an output is unknown (nothing is substituted).
+    /// QueryMissing: the derivations the graph build of `paths` would build, and the paths
+    /// that are neither valid nor buildable (nothing is substituted, so nothing is
+    /// downloaded).
     async fn missing(&self, paths: Vec<DerivedPath>) -> Result<Missing, Failure> {
         self.ctx
             .check_count("QueryMissing", paths.len())
             .map_err(refused)?;
-        let mut missing = Missing::default();
-        for p in paths {
-            match p {
-                DerivedPath::Opaque(p) => {
-                    if !self.valid(&p).await? {
-                        missing.unknown.insert(p);
-                    }
-                }
-                DerivedPath::Built { drv, .. } => {
-                    if !self.valid(&drv).await? {
-                        missing.unknown.insert(drv);
-                        continue;
-                    }
-                    let outputs: BTreeSet<StorePath> =
-                        self.drv_outputs(&drv).await?.into_values().collect();
-                    let n = outputs.len();
-                    if self
-                        .ctx
-                        .query_valid_paths(outputs)
-                        .await
-                        .map_err(refused)?
-                        .len()
-                        < n
-                    {
-                        missing.will_build.insert(drv);
-                    }
-                }
-            }
-        }
-        Ok(missing)
+        let plan = self.ctx.plan_graph(paths).await.map_err(refused)?;
+        Ok(Missing {
+            will_build: plan.will_build().cloned().collect(),
+            unknown: plan.unknown().cloned().collect(),
+            ..Missing::default()
+        })
     }
 
-    /// BuildPaths and BuildPathsWithResults: a path must be valid already; a derivation's
-    /// outputs are built (one derivation after the other, each needing its inputs here) or
-    /// found valid.
+    /// BuildPaths and BuildPathsWithResults: the graph build of `paths`, each derivation a
+    /// build activity of its own; the run, done, holds the results.
     async fn build_paths<R: AsyncRead + Unpin>(
         &mut self,
         paths: &[DerivedPath],
         input: &mut R,
         buf: &mut BytesMut,
-    ) -> Result<Vec<(DerivedPath, BuildResult)>, Failure> {
+    ) -> Result<GraphRun, Failure> {
         self.ctx
             .check_count("BuildPaths", paths.len())
             .map_err(refused)?;
-        let mut results = Vec::with_capacity(paths.len());
-        for p in paths {
-            let result = match p {
-                DerivedPath::Opaque(path) => match self.valid(path).await? {
-                    true => BuildResult::without_build(BuildStatus::AlreadyValid, Vec::new()),
-                    false => BuildResult::without_build(
-                        BuildStatus::MiscFailure,
-                        format!(
-                            "path '{path}' is not valid on this server and is not a derivation"
-                        )
-                        .into(),
-                    ),
-                },
-                DerivedPath::Built { drv, .. } => {
-                    match self.ctx.job_for_drv(drv, self.options).await {
-                        Ok(job) => {
-                            let drv_hash = job.drv.hash_modulo();
-                            let outcome = self.wait_for(job, input, buf).await?;
-                            build_result(&outcome, &drv_hash)
-                        }
-                        Err(e) => BuildResult::without_build(
-                            BuildStatus::MiscFailure,
-                            e.to_string().into(),
-                        ),
-                    }
+        let plan = self.ctx.plan_graph(paths.to_vec()).await.map_err(refused)?;
+        let mut run = self.ctx.run_graph(plan, self.options, self.keep_going);
+        let mut activities: HashMap<usize, u64> = HashMap::new();
+        let max = self.ctx.settings().max_request_bytes;
+        while let Some(event) =
+            graph_event(&mut run, input, buf, &mut self.held, &self.pool, max).await?
+        {
+            match event {
+                GraphEvent::Started(node) => {
+                    let id = self.start_build_activity(run.drv_path(node))?;
+                    activities.insert(node, id);
                 }
-            };
-            results.push((p.clone(), result));
+                GraphEvent::Log(node, lines) => match activities.get(&node) {
+                    Some(&id) => self.log_lines(id, &mut Vec::new(), &lines)?,
+                    None => self.session.log(&StderrMessage::Next(lines.to_vec()))?,
+                },
+                GraphEvent::Finished(node, outcome) => {
+                    if let Some(id) = activities.remove(&node) {
+                        self.session.log(&StderrMessage::StopActivity { id })?;
+                    }
+                    tracing::info!(
+                        account = %self.ctx.settings().account,
+                        drv = %run.drv_path(node),
+                        status = ?outcome.status,
+                        "worker build done"
+                    );
+                }
+            }
+            self.flush().await?;
         }
-        Ok(results)
+        Ok(run)
     }
 
-    /// Submits `job` and waits for its outcome, its log going to the client as a build
-    /// activity's lines. The client's input is watched meanwhile: if it ends, the client is
-    /// gone, and so is this session's interest in the build.
-    async fn wait_for<R: AsyncRead + Unpin>(
-        &mut self,
-        job: BuildJob,
-        input: &mut R,
-        buf: &mut BytesMut,
-    ) -> Result<Arc<Outcome>, SessionError> {
-        let drv_path = job.drv_path.clone();
+    /// Starts the build activity of `drv_path` (what `nix build -L` prefixes its lines
+    /// with) and returns its id.
+    fn start_build_activity(&mut self, drv_path: &StorePath) -> Result<u64, SessionError> {
         let id = self.next_activity;
         self.next_activity += 1;
         self.session.log(&StderrMessage::StartActivity {
@@ -611,6 +592,20 @@ impl<O: SessionOutput> Driver<'_, O> {
             ],
             parent: 0,
         })?;
+        Ok(id)
+    }
+
+    /// Submits `job` and waits for its outcome, its log going to the client as a build
+    /// activity's lines. The client's input is watched meanwhile: if it ends, the client is
+    /// gone, and so is this session's interest in the build.
+    async fn wait_for<R: AsyncRead + Unpin>(
+        &mut self,
+        job: BuildJob,
+        input: &mut R,
+        buf: &mut BytesMut,
+    ) -> Result<Arc<Outcome>, SessionError> {
+        let drv_path = job.drv_path.clone();
+        let id = self.start_build_activity(&drv_path)?;
         self.flush().await?;
         let mut waiter = self.ctx.submit(job).await;
         let mut partial: Vec<u8> = Vec::new();
@@ -688,6 +683,7 @@ impl<O: SessionOutput> Driver<'_, O> {
         let store = self.ctx.store().clone();
         let account = self.ctx.settings().account.clone();
         let what = format!("sending {path}");
+        let sent = path.clone();
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let mut writer = ChunkWriter::new(tx, self.pool.clone());
         let task =
@@ -702,6 +698,7 @@ impl<O: SessionOutput> Driver<'_, O> {
             .map_err(|e| SessionError::Service(store_error(&what)(e)))?;
         self.session.end_stream()?;
         self.out.flush().await?;
+        tracing::info!(account = %self.ctx.settings().account, path = %sent, "sent NAR");
         Ok(())
     }
 

@@ -346,8 +346,10 @@ fn a_build_whose_client_went_away_is_killed() {
     assert!(!stopped.valid("a", &output_of(&d)));
 }
 
+/// Serve BuildPaths of a `.drv` whose input derivation is not built: the server builds the
+/// graph, the input first; then both are valid and nothing is built again.
 #[test]
-fn build_paths_builds_an_uploaded_derivation() {
+fn build_paths_builds_an_uploaded_derivation_graph() {
     let s = Setup::new("");
     let expr = s.nix.scratch().join("bp.nix");
     std::fs::write(
@@ -404,24 +406,28 @@ fn build_paths_builds_an_uploaded_derivation() {
             other => panic!("expected a BuildPaths answer, got {other:?}"),
         }
     };
-    // top's input (dep's output) is not on the server yet.
-    match build_paths(&top) {
-        BuildPathsResult::Failure { code, msg } => {
-            assert_eq!(code, 100);
-            let msg = String::from_utf8_lossy(&msg);
-            assert!(msg.contains("is not valid on this server"), "{msg}");
-        }
-        BuildPathsResult::Success => panic!("top built without its input"),
-    }
+    // top's input (dep's output) is not on the server yet: the server builds the graph,
+    // dep first, once each.
+    assert_eq!(build_paths(&top), BuildPathsResult::Success);
+    let building = |log: &str, drv: &StorePath| {
+        log.lines()
+            .position(|l| {
+                l.contains("nixbuild::build: building ")
+                    && l.contains(&format!("drv={} ", drv.to_absolute()))
+            })
+            .unwrap_or_else(|| panic!("{drv} was not built:\n{log}"))
+    };
+    let log = s.daemon.log();
+    assert!(building(&log, &dep) < building(&log, &top), "{log}");
+    // Both are valid now: nothing more is built.
     assert_eq!(build_paths(&dep), BuildPathsResult::Success);
     assert_eq!(build_paths(&top), BuildPathsResult::Success);
     let log = s.daemon.log();
-    for drv in [&dep, &top] {
-        assert!(
-            log.contains(&format!("drv={} ", drv.to_absolute())),
-            "{log}"
-        );
-    }
+    assert_eq!(
+        log.matches("nixbuild::build: building ").count(),
+        2,
+        "{log}"
+    );
     let outputs = s
         .nix
         .run("nix-store", ["--query", "--outputs", &top.to_absolute()]);

@@ -13,6 +13,7 @@
 //! - [`refscan`]: the streaming reference scanner.
 //! - [`serve`]: the `nix-store --serve` protocol, typed requests and responses.
 //! - [`scheduler`]: which build starts next, where, with which cores and memory.
+//! - [`graph`]: the order of a graph build: which derivation may start, what a failure fails.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -20,6 +21,7 @@ pub mod budget;
 pub mod content_address;
 pub mod derivation;
 mod framer;
+pub mod graph;
 pub mod hash;
 pub mod nar;
 pub mod nixbase32;

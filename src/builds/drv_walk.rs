@@ -1,27 +1,42 @@
-//! The BuildPaths `.drv` walk: reads the `.drv` files a client names, verifies their output
-//! paths (which needs `hashDerivationModulo` of every input derivation, recursively), and
-//! turns one into a [`BuildJob`] whose inputs are the outputs of its input derivations.
+//! The `.drv` walk of a graph build: reads the derivations a client asks to build, and every
+//! derivation they need, from the account's own view of the store; verifies their output
+//! paths (which needs `hashDerivationModulo` of every input derivation, each computed once);
+//! and works out which of them must be built: a derivation is built when an output that a
+//! request or a derivation being built needs is not valid for the account. The result is a
+//! [`GraphPlan`], whose nodes become [`BuildJob`]s once their inputs are built.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use nixbuild_core::derivation::{AtermError, Derivation, DerivationError, DerivationOutput};
+use nixbuild_core::derivation::{
+    AtermError, BasicDerivation, Derivation, DerivationError, DerivationOutput,
+};
 use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::BuildOptions;
 use nixbuild_core::store_path::StorePath;
+use nixbuild_core::worker::{DerivedPath, OutputsSpec};
 
 use super::BuildJob;
 use crate::store::{Store, StoreError, MAX_DERIVATION_SIZE};
 
-/// Deeper derivation graphs than any real one; stops a crafted cycle of `.drv` files that the
-/// store would never hold anyway (a cycle cannot be content-addressed).
-const MAX_DEPTH: usize = 4096;
+/// The most derivations one graph build reads: far more than a whole NixOS system's
+/// closure (some tens of thousands), and a bound on what one request holds in memory.
+pub const MAX_GRAPH_DERIVATIONS: usize = 200_000;
 
-/// Why a `.drv` named by BuildPaths cannot be built: the message of the BuildPaths failure.
+/// The most bytes of `.drv` files one graph build reads.
+pub const MAX_GRAPH_DRV_BYTES: u64 = 1 << 30;
+
+/// Why a requested derivation cannot be built: the message of its failure.
 #[derive(Debug, thiserror::Error)]
 pub enum DrvError {
     /// The path is not a `.drv` path.
     #[error("'{0}' is not a derivation")]
     NotDerivationPath(StorePath),
+    /// The `.drv` is not valid for the account.
+    #[error(
+        "derivation '{0}' is not valid on this server for this account (copy the \
+         derivations first, as `nix build --store ssh-ng://…` and `nix copy` do)"
+    )]
+    NotValid(StorePath),
     /// The object is not a regular file of at most [`MAX_DERIVATION_SIZE`] bytes.
     #[error("'{0}' is not a derivation file")]
     NotDerivationFile(StorePath),
@@ -49,21 +64,25 @@ pub enum DrvError {
         /// What is wrong.
         source: Box<DerivationError>,
     },
-    /// An input derivation lacks an output the derivation uses.
-    #[error("'{input}' has no output '{output}' with a known path")]
+    /// A derivation lacks an output that is asked for.
+    #[error("derivation '{drv}' has no output '{output}' with a known path")]
     NoOutput {
-        /// The input `.drv`.
-        input: StorePath,
+        /// The `.drv`.
+        drv: StorePath,
         /// The output's name.
         output: String,
     },
-    /// The graph is deeper than [`MAX_DEPTH`].
-    #[error("derivation graph deeper than {MAX_DEPTH} at '{0}'")]
-    TooDeep(StorePath),
-    /// An input is not valid for the account.
+    /// The graph is larger than this server reads for one request (or has a cycle, which
+    /// a real store cannot hold).
     #[error(
-        "cannot build '{drv}': its input '{input}' is not valid on this server; nixbuild \
-         builds a derivation only when its inputs are present (build or copy them first)"
+        "the derivation graph of '{0}' has more than {MAX_GRAPH_DERIVATIONS} derivations or \
+         {MAX_GRAPH_DRV_BYTES} bytes of them, or a cycle"
+    )]
+    TooLarge(StorePath),
+    /// An input is not valid for the account when its build is about to start.
+    #[error(
+        "cannot build '{drv}': its input '{input}' is not valid on this server for this \
+         account (copy it first)"
     )]
     MissingInput {
         /// The `.drv` to build.
@@ -79,101 +98,367 @@ pub enum DrvError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Reads, checks and resolves the `.drv` at `drv_path` for BuildPaths.
-pub(super) fn drv_job(
+/// A derivation that must be built.
+#[derive(Debug)]
+pub(super) struct PlanNode {
+    /// Its `.drv`.
+    pub drv_path: StorePath,
+    /// The derivation, `inputSrcs` holding its sources and the outputs of its input
+    /// derivations that it uses (its closure is added when the build is about to start).
+    pub drv: BasicDerivation,
+}
+
+/// What one request of a graph build comes to.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// A path valid for the account, as it is.
+    Valid,
+    /// A path that is not valid and will not be (not a derivation, or a derivation that
+    /// cannot be built): with why.
+    Unknown {
+        /// The path the client named (the `.drv` for outputs of a derivation).
+        path: StorePath,
+        /// Why, for the client.
+        message: String,
+    },
+    /// Outputs of a derivation.
+    Outputs {
+        /// The `.drv`.
+        drv: StorePath,
+        /// The node that builds it, or `None` when the outputs asked for are valid.
+        node: Option<usize>,
+        /// The outputs asked for, by name.
+        outputs: BTreeMap<String, StorePath>,
+        /// The derivation's masked `hashDerivationModulo`, the key of its realisations.
+        drv_hash: Hash,
+    },
+}
+
+/// What a graph build will do: the derivations to build, in an order where every node's
+/// inputs come after it is named (see [`GraphPlan::inputs`]), and what each request comes
+/// to.
+#[derive(Debug)]
+pub struct GraphPlan {
+    pub(super) nodes: Vec<PlanNode>,
+    /// For each node, the nodes that must be built before it.
+    pub(super) inputs: Vec<Vec<usize>>,
+    /// Each request, in the order asked.
+    pub requests: Vec<Resolved>,
+}
+
+impl GraphPlan {
+    /// The derivations that will be built (QueryMissing's `willBuild`).
+    pub fn will_build(&self) -> impl Iterator<Item = &StorePath> {
+        self.nodes.iter().map(|n| &n.drv_path)
+    }
+
+    /// The paths asked for that are neither valid nor buildable (QueryMissing's `unknown`).
+    pub fn unknown(&self) -> impl Iterator<Item = &StorePath> {
+        self.requests.iter().filter_map(|r| match r {
+            Resolved::Unknown { path, .. } => Some(path),
+            _ => None,
+        })
+    }
+
+    /// How many derivations will be built.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether nothing needs building.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// A derivation read and checked.
+struct Loaded {
+    drv: Derivation,
+    /// Its unmasked `hashDerivationModulo`, what its dependents' hashes use.
+    modulo: Hash,
+}
+
+/// The derivations read so far for one graph build.
+struct Walk<'a> {
+    store: &'a Store,
+    account: &'a str,
+    loaded: HashMap<StorePath, Loaded>,
+    /// Every derivation, after all of its inputs.
+    order: Vec<StorePath>,
+    bytes: u64,
+}
+
+impl Walk<'_> {
+    /// Reads and checks `root` and every derivation it needs that is not read yet.
+    fn load(&mut self, root: &StorePath) -> Result<(), DrvError> {
+        // (path, whether its inputs were pushed); iterative, as graphs can be thousands deep.
+        let mut stack = vec![(root.clone(), None::<Derivation>)];
+        while let Some((path, read)) = stack.pop() {
+            if self.loaded.contains_key(&path) {
+                continue;
+            }
+            if stack.len() + self.loaded.len() > MAX_GRAPH_DERIVATIONS {
+                return Err(DrvError::TooLarge(root.clone()));
+            }
+            let Some(drv) = read else {
+                let drv = self.read(&path, root)?;
+                let inputs: Vec<StorePath> = drv
+                    .input_drvs
+                    .keys()
+                    .filter(|i| !self.loaded.contains_key(*i))
+                    .cloned()
+                    .collect();
+                stack.push((path, Some(drv)));
+                stack.extend(inputs.into_iter().map(|i| (i, None)));
+                continue;
+            };
+            // Every input is loaded now, unless the graph has a cycle.
+            if drv.input_drvs.keys().any(|i| !self.loaded.contains_key(i)) {
+                return Err(DrvError::TooLarge(root.clone()));
+            }
+            let resolve = |p: &StorePath| self.loaded.get(p).map(|l| l.modulo);
+            let name = drv.basic.name().map_err(|source| DrvError::Derivation {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            drv.verify_output_paths(name, resolve)
+                .map_err(|source| DrvError::OutputPaths {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?;
+            let modulo =
+                drv.hash_modulo(false, resolve)
+                    .map_err(|source| DrvError::Derivation {
+                        path: path.clone(),
+                        source: Box::new(source),
+                    })?;
+            self.order.push(path.clone());
+            self.loaded.insert(path, Loaded { drv, modulo });
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, path: &StorePath, root: &StorePath) -> Result<Derivation, DrvError> {
+        if !path.is_derivation() {
+            return Err(DrvError::NotDerivationPath(path.clone()));
+        }
+        let text = match self
+            .store
+            .read_small_file(self.account, path, MAX_DERIVATION_SIZE)
+        {
+            Ok(Some(text)) => text,
+            Ok(None) => return Err(DrvError::NotDerivationFile(path.clone())),
+            Err(StoreError::NotValid { .. }) => return Err(DrvError::NotValid(path.clone())),
+            Err(e) => return Err(e.into()),
+        };
+        self.bytes += text.len() as u64;
+        if self.bytes > MAX_GRAPH_DRV_BYTES {
+            return Err(DrvError::TooLarge(root.clone()));
+        }
+        Derivation::from_aterm(&text).map_err(|source| DrvError::Parse {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// The outputs `spec` names of the loaded `drv`, with their paths.
+    fn outputs(
+        &self,
+        drv: &StorePath,
+        spec: &OutputsSpec,
+    ) -> Result<BTreeMap<String, StorePath>, DrvError> {
+        let outputs = &self.loaded[drv].drv.basic.outputs;
+        let names: Vec<&String> = match spec {
+            OutputsSpec::All => outputs.keys().collect(),
+            OutputsSpec::Names(names) => names.iter().collect(),
+        };
+        names
+            .into_iter()
+            .map(|name| {
+                let path = outputs
+                    .get(name)
+                    .and_then(DerivationOutput::path)
+                    .ok_or_else(|| DrvError::NoOutput {
+                        drv: drv.clone(),
+                        output: name.clone(),
+                    })?;
+                Ok((name.clone(), path.clone()))
+            })
+            .collect()
+    }
+}
+
+/// Works out the graph build of `requests` for `account`.
+pub(super) fn plan(
     store: &Store,
     account: &str,
-    drv_path: &StorePath,
-    options: BuildOptions,
-) -> Result<BuildJob, DrvError> {
-    let mut memo = HashMap::new();
-    let drv = read_drv(store, account, drv_path)?;
-    let name = drv.basic.name().map_err(|source| DrvError::Derivation {
-        path: drv_path.clone(),
-        source: Box::new(source),
-    })?;
-    for input in drv.input_drvs.keys() {
-        modulo_of(store, account, input, &mut memo, 0)?;
+    requests: &[DerivedPath],
+) -> Result<GraphPlan, StoreError> {
+    let mut walk = Walk {
+        store,
+        account,
+        loaded: HashMap::new(),
+        order: Vec::new(),
+        bytes: 0,
+    };
+    let opaque: BTreeSet<StorePath> = requests
+        .iter()
+        .filter_map(|r| match r {
+            DerivedPath::Opaque(p) => Some(p.clone()),
+            DerivedPath::Built { .. } => None,
+        })
+        .collect();
+    let valid_opaque = store.query_valid_paths(account, &opaque)?;
+    // The outputs each derivation must have: first those the requests name.
+    let mut wanted: HashMap<StorePath, BTreeSet<String>> = HashMap::new();
+    let mut resolved = Vec::with_capacity(requests.len());
+    for request in requests {
+        let r = match request {
+            DerivedPath::Opaque(p) if valid_opaque.contains(p) => Resolved::Valid,
+            DerivedPath::Opaque(p) => Resolved::Unknown {
+                path: p.clone(),
+                message: format!("path '{p}' is not valid on this server and is not a derivation"),
+            },
+            DerivedPath::Built { drv, outputs } => {
+                match walk
+                    .load(drv)
+                    .and_then(|()| walk.outputs(drv, outputs))
+                    .and_then(|named| Ok((named, drv_hash(&walk, drv)?)))
+                {
+                    Ok((named, drv_hash)) => {
+                        wanted
+                            .entry(drv.clone())
+                            .or_default()
+                            .extend(named.keys().cloned());
+                        Resolved::Outputs {
+                            drv: drv.clone(),
+                            node: None,
+                            outputs: named,
+                            drv_hash,
+                        }
+                    }
+                    Err(DrvError::Store(e)) => return Err(e),
+                    Err(e) => Resolved::Unknown {
+                        path: drv.clone(),
+                        message: e.to_string(),
+                    },
+                }
+            }
+        };
+        resolved.push(r);
     }
-    drv.verify_output_paths(name, |p| memo.get(p).copied())
-        .map_err(|source| DrvError::OutputPaths {
-            path: drv_path.clone(),
-            source: Box::new(source),
-        })?;
-    let mut input_srcs = drv.basic.input_srcs.clone();
-    for (input, wanted) in &drv.input_drvs {
-        let input_drv = read_drv(store, account, input)?;
-        for output in wanted {
-            let path = input_drv
+    // Which outputs of every derivation read are valid, in one query.
+    let every_output: BTreeSet<StorePath> = walk
+        .loaded
+        .values()
+        .flat_map(|l| {
+            l.drv
                 .basic
                 .outputs
-                .get(output)
+                .values()
+                .filter_map(DerivationOutput::path)
+        })
+        .cloned()
+        .collect();
+    let valid = store.query_valid_paths(account, &every_output)?;
+    // Dependents before their inputs: a derivation is built when an output wanted of it is
+    // not valid, and then it wants the outputs it uses of its inputs.
+    let mut index: HashMap<StorePath, usize> = HashMap::new();
+    let mut nodes = Vec::new();
+    for path in walk.order.iter().rev() {
+        let Some(names) = wanted.get(path) else {
+            continue;
+        };
+        let drv = &walk.loaded[path].drv;
+        let missing = names.iter().any(|n| {
+            drv.basic
+                .outputs
+                .get(n)
                 .and_then(DerivationOutput::path)
-                .ok_or_else(|| DrvError::NoOutput {
-                    input: input.clone(),
-                    output: output.clone(),
-                })?;
-            input_srcs.insert(path.clone());
+                .is_none_or(|p| !valid.contains(p))
+        });
+        if !missing {
+            continue;
         }
-    }
-    let missing = {
-        let valid = store.query_valid_paths(account, &input_srcs)?;
-        input_srcs.difference(&valid).next().cloned()
-    };
-    if let Some(input) = missing {
-        return Err(DrvError::MissingInput {
-            drv: drv_path.clone(),
-            input,
+        let mut input_srcs = drv.basic.input_srcs.clone();
+        for (input, outs) in &drv.input_drvs {
+            let input_outputs = &walk.loaded[input].drv.basic.outputs;
+            for o in outs {
+                // A missing output fails the build when it is about to start (the
+                // MissingInput check), with the derivation named.
+                if let Some(p) = input_outputs.get(o).and_then(DerivationOutput::path) {
+                    input_srcs.insert(p.clone());
+                }
+            }
+            wanted
+                .entry(input.clone())
+                .or_default()
+                .extend(outs.iter().cloned());
+        }
+        index.insert(path.clone(), nodes.len());
+        let mut basic = drv.basic.clone();
+        basic.input_srcs = input_srcs;
+        nodes.push(PlanNode {
+            drv_path: path.clone(),
+            drv: basic,
         });
     }
-    let closure = store.query_closure(account, &input_srcs, false)?;
-    let mut basic = drv.basic;
-    basic.input_srcs = closure;
-    Ok(BuildJob {
-        account: account.to_owned(),
-        drv_path: drv_path.clone(),
-        drv: basic,
-        options,
-    })
-}
-
-fn read_drv(store: &Store, account: &str, path: &StorePath) -> Result<Derivation, DrvError> {
-    if !path.is_derivation() {
-        return Err(DrvError::NotDerivationPath(path.clone()));
+    let inputs = nodes
+        .iter()
+        .map(|n| {
+            walk.loaded[&n.drv_path]
+                .drv
+                .input_drvs
+                .keys()
+                .filter_map(|i| index.get(i).copied())
+                .collect()
+        })
+        .collect();
+    for r in &mut resolved {
+        if let Resolved::Outputs { drv, node, .. } = r {
+            *node = index.get(drv).copied();
+        }
     }
-    let text = store
-        .read_small_file(account, path, MAX_DERIVATION_SIZE)?
-        .ok_or_else(|| DrvError::NotDerivationFile(path.clone()))?;
-    Derivation::from_aterm(&text).map_err(|source| DrvError::Parse {
-        path: path.clone(),
-        source,
+    Ok(GraphPlan {
+        nodes,
+        inputs,
+        requests: resolved,
     })
 }
 
-/// The unmasked `hashDerivationModulo` of the `.drv` at `path`, recursively, memoised.
-fn modulo_of(
+/// The masked `hashDerivationModulo` of the loaded `drv`.
+fn drv_hash(walk: &Walk<'_>, drv: &StorePath) -> Result<Hash, DrvError> {
+    walk.loaded[drv]
+        .drv
+        .hash_modulo(true, |p| walk.loaded.get(p).map(|l| l.modulo))
+        .map_err(|source| DrvError::Derivation {
+            path: drv.clone(),
+            source: Box::new(source),
+        })
+}
+
+/// The job that builds `node` for `account`, its inputs built: every input must be valid
+/// for the account, and the job's `inputSrcs` become their closure.
+pub(super) fn node_job(
     store: &Store,
     account: &str,
-    path: &StorePath,
-    memo: &mut HashMap<StorePath, Hash>,
-    depth: usize,
-) -> Result<Hash, DrvError> {
-    if let Some(h) = memo.get(path) {
-        return Ok(*h);
+    node: &PlanNode,
+    options: BuildOptions,
+) -> Result<BuildJob, DrvError> {
+    let inputs = &node.drv.input_srcs;
+    let valid = store.query_valid_paths(account, inputs)?;
+    if let Some(input) = inputs.difference(&valid).next() {
+        return Err(DrvError::MissingInput {
+            drv: node.drv_path.clone(),
+            input: input.clone(),
+        });
     }
-    if depth > MAX_DEPTH {
-        return Err(DrvError::TooDeep(path.clone()));
-    }
-    let drv = read_drv(store, account, path)?;
-    for input in drv.input_drvs.keys() {
-        modulo_of(store, account, input, memo, depth + 1)?;
-    }
-    let h = drv
-        .hash_modulo(false, |p| memo.get(p).copied())
-        .map_err(|source| DrvError::Derivation {
-            path: path.clone(),
-            source: Box::new(source),
-        })?;
-    memo.insert(path.clone(), h);
-    Ok(h)
+    let mut drv = node.drv.clone();
+    drv.input_srcs = store.query_closure(account, inputs, false)?;
+    Ok(BuildJob {
+        account: account.to_owned(),
+        drv_path: node.drv_path.clone(),
+        drv,
+        options,
+    })
 }

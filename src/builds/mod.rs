@@ -25,12 +25,14 @@
 //!
 //! Rooms: this file holds the service's API ([`BuildService`], [`BuildJob`], [`Outcome`]) and
 //! the preparation; [`waiters`] the sharing of builds in flight by their waiters; [`uids`] the
-//! pool of host uids; [`drv_walk`] the BuildPaths `.drv` walk; [`run`] the run loop;
+//! pool of host uids; [`drv_walk`] the `.drv` walk of graph builds; [`graph`] graph builds in
+//! dependency order; [`run`] the run loop;
 //! [`outcome`] the pure classification of how a build ended; [`sharing`] the key of
 //! identical builds; [`placement`] the scheduler and cgroups; [`monitor`] the watcher of disk
 //! and forks; [`outputs`] the checks and registration of outputs.
 
 mod drv_walk;
+mod graph;
 pub mod monitor;
 mod outcome;
 pub mod outputs;
@@ -40,7 +42,8 @@ pub mod sharing;
 mod uids;
 mod waiters;
 
-pub use drv_walk::DrvError;
+pub use drv_walk::{DrvError, GraphPlan, Resolved};
+pub use graph::{GraphEvent, GraphRun, RequestResult};
 pub use waiters::{WaitEvent, Waiter};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -337,21 +340,6 @@ impl BuildService {
         let mut active = self.inner.active.subscribe();
         // The sender lives in `inner`, which this holds: it cannot close.
         let _ = active.wait_for(|n| *n == 0).await;
-    }
-
-    /// The job that builds the `.drv` at `drv_path` (valid for `account`), as BuildPaths
-    /// asks: its output paths are verified, and every input derivation's outputs must already
-    /// be valid for the account (this server builds one derivation, not a graph).
-    pub async fn job_for_drv(
-        &self,
-        account: &str,
-        drv_path: &StorePath,
-        options: BuildOptions,
-    ) -> Result<BuildJob, DrvError> {
-        let store = self.inner.store.clone();
-        let (account, drv_path) = (account.to_owned(), drv_path.clone());
-        tokio::task::spawn_blocking(move || drv_walk::drv_job(&store, &account, &drv_path, options))
-            .await?
     }
 }
 

@@ -254,7 +254,7 @@ impl BuildRun<'_> {
             cgroup.add_pid(pid)?;
         }
         let start_time = unix_now();
-        tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, uid, dir = %scratch.display(), "building");
+        tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, uid, cores = request.cores, dir = %scratch.display(), "building");
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(&nixbuild_sandbox::encode_plan(&plan))

@@ -16,6 +16,7 @@ use crate::derivation::BasicDerivation;
 use crate::hash::Hash;
 use crate::store_path::StorePath;
 use crate::wire::{self, BufMutExt, Reader};
+use crate::worker::{DerivedPath, OutputsSpec};
 
 /// The serve commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -126,6 +127,22 @@ impl PathWithOutputs {
             s.push_str(&names.join(","));
         }
         s
+    }
+
+    /// What the entry asks for, as the worker protocol says it (as upstream's
+    /// `toDerivedPath`): a `.drv` means its outputs named, or all of them when none is;
+    /// any other path means itself.
+    pub fn into_derived(self) -> DerivedPath {
+        match self.path.is_derivation() {
+            true => DerivedPath::Built {
+                drv: self.path,
+                outputs: match self.outputs.is_empty() {
+                    true => OutputsSpec::All,
+                    false => OutputsSpec::Names(self.outputs),
+                },
+            },
+            false => DerivedPath::Opaque(self.path),
+        }
     }
 }
 
