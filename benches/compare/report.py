@@ -62,7 +62,8 @@ def fmt_timeline(t):
     """A run's timings from nixbuild's log (`Nixbuild.timeline`), in one line."""
     ms = {k: fmt_ms(t[k]) for k in t if k != "levels"}
     return (
-        f"start->1st queued {ms['to_first']} ms, graph {ms['span']} ms over {t['levels']:g} levels "
+        f"start->session {ms['connect']} ms, ->graph build {ms['plan']} ms, ->1st queued {ms['to_first']} ms, "
+        f"graph {ms['span']} ms over {t['levels']:g} levels "
         f"({fmt_ms(t['span'] / t['levels'])} ms a level), last finished->exit {ms['after_last']} ms; "
         f"per derivation: inputs done->queued {ms['handoff']} ms, queued->building {ms['wait']} ms, "
         f"building->finished {ms['build']} ms"

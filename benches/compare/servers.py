@@ -359,34 +359,47 @@ class Nixbuild(Daemon):
         return None if None in times else times
 
     def timeline(self, builds, rundir, started, ended):
-        """Where a run's time went, from the build service's log (target `nixbuild::build`):
-        each derivation's `queued` (handed to the scheduler), `building` (its sandbox
-        helper started) and `build finished`, against the client command's start and exit
-        (`started`, `ended`: seconds since the epoch). Seconds, the per-derivation figures
-        as medians over the run's derivations:
-        `to_first` client start -> first queued; `span` first queued -> last finished;
-        `levels` builds on the graph's longest path; `after_last` last finished -> client
-        exit; `handoff` its inputs' last finish -> queued; `wait` queued -> building;
-        `build` building -> finished."""
+        """Where a run's time went, from the daemon's log: the SSH session's start (target
+        `nixbuild::ssh`), the graph build's start and each derivation's `queued` (handed to
+        the scheduler), `building` (its sandbox helper started) and `build finished` (target
+        `nixbuild::build`), against the client command's start and exit (`started`,
+        `ended`: seconds since the epoch). Seconds, the per-derivation figures as medians
+        over the run's derivations: `connect` client start -> session start (TCP, key
+        exchange, authentication, the exec); `plan` session start -> graph build started
+        (the protocol's handshake, the .drv upload, the client's queries, the plan);
+        `to_first` -> first queued; `span` first queued -> last finished; `levels` builds
+        on the graph's longest path; `after_last` last finished -> client exit; `handoff`
+        its inputs' last finish -> queued; `wait` queued -> building; `build` building ->
+        finished."""
         events = {"queued": {}, "building": {}, "build finished": {}}
+        marks = {}  # "session", "graph": the first of each
         with open(os.path.join(rundir, "daemon.log"), errors="replace") as f:
             for line in f.read().splitlines():
                 head, sep, rest = line.partition(f" {BUILD_LOG_TARGET}: ")
-                drv = field(line, "drv")
-                if not sep or drv is None:
+                if not sep:
+                    head, sep, rest = line.partition(" nixbuild::ssh: ")
+                    if sep and rest.startswith("session start"):
+                        marks.setdefault("session", log_time(head))
                     continue
+                if rest.startswith("graph build"):
+                    marks.setdefault("graph", log_time(head))
+                drv = field(line, "drv")
                 event = next((e for e in events if rest.startswith(e)), None)
-                if event is not None:
-                    stamp = datetime.datetime.fromisoformat(head.split()[0].replace("Z", "+00:00"))
-                    events[event].setdefault(drv, stamp.timestamp())
+                if event is not None and drv is not None:
+                    events[event].setdefault(drv, log_time(head))
         queued, building, finished = events.values()
         drvs = [b.drv for b in builds]
         missing = [d for d in drvs if not all(d in e for e in events.values())]
-        if missing:
-            raise BenchError(f"nixbuild: the daemon log lacks queued/building/finished of {missing[0]}")
+        if missing or len(marks) != 2:
+            raise BenchError(
+                f"nixbuild: the daemon log lacks the session's or graph's start, or queued/building/"
+                f"finished of {missing[:1]}"
+            )
         first, last = min(queued[d] for d in drvs), max(finished[d] for d in drvs)
         return {
-            "to_first": first - started,
+            "connect": marks["session"] - started,
+            "plan": marks["graph"] - marks["session"],
+            "to_first": first - marks["graph"],
             "span": last - first,
             "levels": critical_path(builds),
             "after_last": ended - last,
@@ -394,6 +407,11 @@ class Nixbuild(Daemon):
             "wait": median([building[d] - queued[d] for d in drvs]),
             "build": median([finished[d] - building[d] for d in drvs]),
         }
+
+
+def log_time(head):
+    """Seconds since the epoch of a daemon log line's timestamp (its first word)."""
+    return datetime.datetime.fromisoformat(head.split()[0].replace("Z", "+00:00")).timestamp()
 
 
 class SshClient:
