@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
-use crate::builds::{BuildJob, BuildService, GraphEvent, GraphPlan, GraphRun, Outcome, WaitEvent};
+use crate::builds::{BuildJob, BuildService, GraphEvent, GraphPlan, Outcome, WaitEvent};
 use crate::client_pipe::PipeLoan;
 use crate::failpoint::failpoint_async;
 use crate::pipes::{write_timed_out, PipeReadError, PipeSink, PipeSource};
@@ -599,10 +599,15 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             PendingBuild::Paths(plan, options) => {
                 let mut run = self.ctx.run_graph(*plan, options, None);
-                let max = self.ctx.settings().max_request_bytes;
-                while let Some(event) =
-                    graph_event(&mut run, input, buf, &mut self.held, &self.pool, max).await?
-                {
+                let n = run.derivations();
+                loop {
+                    let max = self.ctx.settings().max_request_bytes;
+                    let mut watch =
+                        ClientWatch::new(&mut *input, &mut *buf, &mut self.held, &self.pool, max);
+                    let gone = || SessionError::GoneDuringGraph(n);
+                    let Some(event) = watch.wait(run.next(), gone).await? else {
+                        break;
+                    };
                     // The serve protocol has no activities: the builds' lines go to stderr
                     // as they come, whole lines at a time.
                     if let GraphEvent::Log(_, lines) = event {
@@ -635,24 +640,14 @@ impl<O: SessionOutput> Driver<'_, O> {
     ) -> Result<Arc<Outcome>, SessionError> {
         let drv_path = job.drv_path.clone();
         let mut waiter = self.ctx.submit(job).await;
-        // Pipelined requests are kept (up to the request cap) for after the build.
-        let max = self.ctx.settings().max_request_bytes;
         loop {
-            if buf.len() < max {
-                self.make_room(buf)?;
-            }
-            tokio::select! {
-                // An outcome already there wins over the end of the client's input.
-                biased;
-                event = waiter.next() => match event {
-                    WaitEvent::Log(chunk) => self.out.stderr(&chunk).await?,
-                    WaitEvent::Done(outcome) => return Ok(outcome),
-                },
-                read = input.read_buf(buf), if buf.len() < max => {
-                    if read? == 0 {
-                        return Err(SessionError::GoneDuringBuild(drv_path));
-                    }
-                }
+            let max = self.ctx.settings().max_request_bytes;
+            let mut watch =
+                ClientWatch::new(&mut *input, &mut *buf, &mut self.held, &self.pool, max);
+            let gone = || SessionError::GoneDuringBuild(drv_path.clone());
+            match watch.wait(waiter.next(), gone).await? {
+                WaitEvent::Log(chunk) => self.out.stderr(&chunk).await?,
+                WaitEvent::Done(outcome) => return Ok(outcome),
             }
         }
     }
@@ -878,28 +873,57 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 }
 
-/// The next event of the graph build `run` (`None` at its end), reading what the client
-/// sends meanwhile into `buf` (pipelined requests are kept, up to the request cap `max`):
-/// the end of the client's input means it went away, which ends the session and, with the
-/// run dropped, the builds no other client waits for.
-pub(crate) async fn graph_event<R: AsyncRead + Unpin>(
-    run: &mut GraphRun,
-    input: &mut R,
-    buf: &mut BytesMut,
-    held: &mut Reservation,
-    pool: &BufferPool,
+/// Where the client's input goes while a session waits for a build: `buf`, growing up to
+/// the request cap `max` within the session's reservation `held` (pipelined requests are kept
+/// for after the build).
+pub(crate) struct ClientWatch<'a, R> {
+    input: &'a mut R,
+    buf: &'a mut BytesMut,
+    held: &'a mut Reservation,
+    pool: &'a BufferPool,
     max: usize,
-) -> Result<Option<GraphEvent>, SessionError> {
-    loop {
-        if buf.len() < max {
-            make_room(buf, held, pool, max)?;
+}
+
+impl<'a, R: AsyncRead + Unpin> ClientWatch<'a, R> {
+    /// Reads `input` into `buf`, as [`ClientWatch`] says.
+    pub fn new(
+        input: &'a mut R,
+        buf: &'a mut BytesMut,
+        held: &'a mut Reservation,
+        pool: &'a BufferPool,
+        max: usize,
+    ) -> Self {
+        ClientWatch {
+            input,
+            buf,
+            held,
+            pool,
+            max,
         }
-        tokio::select! {
-            biased;
-            event = run.next() => return Ok(event),
-            read = input.read_buf(buf), if buf.len() < max => {
-                if read? == 0 {
-                    return Err(SessionError::GoneDuringGraph(run.derivations()));
+    }
+
+    /// Waits for `next` (a cancel-safe future: a build's or a graph build's next event),
+    /// reading what the client sends meanwhile. The end of the client's input means it went
+    /// away: the error is `gone()`, and the caller drops what it waited on, which ends the
+    /// builds no other client waits for.
+    pub async fn wait<T>(
+        &mut self,
+        next: impl Future<Output = T>,
+        gone: impl FnOnce() -> SessionError,
+    ) -> Result<T, SessionError> {
+        tokio::pin!(next);
+        loop {
+            if self.buf.len() < self.max {
+                make_room(self.buf, self.held, self.pool, self.max)?;
+            }
+            tokio::select! {
+                // An event already there wins over the end of the client's input.
+                biased;
+                event = &mut next => return Ok(event),
+                read = self.input.read_buf(self.buf), if self.buf.len() < self.max => {
+                    if read? == 0 {
+                        return Err(gone());
+                    }
                 }
             }
         }

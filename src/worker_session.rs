@@ -31,7 +31,7 @@ use nixbuild_core::worker::{
     ClientOptions, DerivedPath, ErrorInfo, Event, LogField, Missing, PathInfo, Request, Response,
     ServerHello, ServerSession, StderrMessage, Trust, WorkerError, WorkerVersion,
 };
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 use crate::buffers::{BufferPool, ChunkWriter, CHANNEL_DEPTH};
@@ -39,8 +39,8 @@ use crate::builds::BuildService;
 use crate::builds::{BuildJob, GraphEvent, GraphRun, Outcome, WaitEvent};
 use crate::service::{store_error, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, before_build_result, before_upload_ack, build_result, graph_event, last_words,
-    make_room, over_limit, registration_time, ReadDeadline, SessionError, SessionOutput,
+    add_claim, before_build_result, before_upload_ack, build_result, last_words, make_room,
+    over_limit, registration_time, ClientWatch, ReadDeadline, SessionError, SessionOutput,
     WriteTimeout,
 };
 use crate::store::{PathClaim, Store};
@@ -545,9 +545,14 @@ impl<O: SessionOutput> Driver<'_, O> {
         let mut run = self.ctx.run_graph(plan, self.options, self.keep_going);
         let mut activities: HashMap<usize, u64> = HashMap::new();
         let max = self.ctx.settings().max_request_bytes;
-        while let Some(event) =
-            graph_event(&mut run, input, buf, &mut self.held, &self.pool, max).await?
-        {
+        let n = run.derivations();
+        loop {
+            let mut watch =
+                ClientWatch::new(&mut *input, &mut *buf, &mut self.held, &self.pool, max);
+            let gone = || SessionError::GoneDuringGraph(n);
+            let Some(event) = watch.wait(run.next(), gone).await? else {
+                break;
+            };
             match event {
                 GraphEvent::Started(node) => {
                     let id = self.start_build_activity(run.drv_path(node))?;
@@ -611,23 +616,15 @@ impl<O: SessionOutput> Driver<'_, O> {
         let mut partial: Vec<u8> = Vec::new();
         let max = self.ctx.settings().max_request_bytes;
         let outcome = loop {
-            if buf.len() < max {
-                make_room(buf, &mut self.held, &self.pool, max)?;
-            }
-            tokio::select! {
-                biased;
-                event = waiter.next() => match event {
-                    WaitEvent::Log(chunk) => {
-                        self.log_lines(id, &mut partial, &chunk)?;
-                        self.flush().await?;
-                    }
-                    WaitEvent::Done(outcome) => break outcome,
-                },
-                read = input.read_buf(buf), if buf.len() < max => {
-                    if read? == 0 {
-                        return Err(SessionError::GoneDuringBuild(drv_path));
-                    }
+            let mut watch =
+                ClientWatch::new(&mut *input, &mut *buf, &mut self.held, &self.pool, max);
+            let gone = || SessionError::GoneDuringBuild(drv_path.clone());
+            match watch.wait(waiter.next(), gone).await? {
+                WaitEvent::Log(chunk) => {
+                    self.log_lines(id, &mut partial, &chunk)?;
+                    self.flush().await?;
                 }
+                WaitEvent::Done(outcome) => break outcome,
             }
         };
         if !partial.is_empty() {

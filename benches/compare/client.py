@@ -82,15 +82,19 @@ class Client:
         finally:
             os.unlink(path)
 
-    def delete(self, paths, what):
-        run(["nix-store", "--delete"] + list(paths), self.env, self.log, what)
-        valid = subprocess.run(
+    def valid(self, paths):
+        """Those of `paths` that are valid in the client's store."""
+        invalid = subprocess.run(
             ["nix-store", "--check-validity", "--print-invalid"] + list(paths),
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        still = set(paths) - set(valid.stdout.decode().split())
+        return set(paths) - set(invalid.stdout.decode().split())
+
+    def delete(self, paths, what):
+        run(["nix-store", "--delete"] + list(paths), self.env, self.log, what)
+        still = self.valid(paths)
         if still:
             raise BenchError(f"{what}: still valid after nix-store --delete: {sorted(still)[:3]}")
 
@@ -199,10 +203,16 @@ class Client:
         """Writes and instantiates the run's derivations: one list of `Build`s per client.
 
         Each derivation's name carries the run's salt, so neither its outputs nor the .drv
-        exist anywhere before the run. Independent builds write one line naming themselves;
-        in a chain, build i also writes the path of build i-1 (a reference) and the first
-        line of its contents (read in the sandbox).
+        exist anywhere before the run. A derivation without inputs writes one line naming
+        itself; one with inputs (the chain's previous build, the diamond's two below) also
+        writes, for each input, its path (a reference) and the first line of its contents
+        (read in the sandbox). The diamond's derivations have a second output, dev, naming
+        them and holding the path of each input's dev (so every output of an input is used).
+        With `remote_store` the file also has `top<k>`: the one derivation nothing depends
+        on, which is what the client asks for (`top.nix`, see `build_command`).
         """
+        dev = workload.shape == "graph"
+        inputs = workload.inputs()
         lines = [
             "let",
             f'  bb = builtins.path {{ path = {self.busybox_src}; name = "{PREFIX}-busybox"; }};',
@@ -220,23 +230,34 @@ class Client:
             for i in range(workload.count):
                 name = f"c{k}-{i}"
                 first = f"{PREFIX} {salt} {name}"
-                if workload.shape == "chain" and i > 0:
-                    prev = f"d{k}_{i - 1}"
-                    script = f"{{ echo {first}; echo ${{{prev}}}; head -n 1 ${{{prev}}}; }} > $out"
-                elif workload.shape == "big":
+                deps = [f"d{k}_{j}" for j in inputs[i]]
+                script = f"{{ echo {first};" + "".join(f" echo ${{{d}}}; head -n 1 ${{{d}}};" for d in deps)
+                if workload.shape == "big":
                     # The second output holds the builder's own CPU times (the shell's
                     # `times`), so that the server's share can be told from the builder's.
-                    script = f"{{ echo {first}; {big_builder(workload.size_mib)}; }} > $out; times > $cpu"
+                    script += f" {big_builder(workload.size_mib)}; }} > $out; times > $cpu"
+                    extra = '{ outputs = [ "out" "cpu" ]; }'
+                elif dev:
+                    script += f" }} > $out; {{ echo {first} dev;"
+                    script += "".join(f" echo ${{{d}.dev}};" for d in deps) + " } > $dev"
+                    extra = '{ outputs = [ "out" "dev" ]; }'
                 else:
-                    script = f"echo {first} > $out"
-                extra = '{ outputs = [ "out" "cpu" ]; }' if workload.shape == "big" else "{ }"
+                    script = f"{script} }} > $out" if deps else f"echo {first} > $out"
+                    extra = "{ }"
                 lines.append(f'  d{k}_{i} = mk "{name}" "{script}" {extra};')
                 names.append(f"d{k}_{i}")
             attrs.append(f"  c{k} = [ {' '.join(names)} ];")
+            if workload.remote_store:
+                used = {j for ins in inputs for j in ins}
+                (top,) = [i for i in range(workload.count) if i not in used]
+                attrs.append(f"  top{k} = d{k}_{top};")
         lines += ["in {"] + attrs + ["}"]
         expr = os.path.join(rundir, "builds.nix")
         with open(expr, "w") as f:
             f.write("\n".join(lines) + "\n")
+        for k in range(workload.clients if workload.remote_store else 0):
+            with open(os.path.join(rundir, f"top-{k}.nix"), "w") as f:
+                f.write(f"(import ./builds.nix).top{k}\n")
         cmd = ["nix-instantiate", expr]
         for k in range(workload.clients):
             cmd += ["-A", f"c{k}"]
@@ -249,31 +270,43 @@ class Client:
             ["nix-store", "-q", "--outputs"] + drvs, self.env, self.log, "nix-store -q --outputs"
         )
         self.owned.update(outs)
-        # The big build's `cpu` outputs (named `<name>-cpu`), in the order of their drvs.
-        cpu_outs = [o for o in outs if workload.shape == "big" and o.endswith("-cpu")]
-        outs = [o for o in outs if o not in cpu_outs]
-        if len(outs) != total or (workload.shape == "big" and len(cpu_outs) != total):
+        # The second outputs (named `<name>-cpu`, `<name>-dev`), in the order of their drvs.
+        second = {"big": "-cpu", "graph": "-dev"}.get(workload.shape)
+        seconds = [o for o in outs if second and o.endswith(second)]
+        outs = [o for o in outs if o not in seconds]
+        if len(outs) != total or (second and len(seconds) != total):
             raise BenchError(f"{len(outs)} outputs for {total} derivations")
         clients = []
         for k in range(workload.clients):
             builds = []
             for i in range(workload.count):
                 n = k * workload.count + i
+                ins = [k * workload.count + j for j in inputs[i]]
                 text = f"{PREFIX} {salt} c{k}-{i}\n"
-                if workload.shape == "chain" and i > 0:
-                    text += f"{outs[n - 1]}\n{PREFIX} {salt} c{k}-{i - 1}\n"
+                text += "".join(f"{outs[j]}\n{PREFIX} {salt} c{k}-{j - k * workload.count}\n" for j in ins)
+                deps = tuple(drvs[j] for j in ins)
                 if workload.shape == "big":
                     nar_hash = self.big_output_nar_hash(rundir, text.encode(), workload.size_mib * MIB)
-                    builds.append(Build(drvs[n], outs[n], None, nar_hash, cpu_outs[n]))
+                    builds.append(Build(drvs[n], outs[n], None, nar_hash, seconds[n], inputs=deps))
+                elif dev:
+                    dev_text = f"{PREFIX} {salt} c{k}-{i} dev\n" + "".join(f"{seconds[j]}\n" for j in ins)
+                    builds.append(Build(drvs[n], outs[n], text, extra=((seconds[n], dev_text),), inputs=deps))
                 else:
-                    builds.append(Build(drvs[n], outs[n], text))
+                    builds.append(Build(drvs[n], outs[n], text, inputs=deps))
             clients.append(builds)
         return clients
 
-    def build_command(self, url, jobs, drvs):
-        """`nix-build` of `drvs` on the server only: no local build slots."""
+    def build_command(self, workload, url, jobs, rundir, k, builds):
+        """Client `k`'s command: `nix-build` of its derivations on the server only (no local
+        build slots), or with `remote_store` `nix build` of `top-<k>.nix` in the server's
+        store, evaluated (and the .drv files written) in the client's own store."""
+        if workload.remote_store:
+            top = os.path.join(rundir, f"top-{k}.nix")
+            return ["nix", "build", "--store", url, "--eval-store", "auto", "-f", top, "--no-link"]
         builders = f"{url} {BUILDER_SYSTEM} - {jobs} 1 {BUILDER_FEATURES}"
-        return ["nix-build", "--max-jobs", "0", "--no-out-link", "--builders", builders] + drvs
+        return ["nix-build", "--max-jobs", "0", "--no-out-link", "--builders", builders] + [
+            b.drv for b in builds
+        ]
 
     def check_built(self, builds, printed, what):
         """The outputs nix-build printed are the expected ones, valid, with the expected bytes.
@@ -281,8 +314,8 @@ class Client:
         want = [b.out for b in builds]
         if sorted(printed) != sorted(want):
             raise BenchError(f"{what}: nix-build printed {len(printed)} paths, not the {len(want)} outputs")
-        # nix-build prints the `out` outputs; the big builds' `cpu` outputs came back too.
-        want += [b.cpu_out for b in builds if b.cpu_out]
+        # nix-build prints the `out` outputs; the others (the big builds' `cpu`) came back too.
+        want = [p for b in builds for p in b.outputs()]
         capture(["nix-store", "--check-validity"] + want, self.env, self.log, f"{what}: validity")
         big = [b for b in builds if b.nar_hash is not None]
         if big:
@@ -296,14 +329,18 @@ class Client:
                         f"{what}: {b.out} has narHash {recorded[b.out]} recorded and {h} on disk, "
                         f"expected {b.nar_hash}"
                     )
-        for b in builds:
-            if b.text is None:
-                continue
-            with open(b.out) as f:
-                got = f.read()
-            if got != b.text:
-                raise BenchError(f"{what}: {b.out} holds {got!r} instead of {b.text!r}")
+        check_texts(builds, what)
         return sum(builder_times(b.cpu_out) for b in builds if b.cpu_out)
+
+    def check_not_fetched(self, builds, printed, what):
+        """After a remote-store build (`nix build --no-link`): nothing printed, and no output
+        valid in the client's store: it neither built nor fetched any. The side checks its
+        store (`verify_builds`)."""
+        if printed:
+            raise BenchError(f"{what}: nix build printed {printed[:3]}")
+        here = self.valid([p for b in builds for p in b.outputs()])
+        if here:
+            raise BenchError(f"{what}: outputs valid in the client's store: {sorted(here)[:3]}")
 
     def forget(self, paths):
         """Deletes a run's derivations and outputs from the client store (not measured)."""
@@ -323,6 +360,17 @@ def wire_str(s):
 def nar_regular_file(contents):
     parts = ["nix-archive-1", "(", "type", "regular", "contents"]
     return b"".join(wire_str(p) for p in parts) + wire_str(contents) + wire_str(")")
+
+
+def check_texts(builds, what, root=""):
+    """Every output whose bytes are known holds them: under `root`, a chroot store's
+    directory, or in the client's store."""
+    for b in builds:
+        for path, text in b.texts():
+            with open(root + path) as f:
+                got = f.read()
+            if got != text:
+                raise BenchError(f"{what}: {path} holds {got!r} instead of {text!r}")
 
 
 def check_server_nar_hashes(where, client, builds, server_hashes):

@@ -5,7 +5,8 @@ Both servers are driven by the same real Nix client (`nix copy`, `nix-build`) ov
 stdio transport (`ssh://localhost?remote-program=...`, which Nix runs through `bash -c`, no
 sshd), or, for the `ssh-` workloads, over SSH: OpenSSH's sshd running `nix-store --serve`
 in a private mount namespace with its own `/nix`, against nixbuild-server's own SSH; for the
-`ngssh-` workloads (issue 18) the same over ssh-ng, with sshd running `nix-daemon --stdio`. Runs
+`ngssh-` workloads (issue 18) the same over ssh-ng, with sshd running `nix-daemon --stdio`, and
+for the `ngstore-` ones (issue 19) that server as the store of `nix build --store`. Runs
 alternate between the two sides, every run does the full work (fresh server store for
 uploads, client copies deleted before downloads), and every run is checked: the paths must
 be valid on the destination with the narHash the client recorded, and the bytes on the
@@ -37,7 +38,9 @@ from workloads import BUILDER_FEATURES, BUILDER_SYSTEM, SSH_TRANSPORTS, WORKLOAD
 from cgroups import destroy_tree
 from measurement import Bench, VmMemory, build_slots, builder_cpu_ms, loadavg, wrapper_cpu_ms
 from report import (
+    fmt_client_view,
     fmt_mib,
+    fmt_timeline,
     git_commit,
     machine_description,
     report,
@@ -258,13 +261,21 @@ def bench_main(bench, args, vm):
             "one client ssh config (NIX_SSHOPTS=-F), ed25519 client key, host keys pinned"
         )
     builds = [w for w in args.workloads if w.kind == "build"]
-    if builds:
+    if any(not w.remote_store for w in builds):
         header.append(
             f"- builds: nix-build --max-jobs 0 --builders '<side's URL> {BUILDER_SYSTEM} - <slots> 1 "
             f"{BUILDER_FEATURES}', both sides alike: {args.jobs} slots for one client, "
             f"{args.parallel_jobs} per client when 8 run at once; client build-poll-interval = 0; "
             "the reference builds in Nix's sandbox as nixbld users"
         )
+    if any(w.remote_store for w in builds):
+        header.append(
+            "- remote-store builds: nix build --store ssh-ng://<alias> --eval-store auto -f <file> --no-link "
+            "of the graph's top, both sides alike (the .drv closure uploaded, the graph built on the "
+            f"server, nothing fetched); the reference's nix-daemon builds with max-jobs = {args.jobs} "
+            "(--jobs) in Nix's sandbox as nixbld users; nixbuild with its default configuration"
+        )
+    if builds:
         if "reference" in args.sides:
             check_build_users(max(w.clients * build_slots(args, w.clients) for w in builds))
     for line in header:
@@ -279,7 +290,7 @@ def bench_main(bench, args, vm):
             for rep in range(args.reps):
                 order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
                 for name in order:
-                    s = bench.measure_connect(bench.side(name, workload.transport), workload)
+                    s = bench.measure_connect(bench.side(name, workload), workload)
                     samples[name].append(s)
                     log(
                         f"{workload.name} {name:9} #{rep + 1}: wall {sum(s.walls):.3f} s, server CPU {s.cpu:.3f} s "
@@ -296,13 +307,15 @@ def bench_main(bench, args, vm):
             for rep in range(args.reps):
                 order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
                 for name in order:
-                    side = bench.side(name, workload.transport)
+                    side = bench.side(name, workload)
                     s = bench.measure_build(side, workload, datasets["busybox"])
                     samples[name].append(s)
                     log(
                         f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s "
-                        f"({s.cpu / s.builds * 1000:.1f} ms per build), client CPU {s.client_cpu:.3f} s, "
+                        f"({s.cpu / s.builds * 1000:.1f} ms per derivation), client CPU {s.client_cpu:.3f} s, "
                         f"working set {fmt_mib(s.ws_peak)} MiB, cgroup memory {fmt_mib(s.cg_mem)} MiB"
+                        + (f"; client: {fmt_client_view(s.client_view)}" if s.client_view else "")
+                        + (f"; log: {fmt_timeline(s.timeline)}" if s.timeline else "")
                     )
             slots = build_slots(args, workload.clients)
             sections.append(
@@ -316,12 +329,12 @@ def bench_main(bench, args, vm):
         if workload.direction == "download":
             for name in args.sides:
                 log(f"{workload.name}: filling the {name} store (not measured)...")
-                bench.populate(bench.side(name, workload.transport), dataset)
+                bench.populate(bench.side(name, workload), dataset)
         samples = {s: [] for s in SIDES}
         for rep in range(args.reps):
             order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
             for name in order:
-                s = bench.measure(bench.side(name, workload.transport), workload, dataset)
+                s = bench.measure(bench.side(name, workload), workload, dataset)
                 samples[name].append(s)
                 log(
                     f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s, server CPU {s.cpu:.3f} s, "

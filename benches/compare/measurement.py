@@ -5,10 +5,12 @@ alternating, and records wall time, server CPU and memory per run; the machine's
 import dataclasses
 import mmap
 import os
+import re
 import resource
 import secrets
 import subprocess
 import tempfile
+import threading
 import time
 
 from common import BenchError, GIB, MIB, PREFIX, SETTLE_TIMEOUT, log, rm_tree, run, tail
@@ -17,6 +19,8 @@ from client import Client, check_hashes
 from servers import (
     NgSshNixbuild,
     NgSshReference,
+    NgStoreNixbuild,
+    NgStoreReference,
     Nixbuild,
     Reference,
     SshClient,
@@ -25,7 +29,14 @@ from servers import (
     read_stats,
     wrapper_script,
 )
-from workloads import SSH_TRANSPORTS
+from workloads import SSH_TRANSPORTS, critical_path
+
+# The two sides per (SSH transport, remote-store build): their classes.
+SSH_SIDES = {
+    ("ssh", False): (SshReference, SshNixbuild),
+    ("ssh-ng", False): (NgSshReference, NgSshNixbuild),
+    ("ssh-ng", True): (NgStoreReference, NgStoreNixbuild),
+}
 
 
 @dataclasses.dataclass
@@ -51,6 +62,8 @@ class BuildSample:
     client_cpu: float  # seconds, user+sys of the nix-builds and everything they waited for
     ws_peak: int | None  # bytes, highest sampled working set (cgroup memory minus file pages)
     builder_cpu: float  # seconds the big builds' builders reported (`times`), 0 otherwise
+    timeline: dict | None = None  # remote-store builds, nixbuild: its log's timings (`timeline`)
+    client_view: dict | None = None  # remote-store builds: the client's `building` lines (`client_view`)
 
 
 @dataclasses.dataclass
@@ -70,17 +83,19 @@ class Bench:
         self.reference = Reference(self.tmp, self.client.conf_file)
         want_nixbuild = "nixbuild" in args.sides
         self.nixbuild = Nixbuild(self.tmp, args.bin_dir, self.client) if want_nixbuild else None
-        # Per SSH transport ("ssh", "ssh-ng"): (reference, nixbuild), sharing one ssh config.
+        # Per SSH transport ("ssh", "ssh-ng") and whether the server is the store of a
+        # remote-store build: (reference, nixbuild), sharing one ssh config.
         self.ssh_sides = {}
-        transports = {w.transport for w in args.workloads} & set(SSH_TRANSPORTS)
-        if transports:
+        keys = {(w.transport, w.remote_store) for w in args.workloads if w.transport in SSH_TRANSPORTS}
+        if keys:
             ssh = SshClient(self.tmp, self.client, args.ssh_ciphers)
-        for transport in sorted(transports):
-            ref_cls, nb_cls = (
-                (SshReference, SshNixbuild) if transport == "ssh" else (NgSshReference, NgSshNixbuild)
-            )
-            self.ssh_sides[transport] = (
-                ref_cls(self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex),
+        for key in sorted(keys):
+            ref_cls, nb_cls = SSH_SIDES[key]
+            # The reference's builds at once: one per session, or `--jobs` when it builds a
+            # whole graph itself.
+            max_jobs = args.jobs if key[1] else 1
+            self.ssh_sides[key] = (
+                ref_cls(self.tmp, self.client.conf_file, ssh, self.client, args.sshd_kex, max_jobs),
                 nb_cls(self.tmp, args.bin_dir, self.client, ssh, args.nixbuild_ssh_ciphers)
                 if want_nixbuild
                 else None,
@@ -105,9 +120,10 @@ class Bench:
         else:
             rm_tree(self.tmp)
 
-    def side(self, name, transport):
-        if transport in self.ssh_sides:
-            reference, nixbuild = self.ssh_sides[transport]
+    def side(self, name, workload):
+        key = (workload.transport, workload.remote_store)
+        if key in self.ssh_sides:
+            reference, nixbuild = self.ssh_sides[key]
             return reference if name == "reference" else nixbuild
         return self.reference if name == "reference" else self.nixbuild
 
@@ -216,6 +232,7 @@ class Bench:
         group = self.cgroups.new_group(f"run-{self.counter}")
         self.active_group = group
         per_build = []  # build-one: (wall, server CPU) of each nix-build
+        started = ended = None  # seconds since the epoch, one client command's start and exit
         try:
             # Sessions without GNU time: each build is a session, and timing it would add
             # milliseconds of wrapper CPU to every build on both sides.
@@ -228,7 +245,7 @@ class Bench:
                 for i, b in enumerate(clients[0]):
                     c0 = group.cpu_ns()
                     t0 = time.monotonic()
-                    (out,) = self.nix_builds(side, rundir, urls, [[b]], f"{i}")
+                    (out,) = self.nix_builds(side, workload, rundir, urls, [[b]], f"{i}")
                     w = time.monotonic() - t0
                     # Its session over before the next build: its CPU is all counted.
                     self.sessions_ended(side, group)
@@ -236,9 +253,11 @@ class Bench:
                     printed[0] += out
                 wall = sum(w for w, _ in per_build)
             else:
+                started = time.time()  # for the server log's timestamps
                 t0 = time.monotonic()
-                printed = self.nix_builds(side, rundir, urls, clients, "all")
+                printed = self.nix_builds(side, workload, rundir, urls, clients, "all")
                 wall = time.monotonic() - t0
+                ended = started + wall
             client_cpu = children_cpu() - client0
             cpu, cg_mem = self.finish(side, group, cpu0)
             ws_peak = group.working_set_peak()
@@ -249,13 +268,29 @@ class Bench:
         # Checked after the measurement: every derivation was built, on the server.
         builder_cpu = 0.0
         for k, (c, out) in enumerate(zip(clients, printed)):
-            builder_cpu += self.client.check_built(c, out, f"{side.name}: client {k}")
+            if workload.remote_store:
+                self.client.check_not_fetched(c, out, f"{side.name}: client {k}")
+            else:
+                builder_cpu += self.client.check_built(c, out, f"{side.name}: client {k}")
         server_times = side.verify_builds(self.client, builds, rundir)
-        self.client.forget(
-            [b.drv for b in builds] + [b.out for b in builds] + [b.cpu_out for b in builds if b.cpu_out]
-        )
+        timeline = view = None
+        if workload.remote_store:
+            timeline = side.timeline(builds, rundir, started, ended)
+            view = client_view(os.path.join(rundir, "client-0-all.log"), builds, started, ended)
+        self.client.forget([b.drv for b in builds] + [p for b in builds for p in b.outputs()])
         return BuildSample(
-            wall, cpu, cg_mem, procs, len(builds), per_build, server_times, client_cpu, ws_peak, builder_cpu
+            wall,
+            cpu,
+            cg_mem,
+            procs,
+            len(builds),
+            per_build,
+            server_times,
+            client_cpu,
+            ws_peak,
+            builder_cpu,
+            timeline,
+            view,
         )
 
     def measure_connect(self, side, workload):
@@ -287,29 +322,75 @@ class Bench:
             self.active_group = None
         return ConnectSample(walls, cpu, cg_mem, read_stats(stats_dir))
 
-    def nix_builds(self, side, rundir, urls, clients, tag):
-        """Runs one nix-build per client, all at once; the output paths each printed."""
+    def nix_builds(self, side, workload, rundir, urls, clients, tag):
+        """Runs one client command (nix-build, or nix build --store) per client, all at
+        once; the output paths each printed."""
         slots = build_slots(self.args, len(clients))
         procs = []
+        stampers = []
         for k, (url, builds) in enumerate(zip(urls, clients)):
-            cmd = self.client.build_command(url, slots, [b.drv for b in builds])
+            cmd = self.client.build_command(workload, url, slots, rundir, k, builds)
             out = os.path.join(rundir, f"client-{k}-{tag}.out")
             err = os.path.join(rundir, f"client-{k}-{tag}.log")
             with open(out, "wb") as o, open(err, "wb") as e:
-                procs.append(
-                    (subprocess.Popen(cmd, env=self.client.env, stdout=o, stderr=e), out, err)
-                )
+                # Remote-store builds: each line of the client's log stamped with the time
+                # it arrived (`client_view`); the others write straight to the file.
+                stderr = subprocess.PIPE if workload.remote_store else e
+                p = subprocess.Popen(cmd, env=self.client.env, stdout=o, stderr=stderr)
+            if workload.remote_store:
+                stampers.append(threading.Thread(target=stamp_lines, args=(p.stderr, err), daemon=True))
+                stampers[-1].start()
+            procs.append((p, out, err))
         failed = []
         for p, _out, err in procs:
-            if p.wait() != 0:
+            p.wait()
+        for t in stampers:
+            t.join()
+        for p, _out, err in procs:
+            if p.returncode != 0:
                 failed.append(f"exit {p.returncode}:\n{tail(err)}")
         if failed:
-            raise BenchError(f"{side.name}: nix-build failed ({len(failed)} of {len(procs)}), {failed[0]}")
+            raise BenchError(f"{side.name}: the client command failed ({len(failed)} of {len(procs)}), {failed[0]}")
         printed = []
         for _p, out, _err in procs:
             with open(out) as f:
                 printed.append(f.read().split())
         return printed
+
+
+def stamp_lines(stream, path):
+    """Copies `stream` to `path` line by line, each line prefixed with the time it arrived
+    (seconds since the epoch)."""
+    with open(path, "ab") as f:
+        for line in stream:
+            f.write(f"{time.time():.6f} ".encode() + line)
+    stream.close()
+
+
+BUILDING_LINE = re.compile(r"^(\d+\.\d+) building '(/nix/store/[^']+\.drv)'")
+
+
+def client_view(path, builds, started, ended):
+    """When the client printed each derivation's `building '<drv>'...` line (stamped by
+    `stamp_lines`), against its start and exit (seconds since the epoch): `first` start ->
+    the first line, `per_level` the time between the first and the last line over the
+    levels of the graph's longest path after the first, `after` the last line -> exit.
+    None unless every derivation has its line (the server sent its start)."""
+    seen = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = BUILDING_LINE.match(line)
+            if m:
+                seen.setdefault(m.group(2), float(m.group(1)))
+    if any(b.drv not in seen for b in builds):
+        return None
+    first, last = min(seen[b.drv] for b in builds), max(seen[b.drv] for b in builds)
+    levels = critical_path(builds)
+    return {
+        "first": first - started,
+        "per_level": (last - first) / (levels - 1) if levels > 1 else None,
+        "after": ended - last,
+    }
 
 
 def children_cpu():

@@ -16,6 +16,10 @@ NGSSH_SIDE_LABEL = {
     "reference": "reference (sshd + nix-daemon --stdio)",
     "nixbuild": "nixbuild (SSH, nix-daemon --stdio)",
 }
+NGSTORE_SIDE_LABEL = {
+    "reference": "reference (sshd + nix-daemon --stdio, its store)",
+    "nixbuild": "nixbuild (SSH, nix-daemon --stdio, its store)",
+}
 # How the report says which transport a workload went over.
 OVER = {"stdio": "", "ssh": " over SSH", "ssh-ng": " over ssh-ng"}
 
@@ -36,7 +40,34 @@ def median(xs):
 
 
 def labels(workload):
+    if workload.remote_store:
+        return NGSTORE_SIDE_LABEL
     return {"ssh": SSH_SIDE_LABEL, "ssh-ng": NGSSH_SIDE_LABEL}.get(workload.transport, SIDE_LABEL)
+
+
+def fmt_ms(x):
+    """Seconds as whole milliseconds, or n/a."""
+    return "n/a" if x is None else f"{x * 1000:.0f}"
+
+
+def fmt_client_view(v):
+    """When the client printed its `building` lines (`client_view`), in one line."""
+    return (
+        f"start->1st building line {fmt_ms(v['first'])} ms, then {fmt_ms(v['per_level'])} ms a level, "
+        f"last one->exit {fmt_ms(v['after'])} ms"
+    )
+
+
+def fmt_timeline(t):
+    """A run's timings from nixbuild's log (`Nixbuild.timeline`), in one line."""
+    ms = {k: fmt_ms(t[k]) for k in t if k != "levels"}
+    return (
+        f"start->session {ms['connect']} ms, ->graph build {ms['plan']} ms, ->1st queued {ms['to_first']} ms, "
+        f"graph {ms['span']} ms over {t['levels']:g} levels "
+        f"({fmt_ms(t['span'] / t['levels'])} ms a level), last finished->exit {ms['after_last']} ms; "
+        f"per derivation: inputs done->queued {ms['handoff']} ms, queued->building {ms['wait']} ms, "
+        f"building->finished {ms['build']} ms"
+    )
 
 
 def fmt_fraction(x):
@@ -188,6 +219,8 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
             med[side]["cpu_gib"] = median([(s.cpu - s.builder_cpu) / (size / GIB) for s in ss])
             med[side]["builder"] = median([s.builder_cpu for s in ss])
     slots = "" if one else f"; {jobs} build slot{'s' if jobs > 1 else ''} per client"
+    if workload.remote_store:
+        slots = f"; the reference's max-jobs {jobs}"
     lines = [
         f"### {workload.name}: {workload.title()}{OVER[workload.transport]} (median of {reps} run{'s' if reps > 1 else ''} per side{slots})",
         "",
@@ -204,7 +237,7 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
         ]
     else:
         lines += [
-            "| | wall time (s) | server CPU (s) | server CPU per build (ms) " + common_head,
+            "| | wall time (s) | server CPU (s) | server CPU per derivation (ms) " + common_head,
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
 
@@ -255,6 +288,22 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
             notes += throughput_targets(workload, med["reference"], n)
         peak = max((s.ws_peak for s in samples["nixbuild"] if s.ws_peak is not None), default=None)
         notes.append(mem_target(peak, "working set"))
+    for side in sides:
+        views = [s.client_view for s in samples[side] if s.client_view]
+        if views:
+            v = {k: median([x[k] for x in views]) for k in views[0]}
+            notes.append(
+                f"- {side}, the client's view (when it printed each derivation's `building` line, "
+                f"medians over the runs that had them all, {len(views)} of {len(samples[side])}): "
+                + fmt_client_view(v)
+            )
+    timelines = [s.timeline for s in samples.get("nixbuild", []) if s.timeline]
+    if timelines:
+        t = {k: median([x[k] for x in timelines]) for k in timelines[0]}
+        notes.append(
+            f"- nixbuild's log (`queued`, `building`, `build finished` of each derivation, medians over the "
+            f"runs): {fmt_timeline(t)}"
+        )
     if "reference" in med and one:
         notes.append(
             f"- reference server CPU per build: {ms(med['reference']['build_cpu'])} ms "
@@ -288,10 +337,14 @@ def report_build(workload, samples, reps, jobs, builder_ms, wrapper_ms):
                 )
                 if s.server_times:
                     extra += f" server {ms(median(s.server_times))} ms"
+            else:
+                extra = f"  per derivation: cpu {ms(s.cpu / s.builds)} ms"
             lines.append(
                 f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  cpu {s.cpu:7.3f} s  client {s.client_cpu:7.3f} s  "
                 f"ws {fmt_mib(s.ws_peak):>6} MiB  cgroup {fmt_mib(s.cg_mem):>7} MiB{extra}"
                 + (f"  [{detail}]" if detail else "")
+                + (f"\n    client: {fmt_client_view(s.client_view)}" if s.client_view else "")
+                + (f"\n    log: {fmt_timeline(s.timeline)}" if s.timeline else "")
             )
     lines.append("```")
     return "\n".join(lines)

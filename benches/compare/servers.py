@@ -1,6 +1,8 @@
 """The two sides: Nix's `nix-store --serve` (over stdio, or behind OpenSSH's sshd) and
 nixbuild-server (through its relay, or over its own SSH), each started on an empty store."""
 
+import contextlib
+import datetime
 import os
 import shutil
 import signal
@@ -23,14 +25,17 @@ from common import (
     shq,
     tail,
 )
-from client import check_hashes, check_server_nar_hashes
-from report import NGSSH_SIDE_LABEL, SIDE_LABEL, SSH_SIDE_LABEL
+from client import check_hashes, check_server_nar_hashes, check_texts
+from report import NGSSH_SIDE_LABEL, NGSTORE_SIDE_LABEL, SIDE_LABEL, SSH_SIDE_LABEL, median
+from workloads import critical_path
 
 
 SSHD = "/usr/sbin/sshd"
 UNSHARE = "/usr/bin/unshare"
 # The account of the benchmark's client key (the first word of its comment).
 ACCOUNT = "bench"
+# The target of the build service's log lines (`queued`, `building`, `build finished`).
+BUILD_LOG_TARGET = "nixbuild::build"
 
 
 def wrapper_script(path, group, stats_dir, label, env, program, foreground=False):
@@ -95,7 +100,7 @@ class Reference:
     # No process of its own outlives a session.
     resident = 0
 
-    def __init__(self, root, client_conf, conf_name="ref-nix-conf"):
+    def __init__(self, root, client_conf, conf_name="ref-nix-conf", max_jobs=1):
         self.root = root
         self.store = None
         self.conf_dir = os.path.join(root, conf_name)
@@ -108,7 +113,7 @@ class Reference:
                 + "sandbox = true\n"
                 "sandbox-fallback = false\n"
                 "build-users-group = nixbld\n"
-                "max-jobs = 1\n"
+                f"max-jobs = {max_jobs}\n"
                 "cores = 1\n"
                 "builders =\n"
                 # Nix's default again: the client's 0 above is a client-side choice.
@@ -140,7 +145,7 @@ class Reference:
 
     def verify_builds(self, client, builds, _rundir):
         """Every output is valid in the reference's store and holds the expected bytes."""
-        outs = [b.out for b in builds]
+        outs = [p for b in builds for p in b.outputs()]
         capture(
             ["nix-store", "--store", self.store, "--check-validity"] + outs,
             client.env,
@@ -148,12 +153,11 @@ class Reference:
             "reference: outputs valid in its store",
         )
         check_server_nar_hashes("reference store", client, builds, self.server_hashes)
-        for b in builds:
-            if b.text is None:
-                continue
-            with open(self.store + b.out) as f:
-                if f.read() != b.text:
-                    raise BenchError(f"reference store: {b.out} does not hold the expected bytes")
+        check_texts(builds, "reference store", self.store)
+        return None
+
+    def timeline(self, _builds, _rundir, _started, _ended):
+        """Nix logs no timestamps of its builds on the server's side."""
         return None
 
     def server_hashes(self, client, paths, what):
@@ -289,18 +293,24 @@ class Nixbuild(Daemon):
                 raise BenchError(f"nixbuild-server did not listen:\n{tail(self.daemon_log)}")
             time.sleep(0.02)
 
-    def server_hashes(self, client, paths, what):
-        """narHash of each path as the server's store records it: asked through the relay
-        of a separate, unmeasured daemon on the same state directory."""
+    @contextlib.contextmanager
+    def verifier(self):
+        """The URL of a separate, unmeasured daemon on the same state directory, reached
+        through the relay, for the checks after a run; stopped when done."""
         rundir = tempfile.mkdtemp(prefix="verify-", dir=self.root)
         self.start_daemon(rundir, None, None)
         try:
             script = wrapper_script(
                 os.path.join(rundir, "plain-serve.sh"), None, None, "", self.relay_env(), self.serve_bin
             )
-            return client.hashes(f"ssh://localhost?remote-program={script}", paths, what)
+            yield f"ssh://localhost?remote-program={script}"
         finally:
             self.stop()
+
+    def server_hashes(self, client, paths, what):
+        """narHash of each path as the server's store records it."""
+        with self.verifier() as url:
+            return client.hashes(url, paths, what)
 
     def verify_upload(self, client, dataset):
         got = self.server_hashes(client, dataset.paths, "nixbuild: narHash on the server")
@@ -347,6 +357,61 @@ class Nixbuild(Daemon):
             times += answered[b.drv]
         check_server_nar_hashes("nixbuild store", client, builds, self.server_hashes)
         return None if None in times else times
+
+    def timeline(self, builds, rundir, started, ended):
+        """Where a run's time went, from the daemon's log: the SSH session's start (target
+        `nixbuild::ssh`), the graph build's start and each derivation's `queued` (handed to
+        the scheduler), `building` (its sandbox helper started) and `build finished` (target
+        `nixbuild::build`), against the client command's start and exit (`started`,
+        `ended`: seconds since the epoch). Seconds, the per-derivation figures as medians
+        over the run's derivations: `connect` client start -> session start (TCP, key
+        exchange, authentication, the exec); `plan` session start -> graph build started
+        (the protocol's handshake, the .drv upload, the client's queries, the plan);
+        `to_first` -> first queued; `span` first queued -> last finished; `levels` builds
+        on the graph's longest path; `after_last` last finished -> client exit; `handoff`
+        its inputs' last finish -> queued; `wait` queued -> building; `build` building ->
+        finished."""
+        events = {"queued": {}, "building": {}, "build finished": {}}
+        marks = {}  # "session", "graph": the first of each
+        with open(os.path.join(rundir, "daemon.log"), errors="replace") as f:
+            for line in f.read().splitlines():
+                head, sep, rest = line.partition(f" {BUILD_LOG_TARGET}: ")
+                if not sep:
+                    head, sep, rest = line.partition(" nixbuild::ssh: ")
+                    if sep and rest.startswith("session start"):
+                        marks.setdefault("session", log_time(head))
+                    continue
+                if rest.startswith("graph build"):
+                    marks.setdefault("graph", log_time(head))
+                drv = field(line, "drv")
+                event = next((e for e in events if rest.startswith(e)), None)
+                if event is not None and drv is not None:
+                    events[event].setdefault(drv, log_time(head))
+        queued, building, finished = events.values()
+        drvs = [b.drv for b in builds]
+        missing = [d for d in drvs if not all(d in e for e in events.values())]
+        if missing or len(marks) != 2:
+            raise BenchError(
+                f"nixbuild: the daemon log lacks the session's or graph's start, or queued/building/"
+                f"finished of {missing[:1]}"
+            )
+        first, last = min(queued[d] for d in drvs), max(finished[d] for d in drvs)
+        return {
+            "connect": marks["session"] - started,
+            "plan": marks["graph"] - marks["session"],
+            "to_first": first - marks["graph"],
+            "span": last - first,
+            "levels": critical_path(builds),
+            "after_last": ended - last,
+            "handoff": median([queued[b.drv] - max(finished[i] for i in b.inputs) for b in builds if b.inputs]),
+            "wait": median([building[d] - queued[d] for d in drvs]),
+            "build": median([finished[d] - building[d] for d in drvs]),
+        }
+
+
+def log_time(head):
+    """Seconds since the epoch of a daemon log line's timestamp (its first word)."""
+    return datetime.datetime.fromisoformat(head.split()[0].replace("Z", "+00:00")).timestamp()
 
 
 class SshClient:
@@ -424,8 +489,8 @@ class SshReference(Daemon, Reference):
     conf_name = "ref-ssh-nix-conf"
     store_prefix = "ref-ssh-store"
 
-    def __init__(self, root, client_conf, ssh, client, kex=None):
-        Reference.__init__(self, root, client_conf, self.conf_name)
+    def __init__(self, root, client_conf, ssh, client, kex=None, max_jobs=1):
+        Reference.__init__(self, root, client_conf, self.conf_name, max_jobs)
         self.kex = kex  # sshd's KexAlgorithms, or None for OpenSSH's default
         if not os.access(SSHD, os.X_OK):
             raise BenchError(f"{SSHD} is missing: install openssh-server")
@@ -587,8 +652,8 @@ class NgSshReference(SshReference):
     conf_name = "ref-ngssh-nix-conf"
     store_prefix = "ref-ngssh-store"
 
-    def __init__(self, root, client_conf, ssh, client, kex=None):
-        super().__init__(root, client_conf, ssh, client, kex)
+    def __init__(self, root, client_conf, ssh, client, kex=None, max_jobs=1):
+        super().__init__(root, client_conf, ssh, client, kex, max_jobs)
         with open(os.path.join(self.conf_dir, "nix.conf"), "a") as f:
             f.write("trusted-users = root\n")
 
@@ -602,3 +667,36 @@ class NgSshNixbuild(SshNixbuild):
     scheme = "ssh-ng"
     # The worker driver's line once a build's outcome is known (no `micros=`).
     answered = "worker build done"
+
+
+class NgStoreReference(NgSshReference):
+    """The reference for remote-store builds (issue 19): `NgSshReference` with its own alias,
+    configuration and store, where the client's `nix build --store` uploads the .drv closure
+    and sends BuildPaths of the graph's top, and `nix-daemon --stdio` builds the whole graph
+    in its store, running up to `max_jobs` builds at once (the harness's `--jobs`, the slots
+    the builders line gives the other build workloads)."""
+
+    label = NGSTORE_SIDE_LABEL["reference"]
+    alias = "reference-ngstore"
+    conf_name = "ref-ngstore-nix-conf"
+    store_prefix = "ref-ngstore-store"
+
+
+class NgStoreNixbuild(NgSshNixbuild):
+    """nixbuild's SSH front door as the store of a remote-store build (issue 19): its
+    worker driver builds the graph through the build service, which logs each derivation's
+    `build finished ... status=Built` (target `nixbuild::build`). Nothing comes back to the
+    client, so after the checks of the log the outputs are fetched (unmeasured) to check
+    their bytes."""
+
+    label = NGSTORE_SIDE_LABEL["nixbuild"]
+    alias = "nixbuild-ngstore"
+    answered = f" {BUILD_LOG_TARGET}: build finished"
+
+    def verify_builds(self, client, builds, rundir):
+        times = super().verify_builds(client, builds, rundir)
+        outs = [p for b in builds for p in b.outputs()]
+        with self.verifier() as url:
+            run(["nix", "copy", "--from", url] + outs, client.env, client.log, "nixbuild: fetching the outputs")
+        check_texts(builds, "nixbuild store (outputs fetched)")
+        return times

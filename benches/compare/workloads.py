@@ -35,22 +35,30 @@ class Workload:
     # bottleneck, server CPU per GiB nixbuild / reference at most `cpu_target`.
     throughput_target: float | None = None
     kind = "copy"
+    remote_store = False
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildWorkload:
-    """Fresh derivations built on the server by `nix-build --max-jobs 0 --builders`."""
+    """Fresh derivations built on the server: by `nix-build --max-jobs 0 --builders`, or
+    with `remote_store` by `nix build --store <url> --eval-store auto` (the server builds
+    the whole graph in its own store, issue 19)."""
 
     name: str
-    shape: str  # "one": a nix-build per derivation; "independent", "chain", "big": one nix-build
+    # "one": a nix-build per derivation; "independent", "chain", "big", "graph": one client
+    # command ("graph": the diamond of GRAPH_LAYERS, outputs out and dev)
+    shape: str
     count: int  # derivations per client
-    clients: int  # nix-build processes running at once, each on its own derivations
+    clients: int  # client commands running at once, each on its own derivations
     wall_target: float | None  # nixbuild wall time / reference's must be at most this
     transport: str = "stdio"
     # "big": the output's size; throughput and CPU-per-GiB targets as for `Workload`.
     size_mib: int = 0
     throughput_target: float | None = None
     cpu_target: float | None = None
+    # Issue 19: the server is the store (`nix build --store`), not a builder; only the
+    # graph's top is asked for, and nothing comes back to the client.
+    remote_store: bool = False
     kind = "build"
 
     def title(self):
@@ -58,14 +66,25 @@ class BuildWorkload:
             return f"one fresh trivial derivation per nix-build, {self.count} nix-builds in a row"
         if self.shape == "big":
             return f"one derivation whose output is a {self.size_mib} MiB file, fetched back"
-        what = (
-            f"{self.count} independent trivial derivations"
-            if self.shape == "independent"
-            else f"a chain of {self.count} dependent derivations"
-        )
+        what = {
+            "independent": f"{self.count} independent trivial derivations",
+            "chain": f"a chain of {self.count} dependent derivations",
+            "graph": f"a diamond of {self.count} derivations in {len(GRAPH_LAYERS)} layers "
+            f"({'-'.join(map(str, GRAPH_LAYERS))} wide), outputs out and dev, each on two of the layer below",
+        }[self.shape]
+        if self.remote_store:
+            return f"{what}, one nix build --store (built on the server, nothing fetched)"
         if self.clients == 1:
             return f"{what} in one nix-build"
         return f"{self.clients} nix-builds at once, each of {what}"
+
+    def inputs(self):
+        """For each derivation of a client, the indices of the ones it takes as inputs."""
+        if self.shape == "chain":
+            return [[i - 1] if i else [] for i in range(self.count)]
+        if self.shape == "graph":
+            return graph_inputs(self.count)
+        return [[] for _ in range(self.count)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +97,7 @@ class ConnectWorkload:
     cpu_target: float  # server CPU per connection, nixbuild / reference, at most this
     transport: str = "ssh"
     kind = "connect"
+    remote_store = False
 
 
 WORKLOADS = [
@@ -119,6 +139,10 @@ WORKLOADS = [
     Workload(
         "ngssh-download-200", "download", "closure", None, None, transport="ssh-ng", throughput_target=1.5
     ),
+    # Issue 19: remote-store builds over ssh-ng, the server building the whole graph, against
+    # OpenSSH's sshd running `nix-daemon --stdio` on its own store.
+    BuildWorkload("ngstore-chain-20", "chain", 20, 1, 0.3, transport="ssh-ng", remote_store=True),
+    BuildWorkload("ngstore-graph-50", "graph", 50, 1, 0.3, transport="ssh-ng", remote_store=True),
 ]
 
 # The transports that go through sshd on the reference's side (the client's ssh config).
@@ -135,7 +159,36 @@ WORKLOAD_GROUPS = {
         "ssh-build-parallel",
     ],
     "issue18": ["ngssh-build-50", "ngssh-upload-200", "ngssh-download-200"],
+    "issue19": ["ngstore-chain-20", "ngstore-graph-50"],
 }
+
+# The diamond of `ngstore-graph-50`: the width of each layer, from the bottom (no inputs) to
+# the top (the one derivation the client asks for). Its critical path is one build a layer.
+GRAPH_LAYERS = (1, 2, 4, 6, 8, 8, 8, 6, 4, 2, 1)
+
+
+def graph_inputs(count):
+    """The diamond's inputs: node j of a layer of width w, over a layer of width p, takes
+    nodes j*p//w and the next one (modulo p) of the layer below, or its one node. Every node
+    but the top is an input of some node above, so asking for the top builds them all."""
+    if sum(GRAPH_LAYERS) != count:
+        raise BenchError(f"the diamond has {sum(GRAPH_LAYERS)} derivations, not {count}")
+    inputs = []
+    first = 0  # index of the current layer's first node
+    for depth, width in enumerate(GRAPH_LAYERS):
+        below = GRAPH_LAYERS[depth - 1] if depth else 0
+        base = first - below  # the layer below's first node
+        for j in range(width):
+            if below <= 1:
+                inputs.append(list(range(base, base + below)))
+            else:
+                a = j * below // width
+                inputs.append(sorted([base + a, base + (a + 1) % below]))
+        first += width
+    used = {i for ins in inputs for i in ins}
+    if used != set(range(count - 1)):
+        raise BenchError("the diamond leaves derivations out of the top's closure")
+    return inputs
 
 # Issue 4: BuildDerivation received -> BuildResult sent, median, for a fresh trivial build.
 BUILD_ONE_TARGET_MS = 20
@@ -172,3 +225,21 @@ class Build:
     text: str | None
     nar_hash: str | None = None
     cpu_out: str | None = None  # the big build's second output: the builder's `times`
+    # Other outputs whose bytes are known (the graph's dev): (path, text) each.
+    extra: tuple = ()
+    inputs: tuple = ()  # the .drv paths of the derivations it takes as inputs
+
+    def texts(self):
+        """(output path, expected bytes) of every output whose bytes are known."""
+        return ([(self.out, self.text)] if self.text is not None else []) + list(self.extra)
+
+    def outputs(self):
+        return [self.out] + [p for p, _ in self.extra] + ([self.cpu_out] if self.cpu_out else [])
+
+
+def critical_path(builds):
+    """Builds on the longest path through the inputs of `builds` (inputs listed first)."""
+    depth = {}
+    for b in builds:
+        depth[b.drv] = 1 + max((depth[i] for i in b.inputs), default=0)
+    return max(depth.values())

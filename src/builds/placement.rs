@@ -221,11 +221,7 @@ impl Ticket {
         let cpus = &self.placement.cgroups.report().cpus;
         let grant = match start {
             Ok(start) => Grant {
-                cpus: start
-                    .cores
-                    .iter()
-                    .filter_map(|&i| cpus.get(i as usize).copied())
-                    .collect(),
+                cpus: host_cpus(&start.cores, cpus),
                 memory: start.memory,
             },
             // The placement drops a waiting build's sender only when it delivered the start
@@ -241,6 +237,23 @@ impl Ticket {
         };
         (grant, running)
     }
+}
+
+/// The host CPUs of the scheduler's core indices `cores`: core `i` is `cpus[i]`. With
+/// `[capacity] cores` above the CPUs this daemon may use (allowed only with
+/// `allow_unenforced_limits`, which warns that builds then share cores), core `i` is
+/// `cpus[i % cpus.len()]`, each CPU once.
+fn host_cpus(cores: &[u32], cpus: &[u32]) -> Vec<u32> {
+    if cpus.is_empty() {
+        return Vec::new();
+    }
+    let mut host: Vec<u32> = cores
+        .iter()
+        .map(|&i| cpus[i as usize % cpus.len()])
+        .collect();
+    host.sort_unstable();
+    host.dedup();
+    host
 }
 
 impl Drop for Ticket {
@@ -261,5 +274,19 @@ pub struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.placement.finish(self.id, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_cpus;
+
+    #[test]
+    fn cores_beyond_the_daemons_cpus_share_them_rather_than_vanish() {
+        assert_eq!(host_cpus(&[0, 1], &[4, 5, 6]), vec![4, 5]);
+        assert_eq!(host_cpus(&[2], &[4, 5]), vec![4]);
+        assert_eq!(host_cpus(&[1, 3, 5], &[4, 5]), vec![5]);
+        assert_eq!(host_cpus(&[0, 1, 2, 3], &[4, 5]), vec![4, 5]);
+        assert_eq!(host_cpus(&[7], &[]), Vec::<u32>::new());
     }
 }
