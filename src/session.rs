@@ -609,9 +609,15 @@ impl<O: SessionOutput> Driver<'_, O> {
                         break;
                     };
                     // The serve protocol has no activities: the builds' lines go to stderr
-                    // as they come, whole lines at a time.
-                    if let GraphEvent::Log(_, lines) = event {
-                        self.out.stderr(&lines).await?;
+                    // as they come, whole lines at a time, and so does each failure.
+                    match event {
+                        GraphEvent::Log(_, lines) => self.out.stderr(&lines).await?,
+                        GraphEvent::Finished(_, outcome) => {
+                            if let Some(line) = failure_line(&outcome) {
+                                self.out.stderr(line.as_bytes()).await?;
+                            }
+                        }
+                        GraphEvent::Started(_) => {}
                     }
                 }
                 match run.failure() {
@@ -870,6 +876,18 @@ impl<O: SessionOutput> Driver<'_, O> {
         self.out.stdout(self.session.take_output()).await?;
         self.session.end_stream()?;
         Ok(self.out.flush().await?)
+    }
+}
+
+/// The line a client is shown when a derivation of its graph build failed (`error: ` and the
+/// build's message, with its log's tail), as Nix's daemon logs a failed build; `None` for a
+/// success, or a derivation that did not run because another failed (its dependents' final
+/// answers say so).
+pub(crate) fn failure_line(outcome: &Outcome) -> Option<String> {
+    match outcome.status {
+        s if s.is_success() => None,
+        BuildStatus::DependencyFailed => None,
+        _ => Some(format!("error: {}\n", outcome.message)),
     }
 }
 

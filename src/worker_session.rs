@@ -39,9 +39,9 @@ use crate::builds::BuildService;
 use crate::builds::{BuildJob, GraphEvent, GraphRun, Outcome, WaitEvent};
 use crate::service::{store_error, SessionContext, SessionSettings, Upload};
 use crate::session::{
-    add_claim, before_build_result, before_upload_ack, build_result, last_words, make_room,
-    over_limit, registration_time, ClientWatch, ReadDeadline, SessionError, SessionOutput,
-    WriteTimeout,
+    add_claim, before_build_result, before_upload_ack, build_result, failure_line, last_words,
+    make_room, over_limit, registration_time, ClientWatch, ReadDeadline, SessionError,
+    SessionOutput, WriteTimeout,
 };
 use crate::store::{PathClaim, Store};
 
@@ -565,6 +565,11 @@ impl<O: SessionOutput> Driver<'_, O> {
                 GraphEvent::Finished(node, outcome) => {
                     if let Some(id) = activities.remove(&node) {
                         self.session.log(&StderrMessage::StopActivity { id })?;
+                    }
+                    // As Nix's daemon logs a failed goal: the client shows it as it happens,
+                    // whatever the request's answer says about its own paths.
+                    if let Some(line) = failure_line(&outcome) {
+                        self.session.log(&StderrMessage::Next(line.into_bytes()))?;
                     }
                     tracing::info!(
                         account = %self.ctx.settings().account,
