@@ -526,6 +526,82 @@ fn a_failed_derivation_fails_its_dependents_and_keep_going_decides_the_rest() {
     }
 }
 
+/// Two clients' graph builds share a derivation in flight. The first client goes away: the
+/// shared build goes on, because it feeds the second client's graph, which finishes with it
+/// built once; the first client's own derivation that nobody else waits for is killed.
+#[test]
+fn a_build_another_client_waits_for_survives_the_first_client_going_away() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let s = Setup::new("[capacity]\ncores = 2\n");
+    let drvs = instantiate(
+        &s,
+        &[
+            ("shared", "sleep 2; echo shared > $out"),
+            ("mine", "sleep 600; echo never > $out"),
+            ("first", "cat ${shared} ${mine} > $out"),
+            ("second", "cat ${shared} > $out"),
+        ],
+    );
+    copy_derivation(&s, "a", &drvs["first"]);
+    copy_derivation(&s, "a", &drvs["second"]);
+    let req = Request::BuildPaths {
+        paths: vec![PathWithOutputs {
+            path: drvs["first"].clone(),
+            outputs: BTreeSet::new(),
+        }],
+        options: BuildOptions::default(),
+    };
+    let script = Script::new().request(&req);
+    let mut relay = Command::new(harness::example_bin("nixbuild-serve"))
+        .args(["--serve", "--write"])
+        .env("NIXBUILD_STATE_DIR", s.daemon.state_dir())
+        .env("NIXBUILD_ACCOUNT", "a")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let mut stdin = relay.stdin.take().expect("stdin");
+    stdin.write_all(&script.bytes).expect("write");
+    wait_for_start(&s.daemon, &drvs["shared"]);
+    wait_for_start(&s.daemon, &drvs["mine"]);
+    std::thread::scope(|scope| {
+        let second = scope.spawn(|| build_paths(&s, "a", &[&drvs["second"]]));
+        // The second client has joined the shared build before the first goes away.
+        s.daemon.wait_for_log(&["joining the same build in flight"]);
+        drop(stdin);
+        let _ = relay.kill();
+        let _ = relay.wait();
+        assert_eq!(
+            second.join().expect("second client"),
+            BuildPathsResult::Success
+        );
+    });
+    harness::assert_no_build_left(&s.daemon);
+    let log = s.daemon.log();
+    let built = |name: &str| lab::builds_of(&log, &drvs[name].to_absolute());
+    assert_eq!((built("shared"), built("second")), (1, 1), "{log}");
+    assert_eq!(built("first"), 0, "{log}");
+    let finished = |name: &str, status: &str| {
+        log.lines().any(|l| {
+            l.contains("build finished")
+                && l.contains(&format!("drv={} ", drvs[name].to_absolute()))
+                && l.ends_with(&format!("status={status}"))
+        })
+    };
+    assert!(finished("shared", "Built"), "{log}");
+    assert!(!finished("mine", "Built"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "no client waits for the build any more: killing it drv={}",
+            drvs["mine"].to_absolute()
+        )),
+        "{log}"
+    );
+    s.daemon.stop();
+}
+
 /// A graph build reads derivations from the account's own view only: account b's uploaded
 /// `.drv` files are not a's to build, and nothing is built.
 #[test]
