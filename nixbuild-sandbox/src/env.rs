@@ -4,8 +4,11 @@
 //! `execve` in key order. [`build_env`] does the same, so the result is both "in Nix's order"
 //! (precedence) and byte-identical in layout (sorted by name).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
+use nixbuild_core::derivation::hash_placeholder;
+use nixbuild_core::derivation::options::{graph_json, validity_registration, DerivationOptions};
+use nixbuild_core::derivation::structured;
 use nixbuild_core::hash::{Hash, HashAlgo};
 
 use crate::files::{SANDBOX_BUILD_DIR, STORE_DIR};
@@ -31,13 +34,6 @@ pub struct BuildDirFile {
     pub contents: Vec<u8>,
 }
 
-/// Splits like Nix's `tokenizeString` with its default separators (space, tab, newline, CR).
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .filter(|t| !t.is_empty())
-}
-
 /// The name of the file holding `passAsFile` attribute `name`: `.attr-<nix32(sha256(name))>`.
 pub fn pass_as_file_name(name: &[u8]) -> String {
     format!(".attr-{}", Hash::compute(HashAlgo::Sha256, name).to_nix32())
@@ -53,7 +49,48 @@ fn check_nul(what: &'static str, value: &[u8]) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// The builder's environment, sorted by name, and the files to write into the build directory.
+/// Output placeholders and the paths they stand for: Nix rewrites every placeholder of an
+/// output (`builtins.placeholder "out"`) to the output's path in the builder's arguments, its
+/// environment and the files it writes for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrites(Vec<(Vec<u8>, Vec<u8>)>);
+
+impl Rewrites {
+    /// The rewrites of the request's outputs.
+    pub fn of(req: &BuildRequest) -> Rewrites {
+        Rewrites(
+            req.outputs
+                .iter()
+                .map(|(name, path)| (hash_placeholder(name).into_bytes(), path.clone().into_bytes()))
+                .collect(),
+        )
+    }
+
+    /// `s` with every placeholder replaced by its path.
+    pub fn apply(&self, s: &[u8]) -> Vec<u8> {
+        let mut out = s.to_vec();
+        for (from, to) in &self.0 {
+            if memchr::memmem::find(&out, from).is_none() {
+                continue;
+            }
+            let mut next = Vec::with_capacity(out.len());
+            let mut rest = &out[..];
+            while let Some(i) = memchr::memmem::find(rest, from) {
+                next.extend_from_slice(&rest[..i]);
+                next.extend_from_slice(to);
+                rest = &rest[i + from.len()..];
+            }
+            next.extend_from_slice(rest);
+            out = next;
+        }
+        out
+    }
+}
+
+/// The builder's environment, sorted by name, and the files to write into the build directory
+/// (docs/sandbox.md C.8–C.10): without structured attributes the derivation's environment,
+/// `passAsFile` attributes as files and each `exportReferencesGraph` closure as a file; with
+/// them, only `.attrs.json` and `.attrs.sh` and the variables naming them.
 pub fn build_env(
     req: &BuildRequest,
     host: &HostSetup,
@@ -62,23 +99,29 @@ pub fn build_env(
         check_nul("environment name", k)?;
         check_nul("environment value", v)?;
     }
-    if req.env.contains_key(&b"__json"[..]) {
-        return Err(PlanError::StructuredAttrsUnsupported);
-    }
-    if req
-        .env
-        .get(&b"exportReferencesGraph"[..])
-        .is_some_and(|v| tokens(v).next().is_some())
-    {
-        return Err(PlanError::ExportReferencesGraphUnsupported);
-    }
     if req.cores == 0 {
         return Err(PlanError::NoCores);
     }
+    let options = DerivationOptions::from_env(&req.env)?;
+    let graph = |name: &String| {
+        req.graphs
+            .get(name)
+            .ok_or_else(|| PlanError::GraphMissing(name.clone()))
+    };
+    let rewrites = Rewrites::of(req);
 
     let mut env: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut set = |k: &[u8], v: &[u8]| {
         env.insert(k.to_vec(), v.to_vec());
+    };
+    let mut files = Vec::new();
+    let mut file = |name: String, contents: &[u8]| {
+        let var = format!("{SANDBOX_BUILD_DIR}/{name}");
+        files.push(BuildDirFile {
+            name,
+            contents: rewrites.apply(contents),
+        });
+        var
     };
 
     // 1. Defaults the derivation may override.
@@ -87,25 +130,30 @@ pub fn build_env(
     set(b"NIX_STORE", STORE_DIR.as_bytes());
     set(b"NIX_BUILD_CORES", req.cores.to_string().as_bytes());
 
-    // 2. The derivation's env, with passAsFile attributes moved into files.
-    let pass_as_file: BTreeSet<&[u8]> = req
-        .env
-        .get(&b"passAsFile"[..])
-        .map(|v| tokens(v).collect())
-        .unwrap_or_default();
-    let mut files = Vec::new();
-    for (k, v) in &req.env {
-        if pass_as_file.contains(k.as_slice()) {
-            let name = pass_as_file_name(k);
-            let mut var = k.clone();
-            var.extend_from_slice(b"Path");
-            set(&var, format!("{SANDBOX_BUILD_DIR}/{name}").as_bytes());
-            files.push(BuildDirFile {
-                name,
-                contents: v.clone(),
-            });
-        } else {
-            set(k, v);
+    // 2. The derivation's attributes.
+    if let Some(structured) = &options.structured {
+        let mut graphs = BTreeMap::new();
+        for name in options.export_references_graph.keys() {
+            graphs.insert(name.clone(), graph_json(graph(name)?));
+        }
+        let json = structured.prepare(req.outputs.keys().map(String::as_str), &graphs);
+        let sh = file(".attrs.sh".into(), &structured::to_shell(&json));
+        set(b"NIX_ATTRS_SH_FILE", sh.as_bytes());
+        let js = file(".attrs.json".into(), &structured::to_json(&json));
+        set(b"NIX_ATTRS_JSON_FILE", js.as_bytes());
+    } else {
+        for (k, v) in &req.env {
+            if options.pass_as_file.contains(k.as_slice()) {
+                let mut var = k.clone();
+                var.extend_from_slice(b"Path");
+                let path = file(pass_as_file_name(k), v);
+                set(&var, path.as_bytes());
+            } else {
+                set(k, v);
+            }
+        }
+        for name in options.export_references_graph.keys() {
+            file(name.clone(), &validity_registration(graph(name)?));
         }
     }
 
@@ -117,12 +165,11 @@ pub fn build_env(
     if req.fixed_output {
         // 4. and 5.
         set(b"NIX_OUTPUT_CHECKED", b"1");
-        if let Some(names) = req.env.get(&b"impureEnvVars"[..]) {
-            for name in tokens(names) {
-                let value = host.impure_env.get(name).map_or(&[][..], Vec::as_slice);
-                check_nul("environment value", value)?;
-                set(name, value);
-            }
+        for name in &options.impure_env_vars {
+            check_nul("environment name", name)?;
+            let value = host.impure_env.get(name).map_or(&[][..], Vec::as_slice);
+            check_nul("environment value", value)?;
+            set(name, value);
         }
     }
 
@@ -130,12 +177,21 @@ pub fn build_env(
     set(b"NIX_LOG_FD", b"2");
     set(b"TERM", TERM.as_bytes());
 
+    // Rewriting can only lengthen a name that holds a placeholder; collect again to keep the
+    // order.
+    let env: BTreeMap<Vec<u8>, Vec<u8>> = env
+        .into_iter()
+        .map(|(k, v)| (rewrites.apply(&k), rewrites.apply(&v)))
+        .collect();
     Ok((env.into_iter().collect(), files))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
+    use nixbuild_core::derivation::options::GraphPath;
+    use nixbuild_core::store_path::StorePath;
     use crate::tests::{sample_host, sample_request};
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -269,21 +325,28 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_features_are_refused_not_ignored() {
+    fn malformed_options_and_nul_bytes_are_refused() {
         let mut req = sample_request();
-        req.env.insert(b"__json".to_vec(), b"{}".to_vec());
-        assert_eq!(
+        req.env.insert(b"__json".to_vec(), b"[]".to_vec());
+        assert!(matches!(
             build_env(&req, &sample_host()),
-            Err(PlanError::StructuredAttrsUnsupported)
-        );
+            Err(PlanError::Options(_))
+        ));
+        let mut req = sample_request();
+        req.env
+            .insert(b"exportReferencesGraph".to_vec(), b"g /etc".to_vec());
+        assert!(matches!(
+            build_env(&req, &sample_host()),
+            Err(PlanError::Options(_))
+        ));
         let mut req = sample_request();
         req.env.insert(
             b"exportReferencesGraph".to_vec(),
-            b"g /nix/store/x".to_vec(),
+            b"g /nix/store/7fgb0vvbd7ymwx8rwmgc5vhw1yfw3yhm-env-dump".to_vec(),
         );
         assert_eq!(
             build_env(&req, &sample_host()),
-            Err(PlanError::ExportReferencesGraphUnsupported)
+            Err(PlanError::GraphMissing("g".into()))
         );
         let mut req = sample_request();
         req.env.insert(b"a".to_vec(), b"x\0y".to_vec());
@@ -291,5 +354,130 @@ mod tests {
             build_env(&req, &sample_host()),
             Err(PlanError::NulByte { .. })
         ));
+    }
+
+    #[test]
+    fn placeholders_become_output_paths_everywhere() {
+        let mut req = sample_request();
+        let out = req.outputs["out"].clone();
+        let ph = hash_placeholder("out");
+        req.env.insert(b"flags".to_vec(), format!("--prefix={ph} {ph}/lib").into_bytes());
+        req.env.insert(b"passAsFile".to_vec(), b"text".to_vec());
+        req.env.insert(b"text".to_vec(), format!("{ph}\n").into_bytes());
+        let (env, files) = build_env(&req, &sample_host()).expect("env");
+        let env: BTreeMap<_, _> = env.into_iter().collect();
+        assert_eq!(
+            env[&b"flags"[..]],
+            format!("--prefix={out} {out}/lib").into_bytes()
+        );
+        assert_eq!(files[0].contents, format!("{out}\n").into_bytes());
+        // Another output's placeholder is not this one's.
+        assert_eq!(
+            Rewrites::of(&req).apply(hash_placeholder("dev").as_bytes()),
+            hash_placeholder("dev").into_bytes()
+        );
+    }
+
+    #[test]
+    fn structured_attributes_become_two_files_and_nothing_else() {
+        let mut req = sample_request();
+        let out = req.outputs["out"].clone();
+        req.env = BTreeMap::from([
+            (
+                b"__json".to_vec(),
+                br#"{"name":"x","env":{"FOO":"bar"},"impureEnvVars":["P"],"list":["a b",1]}"#
+                    .to_vec(),
+            ),
+            (b"out".to_vec(), out.clone().into_bytes()),
+        ]);
+        req.fixed_output = true;
+        let mut host = sample_host();
+        host.impure_env.insert(b"P".to_vec(), b"v".to_vec());
+        let (env, files) = build_env(&req, &host).expect("env");
+        let env: BTreeMap<_, _> = env.into_iter().collect();
+        let names: Vec<&[u8]> = env.keys().map(Vec::as_slice).collect();
+        assert_eq!(
+            names,
+            [
+                &b"HOME"[..],
+                b"NIX_ATTRS_JSON_FILE",
+                b"NIX_ATTRS_SH_FILE",
+                b"NIX_BUILD_CORES",
+                b"NIX_BUILD_TOP",
+                b"NIX_LOG_FD",
+                b"NIX_OUTPUT_CHECKED",
+                b"NIX_STORE",
+                b"P",
+                b"PATH",
+                b"PWD",
+                b"TEMP",
+                b"TEMPDIR",
+                b"TERM",
+                b"TMP",
+                b"TMPDIR",
+            ]
+        );
+        assert_eq!(env[&b"NIX_ATTRS_JSON_FILE"[..]], b"/build/.attrs.json");
+        assert_eq!(files[0].name, ".attrs.sh");
+        assert_eq!(
+            String::from_utf8(files[0].contents.clone()).unwrap(),
+            format!(
+                "declare -A env=(['FOO']='bar' )\ndeclare -a impureEnvVars=('P' )\n\
+                 declare -a list=('a b' 1 )\ndeclare name='x'\n\
+                 declare -A outputs=(['out']='{out}' )\n"
+            )
+        );
+        assert_eq!(files[1].name, ".attrs.json");
+        assert_eq!(
+            String::from_utf8(files[1].contents.clone()).unwrap(),
+            format!(
+                r#"{{"env":{{"FOO":"bar"}},"impureEnvVars":["P"],"list":["a b",1],"name":"x","outputs":{{"out":"{out}"}}}}"#
+            )
+        );
+    }
+
+    fn graph_entry(path: &str, refs: &[&str]) -> GraphPath {
+        let sp = |s: &str| StorePath::from_absolute_path(s.as_bytes()).expect("path");
+        GraphPath {
+            path: sp(path),
+            nar_hash: Hash::compute(HashAlgo::Sha256, path.as_bytes()),
+            nar_size: 120,
+            references: refs.iter().map(|r| sp(r)).collect(),
+            ca: None,
+            closure_size: 120,
+        }
+    }
+
+    #[test]
+    fn export_references_graph_in_both_forms() {
+        let dep = "/nix/store/0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1";
+        let graph = vec![graph_entry(dep, &[dep])];
+        let mut req = sample_request();
+        req.env.insert(
+            b"exportReferencesGraph".to_vec(),
+            format!("closure {dep}").into_bytes(),
+        );
+        req.graphs.insert("closure".into(), graph.clone());
+        let (env, files) = build_env(&req, &sample_host()).expect("env");
+        assert_eq!(files[0].name, "closure");
+        assert_eq!(files[0].contents, format!("{dep}\n\n1\n{dep}\n").into_bytes());
+        // The variable itself stays in the environment, as under Nix.
+        assert!(env.iter().any(|(k, _)| k == b"exportReferencesGraph"));
+
+        let mut req = sample_request();
+        req.env = BTreeMap::from([(
+            b"__json".to_vec(),
+            format!(r#"{{"exportReferencesGraph":{{"g":["{dep}"]}}}}"#).into_bytes(),
+        )]);
+        req.graphs.insert("g".into(), graph);
+        let (_, files) = build_env(&req, &sample_host()).expect("env");
+        let json = String::from_utf8(files[1].contents.clone()).unwrap();
+        assert!(
+            json.starts_with(&format!(
+                r#"{{"exportReferencesGraph":{{"g":["{dep}"]}},"g":[{{"closureSize":120,"#
+            )),
+            "{json}"
+        );
+        assert!(json.contains(r#""references":["/nix/store/0c4kxzc8d3gsgz5ahlbxk7n8zylr3kkg-bash-5.1"],"valid":true}]"#), "{json}");
     }
 }

@@ -114,14 +114,14 @@ pub enum PlanError {
     /// The derivation requires a system feature the host cannot provide.
     #[error("the derivation requires feature {0:?}, which this host does not provide")]
     MissingFeature(String),
-    /// The derivation uses structured attributes (`__json`), whose `.attrs.json`/`.attrs.sh`
-    /// rendering is not implemented yet. Refused rather than built with a wrong environment.
-    #[error("structured attributes (__json) are not supported yet")]
-    StructuredAttrsUnsupported,
-    /// The derivation uses `exportReferencesGraph`, whose files need reference information the
-    /// plan does not have yet. Refused rather than built without them.
-    #[error("exportReferencesGraph is not supported yet")]
-    ExportReferencesGraphUnsupported,
+    /// The derivation's options (structured attributes, `exportReferencesGraph`, ...) are
+    /// malformed.
+    #[error("{0}")]
+    Options(#[from] nixbuild_core::derivation::options::OptionsError),
+    /// The derivation exports a references graph that the request does not carry (the caller
+    /// computes each closure from its store, [`crate::BuildRequest::graphs`]).
+    #[error("the closure of exportReferencesGraph entry {0:?} was not provided")]
+    GraphMissing(String),
     /// A tmpfs size would inject extra mount options.
     #[error("tmpfs size {0:?} must be a non-empty size such as 50% or 64m (no ',' or '=')")]
     BadTmpfsSize(String),

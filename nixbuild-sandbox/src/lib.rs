@@ -119,6 +119,7 @@ pub(crate) mod tests {
             fixed_output: false,
             required_features: BTreeSet::new(),
             cores: 2,
+            graphs: BTreeMap::new(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use nixbuild_core::store_path::StorePath;
 use serde::{Deserialize, Serialize};
 
-use crate::env::{build_env, BuildDirFile, EnvVars};
+use crate::env::{build_env, BuildDirFile, EnvVars, Rewrites};
 use crate::files::{
     ETC_GROUP, ETC_HOSTS, ETC_NSSWITCH_FOD, ETC_PASSWD, SANDBOX_BUILD_DIR, SANDBOX_GID, SANDBOX_UID,
 };
@@ -740,7 +740,8 @@ pub fn plan(req: &BuildRequest, host: &HostSetup) -> Result<SandboxPlan, PlanErr
         .unwrap_or_default()
         .to_vec();
     let mut argv = vec![argv0];
-    argv.extend(req.args.iter().cloned());
+    let rewrites = Rewrites::of(req);
+    argv.extend(req.args.iter().map(|a| rewrites.apply(a)));
 
     let namespaces = Namespaces {
         user: true,
@@ -1513,6 +1514,7 @@ mod proptests {
                 fixed_output,
                 required_features: if need_kvm { BTreeSet::from(["kvm".to_string()]) } else { BTreeSet::new() },
                 cores,
+                graphs: BTreeMap::new(),
             };
             let host = HostSetup {
                 host_system: "x86_64-linux".into(),

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
+use nixbuild_core::derivation::options::GraphPath;
 use serde::{Deserialize, Serialize};
 
 /// The derivation side of a build: what the client asked to run.
@@ -14,7 +15,8 @@ pub struct BuildRequest {
     /// The builder's arguments (`argv[1..]`).
     pub args: Vec<Vec<u8>>,
     /// The derivation's `env`, as in the `.drv` (it already holds `out` and the other output
-    /// paths, `name`, `system`, `builder`, `passAsFile`, `impureEnvVars`, ...).
+    /// paths, `name`, `system`, `builder`, `passAsFile`, `impureEnvVars`, ..., or `__json`
+    /// with the structured attributes).
     pub env: BTreeMap<Vec<u8>, Vec<u8>>,
     /// The derivation's `system`, e.g. `x86_64-linux`.
     pub system: String,
@@ -30,6 +32,9 @@ pub struct BuildRequest {
     pub required_features: BTreeSet<String>,
     /// Cores granted by the scheduler; becomes `NIX_BUILD_CORES` (never 0).
     pub cores: u32,
+    /// The closure of each `exportReferencesGraph` entry, by name, as the caller's store holds
+    /// it (every entry the derivation names must be here).
+    pub graphs: BTreeMap<String, Vec<GraphPath>>,
 }
 
 /// One store path of the input closure.

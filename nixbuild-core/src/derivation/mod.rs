@@ -8,7 +8,9 @@ use crate::hash::{Hash, HashAlgo, HashError};
 use crate::store_path::{StorePath, StorePathError};
 
 pub mod aterm;
+pub mod options;
 mod paths;
+pub mod structured;
 
 pub use aterm::AtermError;
 pub use paths::{hash_placeholder, output_path_name};
