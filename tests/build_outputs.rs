@@ -14,11 +14,11 @@ use std::sync::atomic::AtomicBool;
 
 use common::Nix;
 use nixbuild::builds::outputs::{
-    process_outputs, ExpectedOutput, OutputCheckSpec, OutputError, OutputLimits, OutputsRequest,
-    ProcessedOutput, RefSpec,
+    process_outputs, ExpectedOutput, OutputError, OutputLimits, OutputsRequest, ProcessedOutput,
 };
 use nixbuild::store::{BuiltPath, PathClaim, Store, StoreError, StoreLimits};
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
+use nixbuild_core::derivation::options::DerivationOptions;
 use nixbuild_core::derivation::DerivationOutput;
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::nar::NarNode;
@@ -122,7 +122,7 @@ impl Env {
         scratch: &Path,
         outputs: &[ExpectedOutput],
         inputs: &BTreeSet<StorePath>,
-        checks: &OutputCheckSpec,
+        checks: &DerivationOptions,
     ) -> Result<Vec<ProcessedOutput>, OutputError> {
         self.process_request(&OutputsRequest {
             account: ACCOUNT,
@@ -132,7 +132,7 @@ impl Env {
             build_uid: BUILD_UID,
             outputs,
             input_closure: inputs,
-            checks,
+            options: checks,
             limits: OutputLimits::NONE,
             abort: &AtomicBool::new(false),
         })
@@ -156,7 +156,7 @@ impl Env {
             build_uid: BUILD_UID,
             outputs,
             input_closure: &BTreeSet::new(),
-            checks: &OutputCheckSpec::default(),
+            options: &DerivationOptions::default(),
             limits,
             abort,
         })
@@ -302,7 +302,7 @@ fn outputs_are_canonicalised_and_hashed_like_nix() {
             &scratch,
             &[output("out", &out)],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("outputs accepted");
     assert_eq!(done.len(), 1);
@@ -352,7 +352,7 @@ fn refused(
     scratch: &Path,
     outputs: &[ExpectedOutput],
     inputs: &BTreeSet<StorePath>,
-    checks: &OutputCheckSpec,
+    checks: &DerivationOptions,
 ) -> OutputError {
     let objects = env.objects();
     let err = env
@@ -400,7 +400,7 @@ fn fifos_sockets_and_devices_are_refused() {
             &scratch,
             &[output("out", &out)],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         );
         let shown = if kind == "root-fifo" {
             out.to_string()
@@ -444,7 +444,7 @@ fn suspicious_roots_and_foreign_files_are_refused() {
             &scratch,
             &[output("out", &out)],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         );
         assert!(matches!(err, OutputError::Suspicious { .. }), "{err:?}");
         assert_eq!(err.to_string(), suspicious);
@@ -462,7 +462,7 @@ fn suspicious_roots_and_foreign_files_are_refused() {
         &scratch,
         &[output("out", &out)],
         &BTreeSet::new(),
-        &OutputCheckSpec::default(),
+        &DerivationOptions::default(),
     );
     assert_eq!(
         err.to_string(),
@@ -483,7 +483,7 @@ fn a_missing_output_is_refused_and_nothing_is_registered() {
         &scratch,
         &[output("dev", &dev), output("out", &out)],
         &BTreeSet::new(),
-        &OutputCheckSpec::default(),
+        &DerivationOptions::default(),
     );
     assert_eq!(
         err.to_string(),
@@ -509,7 +509,7 @@ fn symlink_outputs_are_accepted() {
             &scratch,
             &[output("out", &out)],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("a symlink is a valid output");
     let hash = done[0].info.nar_hash.expect("hash");
@@ -577,7 +577,7 @@ fn references_are_found_only_among_candidates() {
             &scratch,
             &[output("out", &out), output("dev", &dev)],
             &inputs.closure(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("accepted");
     assert_eq!(
@@ -636,7 +636,7 @@ fn big_outputs_are_hashed_aside_with_the_same_results() {
             &scratch,
             &[output("out", &out)],
             &inputs.closure(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("accepted");
     let info = &done[0].info;
@@ -664,7 +664,7 @@ fn big_outputs_are_hashed_aside_with_the_same_results() {
             &env.dir.path().join("build-1/store"),
             std::slice::from_ref(&fixed),
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("the fixed output's hash matches");
     assert_eq!(done[0].info.ca, fixed.fixed);
@@ -683,7 +683,7 @@ fn a_cycle_between_outputs_is_refused() {
         &scratch,
         &[output("out", &out), output("dev", &dev)],
         &BTreeSet::new(),
-        &OutputCheckSpec::default(),
+        &DerivationOptions::default(),
     );
     assert_eq!(
         err.to_string(),
@@ -706,7 +706,7 @@ fn outputs_already_valid_are_not_registered_again() {
             &scratch,
             &[output("out", &out)],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("first build");
     assert!(first[0].registered);
@@ -718,7 +718,7 @@ fn outputs_already_valid_are_not_registered_again() {
             &scratch,
             &[output("out", &out)],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         )
         .expect("second build");
     assert!(!second[0].registered);
@@ -749,7 +749,7 @@ fn trees_deeper_than_a_nar_allows_are_refused() {
         &scratch,
         &[output("out", &out)],
         &BTreeSet::new(),
-        &OutputCheckSpec::default(),
+        &DerivationOptions::default(),
     );
     assert!(matches!(err, OutputError::TooDeep { .. }), "{err:?}");
     let shown = format!("{out}{}", "/d".repeat(64));
@@ -764,7 +764,7 @@ fn trees_deeper_than_a_nar_allows_are_refused() {
         &scratch,
         &[output("out", &out)],
         &BTreeSet::new(),
-        &OutputCheckSpec::default(),
+        &DerivationOptions::default(),
     )
     .expect("63 levels below the root fit in a NAR");
 }
@@ -855,7 +855,7 @@ fn fixed_outputs_are_checked_against_their_hash() {
                 &scratch,
                 std::slice::from_ref(&right),
                 &BTreeSet::new(),
-                &OutputCheckSpec::default(),
+                &DerivationOptions::default(),
             );
             assert_eq!(
                 err.to_string(),
@@ -876,7 +876,7 @@ fn fixed_outputs_are_checked_against_their_hash() {
                     &env.dir.path().join("build-1/store"),
                     std::slice::from_ref(&right),
                     &BTreeSet::new(),
-                    &OutputCheckSpec::default(),
+                    &DerivationOptions::default(),
                 )
                 .unwrap_or_else(|e| panic!("{method:?} {algo}: {e}"));
             assert_eq!(done[0].info.ca, right.fixed, "{method:?} {algo}");
@@ -948,7 +948,7 @@ fn flat_fixed_outputs_must_be_plain_files_without_references() {
             &scratch,
             &[expected],
             &BTreeSet::new(),
-            &OutputCheckSpec::default(),
+            &DerivationOptions::default(),
         );
         assert_eq!(
             err.to_string(),
@@ -975,7 +975,7 @@ fn flat_fixed_outputs_must_be_plain_files_without_references() {
         &scratch,
         &[expected],
         &inputs.closure(),
-        &OutputCheckSpec::default(),
+        &DerivationOptions::default(),
     );
     assert_eq!(
         err.to_string(),
@@ -987,13 +987,13 @@ fn flat_fixed_outputs_must_be_plain_files_without_references() {
     );
 }
 
-/// The checks of a derivation whose environment sets `var` to `value`.
-fn checks(var: &str, value: &str) -> OutputCheckSpec {
+/// The options of a derivation whose environment sets `var` to `value`.
+fn checks(var: &str, value: &str) -> DerivationOptions {
     let env = BTreeMap::from([
         (var.as_bytes().to_vec(), value.as_bytes().to_vec()),
         (b"name".to_vec(), b"thing".to_vec()),
     ]);
-    OutputCheckSpec::from_env(&env)
+    DerivationOptions::from_env(&env).expect("options")
 }
 
 /// Reference checks: the variable, its value (`A`, `B`, `C` stand for the inputs' paths),
@@ -1095,32 +1095,94 @@ fn a_refused_second_output_registers_neither() {
     assert!(!env.valid(ACCOUNT, &dev));
 }
 
+/// The options of a derivation with structured attributes `json` (`@A@`, `@B@`, `@C@` stand for
+/// the inputs' paths).
+fn structured(json: &str, inputs: &Inputs) -> DerivationOptions {
+    let json = json
+        .replace("@A@", &inputs.a.to_string())
+        .replace("@B@", &inputs.b.to_string())
+        .replace("@C@", &inputs.c.to_string());
+    let env = BTreeMap::from([(b"__json".to_vec(), json.into_bytes())]);
+    DerivationOptions::from_env(&env).expect("options")
+}
+
 #[test]
-fn check_specs_are_read_from_the_environment() {
-    let a = path("a", "a");
-    let env = BTreeMap::from([
+fn structured_output_checks_apply_per_output_and_count_the_output_itself() {
+    let cases: &[(&str, Option<&str>)] = &[
+        // Only the output named is checked.
+        (r#"{"outputChecks":{"dev":{"allowedReferences":[]}}}"#, None),
         (
-            b"allowedReferences".to_vec(),
-            format!(" out\t{a}\n\r dev ").into_bytes(),
+            r#"{"outputChecks":{"out":{"allowedReferences":["out","@A@"]}}}"#,
+            None,
         ),
-        (b"disallowedRequisites".to_vec(), Vec::new()),
-        (b"allowedRequisites".to_vec(), b"\xff".to_vec()),
-    ]);
-    let spec = OutputCheckSpec::from_env(&env);
-    assert_eq!(
-        spec.allowed_references,
-        Some(vec![
-            RefSpec::Name(b"out".to_vec()),
-            RefSpec::Path(a),
-            RefSpec::Name(b"dev".to_vec()),
-        ])
+        // The output is one of its own requisites here (Nix's ignoreSelfRefs is off).
+        (
+            r#"{"outputChecks":{"out":{"allowedRequisites":["@A@","@B@"]}}}"#,
+            Some("is not allowed to refer to the following paths:\n  OUT"),
+        ),
+        (
+            r#"{"outputChecks":{"out":{"allowedRequisites":["out","@A@","@B@"]}}}"#,
+            None,
+        ),
+        // Top-level lists do nothing with structured attributes.
+        (r#"{"allowedReferences":[]}"#, None),
+        (r#"{"outputChecks":{"out":{"maxSize":100000}}}"#, None),
+        (
+            r#"{"outputChecks":{"out":{"maxSize":10}}}"#,
+            Some("path 'OUT' is too large at 208 bytes; limit is 10 bytes"),
+        ),
+        (
+            r#"{"outputChecks":{"out":{"maxClosureSize":200}}}"#,
+            Some("closure of path 'OUT' is too large at "),
+        ),
+    ];
+    for &(json, refusal) in cases {
+        let mut env = Env::new();
+        let inputs = Inputs::upload(&env);
+        let scratch = env.scratch();
+        let out = path("thing", "out");
+        file_output(&scratch, &out, format!("{} {out}", inputs.a));
+        let options = structured(json, &inputs);
+        let outputs = [output("out", &out)];
+        match refusal {
+            None => {
+                env.process(&scratch, &outputs, &inputs.closure(), &options)
+                    .unwrap_or_else(|e| panic!("{json}: {e}"));
+            }
+            Some(want) => {
+                let err = refused(&env, &scratch, &outputs, &inputs.closure(), &options);
+                let want = want.replace("OUT", &out.to_string());
+                assert!(err.to_string().contains(&want), "{json}: {err}");
+                assert_eq!(err.build_status(), BuildStatus::OutputRejected);
+                assert!(!env.valid(ACCOUNT, &out));
+            }
+        }
+    }
+}
+
+#[test]
+fn unsafe_discard_references_registers_an_output_without_references() {
+    let mut env = Env::new();
+    let inputs = Inputs::upload(&env);
+    let scratch = env.scratch();
+    let out = path("thing", "out");
+    let dev = path("thing-dev", "dev");
+    file_output(&scratch, &out, format!("{} {out}", inputs.a));
+    file_output(&scratch, &dev, format!("{}", inputs.a));
+    let options = structured(
+        r#"{"unsafeDiscardReferences":{"out":true,"dev":false}}"#,
+        &inputs,
     );
-    assert_eq!(
-        spec.allowed_requisites,
-        Some(vec![RefSpec::Name(b"\xff".to_vec())])
-    );
-    assert_eq!(spec.disallowed_references, None);
-    assert_eq!(spec.disallowed_requisites, Some(vec![]));
+    let done = env
+        .process(
+            &scratch,
+            &[output("dev", &dev), output("out", &out)],
+            &inputs.closure(),
+            &options,
+        )
+        .expect("registered");
+    assert!(done[1].info.references.is_empty(), "{:?}", done[1]);
+    assert_eq!(done[0].info.references, BTreeSet::from([inputs.a.clone()]));
 }
 
 #[test]

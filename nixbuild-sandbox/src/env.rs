@@ -61,7 +61,12 @@ impl Rewrites {
         Rewrites(
             req.outputs
                 .iter()
-                .map(|(name, path)| (hash_placeholder(name).into_bytes(), path.clone().into_bytes()))
+                .map(|(name, path)| {
+                    (
+                        hash_placeholder(name).into_bytes(),
+                        path.clone().into_bytes(),
+                    )
+                })
                 .collect(),
         )
     }
@@ -190,9 +195,9 @@ pub fn build_env(
 #[allow(clippy::unwrap_used)] // a panic is how a test reports failure
 mod tests {
     use super::*;
+    use crate::tests::{sample_host, sample_request};
     use nixbuild_core::derivation::options::GraphPath;
     use nixbuild_core::store_path::StorePath;
-    use crate::tests::{sample_host, sample_request};
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         list.iter()
@@ -361,9 +366,13 @@ mod tests {
         let mut req = sample_request();
         let out = req.outputs["out"].clone();
         let ph = hash_placeholder("out");
-        req.env.insert(b"flags".to_vec(), format!("--prefix={ph} {ph}/lib").into_bytes());
+        req.env.insert(
+            b"flags".to_vec(),
+            format!("--prefix={ph} {ph}/lib").into_bytes(),
+        );
         req.env.insert(b"passAsFile".to_vec(), b"text".to_vec());
-        req.env.insert(b"text".to_vec(), format!("{ph}\n").into_bytes());
+        req.env
+            .insert(b"text".to_vec(), format!("{ph}\n").into_bytes());
         let (env, files) = build_env(&req, &sample_host()).expect("env");
         let env: BTreeMap<_, _> = env.into_iter().collect();
         assert_eq!(
@@ -460,7 +469,10 @@ mod tests {
         req.graphs.insert("closure".into(), graph.clone());
         let (env, files) = build_env(&req, &sample_host()).expect("env");
         assert_eq!(files[0].name, "closure");
-        assert_eq!(files[0].contents, format!("{dep}\n\n1\n{dep}\n").into_bytes());
+        assert_eq!(
+            files[0].contents,
+            format!("{dep}\n\n1\n{dep}\n").into_bytes()
+        );
         // The variable itself stays in the environment, as under Nix.
         assert!(env.iter().any(|(k, _)| k == b"exportReferencesGraph"));
 

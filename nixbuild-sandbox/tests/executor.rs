@@ -471,6 +471,7 @@ impl Fixture {
             fixed_output: false,
             required_features: BTreeSet::new(),
             cores: 1,
+            graphs: BTreeMap::new(),
         }
     }
 

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use nixbuild_core::derivation::{
-    AtermError, BasicDerivation, Derivation, DerivationError, DerivationOutput,
+    name_from_drv_path, AtermError, BasicDerivation, Derivation, DerivationError, DerivationOutput,
 };
 use nixbuild_core::hash::Hash;
 use nixbuild_core::serve::BuildOptions;
@@ -228,10 +228,7 @@ impl Walk<'_> {
             };
             self.visiting.remove(&path);
             let resolve = |p: &StorePath| self.loaded.get(p).map(|l| l.modulo);
-            let name = drv.basic.name().map_err(|source| DrvError::Derivation {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
+            let name = name_from_drv_path(&path);
             drv.verify_output_paths(name, resolve)
                 .map_err(|source| DrvError::OutputPaths {
                     path: path.clone(),

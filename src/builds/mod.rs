@@ -53,7 +53,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use nixbuild_core::derivation::{BasicDerivation, DerivationOutput};
+use nixbuild_core::derivation::options::{
+    graph_paths, DerivationOptions, GraphPath, GraphPathInfo,
+};
+use nixbuild_core::derivation::{name_from_drv_path, BasicDerivation, DerivationOutput};
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::serve::{BuildOptions, BuildStatus};
 use nixbuild_core::store_path::StorePath;
@@ -351,6 +354,10 @@ struct Prepared {
     inputs: Vec<InputObject>,
     /// The derivation's `requiredSystemFeatures`, for the scheduler and the sandbox.
     required_features: Vec<String>,
+    /// The derivation's options (structured attributes, output checks, ...).
+    options: Arc<DerivationOptions>,
+    /// The closure of each `exportReferencesGraph` entry, in the account's view.
+    graphs: BTreeMap<String, Vec<GraphPath>>,
 }
 
 /// Checks `job` and looks up what it needs; `Err` is the outcome when no build is needed or
@@ -358,18 +365,18 @@ struct Prepared {
 fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
     let refuse = |status, message: String| Outcome::without_build(status, message);
     let drv = &job.drv;
-    let name = drv.name().map_err(|e| {
+    let invalid = |e: &dyn std::fmt::Display| {
         refuse(
             BuildStatus::InputRejected,
             format!("invalid derivation '{}': {e}", job.drv_path),
         )
-    })?;
-    drv.verify_fixed_output(name).map_err(|e| {
-        refuse(
-            BuildStatus::InputRejected,
-            format!("invalid derivation '{}': {e}", job.drv_path),
-        )
-    })?;
+    };
+    if drv.outputs.is_empty() {
+        return Err(invalid(&"it has no outputs"));
+    }
+    let options = DerivationOptions::from_env(&drv.env).map_err(|e| invalid(&e))?;
+    drv.verify_fixed_output(name_from_drv_path(&job.drv_path))
+        .map_err(|e| invalid(&e))?;
     let mut outputs = BTreeMap::new();
     for (output, out) in &drv.outputs {
         match out {
@@ -416,6 +423,17 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
             ),
             e => internal(e),
         })?;
+    let graphs = export_graphs(store, &job.account, &options, &closure).map_err(|e| match e {
+        GraphError::NotInput(path) => refuse(
+            BuildStatus::InputRejected,
+            format!(
+                "cannot build '{}': cannot export references of path '{path}' because it is not \
+                 in the input closure of the derivation",
+                job.drv_path
+            ),
+        ),
+        GraphError::Store(e) => internal(e),
+    })?;
     let inputs = store
         .input_objects(&job.account, &closure)
         .map_err(internal)?;
@@ -428,15 +446,55 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         key,
         outputs,
         inputs,
-        required_features: drv
-            .env
-            .get(&b"requiredSystemFeatures"[..])
-            .map(|v| {
-                String::from_utf8_lossy(v)
-                    .split_ascii_whitespace()
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        required_features: options.required_system_features.iter().cloned().collect(),
+        options: Arc::new(options),
+        graphs,
     })
+}
+
+/// Why an `exportReferencesGraph` closure could not be computed.
+enum GraphError {
+    /// A path that is not in the derivation's input closure (Nix refuses it too: the builder
+    /// could otherwise learn what else the store holds).
+    NotInput(StorePath),
+    /// The store failed.
+    Store(StoreError),
+}
+
+/// The closure of each `exportReferencesGraph` entry of `options` in `account`'s view, with
+/// the outputs of the derivations in it (Nix's `exportReferences`). Each entry's paths must
+/// be in `input_closure`.
+fn export_graphs(
+    store: &Store,
+    account: &str,
+    options: &DerivationOptions,
+    input_closure: &BTreeSet<StorePath>,
+) -> Result<BTreeMap<String, Vec<GraphPath>>, GraphError> {
+    let mut graphs = BTreeMap::new();
+    for (name, paths) in &options.export_references_graph {
+        if let Some(p) = paths.iter().find(|p| !input_closure.contains(*p)) {
+            return Err(GraphError::NotInput(p.clone()));
+        }
+        let closure = store
+            .query_closure(account, paths, true)
+            .map_err(GraphError::Store)?;
+        let infos = store
+            .query_path_infos(account, &closure)
+            .map_err(GraphError::Store)?
+            .into_iter()
+            .filter_map(|(path, info)| {
+                Some((
+                    path,
+                    GraphPathInfo {
+                        nar_hash: info.nar_hash?,
+                        nar_size: info.nar_size,
+                        references: info.references,
+                        ca: info.ca,
+                    },
+                ))
+            })
+            .collect();
+        graphs.insert(name.clone(), graph_paths(&infos));
+    }
+    Ok(graphs)
 }

@@ -25,8 +25,10 @@
 //! then refuses reference cycles between the new outputs, checks fixed outputs (flat: a
 //! non-executable regular file hashed flat; recursive: the NAR hashed with the given
 //! algorithm; no references at all, as current Nix requires), applies the derivation's
-//! `allowedReferences`, `allowedRequisites`, `disallowedReferences` and
-//! `disallowedRequisites`, and registers all new outputs for the account in one transaction
+//! checks (`maxSize`, `maxClosureSize`, `allowedReferences`, `allowedRequisites`,
+//! `disallowedReferences` and `disallowedRequisites`, for all outputs or, with structured
+//! attributes, per output; `unsafeDiscardReferences` registers an output without references),
+//! and registers all new outputs for the account in one transaction
 //! ([`Store::register_built`]), with the `.drv` as deriver and a content address on fixed
 //! outputs. Any refusal registers nothing.
 //!
@@ -46,6 +48,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
+use nixbuild_core::derivation::options::{DerivationOptions, OutputChecks, RefSpec};
 use nixbuild_core::derivation::DerivationOutput;
 use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
 use nixbuild_core::nar::MAX_DEPTH;
@@ -59,68 +62,8 @@ use crate::failpoint::failpoint;
 use crate::nar_fs::{dump_to, NarFsError, NarSink, CHUNK};
 use crate::store::{fsutil, BuiltPath, Store, StoreError};
 
-/// The environment variables of the four reference checks, as Nix names them.
-const ALLOWED_REFERENCES: &[u8] = b"allowedReferences";
-const ALLOWED_REQUISITES: &[u8] = b"allowedRequisites";
-const DISALLOWED_REFERENCES: &[u8] = b"disallowedReferences";
-const DISALLOWED_REQUISITES: &[u8] = b"disallowedRequisites";
-
 /// Extended attributes left in place, as Nix's default `ignored-acls` setting.
 const IGNORED_XATTRS: [&[u8]; 3] = [b"security.selinux", b"system.nfs4_acl", b"security.csm"];
-
-/// One element of a reference check: a store path, or the name of one of the derivation's
-/// outputs (standing for that output's path).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefSpec {
-    /// An absolute store path.
-    Path(StorePath),
-    /// Anything else: an output name, or an illegal specifier (refused when applied).
-    Name(Vec<u8>),
-}
-
-/// The reference checks a derivation asks for on each of its outputs, from its environment
-/// (the non-structured-attributes form; structured attributes are refused before a build
-/// starts). `None` means no check; `Some(vec![])` is a check too (for example
-/// `allowedReferences = []`: no references at all).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OutputCheckSpec {
-    /// `allowedReferences`: every direct reference must be listed.
-    pub allowed_references: Option<Vec<RefSpec>>,
-    /// `allowedRequisites`: every path of the closure, the output itself excepted, must be
-    /// listed.
-    pub allowed_requisites: Option<Vec<RefSpec>>,
-    /// `disallowedReferences`: no direct reference may be listed.
-    pub disallowed_references: Option<Vec<RefSpec>>,
-    /// `disallowedRequisites`: no path of the closure, the output itself excepted, may be
-    /// listed.
-    pub disallowed_requisites: Option<Vec<RefSpec>>,
-}
-
-impl OutputCheckSpec {
-    /// Reads the four checks from a derivation's environment: each variable, when present,
-    /// is a list separated by spaces, tabs and newlines (Nix's `tokenizeString`), each
-    /// element an absolute store path or an output name.
-    pub fn from_env(env: &BTreeMap<Vec<u8>, Vec<u8>>) -> OutputCheckSpec {
-        let get = |key: &[u8]| {
-            env.get(key).map(|value| {
-                value
-                    .split(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-                    .filter(|token| !token.is_empty())
-                    .map(|token| match StorePath::from_absolute_path(token) {
-                        Ok(path) => RefSpec::Path(path),
-                        Err(_) => RefSpec::Name(token.to_vec()),
-                    })
-                    .collect()
-            })
-        };
-        OutputCheckSpec {
-            allowed_references: get(ALLOWED_REFERENCES),
-            allowed_requisites: get(ALLOWED_REQUISITES),
-            disallowed_references: get(DISALLOWED_REFERENCES),
-            disallowed_requisites: get(DISALLOWED_REQUISITES),
-        }
-    }
-}
 
 /// An output the build must produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,8 +119,9 @@ pub struct OutputsRequest<'a> {
     /// The input closure the sandbox showed: with the outputs, the paths an output may
     /// refer to.
     pub input_closure: &'a BTreeSet<StorePath>,
-    /// The reference checks of the derivation.
-    pub checks: &'a OutputCheckSpec,
+    /// The derivation's options: the reference and size checks on each output, and the
+    /// outputs whose references are discarded.
+    pub options: &'a DerivationOptions,
     /// How large the outputs may be.
     pub limits: OutputLimits,
     /// Set by the build service to stop the work (the build's time is up, no client waits
@@ -314,6 +258,19 @@ pub enum OutputError {
         count: usize,
         /// The first of them.
         example: Box<StorePath>,
+    },
+    /// An output or its closure is larger than the derivation's `maxSize` or
+    /// `maxClosureSize` allows.
+    #[error("{what} '{path}' is too large at {size} bytes; limit is {limit} bytes")]
+    CheckedSize {
+        /// `path` or `closure of path`.
+        what: &'static str,
+        /// The output's path.
+        path: Box<StorePath>,
+        /// Its NAR size, or its closure's.
+        size: u64,
+        /// The limit.
+        limit: u64,
     },
     /// A reference check names something that is neither a store path nor an output.
     #[error("derivation contains an illegal reference specifier '{spec}'")]
@@ -680,14 +637,18 @@ fn scan_output<'a>(
                 source: Box::new(source),
             })
     })?;
-    let references = scanner
-        .found()
-        .into_iter()
-        .filter_map(|part| {
-            let part = std::str::from_utf8(part).ok()?;
-            candidates.by_hash.get(part).cloned()
-        })
-        .collect();
+    let references = if request.options.discards_references(&expected.name) {
+        BTreeSet::new()
+    } else {
+        scanner
+            .found()
+            .into_iter()
+            .filter_map(|part| {
+                let part = std::str::from_utf8(part).ok()?;
+                candidates.by_hash.get(part).cloned()
+            })
+            .collect()
+    };
     Ok(Scanned {
         expected,
         files,
@@ -1044,56 +1005,90 @@ fn check_fixed(drv: &StorePath, out: &Scanned<'_>) -> Result<(), OutputError> {
     Ok(())
 }
 
-/// Applies the derivation's reference checks to each new output, by name, as Nix's
-/// `checkOutputs` does for derivations without structured attributes (self-references
-/// are ignored in requisites, not in references).
+/// Applies the derivation's checks to each new output, as Nix's `checkOutputs` does: its
+/// NAR size and closure size, then the four reference lists (the output itself is left out
+/// of its requisites only in the environment form).
 fn check_references(
     store: &Store,
     request: &OutputsRequest<'_>,
     outputs: &[Scanned<'_>],
 ) -> Result<(), OutputError> {
-    let checks = request.checks;
-    let lists = [
-        (&checks.allowed_references, true, false),
-        (&checks.allowed_requisites, true, true),
-        (&checks.disallowed_references, false, false),
-        (&checks.disallowed_requisites, false, true),
-    ];
-    if lists.iter().all(|(list, _, _)| list.is_none()) {
-        return Ok(());
-    }
-    let new_refs: HashMap<&StorePath, &BTreeSet<StorePath>> = outputs
+    let new: HashMap<&StorePath, (&BTreeSet<StorePath>, u64)> = outputs
         .iter()
-        .map(|o| (&o.expected.path, &o.references))
+        .map(|o| (&o.expected.path, (&o.references, o.nar_size)))
         .collect();
     for out in outputs {
+        let Some(checks) = request.options.output_checks.for_output(&out.expected.name) else {
+            continue;
+        };
         let path = &out.expected.path;
-        let mut closure = None;
-        for (list, allowed, recursive) in lists {
-            let Some(list) = list else {
-                continue;
-            };
-            let spec = resolve_specs(list, request.outputs)?;
-            if recursive && closure.is_none() {
-                let mut c = output_closure(store, request.account, path, &new_refs)?;
-                c.remove(path);
-                closure = Some(c);
-            }
-            let used = match &closure {
-                Some(c) if recursive => c,
-                _ => &out.references,
-            };
-            let bad: BTreeSet<StorePath> = used
-                .iter()
-                .filter(|p| spec.contains(*p) != allowed)
-                .cloned()
-                .collect();
-            if !bad.is_empty() {
-                return Err(OutputError::NotAllowed {
+        if let Some(limit) = checks.max_size {
+            if out.nar_size > limit {
+                return Err(OutputError::CheckedSize {
+                    what: "path",
                     path: Box::new(path.clone()),
-                    bad,
+                    size: out.nar_size,
+                    limit,
                 });
             }
+        }
+        let needs_closure = checks.max_closure_size.is_some()
+            || checks.allowed_requisites.is_some()
+            || !checks.disallowed_requisites.is_empty();
+        let closure = if needs_closure {
+            output_closure(store, request.account, path, &new)?
+        } else {
+            BTreeMap::new()
+        };
+        if let Some(limit) = checks.max_closure_size {
+            let size = closure.values().fold(0u64, |a, s| a.saturating_add(*s));
+            if size > limit {
+                return Err(OutputError::CheckedSize {
+                    what: "closure of path",
+                    path: Box::new(path.clone()),
+                    size,
+                    limit,
+                });
+            }
+        }
+        let mut requisites: BTreeSet<StorePath> = closure.into_keys().collect();
+        if checks.ignore_self_refs {
+            requisites.remove(path);
+        }
+        check_lists(request, checks, path, &out.references, &requisites)?;
+    }
+    Ok(())
+}
+
+/// The four reference lists of `checks` on one output.
+fn check_lists(
+    request: &OutputsRequest<'_>,
+    checks: &OutputChecks,
+    path: &StorePath,
+    references: &BTreeSet<StorePath>,
+    requisites: &BTreeSet<StorePath>,
+) -> Result<(), OutputError> {
+    let lists = [
+        (checks.allowed_references.as_deref(), true, references),
+        (checks.allowed_requisites.as_deref(), true, requisites),
+        (Some(&checks.disallowed_references[..]), false, references),
+        (Some(&checks.disallowed_requisites[..]), false, requisites),
+    ];
+    for (list, allowed, used) in lists {
+        let Some(list) = list else {
+            continue;
+        };
+        let spec = resolve_specs(list, request.outputs)?;
+        let bad: BTreeSet<StorePath> = used
+            .iter()
+            .filter(|p| spec.contains(*p) != allowed)
+            .cloned()
+            .collect();
+        if !bad.is_empty() {
+            return Err(OutputError::NotAllowed {
+                path: Box::new(path.clone()),
+                bad,
+            });
         }
     }
     Ok(())
@@ -1109,39 +1104,44 @@ fn resolve_specs(
             RefSpec::Path(path) => Ok(path.clone()),
             RefSpec::Name(name) => outputs
                 .iter()
-                .find(|o| o.name.as_bytes() == name.as_slice())
+                .find(|o| &o.name == name)
                 .map(|o| o.path.clone())
-                .ok_or_else(|| OutputError::IllegalSpecifier {
-                    spec: String::from_utf8_lossy(name).into_owned(),
-                }),
+                .ok_or_else(|| OutputError::IllegalSpecifier { spec: name.clone() }),
         })
         .collect()
 }
 
-/// The closure of a new output: through the new outputs' scanned references, then through
-/// the account's view of the store for everything else (inputs, outputs already valid).
+/// The closure of a new output with each path's NAR size: through the new outputs' scanned
+/// references, then through the account's view of the store for everything else (inputs,
+/// outputs already valid).
 fn output_closure(
     store: &Store,
     account: &str,
     start: &StorePath,
-    new_refs: &HashMap<&StorePath, &BTreeSet<StorePath>>,
-) -> Result<BTreeSet<StorePath>, OutputError> {
-    let mut closure = BTreeSet::new();
+    new: &HashMap<&StorePath, (&BTreeSet<StorePath>, u64)>,
+) -> Result<BTreeMap<StorePath, u64>, OutputError> {
+    let mut closure = BTreeMap::new();
     let mut outside = BTreeSet::new();
     let mut queue = vec![start];
     while let Some(path) = queue.pop() {
-        if !closure.insert(path.clone()) {
+        if closure.contains_key(path) || outside.contains(path) {
             continue;
         }
-        match new_refs.get(path) {
-            Some(refs) => queue.extend(refs.iter()),
+        match new.get(path) {
+            Some((refs, size)) => {
+                closure.insert(path.clone(), *size);
+                queue.extend(refs.iter());
+            }
             None => {
                 outside.insert(path.clone());
             }
         }
     }
     if !outside.is_empty() {
-        closure.extend(store.query_closure(account, &outside, false)?);
+        let rest = store.query_closure(account, &outside, false)?;
+        for (path, info) in store.query_path_infos(account, &rest)? {
+            closure.insert(path, info.nar_size);
+        }
     }
     Ok(closure)
 }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::monitor::Watch;
 use super::outcome::{classify, Ended, Ending, Verdict};
-use super::outputs::{self, ExpectedOutput, OutputCheckSpec, OutputLimits, OutputsRequest};
+use super::outputs::{self, ExpectedOutput, OutputLimits, OutputsRequest};
 use super::placement::{Grant, Running};
 use super::uids::UidLease;
 use super::waiters::Shared;
@@ -224,6 +224,7 @@ impl BuildRun<'_> {
             fixed_output: drv.fixed_output().is_some(),
             required_features: prepared.required_features.iter().cloned().collect(),
             cores: u32::try_from(grant.cpus.len()).unwrap_or(u32::MAX),
+            graphs: prepared.graphs.clone(),
         };
         let host = HostSetup {
             host_system: inner.host.system().to_owned(),
@@ -416,6 +417,7 @@ impl BuildRun<'_> {
             let job = job.clone();
             let abort = abort.clone();
             let scratch_store = nixbuild_sandbox::ScratchLayout::new(scratch).store;
+            let options = self.prepared.options.clone();
             let closure: BTreeSet<StorePath> = self
                 .prepared
                 .inputs
@@ -429,7 +431,6 @@ impl BuildRun<'_> {
                     .iter()
                     .filter_map(|(name, output)| ExpectedOutput::from_derivation(name, output))
                     .collect();
-                let checks = OutputCheckSpec::from_env(&job.drv.env);
                 outputs::process_outputs(
                     &store,
                     &OutputsRequest {
@@ -440,7 +441,7 @@ impl BuildRun<'_> {
                         build_uid: uid,
                         outputs: &expected,
                         input_closure: &closure,
-                        checks: &checks,
+                        options: &options,
                         limits,
                         abort: &abort,
                     },

@@ -13,7 +13,7 @@ mod paths;
 pub mod structured;
 
 pub use aterm::AtermError;
-pub use paths::{hash_placeholder, output_path_name};
+pub use paths::{hash_placeholder, name_from_drv_path, output_path_name};
 
 /// What a derivation declares for one output (docs/serve-protocol.md §5.1 table).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,9 +88,6 @@ pub enum DerivationError {
     /// The `.drv` path could not be computed.
     #[error("cannot compute the .drv path: {0}")]
     DrvPath(#[source] StorePathError),
-    /// The derivation has no UTF-8 `name` environment variable.
-    #[error("derivation has no UTF-8 \"name\" environment variable")]
-    MissingName,
     /// A fixed output that is not the derivation's only output, named `out`.
     #[error("fixed output {0:?} must be the only output and be named \"out\"")]
     FixedOutputNotAlone(String),

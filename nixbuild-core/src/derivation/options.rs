@@ -152,9 +152,7 @@ impl DerivationOptions {
         }
     }
 
-    fn from_plain_env(
-        env: &BTreeMap<Vec<u8>, Vec<u8>>,
-    ) -> Result<DerivationOptions, OptionsError> {
+    fn from_plain_env(env: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<DerivationOptions, OptionsError> {
         let set = |key: &str| -> Option<Vec<&[u8]>> {
             env.get(key.as_bytes()).map(|v| tokens(v).collect())
         };
@@ -270,7 +268,12 @@ impl DerivationOptions {
         }
         let strings = |name: &str| -> Result<Vec<String>, OptionsError> {
             s.get(name)
-                .map(|v| Ok(string_list(v, name)?.into_iter().map(str::to_owned).collect()))
+                .map(|v| {
+                    Ok(string_list(v, name)?
+                        .into_iter()
+                        .map(str::to_owned)
+                        .collect())
+                })
                 .unwrap_or(Ok(Vec::new()))
         };
         Ok(DerivationOptions {
@@ -399,7 +402,7 @@ pub fn graph_paths(infos: &BTreeMap<StorePath, GraphPathInfo>) -> Vec<GraphPath>
             }
             GraphPath {
                 path: path.clone(),
-                nar_hash: info.nar_hash.clone(),
+                nar_hash: info.nar_hash,
                 nar_size: info.nar_size,
                 references: info.references.clone(),
                 ca: info.ca,
@@ -544,10 +547,22 @@ mod tests {
     fn structured_type_errors_name_the_attribute() {
         for (j, attr) in [
             (r#"{"outputChecks":{"out":{"maxSize":"big"}}}"#, "maxSize"),
-            (r#"{"outputChecks":{"out":{"allowedReferences":"x"}}}"#, "allowedReferences"),
-            (r#"{"unsafeDiscardReferences":{"out":1}}"#, "unsafeDiscardReferences"),
-            (r#"{"requiredSystemFeatures":"kvm"}"#, "requiredSystemFeatures"),
-            (r#"{"exportReferencesGraph":{"g":1}}"#, "exportReferencesGraph"),
+            (
+                r#"{"outputChecks":{"out":{"allowedReferences":"x"}}}"#,
+                "allowedReferences",
+            ),
+            (
+                r#"{"unsafeDiscardReferences":{"out":1}}"#,
+                "unsafeDiscardReferences",
+            ),
+            (
+                r#"{"requiredSystemFeatures":"kvm"}"#,
+                "requiredSystemFeatures",
+            ),
+            (
+                r#"{"exportReferencesGraph":{"g":1}}"#,
+                "exportReferencesGraph",
+            ),
         ] {
             let e = DerivationOptions::from_env(&env(&[("__json", j)])).unwrap_err();
             assert!(e.to_string().contains(attr), "{e}");
@@ -574,7 +589,9 @@ mod tests {
             format!("{P1}\n\n2\n{P1}\n{P2}\n{P2}\n\n0\n")
         );
         let j = crate::derivation::structured::to_json(
-            &[("g".to_owned(), graph_json(&g[1..]))].into_iter().collect(),
+            &[("g".to_owned(), graph_json(&g[1..]))]
+                .into_iter()
+                .collect(),
         );
         assert_eq!(
             String::from_utf8(j).unwrap(),

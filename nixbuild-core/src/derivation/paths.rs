@@ -16,6 +16,14 @@ pub fn output_path_name(drv_name: &str, output: &str) -> String {
     }
 }
 
+/// The name of the derivation at `drv_path` (Nix's `nameFromPath`): the path's name without
+/// `.drv`. It is what the output paths are computed from; with structured attributes the
+/// environment has no `name` at all.
+pub fn name_from_drv_path(drv_path: &StorePath) -> &str {
+    let name = drv_path.name();
+    name.strip_suffix(".drv").unwrap_or(name)
+}
+
 /// `hashPlaceholder`: `/` followed by the nix32 of `sha256("nix-output:" + output)`.
 pub fn hash_placeholder(output: &str) -> String {
     let h = Hash::compute(HashAlgo::Sha256, format!("nix-output:{output}").as_bytes());
@@ -63,14 +71,6 @@ impl BasicDerivation {
     /// field that determines what a build of the derivation produces.
     pub fn to_aterm(&self) -> Vec<u8> {
         aterm::print_basic(self)
-    }
-
-    /// The derivation name, from the `name` environment variable.
-    pub fn name(&self) -> Result<&str, DerivationError> {
-        self.env
-            .get(&b"name"[..])
-            .and_then(|n| std::str::from_utf8(n).ok())
-            .ok_or(DerivationError::MissingName)
     }
 
     /// Checks that the path of a fixed-output derivation's `out` is the one its content address

@@ -220,7 +220,7 @@ fn shell_integer(n: &serde_json::Number) -> Option<i32> {
     if f.ceil() != f {
         return None;
     }
-    if d >= -2_147_483_648.0 && d < 2_147_483_648.0 {
+    if (-2_147_483_648.0..2_147_483_648.0).contains(&d) {
         Some(d as i32)
     } else {
         Some(i32::MIN)
@@ -308,14 +308,16 @@ mod tests {
     fn not_an_object_is_refused() {
         for bad in [&b"[1]"[..], b"{", b"\"x\"", b""] {
             let e = StructuredAttrs::parse(bad).unwrap_err();
-            assert!(e.to_string().starts_with("cannot process __json attribute: "));
+            assert!(e
+                .to_string()
+                .starts_with("cannot process __json attribute: "));
         }
     }
 
     #[test]
     fn round_trip_of_strings_escapes_like_nix() {
-        let attrs = StructuredAttrs::parse(br#"{"s":"\u0001\u001f\u007f\b\f\n\r\t\"\\/\u00e9"}"#)
-            .unwrap();
+        let attrs =
+            StructuredAttrs::parse(br#"{"s":"\u0001\u001f\u007f\b\f\n\r\t\"\\/\u00e9"}"#).unwrap();
         let mut json = attrs.attrs.clone();
         json.remove("outputs");
         assert_eq!(
