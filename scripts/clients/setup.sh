@@ -6,7 +6,9 @@
 # Each client store gets the same busybox directory as a store path; the last line printed is
 # "BB=<that store path>". Run a command with a client:  chroot $CHROOTS/sid nix-build ...
 # The chroots share /dev, /dev/pts and /proc with the host; mount anything else you need into
-# them (e.g. your build's binaries at the same absolute path) with mount --bind.
+# them (e.g. your build's binaries at the same absolute path) with mount --bind. Each chroot has
+# a nixbld group with four build users; a sandboxed build there needs pivot_root in a private
+# mount namespace, not chroot (Nix silently builds unsandboxed in a chroot).
 # Debian's package mirror is taken from this machine's own apt sources.
 # It also writes the busybox store path to $CHROOTS/busybox-path, where the tests read it
 # (tests/harness/clients.rs). scripts/test runs this script when the chroots are missing.
@@ -40,6 +42,8 @@ for rel in trixie sid; do
   mountpoint -q $r/dev/pts || mount --bind /dev/pts $r/dev/pts
   mkdir -p $r/etc/nix $r/root/.ssh
   [ -f $r/etc/nix/nix.conf.set ] || { cp /etc/nix/nix.conf $r/etc/nix/nix.conf; touch $r/etc/nix/nix.conf.set; }
+  # build users, for sandboxed reference builds (--option build-users-group nixbld)
+  chroot $r sh -c 'getent group nixbld >/dev/null || { groupadd -r nixbld && for i in 1 2 3 4; do useradd -r -M -g nixbld -G nixbld -d /var/empty -s /usr/sbin/nologin nixbld$i; done; }'
   rm -rf $r/tmp/bbdir; cp -a $d $r/tmp/bbdir
   b2=$(chroot $r nix-store --add /tmp/bbdir)
   [ "$b2" = "$BB" ] || { echo "setup.sh: the busybox store path differs in $rel: $b2" >&2; exit 1; }

@@ -69,9 +69,13 @@ pub fn busybox() -> String {
     text.trim().to_owned()
 }
 
-/// What the chroot script does; its arguments are `ROOT BIND… -- PROGRAM ARGS…`.
+/// What the chroot script does; its arguments are `HOW ROOT BIND… -- PROGRAM ARGS…`, where
+/// `HOW` is `chroot`, or `pivot` to make `ROOT` the namespace's root with `pivot_root`: Nix
+/// refuses to sandbox a build inside a `chroot` (and builds unsandboxed unless told
+/// `sandbox-fallback = false`), so a sandboxed reference build needs the real root changed.
 const CHROOT_SCRIPT: &str = r#"set -e
-root=$1; shift
+how=$1; root=$2; shift 2
+[ "$how" = chroot ] || mount --rbind "$root" "$root"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 while [ "$1" != -- ]; do
   mkdir -p "$root$1"
@@ -81,7 +85,13 @@ done
 shift
 mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
 mountpoint -q "$root/dev" || mount --rbind /dev "$root/dev"
-exec chroot "$root" "$@"
+[ "$how" = chroot ] && exec chroot "$root" "$@"
+mkdir -p "$root/.oldroot"
+cd "$root"
+pivot_root . .oldroot
+cd /
+umount -l /.oldroot
+exec "$@"
 "#;
 
 impl Client {
@@ -118,6 +128,16 @@ impl Client {
     /// directories of the host) at the same path. Arguments added to the returned command
     /// go to `program`; its environment reaches `program`.
     pub fn command(self, program: impl AsRef<OsStr>, shared: &[&Path]) -> Command {
+        self.enter("chroot", program, shared)
+    }
+
+    /// As [`Client::command`], with the chroot made the root by `pivot_root`, where Nix's
+    /// sandbox works.
+    pub fn root_command(self, program: impl AsRef<OsStr>, shared: &[&Path]) -> Command {
+        self.enter("pivot", program, shared)
+    }
+
+    fn enter(self, how: &str, program: impl AsRef<OsStr>, shared: &[&Path]) -> Command {
         let Some(root) = self.root() else {
             return Command::new(program);
         };
@@ -125,6 +145,7 @@ impl Client {
         cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(CHROOT_SCRIPT)
             .arg("sh")
+            .arg(how)
             .arg(&root);
         for dir in shared {
             assert!(dir.is_absolute(), "{} is not absolute", dir.display());
@@ -252,10 +273,41 @@ impl ClientNix {
         let shared = self.shared.borrow();
         let shared: Vec<&Path> = shared.iter().map(PathBuf::as_path).collect();
         let mut cmd = self.client.command(program, &shared);
+        self.configure(&mut cmd);
+        cmd
+    }
+
+    /// This test's configuration for a command of this client.
+    fn configure(&self, cmd: &mut Command) {
         cmd.env("NIX_CONF_DIR", self.dir.path())
             .env_remove("NIX_REMOTE")
             .env_remove("NIX_PATH")
             .stdin(Stdio::null());
+    }
+
+    /// A Nix program run as this client in Nix's own sandbox, with its build users (the
+    /// reference for what a build sees; the chroot clients only, whose root is changed by
+    /// `pivot_root` so that the sandbox really runs).
+    pub fn sandboxed(&self, program: &str) -> Command {
+        assert!(
+            self.client.root().is_some(),
+            "the sandboxed reference runs in a chroot"
+        );
+        let shared = self.shared.borrow();
+        let shared: Vec<&Path> = shared.iter().map(PathBuf::as_path).collect();
+        let mut cmd = self.client.root_command(program, &shared);
+        self.configure(&mut cmd);
+        cmd.args([
+            "--option",
+            "sandbox",
+            "true",
+            "--option",
+            "sandbox-fallback",
+            "false",
+            "--option",
+            "build-users-group",
+            "nixbld",
+        ]);
         cmd
     }
 
