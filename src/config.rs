@@ -168,8 +168,10 @@ pub struct CapacityConfig {
     /// Systems builds may be for. Default: the host's (`x86_64-linux` and `i686-linux` on
     /// x86_64).
     pub systems: Option<Vec<String>>,
-    /// Features offered to derivations that require them. Default, like Nix:
-    /// `benchmark`, `big-parallel`, `nixos-test`, and `kvm` when `/dev/kvm` exists.
+    /// Features offered to derivations that require them. Default: `benchmark`,
+    /// `big-parallel`, and `kvm` and `nixos-test` when builds can use `/dev/kvm`
+    /// ([`crate::host::kvm_usable`]); `kvm` and `nixos-test` are left out without it, even
+    /// when listed here.
     pub features: Option<Vec<String>>,
     /// Features only derivations that require them may use (Nix's mandatory features).
     /// Default none.
@@ -204,17 +206,32 @@ impl CapacityConfig {
     pub fn machine(&self, host: &HostFacts) -> Machine {
         let cores = self.cores.unwrap_or(host.cpus);
         let default_features = || {
-            let mut features: Vec<String> = ["benchmark", "big-parallel", "nixos-test"]
-                .map(str::to_owned)
-                .into();
+            let mut features = vec!["benchmark".to_owned(), "big-parallel".to_owned()];
             if host.kvm {
-                features.push("kvm".to_owned());
+                // A NixOS VM test needs KVM: without it, nixos-test is not offered either.
+                features.extend(["kvm".to_owned(), "nixos-test".to_owned()]);
             }
             features
         };
         Machine {
             systems: self.systems.clone().unwrap_or_else(|| host.systems.clone()),
-            supported_features: self.features.clone().unwrap_or_else(default_features),
+            supported_features: match &self.features {
+                None => default_features(),
+                Some(features) => features
+                    .iter()
+                    .filter(|f| {
+                        let needs_kvm = matches!(f.as_str(), "kvm" | "nixos-test");
+                        if needs_kvm && !host.kvm {
+                            tracing::warn!(
+                                "capacity.features: not offering {f}: builds cannot use /dev/kvm \
+                                 on this host"
+                            );
+                        }
+                        host.kvm || !needs_kvm
+                    })
+                    .cloned()
+                    .collect(),
+            },
             mandatory_features: self.mandatory_features.clone(),
             cores,
             memory: self.memory.unwrap_or(host.memory),
@@ -1146,15 +1163,24 @@ mod tests {
         assert_eq!(s.starvation_after, Duration::from_secs(10));
         assert_eq!(s.weights.get("alice@laptop"), Some(&3));
 
-        // Defaults come from the host, with Nix's default features.
-        let m = Config::default()
-            .capacity
-            .machine(&HostFacts { kvm: false, ..host });
+        // Defaults come from the host: kvm and nixos-test only with a usable /dev/kvm.
+        let without_kvm = HostFacts {
+            kvm: false,
+            ..host.clone()
+        };
+        let m = Config::default().capacity.machine(&without_kvm);
         assert_eq!((m.cores, m.memory, m.max_jobs), (4, 32 << 30, 4));
+        assert_eq!(m.supported_features, vec!["benchmark", "big-parallel"]);
+        let m = Config::default().capacity.machine(&host);
         assert_eq!(
             m.supported_features,
-            vec!["benchmark", "big-parallel", "nixos-test"]
+            vec!["benchmark", "big-parallel", "kvm", "nixos-test"]
         );
+        assert!(c
+            .capacity
+            .machine(&without_kvm)
+            .supported_features
+            .is_empty());
         assert_eq!(
             Config::default().scheduler.scheduler_config(),
             SchedulerConfig::default()

@@ -421,3 +421,75 @@ fn sandbox_parity_with_nix() {
         "{ours}"
     );
 }
+
+/// Compiles `tests/data/kvm-api.c` statically into `<dir>/bin/kvm-api`.
+fn kvm_helper(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).expect("mkdir bin");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kvm-api.c");
+    run_ok(
+        Command::new("gcc")
+            .args(["-static", "-Os", "-o"])
+            .arg(dir.join("bin/kvm-api"))
+            .arg(&src),
+    );
+}
+
+#[test]
+fn a_build_requiring_kvm_gets_dev_kvm_and_runs_the_kvm_api_ioctl() {
+    let helper = tempfile::tempdir().expect("temp dir");
+    kvm_helper(helper.path());
+    let lab = Lab::new(&format!(
+        r#"let helper = builtins.path {{ path = {}; name = "kvm-api"; }}; in {{
+  kvm = mk "kvm" "${{helper}}/bin/kvm-api > $out" {{ requiredSystemFeatures = [ "kvm" ]; }};
+  plain = mk "no-kvm" "${{helper}}/bin/kvm-api > $out" {{ }};
+}}"#,
+        helper.path().display()
+    ));
+    let d = Daemon::start(&[]);
+    let usable = nixbuild::host::kvm_usable(Path::new("/dev/kvm"));
+    let capacity = d.wait_for_log(&["build capacity"]);
+    let capacity = capacity
+        .lines()
+        .find(|l| l.contains("build capacity"))
+        .expect("the capacity line");
+    let drvs = lab.instantiate(&["kvm", "plain"]);
+    let builders = format!(
+        "{} x86_64-linux - 100 1 big-parallel,benchmark,kvm,nixos-test",
+        store_uri()
+    );
+    let out = lab
+        .remote_command(&d, "a", &builders, &drvs[..1])
+        .output()
+        .expect("run nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if usable == Ok(true) {
+        // Offered, and the build really talks to KVM.
+        assert!(capacity.contains(r#""kvm", "nixos-test"]"#), "{capacity}");
+        assert!(out.status.success(), "{stderr}\n{}", d.log());
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let text = std::fs::read_to_string(&path).expect("read the output");
+        assert!(text.starts_with("KVM API version "), "{text}");
+        assert_built_once(&d, &drvs[..1]);
+        // A build that does not require kvm has no /dev/kvm.
+        let out = lab
+            .remote_command(&d, "a", &builders, &drvs[1..])
+            .output()
+            .expect("run nix-build");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("open /dev/kvm: No such file or directory"),
+            "{stderr}"
+        );
+    } else {
+        // Without a usable /dev/kvm, neither kvm nor nixos-test is offered, and the build is
+        // refused rather than run without it.
+        eprintln!("this host has no /dev/kvm that builds can use: {usable:?}");
+        assert!(
+            !capacity.contains("kvm") && !capacity.contains("nixos-test"),
+            "{capacity}"
+        );
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("kvm"), "{stderr}");
+    }
+}
