@@ -583,7 +583,17 @@ impl<O: SessionOutput> Driver<'_, O> {
                 let received = std::time::Instant::now();
                 let drv_hash = job.drv.hash_modulo();
                 let drv_path = job.drv_path.clone();
-                let outcome = self.wait_for(*job, input, buf).await?;
+                let version = self.session.version();
+                let refused = (version < nixbuild_core::serve::ProtocolVersion::V2_6)
+                    .then(|| {
+                        let protocol = format!("serve protocol 2.{}", version.minor());
+                        crate::builds::refuse_unreportable(&job, &protocol)
+                    })
+                    .flatten();
+                let outcome = match refused {
+                    Some(refused) => Arc::new(refused),
+                    None => self.wait_for(*job, input, buf).await?,
+                };
                 let result = build_result(&outcome, Some(&drv_hash));
                 before_build_result().await;
                 self.session.respond(&Response::Build(Box::new(result)))?;

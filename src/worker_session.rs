@@ -325,7 +325,17 @@ impl<O: SessionOutput> Driver<'_, O> {
                     options: self.options,
                 };
                 let drv_hash = job.drv.hash_modulo();
-                let outcome = self.wait_for(job, input, buf).await?;
+                let version = self.session.version();
+                let refused = (version < WorkerVersion::V1_28)
+                    .then(|| {
+                        let protocol = format!("daemon protocol {version}");
+                        crate::builds::refuse_unreportable(&job, &protocol)
+                    })
+                    .flatten();
+                let outcome = match refused {
+                    Some(refused) => Arc::new(refused),
+                    None => self.wait_for(job, input, buf).await?,
+                };
                 before_build_result().await;
                 Response::Build(Box::new(build_result(&outcome, Some(&drv_hash))))
             }

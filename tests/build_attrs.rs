@@ -17,7 +17,7 @@ mod harness;
 use std::collections::BTreeMap;
 
 use harness::clients::{busybox, read_client_file, Client, ClientNix};
-use harness::{salt, store_uri, Daemon};
+use harness::{builders, lines, salt, Daemon};
 use nixbuild_core::store_path::StorePath;
 
 const ACCOUNT: &str = "alice";
@@ -175,22 +175,6 @@ fn outputs(nix: &ClientNix, drv: &str) -> BTreeMap<String, String> {
             (output, p)
         })
         .collect()
-}
-
-fn lines(bytes: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// The builders line for `d` through the relay.
-fn builders() -> String {
-    format!(
-        "{} x86_64-linux - 100 1 big-parallel,benchmark",
-        store_uri()
-    )
 }
 
 /// What a file of Nix's `--check` holds when Nix kept no `.check` copy: the same bytes.

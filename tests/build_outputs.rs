@@ -19,7 +19,7 @@ use nixbuild::builds::outputs::{
 use nixbuild::store::{BuiltPath, PathClaim, Store, StoreError, StoreLimits};
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
 use nixbuild_core::derivation::options::DerivationOptions;
-use nixbuild_core::derivation::DerivationOutput;
+use nixbuild_core::derivation::{fallback_output_path, DerivationOutput};
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::nar::NarNode;
 use nixbuild_core::nixbase32;
@@ -201,6 +201,7 @@ fn output(name: &str, path: &StorePath) -> ExpectedOutput {
         name: name.to_owned(),
         path: path.clone(),
         fixed: None,
+        floating: None,
     }
 }
 
@@ -800,6 +801,7 @@ fn fixed_output(
         name: "out".to_owned(),
         path,
         fixed: Some(ca),
+        floating: None,
     };
     (expected, hash)
 }
@@ -942,6 +944,7 @@ fn flat_fixed_outputs_must_be_plain_files_without_references() {
                 method: flat,
                 hash: sha256(what.as_bytes()),
             }),
+            floating: None,
         };
         let err = refused(
             &env,
@@ -1192,12 +1195,18 @@ fn expected_outputs_come_from_derivation_outputs() {
         method: ContentAddressMethod::Recursive,
         hash: sha256(b"x"),
     };
+    let drv = path("thing.drv", "drv");
     assert_eq!(
-        ExpectedOutput::from_derivation("out", &DerivationOutput::InputAddressed(out.clone())),
+        ExpectedOutput::from_derivation(
+            &drv,
+            "out",
+            &DerivationOutput::InputAddressed(out.clone())
+        ),
         Some(output("out", &out))
     );
     assert_eq!(
         ExpectedOutput::from_derivation(
+            &drv,
             "out",
             &DerivationOutput::Fixed {
                 path: out.clone(),
@@ -1207,14 +1216,26 @@ fn expected_outputs_come_from_derivation_outputs() {
         .and_then(|o| o.fixed),
         Some(ca)
     );
+    // A floating output is built at its temporary path.
+    let floating = ExpectedOutput::from_derivation(
+        &drv,
+        "dev",
+        &DerivationOutput::Floating {
+            method: ContentAddressMethod::Recursive,
+            algo: HashAlgo::Sha256,
+        },
+    )
+    .expect("an expected output");
     assert_eq!(
-        ExpectedOutput::from_derivation(
-            "out",
-            &DerivationOutput::Floating {
-                method: ContentAddressMethod::Recursive,
-                algo: HashAlgo::Sha256
-            }
-        ),
+        floating.path,
+        fallback_output_path(&drv, "dev").expect("a path")
+    );
+    assert_eq!(
+        floating.floating,
+        Some((ContentAddressMethod::Recursive, HashAlgo::Sha256))
+    );
+    assert_eq!(
+        ExpectedOutput::from_derivation(&drv, "out", &DerivationOutput::Deferred),
         None
     );
 }
@@ -1476,4 +1497,132 @@ fn aborted_processing_registers_nothing() {
     assert!(matches!(result, Err(OutputError::Aborted)), "{result:?}");
     assert!(!env.valid(ACCOUNT, &out));
     assert!(env.objects().is_empty());
+}
+
+/// Floating content-addressed output `name` of `env`'s derivation (`r:sha256`), at its
+/// temporary path.
+fn floating(env: &Env, name: &str, method: ContentAddressMethod) -> ExpectedOutput {
+    let output = DerivationOutput::Floating {
+        method,
+        algo: HashAlgo::Sha256,
+    };
+    ExpectedOutput::from_derivation(&env.drv, name, &output).expect("an expected output")
+}
+
+/// Builds, in `env`, outputs `lib` (a file naming itself) and `out` (a tree referring to
+/// itself in a file, a symlink target and a file name, to `lib` and to input `a`) of a
+/// floating content-addressed derivation, and processes them.
+fn build_floating(env: &mut Env, inputs: &Inputs) -> BTreeMap<String, ProcessedOutput> {
+    let scratch = env.scratch();
+    let out = floating(env, "out", ContentAddressMethod::Recursive);
+    let lib = floating(env, "lib", ContentAddressMethod::Recursive);
+    file_output(&scratch, &lib.path, format!("I am {}\n", lib.path));
+    let root = scratch.join(out.path.base_name());
+    mkdir(&root, 0o755);
+    write(
+        &root.join("self"),
+        format!("{}/self uses {} and {}\n", out.path, lib.path, inputs.a),
+        0o644,
+    );
+    std::os::unix::fs::symlink(format!("{}/self", out.path), root.join("link")).expect("symlink");
+    mkdir(&root.join(out.path.hash_part()), 0o755);
+    write(&root.join(out.path.hash_part()).join("f"), "x", 0o755);
+    chown_tree(&root, BUILD_UID);
+    env.process(
+        &scratch,
+        &[lib, out],
+        &inputs.closure(),
+        &DerivationOptions::default(),
+    )
+    .expect("processed")
+    .into_iter()
+    .map(|o| (o.name.clone(), o))
+    .collect()
+}
+
+#[test]
+fn floating_outputs_get_content_addressed_paths_with_their_references_rewritten() {
+    let mut env = Env::new();
+    let inputs = Inputs::upload(&env);
+    let temporary = fallback_output_path(&env.drv, "out").expect("a path");
+    let done = build_floating(&mut env, &inputs);
+    let (out, lib) = (&done["out"], &done["lib"]);
+    assert_eq!(out.path.name(), "thing");
+    assert_eq!(lib.path.name(), "thing-lib");
+    assert_ne!(out.path, temporary);
+    assert!(out.registered && lib.registered);
+    assert!(env.valid(ACCOUNT, &out.path) && env.valid(ACCOUNT, &lib.path));
+    assert_eq!(
+        out.info.references,
+        set(&[&out.path, &lib.path, &inputs.a]),
+        "its own final path, the other output's, the input"
+    );
+    assert_eq!(lib.info.references, set(&[&lib.path]));
+    // The path is the content address of the output modulo itself, with its references.
+    for o in [out, lib] {
+        let ca = o.info.ca.expect("a content address");
+        assert_eq!(ca.method, ContentAddressMethod::Recursive);
+        let others: BTreeSet<StorePath> = o
+            .info
+            .references
+            .iter()
+            .filter(|r| **r != o.path)
+            .cloned()
+            .collect();
+        assert_eq!(
+            make_fixed_output_path(o.path.name(), &ca, &others, true).expect("a path"),
+            o.path
+        );
+    }
+    // The files name the final paths only.
+    let files = env.object(&out.path, &out.info.nar_hash.expect("a NAR hash"));
+    assert_eq!(
+        fs::read_to_string(files.join("self")).expect("read"),
+        format!("{}/self uses {} and {}\n", out.path, lib.path, inputs.a)
+    );
+    assert_eq!(
+        fs::read_link(files.join("link")).expect("readlink"),
+        Path::new(&format!("{}/self", out.path))
+    );
+    assert!(files.join(out.path.hash_part()).join("f").is_file());
+    assert_canonical(&files);
+    let nar = Nix::new().dump(&files);
+    assert_eq!(Some(sha256(&nar)), out.info.nar_hash);
+    assert_eq!(nar.len() as u64, out.info.nar_size);
+
+    // Another derivation of the same name (so other temporary paths) whose builder writes
+    // the same: the same final paths.
+    let mut other = Env::new();
+    other.drv = path("thing.drv", "another derivation");
+    assert_ne!(
+        fallback_output_path(&other.drv, "out").expect("a path"),
+        temporary
+    );
+    let inputs2 = Inputs::upload(&other);
+    let again = build_floating(&mut other, &inputs2);
+    for name in ["out", "lib"] {
+        assert_eq!(again[name].path, done[name].path, "{name}");
+        assert_eq!(
+            again[name].info.nar_hash, done[name].info.nar_hash,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_flat_floating_output_may_not_refer_to_paths() {
+    let mut env = Env::new();
+    let inputs = Inputs::upload(&env);
+    let scratch = env.scratch();
+    let out = floating(&env, "out", ContentAddressMethod::Flat);
+    file_output(&scratch, &out.path, format!("uses {}\n", inputs.a));
+    let err = refused(
+        &env,
+        &scratch,
+        &[out],
+        &inputs.closure(),
+        &DerivationOptions::default(),
+    );
+    assert!(matches!(err, OutputError::ContentAddressed { .. }), "{err}");
+    assert_eq!(err.build_status(), BuildStatus::OutputRejected);
 }

@@ -26,6 +26,7 @@ pub mod hash;
 pub mod nar;
 pub mod nixbase32;
 pub mod refscan;
+pub mod rewrite;
 pub mod scheduler;
 pub mod serve;
 pub mod store_path;

@@ -65,8 +65,21 @@ pub enum DrvError {
         source: Box<DerivationError>,
     },
     /// A derivation lacks an output that is asked for.
-    #[error("derivation '{drv}' has no output '{output}' with a known path")]
+    #[error("derivation '{drv}' has no output '{output}'")]
     NoOutput {
+        /// The `.drv`.
+        drv: StorePath,
+        /// The output's name.
+        output: String,
+    },
+    /// An output whose path is only known after a build (a content-addressed derivation):
+    /// the build hook's single-derivation builds handle those, graph builds do not.
+    #[error(
+        "output '{output}' of '{drv}' is content-addressed: its path is only known after the \
+         build, and nixbuild builds such derivations only as a remote builder (--builders), \
+         not in a graph build through a remote store"
+    )]
+    ContentAddressed {
         /// The `.drv`.
         drv: StorePath,
         /// The output's name.
@@ -283,13 +296,11 @@ impl Walk<'_> {
         names
             .into_iter()
             .map(|name| {
-                let path = outputs
-                    .get(name)
-                    .and_then(DerivationOutput::path)
-                    .ok_or_else(|| DrvError::NoOutput {
-                        drv: drv.clone(),
-                        output: name.clone(),
-                    })?;
+                let (drv, output) = (drv.clone(), name.clone());
+                let path = match outputs.get(name) {
+                    None => return Err(DrvError::NoOutput { drv, output }),
+                    Some(o) => o.path().ok_or(DrvError::ContentAddressed { drv, output })?,
+                };
                 Ok((name.clone(), path.clone()))
             })
             .collect()

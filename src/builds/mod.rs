@@ -32,6 +32,7 @@
 //! and forks; [`outputs`] the checks and registration of outputs.
 
 mod drv_walk;
+mod floating;
 mod graph;
 pub mod monitor;
 mod outcome;
@@ -56,7 +57,9 @@ use bytes::Bytes;
 use nixbuild_core::derivation::options::{
     graph_paths, DerivationOptions, GraphPath, GraphPathInfo,
 };
-use nixbuild_core::derivation::{name_from_drv_path, BasicDerivation, DerivationOutput};
+use nixbuild_core::derivation::{
+    fallback_output_path, name_from_drv_path, BasicDerivation, DerivationOutput,
+};
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::serve::{BuildOptions, BuildStatus};
 use nixbuild_core::store_path::StorePath;
@@ -346,6 +349,29 @@ impl BuildService {
     }
 }
 
+/// For a client whose protocol cannot carry the paths of a build's outputs back (the
+/// BuildResult's `builtOutputs` came with serve protocol 2.6 and worker protocol 1.28, Nix
+/// 2.4): the refusal of a derivation with floating content-addressed outputs, whose paths
+/// only the build decides. `protocol` names the client's protocol and version.
+pub fn refuse_unreportable(job: &BuildJob, protocol: &str) -> Option<Outcome> {
+    let floating = job
+        .drv
+        .outputs
+        .values()
+        .any(|o| matches!(o, DerivationOutput::Floating { .. }));
+    floating.then(|| {
+        Outcome::without_build(
+            BuildStatus::InputRejected,
+            format!(
+                "cannot build '{}': it is a content-addressed derivation whose output paths \
+                 are only known after the build, and this client's {protocol} cannot carry \
+                 them back (Nix 2.4 or newer can)",
+                job.drv_path
+            ),
+        )
+    })
+}
+
 /// What [`prepare`] found out.
 #[derive(Debug)]
 struct Prepared {
@@ -379,21 +405,28 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         .map_err(|e| invalid(&e))?;
     let mut outputs = BTreeMap::new();
     for (output, out) in &drv.outputs {
-        match out {
+        let path = match out {
             DerivationOutput::InputAddressed(path) | DerivationOutput::Fixed { path, .. } => {
-                outputs.insert(output.clone(), path.clone());
+                path.clone()
             }
-            _ => {
-                return Err(refuse(
-                    BuildStatus::InputRejected,
-                    format!(
-                        "derivation '{}': output '{output}' has no path in advance; \
-                         content-addressed derivations are not supported by this server",
-                        job.drv_path
-                    ),
-                ))
+            // Built at a temporary path; the final one is known afterwards.
+            DerivationOutput::Floating { .. } => {
+                fallback_output_path(&job.drv_path, output).map_err(|e| invalid(&e))?
             }
-        }
+            DerivationOutput::Deferred => {
+                return Err(invalid(&format_args!(
+                    "output '{output}' is deferred: the client must resolve the derivation's \
+                     content-addressed inputs before it sends it"
+                )))
+            }
+            DerivationOutput::Impure { .. } => {
+                return Err(invalid(&format_args!(
+                    "output '{output}' is impure; impure derivations (the experimental \
+                     impure-derivations feature) are not supported by this server"
+                )))
+            }
+        };
+        outputs.insert(output.clone(), path);
     }
     let internal = |e: StoreError| {
         refuse(

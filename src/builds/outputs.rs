@@ -49,15 +49,17 @@ use std::sync::mpsc;
 
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
 use nixbuild_core::derivation::options::{DerivationOptions, OutputChecks, RefSpec};
-use nixbuild_core::derivation::DerivationOutput;
+use nixbuild_core::derivation::{fallback_output_path, output_path_name, DerivationOutput};
 use nixbuild_core::hash::{Hash, HashAlgo, Hasher};
 use nixbuild_core::nar::MAX_DEPTH;
 use nixbuild_core::refscan::RefScanner;
 use nixbuild_core::serve::{BuildStatus, ValidPathInfo};
-use nixbuild_core::store_path::StorePath;
+use nixbuild_core::store_path::make_fixed_output_path;
+use nixbuild_core::store_path::{StorePath, StorePathError};
 use rustix::fs::{AtFlags, Gid, Uid, CWD};
 use rustix::io::Errno;
 
+use super::floating;
 use crate::failpoint::failpoint;
 use crate::nar_fs::{dump_to, NarFsError, NarSink, CHUNK};
 use crate::store::{fsutil, BuiltPath, Store, StoreError};
@@ -70,29 +72,41 @@ const IGNORED_XATTRS: [&[u8]; 3] = [b"security.selinux", b"system.nfs4_acl", b"s
 pub struct ExpectedOutput {
     /// The output's name (`out`, `dev`, ...).
     pub name: String,
-    /// Its store path, known in advance.
+    /// Its store path, known in advance; for a floating content-addressed output, the
+    /// temporary path the builder wrote it at ([`fallback_output_path`]).
     pub path: StorePath,
     /// For a fixed output: the method and the hash the contents must have (the path was
     /// already checked against it with the derivation). The hash's algorithm is the one
     /// the output is hashed with.
     pub fixed: Option<ContentAddress>,
+    /// For a floating content-addressed output: the method and algorithm its final path is
+    /// computed with ([`super::floating`]).
+    pub floating: Option<(ContentAddressMethod, HashAlgo)>,
 }
 
 impl ExpectedOutput {
-    /// The expectation for a derivation's output; `None` for outputs whose path is not
-    /// known before the build (floating content-addressed, deferred, impure).
-    pub fn from_derivation(name: &str, output: &DerivationOutput) -> Option<ExpectedOutput> {
-        let (path, fixed) = match output {
-            DerivationOutput::InputAddressed(path) => (path, None),
-            DerivationOutput::Fixed { path, ca } => (path, Some(*ca)),
-            DerivationOutput::Floating { .. }
-            | DerivationOutput::Deferred
-            | DerivationOutput::Impure { .. } => return None,
+    /// The expectation for output `name` of the derivation at `drv_path`; `None` for
+    /// outputs a build cannot produce (deferred, impure).
+    pub fn from_derivation(
+        drv_path: &StorePath,
+        name: &str,
+        output: &DerivationOutput,
+    ) -> Option<ExpectedOutput> {
+        let (path, fixed, floating) = match output {
+            DerivationOutput::InputAddressed(path) => (path.clone(), None, None),
+            DerivationOutput::Fixed { path, ca } => (path.clone(), Some(*ca), None),
+            DerivationOutput::Floating { method, algo } => (
+                fallback_output_path(drv_path, name).ok()?,
+                None,
+                Some((*method, *algo)),
+            ),
+            DerivationOutput::Deferred | DerivationOutput::Impure { .. } => return None,
         };
         Some(ExpectedOutput {
             name: name.to_owned(),
-            path: path.clone(),
+            path,
             fixed,
+            floating,
         })
     }
 }
@@ -289,6 +303,17 @@ pub enum OutputError {
         /// The forbidden paths it refers to, in order.
         bad: BTreeSet<StorePath>,
     },
+    /// A floating content-addressed output has no path with its method and references (a
+    /// `flat` or `text` output may not refer to other paths, nor to itself).
+    #[error("output '{output}' of '{drv}' has no content-addressed path: {source}")]
+    ContentAddressed {
+        /// The derivation.
+        drv: Box<StorePath>,
+        /// The output's name.
+        output: String,
+        /// Why.
+        source: StorePathError,
+    },
     /// Reading, changing or dumping the output trees failed on the server's side.
     #[error("{action} '{}': {source}", path.display())]
     Io {
@@ -352,7 +377,10 @@ impl OutputError {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
+pub(super) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> OutputError + 'a {
     move |source| OutputError::Io {
         action,
         path: path.to_owned(),
@@ -418,7 +446,19 @@ pub fn process_outputs(
     for out in &scanned {
         check_fixed(request.drv_path, out)?;
     }
-    check_references(store, request, &scanned)?;
+    finalise_floating(request, &mut scanned)?;
+    // Each output's path from now on: the final one of a floating output.
+    let paths: BTreeMap<String, StorePath> = request
+        .outputs
+        .iter()
+        .map(|o| (o.name.clone(), o.path.clone()))
+        .chain(
+            scanned
+                .iter()
+                .map(|o| (o.expected.name.clone(), o.expected.path.clone())),
+        )
+        .collect();
+    check_references(store, request, &scanned, &paths)?;
 
     let built: Vec<BuiltPath> = scanned
         .into_iter()
@@ -429,7 +469,7 @@ pub fn process_outputs(
             nar_size: out.nar_size,
             references: out.references,
             deriver: Some(request.drv_path.clone()),
-            ca: out.expected.fixed,
+            ca: out.ca,
         })
         .collect();
     failpoint!("build-before-register");
@@ -463,17 +503,20 @@ pub fn process_outputs(
         .outputs
         .iter()
         .map(|o| {
+            let name = o.name.clone();
+            let path = paths.get(&o.name).unwrap_or(&o.path).clone();
             let info = store
-                .query_path_info(request.account, &o.path)?
+                .query_path_info(request.account, &path)?
                 .ok_or_else(|| StoreError::NotValid {
-                    path: o.path.clone(),
+                    path: path.clone(),
                     account: request.account.to_owned(),
                 })?;
+            let registered = newly.contains(&path);
             Ok(ProcessedOutput {
-                name: o.name.clone(),
-                path: o.path.clone(),
+                name,
+                path,
                 info,
-                registered: newly.contains(&o.path),
+                registered,
             })
         })
         .collect()
@@ -568,8 +611,12 @@ impl Candidates {
 }
 
 /// One new output after its tree was checked, canonicalised and dumped.
-struct Scanned<'a> {
-    expected: &'a ExpectedOutput,
+struct Scanned {
+    /// What was expected; a floating output's final path replaces the temporary one once
+    /// [`finalise_floating`] has computed it.
+    expected: ExpectedOutput,
+    /// Its content address: a fixed output's, or a floating output's once computed.
+    ca: Option<ContentAddress>,
     /// The host path of its tree.
     files: PathBuf,
     /// Whether the root is a regular file without the owner-execute bit.
@@ -582,13 +629,13 @@ struct Scanned<'a> {
 }
 
 /// Steps 1 to 3 of the module documentation for one output.
-fn scan_output<'a>(
+fn scan_output(
     request: &OutputsRequest<'_>,
-    expected: &'a ExpectedOutput,
+    expected: &ExpectedOutput,
     canon: &mut Canonicaliser<'_>,
     bound: &mut DumpBound<'_>,
     candidates: &Candidates,
-) -> Result<Scanned<'a>, OutputError> {
+) -> Result<Scanned, OutputError> {
     let path = &expected.path;
     let files = request.scratch_store.join(path.base_name());
     let meta = match fs::symlink_metadata(&files) {
@@ -650,7 +697,8 @@ fn scan_output<'a>(
             .collect()
     };
     Ok(Scanned {
-        expected,
+        expected: expected.clone(),
+        ca: expected.fixed,
         files,
         plain_file,
         nar_hash: hashers.nar.finish(),
@@ -913,7 +961,7 @@ enum Mark {
 /// Refuses references that make the new outputs a cycle, with Nix's message: a depth-first
 /// walk over the outputs by name, each output's referenced outputs by name, reporting the
 /// first output reached again while on the walk's path. Self-references do not count.
-fn check_cycles(drv: &StorePath, outputs: &[Scanned<'_>]) -> Result<(), OutputError> {
+fn check_cycles(drv: &StorePath, outputs: &[Scanned]) -> Result<(), OutputError> {
     let index: BTreeMap<&StorePath, usize> = outputs
         .iter()
         .enumerate()
@@ -973,7 +1021,7 @@ fn check_cycles(drv: &StorePath, outputs: &[Scanned<'_>]) -> Result<(), OutputEr
 
 /// Checks a fixed output against its content address: the flat form's file type, the
 /// hash, and the absence of references.
-fn check_fixed(drv: &StorePath, out: &Scanned<'_>) -> Result<(), OutputError> {
+fn check_fixed(drv: &StorePath, out: &Scanned) -> Result<(), OutputError> {
     let Some(ca) = out.expected.fixed else {
         return Ok(());
     };
@@ -1005,13 +1053,145 @@ fn check_fixed(drv: &StorePath, out: &Scanned<'_>) -> Result<(), OutputError> {
     Ok(())
 }
 
+/// Gives each floating content-addressed output its final path ([`super::floating`]), each
+/// after the outputs it refers to (there is no cycle: [`check_cycles`] ran), and rewrites
+/// the temporary paths in the trees, the references and the hashes.
+fn finalise_floating(
+    request: &OutputsRequest<'_>,
+    outputs: &mut [Scanned],
+) -> Result<(), OutputError> {
+    // Temporary path → final path of each output finished so far.
+    let mut finals: BTreeMap<StorePath, StorePath> = BTreeMap::new();
+    let mut left: Vec<usize> = (0..outputs.len())
+        .filter(|&i| outputs[i].expected.floating.is_some())
+        .collect();
+    let temporary: BTreeSet<StorePath> = left
+        .iter()
+        .map(|&i| outputs[i].expected.path.clone())
+        .collect();
+    while !left.is_empty() {
+        // The first (by name) whose references to the others are all final.
+        let at = left
+            .iter()
+            .position(|&i| {
+                let own = &outputs[i].expected.path;
+                outputs[i]
+                    .references
+                    .iter()
+                    .all(|r| r == own || !temporary.contains(r) || finals.contains_key(r))
+            })
+            .unwrap_or_else(|| unreachable!("check_cycles refused cycles between outputs"));
+        let i = left.remove(at);
+        let out = &mut outputs[i];
+        let (final_path, rewrote) = finalise_one(request, out, &finals)?;
+        if rewrote {
+            let (nar_hash, nar_size) = nar_hash(&final_path, &out.files, request.abort)?;
+            out.nar_hash = nar_hash;
+            out.nar_size = nar_size;
+        }
+        finals.insert(out.expected.path.clone(), final_path.clone());
+        out.expected.path = final_path;
+    }
+    Ok(())
+}
+
+/// One floating output: its final path, and whether its files changed.
+fn finalise_one(
+    request: &OutputsRequest<'_>,
+    out: &mut Scanned,
+    finals: &BTreeMap<StorePath, StorePath>,
+) -> Result<(StorePath, bool), OutputError> {
+    let Some((method, algo)) = out.expected.floating else {
+        unreachable!("only floating outputs are finalised")
+    };
+    let temporary = out.expected.path.clone();
+    let hash_part = |p: &StorePath| p.hash_part().as_bytes().to_vec();
+    // The other outputs' temporary paths, rewritten to their final ones first.
+    let others: Vec<floating::Rewrite> = out
+        .references
+        .iter()
+        .filter_map(|r| finals.get(r).map(|f| (hash_part(r), hash_part(f))))
+        .collect();
+    if !others.is_empty() {
+        floating::rewrite_tree(&out.files, &others, request.abort)?;
+    }
+    let (hash, self_reference) = floating::hash_modulo(
+        &temporary,
+        &out.files,
+        out.plain_file,
+        method,
+        algo,
+        temporary.hash_part().as_bytes(),
+        request.abort,
+    )?;
+    let references: BTreeSet<StorePath> = out
+        .references
+        .iter()
+        .filter(|r| **r != temporary)
+        .map(|r| finals.get(r).unwrap_or(r).clone())
+        .collect();
+    let ca = ContentAddress { method, hash };
+    let name = output_path_name(
+        nixbuild_core::derivation::name_from_drv_path(request.drv_path),
+        &out.expected.name,
+    );
+    let final_path =
+        make_fixed_output_path(&name, &ca, &references, self_reference).map_err(|source| {
+            OutputError::ContentAddressed {
+                drv: Box::new(request.drv_path.clone()),
+                output: out.expected.name.clone(),
+                source,
+            }
+        })?;
+    let rewrite_self = self_reference && final_path != temporary;
+    if rewrite_self {
+        floating::rewrite_tree(
+            &out.files,
+            &[(hash_part(&temporary), hash_part(&final_path))],
+            request.abort,
+        )?;
+    }
+    out.references = references;
+    if self_reference {
+        out.references.insert(final_path.clone());
+    }
+    out.ca = Some(ca);
+    Ok((final_path, rewrite_self || !others.is_empty()))
+}
+
+/// The sha256 and size of the NAR of `path`'s files at `files`.
+fn nar_hash(
+    path: &StorePath,
+    files: &Path,
+    abort: &AtomicBool,
+) -> Result<(Hash, u64), OutputError> {
+    let mut bound = DumpBound::new(OutputLimits::NONE, abort);
+    let hashers = NarHashers {
+        nar: Hasher::new(HashAlgo::Sha256),
+        ca: None,
+    };
+    let scanner = RefScanner::new(std::iter::empty::<&str>())
+        .unwrap_or_else(|e| unreachable!("no hash part to refuse: {e}"));
+    let (size, hashers, _) =
+        dump_and_hash(files, hashers, scanner, &mut bound, false).map_err(|source| {
+            bound
+                .error(path, path)
+                .unwrap_or_else(|| OutputError::Dump {
+                    path: Box::new(path.clone()),
+                    source: Box::new(source),
+                })
+        })?;
+    Ok((hashers.nar.finish(), size))
+}
+
 /// Applies the derivation's checks to each new output, as Nix's `checkOutputs` does: its
 /// NAR size and closure size, then the four reference lists (the output itself is left out
 /// of its requisites only in the environment form).
 fn check_references(
     store: &Store,
     request: &OutputsRequest<'_>,
-    outputs: &[Scanned<'_>],
+    outputs: &[Scanned],
+    paths: &BTreeMap<String, StorePath>,
 ) -> Result<(), OutputError> {
     let new: HashMap<&StorePath, (&BTreeSet<StorePath>, u64)> = outputs
         .iter()
@@ -1055,14 +1235,14 @@ fn check_references(
         if checks.ignore_self_refs {
             requisites.remove(path);
         }
-        check_lists(request, checks, path, &out.references, &requisites)?;
+        check_lists(paths, checks, path, &out.references, &requisites)?;
     }
     Ok(())
 }
 
 /// The four reference lists of `checks` on one output.
 fn check_lists(
-    request: &OutputsRequest<'_>,
+    paths: &BTreeMap<String, StorePath>,
     checks: &OutputChecks,
     path: &StorePath,
     references: &BTreeSet<StorePath>,
@@ -1078,7 +1258,7 @@ fn check_lists(
         let Some(list) = list else {
             continue;
         };
-        let spec = resolve_specs(list, request.outputs)?;
+        let spec = resolve_specs(list, paths)?;
         let bad: BTreeSet<StorePath> = used
             .iter()
             .filter(|p| spec.contains(*p) != allowed)
@@ -1094,18 +1274,17 @@ fn check_lists(
     Ok(())
 }
 
-/// The paths a check names: store paths as they are, output names as their paths.
+/// The paths a check names: store paths as they are, output names as their `paths`.
 fn resolve_specs(
     list: &[RefSpec],
-    outputs: &[ExpectedOutput],
+    paths: &BTreeMap<String, StorePath>,
 ) -> Result<BTreeSet<StorePath>, OutputError> {
     list.iter()
         .map(|spec| match spec {
             RefSpec::Path(path) => Ok(path.clone()),
-            RefSpec::Name(name) => outputs
-                .iter()
-                .find(|o| &o.name == name)
-                .map(|o| o.path.clone())
+            RefSpec::Name(name) => paths
+                .get(name)
+                .cloned()
                 .ok_or_else(|| OutputError::IllegalSpecifier { spec: name.clone() }),
         })
         .collect()

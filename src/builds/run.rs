@@ -429,7 +429,9 @@ impl BuildRun<'_> {
                     .drv
                     .outputs
                     .iter()
-                    .filter_map(|(name, output)| ExpectedOutput::from_derivation(name, output))
+                    .filter_map(|(name, output)| {
+                        ExpectedOutput::from_derivation(&job.drv_path, name, output)
+                    })
                     .collect();
                 outputs::process_outputs(
                     &store,

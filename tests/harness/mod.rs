@@ -48,6 +48,23 @@ pub fn store_uri() -> String {
     )
 }
 
+/// The builders line for a daemon through the relay, as the README recommends it.
+pub fn builders() -> String {
+    format!(
+        "{} x86_64-linux - 100 1 big-parallel,benchmark",
+        store_uri()
+    )
+}
+
+/// The non-empty lines of a command's output.
+pub fn lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 pub mod build_log;
 pub mod clients;
 pub mod closure;

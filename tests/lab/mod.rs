@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use crate::common::{run_ok, Nix};
+pub use crate::harness::{builders, lines};
 use crate::harness::{example_bin, store_uri, Daemon};
 
 /// A test's Nix, its salt, and a static busybox added to the local store as the builders'
@@ -16,14 +17,6 @@ pub struct Lab {
     /// The salt in every derivation's name.
     pub salt: String,
     expr_file: PathBuf,
-}
-
-/// The builders line for the daemon.
-pub fn builders() -> String {
-    format!(
-        "{} x86_64-linux - 100 1 big-parallel,benchmark",
-        store_uri()
-    )
 }
 
 impl Lab {
@@ -178,14 +171,6 @@ in
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         v[0]["narHash"].as_str().expect("narHash").to_owned()
     }
-}
-
-pub fn lines(bytes: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// How many times the daemon's log shows a build of `drv` starting in the sandbox.

@@ -13,7 +13,7 @@ mod paths;
 pub mod structured;
 
 pub use aterm::AtermError;
-pub use paths::{hash_placeholder, name_from_drv_path, output_path_name};
+pub use paths::{fallback_output_path, hash_placeholder, name_from_drv_path, output_path_name};
 
 /// What a derivation declares for one output (docs/serve-protocol.md §5.1 table).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,24 @@ pub fn name_from_drv_path(drv_path: &StorePath) -> &str {
     name.strip_suffix(".drv").unwrap_or(name)
 }
 
+/// `makeFallbackPath`: where the builder writes output `output` of the derivation at
+/// `drv_path` when its path is only known after the build (a floating content-addressed
+/// output): the path of type `rewrite:<drv base name>:name:<output>` with an all-zero sha256
+/// and the output's name. Its hash part is what the output's self-references are rewritten
+/// from.
+pub fn fallback_output_path(
+    drv_path: &StorePath,
+    output: &str,
+) -> Result<StorePath, crate::store_path::StorePathError> {
+    let zero = Hash::new(HashAlgo::Sha256, &[0; 32])
+        .unwrap_or_else(|e| unreachable!("32 bytes are a sha256 digest: {e}"));
+    make_store_path(
+        &format!("rewrite:{}:name:{output}", drv_path.base_name()),
+        &zero,
+        &output_path_name(name_from_drv_path(drv_path), output),
+    )
+}
+
 /// `hashPlaceholder`: `/` followed by the nix32 of `sha256("nix-output:" + output)`.
 pub fn hash_placeholder(output: &str) -> String {
     let h = Hash::compute(HashAlgo::Sha256, format!("nix-output:{output}").as_bytes());

@@ -243,6 +243,25 @@ fn placeholders_and_names() {
 }
 
 #[test]
+fn fallback_paths_are_nix_2_34s() {
+    // Nix 2.34 built this floating content-addressed derivation with `echo $out` as the
+    // builder: the temporary path it showed.
+    let drv =
+        StorePath::from_absolute_path(b"/nix/store/f11cx55hrcsb9rg8xav0prg8f0yq5l0x-ca-probe.drv")
+            .expect("a store path");
+    assert_eq!(
+        fallback_output_path(&drv, "out")
+            .expect("a path")
+            .to_absolute(),
+        "/nix/store/7029d2jjw4v555i71206fcg25qni2fnw-ca-probe"
+    );
+    assert!(fallback_output_path(&drv, "dev")
+        .expect("a path")
+        .to_absolute()
+        .ends_with("-ca-probe-dev"));
+}
+
+#[test]
 fn escapes() {
     let mut drv = Derivation::default();
     drv.basic.builder = b"a\"b\\c\nd\re\tf\x01\xff".to_vec();
