@@ -169,7 +169,8 @@ pub struct CapacityConfig {
     /// x86_64).
     pub systems: Option<Vec<String>>,
     /// Features offered to derivations that require them. Default: `benchmark`,
-    /// `big-parallel`, and `kvm` and `nixos-test` when builds can use `/dev/kvm`
+    /// `big-parallel`, `ca-derivations` (content-addressed derivations, which require it
+    /// implicitly), and `kvm` and `nixos-test` when builds can use `/dev/kvm`
     /// ([`crate::host::kvm_usable`]); `kvm` and `nixos-test` are left out without it, even
     /// when listed here.
     pub features: Option<Vec<String>>,
@@ -206,7 +207,9 @@ impl CapacityConfig {
     pub fn machine(&self, host: &HostFacts) -> Machine {
         let cores = self.cores.unwrap_or(host.cpus);
         let default_features = || {
-            let mut features = vec!["benchmark".to_owned(), "big-parallel".to_owned()];
+            let mut features: Vec<String> = ["benchmark", "big-parallel", "ca-derivations"]
+                .map(str::to_owned)
+                .into();
             if host.kvm {
                 // A NixOS VM test needs KVM: without it, nixos-test is not offered either.
                 features.extend(["kvm".to_owned(), "nixos-test".to_owned()]);
@@ -1170,11 +1173,20 @@ mod tests {
         };
         let m = Config::default().capacity.machine(&without_kvm);
         assert_eq!((m.cores, m.memory, m.max_jobs), (4, 32 << 30, 4));
-        assert_eq!(m.supported_features, vec!["benchmark", "big-parallel"]);
+        assert_eq!(
+            m.supported_features,
+            vec!["benchmark", "big-parallel", "ca-derivations"]
+        );
         let m = Config::default().capacity.machine(&host);
         assert_eq!(
             m.supported_features,
-            vec!["benchmark", "big-parallel", "kvm", "nixos-test"]
+            vec![
+                "benchmark",
+                "big-parallel",
+                "ca-derivations",
+                "kvm",
+                "nixos-test"
+            ]
         );
         assert!(c
             .capacity

@@ -23,6 +23,7 @@ use nixbuild_core::derivation::{fallback_output_path, DerivationOutput};
 use nixbuild_core::hash::{Hash, HashAlgo};
 use nixbuild_core::nar::NarNode;
 use nixbuild_core::nixbase32;
+use nixbuild_core::rewrite::HashModulo;
 use nixbuild_core::serve::BuildStatus;
 use nixbuild_core::store_path::{make_fixed_output_path, make_store_path, StorePath};
 
@@ -1525,8 +1526,10 @@ fn build_floating(env: &mut Env, inputs: &Inputs) -> BTreeMap<String, ProcessedO
         0o644,
     );
     std::os::unix::fs::symlink(format!("{}/self", out.path), root.join("link")).expect("symlink");
-    mkdir(&root.join(out.path.hash_part()), 0o755);
-    write(&root.join(out.path.hash_part()).join("f"), "x", 0o755);
+    // A file named with the output's own hash part (alone in its directory: a rename that
+    // changed the order of entries would change the NAR beyond the hash parts).
+    mkdir(&root.join("sub"), 0o755);
+    write(&root.join("sub").join(out.path.hash_part()), "x", 0o755);
     chown_tree(&root, BUILD_UID);
     env.process(
         &scratch,
@@ -1584,11 +1587,21 @@ fn floating_outputs_get_content_addressed_paths_with_their_references_rewritten(
         fs::read_link(files.join("link")).expect("readlink"),
         Path::new(&format!("{}/self", out.path))
     );
-    assert!(files.join(out.path.hash_part()).join("f").is_file());
+    assert!(files.join("sub").join(out.path.hash_part()).is_file());
     assert_canonical(&files);
     let nar = Nix::new().dump(&files);
     assert_eq!(Some(sha256(&nar)), out.info.nar_hash);
     assert_eq!(nar.len() as u64, out.info.nar_size);
+    // What a client checks when it imports the path: its NAR modulo its own hash part has
+    // the content address's hash.
+    for o in [out, lib] {
+        let files = env.object(&o.path, &o.info.nar_hash.expect("a NAR hash"));
+        let mut modulo =
+            HashModulo::new(HashAlgo::Sha256, o.path.hash_part().as_bytes()).expect("modulo");
+        modulo.update(&Nix::new().dump(&files));
+        let ca = o.info.ca.expect("a content address");
+        assert_eq!(modulo.finish(), (ca.hash, true), "{}", o.name);
+    }
 
     // Another derivation of the same name (so other temporary paths) whose builder writes
     // the same: the same final paths.

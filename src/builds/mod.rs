@@ -479,10 +479,24 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         key,
         outputs,
         inputs,
-        required_features: options.required_system_features.iter().cloned().collect(),
+        required_features: required_features(&options, drv),
         options: Arc::new(options),
         graphs,
     })
+}
+
+/// The system features a build of `drv` requires: its `requiredSystemFeatures`, and
+/// `ca-derivations` for a floating content-addressed derivation, as Nix adds it.
+fn required_features(options: &DerivationOptions, drv: &BasicDerivation) -> Vec<String> {
+    let mut features = options.required_system_features.clone();
+    if drv
+        .outputs
+        .values()
+        .any(|o| matches!(o, DerivationOutput::Floating { .. }))
+    {
+        features.insert("ca-derivations".to_owned());
+    }
+    features.into_iter().collect()
 }
 
 /// Why an `exportReferencesGraph` closure could not be computed.
