@@ -444,10 +444,15 @@ impl<O: SessionOutput> Driver<'_, O> {
                     options.build_timeout = n.try_into().unwrap_or(u32::MAX)
                 }
                 ("max-build-log-size", Some(n)) => options.max_log_size = n,
+                // Builds then refuse, as they do over the serve protocol.
+                ("repeat" | "build-repeat", Some(n)) => {
+                    options.nr_repeats = n.try_into().unwrap_or(u32::MAX)
+                }
                 _ => {
                     let msg = format!(
                         "warning: nixbuild ignores the client's setting '{name}': settings are \
-                         the server's, except max-silent-time, timeout and max-build-log-size"
+                         the server's, except max-silent-time, timeout, max-build-log-size \
+                         and repeat"
                     );
                     self.session.log(&StderrMessage::Next(msg.into_bytes()))?;
                 }

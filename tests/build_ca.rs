@@ -1,7 +1,8 @@
 //! Floating content-addressed derivations (`__contentAddressed = true`, the experimental
 //! `ca-derivations` feature) built on the server by each of the three Nix client generations
 //! (tests/harness/clients.rs) as a remote builder, through the relay (`--max-jobs 0
-//! --builders 'ssh://localhost?remote-program=<nixbuild-serve> …'`).
+//! --builders 'ssh://localhost?remote-program=<nixbuild-serve> …'`), over the serve protocol
+//! and over the daemon protocol (`ssh-ng://`).
 //!
 //! The derivations refer to themselves (in a file, a symlink target and a directory name),
 //! have two outputs where one refers to the other, depend on another content-addressed
@@ -100,24 +101,35 @@ fn build(
     paths
 }
 
-/// A `nix-build` of `nix` on the daemon only (`--max-jobs 0`) through the relay, with a
-/// machine that offers `ca-derivations` (Nix requires it of machines for such derivations).
-fn remote_build(nix: &ClientNix, d: &Daemon) -> std::process::Command {
+/// A `nix-build` of `nix` on the daemon only (`--max-jobs 0`) through the relay, over the
+/// serve protocol (`ssh://`) or the daemon protocol (`ssh-ng://`), with a machine that
+/// offers `ca-derivations` (Nix requires it of machines for such derivations).
+fn remote_build(nix: &ClientNix, d: &Daemon, protocol: Protocol) -> std::process::Command {
     let mut remote = nix.relayed(d, ACCOUNT, "nix-build");
-    let builders = format!(
-        "{} x86_64-linux - 100 1 big-parallel,benchmark,ca-derivations",
-        store_uri()
-    );
+    let uri = match protocol {
+        Protocol::Serve => store_uri(),
+        Protocol::Daemon => store_uri().replacen("ssh://", "ssh-ng://", 1),
+    };
+    let builders = format!("{uri} x86_64-linux - 100 1 big-parallel,benchmark,ca-derivations");
     remote.args(["--max-jobs", "0", "--builders", &builders]);
     remote
 }
 
-fn content_addressed_builds(client: Client) {
+/// Which of Nix's remote protocols the client builds with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// `ssh://`: the serve protocol.
+    Serve,
+    /// `ssh-ng://`: the daemon protocol.
+    Daemon,
+}
+
+fn content_addressed_builds(client: Client, protocol: Protocol) {
     let salt = salt();
     let (nix, file) = client_with_expression(client, &salt);
     let d = Daemon::start(&[]);
     let attrs = attrs(client);
-    let ours = build(remote_build(&nix, &d), &nix, &file, attrs);
+    let ours = build(remote_build(&nix, &d, protocol), &nix, &file, attrs);
     // The `out` output of each (nix-build prints that one of multi's two).
     assert_eq!(ours.len(), attrs.len(), "{ours:?}");
 
@@ -191,18 +203,33 @@ fn self_references_are_final(client: Client, salt: &str, ours: &[String]) {
 }
 
 #[test]
-fn nix_2_8_host_builds_content_addressed_derivations_remotely() {
-    content_addressed_builds(Client::Host);
+fn nix_2_8_host_builds_content_addressed_derivations_over_ssh() {
+    content_addressed_builds(Client::Host, Protocol::Serve);
 }
 
 #[test]
-fn nix_2_26_trixie_builds_content_addressed_derivations_remotely() {
-    content_addressed_builds(Client::Trixie);
+fn nix_2_8_host_builds_content_addressed_derivations_over_ssh_ng() {
+    content_addressed_builds(Client::Host, Protocol::Daemon);
 }
 
 #[test]
-fn nix_2_34_sid_builds_content_addressed_derivations_remotely() {
-    content_addressed_builds(Client::Sid);
+fn nix_2_26_trixie_builds_content_addressed_derivations_over_ssh() {
+    content_addressed_builds(Client::Trixie, Protocol::Serve);
+}
+
+#[test]
+fn nix_2_26_trixie_builds_content_addressed_derivations_over_ssh_ng() {
+    content_addressed_builds(Client::Trixie, Protocol::Daemon);
+}
+
+#[test]
+fn nix_2_34_sid_builds_content_addressed_derivations_over_ssh() {
+    content_addressed_builds(Client::Sid, Protocol::Serve);
+}
+
+#[test]
+fn nix_2_34_sid_builds_content_addressed_derivations_over_ssh_ng() {
+    content_addressed_builds(Client::Sid, Protocol::Daemon);
 }
 
 #[test]
@@ -210,7 +237,7 @@ fn nix_2_8_refuses_self_references_as_from_any_current_nix() {
     let salt = salt();
     let (nix, file) = client_with_expression(Client::Host, &salt);
     let d = Daemon::start(&[]);
-    let mut cmd = remote_build(&nix, &d);
+    let mut cmd = remote_build(&nix, &d, Protocol::Serve);
     cmd.arg(&file).args(["--no-out-link", "-A", "base"]);
     let out = cmd.output().expect("run nix-build");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -493,3 +493,21 @@ fn a_build_requiring_kvm_gets_dev_kvm_and_runs_the_kvm_api_ioctl() {
         assert!(stderr.contains("kvm"), "{stderr}");
     }
 }
+
+#[test]
+fn repeated_builds_are_refused_rather_than_reported_as_checked() {
+    let lab = Lab::new(r#"{ t = mk "repeat" "echo $SALT > $out" { SALT = salt; }; }"#);
+    let d = Daemon::start(&[]);
+    let drvs = lab.instantiate(&["t"]);
+    let out = lab.remote_build(&d, "a", &drvs, &["--repeat", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("asked for 1 more builds of it to check that it is deterministic"),
+        "{stderr}"
+    );
+    assert_eq!(lab::builds_of(&d.log(), &drvs[0]), 0, "{}", d.log());
+    // Without --repeat it builds.
+    lab.remote_build_ok(&d, "a", &drvs);
+    assert_built_once(&d, &drvs);
+}

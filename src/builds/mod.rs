@@ -400,6 +400,21 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
     if drv.outputs.is_empty() {
         return Err(invalid(&"it has no outputs"));
     }
+    if job.options.nr_repeats != 0 {
+        // Current Nix refuses them too ("client requested repeating builds, but this is
+        // not currently implemented"): a build reported as checked that was not would be
+        // worse.
+        return Err(refuse(
+            BuildStatus::MiscFailure,
+            format!(
+                "nixbuild cannot build '{}': the client asked for {} more builds of it to \
+                 check that it is deterministic (--repeat, nrRepeats), which nixbuild does not \
+                 do, like current Nix as a remote builder; build without --repeat, or check \
+                 a build locally with nix-build --check",
+                job.drv_path, job.options.nr_repeats
+            ),
+        ));
+    }
     let options = DerivationOptions::from_env(&drv.env).map_err(|e| invalid(&e))?;
     drv.verify_fixed_output(name_from_drv_path(&job.drv_path))
         .map_err(|e| invalid(&e))?;
