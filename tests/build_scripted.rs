@@ -1338,3 +1338,65 @@ fn pids_base(state: &std::path::Path) -> std::path::PathBuf {
         .join(own.trim_start_matches('/'))
         .join(format!("nixbuild-{}", &digest[..12]))
 }
+
+#[test]
+fn a_reference_graph_of_paths_outside_the_input_closure_is_refused() {
+    let s = Setup::new("");
+    // A path account a holds but does not give the build, and one only account b holds.
+    let add = |name: &str| {
+        let file = s.nix.scratch().join(format!("{name}-{}", s.salt));
+        std::fs::write(&file, format!("{name} {}\n", s.salt)).expect("write");
+        s.nix.run_line(
+            "nix-store",
+            [std::ffi::OsStr::new("--add"), file.as_os_str()],
+        )
+    };
+    let copy_to = |account: &str, path: &str| {
+        let out = s
+            .daemon
+            .point(s.nix.command("nix"), account)
+            .args(["copy", "--to", &store_uri(), path])
+            .output()
+            .expect("nix copy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let own = add("own");
+    copy_to("a", &own);
+    let others = add("others");
+    copy_to("b", &others);
+    for (what, path) in [
+        ("a path of its own", &own),
+        ("another account's path", &others),
+    ] {
+        let graph = format!("g {path}");
+        let (drv_path, drv) = s.derivation_with(
+            &format!("graph-{}", what.len()),
+            "cat g > $out",
+            &[("exportReferencesGraph", &graph)],
+        );
+        let (result, _) = s.build(&drv_path, &drv, BuildOptions::default());
+        assert_eq!(result.status, BuildStatus::InputRejected, "{what}");
+        let msg = msg(&result);
+        assert!(
+            msg.contains(&format!(
+                "cannot export references of path '{path}' because it is not in the input \
+                 closure of the derivation"
+            )),
+            "{what}: {msg}"
+        );
+    }
+    // The builder's own input: its closure in the registration format.
+    let graph = format!("g {}", s.bb);
+    let (drv_path, drv) = s.derivation_with(
+        "graph-input",
+        "cat g > $out",
+        &[("exportReferencesGraph", &graph)],
+    );
+    let (result, _) = s.build(&drv_path, &drv, BuildOptions::default());
+    assert_eq!(result.status, BuildStatus::Built, "{}", msg(&result));
+    assert_eq!(output_text(&s, &drv), format!("{}\n\n0\n", s.bb));
+}
