@@ -251,20 +251,25 @@ fn reference_differences(
     differences(ours, &contents(&sid.nix, drvs, ""))
 }
 
-fn structured_attrs_and_reference_graphs(client: Client) {
-    let salt = salt();
-    let e = Expr::new(client, client, &salt);
-    let d = Daemon::start(&[]);
-    let drvs = e.instantiate(&BUILT);
-    let mut build = e.nix.relayed(&d, ACCOUNT, "nix-build");
-    build.args(&drvs).args([
+/// `nix-build` of `drvs` on `d` only (`--max-jobs 0`), through the relay.
+fn remote_build(e: &Expr, d: &Daemon, drvs: &[String]) -> std::process::Command {
+    let mut build = e.nix.relayed(d, ACCOUNT, "nix-build");
+    build.args(drvs).args([
         "--no-out-link",
         "--max-jobs",
         "0",
         "--builders",
         &builders(),
     ]);
-    e.nix.ok(&mut build);
+    build
+}
+
+fn structured_attrs_and_reference_graphs(client: Client) {
+    let salt = salt();
+    let e = Expr::new(client, client, &salt);
+    let d = Daemon::start(&[]);
+    let drvs = e.instantiate(&BUILT);
+    e.nix.ok(&mut remote_build(&e, &d, &drvs));
     let log = d.log();
     for drv in &drvs {
         let built = log
@@ -299,15 +304,9 @@ fn structured_attrs_and_reference_graphs(client: Client) {
     let refused = e.instantiate(&["refused"]).remove(0);
     let out_path = outputs(&e.nix, &refused)["out"].clone();
     let dep_out = outputs(&e.nix, &drvs[0])["out"].clone();
-    let mut build = e.nix.relayed(&d, ACCOUNT, "nix-build");
-    build.arg(&refused).args([
-        "--no-out-link",
-        "--max-jobs",
-        "0",
-        "--builders",
-        &builders(),
-    ]);
-    let out = build.output().expect("run nix-build");
+    let out = remote_build(&e, &d, std::slice::from_ref(&refused))
+        .output()
+        .expect("run nix-build");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     let want = format!("output '{out_path}' is not allowed to refer to the following paths:");

@@ -164,10 +164,15 @@ impl Setup {
 
     /// Uploads the busybox for `account` too.
     fn upload_for(&self, account: &str) {
+        self.copy_to(account, &self.bb.to_absolute());
+    }
+
+    /// `nix copy --to` the daemon of `path` for `account`.
+    fn copy_to(&self, account: &str, path: &str) {
         let out = self
             .daemon
             .point(self.nix.command("nix"), account)
-            .args(["copy", "--to", &store_uri(), &self.bb.to_absolute()])
+            .args(["copy", "--to", &store_uri(), path])
             .output()
             .expect("nix copy");
         assert!(
@@ -1351,23 +1356,10 @@ fn a_reference_graph_of_paths_outside_the_input_closure_is_refused() {
             [std::ffi::OsStr::new("--add"), file.as_os_str()],
         )
     };
-    let copy_to = |account: &str, path: &str| {
-        let out = s
-            .daemon
-            .point(s.nix.command("nix"), account)
-            .args(["copy", "--to", &store_uri(), path])
-            .output()
-            .expect("nix copy");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let own = add("own");
-    copy_to("a", &own);
+    s.copy_to("a", &own);
     let others = add("others");
-    copy_to("b", &others);
+    s.copy_to("b", &others);
     for (what, path) in [
         ("a path of its own", &own),
         ("another account's path", &others),
