@@ -295,6 +295,18 @@ impl<'a> SessionContext<'a> {
         .await
     }
 
+    /// Where the content-addressed output `drv_output` (`sha256:<hex>!<output>`) was built
+    /// for the account, if it still holds that path (QueryRealisation).
+    pub async fn query_realisation(
+        &self,
+        drv_output: String,
+    ) -> Result<Option<StorePath>, ServiceError> {
+        self.query("querying a realisation", true, move |s, a| {
+            s.query_realisation(a, &drv_output)
+        })
+        .await
+    }
+
     /// The path infos of those of `paths` the account sees (QueryPathInfos).
     pub async fn query_path_infos(
         &self,

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use nixbuild_core::budget::Reservation;
 use nixbuild_core::derivation::{aterm, DerivationOutput};
-use nixbuild_core::serve::{AddToStoreNar, BuildOptions};
+use nixbuild_core::serve::build::realisation_json;
+use nixbuild_core::serve::{AddToStoreNar, BuildOptions, BuiltOutput};
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::worker::dump;
 use nixbuild_core::worker::request::AddToStoreForm;
@@ -268,12 +269,37 @@ impl<O: SessionOutput> Driver<'_, O> {
             Request::AddTempRoot(_) | Request::AddIndirectRoot(_) | Request::SyncWithGC => {
                 Response::Int(1)
             }
-            // No roots, no substituters, no realisations of content-addressed outputs.
+            // No roots, no substituters.
             Request::FindRoots
             | Request::QuerySubstitutablePathInfo(_)
             | Request::QuerySubstitutablePathInfos(_)
-            | Request::QueryRealisation(_)
             | Request::HasSubstitutes(_) => Response::Int(0),
+            // Where the account had a content-addressed output built: its path before 1.31,
+            // the realisation's JSON from then on.
+            Request::QueryRealisation(id) => {
+                let found = self
+                    .ctx
+                    .query_realisation(id.clone())
+                    .await
+                    .map_err(refused)?;
+                if self.session.version() < WorkerVersion::V1_31 {
+                    Response::Paths(found.into_iter().collect())
+                } else {
+                    Response::Strings(
+                        found
+                            .map(|out_path| {
+                                let built = BuiltOutput {
+                                    out_path,
+                                    signatures: BTreeSet::new(),
+                                    drv_hash: None,
+                                };
+                                realisation_json(&id, &built)
+                            })
+                            .into_iter()
+                            .collect(),
+                    )
+                }
+            }
             Request::QuerySubstitutablePaths(_) => Response::Paths(BTreeSet::new()),
             Request::QueryDerivationOutputMap(drv) => {
                 let outputs = self.drv_outputs(&drv).await?;

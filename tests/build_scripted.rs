@@ -1392,3 +1392,42 @@ fn a_reference_graph_of_paths_outside_the_input_closure_is_refused() {
     assert_eq!(result.status, BuildStatus::Built, "{}", msg(&result));
     assert_eq!(output_text(&s, &drv), format!("{}\n\n0\n", s.bb));
 }
+
+#[test]
+fn a_content_addressed_build_is_realised_once_per_account() {
+    let s = Setup::new("");
+    s.upload_for("b");
+    let (drv_path, mut drv) = s.derivation("ca", "echo I am $out > $out");
+    // As Nix evaluates a floating content-addressed derivation: the output's variable holds
+    // its placeholder, the output no path.
+    drv.env.insert(
+        b"out".to_vec(),
+        nixbuild_core::derivation::hash_placeholder("out").into_bytes(),
+    );
+    drv.outputs = [(
+        "out".to_owned(),
+        DerivationOutput::Floating {
+            method: ContentAddressMethod::Recursive,
+            algo: nixbuild_core::hash::HashAlgo::Sha256,
+        },
+    )]
+    .into();
+    let (first, _) = s.build(&drv_path, &drv, BuildOptions::default());
+    assert_eq!(first.status, BuildStatus::Built, "{}", msg(&first));
+    let out = first.built_outputs["out"].out_path.clone();
+    let temporary =
+        nixbuild_core::derivation::fallback_output_path(&drv_path, "out").expect("a path");
+    assert_ne!(out, temporary);
+    assert_eq!(first.built_outputs["out"].drv_hash, Some(drv.hash_modulo()));
+    // Again: the realisation is found, nothing is built.
+    let (again, _) = s.build(&drv_path, &drv, BuildOptions::default());
+    assert_eq!(again.status, BuildStatus::AlreadyValid, "{}", msg(&again));
+    assert_eq!(again.built_outputs["out"].out_path, out);
+    // Another account builds it for itself, and gets the same path.
+    let (other, _) = s.build_as("b", &drv_path, &drv, BuildOptions::default());
+    assert_eq!(other.status, BuildStatus::Built, "{}", msg(&other));
+    assert_eq!(other.built_outputs["out"].out_path, out);
+    let stopped = s.daemon.stop();
+    assert!(stopped.valid("a", &out) && stopped.valid("b", &out));
+    assert_eq!(lab::builds_of(&stopped.log, &drv_path.to_absolute()), 2);
+}

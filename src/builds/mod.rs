@@ -61,6 +61,7 @@ use nixbuild_core::derivation::{
     fallback_output_path, name_from_drv_path, BasicDerivation, DerivationOutput,
 };
 use nixbuild_core::hash::{Hash, HashAlgo};
+use nixbuild_core::serve::build::drv_output_id;
 use nixbuild_core::serve::{BuildOptions, BuildStatus};
 use nixbuild_core::store_path::StorePath;
 use tokio::sync::watch;
@@ -449,6 +450,11 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
             format!("nixbuild: building '{}': {e}", job.drv_path),
         )
     };
+    if let Some(realised) = realised_outputs(store, job).map_err(internal)? {
+        let mut o = refuse(BuildStatus::AlreadyValid, String::new());
+        o.outputs = realised;
+        return Err(o);
+    }
     let wanted: BTreeSet<StorePath> = outputs.values().cloned().collect();
     let valid = store
         .query_valid_paths(&job.account, &wanted)
@@ -498,6 +504,53 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         options: Arc::new(options),
         graphs,
     })
+}
+
+/// For a floating content-addressed derivation whose every output the account has had built
+/// (its realisations, [`Store::query_realisation`]) and still holds: those outputs.
+fn realised_outputs(
+    store: &Store,
+    job: &BuildJob,
+) -> Result<Option<BTreeMap<String, StorePath>>, StoreError> {
+    let floating = |o: &DerivationOutput| matches!(o, DerivationOutput::Floating { .. });
+    if !job.drv.outputs.values().all(floating) {
+        return Ok(None);
+    }
+    let hash = job.drv.hash_modulo();
+    let mut realised = BTreeMap::new();
+    for name in job.drv.outputs.keys() {
+        let id = drv_output_id(Some(&hash), name);
+        match store.query_realisation(&job.account, &id)? {
+            Some(path) => realised.insert(name.clone(), path),
+            None => return Ok(None),
+        };
+    }
+    Ok(Some(realised))
+}
+
+/// Records, for `account`, where each floating content-addressed output of `drv` was built
+/// (`outputs`, by name).
+pub(super) fn record_realisations(
+    store: &Store,
+    account: &str,
+    drv: &BasicDerivation,
+    outputs: &BTreeMap<String, StorePath>,
+) -> Result<(), StoreError> {
+    let hash = drv.hash_modulo();
+    let realisations: Vec<(String, StorePath)> = outputs
+        .iter()
+        .filter(|(name, _)| {
+            matches!(
+                drv.outputs.get(*name),
+                Some(DerivationOutput::Floating { .. })
+            )
+        })
+        .map(|(name, path)| (drv_output_id(Some(&hash), name), path.clone()))
+        .collect();
+    if realisations.is_empty() {
+        return Ok(());
+    }
+    store.register_realisations(account, &realisations)
 }
 
 /// The system features a build of `drv` requires: its `requiredSystemFeatures`, and

@@ -433,7 +433,7 @@ impl BuildRun<'_> {
                         ExpectedOutput::from_derivation(&job.drv_path, name, output)
                     })
                     .collect();
-                outputs::process_outputs(
+                let done = outputs::process_outputs(
                     &store,
                     &OutputsRequest {
                         account: &job.account,
@@ -447,7 +447,24 @@ impl BuildRun<'_> {
                         limits,
                         abort: &abort,
                     },
-                )
+                )?;
+                // Where content-addressed outputs were built, for each account that has
+                // them now: a later request of the same derivation finds them.
+                let paths: BTreeMap<String, StorePath> = done
+                    .iter()
+                    .map(|o| (o.name.clone(), o.path.clone()))
+                    .collect();
+                super::record_realisations(&store, &job.account, &job.drv, &paths)?;
+                for sharer in &sharers {
+                    if let Err(e) = super::record_realisations(&store, sharer, &job.drv, &paths) {
+                        tracing::error!(
+                            account = %sharer,
+                            drv = %job.drv_path,
+                            "cannot record the realisations of a shared build: {e}"
+                        );
+                    }
+                }
+                Ok::<_, outputs::OutputError>(done)
             })
         };
         let mut cancel = build.cancel.subscribe();

@@ -7,6 +7,8 @@
 //!                                                 -- UNIQUE(account, path): the account's view
 //! refs(referrer -> paths, reference -> paths)     -- both rows of the same account
 //! sigs(path -> paths, sig)
+//! realisations(account, drv_output, path)          -- PK(account, drv_output): where a
+//!                                                 -- content-addressed output was built
 //! ```
 //!
 //! Store paths are stored as base names (`<hash>-<name>`), hashes and content addresses in
@@ -99,6 +101,17 @@ pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
     // that older stores lack is added in place; older binaries ignore it.
     tx.execute_batch("CREATE INDEX IF NOT EXISTS refs_by_reference ON refs(reference)")
         .map_err(db_err("create the index of references"))?;
+    // The realisations of content-addressed outputs, added in place like the index; a row
+    // counts only while its path is valid for the account.
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS realisations (
+            account TEXT NOT NULL,
+            drv_output TEXT NOT NULL,
+            path TEXT NOT NULL,
+            PRIMARY KEY (account, drv_output)
+        ) WITHOUT ROWID",
+    )
+    .map_err(db_err("create the realisations table"))?;
     tx.commit().map_err(db_err("commit migration"))?;
     Ok(conn)
 }
@@ -148,6 +161,37 @@ pub(super) fn path_id(
                 .optional()
         })
         .map_err(db_err("look up path"))
+}
+
+/// Records that `drv_output` (`sha256:<hex>!<output>`) of `account` was built at `path`.
+pub(super) fn set_realisation(
+    conn: &Connection,
+    account: &str,
+    drv_output: &str,
+    path: &StorePath,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO realisations (account, drv_output, path) VALUES (?1, ?2, ?3)",
+    )
+    .and_then(|mut st| st.execute(params![account, drv_output, path.base_name()]))
+    .map_err(db_err("record a realisation"))?;
+    Ok(())
+}
+
+/// Where `drv_output` of `account` was built, if recorded.
+pub(super) fn realisation(
+    conn: &Connection,
+    account: &str,
+    drv_output: &str,
+) -> Result<Option<StorePath>, StoreError> {
+    let found: Option<String> = conn
+        .prepare_cached("SELECT path FROM realisations WHERE account = ?1 AND drv_output = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![account, drv_output], |row| row.get(0))
+                .optional()
+        })
+        .map_err(db_err("look up a realisation"))?;
+    found.map(|p| parse_path("realisation", p)).transpose()
 }
 
 /// The valid path of `account` whose hash part is `hash_part`, if any (by the index on

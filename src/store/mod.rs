@@ -230,6 +230,33 @@ impl Store {
         Ok(valid)
     }
 
+    /// Records where each `(drv_output, path)` of a content-addressed build was built for
+    /// `account` (`drv_output` is `sha256:<hex>!<output>`, the BuildResult's key).
+    pub fn register_realisations(
+        &self,
+        account: &str,
+        realisations: &[(String, StorePath)],
+    ) -> Result<(), StoreError> {
+        let conn = self.inner.lock_db();
+        for (drv_output, path) in realisations {
+            db::set_realisation(&conn, account, drv_output, path)?;
+        }
+        Ok(())
+    }
+
+    /// Where `drv_output` was built for `account`, if that path is still valid for it.
+    pub fn query_realisation(
+        &self,
+        account: &str,
+        drv_output: &str,
+    ) -> Result<Option<StorePath>, StoreError> {
+        let conn = self.inner.lock_db();
+        match db::realisation(&conn, account, drv_output)? {
+            Some(path) if db::path_id(&conn, account, &path)?.is_some() => Ok(Some(path)),
+            _ => Ok(None),
+        }
+    }
+
     /// The metadata of `path` as `account` registered it, or `None` if not valid for it.
     pub fn query_path_info(
         &self,

@@ -283,8 +283,9 @@ pub(crate) fn put_outputs_v26(buf: &mut impl BufMut, outputs: &BTreeMap<String, 
     }
 }
 
-/// The DrvOutput id `sha256:<hex>!<output>`; zeros when the hash is unknown.
-fn drv_output_id(hash: Option<&Hash>, output: &str) -> String {
+/// The DrvOutput id `sha256:<hex>!<output>` of output `output` of the derivation whose hash
+/// modulo is `hash`; zeros when the hash is unknown.
+pub fn drv_output_id(hash: Option<&Hash>, output: &str) -> String {
     match hash {
         Some(h) => format!("{}:{}!{output}", h.algo().name(), h.to_base16()),
         None => format!("sha256:{}!{output}", "0".repeat(64)),
@@ -293,7 +294,7 @@ fn drv_output_id(hash: Option<&Hash>, output: &str) -> String {
 
 /// The realisation JSON exactly as nlohmann's `dump()` writes it: sorted keys, no whitespace,
 /// `outPath` a basename.
-fn realisation_json(id: &str, o: &BuiltOutput) -> String {
+pub fn realisation_json(id: &str, o: &BuiltOutput) -> String {
     let mut s = String::from(r#"{"dependentRealisations":{},"id":"#);
     json_string(&mut s, id);
     s.push_str(r#","outPath":"#);
