@@ -1018,3 +1018,37 @@ fn many_small_files_hit_the_inode_reserve_within_one_import() {
     drop(import);
     assert_eq!(entries(&state.join("tmp")), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn realisations_are_per_account_and_count_only_while_the_path_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let store = open(&state);
+    let up = source("ca-out", &file(b"built"), &[]);
+    import(&store, "alice", &up).expect("import");
+    let id = format!("sha256:{}!out", "ab".repeat(32));
+    store
+        .register_realisations("alice", &[(id.clone(), up.path())])
+        .expect("register");
+    assert_eq!(
+        store.query_realisation("alice", &id).expect("query"),
+        Some(up.path())
+    );
+    // Another account sees none of it, even once it holds the path itself.
+    assert_eq!(store.query_realisation("bob", &id).expect("query"), None);
+    import(&store, "bob", &up).expect("import");
+    assert_eq!(store.query_realisation("bob", &id).expect("query"), None);
+    // A realisation whose path the account does not hold is not one.
+    let missing = input_addressed("gone", "gone", &file(b"x"), &[]).path();
+    store
+        .register_realisations("bob", &[(id.clone(), missing)])
+        .expect("register");
+    assert_eq!(store.query_realisation("bob", &id).expect("query"), None);
+    // Kept across a restart.
+    drop(store);
+    let store = open(&state);
+    assert_eq!(
+        store.query_realisation("alice", &id).expect("query"),
+        Some(up.path())
+    );
+}
