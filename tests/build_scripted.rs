@@ -1393,13 +1393,10 @@ fn a_reference_graph_of_paths_outside_the_input_closure_is_refused() {
     assert_eq!(output_text(&s, &drv), format!("{}\n\n0\n", s.bb));
 }
 
-#[test]
-fn a_content_addressed_build_is_realised_once_per_account() {
-    let s = Setup::new("");
-    s.upload_for("b");
-    let (drv_path, mut drv) = s.derivation("ca", "echo I am $out > $out");
-    // As Nix evaluates a floating content-addressed derivation: the output's variable holds
-    // its placeholder, the output no path.
+/// A floating content-addressed derivation running `script`, as Nix evaluates one: the
+/// output's variable holds its placeholder, the output no path.
+fn floating_derivation(s: &Setup, name: &str, script: &str) -> (StorePath, BasicDerivation) {
+    let (drv_path, mut drv) = s.derivation(name, script);
     drv.env.insert(
         b"out".to_vec(),
         nixbuild_core::derivation::hash_placeholder("out").into_bytes(),
@@ -1412,6 +1409,48 @@ fn a_content_addressed_build_is_realised_once_per_account() {
         },
     )]
     .into();
+    (drv_path, drv)
+}
+
+#[test]
+fn a_content_addressed_build_is_refused_to_a_client_that_cannot_learn_its_paths() {
+    use nixbuild_core::serve::{ClientHello, Limits, ProtocolVersion, ServerHello};
+    let s = Setup::new("");
+    let (drv_path, drv) = floating_derivation(&s, "ca-old", "echo I am $out > $out");
+    // Nix 2.3 speaks serve 2.5, whose BuildResult has no builtOutputs.
+    let v = ProtocolVersion::V2_5;
+    let mut bytes = Vec::new();
+    ClientHello { version: v }.encode(&mut bytes);
+    let req = Request::BuildDerivation {
+        drv_path: drv_path.clone(),
+        drv: Box::new(drv),
+        options: BuildOptions::default(),
+    };
+    req.encode(v, &mut bytes);
+    let reply = s.daemon.relay("a", true, &bytes);
+    let (_, at) = ServerHello::decode(&reply.stdout)
+        .expect("server hello")
+        .expect("complete server hello");
+    let (response, _) = Response::decode(req.opcode(), &reply.stdout[at..], v, &Limits::default())
+        .expect("a valid response")
+        .expect("a complete response");
+    let Response::Build(result) = response else {
+        panic!("expected a BuildResult, got {response:?}")
+    };
+    assert_eq!(result.status, BuildStatus::InputRejected);
+    assert!(
+        msg(&result).contains("this client's serve protocol 2.5 cannot carry them back"),
+        "{}",
+        msg(&result)
+    );
+    assert_eq!(lab::builds_of(&s.daemon.log(), &drv_path.to_absolute()), 0);
+}
+
+#[test]
+fn a_content_addressed_build_is_realised_once_per_account() {
+    let s = Setup::new("");
+    s.upload_for("b");
+    let (drv_path, drv) = floating_derivation(&s, "ca", "echo I am $out > $out");
     let (first, _) = s.build(&drv_path, &drv, BuildOptions::default());
     assert_eq!(first.status, BuildStatus::Built, "{}", msg(&first));
     let out = first.built_outputs["out"].out_path.clone();
