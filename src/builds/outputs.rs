@@ -1,6 +1,8 @@
 //! What happens to a build's outputs once the builder has exited: Nix's
-//! `LocalDerivationGoal::registerOutputs` and `checkOutputs` for a sandboxed build whose
-//! output paths are known in advance (input-addressed and fixed-output derivations).
+//! `LocalDerivationGoal::registerOutputs` and `checkOutputs` for a sandboxed build, whose
+//! output paths are known in advance (input-addressed and fixed-output derivations) or
+//! computed here from what the builder wrote at temporary paths (floating content-addressed
+//! derivations, [`super::floating`]).
 //!
 //! [`process_outputs`] takes the trees the builder left at `<scratch>/store/<base name>`,
 //! owned by the build's host uid, and for every output not yet valid for the account, in the
@@ -22,7 +24,8 @@
 //!    and to every output of the build, itself included (an output of 8 MiB or more is
 //!    hashed on a second thread meanwhile, handed the dumper's buffers whole);
 //!
-//! then refuses reference cycles between the new outputs, checks fixed outputs (flat: a
+//! then refuses reference cycles between the new outputs, gives floating outputs their final
+//! paths (rewriting the temporary ones in the trees), checks fixed outputs (flat: a
 //! non-executable regular file hashed flat; recursive: the NAR hashed with the given
 //! algorithm; no references at all, as current Nix requires), applies the derivation's
 //! checks (`maxSize`, `maxClosureSize`, `allowedReferences`, `allowedRequisites`,
