@@ -346,8 +346,9 @@ fn unfinished_requests_share_one_memory_budget() {
     const SESSIONS: usize = 64;
     // Not the budget's: each session's 256 KiB pool buffer (16 MiB for 64), and what the
     // allocator keeps of the buffers of sessions that ended (measured: 12 to 41 MiB over
-    // the budget in 15 runs; 996 MiB without the budget).
-    const SLACK: usize = 64 * MIB;
+    // the budget in 15 runs alone, up to 67 MiB during the whole suite on 2 cores; 996 MiB
+    // without the budget).
+    const SLACK: usize = 96 * MIB;
     let s = salt("budget");
     let daemon = Daemon::start_with_config(
         &format!(
