@@ -355,11 +355,7 @@ impl BuildService {
 /// 2.4): the refusal of a derivation with floating content-addressed outputs, whose paths
 /// only the build decides. `protocol` names the client's protocol and version.
 pub fn refuse_unreportable(job: &BuildJob, protocol: &str) -> Option<Outcome> {
-    let floating = job
-        .drv
-        .outputs
-        .values()
-        .any(|o| matches!(o, DerivationOutput::Floating { .. }));
+    let floating = job.drv.outputs.values().any(DerivationOutput::is_floating);
     floating.then(|| {
         Outcome::without_build(
             BuildStatus::InputRejected,
@@ -512,8 +508,7 @@ fn realised_outputs(
     store: &Store,
     job: &BuildJob,
 ) -> Result<Option<BTreeMap<String, StorePath>>, StoreError> {
-    let floating = |o: &DerivationOutput| matches!(o, DerivationOutput::Floating { .. });
-    if !job.drv.outputs.values().all(floating) {
+    if !job.drv.outputs.values().all(DerivationOutput::is_floating) {
         return Ok(None);
     }
     let hash = job.drv.hash_modulo();
@@ -536,20 +531,19 @@ pub(super) fn record_realisations(
     drv: &BasicDerivation,
     outputs: &BTreeMap<String, StorePath>,
 ) -> Result<(), StoreError> {
+    if !drv.outputs.values().any(DerivationOutput::is_floating) {
+        return Ok(());
+    }
     let hash = drv.hash_modulo();
     let realisations: Vec<(String, StorePath)> = outputs
         .iter()
         .filter(|(name, _)| {
-            matches!(
-                drv.outputs.get(*name),
-                Some(DerivationOutput::Floating { .. })
-            )
+            drv.outputs
+                .get(*name)
+                .is_some_and(DerivationOutput::is_floating)
         })
         .map(|(name, path)| (drv_output_id(Some(&hash), name), path.clone()))
         .collect();
-    if realisations.is_empty() {
-        return Ok(());
-    }
     store.register_realisations(account, &realisations)
 }
 
@@ -557,11 +551,7 @@ pub(super) fn record_realisations(
 /// `ca-derivations` for a floating content-addressed derivation, as Nix adds it.
 fn required_features(options: &DerivationOptions, drv: &BasicDerivation) -> Vec<String> {
     let mut features = options.required_system_features.clone();
-    if drv
-        .outputs
-        .values()
-        .any(|o| matches!(o, DerivationOutput::Floating { .. }))
-    {
+    if drv.outputs.values().any(DerivationOutput::is_floating) {
         features.insert("ca-derivations".to_owned());
     }
     features.into_iter().collect()

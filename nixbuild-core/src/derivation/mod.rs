@@ -221,6 +221,12 @@ impl DerivationOutput {
             _ => None,
         }
     }
+
+    /// Whether this is a floating content-addressed output, whose path only the build
+    /// decides.
+    pub fn is_floating(&self) -> bool {
+        matches!(self, DerivationOutput::Floating { .. })
+    }
 }
 
 /// A derivation without `inputDrvs`: what BuildDerivation sends (docs/serve-protocol.md §5.1).
