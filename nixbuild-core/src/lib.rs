@@ -5,6 +5,7 @@
 //!
 //! - [`account`]: the grammar of account names.
 //! - [`budget`]: a byte budget shared by many holders (the daemon's buffered requests).
+//! - [`binary_cache`]: narinfo files, `nix-cache-info` and ed25519 path signatures.
 //! - [`wire`]: the primitives of the Nix wire format (u64, padded strings, lists), bounded.
 //! - [`nixbase32`] and [`hash`]: Nix's base-32 and the hash types with their string forms.
 //! - [`store_path`] and [`content_address`]: store path syntax and computation.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod binary_cache;
 pub mod budget;
 pub mod content_address;
 pub mod derivation;
