@@ -315,17 +315,12 @@ impl NarInfo {
                         .collect::<Result<BTreeSet<_>, _>>()?;
                     set_once(&mut references, refs, line, "References")?;
                 }
+                // Nix writes no Deriver line for an unknown deriver, but older caches have
+                // `unknown-deriver`.
+                "Deriver" if value == "unknown-deriver" => {}
                 "Deriver" => {
-                    // Nix writes no Deriver line for an unknown deriver, but older caches
-                    // have `unknown-deriver`.
-                    if value != "unknown-deriver" {
-                        set_once(
-                            &mut deriver,
-                            base_name(line, "Deriver", value)?,
-                            line,
-                            "Deriver",
-                        )?;
-                    }
+                    let d = base_name(line, "Deriver", value)?;
+                    set_once(&mut deriver, d, line, "Deriver")?;
                 }
                 "System" => set_once(&mut system, value.to_owned(), line, "System")?,
                 "Sig" => {
