@@ -88,6 +88,55 @@ pub struct Config {
     pub capacity: CapacityConfig,
     /// `[scheduler]`: how builds share the capacity.
     pub scheduler: SchedulerSection,
+    /// `[substituters]`: binary caches the server fetches paths from.
+    pub substituters: SubstitutersConfig,
+}
+
+/// `[substituters]`: binary caches the server fetches paths from instead of having clients
+/// upload them (a client's `builds-use-substitutes`, `--substitute-on-destination`, and the
+/// missing inputs of builds). Off while `urls` is empty. What a cache serves is used only
+/// with a signature by one of `trusted_public_keys`; it is then public content, stored once
+/// and granted to every account that asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubstitutersConfig {
+    /// The caches: `https://…`, `http://…` or `file:///dir`, each with an optional
+    /// `?priority=N` (lower is tried first; otherwise the cache's own `nix-cache-info`, else
+    /// 50, as Nix). Default none.
+    pub urls: Vec<String>,
+    /// Keys whose signatures are trusted, in Nix's `name:base64` form. Default none (then
+    /// nothing can be substituted).
+    pub trusted_public_keys: Vec<String>,
+    /// Requests to caches at once, for the whole server (narinfos and NARs). Default 16.
+    pub max_parallel: usize,
+    /// Idle connections kept open per cache host for reuse. Default 16.
+    pub max_connections: usize,
+    /// Seconds to connect to a cache. Default 10.
+    pub connect_timeout: u64,
+    /// Seconds a cache may stay silent while answering before the request fails. Default 60.
+    pub read_timeout: u64,
+    /// Seconds a narinfo found is remembered. Default 2592000 (30 days, as Nix).
+    pub narinfo_positive_ttl: u64,
+    /// Seconds a path no cache has is remembered as missing. Default 3600 (as Nix).
+    pub narinfo_negative_ttl: u64,
+    /// Most narinfo lookups remembered. Default 65536.
+    pub narinfo_cache_entries: usize,
+}
+
+impl Default for SubstitutersConfig {
+    fn default() -> Self {
+        SubstitutersConfig {
+            urls: Vec::new(),
+            trusted_public_keys: Vec::new(),
+            max_parallel: 16,
+            max_connections: 16,
+            connect_timeout: 10,
+            read_timeout: 60,
+            narinfo_positive_ttl: 30 * 86_400,
+            narinfo_negative_ttl: 3600,
+            narinfo_cache_entries: 65_536,
+        }
+    }
 }
 
 /// `[ssh]`: the embedded SSH server (nixbuild-ssh). Off unless `listen` is set.
@@ -827,6 +876,15 @@ impl Config {
             ),
             ("builds.max_output_size", self.builds.max_output_size),
             ("builds.graph_jobs", self.builds.graph_jobs),
+            (
+                "substituters.max_parallel",
+                self.substituters.max_parallel as u64,
+            ),
+            (
+                "substituters.connect_timeout",
+                self.substituters.connect_timeout,
+            ),
+            ("substituters.read_timeout", self.substituters.read_timeout),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
@@ -850,6 +908,14 @@ impl Config {
                     ),
                 ));
             }
+        }
+        for url in &self.substituters.urls {
+            crate::substitute::CacheUrl::parse(url)
+                .map_err(|e| invalid("substituters.urls", e))?;
+        }
+        for key in &self.substituters.trusted_public_keys {
+            nixbuild_core::binary_cache::PublicKey::parse(key)
+                .map_err(|e| invalid("substituters.trusted_public_keys", e.to_string()))?;
         }
         let b = &self.builds;
         if b.uid_base == 0

@@ -34,4 +34,5 @@ pub mod service;
 pub mod session;
 pub mod ssh;
 pub mod store;
+pub mod substitute;
 pub mod worker_session;

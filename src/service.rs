@@ -295,6 +295,23 @@ impl<'a> SessionContext<'a> {
         .await
     }
 
+    /// Starts fetching from the binary caches those of `paths` the account lacks (with their
+    /// closures) and granting them to it; `None` when no cache is configured. The driver
+    /// relays its progress lines to the client, then asks which paths are valid.
+    pub fn substitute(&self, paths: &BTreeSet<StorePath>) -> Option<Substitution> {
+        let substituter = self.builds.substituter()?.clone();
+        let account = self.settings.account.clone();
+        let paths = paths.clone();
+        let (tx, lines) = mpsc::channel(CHANNEL_DEPTH);
+        let task = tokio::task::spawn_blocking(move || {
+            substituter.substitute(&account, &paths, &|line| {
+                // The session may be gone; the paths are fetched all the same.
+                let _ = tx.blocking_send(line);
+            });
+        });
+        Some(Substitution { lines, task })
+    }
+
     /// Where the content-addressed output `drv_output` (`sha256:<hex>!<output>`) was built
     /// for the account, if it still holds that path (QueryRealisation).
     pub async fn query_realisation(
@@ -387,6 +404,25 @@ impl<'a> SessionContext<'a> {
     ) -> GraphRun {
         self.builds
             .run_graph(plan, &self.settings.account, options, keep_going)
+    }
+}
+
+/// A substitution under way ([`SessionContext::substitute`]).
+pub struct Substitution {
+    lines: mpsc::Receiver<String>,
+    task: JoinHandle<()>,
+}
+
+impl Substitution {
+    /// The next line of progress for the client (one per path fetched); `None` once the
+    /// substitution is over.
+    pub async fn next_line(&mut self) -> Option<String> {
+        self.lines.recv().await
+    }
+
+    /// Waits for the end of the substitution.
+    pub async fn finish(self) -> Result<(), ServiceError> {
+        Ok(self.task.await?)
     }
 }
 

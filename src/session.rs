@@ -481,10 +481,21 @@ impl<O: SessionOutput> Driver<'_, O> {
     async fn request(&mut self, req: Request) -> Result<(), SessionError> {
         let account = &self.ctx.settings().account;
         match req {
-            Request::QueryValidPaths { paths, .. } => {
-                // `lock` and `substitute` need GC roots and substituters, which this server
-                // does not have: nothing it stores is collected, and it substitutes nothing.
+            Request::QueryValidPaths {
+                paths, substitute, ..
+            } => {
+                // `lock` needs GC roots, which this server does not have: nothing it stores
+                // is collected.
                 self.ctx.check_count("QueryValidPaths", paths.len())?;
+                if substitute {
+                    if let Some(mut fetch) = self.ctx.substitute(&paths) {
+                        // The serve protocol has no log messages: progress goes to stderr.
+                        while let Some(line) = fetch.next_line().await {
+                            self.out.stderr(format!("{line}\n").as_bytes()).await?;
+                        }
+                        fetch.finish().await?;
+                    }
+                }
                 let valid = self.ctx.query_valid_paths(paths).await?;
                 Ok(self.session.respond(&Response::ValidPaths(valid))?)
             }

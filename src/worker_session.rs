@@ -247,8 +247,11 @@ impl<O: SessionOutput> Driver<'_, O> {
                 Response::Nothing
             }
             Request::IsValidPath(p) => Response::Int(u64::from(self.valid(&p).await?)),
-            Request::QueryValidPaths { paths, .. } => {
+            Request::QueryValidPaths { paths, substitute } => {
                 self.ctx.check_count("QueryValidPaths", paths.len()).map_err(refused)?;
+                if substitute {
+                    self.substitute(&paths).await?;
+                }
                 Response::Paths(self.ctx.query_valid_paths(paths).await.map_err(refused)?)
             }
             Request::QueryPathInfo(p) => Response::PathInfo(self.path_info(&p).await?.map(Box::new)),
@@ -623,6 +626,20 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.flush().await?;
         }
         Ok(run)
+    }
+
+    /// Fetches from the binary caches those of `paths` the account lacks, each fetched
+    /// path a log line to the client (as Nix's daemon says "copying path … from …").
+    async fn substitute(&mut self, paths: &BTreeSet<StorePath>) -> Result<(), Failure> {
+        let Some(mut fetch) = self.ctx.substitute(paths) else {
+            return Ok(());
+        };
+        while let Some(line) = fetch.next_line().await {
+            self.session
+                .log(&StderrMessage::Next(format!("{line}\n").into_bytes()))?;
+            self.flush().await?;
+        }
+        fetch.finish().await.map_err(refused)
     }
 
     /// Starts the build activity of `drv_path` (what `nix build -L` prefixes its lines

@@ -70,6 +70,7 @@ use crate::cgroup::Cgroups;
 use crate::config::{BuildsConfig, Config};
 use crate::host::HostFacts;
 use crate::store::{InputObject, Store, StoreError};
+use crate::substitute::Substituter;
 use monitor::Monitor;
 use placement::{Placement, PlacementError};
 use sharing::BuildKey;
@@ -106,6 +107,9 @@ pub enum BuildError {
     /// A build's cgroup could not be made, joined or removed.
     #[error("cgroup: {0}")]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    /// The `[substituters]` configuration cannot be used.
+    #[error("[substituters]: {0}")]
+    Substituters(String),
     /// A blocking task panicked.
     #[error("internal error in a build task: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -189,6 +193,8 @@ struct Inner {
     next_id: AtomicU64,
     /// How many build tasks have not ended yet (outcome given, leftovers removed).
     active: watch::Sender<usize>,
+    /// The binary-cache client, when `[substituters]` names caches.
+    substituter: Option<Substituter>,
 }
 
 /// Counts a build task as active until dropped (at its end, or when it is aborted).
@@ -245,6 +251,8 @@ impl BuildService {
         std::fs::create_dir(&dir).map_err(io_err("create", &dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod", &dir))?;
+        let substituter =
+            Substituter::new(store.clone(), &config.substituters).map_err(BuildError::Substituters)?;
         Ok(BuildService {
             inner: Arc::new(Inner {
                 monitor: Monitor::new(store.clone()),
@@ -260,8 +268,14 @@ impl BuildService {
                 inflight: Arc::default(),
                 next_id: AtomicU64::new(1),
                 active: watch::channel(0).0,
+                substituter,
             }),
         })
+    }
+
+    /// The binary-cache client, when caches are configured.
+    pub fn substituter(&self) -> Option<&Substituter> {
+        self.inner.substituter.as_ref()
     }
 
     /// Starts `job` (or joins the identical build in flight) and returns the caller's
@@ -269,21 +283,40 @@ impl BuildService {
     /// account cannot see) come back as the waiter's outcome.
     pub async fn submit(&self, job: BuildJob) -> Waiter {
         let store = self.inner.store.clone();
+        let substituter = self.inner.substituter.clone();
         let prepared = {
             let job = job.clone();
-            tokio::task::spawn_blocking(move || prepare(&store, &job)).await
-        };
-        let prepared = match prepared {
-            Ok(Ok(p)) => p,
-            Ok(Err(outcome)) => return Waiter::ready(outcome),
-            Err(e) => {
-                return Waiter::ready(Outcome::without_build(
-                    BuildStatus::MiscFailure,
-                    format!("nixbuild: {}", BuildError::Task(e)),
-                ))
-            }
+            tokio::task::spawn_blocking(move || {
+                // Inputs the account lacks come from the caches when they have them.
+                let lines = std::sync::Mutex::new(Vec::new());
+                if let Some(s) = &substituter {
+                    s.substitute(&job.account, &job.drv.input_srcs, &|line| {
+                        lines
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Bytes::from(format!("{line}\n")));
+                    });
+                }
+                let lines = lines.into_inner().unwrap_or_else(|e| e.into_inner());
+                (prepare(&store, &job), lines)
+            })
+            .await
         };
         let mut notes = VecDeque::new();
+        let prepared = match prepared {
+            Ok((prepared, lines)) => {
+                notes.extend(lines);
+                prepared
+            }
+            Err(e) => Err(Outcome::without_build(
+                BuildStatus::MiscFailure,
+                format!("nixbuild: {}", BuildError::Task(e)),
+            )),
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(outcome) => return Waiter::ready(outcome),
+        };
         if job.options.keep_failed {
             notes.push_back(Bytes::from_static(
                 b"nixbuild: keep-failed is not honoured on a shared server: a failed build's \

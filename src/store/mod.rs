@@ -22,10 +22,12 @@
 mod db;
 mod error;
 pub(crate) mod fsutil;
+mod grant;
 mod import;
 mod publish;
 
 pub use error::{StoreError, StoreProblem};
+pub use grant::PUBLIC_ACCOUNT;
 pub use import::{Import, PathClaim};
 pub use publish::BuiltPath;
 
