@@ -910,8 +910,7 @@ impl Config {
             }
         }
         for url in &self.substituters.urls {
-            crate::substitute::CacheUrl::parse(url)
-                .map_err(|e| invalid("substituters.urls", e))?;
+            crate::substitute::CacheUrl::parse(url).map_err(|e| invalid("substituters.urls", e))?;
         }
         for key in &self.substituters.trusted_public_keys {
             nixbuild_core::binary_cache::PublicKey::parse(key)

@@ -251,8 +251,8 @@ impl BuildService {
         std::fs::create_dir(&dir).map_err(io_err("create", &dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("chmod", &dir))?;
-        let substituter =
-            Substituter::new(store.clone(), &config.substituters).map_err(BuildError::Substituters)?;
+        let substituter = Substituter::new(store.clone(), &config.substituters)
+            .map_err(BuildError::Substituters)?;
         Ok(BuildService {
             inner: Arc::new(Inner {
                 monitor: Monitor::new(store.clone()),

@@ -52,7 +52,11 @@ impl CacheUrl {
                             .map_err(|_| format!("{text}: priority {n:?} is not a number"))?,
                     )
                 }
-                _ => return Err(format!("{text}: unknown parameter {param:?} (only priority)")),
+                _ => {
+                    return Err(format!(
+                        "{text}: unknown parameter {param:?} (only priority)"
+                    ))
+                }
             }
         }
         let base = base.trim_end_matches('/');
@@ -202,9 +206,7 @@ impl Cache {
                         source: Box::new(source),
                     })?;
                 match response.status().as_u16() {
-                    200 => Ok(Fetched::Found(Box::new(
-                        response.into_body().into_reader(),
-                    ))),
+                    200 => Ok(Fetched::Found(Box::new(response.into_body().into_reader()))),
                     403 | 404 => Ok(Fetched::Missing),
                     status => Err(SubstituteError::Status { url, status }),
                 }

@@ -488,10 +488,7 @@ impl Substituter {
                 None => inner.config.narinfo_negative_ttl,
             };
             if memo.at.elapsed() < Duration::from_secs(ttl) {
-                return memo
-                    .found
-                    .clone()
-                    .filter(|f| f.info.store_path == *path);
+                return memo.found.clone().filter(|f| f.info.store_path == *path);
             }
         }
         let mut order: Vec<usize> = (0..inner.caches.len()).collect();
@@ -649,7 +646,10 @@ impl Substituter {
         progress: &Progress,
     ) -> Result<bool, SubstituteError> {
         let inner = &self.inner;
-        let nar_url = format!("{}/{}", inner.caches[found.cache].url.display, found.info.url);
+        let nar_url = format!(
+            "{}/{}",
+            inner.caches[found.cache].url.display, found.info.url
+        );
         let store_err = |source| SubstituteError::Store {
             url: nar_url.clone(),
             source: Box::new(source),
@@ -720,7 +720,10 @@ impl Substituter {
                 })
             }
         };
-        let mut import = inner.store.begin_import(PUBLIC_ACCOUNT).map_err(store_err)?;
+        let mut import = inner
+            .store
+            .begin_import(PUBLIC_ACCOUNT)
+            .map_err(store_err)?;
         if let Some(ca) = &info.ca {
             import.expect_ca(ca);
         }

@@ -66,6 +66,7 @@ pub fn lines(bytes: &[u8]) -> Vec<String> {
 }
 
 pub mod build_log;
+pub mod cache;
 pub mod clients;
 pub mod closure;
 pub mod hostile;
