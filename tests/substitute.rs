@@ -14,14 +14,20 @@ mod harness;
 use harness::cache::{public_key, BinaryCache, HttpServer};
 use harness::clients::{read_client_file, Client, ClientNix};
 use harness::{lines, salt, store_uri, Daemon};
+use nixbuild::store::PUBLIC_ACCOUNT;
+use nixbuild_core::binary_cache::{NarInfo, SecretKey};
+use nixbuild_core::hash::{Hash, HashAlgo};
+use nixbuild_core::store_path::StorePath;
 
 const ACCOUNT: &str = "alice";
 /// Paths in the input closure (besides busybox).
 const INPUTS: usize = 100;
+/// Paths in the input closure of the tests of failures.
+const SMALL: usize = 4;
 
-/// The expression: 100 text files, each naming the one before and the one at half its
+/// The expression: `n` text files, each naming the one before and the one at half its
 /// index (so the closure is a graph, not a chain), and a derivation that copies the last.
-fn expression(salt: &str) -> String {
+fn expression(salt: &str, n: usize) -> String {
     format!(
         r#"
 let
@@ -41,7 +47,7 @@ in derivation {{
 }}
 "#,
         bb = harness::clients::busybox(),
-        last = INPUTS - 1,
+        last = n - 1,
     )
 }
 
@@ -56,39 +62,49 @@ enum Protocol {
 
 /// A client with `builders-use-substitutes` and the expression salted with `salt` in its
 /// scratch directory.
-fn client(client: Client, salt: &str) -> (ClientNix, std::path::PathBuf) {
+fn client(client: Client, salt: &str, n: usize) -> (ClientNix, std::path::PathBuf) {
     let nix = ClientNix::new(client, "builders-use-substitutes = true\n");
     let file = nix.scratch().join("subst.nix");
-    std::fs::write(&file, expression(salt)).expect("write the expression");
+    std::fs::write(&file, expression(salt, n)).expect("write the expression");
     (nix, file)
 }
 
-/// The inputs of the derivation of `file`, instantiated by `nix`: (the top file, busybox).
-fn inputs(nix: &ClientNix, file: &std::path::Path) -> String {
+/// The input files of the derivation of `file`, instantiated by `nix`, by index: the last
+/// is the one the derivation names.
+fn inputs(nix: &ClientNix, file: &std::path::Path) -> Vec<String> {
     let drv = nix.instantiate(file);
-    let refs = lines(
-        &nix.ok(nix
-            .command("nix-store")
-            .args(["--query", "--references", &drv]))
-            .stdout,
-    );
-    refs.into_iter()
+    let query = |args: &[&str]| lines(&nix.ok(nix.command("nix-store").args(args)).stdout);
+    let refs = query(&["--query", "--references", &drv]);
+    let top = refs
+        .iter()
         .find(|p| p.contains("-in-"))
-        .expect("the top input file")
+        .expect("the top input file");
+    let mut files: Vec<(usize, String)> = query(&["--query", "--requisites", top])
+        .into_iter()
+        .filter_map(|p| {
+            let i = p.split("-in-").nth(1)?.split('-').next()?.parse().ok()?;
+            Some((i, p))
+        })
+        .collect();
+    files.sort();
+    files.into_iter().map(|(_, p)| p).collect()
 }
 
-/// A cache of the expression's input closure and busybox, written by the host's Nix.
-fn cache_of_inputs(salt: &str, compression: &str) -> (BinaryCache, String) {
-    let (host, file) = client(Client::Host, salt);
-    let top = inputs(&host, &file);
+/// A cache of the input closure of the expression with `n` inputs, and busybox, written by
+/// the host's Nix; and the input files by index.
+fn cache_of_inputs(salt: &str, compression: &str, n: usize) -> (BinaryCache, Vec<String>) {
+    let (host, file) = client(Client::Host, salt, n);
+    let files = inputs(&host, &file);
+    assert_eq!(files.len(), n, "{files:?}");
     let cache = BinaryCache::new();
+    let top = files.last().expect("a top input").clone();
     cache.copy(
         &host,
-        &[top.clone(), harness::clients::busybox()],
+        &[top, harness::clients::busybox()],
         compression,
         "test-cache-1.secret",
     );
-    (cache, top)
+    (cache, files)
 }
 
 /// The daemon's configuration with `url` as its only cache.
@@ -126,23 +142,32 @@ fn count(log: &str, a: &str, b: &str) -> usize {
 
 fn input_closure_substituted(which: Client, protocol: Protocol) {
     let salt = salt();
-    let (cache, top) = cache_of_inputs(&salt, "xz");
+    let (cache, files) = cache_of_inputs(&salt, "xz", INPUTS);
+    let top = files.last().expect("a top input");
     let http = HttpServer::serve(cache.dir());
     let d = Daemon::start_with_config(&config(&http.url()), &[]);
-    let (nix, file) = client(which, &salt);
+    let (nix, file) = client(which, &salt, INPUTS);
     let out = remote_build(&nix, &d, &file, protocol);
     let output = lines(&out.stdout).pop().expect("an output path");
     assert_eq!(
         read_client_file(which, &output),
-        read_client_file(which, &top),
+        read_client_file(which, top),
         "the output copies the top input"
     );
 
     let log = d.log();
     // Built there, with every input fetched from the cache and none uploaded.
     assert_eq!(count(&log, "nixbuild::build: building ", &salt), 1, "{log}");
-    assert_eq!(count(&log, "substituted path=", &salt), INPUTS, "{log}");
-    assert_eq!(count(&log, "substituted path=", "-bbdir"), 1, "{log}");
+    assert_eq!(
+        count(&log, "nixbuild::substitute: substituted path=", &salt),
+        INPUTS,
+        "{log}"
+    );
+    assert_eq!(
+        count(&log, "nixbuild::substitute: substituted path=", "-bbdir"),
+        1,
+        "{log}"
+    );
     assert_eq!(count(&log, "registered import", &salt), 0, "{log}");
     // Each NAR downloaded once.
     let nars: Vec<(String, u16)> = http
@@ -194,4 +219,224 @@ fn nix_2_34_sid_substitutes_inputs_over_ssh() {
 #[test]
 fn nix_2_34_sid_substitutes_inputs_over_ssh_ng() {
     input_closure_substituted(Client::Sid, Protocol::Daemon);
+}
+
+#[test]
+fn nix_2_34_sid_substitutes_from_a_zstd_cache_read_as_file_url() {
+    let salt = salt();
+    let (cache, files) = cache_of_inputs(&salt, "zstd", SMALL);
+    assert!(
+        cache.nar(&files[0]).to_string_lossy().ends_with(".nar.zst"),
+        "Nix wrote zstd"
+    );
+    let d = Daemon::start_with_config(&config(&cache.file_url()), &[]);
+    let (nix, file) = client(Client::Sid, &salt, SMALL);
+    remote_build(&nix, &d, &file, Protocol::Daemon);
+    let log = d.stop().log;
+    assert_eq!(
+        count(&log, "nixbuild::substitute: substituted path=", &salt),
+        SMALL,
+        "{log}"
+    );
+    assert_eq!(count(&log, "registered import", &salt), 0, "{log}");
+}
+
+/// Rewrites the narinfo of `path` in `cache` with `edit`, then signs it anew with `key`
+/// (a secret key file of the test data) unless `None`, which leaves it unsigned.
+fn rewrite_narinfo(
+    cache: &BinaryCache,
+    path: &str,
+    key: Option<&str>,
+    edit: impl FnOnce(&mut NarInfo),
+) {
+    let file = cache.narinfo(path);
+    let mut info =
+        NarInfo::parse(&std::fs::read(&file).expect("read the narinfo")).expect("parse it");
+    edit(&mut info);
+    info.sigs.clear();
+    if let Some(key) = key {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("nixbuild-core/tests/data/binary-cache");
+        let secret = std::fs::read_to_string(dir.join(key)).expect("read the key");
+        let secret = SecretKey::parse(&secret).expect("a secret key");
+        info.sigs.insert(secret.sign(info.fingerprint().as_bytes()));
+    }
+    std::fs::write(&file, info.to_text()).expect("write the narinfo");
+}
+
+/// How the cache of a failure test is reached.
+enum Serve {
+    /// Python's http.server.
+    Http,
+    /// A server that dies in the middle of the victim's NAR.
+    CutsVictim,
+}
+
+/// The input closure is in the cache, but `break_it` spoils the entry of the second input
+/// file (the victim, which the other two refer to): the server logs `cause` for it,
+/// registers nothing of it, fetches only the first input (and busybox), and the build
+/// still succeeds with the client uploading the rest.
+fn spoiled_entry_is_uploaded(serve: Serve, break_it: impl FnOnce(&BinaryCache, &str), cause: &str) {
+    let salt = salt();
+    let (cache, files) = cache_of_inputs(&salt, "xz", SMALL);
+    let victim = files[1].clone();
+    break_it(&cache, &victim);
+    let http;
+    let url = match serve {
+        Serve::Http => {
+            http = HttpServer::serve(cache.dir());
+            http.url()
+        }
+        Serve::CutsVictim => {
+            let nar = cache.nar(&victim);
+            let rel = nar.strip_prefix(cache.dir()).expect("under the cache");
+            harness::cache::CuttingServer::serve(cache.dir(), &format!("/{}", rel.display())).url()
+        }
+    };
+    let d = Daemon::start_with_config(&config(&url), &[]);
+    let (nix, file) = client(Client::Host, &salt, SMALL);
+    let out = remote_build(&nix, &d, &file, Protocol::Serve);
+    let output = lines(&out.stdout).pop().expect("an output path");
+    assert_eq!(
+        read_client_file(Client::Host, &output),
+        read_client_file(Client::Host, &files[SMALL - 1])
+    );
+    let stopped = d.stop();
+    let log = &stopped.log;
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("path={victim}")) && l.contains(cause)),
+        "no {cause:?} for {victim}:\n{log}"
+    );
+    // Only the first input came from the cache; the victim and what refers to it were
+    // uploaded.
+    assert_eq!(
+        count(log, "nixbuild::substitute: substituted path=", &salt),
+        1,
+        "{log}"
+    );
+    let victim = StorePath::from_absolute_path(victim.as_bytes()).expect("a store path");
+    assert!(!stopped.valid(PUBLIC_ACCOUNT, &victim), "{log}");
+    assert!(stopped.registered(ACCOUNT, &victim), "{log}");
+    // (The store was verified clean when the daemon stopped.)
+}
+
+#[test]
+fn an_unsigned_narinfo_is_not_used() {
+    spoiled_entry_is_uploaded(
+        Serve::Http,
+        |cache, victim| rewrite_narinfo(cache, victim, None, |_| {}),
+        "no valid signature by a trusted key (signatures: none;",
+    );
+}
+
+#[test]
+fn a_narinfo_signed_by_an_untrusted_key_is_not_used() {
+    spoiled_entry_is_uploaded(
+        Serve::Http,
+        |cache, victim| rewrite_narinfo(cache, victim, Some("impostor.secret"), |_| {}),
+        "no valid signature by a trusted key (signatures: test-cache-1;",
+    );
+}
+
+#[test]
+fn a_signed_narinfo_with_a_wrong_nar_hash_registers_nothing() {
+    spoiled_entry_is_uploaded(
+        Serve::Http,
+        |cache, victim| {
+            rewrite_narinfo(cache, victim, Some("test-cache-1.secret"), |info| {
+                info.nar_hash = Hash::compute(HashAlgo::Sha256, b"not the NAR");
+            })
+        },
+        "NAR hash mismatch",
+    );
+}
+
+#[test]
+fn a_truncated_nar_registers_nothing() {
+    spoiled_entry_is_uploaded(
+        Serve::Http,
+        |cache, victim| {
+            let nar = cache.nar(victim);
+            let bytes = std::fs::read(&nar).expect("read the NAR");
+            std::fs::write(&nar, &bytes[..bytes.len() / 2]).expect("truncate it");
+        },
+        "reading http://",
+    );
+}
+
+#[test]
+fn a_missing_nar_registers_nothing() {
+    spoiled_entry_is_uploaded(
+        Serve::Http,
+        |cache, victim| std::fs::remove_file(cache.nar(victim)).expect("remove the NAR"),
+        ": not found",
+    );
+}
+
+#[test]
+fn a_cache_that_dies_mid_transfer_registers_nothing() {
+    spoiled_entry_is_uploaded(Serve::CutsVictim, |_, _| {}, "reading http://");
+}
+
+#[test]
+fn two_accounts_asking_at_once_share_one_download() {
+    let salt = salt();
+    let (cache, files) = cache_of_inputs(&salt, "xz", SMALL);
+    let http = HttpServer::serve(cache.dir());
+    let d = Daemon::start_with_config(&config(&http.url()), &[]);
+    // Two clients (two client stores: one store would build the derivation once and let
+    // the second nix-build find it there).
+    let clients = [
+        (client(Client::Host, &salt, SMALL), "alice"),
+        (client(Client::Trixie, &salt, SMALL), "bob"),
+    ];
+    let builders = format!(
+        "{} x86_64-linux - 100 1 big-parallel,benchmark",
+        store_uri()
+    );
+    let children: Vec<_> = clients
+        .iter()
+        .map(|((nix, file), account)| {
+            let mut cmd = nix.relayed(&d, account, "nix-build");
+            cmd.args(["--max-jobs", "0", "--builders", &builders, "--no-out-link"])
+                .arg(file)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            cmd.spawn().expect("run nix-build")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait for nix-build");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for f in &files {
+        let nar = cache.nar(f);
+        let name = format!(
+            "/{}",
+            nar.strip_prefix(cache.dir())
+                .expect("in the cache")
+                .display()
+        );
+        assert_eq!(http.count(&name), 1, "{name}: {:?}", http.requests());
+    }
+    let stopped = d.stop();
+    for f in &files {
+        let p = StorePath::from_absolute_path(f.as_bytes()).expect("a store path");
+        for account in ["alice", "bob", PUBLIC_ACCOUNT] {
+            assert!(
+                stopped.valid(account, &p),
+                "{account} lacks {p}\n{}",
+                stopped.log
+            );
+        }
+        assert!(
+            !stopped.registered("alice", &p) && !stopped.registered("bob", &p),
+            "uploaded"
+        );
+    }
 }

@@ -155,3 +155,56 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A minimal HTTP/1.1 file server on 127.0.0.1 that dies in the middle of one file: for
+/// `cut`, it sends the headers with the whole length and half the bytes, then closes the
+/// connection (a cache going down mid-transfer). Serves until the test process ends.
+pub struct CuttingServer {
+    port: u16,
+}
+
+impl CuttingServer {
+    /// Serves `dir`, cutting `cut` (a request path such as `/nar/….nar.xz`).
+    pub fn serve(dir: &Path, cut: &str) -> CuttingServer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        let (dir, cut) = (dir.to_owned(), cut.to_owned());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (dir, cut) = (dir.clone(), cut.clone());
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let Ok(body) = std::fs::read(dir.join(path.trim_start_matches('/'))) else {
+                        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        return;
+                    };
+                    let send = if path == cut {
+                        &body[..body.len() / 2]
+                    } else {
+                        &body[..]
+                    };
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(send);
+                });
+            }
+        });
+        CuttingServer { port }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
