@@ -312,6 +312,18 @@ impl<'a> SessionContext<'a> {
         Some(Substitution { lines, task })
     }
 
+    /// Which of `paths` a binary cache has (or the server holds from one); none without
+    /// caches. Nothing is fetched.
+    pub async fn substitutable(
+        &self,
+        paths: BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, ServiceError> {
+        let Some(substituter) = self.builds.substituter().cloned() else {
+            return Ok(BTreeSet::new());
+        };
+        Ok(tokio::task::spawn_blocking(move || substituter.substitutable(&paths)).await?)
+    }
+
     /// Where the content-addressed output `drv_output` (`sha256:<hex>!<output>`) was built
     /// for the account, if it still holds that path (QueryRealisation).
     pub async fn query_realisation(
@@ -386,11 +398,16 @@ impl<'a> SessionContext<'a> {
         self.builds.submit(job).await
     }
 
-    /// Works out the graph build of `requests` (BuildPaths, QueryMissing) from the
-    /// account's view of the store.
-    pub async fn plan_graph(&self, requests: Vec<DerivedPath>) -> Result<GraphPlan, DrvError> {
+    /// Works out the graph build of `requests` (BuildPaths; QueryMissing without `fetch`)
+    /// from the account's view of the store; with `fetch`, what binary caches have is
+    /// fetched first instead of built (the plan's `notes` say what).
+    pub async fn plan_graph(
+        &self,
+        requests: Vec<DerivedPath>,
+        fetch: bool,
+    ) -> Result<GraphPlan, DrvError> {
         self.builds
-            .plan_graph(&self.settings.account, requests)
+            .plan_graph(&self.settings.account, requests, fetch)
             .await
     }
 

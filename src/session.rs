@@ -557,8 +557,11 @@ impl<O: SessionOutput> Driver<'_, O> {
                     .into_iter()
                     .map(PathWithOutputs::into_derived)
                     .collect();
-                match self.ctx.plan_graph(requests).await {
+                match self.ctx.plan_graph(requests, true).await {
                     Ok(plan) => {
+                        for line in &plan.notes {
+                            self.out.stderr(format!("{line}\n").as_bytes()).await?;
+                        }
                         self.pending_build = Some(PendingBuild::Paths(Box::new(plan), options));
                         Ok(())
                     }

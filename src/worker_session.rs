@@ -261,9 +261,12 @@ impl<O: SessionOutput> Driver<'_, O> {
             }
             Request::EnsurePath(p) => {
                 if !self.valid(&p).await? {
+                    self.substitute(&BTreeSet::from([p.clone()])).await?;
+                }
+                if !self.valid(&p).await? {
                     return refuse(format!(
-                        "path '{p}' is not valid on this server, and this server substitutes \
-                         nothing; upload it first"
+                        "path '{p}' is not valid on this server and no binary cache of the \
+                         server has it; upload it first"
                     ));
                 }
                 Response::Int(1)
@@ -272,11 +275,15 @@ impl<O: SessionOutput> Driver<'_, O> {
             Request::AddTempRoot(_) | Request::AddIndirectRoot(_) | Request::SyncWithGC => {
                 Response::Int(1)
             }
-            // No roots, no substituters.
+            Request::HasSubstitutes(p) => {
+                let found = self.ctx.substitutable(BTreeSet::from([p])).await.map_err(refused)?;
+                Response::Int(u64::from(!found.is_empty()))
+            }
+            // No roots; no substitutable path infos (QueryMissing says what would be
+            // fetched).
             Request::FindRoots
             | Request::QuerySubstitutablePathInfo(_)
-            | Request::QuerySubstitutablePathInfos(_)
-            | Request::HasSubstitutes(_) => Response::Int(0),
+            | Request::QuerySubstitutablePathInfos(_) => Response::Int(0),
             // Where the account had a content-addressed output built: its path before 1.31,
             // the realisation's JSON from then on.
             Request::QueryRealisation(id) => {
@@ -303,7 +310,12 @@ impl<O: SessionOutput> Driver<'_, O> {
                     )
                 }
             }
-            Request::QuerySubstitutablePaths(_) => Response::Paths(BTreeSet::new()),
+            Request::QuerySubstitutablePaths(paths) => {
+                self.ctx
+                    .check_count("QuerySubstitutablePaths", paths.len())
+                    .map_err(refused)?;
+                Response::Paths(self.ctx.substitutable(paths).await.map_err(refused)?)
+            }
             Request::QueryDerivationOutputMap(drv) => {
                 let outputs = self.drv_outputs(&drv).await?;
                 Response::OutputMap(outputs.into_iter().map(|(k, v)| (k, Some(v))).collect())
@@ -559,16 +571,17 @@ impl<O: SessionOutput> Driver<'_, O> {
             .collect())
     }
 
-    /// QueryMissing: the derivations the graph build of `paths` would build, and the paths
-    /// that are neither valid nor buildable (nothing is substituted, so nothing is
-    /// downloaded).
+    /// QueryMissing: the derivations the graph build of `paths` would build, the paths it
+    /// would fetch from binary caches, and the paths that are neither valid, substitutable
+    /// nor buildable (the sizes are not computed: 0).
     async fn missing(&self, paths: Vec<DerivedPath>) -> Result<Missing, Failure> {
         self.ctx
             .check_count("QueryMissing", paths.len())
             .map_err(refused)?;
-        let plan = self.ctx.plan_graph(paths).await.map_err(refused)?;
+        let plan = self.ctx.plan_graph(paths, false).await.map_err(refused)?;
         Ok(Missing {
             will_build: plan.will_build().cloned().collect(),
+            will_substitute: plan.will_substitute().cloned().collect(),
             unknown: plan.unknown().cloned().collect(),
             ..Missing::default()
         })
@@ -585,7 +598,15 @@ impl<O: SessionOutput> Driver<'_, O> {
         self.ctx
             .check_count("BuildPaths", paths.len())
             .map_err(refused)?;
-        let plan = self.ctx.plan_graph(paths.to_vec()).await.map_err(refused)?;
+        let plan = self
+            .ctx
+            .plan_graph(paths.to_vec(), true)
+            .await
+            .map_err(refused)?;
+        for line in &plan.notes {
+            self.session
+                .log(&StderrMessage::Next(format!("{line}\n").into_bytes()))?;
+        }
         let mut run = self.ctx.run_graph(plan, self.options, self.keep_going);
         let mut activities: HashMap<usize, u64> = HashMap::new();
         let max = self.ctx.settings().max_request_bytes;

@@ -13,6 +13,7 @@ mod harness;
 
 use harness::cache::{public_key, BinaryCache, HttpServer};
 use harness::clients::{read_client_file, Client, ClientNix};
+use harness::ssh_ng::{must, Setup, Way, ALICE};
 use harness::{lines, salt, store_uri, Daemon};
 use nixbuild::store::PUBLIC_ACCOUNT;
 use nixbuild_core::binary_cache::{NarInfo, SecretKey};
@@ -439,4 +440,86 @@ fn two_accounts_asking_at_once_share_one_download() {
             "uploaded"
         );
     }
+}
+
+/// A remote-store build (`nix build --store ssh-ng://…` through the SSH server with the
+/// real OpenSSH client) of a derivation whose dependency's output is in the cache: the
+/// server fetches that output instead of building the dependency, and builds only the top.
+#[test]
+fn nix_2_34_sid_remote_store_build_fetches_a_dependency_instead_of_building_it() {
+    let salt = salt();
+    let expr = format!(
+        r#"let
+  bb = builtins.storePath "{bb}";
+  drv = name: script: derivation {{
+    name = "${{name}}-{salt}";
+    system = "x86_64-linux";
+    builder = "${{bb}}/bin/sh";
+    PATH = "${{bb}}/bin";
+    args = [ "-c" script ];
+  }};
+in rec {{
+  dep = drv "dep" "echo dep {salt} > $out";
+  top = drv "top" "cat ${{dep}} > $out; echo top >> $out";
+}}
+"#,
+        bb = harness::clients::busybox()
+    );
+    // The dependency built by the host's Nix and copied to the cache.
+    let host = ClientNix::new(Client::Host, "");
+    let host_file = host.scratch().join("graph.nix");
+    std::fs::write(&host_file, &expr).expect("write the expression");
+    let dep = lines(
+        &host
+            .ok(host
+                .command("nix-build")
+                .arg(&host_file)
+                .args(["-A", "dep", "--no-out-link"]))
+            .stdout,
+    )
+    .pop()
+    .expect("the dependency's output");
+    let cache = BinaryCache::new();
+    cache.copy(&host, &[dep.clone()], "xz", "test-cache-1.secret");
+    let http = HttpServer::serve(cache.dir());
+
+    let setup = Setup::with_config(Client::Sid, Way::Ssh, &config(&http.url()));
+    let file = setup.nix.scratch().join("graph.nix");
+    std::fs::write(&file, &expr).expect("write the expression");
+    let file = file.to_str().expect("a UTF-8 path");
+    let words = [
+        "build",
+        "--eval-store",
+        "auto",
+        "--no-link",
+        "-f",
+        file,
+        "top",
+    ];
+    let out = must(
+        &setup,
+        "the remote-store build",
+        &mut setup.nix(ALICE, &words),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("copying path '{dep}' from '{}'", http.url())),
+        "{stderr}"
+    );
+    let log = setup.stop().log;
+    assert_eq!(
+        count(&log, "nixbuild::substitute: substituted path=", &dep),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        count(&log, "nixbuild::build: building ", &format!("dep-{salt}")),
+        0,
+        "{log}"
+    );
+    assert_eq!(
+        count(&log, "nixbuild::build: building ", &format!("top-{salt}")),
+        1,
+        "{log}"
+    );
 }

@@ -161,6 +161,13 @@ pub struct GraphPlan {
     pub(super) inputs: Vec<Vec<usize>>,
     /// Each request, in the order asked.
     pub requests: Vec<Resolved>,
+    /// Paths to fetch from the binary caches rather than build or have uploaded: outputs
+    /// wanted of derivations whose every missing wanted output a cache has (then they are
+    /// not built, nor are their inputs wanted), missing sources of the derivations built,
+    /// and missing paths asked for as they are.
+    pub substitute: BTreeSet<StorePath>,
+    /// Lines for the client about what was fetched while planning.
+    pub notes: Vec<String>,
 }
 
 impl GraphPlan {
@@ -169,10 +176,15 @@ impl GraphPlan {
         self.nodes.iter().map(|n| &n.drv_path)
     }
 
+    /// The paths to fetch from binary caches (QueryMissing's `willSubstitute`).
+    pub fn will_substitute(&self) -> impl Iterator<Item = &StorePath> {
+        self.substitute.iter()
+    }
+
     /// The paths asked for that are neither valid nor buildable (QueryMissing's `unknown`).
     pub fn unknown(&self) -> impl Iterator<Item = &StorePath> {
         self.requests.iter().filter_map(|r| match r {
-            Resolved::Unknown { path, .. } => Some(path),
+            Resolved::Unknown { path, .. } if !self.substitute.contains(path) => Some(path),
             _ => None,
         })
     }
@@ -307,11 +319,24 @@ impl Walk<'_> {
     }
 }
 
-/// Works out the graph build of `requests` for `account`.
+/// Works out the graph build of `requests` for `account`, with no binary cache.
+#[cfg(test)]
 pub(super) fn plan(
     store: &Store,
     account: &str,
     requests: &[DerivedPath],
+) -> Result<GraphPlan, StoreError> {
+    plan_with(store, account, requests, &|_| BTreeSet::new())
+}
+
+/// Works out the graph build of `requests` for `account`; `substitutable` tells which of
+/// some missing paths a binary cache has (asked only about the outputs of derivations that
+/// would be built otherwise).
+pub(super) fn plan_with(
+    store: &Store,
+    account: &str,
+    requests: &[DerivedPath],
+    substitutable: &dyn Fn(&BTreeSet<StorePath>) -> BTreeSet<StorePath>,
 ) -> Result<GraphPlan, StoreError> {
     let mut walk = Walk {
         store,
@@ -329,6 +354,7 @@ pub(super) fn plan(
         })
         .collect();
     let valid_opaque = store.query_valid_paths(account, &opaque)?;
+    let mut substitute = substitutable(&opaque.difference(&valid_opaque).cloned().collect());
     // The outputs each derivation must have: first those the requests name.
     let mut wanted: HashMap<StorePath, BTreeSet<String>> = HashMap::new();
     let mut resolved = Vec::with_capacity(requests.len());
@@ -381,6 +407,12 @@ pub(super) fn plan(
         .cloned()
         .collect();
     let valid = store.query_valid_paths(account, &every_output)?;
+    let every_src: BTreeSet<StorePath> = walk
+        .loaded
+        .values()
+        .flat_map(|l| l.drv.basic.input_srcs.iter().cloned())
+        .collect();
+    let valid_srcs = store.query_valid_paths(account, &every_src)?;
     // Dependents before their inputs: a derivation is built when an output wanted of it is
     // not valid, and then it wants the outputs it uses of its inputs.
     let mut index: HashMap<StorePath, usize> = HashMap::new();
@@ -390,15 +422,35 @@ pub(super) fn plan(
             continue;
         };
         let drv = &walk.loaded[path].drv;
-        let missing = names.iter().any(|n| {
-            drv.basic
-                .outputs
-                .get(n)
-                .and_then(DerivationOutput::path)
-                .is_none_or(|p| !valid.contains(p))
-        });
-        if !missing {
+        // The wanted outputs that are not valid; `None` for one whose path only a build
+        // decides (a floating content-addressed output), which no cache can be asked for.
+        let missing: Vec<Option<&StorePath>> = names
+            .iter()
+            .map(|n| drv.basic.outputs.get(n).and_then(DerivationOutput::path))
+            .filter(|p| p.is_none_or(|p| !valid.contains(p)))
+            .collect();
+        if missing.is_empty() {
             continue;
+        }
+        if let Some(paths) = missing
+            .iter()
+            .copied()
+            .collect::<Option<BTreeSet<&StorePath>>>()
+        {
+            let paths: BTreeSet<StorePath> = paths.into_iter().cloned().collect();
+            if substitutable(&paths).len() == paths.len() {
+                substitute.extend(paths);
+                continue;
+            }
+        }
+        let missing_srcs: BTreeSet<StorePath> = drv
+            .basic
+            .input_srcs
+            .difference(&valid_srcs)
+            .cloned()
+            .collect();
+        if !missing_srcs.is_empty() {
+            substitute.extend(substitutable(&missing_srcs));
         }
         let mut input_srcs = drv.basic.input_srcs.clone();
         for (input, outs) in &drv.input_drvs {
@@ -443,6 +495,8 @@ pub(super) fn plan(
         nodes,
         inputs,
         requests: resolved,
+        substitute,
+        notes: Vec::new(),
     })
 }
 

@@ -10,7 +10,7 @@
 //! input). Dropping the run aborts those tasks, which drops their waiters: a build that no
 //! other client waits for is killed, as for a single build whose client went away.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -87,18 +87,41 @@ impl Drop for GraphRun {
 }
 
 impl BuildService {
-    /// Works out the graph build of `requests` for `account` (see [`drv_walk`]).
+    /// Works out the graph build of `requests` for `account` (see [`drv_walk`]). With
+    /// binary caches configured, a derivation whose missing outputs a cache has is not
+    /// built: with `fetch`, those outputs (and missing sources) are fetched and granted to
+    /// the account, and the plan is made again from what is then valid (anything a cache
+    /// failed to deliver is built or reported after all); without, the plan says what
+    /// would be fetched (QueryMissing).
     pub async fn plan_graph(
         &self,
         account: &str,
         requests: Vec<nixbuild_core::worker::DerivedPath>,
+        fetch: bool,
     ) -> Result<GraphPlan, drv_walk::DrvError> {
         let store = self.inner.store.clone();
+        let substituter = self.inner.substituter.clone();
         let account = account.to_owned();
-        Ok(
-            tokio::task::spawn_blocking(move || drv_walk::plan(&store, &account, &requests))
-                .await??,
-        )
+        let plan = move || {
+            let Some(substituter) = substituter else {
+                return drv_walk::plan_with(&store, &account, &requests, &|_| BTreeSet::new());
+            };
+            let first = drv_walk::plan_with(&store, &account, &requests, &|paths| {
+                substituter.substitutable(paths)
+            })?;
+            if !fetch || first.substitute.is_empty() {
+                return Ok(first);
+            }
+            let notes = std::sync::Mutex::new(Vec::new());
+            substituter.substitute(&account, &first.substitute, &|line| {
+                notes.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            });
+            let mut second =
+                drv_walk::plan_with(&store, &account, &requests, &|_| BTreeSet::new())?;
+            second.notes = notes.into_inner().unwrap_or_else(|e| e.into_inner());
+            Ok(second)
+        };
+        Ok(tokio::task::spawn_blocking(plan).await??)
     }
 
     /// Starts building `plan` for `account`, going on after a failure when `keep_going`

@@ -345,6 +345,29 @@ impl Substituter {
         }
     }
 
+    /// Which of `paths` a cache has, or the server holds already (narinfo lookups only, in
+    /// parallel; nothing is fetched).
+    pub fn substitutable(&self, paths: &BTreeSet<StorePath>) -> BTreeSet<StorePath> {
+        let held = match self.inner.store.query_valid_paths(PUBLIC_ACCOUNT, paths) {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!("substitution lookup failed: {e}");
+                return BTreeSet::new();
+            }
+        };
+        let lookups: Vec<StorePath> = paths.difference(&held).cloned().collect();
+        let found = self.parallel(&lookups, |p| self.lookup(p).is_some());
+        let mut result = held;
+        result.extend(
+            lookups
+                .into_iter()
+                .zip(found)
+                .filter(|(_, f)| *f)
+                .map(|(p, _)| p),
+        );
+        result
+    }
+
     fn try_substitute(
         &self,
         account: &str,
