@@ -480,7 +480,12 @@ in rec {{
     .pop()
     .expect("the dependency's output");
     let cache = BinaryCache::new();
-    cache.copy(&host, &[dep.clone()], "xz", "test-cache-1.secret");
+    cache.copy(
+        &host,
+        std::slice::from_ref(&dep),
+        "xz",
+        "test-cache-1.secret",
+    );
     let http = HttpServer::serve(cache.dir());
 
     let setup = Setup::with_config(Client::Sid, Way::Ssh, &config(&http.url()));
