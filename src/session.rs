@@ -485,9 +485,10 @@ impl<O: SessionOutput> Driver<'_, O> {
                 paths, substitute, ..
             } => {
                 // `lock` needs GC roots, which this server does not have: nothing it stores
-                // is collected.
+                // is collected. Substitution adds to the store, so like `nix-store --serve`
+                // it needs `--write`.
                 self.ctx.check_count("QueryValidPaths", paths.len())?;
-                if substitute {
+                if substitute && self.ctx.settings().write_allowed {
                     if let Some(mut fetch) = self.ctx.substitute(&paths) {
                         // The serve protocol has no log messages: progress goes to stderr.
                         while let Some(line) = fetch.next_line().await {

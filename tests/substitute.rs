@@ -18,7 +18,9 @@ use harness::{lines, salt, store_uri, Daemon};
 use nixbuild::store::PUBLIC_ACCOUNT;
 use nixbuild_core::binary_cache::{NarInfo, SecretKey};
 use nixbuild_core::hash::{Hash, HashAlgo};
+use nixbuild_core::serve::{Request, Response};
 use nixbuild_core::store_path::StorePath;
+use std::collections::BTreeSet;
 
 const ACCOUNT: &str = "alice";
 /// Paths in the input closure (besides busybox).
@@ -527,4 +529,204 @@ in rec {{
         1,
         "{log}"
     );
+}
+
+// The abuse cases of substitution, over scripted sessions (QueryValidPaths with
+// `substitute`) against a cache made here: NARs stored uncompressed, narinfos signed with
+// the trusted test key unless a case says otherwise.
+
+/// A synthetic cache entry: `path` holding a file with `contents`, referring to `refs`,
+/// its narinfo edited by `edit` before it is signed with the trusted key.
+fn fake_entry(
+    dir: &std::path::Path,
+    path: &StorePath,
+    contents: &[u8],
+    refs: &[&StorePath],
+    edit: impl FnOnce(&mut NarInfo),
+) {
+    use nixbuild_core::binary_cache::Compression;
+    let nar = harness::file_nar(contents);
+    let name = format!("nar/{}.nar", path.hash_part());
+    std::fs::create_dir_all(dir.join("nar")).expect("mkdir nar");
+    std::fs::write(dir.join(&name), &nar).expect("write the NAR");
+    let mut info = NarInfo {
+        store_path: path.clone(),
+        url: name,
+        compression: Compression::None,
+        file_hash: None,
+        file_size: Some(nar.len() as u64),
+        nar_hash: harness::sha256(&nar),
+        nar_size: nar.len() as u64,
+        references: refs.iter().map(|r| (*r).clone()).collect(),
+        deriver: None,
+        system: None,
+        sigs: Default::default(),
+        ca: None,
+    };
+    edit(&mut info);
+    let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("nixbuild-core/tests/data/binary-cache/test-cache-1.secret");
+    let key =
+        SecretKey::parse(&std::fs::read_to_string(key).expect("read the key")).expect("a key");
+    info.sigs.insert(key.sign(info.fingerprint().as_bytes()));
+    std::fs::write(
+        dir.join(format!("{}.narinfo", path.hash_part())),
+        info.to_text(),
+    )
+    .expect("write the narinfo");
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").expect("nix-cache-info");
+}
+
+/// A path named `name` whose hash part is unique to `salt` and `name`.
+fn fresh(salt: &str, name: &str) -> StorePath {
+    harness::test_path(&format!("{salt}-{name}"), name)
+}
+
+/// QueryValidPaths of `paths` with `substitute` as `account` (with `--write` when `write`):
+/// the paths the server answers valid.
+fn query_substituting(
+    d: &Daemon,
+    account: &str,
+    write: bool,
+    paths: &[&StorePath],
+) -> BTreeSet<StorePath> {
+    let query = Request::QueryValidPaths {
+        lock: false,
+        substitute: true,
+        paths: paths.iter().map(|p| (*p).clone()).collect(),
+    };
+    let script = harness::Script::new().request(&query);
+    let reply = d.relay(account, write, &script.bytes);
+    match reply.responses(&script.ops).pop() {
+        Some(Response::ValidPaths(valid)) => valid,
+        other => panic!("not a ValidPaths answer: {other:?}"),
+    }
+}
+
+#[test]
+fn an_upload_never_poisons_what_other_accounts_substitute() {
+    let cache = BinaryCache::new();
+    let path = harness::test_path(&salt(), "tool");
+    fake_entry(cache.dir(), &path, b"the real tool\n", &[], |_| {});
+    let d = Daemon::start_with_config(&config(&cache.file_url()), &[]);
+    // Mallory uploads her own contents under the path first (it is input-addressed: the
+    // server cannot tell), then asks for it to be substituted.
+    let fake = harness::file_nar(b"a trojan\n");
+    let reply = d.relay(
+        "mallory",
+        true,
+        &harness::Script::new().add_honest(&path, &fake).bytes,
+    );
+    assert_eq!(reply.status, 0, "{reply:?}");
+    assert_eq!(
+        query_substituting(&d, "mallory", true, &[&path]),
+        BTreeSet::from([path.clone()])
+    );
+    // Alice gets the cache's, which is what the server holds publicly.
+    assert_eq!(
+        query_substituting(&d, "alice", true, &[&path]),
+        BTreeSet::from([path.clone()])
+    );
+    let stopped = d.stop();
+    let hash = |account| {
+        stopped
+            .store
+            .query_path_info(account, &path)
+            .expect("query")
+            .and_then(|i| i.nar_hash)
+            .expect("valid")
+    };
+    let real = harness::sha256(&harness::file_nar(b"the real tool\n"));
+    assert_eq!(hash("alice"), real);
+    assert_eq!(hash(PUBLIC_ACCOUNT), real);
+    assert_eq!(
+        hash("mallory"),
+        harness::sha256(&fake),
+        "her own view keeps her upload"
+    );
+}
+
+#[test]
+fn a_read_only_session_fetches_nothing() {
+    let cache = BinaryCache::new();
+    let path = harness::test_path(&salt(), "tool");
+    fake_entry(cache.dir(), &path, b"tool\n", &[], |_| {});
+    let http = HttpServer::serve(cache.dir());
+    let d = Daemon::start_with_config(&config(&http.url()), &[]);
+    assert!(query_substituting(&d, "alice", false, &[&path]).is_empty());
+    assert_eq!(http.requests(), vec![], "nothing asked of the cache");
+    assert_eq!(
+        query_substituting(&d, "alice", true, &[&path]),
+        BTreeSet::from([path])
+    );
+}
+
+#[test]
+fn hostile_narinfos_register_nothing_and_the_server_goes_on() {
+    let cache = BinaryCache::new();
+    let dir = cache.dir();
+    let s = salt();
+    // A URL that leaves the cache (for file://, a file anywhere on the server).
+    let escape = fresh(&s, "escape");
+    fake_entry(dir, &escape, b"x\n", &[], |i| {
+        i.url = "../../../../etc/passwd".into()
+    });
+    // A narinfo of 2 MiB.
+    let huge = fresh(&s, "huge");
+    fake_entry(dir, &huge, b"x\n", &[], |i| {
+        i.system = Some("x".repeat(2 << 20))
+    });
+    // Two paths each claiming to refer to the other (real store paths cannot).
+    let (a, b) = (fresh(&s, "cycle-a"), fresh(&s, "cycle-b"));
+    fake_entry(dir, &a, b"a\n", &[&b], |_| {});
+    fake_entry(dir, &b, b"b\n", &[&a], |_| {});
+    // A narinfo for another path than its name says.
+    let (asked, other) = (fresh(&s, "asked"), fresh(&s, "other"));
+    fake_entry(dir, &other, b"o\n", &[], |_| {});
+    std::fs::copy(
+        dir.join(format!("{}.narinfo", other.hash_part())),
+        dir.join(format!("{}.narinfo", asked.hash_part())),
+    )
+    .expect("copy a narinfo");
+    // A NAR longer than its NarSize says (and signed so).
+    let long = fresh(&s, "long");
+    fake_entry(dir, &long, b"long contents\n", &[], |i| i.nar_size -= 8);
+    // An unsupported compression.
+    let brotli = fresh(&s, "brotli");
+    fake_entry(dir, &brotli, b"br\n", &[], |i| {
+        i.compression = nixbuild_core::binary_cache::Compression::parse("br")
+    });
+    // And one good entry, which must still come through.
+    let good = fresh(&s, "good");
+    fake_entry(dir, &good, b"good\n", &[], |_| {});
+
+    let d = Daemon::start_with_config(&config(&cache.file_url()), &[]);
+    let all = [&escape, &huge, &a, &b, &asked, &long, &brotli, &good];
+    assert_eq!(
+        query_substituting(&d, "alice", true, &all),
+        BTreeSet::from([good.clone()])
+    );
+    let stopped = d.stop();
+    let log = &stopped.log;
+    for (path, cause) in [
+        (&escape, "is not a relative path inside the cache"),
+        (&huge, "is larger than 1048576 bytes"),
+        (&a, "references form a cycle"),
+        (&asked, &format!("describes {other}, not {asked}") as &str),
+        (&long, "the NAR is longer than the narinfo's NarSize"),
+        (&brotli, "compression br is not supported"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("path={path}")) && l.contains(cause)),
+            "no {cause:?} for {path}:\n{log}"
+        );
+    }
+    for p in [&escape, &huge, &a, &b, &asked, &long, &brotli] {
+        assert!(
+            !stopped.valid(PUBLIC_ACCOUNT, p) && !stopped.valid("alice", p),
+            "{p}"
+        );
+    }
+    assert!(stopped.valid("alice", &good));
 }
