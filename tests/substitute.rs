@@ -730,3 +730,29 @@ fn hostile_narinfos_register_nothing_and_the_server_goes_on() {
     }
     assert!(stopped.valid("alice", &good));
 }
+
+#[test]
+fn nix_copy_substitute_on_destination_fetches_on_the_server() {
+    let salt = salt();
+    let (cache, files) = cache_of_inputs(&salt, "xz", SMALL);
+    let http = HttpServer::serve(cache.dir());
+    let d = Daemon::start_with_config(&config(&http.url()), &[]);
+    let (nix, file) = client(Client::Host, &salt, SMALL);
+    inputs(&nix, &file);
+    let uri = store_uri().replacen("ssh://", "ssh-ng://", 1);
+    let top = files.last().expect("a top input");
+    nix.ok(nix.relayed(&d, ACCOUNT, "nix").args([
+        "copy",
+        "--substitute-on-destination",
+        "--to",
+        &uri,
+        top,
+    ]));
+    let log = d.stop().log;
+    assert_eq!(
+        count(&log, "nixbuild::substitute: substituted path=", &salt),
+        SMALL,
+        "{log}"
+    );
+    assert_eq!(count(&log, "registered import", &salt), 0, "{log}");
+}
