@@ -81,6 +81,7 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
         ("[builds]", r.builds != n.builds),
         ("[capacity]", r.capacity != n.capacity),
         ("[scheduler]", r.scheduler != n.scheduler),
+        ("[substituters]", r.substituters != n.substituters),
         (
             "limits.max_sessions",
             r.limits.max_sessions != n.limits.max_sessions,

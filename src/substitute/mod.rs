@@ -817,3 +817,166 @@ fn dependencies_first(
         .collect();
     (order, cyclic)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+    use super::*;
+    use crate::store::StoreLimits;
+
+    /// The cache Nix 2.8 wrote (nixbuild-core/tests/data/binary-cache/xz), copied so that a
+    /// test may take files away.
+    fn fixture_cache() -> tempfile::TempDir {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("nixbuild-core/tests/data/binary-cache/xz");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("nar")).unwrap();
+        for sub in ["", "nar"] {
+            for entry in std::fs::read_dir(from.join(sub)).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_file() {
+                    std::fs::copy(entry.path(), dir.path().join(sub).join(entry.file_name()))
+                        .unwrap();
+                }
+            }
+        }
+        dir
+    }
+
+    fn substituter(cache: &std::path::Path, state: &std::path::Path) -> Substituter {
+        let store = Store::open(
+            state,
+            StoreLimits {
+                max_nar_size: 1 << 30,
+                disk_reserve: 0,
+            },
+        )
+        .unwrap();
+        let public = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("nixbuild-core/tests/data/binary-cache/test-cache-1.public"),
+        )
+        .unwrap();
+        let config = SubstitutersConfig {
+            urls: vec![format!("file://{}", cache.display())],
+            trusted_public_keys: vec![public.trim().to_owned()],
+            ..SubstitutersConfig::default()
+        };
+        Substituter::new(store, &config).unwrap().unwrap()
+    }
+
+    fn path(base: &str) -> StorePath {
+        StorePath::from_base_name(base.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_path_is_fetched_once_and_granted_to_each_account() {
+        let cache = fixture_cache();
+        let state = tempfile::tempdir().unwrap();
+        let s = substituter(cache.path(), state.path());
+        let a = path("z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt");
+        let wanted = BTreeSet::from([a.clone()]);
+        let lines = Mutex::new(Vec::new());
+        let granted = s.substitute("alice", &wanted, &|l| lock(&lines).push(l));
+        assert_eq!(granted, wanted);
+        assert_eq!(
+            lock(&lines).as_slice(),
+            [format!(
+                "copying path '{a}' from 'file://{}' (0.00 MiB download, 0.00 MiB unpacked)",
+                cache.path().display()
+            )]
+        );
+        // Bob gets the server's copy: the cache's files are not needed again.
+        std::fs::remove_dir_all(cache.path().join("nar")).unwrap();
+        assert_eq!(s.substitute("bob", &wanted, &|_| {}), wanted);
+        let store = &s.inner.store;
+        for account in ["alice", "bob", PUBLIC_ACCOUNT] {
+            let info = store.query_path_info(account, &a).unwrap().unwrap();
+            assert_eq!(
+                info.sigs.len(),
+                1,
+                "{account}: the narinfo's signature is kept"
+            );
+            assert!(info.ca.is_some(), "{account}: and its content address");
+        }
+        assert!(store.verify().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_path_whose_reference_cannot_be_fetched_registers_nothing() {
+        // golden-ref refers to the busybox path, whose narinfo is there but not its NAR.
+        let cache = fixture_cache();
+        let state = tempfile::tempdir().unwrap();
+        let s = substituter(cache.path(), state.path());
+        let top = path("q1phm7nwklpk0f8ivsxjd29d3g3bdxzz-golden-ref");
+        let busybox = path("ikfa7wfzsy90l6n35ic32mpi3y8756wy-bbdir");
+        assert_eq!(
+            s.substitutable(&BTreeSet::from([top.clone()])),
+            BTreeSet::from([top.clone()]),
+            "its narinfo is signed: it looks substitutable"
+        );
+        assert!(s
+            .substitute("alice", &BTreeSet::from([top.clone()]), &|_| {})
+            .is_empty());
+        let both = BTreeSet::from([top, busybox]);
+        let store = &s.inner.store;
+        assert!(store
+            .query_valid_paths(PUBLIC_ACCOUNT, &both)
+            .unwrap()
+            .is_empty());
+        assert!(store.query_valid_paths("alice", &both).unwrap().is_empty());
+        assert!(store.verify().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_path_no_cache_has_is_remembered_as_missing() {
+        let cache = fixture_cache();
+        let state = tempfile::tempdir().unwrap();
+        let s = substituter(cache.path(), state.path());
+        let a = path("z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt");
+        let narinfo = cache
+            .path()
+            .join("z3n6ml62lc6l9glpaz6fq7fvi2rks9vq.narinfo");
+        let hidden = cache.path().join("hidden");
+        std::fs::rename(&narinfo, &hidden).unwrap();
+        let one = BTreeSet::from([a.clone()]);
+        assert!(s.substitutable(&one).is_empty());
+        // Within the negative TTL (an hour) the cache is not asked again.
+        std::fs::rename(&hidden, &narinfo).unwrap();
+        assert!(s.substitutable(&one).is_empty());
+        lock(&s.inner.memo).clear();
+        assert_eq!(s.substitutable(&one), one);
+    }
+
+    fn found(refs: &[&StorePath], path: &StorePath) -> Found {
+        let text = format!(
+            "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1h5fyjcwjlia4rjfs1x5jwx2zlyfr0jbq9rngl71amlf3wjg260s\nNarSize: 1\nReferences: {}\n",
+            path.to_absolute(),
+            refs.iter().map(|r| r.base_name()).collect::<Vec<_>>().join(" ")
+        );
+        Found {
+            cache: 0,
+            info: Arc::new(NarInfo::parse(text.as_bytes()).unwrap()),
+        }
+    }
+
+    #[test]
+    fn references_come_first_and_cycles_are_set_apart() {
+        let p = |n: &str| path(&format!("{}-{n}", "0".repeat(31) + &n[..1]));
+        let (a, b, c, x, y) = (p("a"), p("b"), p("c"), p("x"), p("y"));
+        // c -> b -> a, c -> a, a -> a (itself); x <-> y.
+        let map = BTreeMap::from([
+            (a.clone(), found(&[&a], &a)),
+            (b.clone(), found(&[&a], &b)),
+            (c.clone(), found(&[&a, &b], &c)),
+            (x.clone(), found(&[&y], &x)),
+            (y.clone(), found(&[&x], &y)),
+        ]);
+        let (order, mut cyclic) = dependencies_first(&map);
+        let order: Vec<StorePath> = order.into_iter().map(|(p, _)| p).collect();
+        assert_eq!(order, vec![a, b, c]);
+        cyclic.sort();
+        assert_eq!(cyclic, vec![x, y]);
+    }
+}
