@@ -444,11 +444,11 @@ fn two_accounts_asking_at_once_share_one_download() {
     }
 }
 
-/// A remote-store build (`nix build --store ssh-ng://…` through the SSH server with the
-/// real OpenSSH client) of a derivation whose dependency's output is in the cache: the
-/// server fetches that output instead of building the dependency, and builds only the top.
-#[test]
-fn nix_2_34_sid_remote_store_build_fetches_a_dependency_instead_of_building_it() {
+/// A remote-store build (`nix build --store ssh-ng://…`, through the relay or the SSH
+/// server with the real OpenSSH client) of a derivation whose dependency's output is in the
+/// cache: the server fetches that output instead of building the dependency, and builds
+/// only the top.
+fn remote_store_build_fetches_a_dependency(which: Client, way: Way) {
     let salt = salt();
     let expr = format!(
         r#"let
@@ -490,7 +490,7 @@ in rec {{
     );
     let http = HttpServer::serve(cache.dir());
 
-    let setup = Setup::with_config(Client::Sid, Way::Ssh, &config(&http.url()));
+    let setup = Setup::with_config(which, way, &config(&http.url()));
     let file = setup.nix.scratch().join("graph.nix");
     std::fs::write(&file, &expr).expect("write the expression");
     let file = file.to_str().expect("a UTF-8 path");
@@ -529,6 +529,21 @@ in rec {{
         1,
         "{log}"
     );
+}
+
+#[test]
+fn nix_2_8_host_remote_store_build_fetches_a_dependency_instead_of_building_it() {
+    remote_store_build_fetches_a_dependency(Client::Host, Way::Relay);
+}
+
+#[test]
+fn nix_2_26_trixie_remote_store_build_fetches_a_dependency_instead_of_building_it() {
+    remote_store_build_fetches_a_dependency(Client::Trixie, Way::Relay);
+}
+
+#[test]
+fn nix_2_34_sid_remote_store_build_fetches_a_dependency_instead_of_building_it() {
+    remote_store_build_fetches_a_dependency(Client::Sid, Way::Ssh);
 }
 
 // The abuse cases of substitution, over scripted sessions (QueryValidPaths with
