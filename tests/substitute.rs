@@ -136,6 +136,17 @@ fn remote_build(
     nix.ok(&mut cmd)
 }
 
+/// Asserts that the daemon's `log` shows `n` paths of the run salted `salt` fetched from the
+/// cache and none uploaded.
+fn all_fetched_none_uploaded(log: &str, salt: &str, n: usize) {
+    assert_eq!(
+        count(log, "nixbuild::substitute: substituted path=", salt),
+        n,
+        "{log}"
+    );
+    assert_eq!(count(log, "registered import", salt), 0, "{log}");
+}
+
 /// Log lines of `log` that contain both `a` and `b`.
 fn count(log: &str, a: &str, b: &str) -> usize {
     log.lines()
@@ -161,17 +172,12 @@ fn input_closure_substituted(which: Client, protocol: Protocol) {
     let log = d.log();
     // Built there, with every input fetched from the cache and none uploaded.
     assert_eq!(count(&log, "nixbuild::build: building ", &salt), 1, "{log}");
-    assert_eq!(
-        count(&log, "nixbuild::substitute: substituted path=", &salt),
-        INPUTS,
-        "{log}"
-    );
+    all_fetched_none_uploaded(&log, &salt, INPUTS);
     assert_eq!(
         count(&log, "nixbuild::substitute: substituted path=", "-bbdir"),
         1,
         "{log}"
     );
-    assert_eq!(count(&log, "registered import", &salt), 0, "{log}");
     // Each NAR downloaded once.
     let nars: Vec<(String, u16)> = http
         .requests()
@@ -235,13 +241,7 @@ fn nix_2_34_sid_substitutes_from_a_zstd_cache_read_as_file_url() {
     let d = Daemon::start_with_config(&config(&cache.file_url()), &[]);
     let (nix, file) = client(Client::Sid, &salt, SMALL);
     remote_build(&nix, &d, &file, Protocol::Daemon);
-    let log = d.stop().log;
-    assert_eq!(
-        count(&log, "nixbuild::substitute: substituted path=", &salt),
-        SMALL,
-        "{log}"
-    );
-    assert_eq!(count(&log, "registered import", &salt), 0, "{log}");
+    all_fetched_none_uploaded(&d.stop().log, &salt, SMALL);
 }
 
 /// Rewrites the narinfo of `path` in `cache` with `edit`, then signs it anew with `key`
@@ -763,11 +763,5 @@ fn nix_copy_substitute_on_destination_fetches_on_the_server() {
         &uri,
         top,
     ]));
-    let log = d.stop().log;
-    assert_eq!(
-        count(&log, "nixbuild::substitute: substituted path=", &salt),
-        SMALL,
-        "{log}"
-    );
-    assert_eq!(count(&log, "registered import", &salt), 0, "{log}");
+    all_fetched_none_uploaded(&d.stop().log, &salt, SMALL);
 }
