@@ -3,6 +3,7 @@ derivations it instantiates, and the checks that the work was really done (NAR h
 Nix's own `nix-store` and `nix-hash`)."""
 
 import os
+import random
 import secrets
 import shutil
 import struct
@@ -109,17 +110,25 @@ class Client:
         )
         self.owned.clear()
 
-    def make_closure(self, salt, count, size):
-        """Imports `count` paths of `size` bytes each, path i referring to i-1 and i/2.
+    def make_closure(self, salt, count, size, key="closure", shape="chain", compressible=False):
+        """Imports `count` paths of `size` bytes each, with references among them.
+
+        `shape` "chain": path i refers to i-1 and i/2 (a closure 200 deep); "tree": a
+        binary tree whose root is the last path, path i referring to the two paths below it
+        (`tree_refs`, about log2(count) deep, as wide as real closures are). The last path
+        is the top either way, and every path is in its closure.
 
         Written as an export stream for `nix-store --import` (the only way to give paths
-        references without building); the contents are random bytes after the text of the
-        referenced paths, so a reference scanner finds exactly the declared references.
+        references without building); the contents are the text of the referenced paths
+        followed by random bytes, or with `compressible` by `compressible_bytes` (about half
+        of it is what xz keeps), so a reference scanner finds exactly the declared references.
         """
+        tag = "" if key == "closure" else f"{key}-"
         paths = []
         for i in range(count):
             digest = "".join(secrets.choice(NIX32_CHARS) for _ in range(32))
-            paths.append(f"{self.store_dir()}/{digest}-{PREFIX}-{salt}-{i:03d}")
+            paths.append(f"{self.store_dir()}/{digest}-{PREFIX}-{salt}-{tag}{i:03d}")
+        filler = CompressibleFiller() if compressible else None
         proc = subprocess.Popen(
             ["nix-store", "--import"],
             env=self.env,
@@ -129,9 +138,11 @@ class Client:
         )
         try:
             for i, path in enumerate(paths):
-                refs = sorted({paths[j] for j in (i - 1, i // 2) if 0 <= j < i})
+                ref_ids = tree_refs(count, i) if shape == "tree" else (i - 1, i // 2)
+                refs = sorted({paths[j] for j in ref_ids if 0 <= j < i})
                 head = "".join(r + "\n" for r in refs).encode()
-                contents = head + os.urandom(size - len(head))
+                rest = size - len(head)
+                contents = head + (filler.bytes(rest) if filler else os.urandom(rest))
                 entry = [u64(1), nar_regular_file(contents), u64(0x4558494E), wire_str(path)]
                 entry += [u64(len(refs))] + [wire_str(r) for r in refs]
                 entry += [wire_str(""), u64(0)]
@@ -143,13 +154,22 @@ class Client:
         self.owned.update(paths)
         if rc != 0:
             raise BenchError(f"nix-store --import of the closure failed:\n{tail(self.log)}")
+        nar_size = 0
+        if key != "closure":
+            sizes = capture(
+                ["nix-store", "-q", "--size"] + paths, self.env, self.log, "client NAR sizes"
+            )
+            nar_size = sum(int(x) for x in sizes)
+        what = "binary tree" if shape == "tree" else "closure"
+        kind = ", contents about half compressible" if compressible else ""
         return Dataset(
-            "closure",
-            f"closure of {count} paths x {size // MIB} MiB",
+            key,
+            f"{what} of {count} paths x {size / MIB:g} MiB{kind}",
             paths[-1],
             tuple(paths),
             self.hashes(None, paths, "client narHash of the closure"),
             count * size,
+            nar_size,
         )
 
     def make_big(self, salt, size):
@@ -346,6 +366,51 @@ class Client:
         """Deletes a run's derivations and outputs from the client store (not measured)."""
         self.delete(paths, "deleting the run's derivations and outputs")
         self.owned.difference_update(paths)
+
+
+def tree_refs(count, i):
+    """The references of path i of a `count`-path binary tree rooted at the last path: with
+    heap index h = count-1-i (the root 0), the paths of heap indices 2h+1 and 2h+2, both
+    below i, so the export stream lists every path after its references."""
+    h = count - 1 - i
+    return [count - 1 - c for c in (2 * h + 1, 2 * h + 2) if c < count]
+
+
+class CompressibleFiller:
+    """Moderately compressible file contents, made fast: segments of 64 KiB, each with
+    probability 0.3 random bytes, else a slice at a random offset of 16 MiB of text (random
+    words of a vocabulary of 4096 made-up words, lower case, 2 to 10 letters). xz -6 keeps
+    about 47 % of it (the random segments whole, the text at about a quarter), and
+    decompresses it at about 45 MiB/s on the machine of BENCHMARKS.md."""
+
+    SEGMENT = 64 * 1024
+    RANDOM_SHARE = 0.3
+
+    def __init__(self):
+        rng = random.Random(secrets.randbits(64))
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 10))) for _ in range(4096)]
+        words = []
+        size = 0
+        while size < 16 * MIB:
+            chunk = rng.choices(vocab, k=100_000)
+            words.append(" ".join(chunk))
+            size += len(words[-1]) + 1
+        self.pool = " ".join(words).encode()
+        self.rng = rng
+
+    def bytes(self, n):
+        out = []
+        left = n
+        while left > 0:
+            k = min(self.SEGMENT, left)
+            if self.rng.random() < self.RANDOM_SHARE:
+                out.append(os.urandom(k))
+            else:
+                at = self.rng.randrange(len(self.pool) - k)
+                out.append(self.pool[at : at + k])
+            left -= k
+        return b"".join(out)
 
 
 def u64(n):

@@ -20,6 +20,10 @@ NGSTORE_SIDE_LABEL = {
     "reference": "reference (sshd + nix-daemon --stdio, its store)",
     "nixbuild": "nixbuild (SSH, nix-daemon --stdio, its store)",
 }
+SUBST_SIDE_LABEL = {
+    "reference": "reference (nix-store --realise)",
+    "nixbuild": "nixbuild (nix copy --substitute-on-destination, ssh-ng)",
+}
 # How the report says which transport a workload went over.
 OVER = {"stdio": "", "ssh": " over SSH", "ssh-ng": " over ssh-ng"}
 

@@ -8,10 +8,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 from common import (
+    PREFIX,
     BenchError,
     GNU_TIME,
     SETSID,
@@ -26,7 +28,14 @@ from common import (
     tail,
 )
 from client import check_hashes, check_server_nar_hashes, check_texts
-from report import NGSSH_SIDE_LABEL, NGSTORE_SIDE_LABEL, SIDE_LABEL, SSH_SIDE_LABEL, median
+from report import (
+    NGSSH_SIDE_LABEL,
+    NGSTORE_SIDE_LABEL,
+    SIDE_LABEL,
+    SSH_SIDE_LABEL,
+    SUBST_SIDE_LABEL,
+    median,
+)
 from workloads import critical_path
 
 
@@ -700,3 +709,212 @@ class NgStoreNixbuild(NgSshNixbuild):
             run(["nix", "copy", "--from", url] + outs, client.env, client.log, "nixbuild: fetching the outputs")
         check_texts(builds, "nixbuild store (outputs fetched)")
         return times
+
+
+# The daemon's log line for each path it fetched from a cache (target nixbuild::substitute).
+SUBSTITUTED = "nixbuild::substitute: substituted path="
+
+
+class HttpCache:
+    """The binary cache both sides substitute from (issue 20), made once per harness run: a
+    fresh signing key (`nix-store --generate-binary-cache-key`), the dataset's closure
+    written by the real Nix (`nix copy --to 'file://<dir>?secret-key=<key>&compression=xz'`,
+    Nix's default xz level, `parallel-compression` to make it sooner), and served over HTTP by
+    `python3 -m http.server` on 127.0.0.1, the one server for both sides, outside every
+    measured cgroup. Its access log tells how many NARs each run fetched. Stopped at cleanup.
+    """
+
+    def __init__(self, tmp, client, dataset):
+        self.dir = os.path.join(tmp, "cache")
+        os.mkdir(self.dir)
+        secret = os.path.join(tmp, "cache-key.secret")
+        public = os.path.join(tmp, "cache-key.public")
+        run(
+            ["nix-store", "--generate-binary-cache-key", f"{PREFIX}-1", secret, public],
+            client.env,
+            client.log,
+            "nix-store --generate-binary-cache-key",
+        )
+        with open(public) as f:
+            self.public_key = f.read().strip()
+        started = time.monotonic()
+        run(
+            [
+                "nix",
+                "copy",
+                "--to",
+                f"file://{self.dir}?secret-key={secret}&compression=xz&parallel-compression=true",
+                dataset.top,
+            ],
+            client.env,
+            client.log,
+            "nix copy of the closure into the binary cache",
+        )
+        self.seconds = time.monotonic() - started
+        self.nar_size = self.file_size = 0
+        infos = [n for n in os.listdir(self.dir) if n.endswith(".narinfo")]
+        for name in infos:
+            with open(os.path.join(self.dir, name)) as f:
+                fields = dict(line.split(": ", 1) for line in f.read().splitlines() if ": " in line)
+            if fields.get("Compression") != "xz" or not fields.get("Sig", "").startswith(f"{PREFIX}-1:"):
+                raise BenchError(f"cache: {name} is not an xz NAR signed by the harness's key: {fields}")
+            self.nar_size += int(fields["NarSize"])
+            self.file_size += int(fields["FileSize"])
+        if len(infos) != len(dataset.paths):
+            raise BenchError(f"cache: {len(infos)} narinfos for {len(dataset.paths)} paths")
+        self.access_log = os.path.join(tmp, "cache-access.log")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0", "--directory", self.dir],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=open(self.access_log, "ab"),
+        )
+        # "Serving HTTP on 127.0.0.1 port 38123 (http://127.0.0.1:38123/) ..."
+        words = self.proc.stdout.readline().decode().split()
+        port = words[words.index("port") + 1] if "port" in words[:-1] else ""
+        if not port.isdigit():
+            self.stop()
+            raise BenchError(f"python3 -m http.server did not start:\n{tail(self.access_log)}")
+        self.url = f"http://127.0.0.1:{port}"
+
+    def mark(self):
+        """Where the access log ends now."""
+        return os.path.getsize(self.access_log)
+
+    def nar_fetches(self, since):
+        """NARs served in full (`GET /nar/... 200`) since `mark` gave `since`."""
+        with open(self.access_log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return sum(1 for line in text.splitlines() if '"GET /nar/' in line and '" 200 ' in line)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        kill_pid(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            kill_pid(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.proc = None
+
+
+class SubstituteReference(Reference):
+    """Nix 2.8 substituting by itself (issue 20): `nix-store --store <fresh chroot store>
+    --realise <top>` (the top is no derivation, so realising it substitutes it, its closure
+    first), with the cache as its one substituter and its key trusted, signatures required
+    (as nixbuild requires them), `max-jobs` substitutions at once (Nix counts them against
+    `max-jobs`; its default is 1), and a fresh `XDG_CACHE_HOME` per run so that no narinfo
+    lookup of an earlier run is remembered (nixbuild's daemon is new each run too). The
+    process is client and server in one: all of it is the server's figures."""
+
+    label = SUBST_SIDE_LABEL["reference"]
+
+    def __init__(self, root, client_conf, cache, jobs):
+        self.root = root
+        self.store = None
+        self.cache = cache
+        self.conf_dir = os.path.join(root, "ref-subst-nix-conf")
+        os.mkdir(self.conf_dir)
+        with open(client_conf) as f:
+            conf = f.read()
+        with open(os.path.join(self.conf_dir, "nix.conf"), "w") as f:
+            f.write(
+                conf
+                + f"substituters = {cache.url}\n"
+                f"trusted-public-keys = {cache.public_key}\n"
+                "require-sigs = true\n"
+                f"max-jobs = {jobs}\n"
+            )
+
+    def fresh_store(self, n, client):
+        if self.store:
+            rm_tree(self.store)
+        self.store = os.path.join(self.root, f"ref-subst-store-{n}")
+        os.makedirs(os.path.join(self.store, "nix"))
+        # Its database exists before the run, as nixbuild's daemon opens its store before.
+        run(["nix-store", "--store", self.store, "--init"], client.env, client.log, "nix-store --init")
+
+    def substitute_command(self, rundir, group, stats_dir, dataset):
+        """The measured command: the wrapper joins the run's cgroup and execs GNU time and
+        `nix-store --realise`."""
+        cache_home = os.path.join(rundir, "xdg-cache")
+        os.mkdir(cache_home)
+        env = {"NIX_CONF_DIR": self.conf_dir, "XDG_CACHE_HOME": cache_home}
+        script = wrapper_script(
+            os.path.join(rundir, "ref-realise.sh"),
+            group,
+            stats_dir,
+            "nix-store",
+            env,
+            shutil.which("nix-store"),
+            foreground=True,
+        )
+        return [script, "--store", self.store, "--realise", dataset.top]
+
+    def verify_substituted(self, client, dataset, _rundir, _started, _ended):
+        """Every path valid in its store with the client's narHash, and on disk hashing to it."""
+        self.verify_upload(client, dataset)
+        return None
+
+
+class SubstituteNixbuild(Nixbuild):
+    """A fresh `nixbuild-server` on an empty state directory whose `nixbuild.toml` has the
+    cache in `[substituters]` (its key trusted; `max_parallel` nixbuild's default unless
+    given), reached by the client's `nix copy --substitute-on-destination --to
+    ssh-ng://localhost?remote-program=<relay wrapper>`: Nix 2.8 asks which paths the server
+    has, with `substitute` (QueryValidPaths), the daemon fetches the closure from the cache
+    before answering, and the client then finds nothing to upload."""
+
+    label = SUBST_SIDE_LABEL["nixbuild"]
+
+    def __init__(self, root, bin_dir, client, cache, max_parallel=None):
+        super().__init__(root, bin_dir, client)
+        self.cache = cache
+        self.max_parallel = max_parallel
+
+    def fresh_store(self, n, _client=None):
+        super().fresh_store(n)
+        with open(os.path.join(self.state, "nixbuild.toml"), "w") as f:
+            f.write(
+                "[substituters]\n"
+                f'urls = ["{self.cache.url}"]\n'
+                f'trusted_public_keys = ["{self.cache.public_key}"]\n'
+                + (f"max_parallel = {self.max_parallel}\n" if self.max_parallel else "")
+            )
+
+    def substitute_command(self, rundir, group, stats_dir, dataset):
+        """Starts the daemon in the run's cgroup (under GNU time, as the relay); the
+        measured client command."""
+        (url,) = self.start(rundir, group, stats_dir)
+        url = url.replace("ssh://", "ssh-ng://", 1)
+        return ["nix", "copy", "--substitute-on-destination", "--to", url, dataset.top]
+
+    def verify_substituted(self, client, dataset, rundir, started, ended):
+        """The daemon's log shows each path of the closure substituted once and no upload;
+        then every path is valid for the account with the client's narHash and the objects
+        on disk hash to them (`verify_upload`). Returns when the daemon logged its first and
+        last path substituted, against the client's start and exit (seconds)."""
+        with open(os.path.join(rundir, "daemon.log"), errors="replace") as f:
+            lines = f.read().splitlines()
+        wanted = set(dataset.paths)
+        done = {}
+        for line in lines:
+            if SUBSTITUTED in line:
+                path = field(line, "path")
+                if path in wanted:
+                    done.setdefault(path, []).append(log_time(line))
+        twice = [p for p, ts in done.items() if len(ts) != 1]
+        if len(done) != len(wanted) or twice:
+            raise BenchError(
+                f"nixbuild: the daemon log shows {len(done)} of the {len(wanted)} paths substituted"
+                + (f", {len(twice)} more than once" if twice else "")
+            )
+        uploads = [line for line in lines if "registered import" in line]
+        if uploads:
+            raise BenchError(f"nixbuild: the client uploaded {len(uploads)} paths: {uploads[0]}")
+        self.verify_upload(client, dataset)
+        times = sorted(ts[0] for ts in done.values())
+        return {"first": times[0] - started, "last": times[-1] - started, "after": ended - times[-1]}

@@ -17,6 +17,7 @@ class Dataset:
     paths: tuple
     nar_hashes: dict  # store path -> "sha256:<nix32>" as the client's Nix recorded it
     size: int  # bytes of file contents in the closure (what throughput is counted in)
+    nar_size: int = 0  # bytes of the paths' NARs (`nix-store -q --size`), where needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,24 @@ class ConnectWorkload:
     remote_store = False
 
 
+@dataclasses.dataclass(frozen=True)
+class SubstituteWorkload:
+    """A closure substituted from a binary cache served over HTTP into an empty store
+    (issue 20): on the reference's side Nix 2.8's own `nix-store --realise` of the top path
+    into a fresh chroot store; on nixbuild's, a fresh daemon with `[substituters]`, asked by
+    the client's `nix copy --substitute-on-destination --to ssh-ng://...` (through the
+    relay), which fetches the closure itself while the client uploads nothing."""
+
+    name: str
+    throughput_target: float  # NAR MiB/s nixbuild / reference at least this
+    cpu_target: float  # server CPU nixbuild / reference at most this
+    mem_target_mib: float  # nixbuild's peak RSS (daemon + relay) under this
+    dataset: str = "substitute"
+    transport: str = "stdio"
+    kind = "substitute"
+    remote_store = False
+
+
 WORKLOADS = [
     Workload("upload-closure", "upload", "closure", 1 / 2, None),
     Workload("download-closure", "download", "closure", 1 / 3, None),
@@ -143,6 +162,8 @@ WORKLOADS = [
     # OpenSSH's sshd running `nix-daemon --stdio` on its own store.
     BuildWorkload("ngstore-chain-20", "chain", 20, 1, 0.3, transport="ssh-ng", remote_store=True),
     BuildWorkload("ngstore-graph-50", "graph", 50, 1, 0.3, transport="ssh-ng", remote_store=True),
+    # Issue 20: substitution from a binary cache over HTTP into an empty store.
+    SubstituteWorkload("substitute-200", 1.5, 1.0, 128),
 ]
 
 # The transports that go through sshd on the reference's side (the client's ssh config).
@@ -160,6 +181,7 @@ WORKLOAD_GROUPS = {
     ],
     "issue18": ["ngssh-build-50", "ngssh-upload-200", "ngssh-download-200"],
     "issue19": ["ngstore-chain-20", "ngstore-graph-50"],
+    "issue20": ["substitute-200"],
 }
 
 # The diamond of `ngstore-graph-50`: the width of each layer, from the bottom (no inputs) to
