@@ -324,6 +324,18 @@ impl<'a> SessionContext<'a> {
         Ok(tokio::task::spawn_blocking(move || substituter.substitutable(&paths)).await?)
     }
 
+    /// The bytes fetching `paths` from the caches would download and unpack (see
+    /// [`crate::substitute::Substituter::sizes`]); nothing without caches.
+    pub async fn substitution_sizes(
+        &self,
+        paths: BTreeSet<StorePath>,
+    ) -> Result<(u64, u64), ServiceError> {
+        let Some(substituter) = self.builds.substituter().cloned() else {
+            return Ok((0, 0));
+        };
+        Ok(tokio::task::spawn_blocking(move || substituter.sizes(&paths)).await?)
+    }
+
     /// Where the content-addressed output `drv_output` (`sha256:<hex>!<output>`) was built
     /// for the account, if it still holds that path (QueryRealisation).
     pub async fn query_realisation(

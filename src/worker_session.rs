@@ -572,18 +572,25 @@ impl<O: SessionOutput> Driver<'_, O> {
     }
 
     /// QueryMissing: the derivations the graph build of `paths` would build, the paths it
-    /// would fetch from binary caches, and the paths that are neither valid, substitutable
-    /// nor buildable (the sizes are not computed: 0).
+    /// would fetch from binary caches with the bytes that takes, and the paths that are
+    /// neither valid, substitutable nor buildable.
     async fn missing(&self, paths: Vec<DerivedPath>) -> Result<Missing, Failure> {
         self.ctx
             .check_count("QueryMissing", paths.len())
             .map_err(refused)?;
         let plan = self.ctx.plan_graph(paths, false).await.map_err(refused)?;
+        let will_substitute: BTreeSet<StorePath> = plan.will_substitute().cloned().collect();
+        let (download_size, nar_size) = self
+            .ctx
+            .substitution_sizes(will_substitute.clone())
+            .await
+            .map_err(refused)?;
         Ok(Missing {
             will_build: plan.will_build().cloned().collect(),
-            will_substitute: plan.will_substitute().cloned().collect(),
+            will_substitute,
             unknown: plan.unknown().cloned().collect(),
-            ..Missing::default()
+            download_size,
+            nar_size,
         })
     }
 

@@ -444,6 +444,18 @@ fn two_accounts_asking_at_once_share_one_download() {
     }
 }
 
+/// The paths Nix lists under the heading of a dry run that contains `heading` (`this
+/// derivation will be built:`, `these 2 paths will be fetched (…):`).
+fn listed(dry_run: &str, heading: &str) -> Vec<String> {
+    dry_run
+        .lines()
+        .skip_while(|l| !l.contains(heading))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
 /// A remote-store build (`nix build --store ssh-ng://…`, through the relay or the SSH
 /// server with the real OpenSSH client) of a derivation whose dependency's output is in the
 /// cache: the server fetches that output instead of building the dependency, and builds
@@ -494,6 +506,51 @@ in rec {{
     let file = setup.nix.scratch().join("graph.nix");
     std::fs::write(&file, &expr).expect("write the expression");
     let file = file.to_str().expect("a UTF-8 path");
+    // With the `.drv` files on the server, a dry run (QueryMissing) says what the build
+    // will fetch and what it will build. (Nix 2.8's `nix copy` takes a `.drv` for its
+    // outputs, so it cannot copy the derivations alone.)
+    if which != Client::Host {
+        let drv = lines(
+            &setup
+                .nix
+                .ok(setup
+                    .nix
+                    .command("nix-instantiate")
+                    .arg(&file)
+                    .args(["-A", "top"]))
+                .stdout,
+        )
+        .pop()
+        .expect("the top's .drv");
+        must(
+            &setup,
+            "copying the derivations",
+            setup
+                .cmd(ALICE, "nix")
+                .args(["copy", "--to", &setup.uri(ALICE), &drv]),
+        );
+        let dry = must(
+            &setup,
+            "the dry run",
+            &mut setup.nix(
+                ALICE,
+                &[
+                    "build",
+                    "--dry-run",
+                    "--eval-store",
+                    "auto",
+                    "-f",
+                    file,
+                    "top",
+                ],
+            ),
+        );
+        let dry = String::from_utf8_lossy(&dry.stderr);
+        assert_eq!(listed(&dry, "will be fetched"), vec![dep.clone()], "{dry}");
+        let built = listed(&dry, "will be built");
+        assert_eq!(built.len(), 1, "{dry}");
+        assert!(built[0].ends_with(&format!("top-{salt}.drv")), "{dry}");
+    }
     let words = [
         "build",
         "--eval-store",

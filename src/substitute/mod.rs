@@ -368,6 +368,29 @@ impl Substituter {
         result
     }
 
+    /// The bytes fetching `paths` would download and unpack (QueryMissing's
+    /// `downloadSize` and `narSize`): from their narinfos (looked up again, normally
+    /// remembered), or their NAR size for those the server already holds, whose download
+    /// is nothing. Paths no cache has count nothing.
+    pub fn sizes(&self, paths: &BTreeSet<StorePath>) -> (u64, u64) {
+        let held = self
+            .inner
+            .store
+            .query_path_infos(PUBLIC_ACCOUNT, paths)
+            .unwrap_or_default();
+        let (mut download, mut unpacked) = (0u64, 0u64);
+        for path in paths {
+            if let Some(info) = held.get(path) {
+                unpacked = unpacked.saturating_add(info.nar_size);
+            } else if let Some(f) = self.lookup(path) {
+                let nar = f.info.nar_size;
+                download = download.saturating_add(f.info.file_size.unwrap_or(nar));
+                unpacked = unpacked.saturating_add(nar);
+            }
+        }
+        (download, unpacked)
+    }
+
     fn try_substitute(
         &self,
         account: &str,
