@@ -516,7 +516,7 @@ in rec {{
                 .ok(setup
                     .nix
                     .command("nix-instantiate")
-                    .arg(&file)
+                    .arg(file)
                     .args(["-A", "top"]))
                 .stdout,
         )
