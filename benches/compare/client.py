@@ -379,9 +379,10 @@ def tree_refs(count, i):
 class CompressibleFiller:
     """Moderately compressible file contents, made fast: segments of 64 KiB, each with
     probability 0.3 random bytes, else a slice at a random offset of 16 MiB of text (random
-    words of a vocabulary of 4096 made-up words, lower case, 2 to 10 letters). xz -6 keeps
-    about 47 % of it (the random segments whole, the text at about a quarter), and
-    decompresses it at about 45 MiB/s on the machine of BENCHMARKS.md."""
+    words of a vocabulary of 4096 made-up words, lower case, 2 to 10 letters). Nix's xz keeps
+    about half of it (52 % of substitute-200's NARs: the random segments whole, the text at
+    about a quarter), and Debian 12's xz 5.4 decompresses it at about 50 MiB/s on the machine
+    of BENCHMARKS.md, in the range of real NARs."""
 
     SEGMENT = 64 * 1024
     RANDOM_SHARE = 0.3

@@ -6,7 +6,10 @@ stdio transport (`ssh://localhost?remote-program=...`, which Nix runs through `b
 sshd), or, for the `ssh-` workloads, over SSH: OpenSSH's sshd running `nix-store --serve`
 in a private mount namespace with its own `/nix`, against nixbuild-server's own SSH; for the
 `ngssh-` workloads (issue 18) the same over ssh-ng, with sshd running `nix-daemon --stdio`, and
-for the `ngstore-` ones (issue 19) that server as the store of `nix build --store`. Runs
+for the `ngstore-` ones (issue 19) that server as the store of `nix build --store`; for
+`substitute-200` (issue 20) Nix's own `nix-store --realise` and nixbuild each fill an empty
+store from the same binary cache over HTTP (nixbuild asked by `nix copy
+--substitute-on-destination`). Runs
 alternate between the two sides, every run does the full work (fresh server store for
 uploads, client copies deleted before downloads), and every run is checked: the paths must
 be valid on the destination with the narHash the client recorded, and the bytes on the
@@ -33,19 +36,21 @@ import subprocess
 import sys
 import tempfile
 
-from common import BenchError, Interrupted, MIB, PREFIX, SIDES, log, pid_alive, rm_tree
+from common import BenchError, Interrupted, MIB, PREFIX, SIDES, kill_pid, log, pid_alive, rm_tree
 from workloads import BUILDER_FEATURES, BUILDER_SYSTEM, SSH_TRANSPORTS, WORKLOADS, WORKLOAD_GROUPS
 from cgroups import destroy_tree
 from measurement import Bench, VmMemory, build_slots, builder_cpu_ms, loadavg, wrapper_cpu_ms
 from report import (
     fmt_client_view,
     fmt_mib,
+    fmt_subst_timeline,
     fmt_timeline,
     git_commit,
     machine_description,
     report,
     report_build,
     report_connect,
+    report_substitute,
     ssh_version,
 )
 
@@ -70,6 +75,19 @@ def sweep():
                     dirnames.remove(d)
                     if dead_owner(d):
                         destroy_tree(os.path.join(dirpath, d))
+    # The cache's HTTP server of a dead run (issue 20): python3 -m http.server serving a
+    # directory of that run's temporary directory.
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any("http.server" in a for a in args) and "--directory" in args[:-1]:
+            served = args[args.index("--directory") + 1]
+            run_dir = next((c for c in served.split("/") if c.startswith(PREFIX + ".")), None)
+            if run_dir and dead_owner(run_dir):
+                kill_pid(pid, signal.SIGKILL)
     tmp = tempfile.gettempdir()
     for name in os.listdir(tmp):
         if name.startswith(PREFIX + ".") and dead_owner(name):
@@ -113,6 +131,24 @@ def parse_args(argv):
     p.add_argument("--bin-dir", required=True, help="where nixbuild-server and nixbuild-serve are")
     p.add_argument("--closure-paths", type=int, default=200, help="paths in the closure (200)")
     p.add_argument("--big-mib", type=int, default=1024, help="size of the big path in MiB (1024)")
+    p.add_argument(
+        "--substitute-mib",
+        type=int,
+        default=500,
+        help="file contents of substitute-200's closure in MiB, over --closure-paths paths (500)",
+    )
+    p.add_argument(
+        "--substitute-ref-jobs",
+        type=int,
+        default=1,
+        help="max-jobs of the substituting reference: substitutions at once (1, Nix's default)",
+    )
+    p.add_argument(
+        "--substitute-max-parallel",
+        type=int,
+        default=None,
+        help="[substituters] max_parallel of nixbuild (default: nixbuild's own, 16)",
+    )
     p.add_argument(
         "--build-one-count", type=int, default=20, help="nix-builds per build-one run (20)"
     )
@@ -167,8 +203,12 @@ def parse_args(argv):
     if unknown or not chosen:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {names}")
     args.workloads = [w for w in WORKLOADS if w.name in chosen]
-    if min(args.build_one_count, args.jobs, args.parallel_jobs) < 1:
-        p.error("--build-one-count, --jobs and --parallel-jobs must be at least 1")
+    if min(args.build_one_count, args.jobs, args.parallel_jobs, args.substitute_ref_jobs) < 1:
+        p.error("--build-one-count, --jobs, --parallel-jobs and --substitute-ref-jobs must be at least 1")
+    if args.substitute_max_parallel is not None and args.substitute_max_parallel < 1:
+        p.error("--substitute-max-parallel must be at least 1")
+    if args.substitute_mib < 1 or args.closure_paths < 1:
+        p.error("--substitute-mib and --closure-paths must be at least 1")
     args.workloads = [
         dataclasses.replace(w, count=args.build_one_count)
         if w.kind == "build" and w.shape == "one"
@@ -275,6 +315,17 @@ def bench_main(bench, args, vm):
             f"server, nothing fetched); the reference's nix-daemon builds with max-jobs = {args.jobs} "
             "(--jobs) in Nix's sandbox as nixbld users; nixbuild with its default configuration"
         )
+    if any(w.kind == "substitute" for w in args.workloads):
+        header.append(
+            "- substitution: a binary cache made once per harness run by the client's Nix "
+            "(nix copy --to 'file://<dir>?secret-key=<fresh key>&compression=xz'), served by "
+            "python3 -m http.server on 127.0.0.1 (listen backlog 1024; outside the measured cgroups); into an empty store "
+            "each run: the reference is nix-store --store <fresh chroot store> --realise <top> with the "
+            f"cache as its substituter, signatures required, max-jobs = {args.substitute_ref_jobs}, "
+            "a fresh XDG_CACHE_HOME; nixbuild is a fresh daemon with [substituters] (max_parallel "
+            f"{args.substitute_max_parallel or 'default'}), driven by nix copy --substitute-on-destination "
+            "--option builders-use-substitutes true --to ssh-ng://localhost?remote-program=<relay> <top>"
+        )
     if builds:
         if "reference" in args.sides:
             check_build_users(max(w.clients * build_slots(args, w.clients) for w in builds))
@@ -326,6 +377,31 @@ def bench_main(bench, args, vm):
             log(f"generating the {workload.dataset} dataset on the client...")
             datasets[workload.dataset] = bench.dataset(workload.dataset)
         dataset = datasets[workload.dataset]
+        if workload.kind == "substitute":
+            if bench.cache is None:
+                log("making the binary cache (xz, once per harness run; not measured)...")
+                bench.make_cache(dataset)
+                c = bench.cache
+                log(
+                    f"cache at {c.url}: {len(dataset.paths)} paths, NAR {c.nar_size / MIB:.1f} MiB, "
+                    f"xz {c.file_size / MIB:.1f} MiB ({c.file_size / c.nar_size:.0%}), made in {c.seconds:.0f} s"
+                )
+            samples = {s: [] for s in SIDES}
+            for rep in range(args.reps):
+                order = list(args.sides) if rep % 2 == 0 else list(reversed(args.sides))
+                for name in order:
+                    s = bench.measure_substitute(bench.side(name, workload), workload, dataset)
+                    samples[name].append(s)
+                    log(
+                        f"{workload.name} {name:9} #{rep + 1}: wall {s.wall:.3f} s "
+                        f"({dataset.nar_size / MIB / s.wall:.0f} MiB/s), server CPU {s.cpu:.3f} s, "
+                        + (f"client CPU {s.client_cpu:.3f} s, " if s.client_cpu is not None else "")
+                        + f"peak RSS {s.rss / MIB:.1f} MiB, working set {fmt_mib(s.ws_peak)} MiB, "
+                        f"cgroup memory {fmt_mib(s.cg_mem)} MiB, HTTP server CPU {s.cache_cpu:.3f} s"
+                        + (f"; log: {fmt_subst_timeline(s.timeline)}" if s.timeline else "")
+                    )
+            sections.append(report_substitute(workload, dataset, bench.cache, samples, args, args.reps))
+            continue
         if workload.direction == "download":
             for name in args.sides:
                 log(f"{workload.name}: filling the {name} store (not measured)...")

@@ -26,6 +26,9 @@ from servers import (
     SshClient,
     SshNixbuild,
     SshReference,
+    HttpCache,
+    SubstituteNixbuild,
+    SubstituteReference,
     read_stats,
     wrapper_script,
 )
@@ -48,6 +51,14 @@ class Sample:
     procs: list  # (label, maxrss, cpu) per server process
     client_cpu: float  # seconds, user+sys of the client command and everything it waited for
     ws_peak: int | None  # bytes, highest sampled working set (cgroup memory minus file pages)
+
+
+@dataclasses.dataclass
+class SubstituteSample(Sample):
+    # nixbuild: when its log shows the first and last path substituted (`verify_substituted`)
+    timeline: dict | None = None
+    cache_cpu: float | None = None  # seconds of CPU the cache's HTTP server used in the run
+    overflows: int | None = None  # connections the machine's listen queues dropped in the run
 
 
 @dataclasses.dataclass
@@ -103,9 +114,13 @@ class Bench:
         self.salt = secrets.token_hex(4)
         self.counter = 0
         self.active_group = None
+        # Issue 20: the binary cache and the two sides that substitute from it (`make_cache`).
+        self.cache = None
+        self.subst_sides = None
 
     def cleanup(self):
         ssh_sides = [s for pair in self.ssh_sides.values() for s in pair]
+        ssh_sides += list(self.subst_sides or [])
         for side in [self.nixbuild] + ssh_sides:
             if side is None:
                 continue
@@ -113,6 +128,11 @@ class Bench:
                 side.stop(self.active_group)
             except (OSError, subprocess.SubprocessError) as e:
                 log(f"warning: stopping the {side.label} server: {e}")
+        if self.cache is not None:
+            try:
+                self.cache.stop()
+            except (OSError, subprocess.SubprocessError) as e:
+                log(f"warning: stopping the cache's HTTP server: {e}")
         self.cgroups.destroy()
         self.client.delete_owned()
         if self.args.keep_tmp:
@@ -121,6 +141,9 @@ class Bench:
             rm_tree(self.tmp)
 
     def side(self, name, workload):
+        if workload.kind == "substitute":
+            reference, nixbuild = self.subst_sides
+            return reference if name == "reference" else nixbuild
         key = (workload.transport, workload.remote_store)
         if key in self.ssh_sides:
             reference, nixbuild = self.ssh_sides[key]
@@ -130,7 +153,77 @@ class Bench:
     def dataset(self, key):
         if key == "closure":
             return self.client.make_closure(self.salt, self.args.closure_paths, MIB)
+        if key == "substitute":
+            n = self.args.closure_paths
+            return self.client.make_closure(
+                self.salt, n, self.args.substitute_mib * MIB // n, key, shape="tree", compressible=True
+            )
         return self.client.make_big(self.salt, self.args.big_mib * MIB)
+
+    def make_cache(self, dataset):
+        """The binary cache of `dataset`, served over HTTP, and the sides using it (once)."""
+        self.cache = HttpCache(self.tmp, self.client, dataset)
+        self.subst_sides = (
+            SubstituteReference(self.tmp, self.client.conf_file, self.cache, self.args.substitute_ref_jobs),
+            SubstituteNixbuild(
+                self.tmp, self.args.bin_dir, self.client, self.cache, self.args.substitute_max_parallel
+            )
+            if "nixbuild" in self.args.sides
+            else None,
+        )
+
+    def measure_substitute(self, side, workload, dataset):
+        """One substitution of `dataset`'s closure from the cache into an empty store."""
+        self.counter += 1
+        side.fresh_store(self.counter, self.client)
+        rundir = self.rundir(f"{side.name}-{workload.name}")
+        stats_dir = os.path.join(rundir, "stats")
+        os.mkdir(stats_dir)
+        os.sync()
+        group = self.cgroups.new_group(f"run-{self.counter}")
+        self.active_group = group
+        mark = self.cache.mark()
+        try:
+            cmd = side.substitute_command(rundir, group, stats_dir, dataset)
+            group.sample_working_set()
+            cpu0 = group.cpu_ns()
+            client0 = children_cpu()
+            http0 = self.cache.cpu_seconds()
+            overflows0 = listen_overflows()
+            started = time.time()  # for the daemon log's timestamps
+            t0 = time.monotonic()
+            run(cmd, self.client.env, os.path.join(rundir, "client.log"), f"{side.name}: {workload.name}")
+            wall = time.monotonic() - t0
+            client_cpu = children_cpu() - client0
+            cache_cpu = self.cache.cpu_seconds() - http0
+            overflows1 = listen_overflows()
+            cpu, cg_mem = self.finish(side, group, cpu0)
+            ws_peak = group.working_set_peak()
+        finally:
+            group.destroy()
+            self.active_group = None
+        procs = read_stats(stats_dir)
+        if not procs:
+            raise BenchError(f"{side.name}: no server process statistics in {stats_dir}")
+        # Checked after the measurement: every NAR came from the cache, once, and every path
+        # is in the side's store with its narHash.
+        fetched = self.cache.nar_fetches(mark)
+        if fetched != len(dataset.paths):
+            raise BenchError(f"{side.name}: {fetched} NARs fetched from the cache, not {len(dataset.paths)}")
+        timeline = side.verify_substituted(self.client, dataset, rundir, started, started + wall)
+        return SubstituteSample(
+            wall,
+            cpu,
+            sum(p[1] for p in procs),
+            cg_mem,
+            procs,
+            # The reference is its own client: its command is all server.
+            client_cpu if side.name == "nixbuild" else None,
+            ws_peak,
+            timeline,
+            cache_cpu,
+            None if None in (overflows0, overflows1) else overflows1 - overflows0,
+        )
 
     def populate(self, side, dataset):
         """Fills a fresh server store for downloads (an upload, not measured)."""
@@ -391,6 +484,21 @@ def client_view(path, builds, started, ended):
         "per_level": (last - first) / (levels - 1) if levels > 1 else None,
         "after": ended - last,
     }
+
+
+def listen_overflows():
+    """The kernel's count of connections dropped because a listening socket's accept queue
+    was full (`TcpExtListenOverflows`, the whole machine), or None."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(row["ListenOverflows"]) if "ListenOverflows" in row else None
+    return None
 
 
 def children_cpu():

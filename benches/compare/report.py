@@ -74,6 +74,109 @@ def fmt_timeline(t):
     )
 
 
+def fmt_subst_timeline(t):
+    """When nixbuild's log shows its first and last path substituted, in one line."""
+    return (
+        f"start->1st path substituted {fmt_ms(t['first'])} ms, ->last {fmt_ms(t['last'])} ms, "
+        f"last->client exit {fmt_ms(t['after'])} ms"
+    )
+
+
+def report_substitute(workload, dataset, cache, samples, args, reps):
+    """Issue 20: throughput in NAR MiB per second, server CPU, nixbuild's peak memory."""
+    sides = [s for s in SIDES if samples[s]]
+    nar_mib = dataset.nar_size / MIB
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "wall": median([s.wall for s in ss]),
+            "mibs": median([nar_mib / s.wall for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cpu_gib": median([s.cpu / (nar_mib / 1024) for s in ss]),
+            "client": median([s.client_cpu for s in ss]),
+            "rss": median([s.rss for s in ss]),
+            "ws": median([s.ws_peak for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+        }
+    keys = ["wall", "mibs", "cpu", "cpu_gib", "client", "rss", "ws", "cg"]
+
+    def cell(k, x):
+        if x is None:
+            return "n/a"
+        if k in ("rss", "ws", "cg"):
+            return fmt_mib(x)
+        return f"{x:.0f}" if k == "mibs" else f"{x:.3f}"
+
+    label = SUBST_SIDE_LABEL
+    lines = [
+        f"### {workload.name}: substituting from a binary cache over HTTP into an empty store, "
+        f"{dataset.title} (median of {reps} run{'s' if reps > 1 else ''} per side)",
+        "",
+        f"The cache: {len(dataset.paths)} paths, NAR {nar_mib:.1f} MiB, xz {cache.file_size / MIB:.1f} MiB "
+        f"({cache.file_size / cache.nar_size:.0%} of the NAR), made once by the client's Nix in "
+        f"{cache.seconds:.0f} s (not measured); reference max-jobs {args.substitute_ref_jobs}, nixbuild "
+        f"max_parallel {args.substitute_max_parallel or 'default (16)'}.",
+        "",
+        "| | wall time (s) | throughput (NAR MiB/s) | server CPU (s) | server CPU per NAR GiB (s) "
+        "| client CPU (s) | server peak RSS (MiB) | server working set peak (MiB) "
+        "| server cgroup memory peak (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in sides:
+        lines.append(f"| {label[side]} | " + " | ".join(cell(k, med[side][k]) for k in keys) + " |")
+    notes = [""]
+    if len(sides) == 2:
+        r, n = med["reference"], med["nixbuild"]
+        lines.append("| nixbuild / reference | " + " | ".join(fmt_ratio(n[k], r[k]) for k in keys) + " |")
+        tput = n["mibs"] / r["mibs"] if r["mibs"] else None
+        cpu = n["cpu"] / r["cpu"] if r["cpu"] else None
+        notes += [
+            f"- target throughput >= {workload.throughput_target}x the reference's: "
+            + met(tput is not None and tput >= workload.throughput_target)
+            + f" ({n['mibs']:.0f} vs {r['mibs']:.0f} NAR MiB/s: {fmt_ratio(n['mibs'], r['mibs'])})",
+            f"- target server CPU <= {workload.cpu_target:g}x the reference's: "
+            + met(cpu is not None and cpu <= workload.cpu_target)
+            + f" ({n['cpu']:.3f} vs {r['cpu']:.3f} s: {fmt_ratio(n['cpu'], r['cpu'])})",
+        ]
+    if "nixbuild" in med:
+        peak = max(s.rss for s in samples["nixbuild"])
+        ws = max((s.ws_peak for s in samples["nixbuild"] if s.ws_peak is not None), default=None)
+        notes.append(
+            f"- target nixbuild server memory < {workload.mem_target_mib:g} MiB (highest peak RSS of any "
+            "run, daemon and relay summed): "
+            + met(peak < workload.mem_target_mib * MIB)
+            + f" ({fmt_mib(peak)} MiB; highest working set {fmt_mib(ws)} MiB)"
+        )
+        timelines = [s.timeline for s in samples["nixbuild"] if s.timeline]
+        if timelines:
+            t = {k: median([x[k] for x in timelines]) for k in timelines[0]}
+            notes.append(f"- nixbuild's log (medians over the runs): {fmt_subst_timeline(t)}")
+    notes.append(
+        "- the reference's figures are the whole `nix-store --realise` (it is its own client); "
+        "nixbuild's are the daemon and the relay, the client's `nix copy` beside them (client CPU); "
+        "the cache's HTTP server (python3 -m http.server, in no measured cgroup) used, medians: "
+        + ", ".join(f"{side} {median([s.cache_cpu for s in samples[side]]):.3f} s" for side in sides)
+        + " of CPU per run; `listen overflows` in the runs below counts the connections any "
+        "listening socket of the machine dropped during the run (`TcpExtListenOverflows`), which "
+        "should be 0: a dropped connection waits 1 s for TCP to try again"
+    )
+    runs = ["", "Runs, in the order each side ran them:", "", "```"]
+    for side in sides:
+        for i, s in enumerate(samples[side]):
+            detail = ", ".join(f"{lbl} {rss / MIB:.1f} MiB {cpu:.2f} s" for lbl, rss, cpu in s.procs)
+            client = "n/a" if s.client_cpu is None else f"{s.client_cpu:.3f} s"
+            runs.append(
+                f"{side:9} #{i + 1}: wall {s.wall:7.3f} s  {nar_mib / s.wall:5.0f} MiB/s  cpu {s.cpu:7.3f} s  "
+                f"client {client}  rss {s.rss / MIB:7.1f} MiB  ws {fmt_mib(s.ws_peak):>6} MiB  "
+                f"cgroup {fmt_mib(s.cg_mem):>7} MiB  http {s.cache_cpu:.2f} s  "
+                f"listen overflows {'n/a' if s.overflows is None else s.overflows}  [{detail}]"
+                + (f"\n    log: {fmt_subst_timeline(s.timeline)}" if s.timeline else "")
+            )
+    runs.append("```")
+    return "\n".join(lines + notes + runs)
+
+
 def fmt_fraction(x):
     """A target's fraction as the issues write it: 1/2, 1/3, or 0.3."""
     for d in (2, 3, 10):

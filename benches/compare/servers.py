@@ -711,6 +711,17 @@ class NgStoreNixbuild(NgSshNixbuild):
         return times
 
 
+# `python3 -m http.server`, with a listen backlog of 1024 instead of socketserver's 5: with 5,
+# a burst of connections (a substituter asking for 16 narinfos at once; the server speaks
+# HTTP/1.0, a connection per request) overflows the accept queue, the kernel drops the SYNs,
+# and each dropped connection waits out TCP's 1 s retransmission timeout. Seen on both sides
+# (`TcpExtListenOverflows`: 33 in one nixbuild run, 55 in one of the reference's), costing
+# nixbuild about 1 s a run; a real cache's web server has a backlog of hundreds.
+HTTP_SERVER = (
+    "import runpy, socketserver, sys; socketserver.TCPServer.request_queue_size = 1024; "
+    "runpy.run_module('http.server', run_name='__main__', alter_sys=True)"
+)
+
 # The daemon's log line for each path it fetched from a cache (target nixbuild::substitute).
 SUBSTITUTED = "nixbuild::substitute: substituted path="
 
@@ -720,8 +731,9 @@ class HttpCache:
     fresh signing key (`nix-store --generate-binary-cache-key`), the dataset's closure
     written by the real Nix (`nix copy --to 'file://<dir>?secret-key=<key>&compression=xz'`,
     Nix's default xz level, `parallel-compression` to make it sooner), and served over HTTP by
-    `python3 -m http.server` on 127.0.0.1, the one server for both sides, outside every
-    measured cgroup. Its access log tells how many NARs each run fetched. Stopped at cleanup.
+    `python3 -m http.server` (`HTTP_SERVER`: with a larger listen backlog) on 127.0.0.1, the
+    one server for both sides, outside every measured cgroup. Its access log tells how many
+    NARs each run fetched. Stopped at cleanup.
     """
 
     def __init__(self, tmp, client, dataset):
@@ -764,7 +776,7 @@ class HttpCache:
             raise BenchError(f"cache: {len(infos)} narinfos for {len(dataset.paths)} paths")
         self.access_log = os.path.join(tmp, "cache-access.log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0", "--directory", self.dir],
+            [sys.executable, "-u", "-c", HTTP_SERVER, "--bind", "127.0.0.1", "0", "--directory", self.dir],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=open(self.access_log, "ab"),
@@ -787,6 +799,13 @@ class HttpCache:
             f.seek(since)
             text = f.read().decode(errors="replace")
         return sum(1 for line in text.splitlines() if '"GET /nar/' in line and '" 200 ' in line)
+
+    def cpu_seconds(self):
+        """User + system CPU the HTTP server has used so far (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime and stime, fields 14 and 15 of stat(5), in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self):
         if self.proc is None:
@@ -890,7 +909,20 @@ class SubstituteNixbuild(Nixbuild):
         measured client command."""
         (url,) = self.start(rundir, group, stats_dir)
         url = url.replace("ssh://", "ssh-ng://", 1)
-        return ["nix", "copy", "--substitute-on-destination", "--to", url, dataset.top]
+        # Nix 2.8's ssh-ng store sends QueryValidPaths' `substitute` flag from its
+        # `builders-use-substitutes` setting, whatever `--substitute-on-destination` says
+        # (RemoteStore::queryValidPaths): the flag alone would upload the whole closure.
+        return [
+            "nix",
+            "copy",
+            "--substitute-on-destination",
+            "--option",
+            "builders-use-substitutes",
+            "true",
+            "--to",
+            url,
+            dataset.top,
+        ]
 
     def verify_substituted(self, client, dataset, rundir, started, ended):
         """The daemon's log shows each path of the closure substituted once and no upload;
