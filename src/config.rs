@@ -109,6 +109,10 @@ pub struct SubstitutersConfig {
     pub trusted_public_keys: Vec<String>,
     /// Requests to caches at once, for the whole server (narinfos and NARs). Default 16.
     pub max_parallel: usize,
+    /// NARs downloaded at once, for the whole server (within `max_parallel`): each holds a
+    /// decompressor, up to about 9 MiB for xz, so this bounds the memory substitution
+    /// takes. Default 8.
+    pub max_downloads: usize,
     /// Idle connections kept open per cache host for reuse. Default 16.
     pub max_connections: usize,
     /// Seconds to connect to a cache. Default 10.
@@ -129,6 +133,7 @@ impl Default for SubstitutersConfig {
             urls: Vec::new(),
             trusted_public_keys: Vec::new(),
             max_parallel: 16,
+            max_downloads: 8,
             max_connections: 16,
             connect_timeout: 10,
             read_timeout: 60,
@@ -879,6 +884,10 @@ impl Config {
             (
                 "substituters.max_parallel",
                 self.substituters.max_parallel as u64,
+            ),
+            (
+                "substituters.max_downloads",
+                self.substituters.max_downloads as u64,
             ),
             (
                 "substituters.connect_timeout",

@@ -804,12 +804,16 @@ fn hostile_narinfos_register_nothing_and_the_server_goes_on() {
 }
 
 #[test]
-fn nix_copy_substitute_on_destination_fetches_on_the_server() {
+fn nix_2_34_sid_copy_substitute_on_destination_fetches_on_the_server() {
     let salt = salt();
     let (cache, files) = cache_of_inputs(&salt, "xz", SMALL);
     let http = HttpServer::serve(cache.dir());
     let d = Daemon::start_with_config(&config(&http.url()), &[]);
-    let (nix, file) = client(Client::Host, &salt, SMALL);
+    // Without `builders-use-substitutes`: the command's flag alone asks for substitution
+    // (Nix 2.26 on; Nix 2.8's ssh-ng store sends `builders-use-substitutes` instead).
+    let nix = ClientNix::new(Client::Sid, "");
+    let file = nix.scratch().join("subst.nix");
+    std::fs::write(&file, expression(&salt, SMALL)).expect("write the expression");
     inputs(&nix, &file);
     let uri = store_uri().replacen("ssh://", "ssh-ng://", 1);
     let top = files.last().expect("a top input");

@@ -182,6 +182,8 @@ struct Inner {
     memo: Mutex<HashMap<String, Memo>>,
     /// Requests to caches at once, for the whole server.
     slots: Slots,
+    /// Downloads at once, for the whole server: taken before a slot of `slots`.
+    downloads: Slots,
     /// The paths being downloaded, each with the lock its download holds.
     inflight: Mutex<HashMap<StorePath, Arc<Mutex<()>>>>,
 }
@@ -211,6 +213,13 @@ struct Slots {
 struct Slot<'a>(&'a Slots);
 
 impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            free: Mutex::new(n.max(1)),
+            freed: Condvar::new(),
+        }
+    }
+
     fn take(&self) -> Slot<'_> {
         let mut free = lock(&self.free);
         while *free == 0 {
@@ -317,10 +326,8 @@ impl Substituter {
                 agent,
                 config: config.clone(),
                 memo: Mutex::default(),
-                slots: Slots {
-                    free: Mutex::new(config.max_parallel.max(1)),
-                    freed: Condvar::new(),
-                },
+                slots: Slots::new(config.max_parallel),
+                downloads: Slots::new(config.max_downloads),
                 inflight: Mutex::default(),
             }),
         }))
@@ -710,6 +717,9 @@ impl Substituter {
             return Ok(false);
         }
         let import = {
+            // Always in this order (lookups take only a request slot), so that no two
+            // downloads wait for each other's slot.
+            let _download = inner.downloads.take();
             let _slot = inner.slots.take();
             self.download(found, &nar_url)?
         };
