@@ -109,9 +109,10 @@ pub struct SubstitutersConfig {
     pub trusted_public_keys: Vec<String>,
     /// Requests to caches at once, for the whole server (narinfos and NARs). Default 16.
     pub max_parallel: usize,
-    /// NARs downloaded at once, for the whole server (within `max_parallel`): each holds a
-    /// decompressor, up to about 9 MiB for xz, so this bounds the memory substitution
-    /// takes. Default 8.
+    /// NARs downloaded at once, for the whole server (within `max_parallel`), and threads
+    /// one substitution downloads on: each holds a decompressor (up to about 9 MiB for xz),
+    /// so this bounds the memory substitution takes. Default 4, which keeps 2 cores busy
+    /// (raise it with the cores, or for caches far away).
     pub max_downloads: usize,
     /// Idle connections kept open per cache host for reuse. Default 16.
     pub max_connections: usize,
@@ -133,7 +134,7 @@ impl Default for SubstitutersConfig {
             urls: Vec::new(),
             trusted_public_keys: Vec::new(),
             max_parallel: 16,
-            max_downloads: 8,
+            max_downloads: 4,
             max_connections: 16,
             connect_timeout: 10,
             read_timeout: 60,

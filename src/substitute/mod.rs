@@ -363,7 +363,9 @@ impl Substituter {
             }
         };
         let lookups: Vec<StorePath> = paths.difference(&held).cloned().collect();
-        let found = self.parallel(&lookups, |p| self.lookup(p).is_some());
+        let found = self.parallel(self.inner.config.max_parallel, &lookups, |p| {
+            self.lookup(p).is_some()
+        });
         let mut result = held;
         result.extend(
             lookups
@@ -420,7 +422,10 @@ impl Substituter {
             states: Mutex::new(states),
             changed: Condvar::new(),
         };
-        self.parallel(&order, |(path, f)| {
+        // No more threads than downloads at once: the decompressors' memory stays with
+        // the threads that used it (glibc's arenas keep what a large free returns), so
+        // more threads would hold more of it for nothing.
+        self.parallel(self.inner.config.max_downloads, &order, |(path, f)| {
             let outcome = self.fetch_path(path, f, &progress_states);
             let state = match outcome {
                 Ok(fetched) => {
@@ -474,7 +479,8 @@ impl Substituter {
             for p in held {
                 states.insert(p, State::Done);
             }
-            let results = self.parallel(&lookups, |p| self.lookup(p));
+            let results =
+                self.parallel(self.inner.config.max_parallel, &lookups, |p| self.lookup(p));
             let mut next = BTreeSet::new();
             for (path, result) in lookups.into_iter().zip(results) {
                 let Some(f) = result else {
@@ -507,9 +513,14 @@ impl Substituter {
         Ok((found, states))
     }
 
-    /// Runs `f` on each of `items` on up to `max_parallel` threads; the results in order.
-    fn parallel<T: Sync, R: Send>(&self, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-        let threads = self.inner.config.max_parallel.min(items.len());
+    /// Runs `f` on each of `items` on up to `threads` threads; the results in order.
+    fn parallel<T: Sync, R: Send>(
+        &self,
+        threads: usize,
+        items: &[T],
+        f: impl Fn(&T) -> R + Sync,
+    ) -> Vec<R> {
+        let threads = threads.min(items.len());
         if threads <= 1 {
             return items.iter().map(f).collect();
         }
