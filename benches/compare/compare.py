@@ -147,7 +147,7 @@ def parse_args(argv):
         "--substitute-max-parallel",
         type=int,
         default=None,
-        help="[substituters] max_parallel of nixbuild (default: nixbuild's own, 16)",
+        help="[substituters] max_parallel of nixbuild (default: nixbuild's own, 16; max_downloads stays at its default, 4)",
     )
     p.add_argument(
         "--build-one-count", type=int, default=20, help="nix-builds per build-one run (20)"

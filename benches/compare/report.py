@@ -116,7 +116,7 @@ def report_substitute(workload, dataset, cache, samples, args, reps):
         f"The cache: {len(dataset.paths)} paths, NAR {nar_mib:.1f} MiB, xz {cache.file_size / MIB:.1f} MiB "
         f"({cache.file_size / cache.nar_size:.0%} of the NAR), made once by the client's Nix in "
         f"{cache.seconds:.0f} s (not measured); reference max-jobs {args.substitute_ref_jobs}, nixbuild "
-        f"max_parallel {args.substitute_max_parallel or 'default (16)'}.",
+        f"max_parallel {args.substitute_max_parallel or 'default (16; max_downloads default 4)'}.",
         "",
         "| | wall time (s) | throughput (NAR MiB/s) | server CPU (s) | server CPU per NAR GiB (s) "
         "| client CPU (s) | server peak RSS (MiB) | server working set peak (MiB) "
