@@ -993,6 +993,74 @@ mod tests {
         assert_eq!(s.substitutable(&one), one);
     }
 
+    #[test]
+    fn every_supported_compression_is_decoded() {
+        use nixbuild_core::binary_cache::SecretKey;
+        use std::io::Write;
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::create_dir(cache.path().join("nar")).unwrap();
+        std::fs::write(
+            cache.path().join("nix-cache-info"),
+            "StoreDir: /nix/store\n",
+        )
+        .unwrap();
+        let key = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("nixbuild-core/tests/data/binary-cache/test-cache-1.secret"),
+        )
+        .unwrap();
+        let key = SecretKey::parse(&key).unwrap();
+        let mut wanted = BTreeSet::new();
+        for (i, compression) in ["none", "xz", "zstd", "bzip2"].into_iter().enumerate() {
+            // The NAR of a regular file holding the compression's name.
+            let nar = nixbuild_core::nar::NarNode::File {
+                executable: false,
+                contents: compression.as_bytes().to_vec(),
+            }
+            .to_nar()
+            .unwrap();
+            let packed = match compression {
+                "none" => nar.clone(),
+                "xz" => {
+                    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+                    e.write_all(&nar).unwrap();
+                    e.finish().unwrap()
+                }
+                "zstd" => zstd::encode_all(&nar[..], 3).unwrap(),
+                _ => {
+                    let mut e =
+                        bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+                    e.write_all(&nar).unwrap();
+                    e.finish().unwrap()
+                }
+            };
+            let p = path(&format!("{i}{}-{compression}", "0".repeat(31)));
+            let url = format!("nar/{i}.nar.{compression}");
+            std::fs::write(cache.path().join(&url), &packed).unwrap();
+            let mut info = NarInfo::parse(
+                format!(
+                    "StorePath: {}\nURL: {url}\nCompression: {compression}\nNarHash: {}\nNarSize: {}\n",
+                    p.to_absolute(),
+                    nixbuild_core::hash::Hash::compute(nixbuild_core::hash::HashAlgo::Sha256, &nar),
+                    nar.len()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            info.sigs.insert(key.sign(info.fingerprint().as_bytes()));
+            std::fs::write(
+                cache.path().join(format!("{}.narinfo", p.hash_part())),
+                info.to_text(),
+            )
+            .unwrap();
+            wanted.insert(p);
+        }
+        let state = tempfile::tempdir().unwrap();
+        let s = substituter(cache.path(), state.path());
+        assert_eq!(s.substitute("alice", &wanted, &|_| {}), wanted);
+        assert!(s.inner.store.verify().unwrap().is_empty());
+    }
+
     fn found(refs: &[&StorePath], path: &StorePath) -> Found {
         let text = format!(
             "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1h5fyjcwjlia4rjfs1x5jwx2zlyfr0jbq9rngl71amlf3wjg260s\nNarSize: 1\nReferences: {}\n",
