@@ -74,6 +74,38 @@ def fmt_timeline(t):
     )
 
 
+# The columns of a copy's (or a substitution's) table, in order.
+COPY_KEYS = ["wall", "mibs", "cpu", "cpu_gib", "client", "rss", "ws", "cg"]
+
+
+def copy_medians(samples, sides, mib):
+    """Per side, the medians of a copy's runs that moved `mib` MiB: wall time, throughput,
+    server CPU (also per GiB), client CPU, peak RSS, working set and cgroup memory."""
+    med = {}
+    for side in sides:
+        ss = samples[side]
+        med[side] = {
+            "wall": median([s.wall for s in ss]),
+            "mibs": median([mib / s.wall for s in ss]),
+            "cpu": median([s.cpu for s in ss]),
+            "cpu_gib": median([s.cpu / (mib / 1024) for s in ss]),
+            "client": median([s.client_cpu for s in ss]),
+            "rss": median([s.rss for s in ss]),
+            "ws": median([s.ws_peak for s in ss]),
+            "cg": median([s.cg_mem for s in ss]),
+        }
+    return med
+
+
+def copy_cell(k, x):
+    """One cell of a copy's table."""
+    if x is None:
+        return "n/a"
+    if k in ("rss", "ws", "cg"):
+        return fmt_mib(x)
+    return f"{x:.0f}" if k == "mibs" else f"{x:.3f}"
+
+
 def fmt_subst_timeline(t):
     """When nixbuild's log shows its first and last path substituted, in one line."""
     return (
@@ -86,27 +118,9 @@ def report_substitute(workload, dataset, cache, samples, args, reps):
     """Issue 20: throughput in NAR MiB per second, server CPU, nixbuild's peak memory."""
     sides = [s for s in SIDES if samples[s]]
     nar_mib = dataset.nar_size / MIB
-    med = {}
-    for side in sides:
-        ss = samples[side]
-        med[side] = {
-            "wall": median([s.wall for s in ss]),
-            "mibs": median([nar_mib / s.wall for s in ss]),
-            "cpu": median([s.cpu for s in ss]),
-            "cpu_gib": median([s.cpu / (nar_mib / 1024) for s in ss]),
-            "client": median([s.client_cpu for s in ss]),
-            "rss": median([s.rss for s in ss]),
-            "ws": median([s.ws_peak for s in ss]),
-            "cg": median([s.cg_mem for s in ss]),
-        }
-    keys = ["wall", "mibs", "cpu", "cpu_gib", "client", "rss", "ws", "cg"]
-
-    def cell(k, x):
-        if x is None:
-            return "n/a"
-        if k in ("rss", "ws", "cg"):
-            return fmt_mib(x)
-        return f"{x:.0f}" if k == "mibs" else f"{x:.3f}"
+    med = copy_medians(samples, sides, nar_mib)
+    keys = COPY_KEYS
+    cell = copy_cell
 
     label = SUBST_SIDE_LABEL
     lines = [
@@ -188,28 +202,9 @@ def fmt_fraction(x):
 def report(workload, dataset, samples, reps):
     sides = [s for s in SIDES if samples[s]]
     label = labels(workload)
-    gib = dataset.size / GIB
-    med = {}
-    for side in sides:
-        ss = samples[side]
-        med[side] = {
-            "wall": median([s.wall for s in ss]),
-            "mibs": median([dataset.size / MIB / s.wall for s in ss]),
-            "cpu": median([s.cpu for s in ss]),
-            "cpu_gib": median([s.cpu / gib for s in ss]),
-            "client": median([s.client_cpu for s in ss]),
-            "rss": median([s.rss for s in ss]),
-            "ws": median([s.ws_peak for s in ss]),
-            "cg": median([s.cg_mem for s in ss]),
-        }
-    keys = ["wall", "mibs", "cpu", "cpu_gib", "client", "rss", "ws", "cg"]
-
-    def cell(k, x):
-        if x is None:
-            return "n/a"
-        if k in ("rss", "ws", "cg"):
-            return fmt_mib(x)
-        return f"{x:.0f}" if k == "mibs" else f"{x:.3f}"
+    med = copy_medians(samples, sides, dataset.size / MIB)
+    keys = COPY_KEYS
+    cell = copy_cell
 
     flag = "--to" if workload.direction == "upload" else "--from"
     over = OVER[workload.transport]
