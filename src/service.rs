@@ -25,6 +25,7 @@ use crate::buffers::{BufferPool, CHANNEL_DEPTH};
 use crate::builds::{BuildJob, BuildService, DrvError, GraphPlan, GraphRun, Waiter};
 use crate::config::Config;
 use crate::store::{Import, PathClaim, Store, StoreError};
+use crate::substitute::Substituter;
 
 /// Queries of at most this many paths run on the session's thread when the store is idle
 /// (see [`SessionContext::query`]).
@@ -318,10 +319,7 @@ impl<'a> SessionContext<'a> {
         &self,
         paths: BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, ServiceError> {
-        let Some(substituter) = self.builds.substituter().cloned() else {
-            return Ok(BTreeSet::new());
-        };
-        Ok(tokio::task::spawn_blocking(move || substituter.substitutable(&paths)).await?)
+        self.ask_substituter(move |s| s.substitutable(&paths)).await
     }
 
     /// The bytes fetching `paths` from the caches would download and unpack (see
@@ -330,10 +328,19 @@ impl<'a> SessionContext<'a> {
         &self,
         paths: BTreeSet<StorePath>,
     ) -> Result<(u64, u64), ServiceError> {
+        self.ask_substituter(move |s| s.sizes(&paths)).await
+    }
+
+    /// `f` of the substituter in a blocking task; the default answer without caches.
+    async fn ask_substituter<T, F>(&self, f: F) -> Result<T, ServiceError>
+    where
+        T: Default + Send + 'static,
+        F: FnOnce(&Substituter) -> T + Send + 'static,
+    {
         let Some(substituter) = self.builds.substituter().cloned() else {
-            return Ok((0, 0));
+            return Ok(T::default());
         };
-        Ok(tokio::task::spawn_blocking(move || substituter.sizes(&paths)).await?)
+        Ok(tokio::task::spawn_blocking(move || f(&substituter)).await?)
     }
 
     /// Where the content-addressed output `drv_output` (`sha256:<hex>!<output>`) was built

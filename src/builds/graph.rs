@@ -112,13 +112,10 @@ impl BuildService {
             if !fetch || first.substitute.is_empty() {
                 return Ok(first);
             }
-            let notes = std::sync::Mutex::new(Vec::new());
-            substituter.substitute(&account, &first.substitute, &|line| {
-                notes.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            });
+            let notes = substituter.substitute_collecting(&account, &first.substitute);
             let mut second =
                 drv_walk::plan_with(&store, &account, &requests, &|_| BTreeSet::new())?;
-            second.notes = notes.into_inner().unwrap_or_else(|e| e.into_inner());
+            second.notes = notes;
             Ok(second)
         };
         Ok(tokio::task::spawn_blocking(plan).await??)

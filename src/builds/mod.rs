@@ -288,16 +288,13 @@ impl BuildService {
             let job = job.clone();
             tokio::task::spawn_blocking(move || {
                 // Inputs the account lacks come from the caches when they have them.
-                let lines = std::sync::Mutex::new(Vec::new());
-                if let Some(s) = &substituter {
-                    s.substitute(&job.account, &job.drv.input_srcs, &|line| {
-                        lines
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(Bytes::from(format!("{line}\n")));
-                    });
-                }
-                let lines = lines.into_inner().unwrap_or_else(|e| e.into_inner());
+                let lines = substituter
+                    .map(|s| s.substitute_collecting(&job.account, &job.drv.input_srcs))
+                    .unwrap_or_default();
+                let lines: Vec<Bytes> = lines
+                    .into_iter()
+                    .map(|line| Bytes::from(format!("{line}\n")))
+                    .collect();
                 (prepare(&store, &job), lines)
             })
             .await

@@ -282,6 +282,14 @@ impl Progress {
     }
 }
 
+/// The store's refusal of the NAR at `url`.
+fn store_error(url: &str) -> impl Fn(StoreError) -> SubstituteError + Copy + '_ {
+    move |source| SubstituteError::Store {
+        url: url.to_owned(),
+        source: Box::new(source),
+    }
+}
+
 /// `n` bytes in MiB, as Nix prints sizes.
 fn mib(n: u64) -> String {
     format!("{:.2} MiB", n as f64 / (1 << 20) as f64)
@@ -350,6 +358,18 @@ impl Substituter {
                 BTreeSet::new()
             }
         }
+    }
+
+    /// [`Substituter::substitute`] with its progress lines collected, for callers that pass
+    /// them on later (a build's log, a graph build's notes).
+    pub fn substitute_collecting(
+        &self,
+        account: &str,
+        wanted: &BTreeSet<StorePath>,
+    ) -> Vec<String> {
+        let lines = Mutex::new(Vec::new());
+        self.substitute(account, wanted, &|line| lock(&lines).push(line));
+        lines.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Which of `paths` a cache has, or the server holds already (narinfo lookups only, in
@@ -714,10 +734,7 @@ impl Substituter {
             "{}/{}",
             inner.caches[found.cache].url.display, found.info.url
         );
-        let store_err = |source| SubstituteError::Store {
-            url: nar_url.clone(),
-            source: Box::new(source),
-        };
+        let store_err = store_error(&nar_url);
         let one: BTreeSet<StorePath> = [path.clone()].into();
         if !inner
             .store
@@ -763,10 +780,7 @@ impl Substituter {
             url: nar_url.to_owned(),
             source,
         };
-        let store_err = |source| SubstituteError::Store {
-            url: nar_url.to_owned(),
-            source: Box::new(source),
-        };
+        let store_err = store_error(nar_url);
         let raw = match inner.caches[found.cache].fetch(&inner.agent, &info.url)? {
             Fetched::Found(r) => r,
             Fetched::Missing => {
