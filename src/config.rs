@@ -15,6 +15,7 @@ use nixbuild_core::scheduler::{Machine, SchedulerConfig};
 use serde::{Deserialize, Deserializer};
 
 use crate::host::HostFacts;
+use crate::store::{AccountPolicy, StorePolicy};
 
 /// Largest value `max_paths_per_request` may take: the serve codec's own bound on the
 /// elements of one list, which it applies before the daemon sees a request.
@@ -90,6 +91,20 @@ pub struct Config {
     pub scheduler: SchedulerSection,
     /// `[substituters]`: binary caches the server fetches paths from.
     pub substituters: SubstitutersConfig,
+    /// `[accounts.NAME]`: one account's own retention and quota.
+    pub accounts: BTreeMap<String, AccountConfig>,
+}
+
+/// `[accounts.NAME]`: settings of one account that replace the server's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountConfig {
+    /// Instead of `[store] retention`.
+    #[serde(deserialize_with = "duration_opt")]
+    pub retention: Option<u64>,
+    /// Instead of `[store] quota`.
+    #[serde(deserialize_with = "size_opt")]
+    pub quota: Option<u64>,
 }
 
 /// `[substituters]`: binary caches the server fetches paths from instead of having clients
@@ -395,6 +410,53 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::TooLarge(text.to_owned()))
 }
 
+/// Seconds in a day.
+const DAY: u64 = 24 * 60 * 60;
+
+/// Why a duration setting does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a duration such as 90s, 30m, 12h, 30d or 2w (or a number of seconds)")]
+pub struct DurationError(pub String);
+
+/// Parses a duration in seconds: a number, optionally followed by `s`, `m`, `h`, `d` or `w`.
+pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
+    let text = text.trim();
+    let bad = || DurationError(text.to_owned());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let unit = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => DAY,
+        "w" => 7 * DAY,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(unit).ok_or_else(bad)
+}
+
+/// Deserializes a duration given as seconds or as a [`parse_duration`] string.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Secs {
+        Number(u64),
+        Text(String),
+    }
+    match Secs::deserialize(deserializer)? {
+        Secs::Number(n) => Ok(n),
+        Secs::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// [`duration`], for a setting that may be left out.
+fn duration_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
 /// Deserializes an optional size given as a number of bytes or as a [`parse_size`] string.
 fn size_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
@@ -516,6 +578,74 @@ pub struct StoreConfig {
     /// variable over 128 KiB), so only `passAsFile` values come near it. The sum over all sessions is bounded by
     /// `[limits] max_buffered_bytes`.
     pub max_request_bytes: usize,
+    /// How long an account keeps a path it no longer uses: a grant unused (not uploaded,
+    /// built, queried as valid, used as a build input or downloaded) for longer is collected,
+    /// unless a kept path needs it. Seconds, or a duration such as `"30d"`. Default 30 days.
+    /// `[accounts.NAME] retention` overrides it for one account.
+    #[serde(deserialize_with = "duration")]
+    pub retention: u64,
+    /// Most NAR bytes one account's paths may hold (each path counted in full for every
+    /// account holding it, shared or not); an upload past it, or a build while the account
+    /// is at it, is refused once the account's expired paths are collected. Bytes or a size
+    /// such as `"50G"`. Default none. `[accounts.NAME] quota` overrides it.
+    #[serde(deserialize_with = "size_opt")]
+    pub quota: Option<u64>,
+    /// How long a build's stored log is kept after the build ended. Default 30 days.
+    #[serde(deserialize_with = "duration")]
+    pub log_retention: u64,
+    /// How long a build's record is kept after the build ended. Default 90 days.
+    #[serde(deserialize_with = "duration")]
+    pub record_retention: u64,
+    /// How often the collector runs. Default 1 hour.
+    #[serde(deserialize_with = "duration")]
+    pub gc_interval: u64,
+    /// The collector also runs (checked every 10 s) while free space on the state
+    /// directory's file system is below this, before uploads are refused at
+    /// `disk_reserve`. Default twice `disk_reserve`.
+    #[serde(deserialize_with = "size_opt")]
+    pub gc_free_space: Option<u64>,
+}
+
+impl StoreConfig {
+    /// The retention and quotas for the store, with `accounts`' own.
+    pub fn policy(&self, accounts: &BTreeMap<String, AccountConfig>) -> StorePolicy {
+        StorePolicy {
+            retention: self.retention,
+            quota: self.quota,
+            log_retention: self.log_retention,
+            record_retention: self.record_retention,
+            accounts: accounts
+                .iter()
+                .map(|(name, a)| {
+                    let policy = AccountPolicy {
+                        retention: a.retention,
+                        quota: a.quota,
+                    };
+                    (name.clone(), policy)
+                })
+                .collect(),
+        }
+    }
+
+    /// Free space below which the collector runs.
+    pub fn gc_free_space(&self) -> u64 {
+        self.gc_free_space
+            .unwrap_or(self.disk_reserve.saturating_mul(2))
+    }
+
+    /// The settings a running daemon puts in force on reload: retention, quota and the
+    /// collector's. `self` with those taken from `new`.
+    pub fn with_live_from(&self, new: &StoreConfig) -> StoreConfig {
+        StoreConfig {
+            retention: new.retention,
+            quota: new.quota,
+            log_retention: new.log_retention,
+            record_retention: new.record_retention,
+            gc_interval: new.gc_interval,
+            gc_free_space: new.gc_free_space,
+            ..self.clone()
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -525,6 +655,12 @@ impl Default for StoreConfig {
             max_paths_per_request: 100_000,
             disk_reserve: 1 << 30,
             max_request_bytes: 32 << 20,
+            retention: 30 * DAY,
+            quota: None,
+            log_retention: 30 * DAY,
+            record_retention: 90 * DAY,
+            gc_interval: 60 * 60,
+            gc_free_space: None,
         }
     }
 }
@@ -856,6 +992,17 @@ impl Config {
             key,
             reason,
         };
+        for (name, account) in &self.accounts {
+            if !nixbuild_core::account::is_valid_account_name(name) {
+                return Err(invalid(
+                    "accounts",
+                    format!("{name:?} is not an account name ([A-Za-z0-9._@+-], 1 to 64)"),
+                ));
+            }
+            if account.retention == Some(0) {
+                return Err(invalid("accounts.retention", "must be at least 1".into()));
+            }
+        }
         if self.store.max_nar_size == 0 {
             return Err(invalid("store.max_nar_size", "must be at least 1".into()));
         }
@@ -895,6 +1042,10 @@ impl Config {
                 self.substituters.connect_timeout,
             ),
             ("substituters.read_timeout", self.substituters.read_timeout),
+            ("store.retention", self.store.retention),
+            ("store.log_retention", self.store.log_retention),
+            ("store.record_retention", self.store.record_retention),
+            ("store.gc_interval", self.store.gc_interval),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1".into()));

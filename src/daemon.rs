@@ -168,6 +168,7 @@ pub async fn run(
                 source: Box::new(source),
             })?
     };
+    store.set_policy(config.store.policy(&config.accounts));
     let builds = {
         let (dir, store, config) = (state_dir.to_owned(), store.clone(), config.clone());
         tokio::task::spawn_blocking(move || {
@@ -211,6 +212,11 @@ pub async fn run(
     // The SSH side drains on its own, at the same time as the relayed sessions below.
     let (stop_ssh, ssh_stop) = tokio::sync::watch::channel(false);
     let ssh_reloader = front_door.as_ref().map(crate::ssh::FrontDoor::reloader);
+    let collector = tokio::spawn(crate::collector::run(
+        store.clone(),
+        live.clone(),
+        ssh_stop.clone(),
+    ));
     let ssh = front_door.map(|door| {
         let mut stop = ssh_stop;
         tokio::spawn(door.run(async move {
@@ -249,7 +255,11 @@ pub async fn run(
                     tracing::error!("a session task failed: {e}");
                 }
             }
-            () = next_hangup(&mut hangup) => reload(source, &live, ssh_reloader.as_ref()),
+            () = next_hangup(&mut hangup) => {
+                reload(source, &live, ssh_reloader.as_ref());
+                let config = live.get();
+                store.set_policy(config.store.policy(&config.accounts));
+            }
             () = &mut shutdown => break Ok(()),
         }
     };
@@ -274,6 +284,9 @@ pub async fn run(
             sessions.shutdown().await;
         }
     }
+    // A collection under way stops between two steps or with the process: each step is one
+    // transaction, and what a cut step leaves is cleaned at the next start.
+    collector.abort();
     if let Some(ssh) = ssh {
         if let Err(e) = ssh.await {
             tracing::error!("the SSH server task failed: {e}");

@@ -38,6 +38,12 @@ pub const ALL: &[&str] = &[
     "build-before-result",
     // An export (DumpStorePath, ExportPaths): part of the NAR has gone to the client.
     "export-mid-stream",
+    // A collection step (`Store::collect_step`): its rows are deleted but not committed; it
+    // is committed and its objects not yet moved out; they are moved to `tmp/` and not yet
+    // deleted.
+    "gc-before-commit",
+    "gc-after-commit",
+    "gc-before-delete",
 ];
 
 /// The environment variable that arms a failpoint in a daemon built with `failpoints`.

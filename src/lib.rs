@@ -6,7 +6,8 @@
 //! one `nix-store --serve` session over the sans-IO codec of [`nixbuild_core::serve`]),
 //! [`service`] (what a protocol driver asks of the store and build service, as one account
 //! within its limits), [`daemon`] (the composition root and the Unix socket server),
-//! [`reload`] (what SIGHUP re-reads and puts in force),
+//! [`reload`] (what SIGHUP re-reads and puts in force), [`collector`] (when the store's
+//! garbage collector runs),
 //! [`relay_protocol`] (the header and frames spoken between the relay and the daemon),
 //! [`builds`] (the build service: what happens around a sandboxed build), [`client_pipe`] (the
 //! client's pipes, lent to blocking tasks that move NAR data through them: `pipes` reads and
@@ -22,6 +23,7 @@ mod buffers;
 pub mod builds;
 pub mod cgroup;
 pub mod client_pipe;
+pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;

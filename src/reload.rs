@@ -55,6 +55,8 @@ impl LiveConfig {
 }
 
 /// `running` with the settings a running daemon can change taken from `new`: `[timeouts]`,
+/// `[store]` retention, quota and collector settings (see [`crate::config::StoreConfig::with_live_from`]),
+/// `[accounts]`,
 /// `[limits] max_sessions_per_account` and `max_upload_bytes_per_session`, `[relay]
 /// trusted_uids` and `trusted_gids`, `[ssh] max_connections`, `max_connections_per_account`
 /// and `max_sessions_per_connection`. Also the names of the other settings that `new`
@@ -75,9 +77,11 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
     merged.ssh.max_connections = new.ssh.max_connections;
     merged.ssh.max_connections_per_account = new.ssh.max_connections_per_account;
     merged.ssh.max_sessions_per_connection = new.ssh.max_sessions_per_connection;
+    merged.store = running.store.with_live_from(&new.store);
+    merged.accounts.clone_from(&new.accounts);
     let (r, n) = (running, new);
     let restart = [
-        ("[store]", r.store != n.store),
+        ("[store]", merged.store != n.store),
         ("[builds]", r.builds != n.builds),
         ("[capacity]", r.capacity != n.capacity),
         ("[scheduler]", r.scheduler != n.scheduler),
@@ -140,6 +144,13 @@ mod tests {
         "[ssh]\nmax_connections = 7",
         "[ssh]\nmax_connections_per_account = 7",
         "[ssh]\nmax_sessions_per_connection = 7",
+        "[store]\nretention = \"7d\"",
+        "[store]\nquota = \"7G\"",
+        "[store]\nlog_retention = 7",
+        "[store]\nrecord_retention = 7",
+        "[store]\ngc_interval = 7",
+        "[store]\ngc_free_space = 7",
+        "[accounts.alice]\nretention = 7\nquota = 7",
     ];
     const RESTART: &[(&str, &str)] = &[
         ("[store]\nmax_nar_size = 7", "[store]"),

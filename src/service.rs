@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::buffers::{BufferPool, CHANNEL_DEPTH};
 use crate::builds::{BuildJob, BuildService, DrvError, GraphPlan, GraphRun, Waiter};
 use crate::config::Config;
-use crate::store::{Import, PathClaim, Store, StoreError};
+use crate::store::{Import, PathClaim, Pins, Store, StoreError};
 use crate::substitute::Substituter;
 
 /// Queries of at most this many paths run on the session's thread when the store is idle
@@ -208,6 +208,9 @@ pub struct SessionContext<'a> {
     settings: &'a SessionSettings,
     /// NAR bytes uploaded so far in this session.
     uploaded: u64,
+    /// What the session was told is valid, uploaded, or asked the closure of: kept from
+    /// the collector until the session ends.
+    pins: Pins,
 }
 
 impl<'a> SessionContext<'a> {
@@ -218,6 +221,7 @@ impl<'a> SessionContext<'a> {
             builds,
             settings,
             uploaded: 0,
+            pins: store.pins(),
         }
     }
 
@@ -290,8 +294,9 @@ impl<'a> SessionContext<'a> {
         paths: BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, ServiceError> {
         let small = paths.len() <= INLINE_QUERY_PATHS;
+        let pins = self.pins.clone();
         self.query("querying valid paths", small, move |s, a| {
-            s.query_valid_paths(a, &paths)
+            s.hold_valid_paths(a, &paths, Some(&pins))
         })
         .await
     }
@@ -361,8 +366,9 @@ impl<'a> SessionContext<'a> {
         paths: BTreeSet<StorePath>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, ServiceError> {
         let small = paths.len() <= INLINE_QUERY_PATHS;
+        let pins = self.pins.clone();
         self.query("querying path infos", small, move |s, a| {
-            s.query_path_infos(a, &paths)
+            s.query_path_infos(a, &paths, Some(&pins))
         })
         .await
     }
@@ -374,7 +380,14 @@ impl<'a> SessionContext<'a> {
         paths: BTreeSet<StorePath>,
         include_outputs: bool,
     ) -> Result<BTreeSet<StorePath>, ServiceError> {
+        let pins = self.pins.clone();
         self.blocking("computing a closure", move |s, a| {
+            let closure = s.query_closure(a, &paths, include_outputs)?;
+            // Pinned once found: a path collected in between is missing from the pins, and
+            // the closure is walked again from what is held now.
+            if s.hold_valid_paths(a, &closure, Some(&pins))?.len() == closure.len() {
+                return Ok(closure);
+            }
             s.query_closure(a, &paths, include_outputs)
         })
         .await
@@ -406,8 +419,13 @@ impl<'a> SessionContext<'a> {
     /// account.
     pub async fn commit(&self, import: Import, claim: PathClaim) -> Result<(), ServiceError> {
         let path = claim.path.clone();
-        self.blocking(&format!("adding {path}"), move |_, _| import.commit(claim))
-            .await?;
+        let pins = self.pins.clone();
+        let held = BTreeSet::from([path.clone()]);
+        self.blocking(&format!("adding {path}"), move |s, a| {
+            import.commit(claim)?;
+            s.hold_valid_paths(a, &held, Some(&pins))
+        })
+        .await?;
         tracing::info!(account = %self.settings.account, path = %path, "registered import");
         Ok(())
     }

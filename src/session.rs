@@ -868,13 +868,7 @@ impl<O: SessionOutput> Driver<'_, O> {
     /// ExportPaths (legacy): an export stream of `paths`, dependencies first.
     async fn export_paths(&mut self, paths: BTreeSet<StorePath>) -> Result<(), SessionError> {
         self.ctx.check_count("ExportPaths", paths.len())?;
-        let infos = self
-            .ctx
-            .blocking("querying path infos", {
-                let paths = paths.clone();
-                move |s, a| s.query_path_infos(a, &paths)
-            })
-            .await?;
+        let infos = self.ctx.query_path_infos(paths.clone()).await?;
         if let Some(p) = paths.iter().find(|p| !infos.contains_key(p)) {
             return Err(SessionError::NotValid(p.clone()));
         }

@@ -1052,3 +1052,307 @@ fn realisations_are_per_account_and_count_only_while_the_path_is_valid() {
         Some(up.path())
     );
 }
+
+/// The collector, quotas and build records, on the store alone.
+mod collection {
+    use super::*;
+    use nixbuild::store::{AccountPolicy, BuildRecord, StorePolicy, STEP_ROWS};
+    use std::time::Duration;
+
+    /// A policy in which `expired` accounts keep nothing unused for a second (and the others
+    /// keep everything for a day).
+    fn expiring(expired: &[&str]) -> StorePolicy {
+        let mut policy = StorePolicy {
+            retention: 24 * 60 * 60,
+            ..StorePolicy::default()
+        };
+        for account in expired {
+            policy.accounts.insert(
+                (*account).to_owned(),
+                AccountPolicy {
+                    retention: Some(0),
+                    quota: None,
+                },
+            );
+        }
+        policy
+    }
+
+    /// Past the second in which everything so far was last used.
+    fn next_second() {
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+
+    fn valid(store: &Store, account: &str, paths: &[&StorePath]) -> BTreeSet<StorePath> {
+        store
+            .query_valid_paths(account, &set(paths))
+            .expect("query")
+    }
+
+    #[test]
+    fn expired_grants_go_and_shared_objects_stay_while_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        store.set_policy(expiring(&["alice"]));
+        let lib = source("lib", &file(&[1u8; 5000]), &[]);
+        let app = source("app", &tree(), &[&lib.path()]);
+        for up in [&lib, &app] {
+            import(&store, "alice", up).expect("import");
+        }
+        import(&store, "bob", &lib).expect("import");
+        assert_eq!(object_count(&state), 2);
+        next_second();
+        let stats = store.collect().expect("collect");
+        assert_eq!(stats.grants, 2, "{stats:?}");
+        assert_eq!(stats.objects, 1, "only app's object is held by nobody");
+        assert_eq!(stats.bytes, app.claim.nar_size.expect("size"));
+        assert!(valid(&store, "alice", &[&lib.path(), &app.path()]).is_empty());
+        assert_eq!(valid(&store, "bob", &[&lib.path()]), set(&[&lib.path()]));
+        assert_eq!(object_count(&state), 1);
+        assert_eq!(export(&store, "bob", &lib.path()).expect("export"), lib.nar);
+        assert_eq!(store.usage("alice").expect("usage"), (0, 0));
+        assert_consistent(&state, &store);
+        // What was collected is uploaded again without trouble.
+        import(&store, "alice", &lib).expect("re-import");
+        import(&store, "alice", &app).expect("re-import");
+        assert_eq!(
+            export(&store, "alice", &app.path()).expect("export"),
+            app.nar
+        );
+        assert_consistent(&state, &store);
+    }
+
+    #[test]
+    fn a_path_in_use_keeps_its_closure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        let lib = source("lib", &file(b"lib"), &[]);
+        let app = source("app", &file(b"app"), &[&lib.path()]);
+        let other = source("other", &file(b"other"), &[]);
+        for up in [&lib, &app, &other] {
+            import(&store, "alice", up).expect("import");
+        }
+        next_second();
+        next_second();
+        // Queried as valid now: app is used, lib is not, but app needs it.
+        valid(&store, "alice", &[&app.path()]);
+        store.set_policy(StorePolicy {
+            retention: 1,
+            ..StorePolicy::default()
+        });
+        let stats = store.collect_account("alice").expect("collect");
+        assert_eq!(stats.grants, 1, "only other: {stats:?}");
+        assert_eq!(
+            valid(&store, "alice", &[&lib.path(), &app.path(), &other.path()]),
+            set(&[&lib.path(), &app.path()])
+        );
+        assert_consistent(&state, &store);
+    }
+
+    #[test]
+    fn pinned_rows_and_their_references_stay_until_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        store.set_policy(expiring(&["alice"]));
+        let lib = source("lib", &file(b"lib"), &[]);
+        let app = source("app", &file(b"app"), &[&lib.path()]);
+        for up in [&lib, &app] {
+            import(&store, "alice", up).expect("import");
+        }
+        let pins = store.pins();
+        store
+            .hold_valid_paths("alice", &set(&[&app.path()]), Some(&pins))
+            .expect("hold");
+        next_second();
+        assert_eq!(store.collect().expect("collect").grants, 0);
+        assert_eq!(valid(&store, "alice", &[&lib.path(), &app.path()]).len(), 2);
+        drop(pins);
+        assert_eq!(store.pinned_rows(), 0);
+        next_second();
+        assert_eq!(store.collect().expect("collect").grants, 2);
+        assert_consistent(&state, &store);
+    }
+
+    #[test]
+    fn long_chains_are_collected_in_bounded_steps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        // Each path references the one before, registered oldest first: the scan meets
+        // references before referrers, so the steps must follow references back.
+        let n = 3 * STEP_ROWS + 7;
+        let mut previous: Option<StorePath> = None;
+        for i in 0..n {
+            let refs: Vec<&StorePath> = previous.iter().collect();
+            let up = source(&format!("p{i}"), &file(format!("{i}").as_bytes()), &refs);
+            import(&store, "alice", &up).expect("import");
+            previous = Some(up.path());
+        }
+        store.set_policy(expiring(&["alice"]));
+        next_second();
+        let stats = store.collect().expect("collect");
+        assert_eq!(stats.grants, n as u64);
+        assert_eq!(stats.objects, n as u64);
+        assert!(stats.steps >= 3, "{stats:?}");
+        assert_eq!(object_count(&state), 0);
+        assert_consistent(&state, &store);
+    }
+
+    #[test]
+    fn a_restart_after_a_cut_step_leaves_a_consistent_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        let up = source("gone", &tree(), &[]);
+        import(&store, "alice", &up).expect("import");
+        store.set_policy(expiring(&["alice"]));
+        next_second();
+        store.collect().expect("collect");
+        // What a crash between a step's commit and its renames leaves: an object directory
+        // without a row (put back by hand here), removed at the next start.
+        let key_dir = state.join("objects").join("leftover");
+        fs::create_dir(&key_dir).expect("mkdir");
+        drop(store);
+        let store = open(&state);
+        assert_eq!(object_count(&state), 0);
+        assert_consistent(&state, &store);
+    }
+
+    #[test]
+    fn quotas_refuse_with_the_numbers_after_collecting_expired_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        let big = source("big", &file(&[3u8; 6000]), &[]);
+        let small = source("small", &file(&[4u8; 3000]), &[]);
+        let size = |u: &Upload| u.claim.nar_size.expect("size");
+        let mut policy = StorePolicy::default();
+        policy.accounts.insert(
+            "alice".into(),
+            AccountPolicy {
+                retention: None,
+                quota: Some(size(&big) + 100),
+            },
+        );
+        store.set_policy(policy.clone());
+        import(&store, "alice", &big).expect("fits");
+        let refused = import(&store, "alice", &small).expect_err("over quota");
+        let message = refused.to_string();
+        assert!(matches!(refused, StoreError::Quota { .. }), "{message}");
+        for part in [
+            format!("holds {} bytes", size(&big)),
+            format!("{} more", size(&small)),
+            format!("quota of {} bytes", size(&big) + 100),
+            "[accounts.\"alice\"]".to_owned(),
+        ] {
+            assert!(message.contains(&part), "{part:?} not in {message}");
+        }
+        store
+            .check_build_quota("alice")
+            .expect("below its quota, builds go on");
+        let mut full = policy.clone();
+        full.accounts.get_mut("alice").expect("alice").quota = Some(size(&big));
+        store.set_policy(full);
+        assert!(matches!(
+            store.check_build_quota("alice"),
+            Err(StoreError::Quota { adding: 0, .. })
+        ));
+        store.set_policy(policy.clone());
+        // Another account is not held to alice's quota.
+        import(&store, "bob", &small).expect("bob");
+        // Once alice's paths may expire, the upload collects them and goes through.
+        policy.accounts.get_mut("alice").expect("alice").retention = Some(0);
+        store.set_policy(policy);
+        next_second();
+        import(&store, "alice", &small).expect("after collection");
+        assert!(valid(&store, "alice", &[&big.path()]).is_empty());
+        assert_eq!(store.usage("alice").expect("usage"), (size(&small), 1));
+        store.check_build_quota("alice").expect("room for builds");
+        assert_consistent(&state, &store);
+    }
+
+    fn record(account: &str, ended_ms: u64) -> BuildRecord {
+        BuildRecord {
+            id: 0,
+            account: account.into(),
+            drv: "/nix/store/00000000000000000000000000000000-x.drv".into(),
+            outputs: "out /nix/store/00000000000000000000000000000000-x".into(),
+            submitted_ms: ended_ms - 10,
+            started_ms: Some(ended_ms - 5),
+            ended_ms,
+            status: "Built".into(),
+            error: String::new(),
+            cores: 2,
+            memory: 1 << 30,
+            cpu_us: Some(1234),
+            peak_memory: Some(5 << 20),
+            output_bytes: 100,
+            shared: false,
+            log_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn records_keep_their_logs_until_their_retentions_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let store = open(&state);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        let log_text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut log = store.begin_log().expect("log");
+        for chunk in log_text.chunks(999) {
+            log.write(chunk).expect("write");
+        }
+        let old = store
+            .insert_record(&record("alice", now_ms - 3_000_000), Some(log))
+            .expect("insert");
+        let recent = store
+            .insert_record(&record("alice", now_ms), None)
+            .expect("insert");
+        store
+            .insert_record(&record("bob", now_ms), None)
+            .expect("insert");
+        let records = store.records("alice", 10).expect("records");
+        assert_eq!(
+            records.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [recent, old]
+        );
+        assert_eq!(records[1].log_bytes, log_text.len() as u64);
+        assert_eq!(records[1].cpu_us, Some(1234));
+        assert!(store.record_log("alice", old).expect("log") == Some(log_text.clone()));
+        assert!(
+            store.record_log("bob", old).expect("log").is_none(),
+            "not bob's"
+        );
+        let stored = entries(&state.join("logs"));
+        assert_eq!(stored.len(), 1);
+        assert!(fs::metadata(&stored[0]).expect("stat").len() < log_text.len() as u64 / 4);
+        // The log (50 minutes old) goes first, with a log retention of 40 minutes, then the
+        // record with a record retention of 45.
+        let mut policy = StorePolicy {
+            log_retention: 2400,
+            ..StorePolicy::default()
+        };
+        store.set_policy(policy.clone());
+        assert_eq!(store.collect().expect("collect").records, 0);
+        assert!(store.record_log("alice", old).expect("log").is_none());
+        assert!(entries(&state.join("logs")).is_empty());
+        policy.record_retention = 2700;
+        store.set_policy(policy);
+        assert_eq!(store.collect().expect("collect").records, 1);
+        assert_eq!(store.records("alice", 10).expect("records").len(), 1);
+        // A log stored without its record (a crash in between) goes at the next start.
+        fs::write(state.join("logs").join("orphan.zst"), b"x").expect("write");
+        drop(store);
+        let _store = open(&state);
+        assert!(entries(&state.join("logs")).is_empty());
+    }
+}

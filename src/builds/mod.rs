@@ -69,7 +69,7 @@ use tokio::sync::watch;
 use crate::cgroup::Cgroups;
 use crate::config::{BuildsConfig, Config};
 use crate::host::HostFacts;
-use crate::store::{InputObject, Store, StoreError};
+use crate::store::{InputObject, Pins, Store, StoreError};
 use crate::substitute::Substituter;
 use monitor::Monitor;
 use placement::{Placement, PlacementError};
@@ -405,6 +405,9 @@ struct Prepared {
     key: BuildKey,
     outputs: BTreeMap<String, StorePath>,
     inputs: Vec<InputObject>,
+    /// The input rows, pinned against the collector until the build is over (held for its
+    /// drop).
+    _pins: Pins,
     /// The derivation's `requiredSystemFeatures`, for the scheduler and the sandbox.
     required_features: Vec<String>,
     /// The derivation's options (structured attributes, output checks, ...).
@@ -417,6 +420,12 @@ struct Prepared {
 /// possible.
 fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
     let refuse = |status, message: String| Outcome::without_build(status, message);
+    if let Err(e) = store.check_build_quota(&job.account) {
+        return Err(refuse(
+            BuildStatus::MiscFailure,
+            format!("nixbuild: cannot build '{}': {e}", job.drv_path),
+        ));
+    }
     let drv = &job.drv;
     let invalid = |e: &dyn std::fmt::Display| {
         refuse(
@@ -514,8 +523,9 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         ),
         GraphError::Store(e) => internal(e),
     })?;
+    let pins = store.pins();
     let inputs = store
-        .input_objects(&job.account, &closure)
+        .input_objects(&job.account, &closure, &pins)
         .map_err(internal)?;
     let key = BuildKey::new(
         &job.drv_path,
@@ -526,6 +536,7 @@ fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
         key,
         outputs,
         inputs,
+        _pins: pins,
         required_features: required_features(&options, drv),
         options: Arc::new(options),
         graphs,
@@ -614,7 +625,7 @@ fn export_graphs(
             .query_closure(account, paths, true)
             .map_err(GraphError::Store)?;
         let infos = store
-            .query_path_infos(account, &closure)
+            .query_path_infos(account, &closure, None)
             .map_err(GraphError::Store)?
             .into_iter()
             .filter_map(|(path, info)| {

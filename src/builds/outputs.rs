@@ -1321,7 +1321,7 @@ fn output_closure(
     }
     if !outside.is_empty() {
         let rest = store.query_closure(account, &outside, false)?;
-        for (path, info) in store.query_path_infos(account, &rest)? {
+        for (path, info) in store.query_path_infos(account, &rest, None)? {
             closure.insert(path, info.nar_size);
         }
     }

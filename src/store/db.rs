@@ -3,13 +3,21 @@
 //! ```sql
 //! schema_version(version)                         -- one row: SCHEMA_VERSION
 //! objects(key PK, nar_hash, nar_size)             -- one row per directory under objects/
-//! paths(id PK, account, path, object -> objects, deriver, ca, registration_time)
-//!                                                 -- UNIQUE(account, path): the account's view
+//! paths(id PK, account, path, object -> objects, deriver, ca, registration_time, last_used)
+//!                                                 -- UNIQUE(account, path): the account's view,
+//!                                                 -- one row per grant; INDEX(account, last_used)
 //! refs(referrer -> paths, reference -> paths)     -- both rows of the same account
 //! sigs(path -> paths, sig)
 //! realisations(account, drv_output, path)          -- PK(account, drv_output): where a
 //!                                                 -- content-addressed output was built
+//! usage(account PK, nar_bytes, paths)              -- the sums over the account's rows, kept
+//!                                                 -- by every insert and delete
+//! builds(id PK, account, drv, ..., log)            -- one record per finished build (records)
 //! ```
+//!
+//! `registration_time` is what the client claimed; `last_used` is the server's clock at the
+//! grant's last use (registered, queried as valid, used as a build input, downloaded), which
+//! the collector (`gc`) compares with the account's retention.
 //!
 //! Store paths are stored as base names (`<hash>-<name>`), hashes and content addresses in
 //! their Nix string forms. A reference points at the row of the same account, so a closure
@@ -27,7 +35,22 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use super::error::{db_err, StoreError};
 
 /// The schema this code reads and writes.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// From version 1 to 2: when each grant was last used, each account's usage, build records.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE paths ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0;
+UPDATE paths SET last_used = registration_time;
+CREATE INDEX paths_expiry ON paths(account, last_used);
+CREATE TABLE usage (
+    account TEXT PRIMARY KEY NOT NULL,
+    nar_bytes INTEGER NOT NULL,
+    paths INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO usage (account, nar_bytes, paths)
+    SELECT p.account, SUM(o.nar_size), COUNT(*) FROM paths p JOIN objects o ON o.key = p.object
+    GROUP BY p.account;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE objects (
@@ -83,13 +106,10 @@ pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
     match found {
         None => {
             tx.execute_batch(SCHEMA).map_err(db_err("create schema"))?;
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES (?1)",
-                [SCHEMA_VERSION],
-            )
-            .map_err(db_err("record schema version"))?;
+            tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])
+                .map_err(db_err("record schema version"))?;
         }
-        Some(SCHEMA_VERSION) => {}
+        Some(1 | SCHEMA_VERSION) => {}
         Some(found) => {
             return Err(StoreError::SchemaVersion {
                 found,
@@ -112,6 +132,13 @@ pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
         ) WITHOUT ROWID",
     )
     .map_err(db_err("create the realisations table"))?;
+    if found != Some(SCHEMA_VERSION) {
+        tx.execute_batch(MIGRATE_TO_2)
+            .map_err(db_err("migrate to schema version 2"))?;
+        super::records::create_table(&tx)?;
+        tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])
+            .map_err(db_err("record schema version"))?;
+    }
     tx.commit().map_err(db_err("commit migration"))?;
     Ok(conn)
 }
@@ -145,7 +172,7 @@ fn size(field: &'static str, n: i64) -> Result<u64, StoreError> {
 
 /// SQLite integers are signed; sizes and times above `i64::MAX` cannot occur in practice and
 /// are clamped rather than wrapped.
-fn to_sql_int(n: u64) -> i64 {
+pub(super) fn to_sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -350,6 +377,26 @@ pub(super) fn references(conn: &Connection, id: i64) -> Result<Vec<(i64, StorePa
         .collect()
 }
 
+/// The rows reachable by references from `queue` (rows of one account) that are not in
+/// `seen`, `queue`'s own included; adds them all to `seen`.
+pub(super) fn walk_references(
+    conn: &Connection,
+    mut queue: Vec<(i64, StorePath)>,
+    seen: &mut HashSet<i64>,
+) -> Result<Vec<(i64, StorePath)>, StoreError> {
+    queue.retain(|(id, _)| seen.insert(*id));
+    let mut reached = Vec::new();
+    while let Some((id, path)) = queue.pop() {
+        for (ref_id, reference) in references(conn, id)? {
+            if seen.insert(ref_id) {
+                queue.push((ref_id, reference));
+            }
+        }
+        reached.push((id, path));
+    }
+    Ok(reached)
+}
+
 /// The metadata of `path` for `account`, if valid.
 pub(super) fn path_info(
     conn: &Connection,
@@ -423,23 +470,31 @@ pub(super) struct NewPath<'a> {
     pub sigs: &'a BTreeSet<String>,
 }
 
-/// Registers paths (and their objects, if new) in one transaction: all of them or none.
-/// References may point at other paths of the same call, in any order.
+/// The server's clock in seconds since the epoch: what `last_used` records.
+pub(super) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Registers paths (and their objects, if new) in one transaction: all of them or none,
+/// used now, and counted in their accounts' usage. References may point at other paths of
+/// the same call, in any order.
 pub(super) fn insert_paths(conn: &mut Connection, new: &[NewPath<'_>]) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(db_err("begin registration"))?;
-    insert_rows(&tx, new).map_err(db_err("register paths"))?;
+    insert_rows(&tx, new, now()).map_err(db_err("register paths"))?;
     crate::failpoint::failpoint!("publish-before-commit");
     tx.commit().map_err(db_err("commit registration"))
 }
 
-fn insert_rows(tx: &Transaction<'_>, new: &[NewPath<'_>]) -> rusqlite::Result<()> {
+fn insert_rows(tx: &Transaction<'_>, new: &[NewPath<'_>], now: u64) -> rusqlite::Result<()> {
     let mut add_object = tx.prepare_cached(
         "INSERT INTO objects (key, nar_hash, nar_size) VALUES (?1, ?2, ?3)
          ON CONFLICT (key) DO NOTHING",
     )?;
     let mut add_path = tx.prepare_cached(
-        "INSERT INTO paths (account, path, object, deriver, ca, registration_time)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        "INSERT INTO paths (account, path, object, deriver, ca, registration_time, last_used)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
     )?;
     let mut ids = Vec::with_capacity(new.len());
     for p in new {
@@ -455,10 +510,12 @@ fn insert_rows(tx: &Transaction<'_>, new: &[NewPath<'_>]) -> rusqlite::Result<()
                 p.object.key,
                 p.deriver.map(StorePath::base_name),
                 p.ca.map(ContentAddress::to_string),
-                to_sql_int(p.registration_time)
+                to_sql_int(p.registration_time),
+                to_sql_int(now)
             ],
             |row| row.get(0),
         )?;
+        charge(tx, p.account, to_sql_int(p.object.nar_size), 1)?;
         ids.push(id);
     }
     let mut add_ref =
@@ -481,6 +538,56 @@ fn insert_rows(tx: &Transaction<'_>, new: &[NewPath<'_>]) -> rusqlite::Result<()
         }
     }
     Ok(())
+}
+
+/// Adds `bytes` and `paths` (negative to subtract) to `account`'s usage.
+pub(super) fn charge(
+    conn: &Connection,
+    account: &str,
+    bytes: i64,
+    paths: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO usage (account, nar_bytes, paths) VALUES (?1, ?2, ?3)
+         ON CONFLICT (account) DO UPDATE
+         SET nar_bytes = nar_bytes + excluded.nar_bytes, paths = paths + excluded.paths",
+    )?
+    .execute(params![account, bytes, paths])?;
+    Ok(())
+}
+
+/// The NAR bytes and number of paths `account` holds (each of its rows counted with its
+/// object's whole NAR size, shared or not).
+pub(super) fn usage(conn: &Connection, account: &str) -> Result<(u64, u64), StoreError> {
+    let row: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT nar_bytes, paths FROM usage WHERE account = ?1")
+        .and_then(|mut st| {
+            st.query_row([account], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()
+        })
+        .map_err(db_err("read an account's usage"))?;
+    let (bytes, paths) = row.unwrap_or((0, 0));
+    Ok((size("usage", bytes)?, size("usage", paths)?))
+}
+
+/// Marks rows `ids` used at `now` (never moving a later mark back), in one transaction.
+pub(super) fn touch(conn: &Connection, ids: &[i64], now: u64) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(db_err("begin marking paths used"))?;
+    {
+        let mut st = tx
+            .prepare_cached("UPDATE paths SET last_used = ?2 WHERE id = ?1 AND last_used < ?2")
+            .map_err(db_err("mark paths used"))?;
+        for id in ids {
+            st.execute(params![id, to_sql_int(now)])
+                .map_err(db_err("mark a path used"))?;
+        }
+    }
+    tx.commit().map_err(db_err("commit marking paths used"))
 }
 
 /// The keys of all registered objects.

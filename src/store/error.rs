@@ -182,6 +182,25 @@ pub enum StoreError {
         /// The size written.
         actual: u64,
     },
+    /// Registering would take the account past its storage quota, even after its expired
+    /// paths were collected.
+    #[error(
+        "account {account:?} holds {usage} bytes of store paths; {adding} more would pass its \
+         quota of {quota} bytes ({setting} of the server's configuration; its paths unused \
+         for longer than its retention were collected first)"
+    )]
+    Quota {
+        /// The account.
+        account: String,
+        /// The NAR bytes its grants hold.
+        usage: u64,
+        /// The NAR bytes being added (0: a build, refused while the account is at its quota).
+        adding: u64,
+        /// The quota.
+        quota: u64,
+        /// Where the quota is set.
+        setting: String,
+    },
     /// The import already failed; its error was returned then.
     #[error("import already failed")]
     ImportFailed,

@@ -2,7 +2,6 @@
 //! whole server (held by [`PUBLIC_ACCOUNT`]) joins the view of each account that asks for it.
 
 use std::collections::{BTreeSet, HashSet};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nixbuild_core::store_path::StorePath;
 
@@ -26,21 +25,41 @@ impl Store {
     /// Grants `to` the closure of `paths` as `from` holds it: each path of that closure that
     /// `to` does not hold yet gets a row of its own, with the same object, deriver, content
     /// address and signatures, its references pointing at `to`'s rows; all in one
-    /// transaction. A path `to` already holds keeps its own row (and its own contents).
+    /// transaction, `from`'s rows marked used. A path `to` already holds keeps its own row
+    /// (and its own contents). The closure is walked under the same store lock as the
+    /// rows are written, so the collector cannot take part of it in between.
     /// Returns the paths granted now. Err([`StoreError::NotValid`]) when one of `paths` is
     /// not valid for `from`.
+    /// The grants count against `to`'s quota like an upload ([`StoreError::Quota`], after
+    /// collecting `to`'s expired paths).
     pub fn grant_closure(
         &self,
         from: &str,
         to: &str,
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, StoreError> {
-        // Nothing removes rows (there is no collector yet), so the closure read here is still
-        // whole once the lock is taken again below.
-        let closure = self.query_closure(from, paths, false)?;
+        match self.grant_once(from, to, paths) {
+            Err(StoreError::Quota { .. }) => {
+                self.collect_account(to)?;
+                self.grant_once(from, to, paths)
+            }
+            other => other,
+        }
+    }
+
+    fn grant_once(
+        &self,
+        from: &str,
+        to: &str,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
         let mut conn = self.inner.lock_db();
+        let start = super::starting_rows(&conn, from, paths)?;
+        let rows = db::walk_references(&conn, start, &mut HashSet::new())?;
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        Store::hold(&conn, &ids, None)?;
         let mut grants = Vec::new();
-        for path in closure {
+        for (_, path) in rows {
             if db::path_id(&conn, to, &path)?.is_some() {
                 continue;
             }
@@ -52,10 +71,9 @@ impl Store {
             let info = db::path_info(&conn, from, &path)?.ok_or_else(not_valid)?;
             grants.push(Grant { path, object, info });
         }
+        self.check_quota(&conn, to, grants.iter().map(|g| g.object.nar_size).sum())?;
         let batch: HashSet<&StorePath> = grants.iter().map(|g| &g.path).collect();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = db::now();
         let mut news = Vec::with_capacity(grants.len());
         for g in &grants {
             let mut references = Vec::with_capacity(g.info.references.len());

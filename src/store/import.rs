@@ -278,7 +278,9 @@ impl Import {
             registration_time: claim.registration_time,
             sigs: &claim.sigs,
         };
-        self.store.publish(&self.account, &[publication]).map(drop)
+        self.store
+            .publish(&self.account, &[publication], true)
+            .map(drop)
     }
 
     fn discard(&mut self) {

@@ -6,7 +6,9 @@
 //! <state>/db.sqlite       metadata (see the db module for the schema), WAL mode
 //! <state>/objects/<key>   one path's contents (file, directory or symlink), canonical:
 //!                         files 0444/0555, directories 0555, mtime 1
-//! <state>/tmp/<unique>    the root of an import in progress; emptied by Store::open
+//! <state>/tmp/<unique>    the root of an import in progress, a log being written, or an
+//!                         object being deleted by the collector; emptied by Store::open
+//! <state>/logs/<name>.zst the stored log of a build record (zstd)
 //! ```
 //!
 //! An object's key is `nix32(sha256("<base name>:<NAR sha256 in base16>"))`: the same path
@@ -22,21 +24,29 @@
 mod db;
 mod error;
 pub(crate) mod fsutil;
+mod gc;
 mod grant;
 mod import;
+mod pins;
+mod policy;
 mod publish;
+mod records;
 
 pub use error::{StoreError, StoreProblem};
+pub use gc::{GcStats, STEP_ROWS};
 pub use grant::PUBLIC_ACCOUNT;
 pub use import::{Import, PathClaim};
+pub use pins::Pins;
+pub use policy::{AccountPolicy, StorePolicy};
 pub use publish::BuiltPath;
+pub use records::{BuildRecord, LogWriter};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use nixbuild_core::derivation::Derivation;
 use nixbuild_core::hash::{Hash, HashAlgo};
@@ -95,6 +105,10 @@ struct Inner {
     /// moving it into place and inserting its rows is one step for concurrent commits.
     db: Mutex<Connection>,
     next_tmp: AtomicU64,
+    /// The rows in use, which the collector leaves alone (see [`Pins`]).
+    pins: Arc<pins::PinTable>,
+    /// Retention and quotas; replaced on reload.
+    policy: RwLock<Arc<StorePolicy>>,
 }
 
 impl Inner {
@@ -113,7 +127,7 @@ fn object_key(path: &StorePath, nar_hash: &Hash) -> String {
 
 /// Mode of the state directory: relays must reach `serve.sock` in it, nobody may list it.
 pub const STATE_DIR_MODE: u32 = 0o711;
-/// Mode of `objects/` and `tmp/`: the daemon's alone (the sandbox bind-mounts objects as
+/// Mode of `objects/`, `tmp/` and `logs/`: the daemon's alone (the sandbox bind-mounts objects as
 /// root, and builds see them through the mount, not through this directory).
 const PRIVATE_DIR_MODE: u32 = 0o700;
 /// Mode of the database and its `-wal` and `-shm` files (SQLite gives those the database's).
@@ -172,25 +186,45 @@ fn remove_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(), StoreEr
     Ok(())
 }
 
+/// The rows of `paths` for `account`. Err([`StoreError::NotValid`]) for one it cannot see.
+fn starting_rows(
+    conn: &Connection,
+    account: &str,
+    paths: &BTreeSet<StorePath>,
+) -> Result<Vec<(i64, StorePath)>, StoreError> {
+    paths
+        .iter()
+        .map(|path| {
+            let id = db::path_id(conn, account, path)?.ok_or_else(|| StoreError::NotValid {
+                path: path.clone(),
+                account: account.to_owned(),
+            })?;
+            Ok((id, path.clone()))
+        })
+        .collect()
+}
+
 impl Store {
     /// Opens the store in `state_dir`, creating the layout if missing (state directory 0711,
-    /// `objects/` and `tmp/` 0700, database 0600), and cleans leftovers:
-    /// empties `tmp/` and removes objects that have no row (a crash between publishing an
-    /// object and registering it). Only the daemon calls this, at start, so no live import
-    /// is disturbed.
+    /// `objects/`, `tmp/` and `logs/` 0700, database 0600), and cleans leftovers:
+    /// empties `tmp/`, removes objects that have no row (a crash between publishing an
+    /// object and registering it, or between a collection step's commit and its deletion)
+    /// and logs no record names. Only the daemon calls this, at start, so no live import
+    /// is disturbed. The policy is [`StorePolicy::default`] until [`Store::set_policy`].
     pub fn open(state_dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
         let objects = state_dir.join("objects");
         let tmp = state_dir.join("tmp");
         create_state_dir(state_dir)?;
         create_dir(&objects, PRIVATE_DIR_MODE)?;
         create_dir(&tmp, PRIVATE_DIR_MODE)?;
+        create_dir(&state_dir.join("logs"), PRIVATE_DIR_MODE)?;
         remove_entries(&tmp, |_| false)?;
         let db_file = state_dir.join("db.sqlite");
         restrict_db_files(&db_file)?;
         let conn = db::open(&db_file)?;
         let keys = db::object_keys(&conn)?;
         remove_entries(&objects, |name| keys.contains(name))?;
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 state_dir: state_dir.to_owned(),
                 objects,
@@ -198,8 +232,88 @@ impl Store {
                 limits,
                 db: Mutex::new(conn),
                 next_tmp: AtomicU64::new(0),
+                pins: Arc::default(),
+                policy: RwLock::default(),
             }),
-        })
+        };
+        store.remove_orphan_logs()?;
+        Ok(store)
+    }
+
+    /// The retention and quotas in force.
+    pub fn policy(&self) -> Arc<StorePolicy> {
+        self.inner
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the retention and quotas (at start and on reload).
+    pub fn set_policy(&self, policy: StorePolicy) {
+        *self.inner.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// A new, empty set of pins for one session, build or export.
+    pub fn pins(&self) -> Pins {
+        Pins::new(&self.inner.pins)
+    }
+
+    /// How many rows are pinned at this moment, by everyone.
+    pub fn pinned_rows(&self) -> usize {
+        self.inner.pins.len()
+    }
+
+    /// The NAR bytes and number of paths `account` holds.
+    pub fn usage(&self, account: &str) -> Result<(u64, u64), StoreError> {
+        db::usage(&self.inner.lock_db(), account)
+    }
+
+    /// Err([`StoreError::Quota`]) when `account` holding `adding` more bytes would pass its
+    /// quota (or, with `adding` 0, when it is at or over it). Under the store lock.
+    fn check_quota(&self, conn: &Connection, account: &str, adding: u64) -> Result<(), StoreError> {
+        let policy = self.policy();
+        let Some(quota) = policy.quota_of(account) else {
+            return Ok(());
+        };
+        let (usage, _) = db::usage(conn, account)?;
+        let over = if adding == 0 {
+            usage >= quota
+        } else {
+            usage.saturating_add(adding) > quota
+        };
+        if over {
+            return Err(StoreError::Quota {
+                account: account.to_owned(),
+                usage,
+                adding,
+                quota,
+                setting: policy.quota_setting(account),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a build for `account` ([`StoreError::Quota`]) while it holds its whole quota
+    /// or more, after collecting its expired paths.
+    pub fn check_build_quota(&self, account: &str) -> Result<(), StoreError> {
+        let at_quota = |s: &Store| s.check_quota(&s.inner.lock_db(), account, 0);
+        match at_quota(self) {
+            Err(StoreError::Quota { .. }) => {
+                self.collect_account(account)?;
+                at_quota(self)
+            }
+            other => other,
+        }
+    }
+
+    /// Marks rows `ids` used now and, with `pins`, pins them. Called under the store lock
+    /// (`conn` is its connection).
+    fn hold(conn: &Connection, ids: &[i64], pins: Option<&Pins>) -> Result<(), StoreError> {
+        if let Some(pins) = pins {
+            pins.add(ids.iter().copied());
+        }
+        db::touch(conn, ids, db::now())
     }
 
     /// Whether the store lock is free at this moment, so that a short query would not wait
@@ -216,19 +330,33 @@ impl Store {
         self.inner.limits
     }
 
-    /// The subset of `paths` valid for `account`.
+    /// The subset of `paths` valid for `account`, each marked used now.
     pub fn query_valid_paths(
         &self,
         account: &str,
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, StoreError> {
+        self.hold_valid_paths(account, paths, None)
+    }
+
+    /// [`Store::query_valid_paths`], pinning the valid ones in `pins` (a session holds what
+    /// it was told is valid until it ends).
+    pub fn hold_valid_paths(
+        &self,
+        account: &str,
+        paths: &BTreeSet<StorePath>,
+        pins: Option<&Pins>,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
         let conn = self.inner.lock_db();
         let mut valid = BTreeSet::new();
+        let mut ids = Vec::new();
         for path in paths {
-            if db::path_id(&conn, account, path)?.is_some() {
+            if let Some(id) = db::path_id(&conn, account, path)? {
                 valid.insert(path.clone());
+                ids.push(id);
             }
         }
+        Self::hold(&conn, &ids, pins)?;
         Ok(valid)
     }
 
@@ -319,21 +447,31 @@ impl Store {
     }
 
     /// The metadata of each of `paths` that is valid for `account` (the others are left
-    /// out), from one snapshot of the database.
+    /// out), from one snapshot of the database; each found is marked used and, with `pins`,
+    /// pinned.
     pub fn query_path_infos<'a>(
         &self,
         account: &str,
         paths: impl IntoIterator<Item = &'a StorePath>,
+        pins: Option<&Pins>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
-        self.read(|conn| {
-            let mut infos = BTreeMap::new();
+        let conn = self.inner.lock_db();
+        let mut infos = BTreeMap::new();
+        let mut ids = Vec::new();
+        {
+            // Ended by its drop (a rollback, which for reads only releases the lock).
+            let tx = conn
+                .unchecked_transaction()
+                .map_err(error::db_err("begin a read"))?;
             for path in paths {
-                if let Some(info) = db::path_info(conn, account, path)? {
+                if let Some(info) = db::path_info(&tx, account, path)? {
+                    ids.extend(db::path_id(&tx, account, path)?);
                     infos.insert(path.clone(), info);
                 }
             }
-            Ok(infos)
-        })
+        }
+        Self::hold(&conn, &ids, pins)?;
+        Ok(infos)
     }
 
     /// Runs `f` in one read transaction: a path's metadata takes three queries (the path,
@@ -366,42 +504,18 @@ impl Store {
         include_outputs: bool,
     ) -> Result<BTreeSet<StorePath>, StoreError> {
         let mut seen = HashSet::new();
-        let mut queue = Vec::new();
         let mut closure = BTreeSet::new();
-        // Outputs named by the derivations read in the last round, not yet looked up.
-        let mut outputs = Vec::new();
-        {
+        let mut queue = {
             let conn = self.inner.lock_db();
-            for path in paths {
-                let id =
-                    db::path_id(&conn, account, path)?.ok_or_else(|| StoreError::NotValid {
-                        path: path.clone(),
-                        account: account.to_owned(),
-                    })?;
-                if seen.insert(id) {
-                    queue.push((id, path.clone()));
-                }
-            }
-        }
-        // Every row enters the queue at most once, so this ends after at most as many steps
-        // (and rounds) as the account has rows.
+            starting_rows(&conn, account, paths)?
+        };
+        // Every row enters the queue at most once, so this ends after at most as many rounds
+        // as the account has rows.
         loop {
             let mut derivations = Vec::new();
             {
                 let conn = self.inner.lock_db();
-                for output in outputs.drain(..) {
-                    if let Some(id) = db::path_id(&conn, account, &output)? {
-                        if seen.insert(id) {
-                            queue.push((id, output));
-                        }
-                    }
-                }
-                while let Some((id, path)) = queue.pop() {
-                    for (ref_id, reference) in db::references(&conn, id)? {
-                        if seen.insert(ref_id) {
-                            queue.push((ref_id, reference));
-                        }
-                    }
+                for (_, path) in db::walk_references(&conn, queue, &mut seen)? {
                     if include_outputs && path.is_derivation() {
                         derivations.push(self.object_of(&conn, account, &path)?);
                     }
@@ -411,8 +525,16 @@ impl Store {
             if derivations.is_empty() {
                 return Ok(closure);
             }
+            let mut outputs = Vec::new();
             for object in &derivations {
                 outputs.extend(self.derivation_outputs(object)?);
+            }
+            let conn = self.inner.lock_db();
+            queue = Vec::new();
+            for output in outputs {
+                if let Some(id) = db::path_id(&conn, account, &output)? {
+                    queue.push((id, output));
+                }
             }
         }
     }
@@ -462,25 +584,51 @@ impl Store {
     }
 
     /// Where each of `paths` is stored for `account`, with its NAR hash: what a build's
-    /// sandbox mounts, and what identifies its inputs. Err([`StoreError::NotValid`]) for a
-    /// path the account cannot see.
+    /// sandbox mounts, and what identifies its inputs. Each is marked used and pinned in
+    /// `pins` (the build's, held until its outputs are registered).
+    /// Err([`StoreError::NotValid`]) for a path the account cannot see.
     pub fn input_objects(
         &self,
         account: &str,
         paths: &BTreeSet<StorePath>,
+        pins: &Pins,
     ) -> Result<Vec<InputObject>, StoreError> {
         let conn = self.inner.lock_db();
-        paths
+        let mut ids = Vec::with_capacity(paths.len());
+        let inputs = paths
             .iter()
             .map(|path| {
                 let row = self.object_of(&conn, account, path)?;
+                ids.extend(db::path_id(&conn, account, path)?);
                 Ok(InputObject {
                     path: path.clone(),
                     object: self.inner.objects.join(&row.key),
                     nar_hash: row.nar_hash,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Self::hold(&conn, &ids, Some(pins))?;
+        Ok(inputs)
+    }
+
+    /// The object of `path` for `account`, pinned by the returned [`Pins`] (marked used when
+    /// `used`): for reading its files after the lock is released.
+    fn pinned_object(
+        &self,
+        account: &str,
+        path: &StorePath,
+        used: bool,
+    ) -> Result<(db::ObjectRow, Pins), StoreError> {
+        let conn = self.inner.lock_db();
+        let row = self.object_of(&conn, account, path)?;
+        let pins = self.pins();
+        let ids: Vec<i64> = db::path_id(&conn, account, path)?.into_iter().collect();
+        if used {
+            Self::hold(&conn, &ids, Some(&pins))?;
+        } else {
+            pins.add(ids);
+        }
+        Ok((row, pins))
     }
 
     /// The contents of `path` (valid for `account`) when it is a regular file of at most
@@ -491,7 +639,7 @@ impl Store {
         path: &StorePath,
         max: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let row = self.object_of(&self.inner.lock_db(), account, path)?;
+        let (row, _pins) = self.pinned_object(account, path, false)?;
         let file = self.inner.objects.join(&row.key);
         let meta = fs::symlink_metadata(&file).map_err(io_err("stat", &file))?;
         if !meta.is_file() || meta.len() > max {
@@ -518,6 +666,11 @@ impl Store {
     /// watcher check.
     pub fn check_disk_reserve(&self) -> Result<(), StoreError> {
         self.disk_headroom().map(drop)
+    }
+
+    /// The bytes free on the state directory's file system.
+    pub fn free_space(&self) -> Result<u64, StoreError> {
+        Ok(fsutil::free_space(&self.inner.state_dir)?.bytes)
     }
 
     /// Like [`Store::check_disk_reserve`], returning the bytes free above the reserve.
@@ -556,14 +709,15 @@ impl Store {
         self.export_nar_to(account, path, &mut Plain(out))
     }
 
-    /// [`Store::export_nar`] into a [`NarSink`], which may move files' contents itself.
+    /// [`Store::export_nar`] into a [`NarSink`], which may move files' contents itself. The
+    /// path is marked used (downloaded) and pinned while it streams.
     pub fn export_nar_to(
         &self,
         account: &str,
         path: &StorePath,
         out: &mut dyn NarSink,
     ) -> Result<u64, StoreError> {
-        let object = self.object_of(&self.inner.lock_db(), account, path)?;
+        let (object, _pins) = self.pinned_object(account, path, true)?;
         #[cfg(feature = "failpoints")]
         let out = &mut crate::failpoint::MidStream::new(out);
         let size = dump_to(&self.inner.objects.join(&object.key), out).map_err(|source| {

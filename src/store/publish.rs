@@ -135,18 +135,38 @@ impl Store {
                 sigs: &no_sigs,
             })
             .collect();
-        self.publish(account, &items)
+        // The build ran: its outputs are kept whatever the quota; the account's next upload or
+        // build is refused while it is over.
+        self.publish(account, &items, false)
     }
 
     /// Moves each item's files to `objects/<key>` (unless an identical object exists) and
     /// inserts the rows of all items in one transaction, under the store lock so that
     /// existence checks, renames and inserts are one step for other commits. Items already
     /// valid for the account are skipped (`false` in the result). On failure the objects
-    /// this call moved are removed again and nothing is registered.
+    /// this call moved are removed again and nothing is registered. With `quota`, the items
+    /// must fit in the account's quota, after collecting its expired paths if they do not at
+    /// first ([`StoreError::Quota`]).
     pub(super) fn publish(
         &self,
         account: &str,
         items: &[Publication<'_>],
+        quota: bool,
+    ) -> Result<Vec<bool>, StoreError> {
+        match self.publish_once(account, items, quota) {
+            Err(StoreError::Quota { .. }) => {
+                self.collect_account(account)?;
+                self.publish_once(account, items, quota)
+            }
+            other => other,
+        }
+    }
+
+    fn publish_once(
+        &self,
+        account: &str,
+        items: &[Publication<'_>],
+        quota: bool,
     ) -> Result<Vec<bool>, StoreError> {
         for item in items {
             if let Some(ca) = item.ca {
@@ -172,6 +192,15 @@ impl Store {
             .filter(|(_, &f)| f)
             .map(|(item, _)| item.path)
             .collect();
+        if quota {
+            let adding = items
+                .iter()
+                .zip(&fresh)
+                .filter(|(_, &f)| f)
+                .map(|(item, _)| item.nar_size)
+                .sum();
+            self.check_quota(&conn, account, adding)?;
+        }
         let mut news = Vec::with_capacity(batch.len());
         let mut files = Vec::with_capacity(batch.len());
         for ((item, object), _) in items.iter().zip(&objects).zip(&fresh).filter(|(_, &f)| f) {

@@ -405,7 +405,7 @@ impl Substituter {
         let held = self
             .inner
             .store
-            .query_path_infos(PUBLIC_ACCOUNT, paths)
+            .query_path_infos(PUBLIC_ACCOUNT, paths, None)
             .unwrap_or_default();
         let (mut download, mut unpacked) = (0u64, 0u64);
         for path in paths {

@@ -1,0 +1,96 @@
+//! When the store's collector runs inside the daemon: every `[store] gc_interval`, whenever
+//! free space on the state directory's file system is below `[store] gc_free_space`
+//! (checked every [`FREE_SPACE_CHECK`]), and on SIGUSR1 (`kill -USR1`, or `systemctl kill
+//! -s USR1 nixbuild`). One collection runs at a time, in steps that never hold the store
+//! lock for long (see [`crate::store`]'s `gc` module), beside normal service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::reload::LiveConfig;
+use crate::store::Store;
+
+/// How often free space is checked against `[store] gc_free_space`.
+pub const FREE_SPACE_CHECK: Duration = Duration::from_secs(10);
+
+/// Why a collection started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Schedule,
+    FreeSpace,
+    Request,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Schedule => "scheduled",
+            Reason::FreeSpace => "free space below store.gc_free_space",
+            Reason::Request => "requested (SIGUSR1)",
+        }
+    }
+}
+
+/// Runs collections until `stop` turns true; the policy and settings are read from `live`
+/// before each, so a reload takes effect at the next one.
+pub async fn run(store: Store, live: Arc<LiveConfig>, mut stop: watch::Receiver<bool>) {
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot watch for SIGUSR1 ({e}): collections run on schedule only");
+            None
+        }
+    };
+    let mut next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
+    loop {
+        let reason = tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => Reason::Schedule,
+            () = next_signal(&mut usr1) => Reason::Request,
+            () = tokio::time::sleep(FREE_SPACE_CHECK) => {
+                let threshold = live.get().store.gc_free_space();
+                match store.free_space() {
+                    Ok(free) if free < threshold => Reason::FreeSpace,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!("cannot check free space for the collector: {e}");
+                        continue;
+                    }
+                }
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        collect(&store, reason).await;
+        next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
+    }
+}
+
+async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(s) = s {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+async fn collect(store: &Store, reason: Reason) {
+    let started = Instant::now();
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.collect()).await {
+        Ok(Ok(stats)) => tracing::info!(
+            reason = reason.as_str(),
+            grants = stats.grants,
+            objects = stats.objects,
+            bytes = stats.bytes,
+            records = stats.records,
+            steps = stats.steps,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "collection done"
+        ),
+        Ok(Err(e)) => tracing::error!(reason = reason.as_str(), "collection failed: {e}"),
+        Err(e) => tracing::error!(reason = reason.as_str(), "collection task failed: {e}"),
+    }
+}
