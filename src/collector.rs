@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::reload::LiveConfig;
@@ -34,21 +34,32 @@ impl Reason {
     }
 }
 
-/// Runs collections until `stop` turns true; the policy and settings are read from `live`
-/// before each, so a reload takes effect at the next one.
-pub async fn run(store: Store, live: Arc<LiveConfig>, mut stop: watch::Receiver<bool>) {
-    let mut usr1 = match signal(SignalKind::user_defined1()) {
+/// Watches for SIGUSR1, the request for a collection; the daemon does this before it
+/// listens, since the signal's default action would end it.
+pub fn watch_requests() -> Option<Signal> {
+    match signal(SignalKind::user_defined1()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!("cannot watch for SIGUSR1 ({e}): collections run on schedule only");
             None
         }
-    };
+    }
+}
+
+/// Runs collections until `stop` turns true, and on each of `requests` (from
+/// [`watch_requests`]); the policy and settings are read from `live` before each, so a
+/// reload takes effect at the next one.
+pub async fn run(
+    store: Store,
+    live: Arc<LiveConfig>,
+    mut requests: Option<Signal>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
     loop {
         let reason = tokio::select! {
             () = tokio::time::sleep_until(next.into()) => Reason::Schedule,
-            () = next_signal(&mut usr1) => Reason::Request,
+            () = next_signal(&mut requests) => Reason::Request,
             () = tokio::time::sleep(FREE_SPACE_CHECK) => {
                 let threshold = live.get().store.gc_free_space();
                 match store.free_space() {
@@ -67,7 +78,7 @@ pub async fn run(store: Store, live: Arc<LiveConfig>, mut stop: watch::Receiver<
     }
 }
 
-async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+async fn next_signal(s: &mut Option<Signal>) {
     if let Some(s) = s {
         if s.recv().await.is_some() {
             return;

@@ -151,6 +151,7 @@ pub async fn run(
             None
         }
     };
+    let gc_requests = crate::collector::watch_requests();
     #[cfg(feature = "failpoints")]
     if let Some((name, hit)) = crate::failpoint::arm_from_env()? {
         tracing::warn!("failpoint {name} armed for hit {hit}");
@@ -215,6 +216,7 @@ pub async fn run(
     let collector = tokio::spawn(crate::collector::run(
         store.clone(),
         live.clone(),
+        gc_requests,
         ssh_stop.clone(),
     ));
     let ssh = front_door.map(|door| {

@@ -61,6 +61,8 @@ enum Op {
     Build,
     /// `nix copy --from` (DumpStorePath).
     Download,
+    /// A collection of expired paths (SIGUSR1).
+    Collect,
 }
 
 /// The operations that reach `point`. Every point of `ALL` must have one: a new point
@@ -71,6 +73,7 @@ fn ops_for(point: &str) -> &'static [Op] {
         Some("publish") => &[Op::Upload, Op::Build],
         Some("build") => &[Op::Build],
         Some("export") => &[Op::Download],
+        Some("gc") => &[Op::Collect],
         _ => panic!("failpoint {point} has no scenario in tests/faults.rs"),
     }
 }
@@ -81,6 +84,7 @@ fn registered_after_kill(point: &str, op: Op) -> bool {
     match op {
         // The path was already there before the download.
         Op::Download => true,
+        Op::Collect => false,
         Op::Upload | Op::Build => matches!(
             point,
             "publish-after-commit"
@@ -255,6 +259,7 @@ fn kill_at(f: &Fixture, point: &str, op: Op, via: Via, case: usize) {
                 Box::new(move |d| f.copy(d, via, "--from", &path)),
             )
         }
+        Op::Collect => panic!("collection points have their own test"),
     };
     let acked_hash = f.local_hash(&acked);
     // The command that will succeed after the restart; now it stops at the point.
@@ -372,6 +377,60 @@ fn kill_at_every_point(op: Op, via: Via) {
     let f = Fixture::new(if op == Op::Build { &pauses } else { &[] });
     for (case, point) in points.iter().enumerate() {
         kill_at(&f, point, op, via, case);
+    }
+}
+
+/// The collector killed at each of its points, mid-collection of two uploaded paths that
+/// expire after a second: after the restart the store is consistent, a collection completes
+/// and takes what was left, and the client uploads the paths again.
+#[test]
+fn killed_at_every_collection_point() {
+    let f = Fixture::new(&[]);
+    let config = "[store]\nretention = 1\ngc_interval = 3600\n";
+    let points: Vec<&str> = ALL
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("gc-"))
+        .collect();
+    assert_eq!(points.len(), 3);
+    for (case, point) in points.iter().enumerate() {
+        let armed = format!("{point}:1");
+        let mut d = Daemon::start_seeded(config, &f.seed.state_dir(), &[], &[(ENV, &armed)]);
+        let paths: Vec<String> = ["a", "b"]
+            .iter()
+            .map(|n| f.local_path(&format!("gc-{case}-{n}"), 1 << 20))
+            .collect();
+        let mut copy = f.copy(&d, Via::Serve, "--to", &paths[0]);
+        run_ok(copy.arg(&paths[1]));
+        std::thread::sleep(Duration::from_millis(2100));
+        d.request_collection();
+        d.wait_for_log(&[&format!("failpoint {point} reached")]);
+        d.kill();
+        d.start_again(&[]);
+        assert_consistent(&d);
+        let line = d.collect();
+        let rows = assert_consistent(&d);
+        for path in &paths {
+            assert!(
+                !rows.contains_key(&(ACCOUNT.to_owned(), base_name(path))),
+                "{point}: {path} not collected ({line})"
+            );
+        }
+        assert!(
+            harness::orphan_objects(&d.state_dir()).is_empty(),
+            "{point}: objects left"
+        );
+        let mut copy = f.copy(&d, Via::Serve, "--to", &paths[0]);
+        run_ok(copy.arg(&paths[1]));
+        let rows = assert_consistent(&d);
+        for path in &paths {
+            assert_eq!(
+                rows.get(&(ACCOUNT.to_owned(), base_name(path))),
+                Some(&f.local_hash(path)),
+                "{point}: {path} uploaded again"
+            );
+        }
+        d.stop();
     }
 }
 

@@ -1312,13 +1312,13 @@ mod collection {
             log.write(chunk).expect("write");
         }
         let old = store
-            .insert_record(&record("alice", now_ms - 3_000_000), Some(log))
-            .expect("insert");
+            .insert_records(&[record("alice", now_ms - 3_000_000)], Some(log))
+            .expect("insert")[0];
         let recent = store
-            .insert_record(&record("alice", now_ms), None)
-            .expect("insert");
+            .insert_records(&[record("alice", now_ms)], None)
+            .expect("insert")[0];
         store
-            .insert_record(&record("bob", now_ms), None)
+            .insert_records(&[record("bob", now_ms)], None)
             .expect("insert");
         let records = store.records("alice", 10).expect("records");
         assert_eq!(

@@ -38,6 +38,7 @@ pub mod monitor;
 mod outcome;
 pub mod outputs;
 pub mod placement;
+mod records;
 mod run;
 pub mod sharing;
 mod uids;
@@ -282,6 +283,7 @@ impl BuildService {
     /// [`Waiter`]. Problems found before the builder runs (a bad derivation, an input the
     /// account cannot see) come back as the waiter's outcome.
     pub async fn submit(&self, job: BuildJob) -> Waiter {
+        let submitted_ms = records::unix_now_ms();
         let store = self.inner.store.clone();
         let substituter = self.inner.substituter.clone();
         let prepared = {
@@ -341,7 +343,14 @@ impl BuildService {
                 ),
             ));
         };
-        let build = Arc::new(Shared::new(prepared.key, job.drv_path.clone()));
+        let stored_log = match self.inner.store.begin_log() {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::warn!(target: LOG_TARGET, drv = %job.drv_path, "the build's log will not be stored: {e}");
+                None
+            }
+        };
+        let build = Arc::new(Shared::new(prepared.key, job.drv_path.clone(), stored_log));
         inflight.insert(prepared.key, build.clone());
         let waiter = build.subscribe(&self.inner.inflight, &job.account, notes);
         drop(inflight);
@@ -361,8 +370,21 @@ impl BuildService {
                 if outcome.message.is_empty() { "ok" } else { &outcome.message }
             );
             inner.inflight.leave(&build);
-            build.done.send_replace(Some(Arc::new(outcome)));
-            // The waiters have the outcome; what the build leaves goes now, off their path.
+            let usage = leftovers
+                .as_ref()
+                .map(run::Leftovers::usage)
+                .unwrap_or_default();
+            let outcome = Arc::new(outcome);
+            build.done.send_replace(Some(outcome.clone()));
+            // The waiters have the outcome; the record and what the build leaves go now, off
+            // their path.
+            let record = records::BuildFacts {
+                drv_path: &job.drv_path,
+                submitted_ms,
+                outcome: &outcome,
+                usage,
+            };
+            records::record(&inner.store, &build, &job.account, record).await;
             if let Some(leftovers) = leftovers {
                 leftovers.remove().await;
             }

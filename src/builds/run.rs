@@ -118,6 +118,10 @@ pub(super) async fn run<'a>(
     let leftovers = Leftovers {
         scratch,
         cgroup: made.cgroup,
+        granted: (
+            u32::try_from(grant.cpus.len()).unwrap_or(u32::MAX),
+            grant.memory,
+        ),
         _watch: made.watch,
         _running: running,
         _uid: uid,
@@ -310,7 +314,7 @@ impl BuildRun<'_> {
                         }
                         let chunk = buf.split().freeze();
                         tail.push(&chunk);
-                        let _ = build.log.send(chunk);
+                        build.send_log(chunk);
                         failpoint_async!("build-builder-running", log_bytes == n as u64);
                     }
                 },
@@ -347,7 +351,7 @@ impl BuildRun<'_> {
                             let chunk = buf.split().freeze();
                             log_bytes += chunk.len() as u64;
                             tail.push(&chunk);
-                            let _ = build.log.send(chunk);
+                            build.send_log(chunk);
                         }
                     }
                 }
@@ -586,19 +590,46 @@ impl Tail {
 pub(super) struct Leftovers<'a> {
     scratch: PathBuf,
     cgroup: Option<BuildCgroup>,
+    /// Cores and memory granted.
+    granted: (u32, u64),
     /// Watched until the directory is gone (the watcher waits for a stopped build's space).
     _watch: Option<Watch>,
     _running: Running,
     _uid: UidLease<'a>,
 }
 
+/// What a build was granted and used, for its record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Usage {
+    /// Cores granted.
+    pub cores: u32,
+    /// Memory granted, in bytes.
+    pub memory: u64,
+    /// CPU time used, in microseconds, from the cgroup.
+    pub cpu_us: Option<u64>,
+    /// Peak memory, in bytes, from the cgroup.
+    pub peak_memory: Option<u64>,
+}
+
 impl Leftovers<'_> {
+    /// What the build was granted and, from its cgroup, what it used.
+    pub(super) fn usage(&self) -> Usage {
+        let cgroup = self.cgroup.as_ref();
+        Usage {
+            cores: self.granted.0,
+            memory: self.granted.1,
+            cpu_us: cgroup.and_then(|c| c.cpu_usage_us().ok().flatten()),
+            peak_memory: cgroup.and_then(|c| c.peak_memory().ok().flatten()),
+        }
+    }
+
     /// Kills what is left in the cgroup, removes it and the scratch directory (one blocking
     /// task), then frees the slot and the uid.
     pub(super) async fn remove(self) {
         let Leftovers {
             scratch,
             cgroup,
+            granted: _,
             _watch,
             _running,
             _uid,

@@ -12,6 +12,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::sharing::BuildKey;
 use super::{Outcome, LOG_TARGET};
+use crate::store::LogWriter;
 
 /// Most log chunks a slow waiter may fall behind before it skips some.
 const LOG_BACKLOG: usize = 1024;
@@ -139,6 +140,8 @@ pub(super) struct Shared {
     accounts: Mutex<BTreeSet<String>>,
     /// The build's log, for every waiter.
     pub(super) log: broadcast::Sender<Bytes>,
+    /// The same log, on its way to the store with the build's record.
+    stored_log: Mutex<Option<LogWriter>>,
     /// The outcome, once known.
     pub(super) done: watch::Sender<Option<Arc<Outcome>>>,
     /// Set to `true` when the last waiter went.
@@ -147,13 +150,15 @@ pub(super) struct Shared {
 
 impl Shared {
     /// A build of `drv_path` with no waiter yet.
-    pub(super) fn new(key: BuildKey, drv_path: StorePath) -> Shared {
+    /// A build of `drv_path` with no waiter yet, its log also written to `stored_log`.
+    pub(super) fn new(key: BuildKey, drv_path: StorePath, stored_log: Option<LogWriter>) -> Shared {
         Shared {
             key,
             drv_path,
             waiters: Mutex::new(0),
             accounts: Mutex::new(BTreeSet::new()),
             log: broadcast::channel(LOG_BACKLOG).0,
+            stored_log: Mutex::new(stored_log),
             done: watch::channel(None).0,
             cancel: watch::channel(false).0,
         }
@@ -161,7 +166,37 @@ impl Shared {
 
     /// A `nixbuild:` line for every waiter's log.
     pub(super) fn note(&self, line: String) {
-        let _ = self.log.send(Bytes::from(line));
+        self.send_log(Bytes::from(line));
+    }
+
+    /// A piece of the log, for every waiter and the stored log. A stored log that fails to
+    /// write is dropped (with a warning): the build goes on.
+    pub(super) fn send_log(&self, chunk: Bytes) {
+        let mut stored = self.stored_log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = stored.as_mut() {
+            if let Err(e) = log.write(&chunk) {
+                tracing::warn!(target: LOG_TARGET, drv = %self.drv_path, "the build's log is not stored: {e}");
+                *stored = None;
+            }
+        }
+        drop(stored);
+        let _ = self.log.send(chunk);
+    }
+
+    /// The stored log, for the build's record.
+    pub(super) fn take_stored_log(&self) -> Option<LogWriter> {
+        self.stored_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The accounts of every waiter that joined.
+    pub(super) fn accounts(&self) -> BTreeSet<String> {
+        self.accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The accounts of every waiter that joined other than `account`.

@@ -180,6 +180,32 @@ impl BuildCgroup {
             })
     }
 
+    /// The CPU time the build's processes used, in microseconds, when it is accounted (v1
+    /// `cpuacct.usage`, v2 `cpu.stat`).
+    pub fn cpu_usage_us(&self) -> Result<Option<u64>, CgroupError> {
+        let v2 = self.dirs.iter().find(|d| d.version == Version::V2);
+        let (file, scale) = match (self.dir_with(Controller::Cpuacct), v2) {
+            (Some(dir), _) if dir.version == Version::V1 => (dir.path.join("cpuacct.usage"), 1000),
+            (_, Some(dir)) => (dir.path.join("cpu.stat"), 1),
+            _ => return Ok(None),
+        };
+        if !file.exists() {
+            return Ok(None);
+        }
+        let text = read(&file)?;
+        let value = if scale == 1 {
+            keyed(&text, "usage_usec")
+        } else {
+            text.trim().parse().ok()
+        };
+        value
+            .map(|v| Some(v / scale))
+            .ok_or_else(|| CgroupError::Parse {
+                path: file,
+                reason: format!("no CPU usage in {:?}", text.trim()),
+            })
+    }
+
     /// Kills every process of the build and waits until they are gone (at most 10 s).
     /// With v2 `cgroup.kill` one write does it; otherwise the cgroup is frozen first so that
     /// nothing forks or exits meanwhile (a pid read is then still that process), every

@@ -140,6 +140,9 @@ pub enum Controller {
     Pids,
     /// Freezing, to kill a build without it forking meanwhile.
     Freezer,
+    /// CPU time accounting, for the build's record (v1 `cpuacct`; on v2 every cgroup has
+    /// `cpu.stat`). Never a limit.
+    Cpuacct,
 }
 
 impl Controller {
@@ -150,6 +153,7 @@ impl Controller {
             Controller::Memory => "memory",
             Controller::Pids => "pids",
             Controller::Freezer => "freezer",
+            Controller::Cpuacct => "cpuacct",
         }
     }
 }
@@ -201,6 +205,8 @@ pub struct Report {
     pub pids: Support,
     /// Freezing (v1 `freezer`, v2 `cgroup.freeze`).
     pub freezer: Support,
+    /// CPU time accounting (v1 `cpuacct`, v2 `cpu.stat`).
+    pub cpuacct: Support,
     /// Whether v2 `cgroup.kill` kills a build in one write.
     pub kill_file: bool,
     /// Swap beyond the memory limit.
@@ -217,6 +223,7 @@ impl fmt::Display for Report {
             ("memory", &self.memory),
             ("pids", &self.pids),
             ("freezer", &self.freezer),
+            ("cpuacct", &self.cpuacct),
         ] {
             match support {
                 Support::Available { version, base } => {

@@ -65,6 +65,7 @@ impl Cgroups {
                 match version {
                     Version::V1 => setup_v1(controller, &own, &base),
                     Version::V2 if controller == Controller::Freezer => setup_v2_freezer(&base),
+                    Version::V2 if controller == Controller::Cpuacct => setup_v2_accounting(&base),
                     Version::V2 => v2
                         .iter()
                         .position(|(c, _)| *c == controller)
@@ -74,11 +75,12 @@ impl Cgroups {
             });
             found.unwrap_or_else(|e| Support::Unavailable(e.to_string()))
         };
-        let [cpuset, memory, pids, freezer] = [
+        let [cpuset, memory, pids, freezer, cpuacct] = [
             Controller::Cpuset,
             Controller::Memory,
             Controller::Pids,
             Controller::Freezer,
+            Controller::Cpuacct,
         ]
         .map(&mut setup);
         let kill_file = [&cpuset, &memory, &pids]
@@ -105,6 +107,7 @@ impl Cgroups {
                 memory,
                 pids,
                 freezer,
+                cpuacct,
                 kill_file,
                 swap,
                 cpus,
@@ -125,6 +128,7 @@ impl Cgroups {
             (Controller::Memory, &self.report.memory),
             (Controller::Pids, &self.report.pids),
             (Controller::Freezer, &self.report.freezer),
+            (Controller::Cpuacct, &self.report.cpuacct),
         ] {
             let Some((version, base)) = support.place() else {
                 continue;
@@ -521,6 +525,12 @@ fn setup_v2_freezer(base: &Path) -> Result<(), Unavailable> {
     }
 }
 
+/// On v2, CPU time is `cpu.stat` of any non-root cgroup, controller or not.
+fn setup_v2_accounting(base: &Path) -> Result<(), Unavailable> {
+    mkdir(base)?;
+    Ok(())
+}
+
 /// Sets one controller's limit in a new build directory.
 fn set_limit(
     version: Version,
@@ -568,7 +578,7 @@ fn set_limit(
             Ok(())
         }
         (Controller::Pids, _) => write(&dir.join("pids.max"), &limits.pids.to_string()),
-        (Controller::Freezer, _) => Ok(()),
+        (Controller::Freezer | Controller::Cpuacct, _) => Ok(()),
     }
 }
 
@@ -638,6 +648,7 @@ mod tests {
             memory,
             pids: here("/p"),
             freezer: here("/f"),
+            cpuacct: here("/a"),
             kill_file: false,
             swap: Swap::Counted,
             cpus,

@@ -163,6 +163,45 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(BuildRecord, Option<Strin
     ))
 }
 
+/// Inserts one record naming log `log_name`; its id.
+fn insert_one(
+    conn: &Connection,
+    record: &BuildRecord,
+    log_name: Option<&str>,
+    log_bytes: u64,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO builds (account, drv, outputs, submitted_ms, started_ms, ended_ms,
+             status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log,
+             log_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+             ?15, ?16) RETURNING id",
+    )
+    .and_then(|mut st| {
+        st.query_row(
+            params![
+                record.account,
+                record.drv,
+                record.outputs,
+                to_sql_int(record.submitted_ms),
+                record.started_ms.map(to_sql_int),
+                to_sql_int(record.ended_ms),
+                record.status,
+                record.error,
+                record.cores,
+                to_sql_int(record.memory),
+                record.cpu_us.map(to_sql_int),
+                record.peak_memory.map(to_sql_int),
+                to_sql_int(record.output_bytes),
+                record.shared,
+                log_name,
+                to_sql_int(log_bytes),
+            ],
+            |row| row.get(0),
+        )
+    })
+    .map_err(db_err("record a build"))
+}
+
 const RECORD_COLUMNS: &str = "id, account, drv, outputs, submitted_ms, started_ms, ended_ms, \
      status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log, log_bytes";
 
@@ -189,12 +228,13 @@ impl Store {
         })
     }
 
-    /// Records a build that ended, with its log when there is one; returns the record's id.
-    pub fn insert_record(
+    /// Records a build that ended, once per account that asked for it, all with its log
+    /// when there is one; returns the records' ids.
+    pub fn insert_records(
         &self,
-        record: &BuildRecord,
+        records: &[BuildRecord],
         log: Option<LogWriter>,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Vec<i64>, StoreError> {
         let (log_name, log_bytes) = match log {
             Some(mut log) => {
                 let encoder = log.encoder.take();
@@ -215,39 +255,18 @@ impl Store {
                 fs::rename(&log.tmp, &target).map_err(io_err("store a build log", &target))?;
                 (Some(name), log.bytes)
             }
-            None => (None, record.log_bytes),
+            None => (None, 0),
         };
         let conn = self.inner.lock_db();
-        conn.prepare_cached(
-            "INSERT INTO builds (account, drv, outputs, submitted_ms, started_ms, ended_ms,
-             status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log,
-             log_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-             ?15, ?16) RETURNING id",
-        )
-        .and_then(|mut st| {
-            st.query_row(
-                params![
-                    record.account,
-                    record.drv,
-                    record.outputs,
-                    to_sql_int(record.submitted_ms),
-                    record.started_ms.map(to_sql_int),
-                    to_sql_int(record.ended_ms),
-                    record.status,
-                    record.error,
-                    record.cores,
-                    to_sql_int(record.memory),
-                    record.cpu_us.map(to_sql_int),
-                    record.peak_memory.map(to_sql_int),
-                    to_sql_int(record.output_bytes),
-                    record.shared,
-                    log_name,
-                    to_sql_int(log_bytes),
-                ],
-                |row| row.get(0),
-            )
-        })
-        .map_err(db_err("record a build"))
+        let tx = conn
+            .unchecked_transaction()
+            .map_err(db_err("begin recording a build"))?;
+        let mut ids = Vec::with_capacity(records.len());
+        for record in records {
+            ids.push(insert_one(&tx, record, log_name.as_deref(), log_bytes)?);
+        }
+        tx.commit().map_err(db_err("commit a build's records"))?;
+        Ok(ids)
     }
 
     /// The build records of `account`, newest first, at most `max`.

@@ -338,6 +338,28 @@ impl Daemon {
         self.signal("-HUP");
     }
 
+    /// Asks the daemon for a collection (SIGUSR1) and waits for the log line of the one
+    /// after the `done` earlier ones; returns that line.
+    pub fn collect(&self) -> String {
+        const DONE: &str = "collection done";
+        let before = self.log().matches(DONE).count();
+        self.signal("-USR1");
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().filter(|l| l.contains(DONE)).nth(before) {
+                return line.to_owned();
+            }
+            assert!(Instant::now() < until, "no collection:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGUSR1 (a collection) without waiting for it.
+    pub fn request_collection(&self) {
+        self.signal("-USR1");
+    }
+
     fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").0.id();
         let sent = Command::new("kill")
