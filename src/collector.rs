@@ -1,8 +1,10 @@
 //! When the store's collector runs inside the daemon: every `[store] gc_interval`, whenever
 //! free space on the state directory's file system is below `[store] gc_free_space`
 //! (checked every [`FREE_SPACE_CHECK`]), and on SIGUSR1 (`kill -USR1`, or `systemctl kill
-//! -s USR1 nixbuild`). One collection runs at a time, in steps that never hold the store
-//! lock for long (see [`crate::store`]'s `gc` module), beside normal service.
+//! -s USR1 nixbuild`). One collection runs at a time, on the collector's own thread
+//! (`nixbuild-gc`, there from the start, so that collections add no thread), in steps that
+//! never hold the store lock for long (see [`crate::store`]'s `gc` module), beside normal
+//! service.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +57,27 @@ pub async fn run(
     mut requests: Option<Signal>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let (start_tx, mut start_rx) = tokio::sync::mpsc::channel::<Reason>(1);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let worker = {
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("nixbuild-gc".into())
+            .spawn(move || {
+                // Ends once this task is gone (its sender dropped), after the collection
+                // under way.
+                while let Some(reason) = start_rx.blocking_recv() {
+                    collect(&store, reason);
+                    if done_tx.blocking_send(()).is_err() {
+                        return;
+                    }
+                }
+            })
+    };
+    if let Err(e) = worker {
+        tracing::error!("cannot start the collector's thread: {e}; nothing is collected");
+        return;
+    }
     let mut next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
     loop {
         let reason = tokio::select! {
@@ -73,7 +96,10 @@ pub async fn run(
             }
             _ = stop.wait_for(|s| *s) => return,
         };
-        collect(&store, reason).await;
+        if start_tx.send(reason).await.is_err() || done_rx.recv().await.is_none() {
+            tracing::error!("the collector's thread is gone; nothing more is collected");
+            return;
+        }
         next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
     }
 }
@@ -87,11 +113,11 @@ async fn next_signal(s: &mut Option<Signal>) {
     std::future::pending().await
 }
 
-async fn collect(store: &Store, reason: Reason) {
+/// One collection, on the collector's thread, logged.
+fn collect(store: &Store, reason: Reason) {
     let started = Instant::now();
-    let store = store.clone();
-    match tokio::task::spawn_blocking(move || store.collect()).await {
-        Ok(Ok(stats)) => tracing::info!(
+    match store.collect() {
+        Ok(stats) => tracing::info!(
             reason = reason.as_str(),
             grants = stats.grants,
             objects = stats.objects,
@@ -101,7 +127,6 @@ async fn collect(store: &Store, reason: Reason) {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "collection done"
         ),
-        Ok(Err(e)) => tracing::error!(reason = reason.as_str(), "collection failed: {e}"),
-        Err(e) => tracing::error!(reason = reason.as_str(), "collection task failed: {e}"),
+        Err(e) => tracing::error!(reason = reason.as_str(), "collection failed: {e}"),
     }
 }

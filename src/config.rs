@@ -105,6 +105,10 @@ pub struct AccountConfig {
     /// Instead of `[store] quota`.
     #[serde(deserialize_with = "size_opt")]
     pub quota: Option<u64>,
+    /// Instead of `[limits] max_builds_per_account`.
+    pub max_builds: Option<usize>,
+    /// Instead of `[limits] max_running_builds_per_account`.
+    pub max_running_builds: Option<usize>,
 }
 
 /// `[substituters]`: binary caches the server fetches paths from instead of having clients
@@ -484,8 +488,13 @@ pub struct LimitsConfig {
     /// 100 build hooks, each a session.
     pub max_sessions_per_account: usize,
     /// Most builds of one account queued or running at once; more fail at once with a
-    /// message saying so. Default 1024.
+    /// message saying so. Default 1024. `[accounts.NAME] max_builds` overrides it.
     pub max_builds_per_account: usize,
+    /// Most builds of one account handed to the scheduler at once (running, or waiting for
+    /// cores); the account's further builds wait their turn, and the client is told why.
+    /// Default none: the scheduler's fair share alone decides. `[accounts.NAME]
+    /// max_running_builds` overrides it.
+    pub max_running_builds_per_account: Option<usize>,
     /// Most NAR bytes one session may upload (AddToStoreNar and ImportPaths together); the
     /// session ends with an error past it. Default 1 TiB.
     pub max_upload_bytes_per_session: u64,
@@ -510,6 +519,7 @@ impl Default for LimitsConfig {
             max_sessions: 1024,
             max_sessions_per_account: 128,
             max_builds_per_account: 1024,
+            max_running_builds_per_account: None,
             max_upload_bytes_per_session: 1 << 40,
             max_buffered_bytes: None,
         }
@@ -1002,6 +1012,12 @@ impl Config {
             if account.retention == Some(0) {
                 return Err(invalid("accounts.retention", "must be at least 1".into()));
             }
+            if account.max_builds == Some(0) || account.max_running_builds == Some(0) {
+                return Err(invalid(
+                    "accounts.max_builds",
+                    "max_builds and max_running_builds must be at least 1".into(),
+                ));
+            }
         }
         if self.store.max_nar_size == 0 {
             return Err(invalid("store.max_nar_size", "must be at least 1".into()));
@@ -1046,6 +1062,12 @@ impl Config {
             ("store.log_retention", self.store.log_retention),
             ("store.record_retention", self.store.record_retention),
             ("store.gc_interval", self.store.gc_interval),
+            (
+                "limits.max_running_builds_per_account",
+                self.limits
+                    .max_running_builds_per_account
+                    .map_or(1, |n| n as u64),
+            ),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
@@ -1182,6 +1204,47 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixbuild.example.toml");
         assert_eq!(Config::load(&path).unwrap(), Config::default());
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn durations_retention_quotas_and_account_settings() {
+        for (text, secs) in [
+            ("7", 7),
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("30d", 30 * DAY),
+        ] {
+            assert_eq!(parse_duration(text), Ok(secs), "{text}");
+        }
+        assert_eq!(parse_duration("2w"), Ok(14 * DAY));
+        for bad in ["", "d", "5x", "1.5d", "-3s", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let c = Config::parse(
+            "[store]\nretention = \"2h\"\nquota = \"1G\"\ngc_interval = 60\n\
+             [accounts.\"ci@b\"]\nretention = \"1d\"\nquota = 5\n",
+        )
+        .unwrap();
+        let policy = c.store.policy(&c.accounts);
+        assert_eq!(policy.retention_of("ci@b"), DAY);
+        assert_eq!(policy.retention_of("other"), 7200);
+        assert_eq!(policy.quota_of("ci@b"), Some(5));
+        assert_eq!(policy.quota_of("other"), Some(1 << 30));
+        assert_eq!(c.store.gc_free_space(), 2 * c.store.disk_reserve);
+        for (text, key) in [
+            ("[accounts.\"a b\"]\nquota = 1\n", "accounts"),
+            ("[accounts.x]\nretention = 0\n", "accounts.retention"),
+            ("[store]\nretention = 0\n", "store.retention"),
+            ("[store]\ngc_interval = \"0s\"\n", "store.gc_interval"),
+        ] {
+            let msg = Config::parse(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+        let msg = Config::parse("[store]\nretention = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a duration"), "{msg}");
     }
 
     #[test]

@@ -261,6 +261,7 @@ pub async fn run(
                 reload(source, &live, ssh_reloader.as_ref());
                 let config = live.get();
                 store.set_policy(config.store.policy(&config.accounts));
+                builds.set_limits(&config);
             }
             () = &mut shutdown => break Ok(()),
         }

@@ -55,6 +55,7 @@ impl LiveConfig {
 }
 
 /// `running` with the settings a running daemon can change taken from `new`: `[timeouts]`,
+/// `[limits] max_builds_per_account` and `max_running_builds_per_account`,
 /// `[store]` retention, quota and collector settings (see [`crate::config::StoreConfig::with_live_from`]),
 /// `[accounts]`,
 /// `[limits] max_sessions_per_account` and `max_upload_bytes_per_session`, `[relay]
@@ -66,6 +67,8 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
     merged.timeouts = new.timeouts.clone();
     merged.limits.max_sessions_per_account = new.limits.max_sessions_per_account;
     merged.limits.max_upload_bytes_per_session = new.limits.max_upload_bytes_per_session;
+    merged.limits.max_builds_per_account = new.limits.max_builds_per_account;
+    merged.limits.max_running_builds_per_account = new.limits.max_running_builds_per_account;
     merged
         .relay
         .trusted_uids
@@ -89,10 +92,6 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
         (
             "limits.max_sessions",
             r.limits.max_sessions != n.limits.max_sessions,
-        ),
-        (
-            "limits.max_builds_per_account",
-            r.limits.max_builds_per_account != n.limits.max_builds_per_account,
         ),
         (
             "limits.max_buffered_bytes",
@@ -139,6 +138,9 @@ mod tests {
         "[timeouts]\nshutdown = 7",
         "[limits]\nmax_sessions_per_account = 7",
         "[limits]\nmax_upload_bytes_per_session = 7",
+        "[limits]\nmax_builds_per_account = 7",
+        "[limits]\nmax_running_builds_per_account = 7",
+        "[accounts.bob]\nmax_builds = 7\nmax_running_builds = 7",
         "[relay]\ntrusted_uids = [7]",
         "[relay]\ntrusted_gids = [7]",
         "[ssh]\nmax_connections = 7",
@@ -180,10 +182,6 @@ mod tests {
         ("[scheduler]\nstarvation_after = 7", "[scheduler]"),
         ("[scheduler.weights]\nalice = 7", "[scheduler]"),
         ("[limits]\nmax_sessions = 7", "limits.max_sessions"),
-        (
-            "[limits]\nmax_builds_per_account = 7",
-            "limits.max_builds_per_account",
-        ),
         (
             "[limits]\nmax_buffered_bytes = \"1G\"",
             "limits.max_buffered_bytes",

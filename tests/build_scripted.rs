@@ -1020,6 +1020,53 @@ fn a_huge_sparse_output_fails_at_the_size_limit_without_being_read() {
 }
 
 #[test]
+fn an_account_at_its_running_builds_limit_waits_its_turn_and_others_do_not() {
+    let s =
+        Setup::new("[limits]\nmax_running_builds_per_account = 1\n[accounts.b]\nmax_builds = 3\n");
+    s.upload_for("b");
+    let (p1, d1) = s.derivation("running-first", "sleep 2; echo 1 > $out");
+    let (p2, d2) = s.derivation("running-second", "echo 2 > $out");
+    let (p3, d3) = s.derivation("running-other", "echo 3 > $out");
+    let finished = |drv: &StorePath| {
+        let needle = format!("drv={} ", drv.to_absolute());
+        let log = s.daemon.log();
+        log.lines()
+            .position(|l| l.contains("build finished") && l.contains(&needle))
+            .unwrap_or_else(|| panic!("{drv} did not finish:\n{log}"))
+    };
+    let started = |drv: &StorePath| {
+        let needle = format!("drv={} ", drv.to_absolute());
+        let log = s.daemon.log();
+        log.lines()
+            .position(|l| l.contains("nixbuild::build: building ") && l.contains(&needle))
+            .unwrap_or_else(|| panic!("{drv} did not start:\n{log}"))
+    };
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| s.build(&p1, &d1, BuildOptions::default()));
+        wait_for_start(&s.daemon, &p1);
+        // Another account is not held back by a's limit.
+        let (other, _) = s.build_as("b", &p3, &d3, BuildOptions::default());
+        assert_eq!(other.status, BuildStatus::Built);
+        let (second, reply) = s.build(&p2, &d2, BuildOptions::default());
+        assert_eq!(second.status, BuildStatus::Built, "{}", reply.stderr);
+        assert!(
+            reply.stderr.contains(
+                "waiting: account a has 1 builds running or waiting for cores, its most \
+                 (max_running_builds_per_account in [limits]"
+            ),
+            "{}",
+            reply.stderr
+        );
+        assert_eq!(first.join().expect("first").0.status, BuildStatus::Built);
+    });
+    assert!(finished(&p3) < finished(&p1), "b's build waited for a's");
+    assert!(
+        started(&p2) > finished(&p1),
+        "a's second build ran beside its first"
+    );
+}
+
+#[test]
 fn per_account_limits_refuse_with_a_clear_error() {
     use std::io::Write;
     use std::process::{Command, Stdio};

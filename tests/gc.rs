@@ -245,3 +245,69 @@ fn failing_and_memory_hungry_builds_leave_records_and_logs() {
     assert_eq!(theirs, 0);
     d.stop();
 }
+
+#[test]
+fn an_account_over_its_quota_is_refused_and_others_are_not() {
+    let lab = Lab::new("{}");
+    let add = |name: &str| {
+        let file = lab.nix.scratch().join(name);
+        let line = format!("{}-{name}\n", lab.salt);
+        std::fs::write(&file, line.repeat((1 << 20) / line.len())).expect("write");
+        lab.nix.run_line(
+            "nix-store",
+            [std::ffi::OsStr::new("--add"), file.as_os_str()],
+        )
+    };
+    let (one, two) = (add("one"), add("two"));
+    let d = Daemon::start_with_config(
+        "[store]\nquota = \"1500K\"\n[accounts.alice]\nretention = 2\n",
+        &[],
+    );
+    let copy = |account: &str, path: &str| {
+        let mut cmd = d.point(lab.nix.command("nix"), account);
+        cmd.args(["copy", "--to", &harness::store_uri(), path]);
+        cmd.output().expect("run nix copy")
+    };
+    let first = copy("alice", &one);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let refused = copy("alice", &two);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    for part in [
+        "quota of 1536000 bytes",
+        "quota in [store]",
+        "more would pass",
+    ] {
+        assert!(stderr.contains(part), "{part:?} not in: {stderr}");
+    }
+    assert_eq!(rows(&d.state_dir(), "alice"), 1);
+    // Another account is held to its own usage only.
+    let bob = copy("bob", &two);
+    assert!(
+        bob.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bob.stderr)
+    );
+    // Once alice's first path has expired, the upload collects it and goes through.
+    std::thread::sleep(Duration::from_millis(3100));
+    let again = copy("alice", &two);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(rows(&d.state_dir(), "alice"), 1);
+    assert_eq!(
+        lab.server_nar_hash(&d, "alice", &two),
+        lab.local_nar_hash(&two)
+    );
+    assert_eq!(
+        lab.server_nar_hash(&d, "bob", &two),
+        lab.local_nar_hash(&two)
+    );
+    d.stop();
+}

@@ -22,6 +22,7 @@ fn short_soak_has_no_unexpected_error_and_returns_to_baseline() {
         think: Duration::from_millis(5),
         seed: 7,
         protocols: Protocol::ALL.to_vec(),
+        gc: None,
     });
     println!("{report}");
     assert!(report.problems().is_empty(), "{report}");
@@ -51,5 +52,35 @@ fn short_soak_has_no_unexpected_error_and_returns_to_baseline() {
     // Every session the server ended with status 1 is one the client ended on purpose (a
     // wrong hash or an abandoned upload).
     assert!(report.log_failed_sessions <= ended_on_purpose, "{report}");
+    assert!(report.paths_acknowledged > 4, "{report}");
+}
+
+#[test]
+fn short_soak_beside_the_collector_keeps_every_path_in_use() {
+    // Retention 4 s and a collection every second over 10 s: paths expire during the run,
+    // sessions keep using some, upload busybox again when it may be gone, and never meet a
+    // path gone that they used within the retention.
+    let (report, _state) = load::run(&Options {
+        sessions: 6,
+        duration: Duration::from_secs(10),
+        accounts: 3,
+        keys_per_account: 1,
+        think: Duration::from_millis(20),
+        seed: 11,
+        protocols: Protocol::ALL.to_vec(),
+        gc: Some((4, 1)),
+    });
+    println!("{report}");
+    assert!(report.problems().is_empty(), "{report}");
+    assert_eq!(report.unexpected(), 0, "{report}");
+    for protocol in Protocol::ALL {
+        assert!(report.op(protocol, Op::Build).count > 0, "{report}");
+    }
+    let (collections, grants) = report.collections;
+    assert!(collections >= 5, "{report}");
+    assert!(
+        grants > 0 && report.paths_collected > 0,
+        "nothing expired: {report}"
+    );
     assert!(report.paths_acknowledged > 4, "{report}");
 }

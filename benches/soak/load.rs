@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,41 @@ pub struct Options {
     pub seed: u64,
     /// The protocols the sessions speak: a session's connections take them in turn.
     pub protocols: Vec<Protocol>,
+    /// With a collector: `[store] retention` and `gc_interval` in seconds. Sessions then use
+    /// only paths they used (uploaded, saw valid, downloaded, built) recently enough that the
+    /// server must still hold them, upload busybox again before a build when it may be gone,
+    /// and the end checks those paths (others may be gone; if not, they have their hash).
+    pub gc: Option<(u64, u64)>,
+}
+
+/// Margin, in milliseconds, between a path's last use and its retention within which the
+/// sessions count on it still being there: the server's clock counts whole seconds, and an
+/// operation takes a moment between the server's use and the client's.
+const GC_SLACK_MS: u64 = 2500;
+
+/// When paths were last used, in milliseconds since the run started, and how recent a use
+/// must be for a path to be certainly held.
+#[derive(Debug)]
+struct Clock {
+    start: Instant,
+    /// `None`: no collector, every path is held.
+    keep_ms: Option<u64>,
+}
+
+impl Clock {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Whether a path last used at `used` is certainly still held.
+    fn held(&self, used: &AtomicU64) -> bool {
+        self.keep_ms
+            .is_none_or(|keep| self.now() < used.load(Ordering::Relaxed).saturating_add(keep))
+    }
+
+    fn touch(&self, k: &Known) {
+        k.used.store(self.now(), Ordering::Relaxed);
+    }
 }
 
 /// The protocols of the SSH front door.
@@ -291,6 +326,8 @@ struct Known {
     hash: Hash,
     references: BTreeSet<StorePath>,
     deriver: Option<StorePath>,
+    /// When this account last used it (see [`Clock`]).
+    used: Arc<AtomicU64>,
 }
 
 /// Most known paths a session draws from per account (newer ones replace random older ones).
@@ -302,13 +339,16 @@ struct Account {
     busybox: Arc<Known>,
     /// A bounded sample, for queries and downloads.
     sample: Mutex<Vec<Arc<Known>>>,
-    /// Every acknowledged path with its hash, checked in the store after the run.
-    all: Mutex<Vec<(StorePath, Hash)>>,
+    /// Every acknowledged path with its hash and last use, checked in the store after the
+    /// run.
+    all: Mutex<Vec<(StorePath, Hash, Arc<AtomicU64>)>>,
+    clock: Arc<Clock>,
 }
 
 impl Account {
     fn add(&self, known: Arc<Known>, rng: &mut fastrand::Rng) {
-        lock(&self.all).push((known.path.clone(), known.hash));
+        self.clock.touch(&known);
+        lock(&self.all).push((known.path.clone(), known.hash, known.used.clone()));
         let mut sample = lock(&self.sample);
         if sample.len() < KNOWN_SAMPLE {
             sample.push(known);
@@ -325,11 +365,18 @@ impl Account {
         let mut picked: Vec<Arc<Known>> = Vec::new();
         for _ in 0..n.min(sample.len()) {
             let k = &sample[rng.usize(..sample.len())];
-            if !picked.iter().any(|p| p.path == k.path) {
+            if self.clock.held(&k.used) && !picked.iter().any(|p| p.path == k.path) {
                 picked.push(k.clone());
             }
         }
         picked
+    }
+
+    /// Marks `paths` used now (the server said they are valid, or sent them).
+    fn used<'a>(&self, paths: impl IntoIterator<Item = &'a Arc<Known>>) {
+        for k in paths {
+            self.clock.touch(k);
+        }
     }
 }
 
@@ -770,6 +817,7 @@ fn known(path: StorePath, tree: &NarNode, refs: BTreeSet<StorePath>) -> Arc<Know
         nar: nar.into(),
         references: refs,
         deriver: None,
+        used: Arc::default(),
     })
 }
 
@@ -1059,7 +1107,8 @@ async fn run_op(
                     };
                     match conn.call(&request, &[]).await? {
                         Response::ValidPaths(valid) if valid == expected => {
-                            return Ok(Outcome::Done)
+                            account.used(&known);
+                            return Ok(Outcome::Done);
                         }
                         other => format!("{other:?}"),
                     }
@@ -1071,7 +1120,8 @@ async fn run_op(
                     };
                     match conn.ng_call(&request, None).await? {
                         Some(ng::Response::Paths(valid)) if valid == expected => {
-                            return Ok(Outcome::Done)
+                            account.used(&known);
+                            return Ok(Outcome::Done);
                         }
                         other => format!("{other:?}"),
                     }
@@ -1140,6 +1190,7 @@ async fn run_op(
                 }
             };
             if infos == expected {
+                account.used(&known);
                 Ok(Outcome::Done)
             } else {
                 Err(SoakError::Wrong(format!(
@@ -1188,6 +1239,7 @@ async fn run_op(
                     k.nar.len()
                 )));
             }
+            account.used([&k]);
             Ok(Outcome::Done)
         }
         Op::ExportPaths => {
@@ -1239,6 +1291,7 @@ async fn run_op(
                     by_path.len()
                 )));
             }
+            account.used(&known);
             Ok(Outcome::Done)
         }
         Op::Build | Op::FailingBuild => build(op, conn, account, rng).await,
@@ -1282,6 +1335,45 @@ async fn run_op(
     }
 }
 
+/// With a collector, a build's input may have been collected: like Nix before a remote
+/// build, ask whether busybox is valid (which holds it for this session) and upload it when
+/// it is not. Without one, busybox stays from the start.
+async fn ensure_busybox(conn: &mut Conn, account: &Account) -> Result<(), SoakError> {
+    if account.clock.keep_ms.is_none() || account.clock.held(&account.busybox.used) {
+        return Ok(());
+    }
+    let bb = account.busybox.path.clone();
+    let paths: BTreeSet<StorePath> = [bb.clone()].into();
+    let valid = match conn.protocol {
+        Protocol::Serve => {
+            let request = Request::QueryValidPaths {
+                lock: false,
+                substitute: false,
+                paths,
+            };
+            match conn.call(&request, &[]).await? {
+                Response::ValidPaths(valid) => valid,
+                other => return Err(SoakError::Wrong(format!("QueryValidPaths: {other:?}"))),
+            }
+        }
+        Protocol::Daemon => {
+            let request = ng::Request::QueryValidPaths {
+                paths,
+                substitute: false,
+            };
+            match conn.ng_call(&request, None).await? {
+                Some(ng::Response::Paths(valid)) => valid,
+                other => return Err(SoakError::Wrong(format!("QueryValidPaths: {other:?}"))),
+            }
+        }
+    };
+    if !valid.contains(&bb) {
+        upload_add(conn, std::slice::from_ref(&account.busybox)).await?;
+    }
+    account.used([&account.busybox]);
+    Ok(())
+}
+
 /// A BuildDerivation with the account's busybox: `echo <salt> > $out`, or `exit 3`.
 async fn build(
     op: Op,
@@ -1289,6 +1381,7 @@ async fn build(
     account: &Account,
     rng: &mut fastrand::Rng,
 ) -> Result<Outcome, SoakError> {
+    ensure_busybox(conn, account).await?;
     let bb = &account.busybox.path;
     let salt = format!("{:016x}", rng.u64(..));
     let out = random_path(rng, "soak-build");
@@ -1363,8 +1456,10 @@ async fn build(
                 nar: nar.into(),
                 references: BTreeSet::new(),
                 deriver: Some(drv_path),
+                used: Arc::default(),
             };
             account.add(Arc::new(k), rng);
+            account.used([&account.busybox]);
             Ok(Outcome::Done)
         }
         (Op::FailingBuild, BuildStatus::PermanentFailure)
@@ -1494,8 +1589,13 @@ pub struct Report {
     pub loadavg: (String, String),
     /// Sessions (channels) the server accepted.
     pub sessions_opened: u64,
-    /// Paths acknowledged to clients, all found with their hash in the store afterwards.
+    /// Paths acknowledged to clients and still held, all found with their hash in the store
+    /// afterwards.
     pub paths_acknowledged: u64,
+    /// Paths acknowledged, then unused for longer than the retention and collected.
+    pub paths_collected: u64,
+    /// Collections the server logged, and the grants they removed.
+    pub collections: (u64, u64),
     /// Server log lines at WARN and ERROR level.
     pub log_warnings: u64,
     /// ... at ERROR level.
@@ -1649,9 +1749,13 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "sessions opened {}; paths acknowledged {} (all valid with their hash in the store \
-             afterwards); server log: {} WARN/ERROR lines ({} ERROR), {} sessions ended with status 1",
+             afterwards), {} more collected after their retention; {} collections removed {} \
+             grants; server log: {} WARN/ERROR lines ({} ERROR), {} sessions ended with status 1",
             self.sessions_opened,
             self.paths_acknowledged,
+            self.paths_collected,
+            self.collections.0,
+            self.collections.1,
             self.log_warnings,
             self.log_errors,
             self.log_failed_sessions
@@ -1702,7 +1806,57 @@ fn server_config(o: &Options) -> String {
         2 * o.sessions + 16,
         2 * o.sessions + 16,
         2 * per_account + 4,
+    ) + &o.gc.map_or(String::new(), |(retention, interval)| {
+        format!("[store]\nretention = {retention}\ngc_interval = {interval}\n")
+    })
+}
+
+/// Checks every path acknowledged to the accounts in the running server's database (read
+/// only: nothing marked used): each path still held (see [`Clock`]) must be there with its
+/// hash; one no longer held may be gone, or else has its hash. Returns how many were found,
+/// and how many were gone.
+fn check_acknowledged(
+    accounts: &[Arc<Account>],
+    clock: &Clock,
+    state: &std::path::Path,
+) -> (u64, u64) {
+    let db = rusqlite::Connection::open_with_flags(
+        state.join("db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
+    .expect("open the server's database read-only");
+    let mut lookup = db
+        .prepare(
+            "SELECT o.nar_hash FROM paths p JOIN objects o ON o.key = p.object
+             WHERE p.account = ?1 AND p.path = ?2",
+        )
+        .expect("prepare a lookup");
+    let (mut found, mut gone) = (0, 0);
+    for a in accounts {
+        for (path, hash, used) in lock(&a.all).iter() {
+            let held = clock.held(used);
+            let stored: Option<String> = lookup
+                .query_row([a.name.as_str(), &path.base_name()], |r| r.get(0))
+                .ok();
+            let Some(stored) = stored else {
+                assert!(
+                    !held,
+                    "{path}, acknowledged to {} and used within the retention, is gone",
+                    a.name
+                );
+                gone += 1;
+                continue;
+            };
+            assert_eq!(
+                Hash::parse_any(&stored, None).ok(),
+                Some(*hash),
+                "{path}, acknowledged to {}, is in the store with another hash",
+                a.name
+            );
+            found += 1;
+        }
+    }
+    (found, gone)
 }
 
 /// The stopped server's state directory, removed when dropped: that takes a while after a
@@ -1759,14 +1913,26 @@ pub fn run(o: &Options) -> (Report, StateDir) {
                 .collect()
         })
         .collect();
-    let busybox = busybox();
+    let clock = Arc::new(Clock {
+        start: Instant::now(),
+        keep_ms: o
+            .gc
+            .map(|(retention, _)| (retention * 1000).saturating_sub(GC_SLACK_MS)),
+    });
     let accounts: Vec<Arc<Account>> = (0..accounts_n)
         .map(|a| {
+            // Each account's own: its last use is its own.
+            let busybox = busybox();
             Arc::new(Account {
                 name: format!("soak{a}"),
                 busybox: busybox.clone(),
                 sample: Mutex::new(vec![busybox.clone()]),
-                all: Mutex::new(vec![(busybox.path.clone(), busybox.hash)]),
+                all: Mutex::new(vec![(
+                    busybox.path.clone(),
+                    busybox.hash,
+                    busybox.used.clone(),
+                )]),
+                clock: clock.clone(),
             })
         })
         .collect();
@@ -1857,6 +2023,10 @@ pub fn run(o: &Options) -> (Report, StateDir) {
         (stats, peak, timeline)
     });
     let elapsed = started.elapsed();
+    // At once, before a collector running on while the server settles takes what the
+    // sessions stopped using.
+    let (paths_acknowledged, paths_collected) =
+        check_acknowledged(&shared.accounts, &clock, &server.daemon.state_dir());
     let cpu = (
         cpu_seconds(&pid.to_string()) - cpu_before.0,
         cpu_seconds("self") - cpu_before.1,
@@ -1874,22 +2044,6 @@ pub fn run(o: &Options) -> (Report, StateDir) {
     // Stopping checks the store: no import left in tmp/, no object without a row, every
     // object re-hashed to its recorded hash.
     let stopped = server.daemon.stop();
-    let mut paths_acknowledged = 0;
-    for a in &shared.accounts {
-        for (path, hash) in lock(&a.all).iter() {
-            let info = stopped
-                .store
-                .query_path_info(&a.name, path)
-                .expect("query the store");
-            assert_eq!(
-                info.and_then(|i| i.nar_hash),
-                Some(*hash),
-                "{path}, acknowledged to {}, is not in the store with its hash",
-                a.name
-            );
-            paths_acknowledged += 1;
-        }
-    }
     let log = &stopped.log;
     let ops = o
         .protocols
@@ -1913,6 +2067,18 @@ pub fn run(o: &Options) -> (Report, StateDir) {
         loadavg: (load_before, load_after),
         sessions_opened: stats.sessions_opened,
         paths_acknowledged,
+        paths_collected,
+        collections: log.lines().filter(|l| l.contains("collection done")).fold(
+            (0, 0),
+            |(n, grants), l| {
+                let removed = l
+                    .split_once("grants=")
+                    .and_then(|(_, rest)| rest.split(' ').next())
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .unwrap_or(0);
+                (n + 1, grants + removed)
+            },
+        ),
         log_warnings: log
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))

@@ -47,6 +47,13 @@ struct Args {
     /// daemon (`nix-daemon --stdio`).
     #[arg(long, value_delimiter = ',', default_value = "serve,daemon")]
     protocols: Vec<load::Protocol>,
+    /// Run the collector every `--gc-interval` seconds with this `[store] retention` in
+    /// seconds (off by default).
+    #[arg(long)]
+    retention: Option<u64>,
+    /// Seconds between collections, with `--retention`.
+    #[arg(long, default_value_t = 2)]
+    gc_interval: u64,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -62,6 +69,7 @@ fn main() -> ExitCode {
         think: Duration::from_millis(args.think_ms),
         seed: args.seed,
         protocols: args.protocols,
+        gc: args.retention.map(|r| (r, args.gc_interval)),
     };
     let (report, state) = load::run(&options);
     println!("{report}");

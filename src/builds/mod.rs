@@ -34,6 +34,7 @@
 mod drv_walk;
 mod floating;
 mod graph;
+mod limits;
 pub mod monitor;
 mod outcome;
 pub mod outputs;
@@ -72,6 +73,7 @@ use crate::config::{BuildsConfig, Config};
 use crate::host::HostFacts;
 use crate::store::{InputObject, Pins, Store, StoreError};
 use crate::substitute::Substituter;
+pub use limits::BuildLimits;
 use monitor::Monitor;
 use placement::{Placement, PlacementError};
 use sharing::BuildKey;
@@ -186,9 +188,10 @@ struct Inner {
     placement: Arc<Placement>,
     /// Stops running builds that overrun the disk reserve or fork at their process limit.
     monitor: Monitor,
-    /// Builds queued or running per account, and the most each may have.
+    /// Builds queued or running per account.
     account_builds: Arc<nixbuild_core::account::AccountCounts>,
-    max_builds_per_account: usize,
+    /// Builds handed to the scheduler per account, and the limits of both.
+    running: limits::Running,
     uids: UidPool,
     inflight: Arc<InFlight>,
     next_id: AtomicU64,
@@ -264,7 +267,7 @@ impl BuildService {
                 host,
                 placement: Arc::new(placement),
                 account_builds: Arc::default(),
-                max_builds_per_account: config.limits.max_builds_per_account,
+                running: limits::Running::new(BuildLimits::new(config)),
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Arc::default(),
                 next_id: AtomicU64::new(1),
@@ -272,6 +275,11 @@ impl BuildService {
                 substituter,
             }),
         })
+    }
+
+    /// Puts the per-account build limits of `config` in force (on reload).
+    pub fn set_limits(&self, config: &Config) {
+        self.inner.running.set_limits(BuildLimits::new(config));
     }
 
     /// The binary-cache client, when caches are configured.
@@ -283,7 +291,7 @@ impl BuildService {
     /// [`Waiter`]. Problems found before the builder runs (a bad derivation, an input the
     /// account cannot see) come back as the waiter's outcome.
     pub async fn submit(&self, job: BuildJob) -> Waiter {
-        let submitted_ms = records::unix_now_ms();
+        let submitted_ms = crate::store::now_ms();
         let store = self.inner.store.clone();
         let substituter = self.inner.substituter.clone();
         let prepared = {
@@ -331,14 +339,13 @@ impl BuildService {
             )));
             return build.subscribe(&self.inner.inflight, &job.account, notes);
         }
-        let max = self.inner.max_builds_per_account;
+        let (max, setting) = self.inner.running.limits().builds_of(&job.account);
         let Some(slot) = self.inner.account_builds.acquire(&job.account, max) else {
             return Waiter::ready(Outcome::without_build(
                 BuildStatus::MiscFailure,
                 format!(
                     "account {} already has {max} builds queued or running, the most this \
-                     server allows (max_builds_per_account in [limits] of the server's \
-                     configuration)",
+                     server allows ({setting} of the server's configuration)",
                     job.account
                 ),
             ));

@@ -1,21 +1,12 @@
 //! The record each build leaves in the store when it ends ([`crate::store::BuildRecord`]):
 //! one per account that asked for it, all naming the same stored log.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use nixbuild_core::store_path::StorePath;
 
 use super::run::Usage;
 use super::waiters::Shared;
 use super::{Outcome, LOG_TARGET};
-use crate::store::{BuildRecord, Store};
-
-/// Milliseconds since the epoch.
-pub(super) fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use crate::store::{now_ms, BuildRecord, Store};
 
 /// What the build service knows of a build that ended.
 pub(super) struct BuildFacts<'a> {
@@ -48,7 +39,7 @@ pub(super) async fn record(store: &Store, build: &Shared, account: &str, facts: 
         outputs,
         submitted_ms: facts.submitted_ms,
         started_ms: (outcome.times_built > 0).then(|| outcome.start_time.saturating_mul(1000)),
-        ended_ms: unix_now_ms(),
+        ended_ms: now_ms(),
         status: format!("{:?}", outcome.status),
         error: outcome.message.clone(),
         cores: facts.usage.cores,

@@ -56,6 +56,15 @@ pub(super) async fn run<'a>(
             )
         }
     };
+    let Some(_running) = inner.running.place(build, &job.account).await else {
+        return (
+            refused(format!(
+                "building of '{}' was cancelled while it waited: no client waits for it",
+                job.drv_path
+            )),
+            None,
+        );
+    };
     let ticket = match inner.placement.submit(spec) {
         Ok(t) => {
             tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "queued");

@@ -6,9 +6,9 @@
 //! <state>/db.sqlite       metadata (see the db module for the schema), WAL mode
 //! <state>/objects/<key>   one path's contents (file, directory or symlink), canonical:
 //!                         files 0444/0555, directories 0555, mtime 1
-//! <state>/tmp/<unique>    the root of an import in progress, a log being written, or an
-//!                         object being deleted by the collector; emptied by Store::open
-//! <state>/logs/<name>.zst the stored log of a build record (zstd)
+//! <state>/tmp/<unique>    the root of an import in progress, or an object being deleted by
+//!                         the collector; emptied by Store::open
+//! <state>/logs/<name>.zst the stored log of a build record (zstd); `.part` while written
 //! ```
 //!
 //! An object's key is `nix32(sha256("<base name>:<NAR sha256 in base16>"))`: the same path
@@ -39,7 +39,7 @@ pub use import::{Import, PathClaim};
 pub use pins::Pins;
 pub use policy::{AccountPolicy, StorePolicy};
 pub use publish::BuiltPath;
-pub use records::{BuildRecord, LogWriter};
+pub use records::{now_ms, BuildRecord, LogWriter};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};

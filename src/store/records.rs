@@ -3,9 +3,9 @@
 //! compressed, in `logs/<name>.zst`. The collector removes logs after `log_retention` and
 //! records after `record_retention`.
 //!
-//! A log is written to `tmp/` while the build runs ([`LogWriter`]), moved to `logs/` when it
-//! ends, and then the record naming it is inserted; a crash in between leaves a log without
-//! a record, which [`Store::open`] removes.
+//! A log is written to `logs/<name>.part` while the build runs ([`LogWriter`]), renamed to
+//! `logs/<name>` when it ends, and then the record naming it is inserted; a crash in between
+//! leaves a log without a record, which [`Store::open`] removes (with any `.part`).
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -15,6 +15,13 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::db::{now, to_sql_int};
+
+/// The server's clock in milliseconds since the epoch (what records hold).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 use super::error::{db_err, io_err, StoreError};
 use super::gc::STEP_ROWS;
 use super::Store;
@@ -87,7 +94,7 @@ pub struct BuildRecord {
     pub log_bytes: u64,
 }
 
-/// A build's log on its way to `logs/`: compressed as it arrives, into a file under `tmp/`.
+/// A build's log on its way to the store: compressed as it arrives, into `logs/<name>.part`.
 pub struct LogWriter {
     tmp: PathBuf,
     encoder: Option<zstd::Encoder<'static, BufWriter<File>>>,
@@ -214,10 +221,9 @@ impl Store {
     /// Starts a log for a build about to run.
     pub fn begin_log(&self) -> Result<LogWriter, StoreError> {
         let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .inner
-            .tmp
-            .join(format!("log-{}-{n}.zst", std::process::id()));
+        // Unique across restarts too: a name is never reused while its record may exist.
+        let name = format!("{}-{}-{n}.zst", now_ms(), std::process::id());
+        let tmp = self.logs_dir().join(format!("{name}.part"));
         let file = File::create(&tmp).map_err(io_err("create a build log", &tmp))?;
         let encoder = zstd::Encoder::new(BufWriter::new(file), LOG_LEVEL)
             .map_err(io_err("start compressing a build log", &tmp))?;
@@ -242,6 +248,7 @@ impl Store {
                     .tmp
                     .file_name()
                     .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".part"))
                     .unwrap_or("log.zst")
                     .to_owned();
                 let target = self.logs_dir().join(&name);
@@ -372,7 +379,7 @@ impl Store {
     }
 
     /// Removes the logs no record names (a crash between storing a log and recording its
-    /// build). Only [`Store::open`] calls this.
+    /// build, or while a build ran). Only [`Store::open`] calls this.
     pub(super) fn remove_orphan_logs(&self) -> Result<(), StoreError> {
         let names: std::collections::HashSet<String> = {
             let conn = self.inner.lock_db();

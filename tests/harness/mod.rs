@@ -611,7 +611,9 @@ pub fn orphan_objects(state: &Path) -> Vec<String> {
 /// The contents of a state directory's store, for before/after comparisons.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSnapshot {
-    /// Every row of every table, as `table: values`, sorted.
+    /// Every row of every table, as `table: values`, sorted; without `paths.last_used`,
+    /// which every query of a path moves, and without `builds`, the records every build
+    /// leaves, failed ones included.
     pub rows: Vec<String>,
     /// Every file, directory and symlink under `objects/`: relative path, kind, size or
     /// target; sorted.
@@ -629,7 +631,10 @@ impl StoreSnapshot {
         )
         .expect("open the database read-only");
         let tables: Vec<String> = db
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'builds' \
+                 ORDER BY name",
+            )
             .and_then(|mut st| st.query_map([], |row| row.get(0))?.collect())
             .expect("list the tables");
         let mut rows = Vec::new();
@@ -637,11 +642,18 @@ impl StoreSnapshot {
             let mut st = db
                 .prepare(&format!("SELECT * FROM \"{table}\""))
                 .expect("select a table");
-            let columns = st.column_count();
+            let columns: Vec<usize> = st
+                .column_names()
+                .iter()
+                .enumerate()
+                .filter(|(_, name)| **name != "last_used")
+                .map(|(i, _)| i)
+                .collect();
             let mut q = st.query([]).expect("query a table");
             while let Some(row) = q.next().expect("read a row") {
-                let values: Vec<String> = (0..columns)
-                    .map(|i| match row.get_ref(i).expect("column") {
+                let values: Vec<String> = columns
+                    .iter()
+                    .map(|&i| match row.get_ref(i).expect("column") {
                         rusqlite::types::ValueRef::Text(t) => {
                             format!("{:?}", String::from_utf8_lossy(t))
                         }
