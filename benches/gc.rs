@@ -110,13 +110,17 @@ fn main() {
 
     let started = Instant::now();
     let mut previous = Vec::new();
+    // The bytes of the expiring objects' files (each a single regular file).
+    let mut expiring_bytes = 0;
     for i in 0..expired {
         let refs = if i % 10 == 0 { Vec::new() } else { previous };
+        let contents = format!("old {i}");
+        expiring_bytes += contents.len() as u64;
         let path = add(
             &store,
             "old",
             &format!("old-{i}"),
-            format!("old {i}").as_bytes(),
+            contents.as_bytes(),
             &refs,
         );
         previous = vec![path];
@@ -180,21 +184,17 @@ fn main() {
     let upload = {
         let (store, stop) = (store.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut samples = Vec::new();
+            let (mut samples, mut bytes) = (Vec::new(), 0);
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                add(
-                    &store,
-                    "new",
-                    &format!("new-{i}"),
-                    format!("new {i}").as_bytes(),
-                    &[],
-                );
+                let contents = format!("new {i}");
+                add(&store, "new", &format!("new-{i}"), contents.as_bytes(), &[]);
                 samples.push(t.elapsed());
+                bytes += contents.len() as u64;
                 i += 1;
             }
-            samples
+            (samples, bytes)
         })
     };
     let t = Instant::now();
@@ -202,7 +202,8 @@ fn main() {
     let took = t.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (q_max, q_p99, q_n) = waits(query.join().expect("the query thread"));
-    let (u_max, u_p99, u_n) = waits(upload.join().expect("the upload thread"));
+    let (upload_samples, uploaded_bytes) = upload.join().expect("the upload thread");
+    let (u_max, u_p99, u_n) = waits(upload_samples);
     let (apparent_after, free_after) = (apparent_size(&objects), free_bytes(&state));
     assert_eq!(stats.grants, expired as u64, "{stats:?}");
     println!(
@@ -224,12 +225,17 @@ fn main() {
         u_max.as_secs_f64() * 1e3,
         u_p99.as_secs_f64() * 1e3
     );
+    let returned = (apparent_before + uploaded_bytes).saturating_sub(apparent_after);
     println!(
-        "disk returned: objects' files {} bytes apparent (NAR bytes {}); free space +{} bytes \
-         (the uploads meanwhile added {} paths)",
-        apparent_before.saturating_sub(apparent_after),
+        "disk returned: {returned} bytes of files (the expiring objects' files hold \
+         {expiring_bytes}: {}); their NAR bytes {}; the file system's free space {:+} bytes \
+         (beside {u_n} uploads and the database's growth)",
+        if returned == expiring_bytes {
+            "equal"
+        } else {
+            "DIFFERENT"
+        },
         stats.bytes,
-        free_after.saturating_sub(free_before),
-        u_n
+        free_after as i64 - free_before as i64,
     );
 }

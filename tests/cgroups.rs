@@ -109,6 +109,9 @@ fn out_of_memory_is_detected() {
     assert!(cg.oom_killed().unwrap());
     let peak = cg.peak_memory().unwrap().unwrap();
     assert!(peak > 16 * MIB && peak <= 32 * MIB, "peak {peak}");
+    // Moving 200 MiB through a pipe takes CPU time, accounted to the build.
+    let cpu = cg.cpu_usage_us().unwrap().expect("CPU time accounted");
+    assert!(cpu > 1000, "cpu {cpu} µs");
     cg.remove().unwrap();
 }
 

@@ -311,3 +311,45 @@ fn an_account_over_its_quota_is_refused_and_others_are_not() {
     );
     d.stop();
 }
+
+#[test]
+fn free_space_falling_toward_the_reserve_starts_a_collection() {
+    let lab = Lab::new("{}");
+    let file = lab.nix.scratch().join("big");
+    let line = format!("{}-big\n", lab.salt);
+    std::fs::write(&file, line.repeat((24 << 20) / line.len())).expect("write");
+    let big = lab.nix.run_line(
+        "nix-store",
+        [std::ffi::OsStr::new("--add"), file.as_os_str()],
+    );
+    // 64 MiB in all; uploads are refused below 8 MiB free, collections start below 48 MiB.
+    let d = Daemon::start_on_tmpfs(
+        "size=64m",
+        "[store]\ndisk_reserve = 8388608\ngc_free_space = \"48M\"\nretention = 1\n\
+         gc_interval = 3600\n",
+        &[],
+    );
+    let mut copy = d.point(lab.nix.command("nix"), "alice");
+    copy.args(["copy", "--to", &harness::store_uri(), &big]);
+    common::run_ok(&mut copy);
+    assert!(d.tmpfs().free() < 48 << 20);
+    // Free space is checked every 10 s; a check in the second after the upload finds
+    // nothing expired yet, the next one collects the path.
+    let until = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let log = d.log();
+        let collected = log
+            .lines()
+            .filter(|l| l.contains("collection done"))
+            .find(|l| l.contains("free space below store.gc_free_space") && field(l, "grants") > 0);
+        if let Some(line) = collected {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < until, "nothing collected:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(field(&line, "bytes") >= 24 << 20, "{line}");
+    assert!(d.tmpfs().free() > 48 << 20);
+    assert_eq!(rows(&d.state_dir(), "alice"), 0);
+    d.stop();
+}

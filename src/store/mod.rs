@@ -36,7 +36,7 @@ pub use error::{StoreError, StoreProblem};
 pub use gc::{GcStats, STEP_ROWS};
 pub use grant::PUBLIC_ACCOUNT;
 pub use import::{Import, PathClaim};
-pub use pins::Pins;
+pub use pins::{Pins, MAX_PINS};
 pub use policy::{AccountPolicy, StorePolicy};
 pub use publish::BuiltPath;
 pub use records::{now_ms, BuildRecord, LogWriter};

@@ -11,6 +11,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Most rows one holder pins (about 10 MiB of sets): a session told that more paths are
+/// valid holds the first ones; the rest are kept by their fresh `last_used` alone, which only
+/// a retention shorter than the session's pause between query and use could defeat.
+pub const MAX_PINS: usize = 1 << 18;
+
 /// How many holders pin each row; shared by the store and every [`Pins`].
 #[derive(Debug, Default)]
 pub(super) struct PinTable {
@@ -56,11 +61,15 @@ impl Pins {
         }
     }
 
-    /// Pins `ids` (each at most once for this holder). Called under the store lock.
+    /// Pins `ids` (each at most once for this holder, at most [`MAX_PINS`] in all). Called
+    /// under the store lock.
     pub(super) fn add(&self, ids: impl IntoIterator<Item = i64>) {
         let mut held = lock(&self.inner.ids);
         let mut counts = lock(&self.inner.table.counts);
         for id in ids {
+            if held.len() >= MAX_PINS {
+                break;
+            }
             if held.insert(id) {
                 *counts.entry(id).or_default() += 1;
             }
@@ -115,5 +124,14 @@ mod tests {
         assert!(table.is_pinned(2), "b still holds it");
         drop(b);
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn one_holder_pins_at_most_max_pins_rows() {
+        let table = Arc::new(PinTable::default());
+        let pins = Pins::new(&table);
+        pins.add(0..(MAX_PINS as i64 + 10));
+        assert_eq!(pins.len(), MAX_PINS);
+        assert!(!table.is_pinned(MAX_PINS as i64));
     }
 }
