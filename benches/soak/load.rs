@@ -1098,38 +1098,14 @@ async fn run_op(
             }
             let expected: BTreeSet<StorePath> = known.iter().map(|k| k.path.clone()).collect();
             let paths = expected.iter().chain(&invisible).cloned().collect();
-            let answer = match conn.protocol {
-                Protocol::Serve => {
-                    let request = Request::QueryValidPaths {
-                        lock: false,
-                        substitute: false,
-                        paths,
-                    };
-                    match conn.call(&request, &[]).await? {
-                        Response::ValidPaths(valid) if valid == expected => {
-                            account.used(&known);
-                            return Ok(Outcome::Done);
-                        }
-                        other => format!("{other:?}"),
-                    }
-                }
-                Protocol::Daemon => {
-                    let request = ng::Request::QueryValidPaths {
-                        paths,
-                        substitute: false,
-                    };
-                    match conn.ng_call(&request, None).await? {
-                        Some(ng::Response::Paths(valid)) if valid == expected => {
-                            account.used(&known);
-                            return Ok(Outcome::Done);
-                        }
-                        other => format!("{other:?}"),
-                    }
-                }
-            };
-            Err(SoakError::Wrong(format!(
-                "QueryValidPaths answered {answer}, expected {expected:?}"
-            )))
+            let valid = query_valid(conn, paths).await?;
+            if valid != expected {
+                return Err(SoakError::Wrong(format!(
+                    "QueryValidPaths answered {valid:?}, expected {expected:?}"
+                )));
+            }
+            account.used(&known);
+            Ok(Outcome::Done)
         }
         Op::QueryPathInfos | Op::QueryPathInfo => {
             let known = account.pick(rng, 1..7);
@@ -1335,16 +1311,12 @@ async fn run_op(
     }
 }
 
-/// With a collector, a build's input may have been collected: like Nix before a remote
-/// build, ask whether busybox is valid (which holds it for this session) and upload it when
-/// it is not. Without one, busybox stays from the start.
-async fn ensure_busybox(conn: &mut Conn, account: &Account) -> Result<(), SoakError> {
-    if account.clock.keep_ms.is_none() || account.clock.held(&account.busybox.used) {
-        return Ok(());
-    }
-    let bb = account.busybox.path.clone();
-    let paths: BTreeSet<StorePath> = [bb.clone()].into();
-    let valid = match conn.protocol {
+/// QueryValidPaths of `paths`, in the connection's protocol: the valid ones.
+async fn query_valid(
+    conn: &mut Conn,
+    paths: BTreeSet<StorePath>,
+) -> Result<BTreeSet<StorePath>, SoakError> {
+    let answer = match conn.protocol {
         Protocol::Serve => {
             let request = Request::QueryValidPaths {
                 lock: false,
@@ -1352,8 +1324,8 @@ async fn ensure_busybox(conn: &mut Conn, account: &Account) -> Result<(), SoakEr
                 paths,
             };
             match conn.call(&request, &[]).await? {
-                Response::ValidPaths(valid) => valid,
-                other => return Err(SoakError::Wrong(format!("QueryValidPaths: {other:?}"))),
+                Response::ValidPaths(valid) => return Ok(valid),
+                other => format!("{other:?}"),
             }
         }
         Protocol::Daemon => {
@@ -1362,11 +1334,25 @@ async fn ensure_busybox(conn: &mut Conn, account: &Account) -> Result<(), SoakEr
                 substitute: false,
             };
             match conn.ng_call(&request, None).await? {
-                Some(ng::Response::Paths(valid)) => valid,
-                other => return Err(SoakError::Wrong(format!("QueryValidPaths: {other:?}"))),
+                Some(ng::Response::Paths(valid)) => return Ok(valid),
+                other => format!("{other:?}"),
             }
         }
     };
+    Err(SoakError::Wrong(format!(
+        "QueryValidPaths answered {answer}"
+    )))
+}
+
+/// With a collector, a build's input may have been collected: like Nix before a remote
+/// build, ask whether busybox is valid (which holds it for this session) and upload it when
+/// it is not. Without one, busybox stays from the start.
+async fn ensure_busybox(conn: &mut Conn, account: &Account) -> Result<(), SoakError> {
+    if account.clock.keep_ms.is_none() || account.clock.held(&account.busybox.used) {
+        return Ok(());
+    }
+    let bb = account.busybox.path.clone();
+    let valid = query_valid(conn, [bb.clone()].into()).await?;
     if !valid.contains(&bb) {
         upload_add(conn, std::slice::from_ref(&account.busybox)).await?;
     }

@@ -38,13 +38,7 @@ impl Store {
         to: &str,
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, StoreError> {
-        match self.grant_once(from, to, paths) {
-            Err(StoreError::Quota { .. }) => {
-                self.collect_account(to)?;
-                self.grant_once(from, to, paths)
-            }
-            other => other,
-        }
+        self.collecting_for_quota(to, || self.grant_once(from, to, paths))
     }
 
     fn grant_once(

@@ -297,11 +297,22 @@ impl Store {
     /// Refuses a build for `account` ([`StoreError::Quota`]) while it holds its whole quota
     /// or more, after collecting its expired paths.
     pub fn check_build_quota(&self, account: &str) -> Result<(), StoreError> {
-        let at_quota = |s: &Store| s.check_quota(&s.inner.lock_db(), account, 0);
-        match at_quota(self) {
+        self.collecting_for_quota(account, || {
+            self.check_quota(&self.inner.lock_db(), account, 0)
+        })
+    }
+
+    /// `f`, and when it is refused for `account`'s quota, `f` again once the account's
+    /// expired paths are collected.
+    fn collecting_for_quota<T>(
+        &self,
+        account: &str,
+        f: impl Fn() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match f() {
             Err(StoreError::Quota { .. }) => {
                 self.collect_account(account)?;
-                at_quota(self)
+                f()
             }
             other => other,
         }

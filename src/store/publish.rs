@@ -153,13 +153,7 @@ impl Store {
         items: &[Publication<'_>],
         quota: bool,
     ) -> Result<Vec<bool>, StoreError> {
-        match self.publish_once(account, items, quota) {
-            Err(StoreError::Quota { .. }) => {
-                self.collect_account(account)?;
-                self.publish_once(account, items, quota)
-            }
-            other => other,
-        }
+        self.collecting_for_quota(account, || self.publish_once(account, items, quota))
     }
 
     fn publish_once(
