@@ -87,19 +87,19 @@ fn expired_uploads_and_outputs_are_collected_and_sent_again() {
 
 #[test]
 fn the_collector_never_takes_what_a_build_upload_or_download_uses() {
-    // Retention 3 s, a collection every second, builds of 4 s: each build's inputs expire
-    // while it runs, its outputs just after.
+    // Retention 4 s, a collection every second, builds of 5 s: each build's inputs expire
+    // while it runs, its outputs soon after.
     let rounds = 3;
     let mut body = String::from("{\n");
     for i in 0..rounds {
         body.push_str(&format!(
-            "  r{i} = mk \"race-{i}\" \"sleep 4; cat ${{builtins.toFile \"in-{i}-${{salt}}\" \
+            "  r{i} = mk \"race-{i}\" \"sleep 5; cat ${{builtins.toFile \"in-{i}-${{salt}}\" \
              (salt + \"-{i}\")}} > $out\" {{}};\n"
         ));
     }
     body.push('}');
     let lab = Lab::with_conf(&body, "require-sigs = false\n");
-    let d = Daemon::start_with_config("[store]\nretention = 3\ngc_interval = 1\n", &[]);
+    let d = Daemon::start_with_config("[store]\nretention = 4\ngc_interval = 1\n", &[]);
     for i in 0..rounds {
         let drvs = lab.instantiate(&[&format!("r{i}")]);
         let out = lab.remote_build_ok(&d, "alice", &drvs);

@@ -3,7 +3,8 @@
 //! A [`Pins`] is a set of an account's rows (grants) held by one user of the store: a session
 //! holds everything it was told is valid, uploaded or asked the closure of until it ends (a
 //! client that heard "valid" goes on to reference or build with the path, like Nix's temporary
-//! roots); a build holds its input closure until its outputs are registered; an export holds
+//! roots); a build holds its input closure until its outputs are registered; a substitution
+//! holds the public paths it found or committed until it has granted them; an export holds
 //! the path it streams. Rows are pinned while the caller holds the store lock, in the same
 //! step that finds them, and the collector reads the pins under that lock too, so a row is
 //! either pinned before the collector looks at it or already gone when the user looks for it.

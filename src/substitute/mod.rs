@@ -30,7 +30,7 @@ use nixbuild_core::binary_cache::{Compression, NarInfo, NarInfoError, PublicKey,
 use nixbuild_core::store_path::StorePath;
 
 use crate::config::SubstitutersConfig;
-use crate::store::{Import, PathClaim, Store, StoreError, PUBLIC_ACCOUNT};
+use crate::store::{Import, PathClaim, Pins, Store, StoreError, PUBLIC_ACCOUNT};
 use cache::{read_small, Cache, Fetched};
 
 /// Most paths one request may make the substituter look at (the closure of what it asks
@@ -253,6 +253,9 @@ enum State {
 struct Progress {
     states: Mutex<HashMap<StorePath, State>>,
     changed: Condvar,
+    /// The public rows this substitution found or committed, kept from the collector until
+    /// they are granted (a reference committed early must still be there for its referrers).
+    pins: Pins,
 }
 
 impl Progress {
@@ -432,7 +435,8 @@ impl Substituter {
         if missing.is_empty() {
             return Ok(BTreeSet::new());
         }
-        let (found, mut states) = self.plan(&missing)?;
+        let pins = store.pins();
+        let (found, mut states) = self.plan(&missing, &pins)?;
         let (order, cyclic) = dependencies_first(&found);
         for path in cyclic {
             tracing::warn!(path = %path, "not substituted: its narinfo's references form a cycle");
@@ -441,6 +445,7 @@ impl Substituter {
         let progress_states = Progress {
             states: Mutex::new(states),
             changed: Condvar::new(),
+            pins,
         };
         // No more threads than downloads at once: the decompressors' memory stays with
         // the threads that used it (glibc's arenas keep what a large free returns), so
@@ -487,6 +492,7 @@ impl Substituter {
     fn plan(
         &self,
         missing: &BTreeSet<StorePath>,
+        pins: &Pins,
     ) -> Result<(BTreeMap<StorePath, Found>, HashMap<StorePath, State>), StoreError> {
         let store = &self.inner.store;
         let mut found = BTreeMap::new();
@@ -494,7 +500,7 @@ impl Substituter {
         let mut seen: HashSet<StorePath> = missing.iter().cloned().collect();
         let mut level: BTreeSet<StorePath> = missing.clone();
         while !level.is_empty() {
-            let held = store.query_valid_paths(PUBLIC_ACCOUNT, &level)?;
+            let held = store.hold_valid_paths(PUBLIC_ACCOUNT, &level, Some(pins))?;
             let lookups: Vec<StorePath> = level.difference(&held).cloned().collect();
             for p in held {
                 states.insert(p, State::Done);
@@ -738,7 +744,7 @@ impl Substituter {
         let one: BTreeSet<StorePath> = [path.clone()].into();
         if !inner
             .store
-            .query_valid_paths(PUBLIC_ACCOUNT, &one)
+            .hold_valid_paths(PUBLIC_ACCOUNT, &one, Some(&progress.pins))
             .map_err(store_err)?
             .is_empty()
         {
@@ -768,6 +774,10 @@ impl Substituter {
             sigs: info.sigs.clone(),
         };
         import.commit(claim).map_err(store_err)?;
+        inner
+            .store
+            .hold_valid_paths(PUBLIC_ACCOUNT, &one, Some(&progress.pins))
+            .map_err(store_error(&nar_url))?;
         Ok(true)
     }
 
