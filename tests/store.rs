@@ -1254,6 +1254,51 @@ mod collection {
         assert_consistent(&state, &store);
     }
 
+    #[test]
+    fn a_version_1_store_is_migrated_with_usage_and_a_whole_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let lib = source("lib", &file(&[1u8; 3000]), &[]);
+        let app = source("app", &file(b"app"), &[&lib.path()]);
+        {
+            let store = open(&state);
+            for up in [&lib, &app] {
+                import(&store, "alice", up).expect("import");
+            }
+            import(&store, "bob", &lib).expect("import");
+        }
+        // What version 1 wrote: no last use, no usage, no records.
+        let db = rusqlite::Connection::open(state.join("db.sqlite")).expect("open");
+        db.execute_batch(
+            "DROP TABLE usage; DROP TABLE builds; DROP INDEX paths_expiry;
+             ALTER TABLE paths DROP COLUMN last_used; UPDATE schema_version SET version = 1;",
+        )
+        .expect("make a version-1 database");
+        drop(db);
+        let store = open(&state);
+        let size = |u: &Upload| u.claim.nar_size.expect("size");
+        assert_eq!(
+            store.usage("alice").expect("usage"),
+            (size(&lib) + size(&app), 2)
+        );
+        assert_eq!(store.usage("bob").expect("usage"), (size(&lib), 1));
+        // Registered "in 2023" by the client's claim, but used as of the upgrade: a day's
+        // retention keeps everything.
+        store.set_policy(StorePolicy {
+            retention: 24 * 60 * 60,
+            ..StorePolicy::default()
+        });
+        assert_eq!(store.collect().expect("collect").grants, 0);
+        assert_eq!(valid(&store, "alice", &[&lib.path(), &app.path()]).len(), 2);
+        assert_consistent(&state, &store);
+        drop(store);
+        let version: i64 = rusqlite::Connection::open(state.join("db.sqlite"))
+            .expect("open")
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 2);
+    }
+
     fn record(account: &str, ended_ms: u64) -> BuildRecord {
         BuildRecord {
             id: 0,

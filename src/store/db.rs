@@ -38,9 +38,11 @@ use super::error::{db_err, StoreError};
 pub(super) const SCHEMA_VERSION: i64 = 2;
 
 /// From version 1 to 2: when each grant was last used, each account's usage, build records.
+/// Existing grants count as used at the upgrade (their registration times are what clients
+/// claimed, often long ago), so each gets a whole retention from then.
 const MIGRATE_TO_2: &str = "
 ALTER TABLE paths ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0;
-UPDATE paths SET last_used = registration_time;
+UPDATE paths SET last_used = CAST(strftime('%s', 'now') AS INTEGER);
 CREATE INDEX paths_expiry ON paths(account, last_used);
 CREATE TABLE usage (
     account TEXT PRIMARY KEY NOT NULL,
