@@ -82,7 +82,7 @@ pub async fn run(
     loop {
         let reason = tokio::select! {
             () = tokio::time::sleep_until(next.into()) => Reason::Schedule,
-            () = next_signal(&mut requests) => Reason::Request,
+            () = crate::daemon::next_signal(&mut requests) => Reason::Request,
             () = tokio::time::sleep(FREE_SPACE_CHECK) => {
                 let threshold = live.get().store.gc_free_space();
                 match store.free_space() {
@@ -102,15 +102,6 @@ pub async fn run(
         }
         next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
     }
-}
-
-async fn next_signal(s: &mut Option<Signal>) {
-    if let Some(s) = s {
-        if s.recv().await.is_some() {
-            return;
-        }
-    }
-    std::future::pending().await
 }
 
 /// One collection, on the collector's thread, logged.

@@ -257,7 +257,7 @@ pub async fn run(
                     tracing::error!("a session task failed: {e}");
                 }
             }
-            () = next_hangup(&mut hangup) => {
+            () = next_signal(&mut hangup) => {
                 reload(source, &live, ssh_reloader.as_ref());
                 let config = live.get();
                 store.set_policy(config.store.policy(&config.accounts));
@@ -330,9 +330,10 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
     Ok(hard)
 }
 
-/// The next SIGHUP; never, when it could not be watched.
-async fn next_hangup(hangup: &mut Option<tokio::signal::unix::Signal>) {
-    if let Some(signal) = hangup {
+/// The next delivery of a watched signal (SIGHUP, SIGUSR1); never, when it could not be
+/// watched.
+pub(crate) async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(signal) = signal {
         if signal.recv().await.is_some() {
             return;
         }

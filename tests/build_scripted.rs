@@ -1027,20 +1027,16 @@ fn an_account_at_its_running_builds_limit_waits_its_turn_and_others_do_not() {
     let (p1, d1) = s.derivation("running-first", "sleep 2; echo 1 > $out");
     let (p2, d2) = s.derivation("running-second", "echo 2 > $out");
     let (p3, d3) = s.derivation("running-other", "echo 3 > $out");
-    let finished = |drv: &StorePath| {
+    // The daemon log's line number of `event` for `drv`.
+    let line_of = |event: &str, drv: &StorePath| {
         let needle = format!("drv={} ", drv.to_absolute());
         let log = s.daemon.log();
         log.lines()
-            .position(|l| l.contains("build finished") && l.contains(&needle))
-            .unwrap_or_else(|| panic!("{drv} did not finish:\n{log}"))
+            .position(|l| l.contains(event) && l.contains(&needle))
+            .unwrap_or_else(|| panic!("no {event:?} of {drv}:\n{log}"))
     };
-    let started = |drv: &StorePath| {
-        let needle = format!("drv={} ", drv.to_absolute());
-        let log = s.daemon.log();
-        log.lines()
-            .position(|l| l.contains("nixbuild::build: building ") && l.contains(&needle))
-            .unwrap_or_else(|| panic!("{drv} did not start:\n{log}"))
-    };
+    let finished = |drv| line_of("build finished", drv);
+    let started = |drv| line_of("nixbuild::build: building ", drv);
     std::thread::scope(|scope| {
         let first = scope.spawn(|| s.build(&p1, &d1, BuildOptions::default()));
         wait_for_start(&s.daemon, &p1);

@@ -11,7 +11,7 @@ mod lab;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use harness::{orphan_objects, Daemon};
+use harness::{log_number as field, orphan_objects, Daemon};
 use lab::{assert_built_once, builds_of, Lab};
 
 /// Rows of `account` in the state directory's database.
@@ -31,20 +31,6 @@ fn db(state: &Path) -> rusqlite::Connection {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .expect("open the database read-only")
-}
-
-/// The number after `key=` in a log line.
-fn field(line: &str, key: &str) -> u64 {
-    let start = line
-        .find(&format!("{key}="))
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + key.len()
-        + 1;
-    line[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no number for {key} in {line}"))
 }
 
 #[test]

@@ -2054,17 +2054,12 @@ pub fn run(o: &Options) -> (Report, StateDir) {
         sessions_opened: stats.sessions_opened,
         paths_acknowledged,
         paths_collected,
-        collections: log.lines().filter(|l| l.contains("collection done")).fold(
-            (0, 0),
-            |(n, grants), l| {
-                let removed = l
-                    .split_once("grants=")
-                    .and_then(|(_, rest)| rest.split(' ').next())
-                    .and_then(|g| g.parse::<u64>().ok())
-                    .unwrap_or(0);
-                (n + 1, grants + removed)
-            },
-        ),
+        collections: log
+            .lines()
+            .filter(|l| l.contains("collection done"))
+            .fold((0, 0), |(n, grants), l| {
+                (n + 1, grants + crate::harness::log_number(l, "grants"))
+            }),
         log_warnings: log
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))

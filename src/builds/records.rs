@@ -70,13 +70,10 @@ pub(super) async fn record(store: &Store, build: &Shared, account: &str, facts: 
         store.insert_records(&records, log)
     })
     .await;
-    match written {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(target: LOG_TARGET, drv = %drv, "the build's record is not stored: {e}")
-        }
-        Err(e) => {
-            tracing::warn!(target: LOG_TARGET, drv = %drv, "the build's record is not stored: {e}")
-        }
-    }
+    let failed = match written {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(target: LOG_TARGET, drv = %drv, "the build's record is not stored: {failed}");
 }

@@ -56,14 +56,14 @@ pub(super) async fn run<'a>(
             )
         }
     };
+    let cancelled = || {
+        refused(format!(
+            "building of '{}' was cancelled while it waited: no client waits for it",
+            job.drv_path
+        ))
+    };
     let Some(_running) = inner.running.place(build, &job.account).await else {
-        return (
-            refused(format!(
-                "building of '{}' was cancelled while it waited: no client waits for it",
-                job.drv_path
-            )),
-            None,
-        );
+        return (cancelled(), None);
     };
     let ticket = match inner.placement.submit(spec) {
         Ok(t) => {
@@ -86,13 +86,7 @@ pub(super) async fn run<'a>(
         _ = cancel.wait_for(|c| *c) => None,
     };
     let Some((grant, running)) = waited else {
-        return (
-            refused(format!(
-                "building of '{}' was cancelled while it waited: no client waits for it",
-                job.drv_path
-            )),
-            None,
-        );
+        return (cancelled(), None);
     };
     build.note(format!(
         "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",

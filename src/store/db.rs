@@ -327,30 +327,31 @@ pub(super) fn registration_time(
     t.map(|t| size("registration_time", t)).transpose()
 }
 
-/// The object behind `path` for `account`, if valid.
+/// The row id of `path` for `account` and the object behind it, if valid.
 pub(super) fn path_object(
     conn: &Connection,
     account: &str,
     path: &StorePath,
-) -> Result<Option<ObjectRow>, StoreError> {
-    let row: Option<(String, String, i64)> = conn
+) -> Result<Option<(i64, ObjectRow)>, StoreError> {
+    let row: Option<(i64, String, String, i64)> = conn
         .prepare_cached(
-            "SELECT o.key, o.nar_hash, o.nar_size FROM paths p JOIN objects o ON o.key = p.object
-             WHERE p.account = ?1 AND p.path = ?2",
+            "SELECT p.id, o.key, o.nar_hash, o.nar_size FROM paths p
+             JOIN objects o ON o.key = p.object WHERE p.account = ?1 AND p.path = ?2",
         )
         .and_then(|mut st| {
             st.query_row(params![account, path.base_name()], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })
             .optional()
         })
         .map_err(db_err("look up object of path"))?;
-    row.map(|(key, hash, size_)| {
-        Ok(ObjectRow {
+    row.map(|(id, key, hash, size_)| {
+        let object = ObjectRow {
             key,
             nar_hash: parse_hash(hash)?,
             nar_size: size("nar_size", size_)?,
-        })
+        };
+        Ok((id, object))
     })
     .transpose()
 }
@@ -405,6 +406,15 @@ pub(super) fn path_info(
     account: &str,
     path: &StorePath,
 ) -> Result<Option<ValidPathInfo>, StoreError> {
+    Ok(path_info_with_id(conn, account, path)?.map(|(_, info)| info))
+}
+
+/// [`path_info`] with the row id.
+pub(super) fn path_info_with_id(
+    conn: &Connection,
+    account: &str,
+    path: &StorePath,
+) -> Result<Option<(i64, ValidPathInfo)>, StoreError> {
     type Row = (i64, String, i64, Option<String>, Option<String>);
     let row: Option<Row> = conn
         .prepare_cached(
@@ -433,7 +443,7 @@ pub(super) fn path_info(
         .prepare_cached("SELECT sig FROM sigs WHERE path = ?1")
         .and_then(|mut st| st.query_map([id], |row| row.get(0))?.collect())
         .map_err(db_err("read signatures"))?;
-    Ok(Some(ValidPathInfo {
+    let info = ValidPathInfo {
         deriver: deriver.map(|d| parse_path("deriver", d)).transpose()?,
         references: references(conn, id)?.into_iter().map(|(_, p)| p).collect(),
         download_size: nar_size,
@@ -448,7 +458,8 @@ pub(super) fn path_info(
             })
             .transpose()?,
         sigs,
-    }))
+    };
+    Ok(Some((id, info)))
 }
 
 /// Where a reference of a path being registered points.
@@ -472,11 +483,16 @@ pub(super) struct NewPath<'a> {
     pub sigs: &'a BTreeSet<String>,
 }
 
-/// The server's clock in seconds since the epoch: what `last_used` records.
-pub(super) fn now() -> u64 {
+/// The server's clock in milliseconds since the epoch (what build records hold).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The server's clock in seconds since the epoch: what `last_used` records.
+pub(super) fn now() -> u64 {
+    now_ms() / 1000
 }
 
 /// Registers paths (and their objects, if new) in one transaction: all of them or none,

@@ -61,7 +61,7 @@ impl Store {
                 path: path.clone(),
                 account: from.to_owned(),
             };
-            let object = db::path_object(&conn, from, &path)?.ok_or_else(not_valid)?;
+            let (_, object) = db::path_object(&conn, from, &path)?.ok_or_else(not_valid)?;
             let info = db::path_info(&conn, from, &path)?.ok_or_else(not_valid)?;
             grants.push(Grant { path, object, info });
         }

@@ -32,6 +32,7 @@ mod policy;
 mod publish;
 mod records;
 
+pub use db::now_ms;
 pub use error::{StoreError, StoreProblem};
 pub use gc::{GcStats, STEP_ROWS};
 pub use grant::PUBLIC_ACCOUNT;
@@ -39,7 +40,7 @@ pub use import::{Import, PathClaim};
 pub use pins::{Pins, MAX_PINS};
 pub use policy::{AccountPolicy, StorePolicy};
 pub use publish::BuiltPath;
-pub use records::{now_ms, BuildRecord, LogWriter};
+pub use records::{BuildRecord, LogWriter};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
@@ -184,6 +185,19 @@ fn remove_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(), StoreEr
         }
     }
     Ok(())
+}
+
+/// Runs `f` in one read transaction on `conn` (the store lock's connection, held by the
+/// caller).
+fn read_in<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    // Ended by its drop (a rollback, which for reads only releases the lock).
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(error::db_err("begin a read"))?;
+    f(&tx)
 }
 
 /// The rows of `paths` for `account`. Err([`StoreError::NotValid`]) for one it cannot see.
@@ -467,20 +481,16 @@ impl Store {
         pins: Option<&Pins>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
         let conn = self.inner.lock_db();
-        let mut infos = BTreeMap::new();
-        let mut ids = Vec::new();
-        {
-            // Ended by its drop (a rollback, which for reads only releases the lock).
-            let tx = conn
-                .unchecked_transaction()
-                .map_err(error::db_err("begin a read"))?;
+        let (infos, ids) = read_in(&conn, |tx| {
+            let (mut infos, mut ids) = (BTreeMap::new(), Vec::new());
             for path in paths {
-                if let Some(info) = db::path_info(&tx, account, path)? {
-                    ids.extend(db::path_id(&tx, account, path)?);
+                if let Some((id, info)) = db::path_info_with_id(tx, account, path)? {
+                    ids.push(id);
                     infos.insert(path.clone(), info);
                 }
             }
-        }
+            Ok((infos, ids))
+        })?;
         Self::hold(&conn, &ids, pins)?;
         Ok(infos)
     }
@@ -492,12 +502,7 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = self.inner.lock_db();
-        // Ended by its drop (a rollback, which for reads only releases the lock).
-        let tx = conn
-            .unchecked_transaction()
-            .map_err(error::db_err("begin a read"))?;
-        f(&tx)
+        read_in(&self.inner.lock_db(), f)
     }
 
     /// The reference closure of `paths` as `account` sees it. With `include_outputs`, the
@@ -528,7 +533,7 @@ impl Store {
                 let conn = self.inner.lock_db();
                 for (_, path) in db::walk_references(&conn, queue, &mut seen)? {
                     if include_outputs && path.is_derivation() {
-                        derivations.push(self.object_of(&conn, account, &path)?);
+                        derivations.push(self.object_of(&conn, account, &path)?.1);
                     }
                     closure.insert(path);
                 }
@@ -577,12 +582,13 @@ impl Store {
         }
     }
 
+    /// The row id of `path` for `account` and its object; Err([`StoreError::NotValid`]).
     fn object_of(
         &self,
         conn: &Connection,
         account: &str,
         path: &StorePath,
-    ) -> Result<db::ObjectRow, StoreError> {
+    ) -> Result<(i64, db::ObjectRow), StoreError> {
         db::path_object(conn, account, path)?.ok_or_else(|| StoreError::NotValid {
             path: path.clone(),
             account: account.to_owned(),
@@ -609,8 +615,8 @@ impl Store {
         let inputs = paths
             .iter()
             .map(|path| {
-                let row = self.object_of(&conn, account, path)?;
-                ids.extend(db::path_id(&conn, account, path)?);
+                let (id, row) = self.object_of(&conn, account, path)?;
+                ids.push(id);
                 Ok(InputObject {
                     path: path.clone(),
                     object: self.inner.objects.join(&row.key),
@@ -631,13 +637,12 @@ impl Store {
         used: bool,
     ) -> Result<(db::ObjectRow, Pins), StoreError> {
         let conn = self.inner.lock_db();
-        let row = self.object_of(&conn, account, path)?;
+        let (id, row) = self.object_of(&conn, account, path)?;
         let pins = self.pins();
-        let ids: Vec<i64> = db::path_id(&conn, account, path)?.into_iter().collect();
         if used {
-            Self::hold(&conn, &ids, Some(&pins))?;
+            Self::hold(&conn, &[id], Some(&pins))?;
         } else {
-            pins.add(ids);
+            pins.add([id]);
         }
         Ok((row, pins))
     }

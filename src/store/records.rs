@@ -14,14 +14,7 @@ use std::sync::atomic::Ordering;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::db::{now, to_sql_int};
-
-/// The server's clock in milliseconds since the epoch (what records hold).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use super::db::{now, now_ms, to_sql_int};
 use super::error::{db_err, io_err, StoreError};
 use super::gc::STEP_ROWS;
 use super::Store;
@@ -112,16 +105,6 @@ impl LogWriter {
         }
         Ok(())
     }
-
-    /// The bytes written so far.
-    pub fn len(&self) -> u64 {
-        self.bytes
-    }
-
-    /// Whether nothing was written.
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
 }
 
 impl std::fmt::Debug for LogWriter {
@@ -142,32 +125,29 @@ impl Drop for LogWriter {
     }
 }
 
-fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(BuildRecord, Option<String>)> {
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<BuildRecord> {
     let u = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
     let o = |i: usize| -> rusqlite::Result<Option<u64>> {
         Ok(row.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64))
     };
-    Ok((
-        BuildRecord {
-            id: row.get(0)?,
-            account: row.get(1)?,
-            drv: row.get(2)?,
-            outputs: row.get(3)?,
-            submitted_ms: u(4)?,
-            started_ms: o(5)?,
-            ended_ms: u(6)?,
-            status: row.get(7)?,
-            error: row.get(8)?,
-            cores: u32::try_from(u(9)?).unwrap_or(u32::MAX),
-            memory: u(10)?,
-            cpu_us: o(11)?,
-            peak_memory: o(12)?,
-            output_bytes: u(13)?,
-            shared: row.get(14)?,
-            log_bytes: u(16)?,
-        },
-        row.get(15)?,
-    ))
+    Ok(BuildRecord {
+        id: row.get(0)?,
+        account: row.get(1)?,
+        drv: row.get(2)?,
+        outputs: row.get(3)?,
+        submitted_ms: u(4)?,
+        started_ms: o(5)?,
+        ended_ms: u(6)?,
+        status: row.get(7)?,
+        error: row.get(8)?,
+        cores: u32::try_from(u(9)?).unwrap_or(u32::MAX),
+        memory: u(10)?,
+        cpu_us: o(11)?,
+        peak_memory: o(12)?,
+        output_bytes: u(13)?,
+        shared: row.get(14)?,
+        log_bytes: u(15)?,
+    })
 }
 
 /// Inserts one record naming log `log_name`; its id.
@@ -210,7 +190,7 @@ fn insert_one(
 }
 
 const RECORD_COLUMNS: &str = "id, account, drv, outputs, submitted_ms, started_ms, ended_ms, \
-     status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log, log_bytes";
+     status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log_bytes";
 
 impl Store {
     /// The `logs/` directory.
@@ -284,10 +264,8 @@ impl Store {
         );
         conn.prepare_cached(&sql)
             .and_then(|mut st| {
-                st.query_map(params![account, max as i64], |row| {
-                    record_from_row(row).map(|(r, _)| r)
-                })?
-                .collect()
+                st.query_map(params![account, max as i64], record_from_row)?
+                    .collect()
             })
             .map_err(db_err("read build records"))
     }

@@ -589,6 +589,20 @@ fn config_text(config: &str) -> String {
     }
 }
 
+/// The number after `key=` in a daemon log line (such as `grants=` of `collection done`).
+pub fn log_number(line: &str, key: &str) -> u64 {
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len()
+        + 1;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number for {key} in {line}"))
+}
+
 /// The entries of `<state>/objects` that no row of the database names, read without
 /// changing anything.
 pub fn orphan_objects(state: &Path) -> Vec<String> {
