@@ -12,7 +12,8 @@
 //! and arguments, in a scope with delegated controllers (`systemd-run --scope -p
 //! Delegate=yes`).
 //!
-//! Logs go to stderr (`RUST_LOG` filters them; default `info`). At start, with `--listen`, the
+//! Logs go to stderr (`RUST_LOG` filters them; default `info`; `--log-format json` for one JSON
+//! object per line). At start, with `--listen`, the
 //! lines users pin the SSH host key with go to stdout (and to `<state-dir>/ssh_host_pins`).
 //! SIGHUP re-reads the configuration and the authorized keys; SIGTERM or SIGINT stops it.
 
@@ -71,6 +72,17 @@ struct Args {
     /// Overrides capacity.memory: memory builds may use, such as 16G or 512M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory: Option<u64>,
+    /// How log lines are written: `text` for people, `json` (one object per line, with the
+    /// session's and build's ids in its spans) for log shippers.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// The format of the log on stderr.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -78,14 +90,20 @@ fn main() -> ExitCode {
     // anything else (no threads, no runtime).
     nixbuild_sandbox::maybe_run_helper();
     let mut args = Args::parse();
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        );
+    match args.log_format {
+        LogFormat::Text => log.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => log
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     // Absolute, so that builds and a re-execution below do not depend on the working
     // directory.
     args.state_dir = match std::path::absolute(&args.state_dir) {

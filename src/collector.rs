@@ -1,7 +1,7 @@
 //! When the store's collector runs inside the daemon: every `[store] gc_interval`, whenever
 //! free space on the state directory's file system is below `[store] gc_free_space`
 //! (checked every [`FREE_SPACE_CHECK`]), and on SIGUSR1 (`kill -USR1`, or `systemctl kill
-//! -s USR1 nixbuild`). One collection runs at a time, on the collector's own thread
+//! -s USR1 nixbuild`) or `nixbuild gc` ([`Collector`]). One collection runs at a time, on the collector's own thread
 //! (`nixbuild-gc`, there from the start, so that collections add no thread), in steps that
 //! never hold the store lock for long (see [`crate::store`]'s `gc` module), beside normal
 //! service.
@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics::METRICS;
 use crate::reload::LiveConfig;
-use crate::store::Store;
+use crate::store::{GcStats, Store};
 
 /// How often free space is checked against `[store] gc_free_space`.
 pub const FREE_SPACE_CHECK: Duration = Duration::from_secs(10);
@@ -24,6 +25,7 @@ enum Reason {
     Schedule,
     FreeSpace,
     Request,
+    Command,
 }
 
 impl Reason {
@@ -32,7 +34,38 @@ impl Reason {
             Reason::Schedule => "scheduled",
             Reason::FreeSpace => "free space below store.gc_free_space",
             Reason::Request => "requested (SIGUSR1)",
+            Reason::Command => "requested (nixbuild gc)",
         }
+    }
+}
+
+/// A collection's result as `nixbuild gc` hears it.
+pub type Collected = Result<GcStats, String>;
+
+/// Asks the running collector for a collection now (`nixbuild gc`). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Collector(mpsc::Sender<oneshot::Sender<Collected>>);
+
+/// The collector's end of [`Collector`]'s requests, for [`run`].
+#[derive(Debug)]
+pub struct Requests(mpsc::Receiver<oneshot::Sender<Collected>>);
+
+/// A [`Collector`] and the requests it sends, for [`run`].
+pub fn channel() -> (Collector, Requests) {
+    let (tx, rx) = mpsc::channel(16);
+    (Collector(tx), Requests(rx))
+}
+
+impl Collector {
+    /// Runs a collection (after the one under way, if any) and returns what it did.
+    pub async fn collect(&self) -> Collected {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(tx)
+            .await
+            .map_err(|_| "the collector is not running".to_owned())?;
+        rx.await
+            .map_err(|_| "the collector stopped before it collected".to_owned())?
     }
 }
 
@@ -48,17 +81,18 @@ pub fn watch_requests() -> Option<Signal> {
     }
 }
 
-/// Runs collections until `stop` turns true, and on each of `requests` (from
-/// [`watch_requests`]); the policy and settings are read from `live` before each, so a
-/// reload takes effect at the next one.
+/// Runs collections until `stop` turns true, on each of `signals` (from
+/// [`watch_requests`]) and each of `requests` (answered with the result); the policy and
+/// settings are read from `live` before each, so a reload takes effect at the next one.
 pub async fn run(
     store: Store,
     live: Arc<LiveConfig>,
-    mut requests: Option<Signal>,
+    mut signals: Option<Signal>,
+    mut requests: Requests,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (start_tx, mut start_rx) = tokio::sync::mpsc::channel::<Reason>(1);
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (start_tx, mut start_rx) = mpsc::channel::<Reason>(1);
+    let (done_tx, mut done_rx) = mpsc::channel::<Collected>(1);
     let worker = {
         let store = store.clone();
         std::thread::Builder::new()
@@ -67,8 +101,7 @@ pub async fn run(
                 // Ends once this task is gone (its sender dropped), after the collection
                 // under way.
                 while let Some(reason) = start_rx.blocking_recv() {
-                    collect(&store, reason);
-                    if done_tx.blocking_send(()).is_err() {
+                    if done_tx.blocking_send(collect(&store, reason)).is_err() {
                         return;
                     }
                 }
@@ -80,9 +113,14 @@ pub async fn run(
     }
     let mut next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
     loop {
+        let mut asker = None;
         let reason = tokio::select! {
             () = tokio::time::sleep_until(next.into()) => Reason::Schedule,
-            () = crate::daemon::next_signal(&mut requests) => Reason::Request,
+            () = crate::daemon::next_signal(&mut signals) => Reason::Request,
+            Some(tx) = requests.0.recv() => {
+                asker = Some(tx);
+                Reason::Command
+            }
             () = tokio::time::sleep(FREE_SPACE_CHECK) => {
                 let threshold = live.get().store.gc_free_space();
                 match store.free_space() {
@@ -96,18 +134,26 @@ pub async fn run(
             }
             _ = stop.wait_for(|s| *s) => return,
         };
-        if start_tx.send(reason).await.is_err() || done_rx.recv().await.is_none() {
+        let done = match start_tx.send(reason).await {
+            Ok(()) => done_rx.recv().await,
+            Err(_) => None,
+        };
+        let Some(done) = done else {
             tracing::error!("the collector's thread is gone; nothing more is collected");
             return;
+        };
+        if let Some(asker) = asker {
+            let _ = asker.send(done);
         }
         next = Instant::now() + Duration::from_secs(live.get().store.gc_interval);
     }
 }
 
-/// One collection, on the collector's thread, logged.
-fn collect(store: &Store, reason: Reason) {
+/// One collection, on the collector's thread, logged and counted.
+fn collect(store: &Store, reason: Reason) -> Collected {
     let started = Instant::now();
-    match store.collect() {
+    let collected = store.collect().map_err(|e| e.to_string());
+    match &collected {
         Ok(stats) => tracing::info!(
             reason = reason.as_str(),
             grants = stats.grants,
@@ -120,4 +166,8 @@ fn collect(store: &Store, reason: Reason) {
         ),
         Err(e) => tracing::error!(reason = reason.as_str(), "collection failed: {e}"),
     }
+    if let Ok(stats) = &collected {
+        METRICS.collection(stats.bytes, stats.grants);
+    }
+    collected
 }

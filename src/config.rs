@@ -93,6 +93,35 @@ pub struct Config {
     pub substituters: SubstitutersConfig,
     /// `[accounts.NAME]`: one account's own retention and quota.
     pub accounts: BTreeMap<String, AccountConfig>,
+    /// `[admin]`: who may see and act on every account (`nixbuild` over SSH).
+    pub admin: AdminConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[admin]`: the operators' accounts. Taken into account on reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Accounts that may run `nixbuild accounts`, `gc` and `status`, and read or cancel any
+    /// account's builds with `--account NAME` or `--all`. Default none.
+    pub accounts: Vec<String>,
+}
+
+impl AdminConfig {
+    /// Whether `account` is an admin.
+    pub fn is_admin(&self, account: &str) -> bool {
+        self.accounts.iter().any(|a| a == account)
+    }
+}
+
+/// `[metrics]`: metrics in the Prometheus text format at `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve them, e.g. `127.0.0.1:9469`. Default none: no metrics endpoint. It has
+    /// no authentication: keep it on a loopback or private address. Needs a restart.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[accounts.NAME]`: settings of one account that replace the server's.
@@ -1155,6 +1184,17 @@ impl Config {
             return Err(invalid(
                 "capacity.systems",
                 "must name at least one system".into(),
+            ));
+        }
+        if let Some(account) = self
+            .admin
+            .accounts
+            .iter()
+            .find(|a| !nixbuild_core::account::is_valid_account_name(a))
+        {
+            return Err(invalid(
+                "admin.accounts",
+                format!("{account:?} is not an account name ([A-Za-z0-9._@+-]{{1,64}})"),
             ));
         }
         if let Some(account) = self

@@ -81,6 +81,14 @@ pub enum DaemonError {
         /// The underlying error.
         source: io::Error,
     },
+    /// The metrics endpoint could not listen.
+    #[error("cannot listen for metrics on {addr} ([metrics] listen): {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// The build service could not start.
     #[error("cannot start the build service in {path}: {source}")]
     Builds {
@@ -195,7 +203,16 @@ pub async fn run(
     // reaped: a session gives its place back before the relay learns that it ended, so a
     // client may start the next one at once.
     let places = Arc::new(SessionPlaces::new(config.limits.max_sessions));
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let live = Arc::new(LiveConfig::new(config));
+    let (collector_handle, collector_requests) = crate::collector::channel();
     let front_door = crate::ssh::bind(
         state_dir,
         live.clone(),
@@ -203,6 +220,7 @@ pub async fn run(
         builds.clone(),
         budget.clone(),
         places.clone(),
+        collector_handle,
     )
     .await?;
     let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
@@ -217,8 +235,16 @@ pub async fn run(
         store.clone(),
         live.clone(),
         gc_requests,
+        collector_requests,
         ssh_stop.clone(),
     ));
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
+        let snapshot = metrics_snapshot(store.clone(), builds.clone());
+        tokio::spawn(crate::metrics::serve(listener, snapshot, ssh_stop.clone()));
+    }
     let ssh = front_door.map(|door| {
         let mut stop = ssh_stop;
         tokio::spawn(door.run(async move {
@@ -226,6 +252,7 @@ pub async fn run(
         }))
     });
     let mut sessions = JoinSet::new();
+    let mut relayed = 0u64;
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -233,7 +260,10 @@ pub async fn run(
                 Ok((stream, _)) => match places.daemon_place() {
                     Err(refusal) => refuse_busy(&stream, &refusal),
                     Ok(permit) => {
-                        sessions.spawn(connection(
+                        relayed += 1;
+                        // Every line of the session carries its number.
+                        let span = tracing::info_span!("relay", session = relayed);
+                        sessions.spawn(tracing::Instrument::instrument(connection(
                             stream,
                             permit,
                             store.clone(),
@@ -241,7 +271,7 @@ pub async fn run(
                             live.get(),
                             places.clone(),
                             budget.clone(),
-                        ));
+                        ), span));
                     }
                 },
                 Err(source) => {
@@ -305,6 +335,28 @@ pub async fn run(
     }
     tracing::info!("stopped");
     result
+}
+
+/// What the metrics read from the daemon's state at each scrape (on a blocking thread).
+fn metrics_snapshot(
+    store: Store,
+    builds: BuildService,
+) -> Arc<dyn Fn() -> crate::metrics::Snapshot + Send + Sync> {
+    Arc::new(move || {
+        let load = builds.load();
+        let holdings = store.holdings().unwrap_or_default();
+        crate::metrics::Snapshot {
+            builds_waiting: load.waiting,
+            builds_running: load.running,
+            cores_granted: load.cores_granted,
+            memory_granted_bytes: load.memory_granted,
+            cores_total: load.cores,
+            memory_total_bytes: load.memory,
+            store_nar_bytes: holdings.iter().map(|h| h.nar_bytes).sum(),
+            store_paths: holdings.iter().map(|h| h.paths).sum(),
+            free_bytes: store.free_space().unwrap_or(0),
+        }
+    })
 }
 
 /// Raises the soft limit on open files to the hard one and returns it: every SSH
@@ -463,6 +515,7 @@ async fn connection(
         }) => {
             let account = header.account.as_str();
             tracing::info!(%account, write = header.write, protocol = header.protocol.name(), "session start");
+            let _counted = crate::metrics::METRICS.session_started(header.protocol.into());
             let settings = SessionSettings::new(&config, account, header.write, &budget);
             let mut out = RelayOutput::new(stdout, stream);
             if let Some(pipe) = pipe {

@@ -7,7 +7,7 @@
 //! [`service`] (what a protocol driver asks of the store and build service, as one account
 //! within its limits), [`daemon`] (the composition root and the Unix socket server),
 //! [`reload`] (what SIGHUP re-reads and puts in force), [`collector`] (when the store's
-//! garbage collector runs),
+//! garbage collector runs), [`metrics`] (Prometheus metrics),
 //! [`relay_protocol`] (the header and frames spoken between the relay and the daemon),
 //! [`builds`] (the build service: what happens around a sandboxed build), [`client_pipe`] (the
 //! client's pipes, lent to blocking tasks that move NAR data through them: `pipes` reads and
@@ -28,7 +28,9 @@ pub mod config;
 pub mod daemon;
 pub mod failpoint;
 pub mod host;
+pub mod metrics;
 pub mod nar_fs;
+pub mod ops;
 mod pipes;
 pub mod relay_protocol;
 pub mod reload;

@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 use crate::buffers::{BufferPool, CHANNEL_DEPTH};
 use crate::builds::{BuildJob, BuildService, DrvError, GraphPlan, GraphRun, Waiter};
 use crate::config::Config;
-use crate::store::{Import, PathClaim, Pins, Store, StoreError};
+use crate::metrics::{Direction, METRICS};
+use crate::store::{Import, PathClaim, Pins, Store, StoreError, Traffic};
 use crate::substitute::Substituter;
 
 /// Queries of at most this many paths run on the session's thread when the store is idle
@@ -135,9 +136,39 @@ pub enum ServiceError {
 
 /// A store error met while doing `what`.
 pub fn store_error(what: &str) -> impl FnOnce(StoreError) -> ServiceError + '_ {
-    move |source| ServiceError::Store {
-        what: what.to_owned(),
-        source: Box::new(source),
+    move |source| {
+        if matches!(source, StoreError::Quota { .. }) {
+            crate::metrics::METRICS.refused(crate::metrics::Refusal::Quota);
+        }
+        ServiceError::Store {
+            what: what.to_owned(),
+            source: Box::new(source),
+        }
+    }
+}
+
+impl Drop for SessionContext<'_> {
+    /// Adds what the session moved to its account's traffic of the day (`nixbuild usage`),
+    /// off the session's thread.
+    fn drop(&mut self) {
+        let traffic = Traffic {
+            uploaded: self.uploaded,
+            downloaded: self.downloaded,
+            substituted: 0,
+        };
+        if traffic.is_empty() {
+            return;
+        }
+        let (store, account) = (self.store.clone(), self.settings.account.clone());
+        let count = move || {
+            if let Err(e) = store.add_traffic(&account, traffic) {
+                tracing::warn!(%account, "the session's traffic is not counted: {e}");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(count)),
+            Err(_) => count(),
+        }
     }
 }
 
@@ -208,6 +239,8 @@ pub struct SessionContext<'a> {
     settings: &'a SessionSettings,
     /// NAR bytes uploaded so far in this session.
     uploaded: u64,
+    /// NAR bytes downloaded so far in this session.
+    downloaded: u64,
     /// What the session was told is valid, uploaded, or asked the closure of: kept from
     /// the collector until the session ends.
     pins: Pins,
@@ -221,6 +254,7 @@ impl<'a> SessionContext<'a> {
             builds,
             settings,
             uploaded: 0,
+            downloaded: 0,
             pins: store.pins(),
         }
     }
@@ -252,11 +286,18 @@ impl<'a> SessionContext<'a> {
     /// Counts `bytes` more NAR bytes uploaded, refusing them past `max_upload_bytes`.
     pub fn charge_upload(&mut self, bytes: u64) -> Result<(), ServiceError> {
         self.uploaded = self.uploaded.saturating_add(bytes);
+        METRICS.transferred(Direction::Upload, bytes);
         let max = self.settings.max_upload_bytes;
         if self.uploaded > max {
             return Err(ServiceError::UploadLimit { max });
         }
         Ok(())
+    }
+
+    /// Counts `bytes` NAR bytes sent to the client.
+    pub fn count_download(&mut self, bytes: u64) {
+        self.downloaded = self.downloaded.saturating_add(bytes);
+        METRICS.transferred(Direction::Download, bytes);
     }
 
     /// Runs a store call for this session's account in a blocking task.

@@ -838,7 +838,9 @@ impl<O: SessionOutput> Driver<'_, O> {
             let (sent, sink) = task.await?;
             // The session writes to the client through tokio again.
             drop(sink);
-            return Ok(sent.map(drop).map_err(store_error(&what))?);
+            let sent = sent.map_err(store_error(&what))?;
+            self.ctx.count_download(sent);
+            return Ok(());
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let mut writer = ChunkWriter::new(tx, self.pool.clone());
@@ -850,7 +852,9 @@ impl<O: SessionOutput> Driver<'_, O> {
             self.send_before_stream().await?;
             self.out.stdout(chunk).await?;
         }
-        Ok(task.await?.map(drop).map_err(store_error(&what))?)
+        let sent = task.await?.map_err(store_error(&what))?;
+        self.ctx.count_download(sent);
+        Ok(())
     }
 
     /// Before NAR bytes that bypass the sans-IO session: checks that a stream is in

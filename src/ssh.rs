@@ -1,6 +1,7 @@
 //! The daemon's SSH front door: [`nixbuild_ssh`]'s server, configured from `[ssh]`, with the
 //! host key in the state directory, running each `nix-store --serve` channel as a serve
-//! [`session`](crate::session) of the key's account on the daemon's store.
+//! [`session`](crate::session) of the key's account on the daemon's store (`nix-daemon
+//! --stdio` as a worker session), and each `nixbuild …` command through [`crate::ops`].
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -16,9 +17,12 @@ use nixbuild_ssh::{
     ChannelStdout, Ciphers, KeyTypes, Server, ServerConfig, SessionRequest, SessionService,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
 
 use crate::builds::BuildService;
+use crate::collector::Collector;
 use crate::config::Config;
+use crate::metrics::{SessionKind, METRICS};
 use crate::reload::LiveConfig;
 use crate::service::{SessionPlaces, SessionSettings};
 use crate::session::{self, SessionError, SessionOutput};
@@ -46,10 +50,31 @@ pub struct SshSessions {
     config: Arc<LiveConfig>,
     budget: Arc<MemoryBudget>,
     places: Arc<SessionPlaces>,
+    collector: Collector,
 }
 
 impl SessionService for SshSessions {
     async fn serve<R, E>(
+        &self,
+        request: &SessionRequest,
+        stdin: R,
+        stdout: ChannelStdout<'_>,
+        stderr: &mut E,
+    ) -> u32
+    where
+        R: AsyncRead + Unpin + Send,
+        E: AsyncWrite + Unpin + Send + Sync,
+    {
+        // Every line of the session carries its connection's number.
+        let span = tracing::info_span!("ssh", conn = request.connection);
+        self.serve_in_span(request, stdin, stdout, stderr)
+            .instrument(span)
+            .await
+    }
+}
+
+impl SshSessions {
+    async fn serve_in_span<R, E>(
         &self,
         request: &SessionRequest,
         stdin: R,
@@ -74,10 +99,30 @@ impl SessionService for SshSessions {
             Ok(places) => places,
             Err(refusal) => {
                 tracing::warn!(%account, conn, "refused a session: {refusal}");
+                METRICS.refused(crate::metrics::Refusal::Sessions);
                 let _ = write_line(stderr, &format!("error: {refusal}\n")).await;
                 return 1;
             }
         };
+        let mut out = ChannelOutput {
+            stdout,
+            answers: BytesMut::new(),
+            stderr,
+        };
+        if let Some(words) = &request.command {
+            let _counted = METRICS.session_started(SessionKind::Command);
+            tracing::info!(%account, conn, command = ?words, "nixbuild command");
+            let ops = crate::ops::Ops {
+                store: &self.store,
+                builds: &self.builds,
+                config: &config,
+                collector: Some(&self.collector),
+                account,
+                key: &request.key,
+            };
+            return crate::ops::run(&ops, words, &mut out).await;
+        }
+        let _counted = METRICS.session_started(request.protocol.into());
         let settings = SessionSettings::new(&config, account, request.write, &self.budget);
         tracing::info!(
             %account,
@@ -87,11 +132,6 @@ impl SessionService for SshSessions {
             peer = %request.peer,
             "session start"
         );
-        let mut out = ChannelOutput {
-            stdout,
-            answers: BytesMut::new(),
-            stderr,
-        };
         let (store, builds) = (&self.store, &self.builds);
         let served =
             session::serve_protocol(request.protocol, store, builds, &settings, stdin, &mut out)
@@ -173,7 +213,8 @@ pub fn limits(config: &Config) -> Limits {
 /// host key in `state_dir`, reads the authorized keys, binds, and prints on stdout (and
 /// writes to [`host_key::PINS_FILE`]) what users pin the host key with. Sessions take the
 /// configuration in force from `live`, hold unfinished requests against `budget`, the
-/// daemon's one budget, and take their places among `places` as relayed sessions do.
+/// daemon's one budget, and take their places among `places` as relayed sessions do;
+/// `nixbuild gc` asks `collector`.
 pub async fn bind(
     state_dir: &Path,
     live: Arc<LiveConfig>,
@@ -181,6 +222,7 @@ pub async fn bind(
     builds: BuildService,
     budget: Arc<MemoryBudget>,
     places: Arc<SessionPlaces>,
+    collector: Collector,
 ) -> Result<Option<FrontDoor>, SshError> {
     let config = live.get();
     let Some(listen) = config.ssh.listen else {
@@ -205,6 +247,7 @@ pub async fn bind(
         config: live.clone(),
         budget,
         places,
+        collector,
     };
     let server = Server::bind(
         ServerConfig {

@@ -781,9 +781,11 @@ impl<O: SessionOutput> Driver<'_, O> {
         }
         // After STDERR_LAST the answer cannot turn into an error: a failure here ends the
         // session.
-        task.await
+        let bytes = task
+            .await
             .map_err(SessionError::from)?
             .map_err(|e| SessionError::Service(store_error(&what)(e)))?;
+        self.ctx.count_download(bytes);
         self.session.end_stream()?;
         self.out.flush().await?;
         tracing::info!(account = %self.ctx.settings().account, path = %sent, "sent NAR");

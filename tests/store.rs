@@ -1299,9 +1299,10 @@ mod collection {
         assert_eq!(version, 2);
     }
 
-    fn record(account: &str, ended_ms: u64) -> BuildRecord {
+    fn record(account: &str, ended_ms: u64, build: u64) -> BuildRecord {
         BuildRecord {
             id: 0,
+            build,
             account: account.into(),
             drv: "/nix/store/00000000000000000000000000000000-x.drv".into(),
             outputs: "out /nix/store/00000000000000000000000000000000-x".into(),
@@ -1337,26 +1338,39 @@ mod collection {
             log.write(chunk).expect("write");
         }
         let old = store
-            .insert_records(&[record("alice", now_ms - 3_000_000)], Some(log))
+            .insert_records(&[record("alice", now_ms - 3_000_000, 1)], Some(log))
             .expect("insert")[0];
         let recent = store
-            .insert_records(&[record("alice", now_ms)], None)
+            .insert_records(&[record("alice", now_ms, 2)], None)
             .expect("insert")[0];
         store
-            .insert_records(&[record("bob", now_ms)], None)
+            .insert_records(&[record("bob", now_ms, 3)], None)
             .expect("insert");
-        let records = store.records("alice", 10).expect("records");
+        let records = store.records(Some("alice"), 10).expect("records");
         assert_eq!(
             records.iter().map(|r| r.id).collect::<Vec<_>>(),
             [recent, old]
         );
+        assert_eq!(records[1].build, 1);
+        assert_eq!(store.records(None, 10).expect("records").len(), 3);
+        assert_eq!(store.build_records(Some("bob"), 1).expect("records"), []);
+        // Ids go on after the highest recorded, also once the store is reopened.
+        assert_eq!(store.next_build_id(), 4);
+        let read_log = |account, build| {
+            store
+                .open_record_log(account, build)
+                .expect("log")
+                .map(|mut r| {
+                    let mut text = Vec::new();
+                    std::io::Read::read_to_end(&mut r, &mut text).expect("read");
+                    text
+                })
+        };
         assert_eq!(records[1].log_bytes, log_text.len() as u64);
         assert_eq!(records[1].cpu_us, Some(1234));
-        assert!(store.record_log("alice", old).expect("log") == Some(log_text.clone()));
-        assert!(
-            store.record_log("bob", old).expect("log").is_none(),
-            "not bob's"
-        );
+        assert!(read_log(Some("alice"), 1) == Some(log_text.clone()));
+        assert!(read_log(Some("bob"), 1).is_none(), "not bob's");
+        assert!(read_log(None, 1) == Some(log_text.clone()), "an admin's");
         let stored = entries(&state.join("logs"));
         assert_eq!(stored.len(), 1);
         assert!(fs::metadata(&stored[0]).expect("stat").len() < log_text.len() as u64 / 4);
@@ -1368,16 +1382,17 @@ mod collection {
         };
         store.set_policy(policy.clone());
         assert_eq!(store.collect().expect("collect").records, 0);
-        assert!(store.record_log("alice", old).expect("log").is_none());
+        assert!(read_log(Some("alice"), 1).is_none());
         assert!(entries(&state.join("logs")).is_empty());
         policy.record_retention = 2700;
         store.set_policy(policy);
         assert_eq!(store.collect().expect("collect").records, 1);
-        assert_eq!(store.records("alice", 10).expect("records").len(), 1);
+        assert_eq!(store.records(Some("alice"), 10).expect("records").len(), 1);
         // A log stored without its record (a crash in between) goes at the next start.
         fs::write(state.join("logs").join("orphan.zst"), b"x").expect("write");
         drop(store);
-        let _store = open(&state);
+        let store = open(&state);
         assert!(entries(&state.join("logs")).is_empty());
+        assert_eq!(store.next_build_id(), 4, "after the highest recorded");
     }
 }

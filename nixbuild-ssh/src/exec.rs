@@ -1,8 +1,9 @@
 //! Exec requests: the command string an SSH client asks to run. The server runs no shell and
-//! no program; it serves exactly two commands, `nix-store --serve [--write]` (Nix's `ssh://`
+//! no program; it serves exactly three commands, `nix-store --serve [--write]` (Nix's `ssh://`
 //! stores) and `nix-daemon --stdio` (`ssh-ng://`), with whatever options Nix appends
-//! (docs/serve-protocol.md §1.1, docs/worker-protocol.md §1), and refuses everything else with
-//! a message that says what is served.
+//! (docs/serve-protocol.md §1.1, docs/worker-protocol.md §1), and `nixbuild <subcommand>`, the
+//! operations interface (docs/operations.md), whose words go to the service as they are; it
+//! refuses everything else with a message that says what is served.
 //!
 //! The command is split into words the way a POSIX shell would for a simple command (blanks,
 //! single and double quotes, backslashes), because Nix quotes its arguments for the remote
@@ -18,7 +19,17 @@ pub const MAX_COMMAND: usize = 4096;
 /// What is served, for messages.
 pub const SERVED: &str = "this server runs only `nix-store --serve [--write]` and \
                           `nix-daemon --stdio`, the remote ends of Nix's ssh:// and ssh-ng:// \
-                          stores and remote builders";
+                          stores and remote builders, and `nixbuild <subcommand>` (try \
+                          `nixbuild help`)";
+
+/// An accepted exec request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exec {
+    /// A session of one of Nix's two protocols.
+    Session(ServeExec),
+    /// `nixbuild <words>`: the operations interface, with the words after `nixbuild`.
+    Command(Vec<String>),
+}
 
 /// An accepted exec request: a session of one of the two protocols.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +71,7 @@ pub enum ExecRefusal {
 }
 
 /// Parses an exec request's command.
-pub fn parse_exec(command: &[u8]) -> Result<ServeExec, ExecRefusal> {
+pub fn parse_exec(command: &[u8]) -> Result<Exec, ExecRefusal> {
     if command.len() > MAX_COMMAND {
         return Err(ExecRefusal::TooLong);
     }
@@ -75,21 +86,23 @@ pub fn parse_exec(command: &[u8]) -> Result<ServeExec, ExecRefusal> {
         "nix-store" => {
             let mode = ServeArgs::scan(args.iter().map(String::as_str));
             if mode.serve {
-                Ok(ServeExec {
+                Ok(Exec::Session(ServeExec {
                     write: mode.write,
                     protocol: Protocol::Serve,
-                })
+                }))
             } else {
                 Err(ExecRefusal::NotServe)
             }
         }
         "nix-daemon" => match ServeArgs::scan(args.iter().map(String::as_str)).stdio {
-            true => Ok(ServeExec {
+            true => Ok(Exec::Session(ServeExec {
                 write: true,
                 protocol: Protocol::Daemon,
-            }),
+            })),
             false => Err(ExecRefusal::NotStdio),
         },
+        // Only the bare name: it is not a program on a path.
+        "nixbuild" if program == "nixbuild" => Ok(Exec::Command(args.to_vec())),
         _ => Err(ExecRefusal::Other(program.clone())),
     }
 }
@@ -161,11 +174,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn serve(write: bool) -> Result<ServeExec, ExecRefusal> {
-        Ok(ServeExec {
+    fn serve(write: bool) -> Result<Exec, ExecRefusal> {
+        Ok(Exec::Session(ServeExec {
             write,
             protocol: Protocol::Serve,
-        })
+        }))
     }
 
     #[test]
@@ -186,10 +199,10 @@ mod tests {
             serve(true)
         );
         assert_eq!(parse_exec(b"  nix-store\t--serve  "), serve(false));
-        let daemon = Ok(ServeExec {
+        let daemon = Ok(Exec::Session(ServeExec {
             write: true,
             protocol: Protocol::Daemon,
-        });
+        }));
         assert_eq!(parse_exec(b"nix-daemon --stdio"), daemon);
         assert_eq!(
             parse_exec(b"/nix/var/nix/profiles/default/bin/nix-daemon --stdio --store 'local'"),
@@ -198,6 +211,28 @@ mod tests {
         assert_eq!(
             parse_exec(b"nix-store --store --write --serve"),
             serve(false)
+        );
+    }
+
+    #[test]
+    fn nixbuild_commands_pass_their_words_on() {
+        let words = |w: &[&str]| Ok(Exec::Command(w.iter().map(|w| w.to_string()).collect()));
+        assert_eq!(parse_exec(b"nixbuild"), words(&[]));
+        assert_eq!(
+            parse_exec(b"nixbuild builds --json"),
+            words(&["builds", "--json"])
+        );
+        assert_eq!(
+            parse_exec(b"nixbuild log 'a b' --follow"),
+            words(&["log", "a b", "--follow"])
+        );
+        assert_eq!(
+            parse_exec(b"/usr/bin/nixbuild builds"),
+            Err(ExecRefusal::Other("/usr/bin/nixbuild".into()))
+        );
+        assert_eq!(
+            parse_exec(b"nixbuild builds; sh"),
+            Err(ExecRefusal::ShellSyntax(';'))
         );
     }
 

@@ -48,7 +48,7 @@ use tokio::time::Instant;
 
 use crate::authorized_keys::{AuthorizedKeys, KeyTypes, MAX_FILE_SIZE};
 use crate::ciphers::Ciphers;
-use crate::exec::{parse_exec, ExecRefusal, ServeExec, SERVED};
+use crate::exec::{parse_exec, Exec, ExecRefusal, SERVED};
 use crate::host_key::fingerprint;
 use crate::unauthenticated::{Admission, Ticket, UnauthenticatedBudget};
 use nixbuild_core::account::{AccountCounts, AccountSlot};
@@ -154,8 +154,15 @@ pub struct SessionRequest {
     pub account: String,
     /// `--write` was given.
     pub write: bool,
-    /// The protocol the session speaks.
+    /// The protocol the session speaks (for a command, [`Protocol::Serve`], unused).
+    ///
+    /// [`Protocol::Serve`]: nixbuild_core::serve::Protocol::Serve
     pub protocol: nixbuild_core::serve::Protocol,
+    /// For `nixbuild <words>`, the operations interface: the words; `None` for a session of
+    /// Nix's protocols.
+    pub command: Option<Vec<String>>,
+    /// The SHA256 fingerprint of the key the client authenticated with.
+    pub key: String,
     /// The connection's number in this server's log.
     pub connection: u64,
     /// The client's address.
@@ -841,6 +848,8 @@ async fn watchdog(
 /// The authenticated account of a connection.
 struct Account {
     name: String,
+    /// The fingerprint of the key it authenticated with.
+    key: String,
     /// `None` when the account had its maximum of connections already: every command on
     /// this connection is then refused.
     slot: Option<AccountSlot>,
@@ -937,17 +946,23 @@ impl<S: SessionService> Connection<S> {
         &mut self,
         id: ChannelId,
         channel: Channel<Msg>,
-        exec: ServeExec,
+        exec: Exec,
         session: &mut Session,
     ) -> Result<(), ServerError> {
         let Some(account) = &self.account else {
             return self.refuse_channel(id, session, "not authenticated");
         };
         session.channel_success(id)?;
+        let (write, protocol, command) = match exec {
+            Exec::Session(s) => (s.write, s.protocol, None),
+            Exec::Command(words) => (false, nixbuild_core::serve::Protocol::Serve, Some(words)),
+        };
         let request = SessionRequest {
             account: account.name.clone(),
-            write: exec.write,
-            protocol: exec.protocol,
+            write,
+            protocol,
+            command,
+            key: account.key.clone(),
             connection: self.id,
             peer: self.peer,
         };
@@ -1068,7 +1083,11 @@ impl<S: SessionService> Handler for Connection<S> {
             key = %fingerprint(key),
             "authenticated"
         );
-        self.account = Some(Account { name, slot });
+        self.account = Some(Account {
+            name,
+            key: fingerprint(key).to_string(),
+            slot,
+        });
         self.status.send_modify(|s| s.authenticated = true);
         Ok(Auth::Accept)
     }

@@ -126,10 +126,12 @@ impl Running {
                 });
             }
             if !told {
-                build.note(format!(
-                    "nixbuild: waiting: account {account} has {max} builds running or waiting \
-                     for cores, its most ({setting} of the server's configuration)\n"
-                ));
+                let line = format!(
+                    "waiting: account {account} has {max} builds running or waiting for cores, \
+                     its most ({setting} of the server's configuration)"
+                );
+                build.note(format!("nixbuild: {line}\n"));
+                build.set_phase(super::waiters::Phase::Waiting(Some(line)));
                 told = true;
             }
             tokio::select! {

@@ -35,6 +35,7 @@ mod drv_walk;
 mod floating;
 mod graph;
 mod limits;
+mod live;
 pub mod monitor;
 mod outcome;
 pub mod outputs;
@@ -47,7 +48,8 @@ mod waiters;
 
 pub use drv_walk::{DrvError, GraphPlan, Resolved};
 pub use graph::{GraphEvent, GraphRun, RequestResult};
-pub use waiters::{WaitEvent, Waiter};
+pub use live::{CancelError, LiveBuild, LiveState, Load};
+pub use waiters::{LogFollow, WaitEvent, Waiter};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
@@ -194,6 +196,8 @@ struct Inner {
     running: limits::Running,
     uids: UidPool,
     inflight: Arc<InFlight>,
+    /// Every build from submission until its record is stored, by id.
+    live: live::Live,
     next_id: AtomicU64,
     /// How many build tasks have not ended yet (outcome given, leftovers removed).
     active: watch::Sender<usize>,
@@ -270,6 +274,7 @@ impl BuildService {
                 running: limits::Running::new(BuildLimits::new(config)),
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Arc::default(),
+                live: live::Live::default(),
                 next_id: AtomicU64::new(1),
                 active: watch::channel(0).0,
                 substituter,
@@ -341,6 +346,7 @@ impl BuildService {
         }
         let (max, setting) = self.inner.running.limits().builds_of(&job.account);
         let Some(slot) = self.inner.account_builds.acquire(&job.account, max) else {
+            crate::metrics::METRICS.refused(crate::metrics::Refusal::Builds);
             return Waiter::ready(Outcome::without_build(
                 BuildStatus::MiscFailure,
                 format!(
@@ -357,45 +363,67 @@ impl BuildService {
                 None
             }
         };
-        let build = Arc::new(Shared::new(prepared.key, job.drv_path.clone(), stored_log));
+        let build = Arc::new(Shared::new(
+            prepared.key,
+            self.inner.store.next_build_id(),
+            job.drv_path.clone(),
+            submitted_ms,
+            stored_log,
+        ));
         inflight.insert(prepared.key, build.clone());
+        self.inner.live.insert(&build);
         let waiter = build.subscribe(&self.inner.inflight, &job.account, notes);
         drop(inflight);
         let inner = self.inner.clone();
         let active = ActiveBuild::new(&inner);
-        tokio::spawn(async move {
-            // The account's build slot, held until the build is over.
-            let _slot = slot;
-            let _active = active;
-            let (outcome, leftovers) = run::run(&inner, &build, &job, prepared).await;
-            tracing::info!(
-                target: LOG_TARGET,
-                account = %job.account,
-                drv = %job.drv_path,
-                status = ?outcome.status,
-                "build finished: {}",
-                if outcome.message.is_empty() { "ok" } else { &outcome.message }
-            );
-            inner.inflight.leave(&build);
-            let usage = leftovers
-                .as_ref()
-                .map(run::Leftovers::usage)
-                .unwrap_or_default();
-            let outcome = Arc::new(outcome);
-            build.done.send_replace(Some(outcome.clone()));
-            // The waiters have the outcome; the record and what the build leaves go now, off
-            // their path.
-            let record = records::BuildFacts {
-                drv_path: &job.drv_path,
-                submitted_ms,
-                outcome: &outcome,
-                usage,
-            };
-            records::record(&inner.store, &build, &job.account, record).await;
-            if let Some(leftovers) = leftovers {
-                leftovers.remove().await;
-            }
-        });
+        // Every line of the build carries its id.
+        let span = tracing::info_span!("build", id = build.id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                // The account's build slot, held until the build is over.
+                let _slot = slot;
+                let _active = active;
+                let (outcome, leftovers) = run::run(&inner, &build, &job, prepared).await;
+                tracing::info!(
+                    target: LOG_TARGET,
+                    build = build.id,
+                    account = %job.account,
+                    drv = %job.drv_path,
+                    status = ?outcome.status,
+                    "build finished: {}",
+                    if outcome.message.is_empty() { "ok" } else { &outcome.message }
+                );
+                crate::metrics::METRICS.build_finished(
+                    outcome.status,
+                    (outcome.times_built > 0).then(|| {
+                        std::time::Duration::from_secs(
+                            outcome.stop_time.saturating_sub(outcome.start_time),
+                        )
+                    }),
+                );
+                inner.inflight.leave(&build);
+                let usage = leftovers
+                    .as_ref()
+                    .map(run::Leftovers::usage)
+                    .unwrap_or_default();
+                let outcome = Arc::new(outcome);
+                build.done.send_replace(Some(outcome.clone()));
+                // The waiters have the outcome; the record and what the build leaves go now, off
+                // their path.
+                let record = records::BuildFacts {
+                    drv_path: &job.drv_path,
+                    submitted_ms,
+                    outcome: &outcome,
+                    usage,
+                };
+                records::record(&inner.store, &build, &job.account, record).await;
+                inner.live.remove(build.id);
+                if let Some(leftovers) = leftovers {
+                    leftovers.remove().await;
+                }
+            },
+            span,
+        ));
         waiter
     }
 
@@ -450,6 +478,7 @@ struct Prepared {
 fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {
     let refuse = |status, message: String| Outcome::without_build(status, message);
     if let Err(e) = store.check_build_quota(&job.account) {
+        crate::metrics::METRICS.refused(crate::metrics::Refusal::Quota);
         return Err(refuse(
             BuildStatus::MiscFailure,
             format!("nixbuild: cannot build '{}': {e}", job.drv_path),

@@ -21,8 +21,9 @@ pub(super) enum Ended {
     TimedOut(u64),
     /// The log grew beyond this many bytes.
     LogLimit(u64),
-    /// No client waits for the build any more.
-    Cancelled,
+    /// Cancelled, for the reason given (no client waits for it any more, or `nixbuild
+    /// cancel`): the words after "cancelled".
+    Cancelled(String),
     /// The watcher stopped it (disk reserve, fork bomb).
     Overrun(Overrun),
 }
@@ -47,9 +48,9 @@ impl Ended {
                      log output"
                 ),
             ),
-            Ended::Cancelled => (
+            Ended::Cancelled(why) => (
                 BuildStatus::MiscFailure,
-                format!("building of '{drv_path}' was cancelled: no client waits for it"),
+                format!("building of '{drv_path}' was cancelled{why}"),
             ),
             Ended::Exited(_) | Ended::Overrun(_) => return None,
         })
@@ -218,7 +219,7 @@ mod tests {
                         ),
                     ),
                     (
-                        Ended::Cancelled,
+                        Ended::Cancelled(super::super::waiters::NO_WAITER.into()),
                         failed(
                             MiscFailure,
                             "building of 'DRV' was cancelled: no client waits for it",

@@ -140,11 +140,23 @@ impl Placement {
 
     /// A line for the client while `id` waits, e.g. `waiting for 4 cores (position 3 of 7;
     /// 2 builds running)`.
-    fn status(&self, id: BuildId) -> Option<String> {
+    pub fn status(&self, id: BuildId) -> Option<String> {
         self.lock()
             .scheduler
             .waiting_status(id)
             .map(|s| s.to_string())
+    }
+
+    /// The cores and memory (bytes) the scheduler hands out, over all machines.
+    pub fn capacity(&self) -> (u64, u64) {
+        let state = self.lock();
+        state
+            .scheduler
+            .machines()
+            .iter()
+            .fold((0, 0), |(c, m), machine| {
+                (c + u64::from(machine.cores), m + machine.memory)
+            })
     }
 
     fn finish(&self, id: BuildId, started: bool) {
@@ -195,9 +207,9 @@ pub struct Ticket {
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
 impl Ticket {
-    /// The scheduler's id of the build, for logs.
-    pub fn id(&self) -> u64 {
-        self.id.get()
+    /// The scheduler's id of the build.
+    pub fn id(&self) -> BuildId {
+        self.id
     }
 
     /// Waits for the build's turn, calling `status` with a line for the client when it has

@@ -34,6 +34,7 @@ pub(super) async fn record(store: &Store, build: &Shared, account: &str, facts: 
         .collect();
     let first = BuildRecord {
         id: 0,
+        build: build.id,
         account: account.to_owned(),
         drv: facts.drv_path.to_string(),
         outputs,

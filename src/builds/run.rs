@@ -22,11 +22,12 @@ use super::outcome::{classify, Ended, Ending, Verdict};
 use super::outputs::{self, ExpectedOutput, OutputLimits, OutputsRequest};
 use super::placement::{Grant, Running};
 use super::uids::UidLease;
-use super::waiters::Shared;
+use super::waiters::{Phase, Shared};
 use super::{io_err, BuildError, BuildJob, Inner, Outcome, Prepared, LOG_TARGET};
 use crate::cgroup::BuildCgroup;
 use crate::config::BuildsConfig;
 use crate::failpoint::{failpoint, failpoint_async};
+use crate::metrics::{Refusal, METRICS};
 use crate::store::InputObject;
 
 /// Log lines quoted in the message of a failed build, as Nix's `log-lines` default.
@@ -58,8 +59,9 @@ pub(super) async fn run<'a>(
     };
     let cancelled = || {
         refused(format!(
-            "building of '{}' was cancelled while it waited: no client waits for it",
-            job.drv_path
+            "building of '{}' was cancelled while it waited{}",
+            job.drv_path,
+            build.cancel_reason()
         ))
     };
     let Some(_running) = inner.running.place(build, &job.account).await else {
@@ -67,17 +69,20 @@ pub(super) async fn run<'a>(
     };
     let ticket = match inner.placement.submit(spec) {
         Ok(t) => {
-            tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "queued");
+            tracing::info!(target: LOG_TARGET, build = build.id, account = %job.account, drv = %job.drv_path, "queued");
+            build.set_phase(Phase::Queued(t.id()));
+            METRICS.build_queued();
             t
         }
         Err(msg) => {
+            METRICS.refused(Refusal::Unsupported);
             return (
                 refused(format!(
                     "nixbuild cannot build '{}' on this server: {msg}",
                     job.drv_path
                 )),
                 None,
-            )
+            );
         }
     };
     let mut cancel = build.cancel.subscribe();
@@ -88,6 +93,12 @@ pub(super) async fn run<'a>(
     let Some((grant, running)) = waited else {
         return (cancelled(), None);
     };
+    let granted_at = std::time::Instant::now();
+    build.set_phase(Phase::Running {
+        started_ms: crate::store::now_ms(),
+        cpus: grant.cpus.clone(),
+        memory: grant.memory,
+    });
     build.note(format!(
         "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",
         job.drv_path,
@@ -109,6 +120,7 @@ pub(super) async fn run<'a>(
         grant: &grant,
         id,
         scratch: &scratch,
+        granted_at,
     };
     let mut made = Made::default();
     let outcome = match build_run.run_in(place, &mut made).await {
@@ -141,13 +153,14 @@ struct BuildRun<'a> {
     prepared: &'a Prepared,
 }
 
-/// Where a build runs: its host uid, the scheduler's grant, its number and its scratch
-/// directory.
+/// Where a build runs: its host uid, the scheduler's grant (and when it came), its number
+/// and its scratch directory.
 struct Place<'a> {
     uid: u32,
     grant: &'a Grant,
     id: u64,
     scratch: &'a Path,
+    granted_at: std::time::Instant,
 }
 
 /// What [`BuildRun::run_in`] made that outlives it: the caller removes it, whatever happens.
@@ -177,11 +190,13 @@ impl BuildRun<'_> {
             grant,
             id,
             scratch,
+            granted_at,
         } = place;
         let drv = &job.drv;
         // No new build below the disk reserve: it would only be stopped.
         let store = inner.store.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || store.check_disk_reserve()).await? {
+            METRICS.refused(Refusal::DiskReserve);
             return Ok(Outcome::without_build(
                 BuildStatus::MiscFailure,
                 format!(
@@ -262,7 +277,11 @@ impl BuildRun<'_> {
             cgroup.add_pid(pid)?;
         }
         let start_time = unix_now();
-        tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, uid, cores = request.cores, dir = %scratch.display(), "building");
+        METRICS.build_started(
+            Duration::from_millis(crate::store::now_ms().saturating_sub(build.submitted_ms)),
+            granted_at.elapsed(),
+        );
+        tracing::info!(target: LOG_TARGET, build = build.id, account = %job.account, drv = %job.drv_path, uid, cores = request.cores, dir = %scratch.display(), "building");
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(&nixbuild_sandbox::encode_plan(&plan))
@@ -328,7 +347,7 @@ impl BuildRun<'_> {
                 () = sleep_for(silence) => break Ended::Silent(silence.unwrap_or(0)),
                 () = sleep_until(deadline) => break Ended::TimedOut(total.unwrap_or(0)),
                 changed = cancel.changed() => if changed.is_err() || *cancel.borrow() {
-                    break Ended::Cancelled;
+                    break Ended::Cancelled(build.cancel_reason());
                 },
                 overrun = watch.stopped() => break Ended::Overrun(overrun),
             }
@@ -478,7 +497,7 @@ impl BuildRun<'_> {
         let stopped = tokio::select! {
             done = &mut task => Ok(done?),
             () = sleep_until(deadline) => Err(Ended::TimedOut(deadline.map_or(0, |d| d.secs))),
-            _ = cancel.wait_for(|c| *c) => Err(Ended::Cancelled),
+            _ = cancel.wait_for(|c| *c) => Err(Ended::Cancelled(build.cancel_reason())),
         };
         let done = match stopped {
             Ok(done) => done,

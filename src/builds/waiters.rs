@@ -10,9 +10,14 @@ use nixbuild_core::serve::BuildStatus;
 use nixbuild_core::store_path::StorePath;
 use tokio::sync::{broadcast, watch};
 
+use nixbuild_core::scheduler::BuildId;
+
 use super::sharing::BuildKey;
 use super::{Outcome, LOG_TARGET};
-use crate::store::LogWriter;
+use crate::store::{LogCheckpoint, LogWriter};
+
+/// Why a build was cancelled when its last waiter went (the words after "cancelled").
+pub(super) const NO_WAITER: &str = ": no client waits for it";
 
 /// Most log chunks a slow waiter may fall behind before it skips some.
 const LOG_BACKLOG: usize = 1024;
@@ -106,9 +111,14 @@ impl Waiter {
 
 /// The log line of a waiter that fell `n` chunks behind.
 fn skipped(n: u64) -> WaitEvent {
-    WaitEvent::Log(Bytes::from(format!(
+    WaitEvent::Log(skipped_line(n))
+}
+
+/// The log line of a reader that fell `n` chunks behind.
+fn skipped_line(n: u64) -> Bytes {
+    Bytes::from(format!(
         "nixbuild: {n} chunks of log skipped (the client read too slowly)\n"
-    )))
+    ))
 }
 
 impl Drop for Waiter {
@@ -129,11 +139,35 @@ impl Drop for Waiter {
     }
 }
 
+/// Where a build in flight stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Not yet in the scheduler's queue: being prepared, or waiting for a place among its
+    /// account's running builds (the line its clients were shown, once they were).
+    Waiting(Option<String>),
+    /// In the scheduler's queue.
+    Queued(BuildId),
+    /// Granted cores and memory at `started_ms`: its builder runs, or its outputs are
+    /// being checked.
+    Running {
+        started_ms: u64,
+        cpus: Vec<u32>,
+        memory: u64,
+    },
+}
+
 /// A build in flight, shared by its waiters.
 #[derive(Debug)]
 pub(super) struct Shared {
     key: BuildKey,
-    drv_path: StorePath,
+    /// The id users know it by ([`crate::store::Store::next_build_id`]).
+    pub(super) id: u64,
+    pub(super) drv_path: StorePath,
+    /// When it was submitted (ms since the epoch).
+    pub(super) submitted_ms: u64,
+    phase: Mutex<Phase>,
+    /// Why it was cancelled, when `nixbuild cancel` did it.
+    cancelled_by: Mutex<Option<String>>,
     /// How many [`Waiter`]s hold it; changed with the in-flight map locked.
     waiters: Mutex<usize>,
     /// The accounts of every waiter that joined: the outputs are registered for each.
@@ -149,12 +183,22 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// A build of `drv_path` with no waiter yet.
-    /// A build of `drv_path` with no waiter yet, its log also written to `stored_log`.
-    pub(super) fn new(key: BuildKey, drv_path: StorePath, stored_log: Option<LogWriter>) -> Shared {
+    /// Build `id` of `drv_path`, submitted at `submitted_ms`, with no waiter yet, its log
+    /// also written to `stored_log`.
+    pub(super) fn new(
+        key: BuildKey,
+        id: u64,
+        drv_path: StorePath,
+        submitted_ms: u64,
+        stored_log: Option<LogWriter>,
+    ) -> Shared {
         Shared {
             key,
+            id,
             drv_path,
+            submitted_ms,
+            phase: Mutex::new(Phase::Waiting(None)),
+            cancelled_by: Mutex::new(None),
             waiters: Mutex::new(0),
             accounts: Mutex::new(BTreeSet::new()),
             log: broadcast::channel(LOG_BACKLOG).0,
@@ -170,25 +214,66 @@ impl Shared {
     }
 
     /// A piece of the log, for every waiter and the stored log. A stored log that fails to
-    /// write is dropped (with a warning): the build goes on.
+    /// write is dropped (with a warning): the build goes on. Both under the stored log's
+    /// lock, so that a reader following the log ([`Shared::follow`]) misses nothing and
+    /// sees nothing twice.
     pub(super) fn send_log(&self, chunk: Bytes) {
-        let mut stored = self.stored_log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stored = self.lock_stored_log();
         if let Some(log) = stored.as_mut() {
             if let Err(e) = log.write(&chunk) {
                 tracing::warn!(target: LOG_TARGET, drv = %self.drv_path, "the build's log is not stored: {e}");
                 *stored = None;
             }
         }
-        drop(stored);
         let _ = self.log.send(chunk);
+    }
+
+    fn lock_stored_log(&self) -> MutexGuard<'_, Option<LogWriter>> {
+        self.stored_log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The log so far (where the stored log stands, if it is stored) and the rest as it
+    /// comes, with the outcome at the end.
+    pub(super) fn follow(&self) -> LogFollow {
+        let mut stored = self.lock_stored_log();
+        let so_far = stored.as_mut().and_then(|log| log.checkpoint().ok());
+        LogFollow {
+            so_far,
+            log: self.log.subscribe(),
+            done: self.done.subscribe(),
+        }
+    }
+
+    /// Where the build stands.
+    pub(super) fn phase(&self) -> Phase {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Moves the build on to `phase`.
+    pub(super) fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    /// Cancels the build, for the reason given (the words after "cancelled" in its
+    /// message).
+    pub(super) fn cancel_because(&self, why: String) {
+        *self.cancelled_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        let _ = self.cancel.send(true);
+    }
+
+    /// Why the build was cancelled: [`Shared::cancel_because`]'s reason, or its last waiter
+    /// leaving.
+    pub(super) fn cancel_reason(&self) -> String {
+        self.cancelled_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| NO_WAITER.to_owned())
     }
 
     /// The stored log, for the build's record.
     pub(super) fn take_stored_log(&self) -> Option<LogWriter> {
-        self.stored_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.lock_stored_log().take()
     }
 
     /// The accounts of every waiter that joined.
@@ -235,6 +320,47 @@ impl Shared {
                 notes,
             },
         }
+    }
+}
+
+/// A reader of a build's log: what was logged before it came, then the rest as it comes.
+#[derive(Debug)]
+pub struct LogFollow {
+    /// The stored log up to the moment the reader came (`None` when the log is not stored).
+    pub so_far: Option<LogCheckpoint>,
+    log: broadcast::Receiver<Bytes>,
+    done: watch::Receiver<Option<Arc<Outcome>>>,
+}
+
+impl LogFollow {
+    /// The next piece of the log, or `None` at the end of the build (its outcome in
+    /// [`LogFollow::outcome`]).
+    pub async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if self.done.borrow_and_update().is_some() {
+                return self.log.try_recv().ok();
+            }
+            tokio::select! {
+                biased;
+                received = self.log.recv() => match received {
+                    Ok(chunk) => return Some(chunk),
+                    Err(broadcast::error::RecvError::Lagged(n)) => return Some(skipped_line(n)),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        if self.done.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                },
+                changed = self.done.changed() => if changed.is_err() {
+                    return None;
+                },
+            }
+        }
+    }
+
+    /// The build's outcome, once [`LogFollow::next`] returned `None`.
+    pub fn outcome(&self) -> Option<Arc<Outcome>> {
+        self.done.borrow().clone()
     }
 }
 

@@ -12,7 +12,12 @@
 //!                                                 -- content-addressed output was built
 //! usage(account PK, nar_bytes, paths)              -- the sums over the account's rows, kept
 //!                                                 -- by every insert and delete
-//! builds(id PK, account, drv, ..., log)            -- one record per finished build (records)
+//! builds(id PK, account, drv, ..., log, build)     -- one record per finished build and
+//!                                                 -- account (records); `build` is the id
+//!                                                 -- users see, shared by a shared build's
+//! build_ids(last)                                 -- one row: the highest build id handed out
+//! traffic(account, day, uploaded, downloaded, substituted)
+//!                                                 -- PK(account, day): bytes moved per day
 //! ```
 //!
 //! `registration_time` is what the client claimed; `last_used` is the server's clock at the
@@ -141,6 +146,9 @@ pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
         tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])
             .map_err(db_err("record schema version"))?;
     }
+    // Build ids and traffic, added in place like the realisations.
+    super::records::add_build_ids(&tx)?;
+    super::accounting::create_table(&tx)?;
     tx.commit().map_err(db_err("commit migration"))?;
     Ok(conn)
 }

@@ -76,6 +76,7 @@ impl Store {
             stats += self.collect_account(&account)?;
         }
         stats.records += self.expire_records()?;
+        self.expire_traffic(self.policy().record_retention)?;
         Ok(stats)
     }
 

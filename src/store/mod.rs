@@ -21,6 +21,7 @@
 //!
 //! All calls block; the async daemon calls them with `spawn_blocking`.
 
+mod accounting;
 mod db;
 mod error;
 pub(crate) mod fsutil;
@@ -32,6 +33,7 @@ mod policy;
 mod publish;
 mod records;
 
+pub use accounting::{AccountHolding, DayUsage, HeldPath, Traffic};
 pub use db::now_ms;
 pub use error::{StoreError, StoreProblem};
 pub use gc::{GcStats, STEP_ROWS};
@@ -40,7 +42,7 @@ pub use import::{Import, PathClaim};
 pub use pins::{Pins, MAX_PINS};
 pub use policy::{AccountPolicy, StorePolicy};
 pub use publish::BuiltPath;
-pub use records::{BuildRecord, LogWriter};
+pub use records::{BuildRecord, LogCheckpoint, LogReader, LogWriter};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
@@ -106,6 +108,8 @@ struct Inner {
     /// moving it into place and inserting its rows is one step for concurrent commits.
     db: Mutex<Connection>,
     next_tmp: AtomicU64,
+    /// The highest build id handed out ([`Store::next_build_id`]).
+    last_build_id: AtomicU64,
     /// The rows in use, which the collector leaves alone (see [`Pins`]).
     pins: Arc<pins::PinTable>,
     /// Retention and quotas; replaced on reload.
@@ -237,6 +241,7 @@ impl Store {
         restrict_db_files(&db_file)?;
         let conn = db::open(&db_file)?;
         let keys = db::object_keys(&conn)?;
+        let last_build_id = records::last_build_id(&conn)?;
         remove_entries(&objects, |name| keys.contains(name))?;
         let store = Store {
             inner: Arc::new(Inner {
@@ -246,6 +251,7 @@ impl Store {
                 limits,
                 db: Mutex::new(conn),
                 next_tmp: AtomicU64::new(0),
+                last_build_id: AtomicU64::new(last_build_id),
                 pins: Arc::default(),
                 policy: RwLock::default(),
             }),

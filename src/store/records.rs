@@ -53,8 +53,11 @@ pub(super) fn create_table(tx: &Connection) -> Result<(), StoreError> {
 /// One build as recorded when it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildRecord {
-    /// The record's id (assigned when inserted; ignored by [`Store::insert_record`]).
+    /// The record's row id (assigned when inserted; ignored by [`Store::insert_records`]).
     pub id: i64,
+    /// The build's id, as users name it ([`Store::next_build_id`]): the records of one build
+    /// shared by several accounts have the same.
+    pub build: u64,
     /// The account that asked for it.
     pub account: String,
     /// The derivation's store path.
@@ -107,6 +110,50 @@ impl LogWriter {
     }
 }
 
+/// Where a running build's log stands: its file so far and how many bytes it holds
+/// uncompressed ([`LogWriter::checkpoint`]).
+#[derive(Debug, Clone)]
+pub struct LogCheckpoint {
+    file: PathBuf,
+    bytes: u64,
+}
+
+impl LogWriter {
+    /// Flushes what was written so far to the file, so that a reader can decompress it while
+    /// the build goes on ([`LogCheckpoint::read`]).
+    pub fn checkpoint(&mut self) -> Result<LogCheckpoint, StoreError> {
+        if let Some(encoder) = &mut self.encoder {
+            encoder
+                .flush()
+                .map_err(io_err("flush a build log", &self.tmp))?;
+        }
+        Ok(LogCheckpoint {
+            file: self.tmp.clone(),
+            bytes: self.bytes,
+        })
+    }
+}
+
+/// A stored log being read, decompressed as it is read.
+pub type LogReader = Box<dyn std::io::Read + Send>;
+
+impl LogCheckpoint {
+    /// The log up to the checkpoint (later writes cut off), decompressed as it is read.
+    pub fn open(&self) -> Result<LogReader, StoreError> {
+        use std::io::Read;
+        // Reading stops at the checkpoint, where the flushed blocks end, before the
+        // unfinished frame would make the decoder complain.
+        Ok(Box::new(open_log(&self.file)?.take(self.bytes)))
+    }
+}
+
+fn open_log(
+    file: &std::path::Path,
+) -> Result<zstd::Decoder<'static, std::io::BufReader<File>>, StoreError> {
+    let f = File::open(file).map_err(io_err("read a build log", file))?;
+    zstd::Decoder::new(f).map_err(io_err("decompress a build log", file))
+}
+
 impl std::fmt::Debug for LogWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogWriter")
@@ -147,6 +194,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<BuildRecord> {
         output_bytes: u(13)?,
         shared: row.get(14)?,
         log_bytes: u(15)?,
+        build: u(16)?,
     })
 }
 
@@ -160,8 +208,8 @@ fn insert_one(
     conn.prepare_cached(
         "INSERT INTO builds (account, drv, outputs, submitted_ms, started_ms, ended_ms,
              status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log,
-             log_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-             ?15, ?16) RETURNING id",
+             log_bytes, build) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+             ?14, ?15, ?16, ?17) RETURNING id",
     )
     .and_then(|mut st| {
         st.query_row(
@@ -182,6 +230,7 @@ fn insert_one(
                 record.shared,
                 log_name,
                 to_sql_int(log_bytes),
+                to_sql_int(record.build),
             ],
             |row| row.get(0),
         )
@@ -190,7 +239,48 @@ fn insert_one(
 }
 
 const RECORD_COLUMNS: &str = "id, account, drv, outputs, submitted_ms, started_ms, ended_ms, \
-     status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log_bytes";
+     status, error, cores, memory, cpu_us, peak_memory, output_bytes, shared, log_bytes, build";
+
+/// Adds the build ids to a version-2 `builds` table that lacks them (in place: older binaries
+/// ignore the column), each old record its row id, and the table keeping the highest id ever
+/// handed out, so that ids are never reused even once their records expired.
+pub(super) fn add_build_ids(tx: &Connection) -> Result<(), StoreError> {
+    let has: bool = tx
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('builds') WHERE name = 'build'",
+            [],
+            |row| row.get::<_, i64>(0).map(|n| n > 0),
+        )
+        .map_err(db_err("look for the builds' ids"))?;
+    if !has {
+        tx.execute_batch(
+            "ALTER TABLE builds ADD COLUMN build INTEGER NOT NULL DEFAULT 0;
+             UPDATE builds SET build = id;
+             CREATE INDEX builds_by_build ON builds(build);",
+        )
+        .map_err(db_err("add the builds' ids"))?;
+    }
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS build_ids (last INTEGER NOT NULL);
+         INSERT INTO build_ids (last) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM build_ids);",
+    )
+    .map_err(db_err("create the table of build ids"))
+}
+
+/// The highest build id handed out before this start.
+pub(super) fn last_build_id(conn: &Connection) -> Result<u64, StoreError> {
+    conn.query_row(
+        "SELECT max((SELECT last FROM build_ids), (SELECT coalesce(max(build), 0) FROM builds))",
+        [],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|n| n.max(0) as u64)
+    .map_err(db_err("read the last build id"))
+}
+
+/// `WHERE` clause text for records an account (or, with `None`, an admin) may read, with the
+/// account as parameter `?1`.
+const VISIBLE: &str = "(?1 IS NULL OR account = ?1)";
 
 impl Store {
     /// The `logs/` directory.
@@ -252,43 +342,96 @@ impl Store {
         for record in records {
             ids.push(insert_one(&tx, record, log_name.as_deref(), log_bytes)?);
         }
+        if let Some(last) = records.iter().map(|r| r.build).max() {
+            tx.prepare_cached("UPDATE build_ids SET last = max(last, ?1)")
+                .and_then(|mut st| st.execute([to_sql_int(last)]))
+                .map_err(db_err("keep the last build id"))?;
+        }
         tx.commit().map_err(db_err("commit a build's records"))?;
         Ok(ids)
     }
 
-    /// The build records of `account`, newest first, at most `max`.
-    pub fn records(&self, account: &str, max: usize) -> Result<Vec<BuildRecord>, StoreError> {
+    /// A new build id, never handed out before by this store.
+    pub fn next_build_id(&self) -> u64 {
+        self.inner.last_build_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The build records `account` may read (every account's with `None`), newest first, at
+    /// most `max`.
+    pub fn records(
+        &self,
+        account: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<BuildRecord>, StoreError> {
+        self.select_records("1", account, rusqlite::types::Null, max)
+    }
+
+    /// The records of build `build` that `account` may read (every account's with `None`).
+    pub fn build_records(
+        &self,
+        account: Option<&str>,
+        build: u64,
+    ) -> Result<Vec<BuildRecord>, StoreError> {
+        self.select_records("build = ?2", account, to_sql_int(build), 64)
+    }
+
+    /// The newest records of derivation `drv` (a full store path) that `account` may read,
+    /// at most `max`.
+    pub fn drv_records(
+        &self,
+        account: Option<&str>,
+        drv: &str,
+        max: usize,
+    ) -> Result<Vec<BuildRecord>, StoreError> {
+        self.select_records("drv = ?2", account, drv, max)
+    }
+
+    fn select_records(
+        &self,
+        condition: &str,
+        account: Option<&str>,
+        value: impl rusqlite::ToSql,
+        max: usize,
+    ) -> Result<Vec<BuildRecord>, StoreError> {
         let conn = self.inner.lock_db();
         let sql = format!(
-            "SELECT {RECORD_COLUMNS} FROM builds WHERE account = ?1 ORDER BY id DESC LIMIT ?2"
+            "SELECT {RECORD_COLUMNS} FROM builds WHERE {VISIBLE} AND ({condition} OR ?2 IS NULL)
+             ORDER BY id DESC LIMIT ?3"
         );
         conn.prepare_cached(&sql)
             .and_then(|mut st| {
-                st.query_map(params![account, max as i64], record_from_row)?
-                    .collect()
+                st.query_map(
+                    params![account, value, max.min(i64::MAX as usize) as i64],
+                    record_from_row,
+                )?
+                .collect()
             })
             .map_err(db_err("read build records"))
     }
 
-    /// The stored log of record `id` of `account`, decompressed, if it is still kept.
-    pub fn record_log(&self, account: &str, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
-        let name: Option<Option<String>> = {
+    /// The stored log of build `build` as `account` may read it (any account's with
+    /// `None`), if it is still kept, decompressed as it is read.
+    pub fn open_record_log(
+        &self,
+        account: Option<&str>,
+        build: u64,
+    ) -> Result<Option<LogReader>, StoreError> {
+        let name: Option<String> = {
             let conn = self.inner.lock_db();
-            conn.prepare_cached("SELECT log FROM builds WHERE account = ?1 AND id = ?2")
+            let sql = format!(
+                "SELECT log FROM builds WHERE {VISIBLE} AND build = ?2 AND log IS NOT NULL LIMIT 1"
+            );
+            conn.prepare_cached(&sql)
                 .and_then(|mut st| {
-                    st.query_row(params![account, id], |row| row.get(0))
+                    st.query_row(params![account, to_sql_int(build)], |row| row.get(0))
                         .optional()
                 })
                 .map_err(db_err("look up a build log"))?
         };
-        let Some(Some(name)) = name else {
-            return Ok(None);
-        };
-        let file = self.logs_dir().join(name);
-        let compressed = fs::read(&file).map_err(io_err("read a build log", &file))?;
-        zstd::decode_all(&compressed[..])
-            .map(Some)
-            .map_err(io_err("decompress a build log", &file))
+        match name {
+            Some(name) => Ok(Some(Box::new(open_log(&self.logs_dir().join(name))?))),
+            None => Ok(None),
+        }
     }
 
     /// Removes logs older than the log retention and records older than the record

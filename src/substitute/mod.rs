@@ -30,7 +30,8 @@ use nixbuild_core::binary_cache::{Compression, NarInfo, NarInfoError, PublicKey,
 use nixbuild_core::store_path::StorePath;
 
 use crate::config::SubstitutersConfig;
-use crate::store::{Import, PathClaim, Pins, Store, StoreError, PUBLIC_ACCOUNT};
+use crate::metrics::{Direction, METRICS};
+use crate::store::{Import, PathClaim, Pins, Store, StoreError, Traffic, PUBLIC_ACCOUNT};
 use cache::{read_small, Cache, Fetched};
 
 /// Most paths one request may make the substituter look at (the closure of what it asks
@@ -450,11 +451,15 @@ impl Substituter {
         // No more threads than downloads at once: the decompressors' memory stays with
         // the threads that used it (glibc's arenas keep what a large free returns), so
         // more threads would hold more of it for nothing.
+        let fetched_bytes = std::sync::atomic::AtomicU64::new(0);
         self.parallel(self.inner.config.max_downloads, &order, |(path, f)| {
             let outcome = self.fetch_path(path, f, &progress_states);
             let state = match outcome {
                 Ok(fetched) => {
                     if fetched {
+                        let bytes = f.info.file_size.unwrap_or(f.info.nar_size);
+                        fetched_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                        METRICS.transferred(Direction::Substitute, bytes);
                         let cache = &self.inner.caches[f.cache].url.display;
                         tracing::info!(path = %path, cache = %cache, nar_size = f.info.nar_size, "substituted");
                         let download = f
@@ -476,6 +481,16 @@ impl Substituter {
             };
             progress_states.set(path, state);
         });
+        let substituted = fetched_bytes.into_inner();
+        if substituted > 0 {
+            let traffic = Traffic {
+                substituted,
+                ..Traffic::default()
+            };
+            if let Err(e) = store.add_traffic(account, traffic) {
+                tracing::warn!(account, "the substitution's traffic is not counted: {e}");
+            }
+        }
         let public = store.query_valid_paths(PUBLIC_ACCOUNT, &missing)?;
         if public.is_empty() {
             return Ok(public);
