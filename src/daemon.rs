@@ -239,9 +239,6 @@ pub async fn run(
         ssh_stop.clone(),
     ));
     if let Some(listener) = metrics_listener {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving metrics at /metrics");
-        }
         let snapshot = metrics_snapshot(store.clone(), builds.clone());
         tokio::spawn(crate::metrics::serve(listener, snapshot, ssh_stop.clone()));
     }

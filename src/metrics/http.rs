@@ -41,7 +41,11 @@ type SnapshotFn = Arc<dyn Fn() -> Snapshot + Send + Sync>;
 /// Serves `GET /metrics` on `listener` until `stop` turns true (or its sender is gone).
 /// `snapshot` is called on a blocking thread (it may query the store) for each scrape.
 /// Connections still open when it returns are dropped.
-pub async fn serve(listener: TcpListener, snapshot: SnapshotFn, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+    mut stop: watch::Receiver<bool>,
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics at /metrics");
     }

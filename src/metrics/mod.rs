@@ -51,25 +51,22 @@ impl Direction {
 pub enum Refusal {
     /// Too many sessions (the daemon's or the account's).
     Sessions,
-    /// Too many builds queued.
+    /// Too many builds queued or running for the account.
     Builds,
-    /// Too many builds running.
-    RunningBuilds,
     /// The account's store quota is used up.
     Quota,
     /// A request the daemon does not serve (system, feature, protocol operation).
     Unsupported,
     /// Free space on the state directory's file system is below the reserve.
     DiskReserve,
-    /// An SSH command other than the ones served.
+    /// A `nixbuild` command refused (not a command, not allowed, not found).
     Command,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 7] = [
+    const ALL: [Refusal; 6] = [
         Refusal::Sessions,
         Refusal::Builds,
-        Refusal::RunningBuilds,
         Refusal::Quota,
         Refusal::Unsupported,
         Refusal::DiskReserve,
@@ -81,7 +78,6 @@ impl Refusal {
         match self {
             Refusal::Sessions => "sessions",
             Refusal::Builds => "builds",
-            Refusal::RunningBuilds => "running_builds",
             Refusal::Quota => "quota",
             Refusal::Unsupported => "unsupported",
             Refusal::DiskReserve => "disk_reserve",
@@ -723,7 +719,6 @@ mod tests {
         for r in [
             "sessions",
             "builds",
-            "running_builds",
             "quota",
             "unsupported",
             "disk_reserve",

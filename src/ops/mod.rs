@@ -398,7 +398,7 @@ impl Ops<'_> {
         .await??;
         let load = self.builds.load();
         Ok(Document::Status(view::Status {
-            version: env!("CARGO_PKG_VERSION"),
+            server_version: env!("CARGO_PKG_VERSION"),
             cores: load.cores,
             memory_bytes: load.memory,
             builds_running: load.running,

@@ -323,7 +323,7 @@ impl From<GcStats> for CollectedView {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     /// The server's version.
-    pub version: &'static str,
+    pub server_version: &'static str,
     /// Cores the scheduler hands out.
     pub cores: u64,
     /// Memory it hands out, in bytes.
@@ -603,7 +603,7 @@ impl Document {
                 );
             }
             Document::Status(s) => {
-                let _ = writeln!(t, "nixbuild {}", s.version);
+                let _ = writeln!(t, "nixbuild {}", s.server_version);
                 let _ = writeln!(
                     t,
                     "capacity:   {} cores, {}",
