@@ -57,7 +57,7 @@ impl LiveConfig {
 /// `running` with the settings a running daemon can change taken from `new`: `[timeouts]`,
 /// `[limits] max_builds_per_account` and `max_running_builds_per_account`,
 /// `[store]` retention, quota and collector settings (see [`crate::config::StoreConfig::with_live_from`]),
-/// `[accounts]`,
+/// `[accounts]`, `[admin]`,
 /// `[limits] max_sessions_per_account` and `max_upload_bytes_per_session`, `[relay]
 /// trusted_uids` and `trusted_gids`, `[ssh] max_connections`, `max_connections_per_account`
 /// and `max_sessions_per_connection`. Also the names of the other settings that `new`
@@ -82,6 +82,7 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
     merged.ssh.max_sessions_per_connection = new.ssh.max_sessions_per_connection;
     merged.store = running.store.with_live_from(&new.store);
     merged.accounts.clone_from(&new.accounts);
+    merged.admin.clone_from(&new.admin);
     let (r, n) = (running, new);
     let restart = [
         ("[store]", merged.store != n.store),
@@ -102,6 +103,7 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
             r.relay.socket_group != n.relay.socket_group,
         ),
         ("ssh.listen", r.ssh.listen != n.ssh.listen),
+        ("metrics.listen", r.metrics.listen != n.metrics.listen),
         (
             "ssh.authorized_keys",
             r.ssh.authorized_keys != n.ssh.authorized_keys,
@@ -153,6 +155,7 @@ mod tests {
         "[store]\ngc_interval = 7",
         "[store]\ngc_free_space = 7",
         "[accounts.alice]\nretention = 7\nquota = 7",
+        "[admin]\naccounts = [\"ops\"]",
     ];
     const RESTART: &[(&str, &str)] = &[
         ("[store]\nmax_nar_size = 7", "[store]"),
@@ -187,6 +190,7 @@ mod tests {
             "limits.max_buffered_bytes",
         ),
         ("[relay]\nsocket_group = 7", "relay.socket_group"),
+        ("[metrics]\nlisten = \"127.0.0.1:7\"", "metrics.listen"),
         (
             "[ssh]\nlisten = \"127.0.0.1:7\"\nauthorized_keys = \"/k\"",
             "ssh.listen",
