@@ -1338,13 +1338,16 @@ mod collection {
             log.write(chunk).expect("write");
         }
         let old = store
-            .insert_records(&[record("alice", now_ms - 3_000_000, 1)], Some(log))
+            .insert_records(
+                &[record("alice", now_ms - 3_000_000, store.next_build_id())],
+                Some(log),
+            )
             .expect("insert")[0];
         let recent = store
-            .insert_records(&[record("alice", now_ms, 2)], None)
+            .insert_records(&[record("alice", now_ms, store.next_build_id())], None)
             .expect("insert")[0];
         store
-            .insert_records(&[record("bob", now_ms, 3)], None)
+            .insert_records(&[record("bob", now_ms, store.next_build_id())], None)
             .expect("insert");
         let records = store.records(Some("alice"), 10).expect("records");
         assert_eq!(
@@ -1354,7 +1357,7 @@ mod collection {
         assert_eq!(records[1].build, 1);
         assert_eq!(store.records(None, 10).expect("records").len(), 3);
         assert_eq!(store.build_records(Some("bob"), 1).expect("records"), []);
-        // Ids go on after the highest recorded, also once the store is reopened.
+        // Ids go on, also once the store is reopened (below).
         assert_eq!(store.next_build_id(), 4);
         let read_log = |account, build| {
             store

@@ -386,7 +386,6 @@ impl BuildService {
                 let (outcome, leftovers) = run::run(&inner, &build, &job, prepared).await;
                 tracing::info!(
                     target: LOG_TARGET,
-                    build = build.id,
                     account = %job.account,
                     drv = %job.drv_path,
                     status = ?outcome.status,

@@ -69,7 +69,7 @@ pub(super) async fn run<'a>(
     };
     let ticket = match inner.placement.submit(spec) {
         Ok(t) => {
-            tracing::info!(target: LOG_TARGET, build = build.id, account = %job.account, drv = %job.drv_path, "queued");
+            tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "queued");
             build.set_phase(Phase::Queued(t.id()));
             METRICS.build_queued();
             t
@@ -281,7 +281,7 @@ impl BuildRun<'_> {
             Duration::from_millis(crate::store::now_ms().saturating_sub(build.submitted_ms)),
             granted_at.elapsed(),
         );
-        tracing::info!(target: LOG_TARGET, build = build.id, account = %job.account, drv = %job.drv_path, uid, cores = request.cores, dir = %scratch.display(), "building");
+        tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, uid, cores = request.cores, dir = %scratch.display(), "building");
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(&nixbuild_sandbox::encode_plan(&plan))

@@ -626,8 +626,9 @@ pub fn orphan_objects(state: &Path) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSnapshot {
     /// Every row of every table, as `table: values`, sorted; without `paths.last_used`,
-    /// which every query of a path moves, and without `builds`, the records every build
-    /// leaves, failed ones included.
+    /// which every query of a path moves, and without `builds` and `build_ids`, the records
+    /// every build leaves, failed ones included, nor `traffic`, the bytes every session
+    /// moves, refused ones included.
     pub rows: Vec<String>,
     /// Every file, directory and symlink under `objects/`: relative path, kind, size or
     /// target; sorted.
@@ -646,8 +647,8 @@ impl StoreSnapshot {
         .expect("open the database read-only");
         let tables: Vec<String> = db
             .prepare(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'builds' \
-                 ORDER BY name",
+                "SELECT name FROM sqlite_master WHERE type = 'table' \
+                 AND name NOT IN ('builds', 'build_ids', 'traffic') ORDER BY name",
             )
             .and_then(|mut st| st.query_map([], |row| row.get(0))?.collect())
             .expect("list the tables");
