@@ -14,11 +14,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use harness::clients::{Client, ClientNix};
 use harness::ssh::{ok, run, Key, SshServer};
 use lab::Lab;
 use serde_json::Value;
 
 const CONFIG: &str = "[admin]\naccounts = [\"ops\"]\n\n[accounts.alice]\nmax_running_builds = 1\n";
+
+const DERIVATIONS: &str = r#"{
+  ok = mk "ops-ok" "echo hello from the ok build; echo $SALT > $out" { SALT = salt; };
+  fail = mk "ops-fail" "echo about to fail; exit 3" {};
+  slow = mk "ops-slow" "echo slow build started; sleep 120; echo done > $out" {};
+  queued = mk "ops-queued" "echo queued build ran; echo q > $out" {};
+}"#;
+
+/// Paths copied from the server carry no signatures.
+const CLIENT_CONF: &str = "require-sigs = false\n";
 
 struct Setup {
     server: SshServer,
@@ -48,15 +59,7 @@ impl Setup {
             .iter()
             .map(|(a, k)| (*a, server.ssh_config(&format!("nixbuild-{a}"), k)))
             .collect();
-        let lab = Lab::with_conf(
-            r#"{
-  ok = mk "ops-ok" "echo hello from the ok build; echo $SALT > $out" { SALT = salt; };
-  fail = mk "ops-fail" "echo about to fail; exit 3" {};
-  slow = mk "ops-slow" "echo slow build started; sleep 120; echo done > $out" {};
-  queued = mk "ops-queued" "echo queued build ran; echo q > $out" {};
-}"#,
-            "require-sigs = false\n",
-        );
+        let lab = Lab::with_conf(DERIVATIONS, CLIENT_CONF);
         Setup {
             server,
             lab,
@@ -106,19 +109,21 @@ impl Setup {
 
     /// `nix-build DRV` as alice through the SSH server with the README's builders line.
     fn build(&self, drv: &str) -> Command {
-        let mut cmd = self.lab.nix.command("nix-build");
+        self.build_as("alice", &self.lab, drv)
+    }
+
+    /// `nix-build DRV` from `lab`'s client as `account`.
+    fn build_as(&self, account: &str, lab: &Lab, drv: &str) -> Command {
+        let mut cmd = lab.nix.command("nix-build");
         cmd.env(
             "NIX_SSHOPTS",
-            format!("-F {}", self.config("alice").display()),
+            format!("-F {}", self.config(account).display()),
         )
-        .args([
-            "--max-jobs",
-            "0",
-            "--no-out-link",
-            "--builders",
-            "ssh://nixbuild-alice x86_64-linux - 100 1 big-parallel,benchmark",
-            drv,
-        ]);
+        .args(["--max-jobs", "0", "--no-out-link", "--builders"])
+        .arg(format!(
+            "ssh://nixbuild-{account} x86_64-linux - 100 1 big-parallel,benchmark"
+        ))
+        .arg(drv);
         cmd
     }
 
@@ -399,6 +404,66 @@ fn builds_logs_cancel_and_accounts_over_ssh() {
     s.server.daemon.stop();
 }
 
+/// A build two accounts' requests share, one from the host's Nix 2.8 over `ssh://`, the
+/// other from Nix 2.34 over `ssh-ng://`: neither account may cancel it (it would end the
+/// other's), an admin may, and both clients then say who did.
+#[test]
+fn only_an_admin_cancels_a_build_two_accounts_share() {
+    let s = Setup::new();
+    let salt = common::Nix::salt();
+    let script = "echo shared build started; sleep 120; echo done > $out";
+    let clients = [
+        ("alice", ClientNix::new(Client::Host, ""), "ssh"),
+        ("bob", ClientNix::new(Client::Sid, ""), "ssh-ng"),
+    ];
+    let drvs: Vec<String> = clients
+        .iter()
+        .map(|(_, nix, _)| nix.instantiate(&nix.derivation("ops-shared", &salt, script)))
+        .collect();
+    assert_eq!(drvs[0], drvs[1], "the same derivation for both");
+    let drv = &drvs[0];
+    let mut running = Value::Null;
+    let mut children = Vec::new();
+    for (account, nix, scheme) in &clients {
+        let mut cmd = nix.over_ssh(s.config(account), "nix-build");
+        cmd.args(["--max-jobs", "0", "--no-out-link", "--builders"])
+            .arg(format!(
+                "{scheme}://nixbuild-{account} x86_64-linux - 100 1 big-parallel,benchmark"
+            ))
+            .arg(drv);
+        children.push(spawn(cmd));
+        running = s.wait_for(drv, "ran", |b| {
+            b["state"] == "running"
+                && b["accounts"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|a| a == account))
+        });
+    }
+    assert_eq!(
+        running["accounts"],
+        serde_json::json!(["alice", "bob"]),
+        "one shared build"
+    );
+    assert_eq!(s.builds("bob", &[])[0]["id"], running["id"]);
+    for account in ["alice", "bob"] {
+        let out = s.nixbuild(account, &["cancel", &id(&running)]);
+        assert_eq!(out.status.code(), Some(1), "{account}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("only an admin may cancel it"), "{said}");
+    }
+    s.json("ops", &["cancel", &id(&running)]);
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(!out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("cancelled by admin ops (nixbuild cancel"),
+            "{said}"
+        );
+    }
+    s.server.daemon.stop();
+}
+
 /// Every argument an attacker can send: each gets a clear refusal (exit status 2 for words
 /// that are no command, 1 for what is not found or not allowed) and the server goes on.
 #[test]
@@ -455,4 +520,53 @@ fn hostile_arguments_are_refused_and_the_server_goes_on() {
     let log = s.server.daemon.log();
     assert!(!log.contains("panicked"), "{log}");
     s.server.daemon.stop();
+}
+
+/// `--log-format json`: every line of the daemon's log is a JSON object, and a build's lines
+/// carry the spans of its session and its build id (the id `nixbuild builds` shows).
+#[test]
+fn json_logs_carry_the_session_and_build_ids() {
+    let lab = Lab::new(r#"{ one = mk "json-log" "echo $SALT > $out" { SALT = salt; }; }"#);
+    let d = harness::Daemon::start_with_config("", &["--log-format", "json"]);
+    let drvs = lab.instantiate(&["one"]);
+    lab.remote_build_ok(&d, "alice", &drvs);
+    d.wait_for_log(&["build finished"]);
+    let lines: Vec<Value> = d
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let finished = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("build finished"))
+        })
+        .expect("a build finished line");
+    assert_eq!(finished["fields"]["account"], "alice", "{finished}");
+    let spans = finished["spans"].as_array().expect("spans");
+    let span = |name: &str| spans.iter().find(|s| s["name"] == name).cloned();
+    assert!(
+        span("relay").and_then(|s| s["session"].as_u64()).is_some(),
+        "{finished}"
+    );
+    let id = span("build")
+        .and_then(|s| s["id"].as_u64())
+        .expect("the build's id");
+    let record: i64 = rusqlite::Connection::open(d.state_dir().join("db.sqlite"))
+        .expect("open")
+        .query_row(
+            "SELECT build FROM builds WHERE account = 'alice'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the record");
+    assert_eq!(id, record as u64);
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "session start")
+        .expect("a session start line");
+    assert!(started["span"]["session"].as_u64().is_some(), "{started}");
+    d.stop();
 }

@@ -156,7 +156,7 @@ impl Ops<'_> {
                 return self.log(scope, build, *follow, json, out).await;
             }
             Command::Cancel(id) => {
-                let by = if self.is_admin() && scope != Some(self.account) {
+                let by = if self.is_admin() {
                     format!("admin {}", self.account)
                 } else {
                     format!("account {}", self.account)

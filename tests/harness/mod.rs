@@ -85,6 +85,8 @@ pub fn build_uid_base() -> u32 {
 
 /// What the daemon logs once it accepts connections on its socket.
 const LISTENING: &str = "nixbuild::daemon: listening socket=";
+/// The same line with `--log-format json`.
+const LISTENING_JSON: &str = r#""fields":{"message":"listening","socket":"#;
 
 /// A running daemon with its own state directory and log file.
 pub struct Daemon {
@@ -283,7 +285,8 @@ impl Daemon {
             // when there is one). Neither probed with a connection, which would leave a
             // short-lived session behind in the daemon, nor told by the socket's existence:
             // a daemon killed with SIGKILL leaves its socket behind.
-            if self.log().matches(LISTENING).count() > started {
+            let log = self.log();
+            if log.matches(LISTENING).count() + log.matches(LISTENING_JSON).count() > started {
                 return;
             }
             let child = self.child.as_mut().expect("running");
