@@ -176,7 +176,12 @@ fn builds_logs_cancel_and_accounts_over_ssh() {
     assert!(!fail_out.status.success());
     // A running one, and one queued behind it (alice may run one build at a time).
     let slow = spawn(s.build(slow_drv));
-    let running = s.wait_for(slow_drv, "ran", |b| b["state"] == "running");
+    // Running, with its CPU time and peak memory so far read from its cgroup.
+    let running = s.wait_for(slow_drv, "ran", |b| {
+        b["state"] == "running"
+            && b["cpu_seconds"].as_f64().is_some()
+            && b["peak_memory_bytes"].as_u64().is_some_and(|m| m > 0)
+    });
     let queued = spawn(s.build(queued_drv));
     let waiting = s.wait_for(queued_drv, "waited", |b| b["state"] == "waiting");
     assert!(

@@ -74,6 +74,10 @@ pub enum LiveState {
         cpus: Vec<u32>,
         /// The memory granted, in bytes.
         memory: u64,
+        /// CPU time used so far, in microseconds, when its cgroup accounts it.
+        cpu_us: Option<u64>,
+        /// The most memory it held so far, in bytes, when the kernel records it.
+        peak_memory: Option<u64>,
     },
     /// Its outcome is known; its record is being stored.
     Ended,
@@ -147,10 +151,13 @@ impl BuildService {
                     started_ms,
                     cpus,
                     memory,
+                    usage,
                 } => LiveState::Running {
                     started_ms,
                     cpus,
                     memory,
+                    cpu_us: usage.as_ref().and_then(|u| u.cpu_usage_us().ok().flatten()),
+                    peak_memory: usage.as_ref().and_then(|u| u.peak_memory().ok().flatten()),
                 },
             }
         };

@@ -98,6 +98,7 @@ pub(super) async fn run<'a>(
         started_ms: crate::store::now_ms(),
         cpus: grant.cpus.clone(),
         memory: grant.memory,
+        usage: None,
     });
     build.note(format!(
         "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",
@@ -227,6 +228,7 @@ impl BuildRun<'_> {
             .await??
         };
         let cgroup: &BuildCgroup = made.cgroup.insert(cgroup);
+        build.set_usage(cgroup.usage());
         let watch = made.watch.insert(inner.monitor.watch(
             id,
             scratch.to_owned(),

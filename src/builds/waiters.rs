@@ -148,11 +148,13 @@ pub(super) enum Phase {
     /// In the scheduler's queue.
     Queued(BuildId),
     /// Granted cores and memory at `started_ms`: its builder runs, or its outputs are
-    /// being checked.
+    /// being checked. `usage`: where its CPU time and peak memory are read, once its cgroup
+    /// is made.
     Running {
         started_ms: u64,
         cpus: Vec<u32>,
         memory: u64,
+        usage: Option<crate::cgroup::UsageFiles>,
     },
 }
 
@@ -252,6 +254,15 @@ impl Shared {
     /// Moves the build on to `phase`.
     pub(super) fn set_phase(&self, phase: Phase) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    /// Where the running build's CPU time and peak memory are read, once its cgroup is made.
+    pub(super) fn set_usage(&self, files: crate::cgroup::UsageFiles) {
+        if let Phase::Running { usage, .. } =
+            &mut *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            *usage = Some(files);
+        }
     }
 
     /// Cancels the build, for the reason given (the words after "cancelled" in its

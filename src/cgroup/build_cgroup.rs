@@ -39,6 +39,49 @@ pub struct BuildCgroup {
     removed: bool,
 }
 
+/// Where to read a build's peak memory and CPU time ([`BuildCgroup::usage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageFiles {
+    /// `memory.max_usage_in_bytes` (v1) or `memory.peak` (v2).
+    peak: Option<PathBuf>,
+    /// `cpuacct.usage` (v1, nanoseconds) or `cpu.stat` (v2, `usage_usec`).
+    cpu: Option<(PathBuf, Version)>,
+}
+
+impl UsageFiles {
+    /// The most memory the build has used, in bytes, when the kernel records it (v2
+    /// `memory.peak` needs Linux 5.19).
+    pub fn peak_memory(&self) -> Result<Option<u64>, CgroupError> {
+        let Some(file) = self.peak.as_ref().filter(|f| f.exists()) else {
+            return Ok(None);
+        };
+        let text = read(file)?;
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| CgroupError::Parse {
+                path: file.clone(),
+                reason: format!("{:?} is not a number", text.trim()),
+            })
+    }
+
+    /// The CPU time the build's processes used, in microseconds, when it is accounted.
+    pub fn cpu_usage_us(&self) -> Result<Option<u64>, CgroupError> {
+        let Some((file, version)) = self.cpu.as_ref().filter(|(f, _)| f.exists()) else {
+            return Ok(None);
+        };
+        let text = read(file)?;
+        let value = match version {
+            Version::V1 => text.trim().parse::<u64>().ok().map(|ns| ns / 1000),
+            Version::V2 => keyed(&text, "usage_usec"),
+        };
+        value.map(Some).ok_or_else(|| CgroupError::Parse {
+            path: file.clone(),
+            reason: format!("no CPU usage in {:?}", text.trim()),
+        })
+    }
+}
+
 /// Where to read how many forks a build's cgroup refused at its process limit (`max` in
 /// `pids.events`, v1 and v2), for a watcher that outlives no [`BuildCgroup`] borrow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,53 +200,36 @@ impl BuildCgroup {
         })
     }
 
+    /// Where the build's peak memory and CPU time are read, for a reader that outlives no
+    /// [`BuildCgroup`] borrow (`nixbuild show` of a running build).
+    pub fn usage(&self) -> UsageFiles {
+        let peak = self
+            .dir_with(Controller::Memory)
+            .map(|dir| match dir.version {
+                Version::V1 => dir.path.join("memory.max_usage_in_bytes"),
+                Version::V2 => dir.path.join("memory.peak"),
+            });
+        let v2 = self.dirs.iter().find(|d| d.version == Version::V2);
+        let cpu = match (self.dir_with(Controller::Cpuacct), v2) {
+            (Some(dir), _) if dir.version == Version::V1 => {
+                Some((dir.path.join("cpuacct.usage"), Version::V1))
+            }
+            (_, Some(dir)) => Some((dir.path.join("cpu.stat"), Version::V2)),
+            _ => None,
+        };
+        UsageFiles { peak, cpu }
+    }
+
     /// The most memory the build has used, in bytes, when the kernel records it (v2
     /// `memory.peak` needs Linux 5.19).
     pub fn peak_memory(&self) -> Result<Option<u64>, CgroupError> {
-        let Some(dir) = self.dir_with(Controller::Memory) else {
-            return Ok(None);
-        };
-        let file = match dir.version {
-            Version::V1 => dir.path.join("memory.max_usage_in_bytes"),
-            Version::V2 => dir.path.join("memory.peak"),
-        };
-        if !file.exists() {
-            return Ok(None);
-        }
-        let text = read(&file)?;
-        text.trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| CgroupError::Parse {
-                path: file,
-                reason: format!("{:?} is not a number", text.trim()),
-            })
+        self.usage().peak_memory()
     }
 
     /// The CPU time the build's processes used, in microseconds, when it is accounted (v1
     /// `cpuacct.usage`, v2 `cpu.stat`).
     pub fn cpu_usage_us(&self) -> Result<Option<u64>, CgroupError> {
-        let v2 = self.dirs.iter().find(|d| d.version == Version::V2);
-        let (file, scale) = match (self.dir_with(Controller::Cpuacct), v2) {
-            (Some(dir), _) if dir.version == Version::V1 => (dir.path.join("cpuacct.usage"), 1000),
-            (_, Some(dir)) => (dir.path.join("cpu.stat"), 1),
-            _ => return Ok(None),
-        };
-        if !file.exists() {
-            return Ok(None);
-        }
-        let text = read(&file)?;
-        let value = if scale == 1 {
-            keyed(&text, "usage_usec")
-        } else {
-            text.trim().parse().ok()
-        };
-        value
-            .map(|v| Some(v / scale))
-            .ok_or_else(|| CgroupError::Parse {
-                path: file,
-                reason: format!("no CPU usage in {:?}", text.trim()),
-            })
+        self.usage().cpu_usage_us()
     }
 
     /// Kills every process of the build and waits until they are gone (at most 10 s).

@@ -53,7 +53,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use build_cgroup::{BuildCgroup, ForkRefusals};
+pub use build_cgroup::{BuildCgroup, ForkRefusals, UsageFiles};
 pub use discovery::{format_cpu_list, parse_cpu_list, CpuListError};
 pub use setup::{check_limits, enter_delegated_scope, Cgroups, DELEGATED_SCOPE_ENV};
 

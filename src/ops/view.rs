@@ -138,9 +138,9 @@ pub struct BuildView {
     pub cpus: Option<String>,
     /// Memory granted, in bytes.
     pub memory_bytes: Option<u64>,
-    /// CPU time its processes used, in seconds.
+    /// CPU time its processes used, in seconds (so far, for a running build).
     pub cpu_seconds: Option<f64>,
-    /// The most memory it held at once, in bytes.
+    /// The most memory it held at once, in bytes (so far, for a running build).
     pub peak_memory_bytes: Option<u64>,
     /// Its outputs by name.
     pub outputs: BTreeMap<String, String>,
@@ -179,12 +179,16 @@ impl BuildView {
                 started_ms,
                 cpus,
                 memory,
+                cpu_us,
+                peak_memory,
             } => {
                 view.state = "running";
                 view.started_ms = Some(*started_ms);
                 view.cores = Some(u32::try_from(cpus.len()).unwrap_or(u32::MAX));
                 view.cpus = Some(crate::cgroup::format_cpu_list(cpus));
                 view.memory_bytes = Some(*memory);
+                view.cpu_seconds = cpu_us.map(|us| us as f64 / 1e6);
+                view.peak_memory_bytes = *peak_memory;
             }
             LiveState::Ended => view.state = "ending",
         }
