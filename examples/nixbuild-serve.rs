@@ -10,8 +10,9 @@
 //! The state directory comes from `--state-dir` or `NIXBUILD_STATE_DIR` (default
 //! `/var/lib/nixbuild`), the account from `--account` or `NIXBUILD_ACCOUNT` (default
 //! `default`). As an OpenSSH forced command (`command="nixbuild-serve --account alice"`),
-//! `--serve` and `--write` are taken from the client's command in `SSH_ORIGINAL_COMMAND`;
-//! the account and state directory never are.
+//! `--serve` and `--write` are taken from the client's command in `SSH_ORIGINAL_COMMAND`,
+//! and so is `nixbuild <subcommand>` (the operations interface, docs/operations.md); the
+//! account and state directory never are.
 //!
 //! It hands its stdin and stdout to the daemon over the socket (SCM_RIGHTS), so the daemon
 //! reads and writes the client's pipes itself and the relay stays out of the data path; it
@@ -32,6 +33,7 @@ use nixbuild::core::serve::{Protocol, ServeArgs};
 use nixbuild::relay_protocol::{
     self, parse_frame_header, RelayHeader, FRAME_EXIT, FRAME_HEADER_LEN, FRAME_STDERR, RELAY_FDS,
 };
+use nixbuild_ssh::exec::MAX_COMMAND;
 use rustix::fs::FileType;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
@@ -75,15 +77,25 @@ fn run() -> Result<u32, String> {
         }
     }
     let mut mode = ServeArgs::scan(rest);
+    let mut command = None;
     if !mode.serve && !mode.stdio {
-        // A forced command: the client's own command line says what it wants.
+        // A forced command: the client's own command line says what it wants, a session of
+        // one of Nix's protocols or `nixbuild <subcommand>`.
         if let Ok(original) = std::env::var("SSH_ORIGINAL_COMMAND") {
-            mode = ServeArgs::scan(original.split_whitespace().skip(1));
+            if original.split_whitespace().next() == Some("nixbuild") {
+                if original.len() > MAX_COMMAND {
+                    return Err(format!("the command is longer than {MAX_COMMAND} bytes"));
+                }
+                command = Some(original);
+            } else {
+                mode = ServeArgs::scan(original.split_whitespace().skip(1));
+            }
         }
     }
     let protocol = match (mode.serve, mode.stdio) {
         (true, _) => Protocol::Serve,
         (false, true) => Protocol::Daemon,
+        (false, false) if command.is_some() => Protocol::Serve,
         (false, false) => {
             return Err(
                 "pass --serve (as 'nix-store --serve', for ssh:// stores) or --stdio \
@@ -97,6 +109,7 @@ fn run() -> Result<u32, String> {
         // A daemon-protocol session may always write, as `nix-daemon --stdio` does.
         write: mode.write || protocol == Protocol::Daemon,
         protocol,
+        command,
     };
     relay_protocol::check_account_name(&header.account).map_err(|e| e.to_string())?;
     let sock = relay_protocol::socket_path(&state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));

@@ -220,7 +220,7 @@ pub async fn run(
         builds.clone(),
         budget.clone(),
         places.clone(),
-        collector_handle,
+        collector_handle.clone(),
     )
     .await?;
     let listener = listen(&sock, socket_gid).map_err(|source| DaemonError::Listen {
@@ -248,6 +248,13 @@ pub async fn run(
             let _ = stop.wait_for(|stop| *stop).await;
         }))
     });
+    let shared = Shared {
+        store: store.clone(),
+        builds: builds.clone(),
+        places: places.clone(),
+        budget: budget.clone(),
+        collector: collector_handle.clone(),
+    };
     let mut sessions = JoinSet::new();
     let mut relayed = 0u64;
     tokio::pin!(shutdown);
@@ -260,15 +267,10 @@ pub async fn run(
                         relayed += 1;
                         // Every line of the session carries its number.
                         let span = tracing::info_span!("relay", session = relayed);
-                        sessions.spawn(tracing::Instrument::instrument(connection(
-                            stream,
-                            permit,
-                            store.clone(),
-                            builds.clone(),
-                            live.get(),
-                            places.clone(),
-                            budget.clone(),
-                        ), span));
+                        sessions.spawn(tracing::Instrument::instrument(
+                            connection(stream, permit, live.get(), shared.clone()),
+                            span,
+                        ));
                     }
                 },
                 Err(source) => {
@@ -483,18 +485,26 @@ fn refuse_busy(stream: &UnixStream, refusal: &SessionLimit) {
     }
 }
 
+/// What every relayed session shares: the daemon's store and build service, the session
+/// places and buffer budget, and the collector (for `nixbuild gc`).
+#[derive(Clone)]
+struct Shared {
+    store: Store,
+    builds: BuildService,
+    places: Arc<SessionPlaces>,
+    budget: Arc<MemoryBudget>,
+    collector: crate::collector::Collector,
+}
+
 /// Serves one connection: checks the peer, reads the header and the client's descriptors,
-/// runs the session, sends the exit status.
+/// runs the session (or the `nixbuild` command), sends the exit status.
 async fn connection(
     stream: UnixStream,
     permit: OwnedSemaphorePermit,
-    store: Store,
-    builds: BuildService,
     config: Arc<Config>,
-    places: Arc<SessionPlaces>,
-    budget: Arc<MemoryBudget>,
+    shared: Shared,
 ) {
-    let status = match admit(&stream, &config, &places).await {
+    let status = match admit(&stream, &config, &shared.places).await {
         Err(refusal) => {
             tracing::warn!("refused a connection: {refusal}");
             let mut frames = RelayFrames::new(stream);
@@ -511,9 +521,6 @@ async fn connection(
             slot,
         }) => {
             let account = header.account.as_str();
-            tracing::info!(%account, write = header.write, protocol = header.protocol.name(), "session start");
-            let _counted = crate::metrics::METRICS.session_started(header.protocol.into());
-            let settings = SessionSettings::new(&config, account, header.write, &budget);
             let mut out = RelayOutput::new(stdout, stream);
             if let Some(pipe) = pipe {
                 out = out.with_pipe(pipe);
@@ -521,23 +528,34 @@ async fn connection(
             if let Some(pipe) = stdin_pipe {
                 out = out.with_stdin_pipe(pipe);
             }
-            let served = session::serve_protocol(
-                header.protocol,
-                &store,
-                &builds,
-                &settings,
-                input,
-                &mut out,
-            )
-            .await;
-            let status = match served {
-                Ok(()) => {
-                    tracing::info!(%account, status = 0, "session end");
-                    0
+            let status = match &header.command {
+                Some(command) => {
+                    relayed_command(command, account, &shared, &config, &mut out).await
                 }
-                Err(e) => {
-                    tracing::info!(%account, status = 1, error = %e, "session end");
-                    1
+                None => {
+                    tracing::info!(%account, write = header.write, protocol = header.protocol.name(), "session start");
+                    let _counted = crate::metrics::METRICS.session_started(header.protocol.into());
+                    let settings =
+                        SessionSettings::new(&config, account, header.write, &shared.budget);
+                    let served = session::serve_protocol(
+                        header.protocol,
+                        &shared.store,
+                        &shared.builds,
+                        &settings,
+                        input,
+                        &mut out,
+                    )
+                    .await;
+                    match served {
+                        Ok(()) => {
+                            tracing::info!(%account, status = 0, "session end");
+                            0
+                        }
+                        Err(e) => {
+                            tracing::info!(%account, status = 1, error = %e, "session end");
+                            1
+                        }
+                    }
                 }
             };
             // Both slots are free before the relay exits, so the client's next session is
@@ -547,9 +565,48 @@ async fn connection(
             out.exit(status).await
         }
     };
-    if let Err(e) = status {
+    log_exit(status);
+}
+
+fn log_exit(sent: io::Result<()>) {
+    if let Err(e) = sent {
         tracing::debug!("cannot send the exit status to the relay: {e}");
     }
+}
+
+/// Runs `nixbuild <subcommand>` relayed by `nixbuild-serve` behind an OpenSSH forced command
+/// (`command` is the client's `SSH_ORIGINAL_COMMAND`) as `account`; the exit status.
+async fn relayed_command<O: crate::session::SessionOutput>(
+    command: &str,
+    account: &str,
+    shared: &Shared,
+    config: &Config,
+    out: &mut O,
+) -> u32 {
+    let words = match nixbuild_ssh::exec::parse_exec(command.as_bytes()) {
+        Ok(nixbuild_ssh::exec::Exec::Command(words)) => words,
+        Ok(nixbuild_ssh::exec::Exec::Session(_)) => {
+            let _ = out
+                .stderr(b"error: a relayed command must be `nixbuild <subcommand>`\n")
+                .await;
+            return crate::ops::EXIT_USAGE;
+        }
+        Err(refusal) => {
+            let _ = out.stderr(format!("error: {refusal}\n").as_bytes()).await;
+            return crate::ops::EXIT_USAGE;
+        }
+    };
+    let _counted = crate::metrics::METRICS.session_started(crate::metrics::SessionKind::Command);
+    tracing::info!(%account, command = ?words, "nixbuild command");
+    let ops = crate::ops::Ops {
+        store: &shared.store,
+        builds: &shared.builds,
+        config,
+        collector: Some(&shared.collector),
+        account,
+        key: crate::ops::RELAYED_KEY,
+    };
+    crate::ops::run(&ops, &words, out).await
 }
 
 /// A boxed reader of the client's bytes (a pipe or a socket).

@@ -4,8 +4,8 @@
 //! session on those descriptors and sends messages and the exit status back in frames.
 //!
 //! ```text
-//! relay → daemon:  "nixbuild-relay 2 account=<name> write=<0|1>[ protocol=daemon]\n", sent
-//!                  with SCM_RIGHTS
+//! relay → daemon:  "nixbuild-relay 2 account=<name> write=<0|1>[ protocol=daemon|
+//!                  command=<hex>]\n", sent with SCM_RIGHTS
 //!                  carrying two descriptors: the relay's stdin, then its stdout (each a pipe
 //!                  or a socket); nothing else follows
 //! daemon → relay:  frames [u8 tag][u32 LE len][len bytes]
@@ -31,8 +31,9 @@ pub const FRAME_EXIT: u8 = 3;
 pub const MAX_FRAME: usize = 1 << 20;
 /// How many descriptors the relay hands over with its header: stdin, stdout.
 pub const RELAY_FDS: usize = 2;
-/// Longest relay header line accepted, newline included.
-pub const MAX_HEADER: usize = 256;
+/// Longest relay header line accepted, newline included: room for a `nixbuild` command of
+/// [`nixbuild_ssh::exec::MAX_COMMAND`] bytes, hex-encoded.
+pub const MAX_HEADER: usize = 256 + 2 * nixbuild_ssh::exec::MAX_COMMAND;
 /// Version of the relay protocol named in the header.
 const RELAY_VERSION: &str = "2";
 
@@ -56,10 +57,11 @@ pub fn parse_frame_header(header: [u8; FRAME_HEADER_LEN]) -> (u8, u32) {
 /// Why a relay header was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelayHeaderError {
-    /// Not of the form `nixbuild-relay 2 account=<name> write=<0|1>[ protocol=daemon]`.
+    /// Not of the form `nixbuild-relay 2 account=<name> write=<0|1>[ protocol=daemon|
+    /// command=<hex>]`.
     #[error(
         "malformed relay header {0:?}: expected \"nixbuild-relay 2 account=<name> \
-         write=<0|1>[ protocol=daemon]\""
+         write=<0|1>[ protocol=daemon|command=<hex>]\""
     )]
     Malformed(String),
     /// An account name outside `[A-Za-z0-9._@+-]{1,64}`.
@@ -77,6 +79,10 @@ pub struct RelayHeader {
     /// The protocol the session speaks (`protocol=daemon` for `--stdio`; absent for the
     /// serve protocol, as relays before the worker protocol sent it).
     pub protocol: Protocol,
+    /// For `nixbuild <subcommand>` (the client's `SSH_ORIGINAL_COMMAND` behind a forced
+    /// command): the command as the client sent it (`command=` in hex); `protocol` is then
+    /// [`Protocol::Serve`] and unused.
+    pub command: Option<String>,
 }
 
 impl RelayHeader {
@@ -103,10 +109,14 @@ impl RelayHeader {
         else {
             return Err(malformed());
         };
-        let protocol = match protocol {
-            None => Protocol::Serve,
-            Some("protocol=daemon") => Protocol::Daemon,
-            Some(_) => return Err(malformed()),
+        let (protocol, command) = match protocol {
+            None => (Protocol::Serve, None),
+            Some("protocol=daemon") => (Protocol::Daemon, None),
+            Some(word) => {
+                let hex = word.strip_prefix("command=").ok_or_else(malformed)?;
+                let command = from_hex(hex).ok_or_else(malformed)?;
+                (Protocol::Serve, Some(command))
+            }
         };
         let account = account.strip_prefix("account=").ok_or_else(malformed)?;
         let write = match write {
@@ -119,14 +129,16 @@ impl RelayHeader {
             account: account.to_owned(),
             write,
             protocol,
+            command,
         })
     }
 
     /// The line, newline included.
     pub fn encode(&self) -> String {
-        let protocol = match self.protocol {
-            Protocol::Serve => "",
-            Protocol::Daemon => " protocol=daemon",
+        let protocol = match (&self.command, self.protocol) {
+            (Some(command), _) => format!(" command={}", to_hex(command.as_bytes())),
+            (None, Protocol::Serve) => String::new(),
+            (None, Protocol::Daemon) => " protocol=daemon".to_owned(),
         };
         format!(
             "nixbuild-relay {RELAY_VERSION} account={} write={}{protocol}\n",
@@ -134,6 +146,22 @@ impl RelayHeader {
             u8::from(self.write)
         )
     }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The UTF-8 text `hex` encodes (lower-case, two digits a byte).
+fn from_hex(hex: &str) -> Option<String> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
 }
 
 /// Checks an account name: 1 to 64 characters of `[A-Za-z0-9._@+-]` (docs/design.md, Accounts).
@@ -197,6 +225,7 @@ mod tests {
             account: "alice@laptop".into(),
             write: true,
             protocol: Protocol::Serve,
+            command: None,
         };
         let line = h.encode();
         assert_eq!(line, "nixbuild-relay 2 account=alice@laptop write=1\n");
@@ -211,7 +240,26 @@ mod tests {
             "nixbuild-relay 2 account=alice@laptop write=1 protocol=daemon\n"
         );
         assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), d);
+        let c = RelayHeader {
+            account: "alice".into(),
+            write: false,
+            protocol: Protocol::Serve,
+            command: Some("nixbuild log 'a b' é".into()),
+        };
+        let line = c.encode();
+        assert!(line.starts_with("nixbuild-relay 2 account=alice write=0 command=6e6978"));
+        assert_eq!(RelayHeader::parse(line.trim_end().as_bytes()).unwrap(), c);
+        let longest = RelayHeader {
+            command: Some("x".repeat(nixbuild_ssh::exec::MAX_COMMAND)),
+            account: "a".repeat(64),
+            ..c
+        };
+        assert!(longest.encode().len() <= MAX_HEADER);
         for bad in [
+            "nixbuild-relay 2 account=a write=0 command=6",
+            "nixbuild-relay 2 account=a write=0 command=zz",
+            "nixbuild-relay 2 account=a write=0 command=ff",
+            "nixbuild-relay 2 account=a write=0 commands=61",
             "nixbuild-relay 1 account=a write=1",
             "nixbuild-relay 2 account=a write=2",
             "nixbuild-relay 2 user=a write=1",

@@ -575,3 +575,67 @@ fn json_logs_carry_the_session_and_build_ids() {
     assert!(started["span"]["session"].as_u64().is_some(), "{started}");
     d.stop();
 }
+
+/// Behind OpenSSH with a forced command (`command="nixbuild-serve --account alice"`), the
+/// client's `nixbuild …` arrives in `SSH_ORIGINAL_COMMAND`; the relay passes it to the
+/// daemon, which answers as for its own SSH server, as the forced command's account.
+#[test]
+fn a_forced_command_relays_nixbuild_commands() {
+    let lab = Lab::new(
+        r#"{ one = mk "ops-relayed" "echo relayed build; echo $SALT > $out" { SALT = salt; }; }"#,
+    );
+    let d = harness::Daemon::start_with_config(CONFIG, &[]);
+    let drvs = lab.instantiate(&["one"]);
+    lab.remote_build_ok(&d, "alice", &drvs);
+    let relayed = |account: &str, command: &str| {
+        run(Command::new(harness::example_bin("nixbuild-serve"))
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .args(["--account", account])
+            .env("SSH_ORIGINAL_COMMAND", command)
+            .stdin(Stdio::null()))
+    };
+    let out = relayed("alice", "nixbuild builds --json");
+    assert!(out.status.success(), "{out:?}");
+    let builds: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let build = &builds["builds"][0];
+    assert_eq!(build["drv"], drvs[0]);
+    assert_eq!(build["status"], "Built");
+    let log = relayed("alice", &format!("nixbuild log {}", id(build)));
+    assert!(
+        String::from_utf8_lossy(&log.stdout).contains("relayed build"),
+        "{log:?}"
+    );
+    let me: Value =
+        serde_json::from_slice(&relayed("alice", "nixbuild whoami --json").stdout).expect("JSON");
+    assert_eq!(me["account"], "alice");
+    assert!(
+        me["key"].as_str().is_some_and(|k| k.contains("OpenSSH")),
+        "{me}"
+    );
+    // The forced command's account, never another.
+    let theirs = relayed("bob", &format!("nixbuild show {}", id(build)));
+    assert_eq!(theirs.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains("no build"));
+    let all = relayed("bob", "nixbuild builds --all");
+    assert!(
+        String::from_utf8_lossy(&all.stderr).contains("only admins"),
+        "{all:?}"
+    );
+    let shell = relayed("alice", "nixbuild builds; rm -rf /");
+    assert_eq!(shell.status.code(), Some(2), "{shell:?}");
+    assert!(
+        String::from_utf8_lossy(&shell.stderr).contains("shell syntax"),
+        "{shell:?}"
+    );
+    let long = relayed("alice", &format!("nixbuild show {}", "1".repeat(5000)));
+    assert!(!long.status.success());
+    assert!(
+        String::from_utf8_lossy(&long.stderr).contains("longer than"),
+        "{long:?}"
+    );
+    let ops = relayed("ops", "nixbuild builds --all --json");
+    let all: Value = serde_json::from_slice(&ops.stdout).expect("JSON");
+    assert_eq!(all["builds"][0]["id"], build["id"]);
+    d.stop();
+}

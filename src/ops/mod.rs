@@ -31,6 +31,9 @@ pub const EXIT_OK: u32 = 0;
 pub const EXIT_FAILED: u32 = 1;
 /// Exit status of words that are not a command.
 pub const EXIT_USAGE: u32 = 2;
+/// What `whoami` says of the key of a command relayed by `nixbuild-serve`: OpenSSH checked
+/// it, and the relay only knows the account its forced command names.
+pub const RELAYED_KEY: &str = "(checked by OpenSSH; relayed by nixbuild-serve)";
 
 /// What a command runs with: the service, and who asks.
 pub struct Ops<'a> {
