@@ -133,19 +133,20 @@ impl Store {
         account: Option<&str>,
         since_ms: u64,
     ) -> Result<Vec<DayUsage>, StoreError> {
-        let conn = self.inner.lock_db();
+        let conn = self.inner.lock_reader();
         let mut days: BTreeMap<u64, DayUsage> = BTreeMap::new();
         let since = to_sql_int(since_ms);
-        conn.prepare_cached(
+        let visible = super::records::visible(account);
+        conn.prepare_cached(&format!(
             "SELECT ended_ms / 86400000, count(*),
                     sum(status NOT IN ('Built', 'Substituted', 'AlreadyValid')),
                     sum(coalesce(cpu_us, 0)),
                     sum(CASE WHEN started_ms IS NULL THEN 0
                         ELSE cores * max(ended_ms - started_ms, 0) END),
                     max(coalesce(peak_memory, 0)), sum(output_bytes)
-             FROM builds WHERE (?1 IS NULL OR account = ?1) AND ended_ms >= ?2
-             GROUP BY 1",
-        )
+             FROM builds WHERE {visible} AND ended_ms >= ?2
+             GROUP BY 1"
+        ))
         .and_then(|mut st| {
             let rows = st.query_map(params![account, since], |row| {
                 Ok(DayUsage {
@@ -166,10 +167,10 @@ impl Store {
             Ok(())
         })
         .map_err(db_err("sum build records per day"))?;
-        conn.prepare_cached(
+        conn.prepare_cached(&format!(
             "SELECT day, sum(uploaded), sum(downloaded), sum(substituted) FROM traffic
-             WHERE (?1 IS NULL OR account = ?1) AND day >= ?2 GROUP BY day",
-        )
+             WHERE {visible} AND day >= ?2 GROUP BY day"
+        ))
         .and_then(|mut st| {
             let rows = st.query_map(params![account, to_sql_int(since_ms / DAY_MS)], |row| {
                 Ok((
@@ -197,7 +198,7 @@ impl Store {
 
     /// The paths `account` holds, most recently used first, at most `max`.
     pub fn held_paths(&self, account: &str, max: usize) -> Result<Vec<HeldPath>, StoreError> {
-        let conn = self.inner.lock_db();
+        let conn = self.inner.lock_reader();
         let rows: Vec<(String, i64, i64, i64)> = conn
             .prepare_cached(
                 "SELECT p.path, o.nar_size, p.last_used, p.registration_time
@@ -233,7 +234,7 @@ impl Store {
     /// Every account that holds paths, by name.
     pub fn holdings(&self) -> Result<Vec<AccountHolding>, StoreError> {
         self.inner
-            .lock_db()
+            .lock_reader()
             .prepare_cached("SELECT account, nar_bytes, paths FROM usage ORDER BY account")
             .and_then(|mut st| {
                 st.query_map([], |row| {

@@ -153,6 +153,15 @@ pub(super) fn open(file: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// A read-only connection to the database at `file` (opened by [`open`] first).
+pub(super) fn open_reader(file: &Path) -> Result<Connection, StoreError> {
+    Connection::open_with_flags(
+        file,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err("open a reader"))
+}
+
 /// An object as the database records it.
 #[derive(Debug, Clone)]
 pub(super) struct ObjectRow {

@@ -107,6 +107,9 @@ struct Inner {
     /// The connection; holding it is also the commit lock, so that checking for an object,
     /// moving it into place and inserting its rows is one step for concurrent commits.
     db: Mutex<Connection>,
+    /// A second, read-only connection for the operations interface's reads (records, usage,
+    /// listings): with WAL they neither wait for nor hold up the store's writes and lookups.
+    reader: Mutex<Connection>,
     next_tmp: AtomicU64,
     /// The highest build id handed out ([`Store::next_build_id`]).
     last_build_id: AtomicU64,
@@ -121,6 +124,10 @@ impl Inner {
         // A panic while holding the lock leaves no open transaction (rusqlite rolls back on
         // drop), so the connection is still usable.
         self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -242,6 +249,7 @@ impl Store {
         let conn = db::open(&db_file)?;
         let keys = db::object_keys(&conn)?;
         let last_build_id = records::last_build_id(&conn)?;
+        let reader = db::open_reader(&db_file)?;
         remove_entries(&objects, |name| keys.contains(name))?;
         let store = Store {
             inner: Arc::new(Inner {
@@ -250,6 +258,7 @@ impl Store {
                 tmp,
                 limits,
                 db: Mutex::new(conn),
+                reader: Mutex::new(reader),
                 next_tmp: AtomicU64::new(0),
                 last_build_id: AtomicU64::new(last_build_id),
                 pins: Arc::default(),

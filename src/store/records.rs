@@ -243,7 +243,8 @@ const RECORD_COLUMNS: &str = "id, account, drv, outputs, submitted_ms, started_m
 
 /// Adds the build ids to a version-2 `builds` table that lacks them (in place: older binaries
 /// ignore the column), each old record its row id, and the table keeping the highest id ever
-/// handed out, so that ids are never reused even once their records expired.
+/// handed out, so that ids are never reused even once their records expired; and the indexes
+/// of the operations interface's lookups (by derivation, by account and end).
 pub(super) fn add_build_ids(tx: &Connection) -> Result<(), StoreError> {
     let has: bool = tx
         .query_row(
@@ -262,9 +263,13 @@ pub(super) fn add_build_ids(tx: &Connection) -> Result<(), StoreError> {
     }
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS build_ids (last INTEGER NOT NULL);
-         INSERT INTO build_ids (last) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM build_ids);",
+         INSERT INTO build_ids (last) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM build_ids);
+         CREATE INDEX IF NOT EXISTS builds_by_drv ON builds(drv);
+         CREATE INDEX IF NOT EXISTS builds_by_account_end ON builds(account, ended_ms);",
     )
-    .map_err(db_err("create the table of build ids"))
+    .map_err(db_err(
+        "create the table of build ids and the records' indexes",
+    ))
 }
 
 /// The highest build id handed out before this start.
@@ -278,9 +283,15 @@ pub(super) fn last_build_id(conn: &Connection) -> Result<u64, StoreError> {
     .map_err(db_err("read the last build id"))
 }
 
-/// `WHERE` clause text for records an account (or, with `None`, an admin) may read, with the
-/// account as parameter `?1`.
-const VISIBLE: &str = "(?1 IS NULL OR account = ?1)";
+/// The `WHERE` clause for the rows `account` may read (every row for `None`), with the
+/// account as parameter `?1`: two texts, so that each statement can use its index (an `OR`
+/// would make SQLite scan the table).
+pub(super) fn visible(account: Option<&str>) -> &'static str {
+    match account {
+        Some(_) => "account = ?1",
+        None => "?1 IS NULL",
+    }
+}
 
 impl Store {
     /// The `logs/` directory.
@@ -363,7 +374,7 @@ impl Store {
         account: Option<&str>,
         max: usize,
     ) -> Result<Vec<BuildRecord>, StoreError> {
-        self.select_records("1", account, rusqlite::types::Null, max)
+        self.select_records("?2 IS NULL", account, rusqlite::types::Null, max)
     }
 
     /// The records of build `build` that `account` may read (every account's with `None`).
@@ -393,10 +404,11 @@ impl Store {
         value: impl rusqlite::ToSql,
         max: usize,
     ) -> Result<Vec<BuildRecord>, StoreError> {
-        let conn = self.inner.lock_db();
+        let conn = self.inner.lock_reader();
         let sql = format!(
-            "SELECT {RECORD_COLUMNS} FROM builds WHERE {VISIBLE} AND ({condition} OR ?2 IS NULL)
-             ORDER BY id DESC LIMIT ?3"
+            "SELECT {RECORD_COLUMNS} FROM builds WHERE {} AND {condition}
+             ORDER BY id DESC LIMIT ?3",
+            visible(account)
         );
         conn.prepare_cached(&sql)
             .and_then(|mut st| {
@@ -417,9 +429,10 @@ impl Store {
         build: u64,
     ) -> Result<Option<LogReader>, StoreError> {
         let name: Option<String> = {
-            let conn = self.inner.lock_db();
+            let conn = self.inner.lock_reader();
             let sql = format!(
-                "SELECT log FROM builds WHERE {VISIBLE} AND build = ?2 AND log IS NOT NULL LIMIT 1"
+                "SELECT log FROM builds WHERE {} AND build = ?2 AND log IS NOT NULL LIMIT 1",
+                visible(account)
             );
             conn.prepare_cached(&sql)
                 .and_then(|mut st| {
