@@ -9,12 +9,15 @@
 //! `cargo bench --bench gc -- [--rows N] [--expired N] [--dir DIR]` (defaults 1,000,000,
 //! 100,000, a temporary directory under /var/tmp).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::arg;
 use nixbuild::store::{AccountPolicy, PathClaim, Store, StoreLimits, StorePolicy};
 use nixbuild_core::content_address::{ContentAddress, ContentAddressMethod};
 use nixbuild_core::hash::{Hash, HashAlgo};
@@ -28,14 +31,6 @@ const LIMITS: StoreLimits = StoreLimits {
 
 /// Kept paths shared by every kept account.
 const SHARED: usize = 1000;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
-}
 
 /// Uploads a source path `name` holding `contents`, referencing `refs`, for `account`.
 fn add(store: &Store, account: &str, name: &str, contents: &[u8], refs: &[StorePath]) -> StorePath {
@@ -98,8 +93,8 @@ fn waits(mut samples: Vec<Duration>) -> (Duration, Duration, usize) {
 }
 
 fn main() {
-    let rows = arg("--rows", 1_000_000);
-    let expired = arg("--expired", 100_000);
+    let rows = arg("--rows", 1_000_000) as usize;
+    let expired = arg("--expired", 100_000) as usize;
     let base = std::env::args()
         .position(|a| a == "--dir")
         .and_then(|i| std::env::args().nth(i + 1))

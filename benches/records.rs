@@ -5,21 +5,16 @@
 //!
 //! `cargo bench --bench records -- [--records N] [--runs N]`
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::arg;
 use nixbuild::store::{now_ms, BuildRecord, Store, StoreLimits};
 
 const ACCOUNTS: u64 = 100;
 const DAY_MS: u64 = 86_400_000;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
-}
 
 fn drv(n: u64) -> String {
     format!("/nix/store/{n:032}-bench.drv")

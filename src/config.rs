@@ -1186,27 +1186,20 @@ impl Config {
                 "must name at least one system".into(),
             ));
         }
-        if let Some(account) = self
-            .admin
-            .accounts
-            .iter()
-            .find(|a| !nixbuild_core::account::is_valid_account_name(a))
-        {
-            return Err(invalid(
-                "admin.accounts",
-                format!("{account:?} is not an account name ([A-Za-z0-9._@+-]{{1,64}})"),
-            ));
-        }
-        if let Some(account) = self
-            .scheduler
-            .weights
-            .keys()
-            .find(|a| !nixbuild_core::account::is_valid_account_name(a))
-        {
-            return Err(invalid(
-                "scheduler.weights",
-                format!("{account:?} is not an account name ([A-Za-z0-9._@+-]{{1,64}})"),
-            ));
+        let named: [(&'static str, Vec<&String>); 2] = [
+            ("admin.accounts", self.admin.accounts.iter().collect()),
+            ("scheduler.weights", self.scheduler.weights.keys().collect()),
+        ];
+        for (key, names) in named {
+            if let Some(account) = names
+                .iter()
+                .find(|a| !nixbuild_core::account::is_valid_account_name(a))
+            {
+                return Err(invalid(
+                    key,
+                    format!("{account:?} is not an account name ([A-Za-z0-9._@+-]{{1,64}})"),
+                ));
+            }
         }
         if let Err(nixbuild_core::scheduler::SchedError::Config { field, reason }) =
             self.scheduler.scheduler_config().check()

@@ -67,86 +67,78 @@ impl SessionService for SshSessions {
     {
         // Every line of the session carries its connection's number.
         let span = tracing::info_span!("ssh", conn = request.connection);
-        self.serve_in_span(request, stdin, stdout, stderr)
-            .instrument(span)
-            .await
-    }
-}
-
-impl SshSessions {
-    async fn serve_in_span<R, E>(
-        &self,
-        request: &SessionRequest,
-        stdin: R,
-        stdout: ChannelStdout<'_>,
-        stderr: &mut E,
-    ) -> u32
-    where
-        R: AsyncRead + Unpin + Send,
-        E: AsyncWrite + Unpin + Send + Sync,
-    {
-        let account = request.account.as_str();
-        let conn = request.connection;
-        let config = self.config.get();
-        // Held for the session's life, as a relayed session holds its places.
-        let places = self.places.daemon_place().and_then(|daemon| {
-            let account = self
-                .places
-                .account_place(account, config.limits.max_sessions_per_account)?;
-            Ok((daemon, account))
-        });
-        let _places = match places {
-            Ok(places) => places,
-            Err(refusal) => {
-                tracing::warn!(%account, conn, "refused a session: {refusal}");
-                METRICS.refused(crate::metrics::Refusal::Sessions);
-                let _ = write_line(stderr, &format!("error: {refusal}\n")).await;
-                return 1;
-            }
-        };
-        let mut out = ChannelOutput {
-            stdout,
-            answers: BytesMut::new(),
-            stderr,
-        };
-        if let Some(words) = &request.command {
-            let _counted = METRICS.session_started(SessionKind::Command);
-            tracing::info!(%account, conn, command = ?words, "nixbuild command");
-            let ops = crate::ops::Ops {
-                store: &self.store,
-                builds: &self.builds,
-                config: &config,
-                collector: Some(&self.collector),
-                account,
-                key: &request.key,
+        async move {
+            let account = request.account.as_str();
+            let conn = request.connection;
+            let config = self.config.get();
+            // Held for the session's life, as a relayed session holds its places.
+            let places = self.places.daemon_place().and_then(|daemon| {
+                let account = self
+                    .places
+                    .account_place(account, config.limits.max_sessions_per_account)?;
+                Ok((daemon, account))
+            });
+            let _places = match places {
+                Ok(places) => places,
+                Err(refusal) => {
+                    tracing::warn!(%account, conn, "refused a session: {refusal}");
+                    METRICS.refused(crate::metrics::Refusal::Sessions);
+                    let _ = write_line(stderr, &format!("error: {refusal}\n")).await;
+                    return 1;
+                }
             };
-            return crate::ops::run(&ops, words, &mut out).await;
-        }
-        let _counted = METRICS.session_started(request.protocol.into());
-        let settings = SessionSettings::new(&config, account, request.write, &self.budget);
-        tracing::info!(
-            %account,
-            write = request.write,
-            protocol = request.protocol.name(),
-            conn,
-            peer = %request.peer,
-            "session start"
-        );
-        let (store, builds) = (&self.store, &self.builds);
-        let served =
-            session::serve_protocol(request.protocol, store, builds, &settings, stdin, &mut out)
-                .await;
-        let flushed = out.flush().await.map_err(SessionError::Io);
-        match served.and(flushed) {
-            Ok(()) => {
-                tracing::info!(%account, conn, status = 0, "session end");
-                0
+            let mut out = ChannelOutput {
+                stdout,
+                answers: BytesMut::new(),
+                stderr,
+            };
+            if let Some(words) = &request.command {
+                let _counted = METRICS.session_started(SessionKind::Command);
+                tracing::info!(%account, conn, command = ?words, "nixbuild command");
+                let ops = crate::ops::Ops {
+                    store: &self.store,
+                    builds: &self.builds,
+                    config: &config,
+                    collector: Some(&self.collector),
+                    account,
+                    key: &request.key,
+                };
+                return crate::ops::run(&ops, words, &mut out).await;
             }
-            Err(e) => {
-                tracing::info!(%account, conn, status = 1, error = %e, "session end");
-                1
+            let _counted = METRICS.session_started(request.protocol.into());
+            let settings = SessionSettings::new(&config, account, request.write, &self.budget);
+            tracing::info!(
+                %account,
+                write = request.write,
+                protocol = request.protocol.name(),
+                conn,
+                peer = %request.peer,
+                "session start"
+            );
+            let (store, builds) = (&self.store, &self.builds);
+            let served = session::serve_protocol(
+                request.protocol,
+                store,
+                builds,
+                &settings,
+                stdin,
+                &mut out,
+            )
+            .await;
+            let flushed = out.flush().await.map_err(SessionError::Io);
+            match served.and(flushed) {
+                Ok(()) => {
+                    tracing::info!(%account, conn, status = 0, "session end");
+                    0
+                }
+                Err(e) => {
+                    tracing::info!(%account, conn, status = 1, error = %e, "session end");
+                    1
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 }
 
