@@ -471,6 +471,7 @@ fn listen(sock: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
 /// two frames fit in an empty socket buffer, and a peer that does not read loses them.
 fn refuse_busy(stream: &UnixStream, refusal: &SessionLimit) {
     tracing::warn!("refused a connection: {refusal}");
+    crate::metrics::METRICS.refused(crate::metrics::Refusal::Sessions);
     let msg = format!("error: {refusal}\n");
     let mut frames = Vec::new();
     for (tag, payload) in [
@@ -507,6 +508,9 @@ async fn connection(
     let status = match admit(&stream, &config, &shared.places).await {
         Err(refusal) => {
             tracing::warn!("refused a connection: {refusal}");
+            if matches!(refusal, AdmitError::TooManySessions(_)) {
+                crate::metrics::METRICS.refused(crate::metrics::Refusal::Sessions);
+            }
             let mut frames = RelayFrames::new(stream);
             let _ = frames
                 .stderr(format!("error: {refusal}\n").as_bytes())

@@ -1047,8 +1047,8 @@ fn an_account_at_its_running_builds_limit_waits_its_turn_and_others_do_not() {
         assert_eq!(second.status, BuildStatus::Built, "{}", reply.stderr);
         assert!(
             reply.stderr.contains(
-                "waiting: account a has 1 builds running or waiting for cores, its most \
-                 (max_running_builds_per_account in [limits]"
+                "waiting: the account that asked first has 1 builds running or waiting for \
+                 cores, its most (max_running_builds_per_account in [limits]"
             ),
             "{}",
             reply.stderr

@@ -437,18 +437,24 @@ fn only_an_admin_cancels_a_build_two_accounts_share() {
             ))
             .arg(drv);
         children.push(spawn(cmd));
+        // Alice's view: running, and shared once bob's request joined.
+        let joined = account == &"bob";
         running = s.wait_for(drv, "ran", |b| {
-            b["state"] == "running"
-                && b["accounts"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|a| a == account))
+            b["state"] == "running" && b["shared"] == joined
         });
     }
+    // Each account's view names itself only; the admin's names both.
+    assert_eq!(running["accounts"], serde_json::json!(["alice"]));
+    let bobs = &s.builds("bob", &[])[0];
+    assert_eq!(bobs["accounts"], serde_json::json!(["bob"]));
+    assert_eq!(bobs["shared"], true);
+    let all = s.builds("ops", &["--all"]);
     assert_eq!(
-        running["accounts"],
+        all[0]["accounts"],
         serde_json::json!(["alice", "bob"]),
         "one shared build"
     );
+    assert_eq!(all[0]["id"], running["id"]);
     assert_eq!(s.builds("bob", &[])[0]["id"], running["id"]);
     for account in ["alice", "bob"] {
         let out = s.nixbuild(account, &["cancel", &id(&running)]);

@@ -47,10 +47,8 @@ impl BuildLimits {
     /// limit but the scheduler's fair share.
     pub fn running_of(&self, account: &str) -> Option<(usize, String)> {
         match self.accounts.get(account).and_then(|a| a.1) {
-            Some(max) => Some((
-                max,
-                format!("max_running_builds in [accounts.\"{account}\"]"),
-            )),
+            // Named without the account: the line goes to every waiter of a shared build.
+            Some(max) => Some((max, "max_running_builds in its [accounts] entry".to_owned())),
             None => self
                 .max_running
                 .map(|max| (max, "max_running_builds_per_account in [limits]".to_owned())),
@@ -127,8 +125,8 @@ impl Running {
             }
             if !told {
                 let line = format!(
-                    "waiting: account {account} has {max} builds running or waiting for cores, \
-                     its most ({setting} of the server's configuration)"
+                    "waiting: the account that asked first has {max} builds running or waiting \
+                     for cores, its most ({setting} of the server's configuration)"
                 );
                 build.note(format!("nixbuild: {line}\n"));
                 build.set_phase(super::waiters::Phase::Waiting(Some(line)));

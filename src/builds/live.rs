@@ -20,18 +20,30 @@ impl Live {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `build`.
-    pub(super) fn insert(&self, build: &Arc<Shared>) {
+    /// Adds `build` until the returned entry is dropped (when its record is stored, or its
+    /// task ends any other way, a panic included).
+    pub(super) fn enter(self: &Arc<Self>, build: &Arc<Shared>) -> LiveEntry {
         self.lock().insert(build.id, build.clone());
-    }
-
-    /// Removes build `id`.
-    pub(super) fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        LiveEntry {
+            live: self.clone(),
+            id: build.id,
+        }
     }
 
     fn get(&self, id: u64) -> Option<Arc<Shared>> {
         self.lock().get(&id).cloned()
+    }
+}
+
+/// A build's place in [`Live`], given up when dropped.
+pub(super) struct LiveEntry {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        self.live.lock().remove(&self.id);
     }
 }
 
@@ -112,6 +124,9 @@ pub enum CancelError {
          admin may cancel it"
     )]
     Shared(u64),
+    /// It has ended already.
+    #[error("build {0} has ended already")]
+    Ended(u64),
 }
 
 impl BuildService {
@@ -175,6 +190,9 @@ impl BuildService {
     /// that another account's request shares.
     pub fn cancel(&self, account: Option<&str>, id: u64, by: &str) -> Result<(), CancelError> {
         let build = self.inner.live.get(id).ok_or(CancelError::NotFound(id))?;
+        // Under the in-flight lock, which joining takes: no account joins between the check
+        // and the cancel, and none joins the cancelled build afterwards.
+        let mut inflight = self.inner.inflight.lock();
         let accounts = build.accounts();
         if let Some(account) = account {
             if !accounts.contains(account) {
@@ -184,7 +202,11 @@ impl BuildService {
                 return Err(CancelError::Shared(id));
             }
         }
-        tracing::info!(target: super::LOG_TARGET, build = id, drv = %build.drv_path, by, "cancelling on request");
+        if build.done.borrow().is_some() {
+            return Err(CancelError::Ended(id));
+        }
+        super::waiters::InFlight::remove_if_mine(&mut inflight, &build);
+        tracing::info!(target: super::LOG_TARGET, drv = %build.drv_path, by, "cancelling on request");
         build.cancel_because(format!(" by {by} (nixbuild cancel {id})"));
         Ok(())
     }

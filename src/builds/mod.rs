@@ -197,7 +197,7 @@ struct Inner {
     uids: UidPool,
     inflight: Arc<InFlight>,
     /// Every build from submission until its record is stored, by id.
-    live: live::Live,
+    live: Arc<live::Live>,
     next_id: AtomicU64,
     /// How many build tasks have not ended yet (outcome given, leftovers removed).
     active: watch::Sender<usize>,
@@ -274,7 +274,7 @@ impl BuildService {
                 running: limits::Running::new(BuildLimits::new(config)),
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
                 inflight: Arc::default(),
-                live: live::Live::default(),
+                live: Arc::default(),
                 next_id: AtomicU64::new(1),
                 active: watch::channel(0).0,
                 substituter,
@@ -371,7 +371,7 @@ impl BuildService {
             stored_log,
         ));
         inflight.insert(prepared.key, build.clone());
-        self.inner.live.insert(&build);
+        let live = self.inner.live.enter(&build);
         let waiter = build.subscribe(&self.inner.inflight, &job.account, notes);
         drop(inflight);
         let inner = self.inner.clone();
@@ -416,7 +416,9 @@ impl BuildService {
                     usage,
                 };
                 records::record(&inner.store, &build, &job.account, record).await;
-                inner.live.remove(build.id);
+                // Listed until its record is stored (or until the task is dropped, even in a
+                // panic).
+                drop(live);
                 if let Some(leftovers) = leftovers {
                     leftovers.remove().await;
                 }

@@ -348,9 +348,8 @@ impl BuildRun<'_> {
                 },
                 () = sleep_for(silence) => break Ended::Silent(silence.unwrap_or(0)),
                 () = sleep_until(deadline) => break Ended::TimedOut(total.unwrap_or(0)),
-                changed = cancel.changed() => if changed.is_err() || *cancel.borrow() {
-                    break Ended::Cancelled(build.cancel_reason());
-                },
+                // Also a cancel that came before the loop (during the set-up).
+                () = cancelled(&mut cancel) => break Ended::Cancelled(build.cancel_reason()),
                 overrun = watch.stopped() => break Ended::Overrun(overrun),
             }
         };
@@ -543,6 +542,12 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Resolves once `cancel` is (or was already) set, or its sender is gone; holds no borrow
+/// of the value across the caller's awaits.
+async fn cancelled(cancel: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = cancel.wait_for(|c| *c).await;
 }
 
 async fn sleep_for(d: Option<u64>) {

@@ -349,7 +349,11 @@ impl LogFollow {
     pub async fn next(&mut self) -> Option<Bytes> {
         loop {
             if self.done.borrow_and_update().is_some() {
-                return self.log.try_recv().ok();
+                return match self.log.try_recv() {
+                    Ok(chunk) => Some(chunk),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => Some(skipped_line(n)),
+                    Err(_) => None,
+                };
             }
             tokio::select! {
                 biased;
@@ -391,7 +395,7 @@ impl InFlight {
         Self::remove_if_mine(&mut self.lock(), build);
     }
 
-    fn remove_if_mine(inflight: &mut HashMap<BuildKey, Arc<Shared>>, build: &Shared) {
+    pub(super) fn remove_if_mine(inflight: &mut HashMap<BuildKey, Arc<Shared>>, build: &Shared) {
         if inflight
             .get(&build.key)
             .is_some_and(|b| std::ptr::eq(Arc::as_ptr(b), build))

@@ -392,10 +392,10 @@ impl Metrics {
             ),
             (
                 "nixbuild_store_nar_bytes",
-                "NAR size of all store objects.",
+                "NAR bytes of every account's paths (a path several accounts hold counts for each).",
                 s.store_nar_bytes,
             ),
-            ("nixbuild_store_paths", "Store objects.", s.store_paths),
+            ("nixbuild_store_paths", "Paths of every account (a path several accounts hold counts for each).", s.store_paths),
             (
                 "nixbuild_store_free_bytes",
                 "Free space on the state directory's file system.",
@@ -472,7 +472,7 @@ impl Metrics {
             ),
             (
                 "nixbuild_gc_removed_paths_total",
-                "Store objects removed by collections.",
+                "Paths (one account's grant each) removed by collections.",
                 &self.gc_removed_paths,
             ),
         ];
@@ -525,9 +525,10 @@ pub struct Snapshot {
     pub cores_total: u64,
     /// Memory the daemon may grant to builds, in bytes.
     pub memory_total_bytes: u64,
-    /// The NAR size of all store objects, in bytes.
+    /// The NAR bytes of every account's paths (a path several accounts hold counts for
+    /// each).
     pub store_nar_bytes: u64,
-    /// How many store objects there are.
+    /// The paths of every account (a path several accounts hold counts for each).
     pub store_paths: u64,
     /// Free space on the state directory's file system, in bytes.
     pub free_bytes: u64,

@@ -8,7 +8,7 @@ use crate::config::parse_duration;
 /// Most entries `builds` and `paths` list when not told (`--max`).
 pub const DEFAULT_MAX: usize = 50;
 /// Most entries `--max` may ask for.
-pub const MAX_ENTRIES: usize = 10_000;
+pub const MAX_ENTRIES: usize = 1000;
 /// How far back `usage` looks when not told (`--since`), in seconds.
 pub const DEFAULT_SINCE: u64 = 30 * 86_400;
 
@@ -95,7 +95,7 @@ impl Command {
     pub fn scoped(&self) -> bool {
         !matches!(
             self,
-            Command::Help | Command::Accounts | Command::Gc | Command::Status
+            Command::Help | Command::Whoami | Command::Accounts | Command::Gc | Command::Status
         )
     }
 }
@@ -442,11 +442,11 @@ mod tests {
                 },
             ),
             (
-                "builds --max 10001",
+                "builds --max 1001",
                 ParseError::BadNumber {
                     option: "--max",
                     max: MAX_ENTRIES,
-                    value: "10001".into(),
+                    value: "1001".into(),
                 },
             ),
             (
@@ -462,6 +462,13 @@ mod tests {
                 },
             ),
             ("builds --all --account a", ParseError::Conflict),
+            (
+                "whoami --all",
+                ParseError::UnknownOption {
+                    command: "whoami",
+                    option: "--all".into(),
+                },
+            ),
             (
                 "status --all",
                 ParseError::UnknownOption {

@@ -12,7 +12,7 @@
 pub mod command;
 pub mod view;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use bytes::Bytes;
 use crate::builds::{BuildService, LiveBuild};
 use crate::collector::Collector;
 use crate::config::Config;
-use crate::session::SessionOutput;
+use crate::session::{SessionOutput, WriteTimeout};
 use crate::store::{BuildRecord, LogReader, Store, StoreError};
 use command::{BuildRef, Command, Invocation, Scope};
 use view::{BuildView, Document};
@@ -83,6 +83,11 @@ pub enum OpsError {
 /// Runs `nixbuild <words>` for `ops`' account, writing the answer to `out`'s stdout and
 /// errors to its stderr; returns the exit status.
 pub async fn run<O: SessionOutput>(ops: &Ops<'_>, words: &[String], out: &mut O) -> u32 {
+    // A client that stops reading cannot hold its session place (and a log reader) forever.
+    let out = &mut WriteTimeout {
+        inner: out,
+        limit: ops.config.timeouts.write(),
+    };
     let result = match command::parse(words) {
         Ok(invocation) => ops.execute(&invocation, out).await,
         Err(e) => Err(OpsError::Usage(e)),
@@ -94,11 +99,24 @@ pub async fn run<O: SessionOutput>(ops: &Ops<'_>, words: &[String], out: &mut O)
     };
     if let Err(e) = &result {
         tracing::info!(account = ops.account, error = %e, "nixbuild command failed");
-        crate::metrics::METRICS.refused(crate::metrics::Refusal::Command);
+        if e.is_refusal() {
+            crate::metrics::METRICS.refused(crate::metrics::Refusal::Command);
+        }
         let _ = out.stderr(format!("error: {e}\n").as_bytes()).await;
     }
     let _ = out.flush().await;
     status
+}
+
+impl OpsError {
+    /// Whether the caller was refused (bad words, not allowed, not found), rather than the
+    /// server failing.
+    fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            OpsError::Usage(_) | OpsError::Denied(_) | OpsError::NotFound(_) | OpsError::Cancel(_)
+        )
+    }
 }
 
 impl Ops<'_> {
@@ -192,6 +210,10 @@ impl Ops<'_> {
             }
             Command::Status => self.status().await?,
         };
+        let document = match scope {
+            Some(account) => document.seen_by(account),
+            None => document,
+        };
         let text = if json {
             document.to_json()
         } else {
@@ -210,10 +232,18 @@ impl Ops<'_> {
         let (store, account) = (self.store.clone(), scope.map(str::to_owned));
         // Enough rows for `max` builds even when each has a record per account.
         let rows = if account.is_some() { max } else { max * 4 };
-        let records =
-            tokio::task::spawn_blocking(move || store.records(account.as_deref(), rows)).await??;
+        let recorded = tokio::task::spawn_blocking(move || {
+            let records = store.records(account.as_deref(), rows)?;
+            let mut views = merge_records(records);
+            views.truncate(max);
+            for view in &mut views {
+                view.shorten_error();
+            }
+            Ok::<_, StoreError>(views)
+        })
+        .await??;
         let mut views: BTreeMap<u64, BuildView> = BTreeMap::new();
-        for view in merge_records(records).into_iter().take(max) {
+        for view in recorded {
             views.insert(view.id, view);
         }
         for build in &live {
@@ -270,10 +300,16 @@ impl Ops<'_> {
         let mut log = LogOut {
             json: json.then(Vec::new),
         };
+        // A build whose outcome is known and whose log went to its record is read from the
+        // record, once it is stored.
         let live = found
             .is_live()
             .then(|| self.builds.follow(scope, id))
-            .flatten();
+            .flatten()
+            .filter(|reader| reader.so_far.is_some() || reader.outcome().is_none());
+        if live.is_none() && found.is_live() {
+            self.wait_recorded(scope, id).await;
+        }
         let complete = match live {
             Some(mut reader) => {
                 if let Some(so_far) = reader.so_far.take() {
@@ -315,6 +351,16 @@ impl Ops<'_> {
         }
     }
 
+    /// Waits (at most [`RECORD_WAIT`]) until build `id`, whose outcome is known, has left the
+    /// builds in flight: its record is stored then.
+    async fn wait_recorded(&self, scope: Option<&str>, id: u64) {
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        while self.builds.live_build(scope, id).is_some() && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn whoami(&self) -> Result<Document, OpsError> {
         let store = self.store.clone();
         let account = self.account.to_owned();
@@ -339,7 +385,9 @@ impl Ops<'_> {
     }
 
     async fn usage(&self, scope: Option<&str>, since: u64) -> Result<Document, OpsError> {
+        // Whole UTC days, as the store sums them.
         let since_ms = crate::store::now_ms().saturating_sub(since.saturating_mul(1000));
+        let since_ms = since_ms - since_ms % 86_400_000;
         let (store, account) = (self.store.clone(), scope.map(str::to_owned));
         let (days, holding) = tokio::task::spawn_blocking(move || {
             let days = store.daily_usage(account.as_deref(), since_ms)?;
@@ -430,10 +478,14 @@ fn name(build: &BuildRef) -> String {
 /// become one view naming every account.
 fn merge_records(records: Vec<BuildRecord>) -> Vec<BuildView> {
     let mut views: Vec<BuildView> = Vec::new();
+    let mut index: HashMap<u64, usize> = HashMap::new();
     for record in records {
-        match views.iter_mut().find(|v| v.id == record.build) {
-            Some(view) => view.accounts.push(record.account),
-            None => views.push(BuildView::recorded(record)),
+        match index.get(&record.build) {
+            Some(&i) => views[i].accounts.push(record.account),
+            None => {
+                index.insert(record.build, views.len());
+                views.push(BuildView::recorded(record));
+            }
         }
     }
     for view in &mut views {
@@ -441,6 +493,9 @@ fn merge_records(records: Vec<BuildRecord>) -> Vec<BuildView> {
     }
     views
 }
+
+/// Longest `log` waits for the record of a build that has just ended.
+const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Most bytes of log `log --json` puts in its document (the text form streams any size).
 pub const MAX_JSON_LOG: usize = 16 << 20;

@@ -14,6 +14,9 @@ use crate::store::{BuildRecord, DayUsage, GcStats, HeldPath};
 /// The version of the JSON answers' schema.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Characters of a build's error a list shows.
+pub const LISTED_ERROR: usize = 200;
+
 /// One answer.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -116,8 +119,12 @@ pub struct BuildView {
     pub id: u64,
     /// The derivation.
     pub drv: String,
-    /// The accounts that asked for it.
+    /// The accounts that asked for it (an admin's view); in an account's own view, that
+    /// account alone.
     pub accounts: Vec<String>,
+    /// Whether it was one build for several requests (of several accounts, or several of
+    /// one).
+    pub shared: bool,
     /// `waiting`, `running`, `ending` (outcome known, record being stored) or `finished`.
     pub state: &'static str,
     /// For a finished build, its result as Nix names it (`Built`, `PermanentFailure`, ...).
@@ -157,6 +164,7 @@ impl BuildView {
             id: build.id,
             drv: build.drv.to_absolute(),
             accounts: build.accounts.clone(),
+            shared: build.accounts.len() > 1,
             state: "waiting",
             status: None,
             error: None,
@@ -202,6 +210,7 @@ impl BuildView {
             id: record.build,
             drv: record.drv,
             accounts: vec![record.account],
+            shared: record.shared,
             state: "finished",
             status: Some(record.status),
             error: (!record.error.is_empty()).then_some(record.error),
@@ -222,6 +231,18 @@ impl BuildView {
                 .collect(),
             output_bytes: Some(record.output_bytes),
             log_bytes: Some(record.log_bytes),
+        }
+    }
+
+    /// Cuts the error to its first line, at most [`LISTED_ERROR`] characters, for a list
+    /// (`show` has it whole).
+    pub fn shorten_error(&mut self) {
+        if let Some(error) = &mut self.error {
+            let first = error.lines().next().unwrap_or_default();
+            let cut: String = first.chars().take(LISTED_ERROR).collect();
+            if cut.len() < error.len() {
+                *error = format!("{cut}…");
+            }
         }
     }
 
@@ -374,6 +395,18 @@ fn held_paths<S: serde::Serializer>(paths: &[HeldPath], s: S) -> Result<S::Ok, S
 }
 
 impl Document {
+    /// The answer as `account` may see it: a build shared with other accounts names only
+    /// `account` (that it is shared shows in `shared`).
+    pub fn seen_by(mut self, account: &str) -> Document {
+        let own = |b: &mut BuildView| b.accounts.retain(|a| a == account);
+        match &mut self {
+            Document::Builds { builds } => builds.iter_mut().for_each(own),
+            Document::Build { build } => own(build),
+            _ => {}
+        }
+        self
+    }
+
     /// The JSON form: one line.
     pub fn to_json(&self) -> String {
         #[derive(Serialize)]

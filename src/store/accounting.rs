@@ -126,13 +126,15 @@ impl Store {
             .map_err(db_err("count an account's traffic"))
     }
 
-    /// Per UTC day from `since_ms` on (oldest first): the builds of `account` (every
-    /// account's with `None`) that ended, from their records, and the bytes moved.
+    /// Per UTC day from the day of `since_ms` on (oldest first, whole days): the builds of
+    /// `account` (every account's with `None`) that ended, from their records, and the bytes
+    /// moved.
     pub fn daily_usage(
         &self,
         account: Option<&str>,
         since_ms: u64,
     ) -> Result<Vec<DayUsage>, StoreError> {
+        let since_ms = since_ms - since_ms % DAY_MS;
         let conn = self.inner.lock_reader();
         let mut days: BTreeMap<u64, DayUsage> = BTreeMap::new();
         let since = to_sql_int(since_ms);

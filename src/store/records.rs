@@ -110,11 +110,13 @@ impl LogWriter {
     }
 }
 
-/// Where a running build's log stands: its file so far and how many bytes it holds
+/// Where a running build's log stands: its file, opened at the checkpoint (so that the build
+/// ending, which renames or removes it, does not take it away), and how many bytes it holds
 /// uncompressed ([`LogWriter::checkpoint`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LogCheckpoint {
-    file: PathBuf,
+    file: File,
+    path: PathBuf,
     bytes: u64,
 }
 
@@ -127,8 +129,10 @@ impl LogWriter {
                 .flush()
                 .map_err(io_err("flush a build log", &self.tmp))?;
         }
+        let file = File::open(&self.tmp).map_err(io_err("read a build log", &self.tmp))?;
         Ok(LogCheckpoint {
-            file: self.tmp.clone(),
+            file,
+            path: self.tmp.clone(),
             bytes: self.bytes,
         })
     }
@@ -139,19 +143,19 @@ pub type LogReader = Box<dyn std::io::Read + Send>;
 
 impl LogCheckpoint {
     /// The log up to the checkpoint (later writes cut off), decompressed as it is read.
-    pub fn open(&self) -> Result<LogReader, StoreError> {
+    pub fn open(self) -> Result<LogReader, StoreError> {
         use std::io::Read;
         // Reading stops at the checkpoint, where the flushed blocks end, before the
         // unfinished frame would make the decoder complain.
-        Ok(Box::new(open_log(&self.file)?.take(self.bytes)))
+        Ok(Box::new(decoder(self.file, &self.path)?.take(self.bytes)))
     }
 }
 
-fn open_log(
-    file: &std::path::Path,
+fn decoder(
+    file: File,
+    path: &std::path::Path,
 ) -> Result<zstd::Decoder<'static, std::io::BufReader<File>>, StoreError> {
-    let f = File::open(file).map_err(io_err("read a build log", file))?;
-    zstd::Decoder::new(f).map_err(io_err("decompress a build log", file))
+    zstd::Decoder::new(file).map_err(io_err("decompress a build log", path))
 }
 
 impl std::fmt::Debug for LogWriter {
@@ -257,7 +261,7 @@ pub(super) fn add_build_ids(tx: &Connection) -> Result<(), StoreError> {
         tx.execute_batch(
             "ALTER TABLE builds ADD COLUMN build INTEGER NOT NULL DEFAULT 0;
              UPDATE builds SET build = id;
-             CREATE INDEX builds_by_build ON builds(build);",
+             CREATE INDEX builds_by_build ON builds(build, account);",
         )
         .map_err(db_err("add the builds' ids"))?;
     }
@@ -441,10 +445,12 @@ impl Store {
                 })
                 .map_err(db_err("look up a build log"))?
         };
-        match name {
-            Some(name) => Ok(Some(Box::new(open_log(&self.logs_dir().join(name))?))),
-            None => Ok(None),
-        }
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        let path = self.logs_dir().join(name);
+        let file = File::open(&path).map_err(io_err("read a build log", &path))?;
+        Ok(Some(Box::new(decoder(file, &path)?)))
     }
 
     /// Removes logs older than the log retention and records older than the record
