@@ -57,7 +57,7 @@ impl LiveConfig {
 /// `running` with the settings a running daemon can change taken from `new`: `[timeouts]`,
 /// `[limits] max_builds_per_account` and `max_running_builds_per_account`,
 /// `[store]` retention, quota and collector settings (see [`crate::config::StoreConfig::with_live_from`]),
-/// `[accounts]`, `[admin]`,
+/// `[accounts]`, `[admin]`, `[builds]` but its uid range,
 /// `[limits] max_sessions_per_account` and `max_upload_bytes_per_session`, `[relay]
 /// trusted_uids` and `trusted_gids`, `[ssh] max_connections`, `max_connections_per_account`
 /// and `max_sessions_per_connection`. Also the names of the other settings that `new`
@@ -83,10 +83,17 @@ pub fn merge(running: &Config, new: &Config) -> (Config, Vec<&'static str>) {
     merged.store = running.store.with_live_from(&new.store);
     merged.accounts.clone_from(&new.accounts);
     merged.admin.clone_from(&new.admin);
+    // The uid range is the pool the running builds hold their uids from.
+    merged.builds = crate::config::BuildsConfig {
+        uid_base: running.builds.uid_base,
+        uid_count: running.builds.uid_count,
+        ..new.builds.clone()
+    };
     let (r, n) = (running, new);
     let restart = [
         ("[store]", merged.store != n.store),
-        ("[builds]", r.builds != n.builds),
+        ("builds.uid_base", r.builds.uid_base != n.builds.uid_base),
+        ("builds.uid_count", r.builds.uid_count != n.builds.uid_count),
         ("[capacity]", r.capacity != n.capacity),
         ("[scheduler]", r.scheduler != n.scheduler),
         ("[substituters]", r.substituters != n.substituters),
@@ -156,20 +163,22 @@ mod tests {
         "[store]\ngc_free_space = 7",
         "[accounts.alice]\nretention = 7\nquota = 7",
         "[admin]\naccounts = [\"ops\"]",
+        "[builds]\nmax_silent_time = 7",
+        "[builds]\nbuild_timeout = 7",
+        "[builds]\nmax_log_size = 7",
+        "[builds]\nmax_output_size = 7",
+        "[builds]\nderivation_requests = true",
+        "[builds]\ndev_shm_size = \"7m\"",
+        "[builds]\nkeep_going = false",
+        "[builds]\ngraph_jobs = 7",
     ];
     const RESTART: &[(&str, &str)] = &[
         ("[store]\nmax_nar_size = 7", "[store]"),
         ("[store]\nmax_paths_per_request = 7", "[store]"),
         ("[store]\ndisk_reserve = 7", "[store]"),
         ("[store]\nmax_request_bytes = 70000", "[store]"),
-        ("[builds]\nuid_base = 7", "[builds]"),
-        ("[builds]\nuid_count = 7", "[builds]"),
-        ("[builds]\nmax_silent_time = 7", "[builds]"),
-        ("[builds]\nbuild_timeout = 7", "[builds]"),
-        ("[builds]\nmax_log_size = 7", "[builds]"),
-        ("[builds]\nmax_output_size = 7", "[builds]"),
-        ("[builds]\nderivation_requests = true", "[builds]"),
-        ("[builds]\ndev_shm_size = \"7m\"", "[builds]"),
+        ("[builds]\nuid_base = 7", "builds.uid_base"),
+        ("[builds]\nuid_count = 7", "builds.uid_count"),
         ("[capacity]\ncores = 7", "[capacity]"),
         ("[capacity]\nmemory = 7", "[capacity]"),
         ("[capacity]\nsystems = [\"i686-linux\"]", "[capacity]"),
@@ -239,7 +248,7 @@ mod tests {
         )
         .unwrap();
         let restart = live.update(&new);
-        assert_eq!(restart, ["[builds]", "limits.max_sessions"]);
+        assert_eq!(restart, ["builds.uid_count", "limits.max_sessions"]);
         let now = live.get();
         assert_eq!(now.limits.max_sessions_per_account, 5);
         assert_eq!(

@@ -299,7 +299,7 @@ fn failing_builder_shows_its_log() {
 fn server_side_time_limits_are_reported_to_the_client() {
     // The server's own limits (the client sets none, so nothing races them on its side).
     let lab = Lab::new(
-        r#"{ ticking = mk "ticking" "while true; do echo tick; sleep 1; done" { SALT = salt; }; quiet = mk "quiet" "echo started; sleep 600" { SALT = salt; }; }"#,
+        r#"{ ticking = mk "ticking" "while true; do echo tick; sleep 1; done" { SALT = salt; }; quiet = mk "quiet" "echo started; sleep 600" { SALT = salt; }; again = mk "ticking-again" "while true; do echo tick; sleep 1; done" { SALT = salt; }; }"#,
     );
     let d = Daemon::start_with_config("[builds]\nbuild_timeout = 5\nmax_silent_time = 3\n", &[]);
     let ticking = lab.instantiate(&["ticking"]);
@@ -324,6 +324,14 @@ fn server_side_time_limits_are_reported_to_the_client() {
         .filter(|l| l.contains("answered BuildDerivation") && l.contains("status=TimedOut"))
         .count();
     assert_eq!(answered, 2, "{log}");
+    // `systemctl reload` puts a new limit in force for the builds that start after it.
+    d.write_config("[builds]\nbuild_timeout = 2\nmax_silent_time = 3\n");
+    d.hangup();
+    d.wait_for_log(&["configuration re-read on SIGHUP", "needs_restart=0"]);
+    let again = lab.instantiate(&["again"]);
+    let out = lab.remote_build(&d, "a", &again, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timed out after 2 seconds"), "{stderr}");
 }
 
 /// What a builder can see of its sandbox (docs/sandbox.md's environment-recording derivation).

@@ -264,13 +264,14 @@ fn sighup_rereads_the_configuration_and_a_broken_file_changes_nothing() {
     // The limit raised, and a setting changed that only a restart puts in force.
     server
         .daemon
-        .write_config("[ssh]\nmax_connections_per_account = 2\n[builds]\nmax_log_size = 4096\n");
+        .write_config("[ssh]\nmax_connections_per_account = 2\n[limits]\nmax_sessions = 4096\n");
     server.daemon.hangup();
     server
         .daemon
         .wait_for_log(&["configuration re-read on SIGHUP", "needs_restart=1"]);
     server.daemon.wait_for_log(&[
-        "[builds] changed, which takes effect only at a restart; the running value stays",
+        "limits.max_sessions changed, which takes effect only at a restart; the running \
+         value stays",
     ]);
     let mut second = SshSession::open(&config, ALIAS);
     still_serves(&mut second);

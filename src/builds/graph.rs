@@ -130,12 +130,13 @@ impl BuildService {
         options: BuildOptions,
         keep_going: Option<bool>,
     ) -> GraphRun {
-        let keep_going = keep_going.unwrap_or(self.inner.config.keep_going);
+        let config = self.inner.builds_config();
+        let keep_going = keep_going.unwrap_or(config.keep_going);
         // The plan's inputs are acyclic and in range by construction.
         let graph = BuildGraph::new(&plan.inputs, keep_going)
             .unwrap_or_else(|e| unreachable!("a planned graph is a graph: {e}"));
         let (tx, rx) = mpsc::channel(EVENT_DEPTH);
-        let max_jobs = usize::try_from(self.inner.config.graph_jobs)
+        let max_jobs = usize::try_from(config.graph_jobs)
             .unwrap_or(usize::MAX)
             .max(1);
         tracing::info!(

@@ -184,7 +184,8 @@ struct Inner {
     store: Store,
     builds_dir: PathBuf,
     helper_exe: PathBuf,
-    config: BuildsConfig,
+    /// `[builds]`, replaced on reload (but its uid range, which `uids` holds).
+    config: std::sync::RwLock<Arc<BuildsConfig>>,
     /// The host's facts, for every build's sandbox.
     host: HostFacts,
     placement: Arc<Placement>,
@@ -203,6 +204,16 @@ struct Inner {
     active: watch::Sender<usize>,
     /// The binary-cache client, when `[substituters]` names caches.
     substituter: Option<Substituter>,
+}
+
+impl Inner {
+    /// The `[builds]` settings in force.
+    fn builds_config(&self) -> Arc<BuildsConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Counts a build task as active until dropped (at its end, or when it is aborted).
@@ -267,7 +278,7 @@ impl BuildService {
                 store,
                 builds_dir: dir,
                 helper_exe,
-                config: config.builds.clone(),
+                config: std::sync::RwLock::new(Arc::new(config.builds.clone())),
                 host,
                 placement: Arc::new(placement),
                 account_builds: Arc::default(),
@@ -282,9 +293,12 @@ impl BuildService {
         })
     }
 
-    /// Puts the per-account build limits of `config` in force (on reload).
+    /// Puts the per-account build limits and the `[builds]` settings of `config` in force
+    /// (on reload; for builds that start from now on; the uid range stays).
     pub fn set_limits(&self, config: &Config) {
         self.inner.running.set_limits(BuildLimits::new(config));
+        *self.inner.config.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(config.builds.clone());
     }
 
     /// The binary-cache client, when caches are configured.

@@ -48,7 +48,9 @@ pub(super) async fn run<'a>(
     prepared: Prepared,
 ) -> (Outcome, Option<Leftovers<'a>>) {
     let refused = |message: String| Outcome::without_build(BuildStatus::MiscFailure, message);
-    let spec = match build_spec(&inner.config, job, &prepared) {
+    // The [builds] settings in force when the build starts hold for its whole run.
+    let config = inner.builds_config();
+    let spec = match build_spec(&config, job, &prepared) {
         Ok(spec) => spec,
         Err(msg) => {
             return (
@@ -112,6 +114,7 @@ pub(super) async fn run<'a>(
     let scratch = inner.builds_dir.join(id.to_string());
     let build_run = BuildRun {
         inner,
+        config: &config,
         build,
         job,
         prepared: &prepared,
@@ -149,6 +152,7 @@ pub(super) async fn run<'a>(
 /// [`super::prepare`] found.
 struct BuildRun<'a> {
     inner: &'a Arc<Inner>,
+    config: &'a BuildsConfig,
     build: &'a Shared,
     job: &'a BuildJob,
     prepared: &'a Prepared,
@@ -182,6 +186,7 @@ impl BuildRun<'_> {
     async fn run_in(&self, place: Place<'_>, made: &mut Made) -> Result<Outcome, BuildError> {
         let BuildRun {
             inner,
+            config,
             build,
             job,
             prepared,
@@ -259,7 +264,7 @@ impl BuildRun<'_> {
             has_dev_kvm: inner.host.kvm,
             resolver: inner.host.resolver.clone(),
             impure_env: inner.host.impure_env.clone(),
-            dev_shm_size: inner.config.dev_shm_size.clone(),
+            dev_shm_size: config.dev_shm_size.clone(),
         };
         let plan = match nixbuild_sandbox::plan(&request, &host) {
             Ok(p) => p,
@@ -313,7 +318,6 @@ impl BuildRun<'_> {
         });
 
         let options = &job.options;
-        let config = &inner.config;
         let silence = limit(options.max_silent_time.into(), config.max_silent_time);
         let total = limit(options.build_timeout.into(), config.build_timeout);
         let max_log = limit(options.max_log_size, config.max_log_size);
@@ -436,7 +440,7 @@ impl BuildRun<'_> {
         let sharers = build.sharers(&job.account);
         let limits = OutputLimits {
             max_nar_size: inner.store.limits().max_nar_size,
-            max_output_size: inner.config.max_output_size,
+            max_output_size: self.config.max_output_size,
         };
         let abort = Arc::new(AtomicBool::new(false));
         let mut task = {
