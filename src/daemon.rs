@@ -343,7 +343,7 @@ fn metrics_snapshot(
 ) -> Arc<dyn Fn() -> crate::metrics::Snapshot + Send + Sync> {
     Arc::new(move || {
         let load = builds.load();
-        let holdings = store.holdings().unwrap_or_default();
+        let all = store.total_holding().unwrap_or_default();
         crate::metrics::Snapshot {
             builds_waiting: load.waiting,
             builds_running: load.running,
@@ -351,8 +351,8 @@ fn metrics_snapshot(
             memory_granted_bytes: load.memory_granted,
             cores_total: load.cores,
             memory_total_bytes: load.memory,
-            store_nar_bytes: holdings.iter().map(|h| h.nar_bytes).sum(),
-            store_paths: holdings.iter().map(|h| h.paths).sum(),
+            store_nar_bytes: all.nar_bytes,
+            store_paths: all.paths,
             free_bytes: store.free_space().unwrap_or(0),
         }
     })
@@ -600,8 +600,6 @@ async fn relayed_command<O: crate::session::SessionOutput>(
             return crate::ops::EXIT_USAGE;
         }
     };
-    let _counted = crate::metrics::METRICS.session_started(crate::metrics::SessionKind::Command);
-    tracing::info!(%account, command = ?words, "nixbuild command");
     let ops = crate::ops::Ops {
         store: &shared.store,
         builds: &shared.builds,

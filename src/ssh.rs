@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::builds::BuildService;
 use crate::collector::Collector;
 use crate::config::Config;
-use crate::metrics::{SessionKind, METRICS};
+use crate::metrics::METRICS;
 use crate::reload::LiveConfig;
 use crate::service::{SessionPlaces, SessionSettings};
 use crate::session::{self, SessionError, SessionOutput};
@@ -93,8 +93,6 @@ impl SessionService for SshSessions {
                 stderr,
             };
             if let Some(words) = &request.command {
-                let _counted = METRICS.session_started(SessionKind::Command);
-                tracing::info!(%account, conn, command = ?words, "nixbuild command");
                 let ops = crate::ops::Ops {
                     store: &self.store,
                     builds: &self.builds,

@@ -129,22 +129,30 @@ pub enum CancelError {
     Ended(u64),
 }
 
+/// Whether `account` waits for `build` (every build counts for `None`, an admin's view).
+fn waits_for(build: &Shared, account: Option<&str>) -> bool {
+    account.is_none_or(|a| build.accounts().contains(a))
+}
+
 impl BuildService {
     /// The builds in flight that `account` waits for (every build with `None`), by id.
     pub fn live_builds(&self, account: Option<&str>) -> Vec<LiveBuild> {
         let builds: Vec<Arc<Shared>> = self.inner.live.lock().values().cloned().collect();
         builds
             .iter()
-            .filter(|b| account.is_none_or(|a| b.accounts().contains(a)))
+            .filter(|b| waits_for(b, account))
             .map(|b| self.view(b))
             .collect()
     }
 
     /// Build `id` if it is in flight and `account` waits for it (any account with `None`).
     pub fn live_build(&self, account: Option<&str>, id: u64) -> Option<LiveBuild> {
-        let build = self.inner.live.get(id)?;
-        let visible = account.is_none_or(|a| build.accounts().contains(a));
-        visible.then(|| self.view(&build))
+        self.visible(account, id).map(|b| self.view(&b))
+    }
+
+    /// Build `id` in flight, if `account` waits for it (any build with `None`).
+    fn visible(&self, account: Option<&str>, id: u64) -> Option<Arc<Shared>> {
+        self.inner.live.get(id).filter(|b| waits_for(b, account))
     }
 
     fn view(&self, build: &Shared) -> LiveBuild {
@@ -214,9 +222,7 @@ impl BuildService {
     /// Follows the log of build `id` if it is in flight and `account` waits for it (any
     /// build with `None`).
     pub fn follow(&self, account: Option<&str>, id: u64) -> Option<LogFollow> {
-        let build = self.inner.live.get(id)?;
-        let visible = account.is_none_or(|a| build.accounts().contains(a));
-        visible.then(|| build.follow())
+        self.visible(account, id).map(|b| b.follow())
     }
 
     /// `account`'s most builds queued or running, and most running (`None`: no limit but

@@ -83,6 +83,8 @@ pub enum OpsError {
 /// Runs `nixbuild <words>` for `ops`' account, writing the answer to `out`'s stdout and
 /// errors to its stderr; returns the exit status.
 pub async fn run<O: SessionOutput>(ops: &Ops<'_>, words: &[String], out: &mut O) -> u32 {
+    let _counted = crate::metrics::METRICS.session_started(crate::metrics::SessionKind::Command);
+    tracing::info!(account = ops.account, command = ?words, "nixbuild command");
     // A client that stops reading cannot hold its session place (and a log reader) forever.
     let out = &mut WriteTimeout {
         inner: out,
@@ -393,10 +395,10 @@ impl Ops<'_> {
             let days = store.daily_usage(account.as_deref(), since_ms)?;
             let holding = match account.as_deref() {
                 Some(a) => store.usage(a)?,
-                None => store
-                    .holdings()?
-                    .iter()
-                    .fold((0, 0), |(b, p), h| (b + h.nar_bytes, p + h.paths)),
+                None => {
+                    let all = store.total_holding()?;
+                    (all.nar_bytes, all.paths)
+                }
             };
             Ok::<_, StoreError>((days, holding))
         })
@@ -443,8 +445,8 @@ impl Ops<'_> {
 
     async fn status(&self) -> Result<Document, OpsError> {
         let store = self.store.clone();
-        let (free, holdings) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((store.free_space()?, store.holdings()?))
+        let (free, all) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.free_space()?, store.total_holding()?))
         })
         .await??;
         let load = self.builds.load();
@@ -458,9 +460,9 @@ impl Ops<'_> {
             memory_granted_bytes: load.memory_granted,
             free_bytes: free,
             disk_reserve_bytes: self.config.store.disk_reserve,
-            accounts: holdings.len(),
-            nar_bytes: holdings.iter().map(|h| h.nar_bytes).sum(),
-            paths: holdings.iter().map(|h| h.paths).sum(),
+            accounts: all.accounts,
+            nar_bytes: all.nar_bytes,
+            paths: all.paths,
             pinned_paths: self.store.pinned_rows(),
         }))
     }

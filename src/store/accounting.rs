@@ -81,6 +81,17 @@ pub struct HeldPath {
     pub registration_time: u64,
 }
 
+/// What every account holds together (a path several accounts hold counts for each).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TotalHolding {
+    /// Accounts holding paths.
+    pub accounts: usize,
+    /// NAR bytes of their paths.
+    pub nar_bytes: u64,
+    /// How many paths.
+    pub paths: u64,
+}
+
 /// What an account holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountHolding {
@@ -249,6 +260,25 @@ impl Store {
                 .collect()
             })
             .map_err(db_err("list the accounts' usage"))
+    }
+
+    /// What every account holds together, from the `usage` sums (one small scan).
+    pub fn total_holding(&self) -> Result<TotalHolding, StoreError> {
+        self.inner
+            .lock_reader()
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(nar_bytes), 0), coalesce(sum(paths), 0) FROM usage",
+            )
+            .and_then(|mut st| {
+                st.query_row([], |row| {
+                    Ok(TotalHolding {
+                        accounts: usize::try_from(unsigned(row.get(0)?)).unwrap_or(usize::MAX),
+                        nar_bytes: unsigned(row.get(1)?),
+                        paths: unsigned(row.get(2)?),
+                    })
+                })
+            })
+            .map_err(db_err("sum the accounts' usage"))
     }
 
     /// Removes traffic older than the record retention (the collector's runs).

@@ -33,7 +33,7 @@ mod policy;
 mod publish;
 mod records;
 
-pub use accounting::{AccountHolding, DayUsage, HeldPath, Traffic};
+pub use accounting::{AccountHolding, DayUsage, HeldPath, TotalHolding, Traffic};
 pub use db::now_ms;
 pub use error::{StoreError, StoreProblem};
 pub use gc::{GcStats, STEP_ROWS};
