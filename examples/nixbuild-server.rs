@@ -8,9 +8,8 @@
 //! ```
 //!
 //! On cgroup v2 under systemd, when its own cgroup cannot hand cpuset, memory and pids to
-//! builds (a root shell from an SSH login), it first re-executes itself, with the same pid
-//! and arguments, in a scope with delegated controllers (`systemd-run --scope -p
-//! Delegate=yes`).
+//! builds (a root shell from an SSH login), it first asks systemd over D-Bus for a scope with
+//! delegated controllers (`StartTransientUnit`, `Delegate=yes`) and moves there, same pid.
 //!
 //! Logs go to stderr (`RUST_LOG` filters them; default `info`; `--log-format json` for one JSON
 //! object per line). At start, with `--listen`, the
@@ -104,8 +103,7 @@ fn main() -> ExitCode {
             .with_span_list(true)
             .init(),
     }
-    // Absolute, so that builds and a re-execution below do not depend on the working
-    // directory.
+    // Absolute, so that builds do not depend on the working directory.
     args.state_dir = match std::path::absolute(&args.state_dir) {
         Ok(dir) => dir,
         Err(e) => {

@@ -14,7 +14,7 @@
 //! [`plan`]: the daemon moves into a leaf of its own cgroup before enabling controllers there,
 //! enables them top-down, and never one the parent does not offer. When its cgroup cannot
 //! give them (an SSH login's cgroup, a unit without `Delegate=yes`), [`enter_delegated_scope`]
-//! re-executes the daemon in a systemd scope with `Delegate=yes`.
+//! asks systemd over D-Bus for a scope with `Delegate=yes` and moves the daemon there.
 //!
 //! | limit | cgroup v1 | cgroup v2 |
 //! |---|---|---|
@@ -55,7 +55,7 @@ use std::time::Duration;
 
 pub use build_cgroup::{BuildCgroup, ForkRefusals, UsageFiles};
 pub use discovery::{format_cpu_list, parse_cpu_list, CpuListError};
-pub use setup::{check_limits, enter_delegated_scope, Cgroups, DELEGATED_SCOPE_ENV};
+pub use setup::{check_limits, enter_delegated_scope, Cgroups};
 
 /// Why a cgroup operation failed, or why limits cannot be enforced.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +98,14 @@ pub enum CgroupError {
         pids: Vec<u32>,
         /// How long they were waited for.
         waited: Duration,
+    },
+    /// systemd could not be asked for a delegated scope, or refused it.
+    #[error("systemd did not give this process the delegated scope {unit}: {reason}")]
+    Systemd {
+        /// The transient scope asked for.
+        unit: String,
+        /// What busctl or systemd said.
+        reason: String,
     },
     /// Some per-build limit cannot be enforced and the operator did not allow that.
     #[error(

@@ -173,9 +173,9 @@ pub(super) fn plan_v2(own: &OwnCgroup<'_>, root_name: &str, wanted: &[Controller
 pub(super) enum Delegation {
     /// Every controller can be had (or none is on v2).
     NotNeeded,
-    /// Re-execute in a delegated systemd scope.
+    /// Ask systemd for a delegated scope and move there.
     AskSystemd,
-    /// Already re-executed in a delegated scope, and still missing controllers.
+    /// Already moved into a delegated scope, and still missing controllers.
     ScopeNotEnough,
     /// No systemd to ask (or not root).
     NoSystemd,
@@ -202,10 +202,10 @@ impl fmt::Display for Delegation {
             Delegation::NotNeeded => "",
             Delegation::AskSystemd => {
                 "; a delegated systemd scope could not be obtained \
-                 (systemd-run --scope -p Delegate=yes did not run, see above)"
+                 (StartTransientUnit with Delegate=yes over D-Bus, see the warning above)"
             }
             Delegation::ScopeNotEnough => {
-                "; this is already the systemd scope with Delegate=yes obtained with systemd-run"
+                "; this is already the systemd scope with Delegate=yes obtained over D-Bus"
             }
             Delegation::NoSystemd => {
                 "; systemd is not running here (or this process is not root), so no delegated \
@@ -360,6 +360,37 @@ mod tests {
                  other process(es)"
             ) && message.contains("systemd is not running here"),
             "{message}"
+        );
+    }
+
+    /// Recorded on a fresh Debian 12 with pam_systemd (what a standard install has), from a
+    /// command run as root over SSH: `0::/user.slice/user-0.slice/session-3.scope`, holding
+    /// sshd's session process, the shell and the command; user-0.slice offers cpu, memory
+    /// and pids, no cpuset. The daemon asked systemd for `nixbuild-370.scope` and went on
+    /// there as in `a_delegated_scope_moves_the_daemon_to_a_leaf_then_enables_top_down`.
+    #[test]
+    fn an_ssh_login_s_session_scope_needs_delegation() {
+        let session = "/sys/fs/cgroup/user.slice/user-0.slice/session-3.scope";
+        let plan = plan_v2(
+            &own(session, "cpu memory pids\n", "356\n363\n369\n", 369),
+            "nb",
+            &ALL,
+        );
+        assert_eq!(
+            plan.steps,
+            steps(None, (session, &[]), (&format!("{session}/nb"), &[]))
+        );
+        let shared = Missing::Shared {
+            own: session.into(),
+            others: 2,
+        };
+        assert_eq!(
+            plan.missing,
+            vec![
+                (Memory, shared.clone()),
+                (Cpuset, Missing::NotOffered(session.into())),
+                (Pids, shared),
+            ]
         );
     }
 

@@ -3,10 +3,10 @@
 //! creation of each build's cgroup with its limits set ([`Cgroups::create_build`]).
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use super::build_cgroup::{rmdir_waiting, Dir};
 use super::discovery::{
@@ -252,17 +252,20 @@ fn host_has_no_swap() -> bool {
     })
 }
 
-/// Set in the environment of this program re-executed by [`enter_delegated_scope`], so that
-/// it does not ask again.
-pub const DELEGATED_SCOPE_ENV: &str = "NIXBUILD_DELEGATED_SCOPE";
+/// Whether this process moved itself into the scope it asked systemd for.
+static IN_DELEGATED_SCOPE: AtomicBool = AtomicBool::new(false);
+
+/// How long systemd may take to move this process into its new scope.
+const SCOPE_WAIT: Duration = Duration::from_secs(10);
 
 /// On cgroup v2 under systemd, when this process's cgroup cannot give build cgroups the
 /// controllers they need (an SSH login's session scope, a service without `Delegate=yes`),
-/// re-executes this program with the same arguments in a transient systemd scope with
-/// `Delegate=yes` (`systemd-run --scope`, which keeps the process id, the standard streams and
-/// the working directory). For `main`, before any thread starts. Returns when there is nothing
-/// to do or nothing to ask (no systemd, not root, already in such a scope), or with the error
-/// when `systemd-run` could not be executed; [`Cgroups::detect`] then says what was tried.
+/// asks systemd over D-Bus (`busctl call … StartTransientUnit`, as container runtimes do) for
+/// a transient scope `nixbuild-<pid>.scope` with `Delegate=yes` holding this process, and
+/// waits until systemd has moved it there. The process goes on as it was (same pid, streams
+/// and arguments). For `main`, before the cgroups are set up. Returns when there is nothing
+/// to do or nothing to ask (no systemd, not root, already moved), or with the error when
+/// systemd could not be asked or refused; [`Cgroups::detect`] then says what was tried.
 pub fn enter_delegated_scope() -> Result<(), CgroupError> {
     let found = Found::read()?;
     let Some((own, wanted)) = found.v2_own() else {
@@ -275,63 +278,104 @@ pub fn enter_delegated_scope() -> Result<(), CgroupError> {
     let delegation = Delegation::decide(
         !missing.is_empty(),
         systemd_can_delegate(),
-        in_delegated_scope(),
+        IN_DELEGATED_SCOPE.load(Ordering::Relaxed),
     );
     if delegation != Delegation::AskSystemd {
         return Ok(());
     }
-    let exe = std::env::current_exe().map_err(io_err("find", Path::new("/proc/self/exe")))?;
-    let command = scope_command(&exe, std::env::args_os().skip(1));
+    let pid = std::process::id();
+    let unit = format!("nixbuild-{pid}.scope");
     let why: Vec<String> = missing
         .iter()
         .map(|(c, why)| format!("{}: {why}", c.name()))
         .collect();
     tracing::info!(
-        "{}; re-executing in a systemd scope with Delegate=yes: {}",
-        why.join("; "),
-        command
-            .iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
+        "{}; asking systemd for a scope with Delegate=yes: {unit}",
+        why.join("; ")
     );
-    let source = std::process::Command::new(&command[0])
+    let command = scope_request(&unit, pid);
+    let refused = |reason: String| CgroupError::Systemd {
+        unit: unit.clone(),
+        reason,
+    };
+    let output = std::process::Command::new(&command[0])
         .args(&command[1..])
-        .env(DELEGATED_SCOPE_ENV, "1")
-        .exec();
-    Err(CgroupError::Io {
-        op: "execute",
-        path: PathBuf::from(&command[0]),
-        source,
-    })
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(io_err("execute", Path::new(&command[0])))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(refused(format!(
+            "{} {}",
+            output.status,
+            stderr.trim().chars().take(500).collect::<String>()
+        )));
+    }
+    // systemd moves the process when it starts the scope's job, just after answering.
+    let deadline = Instant::now() + SCOPE_WAIT;
+    let suffix = format!("/{unit}");
+    loop {
+        let now = Found::read()?;
+        if now
+            .v2_own()
+            .is_some_and(|(dir, _)| dir.ends_with(&suffix[1..]))
+        {
+            IN_DELEGATED_SCOPE.store(true, Ordering::Relaxed);
+            tracing::info!("moved into {}", own_unit_path(&now).unwrap_or(suffix));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(refused(format!(
+                "systemd accepted the scope but did not move this process into it within {:?}",
+                SCOPE_WAIT
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// The command that runs `exe` with `args` in a new transient scope with delegated
-/// controllers, removed when it ends.
-fn scope_command(exe: &Path, args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
-    let mut command: Vec<OsString> = [
-        "systemd-run",
-        "--scope",
-        "--quiet",
-        "--collect",
-        "--property=Delegate=yes",
-        "--",
+/// This process's v2 cgroup, for the log.
+fn own_unit_path(found: &Found) -> Option<String> {
+    found.v2_own().map(|(dir, _)| dir.display().to_string())
+}
+
+/// The D-Bus call that asks systemd for the transient scope `unit` holding process `pid`,
+/// with delegated controllers, removed when its processes are gone (even after a failure).
+fn scope_request(unit: &str, pid: u32) -> Vec<String> {
+    [
+        "busctl",
+        "call",
+        "--system",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "StartTransientUnit",
+        "ssa(sv)a(sa(sv))",
+        unit,
+        "fail",
+        "4",
+        "PIDs",
+        "au",
+        "1",
+        &pid.to_string(),
+        "Delegate",
+        "b",
+        "true",
+        "CollectMode",
+        "s",
+        "inactive-or-failed",
+        "Description",
+        "s",
+        "nixbuild-server with delegated cgroup controllers",
+        "0",
     ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
-    command.push(exe.as_os_str().to_owned());
-    command.extend(args);
-    command
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Whether systemd manages this host and this process may ask it for a scope.
 fn systemd_can_delegate() -> bool {
     Path::new("/run/systemd/system").is_dir() && rustix::process::geteuid().is_root()
-}
-
-fn in_delegated_scope() -> bool {
-    std::env::var_os(DELEGATED_SCOPE_ENV).is_some()
 }
 
 /// What discovery reads: the cgroup mounts, this process's cgroups and `/proc/cgroups`.
@@ -399,7 +443,7 @@ impl Found {
         let delegation = Delegation::decide(
             !plan.missing.is_empty(),
             systemd_can_delegate(),
-            in_delegated_scope(),
+            IN_DELEGATED_SCOPE.load(Ordering::Relaxed),
         );
         let failed = execute(&plan.steps);
         wanted
@@ -682,23 +726,34 @@ mod tests {
     }
 
     #[test]
-    fn the_scope_command_runs_the_same_program_with_the_same_arguments() {
-        let args = ["--state-dir", "/root/state"].map(OsString::from);
+    fn the_scope_request_moves_this_process_into_a_delegated_scope() {
+        let request = scope_request("nixbuild-4242.scope", 4242);
+        // busctl's signature, then the values in its order: name, mode, 4 properties, no
+        // auxiliary units.
         assert_eq!(
-            scope_command(Path::new("/usr/bin/nixbuild-server"), args),
+            request[..8],
             [
-                "systemd-run",
-                "--scope",
-                "--quiet",
-                "--collect",
-                "--property=Delegate=yes",
-                "--",
-                "/usr/bin/nixbuild-server",
-                "--state-dir",
-                "/root/state",
+                "busctl",
+                "call",
+                "--system",
+                "org.freedesktop.systemd1",
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+                "StartTransientUnit",
+                "ssa(sv)a(sa(sv))",
             ]
-            .map(OsString::from)
         );
+        assert_eq!(request[8..11], ["nixbuild-4242.scope", "fail", "4"]);
+        let properties = &request[11..request.len() - 1];
+        assert_eq!(properties[..4], ["PIDs", "au", "1", "4242"]);
+        assert_eq!(properties[4..7], ["Delegate", "b", "true"]);
+        assert_eq!(
+            properties[7..10],
+            ["CollectMode", "s", "inactive-or-failed"]
+        );
+        assert_eq!(properties[10..12], ["Description", "s"]);
+        assert_eq!(properties.len(), 13);
+        assert_eq!(request.last().map(String::as_str), Some("0"));
     }
 
     #[test]
