@@ -97,6 +97,36 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[fleet]`: other machines this server sends builds to.
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: the builders behind this server. Taken into account on reload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A file in Nix's machines format (`ssh://[user@]host[:port]` or `ssh-ng://…`
+    /// machines, each with its SSH identity file and pinned host key), re-read when it
+    /// changes. Default none: this host builds alone.
+    pub machines: Option<PathBuf>,
+    /// How often a machine that is up is probed (SSH, login, protocol handshake). A machine
+    /// that is down is tried again after twice as long each time, up to 10 minutes.
+    /// Seconds or a duration. Default 30 s.
+    #[serde(deserialize_with = "duration")]
+    pub probe_interval: u64,
+    /// Longest time for reaching a machine, logging in and the handshake. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            machines: None,
+            probe_interval: 30,
+            connect_timeout: 10,
+        }
+    }
 }
 
 /// `[admin]`: the operators' accounts. Taken into account on reload.
@@ -1031,6 +1061,12 @@ impl Config {
             key,
             reason,
         };
+        if self.fleet.probe_interval == 0 || self.fleet.connect_timeout == 0 {
+            return Err(invalid(
+                "fleet.probe_interval",
+                "probe_interval and connect_timeout must be at least 1 s".into(),
+            ));
+        }
         for (name, account) in &self.accounts {
             if !nixbuild_core::account::is_valid_account_name(name) {
                 return Err(invalid(

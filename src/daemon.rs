@@ -238,6 +238,11 @@ pub async fn run(
         collector_requests,
         ssh_stop.clone(),
     ));
+    tokio::spawn(crate::fleet::run(
+        builds.fleet().clone(),
+        live.clone(),
+        ssh_stop.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         let snapshot = metrics_snapshot(store.clone(), builds.clone());
         tokio::spawn(crate::metrics::serve(listener, snapshot, ssh_stop.clone()));
@@ -354,6 +359,7 @@ fn metrics_snapshot(
             store_nar_bytes: all.nar_bytes,
             store_paths: all.paths,
             free_bytes: store.free_space().unwrap_or(0),
+            machines: builds.fleet().counts(),
         }
     })
 }

@@ -27,6 +27,7 @@ pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
+pub mod fleet;
 pub mod host;
 pub mod metrics;
 pub mod nar_fs;

@@ -8,36 +8,14 @@ mod common;
 mod harness;
 mod lab;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::Daemon;
+use harness::{free_port, http_get, Daemon};
 use lab::{builders, Lab};
 use serde_json::Value;
-
-/// `GET path` on `addr` over HTTP/1.0: the status line's code and the body.
-fn get(addr: SocketAddr, path: &str) -> Option<(u32, String)> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
-/// A free port on 127.0.0.1 (free when this returns; Prometheus takes it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A Prometheus scraping `target` every second, with its data in `dir`.
 struct Prometheus {
@@ -73,7 +51,7 @@ impl Prometheus {
             .expect("run prometheus (Debian's prometheus package; the test command installs it)");
         let p = Prometheus { child, addr };
         p.until("ready", || {
-            get(p.addr, "/-/ready").is_some_and(|(code, _)| code == 200)
+            http_get(p.addr, "/-/ready").is_some_and(|(code, _)| code == 200)
         });
         p
     }
@@ -87,7 +65,7 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let (code, body) = get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
         if code != 200 {
             return None;
         }
@@ -187,7 +165,7 @@ fn prometheus_scrapes_build_counters_and_the_queue() {
     prometheus.wait_for("nixbuild_sessions{protocol=\"serve\"}", 0.0);
 
     // The raw exposition passes promtool's checks.
-    let (code, body) = get(target, "/metrics").expect("GET /metrics");
+    let (code, body) = http_get(target, "/metrics").expect("GET /metrics");
     assert_eq!(code, 200);
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

@@ -15,6 +15,7 @@
 //! - [`serve`]: the `nix-store --serve` protocol, typed requests and responses.
 //! - [`scheduler`]: which build starts next, where, with which cores and memory.
 //! - [`graph`]: the order of a graph build: which derivation may start, what a failure fails.
+//! - [`machines`]: Nix's machines format, the builders a front sends builds to.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -25,6 +26,7 @@ pub mod derivation;
 mod framer;
 pub mod graph;
 pub mod hash;
+pub mod machines;
 pub mod nar;
 pub mod nixbase32;
 pub mod refscan;

@@ -3,6 +3,7 @@
 //!
 //! - [`authorized_keys`]: the `--authorized-keys` file, parsed (pure).
 //! - [`ciphers`]: the ciphers offered (pure).
+//! - [`client`]: the client a front reaches its builders with (pinned host keys).
 //! - [`exec`]: which exec requests are served (pure).
 //! - [`host_key`]: the host key kept in the state directory, and the strings users pin it with.
 //! - [`server`]: the server itself, generic over the [`SessionService`] that runs sessions.
@@ -14,6 +15,7 @@
 
 pub mod authorized_keys;
 pub mod ciphers;
+pub mod client;
 pub mod exec;
 pub mod host_key;
 pub mod server;

@@ -204,6 +204,8 @@ struct Inner {
     active: watch::Sender<usize>,
     /// The binary-cache client, when `[substituters]` names caches.
     substituter: Option<Substituter>,
+    /// The machines of `[fleet]` and their state.
+    fleet: crate::fleet::Fleet,
 }
 
 impl Inner {
@@ -289,8 +291,14 @@ impl BuildService {
                 next_id: AtomicU64::new(1),
                 active: watch::channel(0).0,
                 substituter,
+                fleet: crate::fleet::Fleet::default(),
             }),
         })
+    }
+
+    /// The machines of `[fleet]` (kept current by [`crate::fleet::run`]).
+    pub fn fleet(&self) -> &crate::fleet::Fleet {
+        &self.inner.fleet
     }
 
     /// Puts the per-account build limits and the `[builds]` settings of `config` in force

@@ -406,6 +406,10 @@ impl Metrics {
             out.single(name, GAUGE, help, value);
         }
 
+        let help = "Machines of [fleet], by the state of their last probe.";
+        let machines = ["unknown", "up", "down"].into_iter().zip(s.machines);
+        out.labelled("nixbuild_fleet_machines", GAUGE, help, "state", machines);
+
         let sessions = |c: &Counters<3>| SessionKind::ALL.map(|k| (k.label(), c.get(k as usize)));
         let help = "Sessions open, by protocol.";
         out.labelled(
@@ -532,6 +536,8 @@ pub struct Snapshot {
     pub store_paths: u64,
     /// Free space on the state directory's file system, in bytes.
     pub free_bytes: u64,
+    /// Machines of `[fleet]` by the state of their last probe: not probed yet, up, down.
+    pub machines: [u64; 3],
 }
 
 /// The `TYPE` of a gauge family.
@@ -643,7 +649,7 @@ mod tests {
         let m = Metrics::new();
         let text = m.render(&Snapshot::default());
         let families = families(&text);
-        assert_eq!(families.len(), 9 + 2 + 1 + 1 + 1 + 1 + 3 + 3 + 1);
+        assert_eq!(families.len(), 9 + 1 + 2 + 1 + 1 + 1 + 1 + 3 + 3 + 1);
         for (name, kind) in &families {
             assert!(name.starts_with("nixbuild_"), "{name}");
             assert!(
@@ -685,6 +691,7 @@ mod tests {
             store_nar_bytes: 7,
             store_paths: 8,
             free_bytes: 9,
+            machines: [10, 11, 12],
         };
         let text = Metrics::new().render(&snapshot);
         for (series, v) in [
@@ -697,6 +704,9 @@ mod tests {
             ("nixbuild_store_nar_bytes", 7),
             ("nixbuild_store_paths", 8),
             ("nixbuild_store_free_bytes", 9),
+            ("nixbuild_fleet_machines{state=\"unknown\"}", 10),
+            ("nixbuild_fleet_machines{state=\"up\"}", 11),
+            ("nixbuild_fleet_machines{state=\"down\"}", 12),
         ] {
             assert_eq!(value(&text, series), v, "{series}");
         }

@@ -464,6 +464,8 @@ impl Ops<'_> {
             nar_bytes: all.nar_bytes,
             paths: all.paths,
             pinned_paths: self.store.pinned_rows(),
+            fleet: Some(self.builds.fleet().view())
+                .filter(|f| f.file.is_some() || !f.machines.is_empty()),
         }))
     }
 }

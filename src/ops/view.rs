@@ -373,6 +373,8 @@ pub struct Status {
     pub paths: u64,
     /// Paths pinned by sessions and builds now.
     pub pinned_paths: usize,
+    /// The machines of `[fleet]` and what their last probes found (null: none set).
+    pub fleet: Option<crate::fleet::FleetView>,
 }
 
 fn held_paths<S: serde::Serializer>(paths: &[HeldPath], s: S) -> Result<S::Ok, S::Error> {
@@ -669,9 +671,47 @@ impl Document {
                     ByteCount(s.free_bytes),
                     ByteCount(s.disk_reserve_bytes)
                 );
+                if let Some(fleet) = &s.fleet {
+                    fleet_lines(&mut t, fleet);
+                }
             }
         }
         t
+    }
+}
+
+/// The fleet's lines of `status`: the file, its last problem, a line per machine.
+fn fleet_lines(t: &mut String, fleet: &crate::fleet::FleetView) {
+    use crate::fleet::Probe;
+    let file = fleet
+        .file
+        .as_ref()
+        .map_or("-".to_owned(), |f| f.display().to_string());
+    let _ = writeln!(t, "machines:   {} from {file}", fleet.machines.len());
+    if let Some(error) = &fleet.file_error {
+        let _ = writeln!(t, "  file error: {error}");
+    }
+    for m in &fleet.machines {
+        let state = match &m.probe {
+            Probe::Unknown => "not probed yet".to_owned(),
+            Probe::Up {
+                protocol_version,
+                latency_ms,
+            } => format!("up (protocol {protocol_version}, {latency_ms} ms)"),
+            Probe::Down { error, failures } => format!("DOWN ({failures} failed): {error}"),
+        };
+        let _ = writeln!(
+            t,
+            "  {} {} jobs {} speed {}: {state}",
+            m.uri,
+            if m.systems.is_empty() {
+                "-".to_owned()
+            } else {
+                m.systems.join(",")
+            },
+            m.max_jobs,
+            m.speed_factor
+        );
     }
 }
 

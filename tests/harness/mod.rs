@@ -1123,3 +1123,26 @@ fn build_cgroups(name: &str) -> Vec<PathBuf> {
     }
     found
 }
+
+/// `GET path` on `addr` over HTTP/1.0: the status line's code and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u32, String)> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// A free port on 127.0.0.1 (free when this returns; take it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
