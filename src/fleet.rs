@@ -420,7 +420,10 @@ pub async fn run(
 ) {
     loop {
         let config = live.get();
-        {
+        if config.fleet.machines.is_none() {
+            // Nothing to read: no thread of the blocking pool is kept busy for it.
+            fleet.refresh(&config.fleet);
+        } else {
             let (fleet, fleet_config) = (fleet.clone(), config.fleet.clone());
             if tokio::task::spawn_blocking(move || fleet.refresh(&fleet_config))
                 .await

@@ -32,8 +32,9 @@ use nixbuild_core::serve::{
 use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::{self, Reader};
 use nixbuild_core::worker::{self as ng, WorkerError, WorkerVersion};
+use nixbuild_ssh::client::Pinned;
 use russh::client;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::ChannelMsg;
 
 use crate::harness::ssh::{keygen, SshServer};
@@ -436,21 +437,6 @@ impl Stats {
     }
 }
 
-/// The client side of the SSH connection: accepts only the host key the server printed.
-struct Pinned(PublicKey);
-
-impl client::Handler for Pinned {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(matches!(key, PublicKeyOrCertificate::PublicKey { key, .. }
-            if key.key_data() == self.0.key_data()))
-    }
-}
-
 /// Where and how sessions connect.
 struct Target {
     addr: SocketAddr,
@@ -484,7 +470,7 @@ impl Conn {
         let mut handle = client::connect(
             target.config.clone(),
             target.addr,
-            Pinned(target.host_key.clone()),
+            Pinned::new(target.host_key.clone()),
         )
         .await?;
         let auth = handle

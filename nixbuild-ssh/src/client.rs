@@ -117,10 +117,27 @@ pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
-/// Checks the builder's key against the pin, and remembers what it presented.
-struct Pinned {
+/// A russh client handler that accepts only the pinned host key, and remembers the key the
+/// server presented (for the message when it is another).
+#[derive(Debug)]
+pub struct Pinned {
     pinned: PublicKey,
     presented: Arc<std::sync::Mutex<Option<PublicKey>>>,
+}
+
+impl Pinned {
+    /// Accepts `pinned` only.
+    pub fn new(pinned: PublicKey) -> Pinned {
+        Pinned {
+            pinned,
+            presented: Arc::default(),
+        }
+    }
+
+    /// Where the presented key will be, once the handshake has reached the check.
+    pub fn presented(&self) -> Arc<std::sync::Mutex<Option<PublicKey>>> {
+        Arc::clone(&self.presented)
+    }
 }
 
 impl client::Handler for Pinned {
@@ -172,11 +189,8 @@ impl Connection {
             nodelay: true,
             ..client::Config::default()
         });
-        let presented = Arc::default();
-        let handler = Pinned {
-            pinned: target.host_key.clone(),
-            presented: Arc::clone(&presented),
-        };
+        let handler = Pinned::new(target.host_key.clone());
+        let presented = handler.presented();
         let socket = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| ClientError::Connect {
@@ -279,6 +293,12 @@ impl RemoteCommand {
                     ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                     ChannelMsg::Eof => {
                         let _ = stdout_in.shutdown().await;
+                    }
+                    ChannelMsg::Failure => {
+                        let _ = stderr_in
+                            .send(b"the server refused to run the command".to_vec())
+                            .await;
+                        break;
                     }
                     _ => {}
                 }
