@@ -201,10 +201,12 @@ impl Fleet {
                 let mut old = std::mem::take(&mut state.machines);
                 state.machines = machines
                     .into_iter()
-                    .map(|m| match old.iter().position(|o| o.line == m.line) {
-                        Some(i) => old.swap_remove(i),
-                        None => m,
-                    })
+                    .map(
+                        |m| match old.iter().position(|o| same_machine(&o.line, &m.line)) {
+                            Some(i) => old.swap_remove(i),
+                            None => m,
+                        },
+                    )
                     .collect();
                 state.file_error = None;
             }
@@ -230,7 +232,11 @@ impl Fleet {
     /// Records what a probe found, unless the machines changed meanwhile.
     fn record(&self, index: usize, line: &MachineLine, found: Result<(String, u64), String>) {
         let mut state = self.lock();
-        let Some(machine) = state.machines.get_mut(index).filter(|m| m.line == *line) else {
+        let Some(machine) = state
+            .machines
+            .get_mut(index)
+            .filter(|m| same_machine(&m.line, line))
+        else {
             return;
         };
         match found {
@@ -273,6 +279,17 @@ impl Fleet {
                 m.due = now + wait;
             }
         }
+    }
+}
+
+/// Whether two lines describe the same machine, wherever they stand in the file.
+fn same_machine(a: &MachineLine, b: &MachineLine) -> bool {
+    MachineLine {
+        line: 0,
+        ..a.clone()
+    } == MachineLine {
+        line: 0,
+        ..b.clone()
     }
 }
 
