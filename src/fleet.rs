@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nixbuild_core::machines::{parse_machines, MachineLine, Protocol};
+use nixbuild_core::serve::handshake::{ClientHello, ServerHello};
+use nixbuild_core::serve::ProtocolVersion;
+use nixbuild_core::wire::BufMutExt;
 use nixbuild_ssh::client::{self, Connection, Target};
 use nixbuild_ssh::ssh_key::PublicKey;
 use serde::Serialize;
@@ -59,8 +62,16 @@ struct Machine {
     probe: Probe,
     /// When to probe next.
     due: Instant,
+}
+
+impl Machine {
     /// Probes failed in a row.
-    failures: u32,
+    fn failures(&self) -> u32 {
+        match self.probe {
+            Probe::Down { failures, .. } => failures,
+            Probe::Unknown | Probe::Up { .. } => 0,
+        }
+    }
 }
 
 /// What the last probe of a machine found.
@@ -197,16 +208,16 @@ impl Fleet {
                     machines = machines.len(),
                     "[fleet] machines read"
                 );
-                // Machines that stay keep what their probes found.
-                let mut old = std::mem::take(&mut state.machines);
+                // Machines that stay, wherever their lines now stand, keep what their
+                // probes found.
+                let mut old: std::collections::HashMap<String, Machine> =
+                    std::mem::take(&mut state.machines)
+                        .into_iter()
+                        .map(|m| (m.line.to_line(), m))
+                        .collect();
                 state.machines = machines
                     .into_iter()
-                    .map(
-                        |m| match old.iter().position(|o| same_machine(&o.line, &m.line)) {
-                            Some(i) => old.swap_remove(i),
-                            None => m,
-                        },
-                    )
+                    .map(|m| old.remove(&m.line.to_line()).unwrap_or(m))
                     .collect();
                 state.file_error = None;
             }
@@ -229,67 +240,49 @@ impl Fleet {
             .collect()
     }
 
-    /// Records what a probe found, unless the machines changed meanwhile.
-    fn record(&self, index: usize, line: &MachineLine, found: Result<(String, u64), String>) {
+    /// Records what a probe found, unless the machines changed meanwhile, and when to probe
+    /// next: `interval` after a success, doubling after each failure up to [`MAX_BACKOFF`].
+    fn record(
+        &self,
+        index: usize,
+        line: &MachineLine,
+        found: Result<(String, u64), String>,
+        interval: Duration,
+    ) {
         let mut state = self.lock();
         let Some(machine) = state
             .machines
             .get_mut(index)
-            .filter(|m| same_machine(&m.line, line))
+            .filter(|m| m.line.to_line() == line.to_line())
         else {
             return;
         };
-        match found {
+        machine.probe = match found {
             Ok((protocol_version, latency_ms)) => {
                 if !matches!(machine.probe, Probe::Up { .. }) {
                     tracing::info!(machine = %line.uri, protocol_version, latency_ms, "machine up");
                 }
-                machine.failures = 0;
-                machine.probe = Probe::Up {
+                Probe::Up {
                     protocol_version,
                     latency_ms,
-                };
+                }
             }
             Err(error) => {
-                machine.failures = machine.failures.saturating_add(1);
-                if machine.failures == 1 {
+                let failures = machine.failures().saturating_add(1);
+                if failures == 1 {
                     tracing::warn!(machine = %line.uri, "machine down: {error}");
                 }
-                machine.probe = Probe::Down {
-                    error,
-                    failures: machine.failures,
-                };
+                Probe::Down { error, failures }
             }
-        }
-    }
-
-    /// Sets when each probed machine is due next: `interval` after a success, doubling
-    /// after each failure up to [`MAX_BACKOFF`].
-    fn schedule(&self, probed: &[usize], interval: Duration, now: Instant) {
-        let mut state = self.lock();
-        for &i in probed {
-            if let Some(m) = state.machines.get_mut(i) {
-                let wait = match m.failures {
-                    0 => interval,
-                    n => interval
-                        .saturating_mul(1 << n.min(16))
-                        .min(MAX_BACKOFF)
-                        .max(interval),
-                };
-                m.due = now + wait;
-            }
-        }
-    }
-}
-
-/// Whether two lines describe the same machine, wherever they stand in the file.
-fn same_machine(a: &MachineLine, b: &MachineLine) -> bool {
-    MachineLine {
-        line: 0,
-        ..a.clone()
-    } == MachineLine {
-        line: 0,
-        ..b.clone()
+        };
+        let wait = match machine.failures() {
+            0 => interval,
+            n => interval
+                .saturating_mul(1 << n.min(16))
+                .min(MAX_BACKOFF)
+                .max(interval),
+        };
+        machine.due = Instant::now() + wait;
     }
 }
 
@@ -340,14 +333,13 @@ fn load(path: &Path, config: &FleetConfig) -> Result<Vec<Machine>, String> {
                 target,
                 probe: Probe::Unknown,
                 due: now,
-                failures: 0,
             })
         })
         .collect()
 }
 
 /// The command that starts the machine's side of its protocol.
-pub fn remote_command(line: &MachineLine) -> String {
+fn remote_command(line: &MachineLine) -> String {
     match line.uri.protocol {
         Protocol::Serve => format!(
             "{} --serve --write",
@@ -357,6 +349,40 @@ pub fn remote_command(line: &MachineLine) -> String {
             "{} --stdio",
             line.uri.remote_program.as_deref().unwrap_or("nix-daemon")
         ),
+    }
+}
+
+/// The client's opening of the handshake: the serve protocol's hello, or the daemon
+/// protocol's magic (its server answers that before the client says more).
+fn opening(protocol: Protocol) -> Vec<u8> {
+    let mut hello = Vec::new();
+    match protocol {
+        Protocol::Serve => ClientHello {
+            version: ProtocolVersion::SERVER,
+        }
+        .encode(&mut hello),
+        Protocol::Daemon => hello.put_wire_u64(nixbuild_core::worker::handshake::CLIENT_MAGIC),
+    }
+    hello
+}
+
+/// The version in the server's 16-byte answer (magic and version), as `2.7` or `1.38`.
+fn answer_version(protocol: Protocol, answer: &[u8; 16]) -> Result<String, String> {
+    match protocol {
+        Protocol::Serve => match ServerHello::decode(answer) {
+            Ok(Some((hello, _))) => Ok(format!("2.{}", hello.version.minor())),
+            Ok(None) => Err("a short hello".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
+        Protocol::Daemon => {
+            let [magic, version] = [&answer[..8], &answer[8..]]
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+            if magic == nixbuild_core::worker::handshake::SERVER_MAGIC {
+                Ok(format!("{}.{}", version >> 8, version & 0xff))
+            } else {
+                Err(format!("{magic:#x} is not the daemon protocol's magic"))
+            }
+        }
     }
 }
 
@@ -370,22 +396,7 @@ async fn probe(line: &MachineLine, target: &Target) -> Result<(String, u64), Str
             .exec(&remote_command(line))
             .await
             .map_err(|e| e.to_string())?;
-        let (client_magic, client_version, server_magic) = match line.uri.protocol {
-            Protocol::Serve => (
-                nixbuild_core::serve::handshake::CLIENT_MAGIC,
-                nixbuild_core::serve::ProtocolVersion::SERVER.to_wire(),
-                nixbuild_core::serve::handshake::SERVER_MAGIC,
-            ),
-            Protocol::Daemon => (
-                nixbuild_core::worker::handshake::CLIENT_MAGIC,
-                0,
-                nixbuild_core::worker::handshake::SERVER_MAGIC,
-            ),
-        };
-        let mut hello = client_magic.to_le_bytes().to_vec();
-        if line.uri.protocol == Protocol::Serve {
-            hello.extend_from_slice(&client_version.to_le_bytes());
-        }
+        let hello = opening(line.uri.protocol);
         command
             .stdin
             .write_all(&hello)
@@ -411,15 +422,12 @@ async fn probe(line: &MachineLine, target: &Target) -> Result<(String, u64), Str
                 }
             ));
         }
-        let [magic, version] = [&answer[..8], &answer[8..]]
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-        if magic != server_magic {
-            return Err(format!(
-                "`{}` answered {magic:#x}, not the magic of its protocol",
+        answer_version(line.uri.protocol, &answer).map_err(|e| {
+            format!(
+                "`{}` did not answer the handshake: {e}",
                 remote_command(line)
-            ));
-        }
-        Ok(format!("{}.{}", version >> 8, version & 0xff))
+            )
+        })
     };
     let version = tokio::time::timeout(target.timeout, attempt)
         .await
@@ -459,21 +467,13 @@ pub async fn run(
                     (index, line, found)
                 });
             }
-            let mut probed = Vec::new();
+            let interval = Duration::from_secs(config.fleet.probe_interval);
             while let Some(done) = probes.join_next().await {
                 match done {
-                    Ok((index, line, found)) => {
-                        fleet.record(index, &line, found);
-                        probed.push(index);
-                    }
+                    Ok((index, line, found)) => fleet.record(index, &line, found, interval),
                     Err(e) => tracing::error!("a probe failed: {e}"),
                 }
             }
-            fleet.schedule(
-                &probed,
-                Duration::from_secs(config.fleet.probe_interval),
-                Instant::now(),
-            );
         }
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}

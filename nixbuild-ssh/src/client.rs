@@ -57,7 +57,7 @@ pub enum ClientError {
         fingerprint: String,
     },
     /// Connecting or logging in took longer than allowed.
-    #[error("{address} did not answer within {0:?}", .timeout)]
+    #[error("{address} did not answer within {timeout:?}")]
     Timeout {
         /// `host:port`.
         address: String,

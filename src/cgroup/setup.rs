@@ -313,15 +313,13 @@ pub fn enter_delegated_scope() -> Result<(), CgroupError> {
     }
     // systemd moves the process when it starts the scope's job, just after answering.
     let deadline = Instant::now() + SCOPE_WAIT;
-    let suffix = format!("/{unit}");
     loop {
-        let now = Found::read()?;
-        if now
+        if let Some((dir, _)) = Found::read()?
             .v2_own()
-            .is_some_and(|(dir, _)| dir.ends_with(&suffix[1..]))
+            .filter(|(dir, _)| dir.ends_with(&unit))
         {
             IN_DELEGATED_SCOPE.store(true, Ordering::Relaxed);
-            tracing::info!("moved into {}", own_unit_path(&now).unwrap_or(suffix));
+            tracing::info!("moved into {}", dir.display());
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -332,11 +330,6 @@ pub fn enter_delegated_scope() -> Result<(), CgroupError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// This process's v2 cgroup, for the log.
-fn own_unit_path(found: &Found) -> Option<String> {
-    found.v2_own().map(|(dir, _)| dir.display().to_string())
 }
 
 /// The D-Bus call that asks systemd for the transient scope `unit` holding process `pid`,
