@@ -117,6 +117,9 @@ pub struct FleetConfig {
     /// Longest time for reaching a machine, logging in and the handshake. Default 10 s.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: u64,
+    /// Whether this host builds too, beside the machines. Default true; with false every
+    /// build goes to a machine (and what no machine can build is refused).
+    pub build_locally: bool,
 }
 
 impl Default for FleetConfig {
@@ -125,6 +128,7 @@ impl Default for FleetConfig {
             machines: None,
             probe_interval: 30,
             connect_timeout: 10,
+            build_locally: true,
         }
     }
 }

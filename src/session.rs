@@ -1153,7 +1153,7 @@ fn receive_from_pipe(
 
 /// The keys of `infos` ordered so that each comes after those of its references that are
 /// among them (references outside the set are the client's business, as upstream).
-fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePath> {
+pub(crate) fn dependencies_first(infos: &BTreeMap<StorePath, ValidPathInfo>) -> Vec<StorePath> {
     let mut order = Vec::with_capacity(infos.len());
     let mut visited = BTreeSet::new();
     for root in infos.keys() {

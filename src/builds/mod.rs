@@ -41,6 +41,7 @@ mod outcome;
 pub mod outputs;
 pub mod placement;
 mod records;
+mod remote;
 mod run;
 pub mod sharing;
 mod uids;
@@ -263,7 +264,8 @@ impl BuildService {
         let cgroups = Cgroups::detect(&cgroup_name(state_dir)).map_err(PlacementError::from)?;
         let cpus = u32::try_from(cgroups.report().cpus.len()).unwrap_or(u32::MAX);
         let host = HostFacts::detect(cpus).map_err(PlacementError::from)?;
-        let placement = Placement::new(config, cgroups, &host)?;
+        let placement = Arc::new(Placement::new(config, cgroups, &host)?);
+        placement.sync_fleet(&[], config.fleet.build_locally);
         let dir = builds_dir(state_dir);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -282,7 +284,8 @@ impl BuildService {
                 helper_exe,
                 config: std::sync::RwLock::new(Arc::new(config.builds.clone())),
                 host,
-                placement: Arc::new(placement),
+                fleet: crate::fleet::Fleet::new(placement.clone()),
+                placement,
                 account_builds: Arc::default(),
                 running: limits::Running::new(BuildLimits::new(config)),
                 uids: UidPool::new(config.builds.uid_base, config.builds.uid_count),
@@ -291,7 +294,6 @@ impl BuildService {
                 next_id: AtomicU64::new(1),
                 active: watch::channel(0).0,
                 substituter,
-                fleet: crate::fleet::Fleet::default(),
             }),
         })
     }

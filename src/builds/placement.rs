@@ -1,20 +1,23 @@
-//! Where and when builds run: the scheduler of `nixbuild_core` (one machine: this host) and
-//! the per-build cgroups that hold each build to the cores and memory it was granted.
+//! Where and when builds run: the scheduler of `nixbuild_core` over this host (machine 0)
+//! and the machines of the fleet ([`Placement::sync_fleet`]), and the per-build cgroups that
+//! hold each local build to the cores and memory it was granted.
 //!
 //! A build asks with [`Placement::submit`] and gets a [`Ticket`]; the scheduler decides after
-//! every event (arrival, completion, cancellation) and hands each started build its
-//! [`Grant`] through the ticket. Dropping a ticket that has not started withdraws the build;
-//! dropping a [`Running`] slot (after the build's processes are gone) frees its cores.
+//! every event (arrival, completion, cancellation, a machine's change) and hands each started
+//! build its [`Grant`] through the ticket, or the refusal of a build that no machine can run
+//! any more. Dropping a ticket that has not started withdraws the build; dropping a
+//! [`Running`] slot (after the build's processes are gone) frees its cores.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nixbuild_core::scheduler::{BuildId, BuildSpec, Refusal, Scheduler, Start};
+use nixbuild_core::scheduler::{BuildId, BuildSpec, Machine, MachineId, Refusal, Scheduler, Start};
 use tokio::sync::oneshot;
 
 use crate::cgroup::{check_limits, BuildCgroup, BuildLimits, CgroupError, Cgroups};
 use crate::config::Config;
+use crate::fleet::Remote;
 use crate::host::HostFacts;
 
 /// Why the placement of builds could not be set up: the daemon does not start.
@@ -31,13 +34,40 @@ pub enum PlacementError {
     Scheduler(#[from] nixbuild_core::scheduler::SchedError),
 }
 
+/// The feature only this host offers, required by builds that must run here (those with
+/// floating content-addressed outputs, whose final paths this host's checks compute).
+pub const THIS_HOST: &str = "nixbuild-this-host";
+
 /// What a started build was given.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Grant {
-    /// Host CPU numbers.
+    /// Host CPU numbers (none for a build on another machine).
     pub cpus: Vec<u32>,
     /// Memory in bytes.
     pub memory: u64,
+    /// The machine of the fleet it runs on; `None`: this host.
+    pub remote: Option<Arc<Remote>>,
+}
+
+/// A machine of the fleet as the scheduler should see it now ([`Placement::sync_fleet`]).
+#[derive(Debug, Clone)]
+pub struct FleetMachine {
+    /// What it builds and how many at once.
+    pub spec: Machine,
+    /// Whether builds may start there (it is not down).
+    pub available: bool,
+    /// How to reach it; its line (`to_line`) identifies it across re-reads.
+    pub remote: Arc<Remote>,
+}
+
+/// A machine of the fleet the scheduler knows, by its [`MachineId`].
+#[derive(Debug)]
+struct Known {
+    /// Its canonical line.
+    key: String,
+    remote: Arc<Remote>,
+    spec: Machine,
+    available: bool,
 }
 
 /// The scheduler and the cgroups of one daemon.
@@ -47,13 +77,21 @@ pub struct Placement {
     epoch: Instant,
     cgroups: Cgroups,
     pids_per_build: u64,
+    /// This host as a machine (machine 0), with its job limit when it builds.
+    local: Machine,
 }
+
+/// A started build, or the refusal of one that no machine can run any more.
+type Decision = Result<Start, Refusal>;
 
 #[derive(Debug)]
 struct State {
     scheduler: Scheduler,
     /// Waiting builds: where to send their start.
-    waiting: HashMap<BuildId, oneshot::Sender<Start>>,
+    waiting: HashMap<BuildId, oneshot::Sender<Decision>>,
+    /// The fleet's machines by scheduler index (index 0, this host, is `None`); a machine
+    /// removed from the fleet stays, drained (no jobs), so that indices stay put.
+    machines: Vec<Option<Known>>,
 }
 
 impl Placement {
@@ -67,7 +105,7 @@ impl Placement {
         host: &HostFacts,
     ) -> Result<Placement, PlacementError> {
         let report = cgroups.report();
-        let machine = config.capacity.machine(host);
+        let mut machine = config.capacity.machine(host);
         for warning in check_limits(
             report,
             machine.cores,
@@ -87,16 +125,122 @@ impl Placement {
             features = ?machine.supported_features,
             "build capacity"
         );
-        let scheduler = Scheduler::new(config.scheduler.scheduler_config(), vec![machine])?;
+        machine.supported_features.push(THIS_HOST.to_owned());
+        let scheduler = Scheduler::new(config.scheduler.scheduler_config(), vec![machine.clone()])?;
         Ok(Placement {
             state: Mutex::new(State {
                 scheduler,
                 waiting: HashMap::new(),
+                machines: vec![None],
             }),
             epoch: Instant::now(),
             cgroups,
             pids_per_build: config.capacity.pids_per_build,
+            local: machine,
         })
+    }
+
+    /// Gives the scheduler the fleet as it is now: machines new to it are added, changed
+    /// ones updated, ones down made unavailable (what waits for them keeps waiting), ones no
+    /// longer listed drained (their running builds finish, nothing new starts there); this
+    /// host builds only with `build_locally`. Waiting builds that no machine can run any more
+    /// are refused. Cheap when nothing changed.
+    pub fn sync_fleet(&self, fleet: &[FleetMachine], build_locally: bool) {
+        let mut state = self.lock();
+        let now = self.now();
+        let mut refused = Vec::new();
+        let local_jobs = if build_locally {
+            self.local.max_jobs
+        } else {
+            0
+        };
+        if state.scheduler.machines()[0].max_jobs != local_jobs {
+            let spec = Machine {
+                max_jobs: local_jobs,
+                ..self.local.clone()
+            };
+            refused.extend(
+                state
+                    .scheduler
+                    .set_capacity(MachineId(0), spec, now)
+                    .unwrap_or_default(),
+            );
+        }
+        let mut listed = vec![false; state.machines.len()];
+        for m in fleet {
+            let key = m.remote.line.to_line();
+            let found = state
+                .machines
+                .iter()
+                .position(|k| k.as_ref().is_some_and(|k| k.key == key));
+            let index = match found {
+                Some(i) => i,
+                None => match state.scheduler.add_machine(m.spec.clone(), now) {
+                    Ok(id) => {
+                        state.machines.push(Some(Known {
+                            key,
+                            remote: m.remote.clone(),
+                            spec: m.spec.clone(),
+                            available: true,
+                        }));
+                        listed.push(false);
+                        id.0 as usize
+                    }
+                    Err(e) => {
+                        tracing::error!(machine = %m.remote.name(), "cannot schedule on: {e}");
+                        continue;
+                    }
+                },
+            };
+            listed[index] = true;
+            let id = MachineId(index as u32);
+            let State {
+                scheduler,
+                machines,
+                ..
+            } = &mut *state;
+            let Some(known) = machines[index].as_mut() else {
+                continue;
+            };
+            if known.spec != m.spec {
+                known.spec = m.spec.clone();
+                refused.extend(
+                    scheduler
+                        .set_capacity(id, m.spec.clone(), now)
+                        .unwrap_or_default(),
+                );
+            }
+            if known.available != m.available {
+                known.available = m.available;
+                let _ = scheduler.set_available(id, m.available, now);
+            }
+        }
+        // Machines no longer listed: drained.
+        let State {
+            scheduler,
+            machines,
+            ..
+        } = &mut *state;
+        for (index, known) in machines.iter_mut().enumerate() {
+            let Some(k) = known.as_mut().filter(|_| !listed[index]) else {
+                continue;
+            };
+            if k.spec.max_jobs != 0 {
+                tracing::info!(machine = %k.remote.name(), "drained: no new builds go there");
+                k.spec.max_jobs = 0;
+                refused.extend(
+                    scheduler
+                        .set_capacity(MachineId(index as u32), k.spec.clone(), now)
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        for (id, refusal) in refused {
+            if let Some(tx) = state.waiting.remove(&id) {
+                let _ = tx.send(Err(refusal));
+            }
+        }
+        self.dispatch(&mut state, now);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -130,7 +274,7 @@ impl Placement {
             let delivered = state
                 .waiting
                 .remove(&id)
-                .is_some_and(|tx| tx.send(start).is_ok());
+                .is_some_and(|tx| tx.send(Ok(start)).is_ok());
             if !delivered {
                 // Its waiter is gone: it frees the cores again at once.
                 let _ = state.scheduler.complete(id, now);
@@ -147,16 +291,17 @@ impl Placement {
             .map(|s| s.to_string())
     }
 
-    /// The cores and memory (bytes) the scheduler hands out, over all machines.
+    /// The cores and memory (bytes) this host's builds are given.
     pub fn capacity(&self) -> (u64, u64) {
-        let state = self.lock();
-        state
-            .scheduler
-            .machines()
-            .iter()
-            .fold((0, 0), |(c, m), machine| {
-                (c + u64::from(machine.cores), m + machine.memory)
-            })
+        (u64::from(self.local.cores), self.local.memory)
+    }
+
+    /// The fleet's machine a running build was placed on (for its status line).
+    fn remote_of(&self, machine: MachineId) -> Option<Arc<Remote>> {
+        self.lock()
+            .machines
+            .get(machine.0 as usize)
+            .and_then(|k| k.as_ref().map(|k| k.remote.clone()))
     }
 
     fn finish(&self, id: BuildId, started: bool) {
@@ -199,7 +344,7 @@ impl Drop for Placement {
 pub struct Ticket {
     placement: Arc<Placement>,
     id: BuildId,
-    start: oneshot::Receiver<Start>,
+    start: oneshot::Receiver<Decision>,
     started: bool,
 }
 
@@ -214,8 +359,12 @@ impl Ticket {
 
     /// Waits for the build's turn, calling `status` with a line for the client when it has
     /// to wait (at once, then every 30 s). Returns the grant and the slot to drop when the
-    /// build's processes are gone.
-    pub async fn wait(mut self, mut status: impl FnMut(String)) -> (Grant, Running) {
+    /// build's processes are gone, or the refusal of a build that no machine can run any
+    /// more (the fleet changed while it waited).
+    pub async fn wait(
+        mut self,
+        mut status: impl FnMut(String),
+    ) -> Result<(Grant, Running), Refusal> {
         let mut first = true;
         let start = loop {
             tokio::select! {
@@ -229,25 +378,43 @@ impl Ticket {
             }
             first = false;
         };
-        self.started = true;
-        let cpus = &self.placement.cgroups.report().cpus;
         let grant = match start {
-            Ok(start) => Grant {
-                cpus: host_cpus(&start.cores, cpus),
-                memory: start.memory,
-            },
+            Ok(Ok(start)) => {
+                self.started = true;
+                match self.placement.remote_of(start.machine) {
+                    Some(remote) => Grant {
+                        cpus: Vec::new(),
+                        memory: start.memory,
+                        remote: Some(remote),
+                    },
+                    None => Grant {
+                        cpus: host_cpus(&start.cores, &self.placement.cgroups.report().cpus),
+                        memory: start.memory,
+                        remote: None,
+                    },
+                }
+            }
+            // Refused: the scheduler no longer has it.
+            Ok(Err(refusal)) => {
+                self.started = true;
+                return Err(refusal);
+            }
             // The placement drops a waiting build's sender only when it delivered the start
             // or the ticket is gone; nothing granted, should it ever happen.
-            Err(_) => Grant {
-                cpus: Vec::new(),
-                memory: 0,
-            },
+            Err(_) => {
+                self.started = true;
+                Grant {
+                    cpus: Vec::new(),
+                    memory: 0,
+                    remote: None,
+                }
+            }
         };
         let running = Running {
             placement: self.placement.clone(),
             id: self.id,
         };
-        (grant, running)
+        Ok((grant, running))
     }
 }
 

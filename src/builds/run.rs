@@ -21,6 +21,7 @@ use super::monitor::Watch;
 use super::outcome::{classify, Ended, Ending, Verdict};
 use super::outputs::{self, ExpectedOutput, OutputLimits, OutputsRequest};
 use super::placement::{Grant, Running};
+use super::remote::RemoteEnd;
 use super::uids::UidLease;
 use super::waiters::{Phase, Shared};
 use super::{io_err, BuildError, BuildJob, Inner, Outcome, Prepared, LOG_TARGET};
@@ -39,8 +40,14 @@ const MAX_HELPER_STDERR: usize = 64 << 10;
 /// How long the rest of the log may take to arrive once the helper has exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many machines a build is tried on when machines of the fleet fail it.
+const MAX_ATTEMPTS: u32 = 3;
+
 /// Runs a prepared build to its outcome, and returns what it left, for the caller to remove
-/// once it has passed the outcome on.
+/// once it has passed the outcome on. A build that a machine of the fleet fails (not the
+/// build's own failure: the machine unreachable, refusing, lost mid-build) is placed again,
+/// up to [`MAX_ATTEMPTS`] times; the machine is marked down and the clients get one line
+/// saying so.
 pub(super) async fn run<'a>(
     inner: &'a Arc<Inner>,
     build: &Shared,
@@ -66,52 +73,16 @@ pub(super) async fn run<'a>(
             build.cancel_reason()
         ))
     };
+    let unsupported = |msg: nixbuild_core::scheduler::Refusal| {
+        METRICS.refused(Refusal::Unsupported);
+        refused(format!(
+            "nixbuild cannot build '{}' on this server: {msg}",
+            job.drv_path
+        ))
+    };
     let Some(_running) = inner.running.place(build, &job.account).await else {
         return (cancelled(), None);
     };
-    let ticket = match inner.placement.submit(spec) {
-        Ok(t) => {
-            tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "queued");
-            build.set_phase(Phase::Queued(t.id()));
-            METRICS.build_queued();
-            t
-        }
-        Err(msg) => {
-            METRICS.refused(Refusal::Unsupported);
-            return (
-                refused(format!(
-                    "nixbuild cannot build '{}' on this server: {msg}",
-                    job.drv_path
-                )),
-                None,
-            );
-        }
-    };
-    let mut cancel = build.cancel.subscribe();
-    let waited = tokio::select! {
-        placed = ticket.wait(|line| build.note(format!("nixbuild: {line}\n"))) => Some(placed),
-        _ = cancel.wait_for(|c| *c) => None,
-    };
-    let Some((grant, running)) = waited else {
-        return (cancelled(), None);
-    };
-    let granted_at = std::time::Instant::now();
-    build.set_phase(Phase::Running {
-        started_ms: crate::store::now_ms(),
-        cpus: grant.cpus.clone(),
-        memory: grant.memory,
-        usage: None,
-    });
-    build.note(format!(
-        "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",
-        job.drv_path,
-        grant.cpus.len(),
-        crate::cgroup::format_cpu_list(&grant.cpus),
-        grant.memory >> 20
-    ));
-    let uid = inner.uids.take().await;
-    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-    let scratch = inner.builds_dir.join(id.to_string());
     let build_run = BuildRun {
         inner,
         config: &config,
@@ -119,53 +90,132 @@ pub(super) async fn run<'a>(
         job,
         prepared: &prepared,
     };
-    let place = Place {
-        uid: uid.uid,
-        grant: &grant,
-        id,
-        scratch: &scratch,
-        granted_at,
-    };
-    let mut made = Made::default();
-    let outcome = match build_run.run_in(place, &mut made).await {
-        Ok(o) => o,
-        Err(e) => Outcome::without_build(
-            BuildStatus::MiscFailure,
-            format!("nixbuild: building '{}': {e}", job.drv_path),
-        ),
-    };
-    let leftovers = Leftovers {
-        scratch,
-        cgroup: made.cgroup,
-        granted: (
-            u32::try_from(grant.cpus.len()).unwrap_or(u32::MAX),
-            grant.memory,
-        ),
-        _watch: made.watch,
-        _running: running,
-        _uid: uid,
-    };
-    (outcome, Some(leftovers))
+    let mut attempt = 1;
+    loop {
+        let ticket = match inner.placement.submit(spec.clone()) {
+            Ok(t) => {
+                tracing::info!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "queued");
+                build.set_phase(Phase::Queued(t.id()));
+                METRICS.build_queued();
+                t
+            }
+            Err(msg) => return (unsupported(msg), None),
+        };
+        let mut cancel = build.cancel.subscribe();
+        let waited = tokio::select! {
+            placed = ticket.wait(|line| build.note(format!("nixbuild: {line}\n"))) => Some(placed),
+            _ = cancel.wait_for(|c| *c) => None,
+        };
+        let (grant, running) = match waited {
+            None => return (cancelled(), None),
+            Some(Err(refusal)) => return (unsupported(refusal), None),
+            Some(Ok(placed)) => placed,
+        };
+        let granted_at = std::time::Instant::now();
+        build.set_phase(Phase::Running {
+            started_ms: crate::store::now_ms(),
+            cpus: grant.cpus.clone(),
+            memory: grant.memory,
+            usage: None,
+        });
+        match &grant.remote {
+            Some(remote) => build.note(format!(
+                "nixbuild: building '{}' on {}\n",
+                job.drv_path,
+                remote.name()
+            )),
+            None => build.note(format!(
+                "nixbuild: building '{}' on {} cores ({}) with {} MiB of memory\n",
+                job.drv_path,
+                grant.cpus.len(),
+                crate::cgroup::format_cpu_list(&grant.cpus),
+                grant.memory >> 20
+            )),
+        }
+        let uid = inner.uids.take().await;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let scratch = inner.builds_dir.join(id.to_string());
+        let place = Place {
+            uid: uid.uid,
+            grant: &grant,
+            id,
+            scratch: &scratch,
+            granted_at,
+        };
+        let mut made = Made::default();
+        let ran = match &grant.remote {
+            Some(remote) => build_run.run_remote(remote, place).await,
+            None => build_run
+                .run_in(place, &mut made)
+                .await
+                .map(RemoteEnd::Done),
+        };
+        let leftovers = Leftovers {
+            scratch,
+            cgroup: made.cgroup,
+            granted: (
+                u32::try_from(grant.cpus.len()).unwrap_or(u32::MAX),
+                grant.memory,
+            ),
+            _watch: made.watch,
+            _running: running,
+            _uid: uid,
+        };
+        let outcome = match ran {
+            Ok(RemoteEnd::Done(outcome)) => outcome,
+            Err(e) => Outcome::without_build(
+                BuildStatus::MiscFailure,
+                format!("nixbuild: building '{}': {e}", job.drv_path),
+            ),
+            Ok(RemoteEnd::Fault(fault)) => {
+                let remote = grant.remote.as_ref().map(Arc::clone);
+                if let Some(remote) = &remote {
+                    inner.fleet.failed(remote, &fault);
+                }
+                leftovers.remove().await;
+                if attempt >= MAX_ATTEMPTS {
+                    return (
+                        Outcome::without_build(
+                            BuildStatus::TransientFailure,
+                            format!(
+                                "nixbuild: building '{}' failed on {attempt} machines; the last: {fault}",
+                                job.drv_path
+                            ),
+                        ),
+                        None,
+                    );
+                }
+                tracing::warn!(target: LOG_TARGET, account = %job.account, drv = %job.drv_path, "placing the build again: {fault}");
+                build.note(format!(
+                    "nixbuild: {fault}; building '{}' again on another machine\n",
+                    job.drv_path
+                ));
+                attempt += 1;
+                continue;
+            }
+        };
+        return (outcome, Some(leftovers));
+    }
 }
 
 /// One build being run: the service, the shared build its waiters hold, the job and what
 /// [`super::prepare`] found.
-struct BuildRun<'a> {
-    inner: &'a Arc<Inner>,
-    config: &'a BuildsConfig,
-    build: &'a Shared,
-    job: &'a BuildJob,
-    prepared: &'a Prepared,
+pub(super) struct BuildRun<'a> {
+    pub(super) inner: &'a Arc<Inner>,
+    pub(super) config: &'a BuildsConfig,
+    pub(super) build: &'a Shared,
+    pub(super) job: &'a BuildJob,
+    pub(super) prepared: &'a Prepared,
 }
 
 /// Where a build runs: its host uid, the scheduler's grant (and when it came), its number
 /// and its scratch directory.
-struct Place<'a> {
-    uid: u32,
-    grant: &'a Grant,
-    id: u64,
-    scratch: &'a Path,
-    granted_at: std::time::Instant,
+pub(super) struct Place<'a> {
+    pub(super) uid: u32,
+    pub(super) grant: &'a Grant,
+    pub(super) id: u64,
+    pub(super) scratch: &'a Path,
+    pub(super) granted_at: std::time::Instant,
 }
 
 /// What [`BuildRun::run_in`] made that outlives it: the caller removes it, whatever happens.
@@ -177,12 +227,33 @@ struct Made {
 
 /// The build's time limit: when it is up, and the limit in seconds for the message.
 #[derive(Clone, Copy)]
-struct Deadline {
-    at: tokio::time::Instant,
-    secs: u64,
+pub(super) struct Deadline {
+    pub(super) at: tokio::time::Instant,
+    pub(super) secs: u64,
 }
 
 impl BuildRun<'_> {
+    /// The refusal to start a build below the disk reserve (it would only be stopped).
+    pub(super) async fn below_disk_reserve(&self) -> Result<Option<Outcome>, BuildError> {
+        let store = self.inner.store.clone();
+        Ok(
+            match tokio::task::spawn_blocking(move || store.check_disk_reserve()).await? {
+                Ok(()) => None,
+                Err(e) => {
+                    METRICS.refused(Refusal::DiskReserve);
+                    Some(Outcome::without_build(
+                        BuildStatus::MiscFailure,
+                        format!(
+                            "nixbuild: not starting the build of '{}': {e} (disk_reserve in \
+                             [store] of the server's configuration)",
+                            self.job.drv_path
+                        ),
+                    ))
+                }
+            },
+        )
+    }
+
     async fn run_in(&self, place: Place<'_>, made: &mut Made) -> Result<Outcome, BuildError> {
         let BuildRun {
             inner,
@@ -199,18 +270,8 @@ impl BuildRun<'_> {
             granted_at,
         } = place;
         let drv = &job.drv;
-        // No new build below the disk reserve: it would only be stopped.
-        let store = inner.store.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || store.check_disk_reserve()).await? {
-            METRICS.refused(Refusal::DiskReserve);
-            return Ok(Outcome::without_build(
-                BuildStatus::MiscFailure,
-                format!(
-                    "nixbuild: not starting the build of '{}': {e} (disk_reserve in [store] of \
-                     the server's configuration)",
-                    job.drv_path
-                ),
-            ));
+        if let Some(refusal) = self.below_disk_reserve().await? {
+            return Ok(refusal);
         }
         // One blocking task for the file-system set-up: the inputs' kinds, the scratch
         // directory and the cgroup (the caller removes the last two, whatever happens here).
@@ -429,7 +490,7 @@ impl BuildRun<'_> {
     /// work counts against the build's time limit and stops when no client waits any more (as
     /// at shutdown): both set the abort flag that the blocking task checks for every node and
     /// buffer.
-    async fn finish_outputs(
+    pub(super) async fn finish_outputs(
         &self,
         scratch: &Path,
         uid: u32,
@@ -533,7 +594,7 @@ impl BuildRun<'_> {
 }
 
 /// The smaller of two limits where 0 means none; `None` for no limit.
-fn limit(client: u64, server: u64) -> Option<u64> {
+pub(super) fn limit(client: u64, server: u64) -> Option<u64> {
     match (client, server) {
         (0, 0) => None,
         (0, s) => Some(s),
@@ -542,7 +603,7 @@ fn limit(client: u64, server: u64) -> Option<u64> {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -550,18 +611,18 @@ fn unix_now() -> u64 {
 
 /// Resolves once `cancel` is (or was already) set, or its sender is gone; holds no borrow
 /// of the value across the caller's awaits.
-async fn cancelled(cancel: &mut tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn cancelled(cancel: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = cancel.wait_for(|c| *c).await;
 }
 
-async fn sleep_for(d: Option<u64>) {
+pub(super) async fn sleep_for(d: Option<u64>) {
     match d {
         Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
         None => std::future::pending().await,
     }
 }
 
-async fn sleep_until(deadline: Option<Deadline>) {
+pub(super) async fn sleep_until(deadline: Option<Deadline>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.at).await,
         None => std::future::pending().await,
@@ -570,7 +631,7 @@ async fn sleep_until(deadline: Option<Deadline>) {
 
 /// The last lines of a log, for the message of a failed build.
 #[derive(Default)]
-struct Tail {
+pub(super) struct Tail {
     lines: VecDeque<Vec<u8>>,
     partial: Vec<u8>,
 }
@@ -579,7 +640,7 @@ impl Tail {
     /// Longest line kept.
     const MAX_LINE: usize = 1024;
 
-    fn push(&mut self, mut bytes: &[u8]) {
+    pub(super) fn push(&mut self, mut bytes: &[u8]) {
         while let Some(i) = memchr::memchr(b'\n', bytes) {
             self.add(&bytes[..i]);
             let line = std::mem::take(&mut self.partial);
@@ -599,7 +660,7 @@ impl Tail {
     }
 
     /// `;\nlast N log lines:\n> ...` as Nix appends it, or nothing for an empty log.
-    fn render(mut self) -> String {
+    pub(super) fn render(mut self) -> String {
         if !self.partial.is_empty() {
             self.lines.push_back(std::mem::take(&mut self.partial));
             if self.lines.len() > TAIL_LINES {
@@ -752,7 +813,20 @@ fn build_spec(
     Ok(nixbuild_core::scheduler::BuildSpec {
         account: job.account.clone(),
         system: String::from_utf8_lossy(&job.drv.platform).into_owned(),
-        required_features: prepared.required_features.clone(),
+        required_features: {
+            let mut features = prepared.required_features.clone();
+            // Floating content-addressed outputs get their paths from what this host's
+            // checks compute: such builds run here only.
+            if job.drv.outputs.values().any(|o| {
+                matches!(
+                    o,
+                    nixbuild_core::derivation::DerivationOutput::Floating { .. }
+                )
+            }) {
+                features.push(super::placement::THIS_HOST.to_owned());
+            }
+            features
+        },
         cores,
         memory,
         priority: 0,

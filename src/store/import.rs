@@ -93,7 +93,7 @@ impl Import {
     /// An import whose root node goes at `dir`; `headroom` is the space free above the
     /// reserve at its start.
     pub(super) fn new(store: Store, account: &str, dir: PathBuf, headroom: u64) -> Import {
-        let unpacker = Unpacker::new(dir.clone());
+        let unpacker = Unpacker::new(dir.clone(), None);
         Import {
             store,
             account: account.to_owned(),
@@ -322,17 +322,35 @@ struct Unpacker {
     root_is_plain_file: bool,
     /// Files, directories and symlinks created so far.
     nodes: u64,
+    /// The uid and gid every node is given as it is created (`None`: the daemon's own).
+    owner: Option<u32>,
 }
 
 impl Unpacker {
-    fn new(root: PathBuf) -> Unpacker {
+    fn new(root: PathBuf, owner: Option<u32>) -> Unpacker {
         Unpacker {
             next: root.clone(),
             root,
             open: Vec::new(),
             root_is_plain_file: false,
             nodes: 0,
+            owner,
         }
+    }
+
+    /// Gives the node just created at `self.next` to the owner, if there is one.
+    fn own(&self) -> Result<(), StoreError> {
+        let Some(id) = self.owner else {
+            return Ok(());
+        };
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            &self.next,
+            Some(rustix::fs::Uid::from_raw(id)),
+            Some(rustix::fs::Gid::from_raw(id)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err("chown", &self.next)(e.into()))
     }
 
     /// Handles one event; `root_hasher` (if any) gets the root file's contents.
@@ -345,6 +363,7 @@ impl Unpacker {
             NarEvent::Directory => {
                 self.nodes += 1;
                 fs::create_dir(&self.next).map_err(io_err("create directory", &self.next))?;
+                self.own()?;
                 self.open.push(Open::Directory(self.next.clone()));
             }
             NarEvent::Entry { name } => {
@@ -363,6 +382,7 @@ impl Unpacker {
                     .mode(0o600)
                     .open(&self.next)
                     .map_err(io_err("create file", &self.next))?;
+                self.own()?;
                 self.open.push(Open::File {
                     path: self.next.clone(),
                     out: BufWriter::with_capacity(CHUNK, file),
@@ -382,6 +402,7 @@ impl Unpacker {
                 self.nodes += 1;
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &self.next)
                     .map_err(io_err("create symlink", &self.next))?;
+                self.own()?;
                 self.open.push(Open::Symlink);
             }
             NarEvent::EndNode => match self.open.pop() {
@@ -401,6 +422,58 @@ impl Unpacker {
             NarEvent::End => {}
         }
         Ok(())
+    }
+}
+
+/// A NAR that is not to be registered, unpacked into a directory as it arrives and
+/// validated: the output of a build on another machine, given to the build's uid so that the
+/// build service checks it as it checks a local build's (the outputs' own checks then
+/// decide). Knows where its NAR ends: [`Unpack::write`] takes no byte past it. Bounded by
+/// `max` bytes.
+#[derive(Debug)]
+pub struct Unpack {
+    validator: NarValidator,
+    unpacker: Unpacker,
+    received: u64,
+    max: u64,
+}
+
+impl Unpack {
+    /// Unpacks into `root` (which must not exist; its parent must), every node owned by
+    /// `owner` (uid and gid), at most `max` NAR bytes.
+    pub fn new(root: PathBuf, owner: u32, max: u64) -> Unpack {
+        Unpack {
+            validator: NarValidator::new(),
+            unpacker: Unpacker::new(root, Some(owner)),
+            received: 0,
+            max,
+        }
+    }
+
+    /// Feeds bytes; returns how many were the NAR's (fewer than given once it ended).
+    pub fn write(&mut self, chunk: &[u8]) -> Result<usize, StoreError> {
+        let unpacker = &mut self.unpacker;
+        let n = self
+            .validator
+            .feed_with(chunk, |event| unpacker.event(event, None))?;
+        self.received = self.received.saturating_add(n as u64);
+        if self.received > self.max {
+            return Err(StoreError::NarTooLarge {
+                limit: self.max,
+                received: self.received,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Whether the whole NAR has arrived.
+    pub fn is_complete(&self) -> bool {
+        self.validator.is_complete()
+    }
+
+    /// NAR bytes so far.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 }
 

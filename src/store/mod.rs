@@ -38,7 +38,7 @@ pub use db::now_ms;
 pub use error::{StoreError, StoreProblem};
 pub use gc::{GcStats, STEP_ROWS};
 pub use grant::PUBLIC_ACCOUNT;
-pub use import::{Import, PathClaim};
+pub use import::{Import, PathClaim, Unpack};
 pub use pins::{Pins, MAX_PINS};
 pub use policy::{AccountPolicy, StorePolicy};
 pub use publish::BuiltPath;

@@ -447,6 +447,8 @@ struct Slot {
     used_memory: u64,
     jobs: u32,
     reserved_for: Option<u64>,
+    /// Whether builds may start here ([`Scheduler::set_available`]).
+    available: bool,
     /// Whether it is in `Scheduler::dirty`.
     dirty: bool,
     /// Shapes that could run here.
@@ -466,6 +468,7 @@ impl Slot {
             used_memory: 0,
             jobs: 0,
             reserved_for: None,
+            available: true,
             dirty: false,
             shapes: Vec::new(),
             stale: 0,
@@ -496,7 +499,8 @@ impl Slot {
     }
 
     fn fits(&self, need: &Need) -> bool {
-        self.free_cores >= need.cores
+        self.available
+            && self.free_cores >= need.cores
             && self.free_memory() >= need.memory
             && self.jobs < self.max_jobs
     }
@@ -971,6 +975,31 @@ impl Scheduler {
         Ok(self.replan())
     }
 
+    /// Whether builds may start on a machine: an unavailable one (a builder that is down)
+    /// starts nothing but still counts as able to run what it offers, so nothing waiting
+    /// for it is refused; running builds are not touched. Made available again, it is
+    /// looked at in the next decision.
+    pub fn set_available(
+        &mut self,
+        machine: MachineId,
+        available: bool,
+        now: Duration,
+    ) -> Result<(), SchedError> {
+        let slot = self
+            .slots
+            .get_mut(machine.0 as usize)
+            .ok_or(SchedError::UnknownMachine(machine))?;
+        if slot.available == available {
+            return Ok(());
+        }
+        slot.available = available;
+        self.advance(now);
+        if available {
+            mark_dirty(&mut self.slots, &mut self.dirty, machine.0);
+        }
+        Ok(())
+    }
+
     /// Recomputes every shape's placements after a capacity change; refuses what can no
     /// longer run anywhere.
     fn replan(&mut self) -> Vec<(BuildId, Refusal)> {
@@ -1344,7 +1373,10 @@ impl Scheduler {
             let closest = shape
                 .needs
                 .iter()
-                .filter(|n| self.slots[n.machine as usize].reserved_for.is_none())
+                .filter(|n| {
+                    let slot = &self.slots[n.machine as usize];
+                    slot.reserved_for.is_none() && slot.available
+                })
                 .map(|n| (missing_share(&self.slots[n.machine as usize], n), n.machine))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             if let Some((_, m)) = closest {

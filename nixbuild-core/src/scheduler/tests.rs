@@ -599,6 +599,43 @@ fn capacity_changes() {
 }
 
 #[test]
+fn an_unavailable_machine_starts_nothing_and_refuses_nothing() {
+    let mut benchmark = machine(2, 4 * GIB);
+    benchmark.mandatory_features = s(&["benchmark"]);
+    let mut sc = sched(vec![machine(1, GIB), benchmark]);
+    let first = sc.submit(build("a"), secs(0)).unwrap();
+    assert_eq!(sc.decide(secs(0))[0].machine, MachineId(0));
+    sc.set_available(MachineId(1), false, secs(1)).unwrap();
+    // Only machine 1 runs benchmarks: down, it keeps them waiting, not refused.
+    let bench = sc
+        .submit(
+            BuildSpec {
+                required_features: s(&["benchmark"]),
+                ..build("a")
+            },
+            secs(1),
+        )
+        .unwrap();
+    let plain = sc.submit(build("b"), secs(1)).unwrap();
+    assert!(sc.decide(secs(1)).is_empty());
+    assert_eq!(sc.build_state(bench), Some(BuildState::Waiting));
+    // Machine 0 frees up: the plain build goes there, not to the unavailable machine.
+    sc.complete(first, secs(2)).unwrap();
+    let starts = sc.decide(secs(2));
+    assert_eq!(ids(&starts), vec![plain]);
+    assert_eq!(starts[0].machine, MachineId(0));
+    // Back, it runs what waited for it.
+    sc.set_available(MachineId(1), true, secs(3)).unwrap();
+    let starts = sc.decide(secs(3));
+    assert_eq!(ids(&starts), vec![bench]);
+    assert_eq!(starts[0].machine, MachineId(1));
+    assert_eq!(
+        sc.set_available(MachineId(7), false, secs(4)),
+        Err(SchedError::UnknownMachine(MachineId(7)))
+    );
+}
+
+#[test]
 fn api_misuse_is_an_error() {
     let mut sc = sched(vec![machine(1, GIB)]);
     let a = sc.submit(build("a"), secs(0)).unwrap();

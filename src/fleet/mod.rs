@@ -6,10 +6,16 @@
 //! re-read when it changes (or when the setting does, on reload); a file with an error
 //! leaves the machines as they were.
 //!
-//! This is the first part of scaling out: the machines and their state are known and shown
-//! (`nixbuild status`); builds still run on this host.
+//! The scheduler gets every `ssh://` machine ([`Fleet::sync`] after each change): what it
+//! builds, its job limit, and whether it is up. A build placed on a machine runs there
+//! through [`conn::ServeConn`] sessions, kept open between builds in the machine's [`Remote`]
+//! (at most its job limit of them). A build that fails because of its machine marks the
+//! machine down ([`Fleet::failed`]) until a probe finds it up again.
+
+pub mod conn;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,8 +28,10 @@ use nixbuild_ssh::ssh_key::PublicKey;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::builds::placement::{FleetMachine, Placement};
 use crate::config::FleetConfig;
 use crate::reload::LiveConfig;
+use conn::{Fault, ServeConn};
 
 /// Largest machines file read, in bytes.
 const MAX_FILE: u64 = 1 << 20;
@@ -34,9 +42,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// How often the file and the probes' times are looked at.
 const TICK: Duration = Duration::from_millis(500);
 
-/// The machines and what the last probe of each found. Cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct Fleet(Arc<Mutex<State>>);
+/// The machines and what the last probe of each found, and the placement that gets them.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    state: Arc<Mutex<State>>,
+    placement: Arc<Placement>,
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -45,6 +57,9 @@ struct State {
     /// The last problem with the file (the machines stay as they were).
     file_error: Option<String>,
     machines: Vec<Machine>,
+    /// `[fleet] probe_interval` and `build_locally` as last configured.
+    probe_interval: Duration,
+    build_locally: bool,
 }
 
 /// A machines file as read: path, size and modification time.
@@ -57,11 +72,96 @@ struct Source {
 
 #[derive(Debug)]
 struct Machine {
-    line: MachineLine,
-    target: Target,
+    remote: Arc<Remote>,
     probe: Probe,
     /// When to probe next.
     due: Instant,
+}
+
+/// A machine builds go to: its line, how to reach it, its open sessions, and what went
+/// there.
+#[derive(Debug)]
+pub struct Remote {
+    /// Its line of the machines file.
+    pub line: MachineLine,
+    target: Target,
+    /// Sessions open and idle, newest last; at most the machine's job limit.
+    idle: Mutex<Vec<ServeConn>>,
+    /// Builds running there now.
+    running: AtomicU64,
+    /// Builds sent there.
+    builds: AtomicU64,
+    /// NAR bytes sent to it and received from it.
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// A build's hold on a machine's running count, released when dropped.
+#[derive(Debug)]
+pub struct OnMachine(Arc<Remote>);
+
+impl Drop for OnMachine {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Remote {
+    fn new(line: MachineLine, target: Target) -> Remote {
+        Remote {
+            line,
+            target,
+            idle: Mutex::default(),
+            running: AtomicU64::new(0),
+            builds: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }
+    }
+
+    /// Its URI, for messages.
+    pub fn name(&self) -> String {
+        self.line.uri.to_string()
+    }
+
+    /// Counts a build running there until the hold is dropped.
+    pub fn hold(self: &Arc<Self>) -> OnMachine {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        OnMachine(self.clone())
+    }
+
+    /// Counts NAR bytes sent to it (`up`) or received from it.
+    pub fn count(&self, up: bool, bytes: u64) {
+        let counter = if up { &self.sent } else { &self.received };
+        counter.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A session: an idle one still open, or a new one.
+    pub async fn session(&self) -> Result<ServeConn, Fault> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match idle {
+                Some(conn) if conn.is_open() => return Ok(conn),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        ServeConn::open(&self.name(), &self.target, &remote_command(&self.line)).await
+    }
+
+    /// Keeps a session that finished its work cleanly for the next build.
+    pub fn give_back(&self, conn: ServeConn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.is_open() && idle.len() < self.line.max_jobs as usize {
+            idle.push(conn);
+        }
+    }
+
+    /// Closes the idle sessions (the machine failed or left).
+    fn close_idle(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 impl Machine {
@@ -114,6 +214,14 @@ pub struct MachineView {
     /// What the last probe found.
     #[serde(flatten)]
     pub probe: Probe,
+    /// Builds running there now.
+    pub running: u64,
+    /// Builds sent there since this server started.
+    pub builds: u64,
+    /// NAR bytes sent to it (inputs).
+    pub bytes_sent: u64,
+    /// NAR bytes received from it (outputs).
+    pub bytes_received: u64,
 }
 
 /// The fleet as `nixbuild status` shows it.
@@ -128,31 +236,111 @@ pub struct FleetView {
 }
 
 impl Fleet {
+    /// A fleet with no machines yet, whose machines go to `placement`.
+    pub fn new(placement: Arc<Placement>) -> Fleet {
+        Fleet {
+            state: Arc::default(),
+            placement,
+        }
+    }
+
     /// The machines and their state now.
     pub fn view(&self) -> FleetView {
         let state = self.lock();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         FleetView {
             file: state.source.as_ref().map(|s| s.path.clone()),
             file_error: state.file_error.clone(),
             machines: state
                 .machines
                 .iter()
-                .map(|m| MachineView {
-                    uri: m.line.uri.to_string(),
-                    systems: m.line.systems.clone(),
-                    max_jobs: m.line.max_jobs,
-                    speed_factor: m.line.speed_factor,
-                    features: m
-                        .line
-                        .supported_features
-                        .union(&m.line.mandatory_features)
-                        .cloned()
-                        .collect(),
-                    mandatory_features: m.line.mandatory_features.iter().cloned().collect(),
-                    probe: m.probe.clone(),
+                .map(|m| {
+                    let (r, line) = (&m.remote, &m.remote.line);
+                    MachineView {
+                        uri: line.uri.to_string(),
+                        systems: line.systems.clone(),
+                        max_jobs: line.max_jobs,
+                        speed_factor: line.speed_factor,
+                        features: line
+                            .supported_features
+                            .union(&line.mandatory_features)
+                            .cloned()
+                            .collect(),
+                        mandatory_features: line.mandatory_features.iter().cloned().collect(),
+                        probe: m.probe.clone(),
+                        running: load(&r.running),
+                        builds: load(&r.builds),
+                        bytes_sent: load(&r.sent),
+                        bytes_received: load(&r.received),
+                    }
                 })
                 .collect(),
         }
+    }
+
+    /// Gives the placement the machines as they are now: each `ssh://` machine with what it
+    /// builds, its job limit, and whether it is up (a machine not probed yet counts as up:
+    /// its first build finds out). `ssh-ng://` machines are probed and shown but get no
+    /// builds yet.
+    pub fn sync(&self) {
+        let state = self.lock();
+        let build_locally = state.build_locally;
+        let machines: Vec<FleetMachine> = state
+            .machines
+            .iter()
+            .filter(|m| m.remote.line.uri.protocol == Protocol::Serve)
+            .map(|m| {
+                let line = &m.remote.line;
+                FleetMachine {
+                    spec: nixbuild_core::scheduler::Machine {
+                        systems: line.systems.clone(),
+                        supported_features: line.supported_features.iter().cloned().collect(),
+                        mandatory_features: line.mandatory_features.iter().cloned().collect(),
+                        // What a machine has is its own scheduler's business: here each
+                        // of its jobs counts as a core of a nominal GiB.
+                        cores: line.max_jobs,
+                        memory: u64::from(line.max_jobs) << 30,
+                        max_jobs: line.max_jobs,
+                    },
+                    available: !matches!(m.probe, Probe::Down { .. }),
+                    remote: m.remote.clone(),
+                }
+            })
+            .collect();
+        drop(state);
+        self.placement.sync_fleet(&machines, build_locally);
+    }
+
+    /// Takes the settings of `[fleet]` that hold between reads of the file.
+    fn configure(&self, config: &FleetConfig) {
+        let mut state = self.lock();
+        state.probe_interval = Duration::from_secs(config.probe_interval);
+        state.build_locally = config.build_locally;
+    }
+
+    /// A build found `remote` failing (`fault`): it is down from now until a probe finds
+    /// it up, which is due after one probe interval; its idle sessions are closed.
+    pub fn failed(&self, remote: &Arc<Remote>, fault: &Fault) {
+        remote.close_idle();
+        {
+            let mut state = self.lock();
+            let interval = state.probe_interval;
+            let Some(machine) = state
+                .machines
+                .iter_mut()
+                .find(|m| Arc::ptr_eq(&m.remote, remote))
+            else {
+                return;
+            };
+            let failures = machine.failures().saturating_add(1);
+            tracing::warn!(machine = %remote.name(), "machine down (a build found it failing): {fault}");
+            machine.probe = Probe::Down {
+                error: fault.to_string(),
+                failures,
+            };
+            machine.due = Instant::now() + interval;
+        }
+        self.sync();
     }
 
     /// How many machines are not probed yet, up and down (for the metrics).
@@ -170,7 +358,7 @@ impl Fleet {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the machines file again when the setting or the file changed.
@@ -180,7 +368,11 @@ impl Fleet {
             if state.source.is_some() {
                 tracing::info!("[fleet] machines unset: no machines");
             }
-            *state = State::default();
+            state.source = None;
+            state.file_error = None;
+            for gone in std::mem::take(&mut state.machines) {
+                gone.remote.close_idle();
+            }
             return;
         };
         let seen = std::fs::metadata(path).map(|m| Source {
@@ -213,12 +405,15 @@ impl Fleet {
                 let mut old: std::collections::HashMap<String, Machine> =
                     std::mem::take(&mut state.machines)
                         .into_iter()
-                        .map(|m| (m.line.to_line(), m))
+                        .map(|m| (m.remote.line.to_line(), m))
                         .collect();
                 state.machines = machines
                     .into_iter()
-                    .map(|m| old.remove(&m.line.to_line()).unwrap_or(m))
+                    .map(|m| old.remove(&m.remote.line.to_line()).unwrap_or(m))
                     .collect();
+                for gone in old.values() {
+                    gone.remote.close_idle();
+                }
                 state.file_error = None;
             }
             Err(error) => {
@@ -236,7 +431,7 @@ impl Fleet {
             .iter()
             .enumerate()
             .filter(|(_, m)| m.due <= now)
-            .map(|(i, m)| (i, m.line.clone(), m.target.clone()))
+            .map(|(i, m)| (i, m.remote.line.clone(), m.remote.target.clone()))
             .collect()
     }
 
@@ -253,7 +448,7 @@ impl Fleet {
         let Some(machine) = state
             .machines
             .get_mut(index)
-            .filter(|m| m.line.to_line() == line.to_line())
+            .filter(|m| m.remote.line.to_line() == line.to_line())
         else {
             return;
         };
@@ -329,8 +524,7 @@ fn load(path: &Path, config: &FleetConfig) -> Result<Vec<Machine>, String> {
                 timeout: Duration::from_secs(config.connect_timeout),
             };
             Ok(Machine {
-                line,
-                target,
+                remote: Arc::new(Remote::new(line, target)),
                 probe: Probe::Unknown,
                 due: now,
             })
@@ -445,6 +639,7 @@ pub async fn run(
 ) {
     loop {
         let config = live.get();
+        fleet.configure(&config.fleet);
         if config.fleet.machines.is_none() {
             // Nothing to read: no thread of the blocking pool is kept busy for it.
             fleet.refresh(&config.fleet);
@@ -457,6 +652,7 @@ pub async fn run(
                 tracing::error!("reading the machines file failed");
             }
         }
+        fleet.sync();
         let now = Instant::now();
         let due = fleet.due(now);
         if !due.is_empty() {
@@ -474,6 +670,7 @@ pub async fn run(
                     Err(e) => tracing::error!("a probe failed: {e}"),
                 }
             }
+            fleet.sync();
         }
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
