@@ -11,10 +11,14 @@ mod common;
 mod harness;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use harness::build_log::{build_events, most_at_once, starts_of};
+use harness::clients::{busybox, read_client_file, Client, ClientNix};
 use harness::ssh::{run, Key, SshServer};
+use harness::stock::StockBuilder;
 use harness::{free_port, http_get};
 use serde_json::Value;
 
@@ -203,5 +207,311 @@ fn a_front_probes_its_machines_and_shows_them() {
         f["machines"].as_array().map(Vec::len) == Some(1) && f["file_error"].is_null()
     });
     assert_eq!(fleet["machines"][0]["state"], "up", "{fleet}");
+    assert!(!front.daemon.log().contains("panicked"));
+}
+
+/// A machines-file line for a builder at `port` reached as `user` with `identity`.
+fn line(
+    user: &str,
+    port: u16,
+    identity: &Key,
+    max_jobs: u32,
+    features: &str,
+    mandatory: &str,
+    host_key: &str,
+) -> String {
+    format!(
+        "ssh://{user}@127.0.0.1:{port} x86_64-linux {} {max_jobs} 1 {features} {mandatory} \
+         {host_key}\n",
+        identity.private.display()
+    )
+}
+
+/// Writes, in the client's scratch directory, an expression of the derivations `kinds`
+/// (each a list of required features and a script) named `fleet-<i>-<salt>`: the `.drv`
+/// paths, in order.
+fn derivations(nix: &ClientNix, salt: &str, kinds: &[(&str, String)]) -> Vec<String> {
+    let items: String = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, (features, script))| format!("  (mk {i} [ {features} ] {script:?})\n"))
+        .collect();
+    let expr = nix.scratch().join(format!("fleet-{salt}.nix"));
+    std::fs::write(
+        &expr,
+        format!(
+            "let bb = builtins.storePath \"{bb}\";\n  mk = i: features: script: derivation {{\n    \
+             name = \"fleet-${{toString i}}-{salt}\";\n    system = \"x86_64-linux\";\n    \
+             builder = \"${{bb}}/bin/sh\";\n    args = [ \"-c\" script ];\n    \
+             PATH = \"${{bb}}/bin\";\n    requiredSystemFeatures = features;\n  }};\nin [\n{items}]\n",
+            bb = busybox()
+        ),
+    )
+    .expect("write the expression");
+    let out = nix.ok(nix.command("nix-instantiate").arg(&expr));
+    harness::lines(&out.stdout)
+}
+
+/// `nix-build` of `drvs` by `nix` on the front only, as `account`, with the README's
+/// builders line through the relay.
+fn build_on(nix: &ClientNix, front: &SshServer, account: &str, drvs: &[String]) -> Command {
+    let mut cmd = nix.relayed(&front.daemon, account, "nix-build");
+    cmd.args(["--max-jobs", "0", "--no-out-link", "--builders"])
+        .arg(harness::builders())
+        .args(drvs);
+    cmd
+}
+
+#[test]
+fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
+    // (1) a nixbuild server letting the front in as its account `front`; (2) OpenSSH with
+    // the stock Nix 2.8 `nix-store --serve` in a namespace with its own /nix.
+    let builder_files = tempfile::tempdir().expect("temp dir");
+    let identity = SshServer::key(builder_files.path(), "id_front", "ed25519", "front");
+    let mut builder = SshServer::start("", builder_files, &[&identity]);
+    let stock = StockBuilder::start(&identity, 2);
+
+    // Plain and big-parallel builds can only go to (1), benchmark builds only to (2),
+    // where the feature is mandatory; this host builds nothing itself.
+    let front_files = tempfile::tempdir().expect("temp dir");
+    let ops = SshServer::key(front_files.path(), "id_ops", "ed25519", "ops");
+    let machines = front_files.path().join("machines");
+    let nixbuild_line = line(
+        "front",
+        builder.pins.port,
+        &identity,
+        2,
+        "big-parallel",
+        "-",
+        &builder.pins.machines_key,
+    );
+    let mandatory = line(
+        "root",
+        stock.port,
+        &identity,
+        2,
+        "benchmark",
+        "benchmark",
+        &stock.host_key,
+    );
+    std::fs::write(&machines, format!("{nixbuild_line}{mandatory}")).expect("write machines");
+    let config = format!(
+        "[admin]\naccounts = [\"ops\"]\n\n[fleet]\nmachines = \"{}\"\nprobe_interval = 1\n\
+         connect_timeout = 5\nbuild_locally = false\n",
+        machines.display()
+    );
+    let front = SshServer::start(&config, front_files, &[&ops]);
+    let ops_config = front.ssh_config("front-ops", &ops);
+    wait_for(&front, &ops_config, "up", |f| {
+        f["machines"][0]["state"] == "up" && f["machines"][1]["state"] == "up"
+    });
+
+    // Two clients, Nix 2.8 and Nix 2.34, 20 builds each: 8 plain, 4 big-parallel and 8
+    // benchmark builds.
+    let clients = [Client::Host, Client::Sid].map(|c| ClientNix::new(c, ""));
+    let salt = common::Nix::salt();
+    let plans: Vec<Vec<(usize, String)>> = clients
+        .iter()
+        .map(|nix| {
+            let kinds: Vec<(&str, String)> = (0..20)
+                .map(|i| {
+                    let features = match i % 5 {
+                        2 => "\"big-parallel\"",
+                        3 | 4 => "\"benchmark\"",
+                        _ => "",
+                    };
+                    let script = format!("echo {salt} {} {i} > $out", nix.client.name());
+                    (features, script)
+                })
+                .collect();
+            let drvs = derivations(nix, &format!("{salt}-{}", nix.client.name()), &kinds);
+            drvs.into_iter().enumerate().collect()
+        })
+        .collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (outputs, most) = std::thread::scope(|scope| {
+        // The front's view of each machine while the builds run: the most running at once.
+        let sampler = scope.spawn(|| {
+            let mut most = [0u64; 2];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let fleet = status(&ops_config)["fleet"].clone();
+                for (m, most) in most.iter_mut().enumerate() {
+                    *most = (*most).max(fleet["machines"][m]["running"].as_u64().unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            most
+        });
+        let builds: Vec<_> = clients
+            .iter()
+            .zip(&plans)
+            .map(|(nix, plan)| {
+                let drvs: Vec<String> = plan.iter().map(|(_, d)| d.clone()).collect();
+                let mut cmd = build_on(nix, &front, "alice", &drvs);
+                let name = nix.client.name();
+                scope.spawn(move || {
+                    let out = cmd.output().expect("nix-build");
+                    assert!(
+                        out.status.success(),
+                        "the {name} client: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    harness::lines(&out.stdout)
+                })
+            })
+            .collect();
+        let outputs: Vec<Vec<String>> = builds
+            .into_iter()
+            .map(|b| b.join().expect("a client"))
+            .collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (outputs, sampler.join().expect("the sampler"))
+    });
+
+    let builder_log = builder.daemon.log();
+    let events = build_events(&builder_log);
+    for ((nix, plan), outs) in clients.iter().zip(&plans).zip(&outputs) {
+        assert_eq!(outs.len(), 20, "{outs:?}");
+        for ((i, drv), out) in plan.iter().zip(outs) {
+            assert_eq!(
+                read_client_file(nix.client, out).trim(),
+                format!("{salt} {} {i}", nix.client.name())
+            );
+            let on_stock = stock.has(out);
+            let on_nixbuild = starts_of(&events, drv);
+            if i % 5 >= 3 {
+                assert!(on_stock, "benchmark build {drv} not on the stock builder");
+                assert_eq!(on_nixbuild, 0, "{drv} on the nixbuild builder");
+            } else {
+                assert!(!on_stock, "{drv} on the stock builder");
+                assert_eq!(on_nixbuild, 1, "{drv} not built once on the nixbuild builder");
+            }
+        }
+    }
+    // The builder ran them as the front's account, never more than its 2 jobs at once;
+    // the front never had more than 2 on either machine.
+    assert!(events.iter().all(|e| e.account == "front"), "{events:?}");
+    assert!(most_at_once(&events).0 <= 2, "{builder_log}");
+    assert!(most[0] <= 2 && most[1] <= 2, "{most:?}");
+    let fleet = status(&ops_config)["fleet"].clone();
+    // Their one input, busybox, crossed to each machine once, however many builds needed
+    // it at the same time.
+    let info = clients[0].ok(clients[0].command("nix").args(["path-info", "--json", &busybox()]));
+    let info: Value = serde_json::from_slice(&info.stdout).expect("JSON");
+    let busybox_nar = info[0]["narSize"].as_u64().expect("narSize");
+    for (m, builds) in [(0, 24), (1, 16)] {
+        let machine = &fleet["machines"][m];
+        assert_eq!(machine["builds"], builds, "{machine}");
+        assert_eq!(machine["running"], 0, "{machine}");
+        assert_eq!(machine["bytes_sent"].as_u64(), Some(busybox_nar), "{machine}");
+        assert!(machine["bytes_received"].as_u64() > Some(0), "{machine}");
+    }
+    // What the machines built is what Nix's own sandbox builds.
+    let sid = &clients[1];
+    for (i, drv) in [&plans[1][0], &plans[1][3]] {
+        let out = sid
+            .sandboxed("nix-build")
+            .args(["--check", "--no-out-link", "--max-jobs", "1", "--builders", ""])
+            .arg(drv)
+            .output()
+            .expect("nix-build --check");
+        assert!(
+            out.status.success(),
+            "build {i} differs from Nix's sandbox: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // What no machine builds is refused at once, saying why.
+    let host = &clients[0];
+    let arm = {
+        let expr = host.scratch().join("arm.nix");
+        std::fs::write(
+            &expr,
+            format!(
+                "derivation {{ name = \"arm-{salt}\"; system = \"aarch64-linux\"; \
+                 builder = \"/bin/sh\"; }}\n"
+            ),
+        )
+        .expect("write");
+        host.instantiate(&expr)
+    };
+    let started = Instant::now();
+    let out = host
+        .relayed(&front.daemon, "alice", "nix-build")
+        .args(["--max-jobs", "0", "--no-out-link", "--builders"])
+        .arg(harness::builders().replace("x86_64-linux", "aarch64-linux,x86_64-linux"))
+        .arg(&arm)
+        .output()
+        .expect("nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("nixbuild cannot build") && stderr.contains("aarch64-linux"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "{stderr}");
+
+    // The stock builder takes plain builds too (the file is read again); builder (1) is
+    // killed in the middle of one: the build completes on (2), the client hears once why.
+    std::fs::write(
+        &machines,
+        format!(
+            "{nixbuild_line}{}",
+            line("root", stock.port, &identity, 2, "benchmark", "-", &stock.host_key)
+        ),
+    )
+    .expect("write machines");
+    wait_for(&front, &ops_config, "re-read", |f| {
+        f["machines"][1]["mandatory_features"] == serde_json::json!([])
+            && f["machines"][1]["state"] == "up"
+    });
+    let slow = derivations(
+        host,
+        &format!("{salt}-slow"),
+        &[
+            ("", "echo started; sleep 4; echo slow > $out".to_owned()),
+            ("", "echo again > $out".to_owned()),
+        ],
+    );
+    let build = build_on(host, &front, "alice", &slow[..1])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nix-build");
+    builder
+        .daemon
+        .wait_for_log(&["nixbuild::build: building", &slow[0]]);
+    builder.daemon.kill();
+    let out = build.wait_with_output().expect("nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", front.daemon.log());
+    let slow_out = harness::lines(&out.stdout)[0].clone();
+    assert_eq!(read_client_file(Client::Host, &slow_out).trim(), "slow");
+    assert!(stock.has(&slow_out), "not rebuilt on the stock builder");
+    assert_eq!(
+        stderr.matches("again on another machine").count(),
+        1,
+        "{stderr}"
+    );
+    // The second machine's log reached the client.
+    let retried = stderr.find("again on another machine").expect("the notice");
+    assert!(stderr[retried..].contains("\nstarted\n"), "{stderr}");
+    let fleet = status(&ops_config)["fleet"].clone();
+    assert_eq!(fleet["machines"][0]["state"], "down", "{fleet}");
+
+    // Back, it is used again.
+    let listen = format!("127.0.0.1:{}", builder.pins.port);
+    builder.daemon.start_again(&[
+        "--listen",
+        &listen,
+        "--authorized-keys",
+        builder.authorized_keys.to_str().expect("UTF-8 path"),
+    ]);
+    wait_for(&front, &ops_config, "up again", |f| {
+        f["machines"][0]["state"] == "up"
+    });
+    host.ok(&mut build_on(host, &front, "alice", &slow[1..]));
+    assert_eq!(starts_of(&build_events(&builder.daemon.log()), &slow[1]), 1);
     assert!(!front.daemon.log().contains("panicked"));
 }

@@ -239,6 +239,7 @@ impl BuildRun<'_> {
             .iter()
             .map(|i| i.path.clone())
             .collect();
+        let asked = std::time::Instant::now();
         let valid = match conn.query_valid(closure.clone()).await {
             Ok(valid) => valid,
             Err(fault) => return Ok(Err(fault)),
@@ -259,6 +260,13 @@ impl BuildRun<'_> {
             let Some(nar_hash) = info.nar_hash else {
                 continue;
             };
+            // Another build copying the same path there goes first; once it did, this one
+            // has nothing to copy.
+            let slot = remote.upload_slot(&path);
+            let mut last = slot.lock().await;
+            if last.is_some_and(|at| at >= asked) {
+                continue;
+            }
             let header = AddToStoreNar {
                 path: path.clone(),
                 deriver: info.deriver.clone(),
@@ -288,6 +296,7 @@ impl BuildRun<'_> {
                 return Ok(Err(fault));
             }
             remote.count(true, exported?);
+            *last = Some(std::time::Instant::now());
         }
         Ok(Ok(()))
     }

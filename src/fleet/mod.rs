@@ -14,6 +14,7 @@
 
 pub mod conn;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nixbuild_core::machines::{parse_machines, MachineLine, Protocol};
 use nixbuild_core::serve::handshake::{ClientHello, ServerHello};
 use nixbuild_core::serve::ProtocolVersion;
+use nixbuild_core::store_path::StorePath;
 use nixbuild_core::wire::BufMutExt;
 use nixbuild_ssh::client::{self, Connection, Target};
 use nixbuild_ssh::ssh_key::PublicKey;
@@ -94,7 +96,17 @@ pub struct Remote {
     /// NAR bytes sent to it and received from it.
     sent: AtomicU64,
     received: AtomicU64,
+    /// Per input path being or lately copied there: when its last copy ended. Builds that
+    /// lack the same path take turns, and the later ones skip the copy.
+    uploads: Mutex<HashMap<StorePath, UploadSlot>>,
 }
+
+/// When a path's last copy to a machine ended (`None`: never, or it failed), held while a
+/// copy runs.
+pub type UploadSlot = Arc<tokio::sync::Mutex<Option<Instant>>>;
+
+/// Upload slots kept per machine before idle ones are forgotten.
+const MAX_UPLOAD_SLOTS: usize = 4096;
 
 /// A build's hold on a machine's running count, released when dropped.
 #[derive(Debug)]
@@ -116,7 +128,18 @@ impl Remote {
             builds: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            uploads: Mutex::default(),
         }
+    }
+
+    /// The slot of `path`'s copies to this machine: lock it around a copy, and skip the
+    /// copy when the last one ended after the machine was asked what it lacks.
+    pub fn upload_slot(&self, path: &StorePath) -> UploadSlot {
+        let mut uploads = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        if uploads.len() >= MAX_UPLOAD_SLOTS && !uploads.contains_key(path) {
+            uploads.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        uploads.entry(path.clone()).or_default().clone()
     }
 
     /// Its URI, for messages.

@@ -72,6 +72,7 @@ pub mod closure;
 pub mod hostile;
 pub mod ssh;
 pub mod ssh_ng;
+pub mod stock;
 pub mod worker;
 
 /// How many build uids each test daemon has.
