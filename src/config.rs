@@ -117,6 +117,11 @@ pub struct FleetConfig {
     /// Longest time for reaching a machine, logging in and the handshake. Default 10 s.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: u64,
+    /// Longest wait for a machine's answer outside a build's run (the copies of inputs and
+    /// outputs, queries); a machine silent for longer fails the build there, which goes to
+    /// another machine. Taken for machines read after a change. Default 60 s.
+    #[serde(deserialize_with = "duration")]
+    pub io_timeout: u64,
     /// Whether this host builds too, beside the machines. Default true; with false every
     /// build goes to a machine (and what no machine can build is refused).
     pub build_locally: bool,
@@ -128,6 +133,7 @@ impl Default for FleetConfig {
             machines: None,
             probe_interval: 30,
             connect_timeout: 10,
+            io_timeout: 60,
             build_locally: true,
         }
     }
@@ -1065,10 +1071,13 @@ impl Config {
             key,
             reason,
         };
-        if self.fleet.probe_interval == 0 || self.fleet.connect_timeout == 0 {
+        if self.fleet.probe_interval == 0
+            || self.fleet.connect_timeout == 0
+            || self.fleet.io_timeout == 0
+        {
             return Err(invalid(
                 "fleet.probe_interval",
-                "probe_interval and connect_timeout must be at least 1 s".into(),
+                "probe_interval, connect_timeout and io_timeout must be at least 1 s".into(),
             ));
         }
         for (name, account) in &self.accounts {

@@ -384,7 +384,10 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
                 assert_eq!(on_nixbuild, 0, "{drv} on the nixbuild builder");
             } else {
                 assert!(!on_stock, "{drv} on the stock builder");
-                assert_eq!(on_nixbuild, 1, "{drv} not built once on the nixbuild builder");
+                assert_eq!(
+                    on_nixbuild, 1,
+                    "{drv} not built once on the nixbuild builder"
+                );
             }
         }
     }
@@ -396,14 +399,20 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     let fleet = status(&ops_config)["fleet"].clone();
     // Their one input, busybox, crossed to each machine once, however many builds needed
     // it at the same time.
-    let info = clients[0].ok(clients[0].command("nix").args(["path-info", "--json", &busybox()]));
+    let info = clients[0].ok(clients[0]
+        .command("nix")
+        .args(["path-info", "--json", &busybox()]));
     let info: Value = serde_json::from_slice(&info.stdout).expect("JSON");
     let busybox_nar = info[0]["narSize"].as_u64().expect("narSize");
     for (m, builds) in [(0, 24), (1, 16)] {
         let machine = &fleet["machines"][m];
         assert_eq!(machine["builds"], builds, "{machine}");
         assert_eq!(machine["running"], 0, "{machine}");
-        assert_eq!(machine["bytes_sent"].as_u64(), Some(busybox_nar), "{machine}");
+        assert_eq!(
+            machine["bytes_sent"].as_u64(),
+            Some(busybox_nar),
+            "{machine}"
+        );
         assert!(machine["bytes_received"].as_u64() > Some(0), "{machine}");
     }
     // What the machines built is what Nix's own sandbox builds.
@@ -411,7 +420,14 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     for (i, drv) in [&plans[1][0], &plans[1][3]] {
         let out = sid
             .sandboxed("nix-build")
-            .args(["--check", "--no-out-link", "--max-jobs", "1", "--builders", ""])
+            .args([
+                "--check",
+                "--no-out-link",
+                "--max-jobs",
+                "1",
+                "--builders",
+                "",
+            ])
             .arg(drv)
             .output()
             .expect("nix-build --check");
@@ -458,7 +474,15 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
         &machines,
         format!(
             "{nixbuild_line}{}",
-            line("root", stock.port, &identity, 2, "benchmark", "-", &stock.host_key)
+            line(
+                "root",
+                stock.port,
+                &identity,
+                2,
+                "benchmark",
+                "-",
+                &stock.host_key
+            )
         ),
     )
     .expect("write machines");
@@ -514,4 +538,179 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     host.ok(&mut build_on(host, &front, "alice", &slow[1..]));
     assert_eq!(starts_of(&build_events(&builder.daemon.log()), &slow[1]), 1);
     assert!(!front.daemon.log().contains("panicked"));
+}
+
+/// A program for the stock sshd to run as a machine's `remote-program`: it prints the
+/// bytes of `replies` whatever it is asked, then reads its stdin to the end.
+fn fake_machine(dir: &Path, name: &str, replies: &[u8]) -> std::path::PathBuf {
+    let data = dir.join(format!("{name}.bin"));
+    std::fs::write(&data, replies).expect("write replies");
+    let program = dir.join(name);
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\ncat {}\nexec cat > /dev/null\n", data.display()),
+    )
+    .expect("write program");
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    program
+}
+
+#[test]
+fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
+    use nixbuild_core::nar::NarNode;
+    use nixbuild_core::serve::handshake::ServerHello;
+    use nixbuild_core::serve::{BuildResult, BuildStatus, ProtocolVersion, Response};
+
+    let builder_files = tempfile::tempdir().expect("temp dir");
+    let identity = SshServer::key(builder_files.path(), "id_front", "ed25519", "front");
+    let builder = SshServer::start("", builder_files, &[&identity]);
+    let sshd = StockBuilder::start(&identity, 1);
+
+    // What the fakes say: the serve protocol's hello (2.5), then: nothing more (silent);
+    // 1 MiB of 0xff (garbage); or "I have the inputs", "built", and an output NAR of 3 MiB
+    // (over the front's 1 MiB for a build's outputs).
+    let v = ProtocolVersion::V2_5;
+    let mut hello = Vec::new();
+    ServerHello { version: v }.encode(&mut hello);
+    let fakes = tempfile::tempdir().expect("temp dir");
+    let silent = fake_machine(fakes.path(), "silent", &hello);
+    let garbage = fake_machine(
+        fakes.path(),
+        "garbage",
+        &[hello.clone(), vec![0xff; 1 << 20]].concat(),
+    );
+    let mut huge_replies = hello.clone();
+    let bb = nixbuild_core::store_path::StorePath::from_absolute_path(busybox().as_bytes())
+        .expect("a store path");
+    Response::ValidPaths([bb].into()).encode(v, &mut huge_replies);
+    Response::Build(Box::new(BuildResult {
+        start_time: 1,
+        stop_time: 2,
+        times_built: 1,
+        ..BuildResult::without_build(BuildStatus::Built, Vec::new())
+    }))
+    .encode(v, &mut huge_replies);
+    huge_replies.extend(
+        NarNode::File {
+            executable: false,
+            contents: vec![b'x'; 3 << 20],
+        }
+        .to_nar()
+        .expect("a NAR"),
+    );
+    let huge = fake_machine(fakes.path(), "huge", &huge_replies);
+
+    // Big-parallel builds go only to the huge one; plain builds to the silent one first,
+    // then the garbage one, then the nixbuild builder.
+    let fake_line = |program: &Path, features: &str| {
+        line(
+            "root",
+            sshd.port,
+            &identity,
+            1,
+            features,
+            features,
+            &sshd.host_key,
+        )
+        .replacen(
+            &format!(":{} ", sshd.port),
+            &format!(":{}?remote-program={} ", sshd.port, program.display()),
+            1,
+        )
+    };
+    let front_files = tempfile::tempdir().expect("temp dir");
+    let ops = SshServer::key(front_files.path(), "id_ops", "ed25519", "ops");
+    let machines = front_files.path().join("machines");
+    std::fs::write(
+        &machines,
+        [
+            fake_line(&huge, "big-parallel"),
+            fake_line(&silent, "-"),
+            fake_line(&garbage, "-"),
+            line(
+                "front",
+                builder.pins.port,
+                &identity,
+                1,
+                "-",
+                "-",
+                &builder.pins.machines_key,
+            ),
+        ]
+        .concat(),
+    )
+    .expect("write machines");
+    let config = format!(
+        "[admin]\naccounts = [\"ops\"]\n\n[builds]\nmax_output_size = 1048576\n\n[fleet]\n\
+         machines = \"{}\"\nprobe_interval = 60\nconnect_timeout = 5\nio_timeout = 2\n\
+         build_locally = false\n",
+        machines.display()
+    );
+    let front = SshServer::start(&config, front_files, &[&ops]);
+    let ops_config = front.ssh_config("front-ops", &ops);
+    wait_for(&front, &ops_config, "probed", |f| {
+        (0..4).all(|m| f["machines"][m]["state"] == "up")
+    });
+
+    let nix = ClientNix::new(Client::Host, "");
+    let salt = common::Nix::salt();
+    let drvs = derivations(
+        &nix,
+        &salt,
+        &[
+            ("", "echo plain > $out".to_owned()),
+            ("\"big-parallel\"", "echo big > $out".to_owned()),
+        ],
+    );
+
+    // The plain build: the silent machine times out, the garbage one is caught, the third
+    // machine builds it; the client hears of both.
+    let out = build_on(&nix, &front, "alice", &drvs[..1])
+        .output()
+        .expect("nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", front.daemon.log());
+    assert_eq!(
+        stderr.matches("again on another machine").count(),
+        2,
+        "{stderr}"
+    );
+    assert!(stderr.contains("answered nothing for 2s"), "{stderr}");
+    assert!(stderr.contains("a wrong answer"), "{stderr}");
+    assert_eq!(starts_of(&build_events(&builder.daemon.log()), &drvs[0]), 1);
+    let fleet = status(&ops_config)["fleet"].clone();
+    assert_eq!(fleet["machines"][1]["state"], "down", "{fleet}");
+    assert_eq!(fleet["machines"][2]["state"], "down", "{fleet}");
+
+    // The big one: its outputs are refused while they arrive, as a local build's would be;
+    // a build failure, not the machine's, so it is not tried elsewhere, and nothing is
+    // registered.
+    let out = build_on(&nix, &front, "alice", &drvs[1..])
+        .output()
+        .expect("nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("larger than this server takes"), "{stderr}");
+    assert!(!stderr.contains("again on another machine"), "{stderr}");
+    let output = {
+        let out = nix.ok(nix.command("nix-store").args(["-q", "--outputs", &drvs[1]]));
+        harness::lines(&out.stdout)[0].clone()
+    };
+    let valid = nix
+        .relayed(&front.daemon, "alice", "nix-store")
+        .args([
+            "--store",
+            &harness::store_uri(),
+            "--check-validity",
+            &output,
+        ])
+        .output()
+        .expect("nix-store");
+    assert!(!valid.status.success(), "the refused output is valid");
+    let log = front.daemon.log();
+    assert!(!log.contains("panicked"), "{log}");
 }

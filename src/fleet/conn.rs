@@ -47,12 +47,20 @@ pub struct ServeConn {
     limits: Limits,
     /// The machine, for messages.
     name: String,
+    /// Longest wait for the machine to take or give bytes outside a build's run.
+    io_timeout: Duration,
 }
 
 impl ServeConn {
     /// Connects, logs in, starts `command` and runs the handshake, all within the target's
-    /// timeout.
-    pub async fn open(name: &str, target: &Target, command: &str) -> Result<ServeConn, Fault> {
+    /// timeout; afterwards every wait for the machine outside a build's run is bounded by
+    /// `io_timeout`.
+    pub async fn open(
+        name: &str,
+        target: &Target,
+        command: &str,
+        io_timeout: Duration,
+    ) -> Result<ServeConn, Fault> {
         let fault = |what: String| Fault(format!("{name}: {what}"));
         let attempt = async {
             let ssh = Connection::open(target)
@@ -98,6 +106,7 @@ impl ServeConn {
                 input: BytesMut::new(),
                 limits: Limits::default(),
                 name: name.to_owned(),
+                io_timeout,
             })
         };
         tokio::time::timeout(target.timeout, attempt)
@@ -125,19 +134,21 @@ impl ServeConn {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), Fault> {
-        self.command
-            .stdin
-            .write_all(bytes)
-            .await
-            .map_err(|e| self.fault(format!("connection lost while sending: {e}")))
+        let timeout = self.io_timeout;
+        match tokio::time::timeout(timeout, self.command.stdin.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.fault(format!("connection lost while sending: {e}"))),
+            Err(_) => Err(self.fault(format!("took nothing for {timeout:?}"))),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), Fault> {
-        self.command
-            .stdin
-            .flush()
-            .await
-            .map_err(|e| self.fault(format!("connection lost while sending: {e}")))
+        let timeout = self.io_timeout;
+        match tokio::time::timeout(timeout, self.command.stdin.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.fault(format!("connection lost while sending: {e}"))),
+            Err(_) => Err(self.fault(format!("took nothing for {timeout:?}"))),
+        }
     }
 
     async fn request(&mut self, request: &Request) -> Result<(), Fault> {
@@ -148,10 +159,16 @@ impl ServeConn {
         self.flush().await
     }
 
-    /// Reads more of the machine's stdout into `input`; an end is a fault.
+    /// Reads more of the machine's stdout into `input`; an end, or nothing for
+    /// `io_timeout`, is a fault.
     async fn read_more(&mut self) -> Result<(), Fault> {
         self.input.reserve(READ_CHUNK);
-        match self.command.stdout.read_buf(&mut self.input).await {
+        let timeout = self.io_timeout;
+        let read = tokio::time::timeout(timeout, self.command.stdout.read_buf(&mut self.input));
+        let Ok(read) = read.await else {
+            return Err(self.fault(format!("answered nothing for {timeout:?}")));
+        };
+        match read {
             Ok(0) => {
                 let mut said = Vec::new();
                 while let Ok(chunk) = self.command.stderr.try_recv() {

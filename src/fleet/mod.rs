@@ -87,6 +87,8 @@ pub struct Remote {
     /// Its line of the machines file.
     pub line: MachineLine,
     target: Target,
+    /// `[fleet] io_timeout` when it was read.
+    io_timeout: Duration,
     /// Sessions open and idle, newest last; at most the machine's job limit.
     idle: Mutex<Vec<ServeConn>>,
     /// Builds running there now.
@@ -119,10 +121,11 @@ impl Drop for OnMachine {
 }
 
 impl Remote {
-    fn new(line: MachineLine, target: Target) -> Remote {
+    fn new(line: MachineLine, target: Target, io_timeout: Duration) -> Remote {
         Remote {
             line,
             target,
+            io_timeout,
             idle: Mutex::default(),
             running: AtomicU64::new(0),
             builds: AtomicU64::new(0),
@@ -170,7 +173,13 @@ impl Remote {
                 None => break,
             }
         }
-        ServeConn::open(&self.name(), &self.target, &remote_command(&self.line)).await
+        ServeConn::open(
+            &self.name(),
+            &self.target,
+            &remote_command(&self.line),
+            self.io_timeout,
+        )
+        .await
     }
 
     /// Keeps a session that finished its work cleanly for the next build.
@@ -547,7 +556,11 @@ fn load(path: &Path, config: &FleetConfig) -> Result<Vec<Machine>, String> {
                 timeout: Duration::from_secs(config.connect_timeout),
             };
             Ok(Machine {
-                remote: Arc::new(Remote::new(line, target)),
+                remote: Arc::new(Remote::new(
+                    line,
+                    target,
+                    Duration::from_secs(config.io_timeout),
+                )),
                 probe: Probe::Unknown,
                 due: now,
             })

@@ -35,7 +35,11 @@ impl StockBuilder {
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "stock", "-f"])
             .arg(&host_key_file));
         let public = std::fs::read_to_string(root.join("host_key.pub")).expect("host key");
-        let public = public.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let public = public
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
         let host_key = base64::engine::general_purpose::STANDARD.encode(&public);
         std::fs::create_dir_all(root.join("store/nix")).expect("mkdir store");
         ok(Command::new("nix-store")
@@ -116,7 +120,11 @@ impl StockBuilder {
             if let Some(Ok(Some(status))) = self.sshd.as_mut().map(Child::try_wait) {
                 panic!("sshd exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "sshd did not listen: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not listen: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

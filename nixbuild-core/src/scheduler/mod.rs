@@ -1431,11 +1431,17 @@ impl Scheduler {
                 standing += charge(b) / weight;
             }
         }
+        let machines = shape
+            .needs
+            .iter()
+            .filter(|n| self.slots[n.machine as usize].jobs > 0)
+            .count();
         Some(WaitStatus {
             reason,
             position: ahead + 1,
             waiting: self.waiting,
             running,
+            machines,
         })
     }
 
@@ -1445,8 +1451,13 @@ impl Scheduler {
         let mut cores_needed: Option<u32> = None;
         let mut memory_needed: Option<u64> = None;
         let mut memory_ok = false;
+        let mut any_available = false;
         for n in &shape.needs {
             let slot = &self.slots[n.machine as usize];
+            if !slot.available || slot.max_jobs == 0 {
+                continue;
+            }
+            any_available = true;
             if slot.fits(n) {
                 if slot.reserved_for.is_none_or(|r| r == id) {
                     return WaitReason::Turn;
@@ -1461,7 +1472,9 @@ impl Scheduler {
                 memory_ok = true;
             }
         }
-        if fits_reserved {
+        if !any_available {
+            WaitReason::MachineDown
+        } else if fits_reserved {
             WaitReason::Reserved
         } else if memory_ok {
             WaitReason::JobSlot

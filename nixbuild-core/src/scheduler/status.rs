@@ -38,6 +38,8 @@ pub enum WaitReason {
     Memory(u64),
     /// A machine with the cores and the memory has as many builds as its job limit.
     JobSlot,
+    /// Every machine that could run it is down (or drained).
+    MachineDown,
     /// It would fit on a machine that is kept free for a large build that has waited long
     /// (the anti-starvation rule).
     Reserved,
@@ -60,6 +62,8 @@ pub struct WaitStatus {
     pub waiting: usize,
     /// How many builds run on the machines it could use.
     pub running: usize,
+    /// On how many machines those builds run (said when more than one).
+    pub machines: usize,
 }
 
 impl fmt::Display for WaitStatus {
@@ -70,15 +74,20 @@ impl fmt::Display for WaitStatus {
             WaitReason::Cores(n) => write!(f, "{n} cores")?,
             WaitReason::Memory(bytes) => write!(f, "{} memory", ByteCount(bytes))?,
             WaitReason::JobSlot => f.write_str("a job slot")?,
+            WaitReason::MachineDown => f.write_str("a machine that can build it to be up")?,
             WaitReason::Reserved => f.write_str("a machine kept free for a large build")?,
             WaitReason::Turn => f.write_str("its turn")?,
         }
         let plural = if self.running == 1 { "" } else { "s" };
         write!(
             f,
-            " (position {} of {}; {} build{plural} running)",
+            " (position {} of {}; {} build{plural} running",
             self.position, self.waiting, self.running
-        )
+        )?;
+        if self.machines > 1 {
+            write!(f, " on {} machines", self.machines)?;
+        }
+        f.write_str(")")
     }
 }
 
@@ -103,16 +112,29 @@ mod tests {
             position: 3,
             waiting: 7,
             running: 2,
+            machines: 1,
         };
         assert_eq!(
             s.to_string(),
             "waiting for 4 cores (position 3 of 7; 2 builds running)"
+        );
+        let fleet = WaitStatus {
+            reason: WaitReason::MachineDown,
+            running: 5,
+            machines: 2,
+            ..s
+        };
+        assert_eq!(
+            fleet.to_string(),
+            "waiting for a machine that can build it to be up (position 3 of 7; 5 builds \
+             running on 2 machines)"
         );
         let s = WaitStatus {
             reason: WaitReason::Memory(8 << 30),
             position: 1,
             waiting: 1,
             running: 1,
+            machines: 1,
         };
         assert_eq!(
             s.to_string(),

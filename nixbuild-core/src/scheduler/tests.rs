@@ -619,6 +619,10 @@ fn an_unavailable_machine_starts_nothing_and_refuses_nothing() {
     let plain = sc.submit(build("b"), secs(1)).unwrap();
     assert!(sc.decide(secs(1)).is_empty());
     assert_eq!(sc.build_state(bench), Some(BuildState::Waiting));
+    assert_eq!(
+        sc.waiting_status(bench).map(|w| w.reason),
+        Some(WaitReason::MachineDown)
+    );
     // Machine 0 frees up: the plain build goes there, not to the unavailable machine.
     sc.complete(first, secs(2)).unwrap();
     let starts = sc.decide(secs(2));
