@@ -360,6 +360,7 @@ fn metrics_snapshot(
             store_paths: all.paths,
             free_bytes: store.free_space().unwrap_or(0),
             machines: builds.fleet().counts(),
+            fleet_running: builds.fleet().running(),
         }
     })
 }

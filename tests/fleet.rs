@@ -227,31 +227,6 @@ fn line(
     )
 }
 
-/// Writes, in the client's scratch directory, an expression of the derivations `kinds`
-/// (each a list of required features and a script) named `fleet-<i>-<salt>`: the `.drv`
-/// paths, in order.
-fn derivations(nix: &ClientNix, salt: &str, kinds: &[(&str, String)]) -> Vec<String> {
-    let items: String = kinds
-        .iter()
-        .enumerate()
-        .map(|(i, (features, script))| format!("  (mk {i} [ {features} ] {script:?})\n"))
-        .collect();
-    let expr = nix.scratch().join(format!("fleet-{salt}.nix"));
-    std::fs::write(
-        &expr,
-        format!(
-            "let bb = builtins.storePath \"{bb}\";\n  mk = i: features: script: derivation {{\n    \
-             name = \"fleet-${{toString i}}-{salt}\";\n    system = \"x86_64-linux\";\n    \
-             builder = \"${{bb}}/bin/sh\";\n    args = [ \"-c\" script ];\n    \
-             PATH = \"${{bb}}/bin\";\n    requiredSystemFeatures = features;\n  }};\nin [\n{items}]\n",
-            bb = busybox()
-        ),
-    )
-    .expect("write the expression");
-    let out = nix.ok(nix.command("nix-instantiate").arg(&expr));
-    harness::lines(&out.stdout)
-}
-
 /// `nix-build` of `drvs` by `nix` on the front only, as `account`, with the README's
 /// builders line through the relay.
 fn build_on(nix: &ClientNix, front: &SshServer, account: &str, drvs: &[String]) -> Command {
@@ -324,7 +299,7 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
                     (features, script)
                 })
                 .collect();
-            let drvs = derivations(nix, &format!("{salt}-{}", nix.client.name()), &kinds);
+            let drvs = nix.derivations(&format!("{salt}-{}", nix.client.name()), &kinds);
             drvs.into_iter().enumerate().collect()
         })
         .collect();
@@ -490,8 +465,7 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
         f["machines"][1]["mandatory_features"] == serde_json::json!([])
             && f["machines"][1]["state"] == "up"
     });
-    let slow = derivations(
-        host,
+    let slow = host.derivations(
         &format!("{salt}-slow"),
         &[
             ("", "echo started; sleep 4; echo slow > $out".to_owned()),
@@ -537,6 +511,54 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     });
     host.ok(&mut build_on(host, &front, "alice", &slow[1..]));
     assert_eq!(starts_of(&build_events(&builder.daemon.log()), &slow[1]), 1);
+
+    // Drained: its line removed while it builds, builder (1) finishes that build, and the
+    // next one goes to (2).
+    let drain = host.derivations(
+        &format!("{salt}-drain"),
+        &[
+            ("", "echo started; sleep 3; echo drained > $out".to_owned()),
+            ("", "echo after > $out".to_owned()),
+        ],
+    );
+    let build = build_on(host, &front, "alice", &drain[..1])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nix-build");
+    builder
+        .daemon
+        .wait_for_log(&["nixbuild::build: building", &drain[0]]);
+    std::fs::write(
+        &machines,
+        line(
+            "root",
+            stock.port,
+            &identity,
+            2,
+            "benchmark",
+            "-",
+            &stock.host_key,
+        ),
+    )
+    .expect("write machines");
+    wait_for(&front, &ops_config, "one machine", |f| {
+        f["machines"].as_array().map(Vec::len) == Some(1)
+    });
+    let out = build.wait_with_output().expect("nix-build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drained_out = harness::lines(&out.stdout)[0].clone();
+    assert!(!stock.has(&drained_out), "the drained build moved");
+    let out = host.ok(&mut build_on(host, &front, "alice", &drain[1..]));
+    assert!(stock.has(&harness::lines(&out.stdout)[0]));
+    assert_eq!(
+        starts_of(&build_events(&builder.daemon.log()), &drain[1]),
+        0
+    );
     assert!(!front.daemon.log().contains("panicked"));
 }
 
@@ -658,8 +680,7 @@ fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
 
     let nix = ClientNix::new(Client::Host, "");
     let salt = common::Nix::salt();
-    let drvs = derivations(
-        &nix,
+    let drvs = nix.derivations(
         &salt,
         &[
             ("", "echo plain > $out".to_owned()),

@@ -119,12 +119,14 @@ impl BuildRun<'_> {
         let (last_log, mut heard) = watch::channel(());
         let mut tail = Tail::default();
         let mut log_bytes = 0u64;
-        let mut over_log = None;
+        let mut over_log = false;
+        let too_much_log = tokio::sync::Notify::new();
         let mut cancel = build.cancel.subscribe();
         let stop = async {
             loop {
                 tokio::select! {
                     () = cancelled(&mut cancel) => return Ended::Cancelled(build.cancel_reason()),
+                    () = too_much_log.notified() => return Ended::LogLimit(max_log.unwrap_or(0)),
                     () = sleep_until(deadline) => return Ended::TimedOut(total.unwrap_or(0)),
                     () = sleep_for(silence) => return Ended::Silent(silence.unwrap_or(0)),
                     changed = heard.changed() => if changed.is_err() {
@@ -139,12 +141,14 @@ impl BuildRun<'_> {
                 &job.drv,
                 machine_options,
                 |chunk: Bytes| {
-                    if over_log.is_some() {
+                    if over_log {
                         return;
                     }
                     log_bytes += chunk.len() as u64;
-                    if let Some(max) = max_log.filter(|&m| log_bytes > m) {
-                        over_log = Some(Ended::LogLimit(max));
+                    if max_log.is_some_and(|m| log_bytes > m) {
+                        // The build stops (the session is dropped, ending it there).
+                        over_log = true;
+                        too_much_log.notify_one();
                         return;
                     }
                     let _ = last_log.send(());
@@ -161,8 +165,10 @@ impl BuildRun<'_> {
             Ok(result) => result,
             Err(fault) => return Ok(RemoteEnd::Fault(fault)),
         };
-        if let Some(ended) = over_log {
-            return Ok(RemoteEnd::Done(self.stopped(&ended)));
+        if over_log {
+            return Ok(RemoteEnd::Done(
+                self.stopped(&Ended::LogLimit(max_log.unwrap_or(0))),
+            ));
         }
         let stop_time = unix_now();
         let built = |status, message: String, outputs| Outcome {

@@ -204,13 +204,14 @@ impl ServeConn {
         }
     }
 
-    /// Which of `paths` the machine has.
+    /// Which of `paths` the machine has; they are held against its collector for the
+    /// session (`lock`, as Hydra asks).
     pub async fn query_valid(
         &mut self,
         paths: BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, Fault> {
         self.request(&Request::QueryValidPaths {
-            lock: false,
+            lock: true,
             substitute: false,
             paths,
         })

@@ -154,13 +154,19 @@ impl Remote {
     pub fn hold(self: &Arc<Self>) -> OnMachine {
         self.running.fetch_add(1, Ordering::Relaxed);
         self.builds.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS.fleet_build();
         OnMachine(self.clone())
     }
 
     /// Counts NAR bytes sent to it (`up`) or received from it.
     pub fn count(&self, up: bool, bytes: u64) {
-        let counter = if up { &self.sent } else { &self.received };
+        let (counter, direction) = if up {
+            (&self.sent, crate::metrics::Direction::ToMachine)
+        } else {
+            (&self.received, crate::metrics::Direction::FromMachine)
+        };
         counter.fetch_add(bytes, Ordering::Relaxed);
+        crate::metrics::METRICS.transferred(direction, bytes);
     }
 
     /// A session: an idle one still open, or a new one.
@@ -387,6 +393,15 @@ impl Fleet {
             counts[i] += 1;
         }
         counts
+    }
+
+    /// Builds running on the machines now.
+    pub fn running(&self) -> u64 {
+        self.lock()
+            .machines
+            .iter()
+            .map(|m| m.remote.running.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -27,13 +27,19 @@ pub enum Direction {
     Download,
     /// From a substituter into the store.
     Substitute,
+    /// Build inputs copied to a machine of the fleet.
+    ToMachine,
+    /// Build outputs copied back from a machine of the fleet.
+    FromMachine,
 }
 
 impl Direction {
-    const ALL: [Direction; 3] = [
+    const ALL: [Direction; 5] = [
         Direction::Upload,
         Direction::Download,
         Direction::Substitute,
+        Direction::ToMachine,
+        Direction::FromMachine,
     ];
 
     /// The value of the `direction` label.
@@ -42,6 +48,8 @@ impl Direction {
             Direction::Upload => "upload",
             Direction::Download => "download",
             Direction::Substitute => "substitute",
+            Direction::ToMachine => "to_machine",
+            Direction::FromMachine => "from_machine",
         }
     }
 }
@@ -263,9 +271,10 @@ impl<const N: usize> Counters<N> {
 pub struct Metrics {
     sessions: Counters<3>,
     sessions_total: Counters<3>,
-    transferred: Counters<3>,
+    transferred: Counters<5>,
     refusals: Counters<7>,
     builds_queued: AtomicU64,
+    fleet_builds: AtomicU64,
     builds_finished: Counters<STATUSES>,
     queue_wait: Histogram,
     setup: Histogram,
@@ -293,6 +302,7 @@ impl Metrics {
             transferred: Counters::new(),
             refusals: Counters::new(),
             builds_queued: AtomicU64::new(0),
+            fleet_builds: AtomicU64::new(0),
             builds_finished: Counters::new(),
             queue_wait: Histogram::new(&LONG),
             setup: Histogram::new(&SHORT),
@@ -327,6 +337,11 @@ impl Metrics {
     /// Counts a build handed to the scheduler.
     pub fn build_queued(&self) {
         self.builds_queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a build sent to a machine of the fleet.
+    pub fn fleet_build(&self) {
+        self.fleet_builds.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a build that starts: how long it waited in the queue, and how long its setup
@@ -409,6 +424,17 @@ impl Metrics {
         let help = "Machines of [fleet], by the state of their last probe.";
         let machines = ["unknown", "up", "down"].into_iter().zip(s.machines);
         out.labelled("nixbuild_fleet_machines", GAUGE, help, "state", machines);
+        let help = "Builds running on machines of [fleet].";
+        out.single(
+            "nixbuild_fleet_builds_running",
+            GAUGE,
+            help,
+            s.fleet_running,
+        );
+        let help =
+            "Builds sent to machines of [fleet] (attempts: a build placed again counts again).";
+        let sent = self.fleet_builds.load(Ordering::Relaxed);
+        out.single("nixbuild_fleet_builds_total", COUNTER, help, sent);
 
         let sessions = |c: &Counters<3>| SessionKind::ALL.map(|k| (k.label(), c.get(k as usize)));
         let help = "Sessions open, by protocol.";
@@ -538,6 +564,8 @@ pub struct Snapshot {
     pub free_bytes: u64,
     /// Machines of `[fleet]` by the state of their last probe: not probed yet, up, down.
     pub machines: [u64; 3],
+    /// Builds running on machines of `[fleet]`.
+    pub fleet_running: u64,
 }
 
 /// The `TYPE` of a gauge family.
@@ -649,7 +677,7 @@ mod tests {
         let m = Metrics::new();
         let text = m.render(&Snapshot::default());
         let families = families(&text);
-        assert_eq!(families.len(), 9 + 1 + 2 + 1 + 1 + 1 + 1 + 3 + 3 + 1);
+        assert_eq!(families.len(), 9 + 1 + 2 + 1 + 1 + 1 + 1 + 3 + 3 + 1 + 2);
         for (name, kind) in &families {
             assert!(name.starts_with("nixbuild_"), "{name}");
             assert!(
@@ -692,6 +720,7 @@ mod tests {
             store_paths: 8,
             free_bytes: 9,
             machines: [10, 11, 12],
+            fleet_running: 13,
         };
         let text = Metrics::new().render(&snapshot);
         for (series, v) in [
@@ -707,6 +736,7 @@ mod tests {
             ("nixbuild_fleet_machines{state=\"unknown\"}", 10),
             ("nixbuild_fleet_machines{state=\"up\"}", 11),
             ("nixbuild_fleet_machines{state=\"down\"}", 12),
+            ("nixbuild_fleet_builds_running", 13),
         ] {
             assert_eq!(value(&text, series), v, "{series}");
         }
@@ -723,7 +753,13 @@ mod tests {
             let total = format!("nixbuild_sessions_total{{protocol=\"{p}\"}}");
             assert_eq!(value(&text, &total), 0);
         }
-        for d in ["upload", "download", "substitute"] {
+        for d in [
+            "upload",
+            "download",
+            "substitute",
+            "to_machine",
+            "from_machine",
+        ] {
             let series = format!("nixbuild_transfer_bytes_total{{direction=\"{d}\"}}");
             assert_eq!(value(&text, &series), 0);
         }
@@ -752,6 +788,7 @@ mod tests {
         assert!(text.contains("nixbuild_builds_finished_total{result=\"already_valid\"} 0\n"));
         for name in [
             "nixbuild_builds_queued_total",
+            "nixbuild_fleet_builds_total",
             "nixbuild_gc_runs_total",
             "nixbuild_gc_freed_bytes_total",
             "nixbuild_gc_removed_paths_total",
@@ -771,6 +808,8 @@ mod tests {
         m.transferred(Direction::Upload, 100);
         m.transferred(Direction::Upload, 23);
         m.transferred(Direction::Substitute, 7);
+        m.transferred(Direction::FromMachine, 9);
+        m.fleet_build();
         m.refused(Refusal::Quota);
         m.refused(Refusal::Quota);
         m.refused(Refusal::DiskReserve);
@@ -785,6 +824,11 @@ mod tests {
             ("nixbuild_transfer_bytes_total{direction=\"upload\"}", 123),
             ("nixbuild_transfer_bytes_total{direction=\"download\"}", 0),
             ("nixbuild_transfer_bytes_total{direction=\"substitute\"}", 7),
+            (
+                "nixbuild_transfer_bytes_total{direction=\"from_machine\"}",
+                9,
+            ),
+            ("nixbuild_fleet_builds_total", 1),
             ("nixbuild_refusals_total{reason=\"quota\"}", 2),
             ("nixbuild_refusals_total{reason=\"disk_reserve\"}", 1),
             ("nixbuild_refusals_total{reason=\"sessions\"}", 0),

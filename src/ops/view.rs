@@ -702,7 +702,7 @@ fn fleet_lines(t: &mut String, fleet: &crate::fleet::FleetView) {
         };
         let _ = writeln!(
             t,
-            "  {} {} jobs {} speed {}: {state}",
+            "  {} {} jobs {} speed {}: {state}; {} running, {} builds, {} sent, {} received",
             m.uri,
             if m.systems.is_empty() {
                 "-".to_owned()
@@ -710,7 +710,11 @@ fn fleet_lines(t: &mut String, fleet: &crate::fleet::FleetView) {
                 m.systems.join(",")
             },
             m.max_jobs,
-            m.speed_factor
+            m.speed_factor,
+            m.running,
+            m.builds,
+            nixbuild_core::scheduler::ByteCount(m.bytes_sent),
+            nixbuild_core::scheduler::ByteCount(m.bytes_received),
         );
     }
 }

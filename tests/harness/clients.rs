@@ -374,6 +374,31 @@ impl ClientNix {
         expr
     }
 
+    /// Writes, in the scratch directory, an expression of the derivations `kinds` (each
+    /// its required features, as Nix list items, and a script run by busybox's `sh`) named
+    /// `fleet-<i>-<salt>`, and instantiates it: the `.drv` paths, in order.
+    pub fn derivations(&self, salt: &str, kinds: &[(&str, String)]) -> Vec<String> {
+        let items: String = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, (features, script))| format!("  (mk {i} [ {features} ] {script:?})\n"))
+            .collect();
+        let expr = self.scratch().join(format!("fleet-{salt}.nix"));
+        std::fs::write(
+            &expr,
+            format!(
+                "let bb = builtins.storePath \"{bb}\";\n  mk = i: features: script: derivation {{\n    \
+                 name = \"fleet-${{toString i}}-{salt}\";\n    system = \"x86_64-linux\";\n    \
+                 builder = \"${{bb}}/bin/sh\";\n    args = [ \"-c\" script ];\n    \
+                 PATH = \"${{bb}}/bin\";\n    requiredSystemFeatures = features;\n  }};\nin [\n{items}]\n",
+                bb = busybox()
+            ),
+        )
+        .expect("write the expression");
+        let out = self.ok(self.command("nix-instantiate").arg(&expr));
+        super::lines(&out.stdout)
+    }
+
     /// `nix-instantiate` of an expression file: the `.drv` path.
     pub fn instantiate(&self, expr: &Path) -> String {
         let out = self.ok(self.command("nix-instantiate").arg(expr));

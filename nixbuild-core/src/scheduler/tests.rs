@@ -602,7 +602,9 @@ fn capacity_changes() {
 fn an_unavailable_machine_starts_nothing_and_refuses_nothing() {
     let mut benchmark = machine(2, 4 * GIB);
     benchmark.mandatory_features = s(&["benchmark"]);
-    let mut sc = sched(vec![machine(1, GIB), benchmark]);
+    let mut plain = machine(1, GIB);
+    plain.supported_features.clear();
+    let mut sc = sched(vec![plain, benchmark]);
     let first = sc.submit(build("a"), secs(0)).unwrap();
     assert_eq!(sc.decide(secs(0))[0].machine, MachineId(0));
     sc.set_available(MachineId(1), false, secs(1)).unwrap();
