@@ -52,6 +52,9 @@ struct Args {
     /// Jobs per builder (its `max-jobs`, and its max jobs in both builders lines).
     #[arg(long, default_value_t = 4)]
     jobs: u32,
+    /// Workloads to run: `trivial`, `shared` (comma-separated).
+    #[arg(long, default_value = "trivial,shared")]
+    workloads: String,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -123,9 +126,11 @@ fn main() {
     let args = Args::parse();
     let keys = tempfile::tempdir().expect("temp dir");
     let identity = keygen(keys.path(), "id_front", "ed25519", "front");
+    // The second builds as root in Nix's sandbox: two Nix stores on one host must not share
+    // build users (each kills their processes before it starts a build).
     let builders = [
         StockBuilder::start(&identity, args.jobs),
-        StockBuilder::start(&identity, args.jobs),
+        StockBuilder::start_with(&identity, args.jobs, "build-users-group =\n"),
     ];
     let lines: Vec<String> = builders
         .iter()
@@ -151,14 +156,49 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let nix = ClientNix::new(Client::Host, "");
-    let stock_builders = lines.join(";");
+    // Nix 2.8 takes no port in an ssh:// URI: the client reaches the builders by an alias
+    // each, in an ssh config whose HostKeyAlias makes the line's pinned key the one checked.
+    let stock_config = keys.path().join("ssh_config");
+    let hosts: String = builders
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                "Host stock{i}\n  HostName 127.0.0.1\n  Port {}\n  User root\n  IdentityFile {}\n  \
+                 IdentitiesOnly yes\n  HostKeyAlias stock{i}\n  UserKnownHostsFile /dev/null\n  \
+                 GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+                b.port,
+                identity.private.display()
+            )
+        })
+        .collect();
+    std::fs::write(&stock_config, hosts).expect("write the ssh config");
+    let stock_builders = builders
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                "ssh://stock{i} x86_64-linux - {} 1 - - {}",
+                args.jobs, b.host_key
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";");
     let front_builders = "ssh://front x86_64-linux - 100 1 -";
-    let nix_build = |builders: &str, drvs: &[String], over_front: bool| {
-        let mut cmd = if over_front {
-            nix.over_ssh(&client_config, "nix-build")
+    let nix_build = |over_front: bool, drvs: &[String]| {
+        let builders = if over_front {
+            front_builders
         } else {
-            nix.command("nix-build")
+            stock_builders.as_str()
         };
+        let mut cmd = nix.over_ssh(
+            if over_front {
+                &client_config
+            } else {
+                &stock_config
+            },
+            "nix-build",
+        );
         cmd.args(["--max-jobs", "0", "--no-out-link", "--builders", builders])
             .args(drvs);
         cmd
@@ -170,7 +210,17 @@ fn main() {
         args.reps, args.builds, args.shared, args.input_mib, args.jobs, nix.version
     );
 
-    // Trivial builds.
+    let run = |w: &str| args.workloads.split(',').any(|x| x == w);
+    if run("trivial") {
+        trivial(&args, &nix, pid, &nix_build);
+    }
+    if run("shared") {
+        shared(&args, &nix, &ops_config, &nix_build);
+    }
+}
+
+/// 200 builds that write their salt, through the front and straight.
+fn trivial(args: &Args, nix: &ClientNix, pid: u32, nix_build: &dyn Fn(bool, &[String]) -> Command) {
     let (mut stock_s, mut front_s, mut cpu_ms) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.reps {
         for side in [rep % 2 == 0, rep % 2 == 1] {
@@ -181,7 +231,7 @@ fn main() {
             let drvs = nix.derivations(&salt, &kinds);
             if side {
                 let before = cpu_time(pid);
-                let took = timed(nix_build(front_builders, &drvs, true), "through the front");
+                let took = timed(nix_build(true, &drvs), "through the front");
                 let cpu = cpu_time(pid).saturating_sub(before);
                 front_s.push(took.as_secs_f64());
                 cpu_ms.push(cpu.as_secs_f64() * 1000.0 / args.builds as f64);
@@ -191,7 +241,7 @@ fn main() {
                     cpu_ms[cpu_ms.len() - 1]
                 );
             } else {
-                let took = timed(nix_build(&stock_builders, &drvs, false), "straight");
+                let took = timed(nix_build(false, &drvs), "straight");
                 stock_s.push(took.as_secs_f64());
                 println!("  trivial rep {rep}: stock {:.2} s", took.as_secs_f64());
             }
@@ -204,8 +254,16 @@ fn main() {
         front_t / stock_t,
         median(&mut cpu_ms)
     );
+}
 
-    // Builds sharing one input.
+/// Builds sharing one fresh input, through the front and straight; how often the input
+/// crossed to each builder through the front.
+fn shared(
+    args: &Args,
+    nix: &ClientNix,
+    ops_config: &Path,
+    nix_build: &dyn Fn(bool, &[String]) -> Command,
+) {
     let (mut stock_s, mut front_s, mut crossings) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.reps {
         for side in [rep % 2 == 0, rep % 2 == 1] {
@@ -219,20 +277,14 @@ fn main() {
             let info: Value = serde_json::from_slice(&info.stdout).expect("JSON");
             let nar = info[0]["narSize"].as_u64().expect("narSize");
             let kinds: Vec<(&str, String)> = (0..args.shared)
-                .map(|i| {
-                    (
-                        "",
-                        format!(
-                            "wc -c < ${{builtins.storePath \"{input}\"}} > $out; echo {i} >> $out"
-                        ),
-                    )
-                })
+                .map(|i| ("", format!("wc -c < ${{input}} > $out; echo {i} >> $out")))
                 .collect();
-            let drvs = nix.derivations(&salt, &kinds);
+            let lets = format!("input = builtins.storePath \"{input}\";");
+            let drvs = nix.derivations_with(&salt, &lets, &kinds);
             if side {
-                let before = bytes_sent(&ops_config);
-                let took = timed(nix_build(front_builders, &drvs, true), "through the front");
-                let after = bytes_sent(&ops_config);
+                let before = bytes_sent(ops_config);
+                let took = timed(nix_build(true, &drvs), "through the front");
+                let after = bytes_sent(ops_config);
                 let crossed: Vec<f64> = after
                     .iter()
                     .zip(&before)
@@ -246,7 +298,7 @@ fn main() {
                 front_s.push(took.as_secs_f64());
                 crossings.extend(crossed);
             } else {
-                let took = timed(nix_build(&stock_builders, &drvs, false), "straight");
+                let took = timed(nix_build(false, &drvs), "straight");
                 stock_s.push(took.as_secs_f64());
                 println!("  shared rep {rep}: stock {:.2} s", took.as_secs_f64());
             }
@@ -259,7 +311,7 @@ fn main() {
          crossed to a builder at most {:.2} times (of {} builders × {} runs)",
         front_t / stock_t,
         crossings.iter().copied().fold(0.0, f64::max),
-        builders.len(),
+        2,
         args.reps
     );
 }

@@ -371,6 +371,15 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     assert!(events.iter().all(|e| e.account == "front"), "{events:?}");
     assert!(most_at_once(&events).0 <= 2, "{builder_log}");
     assert!(most[0] <= 2 && most[1] <= 2, "{most:?}");
+    // Sessions were kept and reused: at most one per job slot was ever opened.
+    let front_log = front.daemon.log();
+    for port in [builder.pins.port, stock.port] {
+        let opened = front_log
+            .lines()
+            .filter(|l| l.contains("opened a session") && l.contains(&format!(":{port}")))
+            .count();
+        assert!((1..=2).contains(&opened), "{opened} sessions to :{port}");
+    }
     let fleet = status(&ops_config)["fleet"].clone();
     // Their one input, busybox, crossed to each machine once, however many builds needed
     // it at the same time.
@@ -529,6 +538,25 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     builder
         .daemon
         .wait_for_log(&["nixbuild::build: building", &drain[0]]);
+    // An operator sees where it runs.
+    let builds = run(&mut SshServer::ssh(
+        &ops_config,
+        "front-ops",
+        &["nixbuild", "builds", "--all", "--json"],
+    ));
+    let builds: Value = serde_json::from_slice(&builds.stdout).expect("JSON");
+    let running = builds["builds"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["drv"] == drain[0].as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(running["state"], "running", "{builds}");
+    assert_eq!(
+        running["machine"],
+        format!("ssh://front@127.0.0.1:{}", builder.pins.port),
+        "{running}"
+    );
+    assert!(running["cpus"].is_null(), "{running}");
     std::fs::write(
         &machines,
         line(

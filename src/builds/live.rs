@@ -90,6 +90,9 @@ pub enum LiveState {
         cpu_us: Option<u64>,
         /// The most memory it held so far, in bytes, when the kernel records it.
         peak_memory: Option<u64>,
+        /// The machine of the fleet it runs on (`None`: this host, whose CPUs and memory
+        /// the other fields are).
+        machine: Option<String>,
     },
     /// Its outcome is known; its record is being stored.
     Ended,
@@ -175,12 +178,14 @@ impl BuildService {
                     cpus,
                     memory,
                     usage,
+                    machine,
                 } => LiveState::Running {
                     started_ms,
                     cpus,
                     memory,
                     cpu_us: usage.as_ref().and_then(|u| u.cpu_usage_us().ok().flatten()),
                     peak_memory: usage.as_ref().and_then(|u| u.peak_memory().ok().flatten()),
+                    machine,
                 },
             }
         };
@@ -248,10 +253,18 @@ impl BuildService {
                 continue;
             }
             match build.phase() {
-                Phase::Running { cpus, memory, .. } => {
+                Phase::Running {
+                    cpus,
+                    memory,
+                    machine,
+                    ..
+                } => {
                     load.running += 1;
-                    load.cores_granted += cpus.len() as u64;
-                    load.memory_granted += memory;
+                    // What this host granted: a machine's build holds none of it.
+                    if machine.is_none() {
+                        load.cores_granted += cpus.len() as u64;
+                        load.memory_granted += memory;
+                    }
                 }
                 Phase::Waiting(_) | Phase::Queued(_) => load.waiting += 1,
             }

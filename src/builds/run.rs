@@ -117,6 +117,7 @@ pub(super) async fn run<'a>(
             cpus: grant.cpus.clone(),
             memory: grant.memory,
             usage: None,
+            machine: grant.remote.as_ref().map(|r| r.name()),
         });
         match &grant.remote {
             Some(remote) => build.note(format!(

@@ -155,6 +155,8 @@ pub(super) enum Phase {
         cpus: Vec<u32>,
         memory: u64,
         usage: Option<crate::cgroup::UsageFiles>,
+        /// The machine of the fleet it runs on; `None`: this host.
+        machine: Option<String>,
     },
 }
 

@@ -179,13 +179,15 @@ impl Remote {
                 None => break,
             }
         }
-        ServeConn::open(
+        let conn = ServeConn::open(
             &self.name(),
             &self.target,
             &remote_command(&self.line),
             self.io_timeout,
         )
-        .await
+        .await?;
+        tracing::info!(machine = %self.name(), version = conn.version().minor(), "opened a session");
+        Ok(conn)
     }
 
     /// Keeps a session that finished its work cleanly for the next build.

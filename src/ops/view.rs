@@ -155,6 +155,8 @@ pub struct BuildView {
     pub output_bytes: Option<u64>,
     /// Bytes of its log.
     pub log_bytes: Option<u64>,
+    /// The machine of the fleet it runs on (a running build; null: this host).
+    pub machine: Option<String>,
 }
 
 impl BuildView {
@@ -180,6 +182,7 @@ impl BuildView {
             outputs: BTreeMap::new(),
             output_bytes: None,
             log_bytes: None,
+            machine: None,
         };
         match &build.state {
             LiveState::Waiting { reason } => view.waiting_for = Some(reason.clone()),
@@ -189,12 +192,16 @@ impl BuildView {
                 memory,
                 cpu_us,
                 peak_memory,
+                machine,
             } => {
                 view.state = "running";
                 view.started_ms = Some(*started_ms);
-                view.cores = Some(u32::try_from(cpus.len()).unwrap_or(u32::MAX));
-                view.cpus = Some(crate::cgroup::format_cpu_list(cpus));
-                view.memory_bytes = Some(*memory);
+                if machine.is_none() {
+                    view.cores = Some(u32::try_from(cpus.len()).unwrap_or(u32::MAX));
+                    view.cpus = Some(crate::cgroup::format_cpu_list(cpus));
+                    view.memory_bytes = Some(*memory);
+                }
+                view.machine.clone_from(machine);
                 view.cpu_seconds = cpu_us.map(|us| us as f64 / 1e6);
                 view.peak_memory_bytes = *peak_memory;
             }
@@ -231,6 +238,7 @@ impl BuildView {
                 .collect(),
             output_bytes: Some(record.output_bytes),
             log_bytes: Some(record.log_bytes),
+            machine: None,
         }
     }
 
@@ -517,6 +525,9 @@ impl Document {
                 }
                 if let Some(e) = b.ended_ms {
                     let _ = writeln!(t, "ended:          {} UTC", utc_time(e));
+                }
+                if let Some(m) = &b.machine {
+                    let _ = writeln!(t, "machine:        {m}");
                 }
                 if let Some(c) = b.cores {
                     let cpus = b.cpus.as_ref().map_or(String::new(), |c| format!(" ({c})"));

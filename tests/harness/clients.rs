@@ -378,6 +378,17 @@ impl ClientNix {
     /// its required features, as Nix list items, and a script run by busybox's `sh`) named
     /// `fleet-<i>-<salt>`, and instantiates it: the `.drv` paths, in order.
     pub fn derivations(&self, salt: &str, kinds: &[(&str, String)]) -> Vec<String> {
+        self.derivations_with(salt, "", kinds)
+    }
+
+    /// Like [`ClientNix::derivations`], with `lets` (Nix bindings such as
+    /// `input = builtins.storePath "…";`) in scope of the scripts (`${input}`).
+    pub fn derivations_with(
+        &self,
+        salt: &str,
+        lets: &str,
+        kinds: &[(&str, String)],
+    ) -> Vec<String> {
         let items: String = kinds
             .iter()
             .enumerate()
@@ -387,7 +398,7 @@ impl ClientNix {
         std::fs::write(
             &expr,
             format!(
-                "let bb = builtins.storePath \"{bb}\";\n  mk = i: features: script: derivation {{\n    \
+                "let bb = builtins.storePath \"{bb}\";\n  {lets}\n  mk = i: features: script: derivation {{\n    \
                  name = \"fleet-${{toString i}}-{salt}\";\n    system = \"x86_64-linux\";\n    \
                  builder = \"${{bb}}/bin/sh\";\n    args = [ \"-c\" script ];\n    \
                  PATH = \"${{bb}}/bin\";\n    requiredSystemFeatures = features;\n  }};\nin [\n{items}]\n",

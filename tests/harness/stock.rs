@@ -28,6 +28,14 @@ impl StockBuilder {
     /// Starts sshd in its own mount namespace, letting `key` in as root; Nix builds at most
     /// `max_jobs` derivations at once there.
     pub fn start(key: &Key, max_jobs: u32) -> StockBuilder {
+        StockBuilder::start_with(key, max_jobs, "")
+    }
+
+    /// Like [`StockBuilder::start`], with `extra` lines at the end of its `nix.conf`. Two
+    /// stock builders on one host must not share build users (`build-users-group =` for
+    /// all but one): each Nix kills every process of a build user before it starts a
+    /// build, and the two do not see each other's locks on them.
+    pub fn start_with(key: &Key, max_jobs: u32, extra: &str) -> StockBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         let host_key_file = root.join("host_key");
@@ -52,7 +60,7 @@ impl StockBuilder {
             format!(
                 "sandbox = true\nsandbox-fallback = false\nbuild-users-group = nixbld\n\
                  max-jobs = {max_jobs}\ncores = 1\nbuilders =\nsubstituters =\n\
-                 require-sigs = false\n"
+                 require-sigs = false\n{extra}"
             ),
         )
         .expect("write nix.conf");
