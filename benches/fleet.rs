@@ -126,11 +126,9 @@ fn main() {
     let args = Args::parse();
     let keys = tempfile::tempdir().expect("temp dir");
     let identity = keygen(keys.path(), "id_front", "ed25519", "front");
-    // The second builds as root in Nix's sandbox: two Nix stores on one host must not share
-    // build users (each kills their processes before it starts a build).
     let builders = [
         StockBuilder::start(&identity, args.jobs),
-        StockBuilder::start_with(&identity, args.jobs, "build-users-group =\n"),
+        StockBuilder::start(&identity, args.jobs),
     ];
     let lines: Vec<String> = builders
         .iter()

@@ -1,10 +1,11 @@
-//! The fleet's machines (issue 23, first part), end to end over loopback SSH: a front whose
-//! `[fleet] machines` file names a second nixbuild server (its pinned host key, an identity
-//! that server lets in) probes it, and `nixbuild status` (real OpenSSH client, pinned host
-//! key, admin account) shows it up with the serve protocol's version, and the builder's log
-//! shows the front's sessions. A line pinned with another key is down, saying so, and so is
-//! a hostile machine that answers junk; a stopped builder goes down and comes back up; a
-//! file with an error keeps the machines it had.
+//! The fleet (issue 23), end to end over loopback SSH with the real OpenSSH client and
+//! pinned host keys. A front whose `[fleet] machines` file names a second nixbuild server
+//! probes it and `nixbuild status` shows it; wrong pins, hostile machines, a stopped builder
+//! and broken files are handled. Builds from Nix 2.8 and 2.34 run across a nixbuild builder
+//! and a stock Nix builder (OpenSSH and `nix-store --serve` or `nix-daemon --stdio` in a
+//! mount namespace with its own /nix), with features, job limits, sessions reused, inputs
+//! copied once, a builder killed mid-build, a machine drained; hostile machines fail their
+//! builds and nothing of theirs is registered.
 
 #[path = "../nixbuild-core/tests/common/mod.rs"]
 mod common;
@@ -235,6 +236,20 @@ fn build_on(nix: &ClientNix, front: &SshServer, account: &str, drvs: &[String]) 
         .arg(harness::builders())
         .args(drvs);
     cmd
+}
+
+/// Starts `build` (a `nix-build` of `drv`) and waits until the nixbuild builder `builder`
+/// builds `drv`.
+fn started_on(builder: &SshServer, mut build: Command, drv: &str) -> std::process::Child {
+    let child = build
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nix-build");
+    builder
+        .daemon
+        .wait_for_log(&["nixbuild::build: building", drv]);
+    child
 }
 
 #[test]
@@ -481,14 +496,11 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
             ("", "echo again > $out".to_owned()),
         ],
     );
-    let build = build_on(host, &front, "alice", &slow[..1])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("nix-build");
-    builder
-        .daemon
-        .wait_for_log(&["nixbuild::build: building", &slow[0]]);
+    let build = started_on(
+        &builder,
+        build_on(host, &front, "alice", &slow[..1]),
+        &slow[0],
+    );
     builder.daemon.kill();
     let out = build.wait_with_output().expect("nix-build");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -530,14 +542,11 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
             ("", "echo after > $out".to_owned()),
         ],
     );
-    let build = build_on(host, &front, "alice", &drain[..1])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("nix-build");
-    builder
-        .daemon
-        .wait_for_log(&["nixbuild::build: building", &drain[0]]);
+    let build = started_on(
+        &builder,
+        build_on(host, &front, "alice", &drain[..1]),
+        &drain[0],
+    );
     // An operator sees where it runs.
     let builds = run(&mut SshServer::ssh(
         &ops_config,
@@ -762,4 +771,99 @@ fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
     assert!(!valid.status.success(), "the refused output is valid");
     let log = front.daemon.log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn ssh_ng_machines_build_too() {
+    // The same two kinds of builder, reached over the daemon protocol: a nixbuild server's
+    // `nix-daemon --stdio`, and the stock Nix 2.8 `nix-daemon --stdio` behind OpenSSH.
+    let builder_files = tempfile::tempdir().expect("temp dir");
+    let identity = SshServer::key(builder_files.path(), "id_front", "ed25519", "front");
+    let builder = SshServer::start("", builder_files, &[&identity]);
+    let stock = StockBuilder::start(&identity, 2);
+    let front_files = tempfile::tempdir().expect("temp dir");
+    let ops = SshServer::key(front_files.path(), "id_ops", "ed25519", "ops");
+    let machines = front_files.path().join("machines");
+    let ng = |l: String| l.replacen("ssh://", "ssh-ng://", 1);
+    std::fs::write(
+        &machines,
+        [
+            ng(line(
+                "front",
+                builder.pins.port,
+                &identity,
+                2,
+                "big-parallel",
+                "big-parallel",
+                &builder.pins.machines_key,
+            )),
+            ng(line(
+                "root",
+                stock.port,
+                &identity,
+                2,
+                "-",
+                "-",
+                &stock.host_key,
+            )),
+        ]
+        .concat(),
+    )
+    .expect("write machines");
+    let config = format!(
+        "[admin]\naccounts = [\"ops\"]\n\n[fleet]\nmachines = \"{}\"\nprobe_interval = 1\n\
+         build_locally = false\n",
+        machines.display()
+    );
+    let front = SshServer::start(&config, front_files, &[&ops]);
+    let ops_config = front.ssh_config("front-ops", &ops);
+    let fleet = wait_for(&front, &ops_config, "up", |f| {
+        f["machines"][0]["state"] == "up" && f["machines"][1]["state"] == "up"
+    });
+    assert_eq!(fleet["machines"][0]["protocol_version"], "1.38", "{fleet}");
+    assert!(
+        fleet["machines"][1]["protocol_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1.")),
+        "{fleet}"
+    );
+
+    let nix = ClientNix::new(Client::Sid, "");
+    let salt = common::Nix::salt();
+    let kinds: Vec<(&str, String)> = (0..6)
+        .map(|i| {
+            let features = if i % 2 == 0 { "\"big-parallel\"" } else { "" };
+            (
+                features,
+                format!("echo building {i}; echo {salt} {i} > $out"),
+            )
+        })
+        .collect();
+    let drvs = nix.derivations(&salt, &kinds);
+    let out = build_on(&nix, &front, "alice", &drvs)
+        .output()
+        .expect("nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", front.daemon.log());
+    let outs = harness::lines(&out.stdout);
+    let events = build_events(&builder.daemon.log());
+    for (i, (drv, out)) in drvs.iter().zip(&outs).enumerate() {
+        assert_eq!(
+            read_client_file(Client::Sid, out).trim(),
+            format!("{salt} {i}")
+        );
+        // The log of each machine reached the client.
+        assert!(stderr.contains(&format!("building {i}")), "{stderr}");
+        if i % 2 == 0 {
+            assert_eq!(starts_of(&events, drv), 1, "{drv} on the nixbuild builder");
+            assert!(!stock.has(out));
+        } else {
+            assert_eq!(starts_of(&events, drv), 0, "{drv} on the nixbuild builder");
+            assert!(stock.has(out), "{drv} on the stock builder");
+        }
+    }
+    builder
+        .daemon
+        .wait_for_log(&["session start", "account=front", "protocol=\"daemon\""]);
+    assert!(!front.daemon.log().contains("panicked"));
 }

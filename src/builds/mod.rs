@@ -498,6 +498,13 @@ struct Prepared {
     graphs: BTreeMap<String, Vec<GraphPath>>,
 }
 
+impl Prepared {
+    /// The paths of the input closure.
+    fn input_closure(&self) -> BTreeSet<StorePath> {
+        self.inputs.iter().map(|i| i.path.clone()).collect()
+    }
+}
+
 /// Checks `job` and looks up what it needs; `Err` is the outcome when no build is needed or
 /// possible.
 fn prepare(store: &Store, job: &BuildJob) -> Result<Prepared, Outcome> {

@@ -11,7 +11,7 @@
 //! machine down and places the build again. A failure of the build itself (the machine's
 //! BuildResult says so) is the build's outcome, as for a local build.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use super::run::{
 };
 use super::{io_err, BuildError, Outcome, LOG_TARGET};
 use crate::buffers::{BufferPool, ChunkWriter};
-use crate::fleet::conn::{Fault, ServeConn};
+use crate::fleet::conn::{Fault, Session};
 use crate::fleet::Remote;
 use crate::metrics::METRICS;
 use crate::store::Unpack;
@@ -237,14 +237,9 @@ impl BuildRun<'_> {
     async fn copy_inputs(
         &self,
         remote: &Remote,
-        conn: &mut ServeConn,
+        conn: &mut Session,
     ) -> Result<Result<(), Fault>, BuildError> {
-        let closure: BTreeSet<StorePath> = self
-            .prepared
-            .inputs
-            .iter()
-            .map(|i| i.path.clone())
-            .collect();
+        let closure = self.prepared.input_closure();
         let asked = std::time::Instant::now();
         let valid = match conn.query_valid(closure.clone()).await {
             Ok(valid) => valid,
@@ -312,7 +307,7 @@ impl BuildRun<'_> {
     async fn fetch_outputs(
         &self,
         remote: &Remote,
-        conn: &mut ServeConn,
+        conn: &mut Session,
         place: &Place<'_>,
     ) -> Result<Option<String>, Fault> {
         let store_dir = nixbuild_sandbox::ScratchLayout::new(place.scratch).store;

@@ -4,7 +4,7 @@
 //! outcome classified ([`super::outcome`]) and, on success, the outputs checked and
 //! registered; and what the build leaves removed once the waiters have the outcome.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -511,12 +511,7 @@ impl BuildRun<'_> {
             let abort = abort.clone();
             let scratch_store = nixbuild_sandbox::ScratchLayout::new(scratch).store;
             let options = self.prepared.options.clone();
-            let closure: BTreeSet<StorePath> = self
-                .prepared
-                .inputs
-                .iter()
-                .map(|i| i.path.clone())
-                .collect();
+            let closure = self.prepared.input_closure();
             tokio::task::spawn_blocking(move || {
                 let expected: Vec<ExpectedOutput> = job
                     .drv

@@ -6,13 +6,14 @@
 //! re-read when it changes (or when the setting does, on reload); a file with an error
 //! leaves the machines as they were.
 //!
-//! The scheduler gets every `ssh://` machine ([`Fleet::sync`] after each change): what it
-//! builds, its job limit, and whether it is up. A build placed on a machine runs there
-//! through [`conn::ServeConn`] sessions, kept open between builds in the machine's [`Remote`]
+//! The scheduler gets every machine ([`Fleet::sync`] after each change): what it builds,
+//! its job limit, and whether it is up. A build placed on a machine runs there through a
+//! [`conn::Session`] of its protocol, kept open between builds in the machine's [`Remote`]
 //! (at most its job limit of them). A build that fails because of its machine marks the
 //! machine down ([`Fleet::failed`]) until a probe finds it up again.
 
 pub mod conn;
+pub mod daemon_conn;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,19 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nixbuild_core::machines::{parse_machines, MachineLine, Protocol};
-use nixbuild_core::serve::handshake::{ClientHello, ServerHello};
-use nixbuild_core::serve::ProtocolVersion;
 use nixbuild_core::store_path::StorePath;
-use nixbuild_core::wire::BufMutExt;
-use nixbuild_ssh::client::{self, Connection, Target};
+use nixbuild_ssh::client::{self, Target};
 use nixbuild_ssh::ssh_key::PublicKey;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::builds::placement::{FleetMachine, Placement};
 use crate::config::FleetConfig;
 use crate::reload::LiveConfig;
-use conn::{Fault, ServeConn};
+use conn::{Fault, Session};
 
 /// Largest machines file read, in bytes.
 const MAX_FILE: u64 = 1 << 20;
@@ -90,7 +87,7 @@ pub struct Remote {
     /// `[fleet] io_timeout` when it was read.
     io_timeout: Duration,
     /// Sessions open and idle, newest last; at most the machine's job limit.
-    idle: Mutex<Vec<ServeConn>>,
+    idle: Mutex<Vec<Session>>,
     /// Builds running there now.
     running: AtomicU64,
     /// Builds sent there.
@@ -170,7 +167,7 @@ impl Remote {
     }
 
     /// A session: an idle one still open, or a new one.
-    pub async fn session(&self) -> Result<ServeConn, Fault> {
+    pub async fn session(&self) -> Result<Session, Fault> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match idle {
@@ -179,19 +176,20 @@ impl Remote {
                 None => break,
             }
         }
-        let conn = ServeConn::open(
+        let session = conn::open(
+            self.line.uri.protocol,
             &self.name(),
             &self.target,
             &remote_command(&self.line),
             self.io_timeout,
         )
         .await?;
-        tracing::info!(machine = %self.name(), version = conn.version().minor(), "opened a session");
-        Ok(conn)
+        tracing::info!(machine = %self.name(), version = %session.version(), "opened a session");
+        Ok(session)
     }
 
     /// Keeps a session that finished its work cleanly for the next build.
-    pub fn give_back(&self, conn: ServeConn) {
+    pub fn give_back(&self, conn: Session) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if conn.is_open() && idle.len() < self.line.max_jobs as usize {
             idle.push(conn);
@@ -318,17 +316,15 @@ impl Fleet {
         }
     }
 
-    /// Gives the placement the machines as they are now: each `ssh://` machine with what it
-    /// builds, its job limit, and whether it is up (a machine not probed yet counts as up:
-    /// its first build finds out). `ssh-ng://` machines are probed and shown but get no
-    /// builds yet.
+    /// Gives the placement the machines as they are now: each machine with what it builds,
+    /// its job limit, and whether it is up (a machine not probed yet counts as up: its first
+    /// build finds out).
     pub fn sync(&self) {
         let state = self.lock();
         let build_locally = state.build_locally;
         let machines: Vec<FleetMachine> = state
             .machines
             .iter()
-            .filter(|m| m.remote.line.uri.protocol == Protocol::Serve)
             .map(|m| {
                 let line = &m.remote.line;
                 FleetMachine {
@@ -599,88 +595,21 @@ fn remote_command(line: &MachineLine) -> String {
     }
 }
 
-/// The client's opening of the handshake: the serve protocol's hello, or the daemon
-/// protocol's magic (its server answers that before the client says more).
-fn opening(protocol: Protocol) -> Vec<u8> {
-    let mut hello = Vec::new();
-    match protocol {
-        Protocol::Serve => ClientHello {
-            version: ProtocolVersion::SERVER,
-        }
-        .encode(&mut hello),
-        Protocol::Daemon => hello.put_wire_u64(nixbuild_core::worker::handshake::CLIENT_MAGIC),
-    }
-    hello
-}
-
-/// The version in the server's 16-byte answer (magic and version), as `2.7` or `1.38`.
-fn answer_version(protocol: Protocol, answer: &[u8; 16]) -> Result<String, String> {
-    match protocol {
-        Protocol::Serve => match ServerHello::decode(answer) {
-            Ok(Some((hello, _))) => Ok(format!("2.{}", hello.version.minor())),
-            Ok(None) => Err("a short hello".to_owned()),
-            Err(e) => Err(e.to_string()),
-        },
-        Protocol::Daemon => {
-            let [magic, version] = [&answer[..8], &answer[8..]]
-                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-            if magic == nixbuild_core::worker::handshake::SERVER_MAGIC {
-                Ok(format!("{}.{}", version >> 8, version & 0xff))
-            } else {
-                Err(format!("{magic:#x} is not the daemon protocol's magic"))
-            }
-        }
-    }
-}
-
-/// Connects, logs in and runs the protocol's handshake; the version the machine speaks and
-/// how long it all took, in ms.
+/// Opens a session with the machine (SSH, login, the protocol's handshake, as a build's
+/// session is opened); the version it speaks and how long it all took, in ms.
 async fn probe(line: &MachineLine, target: &Target) -> Result<(String, u64), String> {
     let started = Instant::now();
-    let attempt = async {
-        let connection = Connection::open(target).await.map_err(|e| e.to_string())?;
-        let mut command = connection
-            .exec(&remote_command(line))
-            .await
-            .map_err(|e| e.to_string())?;
-        let hello = opening(line.uri.protocol);
-        command
-            .stdin
-            .write_all(&hello)
-            .await
-            .map_err(|e| format!("cannot send the handshake: {e}"))?;
-        command.stdin.flush().await.map_err(|e| e.to_string())?;
-        let mut answer = [0u8; 16];
-        if let Err(e) = command.stdout.read_exact(&mut answer).await {
-            let mut said = Vec::new();
-            while let Ok(Some(chunk)) =
-                tokio::time::timeout(Duration::from_millis(200), command.stderr.recv()).await
-            {
-                said.extend_from_slice(&chunk);
-            }
-            let said = String::from_utf8_lossy(&said);
-            return Err(format!(
-                "`{}` gave no handshake ({e}){}",
-                remote_command(line),
-                if said.trim().is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", said.trim().chars().take(300).collect::<String>())
-                }
-            ));
-        }
-        answer_version(line.uri.protocol, &answer).map_err(|e| {
-            format!(
-                "`{}` did not answer the handshake: {e}",
-                remote_command(line)
-            )
-        })
-    };
-    let version = tokio::time::timeout(target.timeout, attempt)
-        .await
-        .map_err(|_| format!("no handshake within {:?}", target.timeout))??;
+    let session = conn::open(
+        line.uri.protocol,
+        &line.uri.to_string(),
+        target,
+        &remote_command(line),
+        target.timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let latency = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    Ok((version, latency))
+    Ok((session.version(), latency))
 }
 
 /// Keeps the fleet current until `stop`: re-reads the machines file when it changes and

@@ -1,8 +1,10 @@
 //! A stock Nix builder for the fleet's tests, as `benches/compare` starts its reference:
 //! OpenSSH's sshd running `nix-store --serve --write` (the host's Nix 2.8) in a private mount
 //! namespace (`unshare -m`) where a store of its own is bind-mounted over `/nix`, building
-//! in Nix's sandbox with the `nixbld` users. Root logs in with the one key given; its host
-//! key is pinned by the machines-file line.
+//! in Nix's sandbox as root, without build users: a Nix kills every process of a build user
+//! before it starts a build there, and stores that do not share `/nix/var/nix/userpool` (two
+//! builders, the host's Nix, the chroot clients' references) would kill each other's builds.
+//! Root logs in with the one key given; its host key is pinned by the machines-file line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,14 +30,6 @@ impl StockBuilder {
     /// Starts sshd in its own mount namespace, letting `key` in as root; Nix builds at most
     /// `max_jobs` derivations at once there.
     pub fn start(key: &Key, max_jobs: u32) -> StockBuilder {
-        StockBuilder::start_with(key, max_jobs, "")
-    }
-
-    /// Like [`StockBuilder::start`], with `extra` lines at the end of its `nix.conf`. Two
-    /// stock builders on one host must not share build users (`build-users-group =` for
-    /// all but one): each Nix kills every process of a build user before it starts a
-    /// build, and the two do not see each other's locks on them.
-    pub fn start_with(key: &Key, max_jobs: u32, extra: &str) -> StockBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         let host_key_file = root.join("host_key");
@@ -58,9 +52,9 @@ impl StockBuilder {
         std::fs::write(
             root.join("conf/nix.conf"),
             format!(
-                "sandbox = true\nsandbox-fallback = false\nbuild-users-group = nixbld\n\
+                "sandbox = true\nsandbox-fallback = false\nbuild-users-group =\n\
                  max-jobs = {max_jobs}\ncores = 1\nbuilders =\nsubstituters =\n\
-                 require-sigs = false\n{extra}"
+                 require-sigs = false\n"
             ),
         )
         .expect("write nix.conf");
