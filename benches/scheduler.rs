@@ -76,6 +76,7 @@ fn machines(rng: &mut Rng) -> Vec<Machine> {
                 cores,
                 memory: u64::from(cores) * 4 * GIB,
                 max_jobs: cores,
+                speed: Machine::NORMAL_SPEED,
             }
         })
         .collect()

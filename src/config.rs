@@ -382,6 +382,7 @@ impl CapacityConfig {
             cores,
             memory: self.memory.unwrap_or(host.memory),
             max_jobs: self.max_jobs.unwrap_or(cores),
+            speed: Machine::NORMAL_SPEED,
         }
     }
 }

@@ -337,6 +337,7 @@ impl Fleet {
                         cores: line.max_jobs,
                         memory: u64::from(line.max_jobs) << 30,
                         max_jobs: line.max_jobs,
+                        speed: speed(line.speed_factor),
                     },
                     available: !matches!(m.probe, Probe::Down { .. }),
                     remote: m.remote.clone(),
@@ -523,6 +524,16 @@ impl Fleet {
                 .max(interval),
         };
         machine.due = Instant::now() + wait;
+    }
+}
+
+/// The scheduler's speed of a speed factor: thousandths, at least 1.
+fn speed(factor: f64) -> u32 {
+    let milli = (factor * f64::from(nixbuild_core::scheduler::Machine::NORMAL_SPEED)).round();
+    if milli.is_finite() {
+        milli.clamp(1.0, f64::from(u32::MAX)) as u32
+    } else {
+        nixbuild_core::scheduler::Machine::NORMAL_SPEED
     }
 }
 

@@ -252,6 +252,8 @@ pub struct Scheduler {
     /// Expected build duration, for fair-share charges.
     estimate: DurationEstimate,
     specs: Vec<Machine>,
+    /// Whether the machines' speeds differ (the choice among machines then looks at them).
+    speeds_differ: bool,
     slots: Vec<Slot>,
     /// Machines whose free resources grew since the last decision that started nothing.
     dirty: Vec<u32>,
@@ -565,6 +567,7 @@ impl Scheduler {
             growth,
             estimate: DurationEstimate::new(),
             slots: machines.iter().map(Slot::new).collect(),
+            speeds_differ: speeds_differ(&machines),
             specs: machines,
             dirty: Vec::new(),
             fresh: Vec::new(),
@@ -952,6 +955,7 @@ impl Scheduler {
         self.advance(now);
         self.slots.push(Slot::new(&spec));
         self.specs.push(spec);
+        self.speeds_differ = speeds_differ(&self.specs);
         // Only grows what can run: nothing waiting is refused.
         self.replan();
         Ok(MachineId(id))
@@ -972,6 +976,7 @@ impl Scheduler {
         self.advance(now);
         self.slots[machine.0 as usize].set_capacity(&spec);
         self.specs[machine.0 as usize] = spec;
+        self.speeds_differ = speeds_differ(&self.specs);
         Ok(self.replan())
     }
 
@@ -1160,6 +1165,9 @@ impl Scheduler {
             }
             return None;
         }
+        if self.speeds_differ {
+            self.prefer_fastest();
+        }
         // (standing per weight, first build, machine); ties go to the higher priority, then
         // the earlier build.
         let mut best: Option<(f64, Order, u32)> = None;
@@ -1215,6 +1223,30 @@ impl Scheduler {
             }
         }
         best.map(|(standing, (_, id), m)| (standing, id, m))
+    }
+
+    /// Moves each shape that fits to the fastest machine where it fits now (the lowest
+    /// index among equals). Only when machines' speeds differ: it looks at every machine a
+    /// fitting shape could run on.
+    fn prefer_fastest(&mut self) {
+        let (slots, specs, shapes) = (&self.slots, &self.specs, &mut self.shapes);
+        for (s, m) in &mut self.fitting {
+            let Some(shape) = shapes[*s].as_mut() else {
+                continue;
+            };
+            let fastest = shape
+                .needs
+                .iter()
+                .filter(|n| {
+                    let slot = &slots[n.machine as usize];
+                    slot.reserved_for.is_none() && slot.fits(n)
+                })
+                .max_by_key(|n| (specs[n.machine as usize].speed, Reverse(n.machine)));
+            if let Some(n) = fastest {
+                *m = n.machine;
+                shape.fit_machine = n.machine;
+            }
+        }
     }
 
     /// Starts waiting build `id` on machine `m` (where it fits).
@@ -1484,6 +1516,11 @@ impl Scheduler {
             WaitReason::Cores(cores_needed.unwrap_or(0))
         }
     }
+}
+
+/// Whether `machines` are not all equally fast.
+fn speeds_differ(machines: &[Machine]) -> bool {
+    machines.windows(2).any(|w| w[0].speed != w[1].speed)
 }
 
 /// How far a machine is from fitting a need: the missing share of cores plus that of memory

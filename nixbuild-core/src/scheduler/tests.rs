@@ -21,6 +21,7 @@ fn machine(cores: u32, memory: u64) -> Machine {
         cores,
         memory,
         max_jobs: cores,
+        speed: Machine::NORMAL_SPEED,
     }
 }
 
@@ -642,6 +643,32 @@ fn an_unavailable_machine_starts_nothing_and_refuses_nothing() {
 }
 
 #[test]
+fn a_build_starts_on_the_fastest_machine_where_it_fits() {
+    let fast = Machine {
+        speed: 2500,
+        ..machine(1, GIB)
+    };
+    let mut sc = sched(vec![machine(2, 2 * GIB), fast]);
+    let a = sc.submit(build("a"), secs(0)).unwrap();
+    let b = sc.submit(build("a"), secs(0)).unwrap();
+    let c = sc.submit(build("a"), secs(0)).unwrap();
+    let starts = sc.decide(secs(0));
+    // The fast machine first; once it is full, the other.
+    assert_eq!(ids(&starts), vec![a, b, c]);
+    assert_eq!(
+        starts.iter().map(|s| s.machine).collect::<Vec<_>>(),
+        vec![MachineId(1), MachineId(0), MachineId(0)]
+    );
+    // Freed, it is chosen again.
+    sc.complete(a, secs(1)).unwrap();
+    let d = sc.submit(build("a"), secs(1)).unwrap();
+    sc.complete(b, secs(1)).unwrap();
+    let starts = sc.decide(secs(1));
+    assert_eq!(ids(&starts), vec![d]);
+    assert_eq!(starts[0].machine, MachineId(1));
+}
+
+#[test]
 fn api_misuse_is_an_error() {
     let mut sc = sched(vec![machine(1, GIB)]);
     let a = sc.submit(build("a"), secs(0)).unwrap();
@@ -741,6 +768,7 @@ fn machine_strategy() -> impl Strategy<Value = Machine> {
                 cores,
                 memory: u64::from(halves) * GIB / 2,
                 max_jobs: jobs,
+                speed: Machine::NORMAL_SPEED,
             },
         )
 }
