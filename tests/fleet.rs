@@ -238,6 +238,21 @@ fn build_on(nix: &ClientNix, front: &SshServer, account: &str, drvs: &[String]) 
     cmd
 }
 
+/// Two derivations: one that says `started`, sleeps `seconds` and writes `word`, and a
+/// quick one.
+fn slow_then_quick(nix: &ClientNix, salt: &str, word: &str, seconds: u32) -> Vec<String> {
+    nix.derivations(
+        &format!("{salt}-{word}"),
+        &[
+            (
+                "",
+                format!("echo started; sleep {seconds}; echo {word} > $out"),
+            ),
+            ("", format!("echo {word} again > $out")),
+        ],
+    )
+}
+
 /// Starts `build` (a `nix-build` of `drv`) and waits until the nixbuild builder `builder`
 /// builds `drv`.
 fn started_on(builder: &SshServer, mut build: Command, drv: &str) -> std::process::Child {
@@ -489,13 +504,7 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
         f["machines"][1]["mandatory_features"] == serde_json::json!([])
             && f["machines"][1]["state"] == "up"
     });
-    let slow = host.derivations(
-        &format!("{salt}-slow"),
-        &[
-            ("", "echo started; sleep 4; echo slow > $out".to_owned()),
-            ("", "echo again > $out".to_owned()),
-        ],
-    );
+    let slow = slow_then_quick(host, &salt, "slow", 4);
     let build = started_on(
         &builder,
         build_on(host, &front, "alice", &slow[..1]),
@@ -535,13 +544,7 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
 
     // Drained: its line removed while it builds, builder (1) finishes that build, and the
     // next one goes to (2).
-    let drain = host.derivations(
-        &format!("{salt}-drain"),
-        &[
-            ("", "echo started; sleep 3; echo drained > $out".to_owned()),
-            ("", "echo after > $out".to_owned()),
-        ],
-    );
+    let drain = slow_then_quick(host, &salt, "drained", 3);
     let build = started_on(
         &builder,
         build_on(host, &front, "alice", &drain[..1]),
