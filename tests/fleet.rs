@@ -267,20 +267,54 @@ fn started_on(builder: &SshServer, mut build: Command, drv: &str) -> std::proces
     child
 }
 
+/// A front: a nixbuild server whose admin is `ops` and whose `[fleet] machines` file holds
+/// `file`; `fleet` is the rest of its `[fleet]` section, `before` the sections before it.
+struct Front {
+    server: SshServer,
+    /// The admin's ssh config (host `front-ops`).
+    ops_config: std::path::PathBuf,
+    /// The machines file.
+    machines: std::path::PathBuf,
+}
+
+impl Front {
+    fn start(file: &str, before: &str, fleet: &str) -> Front {
+        let files = tempfile::tempdir().expect("temp dir");
+        let ops = SshServer::key(files.path(), "id_ops", "ed25519", "ops");
+        let machines = files.path().join("machines");
+        std::fs::write(&machines, file).expect("write machines");
+        let config = format!(
+            "[admin]\naccounts = [\"ops\"]\n\n{before}[fleet]\nmachines = \"{}\"\n{fleet}",
+            machines.display()
+        );
+        let server = SshServer::start(&config, files, &[&ops]);
+        let ops_config = server.ssh_config("front-ops", &ops);
+        Front {
+            server,
+            ops_config,
+            machines,
+        }
+    }
+}
+
+/// The builders of a test: the front's identity, a nixbuild server that lets it in as its
+/// account `front`, and a stock Nix builder with `stock_jobs` jobs that lets it in as root.
+fn builders(stock_jobs: u32) -> (Key, SshServer, StockBuilder) {
+    let files = tempfile::tempdir().expect("temp dir");
+    let identity = SshServer::key(files.path(), "id_front", "ed25519", "front");
+    let builder = SshServer::start("", files, &[&identity]);
+    let stock = StockBuilder::start(&identity, stock_jobs);
+    (identity, builder, stock)
+}
+
 #[test]
 fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
     // (1) a nixbuild server letting the front in as its account `front`; (2) OpenSSH with
     // the stock Nix 2.8 `nix-store --serve` in a namespace with its own /nix.
-    let builder_files = tempfile::tempdir().expect("temp dir");
-    let identity = SshServer::key(builder_files.path(), "id_front", "ed25519", "front");
-    let mut builder = SshServer::start("", builder_files, &[&identity]);
-    let stock = StockBuilder::start(&identity, 2);
+    let (identity, mut builder, stock) = builders(2);
 
     // Plain and big-parallel builds can only go to (1), benchmark builds only to (2),
     // where the feature is mandatory; this host builds nothing itself.
-    let front_files = tempfile::tempdir().expect("temp dir");
-    let ops = SshServer::key(front_files.path(), "id_ops", "ed25519", "ops");
-    let machines = front_files.path().join("machines");
     let nixbuild_line = line(
         "front",
         builder.pins.port,
@@ -299,14 +333,15 @@ fn builds_run_across_a_nixbuild_builder_and_a_stock_nix_builder() {
         "benchmark",
         &stock.host_key,
     );
-    std::fs::write(&machines, format!("{nixbuild_line}{mandatory}")).expect("write machines");
-    let config = format!(
-        "[admin]\naccounts = [\"ops\"]\n\n[fleet]\nmachines = \"{}\"\nprobe_interval = 1\n\
-         connect_timeout = 5\nbuild_locally = false\n",
-        machines.display()
+    let Front {
+        server: front,
+        ops_config,
+        machines,
+    } = Front::start(
+        &format!("{nixbuild_line}{mandatory}"),
+        "",
+        "probe_interval = 1\nconnect_timeout = 5\nbuild_locally = false\n",
     );
-    let front = SshServer::start(&config, front_files, &[&ops]);
-    let ops_config = front.ssh_config("front-ops", &ops);
     wait_for(&front, &ops_config, "up", |f| {
         f["machines"][0]["state"] == "up" && f["machines"][1]["state"] == "up"
     });
@@ -627,10 +662,7 @@ fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
     use nixbuild_core::serve::handshake::ServerHello;
     use nixbuild_core::serve::{BuildResult, BuildStatus, ProtocolVersion, Response};
 
-    let builder_files = tempfile::tempdir().expect("temp dir");
-    let identity = SshServer::key(builder_files.path(), "id_front", "ed25519", "front");
-    let builder = SshServer::start("", builder_files, &[&identity]);
-    let sshd = StockBuilder::start(&identity, 1);
+    let (identity, builder, sshd) = builders(1);
 
     // What the fakes say: the serve protocol's hello (2.5), then: nothing more (silent);
     // 1 MiB of 0xff (garbage); or "I have the inputs", "built", and an output NAR of 3 MiB
@@ -684,12 +716,12 @@ fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
             1,
         )
     };
-    let front_files = tempfile::tempdir().expect("temp dir");
-    let ops = SshServer::key(front_files.path(), "id_ops", "ed25519", "ops");
-    let machines = front_files.path().join("machines");
-    std::fs::write(
-        &machines,
-        [
+    let Front {
+        server: front,
+        ops_config,
+        ..
+    } = Front::start(
+        &[
             fake_line(&huge, "big-parallel"),
             fake_line(&silent, "-"),
             fake_line(&garbage, "-"),
@@ -704,16 +736,9 @@ fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
             ),
         ]
         .concat(),
-    )
-    .expect("write machines");
-    let config = format!(
-        "[admin]\naccounts = [\"ops\"]\n\n[builds]\nmax_output_size = 1048576\n\n[fleet]\n\
-         machines = \"{}\"\nprobe_interval = 60\nconnect_timeout = 5\nio_timeout = 2\n\
-         build_locally = false\n",
-        machines.display()
+        "[builds]\nmax_output_size = 1048576\n\n",
+        "probe_interval = 60\nconnect_timeout = 5\nio_timeout = 2\nbuild_locally = false\n",
     );
-    let front = SshServer::start(&config, front_files, &[&ops]);
-    let ops_config = front.ssh_config("front-ops", &ops);
     wait_for(&front, &ops_config, "probed", |f| {
         (0..4).all(|m| f["machines"][m]["state"] == "up")
     });
@@ -780,17 +805,14 @@ fn hostile_machines_fail_their_builds_and_nothing_of_theirs_is_registered() {
 fn ssh_ng_machines_build_too() {
     // The same two kinds of builder, reached over the daemon protocol: a nixbuild server's
     // `nix-daemon --stdio`, and the stock Nix 2.8 `nix-daemon --stdio` behind OpenSSH.
-    let builder_files = tempfile::tempdir().expect("temp dir");
-    let identity = SshServer::key(builder_files.path(), "id_front", "ed25519", "front");
-    let builder = SshServer::start("", builder_files, &[&identity]);
-    let stock = StockBuilder::start(&identity, 2);
-    let front_files = tempfile::tempdir().expect("temp dir");
-    let ops = SshServer::key(front_files.path(), "id_ops", "ed25519", "ops");
-    let machines = front_files.path().join("machines");
+    let (identity, builder, stock) = builders(2);
     let ng = |l: String| l.replacen("ssh://", "ssh-ng://", 1);
-    std::fs::write(
-        &machines,
-        [
+    let Front {
+        server: front,
+        ops_config,
+        ..
+    } = Front::start(
+        &[
             ng(line(
                 "front",
                 builder.pins.port,
@@ -811,15 +833,9 @@ fn ssh_ng_machines_build_too() {
             )),
         ]
         .concat(),
-    )
-    .expect("write machines");
-    let config = format!(
-        "[admin]\naccounts = [\"ops\"]\n\n[fleet]\nmachines = \"{}\"\nprobe_interval = 1\n\
-         build_locally = false\n",
-        machines.display()
+        "",
+        "probe_interval = 1\nbuild_locally = false\n",
     );
-    let front = SshServer::start(&config, front_files, &[&ops]);
-    let ops_config = front.ssh_config("front-ops", &ops);
     let fleet = wait_for(&front, &ops_config, "up", |f| {
         f["machines"][0]["state"] == "up" && f["machines"][1]["state"] == "up"
     });

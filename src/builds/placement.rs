@@ -52,22 +52,11 @@ pub struct Grant {
 /// A machine of the fleet as the scheduler should see it now ([`Placement::sync_fleet`]).
 #[derive(Debug, Clone)]
 pub struct FleetMachine {
-    /// What it builds and how many at once.
-    pub spec: Machine,
     /// Whether builds may start there (it is not down).
     pub available: bool,
-    /// How to reach it; its line (`to_line`) identifies it across re-reads.
+    /// The machine: what it builds (`spec`) and how to reach it. The fleet keeps the same
+    /// one while its line stays, so it is the machine's identity across re-reads.
     pub remote: Arc<Remote>,
-}
-
-/// A machine of the fleet the scheduler knows, by its [`MachineId`].
-#[derive(Debug)]
-struct Known {
-    /// Its canonical line.
-    key: String,
-    remote: Arc<Remote>,
-    spec: Machine,
-    available: bool,
 }
 
 /// The scheduler and the cgroups of one daemon.
@@ -91,7 +80,7 @@ struct State {
     waiting: HashMap<BuildId, oneshot::Sender<Decision>>,
     /// The fleet's machines by scheduler index (index 0, this host, is `None`); a machine
     /// removed from the fleet stays, drained (no jobs), so that indices stay put.
-    machines: Vec<Option<Known>>,
+    machines: Vec<Option<Arc<Remote>>>,
 }
 
 impl Placement {
@@ -140,11 +129,11 @@ impl Placement {
         })
     }
 
-    /// Gives the scheduler the fleet as it is now: machines new to it are added, changed
-    /// ones updated, ones down made unavailable (what waits for them keeps waiting), ones no
-    /// longer listed drained (their running builds finish, nothing new starts there); this
-    /// host builds only with `build_locally`. Waiting builds that no machine can run any more
-    /// are refused. Cheap when nothing changed.
+    /// Gives the scheduler the fleet as it is now: machines new to it are added (a changed
+    /// line is a new machine), ones down made unavailable (what waits for them keeps
+    /// waiting), ones no longer listed drained (their running builds finish, nothing new
+    /// starts there); this host builds only with `build_locally`. Waiting builds that no
+    /// machine can run any more are refused. Cheap when nothing changed.
     pub fn sync_fleet(&self, fleet: &[FleetMachine], build_locally: bool) {
         let mut state = self.lock();
         let now = self.now();
@@ -166,23 +155,21 @@ impl Placement {
                     .unwrap_or_default(),
             );
         }
-        let mut listed = vec![false; state.machines.len()];
+        let State {
+            scheduler,
+            machines,
+            ..
+        } = &mut *state;
+        let mut listed = vec![false; machines.len()];
         for m in fleet {
-            let key = m.remote.line.to_line();
-            let found = state
-                .machines
+            let known = machines
                 .iter()
-                .position(|k| k.as_ref().is_some_and(|k| k.key == key));
-            let index = match found {
+                .position(|k| k.as_ref().is_some_and(|k| Arc::ptr_eq(k, &m.remote)));
+            let index = match known {
                 Some(i) => i,
-                None => match state.scheduler.add_machine(m.spec.clone(), now) {
+                None => match scheduler.add_machine(m.remote.spec.clone(), now) {
                     Ok(id) => {
-                        state.machines.push(Some(Known {
-                            key,
-                            remote: m.remote.clone(),
-                            spec: m.spec.clone(),
-                            available: true,
-                        }));
+                        machines.push(Some(m.remote.clone()));
                         listed.push(false);
                         id.0 as usize
                     }
@@ -193,46 +180,21 @@ impl Placement {
                 },
             };
             listed[index] = true;
-            let id = MachineId(index as u32);
-            let State {
-                scheduler,
-                machines,
-                ..
-            } = &mut *state;
-            let Some(known) = machines[index].as_mut() else {
-                continue;
-            };
-            if known.spec != m.spec {
-                known.spec = m.spec.clone();
-                refused.extend(
-                    scheduler
-                        .set_capacity(id, m.spec.clone(), now)
-                        .unwrap_or_default(),
-                );
-            }
-            if known.available != m.available {
-                known.available = m.available;
-                let _ = scheduler.set_available(id, m.available, now);
-            }
+            let _ = scheduler.set_available(MachineId(index as u32), m.available, now);
         }
         // Machines no longer listed: drained.
-        let State {
-            scheduler,
-            machines,
-            ..
-        } = &mut *state;
-        for (index, known) in machines.iter_mut().enumerate() {
-            let Some(k) = known.as_mut().filter(|_| !listed[index]) else {
+        for (index, known) in machines.iter().enumerate() {
+            let id = MachineId(index as u32);
+            let Some(remote) = known.as_ref().filter(|_| !listed[index]) else {
                 continue;
             };
-            if k.spec.max_jobs != 0 {
-                tracing::info!(machine = %k.remote.name(), "drained: no new builds go there");
-                k.spec.max_jobs = 0;
-                refused.extend(
-                    scheduler
-                        .set_capacity(MachineId(index as u32), k.spec.clone(), now)
-                        .unwrap_or_default(),
-                );
+            if scheduler.machines()[index].max_jobs != 0 {
+                tracing::info!(machine = %remote.name(), "drained: no new builds go there");
+                let drained = Machine {
+                    max_jobs: 0,
+                    ..remote.spec.clone()
+                };
+                refused.extend(scheduler.set_capacity(id, drained, now).unwrap_or_default());
             }
         }
         for (id, refusal) in refused {
@@ -301,7 +263,8 @@ impl Placement {
         self.lock()
             .machines
             .get(machine.0 as usize)
-            .and_then(|k| k.as_ref().map(|k| k.remote.clone()))
+            .cloned()
+            .flatten()
     }
 
     fn finish(&self, id: BuildId, started: bool) {
@@ -378,37 +341,29 @@ impl Ticket {
             }
             first = false;
         };
+        // Started, refused or gone: the scheduler no longer has it waiting.
+        self.started = true;
         let grant = match start {
-            Ok(Ok(start)) => {
-                self.started = true;
-                match self.placement.remote_of(start.machine) {
-                    Some(remote) => Grant {
-                        cpus: Vec::new(),
-                        memory: start.memory,
-                        remote: Some(remote),
-                    },
-                    None => Grant {
-                        cpus: host_cpus(&start.cores, &self.placement.cgroups.report().cpus),
-                        memory: start.memory,
-                        remote: None,
-                    },
-                }
-            }
-            // Refused: the scheduler no longer has it.
-            Ok(Err(refusal)) => {
-                self.started = true;
-                return Err(refusal);
-            }
+            Ok(Ok(start)) => match self.placement.remote_of(start.machine) {
+                Some(remote) => Grant {
+                    cpus: Vec::new(),
+                    memory: start.memory,
+                    remote: Some(remote),
+                },
+                None => Grant {
+                    cpus: host_cpus(&start.cores, &self.placement.cgroups.report().cpus),
+                    memory: start.memory,
+                    remote: None,
+                },
+            },
+            Ok(Err(refusal)) => return Err(refusal),
             // The placement drops a waiting build's sender only when it delivered the start
             // or the ticket is gone; nothing granted, should it ever happen.
-            Err(_) => {
-                self.started = true;
-                Grant {
-                    cpus: Vec::new(),
-                    memory: 0,
-                    remote: None,
-                }
-            }
+            Err(_) => Grant {
+                cpus: Vec::new(),
+                memory: 0,
+                remote: None,
+            },
         };
         let running = Running {
             placement: self.placement.clone(),

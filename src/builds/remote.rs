@@ -121,13 +121,12 @@ impl BuildRun<'_> {
         let mut log_bytes = 0u64;
         let mut over_log = false;
         let too_much_log = tokio::sync::Notify::new();
-        let mut cancel = build.cancel.subscribe();
+        // The build stops for what stops the copies, and for its silence and log limits.
         let stop = async {
             loop {
                 tokio::select! {
-                    () = cancelled(&mut cancel) => return Ended::Cancelled(build.cancel_reason()),
+                    ended = &mut stopped => return ended,
                     () = too_much_log.notified() => return Ended::LogLimit(max_log.unwrap_or(0)),
-                    () = sleep_until(deadline) => return Ended::TimedOut(total.unwrap_or(0)),
                     () = sleep_for(silence) => return Ended::Silent(silence.unwrap_or(0)),
                     changed = heard.changed() => if changed.is_err() {
                         return std::future::pending().await;

@@ -169,8 +169,7 @@ pub(super) async fn run<'a>(
                 format!("nixbuild: building '{}': {e}", job.drv_path),
             ),
             Ok(RemoteEnd::Fault(fault)) => {
-                let remote = grant.remote.as_ref().map(Arc::clone);
-                if let Some(remote) = &remote {
+                if let Some(remote) = &grant.remote {
                     inner.fleet.failed(remote, &fault);
                 }
                 leftovers.remove().await;

@@ -83,6 +83,8 @@ struct Machine {
 pub struct Remote {
     /// Its line of the machines file.
     pub line: MachineLine,
+    /// What the scheduler sees of it, from its line.
+    pub spec: nixbuild_core::scheduler::Machine,
     target: Target,
     /// `[fleet] io_timeout` when it was read.
     io_timeout: Duration,
@@ -119,8 +121,20 @@ impl Drop for OnMachine {
 
 impl Remote {
     fn new(line: MachineLine, target: Target, io_timeout: Duration) -> Remote {
+        let spec = nixbuild_core::scheduler::Machine {
+            systems: line.systems.clone(),
+            supported_features: line.supported_features.iter().cloned().collect(),
+            mandatory_features: line.mandatory_features.iter().cloned().collect(),
+            // What a machine has is its own scheduler's business: here each of its jobs
+            // counts as a core of a nominal GiB.
+            cores: line.max_jobs,
+            memory: u64::from(line.max_jobs) << 30,
+            max_jobs: line.max_jobs,
+            speed: speed(line.speed_factor),
+        };
         Remote {
             line,
+            spec,
             target,
             io_timeout,
             idle: Mutex::default(),
@@ -325,23 +339,9 @@ impl Fleet {
         let machines: Vec<FleetMachine> = state
             .machines
             .iter()
-            .map(|m| {
-                let line = &m.remote.line;
-                FleetMachine {
-                    spec: nixbuild_core::scheduler::Machine {
-                        systems: line.systems.clone(),
-                        supported_features: line.supported_features.iter().cloned().collect(),
-                        mandatory_features: line.mandatory_features.iter().cloned().collect(),
-                        // What a machine has is its own scheduler's business: here each
-                        // of its jobs counts as a core of a nominal GiB.
-                        cores: line.max_jobs,
-                        memory: u64::from(line.max_jobs) << 30,
-                        max_jobs: line.max_jobs,
-                        speed: speed(line.speed_factor),
-                    },
-                    available: !matches!(m.probe, Probe::Down { .. }),
-                    remote: m.remote.clone(),
-                }
+            .map(|m| FleetMachine {
+                available: !matches!(m.probe, Probe::Down { .. }),
+                remote: m.remote.clone(),
             })
             .collect();
         drop(state);
